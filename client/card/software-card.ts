@@ -1,0 +1,247 @@
+// The software stored-value card: the purse application of docs/apdu.md,
+// with its state in a JSON file written atomically before every answer that
+// changes it (a real card writes its EEPROM before it answers, too).
+
+import { randomBytes } from "node:crypto";
+import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../lib/apdu/apdu.js";
+import { runCommand, type CardApplication } from "../../lib/apdu/transport.js";
+import { macEqual } from "../../lib/crypto/aes.js";
+import { deriveSessionKey } from "../../lib/crypto/keys.js";
+import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import { Mutex } from "../../lib/mutex.js";
+import { LayoutError } from "../../lib/protocol/layout.js";
+import {
+  ALGORITHM_AES128_CMAC,
+  cardSignature,
+  DebitCommand,
+  DebitResponse,
+  DebitResult,
+  InitializeForPurchaseResponse,
+  isExpired,
+  LogKind,
+  LogRecord,
+  PURSE_AID,
+  PURSE_ATR_HISTORICAL,
+  PURSE_CLA,
+  PURSE_FORMAT,
+  PurseIns,
+  PurseStatusByte,
+  psamSignature,
+  ReadPurseResponse,
+  type CardSession,
+  type CardLogRecord,
+} from "../../lib/protocol/purse.js";
+
+/** How many transactions the card's log keeps. */
+export const CARD_LOG_SIZE = 32;
+
+/** A log entry as stored in the card file (byte fields in hex). */
+export interface CardLogEntry {
+  kind: number;
+  counter: number;
+  amount: number;
+  currency: number;
+  balance: number;
+  moduleId: string;
+  moduleCounter: number;
+  dateTime: number;
+  transactionRef: string;
+  cardSignature: string;
+}
+
+/** The card file: everything the chip would hold. Private (mode 0600): it holds the card's keys. */
+export interface CardFile {
+  format: 1;
+  providerId: string;
+  purseId: string;
+  currency: number;
+  exponent: number;
+  balance: number;
+  maxBalance: number;
+  expiry: string;
+  counter: number;
+  keyVersion: number;
+  status: "active" | "blocked";
+  /** Keys diversified for this card, per purpose, hex. */
+  keys: { purchase: string; load: string; authentication: string };
+  /** Newest first. */
+  log: CardLogEntry[];
+}
+
+interface PurchaseSession extends CardSession {}
+
+export class SoftwareCard implements CardApplication {
+  private selected = false;
+  private session: PurchaseSession | undefined;
+  private readonly mutex = new Mutex();
+
+  private constructor(
+    readonly path: string,
+    private state: CardFile,
+  ) {}
+
+  static async open(path: string): Promise<SoftwareCard> {
+    const state = await readJson<CardFile>(path);
+    if (state.format !== 1) throw new Error(`${path}: unknown card file format ${String(state.format)}`);
+    return new SoftwareCard(path, state);
+  }
+
+  /** Writes a new card file (personalisation). */
+  static async write(path: string, file: CardFile): Promise<void> {
+    await writeJsonAtomic(path, file, { private: true });
+  }
+
+  static readonly ATR = buildAtr(PURSE_ATR_HISTORICAL);
+
+  reset(): Buffer {
+    this.selected = false;
+    this.session = undefined;
+    return SoftwareCard.ATR;
+  }
+
+  process(command: Buffer): Promise<Buffer> {
+    return this.mutex.run(() => runCommand(command, (c) => this.dispatch(c)));
+  }
+
+  private async dispatch(c: CommandApdu): Promise<ResponseApdu> {
+    if (c.cla === 0x00 && c.ins === 0xa4) return this.select(c);
+    if (c.cla !== PURSE_CLA) return status(SW.CLA_NOT_SUPPORTED);
+    if (!this.selected) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "purse application not selected");
+    switch (c.ins) {
+      case PurseIns.INITIALIZE_FOR_PURCHASE:
+        return this.initializeForPurchase(c);
+      case PurseIns.DEBIT:
+        return this.debit(c);
+      case PurseIns.READ_PURSE:
+        return this.readPurse(c);
+      case PurseIns.READ_LOG:
+        return this.readLog(c);
+      default:
+        return status(SW.INS_NOT_SUPPORTED);
+    }
+  }
+
+  private select(c: CommandApdu): ResponseApdu {
+    if (c.p1 !== 0x04) return status(SW.WRONG_P1P2);
+    if (!c.data.equals(PURSE_AID)) {
+      this.selected = false;
+      return status(SW.FILE_NOT_FOUND);
+    }
+    this.selected = true;
+    this.session = undefined;
+    return status(SW.OK);
+  }
+
+  private initializeForPurchase(c: CommandApdu): ResponseApdu {
+    if (c.p1 !== 0 || c.p2 !== 0) return status(SW.WRONG_P1P2);
+    if (c.data.length !== 0) return status(SW.WRONG_LENGTH);
+    const s = this.state;
+    const challenge = randomBytes(8);
+    const purseId = Buffer.from(s.purseId, "hex");
+    this.session = { purseId, cardCounter: s.counter, challenge };
+    const data = InitializeForPurchaseResponse.encode({
+      format: PURSE_FORMAT,
+      providerId: Buffer.from(s.providerId, "hex"),
+      purseId,
+      currency: s.currency,
+      exponent: s.exponent,
+      balance: s.balance,
+      expiry: s.expiry,
+      counter: s.counter,
+      keyVersion: s.keyVersion,
+      algorithm: ALGORITHM_AES128_CMAC,
+      status: s.status === "blocked" ? PurseStatusByte.BLOCKED : PurseStatusByte.ACTIVE,
+      challenge,
+    });
+    return { data, sw: SW.OK };
+  }
+
+  private async debit(c: CommandApdu): Promise<ResponseApdu> {
+    const session = this.session;
+    // A DEBIT ends the session whatever happens: a replay finds none.
+    this.session = undefined;
+    if (!session) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no purchase session: INITIALIZE FOR PURCHASE first");
+    if (c.data.length !== DebitCommand.size) throw new ApduError(SW.WRONG_LENGTH, "DEBIT data length");
+    let d;
+    try {
+      d = DebitCommand.decode(c.data);
+    } catch (e) {
+      if (e instanceof LayoutError) throw new ApduError(SW.WRONG_DATA, e.message);
+      throw e;
+    }
+    const s = this.state;
+    const sessionKey = deriveSessionKey(Buffer.from(s.keys.purchase, "hex"), {
+      cardCounter: session.cardCounter,
+      securityModuleId: d.psamId,
+      securityModuleCounter: d.psamCounter,
+      challenge: session.challenge,
+    });
+    if (!macEqual(psamSignature(sessionKey, session, d), d.psamSignature)) {
+      throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "PSAM signature does not verify");
+    }
+    if (s.counter >= 0xffffffff) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted");
+
+    let result: number = DebitResult.DEBITED;
+    if (d.currency !== s.currency) result = DebitResult.CURRENCY_MISMATCH;
+    else if (s.status === "blocked") result = DebitResult.BLOCKED;
+    else if (isExpired(s.expiry, new Date(d.dateTime * 1000))) result = DebitResult.EXPIRED;
+    else if (d.amount > s.balance) result = DebitResult.INSUFFICIENT_BALANCE;
+
+    const answer = { result, counter: s.counter, balance: s.balance };
+    if (result === DebitResult.DEBITED) {
+      answer.counter = s.counter + 1;
+      answer.balance = s.balance - d.amount;
+    }
+    const signature = cardSignature(sessionKey, session, d, answer);
+    if (result === DebitResult.DEBITED) {
+      const entry: CardLogEntry = {
+        kind: LogKind.PURCHASE,
+        counter: answer.counter,
+        amount: d.amount,
+        currency: d.currency,
+        balance: answer.balance,
+        moduleId: d.psamId.toString("hex"),
+        moduleCounter: d.psamCounter,
+        dateTime: d.dateTime,
+        transactionRef: d.transactionRef,
+        cardSignature: signature.toString("hex"),
+      };
+      const next: CardFile = { ...s, balance: answer.balance, counter: answer.counter, log: [entry, ...s.log].slice(0, CARD_LOG_SIZE) };
+      await writeJsonAtomic(this.path, next, { private: true }); // persisted before the card answers
+      this.state = next;
+    }
+    return { data: DebitResponse.encode({ ...answer, cardSignature: signature }), sw: SW.OK };
+  }
+
+  private readPurse(c: CommandApdu): ResponseApdu {
+    if (c.p1 !== 0 || c.p2 !== 0) return status(SW.WRONG_P1P2);
+    const s = this.state;
+    const data = ReadPurseResponse.encode({
+      format: PURSE_FORMAT,
+      providerId: Buffer.from(s.providerId, "hex"),
+      purseId: Buffer.from(s.purseId, "hex"),
+      currency: s.currency,
+      exponent: s.exponent,
+      balance: s.balance,
+      maxBalance: s.maxBalance,
+      expiry: s.expiry,
+      counter: s.counter,
+      keyVersion: s.keyVersion,
+      status: s.status === "blocked" ? PurseStatusByte.BLOCKED : PurseStatusByte.ACTIVE,
+    });
+    return { data, sw: SW.OK };
+  }
+
+  /** READ LOG: P1 = record number, 1 being the newest. */
+  private readLog(c: CommandApdu): ResponseApdu {
+    if (c.p1 < 1 || c.p2 !== 0) return status(SW.WRONG_P1P2);
+    const e = this.state.log[c.p1 - 1];
+    if (!e) return status(SW.RECORD_NOT_FOUND);
+    const record: CardLogRecord = {
+      ...e,
+      moduleId: Buffer.from(e.moduleId, "hex"),
+      cardSignature: Buffer.from(e.cardSignature, "hex"),
+    };
+    return { data: LogRecord.encode(record), sw: SW.OK };
+  }
+}

@@ -1,0 +1,67 @@
+// Small helpers shared by netpurse's command-line tools: --help on every
+// command, clear errors, no stack traces for mistakes a user can fix.
+
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+export class UsageError extends Error {}
+
+export interface Command {
+  name: string;
+  summary: string;
+  usage: string;
+  options: NonNullable<ParseArgsConfig["options"]>;
+  run(values: Record<string, string | boolean | (string | boolean)[] | undefined>, positionals: string[]): Promise<void>;
+}
+
+function helpText(program: string, c: Command): string {
+  return `Usage: ${program} ${c.name} ${c.usage}\n\n${c.summary}\n`;
+}
+
+/** Runs one of several subcommands; `--help` works at both levels. */
+export async function runCommands(program: string, description: string, commands: Command[], argv = process.argv.slice(2)): Promise<void> {
+  const [name, ...rest] = argv;
+  const list = () =>
+    `${description}\n\nUsage: ${program} <command> [options]\n\nCommands:\n` +
+    commands.map((c) => `  ${c.name.padEnd(20)} ${c.summary.split("\n")[0]}`).join("\n") +
+    `\n\nRun '${program} <command> --help' for a command's options.\n`;
+  if (!name || name === "--help" || name === "-h" || name === "help") {
+    process.stdout.write(list());
+    return;
+  }
+  const c = commands.find((x) => x.name === name);
+  if (!c) {
+    process.stderr.write(`${program}: unknown command '${name}'\n\n${list()}`);
+    process.exitCode = 2;
+    return;
+  }
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(helpText(program, c));
+    return;
+  }
+  try {
+    const { values, positionals } = parseArgs({ args: rest, options: c.options, allowPositionals: true, strict: true });
+    await c.run(values, positionals);
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    if (e instanceof UsageError || err.code?.startsWith("ERR_PARSE_ARGS")) {
+      process.stderr.write(`${program} ${c.name}: ${err.message}\n\n${helpText(program, c)}`);
+      process.exitCode = 2;
+      return;
+    }
+    throw e;
+  }
+}
+
+/** Reads a string option or a default. */
+export function str(v: unknown, fallback?: string): string {
+  if (typeof v === "string") return v;
+  if (fallback !== undefined) return fallback;
+  throw new UsageError("missing a required option");
+}
+
+export function int(v: unknown, fallback: number, name: string): number {
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isInteger(n)) throw new UsageError(`--${name} must be an integer, got "${String(v)}"`);
+  return n;
+}

@@ -1,0 +1,132 @@
+// The PSAM application: command codes and byte layouts. The terminal host
+// drives a PSAM with these commands, replaying the card's responses from the
+// draw request one by one (step 688). docs/apdu.md describes the same bytes.
+
+import { mac8 } from "../crypto/cmac.js";
+import { ascii, bytes, layout, u16, u32, u64, u8, uuid, type Value } from "./layout.js";
+
+/** Application identifier of the PSAM: proprietary RID F0, "NPSAM", version 01. */
+export const PSAM_AID = Buffer.from("F04E5053414D01", "hex");
+export const PSAM_ATR_HISTORICAL = Buffer.from("NPSAM", "ascii");
+
+export const PSAM_CLA = 0x80;
+export const PsamIns = {
+  CARD_RESET: 0x20,
+  INITIALIZE: 0x22,
+  DRAW_AMOUNT: 0x24,
+  VERIFY_DEBIT: 0x26,
+  REVERSE_DEBIT: 0x28,
+  READ_STATUS: 0x2a,
+  READ_PENDING: 0x2c,
+  READ_BATCH_RECORD: 0x2e,
+  CLOSE_BATCH: 0x30,
+} as const;
+
+/** P1 bit of DRAW AMOUNT asking for the expected card signature too (modes of FIG. 6-8). */
+export const DRAW_P1_RETURN_EXPECTED_SIGNATURE = 0x01;
+
+/** Data of DRAW AMOUNT: what the merchant's offer adds to the card's responses. */
+export const DrawAmountCommand = layout("DRAW AMOUNT command", {
+  amount: u32,
+  currency: u16,
+  transactionRef: uuid,
+  merchantId: ascii(16),
+});
+export type DrawAmount = Value<typeof DrawAmountCommand.fields>;
+
+/** Data of VERIFY DEBIT: which pending debit, and the card's DEBIT response to it. */
+export const VerifyDebitCommand = layout("VERIFY DEBIT command", {
+  psamCounter: u32,
+  debitResponse: bytes(17),
+});
+
+export const Verdict = { RECORDED: 0x00, DECLINED_BY_CARD: 0x01 } as const;
+
+/** Response of VERIFY DEBIT. */
+export const VerifyDebitResponse = layout("VERIFY DEBIT response", {
+  verdict: u8,
+  batchNumber: u32,
+  recordMac: bytes(8),
+});
+
+/** Data of REVERSE DEBIT. */
+export const ReverseDebitCommand = layout("REVERSE DEBIT command", { psamCounter: u32 });
+
+/** Response of READ STATUS. */
+export const PsamStatusResponse = layout("READ STATUS response", {
+  psamId: bytes(4),
+  psamCounter: u32,
+  batchNumber: u32,
+  batchCount: u32,
+  batchTotal: u64,
+  pendingCount: u16,
+  currency: u16,
+});
+export type PsamStatus = Value<typeof PsamStatusResponse.fields>;
+
+/** One pending debit (READ PENDING, P1 = index from 0). */
+export const PendingDebitRecord = layout("pending debit", {
+  psamCounter: u32,
+  amount: u32,
+  currency: u16,
+  transactionRef: uuid,
+});
+
+/** One transaction of the current batch (READ BATCH RECORD, P1P2 = index from 0). */
+export const BatchRecord = layout("batch record", {
+  psamCounter: u32,
+  purseId: bytes(8),
+  cardCounter: u32,
+  amount: u32,
+  currency: u16,
+  dateTime: u32,
+  transactionRef: uuid,
+  merchantId: ascii(16),
+  cardSignature: bytes(8),
+  recordMac: bytes(8),
+});
+export type PsamBatchRecord = Value<typeof BatchRecord.fields>;
+
+/** Response of CLOSE BATCH: the closed batch's summary and its MAC. */
+export const CloseBatchResponse = layout("CLOSE BATCH response", {
+  psamId: bytes(4),
+  batchNumber: u32,
+  count: u32,
+  total: u64,
+  currency: u16,
+  batchMac: bytes(8),
+});
+
+const BatchRecordMacInput = layout("batch record MAC input", {
+  tag: ascii(1),
+  psamId: bytes(4),
+  batchNumber: u32,
+  psamCounter: u32,
+  purseId: bytes(8),
+  cardCounter: u32,
+  amount: u32,
+  currency: u16,
+  dateTime: u32,
+  transactionRef: uuid,
+  merchantId: ascii(16),
+  cardSignature: bytes(8),
+});
+
+/** The PSAM's MAC over one batch record, under its batch key: what clearing checks. */
+export function batchRecordMac(batchKey: Uint8Array, psamId: Buffer, batchNumber: number, r: Omit<PsamBatchRecord, "recordMac">): Buffer {
+  return mac8(batchKey, BatchRecordMacInput.encode({ tag: "R", psamId, batchNumber, ...r }));
+}
+
+const BatchMacInput = layout("batch MAC input", {
+  tag: ascii(1),
+  psamId: bytes(4),
+  batchNumber: u32,
+  count: u32,
+  total: u64,
+  currency: u16,
+});
+
+/** The PSAM's MAC over a closed batch's count and total. */
+export function batchMac(batchKey: Uint8Array, b: { psamId: Buffer; batchNumber: number; count: number; total: number; currency: number }): Buffer {
+  return mac8(batchKey, BatchMacInput.encode({ tag: "B", ...b }));
+}

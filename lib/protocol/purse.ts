@@ -1,0 +1,186 @@
+// The stored-value card's purse application: command codes, byte layouts of
+// its commands and responses, and the two purchase signatures. The software
+// card, the PSAM and the client all build and read these messages from here.
+// docs/apdu.md describes the same bytes for people.
+
+import { mac8 } from "../crypto/cmac.js";
+import { ascii, bcdDate, bytes, layout, u16, u32, u8, uuid, type Value } from "./layout.js";
+
+/** Application identifier of the purse: proprietary RID F0, "NETPURSE", version 01. */
+export const PURSE_AID = Buffer.from("F04E4554505552534501", "hex");
+/** Historical bytes of the software card's ATR. */
+export const PURSE_ATR_HISTORICAL = Buffer.from("NETPURSE", "ascii");
+
+export const PURSE_CLA = 0x80;
+export const PurseIns = {
+  INITIALIZE_FOR_PURCHASE: 0x50,
+  DEBIT: 0x54,
+  READ_PURSE: 0x5c,
+  READ_LOG: 0x5e,
+} as const;
+
+/** Algorithm byte of a card using AES-128 keys and 8-byte AES-CMAC signatures. */
+export const ALGORITHM_AES128_CMAC = 0x01;
+/** Format byte of the layouts below. */
+export const PURSE_FORMAT = 0x01;
+
+export const PurseStatusByte = { ACTIVE: 0x00, BLOCKED: 0x01 } as const;
+
+/** The card's result code in its DEBIT response. Anything but DEBITED means the purse is unchanged. */
+export const DebitResult = {
+  DEBITED: 0x00,
+  INSUFFICIENT_BALANCE: 0x01,
+  CURRENCY_MISMATCH: 0x02,
+  EXPIRED: 0x03,
+  BLOCKED: 0x04,
+} as const;
+
+export const LogKind = { PURCHASE: 0x01, LOAD: 0x02 } as const;
+
+/** Response data of INITIALIZE FOR PURCHASE: the card's identity and state, and a fresh challenge. */
+export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE response", {
+  format: u8,
+  providerId: bytes(4),
+  purseId: bytes(8),
+  currency: u16,
+  exponent: u8,
+  balance: u32,
+  expiry: bcdDate,
+  counter: u32,
+  keyVersion: u8,
+  algorithm: u8,
+  status: u8,
+  challenge: bytes(8),
+});
+export type InitializeForPurchase = Value<typeof InitializeForPurchaseResponse.fields>;
+
+/** Response data of READ PURSE: the purse state, without a session. */
+export const ReadPurseResponse = layout("READ PURSE response", {
+  format: u8,
+  providerId: bytes(4),
+  purseId: bytes(8),
+  currency: u16,
+  exponent: u8,
+  balance: u32,
+  maxBalance: u32,
+  expiry: bcdDate,
+  counter: u32,
+  keyVersion: u8,
+  status: u8,
+});
+export type PurseData = Value<typeof ReadPurseResponse.fields>;
+
+/** Data of the DEBIT command, as the PSAM builds it. */
+export const DebitCommand = layout("DEBIT command", {
+  amount: u32,
+  currency: u16,
+  psamId: bytes(4),
+  psamCounter: u32,
+  dateTime: u32,
+  transactionRef: uuid,
+  psamSignature: bytes(8),
+});
+export type Debit = Value<typeof DebitCommand.fields>;
+
+/** Response data of DEBIT. */
+export const DebitResponse = layout("DEBIT response", {
+  result: u8,
+  counter: u32,
+  balance: u32,
+  cardSignature: bytes(8),
+});
+export type DebitAnswer = Value<typeof DebitResponse.fields>;
+
+/** One record of the card's log (READ LOG). */
+export const LogRecord = layout("log record", {
+  kind: u8,
+  counter: u32,
+  amount: u32,
+  currency: u16,
+  balance: u32,
+  moduleId: bytes(4),
+  moduleCounter: u32,
+  dateTime: u32,
+  transactionRef: uuid,
+  cardSignature: bytes(8),
+});
+export type CardLogRecord = Value<typeof LogRecord.fields>;
+
+/** What the PSAM signature covers: the command and the card session it was made for. */
+const PsamSignatureInput = layout("PSAM signature input", {
+  tag: ascii(1),
+  purseId: bytes(8),
+  cardCounter: u32,
+  challenge: bytes(8),
+  amount: u32,
+  currency: u16,
+  psamId: bytes(4),
+  psamCounter: u32,
+  dateTime: u32,
+  transactionRef: uuid,
+});
+
+/** What the card signature covers: its result and new state, bound to the command and the session. */
+const CardSignatureInput = layout("card signature input", {
+  tag: ascii(1),
+  purseId: bytes(8),
+  challenge: bytes(8),
+  result: u8,
+  counter: u32,
+  balance: u32,
+  amount: u32,
+  currency: u16,
+  psamId: bytes(4),
+  psamCounter: u32,
+  transactionRef: uuid,
+});
+
+export interface CardSession {
+  purseId: Buffer;
+  cardCounter: number;
+  challenge: Buffer;
+}
+
+/** The PSAM signature of a DEBIT command (8 bytes). */
+export function psamSignature(sessionKey: Uint8Array, session: CardSession, d: Omit<Debit, "psamSignature">): Buffer {
+  return mac8(
+    sessionKey,
+    PsamSignatureInput.encode({
+      tag: "D",
+      purseId: session.purseId,
+      cardCounter: session.cardCounter,
+      challenge: session.challenge,
+      amount: d.amount,
+      currency: d.currency,
+      psamId: d.psamId,
+      psamCounter: d.psamCounter,
+      dateTime: d.dateTime,
+      transactionRef: d.transactionRef,
+    }),
+  );
+}
+
+/** The card signature of a DEBIT response (8 bytes). */
+export function cardSignature(sessionKey: Uint8Array, session: CardSession, d: Omit<Debit, "psamSignature">, r: Omit<DebitAnswer, "cardSignature">): Buffer {
+  return mac8(
+    sessionKey,
+    CardSignatureInput.encode({
+      tag: "C",
+      purseId: session.purseId,
+      challenge: session.challenge,
+      result: r.result,
+      counter: r.counter,
+      balance: r.balance,
+      amount: d.amount,
+      currency: d.currency,
+      psamId: d.psamId,
+      psamCounter: d.psamCounter,
+      transactionRef: d.transactionRef,
+    }),
+  );
+}
+
+/** Whether a card date "YYYY-MM-DD" is past on the given day (a card is valid through its expiry day). */
+export function isExpired(expiry: string, now: Date): boolean {
+  return now.toISOString().slice(0, 10) > expiry;
+}

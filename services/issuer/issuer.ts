@@ -1,0 +1,201 @@
+// The issuer's tools: master keys per purpose and version, personalisation
+// of software cards, provisioning of software PSAMs. The keys file is private
+// (mode 0600) and its contents never reach a log.
+
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { aesEncryptBlock } from "../../lib/crypto/aes.js";
+import { diversificationBlock, diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypto/keys.js";
+import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import { MAX_CARD_AMOUNT } from "../../lib/money.js";
+import { openSqlite, type Db } from "../../lib/store/db.js";
+import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
+import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
+
+/** The issuer's (and, for the demo, the acquirer's) master keys. */
+export interface IssuerKeys {
+  format: 1;
+  /** Master keys per purpose and key version, hex. */
+  master: Record<KeyPurpose, Record<string, string>>;
+  /** The acquirer's master key from which each PSAM's batch key is diversified, hex. */
+  batchMaster: string;
+}
+
+const MIGRATIONS = [
+  `CREATE TABLE cards (
+     purse_id TEXT PRIMARY KEY,
+     provider_id TEXT NOT NULL,
+     currency INTEGER NOT NULL,
+     exponent INTEGER NOT NULL,
+     max_balance INTEGER NOT NULL,
+     expiry TEXT NOT NULL,
+     key_version INTEGER NOT NULL,
+     personalised_at TEXT NOT NULL
+   );
+   CREATE TABLE issuer_credits (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     purse_id TEXT NOT NULL REFERENCES cards(purse_id),
+     amount_minor INTEGER NOT NULL,
+     currency INTEGER NOT NULL,
+     reason TEXT NOT NULL,
+     credited_at TEXT NOT NULL
+   );
+   CREATE TABLE psams (
+     psam_id TEXT PRIMARY KEY,
+     currency INTEGER NOT NULL,
+     key_versions TEXT NOT NULL,
+     provisioned_at TEXT NOT NULL
+   );`,
+];
+
+export class Issuer {
+  private constructor(
+    readonly dir: string,
+    private readonly keys: IssuerKeys,
+    readonly db: Db,
+  ) {}
+
+  static keysPath(dir: string): string {
+    return join(dir, "keys.json");
+  }
+
+  /** Creates the master keys for a key version (all purposes); refuses to replace an existing version. */
+  static async createKeys(dir: string, keyVersion = 1): Promise<{ created: boolean }> {
+    if (keyVersion < 1 || keyVersion > 255) throw new RangeError("key version must be 1..255");
+    const path = Issuer.keysPath(dir);
+    const keys: IssuerKeys = existsSync(path)
+      ? await readJson<IssuerKeys>(path)
+      : { format: 1, master: { purchase: {}, load: {}, authentication: {} }, batchMaster: randomBytes(16).toString("hex") };
+    if (KEY_PURPOSES.every((p) => keys.master[p][String(keyVersion)])) return { created: false };
+    for (const p of KEY_PURPOSES) keys.master[p][String(keyVersion)] ??= randomBytes(16).toString("hex");
+    await writeJsonAtomic(path, keys, { private: true });
+    return { created: true };
+  }
+
+  static async open(dir: string): Promise<Issuer> {
+    const path = Issuer.keysPath(dir);
+    if (!existsSync(path)) throw new Error(`no issuer keys at ${path}: run 'netpurse-issuer create-keys' first`);
+    return new Issuer(dir, await readJson<IssuerKeys>(path), openSqlite(join(dir, "issuer.db"), MIGRATIONS));
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+
+  keyVersions(purpose: KeyPurpose): number[] {
+    return Object.keys(this.keys.master[purpose]).map(Number).sort((a, b) => a - b);
+  }
+
+  private masterKey(purpose: KeyPurpose, version: number): Buffer {
+    const hex = this.keys.master[purpose][String(version)];
+    if (!hex) throw new Error(`no ${purpose} master key of version ${version}`);
+    return Buffer.from(hex, "hex");
+  }
+
+  /**
+   * Personalises a software card: diversified keys, purse data, and an
+   * initial value recorded as an issuer credit (until loading exists).
+   */
+  async personaliseCard(p: {
+    path: string;
+    currency: number;
+    exponent: number;
+    initialValue: number;
+    maxBalance: number;
+    expiry: string;
+    keyVersion?: number;
+    providerId?: string;
+    purseId?: string;
+  }): Promise<CardFile> {
+    const keyVersion = p.keyVersion ?? Math.max(...this.keyVersions("purchase"));
+    if (!(p.maxBalance >= 0 && p.maxBalance <= MAX_CARD_AMOUNT)) throw new RangeError("maximum balance out of range");
+    if (!(p.initialValue >= 0 && p.initialValue <= p.maxBalance)) throw new RangeError("initial value must be between 0 and the maximum balance");
+    if (!/^\d{4}-\d{2}-\d{2}$/.test(p.expiry)) throw new RangeError("expiry must be YYYY-MM-DD");
+    const purseId = p.purseId ?? randomBytes(8).toString("hex");
+    if (!/^[0-9a-f]{16}$/.test(purseId)) throw new RangeError("purse id must be 16 hex digits");
+    const id = Buffer.from(purseId, "hex");
+    const card: CardFile = {
+      format: 1,
+      providerId: p.providerId ?? "4e500001",
+      purseId,
+      currency: p.currency,
+      exponent: p.exponent,
+      balance: p.initialValue,
+      maxBalance: p.maxBalance,
+      expiry: p.expiry,
+      counter: 0,
+      keyVersion,
+      status: "active",
+      keys: {
+        purchase: diversifyCardKey(this.masterKey("purchase", keyVersion), id).toString("hex"),
+        load: diversifyCardKey(this.masterKey("load", keyVersion), id).toString("hex"),
+        authentication: diversifyCardKey(this.masterKey("authentication", keyVersion), id).toString("hex"),
+      },
+      log: [],
+    };
+    const now = new Date().toISOString();
+    await this.db.transaction(async (tx) => {
+      await tx.run(
+        "INSERT INTO cards (purse_id, provider_id, currency, exponent, max_balance, expiry, key_version, personalised_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [purseId, card.providerId, p.currency, p.exponent, p.maxBalance, p.expiry, keyVersion, now],
+      );
+      if (p.initialValue > 0) {
+        await tx.run("INSERT INTO issuer_credits (purse_id, amount_minor, currency, reason, credited_at) VALUES (?, ?, ?, ?, ?)", [
+          purseId,
+          p.initialValue,
+          p.currency,
+          "initial value at personalisation",
+          now,
+        ]);
+      }
+      await SoftwareCard.write(p.path, card); // inside the transaction: no card without its record
+    });
+    return card;
+  }
+
+  /** Provisions a software PSAM with every purchase key version and its batch key. */
+  async provisionPsam(p: { path: string; currency: number; psamId?: string; batchCapacity?: number }): Promise<PsamFile> {
+    const psamId = p.psamId ?? randomBytes(4).toString("hex");
+    if (!/^[0-9a-f]{8}$/.test(psamId)) throw new RangeError("PSAM id must be 8 hex digits");
+    const purchaseKeys: Record<string, string> = {};
+    for (const v of this.keyVersions("purchase")) purchaseKeys[String(v)] = this.masterKey("purchase", v).toString("hex");
+    const file: PsamFile = {
+      format: 1,
+      psamId,
+      currency: p.currency,
+      purchaseKeys,
+      batchKey: this.psamBatchKey(psamId).toString("hex"),
+      batchCapacity: p.batchCapacity ?? 256,
+      counter: 0,
+      batchNumber: 1,
+      batch: [],
+      pending: [],
+      blockedPurses: [],
+    };
+    await this.db.transaction(async (tx) => {
+      await tx.run("INSERT INTO psams (psam_id, currency, key_versions, provisioned_at) VALUES (?, ?, ?, ?)", [
+        psamId,
+        p.currency,
+        Object.keys(purchaseKeys).join(","),
+        new Date().toISOString(),
+      ]);
+      await SoftwarePsam.write(p.path, file);
+    });
+    return file;
+  }
+
+  /** A PSAM's batch key: the acquirer's batch master key diversified by the PSAM id. */
+  psamBatchKey(psamId: string): Buffer {
+    const id8 = Buffer.concat([Buffer.from(psamId, "hex"), Buffer.from("PSAM", "ascii")]);
+    return aesEncryptBlock(Buffer.from(this.keys.batchMaster, "hex"), diversificationBlock(id8));
+  }
+
+  async listCards(): Promise<{ purse_id: string; currency: number; expiry: string; key_version: number; credited: number }[]> {
+    return this.db.all(
+      `SELECT c.purse_id, c.currency, c.expiry, c.key_version, COALESCE(SUM(k.amount_minor), 0) AS credited
+         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id
+        GROUP BY c.purse_id ORDER BY c.personalised_at`,
+    );
+  }
+}

@@ -1,0 +1,99 @@
+// The terminal host's side of the PSAM protocol: the commands of docs/apdu.md
+// sent through a CardTransport, so a software PSAM and a PSAM in a PC/SC
+// reader are driven alike.
+
+import { ApduError, selectCommand, SW, type CommandApdu } from "../../../lib/apdu/apdu.js";
+import { exchange, type CardTransport } from "../../../lib/apdu/transport.js";
+import {
+  BatchRecord,
+  CloseBatchResponse,
+  DRAW_P1_RETURN_EXPECTED_SIGNATURE,
+  DrawAmountCommand,
+  PendingDebitRecord,
+  PSAM_AID,
+  PSAM_CLA,
+  PsamIns,
+  PsamStatusResponse,
+  ReverseDebitCommand,
+  VerifyDebitCommand,
+  VerifyDebitResponse,
+  type DrawAmount,
+  type PsamBatchRecord,
+  type PsamStatus,
+} from "../../../lib/protocol/psam.js";
+import { DebitCommand } from "../../../lib/protocol/purse.js";
+
+function cmd(ins: number, data: Buffer = Buffer.alloc(0), p1 = 0, p2 = 0): CommandApdu {
+  return { cla: PSAM_CLA, ins, p1, p2, data, le: 256 };
+}
+
+export class PsamDriver {
+  constructor(private readonly transport: CardTransport) {}
+
+  private async send(c: CommandApdu, what: string): Promise<Buffer> {
+    const r = await exchange(this.transport, c);
+    if (r.sw !== SW.OK) throw new ApduError(r.sw, `PSAM refused ${what}`);
+    return r.data;
+  }
+
+  async connect(): Promise<void> {
+    await this.transport.reset();
+    await this.send(selectCommand(PSAM_AID), "SELECT");
+  }
+
+  /**
+   * Step 688: replays the card's answer to reset, its INITIALIZE FOR
+   * PURCHASE response and the amount to the PSAM, one command at a time, and
+   * returns the DEBIT command (and the expected card signature when asked).
+   */
+  async issueDebitCommand(p: { cardAtr: Buffer; initializeResponse: Buffer; draw: DrawAmount; returnExpectedSignature: boolean }): Promise<{
+    debitCommand: Buffer;
+    psamCounter: number;
+    expectedCardSignature?: Buffer;
+  }> {
+    await this.send(cmd(PsamIns.CARD_RESET, p.cardAtr), "CARD RESET");
+    await this.send(cmd(PsamIns.INITIALIZE, p.initializeResponse), "INITIALIZE");
+    const data = await this.send(
+      cmd(PsamIns.DRAW_AMOUNT, DrawAmountCommand.encode(p.draw), p.returnExpectedSignature ? DRAW_P1_RETURN_EXPECTED_SIGNATURE : 0),
+      "DRAW AMOUNT",
+    );
+    const debitCommand = data.subarray(0, DebitCommand.size);
+    const psamCounter = DebitCommand.decode(debitCommand).psamCounter;
+    const expected = data.subarray(DebitCommand.size);
+    return { debitCommand, psamCounter, ...(expected.length ? { expectedCardSignature: expected } : {}) };
+  }
+
+  async verifyDebit(psamCounter: number, debitResponse: Buffer) {
+    return VerifyDebitResponse.decode(await this.send(cmd(PsamIns.VERIFY_DEBIT, VerifyDebitCommand.encode({ psamCounter, debitResponse })), "VERIFY DEBIT"));
+  }
+
+  async reverseDebit(psamCounter: number): Promise<void> {
+    await this.send(cmd(PsamIns.REVERSE_DEBIT, ReverseDebitCommand.encode({ psamCounter })), "REVERSE DEBIT");
+  }
+
+  async readStatus(): Promise<PsamStatus> {
+    return PsamStatusResponse.decode(await this.send(cmd(PsamIns.READ_STATUS), "READ STATUS"));
+  }
+
+  async readPending() {
+    const out = [];
+    for (let i = 0; i < 256; i++) {
+      const r = await exchange(this.transport, cmd(PsamIns.READ_PENDING, Buffer.alloc(0), i));
+      if (r.sw === SW.RECORD_NOT_FOUND) break;
+      if (r.sw !== SW.OK) throw new ApduError(r.sw, "PSAM refused READ PENDING");
+      out.push(PendingDebitRecord.decode(r.data));
+    }
+    return out;
+  }
+
+  async readBatchRecord(index: number): Promise<PsamBatchRecord | undefined> {
+    const r = await exchange(this.transport, cmd(PsamIns.READ_BATCH_RECORD, Buffer.alloc(0), index >> 8, index & 0xff));
+    if (r.sw === SW.RECORD_NOT_FOUND) return undefined;
+    if (r.sw !== SW.OK) throw new ApduError(r.sw, "PSAM refused READ BATCH RECORD");
+    return BatchRecord.decode(r.data);
+  }
+
+  async closeBatch() {
+    return CloseBatchResponse.decode(await this.send(cmd(PsamIns.CLOSE_BATCH), "CLOSE BATCH"));
+  }
+}

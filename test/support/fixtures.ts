@@ -1,0 +1,43 @@
+// Test fixtures: a temporary data folder with issuer keys, cards and PSAMs
+// made by the real issuer tools.
+
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Issuer } from "../../services/issuer/issuer.js";
+
+export async function tempDir(prefix = "netpurse-test-"): Promise<{ dir: string; cleanup: () => Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
+}
+
+export const EUR = 978;
+
+/** An issuer with keys of version 1 in a fresh folder. */
+export async function makeIssuer(dir: string): Promise<Issuer> {
+  await Issuer.createKeys(join(dir, "issuer"), 1);
+  return Issuer.open(join(dir, "issuer"));
+}
+
+export async function makeCard(
+  issuer: Issuer,
+  dir: string,
+  o: { value?: number; expiry?: string; currency?: number; name?: string; maxBalance?: number } = {},
+): Promise<string> {
+  const path = join(dir, "cards", `${o.name ?? "card"}.card.json`);
+  await issuer.personaliseCard({
+    path,
+    currency: o.currency ?? EUR,
+    exponent: 2,
+    initialValue: o.value ?? 10_000,
+    maxBalance: o.maxBalance ?? 50_000,
+    expiry: o.expiry ?? "2099-12-31",
+  });
+  return path;
+}
+
+export async function makePsam(issuer: Issuer, dir: string, o: { name?: string; currency?: number; psamId?: string; batchCapacity?: number } = {}): Promise<string> {
+  const path = join(dir, "psams", `${o.name ?? "psam"}.psam.json`);
+  await issuer.provisionPsam({ path, currency: o.currency ?? EUR, ...(o.psamId ? { psamId: o.psamId } : {}), ...(o.batchCapacity ? { batchCapacity: o.batchCapacity } : {}) });
+  return path;
+}

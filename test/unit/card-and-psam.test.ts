@@ -1,0 +1,238 @@
+import { expect } from "chai";
+import { randomUUID } from "node:crypto";
+import { readFile, stat } from "node:fs/promises";
+import { ApduError, encodeCommand, decodeResponse, selectCommand, SW } from "../../lib/apdu/apdu.js";
+import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
+import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse, PURSE_AID } from "../../lib/protocol/purse.js";
+import { PurseReader, withOriginalAmount } from "../../client/card/purse-reader.js";
+import { SoftwareCard } from "../../client/card/software-card.js";
+import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
+import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
+import type { Issuer } from "../../services/issuer/issuer.js";
+import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
+
+async function swOf(p: Promise<unknown>): Promise<number> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof ApduError) return e.sw;
+    throw e;
+  }
+  return SW.OK;
+}
+
+describe("software card and software PSAM (APDU level)", () => {
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let issuer: Issuer;
+
+  beforeEach(async () => {
+    ({ dir, cleanup } = await tempDir());
+    issuer = await makeIssuer(dir);
+  });
+  afterEach(async () => {
+    await issuer.close();
+    await cleanup();
+  });
+
+  async function setup(card: Parameters<typeof makeCard>[2] = {}, psam: Parameters<typeof makePsam>[2] = {}) {
+    const cardPath = await makeCard(issuer, dir, card);
+    const psamPath = await makePsam(issuer, dir, psam);
+    const reader = new PurseReader(new InProcessTransport(await SoftwareCard.open(cardPath)));
+    const atr = await reader.connect();
+    const softPsam = await SoftwarePsam.open(psamPath);
+    const driver = new PsamDriver(new InProcessTransport(softPsam));
+    await driver.connect();
+    return { cardPath, psamPath, reader, atr, driver, softPsam };
+  }
+
+  async function drawDebit(s: Awaited<ReturnType<typeof setup>>, amount: number, opts: { expected?: boolean } = {}) {
+    const init = await s.reader.initializeForPurchase();
+    const transactionRef = randomUUID();
+    const issued = await s.driver.issueDebitCommand({
+      cardAtr: s.atr,
+      initializeResponse: init.raw,
+      draw: { amount, currency: EUR, transactionRef, merchantId: "shop-1" },
+      returnExpectedSignature: opts.expected ?? false,
+    });
+    return { init, transactionRef, ...issued };
+  }
+
+  it("needs the purse selected and answers an unknown AID with 6A82", async () => {
+    const card = await SoftwareCard.open(await makeCard(issuer, dir));
+    card.reset();
+    const readPurse = encodeCommand({ cla: 0x80, ins: 0x5c, p1: 0, p2: 0, data: Buffer.alloc(0), le: 256 });
+    expect(decodeResponse(await card.process(readPurse)).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED);
+    const wrong = encodeCommand(selectCommand(Buffer.from("F000000001", "hex")));
+    expect(decodeResponse(await card.process(wrong)).sw).to.equal(SW.FILE_NOT_FOUND);
+    expect(decodeResponse(await card.process(encodeCommand(selectCommand(PURSE_AID)))).sw).to.equal(SW.OK);
+    expect(decodeResponse(await card.process(readPurse)).sw).to.equal(SW.OK);
+    expect(decodeResponse(await card.process(Buffer.from([0x80, 0x5c]))).sw).to.equal(SW.WRONG_LENGTH);
+  });
+
+  it("reads the purse as personalised, and keeps its file private", async () => {
+    const s = await setup({ value: 12_345 });
+    const p = await s.reader.readPurse();
+    expect(p.balance).to.equal(12_345);
+    expect(p.maxBalance).to.equal(50_000);
+    expect(p.currency).to.equal(EUR);
+    expect(p.exponent).to.equal(2);
+    expect(p.expiry).to.equal("2099-12-31");
+    expect(p.counter).to.equal(0);
+    expect((await stat(s.cardPath)).mode & 0o777).to.equal(0o600);
+    expect((await stat(s.psamPath)).mode & 0o777).to.equal(0o600);
+  });
+
+  it("answers INITIALIZE FOR PURCHASE with its state and a fresh challenge each time", async () => {
+    const s = await setup();
+    const a = await s.reader.initializeForPurchase();
+    const b = await s.reader.initializeForPurchase();
+    expect(a.raw).to.have.length(InitializeForPurchaseResponse.size);
+    expect(a.parsed.balance).to.equal(10_000);
+    expect(a.parsed.challenge.equals(b.parsed.challenge)).to.equal(false);
+  });
+
+  it("purchases: the PSAM signs, the card debits and signs, the PSAM verifies and records", async () => {
+    const s = await setup();
+    const d = await drawDebit(s, 1_250, { expected: true });
+    expect(d.psamCounter).to.equal(1);
+    const debit = await s.reader.debit(d.debitCommand);
+    expect(debit.sw).to.equal(SW.OK);
+    expect(debit.parsed!.result).to.equal(DebitResult.DEBITED);
+    expect(debit.parsed!.balance).to.equal(8_750);
+    expect(debit.parsed!.counter).to.equal(1);
+    expect(d.expectedCardSignature!.equals(debit.parsed!.cardSignature)).to.equal(true);
+
+    const v = await s.driver.verifyDebit(d.psamCounter, debit.raw);
+    expect(v.verdict).to.equal(0);
+    const st = await s.driver.readStatus();
+    expect(st).to.include({ psamCounter: 1, batchCount: 1, batchTotal: 1_250, pendingCount: 0 });
+    const rec = (await s.driver.readBatchRecord(0))!;
+    expect(rec.amount).to.equal(1_250);
+    expect(rec.merchantId).to.equal("shop-1");
+    expect(rec.transactionRef).to.equal(d.transactionRef);
+    expect(rec.cardSignature.equals(debit.parsed!.cardSignature)).to.equal(true);
+    const { recordMac, ...fields } = rec;
+    expect(batchRecordMac(issuer.psamBatchKey(s.softPsam.psamId), Buffer.from(s.softPsam.psamId, "hex"), 1, fields).equals(recordMac)).to.equal(true);
+
+    // the card's log and file hold the debit; a reopened card still has it
+    const log = await s.reader.readLog();
+    expect(log).to.have.length(1);
+    expect(log[0]).to.include({ amount: 1_250, balance: 8_750, counter: 1, transactionRef: d.transactionRef, moduleCounter: 1 });
+    const reopened = new PurseReader(new InProcessTransport(await SoftwareCard.open(s.cardPath)));
+    await reopened.connect();
+    expect((await reopened.readPurse()).balance).to.equal(8_750);
+    expect(JSON.parse(await readFile(s.psamPath, "utf8")).batch).to.have.length(1);
+  });
+
+  it("refuses a DEBIT command whose amount was changed (6982) and leaves the purse untouched", async () => {
+    const s = await setup();
+    const d = await drawDebit(s, 1_000);
+    const debit = await s.reader.debit(withOriginalAmount(d.debitCommand, 10));
+    expect(debit.sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+    expect((await s.reader.readPurse()).balance).to.equal(10_000);
+    expect((await s.driver.readStatus()).pendingCount).to.equal(1);
+    await s.driver.reverseDebit(d.psamCounter);
+    expect((await s.driver.readStatus()).pendingCount).to.equal(0);
+    expect((await s.driver.readStatus()).batchCount).to.equal(0);
+  });
+
+  it("refuses a replayed DEBIT command (6985) and one made for another session (6982)", async () => {
+    const s = await setup();
+    const d = await drawDebit(s, 500);
+    expect((await s.reader.debit(d.debitCommand)).sw).to.equal(SW.OK);
+    expect((await s.reader.debit(d.debitCommand)).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED);
+    await s.reader.initializeForPurchase(); // a new session with a new challenge
+    expect((await s.reader.debit(d.debitCommand)).sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+    expect((await s.reader.readPurse()).balance).to.equal(9_500);
+  });
+
+  it("signs a refusal when its balance is short, and the PSAM cancels the debit", async () => {
+    const s = await setup({ value: 1_000 });
+    // The client lies: it shows the PSAM an INITIALIZE response with a higher balance.
+    const init = await s.reader.initializeForPurchase();
+    const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
+    const issued = await s.driver.issueDebitCommand({
+      cardAtr: s.atr,
+      initializeResponse: forged,
+      draw: { amount: 5_000, currency: EUR, transactionRef: randomUUID(), merchantId: "shop-1" },
+      returnExpectedSignature: false,
+    });
+    const debit = await s.reader.debit(issued.debitCommand);
+    expect(debit.parsed!.result).to.equal(DebitResult.INSUFFICIENT_BALANCE);
+    expect(debit.parsed!.balance).to.equal(1_000);
+    const v = await s.driver.verifyDebit(issued.psamCounter, debit.raw);
+    expect(v.verdict).to.equal(1); // declined by card
+    const st = await s.driver.readStatus();
+    expect(st.pendingCount).to.equal(0);
+    expect(st.batchCount).to.equal(0);
+  });
+
+  it("PSAM refuses an expired card, a wrong currency, an unknown key version, a blocked card and a short balance", async () => {
+    const expired = await setup({ expiry: "2020-01-31", name: "expired" });
+    expect(await swOf(drawDebit(expired, 100))).to.equal(SW.CARD_EXPIRED);
+
+    const usd = await setup({ currency: 840, name: "usd" }, { name: "eur-psam" });
+    expect(await swOf(drawDebit(usd, 100))).to.equal(SW.CURRENCY_NOT_ACCEPTED);
+
+    const s = await setup({ name: "ok" }, { name: "psam2" });
+    const init = await s.reader.initializeForPurchase();
+    const unknownKey = InitializeForPurchaseResponse.encode({ ...init.parsed, keyVersion: 9 });
+    const blocked = InitializeForPurchaseResponse.encode({ ...init.parsed, status: 1 });
+    const draw = { amount: 100, currency: EUR, transactionRef: randomUUID(), merchantId: "m" };
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: unknownKey, draw, returnExpectedSignature: false }))).to.equal(
+      SW.REFERENCED_DATA_NOT_FOUND,
+    );
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: blocked, draw, returnExpectedSignature: false }))).to.equal(SW.CARD_BLOCKED);
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw, draw: { ...draw, amount: 10_001 }, returnExpectedSignature: false }))).to.equal(
+      SW.INSUFFICIENT_BALANCE,
+    );
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw.subarray(1), draw, returnExpectedSignature: false }))).to.equal(SW.WRONG_LENGTH);
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: Buffer.from("00", "hex"), initializeResponse: init.raw, draw, returnExpectedSignature: false }))).to.equal(
+      SW.WRONG_LENGTH,
+    );
+    expect((await s.driver.readStatus()).psamCounter).to.equal(0); // nothing signed
+  });
+
+  it("keeps a debit open when the card signature does not verify, and never reverses a recorded one", async () => {
+    const s = await setup();
+    const d = await drawDebit(s, 700);
+    const debit = await s.reader.debit(d.debitCommand);
+    const tampered = Buffer.from(debit.raw);
+    tampered[DebitResponse.offset("cardSignature")]! ^= 0x01;
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter, tampered))).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+    expect((await s.driver.readStatus()).pendingCount).to.equal(1);
+    const forgedBalance = DebitResponse.encode({ ...debit.parsed!, balance: 9_999 });
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter, forgedBalance))).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+    await s.driver.verifyDebit(d.psamCounter, debit.raw);
+    expect(await swOf(s.driver.reverseDebit(d.psamCounter))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter, debit.raw))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
+    expect((await s.driver.readStatus()).batchCount).to.equal(1);
+  });
+
+  it("closes a batch with a MAC over its count and total, and refuses debits when full", async () => {
+    const s = await setup({}, { batchCapacity: 2 });
+    for (const amount of [100, 250]) {
+      const d = await drawDebit(s, amount);
+      await s.driver.verifyDebit(d.psamCounter, (await s.reader.debit(d.debitCommand)).raw);
+    }
+    expect(await swOf(drawDebit(s, 10))).to.equal(SW.BATCH_FULL);
+    const closed = await s.driver.closeBatch();
+    expect(closed).to.include({ batchNumber: 1, count: 2, total: 350, currency: EUR });
+    const expected = batchMac(issuer.psamBatchKey(s.softPsam.psamId), { psamId: closed.psamId, batchNumber: 1, count: 2, total: 350, currency: EUR });
+    expect(closed.batchMac.equals(expected)).to.equal(true);
+    const st = await s.driver.readStatus();
+    expect(st).to.include({ batchNumber: 2, batchCount: 0, psamCounter: 2 });
+    const d = await drawDebit(s, 10);
+    expect(d.psamCounter).to.equal(3);
+  });
+
+  it("refuses DEBIT without a session and of the wrong length", async () => {
+    const s = await setup();
+    const fake = DebitCommand.encode({ amount: 1, currency: EUR, psamId: Buffer.alloc(4), psamCounter: 1, dateTime: 0, transactionRef: randomUUID(), psamSignature: Buffer.alloc(8) });
+    expect((await s.reader.debit(fake)).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED);
+    await s.reader.initializeForPurchase();
+    expect((await s.reader.debit(fake.subarray(1))).sw).to.equal(SW.WRONG_LENGTH);
+  });
+});

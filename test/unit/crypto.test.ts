@@ -1,0 +1,67 @@
+import { expect } from "chai";
+import { aesCmac, cmacSubkeys, mac8 } from "../../lib/crypto/cmac.js";
+import { deriveSessionKey, diversificationBlock, diversifyCardKey } from "../../lib/crypto/keys.js";
+import { aesEncryptBlock } from "../../lib/crypto/aes.js";
+
+const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex");
+
+describe("AES-CMAC (RFC 4493 test vectors)", () => {
+  const K = hex("2b7e1516 28aed2a6 abf71588 09cf4f3c");
+  const M = hex(
+    "6bc1bee2 2e409f96 e93d7e11 7393172a ae2d8a57 1e03ac9c 9eb76fac 45af8e51 30c81c46 a35ce411 e5fbc119 1a0a52ef f69f2445 df4f9b17 ad2b417b e66c3710",
+  );
+
+  it("derives the subkeys K1 and K2", () => {
+    const [k1, k2] = cmacSubkeys(K);
+    expect(k1.toString("hex")).to.equal("fbeed618357133667c85e08f7236a8de");
+    expect(k2.toString("hex")).to.equal("f7ddac306ae266ccf90bc11ee46d513b");
+  });
+
+  const cases: [number, string][] = [
+    [0, "bb1d6929e95937287fa37d129b756746"],
+    [16, "070a16b46b4d4144f79bdd9dd04a287c"],
+    [40, "dfa66747de9ae63030ca32611497c827"],
+    [64, "51f0bebf7e3b9d92fc49741779363cfe"],
+  ];
+  for (const [len, tag] of cases) {
+    it(`example with a ${len}-byte message`, () => {
+      expect(aesCmac(K, M.subarray(0, len)).toString("hex")).to.equal(tag);
+    });
+  }
+
+  it("truncates to 8 bytes for card signatures", () => {
+    expect(mac8(K, M.subarray(0, 16)).toString("hex")).to.equal("070a16b46b4d4144");
+  });
+
+  it("refuses keys that are not 16 bytes", () => {
+    expect(() => aesCmac(Buffer.alloc(15), Buffer.alloc(0))).to.throw(RangeError);
+  });
+});
+
+describe("key diversification", () => {
+  const mk = hex("000102030405060708090a0b0c0d0e0f");
+  const purse = hex("0123456789abcdef");
+
+  it("builds the block from the purse id and its complement", () => {
+    expect(diversificationBlock(purse).toString("hex")).to.equal("0123456789abcdeffedcba9876543210");
+  });
+
+  it("is one AES block encryption under the master key (what CKM_AES_ECB_ENCRYPT_DATA computes)", () => {
+    expect(diversifyCardKey(mk, purse).equals(aesEncryptBlock(mk, hex("0123456789abcdeffedcba9876543210")))).to.equal(true);
+  });
+
+  it("gives different cards different keys", () => {
+    expect(diversifyCardKey(mk, purse).equals(diversifyCardKey(mk, hex("0123456789abcdee")))).to.equal(false);
+  });
+
+  it("derives a session key that changes with every input", () => {
+    const base = { cardCounter: 7, securityModuleId: hex("a1b2c3d4"), securityModuleCounter: 42, challenge: hex("1122334455667788") };
+    const k = diversifyCardKey(mk, purse);
+    const sk = deriveSessionKey(k, base);
+    expect(sk).to.have.length(16);
+    expect(deriveSessionKey(k, { ...base, cardCounter: 8 }).equals(sk)).to.equal(false);
+    expect(deriveSessionKey(k, { ...base, securityModuleId: hex("a1b2c3d5") }).equals(sk)).to.equal(false);
+    expect(deriveSessionKey(k, { ...base, securityModuleCounter: 43 }).equals(sk)).to.equal(false);
+    expect(deriveSessionKey(k, { ...base, challenge: hex("1122334555667788") }).equals(sk)).to.equal(false);
+  });
+});
