@@ -134,8 +134,10 @@ describe("software card and software PSAM (APDU level)", () => {
     expect((await s.reader.readPurse()).balance).to.equal(10_000);
     expect((await s.driver.readStatus()).pendingCount).to.equal(1);
     await s.driver.reverseDebit(d.psamCounter);
+    await s.driver.reverseDebit(d.psamCounter); // a retried reversal is answered alike
     expect((await s.driver.readStatus()).pendingCount).to.equal(0);
     expect((await s.driver.readStatus()).batchCount).to.equal(0);
+    expect(await swOf(s.driver.reverseDebit(d.psamCounter + 1))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
   });
 
   it("refuses a replayed DEBIT command (6985) and one made for another session (6982)", async () => {
@@ -195,7 +197,7 @@ describe("software card and software PSAM (APDU level)", () => {
     expect((await s.driver.readStatus()).psamCounter).to.equal(0); // nothing signed
   });
 
-  it("keeps a debit open when the card signature does not verify, and never reverses a recorded one", async () => {
+  it("keeps a debit open when the card signature does not verify, never reverses a recorded one, and answers a retried VERIFY alike", async () => {
     const s = await setup();
     const d = await drawDebit(s, 700);
     const debit = await s.reader.debit(d.debitCommand);
@@ -205,9 +207,11 @@ describe("software card and software PSAM (APDU level)", () => {
     expect((await s.driver.readStatus()).pendingCount).to.equal(1);
     const forgedBalance = DebitResponse.encode({ ...debit.parsed!, balance: 9_999 });
     expect(await swOf(s.driver.verifyDebit(d.psamCounter, forgedBalance))).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
-    await s.driver.verifyDebit(d.psamCounter, debit.raw);
-    expect(await swOf(s.driver.reverseDebit(d.psamCounter))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
-    expect(await swOf(s.driver.verifyDebit(d.psamCounter, debit.raw))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
+    const first = await s.driver.verifyDebit(d.psamCounter, debit.raw);
+    expect(await swOf(s.driver.reverseDebit(d.psamCounter))).to.equal(SW.CONDITIONS_NOT_SATISFIED);
+    const again = await s.driver.verifyDebit(d.psamCounter, debit.raw); // a retry gets the same answer
+    expect(again.recordMac.equals(first.recordMac)).to.equal(true);
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter, tampered))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
     expect((await s.driver.readStatus()).batchCount).to.equal(1);
   });
 

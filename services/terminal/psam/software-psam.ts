@@ -89,7 +89,11 @@ export interface PsamFile {
   pending: PendingDebitState[];
   /** Purse ids (hex) the issuer has blocked. */
   blockedPurses: string[];
+  /** PSAM counters of the last debits cancelled (reversed or declined by the card), so a retried REVERSE is answered alike. */
+  reversed: number[];
 }
+
+const REVERSED_KEPT = 256;
 
 interface Session {
   atr: Buffer;
@@ -280,11 +284,24 @@ export class SoftwarePsam implements CardApplication {
     return p;
   }
 
-  /** VERIFY DEBIT: the card's answer; a proven debit goes into the batch. */
+  private cancelled(psamCounter: number): number[] {
+    return [...this.state.reversed, psamCounter].slice(-REVERSED_KEPT);
+  }
+
+  /**
+   * VERIFY DEBIT: the card's answer; a proven debit goes into the batch. A
+   * retry for a debit already recorded in the current batch with the same
+   * card signature gets the same answer.
+   */
   private async verifyDebit(c: CommandApdu): Promise<ResponseApdu> {
     const v = decode<{ psamCounter: number; debitResponse: Buffer }>(VerifyDebitCommand, c.data);
-    const p = this.pendingByCounter(v.psamCounter);
     const answer = decode<ReturnType<typeof DebitResponse.decode>>(DebitResponse, v.debitResponse);
+    const done = this.state.batch.find((r) => r.psamCounter === v.psamCounter);
+    if (done && macEqual(Buffer.from(done.cardSignature, "hex"), answer.cardSignature)) {
+      return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: this.state.batchNumber, recordMac: Buffer.from(done.recordMac, "hex") }), sw: SW.OK };
+    }
+    if (this.state.reversed.includes(v.psamCounter)) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${v.psamCounter} was cancelled`);
+    const p = this.pendingByCounter(v.psamCounter);
     const purseId = Buffer.from(p.purseId, "hex");
     const cardSession = { purseId, cardCounter: p.cardCounter, challenge: Buffer.from(p.challenge, "hex") };
     const sk = this.sessionKey({ ...cardSession, keyVersion: p.keyVersion, psamCounter: p.psamCounter });
@@ -303,7 +320,7 @@ export class SoftwarePsam implements CardApplication {
     const rest = s.pending.filter((x) => x !== p);
     if (answer.result !== DebitResult.DEBITED) {
       // The card proved, under its key, that it did not debit: cancel.
-      await this.save({ ...s, pending: rest });
+      await this.save({ ...s, pending: rest, reversed: this.cancelled(p.psamCounter) });
       return { data: VerifyDebitResponse.encode({ verdict: Verdict.DECLINED_BY_CARD, batchNumber: s.batchNumber, recordMac: Buffer.alloc(8) }), sw: SW.OK };
     }
     if (answer.counter !== p.cardCounter + 1 || answer.balance !== p.balanceBefore - p.amount) {
@@ -326,11 +343,13 @@ export class SoftwarePsam implements CardApplication {
     return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: s.batchNumber, recordMac }), sw: SW.OK };
   }
 
-  /** REVERSE DEBIT: cancel an open debit the card did not make. A recorded debit cannot be reversed. */
+  /** REVERSE DEBIT: cancel an open debit the card did not make. A recorded debit cannot be reversed; a repeat is answered alike. */
   private async reverseDebit(c: CommandApdu): Promise<ResponseApdu> {
     const { psamCounter } = decode<{ psamCounter: number }>(ReverseDebitCommand, c.data);
+    if (this.state.reversed.includes(psamCounter)) return status(SW.OK);
+    if (this.state.batch.some((r) => r.psamCounter === psamCounter)) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
     const p = this.pendingByCounter(psamCounter);
-    await this.save({ ...this.state, pending: this.state.pending.filter((x) => x !== p) });
+    await this.save({ ...this.state, pending: this.state.pending.filter((x) => x !== p), reversed: this.cancelled(psamCounter) });
     return status(SW.OK);
   }
 

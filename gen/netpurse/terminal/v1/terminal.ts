@@ -395,6 +395,13 @@ export interface PsamJobResult {
   statusWord: number;
   /** A human-readable detail when status is not OK. */
   message: string;
+  /**
+   * The slot as it is after the job (counter, open debits, batch count), so
+   * the pool view stays current without separate updates.
+   */
+  slot:
+    | PsamSlot
+    | undefined;
   /** What the PSAM produced, when status is OK. */
   outcome:
     | //
@@ -2302,7 +2309,16 @@ export const DebitReversed: MessageFns<DebitReversed> = {
 };
 
 function createBasePsamJobResult(): PsamJobResult {
-  return { jobId: "", terminalId: "", psamId: undefined, status: 0, statusWord: 0, message: "", outcome: undefined };
+  return {
+    jobId: "",
+    terminalId: "",
+    psamId: undefined,
+    status: 0,
+    statusWord: 0,
+    message: "",
+    slot: undefined,
+    outcome: undefined,
+  };
 }
 
 export const PsamJobResult: MessageFns<PsamJobResult> = {
@@ -2324,6 +2340,9 @@ export const PsamJobResult: MessageFns<PsamJobResult> = {
     }
     if (message.message !== "") {
       writer.uint32(50).string(message.message);
+    }
+    if (message.slot !== undefined) {
+      PsamSlot.encode(message.slot, writer.uint32(58).fork()).join();
     }
     switch (message.outcome?.$case) {
       case "debitCommandIssued":
@@ -2400,6 +2419,14 @@ export const PsamJobResult: MessageFns<PsamJobResult> = {
             message.message = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.slot = PsamSlot.decode(reader, reader.uint32());
+            continue;
+          }
           case 10: {
             if (tag !== 82) {
               break;
@@ -2463,6 +2490,7 @@ export const PsamJobResult: MessageFns<PsamJobResult> = {
         ? globalThis.Number(object.status_word)
         : 0,
       message: isSet(object.message) ? globalThis.String(object.message) : "",
+      slot: isSet(object.slot) ? PsamSlot.fromJSON(object.slot) : undefined,
       outcome: isSet(object.debitCommandIssued)
         ? { $case: "debitCommandIssued", value: DebitCommandIssued.fromJSON(object.debitCommandIssued) }
         : isSet(object.debit_command_issued)
@@ -2499,6 +2527,9 @@ export const PsamJobResult: MessageFns<PsamJobResult> = {
     if (message.message !== "") {
       obj.message = message.message;
     }
+    if (message.slot !== undefined) {
+      obj.slot = PsamSlot.toJSON(message.slot);
+    }
     if (message.outcome?.$case === "debitCommandIssued") {
       obj.debitCommandIssued = DebitCommandIssued.toJSON(message.outcome.value);
     } else if (message.outcome?.$case === "debitVerified") {
@@ -2522,6 +2553,7 @@ export const PsamJobResult: MessageFns<PsamJobResult> = {
     message.status = object.status ?? 0;
     message.statusWord = object.statusWord ?? 0;
     message.message = object.message ?? "";
+    message.slot = (object.slot !== undefined && object.slot !== null) ? PsamSlot.fromPartial(object.slot) : undefined;
     switch (object.outcome?.$case) {
       case "debitCommandIssued": {
         if (object.outcome?.value !== undefined && object.outcome?.value !== null) {

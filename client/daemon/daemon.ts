@@ -1,0 +1,175 @@
+// The client daemon: the cardholder's side of netpurse on the cardholder's
+// machine. It holds the card reader, serves CardholderService on localhost,
+// pays offers and finishes any purchase whose answer was lost.
+
+import { Status } from "nice-grpc";
+import { CardTransactionKind, ErrorReason, PurseStatus, type PurseState } from "../../gen/netpurse/card/v1/card.js";
+import type { CardholderServiceImplementation, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { MerchantServiceDefinition, PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { CompletePurchaseResponse, PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
+import type { CardTransport } from "../../lib/apdu/transport.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { NetpurseError } from "../../lib/grpc/errors.js";
+import { psamId, purseId, txnId } from "../../lib/ids.js";
+import type { Logger } from "../../lib/log.js";
+import { formatMoney, money } from "../../lib/money.js";
+import { Mutex } from "../../lib/mutex.js";
+import { LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
+import { PurseReader } from "../card/purse-reader.js";
+import { deliverConfirmation, payOffer, type MerchantClient, type PaymentClient } from "../purchase.js";
+import type { SqliteJournal } from "./journal.js";
+import type { Channel } from "nice-grpc";
+
+export function purseState(p: PurseData): PurseState {
+  return {
+    providerId: p.providerId,
+    purseId: purseId(p.purseId.toString("hex")),
+    balance: money(p.balance, p.currency, p.exponent),
+    maxBalance: money(p.maxBalance, p.currency, p.exponent),
+    expiryDate: p.expiry,
+    transactionCounter: p.counter,
+    keyVersion: p.keyVersion,
+    status: p.status === PurseStatusByte.ACTIVE ? PurseStatus.PURSE_STATUS_ACTIVE : PurseStatus.PURSE_STATUS_BLOCKED,
+  };
+}
+
+export class CardholderDaemon {
+  private readonly reader: PurseReader;
+  private readonly card = new Mutex();
+  private readonly channels = new Map<string, Channel>();
+  private readonly factory = clientFactory();
+  private resumeTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly o: { transport: CardTransport; journal: SqliteJournal; log: Logger; callDeadlineMs?: number; resumeEveryMs?: number },
+  ) {
+    this.reader = new PurseReader(o.transport);
+  }
+
+  private channel(address: string): Channel {
+    let c = this.channels.get(address);
+    if (!c) {
+      c = openChannel(address);
+      this.channels.set(address, c);
+    }
+    return c;
+  }
+
+  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channel(address));
+  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channel(address));
+
+  readonly service: CardholderServiceImplementation = {
+    getCard: async () =>
+      this.card.run(async () => {
+        const atr = await this.connect();
+        return { purse: purseState(await this.reader.readPurse()), atrHex: atr.toString("hex") };
+      }),
+    listCardTransactions: async (req) =>
+      this.card.run(async () => {
+        await this.connect();
+        const purse = await this.reader.readPurse();
+        const records = await this.reader.readLog(req.limit && req.limit > 0 ? Math.min(req.limit, 32) : 32);
+        return {
+          transactions: records.map((r) => ({
+            kind: r.kind === LogKind.PURCHASE ? CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE : CardTransactionKind.CARD_TRANSACTION_KIND_LOAD,
+            transactionCounter: r.counter,
+            amount: money(r.amount, r.currency, purse.exponent),
+            balanceAfter: money(r.balance, r.currency, purse.exponent),
+            psamId: psamId(r.moduleId.toString("hex")),
+            psamCounter: r.moduleCounter,
+            transactionId: txnId(r.transactionRef),
+            time: new Date(r.dateTime * 1000),
+            cardSignature: r.cardSignature,
+          })),
+        };
+      }),
+    payOffer: async (req) => this.pay(req as PayOfferRequest),
+  };
+
+  private async connect(): Promise<Buffer> {
+    try {
+      return await this.reader.connect();
+    } catch (e) {
+      throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, `cannot reach the card: ${(e as Error).message}; insert the card and try again`);
+    }
+  }
+
+  private async pay(req: PayOfferRequest): Promise<PayOfferResponse> {
+    const offer = req.offer;
+    const approved = req.approvedAmount;
+    const a = offer?.amount;
+    if (!approved || !a || approved.amountMinor !== a.amountMinor || approved.currency !== a.currency || approved.exponent !== a.exponent) {
+      throw new NetpurseError(
+        Status.FAILED_PRECONDITION,
+        ErrorReason.ERROR_REASON_NOT_APPROVED,
+        `the cardholder approved ${approved ? formatMoney(approved) : "nothing"}, the offer asks ${a ? formatMoney(a) : "nothing"}; the card was not touched`,
+      );
+    }
+    return this.card.run(async () => {
+      const done = offer?.transactionId ? await this.o.journal.get(offer.transactionId.value) : undefined;
+      if (done) {
+        throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`);
+      }
+      this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
+      const out = await payOffer(offer!, {
+        reader: this.reader,
+        payment: this.payment,
+        merchant: this.merchant,
+        journal: this.o.journal,
+        ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
+      });
+      return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
+    });
+  }
+
+  /** Finishes purchases whose confirmation or goods did not arrive; called at start and then periodically. */
+  async resume(): Promise<number> {
+    let finished = 0;
+    for (const row of await this.o.journal.unfinished()) {
+      const offer = PaymentOffer.decode(row.offer);
+      const id = row.transaction_id;
+      try {
+        let completed: CompletePurchaseResponse;
+        if (row.state === "CARD_ANSWERED") {
+          completed = await this.payment(offer.paymentServerAddress).completePurchase(
+            { transactionId: txnId(id), cardStatusWord: row.card_status_word!, debitResponse: row.debit_response ?? Buffer.alloc(0) },
+            { deadline: 10_000 },
+          );
+          await this.o.journal.confirmed(id, completed);
+        } else {
+          completed = CompletePurchaseResponse.decode(row.completion!);
+        }
+        const receipt = await deliverConfirmation(this.merchant(offer.merchantAddress), id, completed, 10_000);
+        await this.o.journal.receipt(id, receipt);
+        this.o.log.info("unfinished purchase completed", { transaction: id, goods: receipt.goods });
+        finished++;
+      } catch (e) {
+        const code = (e as NetpurseError).code;
+        if (code === Status.UNAVAILABLE || code === Status.DEADLINE_EXCEEDED) {
+          this.o.log.info("purchase still waiting", { transaction: id, detail: (e as Error).message });
+        } else {
+          await this.o.journal.failed(id, (e as Error).message);
+          this.o.log.warn("unfinished purchase ended without goods", { transaction: id, detail: (e as Error).message });
+        }
+      }
+    }
+    return finished;
+  }
+
+  startResuming(): void {
+    const every = this.o.resumeEveryMs ?? 30_000;
+    const tick = () => {
+      void this.resume().finally(() => {
+        this.resumeTimer = setTimeout(tick, every);
+        this.resumeTimer.unref();
+      });
+    };
+    tick();
+  }
+
+  async close(): Promise<void> {
+    clearTimeout(this.resumeTimer);
+    for (const c of this.channels.values()) c.close();
+    await this.o.transport.close();
+  }
+}

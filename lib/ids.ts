@@ -1,0 +1,39 @@
+// Identifiers as the contract defines them (proto/netpurse/card/v1/card.proto),
+// with the checks every service applies at its edge.
+
+import type { MerchantId, PsamId, PurseId, TransactionId } from "../gen/netpurse/card/v1/card.js";
+import { isUuid } from "./protocol/layout.js";
+import { invalidField } from "./grpc/errors.js";
+
+const NAME_RE = /^[A-Za-z0-9._-]+$/;
+
+export function isName(s: string, max: number): boolean {
+  return s.length >= 1 && s.length <= max && NAME_RE.test(s);
+}
+
+export function requireTransactionId(id: TransactionId | undefined, field = "transaction_id"): string {
+  const v = id?.value ?? "";
+  if (!v) throw invalidField(field, "missing");
+  if (!isUuid(v)) throw invalidField(field, `"${v.slice(0, 64)}" is not a canonical lower-case UUID`);
+  return v;
+}
+
+export function requireMerchantId(id: MerchantId | undefined, field = "merchant_id"): string {
+  const v = id?.value ?? "";
+  if (!v) throw invalidField(field, "missing");
+  if (!isName(v, 16)) throw invalidField(field, "must be 1..16 characters of [A-Za-z0-9._-]");
+  return v;
+}
+
+export function requirePsamId(id: PsamId | undefined, field = "psam_id"): string {
+  const v = id?.value;
+  if (!v || v.length === 0) throw invalidField(field, "missing");
+  if (v.length !== 4) throw invalidField(field, `must be 4 bytes, got ${v.length}`);
+  return Buffer.from(v).toString("hex");
+}
+
+export const txnId = (value: string): TransactionId => ({ value });
+export const merchantId = (value: string): MerchantId => ({ value });
+export const psamId = (hex: string): PsamId => ({ value: Buffer.from(hex, "hex") });
+export const purseId = (hex: string): PurseId => ({ value: Buffer.from(hex, "hex") });
+export const hexOf = (b: Uint8Array | undefined): string => Buffer.from(b ?? []).toString("hex");

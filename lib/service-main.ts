@@ -1,0 +1,73 @@
+// The entry point every service process shares: --help, flags, a clean
+// shutdown on SIGINT/SIGTERM, and a clear message when the service cannot
+// start (a port in use, a missing key file).
+
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+export interface Stoppable {
+  address: string;
+  close(): Promise<void>;
+}
+
+type Values = Record<string, string | boolean | (string | boolean)[] | undefined>;
+
+export async function runService(p: {
+  program: string;
+  summary: string;
+  options: NonNullable<ParseArgsConfig["options"]>;
+  /** Lines describing each option, for --help. */
+  help: string;
+  start(values: Values): Promise<Stoppable>;
+}): Promise<void> {
+  const options = { ...p.options, help: { type: "boolean", short: "h" } } as const;
+  let values: Values;
+  try {
+    values = parseArgs({ args: process.argv.slice(2), options, strict: true }).values as Values;
+  } catch (e) {
+    process.stderr.write(`${p.program}: ${(e as Error).message}\nRun '${p.program} --help' for the options.\n`);
+    process.exit(2);
+  }
+  if (values.help) {
+    process.stdout.write(`Usage: ${p.program} [options]\n\n${p.summary}\n\nOptions:\n${p.help}\n  -h, --help               this text\n`);
+    return;
+  }
+  let running: Stoppable;
+  try {
+    running = await p.start(values);
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    const hint = /EADDRINUSE|No address added out of total/.test(err.message) ? " (is another netpurse already running? stop it or choose another --listen port)" : "";
+    process.stderr.write(`${p.program}: cannot start: ${err.message}${hint}\n`);
+    process.exit(1);
+  }
+  // Parent processes read this line to learn the bound address.
+  process.stdout.write(`${p.program} listening on ${running.address}\n`);
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    process.stderr.write(`${p.program}: ${signal}, shutting down\n`);
+    const force = setTimeout(() => process.exit(1), 5_000);
+    force.unref();
+    await running.close();
+    process.exit(0);
+  };
+  process.on("SIGINT", () => void stop("SIGINT"));
+  process.on("SIGTERM", () => void stop("SIGTERM"));
+}
+
+export function opt(values: Values, name: string, fallback: string): string {
+  const v = values[name];
+  return typeof v === "string" ? v : fallback;
+}
+
+export function intOpt(values: Values, name: string, fallback: number): number {
+  const v = values[name];
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) {
+    process.stderr.write(`--${name} must be a non-negative integer, got "${String(v)}"\n`);
+    process.exit(2);
+  }
+  return n;
+}

@@ -1,0 +1,20 @@
+import { join } from "node:path";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { opt, runService } from "../../lib/service-main.js";
+import { startMerchantValidation } from "./server.js";
+
+await runService({
+  program: "netpurse-merchant-validation",
+  summary: "Merchant validation: checks payment confirmations with the keys merchants share with the payment operator.",
+  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" } },
+  help: [
+    `  --listen HOST:PORT       address to serve on (default ${defaultAddress("merchantValidation")})`,
+    "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
+    "  --dir DIR                this service's folder (default DATA/merchant-validation): keys.json",
+  ].join("\n"),
+  start: (v) =>
+    startMerchantValidation({
+      listen: opt(v, "listen", defaultAddress("merchantValidation")),
+      dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "merchant-validation")),
+    }),
+});

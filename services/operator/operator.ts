@@ -1,0 +1,20 @@
+// The payment operator's tools: registering a merchant gives it a fresh key
+// shared between the payment server's registry and the merchant's validation
+// service (both private files), and fixes its confirmation mode.
+
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { ConfirmationMode, confirmationModeToJSON } from "../../gen/netpurse/card/v1/card.js";
+import { isName } from "../../lib/ids.js";
+import { MerchantRegistry } from "../payment/merchants.js";
+import { addValidationKey } from "../merchant-validation/validation.js";
+
+export const IMPLEMENTED_MODES = [ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES];
+
+export async function registerMerchant(p: { paymentDir: string; validationDir: string; merchantId: string; name: string; mode: ConfirmationMode }): Promise<void> {
+  if (!isName(p.merchantId, 16)) throw new Error("merchant id must be 1..16 characters of [A-Za-z0-9._-]");
+  if (!IMPLEMENTED_MODES.includes(p.mode)) throw new Error(`confirmation mode ${confirmationModeToJSON(p.mode)} is not implemented yet`);
+  const key = randomBytes(32).toString("hex");
+  await MerchantRegistry.add(join(p.paymentDir, "merchants.json"), { merchantId: p.merchantId, name: p.name, confirmationMode: confirmationModeToJSON(p.mode), sharedKey: key });
+  await addValidationKey(join(p.validationDir, "keys.json"), p.merchantId, key);
+}

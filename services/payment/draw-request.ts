@@ -1,0 +1,57 @@
+// Step 680: the payment server edits the draw request for syntactic
+// correctness before anything else happens. Every refusal names the field.
+
+import { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
+import type { DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import { invalidField } from "../../lib/grpc/errors.js";
+import { requireMerchantId, requireTransactionId } from "../../lib/ids.js";
+import { MAX_CARD_AMOUNT } from "../../lib/money.js";
+import { LayoutError } from "../../lib/protocol/layout.js";
+import { ALGORITHM_AES128_CMAC, InitializeForPurchaseResponse, PURSE_FORMAT, type InitializeForPurchase } from "../../lib/protocol/purse.js";
+
+export interface EditedDrawRequest {
+  transactionId: string;
+  merchantId: string;
+  amount: number;
+  currency: number;
+  exponent: number;
+  mode: ConfirmationMode;
+  cardAtr: Buffer;
+  initializeResponse: Buffer;
+  card: InitializeForPurchase;
+}
+
+export function editDrawRequest(dr: DrawRequest | undefined): EditedDrawRequest {
+  if (!dr) throw invalidField("draw_request", "missing");
+  const transactionId = requireTransactionId(dr.transactionId, "draw_request.transaction_id");
+  const merchantId = requireMerchantId(dr.merchantId, "draw_request.merchant_id");
+  const a = dr.amount;
+  if (!a) throw invalidField("draw_request.amount", "missing");
+  if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("draw_request.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
+  if (a.currency < 1 || a.currency > 999) throw invalidField("draw_request.amount.currency", "must be an ISO 4217 numeric code 1..999");
+  if (a.exponent > 4) throw invalidField("draw_request.amount.exponent", "must be 0..4");
+  const mode = dr.confirmationMode;
+  if (mode === ConfirmationMode.CONFIRMATION_MODE_UNSPECIFIED || !(mode in ConfirmationMode) || mode < 0) {
+    throw invalidField("draw_request.confirmation_mode", "missing or unknown");
+  }
+  const atr = Buffer.from(dr.cardAtr);
+  if (atr.length < 2 || atr.length > 33) throw invalidField("draw_request.card_atr", `must be 2..33 bytes, got ${atr.length}`);
+  if (atr[0] !== 0x3b && atr[0] !== 0x3f) throw invalidField("draw_request.card_atr", "must start with TS byte 3B or 3F");
+  const raw = Buffer.from(dr.initializeResponse);
+  if (raw.length !== InitializeForPurchaseResponse.size) {
+    throw invalidField("draw_request.initialize_response", `must be ${InitializeForPurchaseResponse.size} bytes, got ${raw.length}`);
+  }
+  let card: InitializeForPurchase;
+  try {
+    card = InitializeForPurchaseResponse.decode(raw);
+  } catch (e) {
+    if (e instanceof LayoutError) throw invalidField("draw_request.initialize_response", e.message);
+    throw e;
+  }
+  if (card.format !== PURSE_FORMAT) throw invalidField("draw_request.initialize_response", `unknown format ${card.format}`);
+  if (card.algorithm !== ALGORITHM_AES128_CMAC) throw invalidField("draw_request.initialize_response", `unknown algorithm ${card.algorithm}`);
+  if (card.exponent !== a.exponent) {
+    throw invalidField("draw_request.amount.exponent", `the offer's exponent ${a.exponent} is not the card's ${card.exponent}`);
+  }
+  return { transactionId, merchantId, amount: Number(a.amountMinor), currency: a.currency, exponent: a.exponent, mode, cardAtr: atr, initializeResponse: raw, card };
+}

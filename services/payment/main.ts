@@ -1,0 +1,36 @@
+import { join } from "node:path";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { intOpt, opt, runService } from "../../lib/service-main.js";
+import { startPaymentServer } from "./server.js";
+
+await runService({
+  program: "netpurse-payment",
+  summary: "Payment server: turns draw requests into PSAM-signed DEBIT commands and confirms purchases to merchants.",
+  options: {
+    listen: { type: "string" },
+    data: { type: "string" },
+    dir: { type: "string" },
+    concentrator: { type: "string" },
+    id: { type: "string" },
+    "hold-timeout-ms": { type: "string" },
+    "psam-wait-ms": { type: "string" },
+  },
+  help: [
+    `  --listen HOST:PORT       address to serve on (default ${defaultAddress("payment")})`,
+    "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
+    "  --dir DIR                this server's folder (default DATA/payment): payment.db, merchants.json",
+    `  --concentrator HOST:PORT terminal concentrator (default ${defaultAddress("concentrator")})`,
+    "  --id NAME                payment server id at the concentrator (default payment-1)",
+    "  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default 60000)",
+    "  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default 10000)",
+  ].join("\n"),
+  start: (v) =>
+    startPaymentServer({
+      listen: opt(v, "listen", defaultAddress("payment")),
+      dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "payment")),
+      concentrator: opt(v, "concentrator", defaultAddress("concentrator")),
+      paymentServerId: opt(v, "id", "payment-1"),
+      holdTimeoutMs: intOpt(v, "hold-timeout-ms", 60_000),
+      maxPsamWaitMs: intOpt(v, "psam-wait-ms", 10_000),
+    }),
+});

@@ -1,0 +1,40 @@
+import { join } from "node:path";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { intOpt, opt, runService } from "../../lib/service-main.js";
+import { startTerminalHost } from "./server.js";
+
+await runService({
+  program: "netpurse-terminal",
+  summary: "Terminal host: holds PSAM slots and works off PSAM jobs from the concentrator.",
+  options: {
+    id: { type: "string" },
+    concentrator: { type: "string" },
+    data: { type: "string" },
+    dir: { type: "string" },
+    window: { type: "string" },
+    "batch-close-at": { type: "string" },
+    "job-delay-ms": { type: "string" },
+  },
+  help: [
+    "  --id NAME                terminal id (default terminal-1)",
+    `  --concentrator HOST:PORT concentrator to dial (default ${defaultAddress("concentrator")})`,
+    "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
+    "  --dir DIR                this host's folder (default DATA/terminals/ID): terminal.db and psams/*.psam.json",
+    "  --window N               most jobs in flight (default: the number of PSAMs)",
+    "  --batch-close-at N       close a PSAM batch at N records (default 200)",
+    "  --job-delay-ms N         fault injection: wait N ms before each job (default 0)",
+  ].join("\n"),
+  start: async (v) => {
+    const id = opt(v, "id", "terminal-1");
+    const dir = opt(v, "dir", join(dataDir(v.data as string | undefined), "terminals", id));
+    const t = await startTerminalHost({
+      terminalId: id,
+      concentrator: opt(v, "concentrator", defaultAddress("concentrator")),
+      dir,
+      ...(v.window !== undefined ? { window: intOpt(v, "window", 1) } : {}),
+      batchCloseAt: intOpt(v, "batch-close-at", 200),
+      jobDelayMs: intOpt(v, "job-delay-ms", 0),
+    });
+    return t;
+  },
+});

@@ -1,0 +1,50 @@
+import { join } from "node:path";
+import { readdir } from "node:fs/promises";
+import { createLogger } from "../../lib/log.js";
+import { openSqlite } from "../../lib/store/db.js";
+import { TerminalHost } from "./terminal-host.js";
+import { TERMINAL_MIGRATIONS } from "./store.js";
+
+export interface TerminalConfig {
+  terminalId: string;
+  concentrator: string;
+  /** The host's folder: terminal.db and psams/*.psam.json. */
+  dir: string;
+  window?: number;
+  batchCloseAt?: number;
+  jobDelayMs?: number;
+}
+
+/** The PSAM files in a terminal host's folder. */
+export async function psamFilesIn(dir: string): Promise<string[]> {
+  const folder = join(dir, "psams");
+  const names = await readdir(folder).catch(() => [] as string[]);
+  return names.filter((n) => n.endsWith(".psam.json")).sort().map((n) => join(folder, n));
+}
+
+/** Starts a terminal host in this process; it dials the concentrator (it serves no RPCs). */
+export async function startTerminalHost(c: TerminalConfig) {
+  const log = createLogger(`terminal ${c.terminalId}`);
+  const psamFiles = await psamFilesIn(c.dir);
+  if (psamFiles.length === 0) throw new Error(`no PSAMs in ${join(c.dir, "psams")}: provision some with 'netpurse-issuer provision-psam'`);
+  const db = openSqlite(join(c.dir, "terminal.db"), TERMINAL_MIGRATIONS);
+  const host = new TerminalHost({
+    terminalId: c.terminalId,
+    concentratorAddress: c.concentrator,
+    psamFiles,
+    db,
+    log,
+    ...(c.window !== undefined ? { window: c.window } : {}),
+    ...(c.batchCloseAt !== undefined ? { batchCloseAt: c.batchCloseAt } : {}),
+    ...(c.jobDelayMs !== undefined ? { jobDelayMs: c.jobDelayMs } : {}),
+  });
+  await host.start();
+  return {
+    address: `${c.terminalId} -> ${c.concentrator}`,
+    host,
+    async close() {
+      await host.close();
+      await db.close();
+    },
+  };
+}

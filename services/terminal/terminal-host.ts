@@ -1,0 +1,250 @@
+// A terminal host: it holds PSAM slots, dials the concentrator, keeps one
+// long-lived stream, announces its slots and works off PSAM jobs one per
+// slot at a time. For a draw request it replays the card's responses to the
+// PSAM one by one, as if the card were in the slot (step 688), and it keeps
+// its own data store of recorded transactions, reversals and closed batches
+// (step 630).
+
+import type { Client } from "nice-grpc";
+import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
+import { ApduError, swHex } from "../../lib/apdu/apdu.js";
+import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { AsyncQueue } from "../../lib/async-queue.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { hexOf, merchantId as mid, psamId as toPsamId, txnId } from "../../lib/ids.js";
+import type { Logger } from "../../lib/log.js";
+import { money } from "../../lib/money.js";
+import { Mutex } from "../../lib/mutex.js";
+import { Verdict } from "../../lib/protocol/psam.js";
+import { DebitResponse } from "../../lib/protocol/purse.js";
+import type { Db } from "../../lib/store/db.js";
+import {
+  DebitVerdict,
+  PsamJobStatus,
+  PsamSlotState,
+  TerminalConcentratorServiceDefinition,
+  type AttachTerminalRequest,
+  type PsamJob,
+  type PsamJobResult,
+  type PsamSlot,
+} from "../../gen/netpurse/terminal/v1/terminal.js";
+import { PsamDriver } from "./psam/psam-driver.js";
+import { SoftwarePsam } from "./psam/software-psam.js";
+import { TerminalStore } from "./store.js";
+
+export interface TerminalHostOptions {
+  terminalId: string;
+  concentratorAddress: string;
+  psamFiles: string[];
+  db: Db;
+  log: Logger;
+  /** Most jobs in flight the host accepts (default: one per slot, at least 1). */
+  window?: number;
+  /** Close the PSAM's batch once it holds this many records. */
+  batchCloseAt?: number;
+  /** Fault injection for tests and benchmarks: wait this long before each job. */
+  jobDelayMs?: number;
+}
+
+interface Slot {
+  index: number;
+  psam: SoftwarePsam;
+  driver: PsamDriver;
+  mutex: Mutex;
+  failed: boolean;
+}
+
+export class TerminalHost {
+  private slots: Slot[] = [];
+  private readonly store: TerminalStore;
+  private stopped = false;
+  private abort = new AbortController();
+  private connected: Promise<void>;
+  private markConnected!: () => void;
+  private loop: Promise<void> | undefined;
+
+  constructor(private readonly o: TerminalHostOptions) {
+    this.store = new TerminalStore(o.db);
+    this.connected = new Promise((r) => (this.markConnected = r));
+  }
+
+  async start(): Promise<void> {
+    this.slots = await Promise.all(
+      this.o.psamFiles.map(async (file, index) => {
+        const psam = await SoftwarePsam.open(file);
+        const driver = new PsamDriver(new InProcessTransport(psam));
+        await driver.connect();
+        return { index, psam, driver, mutex: new Mutex(), failed: false };
+      }),
+    );
+    this.loop = this.run();
+  }
+
+  /** Resolves once the host has been welcomed by the concentrator. */
+  whenConnected(): Promise<void> {
+    return this.connected;
+  }
+
+  async close(): Promise<void> {
+    this.stopped = true;
+    this.abort.abort();
+    await this.loop?.catch(() => undefined);
+  }
+
+  /** Connects, and reconnects with back-off whenever the stream ends. */
+  private async run(): Promise<void> {
+    const channel = openChannel(this.o.concentratorAddress, { maxMessageBytes: 256 * 1024 });
+    const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
+    let backoff = 100;
+    while (!this.stopped) {
+      const started = Date.now();
+      try {
+        await this.session(client);
+      } catch (e) {
+        if (this.stopped) break;
+        this.o.log.warn("concentrator stream ended", { error: (e as Error).message });
+      }
+      if (this.stopped) break;
+      if (Date.now() - started > 10_000) backoff = 100; // it had been up for a while
+      const wait = backoff + Math.floor(Math.random() * backoff);
+      this.o.log.info("reconnecting to the concentrator", { inMs: wait });
+      await new Promise((r) => setTimeout(r, wait));
+      backoff = Math.min(backoff * 2, 5_000);
+    }
+    channel.close();
+  }
+
+  private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
+    const out = new AsyncQueue<AttachTerminalRequest>();
+    const window = this.o.window ?? Math.max(1, this.slots.length);
+    out.push({ message: { $case: "hello", value: { terminalId: this.o.terminalId, window, slots: await Promise.all(this.slots.map((s) => this.slotInfo(s))) } } });
+    const stream = client.attachTerminal(out, { signal: this.abort.signal });
+    try {
+      for await (const m of stream) {
+        const msg = m.message;
+        if (!msg) continue;
+        switch (msg.$case) {
+          case "welcome":
+            this.o.log.info("attached to the concentrator", { concentrator: msg.value.concentratorId, slots: this.slots.length });
+            this.markConnected();
+            break;
+          case "ping":
+            out.push({ message: { $case: "pong", value: { nonce: msg.value.nonce } } });
+            break;
+          case "job":
+            void this.handle(msg.value).then((result) => out.push({ message: { $case: "result", value: result } }));
+            break;
+        }
+      }
+    } finally {
+      out.close();
+    }
+  }
+
+  private async slotInfo(s: Slot): Promise<PsamSlot> {
+    const base = { slot: s.index, psamId: toPsamId(s.psam.psamId), keyVersions: s.psam.keyVersions, currencies: [s.psam.currency] };
+    if (s.failed) return { ...base, state: PsamSlotState.PSAM_SLOT_STATE_FAILED, psamCounter: 0, pendingDebits: [], batchCount: 0 };
+    const st = await s.driver.readStatus();
+    const pending = await s.driver.readPending();
+    return {
+      ...base,
+      state: PsamSlotState.PSAM_SLOT_STATE_READY,
+      psamCounter: st.psamCounter,
+      batchCount: st.batchCount,
+      pendingDebits: pending.map((p) => ({ psamCounter: p.psamCounter, transactionId: txnId(p.transactionRef), amount: money(p.amount, p.currency, 0) })),
+    };
+  }
+
+  private async handle(job: PsamJob): Promise<PsamJobResult> {
+    const psamHex = hexOf(job.psamId?.value);
+    const base = { jobId: job.jobId, terminalId: this.o.terminalId, psamId: job.psamId, statusWord: 0, message: "", slot: undefined, outcome: undefined };
+    const slot = this.slots.find((s) => s.psam.psamId === psamHex);
+    if (!slot) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `no PSAM ${psamHex} in terminal ${this.o.terminalId}` };
+    return slot.mutex.run(async () => {
+      if (this.o.jobDelayMs) await new Promise((r) => setTimeout(r, this.o.jobDelayMs));
+      try {
+        const outcome = await this.work(slot, job);
+        return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_OK, statusWord: 0x9000, outcome, slot: await this.slotInfo(slot) };
+      } catch (e) {
+        if (e instanceof ApduError) {
+          return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED, statusWord: e.sw, message: e.message, slot: await this.slotInfo(slot) };
+        }
+        if (e instanceof JobInvalid) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
+        slot.failed = true;
+        this.o.log.error("PSAM failed; slot out of the pool", { psam: psamHex, error: (e as Error).message });
+        return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
+      }
+    });
+  }
+
+  private async work(slot: Slot, job: PsamJob): Promise<PsamJobResult["outcome"]> {
+    const task = job.task;
+    const psamHex = slot.psam.psamId;
+    switch (task?.$case) {
+      case "issueDebitCommand": {
+        const t = task.value;
+        if (!t.amount || !t.merchantId || !job.transactionId) throw new JobInvalid("issue_debit_command needs amount, merchant_id and transaction_id");
+        const issued = await slot.driver.issueDebitCommand({
+          cardAtr: Buffer.from(t.cardAtr),
+          initializeResponse: Buffer.from(t.initializeResponse),
+          draw: { amount: Number(t.amount.amountMinor), currency: t.amount.currency, transactionRef: job.transactionId.value, merchantId: t.merchantId.value },
+          returnExpectedSignature: t.returnExpectedSignature,
+        });
+        this.o.log.info("debit command issued", { psam: psamHex, psamCounter: issued.psamCounter, transaction: job.transactionId.value });
+        return {
+          $case: "debitCommandIssued",
+          value: { debitCommand: issued.debitCommand, psamCounter: issued.psamCounter, expectedCardSignature: issued.expectedCardSignature ?? Buffer.alloc(0) },
+        };
+      }
+      case "verifyDebit": {
+        const t = task.value;
+        if (t.cardStatusWord !== 0x9000 || t.debitResponse.length !== DebitResponse.size) {
+          throw new JobInvalid(`verify_debit needs the card's 9000 answer of ${DebitResponse.size} bytes (got SW ${swHex(t.cardStatusWord)}, ${t.debitResponse.length} bytes)`);
+        }
+        const v = await slot.driver.verifyDebit(t.psamCounter, Buffer.from(t.debitResponse));
+        const answer = DebitResponse.decode(t.debitResponse);
+        if (v.verdict === Verdict.RECORDED) {
+          const st = await slot.driver.readStatus();
+          const record = await slot.driver.readBatchRecord(st.batchCount - 1);
+          if (record) await this.store.recordTransaction(psamHex, v.batchNumber, record, job.jobId);
+          this.o.log.info("debit recorded in batch", { psam: psamHex, psamCounter: t.psamCounter, batch: v.batchNumber });
+          await this.maybeCloseBatch(slot, st.batchCount);
+        } else {
+          await this.store.recordReversal(psamHex, t.psamCounter, job.transactionId?.value ?? "", "declined by card");
+        }
+        return {
+          $case: "debitVerified",
+          value: {
+            verdict: v.verdict === Verdict.RECORDED ? DebitVerdict.DEBIT_VERDICT_RECORDED : DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD,
+            recordMac: v.recordMac,
+            batchNumber: v.batchNumber,
+            newBalance: money(answer.balance, slot.psam.currency, 0),
+            cardResult: answer.result,
+          },
+        };
+      }
+      case "reverseDebit": {
+        await slot.driver.reverseDebit(task.value.psamCounter);
+        await this.store.recordReversal(psamHex, task.value.psamCounter, job.transactionId?.value ?? "", "reversed by payment server");
+        this.o.log.info("debit reversed", { psam: psamHex, psamCounter: task.value.psamCounter });
+        return { $case: "debitReversed", value: { psamCounter: task.value.psamCounter } };
+      }
+      default:
+        throw new JobInvalid("job has no task");
+    }
+  }
+
+  private async maybeCloseBatch(slot: Slot, count: number): Promise<void> {
+    if (count < (this.o.batchCloseAt ?? 200)) return;
+    const closed = await slot.driver.closeBatch();
+    await this.store.recordBatch(closed);
+    this.o.log.info("batch closed", { psam: slot.psam.psamId, batch: closed.batchNumber, count: closed.count, total: closed.total });
+  }
+
+  /** Reads the host's data store (for tests and operators). */
+  get data(): TerminalStore {
+    return this.store;
+  }
+}
+
+class JobInvalid extends Error {}

@@ -1,0 +1,108 @@
+// The whole netpurse network started in this process, each service on its
+// own loopback port with real gRPC between them, over a fresh data folder.
+
+import { join } from "node:path";
+import { ChannelCredentials } from "@grpc/grpc-js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
+import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { startClientDaemon } from "../../client/daemon/server.js";
+import { startConcentrator } from "../../services/concentrator/server.js";
+import { startMerchantValidation } from "../../services/merchant-validation/server.js";
+import { startMerchant } from "../../services/merchant/server.js";
+import { DEMO_SHOP, ensureDemoData, paths } from "../../services/network/layout.js";
+import { startPaymentServer } from "../../services/payment/server.js";
+import { startTerminalHost } from "../../services/terminal/server.js";
+import { tempDir } from "./fixtures.js";
+
+void ChannelCredentials;
+
+export interface NetworkOptions {
+  terminals?: { id: string; psams: number; jobDelayMs?: number }[];
+  holdTimeoutMs?: number;
+  maxPsamWaitMs?: number;
+  jobTimeoutMs?: number;
+  keepaliveIntervalMs?: number;
+  cardValue?: number;
+}
+
+export async function startNetwork(o: NetworkOptions = {}) {
+  const { dir: data, cleanup } = await tempDir("netpurse-net-");
+  const terminals = o.terminals ?? [{ id: "terminal-1", psams: 2 }];
+  const { cardPath } = await ensureDemoData(data, {
+    terminals,
+    shops: [DEMO_SHOP],
+    card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
+  });
+  const p = paths(data);
+  const concentrator = await startConcentrator({ listen: "127.0.0.1:0", keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000 });
+  const hosts = new Map<string, Awaited<ReturnType<typeof startTerminalHost>>>();
+  const startHost = async (t: { id: string; jobDelayMs?: number }) => {
+    const h = await startTerminalHost({ terminalId: t.id, concentrator: concentrator.address, dir: p.terminal(t.id), ...(t.jobDelayMs ? { jobDelayMs: t.jobDelayMs } : {}) });
+    await h.host.whenConnected();
+    hosts.set(t.id, h);
+    return h;
+  };
+  for (const t of terminals) await startHost(t);
+  const payment = await startPaymentServer({
+    listen: "127.0.0.1:0",
+    dir: p.payment,
+    concentrator: concentrator.address,
+    ...(o.holdTimeoutMs ? { holdTimeoutMs: o.holdTimeoutMs } : {}),
+    ...(o.maxPsamWaitMs ? { maxPsamWaitMs: o.maxPsamWaitMs } : {}),
+    ...(o.jobTimeoutMs ? { jobTimeoutMs: o.jobTimeoutMs } : {}),
+  });
+  await payment.whenConnected();
+  await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));
+  const validation = await startMerchantValidation({ listen: "127.0.0.1:0", dir: p.validation });
+  const merchant = await startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(DEMO_SHOP.merchantId), validation: validation.address, paymentServer: payment.address });
+  const daemon = await startClientDaemon({ listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
+
+  const factory = clientFactory();
+  const channels = [payment, merchant, validation, concentrator, daemon].map((s) => openChannel(s.address));
+  const [pc, mc, vc, cc, dc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
+  return {
+    data,
+    paths: p,
+    cardPath,
+    concentrator,
+    hosts,
+    startHost,
+    payment,
+    validation,
+    merchant,
+    daemon,
+    clients: {
+      payment: factory.create(PaymentServiceDefinition, pc),
+      merchant: factory.create(MerchantServiceDefinition, mc!),
+      validation: factory.create(MerchantValidationServiceDefinition, vc!),
+      concentrator: factory.create(TerminalConcentratorServiceDefinition, cc!),
+      cardholder: factory.create(CardholderServiceDefinition, dc!),
+    },
+    async close() {
+      for (const c of channels) c.close();
+      await daemon.close();
+      await merchant.close();
+      await validation.close();
+      await payment.close();
+      for (const h of hosts.values()) await h.close();
+      await concentrator.close();
+      await cleanup();
+    },
+  };
+}
+
+export type Network = Awaited<ReturnType<typeof startNetwork>>;
+
+export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = "condition"): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+export { join };
