@@ -2,6 +2,8 @@
 // command, clear errors, no stack traces for mistakes a user can fix.
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { Status } from "nice-grpc";
+import { reasonName } from "./grpc/errors.js";
 
 export class UsageError extends Error {}
 
@@ -48,8 +50,22 @@ export async function runCommands(program: string, description: string, commands
       process.exitCode = 2;
       return;
     }
-    throw e;
+    // A mistake or an unreachable service: say what happened, no stack trace.
+    process.stderr.write(`${program} ${c.name}: ${describeError(e)}\n`);
+    if (process.env.NETPURSE_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
+    process.exitCode = 1;
   }
+}
+
+/** One line for a person: gRPC errors with their code and reason. */
+export function describeError(e: unknown): string {
+  const err = e as { code?: number; details?: string; reason?: number; message?: string };
+  if (typeof err.code === "number" && typeof err.details === "string") {
+    const reason = err.reason ? ` [${reasonName(err.reason)}]` : "";
+    const hint = err.code === Status.UNAVAILABLE && /No connection|ECONNREFUSED|connect/i.test(err.details) ? " (is the service running? start the network with 'npm start')" : "";
+    return `${Status[err.code]}${reason}: ${err.details}${hint}`;
+  }
+  return err.message ?? String(e);
 }
 
 /** Reads a string option or a default. */

@@ -18,11 +18,13 @@ export async function runService(p: {
   /** Lines describing each option, for --help. */
   help: string;
   start(values: Values): Promise<Stoppable>;
+  /** Arguments to parse (default: the process's). */
+  argv?: string[];
 }): Promise<void> {
   const options = { ...p.options, help: { type: "boolean", short: "h" } } as const;
   let values: Values;
   try {
-    values = parseArgs({ args: process.argv.slice(2), options, strict: true }).values as Values;
+    values = parseArgs({ args: p.argv ?? process.argv.slice(2), options, strict: true }).values as Values;
   } catch (e) {
     process.stderr.write(`${p.program}: ${(e as Error).message}\nRun '${p.program} --help' for the options.\n`);
     process.exit(2);

@@ -1,0 +1,130 @@
+// netpurse: the cardholder's command line. It talks to the client daemon
+// (which holds the card) and, to shop, to the merchant.
+
+import { createInterface } from "node:readline/promises";
+import { CardTransactionKind, PurseStatus, type Money } from "../../gen/netpurse/card/v1/card.js";
+import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { runCommands, str, UsageError, int } from "../../lib/cli.js";
+import { defaultAddress } from "../../lib/config.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { hexOf } from "../../lib/ids.js";
+import { formatMoney } from "../../lib/money.js";
+import { table } from "../../lib/table.js";
+import { runDaemon } from "../daemon/main.js";
+
+const factory = clientFactory();
+
+async function withClient<D extends typeof CardholderServiceDefinition | typeof MerchantServiceDefinition, T>(
+  def: D,
+  address: string,
+  fn: (c: ReturnType<typeof factory.create<D>>) => Promise<T>,
+): Promise<T> {
+  const channel = openChannel(address);
+  try {
+    return await fn(factory.create(def, channel));
+  } finally {
+    channel.close();
+  }
+}
+
+const m = (x: Money | undefined) => (x ? formatMoney(x) : "?");
+
+async function approve(question: string): Promise<boolean> {
+  if (!process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
+  const rl = createInterface({ input: process.stdin, output: process.stdout });
+  try {
+    return /^y(es)?$/i.test((await rl.question(`${question} [y/N] `)).trim());
+  } finally {
+    rl.close();
+  }
+}
+
+const daemonOption = { daemon: { type: "string" } } as const;
+const daemonAddress = (v: Record<string, unknown>) => str(v.daemon, defaultAddress("cardholder"));
+const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultAddress("merchant"));
+
+await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-value card in your reader.", [
+  {
+    name: "daemon",
+    summary: "Run the client daemon (holds the card, serves the cardholder API on 127.0.0.1:7470) until Ctrl-C.",
+    usage: "[--card FILE] [--listen HOST:PORT] [--data DIR] [--dir DIR]",
+    options: { card: { type: "string" }, listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" } },
+    async run() {
+      await runDaemon(process.argv.slice(3), "netpurse daemon");
+      await new Promise(() => {}); // runs until a signal
+    },
+  },
+  {
+    name: "card",
+    summary: "Show the card: balance, expiry, counter, and its own log of its last transactions.",
+    usage: `[--log N] [--daemon HOST:PORT] (default ${defaultAddress("cardholder")})`,
+    options: { ...daemonOption, log: { type: "string" } },
+    async run(v) {
+      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        const p = purse!;
+        console.log(`card ${hexOf(p.purseId?.value)}   balance ${m(p.balance)}   (most ${m(p.maxBalance)})`);
+        console.log(`expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`);
+        const { transactions } = await c.listCardTransactions({ limit: int(v.log, 10, "log") }, { deadline: 10_000 });
+        if (!transactions.length) return console.log("\nno transactions yet");
+        console.log("");
+        console.log(
+          table(
+            ["#", "when (UTC)", "kind", "amount", "balance after", "PSAM", "transaction"],
+            transactions.map((t) => [
+              String(t.transactionCounter),
+              t.time!.toISOString().replace("T", " ").slice(0, 19),
+              t.kind === CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE ? "purchase" : "load",
+              m(t.amount),
+              m(t.balanceAfter),
+              `${hexOf(t.psamId?.value)}/${t.psamCounter}`,
+              t.transactionId?.value ?? "",
+            ]),
+          ),
+        );
+      });
+    },
+  },
+  {
+    name: "shop",
+    summary: "List what a merchant sells.",
+    usage: `[--merchant HOST:PORT] (default ${defaultAddress("merchant")})`,
+    options: { merchant: { type: "string" } },
+    async run(v) {
+      await withClient(MerchantServiceDefinition, merchantAddress(v), async (c) => {
+        const r = await c.listProducts({}, { deadline: 5_000 });
+        console.log(`${r.merchantName} (${r.merchantId?.value})\n`);
+        console.log(table(["product", "price", "name"], r.products.map((p) => [p.productId, m(p.price), p.name])));
+        console.log(`\nbuy one with: netpurse pay PRODUCT`);
+      });
+    },
+  },
+  {
+    name: "pay",
+    summary: "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
+    usage: `PRODUCT [--yes] [--merchant HOST:PORT] [--daemon HOST:PORT]`,
+    options: { ...daemonOption, merchant: { type: "string" }, yes: { type: "boolean", short: "y" } },
+    async run(v, positionals) {
+      const product = positionals[0];
+      if (!product) throw new UsageError("name the product to buy (see 'netpurse shop')");
+      if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
+      const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), (c) => c.createOrder({ productId: product }, { deadline: 5_000 }));
+      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        console.log(`${offer!.merchantName} asks ${m(offer!.amount)} for "${offer!.description}"`);
+        console.log(`your card holds ${m(purse!.balance)}`);
+        if (!v.yes && !(await approve(`Pay ${m(offer!.amount)}?`))) {
+          console.log("not paid; the card was not touched");
+          return;
+        }
+        console.log("paying…");
+        const r = await c.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+        for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
+        console.log(`\npaid ${m(r.receipt!.amount)} to ${r.receipt!.merchantName}; card balance now ${m(r.purse!.balance)}`);
+        console.log(`receipt: transaction ${r.receipt!.transactionId?.value}, PSAM ${hexOf(r.receipt!.psamId?.value)}/${r.receipt!.psamCounter}`);
+        console.log(`goods:   ${r.receipt!.goods}`);
+      });
+    },
+  },
+]);

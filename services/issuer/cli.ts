@@ -1,0 +1,96 @@
+// netpurse-issuer: the issuer's commands. Keys stay in the private keys
+// file; nothing here prints key material.
+
+import { join } from "node:path";
+import { dataDir } from "../../lib/config.js";
+import { runCommands, UsageError, int, str } from "../../lib/cli.js";
+import { formatMinor, parseMinor } from "../../lib/money.js";
+import { Issuer } from "./issuer.js";
+
+const dataOption = { data: { type: "string" } } as const;
+const issuerDir = (v: Record<string, unknown>) => join(dataDir(v.data as string | undefined), "issuer");
+
+await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalisation, PSAM provisioning.", [
+  {
+    name: "create-keys",
+    summary: "Create the issuer master keys (purchase, load, authentication) for a key version.\nDoes nothing when that version exists. The keys file is DATA/issuer/keys.json, mode 0600.",
+    usage: "[--data DIR] [--key-version N]",
+    options: { ...dataOption, "key-version": { type: "string" } },
+    async run(v) {
+      const version = int(v["key-version"], 1, "key-version");
+      const r = await Issuer.createKeys(issuerDir(v), version);
+      console.log(r.created ? `created master keys of version ${version} in ${Issuer.keysPath(issuerDir(v))}` : `master keys of version ${version} exist already; nothing changed`);
+    },
+  },
+  {
+    name: "personalise-card",
+    summary: "Personalise a software stored-value card: diversified keys, purse data and an initial value\nrecorded as an issuer credit. The card file is private (mode 0600).",
+    usage: "--out FILE [--value 100.00] [--max-balance 500.00] [--currency 978] [--exponent 2] [--expiry YYYY-MM-DD] [--key-version N] [--data DIR]",
+    options: {
+      ...dataOption,
+      out: { type: "string" },
+      value: { type: "string" },
+      "max-balance": { type: "string" },
+      currency: { type: "string" },
+      exponent: { type: "string" },
+      expiry: { type: "string" },
+      "key-version": { type: "string" },
+    },
+    async run(v) {
+      if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
+      const exponent = int(v.exponent, 2, "exponent");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const card = await issuer.personaliseCard({
+          path: v.out,
+          currency: int(v.currency, 978, "currency"),
+          exponent,
+          initialValue: Number(parseMinor(str(v.value, "100.00"), exponent)),
+          maxBalance: Number(parseMinor(str(v["max-balance"], "500.00"), exponent)),
+          expiry: str(v.expiry, `${new Date().getUTCFullYear() + 4}-12-31`),
+          ...(v["key-version"] !== undefined ? { keyVersion: int(v["key-version"], 1, "key-version") } : {}),
+        });
+        console.log(`personalised card ${card.purseId} (key version ${card.keyVersion}) with ${formatMinor(card.balance, exponent)}, expires ${card.expiry}: ${v.out}`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "provision-psam",
+    summary: "Provision a software PSAM with every purchase key version and its batch key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
+    usage: "--out FILE [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
+    options: { ...dataOption, out: { type: "string" }, currency: { type: "string" }, "psam-id": { type: "string" }, "batch-capacity": { type: "string" } },
+    async run(v) {
+      if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const p = await issuer.provisionPsam({
+          path: v.out,
+          currency: int(v.currency, 978, "currency"),
+          ...(typeof v["psam-id"] === "string" ? { psamId: v["psam-id"] } : {}),
+          batchCapacity: int(v["batch-capacity"], 256, "batch-capacity"),
+        });
+        console.log(`provisioned PSAM ${p.psamId} (key versions ${Object.keys(p.purchaseKeys).join(", ")}, currency ${p.currency}): ${v.out}`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "list-cards",
+    summary: "List the cards this issuer personalised and the value credited to each.",
+    usage: "[--data DIR]",
+    options: { ...dataOption },
+    async run(v) {
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const rows = await issuer.listCards();
+        console.log(["purse id".padEnd(18), "currency", "expiry".padEnd(10), "key", "credited"].join("  "));
+        for (const r of rows) console.log([r.purse_id.padEnd(18), String(r.currency).padEnd(8), r.expiry, String(r.key_version).padEnd(3), formatMinor(r.credited, 2)].join("  "));
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+]);

@@ -1,0 +1,165 @@
+// Starts netpurse services as separate processes, learns the address each
+// bound from its "listening on" line, keeps their logs in files, and stops
+// them cleanly. The main job, the end-to-end tests and the benchmarks use it.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { createWriteStream, mkdirSync, readFileSync, type WriteStream } from "node:fs";
+import { join, resolve } from "node:path";
+
+const ROOT = resolve(new URL("../..", import.meta.url).pathname);
+const TSX = import.meta.resolve("tsx");
+
+/** Entry points of the parts, relative to the repository root. */
+export const SCRIPTS = {
+  concentrator: "services/concentrator/main.ts",
+  terminal: "services/terminal/main.ts",
+  payment: "services/payment/main.ts",
+  merchantValidation: "services/merchant-validation/main.ts",
+  merchant: "services/merchant/main.ts",
+  clientDaemon: "client/daemon/main.ts",
+} as const;
+
+export interface Started {
+  name: string;
+  address: string;
+  child: ChildProcess;
+  logFile: string;
+}
+
+export class Launcher {
+  private readonly running = new Map<string, Started & { log: WriteStream }>();
+
+  constructor(
+    private readonly logDir: string,
+    private readonly o: { echo?: (name: string, line: string) => void; env?: NodeJS.ProcessEnv } = {},
+  ) {
+    mkdirSync(logDir, { recursive: true });
+  }
+
+  /** Spawns `node --import tsx script args` and resolves once it prints its listening line. */
+  start(name: string, script: string, args: string[], timeoutMs = 60_000): Promise<Started> {
+    if (this.running.has(name)) throw new Error(`${name} is running already`);
+    const logFile = join(this.logDir, `${name}.log`);
+    const log = createWriteStream(logFile, { flags: "a" });
+    const child = spawn(process.execPath, ["--import", TSX, join(ROOT, script), ...args], {
+      cwd: ROOT,
+      env: { ...process.env, ...this.o.env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    return new Promise((resolveStart, reject) => {
+      let buffered = "";
+      const timer = setTimeout(() => fail(new Error(`${name} did not start within ${timeoutMs} ms`)), timeoutMs);
+      const fail = (e: Error) => {
+        clearTimeout(timer);
+        child.kill("SIGKILL");
+        const tail = safeTail(logFile);
+        reject(new Error(`${e.message}${tail ? `\n--- last lines of ${logFile} ---\n${tail}` : ""}`));
+      };
+      const onLine = (line: string) => {
+        log.write(line + "\n");
+        this.o.echo?.(name, line);
+        const m = / listening on (\S+)/.exec(line);
+        if (m && !this.running.has(name)) {
+          clearTimeout(timer);
+          const s = { name, address: m[1]!, child, logFile, log };
+          this.running.set(name, s);
+          resolveStart(s);
+        }
+      };
+      const split = (chunk: Buffer) => {
+        buffered += chunk.toString();
+        let i;
+        while ((i = buffered.indexOf("\n")) >= 0) {
+          onLine(buffered.slice(0, i));
+          buffered = buffered.slice(i + 1);
+        }
+      };
+      child.stdout!.on("data", split);
+      child.stderr!.on("data", split);
+      child.on("exit", (code, signal) => {
+        log.end();
+        if (!this.running.has(name)) return fail(new Error(`${name} exited (${signal ?? `code ${code}`}) before it started`));
+        this.running.delete(name);
+      });
+    });
+  }
+
+  get(name: string): Started | undefined {
+    return this.running.get(name);
+  }
+
+  /** SIGTERM, then SIGKILL after `graceMs`. */
+  async stop(name: string, graceMs = 5_000): Promise<void> {
+    const s = this.running.get(name);
+    if (!s) return;
+    const exited = new Promise<void>((r) => s.child.once("exit", () => r()));
+    s.child.kill("SIGTERM");
+    const t = setTimeout(() => s.child.kill("SIGKILL"), graceMs);
+    await exited;
+    clearTimeout(t);
+  }
+
+  /** Kills at once, as a crash or a pulled cable would. */
+  async kill(name: string): Promise<void> {
+    const s = this.running.get(name);
+    if (!s) return;
+    const exited = new Promise<void>((r) => s.child.once("exit", () => r()));
+    s.child.kill("SIGKILL");
+    await exited;
+  }
+
+  /** Stops everything, in the reverse order of starting. */
+  async stopAll(): Promise<void> {
+    for (const name of [...this.running.keys()].reverse()) await this.stop(name);
+  }
+
+  pid(name: string): number | undefined {
+    return this.running.get(name)?.child.pid;
+  }
+}
+
+function safeTail(file: string): string {
+  try {
+    return readFileSync(file, "utf8").trimEnd().split("\n").slice(-15).join("\n");
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * Starts the whole network as processes on the given addresses (port 0
+ * picks free ones) over an existing data folder.
+ */
+export async function launchNetwork(
+  l: Launcher,
+  p: {
+    data: string;
+    terminals: { id: string; args?: string[] }[];
+    merchants: string[];
+    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "merchant" | "clientDaemon", string>>;
+    cardPath: string;
+    paymentArgs?: string[];
+  },
+): Promise<Record<string, string>> {
+  const at = (k: keyof NonNullable<typeof p.listen>) => p.listen?.[k] ?? "127.0.0.1:0";
+  const data = ["--data", p.data];
+  const addresses: Record<string, string> = {};
+  addresses.concentrator = (await l.start("concentrator", SCRIPTS.concentrator, ["--listen", at("concentrator")])).address;
+  await Promise.all(
+    p.terminals.map((t) => l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, ...data, ...(t.args ?? [])])),
+  );
+  const [payment, validation] = await Promise.all([
+    l.start("payment", SCRIPTS.payment, ["--listen", at("payment"), "--concentrator", addresses.concentrator!, ...data, ...(p.paymentArgs ?? [])]),
+    l.start("merchant-validation", SCRIPTS.merchantValidation, ["--listen", at("merchantValidation"), ...data]),
+  ]);
+  addresses.payment = payment.address;
+  addresses.merchantValidation = validation.address;
+  for (const [i, id] of p.merchants.entries()) {
+    const listen = i === 0 ? at("merchant") : "127.0.0.1:0";
+    addresses[`merchant:${id}`] = (
+      await l.start(`merchant-${id}`, SCRIPTS.merchant, ["--listen", listen, "--id", id, "--validation", validation.address, "--payment-server", payment.address, ...data])
+    ).address;
+  }
+  addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--listen", at("clientDaemon"), "--card", p.cardPath, ...data])).address;
+  return addresses;
+}

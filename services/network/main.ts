@@ -1,0 +1,115 @@
+// `npm start`: the whole netpurse network on this machine. Sets up the demo
+// data on first run (issuer keys, PSAMs, a merchant, a card), starts every
+// part as its own process on loopback, makes a demo purchase printing each
+// step, and keeps the network up for the CLI and grpcurl until Ctrl-C.
+
+import { parseArgs } from "node:util";
+import { join } from "node:path";
+import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { describeError } from "../../lib/cli.js";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { formatMoney } from "../../lib/money.js";
+import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData } from "./layout.js";
+import { launchNetwork, Launcher } from "./launcher.js";
+
+const { values } = parseArgs({
+  options: {
+    data: { type: "string" },
+    once: { type: "boolean" },
+    verbose: { type: "boolean", short: "v" },
+    product: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  },
+});
+if (values.help) {
+  console.log(`Usage: npm start -- [options]
+
+Starts the whole netpurse network on this machine (loopback only), makes a demo
+purchase with a software card, and keeps running until Ctrl-C.
+
+Options:
+  --data DIR        data folder (default $NETPURSE_DATA or ./.data)
+  --product ID      demo product to buy (default ${DEMO_SHOP.products[0]!.productId})
+  --once            stop after the demo purchase
+  -v, --verbose     print every service's log lines
+  -h, --help        this text`);
+  process.exit(0);
+}
+
+const data = dataDir(values.data);
+const say = (s: string) => console.log(s);
+const launcher = new Launcher(join(data, "logs"), { echo: values.verbose ? (n, l) => console.log(`  [${n}] ${l}`) : undefined });
+
+let stopping = false;
+async function shutdown(code: number): Promise<never> {
+  if (!stopping) {
+    stopping = true;
+    say("\nstopping the network…");
+    await launcher.stopAll();
+    say("stopped.");
+  }
+  process.exit(code);
+}
+process.on("SIGINT", () => void shutdown(0));
+process.on("SIGTERM", () => void shutdown(0));
+
+try {
+  say(`netpurse: data folder ${data}`);
+  const { cardPath } = await ensureDemoData(data, DEFAULT_DEMO, (l) => say(`  ${l}`));
+
+  say("starting the network (each part is its own process; logs in " + join(data, "logs") + ")");
+  const addresses = await launchNetwork(launcher, {
+    data,
+    terminals: DEFAULT_DEMO.terminals.map((t) => ({ id: t.id })),
+    merchants: [DEMO_SHOP.merchantId],
+    cardPath,
+    listen: {
+      concentrator: defaultAddress("concentrator"),
+      payment: defaultAddress("payment"),
+      merchantValidation: defaultAddress("merchantValidation"),
+      merchant: defaultAddress("merchant"),
+      clientDaemon: defaultAddress("cardholder"),
+    },
+  });
+  for (const [name, address] of Object.entries(addresses)) say(`  ${name.padEnd(22)} ${address}`);
+
+  // Wait until the terminal host's PSAMs are in the pool and the payment server is connected.
+  const factory = clientFactory();
+  const concentrator = factory.create(TerminalConcentratorServiceDefinition, openChannel(addresses.concentrator!, { maxMessageBytes: 256 * 1024 }));
+  for (let i = 0; ; i++) {
+    const r = await concentrator.listTerminals({}, { deadline: 2_000 });
+    const psams = r.terminals.reduce((n, t) => n + t.slots.length, 0);
+    if (r.paymentServers.length > 0 && r.terminals.length === DEFAULT_DEMO.terminals.length) {
+      say(`  terminal pool ready: ${r.terminals.length} terminal host(s), ${psams} PSAMs`);
+      break;
+    }
+    if (i > 200) throw new Error("the terminal pool did not come up; see the logs");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+
+  say("\ndemo purchase");
+  const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${DEMO_SHOP.merchantId}`]!));
+  const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!));
+  const { purse } = await cardholder.getCard({}, { deadline: 10_000 });
+  const { offer } = await merchant.createOrder({ productId: values.product ?? DEMO_SHOP.products[0]!.productId }, { deadline: 5_000 });
+  say(`  the cardholder approves ${formatMoney(offer!.amount!)} (card balance ${formatMoney(purse!.balance!)})`);
+  const paid = await cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+  for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
+  say(`  card balance now ${formatMoney(paid.purse!.balance!)}`);
+
+  if (values.once) await shutdown(0);
+  say(`
+The network is running. Try, in another terminal:
+  bin/netpurse card                  the card's balance and log
+  bin/netpurse shop                  what the demo shop sells
+  bin/netpurse pay ebook-grpc        buy something (asks you first)
+  bin/netpurse-operator terminals    the terminal pool
+  grpcurl -plaintext ${defaultAddress("payment")} list
+Press Ctrl-C to stop.`);
+} catch (e) {
+  console.error(`\nnetpurse: ${describeError(e)}`);
+  await shutdown(1);
+}
