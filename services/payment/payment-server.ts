@@ -29,7 +29,7 @@ import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import { editDrawRequest } from "./draw-request.js";
 import type { MerchantRegistry } from "./merchants.js";
 import type { PaymentStore, PurchaseRow, State } from "./store.js";
-import { NoPsamFree, type ConcentratorLink, type Lease, type PsamPool } from "./terminal-pool.js";
+import { NoPsamFits, NoPsamFree, type ConcentratorLink, type Lease, type PsamPool } from "./terminal-pool.js";
 
 export interface PaymentServerOptions {
   store: PaymentStore;
@@ -227,6 +227,10 @@ export class PaymentServer {
       try {
         lease = await this.o.pool.acquire({ currency: row.currency, keyVersion: row.key_version, exclude: tried }, deadline);
       } catch (e) {
+        if (e instanceof NoPsamFits) {
+          const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
+          return this.refuse(row, new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`));
+        }
         if (!(e instanceof NoPsamFree)) throw e;
         await this.o.store.log(row.transaction_id, { step: "no_psam_free", detail: e.message });
         throw new NetpurseError(Status.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_NO_PSAM_FREE, `no PSAM became free before the deadline: ${e.message}; retry the same draw request later`);

@@ -54,6 +54,16 @@ interface Waiter extends Want {
 
 export class NoPsamFree extends Error {}
 
+/** No PSAM in the pool could ever take the transaction (its currency or key version). */
+export class NoPsamFits extends Error {
+  constructor(
+    readonly what: "currency" | "keyVersion",
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
 const keyOf = (terminalId: string, psamId: string) => `${terminalId}/${psamId}`;
 
 /** Free PSAMs, handed out first come, first served, each to one transaction at a time. */
@@ -120,6 +130,15 @@ export class PsamPool {
 
   /** Waits (first come, first served) for a PSAM that fits, until `deadline` (ms since epoch). */
   acquire(w: Want, deadline: number): Promise<Lease> {
+    if (w.key === undefined && this.slots.size > 0) {
+      const all = [...this.slots.values()];
+      if (w.currency !== undefined && !all.some((s) => s.currencies.includes(w.currency!))) {
+        return Promise.reject(new NoPsamFits("currency", `no PSAM in the pool accepts currency ${w.currency}`));
+      }
+      if (w.keyVersion !== undefined && !all.some((s) => s.keyVersions.includes(w.keyVersion!) && (w.currency === undefined || s.currencies.includes(w.currency)))) {
+        return Promise.reject(new NoPsamFits("keyVersion", `no PSAM in the pool holds key version ${w.keyVersion}`));
+      }
+    }
     // Earlier waiters go first: take a slot now only if nobody waits for one like it.
     if (!this.waiters.some((x) => this.wantsOverlap(x, w))) {
       const l = this.pick(w);
@@ -133,7 +152,7 @@ export class PsamPool {
         timer: setTimeout(() => {
           this.waiters = this.waiters.filter((x) => x !== waiter);
           reject(new NoPsamFree(this.describeShortage(w)));
-        }, Math.max(0, deadline - Date.now())),
+        }, Math.min(2 ** 31 - 1, Math.max(0, deadline - Date.now()))),
       };
       this.waiters.push(waiter);
     });
