@@ -44,8 +44,8 @@ export async function runCommands(program: string, description: string, commands
     const { values, positionals } = parseArgs({ args: rest, options: c.options, allowPositionals: true, strict: true });
     await c.run(values, positionals);
   } catch (e) {
-    const err = e as Error & { code?: string };
-    if (e instanceof UsageError || err.code?.startsWith("ERR_PARSE_ARGS")) {
+    const err = e as Error & { code?: unknown };
+    if (e instanceof UsageError || (typeof err.code === "string" && err.code.startsWith("ERR_PARSE_ARGS"))) {
       process.stderr.write(`${program} ${c.name}: ${err.message}\n\n${helpText(program, c)}`);
       process.exitCode = 2;
       return;

@@ -13,7 +13,7 @@ await runService({
     dir: { type: "string" },
     window: { type: "string" },
     "batch-close-at": { type: "string" },
-    "job-delay-ms": { type: "string" },
+    "answer-delay-ms": { type: "string" },
   },
   help: [
     "  --id NAME                terminal id (default terminal-1)",
@@ -22,7 +22,7 @@ await runService({
     "  --dir DIR                this host's folder (default DATA/terminals/ID): terminal.db and psams/*.psam.json",
     "  --window N               most jobs in flight (default: the number of PSAMs)",
     "  --batch-close-at N       close a PSAM batch at N records (default 200)",
-    "  --job-delay-ms N         fault injection: wait N ms before each job (default 0)",
+    "  --answer-delay-ms N         fault injection: do each job, then wait N ms before answering (default 0)",
   ].join("\n"),
   start: async (v) => {
     const id = opt(v, "id", "terminal-1");
@@ -33,7 +33,7 @@ await runService({
       dir,
       ...(v.window !== undefined ? { window: intOpt(v, "window", 1) } : {}),
       batchCloseAt: intOpt(v, "batch-close-at", 200),
-      jobDelayMs: intOpt(v, "job-delay-ms", 0),
+      answerDelayMs: intOpt(v, "answer-delay-ms", 0),
     });
     return t;
   },

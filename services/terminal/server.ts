@@ -12,7 +12,7 @@ export interface TerminalConfig {
   dir: string;
   window?: number;
   batchCloseAt?: number;
-  jobDelayMs?: number;
+  answerDelayMs?: number;
 }
 
 /** The PSAM files in a terminal host's folder. */
@@ -36,7 +36,7 @@ export async function startTerminalHost(c: TerminalConfig) {
     log,
     ...(c.window !== undefined ? { window: c.window } : {}),
     ...(c.batchCloseAt !== undefined ? { batchCloseAt: c.batchCloseAt } : {}),
-    ...(c.jobDelayMs !== undefined ? { jobDelayMs: c.jobDelayMs } : {}),
+    ...(c.answerDelayMs !== undefined ? { answerDelayMs: c.answerDelayMs } : {}),
   });
   await host.start();
   return {

@@ -42,8 +42,8 @@ export interface TerminalHostOptions {
   window?: number;
   /** Close the PSAM's batch once it holds this many records. */
   batchCloseAt?: number;
-  /** Fault injection for tests and benchmarks: wait this long before each job. */
-  jobDelayMs?: number;
+  /** Fault injection for tests: do each job, then wait this long before answering (a slow or dying link). */
+  answerDelayMs?: number;
 }
 
 interface Slot {
@@ -160,8 +160,7 @@ export class TerminalHost {
     const base = { jobId: job.jobId, terminalId: this.o.terminalId, psamId: job.psamId, statusWord: 0, message: "", slot: undefined, outcome: undefined };
     const slot = this.slots.find((s) => s.psam.psamId === psamHex);
     if (!slot) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `no PSAM ${psamHex} in terminal ${this.o.terminalId}` };
-    return slot.mutex.run(async () => {
-      if (this.o.jobDelayMs) await new Promise((r) => setTimeout(r, this.o.jobDelayMs));
+    const result = await slot.mutex.run(async (): Promise<PsamJobResult> => {
       try {
         const outcome = await this.work(slot, job);
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_OK, statusWord: 0x9000, outcome, slot: await this.slotInfo(slot) };
@@ -175,6 +174,8 @@ export class TerminalHost {
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
       }
     });
+    if (this.o.answerDelayMs) await new Promise((r) => setTimeout(r, this.o.answerDelayMs));
+    return result;
   }
 
   private async work(slot: Slot, job: PsamJob): Promise<PsamJobResult["outcome"]> {

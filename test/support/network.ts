@@ -21,7 +21,7 @@ import { tempDir } from "./fixtures.js";
 void ChannelCredentials;
 
 export interface NetworkOptions {
-  terminals?: { id: string; psams: number; jobDelayMs?: number }[];
+  terminals?: { id: string; psams: number; answerDelayMs?: number }[];
   holdTimeoutMs?: number;
   maxPsamWaitMs?: number;
   jobTimeoutMs?: number;
@@ -40,8 +40,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const p = paths(data);
   const concentrator = await startConcentrator({ listen: "127.0.0.1:0", keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000 });
   const hosts = new Map<string, Awaited<ReturnType<typeof startTerminalHost>>>();
-  const startHost = async (t: { id: string; jobDelayMs?: number }) => {
-    const h = await startTerminalHost({ terminalId: t.id, concentrator: concentrator.address, dir: p.terminal(t.id), ...(t.jobDelayMs ? { jobDelayMs: t.jobDelayMs } : {}) });
+  const startHost = async (t: { id: string; answerDelayMs?: number }) => {
+    const h = await startTerminalHost({ terminalId: t.id, concentrator: concentrator.address, dir: p.terminal(t.id), ...(t.answerDelayMs ? { answerDelayMs: t.answerDelayMs } : {}) });
     await h.host.whenConnected();
     hosts.set(t.id, h);
     return h;

@@ -1,0 +1,130 @@
+// Contract of netpurse.cardholder.v1.CardholderService: the real client
+// daemon with a software card, paying through the real network.
+
+import { expect } from "chai";
+import { join } from "node:path";
+import { CardTransactionKind, PurseStatus } from "../../gen/netpurse/card/v1/card.js";
+import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { startClientDaemon } from "../../client/daemon/server.js";
+import { Issuer } from "../../services/issuer/issuer.js";
+import { failure } from "../support/card-client.js";
+import { startNetwork, type Network } from "../support/network.js";
+
+describe("contract: netpurse.cardholder.v1.CardholderService", function () {
+  this.timeout(60_000);
+  let net: Network;
+  before(async () => (net = await startNetwork()));
+  after(async () => net?.close());
+
+  const offer = async (product = "song-1"): Promise<PaymentOffer> => (await net.clients.merchant.createOrder({ productId: product })).offer!;
+  const counter = async () => (await net.clients.cardholder.getCard({})).purse!.transactionCounter;
+  const notAtPaymentServer = async (o: PaymentOffer) => expect((await failure(net.clients.payment.getPurchase({ transactionId: o.transactionId }))).code).to.equal("NOT_FOUND");
+
+  it("reads the card's purse state", async () => {
+    const r = await net.clients.cardholder.getCard({});
+    expect(r.purse!.balance).to.deep.equal({ amountMinor: 10_000n, currency: 978, exponent: 2 });
+    expect(r.purse!.maxBalance!.amountMinor).to.equal(50_000n);
+    expect(r.purse!.expiryDate).to.equal("2031-12-31");
+    expect(r.purse!.status).to.equal(PurseStatus.PURSE_STATUS_ACTIVE);
+    expect(r.purse!.purseId!.value).to.have.length(8);
+    expect(r.atrHex).to.match(/^3b/);
+  });
+
+  it("pays an approved offer: receipt, new balance, every step, and the card's log", async () => {
+    const before = (await net.clients.cardholder.getCard({})).purse!;
+    const o = await offer("ebook-smart-cards");
+    const r = await net.clients.cardholder.payOffer({ offer: o, approvedAmount: o.amount });
+    expect(r.receipt!.transactionId).to.deep.equal(o.transactionId);
+    expect(r.receipt!.goods).to.match(/^licence key /);
+    expect(r.purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor - 250n);
+    expect(r.purse!.transactionCounter).to.equal(before.transactionCounter + 1);
+    expect(r.steps.map((s) => s.name)).to.deep.equal(["offer", "card", "checks", "draw request", "PSAM", "debit command", "card debit", "confirmation", "goods released"]);
+    const { transactions } = await net.clients.cardholder.listCardTransactions({ limit: 1 });
+    expect(transactions).to.have.length(1);
+    const t = transactions[0]!;
+    expect(t.kind).to.equal(CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE);
+    expect(t.amount!.amountMinor).to.equal(250n);
+    expect(t.transactionId).to.deep.equal(o.transactionId);
+    expect(t.cardSignature).to.have.length(8);
+    expect(t.psamCounter).to.equal(r.receipt!.psamCounter);
+  });
+
+  it("does not touch the card unless the cardholder approved exactly the offer's amount", async () => {
+    const o = await offer();
+    const c0 = await counter();
+    for (const approvedAmount of [undefined, { ...o.amount!, amountMinor: 98n }, { ...o.amount!, currency: 840 }]) {
+      expect(await failure(net.clients.cardholder.payOffer({ offer: o, ...(approvedAmount ? { approvedAmount } : {}) }))).to.include({
+        code: "FAILED_PRECONDITION",
+        reason: "NOT_APPROVED",
+      });
+    }
+    expect(await counter()).to.equal(c0);
+    await notAtPaymentServer(o);
+  });
+
+  it("stops an offer above the card's balance at the client (step 608): nothing is sent", async () => {
+    const o = await offer();
+    const big = { ...o, amount: { ...o.amount!, amountMinor: 99_999_900n } };
+    expect(await failure(net.clients.cardholder.payOffer({ offer: big, approvedAmount: big.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "INSUFFICIENT_BALANCE" });
+    await notAtPaymentServer(o);
+  });
+
+  it("stops an offer in another currency and an expired offer at the client", async () => {
+    const o = await offer();
+    const usd = { ...o, amount: { ...o.amount!, currency: 840 } };
+    expect(await failure(net.clients.cardholder.payOffer({ offer: usd, approvedAmount: usd.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
+    const stale = { ...(await offer()), expiresAt: new Date(Date.now() - 1000) };
+    expect(await failure(net.clients.cardholder.payOffer({ offer: stale, approvedAmount: stale.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "OFFER_EXPIRED" });
+    await notAtPaymentServer(o);
+  });
+
+  it("refuses a malformed offer with INVALID_ARGUMENT naming the field", async () => {
+    const o = await offer();
+    const cases: [PaymentOffer, string][] = [
+      [{ ...o, transactionId: { value: "x" } }, "offer.transaction_id"],
+      [{ ...o, merchantId: undefined }, "offer.merchant_id"],
+      [{ ...o, paymentServerAddress: "" }, "offer.payment_server_address"],
+      [{ ...o, amount: { ...o.amount!, amountMinor: 0n } }, "offer.amount"],
+    ];
+    for (const [bad, field] of cases) {
+      const f = await failure(net.clients.cardholder.payOffer({ offer: bad, approvedAmount: bad.amount }));
+      expect(f.code, field).to.equal("INVALID_ARGUMENT");
+      expect(f.details).to.contain(field);
+    }
+  });
+
+  it("passes the payment server's refusal on with its code and reason", async () => {
+    const o = await offer();
+    const forged = { ...o, merchantId: { value: "not-registered" } };
+    const f = await failure(net.clients.cardholder.payOffer({ offer: forged, approvedAmount: forged.amount }));
+    expect(f).to.include({ code: "PERMISSION_DENIED", reason: "UNKNOWN_MERCHANT" });
+  });
+
+  it("refuses to pay the same offer twice", async () => {
+    const o = await offer();
+    await net.clients.cardholder.payOffer({ offer: o, approvedAmount: o.amount });
+    const c0 = await counter();
+    expect(await failure(net.clients.cardholder.payOffer({ offer: o, approvedAmount: o.amount }))).to.include({ code: "ALREADY_EXISTS" });
+    expect(await counter()).to.equal(c0);
+  });
+
+  it("stops an expired card at the client", async () => {
+    const issuer = await Issuer.open(net.paths.issuer);
+    const path = join(net.paths.cards, "expired.card.json");
+    await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2025-01-31" });
+    await issuer.close();
+    const d = await startClientDaemon({ listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-expired") });
+    const channel = openChannel(d.address);
+    try {
+      const c = clientFactory().create(CardholderServiceDefinition, channel);
+      const o = await offer();
+      expect(await failure(c.payOffer({ offer: o, approvedAmount: o.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "CARD_EXPIRED" });
+      await notAtPaymentServer(o);
+    } finally {
+      channel.close();
+      await d.close();
+    }
+  });
+});

@@ -1,0 +1,76 @@
+// The whole network as separate processes (the end-to-end tests): each
+// service started from its own entry point, over a fresh data folder.
+
+import { join } from "node:path";
+import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
+import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { DEMO_SHOP, ensureDemoData, paths } from "../../services/network/layout.js";
+import { launchNetwork, Launcher, SCRIPTS } from "../../services/network/launcher.js";
+import { tempDir } from "./fixtures.js";
+import { waitFor } from "./network.js";
+
+export interface E2EOptions {
+  terminals: { id: string; psams: number; start?: boolean; args?: string[] }[];
+  paymentArgs?: string[];
+}
+
+export async function launchE2E(o: E2EOptions) {
+  const { dir, cleanup } = await tempDir("netpurse-e2e-");
+  const { cardPath } = await ensureDemoData(dir, {
+    terminals: o.terminals.map(({ id, psams }) => ({ id, psams })),
+    shops: [DEMO_SHOP],
+    card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
+  });
+  const launcher = new Launcher(join(dir, "logs"));
+  const addresses = await launchNetwork(launcher, {
+    data: dir,
+    terminals: o.terminals.filter((t) => t.start !== false).map((t) => ({ id: t.id, ...(t.args ? { args: t.args } : {}) })),
+    merchants: [DEMO_SHOP.merchantId],
+    cardPath,
+    ...(o.paymentArgs ? { paymentArgs: o.paymentArgs } : {}),
+  });
+  const factory = clientFactory();
+  const channels = new Map<string, ReturnType<typeof openChannel>>();
+  const ch = (a: string) => channels.get(a) ?? channels.set(a, openChannel(a, { maxMessageBytes: 256 * 1024 })).get(a)!;
+  const clients = () => ({
+    payment: factory.create(PaymentServiceDefinition, ch(addresses.payment!)),
+    merchant: factory.create(MerchantServiceDefinition, ch(addresses[`merchant:${DEMO_SHOP.merchantId}`]!)),
+    cardholder: factory.create(CardholderServiceDefinition, ch(addresses.clientDaemon!)),
+    concentrator: factory.create(TerminalConcentratorServiceDefinition, ch(addresses.concentrator!)),
+  });
+  const c = clients();
+  const attached = async (ids: string[]) =>
+    waitFor(
+      async () => {
+        const r = await c.concentrator.listTerminals({});
+        return ids.every((id) => r.terminals.some((t) => t.terminalId === id)) && r.paymentServers.length > 0;
+      },
+      20_000,
+      `terminals ${ids.join(", ")} attached`,
+    );
+  await attached(o.terminals.filter((t) => t.start !== false).map((t) => t.id));
+  return {
+    dir,
+    paths: paths(dir),
+    cardPath,
+    launcher,
+    addresses,
+    clients: c,
+    attached,
+    startTerminal: (id: string, args: string[] = []) => launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--data", dir, ...args]),
+    async restartPayment(args: string[] = []) {
+      const started = await launcher.start("payment", SCRIPTS.payment, ["--listen", addresses.payment!, "--concentrator", addresses.concentrator!, "--data", dir, ...args]);
+      return started;
+    },
+    async close() {
+      for (const x of channels.values()) x.close();
+      await launcher.stopAll();
+      await cleanup();
+    },
+  };
+}
+
+export type E2E = Awaited<ReturnType<typeof launchE2E>>;
