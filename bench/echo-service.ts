@@ -1,0 +1,57 @@
+// A unary echo of raw bytes, for the benchmark's transport baseline. It has
+// no .proto: its definition has the shape ts-proto generates (name, full
+// name, methods with message types), so the project's own server bootstrap
+// (which registers services by their full name) and client factory take it
+// like any netpurse service, and the baseline pays the same per-call costs.
+
+import { randomUUID } from "node:crypto";
+import { ConfirmationMode } from "../gen/netpurse/card/v1/card.js";
+import { ProcessDrawRequestRequest } from "../gen/netpurse/payment/v1/payment.js";
+import { SoftwareCard } from "../client/card/software-card.js";
+import { money } from "../lib/money.js";
+import { InitializeForPurchaseResponse } from "../lib/protocol/purse.js";
+import { DEMO_SHOP, EUR } from "../services/network/layout.js";
+
+/** The bytes go over the wire as they are: no message encoding to pay for. */
+const RawBytes = {
+  encode: (message: Uint8Array) => ({ finish: () => message }),
+  decode: (input: Uint8Array): Uint8Array => input,
+};
+
+export const EchoDefinition = {
+  name: "Echo",
+  fullName: "netpurse.bench.Echo",
+  methods: {
+    echo: {
+      name: "Echo",
+      requestType: RawBytes,
+      requestStream: false,
+      responseType: RawBytes,
+      responseStream: false,
+      options: {},
+    },
+  },
+} as const;
+
+export const echoImplementation = {
+  echo: async (request: Uint8Array): Promise<Uint8Array> => request,
+};
+
+/**
+ * The size of a real draw request on the wire (the first and larger of the
+ * cardholder's two calls to the payment server), so the echo carries what a
+ * purchase carries.
+ */
+export function drawRequestBytes(): number {
+  const request = ProcessDrawRequestRequest.encode({
+    drawRequest: {
+      transactionId: { value: randomUUID() },
+      merchantId: { value: DEMO_SHOP.merchantId },
+      amount: money(99, EUR, 2),
+      confirmationMode: ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
+      cardAtr: SoftwareCard.ATR,
+      initializeResponse: Buffer.alloc(InitializeForPurchaseResponse.size),
+    },
+  }).finish();
+  return request.length;
+}

@@ -1,0 +1,190 @@
+// One benchmark configuration's network: a fresh data folder set up by the
+// issuer and operator tools, every service its own process, and cardholders
+// in this process, each with a software card of its own.
+
+import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import type { Channel } from "nice-grpc";
+import { MerchantServiceDefinition } from "../gen/netpurse/merchant/v1/merchant.js";
+import { PaymentServiceDefinition } from "../gen/netpurse/payment/v1/payment.js";
+import { TerminalConcentratorServiceDefinition } from "../gen/netpurse/terminal/v1/terminal.js";
+import type { MerchantClient, PaymentClient, PurchaseContext } from "../client/purchase.js";
+import { PurseReader } from "../client/card/purse-reader.js";
+import { SoftwareCard } from "../client/card/software-card.js";
+import { InProcessTransport } from "../lib/apdu/transport.js";
+import { clientFactory, openChannel } from "../lib/grpc/client.js";
+import { Issuer } from "../services/issuer/issuer.js";
+import { launchNetwork, Launcher } from "../services/network/launcher.js";
+import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData, EUR, paths } from "../services/network/layout.js";
+
+export const TERMINAL_ID = "terminal-1";
+
+/** Service logs keep warnings and errors only: info lines per call would cost the services time and fill the disk. */
+export const SERVICE_ENV = { NETPURSE_LOG_LEVEL: "warn" };
+
+/**
+ * Each cardholder's purse: EUR 4000.00 pays for 4040 songs at EUR 0.99,
+ * more than one cardholder buys in a default run.
+ */
+const CARDHOLDER_PURSE = { value: 400_000, maxBalance: 500_000, expiry: "2099-12-31" };
+
+/** The names launchNetwork gives the processes it starts. */
+const PROCESS_NAMES = ["concentrator", TERMINAL_ID, "payment", "merchant-validation", `merchant-${DEMO_SHOP.merchantId}`, "client-daemon"];
+
+/** One channel per service address, shared by every cardholder, as on one client host; a client per call, as the client daemon does. */
+export class ServiceClients {
+  private readonly factory = clientFactory();
+  private readonly channels = new Map<string, Channel>();
+
+  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channel(address));
+  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channel(address));
+  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channel(address));
+
+  private channel(address: string): Channel {
+    let c = this.channels.get(address);
+    if (!c) {
+      c = openChannel(address);
+      this.channels.set(address, c);
+    }
+    return c;
+  }
+
+  close(): void {
+    for (const c of this.channels.values()) c.close();
+    this.channels.clear();
+  }
+}
+
+export interface LogFindings {
+  /** Warning and error lines, and any line that is not a service's own log line (a crash, a Node warning). */
+  count: number;
+  /** The first few distinct ones, each with its log file. */
+  samples: string[];
+}
+
+export class BenchNetwork {
+  readonly clients = new ServiceClients();
+  readonly launcher: Launcher;
+  addresses: Record<string, string> = {};
+  private stopped = false;
+
+  private constructor(
+    readonly dir: string,
+    readonly daemonCardPath: string,
+    readonly cardholderCards: string[],
+  ) {
+    this.launcher = new Launcher(this.logDir, { env: SERVICE_ENV });
+  }
+
+  get logDir(): string {
+    return join(this.dir, "logs");
+  }
+
+  /** Sets up a fresh data folder: issuer keys, `psams` PSAMs on one terminal host, the demo shop, and a card per cardholder. */
+  static async prepare(p: { psams: number; cardholders: number }): Promise<BenchNetwork> {
+    const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-p${p.psams}-c${p.cardholders}-`));
+    // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
+    const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [DEMO_SHOP], card: DEFAULT_DEMO.card });
+    return new BenchNetwork(dir, cardPath, await personaliseCardholderCards(dir, p.cardholders));
+  }
+
+  /** Starts every service on free loopback ports and waits until the payment server can see all `psams` PSAMs. */
+  async launch(psams: number): Promise<void> {
+    // The terminal host closes a PSAM's batch at 200 records by default, below the PSAM's capacity of 256, so no run fills a PSAM.
+    this.addresses = await launchNetwork(this.launcher, {
+      data: this.dir,
+      terminals: [{ id: TERMINAL_ID }],
+      merchants: [DEMO_SHOP.merchantId],
+      cardPath: this.daemonCardPath,
+    });
+    await this.poolReady(psams);
+  }
+
+  get merchantAddress(): string {
+    return this.addresses[`merchant:${DEMO_SHOP.merchantId}`]!;
+  }
+
+  /** A cardholder: a software card behind the in-process APDU transport, and the clients payOffer needs. */
+  async cardholder(i: number): Promise<PurchaseContext> {
+    const card = await SoftwareCard.open(this.cardholderCards[i]!);
+    return { reader: new PurseReader(new InProcessTransport(card)), payment: this.clients.payment, merchant: this.clients.merchant };
+  }
+
+  /** Process ids by name: the services, and this process, where the cardholders run. */
+  processes(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const name of PROCESS_NAMES) {
+      const pid = this.launcher.pid(name);
+      if (pid !== undefined) out.set(name, pid);
+    }
+    out.set("bench", process.pid);
+    return out;
+  }
+
+  /** Stops every service; safe to call twice (the run's end and a Ctrl-C may race). */
+  stop = async (): Promise<void> => {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.clients.close();
+    await this.launcher.stopAll();
+  };
+
+  async discard(): Promise<void> {
+    await rm(this.dir, { recursive: true, force: true });
+  }
+
+  /** Reads the service logs for trouble; call after stop(), so shutdown problems count too. */
+  async logFindings(maxSamples = 5): Promise<LogFindings> {
+    const findings: LogFindings = { count: 0, samples: [] };
+    const seen = new Set<string>();
+    for (const file of (await readdir(this.logDir)).sort()) {
+      for (const line of (await readFile(join(this.logDir, file), "utf8")).split("\n")) {
+        if (!isTrouble(line)) continue;
+        findings.count++;
+        const gist = line.replace(/^\S+Z /, "").replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>");
+        if (!seen.has(gist) && seen.size < maxSamples) {
+          seen.add(gist);
+          findings.samples.push(`${file}: ${gist}`);
+        }
+      }
+    }
+    return findings;
+  }
+
+  /** The concentrator lists the terminal with all its PSAMs and a payment server attached: purchases can be routed. */
+  private async poolReady(psams: number, timeoutMs = 30_000): Promise<void> {
+    const concentrator = this.clients.concentrator(this.addresses.concentrator!);
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const r = await concentrator.listTerminals({});
+      const terminal = r.terminals.find((t) => t.terminalId === TERMINAL_ID);
+      if (terminal?.slots.length === psams && r.paymentServers.length > 0) return;
+      if (Date.now() > until) throw new Error(`the payment server did not see ${psams} PSAMs of ${TERMINAL_ID} within ${timeoutMs} ms`);
+      await sleep(100);
+    }
+  }
+}
+
+async function personaliseCardholderCards(dir: string, count: number): Promise<string[]> {
+  const issuer = await Issuer.open(paths(dir).issuer);
+  try {
+    const cards: string[] = [];
+    for (let i = 0; i < count; i++) {
+      const path = join(paths(dir).cards, `cardholder-${i}.card.json`);
+      await issuer.personaliseCard({ path, currency: EUR, exponent: 2, initialValue: CARDHOLDER_PURSE.value, maxBalance: CARDHOLDER_PURSE.maxBalance, expiry: CARDHOLDER_PURSE.expiry });
+      cards.push(path);
+    }
+    return cards;
+  } finally {
+    await issuer.close();
+  }
+}
+
+/** Service log lines are "time service level message"; with warn as the level, what remains is worth reading, except the start and stop lines. */
+function isTrouble(line: string): boolean {
+  if (!line.trim()) return false;
+  if (/ listening on \S+$/.test(line) || /: SIG(TERM|INT), shutting down$/.test(line)) return false;
+  return !/^\S+Z \S+ (debug|info) /.test(line);
+}
