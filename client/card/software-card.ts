@@ -4,11 +4,9 @@
 
 import { randomBytes } from "node:crypto";
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../lib/apdu/apdu.js";
-import { runCommand, type CardApplication } from "../../lib/apdu/transport.js";
+import { SoftwareApplication } from "../../lib/apdu/software-application.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey } from "../../lib/crypto/keys.js";
-import { readJson, writeJsonAtomic } from "../../lib/files.js";
-import { Mutex } from "../../lib/mutex.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import {
   ALGORITHM_AES128_CMAC,
@@ -70,25 +68,17 @@ export interface CardFile {
 
 interface PurchaseSession extends CardSession {}
 
-export class SoftwareCard implements CardApplication {
+export class SoftwareCard extends SoftwareApplication<CardFile> {
   private selected = false;
   private session: PurchaseSession | undefined;
-  private readonly mutex = new Mutex();
-
-  private constructor(
-    readonly path: string,
-    private state: CardFile,
-  ) {}
 
   static async open(path: string): Promise<SoftwareCard> {
-    const state = await readJson<CardFile>(path);
-    if (state.format !== 1) throw new Error(`${path}: unknown card file format ${String(state.format)}`);
-    return new SoftwareCard(path, state);
+    return new SoftwareCard(path, await SoftwareApplication.load<CardFile>(path, "card"));
   }
 
   /** Writes a new card file (personalisation). */
   static async write(path: string, file: CardFile): Promise<void> {
-    await writeJsonAtomic(path, file, { private: true });
+    await SoftwareApplication.store(path, file);
   }
 
   static readonly ATR = buildAtr(PURSE_ATR_HISTORICAL);
@@ -99,11 +89,7 @@ export class SoftwareCard implements CardApplication {
     return SoftwareCard.ATR;
   }
 
-  process(command: Buffer): Promise<Buffer> {
-    return this.mutex.run(() => runCommand(command, (c) => this.dispatch(c)));
-  }
-
-  private async dispatch(c: CommandApdu): Promise<ResponseApdu> {
+  protected async dispatch(c: CommandApdu): Promise<ResponseApdu> {
     if (c.cla === 0x00 && c.ins === 0xa4) return this.select(c);
     if (c.cla !== PURSE_CLA) return status(SW.CLA_NOT_SUPPORTED);
     if (!this.selected) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "purse application not selected");
@@ -206,9 +192,7 @@ export class SoftwareCard implements CardApplication {
         transactionRef: d.transactionRef,
         cardSignature: signature.toString("hex"),
       };
-      const next: CardFile = { ...s, balance: answer.balance, counter: answer.counter, log: [entry, ...s.log].slice(0, CARD_LOG_SIZE) };
-      await writeJsonAtomic(this.path, next, { private: true }); // persisted before the card answers
-      this.state = next;
+      await this.save({ ...s, balance: answer.balance, counter: answer.counter, log: [entry, ...s.log].slice(0, CARD_LOG_SIZE) }); // before the card answers
     }
     return { data: DebitResponse.encode({ ...answer, cardSignature: signature }), sw: SW.OK };
   }

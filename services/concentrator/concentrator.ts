@@ -7,6 +7,7 @@
 import { ServerError, Status, type CallContext } from "nice-grpc";
 import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../../lib/async-queue.js";
+import { serveStream } from "../../lib/streams.js";
 import { hexOf, isName } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import {
@@ -108,50 +109,35 @@ export class Concentrator {
 
   // ---- terminal hosts ---------------------------------------------------
 
-  private async *attachTerminal(requests: AsyncIterable<AttachTerminalRequest>, context: CallContext): AsyncIterable<AttachTerminalResponse> {
+  private attachTerminal(requests: AsyncIterable<AttachTerminalRequest>, context: CallContext): AsyncIterable<AttachTerminalResponse> {
     const out = new AsyncQueue<AttachTerminalResponse>();
     const streamId = randomUUID();
     let conn: TerminalConn | undefined;
-    const log = this.o.log;
-
-    const reading = (async () => {
-      for await (const req of requests) {
-        const m = req.message;
-        if (!m) continue;
-        if (!conn) {
-          if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on AttachTerminal must be a TerminalHello");
-          conn = this.registerTerminal(m.value, streamId, out);
-          continue;
-        }
-        switch (m.$case) {
-          case "hello":
-            throw new ServerError(Status.INVALID_ARGUMENT, "TerminalHello sent twice on one stream");
-          case "slotUpdate":
-            if (m.value.slot) this.updateSlot(conn, m.value.slot);
-            break;
-          case "result":
-            this.terminalResult(conn, m.value);
-            break;
-          case "pong":
-            conn.keepalive.pong(m.value.nonce);
-            break;
-        }
+    const onMessage = (req: AttachTerminalRequest) => {
+      const m = req.message;
+      if (!m) return;
+      if (!conn) {
+        if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on AttachTerminal must be a TerminalHello");
+        conn = this.registerTerminal(m.value, streamId, out);
+        return;
       }
-    })().then(
-      () => out.close(),
-      (e) => out.close(e),
-    );
-    const onAbort = () => out.close();
-    context.signal.addEventListener("abort", onAbort);
-    try {
-      yield* out;
-    } finally {
-      context.signal.removeEventListener("abort", onAbort);
-      out.close();
+      switch (m.$case) {
+        case "hello":
+          throw new ServerError(Status.INVALID_ARGUMENT, "TerminalHello sent twice on one stream");
+        case "slotUpdate":
+          if (m.value.slot) this.updateSlot(conn, m.value.slot);
+          break;
+        case "result":
+          this.terminalResult(conn, m.value);
+          break;
+        case "pong":
+          conn.keepalive.pong(m.value.nonce);
+          break;
+      }
+    };
+    return serveStream(requests, context.signal, out, onMessage, () => {
       if (conn) this.detachTerminal(conn, "stream ended");
-      void reading;
-      log.debug("terminal stream closed", { terminal: conn?.id });
-    }
+    });
   }
 
   private registerTerminal(hello: { terminalId: string; slots: PsamSlot[]; window: number }, streamId: string, out: AsyncQueue<AttachTerminalResponse>): TerminalConn {
@@ -242,47 +228,35 @@ export class Concentrator {
 
   // ---- payment servers --------------------------------------------------
 
-  private async *connectPaymentServer(requests: AsyncIterable<ConnectPaymentServerRequest>, context: CallContext): AsyncIterable<ConnectPaymentServerResponse> {
+  private connectPaymentServer(requests: AsyncIterable<ConnectPaymentServerRequest>, context: CallContext): AsyncIterable<ConnectPaymentServerResponse> {
     const out = new AsyncQueue<ConnectPaymentServerResponse>();
     let conn: PaymentServerConn | undefined;
-    const reading = (async () => {
-      for await (const req of requests) {
-        const m = req.message;
-        if (!m) continue;
-        if (!conn) {
-          if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
-          if (!isName(m.value.paymentServerId, 64)) throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
-          conn = this.registerPaymentServer(m.value.paymentServerId, out);
-          continue;
-        }
-        switch (m.$case) {
-          case "hello":
-            throw new ServerError(Status.INVALID_ARGUMENT, "PaymentServerHello sent twice on one stream");
-          case "job":
-            this.route(conn, m.value);
-            break;
-          case "release":
-            this.release(conn, m.value.terminalId, hexOf(m.value.psamId?.value));
-            break;
-          case "pong":
-            conn.keepalive.pong(m.value.nonce);
-            break;
-        }
+    const onMessage = (req: ConnectPaymentServerRequest) => {
+      const m = req.message;
+      if (!m) return;
+      if (!conn) {
+        if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
+        if (!isName(m.value.paymentServerId, 64)) throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
+        conn = this.registerPaymentServer(m.value.paymentServerId, out);
+        return;
       }
-    })().then(
-      () => out.close(),
-      (e) => out.close(e),
-    );
-    const onAbort = () => out.close();
-    context.signal.addEventListener("abort", onAbort);
-    try {
-      yield* out;
-    } finally {
-      context.signal.removeEventListener("abort", onAbort);
-      out.close();
-      void reading;
+      switch (m.$case) {
+        case "hello":
+          throw new ServerError(Status.INVALID_ARGUMENT, "PaymentServerHello sent twice on one stream");
+        case "job":
+          this.route(conn, m.value);
+          break;
+        case "release":
+          this.release(conn, m.value.terminalId, hexOf(m.value.psamId?.value));
+          break;
+        case "pong":
+          conn.keepalive.pong(m.value.nonce);
+          break;
+      }
+    };
+    return serveStream(requests, context.signal, out, onMessage, () => {
       if (conn) this.disconnectPaymentServer(conn);
-    }
+    });
   }
 
   private registerPaymentServer(id: string, out: AsyncQueue<ConnectPaymentServerResponse>): PaymentServerConn {

@@ -7,6 +7,7 @@ import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../../lib/async-queue.js";
+import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { hexOf, psamId as toPsamId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -239,20 +240,13 @@ export class ConcentratorLink {
   private async run(): Promise<void> {
     const channel = openChannel(this.o.address, { maxMessageBytes: 256 * 1024 });
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
-    let backoff = 100;
-    while (!this.stopped) {
-      const started = Date.now();
-      try {
-        await this.session(client);
-      } catch (e) {
-        if (!this.stopped) this.o.log.warn("concentrator stream ended", { error: (e as Error).message });
-      }
-      this.failAll("the stream to the concentrator ended before the terminal answered");
-      if (this.stopped) break;
-      if (Date.now() - started > 10_000) backoff = 100;
-      await new Promise((r) => setTimeout(r, backoff + Math.floor(Math.random() * backoff)));
-      backoff = Math.min(backoff * 2, 5_000);
-    }
+    await keepConnected({
+      what: "concentrator",
+      session: () => this.session(client),
+      stopped: () => this.stopped,
+      log: this.o.log,
+      afterSession: () => this.failAll("the stream to the concentrator ended before the terminal answered"),
+    });
     channel.close();
   }
 

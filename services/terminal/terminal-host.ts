@@ -10,6 +10,7 @@ import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { ApduError, swHex } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
+import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { hexOf, merchantId as mid, psamId as toPsamId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -95,22 +96,7 @@ export class TerminalHost {
   private async run(): Promise<void> {
     const channel = openChannel(this.o.concentratorAddress, { maxMessageBytes: 256 * 1024 });
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
-    let backoff = 100;
-    while (!this.stopped) {
-      const started = Date.now();
-      try {
-        await this.session(client);
-      } catch (e) {
-        if (this.stopped) break;
-        this.o.log.warn("concentrator stream ended", { error: (e as Error).message });
-      }
-      if (this.stopped) break;
-      if (Date.now() - started > 10_000) backoff = 100; // it had been up for a while
-      const wait = backoff + Math.floor(Math.random() * backoff);
-      this.o.log.info("reconnecting to the concentrator", { inMs: wait });
-      await new Promise((r) => setTimeout(r, wait));
-      backoff = Math.min(backoff * 2, 5_000);
-    }
+    await keepConnected({ what: "concentrator", session: () => this.session(client), stopped: () => this.stopped, log: this.o.log });
     channel.close();
   }
 

@@ -5,11 +5,9 @@
 // that changes it.
 
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../../lib/apdu/apdu.js";
-import { runCommand, type CardApplication } from "../../../lib/apdu/transport.js";
+import { SoftwareApplication } from "../../../lib/apdu/software-application.js";
 import { macEqual } from "../../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../../lib/crypto/keys.js";
-import { readJson, writeJsonAtomic } from "../../../lib/files.js";
-import { Mutex } from "../../../lib/mutex.js";
 import { LayoutError, type Layout } from "../../../lib/protocol/layout.js";
 import {
   batchMac,
@@ -110,26 +108,25 @@ function decode<T>(l: Layout<any>, data: Buffer): T {
   }
 }
 
-export class SoftwarePsam implements CardApplication {
+export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   static readonly ATR = buildAtr(PSAM_ATR_HISTORICAL);
   private selected = false;
   private session: Session | undefined;
-  private readonly mutex = new Mutex();
 
   private constructor(
-    readonly path: string,
-    private state: PsamFile,
+    path: string,
+    state: PsamFile,
     private readonly clock: () => Date,
-  ) {}
+  ) {
+    super(path, state);
+  }
 
   static async open(path: string, clock: () => Date = () => new Date()): Promise<SoftwarePsam> {
-    const state = await readJson<PsamFile>(path);
-    if (state.format !== 1) throw new Error(`${path}: unknown PSAM file format ${String(state.format)}`);
-    return new SoftwarePsam(path, state, clock);
+    return new SoftwarePsam(path, await SoftwareApplication.load<PsamFile>(path, "PSAM"), clock);
   }
 
   static async write(path: string, file: PsamFile): Promise<void> {
-    await writeJsonAtomic(path, file, { private: true });
+    await SoftwareApplication.store(path, file);
   }
 
   get psamId(): string {
@@ -150,16 +147,7 @@ export class SoftwarePsam implements CardApplication {
     return SoftwarePsam.ATR;
   }
 
-  process(command: Buffer): Promise<Buffer> {
-    return this.mutex.run(() => runCommand(command, (c) => this.dispatch(c)));
-  }
-
-  private async save(next: PsamFile): Promise<void> {
-    await writeJsonAtomic(this.path, next, { private: true });
-    this.state = next;
-  }
-
-  private async dispatch(c: CommandApdu): Promise<ResponseApdu> {
+  protected async dispatch(c: CommandApdu): Promise<ResponseApdu> {
     if (c.cla === 0x00 && c.ins === 0xa4) {
       this.selected = c.p1 === 0x04 && c.data.equals(PSAM_AID);
       this.session = undefined;
