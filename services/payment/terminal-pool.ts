@@ -96,6 +96,11 @@ export class PsamPool {
     this.serveWaiters();
   }
 
+  /** Forgets every terminal (the stream that told us about them ended). */
+  clear(): void {
+    this.slots.clear();
+  }
+
   removeTerminal(terminalId: string): void {
     for (const [k, s] of this.slots) if (s.terminalId === terminalId) this.slots.delete(k);
   }
@@ -245,7 +250,10 @@ export class ConcentratorLink {
       session: () => this.session(client),
       stopped: () => this.stopped,
       log: this.o.log,
-      afterSession: () => this.failAll("the stream to the concentrator ended before the terminal answered"),
+      afterSession: () => {
+        this.failAll("the stream to the concentrator ended before the terminal answered");
+        this.o.pool.clear(); // the concentrator announces the pool afresh on the next stream
+      },
     });
     channel.close();
   }
