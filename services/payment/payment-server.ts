@@ -17,7 +17,7 @@ import {
   type PaymentServiceImplementation,
   type ProcessDrawRequestResponse,
 } from "../../gen/netpurse/payment/v1/payment.js";
-import { DebitVerdict, PsamJobStatus, type PsamJob, type PsamJobResult, type TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { DebitVerdict, PsamJobStatus, type PsamJob, type PsamJobResult, type PsamSlot, type TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { swHex, SW } from "../../lib/apdu/apdu.js";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
 import { callDeadline } from "../../lib/grpc/server.js";
@@ -495,42 +495,48 @@ export class PaymentServer {
    * debits its PSAMs hold open that never left this server.
    */
   onTerminal(t: TerminalInfo): void {
-    void this.reconcile(t).catch((e) => this.o.log.error("reconciliation failed", { terminal: t.terminalId, error: (e as Error).message }));
+    for (const slot of t.slots) this.onSlot(t.terminalId, slot);
   }
 
-  private async reconcile(t: TerminalInfo): Promise<void> {
-    for (const slot of t.slots) {
-      const psam = hexOf(slot.psamId?.value);
-      for (const row of await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"])) {
-        if (row.terminal_id !== t.terminalId) continue;
-        await this.serial(row.transaction_id, async () => {
-          const fresh = (await this.o.store.get(row.transaction_id))!;
-          if (fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") return;
-          await this.resolve(fresh, Date.now() + 10_000).then(
-            () => this.o.log.info("in-doubt purchase settled", { transaction: row.transaction_id }),
-            (e) => this.o.log.info("in-doubt purchase resolved", { transaction: row.transaction_id, outcome: (e as NetpurseError).details }),
-          );
-        });
-      }
-      for (const p of slot.pendingDebits) {
-        const id = p.transactionId?.value ?? "";
-        await this.serial(id, async () => {
-          const row = id ? await this.o.store.get(id) : undefined;
-          if (!row) return; // not ours (another payment server's, or an operator's test)
-          const live = row.psam_id === psam && row.psam_counter === p.psamCounter && row.state !== "RECEIVED" && row.state !== "REFUSED";
-          if (live) return;
-          const lease = await this.o.pool.acquire({ key: `${t.terminalId}/${psam}` }, Date.now() + 5_000).catch(() => undefined);
-          if (!lease) return;
-          try {
-            const r = await this.o.link.runJob(lease, { transactionId: txnId(id), task: { $case: "reverseDebit", value: { psamCounter: p.psamCounter } } }, this.jobTimeoutMs);
-            if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) {
-              await this.o.store.log(id, { step: "orphan_debit_reversed", detail: `PSAM ${psam} counter ${p.psamCounter}: its DEBIT command never left this server` });
-            }
-          } finally {
-            this.o.pool.release(lease);
+  /**
+   * A PSAM's state as a late job result reported it (we had given up on the
+   * job): its open debits may include one whose DEBIT command never left.
+   */
+  onSlot(terminalId: string, slot: PsamSlot): void {
+    void this.reconcile(terminalId, slot).catch((e) => this.o.log.error("reconciliation failed", { terminal: terminalId, error: (e as Error).message }));
+  }
+
+  private async reconcile(terminalId: string, slot: PsamSlot): Promise<void> {
+    const psam = hexOf(slot.psamId?.value);
+    for (const row of await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"])) {
+      if (row.terminal_id !== terminalId) continue;
+      await this.serial(row.transaction_id, async () => {
+        const fresh = (await this.o.store.get(row.transaction_id))!;
+        if (fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") return;
+        await this.resolve(fresh, Date.now() + 10_000).then(
+          () => this.o.log.info("in-doubt purchase settled", { transaction: row.transaction_id }),
+          (e) => this.o.log.info("in-doubt purchase resolved", { transaction: row.transaction_id, outcome: (e as NetpurseError).details }),
+        );
+      });
+    }
+    for (const p of slot.pendingDebits) {
+      const id = p.transactionId?.value ?? "";
+      await this.serial(id, async () => {
+        const row = id ? await this.o.store.get(id) : undefined;
+        if (!row) return; // not ours (another payment server's, or an operator's test)
+        const live = row.psam_id === psam && row.psam_counter === p.psamCounter && row.state !== "RECEIVED" && row.state !== "REFUSED";
+        if (live) return;
+        const lease = await this.o.pool.acquire({ key: `${terminalId}/${psam}` }, Date.now() + 5_000).catch(() => undefined);
+        if (!lease) return;
+        try {
+          const r = await this.o.link.runJob(lease, { transactionId: txnId(id), task: { $case: "reverseDebit", value: { psamCounter: p.psamCounter } } }, this.jobTimeoutMs);
+          if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) {
+            await this.o.store.log(id, { step: "orphan_debit_reversed", detail: `PSAM ${psam} counter ${p.psamCounter}: its DEBIT command never left this server` });
           }
-        });
-      }
+        } finally {
+          this.o.pool.release(lease);
+        }
+      });
     }
   }
 

@@ -34,6 +34,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     pool,
     log,
     onTerminal: (t) => server.onTerminal(t),
+    onLateResult: (terminalId, slot) => server.onSlot(terminalId, slot),
   });
   server = new PaymentServer({
     store,

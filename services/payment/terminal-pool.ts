@@ -18,6 +18,7 @@ import {
   type ConnectPaymentServerRequest,
   type PsamJob,
   type PsamJobResult,
+  type PsamSlot,
   type TerminalInfo,
 } from "../../gen/netpurse/terminal/v1/terminal.js";
 
@@ -93,6 +94,14 @@ export class PsamPool {
       });
     }
     for (const [k, s] of this.slots) if (s.terminalId === t.terminalId && !seen.has(k)) this.slots.delete(k);
+    this.serveWaiters();
+  }
+
+  /** Takes in one slot's state from a job result (a PSAM we gave up on may be fine after all). */
+  updateSlot(terminalId: string, slot: PsamSlot): void {
+    const s = this.slots.get(keyOf(terminalId, hexOf(slot.psamId?.value)));
+    if (!s) return;
+    s.available = slot.state === PsamSlotState.PSAM_SLOT_STATE_READY;
     this.serveWaiters();
   }
 
@@ -225,6 +234,8 @@ export class ConcentratorLink {
       log: Logger;
       /** Called for every terminal the concentrator announces (attach or change). */
       onTerminal(t: TerminalInfo): void;
+      /** Called with the PSAM state of a result that came after we gave up on its job. */
+      onLateResult(terminalId: string, slot: PsamSlot): void;
     },
   ) {}
 
@@ -281,7 +292,14 @@ export class ConcentratorLink {
             break;
           case "result": {
             const p = this.pending.get(msg.value.jobId);
-            if (!p) break; // answered after we gave up on it; the purchase is resolved from the PSAM's state
+            if (!p) {
+              // Answered after we gave up on it: what the PSAM did shows in its state.
+              if (msg.value.slot) {
+                this.o.pool.updateSlot(msg.value.terminalId, msg.value.slot);
+                this.o.onLateResult(msg.value.terminalId, msg.value.slot);
+              }
+              break;
+            }
             this.pending.delete(msg.value.jobId);
             clearTimeout(p.timer);
             p.resolve(msg.value);

@@ -16,7 +16,7 @@ import { withOriginalAmount, type PurseReader } from "../../client/card/purse-re
 import { Issuer } from "../../services/issuer/issuer.js";
 import { MerchantRegistry } from "../../services/payment/merchants.js";
 import { drawRequestFor, failure, openCard } from "../support/card-client.js";
-import { startNetwork, type Network } from "../support/network.js";
+import { startNetwork, waitFor, type Network } from "../support/network.js";
 
 describe("contract: netpurse.payment.v1.PaymentService", function () {
   this.timeout(60_000);
@@ -331,5 +331,35 @@ describe("contract: PaymentService under PSAM shortage", function () {
     await net.clients.payment.completePurchase({ transactionId: first.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw }); // PSAM back to the pool
     const retry = await net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 5_000 });
     expect(retry.debitCommand).to.have.length(DebitCommand.size);
+  });
+});
+
+describe("contract: PaymentService when a terminal answers too late", function () {
+  this.timeout(60_000);
+  let net: Network;
+  before(async () => {
+    net = await startNetwork({ terminals: [{ id: "t-slow", psams: 1, answerDelayMs: 2_500 }, { id: "t-fast", psams: 1 }], jobTimeoutMs: 1_000 });
+  });
+  after(async () => net?.close());
+
+  it("gives the work to another PSAM, and reverses the open debit the slow PSAM reports later", async () => {
+    const card = await openCard(net.cardPath);
+    const o = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
+    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) }, { deadline: 10_000 });
+    expect(issued.terminalId).to.equal("t-fast");
+    const debit = await card.debit(Buffer.from(issued.debitCommand));
+    await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw });
+    // The slow PSAM did sign (its counter moved) a command nobody received; the payment server reverses it.
+    const slow = net.hosts.get("t-slow")!.host.data;
+    await waitFor(async () => (await slow.reversals()).length === 1, 20_000, "the slow PSAM's open debit to be reversed");
+    const [reversal] = await slow.reversals();
+    expect(reversal).to.include({ psam_counter: 1, transaction_id: o.transactionId!.value, reason: "reversed by payment server" });
+    const slowSlot = async () => (await net.clients.concentrator.listTerminals({})).terminals.find((t) => t.terminalId === "t-slow")!.slots[0]!;
+    await waitFor(async () => (await slowSlot()).psamCounter === 1 && (await slowSlot()).pendingDebits.length === 0, 20_000, "the slow PSAM to report no open debit");
+    expect((await slowSlot()).batchCount).to.equal(0);
+    const rec = (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!;
+    expect(rec.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+    expect(rec.events.filter((e) => e.step === "psam_assigned")).to.have.length(2);
+    expect((await card.readPurse()).balance).to.equal(10_000 - 99);
   });
 });
