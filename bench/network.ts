@@ -30,8 +30,16 @@ export const SERVICE_ENV = { NETPURSE_LOG_LEVEL: "warn" };
  */
 const CARDHOLDER_PURSE = { value: 400_000, maxBalance: 500_000, expiry: "2099-12-31" };
 
-/** The names launchNetwork gives the processes it starts. */
-const PROCESS_NAMES = ["concentrator", TERMINAL_ID, "payment", "merchant-validation", `merchant-${DEMO_SHOP.merchantId}`, "client-daemon"];
+/** The names launchNetwork gives the processes it starts, and this one, where the cardholders run. */
+export const PROCESS = {
+  concentrator: "concentrator",
+  terminal: TERMINAL_ID,
+  payment: "payment",
+  validation: "merchant-validation",
+  merchant: `merchant-${DEMO_SHOP.merchantId}`,
+  clientDaemon: "client-daemon",
+  bench: "bench",
+} as const;
 
 /** One channel per service address, shared by every cardholder, as on one client host; a client per call, as the client daemon does. */
 export class ServiceClients {
@@ -112,14 +120,13 @@ export class BenchNetwork {
     return { reader: new PurseReader(new InProcessTransport(card)), payment: this.clients.payment, merchant: this.clients.merchant };
   }
 
-  /** Process ids by name: the services, and this process, where the cardholders run. */
+  /** Process ids by name (PROCESS), of those running. */
   processes(): Map<string, number> {
     const out = new Map<string, number>();
-    for (const name of PROCESS_NAMES) {
-      const pid = this.launcher.pid(name);
+    for (const name of Object.values(PROCESS)) {
+      const pid = name === PROCESS.bench ? process.pid : this.launcher.pid(name);
       if (pid !== undefined) out.set(name, pid);
     }
-    out.set("bench", process.pid);
     return out;
   }
 
@@ -185,6 +192,6 @@ async function personaliseCardholderCards(dir: string, count: number): Promise<s
 /** Service log lines are "time service level message"; with warn as the level, what remains is worth reading, except the start and stop lines. */
 function isTrouble(line: string): boolean {
   if (!line.trim()) return false;
-  if (/ listening on \S+$/.test(line) || /: SIG(TERM|INT), shutting down$/.test(line)) return false;
+  if (/ listening on /.test(line) || /: SIG(TERM|INT), shutting down$/.test(line)) return false;
   return !/^\S+Z \S+ (debug|info) /.test(line);
 }

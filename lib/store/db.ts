@@ -25,19 +25,31 @@ export interface Db extends Queryable {
 export type Migrations = readonly string[];
 
 class SqliteQueryable implements Queryable {
+  /** Prepared statements by SQL text: preparing is a large share of a short statement's cost. */
+  private readonly statements = new Map<string, Database.Statement>();
+
   constructor(protected readonly db: Database.Database) {}
 
+  private statement(sql: string): Database.Statement {
+    let s = this.statements.get(sql);
+    if (!s) {
+      s = this.db.prepare(sql);
+      this.statements.set(sql, s);
+    }
+    return s;
+  }
+
   async run(sql: string, params: SqlValue[] = []) {
-    const r = this.db.prepare(sql).run(...params);
+    const r = this.statement(sql).run(...params);
     return { changes: r.changes };
   }
 
   async get<T>(sql: string, params: SqlValue[] = []) {
-    return this.db.prepare(sql).get(...params) as T | undefined;
+    return this.statement(sql).get(...params) as T | undefined;
   }
 
   async all<T>(sql: string, params: SqlValue[] = []) {
-    return this.db.prepare(sql).all(...params) as T[];
+    return this.statement(sql).all(...params) as T[];
   }
 }
 

@@ -28,6 +28,8 @@ export interface Started {
 
 export class Launcher {
   private readonly running = new Map<string, Started & { log: WriteStream }>();
+  /** Children that have not printed their listening line yet: stopAll must reach them too. */
+  private readonly starting = new Set<ChildProcess>();
 
   constructor(
     private readonly logDir: string,
@@ -46,6 +48,8 @@ export class Launcher {
       env: { ...process.env, ...this.o.env },
       stdio: ["ignore", "pipe", "pipe"],
     });
+    this.starting.add(child);
+    child.once("exit", () => this.starting.delete(child));
     return new Promise((resolveStart, reject) => {
       let buffered = "";
       const timer = setTimeout(() => fail(new Error(`${name} did not start within ${timeoutMs} ms`)), timeoutMs);
@@ -61,6 +65,7 @@ export class Launcher {
         const m = / listening on (\S+)/.exec(line);
         if (m && !this.running.has(name)) {
           clearTimeout(timer);
+          this.starting.delete(child);
           const s = { name, address: m[1]!, child, logFile, log };
           this.running.set(name, s);
           resolveStart(s);
@@ -110,6 +115,7 @@ export class Launcher {
 
   /** Stops everything, in the reverse order of starting. */
   async stopAll(): Promise<void> {
+    for (const child of this.starting) child.kill("SIGKILL");
     for (const name of [...this.running.keys()].reverse()) await this.stop(name);
   }
 

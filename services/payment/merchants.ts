@@ -31,14 +31,22 @@ export class MerchantRegistry {
   private mtime = -1;
   private byId = new Map<string, Merchant>();
   private checkedAt = 0;
+  /** The reload in progress: concurrent callers wait for it rather than read a half-loaded map. */
+  private loading: Promise<void> | undefined;
 
   constructor(private readonly path: string) {}
 
-  private async refresh(): Promise<void> {
-    if (Date.now() - this.checkedAt < 1_000) return;
+  private refresh(): Promise<void> {
+    if (Date.now() - this.checkedAt < 1_000) return this.loading ?? Promise.resolve();
     this.checkedAt = Date.now();
+    this.loading = this.load().finally(() => (this.loading = undefined));
+    return this.loading;
+  }
+
+  private async load(): Promise<void> {
     if (!existsSync(this.path)) {
-      this.byId.clear();
+      this.byId = new Map();
+      this.mtime = -1;
       return;
     }
     const m = statSync(this.path).mtimeMs;

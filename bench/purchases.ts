@@ -1,0 +1,72 @@
+// The purchase benchmark of one configuration: N PSAMs, C cardholders each
+// buying a song in a closed loop against a freshly started network.
+
+import { performance } from "node:perf_hooks";
+import { payOffer, type MerchantClient, type PurchaseContext } from "../client/purchase.js";
+import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
+import { DEMO_SHOP } from "../services/network/layout.js";
+import { stopOnInterrupt } from "./interrupt.js";
+import { closedLoop, type LoadResult, type Phases } from "./load.js";
+import { BenchNetwork, type LogFindings } from "./network.js";
+import { CpuSampler, peakMemoryMiB } from "./proc.js";
+
+/** The cheapest product: the purse lasts longest, and the amount plays no part in the work per purchase. */
+export const SONG = DEMO_SHOP.products.find((p) => p.productId === "song-1")!;
+
+export interface PurchaseConfiguration {
+  psams: number;
+  cardholders: number;
+}
+
+export interface PurchaseResult extends PurchaseConfiguration, LoadResult {
+  /** Peak resident memory (VmHWM) per process, MiB; "bench" is this process. */
+  peakMemoryMiB: Record<string, number>;
+  /** CPU per process during the measuring window, % of one core. */
+  cpuPercent: Record<string, number>;
+  serviceLogs: LogFindings;
+  /** The data folder, when kept. */
+  dataDir?: string;
+}
+
+/** Starts a fresh network for the configuration, runs the load, and stops the network whatever happens. */
+export async function measurePurchases(c: PurchaseConfiguration, phases: Phases, o: { keepData: boolean }): Promise<PurchaseResult> {
+  const label = `${c.psams} PSAM${c.psams === 1 ? "" : "s"}, ${c.cardholders} cardholder${c.cardholders === 1 ? "" : "s"}`;
+  process.stderr.write(`[${label}] setting up a data folder and starting the network\n`);
+  const net = await BenchNetwork.prepare({ psams: c.psams, cardholders: c.cardholders });
+  const tidy = async () => {
+    await net.stop();
+    if (!o.keepData) await net.discard();
+  };
+  const forget = stopOnInterrupt(tidy);
+  try {
+    await net.launch(c.psams);
+    const cardholders = await Promise.all(Array.from({ length: c.cardholders }, (_, i) => net.cardholder(i)));
+    const merchant = net.clients.merchant(net.merchantAddress);
+    const cpu = new CpuSampler(() => net.processes());
+    const load = await closedLoop({ label, workers: c.cardholders, phases, operation: (w) => buySong(merchant, cardholders[w]!), window: cpu });
+    const peaks = peakMemories(net.processes()); // before stopping: /proc forgets a process once it exits
+    await net.stop();
+    return { ...c, ...load, peakMemoryMiB: peaks, cpuPercent: cpu.percent(), serviceLogs: await net.logFindings(), ...(o.keepData ? { dataDir: net.dir } : {}) };
+  } finally {
+    forget();
+    await tidy();
+  }
+}
+
+/** One cardholder's purchase: the merchant's offer, then the client module's purchase, which alone is timed. */
+async function buySong(merchant: MerchantClient, cardholder: PurchaseContext): Promise<number> {
+  const { offer } = await merchant.createOrder({ productId: SONG.productId }, { deadline: DEFAULT_DEADLINE_MS });
+  if (!offer) throw new Error("the merchant answered CreateOrder without an offer");
+  const started = performance.now();
+  await payOffer(offer, cardholder);
+  return performance.now() - started;
+}
+
+function peakMemories(processes: Map<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [name, pid] of processes) {
+    const mib = peakMemoryMiB(pid);
+    if (mib !== undefined) out[name] = mib;
+  }
+  return out;
+}
