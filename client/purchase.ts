@@ -21,11 +21,22 @@ export type PaymentClient = Client<typeof PaymentServiceDefinition, DeadlineOpti
 export type MerchantClient = Client<typeof MerchantServiceDefinition, DeadlineOptions>;
 
 /** Where a purchase stands on the client's side, as its journal records it. */
-export type ClientPurchaseState = "STARTED" | "DEBIT_COMMAND_RECEIVED" | "CARD_ANSWERED" | "CONFIRMED" | "RECEIPT" | "FAILED";
+export type ClientPurchaseState = "STARTED" | "DEBIT_SENT" | "CARD_ANSWERED" | "CONFIRMED" | "RECEIPT" | "FAILED";
+
+/** What the client knows when it hands the DEBIT command to the card: enough to find the debit in the card's log later. */
+export interface DebitSent {
+  purseId: string;
+  cardCounter: number;
+  psamId: string;
+  psamCounter: number;
+  completionToken: Buffer;
+}
 
 /** The client's log of each purchase step (the patent's client logs), so a lost answer can be recovered. */
 export interface PurchaseJournal {
   started(offer: PaymentOffer): Promise<void>;
+  /** Written before the card sees DEBIT: from here on, the card may be debited. */
+  debitSent(transactionId: string, d: DebitSent): Promise<void>;
   cardAnswered(transactionId: string, sw: number, debitResponse: Buffer): Promise<void>;
   confirmed(transactionId: string, confirmation: CompletePurchaseResponse): Promise<void>;
   receipt(transactionId: string, receipt: Receipt): Promise<void>;
@@ -66,6 +77,17 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   if (offer.confirmationMode !== ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES) {
     throw new NetpurseError(Status.UNIMPLEMENTED, ErrorReason.ERROR_REASON_UNSPECIFIED, `this client does not implement ${confirmationModeToJSON(offer.confirmationMode)} yet`);
   }
+}
+
+/**
+ * Whether a payment server's answer ends the purchase for good. Anything
+ * else (timeouts, unavailability, internal errors) leaves it to be finished
+ * later: once the card has answered, only the payment server's ruling may
+ * close the client's record.
+ */
+export function isFinal(e: unknown): boolean {
+  if (!(e instanceof ClientError || e instanceof NetpurseError)) return false;
+  return [Status.FAILED_PRECONDITION, Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS].includes(e.code);
 }
 
 /** Retries an idempotent call while the failure is transient. */
@@ -142,6 +164,13 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   // Step 618: the merchant's amount, whatever came back.
   const debitCommand = withOriginalAmount(Buffer.from(issued.debitCommand), amount);
   step("debit command", `amount set back to the merchant's ${shown} (step 618) and sent to the card`);
+  await ctx.journal?.debitSent(id, {
+    purseId: card.purseId.toString("hex"),
+    cardCounter: card.counter,
+    psamId: hexOf(issued.psamId?.value),
+    psamCounter: issued.psamCounter,
+    completionToken: Buffer.from(issued.completionToken),
+  });
   const answer = await ctx.reader.debit(debitCommand);
   await ctx.journal?.cardAnswered(id, answer.sw, answer.raw);
   if (answer.sw === SW.OK && answer.parsed!.result === DebitResult.DEBITED) {
@@ -152,12 +181,13 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
 
   let completed: CompletePurchaseResponse;
   try {
-    completed = await retrying(() => payment.completePurchase({ transactionId: offer.transactionId, cardStatusWord: answer.sw, debitResponse: answer.raw }, { deadline }), 6);
+    completed = await retrying(
+      () => payment.completePurchase({ transactionId: offer.transactionId, cardStatusWord: answer.sw, debitResponse: answer.raw, completionToken: issued.completionToken }, { deadline }),
+      6,
+    );
   } catch (e) {
-    if (reasonOf(e) !== ErrorReason.ERROR_REASON_IN_DOUBT && !(e instanceof ClientError && e.code === Status.UNAVAILABLE)) {
-      await ctx.journal?.failed(id, (e as Error).message);
-    }
-    passOn(e, "payment server did not confirm the purchase");
+    if (isFinal(e)) await ctx.journal?.failed(id, (e as Error).message);
+    passOn(e, isFinal(e) ? "payment server did not confirm the purchase" : "the card's answer is recorded and the purchase will be finished later; the payment server said");
   }
   await ctx.journal?.confirmed(id, completed);
   step("confirmation", `the PSAM verified the card signature and the payment server confirmed the purchase (MAC ${Buffer.from(completed.confirmation!.mac).toString("hex").slice(0, 16)}…)`);

@@ -16,9 +16,11 @@ import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
 import { LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
-import { deliverConfirmation, payOffer, type MerchantClient, type PaymentClient } from "../purchase.js";
-import type { SqliteJournal } from "./journal.js";
-import type { Channel } from "nice-grpc";
+import { deliverConfirmation, isFinal, payOffer, type MerchantClient, type PaymentClient } from "../purchase.js";
+import type { JournalRow, SqliteJournal } from "./journal.js";
+import { ClientError, type Channel } from "nice-grpc";
+import { ApduError, SW } from "../../lib/apdu/apdu.js";
+import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 
 export function purseState(p: PurseData): PurseState {
   return {
@@ -31,6 +33,16 @@ export function purseState(p: PurseData): PurseState {
     keyVersion: p.keyVersion,
     status: p.status === PurseStatusByte.ACTIVE ? PurseStatus.PURSE_STATUS_ACTIVE : PurseStatus.PURSE_STATUS_BLOCKED,
   };
+}
+
+/** Status word reported for a DEBIT whose answer was lost and whose debit the card's log shows it never made. */
+export const SW_NO_DEBIT = 0x6f00;
+
+/** Errors of the card itself, as the cardholder's API reports them; errors from services pass unchanged. */
+function cardError(e: unknown): unknown {
+  if (e instanceof NetpurseError || e instanceof ClientError) return e;
+  if (e instanceof ApduError) return new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_CARD_REFUSED, `the card refused: ${e.message}`);
+  return new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, `cannot use the card: ${(e as Error).message}; check the reader and try again`);
 }
 
 export class CardholderDaemon {
@@ -111,49 +123,93 @@ export class CardholderDaemon {
         throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`);
       }
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
-      const out = await payOffer(offer!, {
-        reader: this.reader,
-        payment: this.payment,
-        merchant: this.merchant,
-        journal: this.o.journal,
-        ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
-      });
-      return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
+      try {
+        const out = await payOffer(offer!, {
+          reader: this.reader,
+          payment: this.payment,
+          merchant: this.merchant,
+          journal: this.o.journal,
+          ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
+        });
+        return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
+      } catch (e) {
+        throw cardError(e);
+      }
     });
   }
 
-  /** Finishes purchases whose confirmation or goods did not arrive; called at start and then periodically. */
-  async resume(): Promise<number> {
-    let finished = 0;
-    for (const row of await this.o.journal.unfinished()) {
-      const offer = PaymentOffer.decode(row.offer);
-      const id = row.transaction_id;
-      try {
-        let completed: CompletePurchaseResponse;
-        if (row.state === "CARD_ANSWERED") {
-          completed = await this.payment(offer.paymentServerAddress).completePurchase(
-            { transactionId: txnId(id), cardStatusWord: row.card_status_word!, debitResponse: row.debit_response ?? Buffer.alloc(0) },
-            { deadline: 10_000 },
-          );
-          await this.o.journal.confirmed(id, completed);
-        } else {
-          completed = CompletePurchaseResponse.decode(row.completion!);
-        }
-        const receipt = await deliverConfirmation(this.merchant(offer.merchantAddress), id, completed, 10_000);
-        await this.o.journal.receipt(id, receipt);
-        this.o.log.info("unfinished purchase completed", { transaction: id, goods: receipt.goods });
-        finished++;
-      } catch (e) {
-        const code = (e as NetpurseError).code;
-        if (code === Status.UNAVAILABLE || code === Status.DEADLINE_EXCEEDED) {
-          this.o.log.info("purchase still waiting", { transaction: id, detail: (e as Error).message });
-        } else {
-          await this.o.journal.failed(id, (e as Error).message);
-          this.o.log.warn("unfinished purchase ended without goods", { transaction: id, detail: (e as Error).message });
-        }
+  /**
+   * Finishes purchases the card may have paid whose confirmation or goods
+   * did not arrive; called at start and then periodically. Holds the card
+   * meanwhile, so no payment runs beside it.
+   */
+  resume(): Promise<number> {
+    return this.card.run(async () => {
+      let finished = 0;
+      for (const row of await this.o.journal.unfinished()) {
+        if (await this.finish(row)) finished++;
       }
+      return finished;
+    });
+  }
+
+  private async finish(row: JournalRow): Promise<boolean> {
+    const offer = PaymentOffer.decode(row.offer);
+    const id = row.transaction_id;
+    try {
+      if (row.state === "DEBIT_SENT") {
+        // The card may have debited, but its answer was never journaled: its own log tells.
+        const answer = await this.answerFromCardLog(row);
+        if (!answer) {
+          this.o.log.warn("cannot tell from the card whether it paid; keeping the purchase open", { transaction: id });
+          return false;
+        }
+        await this.o.journal.cardAnswered(id, answer.sw, answer.raw);
+        row = { ...row, state: "CARD_ANSWERED", card_status_word: answer.sw, debit_response: answer.raw };
+      }
+      let completed: CompletePurchaseResponse;
+      if (row.state === "CARD_ANSWERED") {
+        completed = await this.payment(offer.paymentServerAddress).completePurchase(
+          { transactionId: txnId(id), cardStatusWord: row.card_status_word!, debitResponse: row.debit_response ?? Buffer.alloc(0), completionToken: row.completion_token ?? Buffer.alloc(0) },
+          { deadline: 10_000 },
+        );
+        await this.o.journal.confirmed(id, completed);
+      } else {
+        completed = CompletePurchaseResponse.decode(row.completion!);
+      }
+      const receipt = await deliverConfirmation(this.merchant(offer.merchantAddress), id, completed, 10_000);
+      await this.o.journal.receipt(id, receipt);
+      this.o.log.info("unfinished purchase completed", { transaction: id, goods: receipt.goods });
+      return true;
+    } catch (e) {
+      if (isFinal(e)) {
+        await this.o.journal.failed(id, (e as Error).message);
+        this.o.log.warn("unfinished purchase ended without goods", { transaction: id, detail: (e as Error).message });
+      } else {
+        this.o.log.info("purchase still waiting", { transaction: id, detail: (e as Error).message });
+      }
+      return false;
     }
-    return finished;
+  }
+
+  /**
+   * The card's answer to a DEBIT whose answer was lost, rebuilt from the
+   * card's log: the log entry of the next counter either is this debit (with
+   * the card's signature) or proves the card did not make it. Undefined when
+   * the log no longer reaches back that far, or another card is in the reader.
+   */
+  private async answerFromCardLog(row: JournalRow): Promise<{ sw: number; raw: Buffer } | undefined> {
+    await this.reader.connect();
+    const purse = await this.reader.readPurse();
+    if (purse.purseId.toString("hex") !== row.purse_id) return undefined;
+    const next = (await this.reader.readLog()).find((e) => e.counter === row.card_counter! + 1);
+    const notDebited = { sw: SW_NO_DEBIT, raw: Buffer.alloc(0) };
+    if (next) {
+      const ours = next.transactionRef === row.transaction_id && next.moduleCounter === row.psam_counter && next.moduleId.toString("hex") === row.psam_id;
+      if (!ours) return notDebited;
+      return { sw: SW.OK, raw: DebitResponse.encode({ result: DebitResult.DEBITED, counter: next.counter, balance: next.balance, cardSignature: next.cardSignature }) };
+    }
+    return purse.counter === row.card_counter ? notDebited : undefined;
   }
 
   startResuming(): void {

@@ -5,7 +5,7 @@
 import { CompletePurchaseResponse } from "../../gen/netpurse/payment/v1/payment.js";
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Db } from "../../lib/store/db.js";
-import type { ClientPurchaseState, PurchaseJournal } from "../purchase.js";
+import type { ClientPurchaseState, DebitSent, PurchaseJournal } from "../purchase.js";
 
 export const CLIENT_MIGRATIONS = [
   `CREATE TABLE client_purchases (
@@ -20,6 +20,11 @@ export const CLIENT_MIGRATIONS = [
      created_at TEXT NOT NULL,
      updated_at TEXT NOT NULL
    );`,
+  `ALTER TABLE client_purchases ADD COLUMN purse_id TEXT;
+   ALTER TABLE client_purchases ADD COLUMN card_counter INTEGER;
+   ALTER TABLE client_purchases ADD COLUMN psam_id TEXT;
+   ALTER TABLE client_purchases ADD COLUMN psam_counter INTEGER;
+   ALTER TABLE client_purchases ADD COLUMN completion_token BLOB;`,
 ];
 
 export interface JournalRow {
@@ -31,6 +36,11 @@ export interface JournalRow {
   completion: Buffer | null;
   receipt: Buffer | null;
   error: string | null;
+  purse_id: string | null;
+  card_counter: number | null;
+  psam_id: string | null;
+  psam_counter: number | null;
+  completion_token: Buffer | null;
 }
 
 export class SqliteJournal implements PurchaseJournal {
@@ -55,6 +65,17 @@ export class SqliteJournal implements PurchaseJournal {
     ]);
   }
 
+  debitSent(id: string, d: DebitSent) {
+    return this.set(id, {
+      state: "DEBIT_SENT",
+      purse_id: d.purseId,
+      card_counter: d.cardCounter,
+      psam_id: d.psamId,
+      psam_counter: d.psamCounter,
+      completion_token: d.completionToken,
+    });
+  }
+
   cardAnswered(id: string, sw: number, debitResponse: Buffer) {
     return this.set(id, { state: "CARD_ANSWERED", card_status_word: sw, debit_response: debitResponse });
   }
@@ -75,8 +96,8 @@ export class SqliteJournal implements PurchaseJournal {
     return this.db.get<JournalRow>("SELECT * FROM client_purchases WHERE transaction_id = ?", [id]);
   }
 
-  /** Purchases whose card already answered but whose confirmation or goods are still owed. */
+  /** Purchases the card may have paid whose confirmation or goods are still owed. */
   unfinished(): Promise<JournalRow[]> {
-    return this.db.all<JournalRow>("SELECT * FROM client_purchases WHERE state IN ('CARD_ANSWERED', 'CONFIRMED') ORDER BY created_at");
+    return this.db.all<JournalRow>("SELECT * FROM client_purchases WHERE state IN ('DEBIT_SENT', 'CARD_ANSWERED', 'CONFIRMED') ORDER BY created_at");
   }
 }

@@ -22,6 +22,7 @@ export const SW = {
   INSUFFICIENT_BALANCE: 0x9404,
   AMOUNT_OUT_OF_RANGE: 0x9405,
   BATCH_FULL: 0x9406,
+  TOO_MANY_OPEN_DEBITS: 0x9407,
 } as const;
 
 export type StatusWord = number;

@@ -282,6 +282,8 @@ export class Concentrator {
   private disconnectPaymentServer(conn: PaymentServerConn): void {
     conn.keepalive.stop();
     this.paymentServers.delete(conn.streamId);
+    // Its jobs not yet sent would be answered to nobody: drop them.
+    for (const t of this.terminals.values()) t.queue = t.queue.filter((r) => r.from !== conn);
     const freed = new Set<TerminalConn>();
     for (const [k, holder] of this.leases) {
       if (holder !== conn) continue;

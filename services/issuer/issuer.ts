@@ -172,7 +172,7 @@ export class Issuer {
       batch: [],
       pending: [],
       blockedPurses: [],
-      reversed: [],
+      settled: [],
     };
     await this.db.transaction(async (tx) => {
       await tx.run("INSERT INTO psams (psam_id, currency, key_versions, provisioned_at) VALUES (?, ?, ?, ?)", [

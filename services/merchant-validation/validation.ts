@@ -4,7 +4,7 @@
 
 import { existsSync } from "node:fs";
 import { Status } from "nice-grpc";
-import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { ErrorReason, type Money } from "../../gen/netpurse/card/v1/card.js";
 import type { MerchantValidationServiceImplementation, ValidateConfirmationRequest, ValidateConfirmationResponse } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
@@ -25,6 +25,12 @@ export async function addValidationKey(path: string, merchantId: string, sharedK
 }
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
+
+function checkMoney(m: Money, field: string): void {
+  if (m.amountMinor < 0n || m.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField(`${field}.amount_minor`, "out of range");
+  if (m.currency < 1 || m.currency > 999) throw invalidField(`${field}.currency`, "must be an ISO 4217 numeric code 1..999");
+  if (m.exponent > 4) throw invalidField(`${field}.exponent`, "must be 0..4");
+}
 
 export class MerchantValidation {
   constructor(
@@ -59,7 +65,10 @@ export class MerchantValidation {
     const orderTxn = requireTransactionId(o.transactionId, "order.transaction_id");
     const orderMerchant = requireMerchantId(o.merchantId, "order.merchant_id");
     if (!o.amount) throw invalidField("order.amount", "missing");
-    if (c.amount.amountMinor < 0n || c.amount.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField("confirmation.amount.amount_minor", "out of range");
+    checkMoney(c.amount, "confirmation.amount");
+    checkMoney(o.amount, "order.amount");
+    const at = c.confirmedAt.getTime();
+    if (!Number.isFinite(at) || at < 0) throw invalidField("confirmation.confirmed_at", "not a time after 1970");
 
     const key = this.keys.get(merchantId);
     if (!key) throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `this validation service holds no key for merchant "${merchantId}"`);

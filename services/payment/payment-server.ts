@@ -4,7 +4,7 @@
 // merchant. Every step is in the database before the server answers; every
 // RPC is idempotent by transaction id; a restart resumes from the log.
 
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { Status, type CallContext } from "nice-grpc";
 import { ConfirmationMode, confirmationModeToJSON, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import {
@@ -20,6 +20,7 @@ import {
 import { DebitVerdict, PsamJobStatus, type PsamJob, type PsamJobResult, type PsamSlot, type TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { swHex, SW } from "../../lib/apdu/apdu.js";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
+import { macEqual } from "../../lib/crypto/aes.js";
 import { callDeadline } from "../../lib/grpc/server.js";
 import { hexOf, merchantId, psamId, purseId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -46,6 +47,9 @@ export interface PaymentServerOptions {
 }
 
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
+
+/** The least time worth giving a terminal for one job; with less left, no job is sent. */
+const MIN_JOB_MS = 1_000;
 
 /** The gRPC error a PSAM's refusal of the card becomes. */
 function psamRefusal(sw: number): NetpurseError {
@@ -177,6 +181,7 @@ export class PaymentServer {
             psam_id: null,
             psam_counter: null,
             debit_command: null,
+            completion_token: randomBytes(16),
             completion_hash: null,
             card_status_word: null,
             debit_response: null,
@@ -217,19 +222,26 @@ export class PaymentServer {
       terminalId: row.terminal_id!,
       psamId: psamId(row.psam_id!),
       psamCounter: row.psam_counter!,
+      completionToken: row.completion_token!,
     };
   }
 
   private async issueDebitCommand(row: PurchaseRow, cardAtr: Buffer, initializeResponse: Buffer, deadline: number): Promise<ProcessDrawRequestResponse> {
     const tried = new Set<string>();
     for (let attempt = 1; attempt <= 3; attempt++) {
+      if (deadline - Date.now() < MIN_JOB_MS) {
+        await this.o.store.log(row.transaction_id, { step: "deadline_too_close", detail: `less than ${MIN_JOB_MS} ms left before the caller's deadline` });
+        throw new NetpurseError(Status.DEADLINE_EXCEEDED, ErrorReason.ERROR_REASON_UNSPECIFIED, `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`);
+      }
       let lease: Lease;
       try {
         lease = await this.o.pool.acquire({ currency: row.currency, keyVersion: row.key_version, exclude: tried }, deadline);
       } catch (e) {
         if (e instanceof NoPsamFits) {
+          // Not stored as a refusal: it depends on the pool as it is now, and a retry may find a PSAM.
           const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
-          return this.refuse(row, new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`));
+          await this.o.store.log(row.transaction_id, { step: "no_psam_fits", detail: e.message });
+          throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`);
         }
         if (!(e instanceof NoPsamFree)) throw e;
         await this.o.store.log(row.transaction_id, { step: "no_psam_free", detail: e.message });
@@ -269,14 +281,17 @@ export class PaymentServer {
         this.hold(row.transaction_id, lease);
         return this.debitCommandResponse((await this.o.store.get(row.transaction_id))!);
       }
-      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && result.statusWord !== SW.BATCH_FULL) {
+      const full = result.statusWord === SW.BATCH_FULL || result.statusWord === SW.TOO_MANY_OPEN_DEBITS;
+      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && !full) {
         this.o.pool.release(lease);
         return this.refuse(row, psamRefusal(result.statusWord));
       }
       // The PSAM could not take it (gone, failed, busy, full): no debit command
-      // left this server, so the work goes to another PSAM.
+      // left this server, so the work goes to another PSAM. Only a PSAM that
+      // is gone or failing leaves the pool; it returns when its terminal says so.
       this.o.log.warn("PSAM could not take the job; trying another", { transaction: row.transaction_id, psam: lease.psamId, status: PsamJobStatus[result.status], detail: result.message });
-      if (result.status !== PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY) this.o.pool.markFailed(lease);
+      const gone = [PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, PsamJobStatus.PSAM_JOB_STATUS_TERMINAL_LOST, PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM];
+      if (gone.includes(result.status)) this.o.pool.markFailed(lease);
       this.o.pool.release(lease);
       await this.o.store.log(row.transaction_id, { step: "psam_unavailable", detail: `${PsamJobStatus[result.status]}: ${result.message}` });
     }
@@ -284,7 +299,7 @@ export class PaymentServer {
   }
 
   private jobTimeout(deadline: number): number {
-    return Math.max(1, Math.min(this.jobTimeoutMs, deadline - Date.now()));
+    return Math.max(MIN_JOB_MS, Math.min(this.jobTimeoutMs, deadline - Date.now()));
   }
 
   /** Keeps the PSAM for the cardholder's answer, but not forever. */
@@ -322,6 +337,9 @@ export class PaymentServer {
     return this.serial(id, async () => {
       const row = await this.o.store.get(id);
       if (!row) throw notFound(`transaction ${id} is unknown to this payment server`);
+      if (!row.completion_token || !macEqual(row.completion_token, req.completionToken)) {
+        throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN, `completion_token is not transaction ${id}'s: only the client that sent the draw request may complete it`);
+      }
       switch (row.state) {
         case "RECEIVED":
         case "REFUSED":
@@ -391,7 +409,7 @@ export class PaymentServer {
         await this.finish(row, "REVERSED", e, "declined_by_card");
         throw e;
       }
-      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && (result.statusWord === SW.SECURITY_STATUS_NOT_SATISFIED || result.statusWord === SW.WRONG_DATA)) {
+      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && result.statusWord === SW.SECURITY_STATUS_NOT_SATISFIED) {
         const reversed = await this.reverse(row, lease, deadline);
         if (!reversed.ok) return this.inDoubt(row, reversed.why);
         const e = new NetpurseError(
@@ -508,17 +526,8 @@ export class PaymentServer {
 
   private async reconcile(terminalId: string, slot: PsamSlot): Promise<void> {
     const psam = hexOf(slot.psamId?.value);
-    for (const row of await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"])) {
-      if (row.terminal_id !== terminalId) continue;
-      await this.serial(row.transaction_id, async () => {
-        const fresh = (await this.o.store.get(row.transaction_id))!;
-        if (fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") return;
-        await this.resolve(fresh, Date.now() + 10_000).then(
-          () => this.o.log.info("in-doubt purchase settled", { transaction: row.transaction_id }),
-          (e) => this.o.log.info("in-doubt purchase resolved", { transaction: row.transaction_id, outcome: (e as NetpurseError).details }),
-        );
-      });
-    }
+    const waiting = await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"]);
+    await this.settleWaiting(waiting.filter((row) => row.terminal_id === terminalId));
     for (const p of slot.pendingDebits) {
       const id = p.transactionId?.value ?? "";
       await this.serial(id, async () => {
@@ -540,7 +549,48 @@ export class PaymentServer {
     }
   }
 
+  /**
+   * Settles, every `everyMs` and once now, purchases whose card answer is
+   * recorded but whose PSAM has not ruled (it was busy, or away and back).
+   */
+  startSweeping(everyMs = 15_000): void {
+    const tick = () => {
+      void this.sweep()
+        .catch((e) => this.o.log.error("sweep failed", { error: (e as Error).message }))
+        .finally(() => {
+          if (this.sweeping === undefined) return;
+          this.sweeping = setTimeout(tick, everyMs);
+          this.sweeping.unref();
+        });
+    };
+    this.sweeping = setTimeout(tick, 0);
+    this.sweeping.unref();
+  }
+
+  private sweeping: NodeJS.Timeout | undefined;
+
+  private async sweep(): Promise<void> {
+    const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"]);
+    await this.settleWaiting(waiting.filter((row) => this.o.pool.has(keyOf(row))));
+  }
+
+  /** Has each purchase's PSAM rule on the card answer it recorded; the outcome lands in the record. */
+  private async settleWaiting(rows: PurchaseRow[]): Promise<void> {
+    for (const row of rows) {
+      await this.serial(row.transaction_id, async () => {
+        const fresh = (await this.o.store.get(row.transaction_id))!;
+        if (fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") return;
+        await this.resolve(fresh, Date.now() + 10_000).then(
+          () => this.o.log.info("waiting purchase settled", { transaction: row.transaction_id }),
+          (e) => this.o.log.info("waiting purchase resolved", { transaction: row.transaction_id, outcome: (e as NetpurseError).details }),
+        );
+      });
+    }
+  }
+
   async close(): Promise<void> {
+    clearTimeout(this.sweeping);
+    this.sweeping = undefined;
     for (const [id] of this.holds) {
       const l = this.takeHold(id);
       if (l) this.o.pool.release(l);

@@ -18,6 +18,8 @@ export interface PaymentConfig {
   holdTimeoutMs?: number;
   maxPsamWaitMs?: number;
   jobTimeoutMs?: number;
+  /** How often purchases waiting for their PSAM's ruling are retried. */
+  sweepEveryMs?: number;
 }
 
 /** Starts the payment server in this process. */
@@ -47,6 +49,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     ...(c.jobTimeoutMs !== undefined ? { jobTimeoutMs: c.jobTimeoutMs } : {}),
   });
   link.start();
+  server.startSweeping(c.sweepEveryMs ?? 15_000);
   const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("payment"), services: [[PaymentServiceDefinition, server.service]], log });
   return {
     address: grpc.address,

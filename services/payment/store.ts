@@ -42,6 +42,7 @@ export const PAYMENT_MIGRATIONS = [
      detail TEXT NOT NULL
    );
    CREATE INDEX purchase_events_txn ON purchase_events (transaction_id, id);`,
+  `ALTER TABLE purchases ADD COLUMN completion_token BLOB;`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
@@ -63,6 +64,7 @@ export interface PurchaseRow {
   psam_id: string | null;
   psam_counter: number | null;
   debit_command: Buffer | null;
+  completion_token: Buffer | null;
   completion_hash: string | null;
   card_status_word: number | null;
   debit_response: Buffer | null;

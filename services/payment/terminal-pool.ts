@@ -27,6 +27,8 @@ export interface Lease {
   terminalId: string;
   psamId: string;
   key: string;
+  /** Which taking of the PSAM this is: a late release of an older lease must not free a newer one. */
+  id: number;
 }
 
 interface PoolSlot {
@@ -36,7 +38,8 @@ interface PoolSlot {
   currencies: number[];
   /** READY and not leased to another payment server, per the concentrator. */
   available: boolean;
-  leased: boolean;
+  /** The id of the lease holding the slot, or undefined when it is free here. */
+  leaseId: number | undefined;
   lastUsed: number;
 }
 
@@ -72,6 +75,7 @@ const keyOf = (terminalId: string, psamId: string) => `${terminalId}/${psamId}`;
 export class PsamPool {
   private readonly slots = new Map<string, PoolSlot>();
   private waiters: Waiter[] = [];
+  private leases = 0;
 
   constructor(private readonly onRelease: (l: Lease) => void) {}
 
@@ -89,7 +93,7 @@ export class PsamPool {
         keyVersions: s.keyVersions,
         currencies: s.currencies,
         available: s.state === PsamSlotState.PSAM_SLOT_STATE_READY,
-        leased: old?.leased ?? false,
+        leaseId: old?.leaseId,
         lastUsed: old?.lastUsed ?? 0,
       });
     }
@@ -125,7 +129,7 @@ export class PsamPool {
   }
 
   private matches(s: PoolSlot, key: string, w: Want): boolean {
-    if (!s.available || s.leased) return false;
+    if (!s.available || s.leaseId !== undefined) return false;
     if (w.key !== undefined) return key === w.key;
     if (w.exclude?.has(key)) return false;
     if (w.currency !== undefined && !s.currencies.includes(w.currency)) return false;
@@ -138,9 +142,10 @@ export class PsamPool {
     let best: [string, PoolSlot] | undefined;
     for (const e of this.slots) if (this.matches(e[1], e[0], w) && (!best || e[1].lastUsed < best[1].lastUsed)) best = e;
     if (!best) return undefined;
-    best[1].leased = true;
+    const id = ++this.leases;
+    best[1].leaseId = id;
     best[1].lastUsed = Date.now();
-    return { terminalId: best[1].terminalId, psamId: best[1].psamId, key: best[0] };
+    return { terminalId: best[1].terminalId, psamId: best[1].psamId, key: best[0], id };
   }
 
   /** Waits (first come, first served) for a PSAM that fits, until `deadline` (ms since epoch). */
@@ -180,7 +185,8 @@ export class PsamPool {
 
   release(l: Lease): void {
     const s = this.slots.get(l.key);
-    if (s) s.leased = false;
+    if (s?.leaseId !== l.id) return; // an older lease, or the slot was forgotten meanwhile
+    s.leaseId = undefined;
     this.onRelease(l);
     this.serveWaiters();
   }
@@ -209,7 +215,7 @@ export class PsamPool {
     let free = 0,
       leased = 0;
     for (const s of this.slots.values()) {
-      if (s.leased) leased++;
+      if (s.leaseId !== undefined) leased++;
       else if (s.available) free++;
     }
     return { free, leased, total: this.slots.size };

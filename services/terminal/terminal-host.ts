@@ -7,7 +7,7 @@
 
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
-import { ApduError, swHex } from "../../lib/apdu/apdu.js";
+import { ApduError, SW, swHex } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
@@ -16,7 +16,8 @@ import { hexOf, merchantId as mid, psamId as toPsamId, txnId } from "../../lib/i
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
-import { Verdict } from "../../lib/protocol/psam.js";
+import { DrawAmountCommand, Verdict } from "../../lib/protocol/psam.js";
+import { LayoutError } from "../../lib/protocol/layout.js";
 import { DebitResponse } from "../../lib/protocol/purse.js";
 import type { Db } from "../../lib/store/db.js";
 import {
@@ -75,10 +76,24 @@ export class TerminalHost {
         const psam = await SoftwarePsam.open(file);
         const driver = new PsamDriver(new InProcessTransport(psam));
         await driver.connect();
-        return { index, psam, driver, mutex: new Mutex(), failed: false };
+        const slot = { index, psam, driver, mutex: new Mutex(), failed: false };
+        await this.syncStore(slot);
+        return slot;
       }),
     );
     this.loop = this.run();
+  }
+
+  /**
+   * Copies into the host's store what the PSAM holds that the store may have
+   * missed (a crash between the PSAM's write and the store's): the current
+   * batch's records and the last closed batch. Every write is idempotent.
+   */
+  private async syncStore(slot: Slot): Promise<void> {
+    const st = await slot.driver.readStatus();
+    for (const r of await slot.driver.readBatch()) await this.store.recordTransaction(slot.psam.psamId, st.batchNumber, r, "sync");
+    const closed = await slot.driver.lastClosedBatch();
+    if (closed) await this.store.recordBatch(closed);
   }
 
   /** Resolves once the host has been welcomed by the concentrator. */
@@ -117,9 +132,16 @@ export class TerminalHost {
           case "ping":
             out.push({ message: { $case: "pong", value: { nonce: msg.value.nonce } } });
             break;
-          case "job":
-            void this.handle(msg.value).then((result) => out.push({ message: { $case: "result", value: result } }));
+          case "job": {
+            const job = msg.value;
+            void this.handle(job)
+              .catch((e): PsamJobResult => {
+                this.o.log.error("job failed", { job: job.jobId, error: (e as Error).message });
+                return { ...this.resultBase(job), status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message };
+              })
+              .then((result) => out.push({ message: { $case: "result", value: result } }));
             break;
+          }
         }
       }
     } finally {
@@ -141,9 +163,13 @@ export class TerminalHost {
     };
   }
 
+  private resultBase(job: PsamJob) {
+    return { jobId: job.jobId, terminalId: this.o.terminalId, psamId: job.psamId, statusWord: 0, message: "", slot: undefined, outcome: undefined };
+  }
+
   private async handle(job: PsamJob): Promise<PsamJobResult> {
     const psamHex = hexOf(job.psamId?.value);
-    const base = { jobId: job.jobId, terminalId: this.o.terminalId, psamId: job.psamId, statusWord: 0, message: "", slot: undefined, outcome: undefined };
+    const base = this.resultBase(job);
     const slot = this.slots.find((s) => s.psam.psamId === psamHex);
     if (!slot) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `no PSAM ${psamHex} in terminal ${this.o.terminalId}` };
     const result = await slot.mutex.run(async (): Promise<PsamJobResult> => {
@@ -154,7 +180,7 @@ export class TerminalHost {
         if (e instanceof ApduError) {
           return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED, statusWord: e.sw, message: e.message, slot: await this.slotInfo(slot) };
         }
-        if (e instanceof JobInvalid) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
+        if (e instanceof JobInvalid || e instanceof LayoutError) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
         slot.failed = true;
         this.o.log.error("PSAM failed; slot out of the pool", { psam: psamHex, error: (e as Error).message });
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
@@ -171,11 +197,19 @@ export class TerminalHost {
       case "issueDebitCommand": {
         const t = task.value;
         if (!t.amount || !t.merchantId || !job.transactionId) throw new JobInvalid("issue_debit_command needs amount, merchant_id and transaction_id");
-        const issued = await slot.driver.issueDebitCommand({
+        if (t.amount.amountMinor < 0n || t.amount.amountMinor > 0xffffffffn || t.amount.currency > 0xffff) throw new JobInvalid("issue_debit_command: amount out of range");
+        // The draw is encoded before the PSAM sees anything: a malformed job fails here, as INVALID.
+        const request = {
           cardAtr: Buffer.from(t.cardAtr),
           initializeResponse: Buffer.from(t.initializeResponse),
           draw: { amount: Number(t.amount.amountMinor), currency: t.amount.currency, transactionRef: job.transactionId.value, merchantId: t.merchantId.value },
           returnExpectedSignature: t.returnExpectedSignature,
+        };
+        DrawAmountCommand.encode(request.draw);
+        const issued = await slot.driver.issueDebitCommand(request).catch(async (e) => {
+          if (!(e instanceof ApduError && e.sw === SW.BATCH_FULL)) throw e;
+          await this.closeBatch(slot); // full: close it and draw again
+          return slot.driver.issueDebitCommand(request);
         });
         this.o.log.info("debit command issued", { psam: psamHex, psamCounter: issued.psamCounter, transaction: job.transactionId.value });
         return {
@@ -191,13 +225,12 @@ export class TerminalHost {
         const v = await slot.driver.verifyDebit(t.psamCounter, Buffer.from(t.debitResponse));
         const answer = DebitResponse.decode(t.debitResponse);
         if (v.verdict === Verdict.RECORDED) {
-          const st = await slot.driver.readStatus();
-          const record = await slot.driver.readBatchRecord(st.batchCount - 1);
-          if (record) await this.store.recordTransaction(psamHex, v.batchNumber, record, job.jobId);
+          await this.keep(() => this.storeRecord(slot, t.psamCounter, v.batchNumber, job.jobId));
           this.o.log.info("debit recorded in batch", { psam: psamHex, psamCounter: t.psamCounter, batch: v.batchNumber });
-          await this.maybeCloseBatch(slot, st.batchCount);
+          const st = await slot.driver.readStatus();
+          if (st.batchCount >= (this.o.batchCloseAt ?? 200)) await this.closeBatch(slot);
         } else {
-          await this.store.recordReversal(psamHex, t.psamCounter, job.transactionId?.value ?? "", "declined by card");
+          await this.keep(() => this.store.recordReversal(psamHex, t.psamCounter, job.transactionId?.value ?? "", "declined by card"));
         }
         return {
           $case: "debitVerified",
@@ -212,7 +245,7 @@ export class TerminalHost {
       }
       case "reverseDebit": {
         await slot.driver.reverseDebit(task.value.psamCounter);
-        await this.store.recordReversal(psamHex, task.value.psamCounter, job.transactionId?.value ?? "", "reversed by payment server");
+        await this.keep(() => this.store.recordReversal(psamHex, task.value.psamCounter, job.transactionId?.value ?? "", "reversed by payment server"));
         this.o.log.info("debit reversed", { psam: psamHex, psamCounter: task.value.psamCounter });
         return { $case: "debitReversed", value: { psamCounter: task.value.psamCounter } };
       }
@@ -221,10 +254,30 @@ export class TerminalHost {
     }
   }
 
-  private async maybeCloseBatch(slot: Slot, count: number): Promise<void> {
-    if (count < (this.o.batchCloseAt ?? 200)) return;
+  /** Stores the batch record of one PSAM counter (normally the newest; absent when a retry found it in a closed batch). */
+  private async storeRecord(slot: Slot, psamCounter: number, batchNumber: number, jobId: string): Promise<void> {
+    const st = await slot.driver.readStatus();
+    for (let i = st.batchCount - 1; i >= 0; i--) {
+      const r = await slot.driver.readBatchRecord(i);
+      if (r?.psamCounter === psamCounter) return this.store.recordTransaction(slot.psam.psamId, batchNumber, r, jobId);
+    }
+  }
+
+  /**
+   * The host's store is its own record of what the PSAM already holds; a
+   * failure to write it must not fail the job (the PSAM's answer is the fact),
+   * and syncStore catches up at the next start.
+   */
+  private async keep(write: () => Promise<void>): Promise<void> {
+    await write().catch((e) => this.o.log.error("terminal store write failed; it catches up at the next start", { error: (e as Error).message }));
+  }
+
+  /** Closes the PSAM's batch, having first stored every record in it. */
+  private async closeBatch(slot: Slot): Promise<void> {
+    const st = await slot.driver.readStatus();
+    for (const r of await slot.driver.readBatch()) await this.store.recordTransaction(slot.psam.psamId, st.batchNumber, r, "close");
     const closed = await slot.driver.closeBatch();
-    await this.store.recordBatch(closed);
+    await this.keep(() => this.store.recordBatch(closed));
     this.o.log.info("batch closed", { psam: slot.psam.psamId, batch: closed.batchNumber, count: closed.count, total: closed.total });
   }
 

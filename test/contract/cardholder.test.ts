@@ -78,6 +78,7 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
     const stale = { ...(await offer()), expiresAt: new Date(Date.now() - 1000) };
     expect(await failure(net.clients.cardholder.payOffer({ offer: stale, approvedAmount: stale.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "OFFER_EXPIRED" });
     await notAtPaymentServer(o);
+    await notAtPaymentServer(stale);
   });
 
   it("refuses a malformed offer with INVALID_ARGUMENT naming the field", async () => {

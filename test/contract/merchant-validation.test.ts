@@ -116,6 +116,10 @@ describe("contract: netpurse.merchant.v1.MerchantValidationService", () => {
       [{ confirmation: { ...c, transactionId: { value: "nope" } }, order }, "confirmation.transaction_id"],
       [{ confirmation: { ...c, confirmedAt: undefined }, order }, "confirmation.confirmed_at"],
       [{ confirmation: c, order: { ...order, amount: undefined } }, "order.amount"],
+      [{ confirmation: { ...c, amount: { ...c.amount!, currency: 70_000 } }, order }, "confirmation.amount.currency"],
+      [{ confirmation: { ...c, amount: { ...c.amount!, exponent: 300 } }, order }, "confirmation.amount.exponent"],
+      [{ confirmation: { ...c, confirmedAt: new Date(-5_000) }, order }, "confirmation.confirmed_at"],
+      [{ confirmation: c, order: { ...order, amount: { ...order.amount!, currency: 0 } } }, "order.amount.currency"],
     ];
     for (const [req, field] of cases) {
       const f = await failure(client.validateConfirmation(req));

@@ -21,7 +21,7 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
     const card = await openCard(net.cardPath);
     const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, offer!) });
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), Number(offer!.amount!.amountMinor)));
-    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw });
+    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
     return { offer: offer!, confirmation: done.confirmation! };
   }
 

@@ -54,7 +54,7 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const dr = await drawRequestFor(reader, o);
     const issued = await net.clients.payment.processDrawRequest({ drawRequest: dr });
     const debit = await reader.debit(withOriginalAmount(Buffer.from(issued.debitCommand), Number(o.amount!.amountMinor)));
-    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw });
+    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
     return { dr, issued, debit, done };
   }
 
@@ -179,7 +179,7 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(poor, o, forged) });
     const debit = await poor.debit(Buffer.from(issued.debitCommand));
     expect(debit.parsed!.result).to.equal(1);
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw }));
+    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "INSUFFICIENT_BALANCE" });
     expect(await balance(poor)).to.equal(500);
     const t1 = await totals();
@@ -216,7 +216,7 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 1)); // a client that pays 0.01 instead
     expect(debit.sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
     expect((await totals()).pending).to.equal(t0.pending + 1);
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: Buffer.alloc(0) }));
+    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: Buffer.alloc(0), completionToken: issued.completionToken }));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "CARD_REFUSED" });
     expect(await balance()).to.equal(before);
     const t1 = await totals();
@@ -245,10 +245,11 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const a = await net.clients.payment.processDrawRequest({ drawRequest: dr });
     const b = await net.clients.payment.processDrawRequest({ drawRequest: dr });
     expect(Buffer.from(b.debitCommand).equals(Buffer.from(a.debitCommand))).to.equal(true);
+    expect(Buffer.from(b.completionToken).equals(Buffer.from(a.completionToken))).to.equal(true);
     expect((await totals()).counter).to.equal(t0.counter + 1);
     const before = await balance();
     const debit = await card.debit(Buffer.from(a.debitCommand));
-    const req = { transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw };
+    const req = { transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: a.completionToken };
     const c1 = await net.clients.payment.completePurchase(req);
     const c2 = await net.clients.payment.completePurchase(req);
     expect(Buffer.from(c2.confirmation!.mac).equals(Buffer.from(c1.confirmation!.mac))).to.equal(true);
@@ -266,6 +267,42 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     expect(f).to.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
   });
 
+  it("only the client that sent the draw request can complete it: another party's card error does not reverse the purchase", async () => {
+    const o = await offer();
+    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) });
+    expect(issued.completionToken).to.have.length(16);
+    const t0 = await totals();
+    for (const completionToken of [Buffer.alloc(0), Buffer.alloc(16), Buffer.from(issued.completionToken).map((b, i) => (i ? b : b ^ 1))]) {
+      const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: 0x6982, debitResponse: Buffer.alloc(0), completionToken: Buffer.from(completionToken) }));
+      expect(f).to.include({ code: "PERMISSION_DENIED", reason: "WRONG_COMPLETION_TOKEN" });
+    }
+    expect((await totals()).pending).to.equal(t0.pending);
+    expect((await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.state).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED);
+    const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 250));
+    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
+    expect(done.confirmation!.psamCounter).to.equal(issued.psamCounter);
+  });
+
+  it("does not ask a PSAM when the caller's deadline leaves too little time (DEADLINE_EXCEEDED, nothing signed)", async () => {
+    const o = await offer();
+    const t0 = await totals();
+    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) }, { deadline: 600 }));
+    expect(f.code).to.equal("DEADLINE_EXCEEDED");
+    expect((await totals()).counter).to.equal(t0.counter);
+  });
+
+  it("records a debit the card proves even when the client overstated the card's balance", async () => {
+    const o = await offer();
+    const before = await balance();
+    const overstated = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: before + 5_000 });
+    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o, overstated) });
+    const debit = await card.debit(Buffer.from(issued.debitCommand));
+    expect(debit.parsed!.result).to.equal(0);
+    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
+    expect(done.newBalance!.amountMinor).to.equal(BigInt(before - 250));
+    expect(await balance()).to.equal(before - 250);
+  });
+
   it("a card signature that does not verify gets PERMISSION_DENIED and the PSAM reverses", async () => {
     const o = await offer();
     const t0 = await totals();
@@ -273,7 +310,7 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const debit = await card.debit(Buffer.from(issued.debitCommand));
     const tampered = Buffer.from(debit.raw);
     tampered[DebitResponse.offset("cardSignature")]! ^= 0x80;
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: SW.OK, debitResponse: tampered }));
+    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: SW.OK, debitResponse: tampered, completionToken: issued.completionToken }));
     expect(f).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
     const t1 = await totals();
     expect(t1.batch).to.equal(t0.batch);
@@ -328,7 +365,7 @@ describe("contract: PaymentService under PSAM shortage", function () {
     expect(f).to.include({ code: "RESOURCE_EXHAUSTED", reason: "NO_PSAM_FREE" });
     expect(Date.now() - started).to.be.below(1_500);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    await net.clients.payment.completePurchase({ transactionId: first.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw }); // PSAM back to the pool
+    await net.clients.payment.completePurchase({ transactionId: first.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }); // PSAM back to the pool
     const retry = await net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 5_000 });
     expect(retry.debitCommand).to.have.length(DebitCommand.size);
   });
@@ -347,8 +384,10 @@ describe("contract: PaymentService when a terminal answers too late", function (
     const o = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
     const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) }, { deadline: 10_000 });
     expect(issued.terminalId).to.equal("t-fast");
+    const first = (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.events.find((e) => e.step === "psam_assigned")!;
+    expect(first.detail).to.contain("terminal t-slow"); // it went there first, and moved on when no answer came
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw });
+    await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
     // The slow PSAM did sign (its counter moved) a command nobody received; the payment server reverses it.
     const slow = net.hosts.get("t-slow")!.host.data;
     await waitFor(async () => (await slow.reversals()).length === 1, 20_000, "the slow PSAM's open debit to be reversed");

@@ -3,6 +3,7 @@
 
 import { expect } from "chai";
 import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
+import { OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { hexOf } from "../../lib/ids.js";
 import { withOriginalAmount } from "../../client/card/purse-reader.js";
 import { drawRequestFor, failure, openCard } from "../support/card-client.js";
@@ -35,7 +36,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     const issued = await inFlight;
     expect(issued.terminalId).to.equal("t-spare");
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 99));
-    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw });
+    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
     expect(done.newBalance!.amountMinor).to.equal(10_000n - 99n);
 
     // The dying terminal's PSAM signed a DEBIT command nobody received: open until it returns, then reversed.
@@ -60,11 +61,12 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     await net.launcher.kill("terminal-1");
     await waitFor(async () => (await net.clients.concentrator.listTerminals({})).terminals.length === 0, 10_000, "the terminal to detach");
 
-    const req = { transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw };
+    const req = { transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken };
     const f = await failure(net.clients.payment.completePurchase(req));
     expect(f).to.include({ code: "UNAVAILABLE", reason: "IN_DOUBT" });
     expect((await net.clients.payment.getPurchase({ transactionId: offer!.transactionId })).purchase!.state).to.equal(PurchaseState.PURCHASE_STATE_IN_DOUBT);
-    expect((await failure(net.clients.merchant.completeOrder({ transactionId: offer!.transactionId }))).code).to.equal("INVALID_ARGUMENT");
+    // No confirmation exists yet, so the merchant has released nothing.
+    expect((await net.clients.merchant.getOrder({ transactionId: offer!.transactionId })).order!.state).to.equal(OrderState.ORDER_STATE_OFFERED);
 
     await net.startTerminal("terminal-1");
     await waitFor(
@@ -94,7 +96,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     const again = await net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 10_000 });
     expect(Buffer.from(again.debitCommand).equals(Buffer.from(issued.debitCommand))).to.equal(true);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw }, { deadline: 15_000 });
+    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }, { deadline: 15_000 });
     expect(done.newBalance!.amountMinor).to.equal(10_000n - 99n);
     const s = (await psamState(net))[0]!;
     expect(s).to.include({ batch: 1, pending: 0 });

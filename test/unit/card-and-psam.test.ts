@@ -8,7 +8,7 @@ import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse
 import { PurseReader, withOriginalAmount } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
 import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
-import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
+import { MAX_OPEN_DEBITS, SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
 import type { Issuer } from "../../services/issuer/issuer.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 
@@ -211,7 +211,8 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(await swOf(s.driver.reverseDebit(d.psamCounter))).to.equal(SW.CONDITIONS_NOT_SATISFIED);
     const again = await s.driver.verifyDebit(d.psamCounter, debit.raw); // a retry gets the same answer
     expect(again.recordMac.equals(first.recordMac)).to.equal(true);
-    expect(await swOf(s.driver.verifyDebit(d.psamCounter, tampered))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter, tampered))).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED); // settled with another signature
+    expect(await swOf(s.driver.verifyDebit(d.psamCounter + 7, debit.raw))).to.equal(SW.REFERENCED_DATA_NOT_FOUND);
     expect((await s.driver.readStatus()).batchCount).to.equal(1);
   });
 
@@ -230,6 +231,38 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(st).to.include({ batchNumber: 2, batchCount: 0, psamCounter: 2 });
     const d = await drawDebit(s, 10);
     expect(d.psamCounter).to.equal(3);
+  });
+
+  it("answers a retried VERIFY DEBIT alike after the batch was closed, and a retried decline alike", async () => {
+    const s = await setup({ value: 1_000 });
+    const d = await drawDebit(s, 300);
+    const debit = await s.reader.debit(d.debitCommand);
+    const first = await s.driver.verifyDebit(d.psamCounter, debit.raw);
+    const closed = await s.driver.closeBatch();
+    expect(closed.count).to.equal(1);
+    const again = await s.driver.verifyDebit(d.psamCounter, debit.raw);
+    expect(again).to.deep.equal(first);
+    expect(await s.driver.lastClosedBatch()).to.deep.equal(closed); // readable again, in case its answer was lost
+
+    const init = await s.reader.initializeForPurchase();
+    const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
+    const big = await s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: forged, draw: { amount: 5_000, currency: EUR, transactionRef: randomUUID(), merchantId: "m" }, returnExpectedSignature: false });
+    const declined = await s.reader.debit(big.debitCommand);
+    expect((await s.driver.verifyDebit(big.psamCounter, declined.raw)).verdict).to.equal(1);
+    expect((await s.driver.verifyDebit(big.psamCounter, declined.raw)).verdict).to.equal(1);
+    await s.driver.reverseDebit(big.psamCounter); // cancelled already: answered alike
+    expect((await s.driver.readStatus()).batchCount).to.equal(0);
+  });
+
+  it("keeps open debits within their own bound, so abandoned ones never fill the batch", async () => {
+    const s = await setup({}, { batchCapacity: 2 });
+    const open: number[] = [];
+    for (let i = 0; i < MAX_OPEN_DEBITS; i++) open.push((await drawDebit(s, 1)).psamCounter); // never answered
+    expect(await swOf(drawDebit(s, 1))).to.equal(SW.TOO_MANY_OPEN_DEBITS);
+    await s.driver.reverseDebit(open[0]!);
+    const d = await drawDebit(s, 10);
+    await s.driver.verifyDebit(d.psamCounter, (await s.reader.debit(d.debitCommand)).raw);
+    expect((await s.driver.readStatus()).batchCount).to.equal(1);
   });
 
   it("refuses DEBIT without a session and of the wrong length", async () => {

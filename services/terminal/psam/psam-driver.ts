@@ -96,4 +96,23 @@ export class PsamDriver {
   async closeBatch() {
     return CloseBatchResponse.decode(await this.send(cmd(PsamIns.CLOSE_BATCH), "CLOSE BATCH"));
   }
+
+  /** The last closed batch's summary again, or undefined when none was closed yet. */
+  async lastClosedBatch() {
+    const r = await exchange(this.transport, cmd(PsamIns.CLOSE_BATCH, Buffer.alloc(0), 0x01));
+    if (r.sw === SW.REFERENCED_DATA_NOT_FOUND) return undefined;
+    if (r.sw !== SW.OK) throw new ApduError(r.sw, "PSAM refused CLOSE BATCH (last closed)");
+    return CloseBatchResponse.decode(r.data);
+  }
+
+  /** The current batch's records, oldest first. */
+  async readBatch(): Promise<PsamBatchRecord[]> {
+    const out: PsamBatchRecord[] = [];
+    for (let i = 0; i < 0x10000; i++) {
+      const r = await this.readBatchRecord(i);
+      if (!r) break;
+      out.push(r);
+    }
+    return out;
+  }
 }

@@ -87,11 +87,29 @@ export interface PsamFile {
   pending: PendingDebitState[];
   /** Purse ids (hex) the issuer has blocked. */
   blockedPurses: string[];
-  /** PSAM counters of the last debits cancelled (reversed or declined by the card), so a retried REVERSE is answered alike. */
-  reversed: number[];
+  /**
+   * How the last debits ended, by PSAM counter, beyond batch closes: a
+   * retried VERIFY DEBIT or REVERSE DEBIT whose first answer was lost gets the
+   * same answer, never a second record or a second cancellation.
+   */
+  settled: SettledDebit[];
+  /** The last closed batch's summary, readable again (CLOSE BATCH with P1 = 01) until the next close. */
+  lastClosed?: { batchNumber: number; count: number; total: number; batchMac: string };
 }
 
-const REVERSED_KEPT = 256;
+export interface SettledDebit {
+  psamCounter: number;
+  outcome: "recorded" | "declined" | "reversed";
+  batchNumber: number;
+  /** The card's signature (recorded and declined debits), hex. */
+  cardSignature?: string;
+  /** The record MAC (recorded debits), hex. */
+  recordMac?: string;
+}
+
+const SETTLED_KEPT = 1024;
+/** Most debits open at once: abandoned ones must not take the batch's room. */
+export const MAX_OPEN_DEBITS = 64;
 
 interface Session {
   atr: Buffer;
@@ -173,7 +191,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       case PsamIns.READ_BATCH_RECORD:
         return this.readBatchRecord(c);
       case PsamIns.CLOSE_BATCH:
-        return this.closeBatch();
+        return c.p1 === 0x01 ? this.lastClosedBatch() : this.closeBatch();
       default:
         return status(SW.INS_NOT_SUPPORTED);
     }
@@ -224,7 +242,8 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     if (draw.currency !== card.currency) throw new ApduError(SW.CURRENCY_NOT_ACCEPTED, "amount currency is not the card's");
     if (draw.amount > card.balance) throw new ApduError(SW.INSUFFICIENT_BALANCE, "card balance lower than amount");
     const s = this.state;
-    if (s.batch.length + s.pending.length >= s.batchCapacity) throw new ApduError(SW.BATCH_FULL, "batch full: close it first");
+    if (s.batch.length >= s.batchCapacity) throw new ApduError(SW.BATCH_FULL, "batch full: close it first");
+    if (s.pending.length >= MAX_OPEN_DEBITS) throw new ApduError(SW.TOO_MANY_OPEN_DEBITS, `${MAX_OPEN_DEBITS} debits are open: verify or reverse some first`);
     if (s.counter >= 0xffffffff) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "PSAM counter exhausted");
     this.session = undefined; // one debit per card session
 
@@ -272,23 +291,30 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return p;
   }
 
-  private cancelled(psamCounter: number): number[] {
-    return [...this.state.reversed, psamCounter].slice(-REVERSED_KEPT);
+  private settle(d: SettledDebit): SettledDebit[] {
+    return [...this.state.settled, d].slice(-SETTLED_KEPT);
+  }
+
+  /** A retried VERIFY DEBIT: the same answer as the first time, if the card's answer is the same. */
+  private verifyAgain(done: SettledDebit, answer: { cardSignature: Buffer }): ResponseApdu {
+    if (done.outcome === "reversed") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${done.psamCounter} was reversed`);
+    if (!macEqual(Buffer.from(done.cardSignature ?? "", "hex"), answer.cardSignature)) {
+      throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, `debit ${done.psamCounter} was settled with another card signature`);
+    }
+    const verdict = done.outcome === "recorded" ? Verdict.RECORDED : Verdict.DECLINED_BY_CARD;
+    return { data: VerifyDebitResponse.encode({ verdict, batchNumber: done.batchNumber, recordMac: Buffer.from(done.recordMac ?? "0000000000000000", "hex") }), sw: SW.OK };
   }
 
   /**
-   * VERIFY DEBIT: the card's answer; a proven debit goes into the batch. A
-   * retry for a debit already recorded in the current batch with the same
-   * card signature gets the same answer.
+   * VERIFY DEBIT: the card's answer. A debit the card proves goes into the
+   * batch, whatever the client claimed its balance was: the card's signature
+   * is the proof. A signed refusal cancels the debit.
    */
   private async verifyDebit(c: CommandApdu): Promise<ResponseApdu> {
     const v = decode<{ psamCounter: number; debitResponse: Buffer }>(VerifyDebitCommand, c.data);
     const answer = decode<ReturnType<typeof DebitResponse.decode>>(DebitResponse, v.debitResponse);
-    const done = this.state.batch.find((r) => r.psamCounter === v.psamCounter);
-    if (done && macEqual(Buffer.from(done.cardSignature, "hex"), answer.cardSignature)) {
-      return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: this.state.batchNumber, recordMac: Buffer.from(done.recordMac, "hex") }), sw: SW.OK };
-    }
-    if (this.state.reversed.includes(v.psamCounter)) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${v.psamCounter} was cancelled`);
+    const done = this.state.settled.find((x) => x.psamCounter === v.psamCounter);
+    if (done) return this.verifyAgain(done, answer);
     const p = this.pendingByCounter(v.psamCounter);
     const purseId = Buffer.from(p.purseId, "hex");
     const cardSession = { purseId, cardCounter: p.cardCounter, challenge: Buffer.from(p.challenge, "hex") };
@@ -306,13 +332,10 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     }
     const s = this.state;
     const rest = s.pending.filter((x) => x !== p);
+    const signature = answer.cardSignature.toString("hex");
     if (answer.result !== DebitResult.DEBITED) {
-      // The card proved, under its key, that it did not debit: cancel.
-      await this.save({ ...s, pending: rest, reversed: this.cancelled(p.psamCounter) });
+      await this.save({ ...s, pending: rest, settled: this.settle({ psamCounter: p.psamCounter, outcome: "declined", batchNumber: s.batchNumber, cardSignature: signature }) });
       return { data: VerifyDebitResponse.encode({ verdict: Verdict.DECLINED_BY_CARD, batchNumber: s.batchNumber, recordMac: Buffer.alloc(8) }), sw: SW.OK };
-    }
-    if (answer.counter !== p.cardCounter + 1 || answer.balance !== p.balanceBefore - p.amount) {
-      throw new ApduError(SW.WRONG_DATA, "card's signed state does not follow from the debit");
     }
     const record = {
       psamCounter: p.psamCounter,
@@ -326,18 +349,21 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       cardSignature: answer.cardSignature,
     };
     const recordMac = batchRecordMac(Buffer.from(s.batchKey, "hex"), fields.psamId, s.batchNumber, record);
-    const stored: BatchRecordState = { ...record, purseId: p.purseId, cardSignature: answer.cardSignature.toString("hex"), recordMac: recordMac.toString("hex") };
-    await this.save({ ...s, pending: rest, batch: [...s.batch, stored] });
+    const stored: BatchRecordState = { ...record, purseId: p.purseId, cardSignature: signature, recordMac: recordMac.toString("hex") };
+    const settled = this.settle({ psamCounter: p.psamCounter, outcome: "recorded", batchNumber: s.batchNumber, cardSignature: signature, recordMac: stored.recordMac });
+    await this.save({ ...s, pending: rest, batch: [...s.batch, stored], settled });
     return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: s.batchNumber, recordMac }), sw: SW.OK };
   }
 
   /** REVERSE DEBIT: cancel an open debit the card did not make. A recorded debit cannot be reversed; a repeat is answered alike. */
   private async reverseDebit(c: CommandApdu): Promise<ResponseApdu> {
     const { psamCounter } = decode<{ psamCounter: number }>(ReverseDebitCommand, c.data);
-    if (this.state.reversed.includes(psamCounter)) return status(SW.OK);
-    if (this.state.batch.some((r) => r.psamCounter === psamCounter)) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
+    const done = this.state.settled.find((x) => x.psamCounter === psamCounter);
+    if (done?.outcome === "recorded") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
+    if (done) return status(SW.OK);
     const p = this.pendingByCounter(psamCounter);
-    await this.save({ ...this.state, pending: this.state.pending.filter((x) => x !== p), reversed: this.cancelled(psamCounter) });
+    const settled = this.settle({ psamCounter, outcome: "reversed", batchNumber: this.state.batchNumber });
+    await this.save({ ...this.state, pending: this.state.pending.filter((x) => x !== p), settled });
     return status(SW.OK);
   }
 
@@ -384,7 +410,16 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const s = this.state;
     const summary = { psamId: Buffer.from(s.psamId, "hex"), batchNumber: s.batchNumber, count: s.batch.length, total: this.batchTotal(), currency: s.currency };
     const mac = batchMac(Buffer.from(s.batchKey, "hex"), summary);
-    await this.save({ ...s, batchNumber: s.batchNumber + 1, batch: [] });
+    const lastClosed = { batchNumber: summary.batchNumber, count: summary.count, total: summary.total, batchMac: mac.toString("hex") };
+    await this.save({ ...s, batchNumber: s.batchNumber + 1, batch: [], lastClosed });
     return { data: CloseBatchResponse.encode({ ...summary, batchMac: mac }), sw: SW.OK };
+  }
+
+  /** CLOSE BATCH with P1 = 01: the last closed batch's summary again (its answer may have been lost). */
+  private lastClosedBatch(): ResponseApdu {
+    const s = this.state;
+    if (!s.lastClosed) throw new ApduError(SW.REFERENCED_DATA_NOT_FOUND, "no batch closed yet");
+    const { batchMac: mac, ...rest } = s.lastClosed;
+    return { data: CloseBatchResponse.encode({ psamId: Buffer.from(s.psamId, "hex"), currency: s.currency, ...rest, batchMac: Buffer.from(mac, "hex") }), sw: SW.OK };
   }
 }

@@ -200,6 +200,8 @@ export enum ErrorReason {
   ERROR_REASON_NOT_APPROVED = 16,
   /** ERROR_REASON_OFFER_EXPIRED - The offer has expired (FAILED_PRECONDITION). */
   ERROR_REASON_OFFER_EXPIRED = 17,
+  /** ERROR_REASON_WRONG_COMPLETION_TOKEN - CompletePurchase without the transaction's completion token (PERMISSION_DENIED). */
+  ERROR_REASON_WRONG_COMPLETION_TOKEN = 18,
   UNRECOGNIZED = -1,
 }
 
@@ -259,6 +261,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 17:
     case "ERROR_REASON_OFFER_EXPIRED":
       return ErrorReason.ERROR_REASON_OFFER_EXPIRED;
+    case 18:
+    case "ERROR_REASON_WRONG_COMPLETION_TOKEN":
+      return ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -304,6 +309,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_NOT_APPROVED";
     case ErrorReason.ERROR_REASON_OFFER_EXPIRED:
       return "ERROR_REASON_OFFER_EXPIRED";
+    case ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN:
+      return "ERROR_REASON_WRONG_COMPLETION_TOKEN";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -164,6 +164,13 @@ export interface ProcessDrawRequestResponse {
     | undefined;
   /** The PSAM's counter for this transaction. */
   psamCounter: number;
+  /**
+   * A secret of this transaction (16 bytes) that CompletePurchase must
+   * present: only the client that sent the draw request can complete (or, by
+   * reporting a card error, reverse) the purchase. A retried draw request
+   * gets the same token.
+   */
+  completionToken: Buffer;
 }
 
 /** Request of CompletePurchase: the card's answer to DEBIT. */
@@ -179,6 +186,11 @@ export interface CompletePurchaseRequest {
    * docs/apdu.md). Empty when the card answered with an error status word.
    */
   debitResponse: Buffer;
+  /**
+   * The completion_token ProcessDrawRequest returned. PERMISSION_DENIED
+   * (reason WRONG_COMPLETION_TOKEN) when it is not this transaction's.
+   */
+  completionToken: Buffer;
 }
 
 /** Response of CompletePurchase for a purchase the PSAM proved. */
@@ -556,7 +568,14 @@ export const ProcessDrawRequestRequest: MessageFns<ProcessDrawRequestRequest> = 
 };
 
 function createBaseProcessDrawRequestResponse(): ProcessDrawRequestResponse {
-  return { transactionId: undefined, debitCommand: Buffer.alloc(0), terminalId: "", psamId: undefined, psamCounter: 0 };
+  return {
+    transactionId: undefined,
+    debitCommand: Buffer.alloc(0),
+    terminalId: "",
+    psamId: undefined,
+    psamCounter: 0,
+    completionToken: Buffer.alloc(0),
+  };
 }
 
 export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> = {
@@ -575,6 +594,9 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
     }
     if (message.psamCounter !== 0) {
       writer.uint32(40).uint32(message.psamCounter);
+    }
+    if (message.completionToken.length !== 0) {
+      writer.uint32(50).bytes(message.completionToken);
     }
     return writer;
   },
@@ -632,6 +654,14 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
             message.psamCounter = reader.uint32();
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.completionToken = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -671,6 +701,11 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
         : isSet(object.psam_counter)
         ? globalThis.Number(object.psam_counter)
         : 0,
+      completionToken: isSet(object.completionToken)
+        ? Buffer.from(bytesFromBase64(object.completionToken))
+        : isSet(object.completion_token)
+        ? Buffer.from(bytesFromBase64(object.completion_token))
+        : Buffer.alloc(0),
     };
   },
 
@@ -691,6 +726,9 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
     if (message.psamCounter !== 0) {
       obj.psamCounter = Math.round(message.psamCounter);
     }
+    if (message.completionToken.length !== 0) {
+      obj.completionToken = base64FromBytes(message.completionToken);
+    }
     return obj;
   },
 
@@ -708,12 +746,18 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
       ? PsamId.fromPartial(object.psamId)
       : undefined;
     message.psamCounter = object.psamCounter ?? 0;
+    message.completionToken = object.completionToken ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseCompletePurchaseRequest(): CompletePurchaseRequest {
-  return { transactionId: undefined, cardStatusWord: 0, debitResponse: Buffer.alloc(0) };
+  return {
+    transactionId: undefined,
+    cardStatusWord: 0,
+    debitResponse: Buffer.alloc(0),
+    completionToken: Buffer.alloc(0),
+  };
 }
 
 export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
@@ -726,6 +770,9 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
     }
     if (message.debitResponse.length !== 0) {
       writer.uint32(26).bytes(message.debitResponse);
+    }
+    if (message.completionToken.length !== 0) {
+      writer.uint32(34).bytes(message.completionToken);
     }
     return writer;
   },
@@ -767,6 +814,14 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
             message.debitResponse = Buffer.from(reader.bytes());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.completionToken = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -796,6 +851,11 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
         : isSet(object.debit_response)
         ? Buffer.from(bytesFromBase64(object.debit_response))
         : Buffer.alloc(0),
+      completionToken: isSet(object.completionToken)
+        ? Buffer.from(bytesFromBase64(object.completionToken))
+        : isSet(object.completion_token)
+        ? Buffer.from(bytesFromBase64(object.completion_token))
+        : Buffer.alloc(0),
     };
   },
 
@@ -810,6 +870,9 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
     if (message.debitResponse.length !== 0) {
       obj.debitResponse = base64FromBytes(message.debitResponse);
     }
+    if (message.completionToken.length !== 0) {
+      obj.completionToken = base64FromBytes(message.completionToken);
+    }
     return obj;
   },
 
@@ -823,6 +886,7 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
       : undefined;
     message.cardStatusWord = object.cardStatusWord ?? 0;
     message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
+    message.completionToken = object.completionToken ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -1755,6 +1819,7 @@ export const PaymentServiceDefinition = {
      * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
      * that PSAM cannot be reached the transaction is recorded as in doubt
      * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
+     * The request must carry the transaction's completion token.
      */
     completePurchase: {
       name: "CompletePurchase",
@@ -1803,6 +1868,7 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
    * that PSAM cannot be reached the transaction is recorded as in doubt
    * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
+   * The request must carry the transaction's completion token.
    */
   completePurchase(
     request: CompletePurchaseRequest,
@@ -1842,6 +1908,7 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
    * that PSAM cannot be reached the transaction is recorded as in doubt
    * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
+   * The request must carry the transaction's completion token.
    */
   completePurchase(
     request: DeepPartial<CompletePurchaseRequest>,
