@@ -64,6 +64,8 @@ export class TerminalHost {
   private connected: Promise<void>;
   private markConnected!: () => void;
   private loop: Promise<void> | undefined;
+  /** The current stream's outgoing side, for slot updates outside a job. */
+  private out: AsyncQueue<AttachTerminalRequest> | undefined;
 
   constructor(private readonly o: TerminalHostOptions) {
     this.store = new TerminalStore(o.db);
@@ -117,6 +119,7 @@ export class TerminalHost {
 
   private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
     const out = new AsyncQueue<AttachTerminalRequest>();
+    this.out = out;
     const window = this.o.window ?? Math.max(1, this.slots.length);
     out.push({ message: { $case: "hello", value: { terminalId: this.o.terminalId, window, slots: await Promise.all(this.slots.map((s) => this.slotInfo(s))) } } });
     const stream = client.attachTerminal(out, { signal: this.abort.signal });
@@ -183,6 +186,7 @@ export class TerminalHost {
         if (e instanceof JobInvalid || e instanceof LayoutError) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
         slot.failed = true;
         this.o.log.error("PSAM failed; slot out of the pool", { psam: psamHex, error: (e as Error).message });
+        this.probeLater(slot);
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
       }
     });
@@ -252,6 +256,25 @@ export class TerminalHost {
       default:
         throw new JobInvalid("job has no task");
     }
+  }
+
+  /** Tries a failed PSAM again every 5 s; once it answers, it is announced back into the pool. */
+  private probeLater(slot: Slot): void {
+    const timer = setTimeout(() => {
+      if (this.stopped || !slot.failed) return;
+      void slot.mutex.run(async () => {
+        try {
+          await slot.driver.connect();
+          await slot.driver.readStatus();
+          slot.failed = false;
+          this.o.log.info("PSAM answers again; slot back in the pool", { psam: slot.psam.psamId });
+          this.out?.push({ message: { $case: "slotUpdate", value: { slot: await this.slotInfo(slot) } } });
+        } catch {
+          this.probeLater(slot);
+        }
+      });
+    }, 5_000);
+    timer.unref();
   }
 
   /** Stores the batch record of one PSAM counter (normally the newest; absent when a retry found it in a closed batch). */
