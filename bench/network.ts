@@ -6,7 +6,6 @@ import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import type { Channel } from "nice-grpc";
 import { MerchantServiceDefinition } from "../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../gen/netpurse/payment/v1/payment.js";
 import { TerminalConcentratorServiceDefinition } from "../gen/netpurse/terminal/v1/terminal.js";
@@ -14,7 +13,7 @@ import type { MerchantClient, PaymentClient, PurchaseContext } from "../client/p
 import { PurseReader } from "../client/card/purse-reader.js";
 import { SoftwareCard } from "../client/card/software-card.js";
 import { InProcessTransport } from "../lib/apdu/transport.js";
-import { clientFactory, openChannel } from "../lib/grpc/client.js";
+import { ChannelCache, clientFactory } from "../lib/grpc/client.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
 import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData, EUR, paths } from "../services/network/layout.js";
@@ -44,24 +43,14 @@ export const PROCESS = {
 /** One channel per service address, shared by every cardholder, as on one client host; a client per call, as the client daemon does. */
 export class ServiceClients {
   private readonly factory = clientFactory();
-  private readonly channels = new Map<string, Channel>();
+  private readonly channels = new ChannelCache();
 
-  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channel(address));
-  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channel(address));
-  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channel(address));
-
-  private channel(address: string): Channel {
-    let c = this.channels.get(address);
-    if (!c) {
-      c = openChannel(address);
-      this.channels.set(address, c);
-    }
-    return c;
-  }
+  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address));
+  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address));
+  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channels.get(address));
 
   close(): void {
-    for (const c of this.channels.values()) c.close();
-    this.channels.clear();
+    this.channels.close();
   }
 }
 

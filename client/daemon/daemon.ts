@@ -8,7 +8,7 @@ import type { CardholderServiceImplementation, PayOfferRequest, PayOfferResponse
 import { MerchantServiceDefinition, PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { CompletePurchaseResponse, PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import { psamId, purseId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -18,7 +18,7 @@ import { LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/pur
 import { PurseReader } from "../card/purse-reader.js";
 import { deliverConfirmation, isFinal, payOffer, type MerchantClient, type PaymentClient } from "../purchase.js";
 import type { JournalRow, SqliteJournal } from "./journal.js";
-import { ClientError, type Channel } from "nice-grpc";
+import { ClientError } from "nice-grpc";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 
@@ -48,7 +48,7 @@ function cardError(e: unknown): unknown {
 export class CardholderDaemon {
   private readonly reader: PurseReader;
   private readonly card = new Mutex();
-  private readonly channels = new Map<string, Channel>();
+  private readonly channels = new ChannelCache();
   private readonly factory = clientFactory();
   private resumeTimer: NodeJS.Timeout | undefined;
 
@@ -58,17 +58,8 @@ export class CardholderDaemon {
     this.reader = new PurseReader(o.transport);
   }
 
-  private channel(address: string): Channel {
-    let c = this.channels.get(address);
-    if (!c) {
-      c = openChannel(address);
-      this.channels.set(address, c);
-    }
-    return c;
-  }
-
-  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channel(address));
-  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channel(address));
+  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address));
+  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address));
 
   readonly service: CardholderServiceImplementation = {
     getCard: async () =>
@@ -225,7 +216,7 @@ export class CardholderDaemon {
 
   async close(): Promise<void> {
     clearTimeout(this.resumeTimer);
-    for (const c of this.channels.values()) c.close();
+    this.channels.close();
     await this.o.transport.close();
   }
 }

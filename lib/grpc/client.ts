@@ -57,3 +57,22 @@ export function clientFactory() {
 }
 
 export const DEFAULT_DEADLINE_MS = 15_000;
+
+/** One channel per address, opened on first use: callers that reach many servers by address (from offers) share connections. */
+export class ChannelCache {
+  private readonly channels = new Map<string, Channel>();
+
+  get(address: string): Channel {
+    let c = this.channels.get(address);
+    if (!c) {
+      c = openChannel(address);
+      this.channels.set(address, c);
+    }
+    return c;
+  }
+
+  close(): void {
+    for (const c of this.channels.values()) c.close();
+    this.channels.clear();
+  }
+}
