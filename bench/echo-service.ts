@@ -4,12 +4,13 @@
 // (which registers services by their full name) and client factory take it
 // like any netpurse service, and the baseline pays the same per-call costs.
 
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { ConfirmationMode } from "../gen/netpurse/card/v1/card.js";
-import { ProcessDrawRequestRequest } from "../gen/netpurse/payment/v1/payment.js";
+import { DrawRequest, ProcessDrawRequestRequest } from "../gen/netpurse/payment/v1/payment.js";
 import { SoftwareCard } from "../client/card/software-card.js";
 import { money } from "../lib/money.js";
-import { InitializeForPurchaseResponse } from "../lib/protocol/purse.js";
+import { InitializeForPurchaseResponse, LogRecord } from "../lib/protocol/purse.js";
+import { seal } from "../lib/protocol/encryption-layer.js";
 import { DEMO_SHOP, EUR } from "../services/network/layout.js";
 
 /** The bytes go over the wire as they are: no message encoding to pay for. */
@@ -43,15 +44,23 @@ export const echoImplementation = {
  * purchase carries.
  */
 export function drawRequestBytes(): number {
+  const id = randomUUID();
+  const key = randomBytes(32);
+  const drawRequest = DrawRequest.encode({
+    transactionId: { value: id },
+    merchantId: { value: DEMO_SHOP.merchantId },
+    amount: money(99, EUR, 2),
+    confirmationMode: ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
+    cardAtr: SoftwareCard.ATR,
+    initializeResponse: Buffer.alloc(InitializeForPurchaseResponse.size),
+    cardLog: Array.from({ length: 4 }, () => Buffer.alloc(LogRecord.size)),
+  }).finish();
   const request = ProcessDrawRequestRequest.encode({
-    drawRequest: {
-      transactionId: { value: randomUUID() },
-      merchantId: { value: DEMO_SHOP.merchantId },
-      amount: money(99, EUR, 2),
-      confirmationMode: ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
-      cardAtr: SoftwareCard.ATR,
-      initializeResponse: Buffer.alloc(InitializeForPurchaseResponse.size),
-    },
+    transactionId: { value: id },
+    merchantId: { value: DEMO_SHOP.merchantId },
+    keyNonce: randomBytes(16),
+    encryptedSessionKey: seal(key, "SESSION_KEY", id, randomBytes(32)),
+    drawRequest: seal(key, "DRAW_REQUEST", id, drawRequest),
   }).finish();
   return request.length;
 }

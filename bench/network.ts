@@ -93,7 +93,7 @@ export class BenchNetwork {
     this.addresses = await launchNetwork(this.launcher, {
       data: this.dir,
       terminals: [{ id: TERMINAL_ID }],
-      merchants: [DEMO_SHOP.merchantId],
+      merchants: [{ id: DEMO_SHOP.merchantId }],
       cardPath: this.daemonCardPath,
     });
     await this.poolReady(psams);

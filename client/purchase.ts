@@ -1,20 +1,29 @@
-// The client module's purchase (FIG. 11A-C): check the card against the
-// offer (step 608), package the card's responses into one draw request,
-// put the merchant's amount back into the PSAM's DEBIT command (step 618),
-// have the card debit itself, complete the purchase and bring the
-// confirmation to the merchant for the goods (step 636).
+// The client module's purchase (FIG. 11A-C, 12-15): check the card against
+// the offer (step 608), package the card's responses into one draw request
+// sealed under the transaction session key, put the merchant's amount back
+// into the PSAM's DEBIT command (step 618), have the card debit itself, then
+// finish by the offer's confirmation mode:
+//   PSAM_VERIFIES, SERVER_COMPARES: the card's answer goes to the payment
+//     server, which returns debit result C (for us) and M (for the merchant);
+//   CLIENT_COMPARES: this client's trusted agent compares the card's signature
+//     with the one the PSAM expected, passes the merchant the debit result M
+//     it got with the DEBIT command, and reports the card's proof afterwards;
+//   MERCHANT_COMPARES: the merchant gets debit result M and the card's raw
+//     answer, and compares.
 
 import { ClientError, Status, type Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
-import { ConfirmationMode, ErrorReason, confirmationModeToJSON } from "../gen/netpurse/card/v1/card.js";
+import { ConfirmationMode, ErrorReason, type Sealed } from "../gen/netpurse/card/v1/card.js";
 import type { MerchantServiceDefinition, PaymentOffer, Receipt } from "../gen/netpurse/merchant/v1/merchant.js";
-import type { CompletePurchaseResponse, PaymentServiceDefinition, ProcessDrawRequestResponse } from "../gen/netpurse/payment/v1/payment.js";
+import { CardAnswer, DebitResultC, DrawRequest, IssuedDebitCommand, type PaymentServiceDefinition } from "../gen/netpurse/payment/v1/payment.js";
 import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
 import { swHex, SW } from "../lib/apdu/apdu.js";
+import { macEqual } from "../lib/crypto/aes.js";
 import { invalidField, NetpurseError, passOn, reasonOf } from "../lib/grpc/errors.js";
-import { hexOf, requireMerchantId, requireTransactionId } from "../lib/ids.js";
+import { hexOf, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
 import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
-import { DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
+import { open, seal } from "../lib/protocol/encryption-layer.js";
+import { DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "./card/purse-reader.js";
 
 export type PaymentClient = Client<typeof PaymentServiceDefinition, DeadlineOptions>;
@@ -23,13 +32,30 @@ export type MerchantClient = Client<typeof MerchantServiceDefinition, DeadlineOp
 /** Where a purchase stands on the client's side, as its journal records it. */
 export type ClientPurchaseState = "STARTED" | "DEBIT_SENT" | "CARD_ANSWERED" | "CONFIRMED" | "RECEIPT" | "FAILED";
 
-/** What the client knows when it hands the DEBIT command to the card: enough to find the debit in the card's log later. */
+/** What the client knows when it hands the DEBIT command to the card: enough to finish the purchase, or find the debit in the card's log. */
 export interface DebitSent {
   purseId: string;
   cardCounter: number;
   psamId: string;
   psamCounter: number;
   completionToken: Buffer;
+  /** CLIENT_COMPARES: the card signature the PSAM expects. */
+  expectedCardSignature: Buffer;
+  /** The one-round-trip modes: the debit result M that came with the DEBIT command. */
+  issuedResultM: Sealed | undefined;
+}
+
+/** A purchase as the journal holds it, from its first step to its receipt. */
+export interface PurchaseRecord extends Partial<DebitSent> {
+  transactionId: string;
+  offer: PaymentOffer;
+  state: ClientPurchaseState;
+  cardStatusWord?: number;
+  debitResponse?: Buffer;
+  /** The debit result M to give the merchant. */
+  resultM?: Sealed;
+  receipt?: Receipt;
+  proofReported: boolean;
 }
 
 /** The client's log of each purchase step (the patent's client logs), so a lost answer can be recovered. */
@@ -38,8 +64,9 @@ export interface PurchaseJournal {
   /** Written before the card sees DEBIT: from here on, the card may be debited. */
   debitSent(transactionId: string, d: DebitSent): Promise<void>;
   cardAnswered(transactionId: string, sw: number, debitResponse: Buffer): Promise<void>;
-  confirmed(transactionId: string, confirmation: CompletePurchaseResponse): Promise<void>;
+  confirmed(transactionId: string, resultM: Sealed): Promise<void>;
   receipt(transactionId: string, receipt: Receipt): Promise<void>;
+  proofReported(transactionId: string): Promise<void>;
   failed(transactionId: string, why: string): Promise<void>;
 }
 
@@ -56,8 +83,10 @@ export interface PurchaseContext {
 export interface PurchaseOutcome {
   receipt: Receipt;
   steps: PurchaseStep[];
-  newBalance: number;
 }
+
+/** How many of the card's newest log records go with each draw request, so purchases in doubt settle from them. */
+const CARD_LOG_SENT = 4;
 
 const failedPrecondition = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 
@@ -71,19 +100,19 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("offer.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
+  if (!(offer.confirmationMode in ConfirmationMode) || offer.confirmationMode <= 0) throw invalidField("offer.confirmation_mode", "missing or unknown");
+  if (offer.keyNonce.length !== 16) throw invalidField("offer.key_nonce", "must be 16 bytes");
+  if (offer.transactionSessionKey.length !== 32) throw invalidField("offer.transaction_session_key", "must be 32 bytes");
+  if (!offer.encryptedSessionKey) throw invalidField("offer.encrypted_session_key", "missing");
   if (offer.expiresAt && offer.expiresAt.getTime() < now.getTime()) {
     throw failedPrecondition(ErrorReason.ERROR_REASON_OFFER_EXPIRED, `the offer expired at ${offer.expiresAt.toISOString()}; ask the merchant for a new one`);
-  }
-  if (offer.confirmationMode !== ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES) {
-    throw new NetpurseError(Status.UNIMPLEMENTED, ErrorReason.ERROR_REASON_UNSPECIFIED, `this client does not implement ${confirmationModeToJSON(offer.confirmationMode)} yet`);
   }
 }
 
 /**
- * Whether a payment server's answer ends the purchase for good. Anything
- * else (timeouts, unavailability, internal errors) leaves it to be finished
- * later: once the card has answered, only the payment server's ruling may
- * close the client's record.
+ * Whether a server's answer ends the purchase for good. Anything else
+ * (timeouts, unavailability, internal errors) leaves it to be finished
+ * later: once the card has answered, only a ruling may close the record.
  */
 export function isFinal(e: unknown): boolean {
   if (!(e instanceof ClientError || e instanceof NetpurseError)) return false;
@@ -108,6 +137,8 @@ async function retrying<T>(call: () => Promise<T>, attempts = 4): Promise<T> {
   }
 }
 
+const modeName = (m: ConfirmationMode) => ConfirmationMode[m]!.replace("CONFIRMATION_MODE_", "");
+
 export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promise<PurchaseOutcome> {
   const now = ctx.now?.() ?? new Date();
   checkOffer(offer, now);
@@ -117,10 +148,11 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   const amount = Number(offer.amount.amountMinor);
   const shown = formatMoney(offer.amount);
   const deadline = ctx.callDeadlineMs ?? 15_000;
-  step("offer", `${offer.merchantName || offer.merchantId!.value} asks ${shown} for "${offer.description}" (transaction ${id})`);
+  step("offer", `${offer.merchantName || offer.merchantId!.value} asks ${shown} for "${offer.description}" (transaction ${id}, mode ${modeName(offer.confirmationMode)})`);
 
   // Step 608: the card against the offer, before anything leaves this machine.
   await ctx.reader.connect();
+  const cardLog = await ctx.reader.readLogRaw(CARD_LOG_SENT);
   const init = await ctx.reader.initializeForPurchase();
   const card = init.parsed;
   const cardMoney = (v: number) => formatMoney({ amountMinor: v, currency: card.currency, exponent: card.exponent });
@@ -136,41 +168,51 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   step("checks", "currency, expiry and balance are good for this offer (step 608)");
   await ctx.journal?.started(offer);
 
+  const tsk = Buffer.from(offer.transactionSessionKey);
+  const drawRequest: DrawRequest = {
+    transactionId: offer.transactionId,
+    merchantId: offer.merchantId,
+    amount: offer.amount,
+    confirmationMode: offer.confirmationMode,
+    cardAtr: ctx.reader.answerToReset,
+    initializeResponse: init.raw,
+    cardLog,
+  };
+  const sealedDraw = seal(tsk, "DRAW_REQUEST", id, DrawRequest.encode(drawRequest).finish());
   const payment = ctx.payment(offer.paymentServerAddress);
-  let issued: ProcessDrawRequestResponse;
+  let issued: IssuedDebitCommand;
+  let issuedResultM: Sealed | undefined;
   try {
-    issued = await retrying(() =>
+    const r = await retrying(() =>
       payment.processDrawRequest(
-        {
-          drawRequest: {
-            transactionId: offer.transactionId,
-            merchantId: offer.merchantId,
-            amount: offer.amount,
-            confirmationMode: offer.confirmationMode,
-            cardAtr: ctx.reader.answerToReset,
-            initializeResponse: init.raw,
-          },
-        },
+        { transactionId: offer.transactionId, merchantId: offer.merchantId, keyNonce: offer.keyNonce, encryptedSessionKey: offer.encryptedSessionKey, drawRequest: sealedDraw },
         { deadline },
       ),
     );
+    const plain = open(tsk, "DEBIT_COMMAND", id, r.debitCommand);
+    if (!plain) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SEAL_BROKEN, "the DEBIT command from the payment server does not open with this offer's session key");
+    issued = IssuedDebitCommand.decode(plain);
+    issuedResultM = r.debitResultM;
   } catch (e) {
     await ctx.journal?.failed(id, (e as Error).message);
     passOn(e, "payment server refused the draw request");
   }
-  step("draw request", `sent to ${offer.paymentServerAddress}: ATR ${ctx.reader.answerToReset.length} bytes, INITIALIZE response ${init.raw.length} bytes, ${shown}`);
+  step("draw request", `sealed under the offer's session key and sent to ${offer.paymentServerAddress}: ATR ${ctx.reader.answerToReset.length} bytes, INITIALIZE response ${init.raw.length} bytes, ${shown}`);
   step("PSAM", `terminal ${issued.terminalId}, PSAM ${hexOf(issued.psamId?.value)} signed the DEBIT command (PSAM counter ${issued.psamCounter})`);
 
   // Step 618: the merchant's amount, whatever came back.
   const debitCommand = withOriginalAmount(Buffer.from(issued.debitCommand), amount);
   step("debit command", `amount set back to the merchant's ${shown} (step 618) and sent to the card`);
-  await ctx.journal?.debitSent(id, {
+  const sent: DebitSent = {
     purseId: card.purseId.toString("hex"),
     cardCounter: card.counter,
     psamId: hexOf(issued.psamId?.value),
     psamCounter: issued.psamCounter,
     completionToken: Buffer.from(issued.completionToken),
-  });
+    expectedCardSignature: Buffer.from(issued.expectedCardSignature),
+    issuedResultM,
+  };
+  await ctx.journal?.debitSent(id, sent);
   const answer = await ctx.reader.debit(debitCommand);
   await ctx.journal?.cardAnswered(id, answer.sw, answer.raw);
   if (answer.sw === SW.OK && answer.parsed!.result === DebitResult.DEBITED) {
@@ -178,30 +220,86 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   } else {
     step("card debit", answer.sw === SW.OK ? `card declined the debit (result ${answer.parsed!.result})` : `card refused the DEBIT command (SW ${swHex(answer.sw)})`);
   }
+  const receipt = await finishPurchase(
+    { transactionId: id, offer, state: "CARD_ANSWERED", ...sent, cardStatusWord: answer.sw, debitResponse: answer.raw, proofReported: false },
+    ctx,
+    step,
+  );
+  return { receipt, steps };
+}
 
-  let completed: CompletePurchaseResponse;
+/**
+ * Finishes a purchase from where its record stands, once the card has
+ * answered: gets the merchant's debit result M (from the payment server, or
+ * the one that came with the DEBIT command when this client or the merchant
+ * compares), has the merchant release the goods, and in CLIENT_COMPARES
+ * reports the card's proof. Used by payOffer and by the daemon's recovery.
+ */
+export async function finishPurchase(rec: PurchaseRecord, ctx: PurchaseContext, step: (name: string, detail: string) => void = () => {}): Promise<Receipt> {
+  const id = rec.transactionId;
+  const offer = rec.offer;
+  const mode = offer.confirmationMode;
+  const deadline = ctx.callDeadlineMs ?? 15_000;
+  const answer = rec.cardStatusWord === SW.OK && rec.debitResponse?.length === DebitResponse.size ? DebitResponse.decode(rec.debitResponse) : undefined;
+  const debited = answer?.result === DebitResult.DEBITED;
+
+  if (rec.state === "CARD_ANSWERED") {
+    let resultM: Sealed | undefined;
+    if (mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES && debited && rec.expectedCardSignature && macEqual(answer!.cardSignature, rec.expectedCardSignature)) {
+      resultM = rec.issuedResultM;
+      step("comparison", "this client's trusted agent found the card's signature is the one the PSAM expected (FIG. 7)");
+    } else if (mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && debited) {
+      resultM = rec.issuedResultM;
+      step("comparison", "left to the merchant: it gets the card's raw answer and the PSAM's expected signature, sealed for it (FIG. 8)");
+    }
+    if (!resultM) resultM = await completeAtPaymentServer(rec, ctx, deadline, step);
+    await ctx.journal?.confirmed(id, resultM);
+    rec = { ...rec, state: "CONFIRMED", resultM };
+  }
+
+  let receipt = rec.receipt;
+  if (rec.state === "CONFIRMED") {
+    const sendRaw = mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && rec.debitResponse ? rec.debitResponse : Buffer.alloc(0);
+    receipt = await deliverToMerchant(ctx.merchant(offer.merchantAddress), id, rec.resultM!, sendRaw, deadline);
+    await ctx.journal?.receipt(id, receipt);
+    step("goods released", `${receipt.merchantName} released "${receipt.productName}": ${receipt.goods}`);
+  }
+
+  // FIG. 7: the card's proof must still reach the PSAM's batch; a failure here is retried later, the goods are ours.
+  if (mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES && debited && !rec.proofReported) {
+    try {
+      await ctx.payment(offer.paymentServerAddress).reportCardSignature({ transactionId: txnId(id), debitResponse: rec.debitResponse! }, { deadline });
+      await ctx.journal?.proofReported(id);
+      step("proof", "the card's signature was reported to the payment server for the PSAM's batch");
+    } catch (e) {
+      step("proof", `the card's signature will be reported again later (${(e as Error).message})`);
+    }
+  }
+  return receipt!;
+}
+
+async function completeAtPaymentServer(rec: PurchaseRecord, ctx: PurchaseContext, deadline: number, step: (name: string, detail: string) => void): Promise<Sealed> {
+  const id = rec.transactionId;
+  const tsk = Buffer.from(rec.offer.transactionSessionKey);
+  const cardAnswer: CardAnswer = { cardStatusWord: rec.cardStatusWord!, debitResponse: rec.debitResponse ?? Buffer.alloc(0), completionToken: rec.completionToken ?? Buffer.alloc(0) };
+  const sealed = seal(tsk, "CARD_ANSWER", id, CardAnswer.encode(cardAnswer).finish());
   try {
-    completed = await retrying(
-      () => payment.completePurchase({ transactionId: offer.transactionId, cardStatusWord: answer.sw, debitResponse: answer.raw, completionToken: issued.completionToken }, { deadline }),
-      6,
-    );
+    const r = await retrying(() => ctx.payment(rec.offer.paymentServerAddress).completePurchase({ transactionId: txnId(id), cardAnswer: sealed }, { deadline }), 6);
+    const c = open(tsk, "DEBIT_RESULT_C", id, r.debitResultC);
+    if (!c || !r.debitResultM) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SEAL_BROKEN, "the debit results from the payment server do not open with this offer's session key");
+    const resultC = DebitResultC.decode(c);
+    step("confirmation", `the payment server confirmed the purchase (debit result C: card balance ${formatMoney(resultC.newBalance!)}); debit result M, sealed for the merchant, goes on unopened`);
+    return r.debitResultM;
   } catch (e) {
     if (isFinal(e)) await ctx.journal?.failed(id, (e as Error).message);
     passOn(e, isFinal(e) ? "payment server did not confirm the purchase" : "the card's answer is recorded and the purchase will be finished later; the payment server said");
   }
-  await ctx.journal?.confirmed(id, completed);
-  step("confirmation", `the PSAM verified the card signature and the payment server confirmed the purchase (MAC ${Buffer.from(completed.confirmation!.mac).toString("hex").slice(0, 16)}…)`);
-
-  const receipt = await deliverConfirmation(ctx.merchant(offer.merchantAddress), id, completed, deadline);
-  await ctx.journal?.receipt(id, receipt);
-  step("goods released", `${receipt.merchantName} released "${receipt.productName}": ${receipt.goods}`);
-  return { receipt, steps, newBalance: Number(completed.newBalance?.amountMinor ?? 0n) };
 }
 
-/** Step 636: the confirmation to the merchant, for the goods. */
-export async function deliverConfirmation(merchant: MerchantClient, transactionId: string, completed: CompletePurchaseResponse, deadline: number): Promise<Receipt> {
+/** Step 636: the debit result M (and, for MERCHANT_COMPARES, the card's raw answer) to the merchant, for the goods. */
+export async function deliverToMerchant(merchant: MerchantClient, transactionId: string, resultM: Sealed, debitResponse: Buffer, deadline: number): Promise<Receipt> {
   try {
-    const r = await retrying(() => merchant.completeOrder({ transactionId: { value: transactionId }, confirmation: completed.confirmation }, { deadline }));
+    const r = await retrying(() => merchant.completeOrder({ transactionId: { value: transactionId }, debitResultM: resultM, debitResponse }, { deadline }));
     return r.receipt!;
   } catch (e) {
     passOn(e, "the merchant did not release the goods");

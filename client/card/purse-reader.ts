@@ -65,15 +65,20 @@ export class PurseReader {
     return { sw: r.sw, raw: r.data, parsed: DebitResponse.decode(r.data) };
   }
 
-  /** The card's log, newest first. */
-  async readLog(limit = CARD_LOG_SIZE): Promise<CardLogRecord[]> {
-    const out: CardLogRecord[] = [];
+  /** The card's log records as the card returns them, newest first. */
+  async readLogRaw(limit = CARD_LOG_SIZE): Promise<Buffer[]> {
+    const out: Buffer[] = [];
     for (let n = 1; n <= Math.min(limit, 255); n++) {
       const r = await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.READ_LOG, p1: n, p2: 0, data: Buffer.alloc(0), le: 256 });
       if (r.sw === SW.RECORD_NOT_FOUND) break;
-      out.push(LogRecord.decode(expectOk(r, `READ LOG ${n}`)));
+      out.push(expectOk(r, `READ LOG ${n}`));
     }
     return out;
+  }
+
+  /** The card's log, newest first. */
+  async readLog(limit = CARD_LOG_SIZE): Promise<CardLogRecord[]> {
+    return (await this.readLogRaw(limit)).map((r) => LogRecord.decode(r));
   }
 }
 

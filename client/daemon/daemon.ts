@@ -2,25 +2,23 @@
 // machine. It holds the card reader, serves CardholderService on localhost,
 // pays offers and finishes any purchase whose answer was lost.
 
-import { Status } from "nice-grpc";
+import { ClientError, Status } from "nice-grpc";
 import { CardTransactionKind, ErrorReason, PurseStatus, type PurseState } from "../../gen/netpurse/card/v1/card.js";
 import type { CardholderServiceImplementation, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
-import { MerchantServiceDefinition, PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
-import { CompletePurchaseResponse, PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
+import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import { psamId, purseId, txnId } from "../../lib/ids.js";
+import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
-import { LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
+import { DebitResponse, DebitResult, LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
-import { deliverConfirmation, isFinal, payOffer, type MerchantClient, type PaymentClient } from "../purchase.js";
-import type { JournalRow, SqliteJournal } from "./journal.js";
-import { ClientError } from "nice-grpc";
-import { ApduError, SW } from "../../lib/apdu/apdu.js";
-import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
+import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
+import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
 
 export function purseState(p: PurseData): PurseState {
   return {
@@ -115,13 +113,7 @@ export class CardholderDaemon {
       }
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
       try {
-        const out = await payOffer(offer!, {
-          reader: this.reader,
-          payment: this.payment,
-          merchant: this.merchant,
-          journal: this.o.journal,
-          ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
-        });
+        const out = await payOffer(offer!, this.context());
         return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
       } catch (e) {
         throw cardError(e);
@@ -145,8 +137,8 @@ export class CardholderDaemon {
   }
 
   private async finish(row: JournalRow): Promise<boolean> {
-    const offer = PaymentOffer.decode(row.offer);
     const id = row.transaction_id;
+    const alreadyHadGoods = row.state === "RECEIPT";
     try {
       if (row.state === "DEBIT_SENT") {
         // The card may have debited, but its answer was never journaled: its own log tells.
@@ -158,20 +150,9 @@ export class CardholderDaemon {
         await this.o.journal.cardAnswered(id, answer.sw, answer.raw);
         row = { ...row, state: "CARD_ANSWERED", card_status_word: answer.sw, debit_response: answer.raw };
       }
-      let completed: CompletePurchaseResponse;
-      if (row.state === "CARD_ANSWERED") {
-        completed = await this.payment(offer.paymentServerAddress).completePurchase(
-          { transactionId: txnId(id), cardStatusWord: row.card_status_word!, debitResponse: row.debit_response ?? Buffer.alloc(0), completionToken: row.completion_token ?? Buffer.alloc(0) },
-          { deadline: 10_000 },
-        );
-        await this.o.journal.confirmed(id, completed);
-      } else {
-        completed = CompletePurchaseResponse.decode(row.completion!);
-      }
-      const receipt = await deliverConfirmation(this.merchant(offer.merchantAddress), id, completed, 10_000);
-      await this.o.journal.receipt(id, receipt);
-      this.o.log.info("unfinished purchase completed", { transaction: id, goods: receipt.goods });
-      return true;
+      const receipt = await finishPurchase(toRecord(row), this.context());
+      this.o.log.info(alreadyHadGoods ? "card proof reported" : "unfinished purchase completed", { transaction: id, goods: receipt.goods });
+      return !alreadyHadGoods;
     } catch (e) {
       if (isFinal(e)) {
         await this.o.journal.failed(id, (e as Error).message);
@@ -181,6 +162,16 @@ export class CardholderDaemon {
       }
       return false;
     }
+  }
+
+  private context(): PurchaseContext {
+    return {
+      reader: this.reader,
+      payment: this.payment,
+      merchant: this.merchant,
+      journal: this.o.journal,
+      ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
+    };
   }
 
   /**

@@ -1,46 +1,76 @@
-// The client daemon's journal: every purchase step it took, so that a
-// confirmation or a receipt that did not arrive is fetched again later and
-// nothing the card paid for is lost.
+// The client daemon's journal: every purchase step it took, so that a card
+// answer, a debit result or a receipt that did not arrive is fetched again
+// later, and nothing the card paid for is lost.
 
-import { CompletePurchaseResponse } from "../../gen/netpurse/payment/v1/payment.js";
+import { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Db } from "../../lib/store/db.js";
-import type { ClientPurchaseState, DebitSent, PurchaseJournal } from "../purchase.js";
+import type { ClientPurchaseState, DebitSent, PurchaseJournal, PurchaseRecord } from "../purchase.js";
 
 export const CLIENT_MIGRATIONS = [
   `CREATE TABLE client_purchases (
      transaction_id TEXT PRIMARY KEY,
      offer BLOB NOT NULL,
      state TEXT NOT NULL,
+     purse_id TEXT,
+     card_counter INTEGER,
+     psam_id TEXT,
+     psam_counter INTEGER,
+     completion_token BLOB,
+     expected_card_signature BLOB,
+     issued_result_m BLOB,
      card_status_word INTEGER,
      debit_response BLOB,
-     completion BLOB,
+     result_m BLOB,
      receipt BLOB,
+     proof_reported INTEGER NOT NULL DEFAULT 0,
      error TEXT,
      created_at TEXT NOT NULL,
      updated_at TEXT NOT NULL
    );`,
-  `ALTER TABLE client_purchases ADD COLUMN purse_id TEXT;
-   ALTER TABLE client_purchases ADD COLUMN card_counter INTEGER;
-   ALTER TABLE client_purchases ADD COLUMN psam_id TEXT;
-   ALTER TABLE client_purchases ADD COLUMN psam_counter INTEGER;
-   ALTER TABLE client_purchases ADD COLUMN completion_token BLOB;`,
 ];
 
 export interface JournalRow {
   transaction_id: string;
   offer: Buffer;
   state: ClientPurchaseState;
-  card_status_word: number | null;
-  debit_response: Buffer | null;
-  completion: Buffer | null;
-  receipt: Buffer | null;
-  error: string | null;
   purse_id: string | null;
   card_counter: number | null;
   psam_id: string | null;
   psam_counter: number | null;
   completion_token: Buffer | null;
+  expected_card_signature: Buffer | null;
+  issued_result_m: Buffer | null;
+  card_status_word: number | null;
+  debit_response: Buffer | null;
+  result_m: Buffer | null;
+  receipt: Buffer | null;
+  proof_reported: number;
+  error: string | null;
+}
+
+const sealedBytes = (s: Sealed | undefined) => (s ? Buffer.from(Sealed.encode(s).finish()) : null);
+const sealedOf = (b: Buffer | null) => (b ? Sealed.decode(b) : undefined);
+
+/** A journal row as the purchase code sees it. */
+export function toRecord(r: JournalRow): PurchaseRecord {
+  return {
+    transactionId: r.transaction_id,
+    offer: PaymentOffer.decode(r.offer),
+    state: r.state,
+    ...(r.purse_id !== null ? { purseId: r.purse_id } : {}),
+    ...(r.card_counter !== null ? { cardCounter: r.card_counter } : {}),
+    ...(r.psam_id !== null ? { psamId: r.psam_id } : {}),
+    ...(r.psam_counter !== null ? { psamCounter: r.psam_counter } : {}),
+    ...(r.completion_token ? { completionToken: r.completion_token } : {}),
+    ...(r.expected_card_signature ? { expectedCardSignature: r.expected_card_signature } : {}),
+    issuedResultM: sealedOf(r.issued_result_m),
+    ...(r.card_status_word !== null ? { cardStatusWord: r.card_status_word } : {}),
+    ...(r.debit_response ? { debitResponse: r.debit_response } : {}),
+    ...(r.result_m ? { resultM: Sealed.decode(r.result_m) } : {}),
+    ...(r.receipt ? { receipt: Receipt.decode(r.receipt) } : {}),
+    proofReported: r.proof_reported === 1,
+  };
 }
 
 export class SqliteJournal implements PurchaseJournal {
@@ -73,6 +103,8 @@ export class SqliteJournal implements PurchaseJournal {
       psam_id: d.psamId,
       psam_counter: d.psamCounter,
       completion_token: d.completionToken,
+      expected_card_signature: d.expectedCardSignature,
+      issued_result_m: sealedBytes(d.issuedResultM),
     });
   }
 
@@ -80,12 +112,16 @@ export class SqliteJournal implements PurchaseJournal {
     return this.set(id, { state: "CARD_ANSWERED", card_status_word: sw, debit_response: debitResponse });
   }
 
-  confirmed(id: string, c: CompletePurchaseResponse) {
-    return this.set(id, { state: "CONFIRMED", completion: Buffer.from(CompletePurchaseResponse.encode(c).finish()) });
+  confirmed(id: string, resultM: Sealed) {
+    return this.set(id, { state: "CONFIRMED", result_m: sealedBytes(resultM) });
   }
 
   receipt(id: string, r: Receipt) {
     return this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()) });
+  }
+
+  proofReported(id: string) {
+    return this.set(id, { proof_reported: 1 });
   }
 
   failed(id: string, why: string) {
@@ -96,8 +132,16 @@ export class SqliteJournal implements PurchaseJournal {
     return this.db.get<JournalRow>("SELECT * FROM client_purchases WHERE transaction_id = ?", [id]);
   }
 
-  /** Purchases the card may have paid whose confirmation or goods are still owed. */
+  /**
+   * Purchases the card may have paid whose debit result, goods or (in
+   * CLIENT_COMPARES) proof report are still owed.
+   */
   unfinished(): Promise<JournalRow[]> {
-    return this.db.all<JournalRow>("SELECT * FROM client_purchases WHERE state IN ('DEBIT_SENT', 'CARD_ANSWERED', 'CONFIRMED') ORDER BY created_at");
+    return this.db.all<JournalRow>(
+      `SELECT * FROM client_purchases
+        WHERE state IN ('DEBIT_SENT', 'CARD_ANSWERED', 'CONFIRMED')
+           OR (state = 'RECEIPT' AND proof_reported = 0 AND expected_card_signature IS NOT NULL AND length(expected_card_signature) > 0)
+        ORDER BY created_at`,
+    );
   }
 }

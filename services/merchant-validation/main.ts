@@ -6,15 +6,17 @@ import { startMerchantValidation } from "./server.js";
 await runService({
   program: "netpurse-merchant-validation",
   summary: "Merchant validation: checks payment confirmations with the keys merchants share with the payment operator.",
-  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" } },
+  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" }, "payment-server": { type: "string" } },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("merchantValidation")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
-    "  --dir DIR                this service's folder (default DATA/merchant-validation): keys.json",
+    "  --dir DIR                this service's folder (default DATA/merchant-validation): keys.json, validation.db",
+    `  --payment-server HOST:PORT where card proofs are reported (default ${defaultAddress("payment")})`,
   ].join("\n"),
   start: (v) =>
     startMerchantValidation({
       listen: opt(v, "listen", defaultAddress("merchantValidation")),
       dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "merchant-validation")),
+      paymentServer: opt(v, "payment-server", defaultAddress("payment")),
     }),
 });

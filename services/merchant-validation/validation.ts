@@ -1,103 +1,141 @@
-// The merchant's validate routine (step 638): checks the payment operator's
-// confirmation with the key the merchant shares with the operator, and that
-// it confirms exactly the order's terms.
+// The merchant's validation service: the keeper of the key the merchant
+// shares with the payment operator. It makes each transaction's keys for the
+// merchant's offers, opens the payment server's debit result M (step 638),
+// compares the card's signature in MERCHANT_COMPARES (FIG. 8, step 754), and
+// reports the card's proof to the payment server until it is acknowledged.
 
 import { existsSync } from "node:fs";
 import { Status } from "nice-grpc";
-import { ErrorReason, type Money } from "../../gen/netpurse/card/v1/card.js";
-import type { MerchantValidationServiceImplementation, ValidateConfirmationRequest, ValidateConfirmationResponse } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import { ConfirmationMode, confirmationModeFromJSON, confirmationModeToJSON, ErrorReason, type Money } from "../../gen/netpurse/card/v1/card.js";
+import type {
+  IssueTransactionKeysResponse,
+  MerchantValidationServiceImplementation,
+  ValidateConfirmationRequest,
+  ValidateConfirmationResponse,
+} from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import { DebitResultM, DebitResultStatus } from "../../gen/netpurse/payment/v1/payment.js";
+import { macEqual } from "../../lib/crypto/aes.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { requireMerchantId, requireTransactionId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
-import { confirmationMacValid } from "../../lib/protocol/confirmation.js";
+import { issueTransactionKeys, open, transactionKey } from "../../lib/protocol/encryption-layer.js";
+import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
+import type { ProofReporter } from "./proof-reporter.js";
 
-/** The validation service's private key file (mode 0600): the keys it shares with the payment operator. */
+/** The validation service's private key file (mode 0600): per merchant, the key shared with the payment operator and its mode. */
 export interface ValidationKeysFile {
-  merchants: { merchantId: string; sharedKey: string }[];
+  merchants: { merchantId: string; sharedKey: string; confirmationMode: string }[];
 }
 
-export async function addValidationKey(path: string, merchantId: string, sharedKeyHex: string): Promise<void> {
+export async function addValidationKey(path: string, merchantId: string, sharedKeyHex: string, mode: ConfirmationMode): Promise<void> {
   const file: ValidationKeysFile = existsSync(path) ? await readJson(path) : { merchants: [] };
-  file.merchants = [...file.merchants.filter((m) => m.merchantId !== merchantId), { merchantId, sharedKey: sharedKeyHex }];
+  file.merchants = [...file.merchants.filter((m) => m.merchantId !== merchantId), { merchantId, sharedKey: sharedKeyHex, confirmationMode: confirmationModeToJSON(mode) }];
   await writeJsonAtomic(path, file, { private: true });
+}
+
+interface MerchantKey {
+  key: Buffer;
+  mode: ConfirmationMode;
 }
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
 
-function checkMoney(m: Money, field: string): void {
+function checkMoney(m: Money | undefined, field: string): Money {
+  if (!m) throw invalidField(field, "missing");
   if (m.amountMinor < 0n || m.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField(`${field}.amount_minor`, "out of range");
   if (m.currency < 1 || m.currency > 999) throw invalidField(`${field}.currency`, "must be an ISO 4217 numeric code 1..999");
   if (m.exponent > 4) throw invalidField(`${field}.exponent`, "must be 0..4");
+  return m;
 }
 
 export class MerchantValidation {
   constructor(
-    private readonly keys: Map<string, Buffer>,
+    private readonly keys: Map<string, MerchantKey>,
+    private readonly reporter: ProofReporter | undefined,
     private readonly log: Logger,
   ) {}
 
-  static async load(path: string, log: Logger): Promise<MerchantValidation> {
+  static async loadKeys(path: string): Promise<Map<string, MerchantKey>> {
     if (!existsSync(path)) throw new Error(`no merchant keys at ${path}: register the merchant with 'netpurse-operator add-merchant' first`);
     const file = await readJson<ValidationKeysFile>(path);
-    return new MerchantValidation(new Map(file.merchants.map((m) => [m.merchantId, Buffer.from(m.sharedKey, "hex")])), log);
+    return new Map(file.merchants.map((m) => [m.merchantId, { key: Buffer.from(m.sharedKey, "hex"), mode: confirmationModeFromJSON(m.confirmationMode) }]));
   }
 
   readonly service: MerchantValidationServiceImplementation = {
+    issueTransactionKeys: async (req) => this.issueKeys(requireTransactionId(req.transactionId), requireMerchantId(req.merchantId)),
     validateConfirmation: async (req) => this.validate(req as ValidateConfirmationRequest),
   };
 
-  validate(req: ValidateConfirmationRequest): ValidateConfirmationResponse {
-    const c = req.confirmation;
-    if (!c) throw invalidField("confirmation", "missing");
+  private keyOf(merchantId: string): MerchantKey {
+    const k = this.keys.get(merchantId);
+    if (!k) throw denied(ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `this validation service holds no key for merchant "${merchantId}"`);
+    return k;
+  }
+
+  issueKeys(transactionId: string, merchantId: string): IssueTransactionKeysResponse {
+    const k = this.keyOf(merchantId);
+    const { keyNonce, tsk, etsk } = issueTransactionKeys(k.key, merchantId, transactionId);
+    return { keyNonce, transactionSessionKey: tsk, encryptedSessionKey: etsk };
+  }
+
+  async validate(req: ValidateConfirmationRequest): Promise<ValidateConfirmationResponse> {
     const o = req.order;
     if (!o) throw invalidField("order", "missing");
-    const transactionId = requireTransactionId(c.transactionId, "confirmation.transaction_id");
-    const merchantId = requireMerchantId(c.merchantId, "confirmation.merchant_id");
-    if (!c.amount) throw invalidField("confirmation.amount", "missing");
-    const purse = c.purseId?.value ?? Buffer.alloc(0);
-    if (purse.length !== 8) throw invalidField("confirmation.purse_id", "must be 8 bytes");
-    const psam = c.psamId?.value ?? Buffer.alloc(0);
-    if (psam.length !== 4) throw invalidField("confirmation.psam_id", "must be 4 bytes");
-    if (!c.confirmedAt) throw invalidField("confirmation.confirmed_at", "missing");
-    if (c.mac.length !== 32) throw invalidField("confirmation.mac", `must be 32 bytes, got ${c.mac.length}`);
-    const orderTxn = requireTransactionId(o.transactionId, "order.transaction_id");
-    const orderMerchant = requireMerchantId(o.merchantId, "order.merchant_id");
-    if (!o.amount) throw invalidField("order.amount", "missing");
-    checkMoney(c.amount, "confirmation.amount");
-    checkMoney(o.amount, "order.amount");
-    const at = c.confirmedAt.getTime();
-    if (!Number.isFinite(at) || at < 0) throw invalidField("confirmation.confirmed_at", "not a time after 1970");
-
-    const key = this.keys.get(merchantId);
-    if (!key) throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `this validation service holds no key for merchant "${merchantId}"`);
-    const ok = confirmationMacValid(
-      key,
-      {
-        transactionId,
-        merchantId,
-        amount: Number(c.amount.amountMinor),
-        currency: c.amount.currency,
-        exponent: c.amount.exponent,
-        purseId: Buffer.from(purse),
-        psamId: Buffer.from(psam),
-        psamCounter: c.psamCounter,
-        confirmedAtMs: c.confirmedAt.getTime(),
-      },
-      c.mac,
-    );
-    if (!ok) {
-      this.log.warn("confirmation MAC does not verify", { transaction: transactionId, merchant: merchantId });
-      throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, "the confirmation's MAC does not verify: it was forged or altered");
+    const transactionId = requireTransactionId(o.transactionId, "order.transaction_id");
+    const merchantId = requireMerchantId(o.merchantId, "order.merchant_id");
+    const amount = checkMoney(o.amount, "order.amount");
+    if (o.keyNonce.length !== 16) throw invalidField("order.key_nonce", `must be 16 bytes, got ${o.keyNonce.length}`);
+    if (!req.debitResultM) throw invalidField("debit_result_m", "missing");
+    if (req.debitResponse.length !== 0 && req.debitResponse.length !== DebitResponse.size) {
+      throw invalidField("debit_response", `must be the card's ${DebitResponse.size}-byte answer, got ${req.debitResponse.length} bytes`);
     }
+
+    const k = this.keyOf(merchantId);
+    const plain = open(transactionKey(k.key, merchantId, transactionId, o.keyNonce), "DEBIT_RESULT_M", transactionId, req.debitResultM);
+    if (!plain) {
+      this.log.warn("debit result M does not open", { transaction: transactionId, merchant: merchantId });
+      throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the debit result M does not open with this order's key: it was forged, altered, or made for another transaction");
+    }
+    const m = DebitResultM.decode(plain); // sealed by the payment server: well formed
     const mismatch = (field: string, got: string, want: string) =>
-      denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, `the confirmation's ${field} is ${got}, the order's is ${want}`);
-    if (transactionId !== orderTxn) throw mismatch("transaction_id", transactionId, orderTxn);
-    if (merchantId !== orderMerchant) throw mismatch("merchant_id", merchantId, orderMerchant);
-    const a = c.amount;
-    const b = o.amount;
-    if (a.amountMinor !== b.amountMinor || a.currency !== b.currency || a.exponent !== b.exponent) throw mismatch("amount", formatMoney(a), formatMoney(b));
-    return { transactionId: c.transactionId, purseId: c.purseId, psamId: c.psamId, psamCounter: c.psamCounter, validatedAt: new Date() };
+      denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, `the debit result's ${field} is ${got}, the order's is ${want}`);
+    if (m.transactionId?.value !== transactionId) throw mismatch("transaction_id", String(m.transactionId?.value), transactionId);
+    if (m.merchantId?.value !== merchantId) throw mismatch("merchant_id", String(m.merchantId?.value), merchantId);
+    const a = m.amount!;
+    if (a.amountMinor !== amount.amountMinor || a.currency !== amount.currency || a.exponent !== amount.exponent) throw mismatch("amount", formatMoney(a), formatMoney(amount));
+    if (m.confirmationMode !== k.mode) throw mismatch("confirmation mode", confirmationModeToJSON(m.confirmationMode), confirmationModeToJSON(k.mode));
+
+    if (m.status !== DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED) await this.ruleOnUnconfirmed(m, req.debitResponse, transactionId);
+    return {
+      transactionId: m.transactionId,
+      purseId: m.purseId,
+      psamId: m.psamId,
+      psamCounter: m.psamCounter,
+      validatedAt: new Date(),
+      confirmationMode: m.confirmationMode,
+    };
+  }
+
+  /**
+   * A debit result issued with the DEBIT command, before anyone saw the
+   * card's signature. CLIENT_COMPARES: the merchant accepts the client's
+   * trusted agent's word (docs/modes.md says what that trust means).
+   * MERCHANT_COMPARES: the card's raw answer must carry the signature the
+   * PSAM expected; then its proof goes to the payment server.
+   */
+  private async ruleOnUnconfirmed(m: DebitResultM, debitResponse: Buffer, transactionId: string): Promise<void> {
+    if (m.confirmationMode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES) return;
+    if (m.confirmationMode !== ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES) {
+      throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, `a ${confirmationModeToJSON(m.confirmationMode)} purchase needs a confirmed debit result`);
+    }
+    if (debitResponse.length !== DebitResponse.size) throw invalidField("debit_response", "the card's answer is needed to compare its signature (MERCHANT_COMPARES)");
+    const answer = DebitResponse.decode(debitResponse);
+    if (answer.result !== DebitResult.DEBITED || !macEqual(answer.cardSignature, m.expectedCardSignature)) {
+      this.log.warn("card signature is not the expected one", { transaction: transactionId });
+      throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, "the card's signature is not the one the PSAM expected: the card did not debit as agreed");
+    }
+    await this.reporter?.enqueue(transactionId, debitResponse); // durable before the goods go out
   }
 }

@@ -47,6 +47,7 @@ export const MERCHANT_MIGRATIONS = [
      receipt BLOB,
      paid_at TEXT
    );`,
+  `ALTER TABLE orders ADD COLUMN key_nonce BLOB;`,
 ];
 
 interface OrderRow {
@@ -59,6 +60,7 @@ interface OrderRow {
   created_at: string;
   expires_at: string;
   receipt: Buffer | null;
+  key_nonce: Buffer | null;
 }
 
 export interface ShopOptions {
@@ -100,15 +102,14 @@ export class Shop {
     const now = new Date();
     const expires = new Date(now.getTime() + this.o.offerTtlMs);
     const s = this.o.shop;
-    await this.o.db.run("INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'OFFERED', ?, ?)", [
-      id,
-      p.productId,
-      p.priceMinor,
-      s.currency,
-      s.exponent,
-      now.toISOString(),
-      expires.toISOString(),
-    ]);
+    // The transaction's keys come from the validation service, the only part of the shop that holds the shared key.
+    const keys = await this.o.validation
+      .issueTransactionKeys({ transactionId: txnId(id), merchantId: merchantId(s.merchantId) }, { deadline: 10_000 })
+      .catch((e) => passOn(e, "cannot make the transaction's keys"));
+    await this.o.db.run(
+      "INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce) VALUES (?, ?, ?, ?, ?, 'OFFERED', ?, ?, ?)",
+      [id, p.productId, p.priceMinor, s.currency, s.exponent, now.toISOString(), expires.toISOString(), Buffer.from(keys.keyNonce)],
+    );
     this.o.log.info("order created", { transaction: id, product: p.productId, amount: p.priceMinor });
     return {
       offer: {
@@ -121,25 +122,34 @@ export class Shop {
         merchantAddress: this.o.merchantAddress(),
         confirmationMode: this.mode,
         expiresAt: expires,
+        keyNonce: keys.keyNonce,
+        transactionSessionKey: keys.transactionSessionKey,
+        encryptedSessionKey: keys.encryptedSessionKey,
       },
     };
   }
 
   private async completeOrder(req: CompleteOrderRequest): Promise<CompleteOrderResponse> {
     const id = requireTransactionId(req.transactionId);
-    if (!req.confirmation) throw invalidField("confirmation", "missing");
+    if (!req.debitResultM) throw invalidField("debit_result_m", "missing");
     const order = await this.o.db.get<OrderRow>("SELECT * FROM orders WHERE transaction_id = ?", [id]);
     if (!order) throw notFound(`no order ${id} at ${this.o.shop.name}`);
-    // Every confirmation is validated, a repeat too: a forged one never sees a receipt.
+    // Every result is validated, a repeat too: a forged one never sees a receipt.
     const validated = await this.o.validation
       .validateConfirmation(
         {
-          confirmation: req.confirmation,
-          order: { transactionId: txnId(id), merchantId: merchantId(this.o.shop.merchantId), amount: money(order.amount_minor, order.currency, order.exponent) },
+          order: {
+            transactionId: txnId(id),
+            merchantId: merchantId(this.o.shop.merchantId),
+            amount: money(order.amount_minor, order.currency, order.exponent),
+            keyNonce: order.key_nonce ?? Buffer.alloc(0),
+          },
+          debitResultM: req.debitResultM,
+          debitResponse: req.debitResponse,
         },
         { deadline: 10_000 },
       )
-      .catch((e) => passOn(e, "confirmation refused"));
+      .catch((e) => passOn(e, "payment not accepted"));
     if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!) };
     const product = this.o.shop.products.find((p) => p.productId === order.product_id)!;
     const receipt: Receipt = {

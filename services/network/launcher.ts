@@ -141,8 +141,9 @@ export async function launchNetwork(
   p: {
     data: string;
     terminals: { id: string; args?: string[] }[];
-    merchants: string[];
-    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "merchant" | "clientDaemon", string>>;
+    /** Merchant ids, each with its address (default: a free port). */
+    merchants: { id: string; listen?: string }[];
+    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon", string>>;
     cardPath: string;
     paymentArgs?: string[];
   },
@@ -154,18 +155,16 @@ export async function launchNetwork(
   await Promise.all(
     p.terminals.map((t) => l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, ...data, ...(t.args ?? [])])),
   );
-  const [payment, validation] = await Promise.all([
-    l.start("payment", SCRIPTS.payment, ["--listen", at("payment"), "--concentrator", addresses.concentrator!, ...data, ...(p.paymentArgs ?? [])]),
-    l.start("merchant-validation", SCRIPTS.merchantValidation, ["--listen", at("merchantValidation"), ...data]),
-  ]);
+  const payment = await l.start("payment", SCRIPTS.payment, ["--listen", at("payment"), "--concentrator", addresses.concentrator!, ...data, ...(p.paymentArgs ?? [])]);
   addresses.payment = payment.address;
+  const validation = await l.start("merchant-validation", SCRIPTS.merchantValidation, ["--listen", at("merchantValidation"), "--payment-server", payment.address, ...data]);
   addresses.merchantValidation = validation.address;
-  for (const [i, id] of p.merchants.entries()) {
-    const listen = i === 0 ? at("merchant") : "127.0.0.1:0";
-    addresses[`merchant:${id}`] = (
-      await l.start(`merchant-${id}`, SCRIPTS.merchant, ["--listen", listen, "--id", id, "--validation", validation.address, "--payment-server", payment.address, ...data])
-    ).address;
-  }
+  const merchants = await Promise.all(
+    p.merchants.map((m) =>
+      l.start(`merchant-${m.id}`, SCRIPTS.merchant, ["--listen", m.listen ?? "127.0.0.1:0", "--id", m.id, "--validation", validation.address, "--payment-server", payment.address, ...data]),
+    ),
+  );
+  p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
   addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--listen", at("clientDaemon"), "--card", p.cardPath, ...data])).address;
   return addresses;
 }

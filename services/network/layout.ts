@@ -1,10 +1,10 @@
 // Where each part keeps its files under the data folder, and the demo data
 // the main job sets up on first run: issuer keys, PSAMs for a terminal host,
-// a registered demo shop and a personalised demo card.
+// one registered demo shop per confirmation mode and a personalised card.
 
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
+import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
@@ -25,18 +25,26 @@ export function paths(data: string) {
 
 export const EUR = 978;
 
-export const DEMO_SHOP: ShopFile = {
-  merchantId: "demo-shop",
-  name: "Netpurse Demo Bookshop",
-  confirmationMode: "CONFIRMATION_MODE_PSAM_VERIFIES",
-  currency: EUR,
-  exponent: 2,
-  products: [
-    { productId: "ebook-smart-cards", name: "Smart Cards, Explained (e-book)", description: "A short guide to chip cards", priceMinor: 250 },
-    { productId: "ebook-grpc", name: "gRPC in Practice (e-book)", description: "Protocol-first services", priceMinor: 990 },
-    { productId: "song-1", name: "Stored Value Blues (MP3)", description: "One song", priceMinor: 99 },
-  ],
-};
+const CATALOGUE: ShopFile["products"] = [
+  { productId: "ebook-smart-cards", name: "Smart Cards, Explained (e-book)", description: "A short guide to chip cards", priceMinor: 250 },
+  { productId: "ebook-grpc", name: "gRPC in Practice (e-book)", description: "Protocol-first services", priceMinor: 990 },
+  { productId: "song-1", name: "Stored Value Blues (MP3)", description: "One song", priceMinor: 99 },
+];
+
+function shop(merchantId: string, name: string, mode: string): ShopFile {
+  return { merchantId, name, confirmationMode: `CONFIRMATION_MODE_${mode}`, currency: EUR, exponent: 2, products: CATALOGUE };
+}
+
+/** The demo shop of FIG. 5: the PSAM verifies the card's signature. */
+export const DEMO_SHOP = shop("demo-shop", "Netpurse Demo Bookshop", "PSAM_VERIFIES");
+
+/** One demo shop per confirmation mode, each on its own port. */
+export const DEMO_SHOPS: { shop: ShopFile; port: number }[] = [
+  { shop: DEMO_SHOP, port: 7410 },
+  { shop: shop("server-shop", "Server Compares Books", "SERVER_COMPARES"), port: 7412 },
+  { shop: shop("client-shop", "Client Compares Books", "CLIENT_COMPARES"), port: 7413 },
+  { shop: shop("merchant-shop", "Merchant Compares Books", "MERCHANT_COMPARES"), port: 7414 },
+];
 
 export interface DemoSetup {
   terminals: { id: string; psams: number }[];
@@ -46,7 +54,7 @@ export interface DemoSetup {
 
 export const DEFAULT_DEMO: DemoSetup = {
   terminals: [{ id: "terminal-1", psams: 4 }],
-  shops: [DEMO_SHOP],
+  shops: DEMO_SHOPS.map((d) => d.shop),
   card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
 };
 
@@ -70,9 +78,9 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     for (const shop of demo.shops) {
       const shopFile = join(p.merchant(shop.merchantId), "shop.json");
       if (existsSync(shopFile)) continue;
-      await registerMerchant({ paymentDir: p.payment, validationDir: p.validation, merchantId: shop.merchantId, name: shop.name, mode: ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES });
+      await registerMerchant({ paymentDir: p.payment, validationDir: p.validation, merchantId: shop.merchantId, name: shop.name, mode: confirmationModeFromJSON(shop.confirmationMode) });
       await writeJsonAtomic(shopFile, shop);
-      say(`operator: registered merchant ${shop.merchantId} with a fresh shared key`);
+      say(`operator: registered merchant ${shop.merchantId} (${shop.confirmationMode.replace("CONFIRMATION_MODE_", "")}) with a fresh shared key`);
     }
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath) || (await cardTooLow(cardPath))) {
@@ -88,5 +96,5 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
 /** A demo card too poor for the dearest demo product is replaced by a fresh one. */
 async function cardTooLow(path: string): Promise<boolean> {
   const card = await readJson<CardFile>(path);
-  return card.balance < Math.max(...DEMO_SHOP.products.map((x) => x.priceMinor));
+  return card.balance < 4 * Math.max(...CATALOGUE.map((x) => x.priceMinor));
 }

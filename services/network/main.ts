@@ -9,10 +9,10 @@ import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/ca
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { describeError } from "../../lib/cli.js";
-import { dataDir, defaultAddress } from "../../lib/config.js";
+import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { formatMoney } from "../../lib/money.js";
-import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData } from "./layout.js";
+import { DEFAULT_DEMO, DEMO_SHOPS, ensureDemoData } from "./layout.js";
 import { launchNetwork, Launcher } from "./launcher.js";
 
 const { values } = parseArgs({
@@ -28,12 +28,13 @@ if (values.help) {
   console.log(`Usage: npm start -- [options]
 
 Starts the whole netpurse network on this machine (loopback only), makes a demo
-purchase with a software card, and keeps running until Ctrl-C.
+purchase with a software card in each confirmation mode, and keeps running
+until Ctrl-C.
 
 Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
-  --product ID      demo product to buy (default ${DEMO_SHOP.products[0]!.productId})
-  --once            stop after the demo purchase
+  --product ID      demo product to buy (default ${DEMO_SHOPS[0]!.shop.products[0]!.productId})
+  --once            stop after the demo purchases
   -v, --verbose     print every service's log lines
   -h, --help        this text`);
   process.exit(0);
@@ -64,13 +65,12 @@ try {
   const addresses = await launchNetwork(launcher, {
     data,
     terminals: DEFAULT_DEMO.terminals.map((t) => ({ id: t.id })),
-    merchants: [DEMO_SHOP.merchantId],
+    merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId, listen: `${DEFAULT_HOST}:${d.port}` })),
     cardPath,
     listen: {
       concentrator: defaultAddress("concentrator"),
       payment: defaultAddress("payment"),
       merchantValidation: defaultAddress("merchantValidation"),
-      merchant: defaultAddress("merchant"),
       clientDaemon: defaultAddress("cardholder"),
     },
   });
@@ -90,15 +90,18 @@ try {
     await new Promise((r) => setTimeout(r, 100));
   }
 
-  say("\ndemo purchase");
-  const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${DEMO_SHOP.merchantId}`]!));
   const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!));
-  const { purse } = await cardholder.getCard({}, { deadline: 10_000 });
-  const { offer } = await merchant.createOrder({ productId: values.product ?? DEMO_SHOP.products[0]!.productId }, { deadline: 5_000 });
-  say(`  the cardholder approves ${formatMoney(offer!.amount!)} (card balance ${formatMoney(purse!.balance!)})`);
-  const paid = await cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
-  for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
-  say(`  card balance now ${formatMoney(paid.purse!.balance!)}`);
+  for (const { shop } of DEMO_SHOPS) {
+    const mode = shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
+    say(`\ndemo purchase at ${shop.name} (mode ${mode})`);
+    const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${shop.merchantId}`]!));
+    const { purse } = await cardholder.getCard({}, { deadline: 10_000 });
+    const { offer } = await merchant.createOrder({ productId: values.product ?? shop.products[0]!.productId }, { deadline: 5_000 });
+    say(`  the cardholder approves ${formatMoney(offer!.amount!)} (card balance ${formatMoney(purse!.balance!)})`);
+    const paid = await cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+    for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
+    say(`  card balance now ${formatMoney(paid.purse!.balance!)}`);
+  }
 
   if (values.once) await shutdown(0);
   say(`
@@ -106,6 +109,9 @@ The network is running. Try, in another terminal:
   bin/netpurse card                  the card's balance and log
   bin/netpurse shop                  what the demo shop sells
   bin/netpurse pay ebook-grpc        buy something (asks you first)
+  bin/netpurse pay song-1 --merchant 127.0.0.1:7414
+                                     the same in another confirmation mode (7410 PSAM verifies,
+                                     7412 server compares, 7413 client compares, 7414 merchant compares)
   bin/netpurse-operator terminals    the terminal pool
   grpcurl -plaintext ${defaultAddress("payment")} list
 Press Ctrl-C to stop.`);

@@ -14,6 +14,7 @@ await runService({
     id: { type: "string" },
     "hold-timeout-ms": { type: "string" },
     "psam-wait-ms": { type: "string" },
+    "proof-timeout-ms": { type: "string" },
   },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("payment")})`,
@@ -23,6 +24,7 @@ await runService({
     "  --id NAME                payment server id at the concentrator (default payment-1)",
     "  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default 60000)",
     "  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default 10000)",
+    "  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default 600000)",
   ].join("\n"),
   start: (v) =>
     startPaymentServer({
@@ -32,5 +34,6 @@ await runService({
       paymentServerId: opt(v, "id", "payment-1"),
       holdTimeoutMs: intOpt(v, "hold-timeout-ms", 60_000),
       maxPsamWaitMs: intOpt(v, "psam-wait-ms", 10_000),
+      proofTimeoutMs: intOpt(v, "proof-timeout-ms", 600_000),
     }),
 });

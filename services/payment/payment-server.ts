@@ -1,36 +1,49 @@
-// The payment server (payment module 228): it takes the draw request, has a
-// PSAM in the pool sign the DEBIT command, takes the card's answer, has the
-// same PSAM verify the card's signature, and confirms the purchase to the
-// merchant. Every step is in the database before the server answers; every
-// RPC is idempotent by transaction id; a restart resumes from the log.
+// The payment server (payment module 228): it opens the sealed draw request,
+// has a PSAM in the pool sign the DEBIT command (and, in the modes of FIG.
+// 6-8, predict the card's signature), rules on the card's answer or takes
+// the card's proof after the fact, and confirms the purchase to the merchant
+// with a debit result M only the merchant can read. Every step is in the
+// database before the server answers; every RPC is idempotent by transaction
+// id; a restart resumes from the log.
 
 import { createHash, randomBytes } from "node:crypto";
 import { Status, type CallContext } from "nice-grpc";
 import { ConfirmationMode, confirmationModeToJSON, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import {
-  CompletePurchaseRequest,
+  CardAnswer,
+  DebitResultC,
+  DebitResultM,
+  DebitResultStatus,
   DrawRequest,
-  PurchaseConfirmation,
+  IssuedDebitCommand,
   PurchaseState,
+  type CompletePurchaseRequest,
   type CompletePurchaseResponse,
   type GetPurchaseResponse,
   type PaymentServiceImplementation,
+  type ProcessDrawRequestRequest,
   type ProcessDrawRequestResponse,
+  type ReportCardSignatureRequest,
+  type ReportCardSignatureResponse,
 } from "../../gen/netpurse/payment/v1/payment.js";
-import { DebitVerdict, PsamJobStatus, type PsamJob, type PsamJobResult, type PsamSlot, type TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
-import { swHex, SW } from "../../lib/apdu/apdu.js";
-import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
+import { PsamJobStatus, type PsamSlot, type TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { SW } from "../../lib/apdu/apdu.js";
 import { macEqual } from "../../lib/crypto/aes.js";
+import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
 import { callDeadline } from "../../lib/grpc/server.js";
-import { hexOf, merchantId, psamId, purseId, requireTransactionId, txnId } from "../../lib/ids.js";
+import { hexOf, merchantId, psamId, purseId, requireMerchantId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
-import { confirmationMac } from "../../lib/protocol/confirmation.js";
-import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
+import { open, seal } from "../../lib/protocol/encryption-layer.js";
+import { DebitResponse, LogRecord } from "../../lib/protocol/purse.js";
 import { editDrawRequest } from "./draw-request.js";
-import type { MerchantRegistry } from "./merchants.js";
+import type { Merchant, MerchantRegistry } from "./merchants.js";
+import { MIN_JOB_MS, psamKeyOf, PsamWork } from "./psam-work.js";
+import { psamRefusal, sealBroken } from "./refusals.js";
+import { Ruling } from "./ruling.js";
 import type { PaymentStore, PurchaseRow, State } from "./store.js";
 import { NoPsamFits, NoPsamFree, type ConcentratorLink, type Lease, type PsamPool } from "./terminal-pool.js";
+import { decodeSealed, encodeSealed, keysFor, type TransactionKeys } from "./transaction-keys.js";
 
 export interface PaymentServerOptions {
   store: PaymentStore;
@@ -44,79 +57,51 @@ export interface PaymentServerOptions {
   maxPsamWaitMs?: number;
   /** Longest wait for a terminal's answer to one job. */
   jobTimeoutMs?: number;
+  /** How long a DEBIT command may wait for the card's proof before the purchase is in doubt. */
+  proofTimeoutMs?: number;
 }
 
-const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
-
-/** The least time worth giving a terminal for one job; with less left, no job is sent. */
-const MIN_JOB_MS = 1_000;
-
-/** The gRPC error a PSAM's refusal of the card becomes. */
-function psamRefusal(sw: number): NetpurseError {
-  const fp = (reason: ErrorReason, what: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, `${what} (PSAM SW ${swHex(sw)}); nothing was debited`);
-  switch (sw) {
-    case SW.CARD_EXPIRED:
-      return fp(ErrorReason.ERROR_REASON_CARD_EXPIRED, "the card has expired");
-    case SW.CURRENCY_NOT_ACCEPTED:
-      return fp(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, "the card's currency is not the amount's, or the PSAM does not accept it");
-    case SW.CARD_BLOCKED:
-      return fp(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked");
-    case SW.INSUFFICIENT_BALANCE:
-      return fp(ErrorReason.ERROR_REASON_INSUFFICIENT_BALANCE, "the card's balance is lower than the amount");
-    case SW.REFERENCED_DATA_NOT_FOUND:
-      return fp(ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN, "no PSAM holds the card's key version");
-    case SW.AMOUNT_OUT_OF_RANGE:
-      return invalidField("draw_request.amount.amount_minor", `the PSAM refused the amount (SW ${swHex(sw)})`);
-    case SW.WRONG_LENGTH:
-    case SW.WRONG_DATA:
-    case SW.FUNCTION_NOT_SUPPORTED:
-      return invalidField("draw_request.initialize_response", `the PSAM refused the card's response as malformed (SW ${swHex(sw)})`);
-    default:
-      return fp(ErrorReason.ERROR_REASON_UNSPECIFIED, "the PSAM refused the card");
-  }
-}
-
-/** The card's signed refusal of a debit, as the error the client gets. */
-function cardDeclined(result: number): NetpurseError {
-  const why: Record<number, [ErrorReason, string]> = {
-    [DebitResult.INSUFFICIENT_BALANCE]: [ErrorReason.ERROR_REASON_INSUFFICIENT_BALANCE, "the card's balance is lower than the amount"],
-    [DebitResult.CURRENCY_MISMATCH]: [ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, "the card's currency is not the amount's"],
-    [DebitResult.EXPIRED]: [ErrorReason.ERROR_REASON_CARD_EXPIRED, "the card has expired"],
-    [DebitResult.BLOCKED]: [ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked"],
-  };
-  const [reason, text] = why[result] ?? [ErrorReason.ERROR_REASON_CARD_REFUSED, `the card declined the debit (result ${result})`];
-  return new NetpurseError(Status.FAILED_PRECONDITION, reason, `${text}; the card proved it did not debit and the transaction was reversed in the PSAM`);
-}
+const sha256 = (...parts: Uint8Array[]) => {
+  const h = createHash("sha256");
+  for (const p of parts) h.update(p);
+  return h.digest("hex");
+};
 
 const stateEnum: Record<State, PurchaseState> = {
   RECEIVED: PurchaseState.PURCHASE_STATE_RECEIVED,
   DEBIT_COMMAND_ISSUED: PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED,
   DEBIT_RESPONSE_RECEIVED: PurchaseState.PURCHASE_STATE_DEBIT_RESPONSE_RECEIVED,
+  PROVEN: PurchaseState.PURCHASE_STATE_PROVEN,
   COMPLETED: PurchaseState.PURCHASE_STATE_COMPLETED,
   REVERSED: PurchaseState.PURCHASE_STATE_REVERSED,
   REFUSED: PurchaseState.PURCHASE_STATE_REFUSED,
   IN_DOUBT: PurchaseState.PURCHASE_STATE_IN_DOUBT,
 };
 
-const keyOf = (row: PurchaseRow) => `${row.terminal_id}/${row.psam_id}`;
+/** Paid: the card's signature is proven (and, for COMPLETED, in the PSAM's batch). */
+const PAID: State[] = ["PROVEN", "COMPLETED"];
+
+/** At most this many card log records travel with a draw request. */
+const MAX_CARD_LOG = 8;
 
 export class PaymentServer {
   private readonly serials = new Map<string, Promise<unknown>>();
-  /** PSAMs held across the cardholder's round trip (PSAM_VERIFIES). */
-  private readonly holds = new Map<string, { lease: Lease; timer: NodeJS.Timeout }>();
-  private readonly holdTimeoutMs: number;
+  private readonly work: PsamWork;
+  private readonly ruling: Ruling;
   private readonly maxPsamWaitMs: number;
-  private readonly jobTimeoutMs: number;
+  private readonly proofTimeoutMs: number;
 
   constructor(private readonly o: PaymentServerOptions) {
-    this.holdTimeoutMs = o.holdTimeoutMs ?? 60_000;
     this.maxPsamWaitMs = o.maxPsamWaitMs ?? 10_000;
-    this.jobTimeoutMs = o.jobTimeoutMs ?? 10_000;
+    this.proofTimeoutMs = o.proofTimeoutMs ?? 10 * 60_000;
+    this.work = new PsamWork({ pool: o.pool, link: o.link, store: o.store, log: o.log, holdTimeoutMs: o.holdTimeoutMs ?? 60_000, jobTimeoutMs: o.jobTimeoutMs ?? 10_000 });
+    this.ruling = new Ruling({ store: o.store, work: this.work, log: o.log, serial: (id, fn) => this.serial(id, fn) });
   }
 
   readonly service: PaymentServiceImplementation = {
-    processDrawRequest: (req, ctx) => this.processDrawRequest(req.drawRequest, ctx),
-    completePurchase: (req, ctx) => this.completePurchase(CompletePurchaseRequest.fromPartial(req), ctx),
+    processDrawRequest: (req, ctx) => this.processDrawRequest(req, ctx),
+    completePurchase: (req, ctx) => this.completePurchase(req, ctx),
+    reportCardSignature: (req, ctx) => this.reportCardSignature(req, ctx),
     getPurchase: async (req) => this.getPurchase(requireTransactionId(req.transactionId)),
   };
 
@@ -138,72 +123,116 @@ export class PaymentServer {
     return Math.min(Date.now() + cap, (d ?? Infinity) - 100);
   }
 
-  // ---- step 680-694: draw request -> DEBIT command ------------------------
+  private async merchant(id: string): Promise<Merchant> {
+    const m = await this.o.merchants.get(id);
+    if (!m) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `merchant "${id}" is not registered at this payment server`);
+    return m;
+  }
 
-  private async processDrawRequest(dr: DrawRequest | undefined, ctx: CallContext): Promise<ProcessDrawRequestResponse> {
+  /** The keys of a recorded transaction, derived again from the merchant's key and the offer's nonce and ETSK. */
+  private async keysOf(row: PurchaseRow): Promise<TransactionKeys> {
+    return keysFor(await this.merchant(row.merchant_id), row.transaction_id, row.key_nonce!, decodeSealed(row.encrypted_session_key!));
+  }
+
+  private storedError(row: PurchaseRow): NetpurseError {
+    return new NetpurseError(row.error_code ?? Status.FAILED_PRECONDITION, row.error_reason ?? ErrorReason.ERROR_REASON_UNSPECIFIED, row.error_message ?? `transaction ended ${row.state}`);
+  }
+
+  // ---- steps 680-694: draw request -> DEBIT command ------------------------
+
+  private async processDrawRequest(req: ProcessDrawRequestRequest, ctx: CallContext): Promise<ProcessDrawRequestResponse> {
+    const id = requireTransactionId(req.transactionId);
+    const mid = requireMerchantId(req.merchantId);
+    if (req.keyNonce.length !== 16) throw invalidField("key_nonce", `must be 16 bytes, got ${req.keyNonce.length}`);
+    if (!req.encryptedSessionKey) throw invalidField("encrypted_session_key", "missing");
+    if (!req.drawRequest) throw invalidField("draw_request", "missing");
+    const merchant = await this.merchant(mid);
+    const keys = keysFor(merchant, id, req.keyNonce, req.encryptedSessionKey);
+    const plain = open(keys.tsk, "DRAW_REQUEST", id, req.drawRequest);
+    if (!plain) throw sealBroken("the draw request");
+    let dr: DrawRequest;
+    try {
+      dr = DrawRequest.decode(plain);
+    } catch {
+      throw invalidField("draw_request", "is not a DrawRequest");
+    }
     const v = editDrawRequest(dr);
-    const hash = sha256(DrawRequest.encode(dr!).finish());
+    if (v.transactionId !== id) throw invalidField("draw_request.transaction_id", "is not the request's transaction_id");
+    if (v.merchantId !== mid) throw invalidField("draw_request.merchant_id", "is not the request's merchant_id");
+    if (dr.cardLog.length > MAX_CARD_LOG) throw invalidField("draw_request.card_log", `at most ${MAX_CARD_LOG} records`);
+    const log = dr.cardLog.map((r, i) => {
+      if (r.length !== LogRecord.size) throw invalidField(`draw_request.card_log[${i}]`, `must be ${LogRecord.size} bytes`);
+      try {
+        return LogRecord.decode(r);
+      } catch {
+        throw invalidField(`draw_request.card_log[${i}]`, "is not a card log record");
+      }
+    });
+    // The content decides idempotency, not its sealing (a re-sealed retry has a new nonce).
+    const hash = sha256(Buffer.from(DrawRequest.encode({ ...dr, cardLog: [] }).finish()), req.keyNonce);
     const deadline = this.deadline(ctx, this.maxPsamWaitMs);
-    return this.serial(v.transactionId, async () => {
-      const merchant = await this.o.merchants.get(v.merchantId);
-      if (!merchant) {
-        throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `merchant "${v.merchantId}" is not registered at this payment server`);
-      }
+    return this.serial(id, async () => {
       if (merchant.mode !== v.mode) {
-        throw invalidField("draw_request.confirmation_mode", `merchant "${v.merchantId}" confirms with ${confirmationModeToJSON(merchant.mode)}`);
+        throw invalidField("draw_request.confirmation_mode", `merchant "${mid}" confirms with ${confirmationModeToJSON(merchant.mode)}`);
       }
-      if (v.mode !== ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES) {
-        throw new NetpurseError(Status.UNIMPLEMENTED, ErrorReason.ERROR_REASON_UNSPECIFIED, `confirmation mode ${confirmationModeToJSON(v.mode)} is not implemented by this payment server`);
-      }
-      let row = await this.o.store.get(v.transactionId);
+      let row = await this.o.store.get(id);
       if (row) {
         if (row.request_hash !== hash) {
-          throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${v.transactionId} was already used with another draw request`);
+          throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} was already used with another draw request`);
         }
         if (row.state === "REFUSED") throw this.storedError(row);
-        if (row.state !== "RECEIVED") return this.debitCommandResponse(row);
-        await this.o.store.log(v.transactionId, { step: "draw_request_retried", detail: "no debit command had been issued; trying again" });
+        if (row.state !== "RECEIVED") return this.debitCommandResponse(row, keys);
+        await this.o.store.log(id, { step: "draw_request_retried", detail: "no debit command had been issued; trying again" });
       } else {
-        const inserted = await this.o.store.insert(
-          {
-            transaction_id: v.transactionId,
-            request_hash: hash,
-            merchant_id: v.merchantId,
-            amount_minor: v.amount,
-            currency: v.currency,
-            exponent: v.exponent,
-            purse_id: v.card.purseId.toString("hex"),
-            card_counter: v.card.counter,
-            key_version: v.card.keyVersion,
-            confirmation_mode: v.mode,
-            state: "RECEIVED",
-            terminal_id: null,
-            psam_id: null,
-            psam_counter: null,
-            debit_command: null,
-            completion_token: randomBytes(16),
-            completion_hash: null,
-            card_status_word: null,
-            debit_response: null,
-            new_balance: null,
-            confirmation: null,
-            error_code: null,
-            error_reason: null,
-            error_message: null,
-          },
-          {
-            step: "draw_request_received",
-            detail: `purse ${v.card.purseId.toString("hex")} counter ${v.card.counter} pays ${formatMoney({ amountMinor: v.amount, currency: v.currency, exponent: v.exponent })} to ${v.merchantId}`,
-          },
-        );
-        if (!inserted) throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "concurrent draw request for the same transaction; retry");
+        await this.insert(id, hash, v, req);
       }
-      row = (await this.o.store.get(v.transactionId))!;
+      row = (await this.o.store.get(id))!;
+      this.settleFromCardLog(row.purse_id, log);
       if (v.card.currency !== v.currency) {
         return this.refuse(row, new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${v.card.currency}, the offer is in ${v.currency}; nothing was debited`));
       }
-      return this.issueDebitCommand(row, v.cardAtr, v.initializeResponse, deadline);
+      row = await this.issueDebitCommand(row, v.cardAtr, v.initializeResponse, deadline);
+      return this.debitCommandResponse(row, keys);
     });
+  }
+
+  private async insert(id: string, hash: string, v: ReturnType<typeof editDrawRequest>, req: ProcessDrawRequestRequest): Promise<void> {
+    const inserted = await this.o.store.insert(
+      {
+        transaction_id: id,
+        request_hash: hash,
+        merchant_id: v.merchantId,
+        amount_minor: v.amount,
+        currency: v.currency,
+        exponent: v.exponent,
+        purse_id: v.card.purseId.toString("hex"),
+        card_counter: v.card.counter,
+        key_version: v.card.keyVersion,
+        confirmation_mode: v.mode,
+        state: "RECEIVED",
+        terminal_id: null,
+        psam_id: null,
+        psam_counter: null,
+        debit_command: null,
+        completion_token: randomBytes(16),
+        completion_hash: null,
+        card_status_word: null,
+        debit_response: null,
+        new_balance: null,
+        confirmation: null,
+        error_code: null,
+        error_reason: null,
+        error_message: null,
+        key_nonce: Buffer.from(req.keyNonce),
+        encrypted_session_key: encodeSealed(req.encryptedSessionKey!),
+        expected_card_signature: null,
+      },
+      {
+        step: "draw_request_received",
+        detail: `${confirmationModeToJSON(v.mode).replace("CONFIRMATION_MODE_", "")}: purse ${v.card.purseId.toString("hex")} counter ${v.card.counter} pays ${formatMoney({ amountMinor: v.amount, currency: v.currency, exponent: v.exponent })} to ${v.merchantId}`,
+      },
+    );
+    if (!inserted) throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "concurrent draw request for the same transaction; retry");
   }
 
   private async refuse(row: PurchaseRow, e: NetpurseError): Promise<never> {
@@ -211,75 +240,91 @@ export class PaymentServer {
     throw e;
   }
 
-  private storedError(row: PurchaseRow): NetpurseError {
-    return new NetpurseError(row.error_code ?? Status.FAILED_PRECONDITION, row.error_reason ?? ErrorReason.ERROR_REASON_UNSPECIFIED, row.error_message ?? `transaction ended ${row.state}`);
-  }
-
-  private debitCommandResponse(row: PurchaseRow): ProcessDrawRequestResponse {
-    return {
-      transactionId: txnId(row.transaction_id),
+  /** The DEBIT command for the client under the TSK and, in the one-round-trip modes, the debit result M for the merchant. */
+  private debitCommandResponse(row: PurchaseRow, keys: TransactionKeys): ProcessDrawRequestResponse {
+    const mode = row.confirmation_mode as ConfirmationMode;
+    const command: IssuedDebitCommand = {
       debitCommand: row.debit_command!,
       terminalId: row.terminal_id!,
       psamId: psamId(row.psam_id!),
       psamCounter: row.psam_counter!,
       completionToken: row.completion_token!,
+      expectedCardSignature: mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES ? row.expected_card_signature! : Buffer.alloc(0),
+    };
+    const oneRoundTrip = mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES || mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES;
+    return {
+      transactionId: txnId(row.transaction_id),
+      debitCommand: seal(keys.tsk, "DEBIT_COMMAND", row.transaction_id, IssuedDebitCommand.encode(command).finish()),
+      debitResultM: oneRoundTrip ? this.sealResultM(row, keys, DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED) : undefined,
     };
   }
 
-  private async issueDebitCommand(row: PurchaseRow, cardAtr: Buffer, initializeResponse: Buffer, deadline: number): Promise<ProcessDrawRequestResponse> {
+  private sealResultM(row: PurchaseRow, keys: TransactionKeys, status: DebitResultStatus) {
+    const m: DebitResultM = {
+      transactionId: txnId(row.transaction_id),
+      merchantId: merchantId(row.merchant_id),
+      amount: money(row.amount_minor, row.currency, row.exponent),
+      purseId: purseId(row.purse_id),
+      psamId: psamId(row.psam_id!),
+      psamCounter: row.psam_counter!,
+      confirmationMode: row.confirmation_mode,
+      status,
+      expectedCardSignature: row.confirmation_mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES ? row.expected_card_signature! : Buffer.alloc(0),
+      issuedAt: new Date(),
+    };
+    return seal(keys.derived, "DEBIT_RESULT_M", row.transaction_id, DebitResultM.encode(m).finish());
+  }
+
+  private async issueDebitCommand(row: PurchaseRow, cardAtr: Buffer, initializeResponse: Buffer, deadline: number): Promise<PurchaseRow> {
+    const mode = row.confirmation_mode as ConfirmationMode;
+    const psamVerifies = mode === ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES;
     const tried = new Set<string>();
     for (let attempt = 1; attempt <= 3; attempt++) {
       if (deadline - Date.now() < MIN_JOB_MS) {
         await this.o.store.log(row.transaction_id, { step: "deadline_too_close", detail: `less than ${MIN_JOB_MS} ms left before the caller's deadline` });
         throw new NetpurseError(Status.DEADLINE_EXCEEDED, ErrorReason.ERROR_REASON_UNSPECIFIED, `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`);
       }
-      let lease: Lease;
-      try {
-        lease = await this.o.pool.acquire({ currency: row.currency, keyVersion: row.key_version, exclude: tried }, deadline);
-      } catch (e) {
-        if (e instanceof NoPsamFits) {
-          // Not stored as a refusal: it depends on the pool as it is now, and a retry may find a PSAM.
-          const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
-          await this.o.store.log(row.transaction_id, { step: "no_psam_fits", detail: e.message });
-          throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`);
-        }
-        if (!(e instanceof NoPsamFree)) throw e;
-        await this.o.store.log(row.transaction_id, { step: "no_psam_free", detail: e.message });
-        throw new NetpurseError(Status.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_NO_PSAM_FREE, `no PSAM became free before the deadline: ${e.message}; retry the same draw request later`);
-      }
+      const lease = await this.takePsam(row, tried, deadline);
       tried.add(lease.key);
       await this.o.store.log(row.transaction_id, { step: "psam_assigned", detail: `terminal ${lease.terminalId} PSAM ${lease.psamId} (attempt ${attempt})` });
-      const result = await this.o.link.runJob(
+      const result = await this.work.run(
         lease,
+        row.transaction_id,
         {
-          transactionId: txnId(row.transaction_id),
-          task: {
-            $case: "issueDebitCommand",
-            value: {
-              cardAtr,
-              initializeResponse,
-              amount: money(row.amount_minor, row.currency, row.exponent),
-              merchantId: merchantId(row.merchant_id),
-              returnExpectedSignature: false,
-            },
+          $case: "issueDebitCommand",
+          value: {
+            cardAtr,
+            initializeResponse,
+            amount: money(row.amount_minor, row.currency, row.exponent),
+            merchantId: merchantId(row.merchant_id),
+            returnExpectedSignature: !psamVerifies,
           },
         },
-        this.jobTimeout(deadline),
+        deadline,
       );
       if (result.status === PsamJobStatus.PSAM_JOB_STATUS_OK && result.outcome?.$case === "debitCommandIssued") {
         const issued = result.outcome.value;
         const moved = await this.o.store.transition(
           row.transaction_id,
           ["RECEIVED"],
-          { state: "DEBIT_COMMAND_ISSUED", terminal_id: lease.terminalId, psam_id: lease.psamId, psam_counter: issued.psamCounter, debit_command: Buffer.from(issued.debitCommand) },
-          { step: "debit_command_issued", detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command` },
+          {
+            state: "DEBIT_COMMAND_ISSUED",
+            terminal_id: lease.terminalId,
+            psam_id: lease.psamId,
+            psam_counter: issued.psamCounter,
+            debit_command: Buffer.from(issued.debitCommand),
+            expected_card_signature: psamVerifies ? null : Buffer.from(issued.expectedCardSignature),
+          },
+          { step: "debit_command_issued", detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}` },
         );
         if (!moved) {
           this.o.pool.release(lease);
           throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_WRONG_STATE, "the transaction changed state meanwhile; retry");
         }
-        this.hold(row.transaction_id, lease);
-        return this.debitCommandResponse((await this.o.store.get(row.transaction_id))!);
+        // FIG. 5 holds the PSAM for the card's answer; FIG. 6-8 release it now.
+        if (psamVerifies) this.work.hold(row.transaction_id, lease);
+        else this.o.pool.release(lease);
+        return (await this.o.store.get(row.transaction_id))!;
       }
       const full = result.statusWord === SW.BATCH_FULL || result.statusWord === SW.TOO_MANY_OPEN_DEBITS;
       if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && !full) {
@@ -298,193 +343,117 @@ export class PaymentServer {
     throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, "no PSAM could take the transaction after 3 attempts; retry the same draw request later");
   }
 
-  private jobTimeout(deadline: number): number {
-    return Math.max(MIN_JOB_MS, Math.min(this.jobTimeoutMs, deadline - Date.now()));
+  private async takePsam(row: PurchaseRow, tried: Set<string>, deadline: number): Promise<Lease> {
+    try {
+      return await this.o.pool.acquire({ currency: row.currency, keyVersion: row.key_version, exclude: tried }, deadline);
+    } catch (e) {
+      if (e instanceof NoPsamFits) {
+        // Not stored as a refusal: it depends on the pool as it is now, and a retry may find a PSAM.
+        const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
+        await this.o.store.log(row.transaction_id, { step: "no_psam_fits", detail: e.message });
+        throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`);
+      }
+      if (!(e instanceof NoPsamFree)) throw e;
+      await this.o.store.log(row.transaction_id, { step: "no_psam_free", detail: e.message });
+      throw new NetpurseError(Status.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_NO_PSAM_FREE, `no PSAM became free before the deadline: ${e.message}; retry the same draw request later`);
+    }
   }
 
-  /** Keeps the PSAM for the cardholder's answer, but not forever. */
-  private hold(transactionId: string, lease: Lease): void {
-    const timer = setTimeout(() => {
-      if (this.holds.get(transactionId)?.lease !== lease) return;
-      this.holds.delete(transactionId);
-      this.o.pool.release(lease);
-      void this.o.store.log(transactionId, { step: "psam_hold_expired", detail: `no card answer within ${this.holdTimeoutMs} ms; PSAM ${lease.psamId} back to the pool, its debit stays open` });
-    }, this.holdTimeoutMs);
-    timer.unref();
-    this.holds.set(transactionId, { lease, timer });
-  }
-
-  private takeHold(transactionId: string): Lease | undefined {
-    const h = this.holds.get(transactionId);
-    if (!h) return undefined;
-    clearTimeout(h.timer);
-    this.holds.delete(transactionId);
-    return h.lease;
-  }
-
-  // ---- steps 622-634: the card's answer -> confirmation ----------------------
+  // ---- steps 622-634: the card's answer -> debit results C and M ----------------
 
   private async completePurchase(req: CompletePurchaseRequest, ctx: CallContext): Promise<CompletePurchaseResponse> {
     const id = requireTransactionId(req.transactionId);
-    const sw = req.cardStatusWord;
-    if (sw < 0x6000 || sw > 0xffff) throw invalidField("card_status_word", `0x${sw.toString(16)} is not an ISO 7816 status word`);
-    if (sw === SW.OK && req.debitResponse.length !== DebitResponse.size) {
-      throw invalidField("debit_response", `must be the card's ${DebitResponse.size}-byte answer when card_status_word is 9000, got ${req.debitResponse.length} bytes`);
-    }
-    if (sw !== SW.OK && req.debitResponse.length !== 0) throw invalidField("debit_response", "must be empty when the card answered with an error status word");
-    const hash = sha256(CompletePurchaseRequest.encode(req).finish());
+    if (!req.cardAnswer) throw invalidField("card_answer", "missing");
+    const deadline = this.deadline(ctx, this.maxPsamWaitMs);
+    return this.serial(id, async () => {
+      let row = await this.o.store.get(id);
+      if (!row) throw notFound(`transaction ${id} is unknown to this payment server`);
+      if (!row.key_nonce) throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `transaction ${id} has no keys: it never had a draw request opened`);
+      const keys = await this.keysOf(row);
+      const plain = open(keys.tsk, "CARD_ANSWER", id, req.cardAnswer);
+      if (!plain) throw sealBroken("the card answer");
+      let a: CardAnswer;
+      try {
+        a = CardAnswer.decode(plain);
+      } catch {
+        throw invalidField("card_answer", "is not a CardAnswer");
+      }
+      if (!row.completion_token || !macEqual(row.completion_token, a.completionToken)) {
+        throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN, `completion_token is not transaction ${id}'s: only the client that sent the draw request may complete it`);
+      }
+      const sw = a.cardStatusWord;
+      if (sw < 0x6000 || sw > 0xffff) throw invalidField("card_answer.card_status_word", `0x${sw.toString(16)} is not an ISO 7816 status word`);
+      if (sw === SW.OK && a.debitResponse.length !== DebitResponse.size) {
+        throw invalidField("card_answer.debit_response", `must be the card's ${DebitResponse.size}-byte answer when card_status_word is 9000, got ${a.debitResponse.length} bytes`);
+      }
+      if (sw !== SW.OK && a.debitResponse.length !== 0) throw invalidField("card_answer.debit_response", "must be empty when the card answered with an error status word");
+
+      if (row.card_status_word !== null) {
+        const same = row.card_status_word === sw && (row.debit_response ?? Buffer.alloc(0)).equals(Buffer.from(a.debitResponse));
+        if (!same) throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `a different card answer was already recorded for transaction ${id}`);
+      } else {
+        if (!["DEBIT_COMMAND_ISSUED", "IN_DOUBT"].includes(row.state)) {
+          if (row.state === "REVERSED") throw this.storedError(row);
+          throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `no DEBIT command is awaiting the card's answer for transaction ${id} (state ${row.state})`);
+        }
+        await this.o.store.transition(
+          id,
+          ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
+          { state: "DEBIT_RESPONSE_RECEIVED", card_status_word: sw, debit_response: Buffer.from(a.debitResponse) },
+          { step: "debit_response_received", detail: sw === SW.OK ? `card answered 9000, result ${a.debitResponse[0]}` : `card refused DEBIT with SW ${sw.toString(16).toUpperCase()}` },
+        );
+        row = (await this.o.store.get(id))!;
+      }
+      if (row.state === "REVERSED") throw this.storedError(row);
+      if (!PAID.includes(row.state)) row = await this.ruling.ruleStored(row, deadline);
+      return this.results(row, keys);
+    });
+  }
+
+  private results(row: PurchaseRow, keys: TransactionKeys): CompletePurchaseResponse {
+    const c: DebitResultC = { transactionId: txnId(row.transaction_id), state: stateEnum[row.state], newBalance: money(row.new_balance ?? 0, row.currency, row.exponent) };
+    return {
+      transactionId: txnId(row.transaction_id),
+      debitResultC: seal(keys.tsk, "DEBIT_RESULT_C", row.transaction_id, DebitResultC.encode(c).finish()),
+      debitResultM: this.sealResultM(row, keys, DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED),
+    };
+  }
+
+  // ---- the card's proof after the fact --------------------------------------------
+
+  private async reportCardSignature(req: ReportCardSignatureRequest, ctx: CallContext): Promise<ReportCardSignatureResponse> {
+    const id = requireTransactionId(req.transactionId);
+    if (req.debitResponse.length !== DebitResponse.size) throw invalidField("debit_response", `must be the card's ${DebitResponse.size}-byte answer, got ${req.debitResponse.length} bytes`);
+    const raw = Buffer.from(req.debitResponse);
     const deadline = this.deadline(ctx, this.maxPsamWaitMs);
     return this.serial(id, async () => {
       const row = await this.o.store.get(id);
       if (!row) throw notFound(`transaction ${id} is unknown to this payment server`);
-      if (!row.completion_token || !macEqual(row.completion_token, req.completionToken)) {
-        throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN, `completion_token is not transaction ${id}'s: only the client that sent the draw request may complete it`);
-      }
-      switch (row.state) {
-        case "RECEIVED":
-        case "REFUSED":
-          throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `no DEBIT command was issued for transaction ${id} (state ${row.state})`);
-        case "DEBIT_COMMAND_ISSUED": {
-          await this.o.store.transition(
-            id,
-            ["DEBIT_COMMAND_ISSUED"],
-            { state: "DEBIT_RESPONSE_RECEIVED", completion_hash: hash, card_status_word: sw, debit_response: Buffer.from(req.debitResponse) },
-            { step: "debit_response_received", detail: sw === SW.OK ? `card answered 9000, result ${req.debitResponse[0]}` : `card refused DEBIT with SW ${swHex(sw)}` },
-          );
-          return this.resolve((await this.o.store.get(id))!, deadline);
-        }
-        default:
-          if (row.completion_hash !== hash) {
-            throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `a different card answer was already submitted for transaction ${id}`);
-          }
-          if (row.state === "COMPLETED") return this.completedResponse(row);
-          if (row.state === "REVERSED") throw this.storedError(row);
-          return this.resolve(row, deadline);
-      }
+      const after = await this.ruling.ruleReported(row, DebitResponse.decode(raw), raw, "reported", deadline);
+      return { transactionId: txnId(id), state: stateEnum[after.state] };
     });
   }
 
-  private completedResponse(row: PurchaseRow): CompletePurchaseResponse {
-    return {
-      transactionId: txnId(row.transaction_id),
-      newBalance: money(row.new_balance!, row.currency, row.exponent),
-      confirmation: PurchaseConfirmation.decode(row.confirmation!),
-    };
-  }
-
   /**
-   * Has the PSAM that signed the DEBIT command rule on the card's answer:
-   * record a proven debit, reverse one the card did not make. When that PSAM
-   * cannot be reached the purchase is in doubt, never guessed.
+   * The card's log came with its next draw request: purchases of this card
+   * still waiting for its proof find it there (the debit with the card's
+   * signature), and are settled without guessing.
    */
-  private async resolve(row: PurchaseRow, deadline: number): Promise<CompletePurchaseResponse> {
-    const id = row.transaction_id;
-    let lease = this.takeHold(id);
-    if (!lease) {
-      if (!this.o.pool.has(keyOf(row))) return this.inDoubt(row, `PSAM ${row.psam_id} of terminal ${row.terminal_id} is not in the pool`);
-      try {
-        lease = await this.o.pool.acquire({ key: keyOf(row) }, Math.min(deadline, Date.now() + 5_000));
-      } catch (e) {
-        if (e instanceof NoPsamFree) return this.inDoubt(row, e.message);
-        throw e;
-      }
-    }
-    try {
-      if (row.card_status_word !== SW.OK) {
-        const reversed = await this.reverse(row, lease, deadline);
-        if (!reversed.ok) return this.inDoubt(row, reversed.why);
-        const e = new NetpurseError(
-          Status.FAILED_PRECONDITION,
-          ErrorReason.ERROR_REASON_CARD_REFUSED,
-          `the card refused the DEBIT command (SW ${swHex(row.card_status_word!)}); the transaction was reversed in the PSAM and nothing was debited`,
-        );
-        await this.finish(row, "REVERSED", e, "reversed_card_error");
-        throw e;
-      }
-      const result = await this.runOn(lease, row, { $case: "verifyDebit", value: { psamCounter: row.psam_counter!, cardStatusWord: SW.OK, debitResponse: row.debit_response! } }, deadline);
-      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_OK && result.outcome?.$case === "debitVerified") {
-        const verified = result.outcome.value;
-        if (verified.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) return await this.confirm(row);
-        const e = cardDeclined(verified.cardResult);
-        await this.finish(row, "REVERSED", e, "declined_by_card");
-        throw e;
-      }
-      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && result.statusWord === SW.SECURITY_STATUS_NOT_SATISFIED) {
-        const reversed = await this.reverse(row, lease, deadline);
-        if (!reversed.ok) return this.inDoubt(row, reversed.why);
-        const e = new NetpurseError(
-          Status.PERMISSION_DENIED,
-          ErrorReason.ERROR_REASON_BAD_SIGNATURE,
-          `the card signature does not verify (PSAM SW ${swHex(result.statusWord)}); the transaction was reversed in the PSAM`,
-        );
-        await this.finish(row, "REVERSED", e, "reversed_bad_card_signature");
-        throw e;
-      }
-      return this.inDoubt(row, `PSAM could not rule: ${PsamJobStatus[result.status]} ${result.statusWord ? `SW ${swHex(result.statusWord)} ` : ""}${result.message}`);
-    } finally {
-      this.o.pool.release(lease);
+  private settleFromCardLog(purse: string, log: ReturnType<typeof LogRecord.decode>[]): void {
+    for (const entry of log) {
+      void this.serial(entry.transactionRef, async () => {
+        const row = await this.o.store.get(entry.transactionRef);
+        if (!row || row.purse_id !== purse || row.debit_response) return;
+        if (row.psam_id !== entry.moduleId.toString("hex") || row.psam_counter !== entry.moduleCounter) return;
+        if (!["DEBIT_COMMAND_ISSUED", "IN_DOUBT"].includes(row.state)) return;
+        const answer = { result: 0, counter: entry.counter, balance: entry.balance, cardSignature: entry.cardSignature };
+        await this.ruling.ruleReported(row, answer, DebitResponse.encode(answer), "from the card's log at its next contact", Date.now() + 10_000);
+        this.o.log.info("purchase settled from the card's log", { transaction: row.transaction_id });
+      }).catch((e) => this.o.log.warn("card log entry did not settle its purchase", { transaction: entry.transactionRef, error: (e as Error).message }));
     }
   }
 
-  private runOn(lease: Lease, row: PurchaseRow, task: PsamJob["task"], deadline: number): Promise<PsamJobResult> {
-    return this.o.link.runJob(lease, { transactionId: txnId(row.transaction_id), task }, this.jobTimeout(Math.max(deadline, Date.now() + 1_000)));
-  }
-
-  private async reverse(row: PurchaseRow, lease: Lease, deadline: number): Promise<{ ok: true } | { ok: false; why: string }> {
-    const r = await this.runOn(lease, row, { $case: "reverseDebit", value: { psamCounter: row.psam_counter! } }, deadline);
-    if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) return { ok: true };
-    return { ok: false, why: `reversal not confirmed by the PSAM: ${PsamJobStatus[r.status]} ${r.statusWord ? `SW ${swHex(r.statusWord)} ` : ""}${r.message}` };
-  }
-
-  private async finish(row: PurchaseRow, state: State, e: NetpurseError, step: string): Promise<void> {
-    await this.o.store.transition(row.transaction_id, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"], { state, error_code: e.code, error_reason: e.reason, error_message: e.details }, { step, detail: e.details });
-  }
-
-  private async inDoubt(row: PurchaseRow, why: string): Promise<never> {
-    await this.o.store.transition(row.transaction_id, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"], { state: "IN_DOUBT" }, { step: "in_doubt", detail: why });
-    throw new NetpurseError(
-      Status.UNAVAILABLE,
-      ErrorReason.ERROR_REASON_IN_DOUBT,
-      `the purchase is in doubt: ${why}. The card's answer is recorded and the purchase will be settled when that PSAM returns; call CompletePurchase again later`,
-    );
-  }
-
-  private async confirm(row: PurchaseRow): Promise<CompletePurchaseResponse> {
-    const merchant = await this.o.merchants.get(row.merchant_id);
-    if (!merchant) throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `merchant ${row.merchant_id} is no longer registered; the debit is recorded`);
-    const answer = DebitResponse.decode(row.debit_response!);
-    const confirmedAt = new Date();
-    const fields = {
-      transactionId: row.transaction_id,
-      merchantId: row.merchant_id,
-      amount: row.amount_minor,
-      currency: row.currency,
-      exponent: row.exponent,
-      purseId: Buffer.from(row.purse_id, "hex"),
-      psamId: Buffer.from(row.psam_id!, "hex"),
-      psamCounter: row.psam_counter!,
-      confirmedAtMs: confirmedAt.getTime(),
-    };
-    const confirmation: PurchaseConfirmation = {
-      transactionId: txnId(row.transaction_id),
-      merchantId: merchantId(row.merchant_id),
-      amount: money(row.amount_minor, row.currency, row.exponent),
-      purseId: purseId(row.purse_id),
-      psamId: psamId(row.psam_id!),
-      psamCounter: row.psam_counter!,
-      confirmedAt,
-      mac: confirmationMac(merchant.key, fields),
-    };
-    await this.o.store.transition(
-      row.transaction_id,
-      ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"],
-      { state: "COMPLETED", new_balance: answer.balance, confirmation: Buffer.from(PurchaseConfirmation.encode(confirmation).finish()) },
-      { step: "purchase_confirmed", detail: `PSAM ${row.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}` },
-    );
-    return this.completedResponse((await this.o.store.get(row.transaction_id))!);
-  }
-
-  // ---- records and recovery ----------------------------------------------------
+  // ---- records ------------------------------------------------------------
 
   private async getPurchase(id: string): Promise<GetPurchaseResponse> {
     const row = await this.o.store.get(id);
@@ -504,9 +473,12 @@ export class PaymentServer {
         events: events.map((e) => ({ time: new Date(e.at), step: e.step, detail: e.detail })),
         createdAt: new Date(row.created_at),
         updatedAt: new Date(row.updated_at),
+        cardCounter: row.card_counter,
       },
     };
   }
+
+  // ---- recovery -------------------------------------------------------------
 
   /**
    * A terminal (re)attached: settle what waited for its PSAMs, and reverse
@@ -526,7 +498,7 @@ export class PaymentServer {
 
   private async reconcile(terminalId: string, slot: PsamSlot): Promise<void> {
     const psam = hexOf(slot.psamId?.value);
-    const waiting = await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"]);
+    const waiting = await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
     await this.settleWaiting(waiting.filter((row) => row.terminal_id === terminalId));
     for (const p of slot.pendingDebits) {
       const id = p.transactionId?.value ?? "";
@@ -538,7 +510,7 @@ export class PaymentServer {
         const lease = await this.o.pool.acquire({ key: `${terminalId}/${psam}` }, Date.now() + 5_000).catch(() => undefined);
         if (!lease) return;
         try {
-          const r = await this.o.link.runJob(lease, { transactionId: txnId(id), task: { $case: "reverseDebit", value: { psamCounter: p.psamCounter } } }, this.jobTimeoutMs);
+          const r = await this.work.run(lease, id, { $case: "reverseDebit", value: { psamCounter: p.psamCounter } }, Date.now() + 10_000);
           if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) {
             await this.o.store.log(id, { step: "orphan_debit_reversed", detail: `PSAM ${psam} counter ${p.psamCounter}: its DEBIT command never left this server` });
           }
@@ -550,8 +522,9 @@ export class PaymentServer {
   }
 
   /**
-   * Settles, every `everyMs` and once now, purchases whose card answer is
-   * recorded but whose PSAM has not ruled (it was busy, or away and back).
+   * Every `everyMs` and once now: settles purchases whose card answer is
+   * recorded but not ruled on, records proven ones in their PSAM's batch,
+   * and puts in doubt DEBIT commands whose proof did not come in time.
    */
   startSweeping(everyMs = 15_000): void {
     const tick = () => {
@@ -569,18 +542,31 @@ export class PaymentServer {
 
   private sweeping: NodeJS.Timeout | undefined;
 
-  private async sweep(): Promise<void> {
-    const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"]);
-    await this.settleWaiting(waiting.filter((row) => this.o.pool.has(keyOf(row))));
+  async sweep(): Promise<void> {
+    const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
+    await this.settleWaiting(waiting.filter((row) => this.o.pool.has(psamKeyOf(row))));
+    const before = new Date(Date.now() - this.proofTimeoutMs).toISOString();
+    for (const row of await this.o.store.staleInStates(["DEBIT_COMMAND_ISSUED"], before)) {
+      await this.serial(row.transaction_id, () =>
+        this.o.store.transition(row.transaction_id, ["DEBIT_COMMAND_ISSUED"], { state: "IN_DOUBT" }, {
+          step: "no_proof_in_time",
+          detail: `no card answer within ${this.proofTimeoutMs} ms; settled from the card's proof at its next contact`,
+        }),
+      );
+    }
   }
 
-  /** Has each purchase's PSAM rule on the card answer it recorded; the outcome lands in the record. */
+  /** Has each purchase's card answer ruled on, or its proof recorded; the outcome lands in the record. */
   private async settleWaiting(rows: PurchaseRow[]): Promise<void> {
     for (const row of rows) {
       await this.serial(row.transaction_id, async () => {
         const fresh = (await this.o.store.get(row.transaction_id))!;
-        if (fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") return;
-        await this.resolve(fresh, Date.now() + 10_000).then(
+        if (fresh.state === "PROVEN") {
+          await this.ruling.recordProof(fresh);
+          return;
+        }
+        if ((fresh.state !== "DEBIT_RESPONSE_RECEIVED" && fresh.state !== "IN_DOUBT") || fresh.card_status_word === null) return;
+        await this.ruling.ruleStored(fresh, Date.now() + 10_000).then(
           () => this.o.log.info("waiting purchase settled", { transaction: row.transaction_id }),
           (e) => this.o.log.info("waiting purchase resolved", { transaction: row.transaction_id, outcome: (e as NetpurseError).details }),
         );
@@ -591,9 +577,6 @@ export class PaymentServer {
   async close(): Promise<void> {
     clearTimeout(this.sweeping);
     this.sweeping = undefined;
-    for (const [id] of this.holds) {
-      const l = this.takeHold(id);
-      if (l) this.o.pool.release(l);
-    }
+    this.work.releaseAll();
   }
 }

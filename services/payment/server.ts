@@ -20,6 +20,8 @@ export interface PaymentConfig {
   jobTimeoutMs?: number;
   /** How often purchases waiting for their PSAM's ruling are retried. */
   sweepEveryMs?: number;
+  /** How long a DEBIT command waits for the card's proof before the purchase is in doubt. */
+  proofTimeoutMs?: number;
 }
 
 /** Starts the payment server in this process. */
@@ -47,6 +49,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     ...(c.holdTimeoutMs !== undefined ? { holdTimeoutMs: c.holdTimeoutMs } : {}),
     ...(c.maxPsamWaitMs !== undefined ? { maxPsamWaitMs: c.maxPsamWaitMs } : {}),
     ...(c.jobTimeoutMs !== undefined ? { jobTimeoutMs: c.jobTimeoutMs } : {}),
+    ...(c.proofTimeoutMs !== undefined ? { proofTimeoutMs: c.proofTimeoutMs } : {}),
   });
   link.start();
   server.startSweeping(c.sweepEveryMs ?? 15_000);
@@ -55,6 +58,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     address: grpc.address,
     pool,
     store,
+    server,
     whenConnected: () => link.whenReady(),
     async close() {
       await grpc.shutdown();

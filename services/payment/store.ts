@@ -43,10 +43,14 @@ export const PAYMENT_MIGRATIONS = [
    );
    CREATE INDEX purchase_events_txn ON purchase_events (transaction_id, id);`,
   `ALTER TABLE purchases ADD COLUMN completion_token BLOB;`,
+  `ALTER TABLE purchases ADD COLUMN key_nonce BLOB;
+   ALTER TABLE purchases ADD COLUMN encrypted_session_key BLOB;
+   ALTER TABLE purchases ADD COLUMN expected_card_signature BLOB;
+   CREATE INDEX purchases_purse ON purchases (purse_id, card_counter);`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
-export type State = "RECEIVED" | "DEBIT_COMMAND_ISSUED" | "DEBIT_RESPONSE_RECEIVED" | "COMPLETED" | "REVERSED" | "REFUSED" | "IN_DOUBT";
+export type State = "RECEIVED" | "DEBIT_COMMAND_ISSUED" | "DEBIT_RESPONSE_RECEIVED" | "PROVEN" | "COMPLETED" | "REVERSED" | "REFUSED" | "IN_DOUBT";
 
 export interface PurchaseRow {
   transaction_id: string;
@@ -73,6 +77,11 @@ export interface PurchaseRow {
   error_code: number | null;
   error_reason: number | null;
   error_message: string | null;
+  key_nonce: Buffer | null;
+  /** The ETSK as the offer carried it (an encoded Sealed); the TSK is recovered from it when needed, never stored. */
+  encrypted_session_key: Buffer | null;
+  /** Modes other than PSAM_VERIFIES: the card signature the PSAM expects. */
+  expected_card_signature: Buffer | null;
   created_at: string;
   updated_at: string;
 }
@@ -147,6 +156,16 @@ export class PaymentStore {
 
   inStates(states: State[]): Promise<PurchaseRow[]> {
     return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) ORDER BY created_at`, states);
+  }
+
+  /** Rows not changed since `before` (ISO time), in the given states. */
+  staleInStates(states: State[], before: string): Promise<PurchaseRow[]> {
+    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) AND updated_at < ? ORDER BY created_at`, [...states, before]);
+  }
+
+  /** The purse's other purchases made at the same card counter. */
+  sameCardCounter(purseId: string, cardCounter: number, exceptTransactionId: string): Promise<PurchaseRow[]> {
+    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [purseId, cardCounter, exceptTransactionId]);
   }
 
   onPsam(psamId: string, states: State[]): Promise<PurchaseRow[]> {

@@ -18,10 +18,10 @@ describe("contract: health and reflection on every server (buf curl)", function 
   after(async () => net?.close());
 
   const servers = (): [string, string, string[]][] => [
-    ["payment", net.payment.address, ["ProcessDrawRequest", "CompletePurchase", "GetPurchase"]],
+    ["payment", net.payment.address, ["ProcessDrawRequest", "CompletePurchase", "ReportCardSignature", "GetPurchase"]],
     ["concentrator", net.concentrator.address, ["AttachTerminal", "ConnectPaymentServer", "ListTerminals"]],
     ["merchant", net.merchant.address, ["ListProducts", "CreateOrder", "CompleteOrder", "GetOrder"]],
-    ["merchant validation", net.validation.address, ["ValidateConfirmation"]],
+    ["merchant validation", net.validation.address, ["IssueTransactionKeys", "ValidateConfirmation"]],
     ["client daemon", net.daemon.address, ["GetCard", "ListCardTransactions", "PayOffer"]],
   ];
 
@@ -46,10 +46,10 @@ describe("contract: health and reflection on every server (buf curl)", function 
     const { stdout } = await curl("-d", '{"product_id":"song-1"}', `http://${net.merchant.address}/netpurse.merchant.v1.MerchantService/CreateOrder`);
     const offer = JSON.parse(stdout).offer;
     expect(offer.amount).to.deep.equal({ amountMinor: "99", currency: 978, exponent: 2 });
-    const bad = await curl("-d", '{"draw_request":{"transaction_id":{"value":"nope"}}}', `http://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`).catch(
+    const bad = await curl("-d", '{"transaction_id":{"value":"nope"}}', `http://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`).catch(
       (e: { stderr: string }) => e,
     );
     expect((bad as { stderr: string }).stderr).to.contain("invalid_argument");
-    expect((bad as { stderr: string }).stderr).to.contain("draw_request.transaction_id");
+    expect((bad as { stderr: string }).stderr).to.contain("transaction_id");
   });
 });

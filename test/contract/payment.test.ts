@@ -1,94 +1,80 @@
-// Contract of netpurse.payment.v1.PaymentService: the real payment server on
-// loopback, with a real concentrator, terminal host and software PSAMs behind
-// it, driven through the generated client by a cardholder's client that can
-// misbehave.
+// Contract of netpurse.payment.v1.PaymentService in mode PSAM_VERIFIES: the
+// real payment server on loopback, with a real concentrator, terminal host
+// and software PSAMs behind it, driven through the generated client by a
+// cardholder's client that can misbehave. (The other modes and the attacks
+// on the encryption layer: payment-modes.test.ts.)
 
 import { expect } from "chai";
 import { join } from "node:path";
 import { randomUUID } from "node:crypto";
-import { PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import { DebitResultM, DebitResultStatus, PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
+import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { hexOf } from "../../lib/ids.js";
-import { confirmationMacValid } from "../../lib/protocol/confirmation.js";
+import { open, transactionKey } from "../../lib/protocol/encryption-layer.js";
 import { DebitCommand, DebitResponse, InitializeForPurchaseResponse } from "../../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "../../client/card/purse-reader.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { MerchantRegistry } from "../../services/payment/merchants.js";
-import { drawRequestFor, failure, openCard } from "../support/card-client.js";
+import { completeRequest, drawRequestFor, failure, openCard, openIssued, openResultC, plainDrawRequest, sealDrawRequest } from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
+import { openResultM, psamTotals } from "../support/payment.js";
 
-describe("contract: netpurse.payment.v1.PaymentService", function () {
+describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", function () {
   this.timeout(60_000);
   let net: Network;
   let card: PurseReader;
+  let totals: ReturnType<typeof psamTotals>;
 
   before(async () => {
     net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 2 }], holdTimeoutMs: 30_000 });
     card = await openCard(net.cardPath);
+    totals = psamTotals(net);
   });
   after(async () => net?.close());
 
   const offer = async (product = "ebook-smart-cards"): Promise<PaymentOffer> => (await net.clients.merchant.createOrder({ productId: product })).offer!;
   const balance = async (r: PurseReader = card) => (await r.readPurse()).balance;
-  async function psams() {
-    const r = await net.clients.concentrator.listTerminals({});
-    const out = new Map<string, { counter: number; pending: number; batch: number }>();
-    for (const t of r.terminals) for (const s of t.slots) out.set(hexOf(s.psamId?.value), { counter: s.psamCounter, pending: s.pendingDebits.length, batch: s.batchCount });
-    return out;
+  const state = async (o: PaymentOffer) => (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.state;
+
+  async function issue(o: PaymentOffer, reader: PurseReader = card, patch?: (raw: Buffer) => Buffer) {
+    const req = await drawRequestFor(reader, o, patch);
+    const r = await net.clients.payment.processDrawRequest(req);
+    return { req, r, issued: openIssued(o, r) };
   }
-  const totals = async () => {
-    let counter = 0,
-      pending = 0,
-      batch = 0;
-    for (const s of (await psams()).values()) {
-      counter += s.counter;
-      pending += s.pending;
-      batch += s.batch;
-    }
-    return { counter, pending, batch };
-  };
+
+  const complete = (o: PaymentOffer, token: Uint8Array, a: { sw: number; raw: Buffer }) => net.clients.payment.completePurchase(completeRequest(o, { ...a, token }));
 
   /** A full purchase by the book; returns what each step gave. */
   async function purchase(o: PaymentOffer, reader: PurseReader = card) {
-    const dr = await drawRequestFor(reader, o);
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: dr });
+    const { issued, r } = await issue(o, reader);
     const debit = await reader.debit(withOriginalAmount(Buffer.from(issued.debitCommand), Number(o.amount!.amountMinor)));
-    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
-    return { dr, issued, debit, done };
+    const done = await complete(o, issued.completionToken, debit);
+    return { r, issued, debit, done };
   }
 
-  it("turns a draw request into a PSAM-signed DEBIT command and a proven debit into a merchant confirmation", async () => {
+  it("turns a sealed draw request into a PSAM-signed DEBIT command, and a proven debit into debit results C and M", async () => {
     const o = await offer();
     const before = await balance();
     const t0 = await totals();
-    const { issued, debit, done } = await purchase(o);
-    expect(issued.transactionId?.value).to.equal(o.transactionId!.value);
+    const { r, issued, debit, done } = await purchase(o);
+    expect(r.transactionId?.value).to.equal(o.transactionId!.value);
+    expect(r.debitResultM).to.equal(undefined); // two round trips in this mode: M comes with the confirmation
     expect(issued.debitCommand).to.have.length(DebitCommand.size);
     expect(issued.terminalId).to.equal("terminal-1");
+    expect(issued.expectedCardSignature).to.have.length(0); // the PSAM keeps it to itself in this mode
     expect(debit.sw).to.equal(SW.OK);
     expect(await balance()).to.equal(before - 250);
-    expect(Number(done.newBalance!.amountMinor)).to.equal(before - 250);
 
-    const c = done.confirmation!;
-    expect(c.transactionId?.value).to.equal(o.transactionId!.value);
-    expect(c.merchantId?.value).to.equal("demo-shop");
-    expect(c.amount).to.deep.equal(o.amount);
-    expect(hexOf(c.psamId?.value)).to.equal(hexOf(issued.psamId?.value));
-    const key = (await new MerchantRegistry(join(net.paths.payment, "merchants.json")).get("demo-shop"))!.key;
-    const fields = {
-      transactionId: c.transactionId!.value,
-      merchantId: c.merchantId!.value,
-      amount: 250,
-      currency: 978,
-      exponent: 2,
-      purseId: Buffer.from(c.purseId!.value),
-      psamId: Buffer.from(c.psamId!.value),
-      psamCounter: c.psamCounter,
-      confirmedAtMs: c.confirmedAt!.getTime(),
-    };
-    expect(confirmationMacValid(key, fields, c.mac)).to.equal(true);
-    expect(confirmationMacValid(key, { ...fields, amount: 251 }, c.mac)).to.equal(false);
+    const c = openResultC(o, done);
+    expect(c.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+    expect(Number(c.newBalance!.amountMinor)).to.equal(before - 250);
+    const m = await openResultM(net, o, done.debitResultM);
+    expect(m).to.deep.include({ transactionId: o.transactionId, merchantId: o.merchantId, amount: o.amount, psamCounter: issued.psamCounter, status: DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED });
+    expect(hexOf(m.psamId?.value)).to.equal(hexOf(issued.psamId?.value));
+    // The client cannot read debit result M: it is not sealed under the TSK.
+    expect(open(Buffer.from(o.transactionSessionKey), "DEBIT_RESULT_M", o.transactionId!.value, done.debitResultM)).to.equal(undefined);
 
     const t1 = await totals();
     expect(t1.counter - t0.counter).to.equal(1);
@@ -104,8 +90,7 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
 
   describe("a malformed draw request gets INVALID_ARGUMENT naming the field, and changes nothing", () => {
     const cases: [string, (d: DrawRequest) => unknown, string][] = [
-      ["missing transaction id", (d) => (d.transactionId = undefined), "draw_request.transaction_id"],
-      ["a transaction id that is not a UUID", (d) => (d.transactionId = { value: "order-1" }), "draw_request.transaction_id"],
+      ["a transaction id that is not the request's", (d) => (d.transactionId = { value: randomUUID() }), "draw_request.transaction_id"],
       ["missing merchant id", (d) => (d.merchantId = undefined), "draw_request.merchant_id"],
       ["an oversized merchant id", (d) => (d.merchantId = { value: "m".repeat(17) }), "draw_request.merchant_id"],
       ["missing amount", (d) => (d.amount = undefined), "draw_request.amount"],
@@ -114,19 +99,22 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
       ["a currency out of range", (d) => (d.amount = { ...d.amount!, currency: 1000 }), "draw_request.amount.currency"],
       ["an exponent that is not the card's", (d) => (d.amount = { ...d.amount!, exponent: 3 }), "draw_request.amount.exponent"],
       ["no confirmation mode", (d) => (d.confirmationMode = 0), "draw_request.confirmation_mode"],
+      ["another confirmation mode than the merchant's", (d) => (d.confirmationMode = 4), "draw_request.confirmation_mode"],
       ["an oversized ATR", (d) => (d.cardAtr = Buffer.alloc(40, 0x3b)), "draw_request.card_atr"],
       ["an ATR with a bad TS byte", (d) => (d.cardAtr = Buffer.from("0011", "hex")), "draw_request.card_atr"],
       ["a short INITIALIZE response", (d) => (d.initializeResponse = Buffer.from(d.initializeResponse).subarray(1)), "draw_request.initialize_response"],
       ["an oversized INITIALIZE response", (d) => (d.initializeResponse = Buffer.alloc(1000)), "draw_request.initialize_response"],
       ["an INITIALIZE response with a bad date", (d) => (d.initializeResponse = Buffer.from(d.initializeResponse).fill(0xff, 20, 24)), "draw_request.initialize_response"],
+      ["too many card log records", (d) => (d.cardLog = Array.from({ length: 9 }, () => Buffer.alloc(51))), "draw_request.card_log"],
+      ["a card log record of the wrong size", (d) => (d.cardLog = [Buffer.alloc(50)]), "draw_request.card_log[0]"],
     ];
     for (const [name, mutate, field] of cases) {
       it(name, async () => {
         const o = await offer();
-        const dr = await drawRequestFor(card, o);
+        const dr = await plainDrawRequest(card, o);
         mutate(dr);
         const t0 = await totals();
-        const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }));
+        const f = await failure(net.clients.payment.processDrawRequest(sealDrawRequest(o, dr)));
         expect(f.code).to.equal("INVALID_ARGUMENT");
         expect(f.reason).to.equal("INVALID_FIELD");
         expect(f.details).to.contain(field);
@@ -134,40 +122,49 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
       });
     }
 
-    it("no draw request at all", async () => {
-      const f = await failure(net.clients.payment.processDrawRequest({}));
-      expect(f).to.include({ code: "INVALID_ARGUMENT" });
-      expect(f.details).to.contain("draw_request");
+    it("missing or malformed clear fields", async () => {
+      const o = await offer();
+      const req = await drawRequestFor(card, o);
+      for (const [bad, field] of [
+        [{ ...req, transactionId: { value: "order-1" } }, "transaction_id"],
+        [{ ...req, keyNonce: Buffer.alloc(3) }, "key_nonce"],
+        [{ ...req, encryptedSessionKey: undefined }, "encrypted_session_key"],
+        [{ ...req, drawRequest: undefined }, "draw_request"],
+      ] as const) {
+        const f = await failure(net.clients.payment.processDrawRequest(bad));
+        expect(f.code, field).to.equal("INVALID_ARGUMENT");
+        expect(f.details).to.contain(field);
+      }
     });
 
     it("a message beyond the 64 KiB bound is refused by the transport", async () => {
-      const dr = await drawRequestFor(card, await offer());
+      const o = await offer();
+      const dr = await plainDrawRequest(card, o);
       dr.cardAtr = Buffer.alloc(70_000, 0x3b);
-      expect((await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }))).code).to.equal("RESOURCE_EXHAUSTED");
+      expect((await failure(net.clients.payment.processDrawRequest(sealDrawRequest(o, dr)))).code).to.equal("RESOURCE_EXHAUSTED");
     });
   });
 
   it("refuses an unknown merchant with PERMISSION_DENIED", async () => {
     const o = await offer();
-    const dr = await drawRequestFor(card, { ...o, merchantId: { value: "nobody" } });
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }));
+    const req = await drawRequestFor(card, o);
+    const f = await failure(net.clients.payment.processDrawRequest({ ...req, merchantId: { value: "nobody" } }));
     expect(f).to.include({ code: "PERMISSION_DENIED", reason: "UNKNOWN_MERCHANT" });
   });
 
   it("stops a client that lies about the balance at the PSAM (FAILED_PRECONDITION), nothing debited", async () => {
-    const { offer: o } = await net.clients.merchant.createOrder({ productId: "ebook-grpc" });
+    const o = (await net.clients.merchant.createOrder({ productId: "ebook-grpc" })).offer!;
     const poor = await newCard({ value: 500, name: "poor" });
     const before = await balance(poor);
     const t0 = await totals();
-    const dr = await drawRequestFor(poor, o!);
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }));
+    const req = await drawRequestFor(poor, o);
+    const f = await failure(net.clients.payment.processDrawRequest(req));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "INSUFFICIENT_BALANCE" });
     expect(await balance(poor)).to.equal(before);
     expect((await totals()).counter).to.equal(t0.counter);
-    const { purchase: rec } = await net.clients.payment.getPurchase({ transactionId: o!.transactionId });
-    expect(rec!.state).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
+    expect(await state(o)).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
     // The same draw request again gets the same refusal, without a second PSAM exchange.
-    expect(await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }))).to.deep.equal(f);
+    expect(await failure(net.clients.payment.processDrawRequest(req))).to.deep.equal(f);
     expect((await totals()).counter).to.equal(t0.counter);
   });
 
@@ -176,33 +173,44 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const poor = await newCard({ value: 500, name: "liar" });
     const forged = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: 99_999 });
     const t0 = await totals();
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(poor, o, forged) });
+    const { issued } = await issue(o, poor, forged);
     const debit = await poor.debit(Buffer.from(issued.debitCommand));
     expect(debit.parsed!.result).to.equal(1);
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }));
+    const f = await failure(complete(o, issued.completionToken, debit));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "INSUFFICIENT_BALANCE" });
     expect(await balance(poor)).to.equal(500);
     const t1 = await totals();
     expect(t1.pending).to.equal(0);
     expect(t1.batch).to.equal(t0.batch);
-    expect((await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.state).to.equal(PurchaseState.PURCHASE_STATE_REVERSED);
+    expect(await state(o)).to.equal(PurchaseState.PURCHASE_STATE_REVERSED);
+  });
+
+  it("records a debit the card proves even when the client overstated the card's balance", async () => {
+    const o = await offer();
+    const before = await balance();
+    const overstated = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: before + 5_000 });
+    const { issued } = await issue(o, card, overstated);
+    const debit = await card.debit(Buffer.from(issued.debitCommand));
+    expect(debit.parsed!.result).to.equal(0);
+    const done = await complete(o, issued.completionToken, debit);
+    expect(openResultC(o, done).newBalance!.amountMinor).to.equal(BigInt(before - 250));
+    expect(await balance()).to.equal(before - 250);
   });
 
   it("refuses an expired card (FAILED_PRECONDITION CARD_EXPIRED)", async () => {
     const old = await newCard({ expiry: "2024-06-30", name: "expired" });
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(old, await offer()) }));
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(old, await offer())));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "CARD_EXPIRED" });
     expect(await balance(old)).to.equal(10_000);
   });
 
   it("refuses a card in another currency (FAILED_PRECONDITION CURRENCY_MISMATCH), at the server and at the PSAM", async () => {
     const usd = await newCard({ currency: 840, name: "usd" });
-    const o = await offer();
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(usd, o) }));
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(usd, await offer())));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
     // An offer in the card's currency, which no PSAM here accepts.
     const o2 = await offer();
-    const g = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(usd, { ...o2, amount: { ...o2.amount!, currency: 840 } }) }));
+    const g = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(usd, { ...o2, amount: { ...o2.amount!, currency: 840 } })));
     expect(g).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
     expect(g.details).to.contain("no PSAM in the pool accepts currency 840");
     expect(await balance(usd)).to.equal(10_000);
@@ -212,11 +220,11 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     const o = await offer("ebook-grpc");
     const before = await balance();
     const t0 = await totals();
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) });
+    const { issued } = await issue(o);
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 1)); // a client that pays 0.01 instead
     expect(debit.sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
     expect((await totals()).pending).to.equal(t0.pending + 1);
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: Buffer.alloc(0), completionToken: issued.completionToken }));
+    const f = await failure(complete(o, issued.completionToken, { sw: debit.sw, raw: Buffer.alloc(0) }));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "CARD_REFUSED" });
     expect(await balance()).to.equal(before);
     const t1 = await totals();
@@ -238,79 +246,65 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
     expect(await balance()).to.equal(before);
   });
 
-  it("answers the same draw request twice alike, with one debit", async () => {
+  it("answers the same draw request twice alike, with one debit, and the same card answer twice alike", async () => {
     const o = await offer();
-    const dr = await drawRequestFor(card, o);
+    const req = await drawRequestFor(card, o);
     const t0 = await totals();
-    const a = await net.clients.payment.processDrawRequest({ drawRequest: dr });
-    const b = await net.clients.payment.processDrawRequest({ drawRequest: dr });
-    expect(Buffer.from(b.debitCommand).equals(Buffer.from(a.debitCommand))).to.equal(true);
-    expect(Buffer.from(b.completionToken).equals(Buffer.from(a.completionToken))).to.equal(true);
+    const a = openIssued(o, await net.clients.payment.processDrawRequest(req));
+    const b = openIssued(o, await net.clients.payment.processDrawRequest(req));
+    expect(b).to.deep.equal(a);
     expect((await totals()).counter).to.equal(t0.counter + 1);
     const before = await balance();
     const debit = await card.debit(Buffer.from(a.debitCommand));
-    const req = { transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: a.completionToken };
-    const c1 = await net.clients.payment.completePurchase(req);
-    const c2 = await net.clients.payment.completePurchase(req);
-    expect(Buffer.from(c2.confirmation!.mac).equals(Buffer.from(c1.confirmation!.mac))).to.equal(true);
+    const c1 = await complete(o, a.completionToken, debit);
+    const c2 = await complete(o, a.completionToken, debit);
+    expect((await openResultM(net, o, c2.debitResultM)).psamCounter).to.equal((await openResultM(net, o, c1.debitResultM)).psamCounter);
+    expect(openResultC(o, c2)).to.deep.equal(openResultC(o, c1));
     expect(await balance()).to.equal(before - 250);
     expect((await totals()).batch).to.equal(t0.batch + 1);
     // The same id with another card answer.
-    const other = { ...req, debitResponse: Buffer.from(debit.raw).fill(0, 9) };
-    expect((await failure(net.clients.payment.completePurchase(other))).code).to.equal("ALREADY_EXISTS");
+    expect((await failure(complete(o, a.completionToken, { sw: debit.sw, raw: Buffer.from(debit.raw).fill(0, 9) }))).code).to.equal("ALREADY_EXISTS");
   });
 
   it("the same transaction id with other content gets ALREADY_EXISTS", async () => {
     const o = await offer();
-    await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) });
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, { ...o, amount: { ...o.amount!, amountMinor: 1n } }) }));
+    await net.clients.payment.processDrawRequest(await drawRequestFor(card, o));
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, { ...o, amount: { ...o.amount!, amountMinor: 1n } })));
     expect(f).to.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
   });
 
   it("only the client that sent the draw request can complete it: another party's card error does not reverse the purchase", async () => {
     const o = await offer();
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) });
+    const { issued } = await issue(o);
     expect(issued.completionToken).to.have.length(16);
     const t0 = await totals();
-    for (const completionToken of [Buffer.alloc(0), Buffer.alloc(16), Buffer.from(issued.completionToken).map((b, i) => (i ? b : b ^ 1))]) {
-      const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: 0x6982, debitResponse: Buffer.alloc(0), completionToken: Buffer.from(completionToken) }));
+    for (const token of [Buffer.alloc(0), Buffer.alloc(16), Buffer.from(issued.completionToken).map((b, i) => (i ? b : b ^ 1))]) {
+      const f = await failure(complete(o, Buffer.from(token), { sw: 0x6982, raw: Buffer.alloc(0) }));
       expect(f).to.include({ code: "PERMISSION_DENIED", reason: "WRONG_COMPLETION_TOKEN" });
     }
     expect((await totals()).pending).to.equal(t0.pending);
-    expect((await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.state).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED);
+    expect(await state(o)).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED);
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 250));
-    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
-    expect(done.confirmation!.psamCounter).to.equal(issued.psamCounter);
+    const done = await complete(o, issued.completionToken, debit);
+    expect((await openResultM(net, o, done.debitResultM)).psamCounter).to.equal(issued.psamCounter);
   });
 
   it("does not ask a PSAM when the caller's deadline leaves too little time (DEADLINE_EXCEEDED, nothing signed)", async () => {
     const o = await offer();
     const t0 = await totals();
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) }, { deadline: 600 }));
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, o), { deadline: 600 }));
     expect(f.code).to.equal("DEADLINE_EXCEEDED");
     expect((await totals()).counter).to.equal(t0.counter);
-  });
-
-  it("records a debit the card proves even when the client overstated the card's balance", async () => {
-    const o = await offer();
-    const before = await balance();
-    const overstated = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: before + 5_000 });
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o, overstated) });
-    const debit = await card.debit(Buffer.from(issued.debitCommand));
-    expect(debit.parsed!.result).to.equal(0);
-    const done = await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
-    expect(done.newBalance!.amountMinor).to.equal(BigInt(before - 250));
-    expect(await balance()).to.equal(before - 250);
   });
 
   it("a card signature that does not verify gets PERMISSION_DENIED and the PSAM reverses", async () => {
     const o = await offer();
     const t0 = await totals();
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) });
+    const { issued } = await issue(o);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
     const tampered = Buffer.from(debit.raw);
     tampered[DebitResponse.offset("cardSignature")]! ^= 0x80;
-    const f = await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: SW.OK, debitResponse: tampered, completionToken: issued.completionToken }));
+    const f = await failure(complete(o, issued.completionToken, { sw: SW.OK, raw: tampered }));
     expect(f).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
     const t1 = await totals();
     expect(t1.batch).to.equal(t0.batch);
@@ -318,14 +312,15 @@ describe("contract: netpurse.payment.v1.PaymentService", function () {
   });
 
   it("CompletePurchase refuses malformed answers, unknown and not-yet-issued transactions", async () => {
-    const unknown = { value: randomUUID() };
-    expect(await failure(net.clients.payment.completePurchase({ transactionId: unknown, cardStatusWord: SW.OK, debitResponse: Buffer.alloc(17) }))).to.include({
-      code: "NOT_FOUND",
-    });
-    expect((await failure(net.clients.payment.completePurchase({ transactionId: unknown, cardStatusWord: 7, debitResponse: Buffer.alloc(0) }))).details).to.contain("card_status_word");
-    expect((await failure(net.clients.payment.completePurchase({ transactionId: unknown, cardStatusWord: SW.OK, debitResponse: Buffer.alloc(3) }))).details).to.contain("debit_response");
-    expect((await failure(net.clients.payment.completePurchase({ transactionId: unknown, cardStatusWord: 0x6982, debitResponse: Buffer.alloc(17) }))).details).to.contain("debit_response");
-    expect((await failure(net.clients.payment.completePurchase({ cardStatusWord: SW.OK, debitResponse: Buffer.alloc(17) }))).details).to.contain("transaction_id");
+    const unknown = await offer(); // an offer never sent to the payment server
+    expect(await failure(complete(unknown, Buffer.alloc(16), { sw: SW.OK, raw: Buffer.alloc(17) }))).to.include({ code: "NOT_FOUND" });
+    const o = await offer();
+    const { issued } = await issue(o);
+    const t = issued.completionToken;
+    expect((await failure(complete(o, t, { sw: 7, raw: Buffer.alloc(0) }))).details).to.contain("card_status_word");
+    expect((await failure(complete(o, t, { sw: SW.OK, raw: Buffer.alloc(3) }))).details).to.contain("debit_response");
+    expect((await failure(complete(o, t, { sw: 0x6982, raw: Buffer.alloc(17) }))).details).to.contain("debit_response");
+    expect((await failure(net.clients.payment.completePurchase({ transactionId: o.transactionId }))).details).to.contain("card_answer");
   });
 
   it("GetPurchase answers NOT_FOUND for an unknown transaction and INVALID_ARGUMENT for a bad id", async () => {
@@ -356,17 +351,17 @@ describe("contract: PaymentService under PSAM shortage", function () {
   it("gives RESOURCE_EXHAUSTED when no PSAM is free within the caller's deadline, and serves the retry once one is", async () => {
     const card = await openCard(net.cardPath);
     const first = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, first) }); // holds the only PSAM
+    const issued = openIssued(first, await net.clients.payment.processDrawRequest(await drawRequestFor(card, first))); // holds the only PSAM
     const second = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
     const other = await openCard(net.cardPath);
-    const dr = await drawRequestFor(other, second);
+    const req = await drawRequestFor(other, second);
     const started = Date.now();
-    const f = await failure(net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 1_500 }));
+    const f = await failure(net.clients.payment.processDrawRequest(req, { deadline: 1_500 }));
     expect(f).to.include({ code: "RESOURCE_EXHAUSTED", reason: "NO_PSAM_FREE" });
     expect(Date.now() - started).to.be.below(1_500);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    await net.clients.payment.completePurchase({ transactionId: first.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }); // PSAM back to the pool
-    const retry = await net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 5_000 });
+    await net.clients.payment.completePurchase(completeRequest(first, { sw: debit.sw, raw: debit.raw, token: issued.completionToken })); // PSAM back to the pool
+    const retry = openIssued(second, await net.clients.payment.processDrawRequest(req, { deadline: 5_000 }));
     expect(retry.debitCommand).to.have.length(DebitCommand.size);
   });
 });
@@ -382,12 +377,12 @@ describe("contract: PaymentService when a terminal answers too late", function (
   it("gives the work to another PSAM, and reverses the open debit the slow PSAM reports later", async () => {
     const card = await openCard(net.cardPath);
     const o = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, o) }, { deadline: 10_000 });
+    const issued = openIssued(o, await net.clients.payment.processDrawRequest(await drawRequestFor(card, o), { deadline: 10_000 }));
     expect(issued.terminalId).to.equal("t-fast");
     const first = (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!.events.find((e) => e.step === "psam_assigned")!;
     expect(first.detail).to.contain("terminal t-slow"); // it went there first, and moved on when no answer came
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    await net.clients.payment.completePurchase({ transactionId: o.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
+    await net.clients.payment.completePurchase(completeRequest(o, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }));
     // The slow PSAM did sign (its counter moved) a command nobody received; the payment server reverses it.
     const slow = net.hosts.get("t-slow")!.host.data;
     await waitFor(async () => (await slow.reversals()).length === 1, 20_000, "the slow PSAM's open debit to be reversed");

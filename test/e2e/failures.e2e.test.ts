@@ -6,7 +6,7 @@ import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { hexOf } from "../../lib/ids.js";
 import { withOriginalAmount } from "../../client/card/purse-reader.js";
-import { drawRequestFor, failure, openCard } from "../support/card-client.js";
+import { completeRequest, drawRequestFor, failure, openCard, openIssued } from "../support/card-client.js";
 import { waitFor } from "../support/network.js";
 import { launchE2E, type E2E } from "../support/processes.js";
 
@@ -29,15 +29,14 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     });
     const card = await openCard(net.cardPath);
     const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
-    const inFlight = net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, offer!) }, { deadline: 30_000 });
+    const inFlight = net.clients.payment.processDrawRequest(await drawRequestFor(card, offer!), { deadline: 30_000 }).then((r) => openIssued(offer!, r));
     await new Promise((r) => setTimeout(r, 1_500)); // the dying terminal's PSAM has signed, its answer is held back
     await net.launcher.kill("t-dying");
     await net.startTerminal("t-spare");
     const issued = await inFlight;
     expect(issued.terminalId).to.equal("t-spare");
     const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), 99));
-    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken });
-    expect(done.newBalance!.amountMinor).to.equal(10_000n - 99n);
+    await net.clients.payment.completePurchase(completeRequest(offer!, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }));
 
     // The dying terminal's PSAM signed a DEBIT command nobody received: open until it returns, then reversed.
     await net.startTerminal("t-dying");
@@ -56,12 +55,12 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] });
     const card = await openCard(net.cardPath);
     const { offer } = await net.clients.merchant.createOrder({ productId: "ebook-smart-cards" });
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: await drawRequestFor(card, offer!) });
+    const issued = openIssued(offer!, await net.clients.payment.processDrawRequest(await drawRequestFor(card, offer!)));
     const debit = await card.debit(Buffer.from(issued.debitCommand)); // the card is debited
     await net.launcher.kill("terminal-1");
     await waitFor(async () => (await net.clients.concentrator.listTerminals({})).terminals.length === 0, 10_000, "the terminal to detach");
 
-    const req = { transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken };
+    const req = completeRequest(offer!, { sw: debit.sw, raw: debit.raw, token: issued.completionToken });
     const f = await failure(net.clients.payment.completePurchase(req));
     expect(f).to.include({ code: "UNAVAILABLE", reason: "IN_DOUBT" });
     expect((await net.clients.payment.getPurchase({ transactionId: offer!.transactionId })).purchase!.state).to.equal(PurchaseState.PURCHASE_STATE_IN_DOUBT);
@@ -75,7 +74,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
       "the in-doubt purchase to settle",
     );
     const done = await net.clients.payment.completePurchase(req);
-    const receipt = await net.clients.merchant.completeOrder({ transactionId: offer!.transactionId, confirmation: done.confirmation });
+    const receipt = await net.clients.merchant.completeOrder({ transactionId: offer!.transactionId, debitResultM: done.debitResultM });
     expect(receipt.receipt!.goods).to.match(/^licence key/);
     expect((await card.readPurse()).balance).to.equal(10_000 - 250);
     const s = (await psamState(net))[0]!;
@@ -88,16 +87,16 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     const card = await openCard(net.cardPath);
     const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
     const dr = await drawRequestFor(card, offer!);
-    const issued = await net.clients.payment.processDrawRequest({ drawRequest: dr });
+    const issued = openIssued(offer!, await net.clients.payment.processDrawRequest(dr));
     await net.launcher.kill("payment");
     await net.restartPayment();
     await net.attached(["terminal-1"]);
     // The retried draw request gets the command it got before (from the log), not a second one.
-    const again = await net.clients.payment.processDrawRequest({ drawRequest: dr }, { deadline: 10_000 });
+    const again = openIssued(offer!, await net.clients.payment.processDrawRequest(dr, { deadline: 10_000 }));
     expect(Buffer.from(again.debitCommand).equals(Buffer.from(issued.debitCommand))).to.equal(true);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
-    const done = await net.clients.payment.completePurchase({ transactionId: offer!.transactionId, cardStatusWord: debit.sw, debitResponse: debit.raw, completionToken: issued.completionToken }, { deadline: 15_000 });
-    expect(done.newBalance!.amountMinor).to.equal(10_000n - 99n);
+    await net.clients.payment.completePurchase(completeRequest(offer!, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }), { deadline: 15_000 });
+    expect((await card.readPurse()).balance).to.equal(10_000 - 99);
     const s = (await psamState(net))[0]!;
     expect(s).to.include({ batch: 1, pending: 0 });
   });

@@ -1,14 +1,26 @@
 // A cardholder's client without the daemon, for tests that must misbehave
-// (lie about the card, alter the DEBIT command, replay): a software card
-// through the real APDU transport, and helpers to build draw requests.
+// (lie about the card, alter the DEBIT command, replay, tamper with sealed
+// messages): a software card through the real APDU transport, and helpers
+// that build and seal the messages as the client module does.
 
 import { ClientError } from "nice-grpc";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { reasonName, type ReasonedClientError } from "../../lib/grpc/errors.js";
+import { open, seal } from "../../lib/protocol/encryption-layer.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
-import type { DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
+import {
+  CardAnswer,
+  DebitResultC,
+  DrawRequest,
+  IssuedDebitCommand,
+  type CompletePurchaseRequest,
+  type CompletePurchaseResponse,
+  type ProcessDrawRequestRequest,
+  type ProcessDrawRequestResponse,
+} from "../../gen/netpurse/payment/v1/payment.js";
 
 export async function openCard(path: string): Promise<PurseReader> {
   const reader = new PurseReader(new InProcessTransport(await SoftwareCard.open(path)));
@@ -16,8 +28,8 @@ export async function openCard(path: string): Promise<PurseReader> {
   return reader;
 }
 
-/** Initializes the card for a purchase and packages its answers with the offer, as the client module does. */
-export async function drawRequestFor(reader: PurseReader, offer: PaymentOffer, patchInit?: (raw: Buffer) => Buffer): Promise<DrawRequest> {
+/** Initializes the card for a purchase and packages its answers with the offer, as the client module does (in clear). */
+export async function plainDrawRequest(reader: PurseReader, offer: PaymentOffer, patchInit?: (raw: Buffer) => Buffer): Promise<DrawRequest> {
   const init = await reader.initializeForPurchase();
   return {
     transactionId: offer.transactionId,
@@ -26,7 +38,56 @@ export async function drawRequestFor(reader: PurseReader, offer: PaymentOffer, p
     confirmationMode: offer.confirmationMode,
     cardAtr: reader.answerToReset,
     initializeResponse: patchInit ? patchInit(init.raw) : init.raw,
+    cardLog: [],
   };
+}
+
+const tskOf = (offer: PaymentOffer) => Buffer.from(offer.transactionSessionKey);
+const idOf = (offer: PaymentOffer) => offer.transactionId!.value;
+
+/** Seals a draw request under the offer's TSK, with the offer's nonce and ETSK. */
+export function sealDrawRequest(offer: PaymentOffer, dr: DrawRequest): ProcessDrawRequestRequest {
+  return {
+    transactionId: offer.transactionId,
+    merchantId: offer.merchantId,
+    keyNonce: offer.keyNonce,
+    encryptedSessionKey: offer.encryptedSessionKey,
+    drawRequest: seal(tskOf(offer), "DRAW_REQUEST", idOf(offer), DrawRequest.encode(dr).finish()),
+  };
+}
+
+/** The sealed ProcessDrawRequest request for this card and offer. */
+export async function drawRequestFor(reader: PurseReader, offer: PaymentOffer, patchInit?: (raw: Buffer) => Buffer): Promise<ProcessDrawRequestRequest> {
+  return sealDrawRequest(offer, await plainDrawRequest(reader, offer, patchInit));
+}
+
+/** Opens the DEBIT command the payment server sealed for this offer's client. */
+export function openIssued(offer: PaymentOffer, r: ProcessDrawRequestResponse): IssuedDebitCommand {
+  const plain = open(tskOf(offer), "DEBIT_COMMAND", idOf(offer), r.debitCommand);
+  if (!plain) throw new Error("the DEBIT command does not open with the offer's TSK");
+  return IssuedDebitCommand.decode(plain);
+}
+
+/** The sealed CompletePurchase request carrying the card's answer. */
+export function completeRequest(offer: PaymentOffer, a: { sw: number; raw: Buffer; token: Uint8Array }): CompletePurchaseRequest {
+  const answer: CardAnswer = { cardStatusWord: a.sw, debitResponse: a.raw, completionToken: Buffer.from(a.token) };
+  return { transactionId: offer.transactionId, cardAnswer: seal(tskOf(offer), "CARD_ANSWER", idOf(offer), CardAnswer.encode(answer).finish()) };
+}
+
+export function openResultC(offer: PaymentOffer, r: CompletePurchaseResponse): DebitResultC {
+  const plain = open(tskOf(offer), "DEBIT_RESULT_C", idOf(offer), r.debitResultC);
+  if (!plain) throw new Error("debit result C does not open with the offer's TSK");
+  return DebitResultC.decode(plain);
+}
+
+/** A copy of a sealed message with one bit flipped (in the nonce, the ciphertext or the tag). */
+export function flipBit(s: Sealed, where: "iv" | "ciphertext" | "tag"): Sealed {
+  const iv = Buffer.from(s.iv);
+  const ct = Buffer.from(s.ciphertext);
+  if (where === "iv") iv[0]! ^= 0x01;
+  else if (where === "ciphertext") ct[0]! ^= 0x01;
+  else ct[ct.length - 1]! ^= 0x80;
+  return { iv, ciphertext: ct };
 }
 
 /** The gRPC code name, reason and message of a failed call (for assertions). */

@@ -13,7 +13,7 @@ import { startClientDaemon } from "../../client/daemon/server.js";
 import { startConcentrator } from "../../services/concentrator/server.js";
 import { startMerchantValidation } from "../../services/merchant-validation/server.js";
 import { startMerchant } from "../../services/merchant/server.js";
-import { DEMO_SHOP, ensureDemoData, paths } from "../../services/network/layout.js";
+import { DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
 import { startPaymentServer } from "../../services/payment/server.js";
 import { startTerminalHost } from "../../services/terminal/server.js";
 import { tempDir } from "./fixtures.js";
@@ -27,6 +27,8 @@ export interface NetworkOptions {
   jobTimeoutMs?: number;
   keepaliveIntervalMs?: number;
   cardValue?: number;
+  proofTimeoutMs?: number;
+  sweepEveryMs?: number;
 }
 
 export async function startNetwork(o: NetworkOptions = {}) {
@@ -34,7 +36,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const terminals = o.terminals ?? [{ id: "terminal-1", psams: 2 }];
   const { cardPath } = await ensureDemoData(data, {
     terminals,
-    shops: [DEMO_SHOP],
+    shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
   });
   const p = paths(data);
@@ -54,16 +56,24 @@ export async function startNetwork(o: NetworkOptions = {}) {
     ...(o.holdTimeoutMs ? { holdTimeoutMs: o.holdTimeoutMs } : {}),
     ...(o.maxPsamWaitMs ? { maxPsamWaitMs: o.maxPsamWaitMs } : {}),
     ...(o.jobTimeoutMs ? { jobTimeoutMs: o.jobTimeoutMs } : {}),
+    ...(o.proofTimeoutMs ? { proofTimeoutMs: o.proofTimeoutMs } : {}),
+    ...(o.sweepEveryMs ? { sweepEveryMs: o.sweepEveryMs } : {}),
   });
   await payment.whenConnected();
   await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));
-  const validation = await startMerchantValidation({ listen: "127.0.0.1:0", dir: p.validation });
-  const merchant = await startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(DEMO_SHOP.merchantId), validation: validation.address, paymentServer: payment.address });
+  const validation = await startMerchantValidation({ listen: "127.0.0.1:0", dir: p.validation, paymentServer: payment.address, reportEveryMs: 500 });
+  const shops = await Promise.all(
+    DEMO_SHOPS.map((d) => startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(d.shop.merchantId), validation: validation.address, paymentServer: payment.address })),
+  );
+  const merchant = shops[0]!;
   const daemon = await startClientDaemon({ listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
 
   const factory = clientFactory();
   const channels = [payment, merchant, validation, concentrator, daemon].map((s) => openChannel(s.address));
   const [pc, mc, vc, cc, dc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
+  const shopChannels = shops.map((s) => openChannel(s.address));
+  /** The demo shop of each confirmation mode, by merchant id. */
+  const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
   return {
     data,
     paths: p,
@@ -74,6 +84,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     payment,
     validation,
     merchant,
+    shops,
+    merchants,
     daemon,
     clients: {
       payment: factory.create(PaymentServiceDefinition, pc),
@@ -83,9 +95,9 @@ export async function startNetwork(o: NetworkOptions = {}) {
       cardholder: factory.create(CardholderServiceDefinition, dc!),
     },
     async close() {
-      for (const c of channels) c.close();
+      for (const c of [...channels, ...shopChannels]) c.close();
       await daemon.close();
-      await merchant.close();
+      for (const s of shops) await s.close();
       await validation.close();
       await payment.close();
       for (const h of hosts.values()) await h.close();

@@ -7,7 +7,7 @@ import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/mercha
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { DEMO_SHOP, ensureDemoData, paths } from "../../services/network/layout.js";
+import { DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
 import { launchNetwork, Launcher, SCRIPTS } from "../../services/network/launcher.js";
 import { tempDir } from "./fixtures.js";
 import { waitFor } from "./network.js";
@@ -21,14 +21,14 @@ export async function launchE2E(o: E2EOptions) {
   const { dir, cleanup } = await tempDir("netpurse-e2e-");
   const { cardPath } = await ensureDemoData(dir, {
     terminals: o.terminals.map(({ id, psams }) => ({ id, psams })),
-    shops: [DEMO_SHOP],
+    shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
   });
   const launcher = new Launcher(join(dir, "logs"));
   const addresses = await launchNetwork(launcher, {
     data: dir,
     terminals: o.terminals.filter((t) => t.start !== false).map((t) => ({ id: t.id, ...(t.args ? { args: t.args } : {}) })),
-    merchants: [DEMO_SHOP.merchantId],
+    merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId })),
     cardPath,
     ...(o.paymentArgs ? { paymentArgs: o.paymentArgs } : {}),
   });

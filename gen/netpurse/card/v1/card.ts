@@ -202,6 +202,11 @@ export enum ErrorReason {
   ERROR_REASON_OFFER_EXPIRED = 17,
   /** ERROR_REASON_WRONG_COMPLETION_TOKEN - CompletePurchase without the transaction's completion token (PERMISSION_DENIED). */
   ERROR_REASON_WRONG_COMPLETION_TOKEN = 18,
+  /**
+   * ERROR_REASON_SEAL_BROKEN - A sealed message does not open: wrong key, another transaction's or
+   * another type's message, or altered on the way (PERMISSION_DENIED).
+   */
+  ERROR_REASON_SEAL_BROKEN = 19,
   UNRECOGNIZED = -1,
 }
 
@@ -264,6 +269,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 18:
     case "ERROR_REASON_WRONG_COMPLETION_TOKEN":
       return ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN;
+    case 19:
+    case "ERROR_REASON_SEAL_BROKEN":
+      return ErrorReason.ERROR_REASON_SEAL_BROKEN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -311,6 +319,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_OFFER_EXPIRED";
     case ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN:
       return "ERROR_REASON_WRONG_COMPLETION_TOKEN";
+    case ErrorReason.ERROR_REASON_SEAL_BROKEN:
+      return "ERROR_REASON_SEAL_BROKEN";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -366,6 +376,22 @@ export interface MerchantId {
 export interface TransactionId {
   /** Canonical UUID text, e.g. "0b6f1c1e-8c3d-4c39-9a57-2f7d4c1d9e20". */
   value: string;
+}
+
+/**
+ * A message sealed with AES-256-GCM: the encryption layer of DESIGN.md §3
+ * (FIG. 9, 15A-B). The associated data is the ASCII "netpurse/1", a zero
+ * byte, the message type's name in ASCII (DRAW_REQUEST, DEBIT_COMMAND,
+ * CARD_ANSWER, DEBIT_RESULT_C, DEBIT_RESULT_M, SESSION_KEY), a zero byte and
+ * the transaction id's 16 bytes: a sealed message opens only as the type and
+ * for the transaction it was made for. The plaintext is the protobuf
+ * encoding of the message the field names.
+ */
+export interface Sealed {
+  /** The 12-byte GCM nonce, fresh for every message. */
+  iv: Buffer;
+  /** The ciphertext followed by the 16-byte GCM tag. */
+  ciphertext: Buffer;
 }
 
 /** What the cardholder sees of a card: read from the card through its APDUs. */
@@ -800,6 +826,91 @@ export const TransactionId: MessageFns<TransactionId> = {
   fromPartial(object: DeepPartial<TransactionId>): TransactionId {
     const message = createBaseTransactionId();
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseSealed(): Sealed {
+  return { iv: Buffer.alloc(0), ciphertext: Buffer.alloc(0) };
+}
+
+export const Sealed: MessageFns<Sealed> = {
+  encode(message: Sealed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.iv.length !== 0) {
+      writer.uint32(10).bytes(message.iv);
+    }
+    if (message.ciphertext.length !== 0) {
+      writer.uint32(18).bytes(message.ciphertext);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Sealed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSealed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.iv = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ciphertext = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Sealed {
+    return {
+      iv: isSet(object.iv) ? Buffer.from(bytesFromBase64(object.iv)) : Buffer.alloc(0),
+      ciphertext: isSet(object.ciphertext) ? Buffer.from(bytesFromBase64(object.ciphertext)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: Sealed): unknown {
+    const obj: any = {};
+    if (message.iv.length !== 0) {
+      obj.iv = base64FromBytes(message.iv);
+    }
+    if (message.ciphertext.length !== 0) {
+      obj.ciphertext = base64FromBytes(message.ciphertext);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Sealed>): Sealed {
+    return Sealed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Sealed>): Sealed {
+    const message = createBaseSealed();
+    message.iv = object.iv ?? Buffer.alloc(0);
+    message.ciphertext = object.ciphertext ?? Buffer.alloc(0);
     return message;
   },
 };

@@ -15,9 +15,9 @@ import {
   MerchantId,
   Money,
   PsamId,
+  Sealed,
   TransactionId,
 } from "../../card/v1/card.js";
-import { PurchaseConfirmation } from "../../payment/v1/payment.js";
 
 export const protobufPackage = "netpurse.merchant.v1";
 
@@ -106,7 +106,22 @@ export interface PaymentOffer {
   /** How the purchase is confirmed. */
   confirmationMode: ConfirmationMode;
   /** The offer is refused after this time. */
-  expiresAt: Date | undefined;
+  expiresAt:
+    | Date
+    | undefined;
+  /** The 16-byte nonce from which this transaction's key is derived. */
+  keyNonce: Buffer;
+  /**
+   * The transaction session key (TSK, 32 bytes) the client seals its
+   * messages to the payment server with. The offer reaches the client over a
+   * protected channel (TLS in production).
+   */
+  transactionSessionKey: Buffer;
+  /**
+   * ETSK: the TSK sealed under the transaction's derived key (type
+   * SESSION_KEY), which only the payment server can open.
+   */
+  encryptedSessionKey: Sealed | undefined;
 }
 
 /** The cardholder's proof of purchase and the goods. */
@@ -199,8 +214,15 @@ export interface CompleteOrderRequest {
   transactionId:
     | TransactionId
     | undefined;
-  /** The payment server's confirmation, as the client received it. */
-  confirmation: PurchaseConfirmation | undefined;
+  /** The payment server's debit result M, sealed, as the client received it. */
+  debitResultM:
+    | Sealed
+    | undefined;
+  /**
+   * MERCHANT_COMPARES: the card's raw 17-byte answer to DEBIT, whose
+   * signature the merchant compares with the expected one in debit result M.
+   */
+  debitResponse: Buffer;
 }
 
 /** Response of CompleteOrder. */
@@ -353,6 +375,9 @@ function createBasePaymentOffer(): PaymentOffer {
     merchantAddress: "",
     confirmationMode: 0,
     expiresAt: undefined,
+    keyNonce: Buffer.alloc(0),
+    transactionSessionKey: Buffer.alloc(0),
+    encryptedSessionKey: undefined,
   };
 }
 
@@ -384,6 +409,15 @@ export const PaymentOffer: MessageFns<PaymentOffer> = {
     }
     if (message.expiresAt !== undefined) {
       Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(74).fork()).join();
+    }
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(82).bytes(message.keyNonce);
+    }
+    if (message.transactionSessionKey.length !== 0) {
+      writer.uint32(90).bytes(message.transactionSessionKey);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      Sealed.encode(message.encryptedSessionKey, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -473,6 +507,30 @@ export const PaymentOffer: MessageFns<PaymentOffer> = {
             message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.transactionSessionKey = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.encryptedSessionKey = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -524,6 +582,21 @@ export const PaymentOffer: MessageFns<PaymentOffer> = {
         : isSet(object.expires_at)
         ? fromJsonTimestamp(object.expires_at)
         : undefined,
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
+      transactionSessionKey: isSet(object.transactionSessionKey)
+        ? Buffer.from(bytesFromBase64(object.transactionSessionKey))
+        : isSet(object.transaction_session_key)
+        ? Buffer.from(bytesFromBase64(object.transaction_session_key))
+        : Buffer.alloc(0),
+      encryptedSessionKey: isSet(object.encryptedSessionKey)
+        ? Sealed.fromJSON(object.encryptedSessionKey)
+        : isSet(object.encrypted_session_key)
+        ? Sealed.fromJSON(object.encrypted_session_key)
+        : undefined,
     };
   },
 
@@ -556,6 +629,15 @@ export const PaymentOffer: MessageFns<PaymentOffer> = {
     if (message.expiresAt !== undefined) {
       obj.expiresAt = message.expiresAt.toISOString();
     }
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
+    }
+    if (message.transactionSessionKey.length !== 0) {
+      obj.transactionSessionKey = base64FromBytes(message.transactionSessionKey);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      obj.encryptedSessionKey = Sealed.toJSON(message.encryptedSessionKey);
+    }
     return obj;
   },
 
@@ -579,6 +661,11 @@ export const PaymentOffer: MessageFns<PaymentOffer> = {
     message.merchantAddress = object.merchantAddress ?? "";
     message.confirmationMode = object.confirmationMode ?? 0;
     message.expiresAt = object.expiresAt ?? undefined;
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
+    message.transactionSessionKey = object.transactionSessionKey ?? Buffer.alloc(0);
+    message.encryptedSessionKey = (object.encryptedSessionKey !== undefined && object.encryptedSessionKey !== null)
+      ? Sealed.fromPartial(object.encryptedSessionKey)
+      : undefined;
     return message;
   },
 };
@@ -1327,7 +1414,7 @@ export const CreateOrderResponse: MessageFns<CreateOrderResponse> = {
 };
 
 function createBaseCompleteOrderRequest(): CompleteOrderRequest {
-  return { transactionId: undefined, confirmation: undefined };
+  return { transactionId: undefined, debitResultM: undefined, debitResponse: Buffer.alloc(0) };
 }
 
 export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
@@ -1335,8 +1422,11 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
     }
-    if (message.confirmation !== undefined) {
-      PurchaseConfirmation.encode(message.confirmation, writer.uint32(18).fork()).join();
+    if (message.debitResultM !== undefined) {
+      Sealed.encode(message.debitResultM, writer.uint32(18).fork()).join();
+    }
+    if (message.debitResponse.length !== 0) {
+      writer.uint32(26).bytes(message.debitResponse);
     }
     return writer;
   },
@@ -1367,7 +1457,15 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
               break;
             }
 
-            message.confirmation = PurchaseConfirmation.decode(reader, reader.uint32());
+            message.debitResultM = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.debitResponse = Buffer.from(reader.bytes());
             continue;
           }
         }
@@ -1389,7 +1487,16 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
-      confirmation: isSet(object.confirmation) ? PurchaseConfirmation.fromJSON(object.confirmation) : undefined,
+      debitResultM: isSet(object.debitResultM)
+        ? Sealed.fromJSON(object.debitResultM)
+        : isSet(object.debit_result_m)
+        ? Sealed.fromJSON(object.debit_result_m)
+        : undefined,
+      debitResponse: isSet(object.debitResponse)
+        ? Buffer.from(bytesFromBase64(object.debitResponse))
+        : isSet(object.debit_response)
+        ? Buffer.from(bytesFromBase64(object.debit_response))
+        : Buffer.alloc(0),
     };
   },
 
@@ -1398,8 +1505,11 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
     }
-    if (message.confirmation !== undefined) {
-      obj.confirmation = PurchaseConfirmation.toJSON(message.confirmation);
+    if (message.debitResultM !== undefined) {
+      obj.debitResultM = Sealed.toJSON(message.debitResultM);
+    }
+    if (message.debitResponse.length !== 0) {
+      obj.debitResponse = base64FromBytes(message.debitResponse);
     }
     return obj;
   },
@@ -1412,9 +1522,10 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
-    message.confirmation = (object.confirmation !== undefined && object.confirmation !== null)
-      ? PurchaseConfirmation.fromPartial(object.confirmation)
+    message.debitResultM = (object.debitResultM !== undefined && object.debitResultM !== null)
+      ? Sealed.fromPartial(object.debitResultM)
       : undefined;
+    message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -1659,12 +1770,13 @@ export const MerchantServiceDefinition = {
       options: {},
     },
     /**
-     * Takes the payment server's confirmation of a purchase (via the client),
-     * has the merchant validation service check it against the order and
-     * releases the goods exactly once. A repeat with a valid confirmation
-     * returns the same receipt. A forged confirmation, or one that does not
-     * match the order, gets PERMISSION_DENIED and no goods; an unknown order
-     * NOT_FOUND.
+     * Takes the payment server's debit result M for a purchase (via the
+     * client), with the card's raw answer in MERCHANT_COMPARES, has the
+     * merchant validation service check them against the order and releases
+     * the goods exactly once. A repeat with a valid result returns the same
+     * receipt. A forged, altered or mismatched result, or a card answer that
+     * does not match the expected signature, gets PERMISSION_DENIED and no
+     * goods; an unknown order NOT_FOUND.
      */
     completeOrder: {
       name: "CompleteOrder",
@@ -1702,12 +1814,13 @@ export interface MerchantServiceImplementation<CallContextExt = {}> {
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CreateOrderResponse>>;
   /**
-   * Takes the payment server's confirmation of a purchase (via the client),
-   * has the merchant validation service check it against the order and
-   * releases the goods exactly once. A repeat with a valid confirmation
-   * returns the same receipt. A forged confirmation, or one that does not
-   * match the order, gets PERMISSION_DENIED and no goods; an unknown order
-   * NOT_FOUND.
+   * Takes the payment server's debit result M for a purchase (via the
+   * client), with the card's raw answer in MERCHANT_COMPARES, has the
+   * merchant validation service check them against the order and releases
+   * the goods exactly once. A repeat with a valid result returns the same
+   * receipt. A forged, altered or mismatched result, or a card answer that
+   * does not match the expected signature, gets PERMISSION_DENIED and no
+   * goods; an unknown order NOT_FOUND.
    */
   completeOrder(
     request: CompleteOrderRequest,
@@ -1733,12 +1846,13 @@ export interface MerchantServiceClient<CallOptionsExt = {}> {
     options?: CallOptions & CallOptionsExt,
   ): Promise<CreateOrderResponse>;
   /**
-   * Takes the payment server's confirmation of a purchase (via the client),
-   * has the merchant validation service check it against the order and
-   * releases the goods exactly once. A repeat with a valid confirmation
-   * returns the same receipt. A forged confirmation, or one that does not
-   * match the order, gets PERMISSION_DENIED and no goods; an unknown order
-   * NOT_FOUND.
+   * Takes the payment server's debit result M for a purchase (via the
+   * client), with the card's raw answer in MERCHANT_COMPARES, has the
+   * merchant validation service check them against the order and releases
+   * the goods exactly once. A repeat with a valid result returns the same
+   * receipt. A forged, altered or mismatched result, or a card answer that
+   * does not match the expected signature, gets PERMISSION_DENIED and no
+   * goods; an unknown order NOT_FOUND.
    */
   completeOrder(
     request: DeepPartial<CompleteOrderRequest>,
@@ -1746,6 +1860,14 @@ export interface MerchantServiceClient<CallOptionsExt = {}> {
   ): Promise<CompleteOrderResponse>;
   /** Reads an order. NOT_FOUND for an unknown transaction id. */
   getOrder(request: DeepPartial<GetOrderRequest>, options?: CallOptions & CallOptionsExt): Promise<GetOrderResponse>;
+}
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

@@ -8,14 +8,43 @@
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { CallContext, CallOptions } from "nice-grpc-common";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
-import { MerchantId, Money, PsamId, PurseId, TransactionId } from "../../card/v1/card.js";
-import { PurchaseConfirmation } from "../../payment/v1/payment.js";
+import {
+  ConfirmationMode,
+  confirmationModeFromJSON,
+  confirmationModeToJSON,
+  MerchantId,
+  Money,
+  PsamId,
+  PurseId,
+  Sealed,
+  TransactionId,
+} from "../../card/v1/card.js";
 
 export const protobufPackage = "netpurse.merchant.v1";
 
 export const protobufFileName = "netpurse/merchant/v1/merchant_validation.proto";
 
-/** The terms of an order that a confirmation must match. */
+/** Request of IssueTransactionKeys. */
+export interface IssueTransactionKeysRequest {
+  /** The transaction the offer is for. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** The merchant making the offer. */
+  merchantId: MerchantId | undefined;
+}
+
+/** Response of IssueTransactionKeys: what goes into the offer. */
+export interface IssueTransactionKeysResponse {
+  /** The 16-byte nonce the key was derived with. */
+  keyNonce: Buffer;
+  /** The transaction session key (TSK), 32 bytes, for the client. */
+  transactionSessionKey: Buffer;
+  /** ETSK: the TSK sealed under the derived key (type SESSION_KEY). */
+  encryptedSessionKey: Sealed | undefined;
+}
+
+/** The terms of an order that a result must match. */
 export interface OrderTerms {
   /** The order's transaction id. */
   transactionId:
@@ -26,20 +55,31 @@ export interface OrderTerms {
     | MerchantId
     | undefined;
   /** The amount due, currency and exponent included. */
-  amount: Money | undefined;
+  amount:
+    | Money
+    | undefined;
+  /** The nonce of the order's offer (from IssueTransactionKeys). */
+  keyNonce: Buffer;
 }
 
 /** Request of ValidateConfirmation. */
 export interface ValidateConfirmationRequest {
-  /** The confirmation to check. */
-  confirmation:
-    | PurchaseConfirmation
+  /** The order the result must match. */
+  order:
+    | OrderTerms
     | undefined;
-  /** The order it must match. */
-  order: OrderTerms | undefined;
+  /** The payment server's debit result M, sealed. */
+  debitResultM:
+    | Sealed
+    | undefined;
+  /** MERCHANT_COMPARES: the card's raw 17-byte answer to DEBIT. */
+  debitResponse: Buffer;
 }
 
-/** Response of ValidateConfirmation: the confirmation is genuine and matches. */
+/**
+ * Response of ValidateConfirmation: the result is genuine, matches, and (in
+ * MERCHANT_COMPARES) the card's signature is the expected one.
+ */
 export interface ValidateConfirmationResponse {
   /** The transaction confirmed. */
   transactionId:
@@ -49,18 +89,234 @@ export interface ValidateConfirmationResponse {
   purseId:
     | PurseId
     | undefined;
-  /** The PSAM that recorded the payment. */
+  /** The PSAM that signed the debit. */
   psamId:
     | PsamId
     | undefined;
   /** That PSAM's counter. */
   psamCounter: number;
   /** When the validation service accepted it. */
-  validatedAt: Date | undefined;
+  validatedAt:
+    | Date
+    | undefined;
+  /** The confirmation mode of the result. */
+  confirmationMode: ConfirmationMode;
 }
 
+function createBaseIssueTransactionKeysRequest(): IssueTransactionKeysRequest {
+  return { transactionId: undefined, merchantId: undefined };
+}
+
+export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest> = {
+  encode(message: IssueTransactionKeysRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.merchantId !== undefined) {
+      MerchantId.encode(message.merchantId, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IssueTransactionKeysRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIssueTransactionKeysRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.merchantId = MerchantId.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): IssueTransactionKeysRequest {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      merchantId: isSet(object.merchantId)
+        ? MerchantId.fromJSON(object.merchantId)
+        : isSet(object.merchant_id)
+        ? MerchantId.fromJSON(object.merchant_id)
+        : undefined,
+    };
+  },
+
+  toJSON(message: IssueTransactionKeysRequest): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.merchantId !== undefined) {
+      obj.merchantId = MerchantId.toJSON(message.merchantId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<IssueTransactionKeysRequest>): IssueTransactionKeysRequest {
+    return IssueTransactionKeysRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<IssueTransactionKeysRequest>): IssueTransactionKeysRequest {
+    const message = createBaseIssueTransactionKeysRequest();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.merchantId = (object.merchantId !== undefined && object.merchantId !== null)
+      ? MerchantId.fromPartial(object.merchantId)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseIssueTransactionKeysResponse(): IssueTransactionKeysResponse {
+  return { keyNonce: Buffer.alloc(0), transactionSessionKey: Buffer.alloc(0), encryptedSessionKey: undefined };
+}
+
+export const IssueTransactionKeysResponse: MessageFns<IssueTransactionKeysResponse> = {
+  encode(message: IssueTransactionKeysResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(10).bytes(message.keyNonce);
+    }
+    if (message.transactionSessionKey.length !== 0) {
+      writer.uint32(18).bytes(message.transactionSessionKey);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      Sealed.encode(message.encryptedSessionKey, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IssueTransactionKeysResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIssueTransactionKeysResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.transactionSessionKey = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.encryptedSessionKey = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): IssueTransactionKeysResponse {
+    return {
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
+      transactionSessionKey: isSet(object.transactionSessionKey)
+        ? Buffer.from(bytesFromBase64(object.transactionSessionKey))
+        : isSet(object.transaction_session_key)
+        ? Buffer.from(bytesFromBase64(object.transaction_session_key))
+        : Buffer.alloc(0),
+      encryptedSessionKey: isSet(object.encryptedSessionKey)
+        ? Sealed.fromJSON(object.encryptedSessionKey)
+        : isSet(object.encrypted_session_key)
+        ? Sealed.fromJSON(object.encrypted_session_key)
+        : undefined,
+    };
+  },
+
+  toJSON(message: IssueTransactionKeysResponse): unknown {
+    const obj: any = {};
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
+    }
+    if (message.transactionSessionKey.length !== 0) {
+      obj.transactionSessionKey = base64FromBytes(message.transactionSessionKey);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      obj.encryptedSessionKey = Sealed.toJSON(message.encryptedSessionKey);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<IssueTransactionKeysResponse>): IssueTransactionKeysResponse {
+    return IssueTransactionKeysResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<IssueTransactionKeysResponse>): IssueTransactionKeysResponse {
+    const message = createBaseIssueTransactionKeysResponse();
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
+    message.transactionSessionKey = object.transactionSessionKey ?? Buffer.alloc(0);
+    message.encryptedSessionKey = (object.encryptedSessionKey !== undefined && object.encryptedSessionKey !== null)
+      ? Sealed.fromPartial(object.encryptedSessionKey)
+      : undefined;
+    return message;
+  },
+};
+
 function createBaseOrderTerms(): OrderTerms {
-  return { transactionId: undefined, merchantId: undefined, amount: undefined };
+  return { transactionId: undefined, merchantId: undefined, amount: undefined, keyNonce: Buffer.alloc(0) };
 }
 
 export const OrderTerms: MessageFns<OrderTerms> = {
@@ -73,6 +329,9 @@ export const OrderTerms: MessageFns<OrderTerms> = {
     }
     if (message.amount !== undefined) {
       Money.encode(message.amount, writer.uint32(26).fork()).join();
+    }
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(34).bytes(message.keyNonce);
     }
     return writer;
   },
@@ -114,6 +373,14 @@ export const OrderTerms: MessageFns<OrderTerms> = {
             message.amount = Money.decode(reader, reader.uint32());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -139,6 +406,11 @@ export const OrderTerms: MessageFns<OrderTerms> = {
         ? MerchantId.fromJSON(object.merchant_id)
         : undefined,
       amount: isSet(object.amount) ? Money.fromJSON(object.amount) : undefined,
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
     };
   },
 
@@ -152,6 +424,9 @@ export const OrderTerms: MessageFns<OrderTerms> = {
     }
     if (message.amount !== undefined) {
       obj.amount = Money.toJSON(message.amount);
+    }
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
     }
     return obj;
   },
@@ -170,21 +445,25 @@ export const OrderTerms: MessageFns<OrderTerms> = {
     message.amount = (object.amount !== undefined && object.amount !== null)
       ? Money.fromPartial(object.amount)
       : undefined;
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseValidateConfirmationRequest(): ValidateConfirmationRequest {
-  return { confirmation: undefined, order: undefined };
+  return { order: undefined, debitResultM: undefined, debitResponse: Buffer.alloc(0) };
 }
 
 export const ValidateConfirmationRequest: MessageFns<ValidateConfirmationRequest> = {
   encode(message: ValidateConfirmationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.confirmation !== undefined) {
-      PurchaseConfirmation.encode(message.confirmation, writer.uint32(10).fork()).join();
-    }
     if (message.order !== undefined) {
-      OrderTerms.encode(message.order, writer.uint32(18).fork()).join();
+      OrderTerms.encode(message.order, writer.uint32(10).fork()).join();
+    }
+    if (message.debitResultM !== undefined) {
+      Sealed.encode(message.debitResultM, writer.uint32(18).fork()).join();
+    }
+    if (message.debitResponse.length !== 0) {
+      writer.uint32(26).bytes(message.debitResponse);
     }
     return writer;
   },
@@ -207,7 +486,7 @@ export const ValidateConfirmationRequest: MessageFns<ValidateConfirmationRequest
               break;
             }
 
-            message.confirmation = PurchaseConfirmation.decode(reader, reader.uint32());
+            message.order = OrderTerms.decode(reader, reader.uint32());
             continue;
           }
           case 2: {
@@ -215,7 +494,15 @@ export const ValidateConfirmationRequest: MessageFns<ValidateConfirmationRequest
               break;
             }
 
-            message.order = OrderTerms.decode(reader, reader.uint32());
+            message.debitResultM = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.debitResponse = Buffer.from(reader.bytes());
             continue;
           }
         }
@@ -232,18 +519,30 @@ export const ValidateConfirmationRequest: MessageFns<ValidateConfirmationRequest
 
   fromJSON(object: any): ValidateConfirmationRequest {
     return {
-      confirmation: isSet(object.confirmation) ? PurchaseConfirmation.fromJSON(object.confirmation) : undefined,
       order: isSet(object.order) ? OrderTerms.fromJSON(object.order) : undefined,
+      debitResultM: isSet(object.debitResultM)
+        ? Sealed.fromJSON(object.debitResultM)
+        : isSet(object.debit_result_m)
+        ? Sealed.fromJSON(object.debit_result_m)
+        : undefined,
+      debitResponse: isSet(object.debitResponse)
+        ? Buffer.from(bytesFromBase64(object.debitResponse))
+        : isSet(object.debit_response)
+        ? Buffer.from(bytesFromBase64(object.debit_response))
+        : Buffer.alloc(0),
     };
   },
 
   toJSON(message: ValidateConfirmationRequest): unknown {
     const obj: any = {};
-    if (message.confirmation !== undefined) {
-      obj.confirmation = PurchaseConfirmation.toJSON(message.confirmation);
-    }
     if (message.order !== undefined) {
       obj.order = OrderTerms.toJSON(message.order);
+    }
+    if (message.debitResultM !== undefined) {
+      obj.debitResultM = Sealed.toJSON(message.debitResultM);
+    }
+    if (message.debitResponse.length !== 0) {
+      obj.debitResponse = base64FromBytes(message.debitResponse);
     }
     return obj;
   },
@@ -253,18 +552,26 @@ export const ValidateConfirmationRequest: MessageFns<ValidateConfirmationRequest
   },
   fromPartial(object: DeepPartial<ValidateConfirmationRequest>): ValidateConfirmationRequest {
     const message = createBaseValidateConfirmationRequest();
-    message.confirmation = (object.confirmation !== undefined && object.confirmation !== null)
-      ? PurchaseConfirmation.fromPartial(object.confirmation)
-      : undefined;
     message.order = (object.order !== undefined && object.order !== null)
       ? OrderTerms.fromPartial(object.order)
       : undefined;
+    message.debitResultM = (object.debitResultM !== undefined && object.debitResultM !== null)
+      ? Sealed.fromPartial(object.debitResultM)
+      : undefined;
+    message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseValidateConfirmationResponse(): ValidateConfirmationResponse {
-  return { transactionId: undefined, purseId: undefined, psamId: undefined, psamCounter: 0, validatedAt: undefined };
+  return {
+    transactionId: undefined,
+    purseId: undefined,
+    psamId: undefined,
+    psamCounter: 0,
+    validatedAt: undefined,
+    confirmationMode: 0,
+  };
 }
 
 export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationResponse> = {
@@ -283,6 +590,9 @@ export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationRespon
     }
     if (message.validatedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.validatedAt), writer.uint32(42).fork()).join();
+    }
+    if (message.confirmationMode !== 0) {
+      writer.uint32(48).int32(message.confirmationMode);
     }
     return writer;
   },
@@ -340,6 +650,14 @@ export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationRespon
             message.validatedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.confirmationMode = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -379,6 +697,11 @@ export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationRespon
         : isSet(object.validated_at)
         ? fromJsonTimestamp(object.validated_at)
         : undefined,
+      confirmationMode: isSet(object.confirmationMode)
+        ? confirmationModeFromJSON(object.confirmationMode)
+        : isSet(object.confirmation_mode)
+        ? confirmationModeFromJSON(object.confirmation_mode)
+        : 0,
     };
   },
 
@@ -399,6 +722,9 @@ export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationRespon
     if (message.validatedAt !== undefined) {
       obj.validatedAt = message.validatedAt.toISOString();
     }
+    if (message.confirmationMode !== 0) {
+      obj.confirmationMode = confirmationModeToJSON(message.confirmationMode);
+    }
     return obj;
   },
 
@@ -418,14 +744,19 @@ export const ValidateConfirmationResponse: MessageFns<ValidateConfirmationRespon
       : undefined;
     message.psamCounter = object.psamCounter ?? 0;
     message.validatedAt = object.validatedAt ?? undefined;
+    message.confirmationMode = object.confirmationMode ?? 0;
     return message;
   },
 };
 
 /**
- * Merchant validation: the merchant's "validate routine" (step 638). It holds
- * the key the merchant shares with the payment operator and tells the
- * merchant server whether a confirmation is genuine and matches the order.
+ * Merchant validation: the merchant's "validate routine" (step 638) and the
+ * keeper of the key the merchant shares with the payment operator. It makes
+ * each transaction's keys for the merchant's offers (step 806-808), opens
+ * the payment server's debit result M, and in MERCHANT_COMPARES compares the
+ * card's signature with the one the PSAM expected (FIG. 8, step 754), then
+ * reports the card's proof to the payment server. No other part of the
+ * merchant sees the shared key.
  */
 export type MerchantValidationServiceDefinition = typeof MerchantValidationServiceDefinition;
 export const MerchantValidationServiceDefinition = {
@@ -433,11 +764,29 @@ export const MerchantValidationServiceDefinition = {
   fullName: "netpurse.merchant.v1.MerchantValidationService",
   methods: {
     /**
-     * Checks a confirmation's MAC with the merchant's shared key and its fields
-     * against the order's terms. PERMISSION_DENIED (reason BAD_SIGNATURE) for a
-     * MAC that does not verify or a merchant whose key this service does not
-     * hold; PERMISSION_DENIED (reason CONFIRMATION_MISMATCH) for a genuine
-     * confirmation of other terms; INVALID_ARGUMENT for a malformed one.
+     * Draws a nonce, derives the transaction's key from the merchant's shared
+     * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
+     * a random transaction session key (TSK) and seals it under the derived key
+     * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
+     * key this service does not hold.
+     */
+    issueTransactionKeys: {
+      name: "IssueTransactionKeys",
+      requestType: IssueTransactionKeysRequest as typeof IssueTransactionKeysRequest,
+      requestStream: false,
+      responseType: IssueTransactionKeysResponse as typeof IssueTransactionKeysResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Opens a debit result M with the transaction's derived key and checks it
+     * against the order's terms; in MERCHANT_COMPARES also compares the card's
+     * raw answer with the expected signature it carries. PERMISSION_DENIED
+     * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
+     * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
+     * for a genuine result of other terms, or of a mode this merchant does not
+     * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
+     * not match; INVALID_ARGUMENT for a malformed request.
      */
     validateConfirmation: {
       name: "ValidateConfirmation",
@@ -452,11 +801,25 @@ export const MerchantValidationServiceDefinition = {
 
 export interface MerchantValidationServiceImplementation<CallContextExt = {}> {
   /**
-   * Checks a confirmation's MAC with the merchant's shared key and its fields
-   * against the order's terms. PERMISSION_DENIED (reason BAD_SIGNATURE) for a
-   * MAC that does not verify or a merchant whose key this service does not
-   * hold; PERMISSION_DENIED (reason CONFIRMATION_MISMATCH) for a genuine
-   * confirmation of other terms; INVALID_ARGUMENT for a malformed one.
+   * Draws a nonce, derives the transaction's key from the merchant's shared
+   * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
+   * a random transaction session key (TSK) and seals it under the derived key
+   * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
+   * key this service does not hold.
+   */
+  issueTransactionKeys(
+    request: IssueTransactionKeysRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<IssueTransactionKeysResponse>>;
+  /**
+   * Opens a debit result M with the transaction's derived key and checks it
+   * against the order's terms; in MERCHANT_COMPARES also compares the card's
+   * raw answer with the expected signature it carries. PERMISSION_DENIED
+   * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
+   * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
+   * for a genuine result of other terms, or of a mode this merchant does not
+   * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
+   * not match; INVALID_ARGUMENT for a malformed request.
    */
   validateConfirmation(
     request: ValidateConfirmationRequest,
@@ -466,16 +829,38 @@ export interface MerchantValidationServiceImplementation<CallContextExt = {}> {
 
 export interface MerchantValidationServiceClient<CallOptionsExt = {}> {
   /**
-   * Checks a confirmation's MAC with the merchant's shared key and its fields
-   * against the order's terms. PERMISSION_DENIED (reason BAD_SIGNATURE) for a
-   * MAC that does not verify or a merchant whose key this service does not
-   * hold; PERMISSION_DENIED (reason CONFIRMATION_MISMATCH) for a genuine
-   * confirmation of other terms; INVALID_ARGUMENT for a malformed one.
+   * Draws a nonce, derives the transaction's key from the merchant's shared
+   * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
+   * a random transaction session key (TSK) and seals it under the derived key
+   * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
+   * key this service does not hold.
+   */
+  issueTransactionKeys(
+    request: DeepPartial<IssueTransactionKeysRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<IssueTransactionKeysResponse>;
+  /**
+   * Opens a debit result M with the transaction's derived key and checks it
+   * against the order's terms; in MERCHANT_COMPARES also compares the card's
+   * raw answer with the expected signature it carries. PERMISSION_DENIED
+   * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
+   * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
+   * for a genuine result of other terms, or of a mode this merchant does not
+   * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
+   * not match; INVALID_ARGUMENT for a malformed request.
    */
   validateConfirmation(
     request: DeepPartial<ValidateConfirmationRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ValidateConfirmationResponse>;
+}
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

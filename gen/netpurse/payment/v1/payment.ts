@@ -16,12 +16,59 @@ import {
   Money,
   PsamId,
   PurseId,
+  Sealed,
   TransactionId,
 } from "../../card/v1/card.js";
 
 export const protobufPackage = "netpurse.payment.v1";
 
 export const protobufFileName = "netpurse/payment/v1/payment.proto";
+
+/** The standing of a DebitResultM. */
+export enum DebitResultStatus {
+  /** DEBIT_RESULT_STATUS_UNSPECIFIED - Not set. */
+  DEBIT_RESULT_STATUS_UNSPECIFIED = 0,
+  /** DEBIT_RESULT_STATUS_CONFIRMED - The card's signature was verified by the PSAM or the payment server: paid. */
+  DEBIT_RESULT_STATUS_CONFIRMED = 1,
+  /**
+   * DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED - A PSAM signed the DEBIT command; the card's signature is to be compared
+   * by the client's trusted agent or the merchant.
+   */
+  DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function debitResultStatusFromJSON(object: any): DebitResultStatus {
+  switch (object) {
+    case 0:
+    case "DEBIT_RESULT_STATUS_UNSPECIFIED":
+      return DebitResultStatus.DEBIT_RESULT_STATUS_UNSPECIFIED;
+    case 1:
+    case "DEBIT_RESULT_STATUS_CONFIRMED":
+      return DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED;
+    case 2:
+    case "DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED":
+      return DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DebitResultStatus.UNRECOGNIZED;
+  }
+}
+
+export function debitResultStatusToJSON(object: DebitResultStatus): string {
+  switch (object) {
+    case DebitResultStatus.DEBIT_RESULT_STATUS_UNSPECIFIED:
+      return "DEBIT_RESULT_STATUS_UNSPECIFIED";
+    case DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED:
+      return "DEBIT_RESULT_STATUS_CONFIRMED";
+    case DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED:
+      return "DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED";
+    case DebitResultStatus.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
 
 /** Where a transaction stands at the payment server. */
 export enum PurchaseState {
@@ -34,9 +81,12 @@ export enum PurchaseState {
    * be debited from here on.
    */
   PURCHASE_STATE_DEBIT_COMMAND_ISSUED = 2,
-  /** PURCHASE_STATE_DEBIT_RESPONSE_RECEIVED - The card's answer was received and logged; the PSAM has not ruled yet. */
+  /** PURCHASE_STATE_DEBIT_RESPONSE_RECEIVED - The card's answer was received and logged; nobody has ruled on it yet. */
   PURCHASE_STATE_DEBIT_RESPONSE_RECEIVED = 3,
-  /** PURCHASE_STATE_COMPLETED - The PSAM verified the card's signature and recorded the transaction: paid. */
+  /**
+   * PURCHASE_STATE_COMPLETED - The PSAM verified the card's signature and recorded the transaction in
+   * its batch: paid and proven.
+   */
   PURCHASE_STATE_COMPLETED = 4,
   /** PURCHASE_STATE_REVERSED - The transaction was reversed in the PSAM; the card was not debited. */
   PURCHASE_STATE_REVERSED = 5,
@@ -46,10 +96,16 @@ export enum PurchaseState {
    */
   PURCHASE_STATE_REFUSED = 6,
   /**
-   * PURCHASE_STATE_IN_DOUBT - The PSAM that signed the debit could not be reached to rule on the card's
-   * answer; resolved when it returns.
+   * PURCHASE_STATE_IN_DOUBT - No proof within the allowed time, or the PSAM could not be reached to
+   * rule: settled from the card's proof at its next contact, or when the PSAM
+   * returns. Never guessed.
    */
   PURCHASE_STATE_IN_DOUBT = 7,
+  /**
+   * PURCHASE_STATE_PROVEN - The card's signature matched the one the PSAM expected: paid; the proof
+   * waits to be recorded in the PSAM's batch.
+   */
+  PURCHASE_STATE_PROVEN = 8,
   UNRECOGNIZED = -1,
 }
 
@@ -79,6 +135,9 @@ export function purchaseStateFromJSON(object: any): PurchaseState {
     case 7:
     case "PURCHASE_STATE_IN_DOUBT":
       return PurchaseState.PURCHASE_STATE_IN_DOUBT;
+    case 8:
+    case "PURCHASE_STATE_PROVEN":
+      return PurchaseState.PURCHASE_STATE_PROVEN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -104,6 +163,8 @@ export function purchaseStateToJSON(object: PurchaseState): string {
       return "PURCHASE_STATE_REFUSED";
     case PurchaseState.PURCHASE_STATE_IN_DOUBT:
       return "PURCHASE_STATE_IN_DOUBT";
+    case PurchaseState.PURCHASE_STATE_PROVEN:
+      return "PURCHASE_STATE_PROVEN";
     case PurchaseState.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -112,7 +173,8 @@ export function purchaseStateToJSON(object: PurchaseState): string {
 
 /**
  * The draw request: everything the PSAM needs from the card and the merchant,
- * packaged by the client into one message.
+ * packaged by the client into one message. It travels sealed under the TSK
+ * (type DRAW_REQUEST).
  */
 export interface DrawRequest {
   /** The merchant's transaction id from the payment offer. */
@@ -136,20 +198,36 @@ export interface DrawRequest {
    * as the card returned it (39 bytes; layout in docs/apdu.md).
    */
   initializeResponse: Buffer;
+  /**
+   * The card's newest log records (READ LOG, 51 bytes each, at most 8), so
+   * that purchases of this card still in doubt are settled from the card's
+   * own proof at its next contact.
+   */
+  cardLog: Buffer[];
 }
 
 /** Request of ProcessDrawRequest. */
 export interface ProcessDrawRequestRequest {
-  /** The packaged draw request. */
-  drawRequest: DrawRequest | undefined;
-}
-
-/** Response of ProcessDrawRequest: the DEBIT command for the card. */
-export interface ProcessDrawRequestResponse {
-  /** The transaction, echoed. */
+  /** The transaction, in clear: the payment server needs it to derive the key. */
   transactionId:
     | TransactionId
     | undefined;
+  /** The merchant, in clear: whose shared key to derive from. */
+  merchantId:
+    | MerchantId
+    | undefined;
+  /** The 16-byte nonce the merchant drew for this transaction (from the offer). */
+  keyNonce: Buffer;
+  /** ETSK: the TSK sealed under the transaction's derived key (from the offer). */
+  encryptedSessionKey:
+    | Sealed
+    | undefined;
+  /** The DrawRequest, sealed under the TSK (type DRAW_REQUEST). */
+  drawRequest: Sealed | undefined;
+}
+
+/** What the PSAM produced for the card, sealed under the TSK (type DEBIT_COMMAND). */
+export interface IssuedDebitCommand {
   /**
    * The data field of the card's DEBIT command as the PSAM built it, with the
    * PSAM signature (42 bytes; layout in docs/apdu.md). The client puts the
@@ -167,18 +245,36 @@ export interface ProcessDrawRequestResponse {
   /**
    * A secret of this transaction (16 bytes) that CompletePurchase must
    * present: only the client that sent the draw request can complete (or, by
-   * reporting a card error, reverse) the purchase. A retried draw request
-   * gets the same token.
+   * reporting a card error, reverse) the purchase.
    */
   completionToken: Buffer;
+  /**
+   * CLIENT_COMPARES only: the card signature the PSAM expects (8 bytes), for
+   * the client's trusted agent to compare with the card's.
+   */
+  expectedCardSignature: Buffer;
 }
 
-/** Request of CompletePurchase: the card's answer to DEBIT. */
-export interface CompletePurchaseRequest {
-  /** The transaction, as in the draw request. */
+/** Response of ProcessDrawRequest. */
+export interface ProcessDrawRequestResponse {
+  /** The transaction, echoed. */
   transactionId:
     | TransactionId
     | undefined;
+  /** The IssuedDebitCommand, sealed under the TSK (type DEBIT_COMMAND). */
+  debitCommand:
+    | Sealed
+    | undefined;
+  /**
+   * CLIENT_COMPARES and MERCHANT_COMPARES: the DebitResultM for the
+   * merchant, sealed under the derived key (type DEBIT_RESULT_M); the client
+   * passes it on unopened. Absent in the other modes.
+   */
+  debitResultM: Sealed | undefined;
+}
+
+/** The card's answer to DEBIT, sealed under the TSK (type CARD_ANSWER). */
+export interface CardAnswer {
   /** The card's status word for DEBIT (0x9000 when the card answered with data). */
   cardStatusWord: number;
   /**
@@ -186,33 +282,38 @@ export interface CompletePurchaseRequest {
    * docs/apdu.md). Empty when the card answered with an error status word.
    */
   debitResponse: Buffer;
-  /**
-   * The completion_token ProcessDrawRequest returned. PERMISSION_DENIED
-   * (reason WRONG_COMPLETION_TOKEN) when it is not this transaction's.
-   */
+  /** The completion_token of the IssuedDebitCommand. */
   completionToken: Buffer;
 }
 
-/** Response of CompletePurchase for a purchase the PSAM proved. */
-export interface CompletePurchaseResponse {
-  /** The transaction, echoed. */
+/** Request of CompletePurchase. */
+export interface CompletePurchaseRequest {
+  /** The transaction, in clear. */
   transactionId:
     | TransactionId
     | undefined;
-  /** The card's balance after the debit, as the card signed it. */
-  newBalance:
-    | Money
+  /** The CardAnswer, sealed under the TSK (type CARD_ANSWER). */
+  cardAnswer: Sealed | undefined;
+}
+
+/** What the client learns of a ruled purchase, sealed under the TSK (type DEBIT_RESULT_C). */
+export interface DebitResultC {
+  /** The transaction. */
+  transactionId:
+    | TransactionId
     | undefined;
-  /** The confirmation the client passes on to the merchant (step 636). */
-  confirmation: PurchaseConfirmation | undefined;
+  /** Where the purchase stands. */
+  state: PurchaseState;
+  /** The card's balance after the debit, as the card signed it. */
+  newBalance: Money | undefined;
 }
 
 /**
- * The payment operator's confirmation of a proven purchase, for the merchant.
- * Authenticated with the key the merchant shares with the payment operator;
- * the merchant has it checked by its MerchantValidationService.
+ * What the merchant gets, through the client, sealed under the key derived
+ * for the transaction (type DEBIT_RESULT_M): only the payment server and the
+ * merchant's validation service can make or read it.
  */
-export interface PurchaseConfirmation {
+export interface DebitResultM {
   /** The transaction. */
   transactionId:
     | TransactionId
@@ -221,29 +322,75 @@ export interface PurchaseConfirmation {
   merchantId:
     | MerchantId
     | undefined;
-  /** The amount the card was debited. */
+  /** The amount of the DEBIT command. */
   amount:
     | Money
     | undefined;
-  /** The purse that paid. */
+  /** The purse the command was made for. */
   purseId:
     | PurseId
     | undefined;
-  /** The PSAM that recorded the transaction in its batch. */
+  /** The PSAM that signed the command. */
   psamId:
     | PsamId
     | undefined;
   /** That PSAM's counter for the transaction. */
   psamCounter: number;
-  /** When the payment server confirmed the purchase. */
-  confirmedAt:
-    | Date
+  /** The confirmation mode this result is for. */
+  confirmationMode: ConfirmationMode;
+  /**
+   * Whether the card's debit is already verified (modes PSAM_VERIFIES and
+   * SERVER_COMPARES) or still to be compared by the client's agent or the
+   * merchant (CLIENT_COMPARES, MERCHANT_COMPARES).
+   */
+  status: DebitResultStatus;
+  /**
+   * MERCHANT_COMPARES only: the card signature the PSAM expects (8 bytes),
+   * for the merchant to compare with the card's raw answer.
+   */
+  expectedCardSignature: Buffer;
+  /** When the payment server made this result. */
+  issuedAt: Date | undefined;
+}
+
+/** Response of CompletePurchase for a purchase that is paid. */
+export interface CompletePurchaseResponse {
+  /** The transaction, echoed. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** The DebitResultC, sealed under the TSK (type DEBIT_RESULT_C). */
+  debitResultC:
+    | Sealed
     | undefined;
   /**
-   * HMAC-SHA-256 (32 bytes) under the merchant's shared key over the fields
-   * above in the order given in docs/protocol.md.
+   * The DebitResultM (status CONFIRMED), sealed under the derived key (type
+   * DEBIT_RESULT_M), for the client to pass on to the merchant.
    */
-  mac: Buffer;
+  debitResultM: Sealed | undefined;
+}
+
+/** Request of ReportCardSignature. */
+export interface ReportCardSignatureRequest {
+  /** The transaction. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** The card's 17-byte answer to DEBIT (status word 9000), its signature included. */
+  debitResponse: Buffer;
+}
+
+/**
+ * Response of ReportCardSignature: the proof is recorded (durably), and will
+ * be (or is) in the PSAM's batch.
+ */
+export interface ReportCardSignatureResponse {
+  /** The transaction, echoed. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** Where the purchase stands now. */
+  state: PurchaseState;
 }
 
 /** Request of GetPurchase. */
@@ -301,7 +448,11 @@ export interface Purchase {
     | Date
     | undefined;
   /** When the record last changed. */
-  updatedAt: Date | undefined;
+  updatedAt:
+    | Date
+    | undefined;
+  /** The card's transaction counter at INITIALIZE FOR PURCHASE. */
+  cardCounter: number;
 }
 
 /** Response of GetPurchase. */
@@ -318,6 +469,7 @@ function createBaseDrawRequest(): DrawRequest {
     confirmationMode: 0,
     cardAtr: Buffer.alloc(0),
     initializeResponse: Buffer.alloc(0),
+    cardLog: [],
   };
 }
 
@@ -340,6 +492,9 @@ export const DrawRequest: MessageFns<DrawRequest> = {
     }
     if (message.initializeResponse.length !== 0) {
       writer.uint32(50).bytes(message.initializeResponse);
+    }
+    for (const v of message.cardLog) {
+      writer.uint32(58).bytes(v!);
     }
     return writer;
   },
@@ -405,6 +560,14 @@ export const DrawRequest: MessageFns<DrawRequest> = {
             message.initializeResponse = Buffer.from(reader.bytes());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.cardLog.push(Buffer.from(reader.bytes()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -445,6 +608,11 @@ export const DrawRequest: MessageFns<DrawRequest> = {
         : isSet(object.initialize_response)
         ? Buffer.from(bytesFromBase64(object.initialize_response))
         : Buffer.alloc(0),
+      cardLog: globalThis.Array.isArray(object?.cardLog)
+        ? object.cardLog.map((e: any) => Buffer.from(bytesFromBase64(e)))
+        : globalThis.Array.isArray(object?.card_log)
+        ? object.card_log.map((e: any) => Buffer.from(bytesFromBase64(e)))
+        : [],
     };
   },
 
@@ -468,6 +636,9 @@ export const DrawRequest: MessageFns<DrawRequest> = {
     if (message.initializeResponse.length !== 0) {
       obj.initializeResponse = base64FromBytes(message.initializeResponse);
     }
+    if (message.cardLog?.length) {
+      obj.cardLog = message.cardLog.map((e) => base64FromBytes(e));
+    }
     return obj;
   },
 
@@ -488,18 +659,37 @@ export const DrawRequest: MessageFns<DrawRequest> = {
     message.confirmationMode = object.confirmationMode ?? 0;
     message.cardAtr = object.cardAtr ?? Buffer.alloc(0);
     message.initializeResponse = object.initializeResponse ?? Buffer.alloc(0);
+    message.cardLog = object.cardLog?.map((e) => e) || [];
     return message;
   },
 };
 
 function createBaseProcessDrawRequestRequest(): ProcessDrawRequestRequest {
-  return { drawRequest: undefined };
+  return {
+    transactionId: undefined,
+    merchantId: undefined,
+    keyNonce: Buffer.alloc(0),
+    encryptedSessionKey: undefined,
+    drawRequest: undefined,
+  };
 }
 
 export const ProcessDrawRequestRequest: MessageFns<ProcessDrawRequestRequest> = {
   encode(message: ProcessDrawRequestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.merchantId !== undefined) {
+      MerchantId.encode(message.merchantId, writer.uint32(18).fork()).join();
+    }
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(26).bytes(message.keyNonce);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      Sealed.encode(message.encryptedSessionKey, writer.uint32(34).fork()).join();
+    }
     if (message.drawRequest !== undefined) {
-      DrawRequest.encode(message.drawRequest, writer.uint32(10).fork()).join();
+      Sealed.encode(message.drawRequest, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -522,7 +712,39 @@ export const ProcessDrawRequestRequest: MessageFns<ProcessDrawRequestRequest> = 
               break;
             }
 
-            message.drawRequest = DrawRequest.decode(reader, reader.uint32());
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.merchantId = MerchantId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.encryptedSessionKey = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.drawRequest = Sealed.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -539,18 +761,50 @@ export const ProcessDrawRequestRequest: MessageFns<ProcessDrawRequestRequest> = 
 
   fromJSON(object: any): ProcessDrawRequestRequest {
     return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      merchantId: isSet(object.merchantId)
+        ? MerchantId.fromJSON(object.merchantId)
+        : isSet(object.merchant_id)
+        ? MerchantId.fromJSON(object.merchant_id)
+        : undefined,
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
+      encryptedSessionKey: isSet(object.encryptedSessionKey)
+        ? Sealed.fromJSON(object.encryptedSessionKey)
+        : isSet(object.encrypted_session_key)
+        ? Sealed.fromJSON(object.encrypted_session_key)
+        : undefined,
       drawRequest: isSet(object.drawRequest)
-        ? DrawRequest.fromJSON(object.drawRequest)
+        ? Sealed.fromJSON(object.drawRequest)
         : isSet(object.draw_request)
-        ? DrawRequest.fromJSON(object.draw_request)
+        ? Sealed.fromJSON(object.draw_request)
         : undefined,
     };
   },
 
   toJSON(message: ProcessDrawRequestRequest): unknown {
     const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.merchantId !== undefined) {
+      obj.merchantId = MerchantId.toJSON(message.merchantId);
+    }
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
+    }
+    if (message.encryptedSessionKey !== undefined) {
+      obj.encryptedSessionKey = Sealed.toJSON(message.encryptedSessionKey);
+    }
     if (message.drawRequest !== undefined) {
-      obj.drawRequest = DrawRequest.toJSON(message.drawRequest);
+      obj.drawRequest = Sealed.toJSON(message.drawRequest);
     }
     return obj;
   },
@@ -560,22 +814,207 @@ export const ProcessDrawRequestRequest: MessageFns<ProcessDrawRequestRequest> = 
   },
   fromPartial(object: DeepPartial<ProcessDrawRequestRequest>): ProcessDrawRequestRequest {
     const message = createBaseProcessDrawRequestRequest();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.merchantId = (object.merchantId !== undefined && object.merchantId !== null)
+      ? MerchantId.fromPartial(object.merchantId)
+      : undefined;
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
+    message.encryptedSessionKey = (object.encryptedSessionKey !== undefined && object.encryptedSessionKey !== null)
+      ? Sealed.fromPartial(object.encryptedSessionKey)
+      : undefined;
     message.drawRequest = (object.drawRequest !== undefined && object.drawRequest !== null)
-      ? DrawRequest.fromPartial(object.drawRequest)
+      ? Sealed.fromPartial(object.drawRequest)
       : undefined;
     return message;
   },
 };
 
-function createBaseProcessDrawRequestResponse(): ProcessDrawRequestResponse {
+function createBaseIssuedDebitCommand(): IssuedDebitCommand {
   return {
-    transactionId: undefined,
     debitCommand: Buffer.alloc(0),
     terminalId: "",
     psamId: undefined,
     psamCounter: 0,
     completionToken: Buffer.alloc(0),
+    expectedCardSignature: Buffer.alloc(0),
   };
+}
+
+export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
+  encode(message: IssuedDebitCommand, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.debitCommand.length !== 0) {
+      writer.uint32(10).bytes(message.debitCommand);
+    }
+    if (message.terminalId !== "") {
+      writer.uint32(18).string(message.terminalId);
+    }
+    if (message.psamId !== undefined) {
+      PsamId.encode(message.psamId, writer.uint32(26).fork()).join();
+    }
+    if (message.psamCounter !== 0) {
+      writer.uint32(32).uint32(message.psamCounter);
+    }
+    if (message.completionToken.length !== 0) {
+      writer.uint32(42).bytes(message.completionToken);
+    }
+    if (message.expectedCardSignature.length !== 0) {
+      writer.uint32(50).bytes(message.expectedCardSignature);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IssuedDebitCommand {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIssuedDebitCommand();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.debitCommand = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.terminalId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.psamId = PsamId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.psamCounter = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.completionToken = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.expectedCardSignature = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): IssuedDebitCommand {
+    return {
+      debitCommand: isSet(object.debitCommand)
+        ? Buffer.from(bytesFromBase64(object.debitCommand))
+        : isSet(object.debit_command)
+        ? Buffer.from(bytesFromBase64(object.debit_command))
+        : Buffer.alloc(0),
+      terminalId: isSet(object.terminalId)
+        ? globalThis.String(object.terminalId)
+        : isSet(object.terminal_id)
+        ? globalThis.String(object.terminal_id)
+        : "",
+      psamId: isSet(object.psamId)
+        ? PsamId.fromJSON(object.psamId)
+        : isSet(object.psam_id)
+        ? PsamId.fromJSON(object.psam_id)
+        : undefined,
+      psamCounter: isSet(object.psamCounter)
+        ? globalThis.Number(object.psamCounter)
+        : isSet(object.psam_counter)
+        ? globalThis.Number(object.psam_counter)
+        : 0,
+      completionToken: isSet(object.completionToken)
+        ? Buffer.from(bytesFromBase64(object.completionToken))
+        : isSet(object.completion_token)
+        ? Buffer.from(bytesFromBase64(object.completion_token))
+        : Buffer.alloc(0),
+      expectedCardSignature: isSet(object.expectedCardSignature)
+        ? Buffer.from(bytesFromBase64(object.expectedCardSignature))
+        : isSet(object.expected_card_signature)
+        ? Buffer.from(bytesFromBase64(object.expected_card_signature))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: IssuedDebitCommand): unknown {
+    const obj: any = {};
+    if (message.debitCommand.length !== 0) {
+      obj.debitCommand = base64FromBytes(message.debitCommand);
+    }
+    if (message.terminalId !== "") {
+      obj.terminalId = message.terminalId;
+    }
+    if (message.psamId !== undefined) {
+      obj.psamId = PsamId.toJSON(message.psamId);
+    }
+    if (message.psamCounter !== 0) {
+      obj.psamCounter = Math.round(message.psamCounter);
+    }
+    if (message.completionToken.length !== 0) {
+      obj.completionToken = base64FromBytes(message.completionToken);
+    }
+    if (message.expectedCardSignature.length !== 0) {
+      obj.expectedCardSignature = base64FromBytes(message.expectedCardSignature);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<IssuedDebitCommand>): IssuedDebitCommand {
+    return IssuedDebitCommand.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<IssuedDebitCommand>): IssuedDebitCommand {
+    const message = createBaseIssuedDebitCommand();
+    message.debitCommand = object.debitCommand ?? Buffer.alloc(0);
+    message.terminalId = object.terminalId ?? "";
+    message.psamId = (object.psamId !== undefined && object.psamId !== null)
+      ? PsamId.fromPartial(object.psamId)
+      : undefined;
+    message.psamCounter = object.psamCounter ?? 0;
+    message.completionToken = object.completionToken ?? Buffer.alloc(0);
+    message.expectedCardSignature = object.expectedCardSignature ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseProcessDrawRequestResponse(): ProcessDrawRequestResponse {
+  return { transactionId: undefined, debitCommand: undefined, debitResultM: undefined };
 }
 
 export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> = {
@@ -583,20 +1022,11 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
     }
-    if (message.debitCommand.length !== 0) {
-      writer.uint32(18).bytes(message.debitCommand);
+    if (message.debitCommand !== undefined) {
+      Sealed.encode(message.debitCommand, writer.uint32(18).fork()).join();
     }
-    if (message.terminalId !== "") {
-      writer.uint32(26).string(message.terminalId);
-    }
-    if (message.psamId !== undefined) {
-      PsamId.encode(message.psamId, writer.uint32(34).fork()).join();
-    }
-    if (message.psamCounter !== 0) {
-      writer.uint32(40).uint32(message.psamCounter);
-    }
-    if (message.completionToken.length !== 0) {
-      writer.uint32(50).bytes(message.completionToken);
+    if (message.debitResultM !== undefined) {
+      Sealed.encode(message.debitResultM, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -627,7 +1057,7 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
               break;
             }
 
-            message.debitCommand = Buffer.from(reader.bytes());
+            message.debitCommand = Sealed.decode(reader, reader.uint32());
             continue;
           }
           case 3: {
@@ -635,31 +1065,7 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
               break;
             }
 
-            message.terminalId = reader.string();
-            continue;
-          }
-          case 4: {
-            if (tag !== 34) {
-              break;
-            }
-
-            message.psamId = PsamId.decode(reader, reader.uint32());
-            continue;
-          }
-          case 5: {
-            if (tag !== 40) {
-              break;
-            }
-
-            message.psamCounter = reader.uint32();
-            continue;
-          }
-          case 6: {
-            if (tag !== 50) {
-              break;
-            }
-
-            message.completionToken = Buffer.from(reader.bytes());
+            message.debitResultM = Sealed.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -682,30 +1088,15 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
       debitCommand: isSet(object.debitCommand)
-        ? Buffer.from(bytesFromBase64(object.debitCommand))
+        ? Sealed.fromJSON(object.debitCommand)
         : isSet(object.debit_command)
-        ? Buffer.from(bytesFromBase64(object.debit_command))
-        : Buffer.alloc(0),
-      terminalId: isSet(object.terminalId)
-        ? globalThis.String(object.terminalId)
-        : isSet(object.terminal_id)
-        ? globalThis.String(object.terminal_id)
-        : "",
-      psamId: isSet(object.psamId)
-        ? PsamId.fromJSON(object.psamId)
-        : isSet(object.psam_id)
-        ? PsamId.fromJSON(object.psam_id)
+        ? Sealed.fromJSON(object.debit_command)
         : undefined,
-      psamCounter: isSet(object.psamCounter)
-        ? globalThis.Number(object.psamCounter)
-        : isSet(object.psam_counter)
-        ? globalThis.Number(object.psam_counter)
-        : 0,
-      completionToken: isSet(object.completionToken)
-        ? Buffer.from(bytesFromBase64(object.completionToken))
-        : isSet(object.completion_token)
-        ? Buffer.from(bytesFromBase64(object.completion_token))
-        : Buffer.alloc(0),
+      debitResultM: isSet(object.debitResultM)
+        ? Sealed.fromJSON(object.debitResultM)
+        : isSet(object.debit_result_m)
+        ? Sealed.fromJSON(object.debit_result_m)
+        : undefined,
     };
   },
 
@@ -714,20 +1105,11 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
     }
-    if (message.debitCommand.length !== 0) {
-      obj.debitCommand = base64FromBytes(message.debitCommand);
+    if (message.debitCommand !== undefined) {
+      obj.debitCommand = Sealed.toJSON(message.debitCommand);
     }
-    if (message.terminalId !== "") {
-      obj.terminalId = message.terminalId;
-    }
-    if (message.psamId !== undefined) {
-      obj.psamId = PsamId.toJSON(message.psamId);
-    }
-    if (message.psamCounter !== 0) {
-      obj.psamCounter = Math.round(message.psamCounter);
-    }
-    if (message.completionToken.length !== 0) {
-      obj.completionToken = base64FromBytes(message.completionToken);
+    if (message.debitResultM !== undefined) {
+      obj.debitResultM = Sealed.toJSON(message.debitResultM);
     }
     return obj;
   },
@@ -740,24 +1122,131 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
-    message.debitCommand = object.debitCommand ?? Buffer.alloc(0);
-    message.terminalId = object.terminalId ?? "";
-    message.psamId = (object.psamId !== undefined && object.psamId !== null)
-      ? PsamId.fromPartial(object.psamId)
+    message.debitCommand = (object.debitCommand !== undefined && object.debitCommand !== null)
+      ? Sealed.fromPartial(object.debitCommand)
       : undefined;
-    message.psamCounter = object.psamCounter ?? 0;
+    message.debitResultM = (object.debitResultM !== undefined && object.debitResultM !== null)
+      ? Sealed.fromPartial(object.debitResultM)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseCardAnswer(): CardAnswer {
+  return { cardStatusWord: 0, debitResponse: Buffer.alloc(0), completionToken: Buffer.alloc(0) };
+}
+
+export const CardAnswer: MessageFns<CardAnswer> = {
+  encode(message: CardAnswer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.cardStatusWord !== 0) {
+      writer.uint32(8).uint32(message.cardStatusWord);
+    }
+    if (message.debitResponse.length !== 0) {
+      writer.uint32(18).bytes(message.debitResponse);
+    }
+    if (message.completionToken.length !== 0) {
+      writer.uint32(26).bytes(message.completionToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CardAnswer {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCardAnswer();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.cardStatusWord = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.debitResponse = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.completionToken = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CardAnswer {
+    return {
+      cardStatusWord: isSet(object.cardStatusWord)
+        ? globalThis.Number(object.cardStatusWord)
+        : isSet(object.card_status_word)
+        ? globalThis.Number(object.card_status_word)
+        : 0,
+      debitResponse: isSet(object.debitResponse)
+        ? Buffer.from(bytesFromBase64(object.debitResponse))
+        : isSet(object.debit_response)
+        ? Buffer.from(bytesFromBase64(object.debit_response))
+        : Buffer.alloc(0),
+      completionToken: isSet(object.completionToken)
+        ? Buffer.from(bytesFromBase64(object.completionToken))
+        : isSet(object.completion_token)
+        ? Buffer.from(bytesFromBase64(object.completion_token))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: CardAnswer): unknown {
+    const obj: any = {};
+    if (message.cardStatusWord !== 0) {
+      obj.cardStatusWord = Math.round(message.cardStatusWord);
+    }
+    if (message.debitResponse.length !== 0) {
+      obj.debitResponse = base64FromBytes(message.debitResponse);
+    }
+    if (message.completionToken.length !== 0) {
+      obj.completionToken = base64FromBytes(message.completionToken);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CardAnswer>): CardAnswer {
+    return CardAnswer.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CardAnswer>): CardAnswer {
+    const message = createBaseCardAnswer();
+    message.cardStatusWord = object.cardStatusWord ?? 0;
+    message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
     message.completionToken = object.completionToken ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseCompletePurchaseRequest(): CompletePurchaseRequest {
-  return {
-    transactionId: undefined,
-    cardStatusWord: 0,
-    debitResponse: Buffer.alloc(0),
-    completionToken: Buffer.alloc(0),
-  };
+  return { transactionId: undefined, cardAnswer: undefined };
 }
 
 export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
@@ -765,14 +1254,8 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
     }
-    if (message.cardStatusWord !== 0) {
-      writer.uint32(16).uint32(message.cardStatusWord);
-    }
-    if (message.debitResponse.length !== 0) {
-      writer.uint32(26).bytes(message.debitResponse);
-    }
-    if (message.completionToken.length !== 0) {
-      writer.uint32(34).bytes(message.completionToken);
+    if (message.cardAnswer !== undefined) {
+      Sealed.encode(message.cardAnswer, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -799,27 +1282,11 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
             continue;
           }
           case 2: {
-            if (tag !== 16) {
+            if (tag !== 18) {
               break;
             }
 
-            message.cardStatusWord = reader.uint32();
-            continue;
-          }
-          case 3: {
-            if (tag !== 26) {
-              break;
-            }
-
-            message.debitResponse = Buffer.from(reader.bytes());
-            continue;
-          }
-          case 4: {
-            if (tag !== 34) {
-              break;
-            }
-
-            message.completionToken = Buffer.from(reader.bytes());
+            message.cardAnswer = Sealed.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -841,21 +1308,11 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
-      cardStatusWord: isSet(object.cardStatusWord)
-        ? globalThis.Number(object.cardStatusWord)
-        : isSet(object.card_status_word)
-        ? globalThis.Number(object.card_status_word)
-        : 0,
-      debitResponse: isSet(object.debitResponse)
-        ? Buffer.from(bytesFromBase64(object.debitResponse))
-        : isSet(object.debit_response)
-        ? Buffer.from(bytesFromBase64(object.debit_response))
-        : Buffer.alloc(0),
-      completionToken: isSet(object.completionToken)
-        ? Buffer.from(bytesFromBase64(object.completionToken))
-        : isSet(object.completion_token)
-        ? Buffer.from(bytesFromBase64(object.completion_token))
-        : Buffer.alloc(0),
+      cardAnswer: isSet(object.cardAnswer)
+        ? Sealed.fromJSON(object.cardAnswer)
+        : isSet(object.card_answer)
+        ? Sealed.fromJSON(object.card_answer)
+        : undefined,
     };
   },
 
@@ -864,14 +1321,8 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
     }
-    if (message.cardStatusWord !== 0) {
-      obj.cardStatusWord = Math.round(message.cardStatusWord);
-    }
-    if (message.debitResponse.length !== 0) {
-      obj.debitResponse = base64FromBytes(message.debitResponse);
-    }
-    if (message.completionToken.length !== 0) {
-      obj.completionToken = base64FromBytes(message.completionToken);
+    if (message.cardAnswer !== undefined) {
+      obj.cardAnswer = Sealed.toJSON(message.cardAnswer);
     }
     return obj;
   },
@@ -884,32 +1335,32 @@ export const CompletePurchaseRequest: MessageFns<CompletePurchaseRequest> = {
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
-    message.cardStatusWord = object.cardStatusWord ?? 0;
-    message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
-    message.completionToken = object.completionToken ?? Buffer.alloc(0);
+    message.cardAnswer = (object.cardAnswer !== undefined && object.cardAnswer !== null)
+      ? Sealed.fromPartial(object.cardAnswer)
+      : undefined;
     return message;
   },
 };
 
-function createBaseCompletePurchaseResponse(): CompletePurchaseResponse {
-  return { transactionId: undefined, newBalance: undefined, confirmation: undefined };
+function createBaseDebitResultC(): DebitResultC {
+  return { transactionId: undefined, state: 0, newBalance: undefined };
 }
 
-export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
-  encode(message: CompletePurchaseResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+export const DebitResultC: MessageFns<DebitResultC> = {
+  encode(message: DebitResultC, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
     }
-    if (message.newBalance !== undefined) {
-      Money.encode(message.newBalance, writer.uint32(18).fork()).join();
+    if (message.state !== 0) {
+      writer.uint32(16).int32(message.state);
     }
-    if (message.confirmation !== undefined) {
-      PurchaseConfirmation.encode(message.confirmation, writer.uint32(26).fork()).join();
+    if (message.newBalance !== undefined) {
+      Money.encode(message.newBalance, writer.uint32(26).fork()).join();
     }
     return writer;
   },
 
-  decode(input: BinaryReader | Uint8Array, length?: number): CompletePurchaseResponse {
+  decode(input: BinaryReader | Uint8Array, length?: number): DebitResultC {
     const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
     const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
     if (previousRecursionDepth >= 100) {
@@ -918,7 +1369,7 @@ export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
     (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
     try {
       const end = length === undefined ? reader.len : reader.pos + length;
-      const message = createBaseCompletePurchaseResponse();
+      const message = createBaseDebitResultC();
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
@@ -931,11 +1382,11 @@ export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
             continue;
           }
           case 2: {
-            if (tag !== 18) {
+            if (tag !== 16) {
               break;
             }
 
-            message.newBalance = Money.decode(reader, reader.uint32());
+            message.state = reader.int32() as any;
             continue;
           }
           case 3: {
@@ -943,7 +1394,7 @@ export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
               break;
             }
 
-            message.confirmation = PurchaseConfirmation.decode(reader, reader.uint32());
+            message.newBalance = Money.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -958,55 +1409,53 @@ export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
     }
   },
 
-  fromJSON(object: any): CompletePurchaseResponse {
+  fromJSON(object: any): DebitResultC {
     return {
       transactionId: isSet(object.transactionId)
         ? TransactionId.fromJSON(object.transactionId)
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
+      state: isSet(object.state) ? purchaseStateFromJSON(object.state) : 0,
       newBalance: isSet(object.newBalance)
         ? Money.fromJSON(object.newBalance)
         : isSet(object.new_balance)
         ? Money.fromJSON(object.new_balance)
         : undefined,
-      confirmation: isSet(object.confirmation) ? PurchaseConfirmation.fromJSON(object.confirmation) : undefined,
     };
   },
 
-  toJSON(message: CompletePurchaseResponse): unknown {
+  toJSON(message: DebitResultC): unknown {
     const obj: any = {};
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
     }
+    if (message.state !== 0) {
+      obj.state = purchaseStateToJSON(message.state);
+    }
     if (message.newBalance !== undefined) {
       obj.newBalance = Money.toJSON(message.newBalance);
-    }
-    if (message.confirmation !== undefined) {
-      obj.confirmation = PurchaseConfirmation.toJSON(message.confirmation);
     }
     return obj;
   },
 
-  create(base?: DeepPartial<CompletePurchaseResponse>): CompletePurchaseResponse {
-    return CompletePurchaseResponse.fromPartial(base ?? {});
+  create(base?: DeepPartial<DebitResultC>): DebitResultC {
+    return DebitResultC.fromPartial(base ?? {});
   },
-  fromPartial(object: DeepPartial<CompletePurchaseResponse>): CompletePurchaseResponse {
-    const message = createBaseCompletePurchaseResponse();
+  fromPartial(object: DeepPartial<DebitResultC>): DebitResultC {
+    const message = createBaseDebitResultC();
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
+    message.state = object.state ?? 0;
     message.newBalance = (object.newBalance !== undefined && object.newBalance !== null)
       ? Money.fromPartial(object.newBalance)
-      : undefined;
-    message.confirmation = (object.confirmation !== undefined && object.confirmation !== null)
-      ? PurchaseConfirmation.fromPartial(object.confirmation)
       : undefined;
     return message;
   },
 };
 
-function createBasePurchaseConfirmation(): PurchaseConfirmation {
+function createBaseDebitResultM(): DebitResultM {
   return {
     transactionId: undefined,
     merchantId: undefined,
@@ -1014,13 +1463,15 @@ function createBasePurchaseConfirmation(): PurchaseConfirmation {
     purseId: undefined,
     psamId: undefined,
     psamCounter: 0,
-    confirmedAt: undefined,
-    mac: Buffer.alloc(0),
+    confirmationMode: 0,
+    status: 0,
+    expectedCardSignature: Buffer.alloc(0),
+    issuedAt: undefined,
   };
 }
 
-export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
-  encode(message: PurchaseConfirmation, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+export const DebitResultM: MessageFns<DebitResultM> = {
+  encode(message: DebitResultM, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
     }
@@ -1039,16 +1490,22 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
     if (message.psamCounter !== 0) {
       writer.uint32(48).uint32(message.psamCounter);
     }
-    if (message.confirmedAt !== undefined) {
-      Timestamp.encode(toTimestamp(message.confirmedAt), writer.uint32(58).fork()).join();
+    if (message.confirmationMode !== 0) {
+      writer.uint32(56).int32(message.confirmationMode);
     }
-    if (message.mac.length !== 0) {
-      writer.uint32(66).bytes(message.mac);
+    if (message.status !== 0) {
+      writer.uint32(64).int32(message.status);
+    }
+    if (message.expectedCardSignature.length !== 0) {
+      writer.uint32(74).bytes(message.expectedCardSignature);
+    }
+    if (message.issuedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.issuedAt), writer.uint32(82).fork()).join();
     }
     return writer;
   },
 
-  decode(input: BinaryReader | Uint8Array, length?: number): PurchaseConfirmation {
+  decode(input: BinaryReader | Uint8Array, length?: number): DebitResultM {
     const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
     const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
     if (previousRecursionDepth >= 100) {
@@ -1057,7 +1514,7 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
     (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
     try {
       const end = length === undefined ? reader.len : reader.pos + length;
-      const message = createBasePurchaseConfirmation();
+      const message = createBaseDebitResultM();
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
@@ -1110,19 +1567,35 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
             continue;
           }
           case 7: {
-            if (tag !== 58) {
+            if (tag !== 56) {
               break;
             }
 
-            message.confirmedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            message.confirmationMode = reader.int32() as any;
             continue;
           }
           case 8: {
-            if (tag !== 66) {
+            if (tag !== 64) {
               break;
             }
 
-            message.mac = Buffer.from(reader.bytes());
+            message.status = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.expectedCardSignature = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.issuedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
         }
@@ -1137,7 +1610,7 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
     }
   },
 
-  fromJSON(object: any): PurchaseConfirmation {
+  fromJSON(object: any): DebitResultM {
     return {
       transactionId: isSet(object.transactionId)
         ? TransactionId.fromJSON(object.transactionId)
@@ -1165,16 +1638,26 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
         : isSet(object.psam_counter)
         ? globalThis.Number(object.psam_counter)
         : 0,
-      confirmedAt: isSet(object.confirmedAt)
-        ? fromJsonTimestamp(object.confirmedAt)
-        : isSet(object.confirmed_at)
-        ? fromJsonTimestamp(object.confirmed_at)
+      confirmationMode: isSet(object.confirmationMode)
+        ? confirmationModeFromJSON(object.confirmationMode)
+        : isSet(object.confirmation_mode)
+        ? confirmationModeFromJSON(object.confirmation_mode)
+        : 0,
+      status: isSet(object.status) ? debitResultStatusFromJSON(object.status) : 0,
+      expectedCardSignature: isSet(object.expectedCardSignature)
+        ? Buffer.from(bytesFromBase64(object.expectedCardSignature))
+        : isSet(object.expected_card_signature)
+        ? Buffer.from(bytesFromBase64(object.expected_card_signature))
+        : Buffer.alloc(0),
+      issuedAt: isSet(object.issuedAt)
+        ? fromJsonTimestamp(object.issuedAt)
+        : isSet(object.issued_at)
+        ? fromJsonTimestamp(object.issued_at)
         : undefined,
-      mac: isSet(object.mac) ? Buffer.from(bytesFromBase64(object.mac)) : Buffer.alloc(0),
     };
   },
 
-  toJSON(message: PurchaseConfirmation): unknown {
+  toJSON(message: DebitResultM): unknown {
     const obj: any = {};
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
@@ -1194,20 +1677,26 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
     if (message.psamCounter !== 0) {
       obj.psamCounter = Math.round(message.psamCounter);
     }
-    if (message.confirmedAt !== undefined) {
-      obj.confirmedAt = message.confirmedAt.toISOString();
+    if (message.confirmationMode !== 0) {
+      obj.confirmationMode = confirmationModeToJSON(message.confirmationMode);
     }
-    if (message.mac.length !== 0) {
-      obj.mac = base64FromBytes(message.mac);
+    if (message.status !== 0) {
+      obj.status = debitResultStatusToJSON(message.status);
+    }
+    if (message.expectedCardSignature.length !== 0) {
+      obj.expectedCardSignature = base64FromBytes(message.expectedCardSignature);
+    }
+    if (message.issuedAt !== undefined) {
+      obj.issuedAt = message.issuedAt.toISOString();
     }
     return obj;
   },
 
-  create(base?: DeepPartial<PurchaseConfirmation>): PurchaseConfirmation {
-    return PurchaseConfirmation.fromPartial(base ?? {});
+  create(base?: DeepPartial<DebitResultM>): DebitResultM {
+    return DebitResultM.fromPartial(base ?? {});
   },
-  fromPartial(object: DeepPartial<PurchaseConfirmation>): PurchaseConfirmation {
-    const message = createBasePurchaseConfirmation();
+  fromPartial(object: DeepPartial<DebitResultM>): DebitResultM {
+    const message = createBaseDebitResultM();
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
@@ -1224,8 +1713,315 @@ export const PurchaseConfirmation: MessageFns<PurchaseConfirmation> = {
       ? PsamId.fromPartial(object.psamId)
       : undefined;
     message.psamCounter = object.psamCounter ?? 0;
-    message.confirmedAt = object.confirmedAt ?? undefined;
-    message.mac = object.mac ?? Buffer.alloc(0);
+    message.confirmationMode = object.confirmationMode ?? 0;
+    message.status = object.status ?? 0;
+    message.expectedCardSignature = object.expectedCardSignature ?? Buffer.alloc(0);
+    message.issuedAt = object.issuedAt ?? undefined;
+    return message;
+  },
+};
+
+function createBaseCompletePurchaseResponse(): CompletePurchaseResponse {
+  return { transactionId: undefined, debitResultC: undefined, debitResultM: undefined };
+}
+
+export const CompletePurchaseResponse: MessageFns<CompletePurchaseResponse> = {
+  encode(message: CompletePurchaseResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.debitResultC !== undefined) {
+      Sealed.encode(message.debitResultC, writer.uint32(18).fork()).join();
+    }
+    if (message.debitResultM !== undefined) {
+      Sealed.encode(message.debitResultM, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CompletePurchaseResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompletePurchaseResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.debitResultC = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.debitResultM = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CompletePurchaseResponse {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      debitResultC: isSet(object.debitResultC)
+        ? Sealed.fromJSON(object.debitResultC)
+        : isSet(object.debit_result_c)
+        ? Sealed.fromJSON(object.debit_result_c)
+        : undefined,
+      debitResultM: isSet(object.debitResultM)
+        ? Sealed.fromJSON(object.debitResultM)
+        : isSet(object.debit_result_m)
+        ? Sealed.fromJSON(object.debit_result_m)
+        : undefined,
+    };
+  },
+
+  toJSON(message: CompletePurchaseResponse): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.debitResultC !== undefined) {
+      obj.debitResultC = Sealed.toJSON(message.debitResultC);
+    }
+    if (message.debitResultM !== undefined) {
+      obj.debitResultM = Sealed.toJSON(message.debitResultM);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CompletePurchaseResponse>): CompletePurchaseResponse {
+    return CompletePurchaseResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CompletePurchaseResponse>): CompletePurchaseResponse {
+    const message = createBaseCompletePurchaseResponse();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.debitResultC = (object.debitResultC !== undefined && object.debitResultC !== null)
+      ? Sealed.fromPartial(object.debitResultC)
+      : undefined;
+    message.debitResultM = (object.debitResultM !== undefined && object.debitResultM !== null)
+      ? Sealed.fromPartial(object.debitResultM)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseReportCardSignatureRequest(): ReportCardSignatureRequest {
+  return { transactionId: undefined, debitResponse: Buffer.alloc(0) };
+}
+
+export const ReportCardSignatureRequest: MessageFns<ReportCardSignatureRequest> = {
+  encode(message: ReportCardSignatureRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.debitResponse.length !== 0) {
+      writer.uint32(18).bytes(message.debitResponse);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportCardSignatureRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportCardSignatureRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.debitResponse = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportCardSignatureRequest {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      debitResponse: isSet(object.debitResponse)
+        ? Buffer.from(bytesFromBase64(object.debitResponse))
+        : isSet(object.debit_response)
+        ? Buffer.from(bytesFromBase64(object.debit_response))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: ReportCardSignatureRequest): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.debitResponse.length !== 0) {
+      obj.debitResponse = base64FromBytes(message.debitResponse);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportCardSignatureRequest>): ReportCardSignatureRequest {
+    return ReportCardSignatureRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportCardSignatureRequest>): ReportCardSignatureRequest {
+    const message = createBaseReportCardSignatureRequest();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseReportCardSignatureResponse(): ReportCardSignatureResponse {
+  return { transactionId: undefined, state: 0 };
+}
+
+export const ReportCardSignatureResponse: MessageFns<ReportCardSignatureResponse> = {
+  encode(message: ReportCardSignatureResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.state !== 0) {
+      writer.uint32(16).int32(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportCardSignatureResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportCardSignatureResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.state = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportCardSignatureResponse {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      state: isSet(object.state) ? purchaseStateFromJSON(object.state) : 0,
+    };
+  },
+
+  toJSON(message: ReportCardSignatureResponse): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.state !== 0) {
+      obj.state = purchaseStateToJSON(message.state);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportCardSignatureResponse>): ReportCardSignatureResponse {
+    return ReportCardSignatureResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportCardSignatureResponse>): ReportCardSignatureResponse {
+    const message = createBaseReportCardSignatureResponse();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.state = object.state ?? 0;
     return message;
   },
 };
@@ -1420,6 +2216,7 @@ function createBasePurchase(): Purchase {
     events: [],
     createdAt: undefined,
     updatedAt: undefined,
+    cardCounter: 0,
   };
 }
 
@@ -1460,6 +2257,9 @@ export const Purchase: MessageFns<Purchase> = {
     }
     if (message.updatedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.updatedAt), writer.uint32(98).fork()).join();
+    }
+    if (message.cardCounter !== 0) {
+      writer.uint32(104).uint32(message.cardCounter);
     }
     return writer;
   },
@@ -1573,6 +2373,14 @@ export const Purchase: MessageFns<Purchase> = {
             message.updatedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.cardCounter = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1637,6 +2445,11 @@ export const Purchase: MessageFns<Purchase> = {
         : isSet(object.updated_at)
         ? fromJsonTimestamp(object.updated_at)
         : undefined,
+      cardCounter: isSet(object.cardCounter)
+        ? globalThis.Number(object.cardCounter)
+        : isSet(object.card_counter)
+        ? globalThis.Number(object.card_counter)
+        : 0,
     };
   },
 
@@ -1678,6 +2491,9 @@ export const Purchase: MessageFns<Purchase> = {
     if (message.updatedAt !== undefined) {
       obj.updatedAt = message.updatedAt.toISOString();
     }
+    if (message.cardCounter !== 0) {
+      obj.cardCounter = Math.round(message.cardCounter);
+    }
     return obj;
   },
 
@@ -1708,6 +2524,7 @@ export const Purchase: MessageFns<Purchase> = {
     message.events = object.events?.map((e) => PurchaseEvent.fromPartial(e)) || [];
     message.createdAt = object.createdAt ?? undefined;
     message.updatedAt = object.updatedAt ?? undefined;
+    message.cardCounter = object.cardCounter ?? 0;
     return message;
   },
 };
@@ -1793,12 +2610,16 @@ export const PaymentServiceDefinition = {
   fullName: "netpurse.payment.v1.PaymentService",
   methods: {
     /**
-     * Takes the cardholder's draw request (the card's responses to reset and
-     * INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
-     * edits it for syntax, checks the merchant, takes a free PSAM from the pool
-     * and returns the DEBIT command the PSAM signed (steps 614-616, 680-694).
+     * Takes the cardholder's sealed draw request (the card's responses to reset
+     * and INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
+     * opens it with the TSK recovered from the ETSK, edits it for syntax, checks
+     * the merchant, takes a free PSAM from the pool and returns the DEBIT
+     * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
+     * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
+     * trip: the response also carries the debit result M for the merchant.
      * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-     * unknown merchant; FAILED_PRECONDITION when the PSAM refuses the card
+     * unknown merchant or a sealed part that does not open (reason
+     * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
      * (expired, blocked, wrong currency, insufficient balance, unknown key
      * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
      * ALREADY_EXISTS when the transaction id was used with another request.
@@ -1812,20 +2633,43 @@ export const PaymentServiceDefinition = {
       options: {},
     },
     /**
-     * Takes the card's answer to DEBIT (step 622), has the PSAM that signed the
-     * command verify the card's signature and record the transaction in its
-     * batch (steps 624-632), and returns the confirmation for the merchant (step
-     * 634). A card error or a signature that does not verify reverses the
-     * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
-     * that PSAM cannot be reached the transaction is recorded as in doubt
-     * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
-     * The request must carry the transaction's completion token.
+     * Takes the card's sealed answer to DEBIT (step 622) and rules on it: in
+     * PSAM_VERIFIES the PSAM that signed the command verifies the card's
+     * signature and records the transaction (steps 624-632); in
+     * SERVER_COMPARES the payment server compares it with the signature the
+     * PSAM expected (FIG. 6). Returns debit result C for the client and debit
+     * result M for the merchant (step 634). In the one-round-trip modes the
+     * client calls it only when the card refused or declined the debit. A card
+     * error or a signature that does not verify reverses the transaction in the
+     * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
+     * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
+     * settled when it returns; call again. The sealed answer must carry the
+     * transaction's completion token.
      */
     completePurchase: {
       name: "CompletePurchase",
       requestType: CompletePurchaseRequest as typeof CompletePurchaseRequest,
       requestStream: false,
       responseType: CompletePurchaseResponse as typeof CompletePurchaseResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Reports the card's signed answer to DEBIT after the fact (modes
+     * SERVER_COMPARES, CLIENT_COMPARES, MERCHANT_COMPARES, and any purchase in
+     * doubt), so that the card's proof reaches the PSAM's batch and clearing.
+     * Sent by the client or the merchant validation service, and retried until
+     * acknowledged. The answer proves itself: it must match the signature the
+     * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
+     * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
+     * answer is acknowledged again and counts once; another answer for the same
+     * transaction gets ALREADY_EXISTS.
+     */
+    reportCardSignature: {
+      name: "ReportCardSignature",
+      requestType: ReportCardSignatureRequest as typeof ReportCardSignatureRequest,
+      requestStream: false,
+      responseType: ReportCardSignatureResponse as typeof ReportCardSignatureResponse,
       responseStream: false,
       options: {},
     },
@@ -1846,12 +2690,16 @@ export const PaymentServiceDefinition = {
 
 export interface PaymentServiceImplementation<CallContextExt = {}> {
   /**
-   * Takes the cardholder's draw request (the card's responses to reset and
-   * INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
-   * edits it for syntax, checks the merchant, takes a free PSAM from the pool
-   * and returns the DEBIT command the PSAM signed (steps 614-616, 680-694).
+   * Takes the cardholder's sealed draw request (the card's responses to reset
+   * and INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
+   * opens it with the TSK recovered from the ETSK, edits it for syntax, checks
+   * the merchant, takes a free PSAM from the pool and returns the DEBIT
+   * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
+   * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
+   * trip: the response also carries the debit result M for the merchant.
    * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-   * unknown merchant; FAILED_PRECONDITION when the PSAM refuses the card
+   * unknown merchant or a sealed part that does not open (reason
+   * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
    * (expired, blocked, wrong currency, insufficient balance, unknown key
    * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
    * ALREADY_EXISTS when the transaction id was used with another request.
@@ -1861,19 +2709,38 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<ProcessDrawRequestResponse>>;
   /**
-   * Takes the card's answer to DEBIT (step 622), has the PSAM that signed the
-   * command verify the card's signature and record the transaction in its
-   * batch (steps 624-632), and returns the confirmation for the merchant (step
-   * 634). A card error or a signature that does not verify reverses the
-   * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
-   * that PSAM cannot be reached the transaction is recorded as in doubt
-   * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
-   * The request must carry the transaction's completion token.
+   * Takes the card's sealed answer to DEBIT (step 622) and rules on it: in
+   * PSAM_VERIFIES the PSAM that signed the command verifies the card's
+   * signature and records the transaction (steps 624-632); in
+   * SERVER_COMPARES the payment server compares it with the signature the
+   * PSAM expected (FIG. 6). Returns debit result C for the client and debit
+   * result M for the merchant (step 634). In the one-round-trip modes the
+   * client calls it only when the card refused or declined the debit. A card
+   * error or a signature that does not verify reverses the transaction in the
+   * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
+   * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
+   * settled when it returns; call again. The sealed answer must carry the
+   * transaction's completion token.
    */
   completePurchase(
     request: CompletePurchaseRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CompletePurchaseResponse>>;
+  /**
+   * Reports the card's signed answer to DEBIT after the fact (modes
+   * SERVER_COMPARES, CLIENT_COMPARES, MERCHANT_COMPARES, and any purchase in
+   * doubt), so that the card's proof reaches the PSAM's batch and clearing.
+   * Sent by the client or the merchant validation service, and retried until
+   * acknowledged. The answer proves itself: it must match the signature the
+   * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
+   * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
+   * answer is acknowledged again and counts once; another answer for the same
+   * transaction gets ALREADY_EXISTS.
+   */
+  reportCardSignature(
+    request: ReportCardSignatureRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ReportCardSignatureResponse>>;
   /**
    * Reads the payment server's record of one transaction and the steps it
    * logged. NOT_FOUND when the server never saw the transaction id.
@@ -1886,12 +2753,16 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
 
 export interface PaymentServiceClient<CallOptionsExt = {}> {
   /**
-   * Takes the cardholder's draw request (the card's responses to reset and
-   * INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
-   * edits it for syntax, checks the merchant, takes a free PSAM from the pool
-   * and returns the DEBIT command the PSAM signed (steps 614-616, 680-694).
+   * Takes the cardholder's sealed draw request (the card's responses to reset
+   * and INITIALIZE FOR PURCHASE packaged with the merchant's offer, step 612),
+   * opens it with the TSK recovered from the ETSK, edits it for syntax, checks
+   * the merchant, takes a free PSAM from the pool and returns the DEBIT
+   * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
+   * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
+   * trip: the response also carries the debit result M for the merchant.
    * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-   * unknown merchant; FAILED_PRECONDITION when the PSAM refuses the card
+   * unknown merchant or a sealed part that does not open (reason
+   * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
    * (expired, blocked, wrong currency, insufficient balance, unknown key
    * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
    * ALREADY_EXISTS when the transaction id was used with another request.
@@ -1901,19 +2772,38 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
     options?: CallOptions & CallOptionsExt,
   ): Promise<ProcessDrawRequestResponse>;
   /**
-   * Takes the card's answer to DEBIT (step 622), has the PSAM that signed the
-   * command verify the card's signature and record the transaction in its
-   * batch (steps 624-632), and returns the confirmation for the merchant (step
-   * 634). A card error or a signature that does not verify reverses the
-   * transaction in the PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When
-   * that PSAM cannot be reached the transaction is recorded as in doubt
-   * (UNAVAILABLE, reason IN_DOUBT) and completed when it returns; call again.
-   * The request must carry the transaction's completion token.
+   * Takes the card's sealed answer to DEBIT (step 622) and rules on it: in
+   * PSAM_VERIFIES the PSAM that signed the command verifies the card's
+   * signature and records the transaction (steps 624-632); in
+   * SERVER_COMPARES the payment server compares it with the signature the
+   * PSAM expected (FIG. 6). Returns debit result C for the client and debit
+   * result M for the merchant (step 634). In the one-round-trip modes the
+   * client calls it only when the card refused or declined the debit. A card
+   * error or a signature that does not verify reverses the transaction in the
+   * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
+   * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
+   * settled when it returns; call again. The sealed answer must carry the
+   * transaction's completion token.
    */
   completePurchase(
     request: DeepPartial<CompletePurchaseRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<CompletePurchaseResponse>;
+  /**
+   * Reports the card's signed answer to DEBIT after the fact (modes
+   * SERVER_COMPARES, CLIENT_COMPARES, MERCHANT_COMPARES, and any purchase in
+   * doubt), so that the card's proof reaches the PSAM's batch and clearing.
+   * Sent by the client or the merchant validation service, and retried until
+   * acknowledged. The answer proves itself: it must match the signature the
+   * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
+   * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
+   * answer is acknowledged again and counts once; another answer for the same
+   * transaction gets ALREADY_EXISTS.
+   */
+  reportCardSignature(
+    request: DeepPartial<ReportCardSignatureRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ReportCardSignatureResponse>;
   /**
    * Reads the payment server's record of one transaction and the steps it
    * logged. NOT_FOUND when the server never saw the transaction id.

@@ -1,0 +1,56 @@
+// The encryption layer (DESIGN.md §3, FIG. 9 and 15A-B). The merchant and the
+// payment operator share a key per merchant; for each transaction a key is
+// derived from it, a random transaction session key (TSK) is made and sealed
+// under the derived key (ETSK). Client and payment server seal their
+// messages under the TSK; the payment server seals "debit result M" under
+// the derived key, which only the merchant's validation service can open.
+// Every seal is AES-256-GCM with the transaction id and the message type as
+// associated data.
+
+import { randomBytes } from "node:crypto";
+import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
+import { hkdf32, openAesGcm, sealAesGcm } from "../crypto/aead.js";
+import { ascii, layout, uuid } from "./layout.js";
+
+/** The kinds of sealed message; each opens only as its own kind. */
+export type MessageType = "SESSION_KEY" | "DRAW_REQUEST" | "DEBIT_COMMAND" | "CARD_ANSWER" | "DEBIT_RESULT_C" | "DEBIT_RESULT_M";
+
+const DerivationInfo = layout("transaction key derivation info", {
+  label: ascii(16),
+  merchantId: ascii(16),
+  transactionId: uuid,
+});
+
+/** The key derived for one transaction: HKDF-SHA-256(shared key, salt = nonce, info = label ‖ merchant id ‖ transaction id). */
+export function transactionKey(sharedKey: Uint8Array, merchantId: string, transactionId: string, nonce: Uint8Array): Buffer {
+  if (nonce.length !== 16) throw new RangeError("the key nonce must be 16 bytes");
+  return hkdf32(sharedKey, nonce, DerivationInfo.encode({ label: "netpurse/1 K_txn", merchantId, transactionId }));
+}
+
+function associatedData(type: MessageType, transactionId: string): Buffer {
+  return Buffer.concat([Buffer.from("netpurse/1\0", "ascii"), Buffer.from(`${type}\0`, "ascii"), encodeUuid(transactionId)]);
+}
+
+function encodeUuid(id: string): Buffer {
+  const b = Buffer.alloc(16);
+  uuid.write(id, b, 0);
+  return b;
+}
+
+export function seal(key: Uint8Array, type: MessageType, transactionId: string, plaintext: Uint8Array): Sealed {
+  return sealAesGcm(key, plaintext, associatedData(type, transactionId));
+}
+
+/** The plaintext, or undefined when the seal is broken (wrong key, transaction or type, or altered). */
+export function open(key: Uint8Array, type: MessageType, transactionId: string, sealed: Sealed | undefined): Buffer | undefined {
+  if (!sealed) return undefined;
+  return openAesGcm(key, sealed.iv, sealed.ciphertext, associatedData(type, transactionId));
+}
+
+/** What the merchant puts into an offer: the nonce, the TSK for the client, and the ETSK for the payment server. */
+export function issueTransactionKeys(sharedKey: Uint8Array, merchantId: string, transactionId: string) {
+  const keyNonce = randomBytes(16);
+  const tsk = randomBytes(32);
+  const derived = transactionKey(sharedKey, merchantId, transactionId, keyNonce);
+  return { keyNonce, tsk, etsk: seal(derived, "SESSION_KEY", transactionId, tsk) };
+}
