@@ -235,7 +235,12 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
  * compares), has the merchant release the goods, and in CLIENT_COMPARES
  * reports the card's proof. Used by payOffer and by the daemon's recovery.
  */
-export async function finishPurchase(rec: PurchaseRecord, ctx: PurchaseContext, step: (name: string, detail: string) => void = () => {}): Promise<Receipt> {
+export async function finishPurchase(
+  rec: PurchaseRecord,
+  ctx: PurchaseContext,
+  step: (name: string, detail: string) => void = () => {},
+  opts: { awaitProof?: boolean } = {},
+): Promise<Receipt> {
   const id = rec.transactionId;
   const offer = rec.offer;
   const mode = offer.confirmationMode;
@@ -265,17 +270,23 @@ export async function finishPurchase(rec: PurchaseRecord, ctx: PurchaseContext, 
     step("goods released", `${receipt.merchantName} released "${receipt.productName}": ${receipt.goods}`);
   }
 
-  // FIG. 7: the card's proof must still reach the PSAM's batch; a failure here is retried later, the goods are ours.
+  // FIG. 7: the card's proof must still reach the PSAM's batch. It is not on the purchase's path (the goods are
+  // ours): during a purchase it goes in the background, and the journal has it sent again until acknowledged.
   if (mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES && debited && !rec.proofReported) {
-    try {
-      await ctx.payment(offer.paymentServerAddress).reportCardSignature({ transactionId: txnId(id), debitResponse: rec.debitResponse! }, { deadline });
-      await ctx.journal?.proofReported(id);
-      step("proof", "the card's signature was reported to the payment server for the PSAM's batch");
-    } catch (e) {
-      step("proof", `the card's signature will be reported again later (${(e as Error).message})`);
-    }
+    const report = reportProof(ctx, rec, deadline);
+    if (opts.awaitProof) await report;
+    else step("proof", "the card's signature goes to the payment server for the PSAM's batch, after the purchase");
   }
   return receipt!;
+}
+
+async function reportProof(ctx: PurchaseContext, rec: PurchaseRecord, deadline: number): Promise<void> {
+  try {
+    await ctx.payment(rec.offer.paymentServerAddress).reportCardSignature({ transactionId: txnId(rec.transactionId), debitResponse: rec.debitResponse! }, { deadline });
+    await ctx.journal?.proofReported(rec.transactionId);
+  } catch {
+    // Left in the journal: the daemon reports it again later.
+  }
 }
 
 async function completeAtPaymentServer(rec: PurchaseRecord, ctx: PurchaseContext, deadline: number, step: (name: string, detail: string) => void): Promise<Sealed> {

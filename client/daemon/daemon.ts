@@ -150,7 +150,7 @@ export class CardholderDaemon {
         await this.o.journal.cardAnswered(id, answer.sw, answer.raw);
         row = { ...row, state: "CARD_ANSWERED", card_status_word: answer.sw, debit_response: answer.raw };
       }
-      const receipt = await finishPurchase(toRecord(row), this.context());
+      const receipt = await finishPurchase(toRecord(row), this.context(), undefined, { awaitProof: true });
       this.o.log.info(alreadyHadGoods ? "card proof reported" : "unfinished purchase completed", { transaction: id, goods: receipt.goods });
       return !alreadyHadGoods;
     } catch (e) {

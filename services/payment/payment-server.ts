@@ -323,7 +323,7 @@ export class PaymentServer {
         }
         // FIG. 5 holds the PSAM for the card's answer; FIG. 6-8 release it now.
         if (psamVerifies) this.work.hold(row.transaction_id, lease);
-        else this.o.pool.release(lease);
+        else await this.work.giveBack(row.transaction_id, lease, "the DEBIT command came with the expected card signature");
         return (await this.o.store.get(row.transaction_id))!;
       }
       const full = result.statusWord === SW.BATCH_FULL || result.statusWord === SW.TOO_MANY_OPEN_DEBITS;

@@ -47,14 +47,16 @@ export class PsamWork {
     const timer = setTimeout(() => {
       if (this.holds.get(transactionId)?.lease !== lease) return;
       this.holds.delete(transactionId);
-      this.o.pool.release(lease);
-      void this.o.store.log(transactionId, {
-        step: "psam_hold_expired",
-        detail: `no card answer within ${this.o.holdTimeoutMs} ms; PSAM ${lease.psamId} back to the pool, its debit stays open`,
-      });
+      void this.giveBack(transactionId, lease, "no card answer in time; its debit stays open");
     }, this.o.holdTimeoutMs);
     timer.unref();
     this.holds.set(transactionId, { lease, timer });
+  }
+
+  /** Gives a purchase's PSAM back to the pool and logs how long the purchase held it (from the lease to now). */
+  async giveBack(transactionId: string, lease: Lease, why: string): Promise<void> {
+    this.o.pool.release(lease);
+    await this.o.store.log(transactionId, { step: "psam_released", detail: `PSAM ${lease.psamId} held ${Date.now() - lease.takenAt} ms: ${why}` });
   }
 
   private takeHold(transactionId: string): Lease | undefined {
@@ -71,7 +73,8 @@ export class PsamWork {
    * or does not become free in time.
    */
   async onSigningPsam<T>(row: PurchaseRow, deadline: number, fn: (lease: Lease) => Promise<T>): Promise<T | PsamUnreachable> {
-    let lease = this.takeHold(row.transaction_id);
+    const held = this.takeHold(row.transaction_id);
+    let lease = held;
     if (!lease) {
       if (!this.o.pool.has(psamKeyOf(row))) return new PsamUnreachable(`PSAM ${row.psam_id} of terminal ${row.terminal_id} is not in the pool`);
       try {
@@ -84,7 +87,8 @@ export class PsamWork {
     try {
       return await fn(lease);
     } finally {
-      this.o.pool.release(lease);
+      if (held) await this.giveBack(row.transaction_id, lease, "the card's answer is ruled on");
+      else this.o.pool.release(lease);
     }
   }
 

@@ -29,6 +29,8 @@ export interface Lease {
   key: string;
   /** Which taking of the PSAM this is: a late release of an older lease must not free a newer one. */
   id: number;
+  /** When it was taken (ms since the epoch). */
+  takenAt: number;
 }
 
 interface PoolSlot {
@@ -145,7 +147,7 @@ export class PsamPool {
     const id = ++this.leases;
     best[1].leaseId = id;
     best[1].lastUsed = Date.now();
-    return { terminalId: best[1].terminalId, psamId: best[1].psamId, key: best[0], id };
+    return { terminalId: best[1].terminalId, psamId: best[1].psamId, key: best[0], id, takenAt: Date.now() };
   }
 
   /** Waits (first come, first served) for a PSAM that fits, until `deadline` (ms since epoch). */

@@ -83,7 +83,8 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
 
     const { purchase: rec } = await net.clients.payment.getPurchase({ transactionId: o.transactionId });
     expect(rec!.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
-    expect(rec!.events.map((e) => e.step)).to.deep.equal(["draw_request_received", "psam_assigned", "debit_command_issued", "debit_response_received", "purchase_confirmed"]);
+    expect(rec!.events.map((e) => e.step)).to.deep.equal(["draw_request_received", "psam_assigned", "debit_command_issued", "debit_response_received", "psam_released", "purchase_confirmed"]);
+    expect(rec!.events.find((e) => e.step === "psam_released")!.detail).to.match(/held \d+ ms/);
     const stored = await net.hosts.get("terminal-1")!.host.data.transactions();
     expect(stored.find((x) => x.transaction_id === o.transactionId!.value)).to.include({ amount_minor: 250, merchant_id: "demo-shop" });
   });
