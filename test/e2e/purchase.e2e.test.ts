@@ -69,6 +69,10 @@ describe("end to end: a purchase across separate processes", function () {
     const pay = await run(join(ROOT, "bin/netpurse"), ["pay", "song-1", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], { env });
     expect(pay.stdout).to.match(/paid EUR 0\.99 to Netpurse Demo Bookshop; card balance now EUR \d+\.\d\d/);
     expect(pay.stdout).to.contain("goods:   licence key");
+    // The same at the shop where the merchant compares the card's signature (one round trip).
+    const oneTrip = await run(join(ROOT, "bin/netpurse"), ["pay", "song-1", "--yes", "--merchant", net.addresses["merchant:merchant-shop"]!, ...opts], { env });
+    expect(oneTrip.stdout).to.contain("left to the merchant");
+    expect(oneTrip.stdout).to.match(/paid EUR 0\.99 to Merchant Compares Books/);
     const card = await run(join(ROOT, "bin/netpurse"), ["card", ...opts], { env });
     expect(card.stdout).to.contain("EUR 0.99");
     const refused = await run(join(ROOT, "bin/netpurse"), ["pay", "no-such-thing", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], { env }).catch((e) => e);
