@@ -12,12 +12,7 @@ import { money } from "../lib/money.js";
 import { InitializeForPurchaseResponse, LogRecord } from "../lib/protocol/purse.js";
 import { seal } from "../lib/protocol/encryption-layer.js";
 import { DEMO_SHOP, EUR } from "../services/network/layout.js";
-
-/** The bytes go over the wire as they are: no message encoding to pay for. */
-const RawBytes = {
-  encode: (message: Uint8Array) => ({ finish: () => message }),
-  decode: (input: Uint8Array): Uint8Array => input,
-};
+import { RawBytes } from "./raw-bytes.js";
 
 export const EchoDefinition = {
   name: "Echo",

@@ -13,6 +13,8 @@ export interface Phases {
 }
 
 export interface LoadResult {
+  /** How long the warm-up lasted, ms (longer than asked when the loop had to settle). */
+  warmupMs: number;
   /** Operations that ended inside the measuring window. */
   completed: number;
   perSecond: number;
@@ -28,9 +30,75 @@ export interface LoadResult {
 const PAUSE_AFTER_ERROR_MS = 100;
 
 /**
+ * When the measuring window opens and closes. It opens when the warm-up has
+ * passed or, with `settle`, once every worker has also finished its first
+ * operation: a closed loop starts with every worker queueing at once, and
+ * until each has gone round once, latency measures that burst rather than
+ * the steady state (with 64 cardholders sharing 4 PSAMs held 0.6 s each, the
+ * first round alone takes 10 s).
+ */
+class MeasuringWindow {
+  opensAt = Infinity;
+  closesAt = Infinity;
+  private readonly startedAt = performance.now();
+  private warmedUp = false;
+  private wentRound = 0;
+  private readonly timers: NodeJS.Timeout[] = [];
+
+  constructor(private readonly p: { phases: Phases; workers: number; settle: boolean; hooks: { opened(): void; closed(): void } | undefined }) {
+    this.timers.push(
+      setTimeout(() => {
+        this.warmedUp = true;
+        this.maybeOpen();
+      }, p.phases.warmupMs),
+    );
+  }
+
+  /** A worker finished (or failed) its first operation. */
+  workerWentRound(): void {
+    this.wentRound++;
+    this.maybeOpen();
+  }
+
+  contains(t: number): boolean {
+    return t >= this.opensAt && t <= this.closesAt;
+  }
+
+  /** Warm-up as it turned out, ms. */
+  get warmupMs(): number {
+    return this.opensAt - this.startedAt;
+  }
+
+  phase(done: number): string {
+    const now = performance.now();
+    if (this.opensAt === Infinity) {
+      return now < this.startedAt + this.p.phases.warmupMs
+        ? `warm-up, ${Math.ceil((this.startedAt + this.p.phases.warmupMs - now) / 1000)} s left`
+        : `warm-up, until every worker has gone round once (${this.wentRound}/${this.p.workers})`;
+    }
+    if (now < this.closesAt) return `measuring, ${Math.ceil((this.closesAt - now) / 1000)} s left, ${done} done`;
+    return "finishing the operations in flight";
+  }
+
+  stop(): void {
+    this.timers.forEach(clearTimeout);
+  }
+
+  private maybeOpen(): void {
+    if (this.opensAt !== Infinity || !this.warmedUp || (this.p.settle && this.wentRound < this.p.workers)) return;
+    // Without settling, the window is exactly where the phases put it, whatever the timer's lateness.
+    this.opensAt = this.p.settle ? performance.now() : this.startedAt + this.p.phases.warmupMs;
+    this.closesAt = this.opensAt + this.p.phases.measureMs;
+    this.p.hooks?.opened();
+    this.timers.push(setTimeout(() => this.p.hooks?.closed(), this.closesAt - performance.now()));
+  }
+}
+
+/**
  * Runs `workers` loops of `operation` (which resolves to the latency it
  * measured, ms). `window` hooks run when the measuring window opens and
- * closes, to sample the processes under load.
+ * closes, to sample the processes under load. With `settle`, the warm-up
+ * lasts at least until every worker has finished one operation.
  */
 export async function closedLoop(p: {
   label: string;
@@ -38,34 +106,34 @@ export async function closedLoop(p: {
   phases: Phases;
   operation: (worker: number) => Promise<number>;
   window?: { opened(): void; closed(): void };
+  settle?: boolean;
 }): Promise<LoadResult> {
-  const opensAt = performance.now() + p.phases.warmupMs;
-  const closesAt = opensAt + p.phases.measureMs;
+  const win = new MeasuringWindow({ phases: p.phases, workers: p.workers, settle: p.settle ?? false, hooks: p.window });
   const latencies: number[] = [];
   const errors = new ErrorTally(p.label);
-  const hooks = [setTimeout(() => p.window?.opened(), p.phases.warmupMs), setTimeout(() => p.window?.closed(), p.phases.warmupMs + p.phases.measureMs)];
-  const progress = showProgress(p.label, opensAt, closesAt, () => latencies.length);
+  const progress = showProgress(p.label, () => win.phase(latencies.length));
 
   const worker = async (w: number) => {
-    while (performance.now() < closesAt) {
+    for (let round = 0; performance.now() < win.closesAt; round++) {
       try {
         const ms = await p.operation(w);
-        const endedAt = performance.now();
-        if (endedAt >= opensAt && endedAt <= closesAt) latencies.push(ms);
+        if (win.contains(performance.now())) latencies.push(ms);
       } catch (e) {
         errors.add(e);
         await sleep(PAUSE_AFTER_ERROR_MS);
       }
+      if (round === 0) win.workerWentRound();
     }
   };
   try {
     await Promise.all(Array.from({ length: p.workers }, (_, w) => worker(w)));
   } finally {
-    hooks.forEach(clearTimeout);
+    win.stop();
     progress.stop();
   }
   latencies.sort((a, b) => a - b);
   return {
+    warmupMs: win.warmupMs,
     completed: latencies.length,
     perSecond: latencies.length / (p.phases.measureMs / 1000),
     p50Ms: percentile(latencies, 0.5),
@@ -99,23 +167,13 @@ class ErrorTally {
 }
 
 /** A status line on stderr: the phase, seconds left and operations so far (a plain line every 5 s when stderr is not a terminal). */
-function showProgress(label: string, opensAt: number, closesAt: number, done: () => number): { stop(): void } {
+function showProgress(label: string, phase: () => string): { stop(): void } {
   const tty = process.stderr.isTTY;
   let ticks = 0;
-  const line = () => {
-    const now = performance.now();
-    const phase =
-      now < opensAt
-        ? `warm-up, ${Math.ceil((opensAt - now) / 1000)} s left`
-        : now < closesAt
-          ? `measuring, ${Math.ceil((closesAt - now) / 1000)} s left, ${done()} done`
-          : "finishing the operations in flight";
-    return `[${label}] ${phase}`;
-  };
   const timer = setInterval(() => {
     ticks++;
-    if (tty) process.stderr.write(`\r\x1b[K${line()}`);
-    else if (ticks % 5 === 0) process.stderr.write(`${line()}\n`);
+    if (tty) process.stderr.write(`\r\x1b[K[${label}] ${phase()}`);
+    else if (ticks % 5 === 0) process.stderr.write(`[${label}] ${phase()}\n`);
   }, 1000);
   return {
     stop() {

@@ -17,6 +17,7 @@ import { ChannelCache, clientFactory } from "../lib/grpc/client.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
 import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData, EUR, paths } from "../services/network/layout.js";
+import type { ShopFile } from "../services/merchant/shop.js";
 
 export const TERMINAL_ID = "terminal-1";
 
@@ -29,7 +30,7 @@ export const SERVICE_ENV = { NETPURSE_LOG_LEVEL: "warn" };
  */
 const CARDHOLDER_PURSE = { value: 400_000, maxBalance: 500_000, expiry: "2099-12-31" };
 
-/** The names launchNetwork gives the processes it starts, and this one, where the cardholders run. */
+/** The names launchNetwork gives the processes it starts (with the demo shop), and this one, where the cardholders run. */
 export const PROCESS = {
   concentrator: "concentrator",
   terminal: TERMINAL_ID,
@@ -69,6 +70,7 @@ export class BenchNetwork {
 
   private constructor(
     readonly dir: string,
+    readonly shop: ShopFile,
     readonly daemonCardPath: string,
     readonly cardholderCards: string[],
   ) {
@@ -79,28 +81,42 @@ export class BenchNetwork {
     return join(this.dir, "logs");
   }
 
-  /** Sets up a fresh data folder: issuer keys, `psams` PSAMs on one terminal host, the demo shop, and a card per cardholder. */
-  static async prepare(p: { psams: number; cardholders: number }): Promise<BenchNetwork> {
-    const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-p${p.psams}-c${p.cardholders}-`));
+  /**
+   * Sets up a fresh data folder: issuer keys, `psams` PSAMs on one terminal
+   * host, one shop (the demo shop unless told), and a card per cardholder.
+   */
+  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile }): Promise<BenchNetwork> {
+    const shop = p.shop ?? DEMO_SHOP;
+    const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-${shop.merchantId}-p${p.psams}-c${p.cardholders}-`));
     // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
-    const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [DEMO_SHOP], card: DEFAULT_DEMO.card });
-    return new BenchNetwork(dir, cardPath, await personaliseCardholderCards(dir, p.cardholders));
+    const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [shop], card: DEFAULT_DEMO.card });
+    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders));
   }
 
-  /** Starts every service on free loopback ports and waits until the payment server can see all `psams` PSAMs. */
-  async launch(psams: number): Promise<void> {
+  /**
+   * Starts every service on free loopback ports and waits until the payment
+   * server can see all `psams` PSAMs. `offerPaymentServer` is the payment
+   * server address the merchant names in its offers, when cardholders must
+   * reach it another way (through a delay proxy).
+   */
+  async launch(psams: number, o: { offerPaymentServer?: string } = {}): Promise<void> {
     // The terminal host closes a PSAM's batch at 200 records by default, below the PSAM's capacity of 256, so no run fills a PSAM.
     this.addresses = await launchNetwork(this.launcher, {
       data: this.dir,
       terminals: [{ id: TERMINAL_ID }],
-      merchants: [{ id: DEMO_SHOP.merchantId }],
+      merchants: [{ id: this.shop.merchantId }],
       cardPath: this.daemonCardPath,
+      ...(o.offerPaymentServer ? { offerPaymentServer: o.offerPaymentServer } : {}),
     });
     await this.poolReady(psams);
   }
 
   get merchantAddress(): string {
-    return this.addresses[`merchant:${DEMO_SHOP.merchantId}`]!;
+    return this.addresses[`merchant:${this.shop.merchantId}`]!;
+  }
+
+  get paymentAddress(): string {
+    return this.addresses.payment!;
   }
 
   /** A cardholder: a software card behind the in-process APDU transport, and the clients payOffer needs. */
@@ -109,10 +125,11 @@ export class BenchNetwork {
     return { reader: new PurseReader(new InProcessTransport(card)), payment: this.clients.payment, merchant: this.clients.merchant };
   }
 
-  /** Process ids by name (PROCESS), of those running. */
+  /** Process ids by name (PROCESS, with this network's merchant), of those running. */
   processes(): Map<string, number> {
     const out = new Map<string, number>();
-    for (const name of Object.values(PROCESS)) {
+    const merchant = `merchant-${this.shop.merchantId}`;
+    for (const name of [...Object.values(PROCESS).filter((n) => n !== PROCESS.merchant), merchant]) {
       const pid = name === PROCESS.bench ? process.pid : this.launcher.pid(name);
       if (pid !== undefined) out.set(name, pid);
     }
@@ -132,21 +149,8 @@ export class BenchNetwork {
   }
 
   /** Reads the service logs for trouble; call after stop(), so shutdown problems count too. */
-  async logFindings(maxSamples = 5): Promise<LogFindings> {
-    const findings: LogFindings = { count: 0, samples: [] };
-    const seen = new Set<string>();
-    for (const file of (await readdir(this.logDir)).sort()) {
-      for (const line of (await readFile(join(this.logDir, file), "utf8")).split("\n")) {
-        if (!isTrouble(line)) continue;
-        findings.count++;
-        const gist = line.replace(/^\S+Z /, "").replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>");
-        if (!seen.has(gist) && seen.size < maxSamples) {
-          seen.add(gist);
-          findings.samples.push(`${file}: ${gist}`);
-        }
-      }
-    }
-    return findings;
+  logFindings(maxSamples = 5): Promise<LogFindings> {
+    return logFindings(this.logDir, maxSamples);
   }
 
   /** The concentrator lists the terminal with all its PSAMs and a payment server attached: purchases can be routed. */
@@ -163,7 +167,26 @@ export class BenchNetwork {
   }
 }
 
-async function personaliseCardholderCards(dir: string, count: number): Promise<string[]> {
+/** The warn and error lines (and stray output) in every log file of `logDir`. */
+export async function logFindings(logDir: string, maxSamples = 5): Promise<LogFindings> {
+  const findings: LogFindings = { count: 0, samples: [] };
+  const seen = new Set<string>();
+  for (const file of (await readdir(logDir)).sort()) {
+    for (const line of (await readFile(join(logDir, file), "utf8")).split("\n")) {
+      if (!isTrouble(line)) continue;
+      findings.count++;
+      const gist = line.replace(/^\S+Z /, "").replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>");
+      if (!seen.has(gist) && seen.size < maxSamples) {
+        seen.add(gist);
+        findings.samples.push(`${file}: ${gist}`);
+      }
+    }
+  }
+  return findings;
+}
+
+/** A software card per cardholder, personalised by the data folder's issuer, in DATA/cards. */
+export async function personaliseCardholderCards(dir: string, count: number): Promise<string[]> {
   const issuer = await Issuer.open(paths(dir).issuer);
   try {
     const cards: string[] = [];

@@ -2,6 +2,7 @@
 // buying a song in a closed loop against a freshly started network.
 
 import { performance } from "node:perf_hooks";
+import type { PaymentOffer } from "../gen/netpurse/merchant/v1/merchant.js";
 import { payOffer, type MerchantClient, type PurchaseContext } from "../client/purchase.js";
 import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
 import { DEMO_SHOP } from "../services/network/layout.js";
@@ -53,16 +54,22 @@ export async function measurePurchases(c: PurchaseConfiguration, phases: Phases,
   }
 }
 
-/** One cardholder's purchase: the merchant's offer, then the client module's purchase, which alone is timed. */
-async function buySong(merchant: MerchantClient, cardholder: PurchaseContext): Promise<number> {
+/** The merchant's offer for the song. */
+export async function orderSong(merchant: MerchantClient): Promise<PaymentOffer> {
   const { offer } = await merchant.createOrder({ productId: SONG.productId }, { deadline: DEFAULT_DEADLINE_MS });
   if (!offer) throw new Error("the merchant answered CreateOrder without an offer");
+  return offer;
+}
+
+/** One cardholder's purchase: the merchant's offer, then the client module's purchase, which alone is timed. */
+async function buySong(merchant: MerchantClient, cardholder: PurchaseContext): Promise<number> {
+  const offer = await orderSong(merchant);
   const started = performance.now();
   await payOffer(offer, cardholder);
   return performance.now() - started;
 }
 
-function peakMemories(processes: Map<string, number>): Record<string, number> {
+export function peakMemories(processes: Map<string, number>): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [name, pid] of processes) {
     const mib = peakMemoryMiB(pid);

@@ -6,7 +6,10 @@ import { dirname } from "node:path";
 import { formatMoney } from "../lib/money.js";
 import { EUR } from "../services/network/layout.js";
 import { ECHO_PROCESS, type EchoResult } from "./echo.js";
+import { markdown, mib, ms, pct, rate } from "./format.js";
 import type { Phases } from "./load.js";
+import type { ModesReport } from "./modes.js";
+import { modesProblems, renderModes } from "./modes-report.js";
 import { SONG, type PurchaseResult } from "./purchases.js";
 import { PROCESS } from "./network.js";
 
@@ -23,20 +26,15 @@ export interface Report {
   source: string;
   wallSeconds: number;
   machine: Machine;
+  /** The stack part's warm-up and window (the modes part has its own). */
   phases: Phases;
+  /** The stack part, empty when it was not run. */
   echo: EchoResult[];
   purchases: PurchaseResult[];
+  /** The modes part, when it was run. */
+  modes?: ModesReport;
 }
 
-const ms = (v: number) => (Number.isFinite(v) ? v.toFixed(1) : "n/a");
-const rate = (v: number) => v.toFixed(1);
-const mib = (v: number | undefined) => (v === undefined ? "n/a" : v.toFixed(0));
-const pct = (v: number | undefined) => (v === undefined ? "n/a" : v.toFixed(0));
-
-function markdown(header: string[], rows: string[][]): string {
-  const line = (cells: string[]) => `| ${cells.join(" | ")} |`;
-  return [line(header), line(header.map(() => "---:")), ...rows.map(line)].join("\n");
-}
 
 function purchaseTable(r: Report): string {
   const echoAt = new Map(r.echo.map((e) => [e.concurrency, e]));
@@ -91,7 +89,6 @@ function echoTable(r: Report): string {
 function notes(r: Report): string {
   const payload = r.echo[0]?.payloadBytes;
   return [
-    `- Machine: ${r.machine.cores} cores (${r.machine.cpuModel}), Node ${r.machine.node}, ${r.machine.platform}. Every process shares these cores.`,
     `- Closed loop: each cardholder starts its next purchase as soon as the last one ends; ${r.phases.warmupMs / 1000} s warm-up, then a ${r.phases.measureMs / 1000} s window. Throughput counts the purchases that ended inside the window; latency is theirs.`,
     `- One purchase = the merchant's CreateOrder (not timed), then payOffer (timed): the card's APDUs in this process, ProcessDrawRequest and CompletePurchase to the payment server, and CompleteOrder to the merchant. Song "${SONG.productId}" at ${formatMoney({ amountMinor: SONG.priceMinor, currency: EUR, exponent: 2 })}, mode PSAM_VERIFIES.`,
     "- Messages per purchase: 4 unary RPCs from the cardholder (CreateOrder, ProcessDrawRequest, CompletePurchase, CompleteOrder), 1 merchant→validation RPC (ValidateConfirmation), and about 9 stream messages (2 PSAM jobs, each payment→concentrator→terminal host and back, plus the lease release); 3 + 1 RPCs and the 9 stream messages fall inside the timed part.",
@@ -116,8 +113,7 @@ function problems(r: Report): string[] {
   return lines;
 }
 
-export function renderReport(r: Report): string {
-  const found = problems(r);
+function stackSections(r: Report): string[] {
   return [
     "## Purchases",
     "",
@@ -135,8 +131,17 @@ export function renderReport(r: Report): string {
     "",
     notes(r),
     "",
-    ...(found.length ? ["## Errors and service log findings", "", ...found, ""] : []),
-    `Total wall time: ${r.wallSeconds.toFixed(0)} s`,
+  ];
+}
+
+export function renderReport(r: Report): string {
+  const found = [...problems(r), ...(r.modes ? modesProblems(r.modes) : [])];
+  const m = r.machine;
+  return [
+    ...(r.purchases.length || r.echo.length ? stackSections(r) : []),
+    ...(r.modes ? [renderModes(r.modes)] : []),
+    ...(found.length ? ["## Errors and findings", "", ...found, ""] : []),
+    `Machine: ${m.cores} cores (${m.cpuModel}), Node ${m.node}, ${m.platform}; every process shares these cores. Total wall time: ${r.wallSeconds.toFixed(0)} s`,
     "",
   ].join("\n");
 }

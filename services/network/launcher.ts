@@ -146,6 +146,8 @@ export async function launchNetwork(
     listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon", string>>;
     cardPath: string;
     paymentArgs?: string[];
+    /** The payment server address merchants name in their offers (default: the payment server's own), e.g. a proxy in front of it. */
+    offerPaymentServer?: string;
   },
 ): Promise<Record<string, string>> {
   const at = (k: keyof NonNullable<typeof p.listen>) => p.listen?.[k] ?? "127.0.0.1:0";
@@ -161,7 +163,7 @@ export async function launchNetwork(
   addresses.merchantValidation = validation.address;
   const merchants = await Promise.all(
     p.merchants.map((m) =>
-      l.start(`merchant-${m.id}`, SCRIPTS.merchant, ["--listen", m.listen ?? "127.0.0.1:0", "--id", m.id, "--validation", validation.address, "--payment-server", payment.address, ...data]),
+      l.start(`merchant-${m.id}`, SCRIPTS.merchant, ["--listen", m.listen ?? "127.0.0.1:0", "--id", m.id, "--validation", validation.address, "--payment-server", p.offerPaymentServer ?? payment.address, ...data]),
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
