@@ -25,6 +25,9 @@ import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
 import { DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "./card/purse-reader.js";
+import { isFinal, retrying } from "./calls.js";
+
+export { isFinal };
 
 export type PaymentClient = Client<typeof PaymentServiceDefinition, DeadlineOptions>;
 export type MerchantClient = Client<typeof MerchantServiceDefinition, DeadlineOptions>;
@@ -106,34 +109,6 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   if (!offer.encryptedSessionKey) throw invalidField("offer.encrypted_session_key", "missing");
   if (offer.expiresAt && offer.expiresAt.getTime() < now.getTime()) {
     throw failedPrecondition(ErrorReason.ERROR_REASON_OFFER_EXPIRED, `the offer expired at ${offer.expiresAt.toISOString()}; ask the merchant for a new one`);
-  }
-}
-
-/**
- * Whether a server's answer ends the purchase for good. Anything else
- * (timeouts, unavailability, internal errors) leaves it to be finished
- * later: once the card has answered, only a ruling may close the record.
- */
-export function isFinal(e: unknown): boolean {
-  if (!(e instanceof ClientError || e instanceof NetpurseError)) return false;
-  return [Status.FAILED_PRECONDITION, Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS].includes(e.code);
-}
-
-/** Retries an idempotent call while the failure is transient. */
-async function retrying<T>(call: () => Promise<T>, attempts = 4): Promise<T> {
-  let wait = 200;
-  for (let i = 1; ; i++) {
-    try {
-      return await call();
-    } catch (e) {
-      const transient =
-        e instanceof ClientError &&
-        (e.code === Status.UNAVAILABLE || e.code === Status.DEADLINE_EXCEEDED || e.code === Status.ABORTED) &&
-        reasonOf(e) !== ErrorReason.ERROR_REASON_IN_DOUBT;
-      if (!transient || i >= attempts) throw e;
-      await new Promise((r) => setTimeout(r, wait));
-      wait = Math.min(wait * 2, 2_000);
-    }
   }
 }
 

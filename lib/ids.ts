@@ -1,7 +1,7 @@
 // Identifiers as the contract defines them (proto/netpurse/card/v1/card.proto),
 // with the checks every service applies at its edge.
 
-import type { MerchantId, PsamId, PurseId, TransactionId } from "../gen/netpurse/card/v1/card.js";
+import type { MerchantId, Money, PsamId, PurseId, TransactionId } from "../gen/netpurse/card/v1/card.js";
 import { isUuid } from "./protocol/layout.js";
 import { invalidField } from "./grpc/errors.js";
 
@@ -29,6 +29,29 @@ export function requirePsamId(id: PsamId | undefined, field = "psam_id"): string
   const v = id?.value;
   if (!v || v.length === 0) throw invalidField(field, "missing");
   if (v.length !== 4) throw invalidField(field, `must be 4 bytes, got ${v.length}`);
+  return Buffer.from(v).toString("hex");
+}
+
+/** An amount as the contract allows it: non-negative minor units, an ISO 4217 numeric currency and an exponent 0..4. */
+export function requireMoney(m: Money | undefined, field: string): Money {
+  if (!m) throw invalidField(field, "missing");
+  if (m.amountMinor < 0n || m.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField(`${field}.amount_minor`, "out of range");
+  if (m.currency < 1 || m.currency > 999) throw invalidField(`${field}.currency`, "must be an ISO 4217 numeric code 1..999");
+  if (m.exponent > 4) throw invalidField(`${field}.exponent`, "must be 0..4");
+  return m;
+}
+
+/** A name-like identifier (bank id, account id): 1..max characters of [A-Za-z0-9._-]. */
+export function requireName(v: string, field: string, max: number): string {
+  if (!v) throw invalidField(field, "missing");
+  if (!isName(v, max)) throw invalidField(field, `must be 1..${max} characters of [A-Za-z0-9._-]`);
+  return v;
+}
+
+export function requirePurseId(id: PurseId | undefined, field = "purse_id"): string {
+  const v = id?.value;
+  if (!v || v.length === 0) throw invalidField(field, "missing");
+  if (v.length !== 8) throw invalidField(field, `must be 8 bytes, got ${v.length}`);
   return Buffer.from(v).toString("hex");
 }
 

@@ -6,6 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import type { Field, Layout } from "../lib/protocol/layout.js";
 import * as purse from "../lib/protocol/purse.js";
 import * as psam from "../lib/protocol/psam.js";
+import * as load from "../lib/protocol/load.js";
 
 const layouts: Layout<any>[] = [
   purse.InitializeForPurchaseResponse,
@@ -13,6 +14,10 @@ const layouts: Layout<any>[] = [
   purse.DebitCommand,
   purse.DebitResponse,
   purse.LogRecord,
+  load.InitializeForLoadCommand,
+  load.InitializeForLoadResponse,
+  load.LoadCommand,
+  load.LoadResponse,
   psam.DrawAmountCommand,
   psam.VerifyDebitCommand,
   psam.VerifyDebitResponse,

@@ -18,6 +18,7 @@ import {
   type InitializeForPurchase,
   type PurseData,
 } from "../../lib/protocol/purse.js";
+import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { CARD_LOG_SIZE } from "./software-card.js";
 
 function expectOk(r: ResponseApdu, what: string): Buffer {
@@ -63,6 +64,23 @@ export class PurseReader {
     if (r.sw !== SW.OK) return { sw: r.sw, raw: Buffer.alloc(0) };
     if (r.data.length !== DebitResponse.size) throw new Error(`card's DEBIT response is ${r.data.length} bytes, expected ${DebitResponse.size}`);
     return { sw: r.sw, raw: r.data, parsed: DebitResponse.decode(r.data) };
+  }
+
+  /** INITIALIZE FOR LOAD: the raw response data (for the load request) and its parsed view, S1 included. */
+  async initializeForLoad(command: LoadInitCommand): Promise<{ raw: Buffer; parsed: LoadInit }> {
+    const raw = expectOk(
+      await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.INITIALIZE_FOR_LOAD, p1: 0, p2: 0, data: InitializeForLoadCommand.encode(command), le: 256 }),
+      "INITIALIZE FOR LOAD",
+    );
+    return { raw, parsed: InitializeForLoadResponse.decode(raw) };
+  }
+
+  /** LOAD: returns the card's status word and, on 9000, its raw and parsed answer (which may be a negative result). */
+  async load(loadCommand: Buffer): Promise<{ sw: number; raw: Buffer; parsed?: LoadAnswer }> {
+    const r = await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.LOAD, p1: 0, p2: 0, data: loadCommand, le: 256 });
+    if (r.sw !== SW.OK) return { sw: r.sw, raw: Buffer.alloc(0) };
+    if (r.data.length !== LoadResponse.size) throw new Error(`card's LOAD response is ${r.data.length} bytes, expected ${LoadResponse.size}`);
+    return { sw: r.sw, raw: r.data, parsed: LoadResponse.decode(r.data) };
   }
 
   /** The card's log records as the card returns them, newest first. */

@@ -9,6 +9,18 @@ import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey } from "../../lib/crypto/keys.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import {
+  InitializeForLoadCommand,
+  InitializeForLoadResponse,
+  LoadCommand,
+  LoadResponse,
+  LoadResult,
+  loadS1,
+  loadS2,
+  loadS3,
+  type LoadInit,
+  type LoadInitCommand,
+} from "../../lib/protocol/load.js";
+import {
   ALGORITHM_AES128_CMAC,
   cardSignature,
   DebitCommand,
@@ -66,11 +78,21 @@ export interface CardFile {
   log: CardLogEntry[];
 }
 
-interface PurchaseSession extends CardSession {}
+interface PurchaseSession extends CardSession {
+  kind: "purchase";
+}
+
+/** A load session: what INITIALIZE FOR LOAD was asked and answered, S1 included. */
+interface LoadSession {
+  kind: "load";
+  command: LoadInitCommand;
+  init: LoadInit;
+}
 
 export class SoftwareCard extends SoftwareApplication<CardFile> {
   private selected = false;
-  private session: PurchaseSession | undefined;
+  // One session at a time: a new INITIALIZE of either kind ends the last one.
+  private session: PurchaseSession | LoadSession | undefined;
 
   static async open(path: string): Promise<SoftwareCard> {
     return new SoftwareCard(path, await SoftwareApplication.load<CardFile>(path, "card"));
@@ -96,6 +118,10 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     switch (c.ins) {
       case PurseIns.INITIALIZE_FOR_PURCHASE:
         return this.initializeForPurchase(c);
+      case PurseIns.INITIALIZE_FOR_LOAD:
+        return this.initializeForLoad(c);
+      case PurseIns.LOAD:
+        return this.load(c);
       case PurseIns.DEBIT:
         return this.debit(c);
       case PurseIns.READ_PURSE:
@@ -124,7 +150,7 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     const s = this.state;
     const challenge = randomBytes(8);
     const purseId = Buffer.from(s.purseId, "hex");
-    this.session = { purseId, cardCounter: s.counter, challenge };
+    this.session = { kind: "purchase", purseId, cardCounter: s.counter, challenge };
     const data = InitializeForPurchaseResponse.encode({
       format: PURSE_FORMAT,
       providerId: Buffer.from(s.providerId, "hex"),
@@ -146,15 +172,9 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     const session = this.session;
     // A DEBIT ends the session whatever happens: a replay finds none.
     this.session = undefined;
-    if (!session) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no purchase session: INITIALIZE FOR PURCHASE first");
+    if (session?.kind !== "purchase") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no purchase session: INITIALIZE FOR PURCHASE first");
     if (c.data.length !== DebitCommand.size) throw new ApduError(SW.WRONG_LENGTH, "DEBIT data length");
-    let d;
-    try {
-      d = DebitCommand.decode(c.data);
-    } catch (e) {
-      if (e instanceof LayoutError) throw new ApduError(SW.WRONG_DATA, e.message);
-      throw e;
-    }
+    const d = decodeOr6A80(() => DebitCommand.decode(c.data));
     const s = this.state;
     const sessionKey = deriveSessionKey(Buffer.from(s.keys.purchase, "hex"), {
       cardCounter: session.cardCounter,
@@ -197,10 +217,75 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     return { data: DebitResponse.encode({ ...answer, cardSignature: signature }), sw: SW.OK };
   }
 
+  /** INITIALIZE FOR LOAD: the purse state, a fresh challenge and S1. Changes nothing; a zero amount is how a client proves a load did not happen. */
+  private initializeForLoad(c: CommandApdu): ResponseApdu {
+    if (c.p1 !== 0 || c.p2 !== 0) return status(SW.WRONG_P1P2);
+    this.session = undefined;
+    if (c.data.length !== InitializeForLoadCommand.size) throw new ApduError(SW.WRONG_LENGTH, "INITIALIZE FOR LOAD data length");
+    const command = decodeOr6A80(() => InitializeForLoadCommand.decode(c.data));
+    const state = { ...this.purse(), algorithm: ALGORITHM_AES128_CMAC, challenge: randomBytes(8) };
+    const init = { ...state, s1: loadS1(Buffer.from(this.state.keys.load, "hex"), command, state) };
+    this.session = { kind: "load", command, init };
+    return { data: InitializeForLoadResponse.encode(init), sw: SW.OK };
+  }
+
+  /** LOAD: verifies S2, credits the amount INITIALIZE FOR LOAD named, logs the credit with S3, and answers with the result and S3. */
+  private async load(c: CommandApdu): Promise<ResponseApdu> {
+    const session = this.session;
+    // A LOAD ends the session whatever happens: a replay finds none.
+    this.session = undefined;
+    if (session?.kind !== "load") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no load session: INITIALIZE FOR LOAD first");
+    if (c.data.length !== LoadCommand.size) throw new ApduError(SW.WRONG_LENGTH, "LOAD data length");
+    const l = decodeOr6A80(() => LoadCommand.decode(c.data));
+    const asked = session.command;
+    if (l.amount !== asked.amount || l.currency !== asked.currency || l.dateTime !== asked.dateTime || l.transactionRef !== asked.transactionRef) {
+      throw new ApduError(SW.WRONG_DATA, "LOAD does not match INITIALIZE FOR LOAD");
+    }
+    const s = this.state;
+    const sessionKey = deriveSessionKey(Buffer.from(s.keys.load, "hex"), {
+      cardCounter: session.init.counter,
+      securityModuleId: l.hsmId,
+      securityModuleCounter: l.hsmCounter,
+      challenge: session.init.challenge,
+    });
+    if (!macEqual(loadS2(sessionKey, session.init, l), l.s2)) throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "security module signature S2 does not verify");
+    if (s.counter >= 0xffffffff) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted");
+
+    let result: number = LoadResult.LOADED;
+    if (l.currency !== s.currency) result = LoadResult.CURRENCY_MISMATCH;
+    else if (s.status === "blocked") result = LoadResult.BLOCKED;
+    else if (isExpired(s.expiry, new Date(l.dateTime * 1000))) result = LoadResult.EXPIRED;
+    else if (s.balance + l.amount > s.maxBalance) result = LoadResult.MAX_BALANCE_EXCEEDED;
+
+    const answer = result === LoadResult.LOADED ? { result, counter: s.counter + 1, balance: s.balance + l.amount } : { result, counter: s.counter, balance: s.balance };
+    const s3 = loadS3(sessionKey, session.init, l, answer);
+    if (result === LoadResult.LOADED) {
+      const entry: CardLogEntry = {
+        kind: LogKind.LOAD,
+        counter: answer.counter,
+        amount: l.amount,
+        currency: l.currency,
+        balance: answer.balance,
+        moduleId: l.hsmId.toString("hex"),
+        moduleCounter: l.hsmCounter,
+        dateTime: l.dateTime,
+        transactionRef: l.transactionRef,
+        cardSignature: s3.toString("hex"),
+      };
+      await this.save({ ...s, balance: answer.balance, counter: answer.counter, log: [entry, ...s.log].slice(0, CARD_LOG_SIZE) }); // before the card answers
+    }
+    return { data: LoadResponse.encode({ ...answer, s3 }), sw: SW.OK };
+  }
+
   private readPurse(c: CommandApdu): ResponseApdu {
     if (c.p1 !== 0 || c.p2 !== 0) return status(SW.WRONG_P1P2);
+    return { data: ReadPurseResponse.encode(this.purse()), sw: SW.OK };
+  }
+
+  /** The purse state as READ PURSE and INITIALIZE FOR LOAD report it. */
+  private purse() {
     const s = this.state;
-    const data = ReadPurseResponse.encode({
+    return {
       format: PURSE_FORMAT,
       providerId: Buffer.from(s.providerId, "hex"),
       purseId: Buffer.from(s.purseId, "hex"),
@@ -212,8 +297,7 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
       counter: s.counter,
       keyVersion: s.keyVersion,
       status: s.status === "blocked" ? PurseStatusByte.BLOCKED : PurseStatusByte.ACTIVE,
-    });
-    return { data, sw: SW.OK };
+    };
   }
 
   /** READ LOG: P1 = record number, 1 being the newest. */
@@ -227,5 +311,15 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
       cardSignature: Buffer.from(e.cardSignature, "hex"),
     };
     return { data: LogRecord.encode(record), sw: SW.OK };
+  }
+}
+
+/** A command's data that does not parse is the card's 6A80. */
+function decodeOr6A80<T>(decode: () => T): T {
+  try {
+    return decode();
+  } catch (e) {
+    if (e instanceof LayoutError) throw new ApduError(SW.WRONG_DATA, e.message);
+    throw e;
   }
 }

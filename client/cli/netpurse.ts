@@ -9,7 +9,9 @@ import { runCommands, str, UsageError, int } from "../../lib/cli.js";
 import { defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { hexOf } from "../../lib/ids.js";
-import { formatMoney } from "../../lib/money.js";
+import { formatMoney, money, parseMinor } from "../../lib/money.js";
+import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
 import { runDaemon } from "../daemon/main.js";
 
@@ -57,10 +59,12 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   },
   {
     name: "card",
-    summary: "Show the card: balance, expiry, counter, and its own log of its last transactions.",
-    usage: `[--log N] [--daemon HOST:PORT] (default ${defaultAddress("cardholder")})`,
+    summary: "Show the card: balance, expiry, counter, and its own log of its last transactions.\n'netpurse card sync' sends the card's history to the load server of every pending load and\nthe confirmations it gets to the bank, finishing loads whose confirmation was lost.",
+    usage: `[sync] [--log N] [--daemon HOST:PORT] (default ${defaultAddress("cardholder")})`,
     options: { ...daemonOption, log: { type: "string" } },
-    async run(v) {
+    async run(v, positionals) {
+      if (positionals[0] === "sync") return syncCard(daemonAddress(v));
+      if (positionals.length) throw new UsageError(`unknown 'card ${positionals[0]}'; did you mean 'card sync'?`);
       await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
         const { purse } = await c.getCard({}, { deadline: 10_000 });
         const p = purse!;
@@ -83,6 +87,40 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
             ]),
           ),
         );
+      });
+    },
+  },
+  {
+    name: "load",
+    summary: "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.",
+    usage: `AMOUNT [--account ID] [--bank HOST:PORT] [--yes] [--daemon HOST:PORT]   (AMOUNT like 20.00, in the card's currency)`,
+    options: { ...daemonOption, account: { type: "string" }, bank: { type: "string" }, yes: { type: "boolean", short: "y" } },
+    async run(v, positionals) {
+      const text = positionals[0];
+      if (!text) throw new UsageError("give the amount to load, like 20.00");
+      if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
+      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        const b = purse!.balance!;
+        let minor: bigint;
+        try {
+          minor = parseMinor(text, b.exponent);
+        } catch (e) {
+          throw new UsageError((e as Error).message);
+        }
+        const amount = money(minor, b.currency, b.exponent);
+        const account = str(v.account, "demo-account");
+        console.log(`your card holds ${m(b)} of at most ${m(purse!.maxBalance)}`);
+        if (!v.yes && !(await approve(`Load ${m(amount)} from account ${account}?`))) {
+          console.log("not loaded; nothing was asked of the bank");
+          return;
+        }
+        console.log("loading…");
+        const r = await c.loadCard({ bankAddress: str(v.bank, defaultAddress("bank")), accountId: account, amount, approvedAmount: amount }, { deadline: 60_000 });
+        for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
+        const loaded = r.outcome === LoadOutcome.LOAD_OUTCOME_LOADED;
+        console.log(`\n${loaded ? `loaded ${m(amount)}` : "not loaded; the bank released the hold"}; card balance now ${m(r.purse!.balance)}`);
+        console.log(`transaction ${r.transactionId?.value}, bank ${r.holdState === HoldState.HOLD_STATE_POSTED ? "debited the account" : "released the hold"}`);
       });
     },
   },
@@ -128,3 +166,12 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     },
   },
 ]);
+
+async function syncCard(address: string): Promise<void> {
+  await withClient(CardholderServiceDefinition, address, async (c) => {
+    const r = await c.syncCard({}, { deadline: 60_000 });
+    if (!r.loads.length) console.log("no pending loads");
+    else console.log(table(["transaction", "outcome", "bank", "detail"], r.loads.map((l) => [l.transactionId?.value ?? "", LoadOutcome[l.outcome]!.replace("LOAD_OUTCOME_", "").toLowerCase(), HoldState[l.holdState]!.replace("HOLD_STATE_", "").toLowerCase(), l.detail])));
+    console.log(`\ncard balance ${m(r.purse!.balance)}`);
+  });
+}

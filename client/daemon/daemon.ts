@@ -4,13 +4,17 @@
 
 import { ClientError, Status } from "nice-grpc";
 import { CardTransactionKind, ErrorReason, PurseStatus, type PurseState } from "../../gen/netpurse/card/v1/card.js";
-import type { CardholderServiceImplementation, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import type { CardholderServiceImplementation, LoadCardRequest, LoadCardResponse, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { defaultAddress } from "../../lib/config.js";
+import { loadCard, resumeLoads, type LoadContext, type LoadJournal, type Resumed } from "../load.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
-import { psamId, purseId, txnId } from "../../lib/ids.js";
+import { psamId, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
@@ -19,19 +23,9 @@ import { DebitResponse, DebitResult, LogKind, PurseStatusByte, type PurseData } 
 import { PurseReader } from "../card/purse-reader.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
 import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
+import { purseState } from "../card/purse-state.js";
 
-export function purseState(p: PurseData): PurseState {
-  return {
-    providerId: p.providerId,
-    purseId: purseId(p.purseId.toString("hex")),
-    balance: money(p.balance, p.currency, p.exponent),
-    maxBalance: money(p.maxBalance, p.currency, p.exponent),
-    expiryDate: p.expiry,
-    transactionCounter: p.counter,
-    keyVersion: p.keyVersion,
-    status: p.status === PurseStatusByte.ACTIVE ? PurseStatus.PURSE_STATUS_ACTIVE : PurseStatus.PURSE_STATUS_BLOCKED,
-  };
-}
+export { purseState };
 
 /** Status word reported for a DEBIT whose answer was lost and whose debit the card's log shows it never made. */
 export const SW_NO_DEBIT = 0x6f00;
@@ -51,7 +45,7 @@ export class CardholderDaemon {
   private resumeTimer: NodeJS.Timeout | undefined;
 
   constructor(
-    private readonly o: { transport: CardTransport; journal: SqliteJournal; log: Logger; callDeadlineMs?: number; resumeEveryMs?: number },
+    private readonly o: { transport: CardTransport; journal: SqliteJournal; loads: LoadJournal; log: Logger; callDeadlineMs?: number; resumeEveryMs?: number },
   ) {
     this.reader = new PurseReader(o.transport);
   }
@@ -85,6 +79,15 @@ export class CardholderDaemon {
         };
       }),
     payOffer: async (req) => this.pay(req as PayOfferRequest),
+    loadCard: async (req) => this.load(req as LoadCardRequest),
+    syncCard: async () =>
+      this.card.run(async () => {
+        const loads = await this.resumeOpenLoads();
+        return {
+          loads: loads.map((l) => ({ transactionId: txnId(l.transactionId), outcome: l.outcome, holdState: l.holdState, detail: l.detail })),
+          purse: purseState(await this.reader.readPurse()),
+        };
+      }),
   };
 
   private async connect(): Promise<Buffer> {
@@ -93,6 +96,51 @@ export class CardholderDaemon {
     } catch (e) {
       throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, `cannot reach the card: ${(e as Error).message}; insert the card and try again`);
     }
+  }
+
+  private async load(req: LoadCardRequest): Promise<LoadCardResponse> {
+    const amount = req.amount;
+    const approved = req.approvedAmount;
+    if (!amount || !approved || approved.amountMinor !== amount.amountMinor || approved.currency !== amount.currency || approved.exponent !== amount.exponent) {
+      throw new NetpurseError(
+        Status.FAILED_PRECONDITION,
+        ErrorReason.ERROR_REASON_NOT_APPROVED,
+        `the cardholder approved ${approved ? formatMoney(approved) : "nothing"}, the load asks ${amount ? formatMoney(amount) : "nothing"}; nothing was asked of the bank`,
+      );
+    }
+    const accountId = requireName(req.accountId, "account_id", 32);
+    return this.card.run(async () => {
+      await this.resumeOpenLoads();
+      this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount) });
+      try {
+        const r = await loadCard({ bankAddress: req.bankAddress || defaultAddress("bank"), accountId, amount }, this.loadContext());
+        return { transactionId: txnId(r.transactionId), outcome: r.outcome, holdState: r.holdState, purse: purseState(await this.reader.readPurse()), steps: r.steps };
+      } catch (e) {
+        throw cardError(e);
+      }
+    });
+  }
+
+  /** Pending loads first: the card's history goes to their load servers before the card's next transaction (the pending deposit). */
+  private async resumeOpenLoads(): Promise<Resumed[]> {
+    try {
+      const done = await resumeLoads(this.loadContext());
+      for (const d of done) this.o.log.info("open load", { transaction: d.transactionId, detail: d.detail });
+      return done;
+    } catch (e) {
+      this.o.log.warn("could not finish the open loads; they stay journaled", { detail: (e as Error).message });
+      return [];
+    }
+  }
+
+  private loadContext(): LoadContext & { journal: LoadJournal } {
+    return {
+      reader: this.reader,
+      bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address)),
+      load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address)),
+      journal: this.o.loads,
+      ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
+    };
   }
 
   private async pay(req: PayOfferRequest): Promise<PayOfferResponse> {
@@ -111,6 +159,7 @@ export class CardholderDaemon {
       if (done) {
         throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`);
       }
+      await this.resumeOpenLoads();
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
       try {
         const out = await payOffer(offer!, this.context());
@@ -132,6 +181,7 @@ export class CardholderDaemon {
       for (const row of await this.o.journal.unfinished()) {
         if (await this.finish(row)) finished++;
       }
+      await this.resumeOpenLoads();
       return finished;
     });
   }

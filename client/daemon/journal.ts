@@ -1,8 +1,12 @@
-// The client daemon's journal: every purchase step it took, so that a card
-// answer, a debit result or a receipt that did not arrive is fetched again
-// later, and nothing the card paid for is lost.
+// The client daemon's journal: every purchase and load step it took, so that
+// a card answer, a debit result, a receipt or a load confirmation that did
+// not arrive is fetched again later, and nothing the card paid for or was
+// credited with is lost.
 
-import { Sealed } from "../../gen/netpurse/card/v1/card.js";
+import { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
+import { Money, Sealed } from "../../gen/netpurse/card/v1/card.js";
+import { SettledLoad } from "../../gen/netpurse/load/v1/load.js";
+import type { ClientLoadState, LoadJournal, LoadRecord } from "../load.js";
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Db } from "../../lib/store/db.js";
 import type { ClientPurchaseState, DebitSent, PurchaseJournal, PurchaseRecord } from "../purchase.js";
@@ -24,6 +28,20 @@ export const CLIENT_MIGRATIONS = [
      result_m BLOB,
      receipt BLOB,
      proof_reported INTEGER NOT NULL DEFAULT 0,
+     error TEXT,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );`,
+  `CREATE TABLE client_loads (
+     transaction_id TEXT PRIMARY KEY,
+     bank_address TEXT NOT NULL,
+     account_id TEXT NOT NULL,
+     amount BLOB NOT NULL,
+     state TEXT NOT NULL,
+     offer BLOB,
+     card_counter INTEGER,
+     load_response BLOB,
+     settled BLOB,
      error TEXT,
      created_at TEXT NOT NULL,
      updated_at TEXT NOT NULL
@@ -143,5 +161,77 @@ export class SqliteJournal implements PurchaseJournal {
            OR (state = 'RECEIPT' AND proof_reported = 0 AND expected_card_signature IS NOT NULL AND length(expected_card_signature) > 0)
         ORDER BY created_at`,
     );
+  }
+}
+
+interface LoadRow {
+  transaction_id: string;
+  bank_address: string;
+  account_id: string;
+  amount: Buffer;
+  state: ClientLoadState;
+  offer: Buffer | null;
+  card_counter: number | null;
+  load_response: Buffer | null;
+  settled: Buffer | null;
+}
+
+export class SqliteLoadJournal implements LoadJournal {
+  constructor(private readonly db: Db) {}
+
+  private async set(id: string, fields: Record<string, string | number | Buffer | null>): Promise<void> {
+    const keys = Object.keys(fields);
+    await this.db.run(`UPDATE client_loads SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE transaction_id = ?`, [...Object.values(fields), new Date().toISOString(), id]);
+  }
+
+  async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money }): Promise<void> {
+    const now = new Date().toISOString();
+    await this.db.run("INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, state, created_at, updated_at) VALUES (?, ?, ?, ?, 'STARTED', ?, ?)", [
+      r.transactionId,
+      r.bankAddress,
+      r.accountId,
+      Buffer.from(Money.encode(r.amount).finish()),
+      now,
+      now,
+    ]);
+  }
+
+  loadOffered(id: string, offer: LoadOffer) {
+    return this.set(id, { state: "OFFERED", offer: Buffer.from(LoadOffer.encode(offer).finish()) });
+  }
+
+  loadSent(id: string, cardCounter: number) {
+    return this.set(id, { state: "LOAD_SENT", card_counter: cardCounter });
+  }
+
+  loadAnswered(id: string, loadResponse: Buffer) {
+    return this.set(id, { state: "CARD_ANSWERED", load_response: loadResponse });
+  }
+
+  loadSettled(id: string, settled: SettledLoad) {
+    return this.set(id, { state: "SETTLED", settled: Buffer.from(SettledLoad.encode(settled).finish()) });
+  }
+
+  loadDone(id: string) {
+    return this.set(id, { state: "DONE" });
+  }
+
+  loadFailed(id: string, why: string) {
+    return this.set(id, { state: "FAILED", error: why });
+  }
+
+  async openLoads(): Promise<LoadRecord[]> {
+    const rows = await this.db.all<LoadRow>("SELECT * FROM client_loads WHERE state NOT IN ('DONE', 'FAILED') ORDER BY created_at");
+    return rows.map((r) => ({
+      transactionId: r.transaction_id,
+      bankAddress: r.bank_address,
+      accountId: r.account_id,
+      amount: Money.decode(r.amount),
+      state: r.state,
+      ...(r.offer ? { offer: LoadOffer.decode(r.offer) } : {}),
+      ...(r.card_counter !== null ? { cardCounter: r.card_counter } : {}),
+      ...(r.load_response ? { loadResponse: r.load_response } : {}),
+      ...(r.settled ? { settled: SettledLoad.decode(r.settled) } : {}),
+    }));
   }
 }

@@ -7,7 +7,7 @@ import { openSqlite } from "../../lib/store/db.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { SoftwareCard } from "../card/software-card.js";
 import { CardholderDaemon } from "./daemon.js";
-import { CLIENT_MIGRATIONS, SqliteJournal } from "./journal.js";
+import { CLIENT_MIGRATIONS, SqliteJournal, SqliteLoadJournal } from "./journal.js";
 
 export interface DaemonConfig {
   /** Bound to loopback by default: the cardholder API is for this machine only. */
@@ -27,6 +27,7 @@ export async function startClientDaemon(c: DaemonConfig) {
   const daemon = new CardholderDaemon({
     transport,
     journal: new SqliteJournal(db),
+    loads: new SqliteLoadJournal(db),
     log,
     ...(c.callDeadlineMs ? { callDeadlineMs: c.callDeadlineMs } : {}),
     ...(c.resumeEveryMs ? { resumeEveryMs: c.resumeEveryMs } : {}),

@@ -13,18 +13,34 @@ import { hkdf32, openAesGcm, sealAesGcm } from "../crypto/aead.js";
 import { ascii, layout, uuid } from "./layout.js";
 
 /** The kinds of sealed message; each opens only as its own kind. */
-export type MessageType = "SESSION_KEY" | "DRAW_REQUEST" | "DEBIT_COMMAND" | "CARD_ANSWER" | "DEBIT_RESULT_C" | "DEBIT_RESULT_M";
+export type MessageType =
+  | "SESSION_KEY"
+  | "DRAW_REQUEST"
+  | "DEBIT_COMMAND"
+  | "CARD_ANSWER"
+  | "DEBIT_RESULT_C"
+  | "DEBIT_RESULT_M"
+  // Loads: the bank's authorisation for the load server, and the load server's confirmation for the bank.
+  | "LOAD_AUTHORIZATION"
+  | "LOAD_CONFIRMATION";
+
+/** HKDF labels: a merchant's purchase keys and a bank's load keys never coincide, even under one shared key. */
+export const KeyLabel = { PURCHASE: "netpurse/1 K_txn", LOAD: "netpurse/1 Kload" } as const;
 
 const DerivationInfo = layout("transaction key derivation info", {
   label: ascii(16),
-  merchantId: ascii(16),
+  partyId: ascii(16),
   transactionId: uuid,
 });
 
-/** The key derived for one transaction: HKDF-SHA-256(shared key, salt = nonce, info = label ‖ merchant id ‖ transaction id). */
-export function transactionKey(sharedKey: Uint8Array, merchantId: string, transactionId: string, nonce: Uint8Array): Buffer {
+/**
+ * The key derived for one transaction: HKDF-SHA-256(shared key, salt = nonce,
+ * info = label ‖ party id ‖ transaction id), the party being the merchant
+ * (purchases) or the bank (loads).
+ */
+export function transactionKey(sharedKey: Uint8Array, partyId: string, transactionId: string, nonce: Uint8Array, label: string = KeyLabel.PURCHASE): Buffer {
   if (nonce.length !== 16) throw new RangeError("the key nonce must be 16 bytes");
-  return hkdf32(sharedKey, nonce, DerivationInfo.encode({ label: "netpurse/1 K_txn", merchantId, transactionId }));
+  return hkdf32(sharedKey, nonce, DerivationInfo.encode({ label, partyId, transactionId }));
 }
 
 function associatedData(type: MessageType, transactionId: string): Buffer {
@@ -53,4 +69,9 @@ export function issueTransactionKeys(sharedKey: Uint8Array, merchantId: string, 
   const tsk = randomBytes(32);
   const derived = transactionKey(sharedKey, merchantId, transactionId, keyNonce);
   return { keyNonce, tsk, etsk: seal(derived, "SESSION_KEY", transactionId, tsk) };
+}
+
+/** A load's transaction key, from the key the bank shares with the load server: seals the bank's authorisation and the load server's confirmation. */
+export function loadTransactionKey(sharedKey: Uint8Array, bankId: string, transactionId: string, nonce: Uint8Array): Buffer {
+  return transactionKey(sharedKey, bankId, transactionId, nonce, KeyLabel.LOAD);
 }

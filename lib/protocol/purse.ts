@@ -13,6 +13,8 @@ export const PURSE_ATR_HISTORICAL = Buffer.from("NETPURSE", "ascii");
 
 export const PURSE_CLA = 0x80;
 export const PurseIns = {
+  INITIALIZE_FOR_LOAD: 0x40,
+  LOAD: 0x42,
   INITIALIZE_FOR_PURCHASE: 0x50,
   DEBIT: 0x54,
   READ_PURSE: 0x5c,

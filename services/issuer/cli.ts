@@ -10,7 +10,7 @@ import { Issuer } from "./issuer.js";
 const dataOption = { data: { type: "string" } } as const;
 const issuerDir = (v: Record<string, unknown>) => join(dataDir(v.data as string | undefined), "issuer");
 
-await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalisation, PSAM provisioning.", [
+await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalisation, PSAM and security module provisioning.", [
   {
     name: "create-keys",
     summary: "Create the issuer master keys (purchase, load, authentication) for a key version.\nDoes nothing when that version exists. The keys file is DATA/issuer/keys.json, mode 0600.",
@@ -72,6 +72,22 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
           batchCapacity: int(v["batch-capacity"], 256, "batch-capacity"),
         });
         console.log(`provisioned PSAM ${p.psamId} (key versions ${Object.keys(p.purchaseKeys).join(", ")}, currency ${p.currency}): ${v.out}`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "provision-hsm",
+    summary: "Provision the load server's software host security module with every load master key version.\nIts file is DATA/load/hsm.json (mode 0600); the load server reads it at start.",
+    usage: "[--out FILE] [--hsm-id HEX8] [--data DIR]",
+    options: { ...dataOption, out: { type: "string" }, "hsm-id": { type: "string" } },
+    async run(v) {
+      const out = str(v.out, join(dataDir(v.data as string | undefined), "load", "hsm.json"));
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const h = await issuer.provisionHsm({ path: out, ...(typeof v["hsm-id"] === "string" ? { hsmId: v["hsm-id"] } : {}) });
+        console.log(`provisioned security module ${h.hsmId} (load key versions ${Object.keys(h.loadKeys).join(", ")}): ${out}`);
       } finally {
         await issuer.close();
       }

@@ -12,6 +12,7 @@ import { MAX_CARD_AMOUNT } from "../../lib/money.js";
 import { openSqlite, type Db } from "../../lib/store/db.js";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
+import { SoftwareHsm, type HsmFile } from "../load/hsm.js";
 
 /** The issuer's (and, for the demo, the acquirer's) master keys. */
 export interface IssuerKeys {
@@ -183,6 +184,21 @@ export class Issuer {
       ]);
       await SoftwarePsam.write(p.path, file);
     });
+    return file;
+  }
+
+  /**
+   * Provisions the load server's software security module with every load
+   * master key version. It is the one place outside the issuer that holds
+   * them, as a hardware security module would.
+   */
+  async provisionHsm(p: { path: string; hsmId?: string }): Promise<HsmFile> {
+    const hsmId = p.hsmId ?? randomBytes(4).toString("hex");
+    if (!/^[0-9a-f]{8}$/.test(hsmId)) throw new RangeError("security module id must be 8 hex digits");
+    const loadKeys: Record<string, string> = {};
+    for (const v of this.keyVersions("load")) loadKeys[String(v)] = this.masterKey("load", v).toString("hex");
+    const file: HsmFile = { format: 1, hsmId, loadKeys, counter: 0 };
+    await SoftwareHsm.write(p.path, file);
     return file;
   }
 

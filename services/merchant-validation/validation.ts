@@ -17,7 +17,7 @@ import { DebitResultM, DebitResultStatus } from "../../gen/netpurse/payment/v1/p
 import { macEqual } from "../../lib/crypto/aes.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
-import { requireMerchantId, requireTransactionId } from "../../lib/ids.js";
+import { requireMerchantId, requireMoney, requireTransactionId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
 import { issueTransactionKeys, open, transactionKey } from "../../lib/protocol/encryption-layer.js";
@@ -42,13 +42,6 @@ interface MerchantKey {
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
 
-function checkMoney(m: Money | undefined, field: string): Money {
-  if (!m) throw invalidField(field, "missing");
-  if (m.amountMinor < 0n || m.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField(`${field}.amount_minor`, "out of range");
-  if (m.currency < 1 || m.currency > 999) throw invalidField(`${field}.currency`, "must be an ISO 4217 numeric code 1..999");
-  if (m.exponent > 4) throw invalidField(`${field}.exponent`, "must be 0..4");
-  return m;
-}
 
 export class MerchantValidation {
   constructor(
@@ -85,7 +78,7 @@ export class MerchantValidation {
     if (!o) throw invalidField("order", "missing");
     const transactionId = requireTransactionId(o.transactionId, "order.transaction_id");
     const merchantId = requireMerchantId(o.merchantId, "order.merchant_id");
-    const amount = checkMoney(o.amount, "order.amount");
+    const amount = requireMoney(o.amount, "order.amount");
     if (o.keyNonce.length !== 16) throw invalidField("order.key_nonce", `must be 16 bytes, got ${o.keyNonce.length}`);
     if (!req.debitResultM) throw invalidField("debit_result_m", "missing");
     if (req.debitResponse.length !== 0 && req.debitResponse.length !== DebitResponse.size) {

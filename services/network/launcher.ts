@@ -17,6 +17,8 @@ export const SCRIPTS = {
   merchantValidation: "services/merchant-validation/main.ts",
   merchant: "services/merchant/main.ts",
   clientDaemon: "client/daemon/main.ts",
+  load: "services/load/main.ts",
+  bank: "services/bank/main.ts",
 } as const;
 
 export interface Started {
@@ -143,7 +145,7 @@ export async function launchNetwork(
     terminals: { id: string; args?: string[] }[];
     /** Merchant ids, each with its address (default: a free port). */
     merchants: { id: string; listen?: string }[];
-    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon", string>>;
+    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon" | "bank" | "load", string>>;
     cardPath: string;
     paymentArgs?: string[];
     /** The payment server address merchants name in their offers (default: the payment server's own), e.g. a proxy in front of it. */
@@ -167,6 +169,8 @@ export async function launchNetwork(
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
+  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), ...data])).address;
+  addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
   addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--listen", at("clientDaemon"), "--card", p.cardPath, ...data])).address;
   return addresses;
 }

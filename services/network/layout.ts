@@ -1,15 +1,17 @@
 // Where each part keeps its files under the data folder, and the demo data
 // the main job sets up on first run: issuer keys, PSAMs for a terminal host,
-// one registered demo shop per confirmation mode and a personalised card.
+// one registered demo shop per confirmation mode, the load server's security
+// module, a demo bank with an account, and a personalised card.
 
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
-import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import { writeJsonAtomic } from "../../lib/files.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
-import { registerMerchant } from "../operator/operator.js";
-import type { CardFile } from "../../client/card/software-card.js";
+import { registerBank, registerMerchant } from "../operator/operator.js";
+import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
+import { openSqlite } from "../../lib/store/db.js";
 
 export function paths(data: string) {
   return {
@@ -20,6 +22,8 @@ export function paths(data: string) {
     merchant: (id: string) => join(data, "merchants", id),
     cards: join(data, "cards"),
     client: join(data, "client"),
+    bank: join(data, "bank"),
+    load: join(data, "load"),
   };
 }
 
@@ -46,16 +50,20 @@ export const DEMO_SHOPS: { shop: ShopFile; port: number }[] = [
   { shop: shop("merchant-shop", "Merchant Compares Books", "MERCHANT_COMPARES"), port: 7414 },
 ];
 
+/** The demo bank and the cardholder's account at it (the account stands in for a bank's core system). */
+export const DEMO_BANK = { bankId: "demo-bank", accountId: "demo-account", holder: "Demo Cardholder", depositMinor: 100_000 };
+
 export interface DemoSetup {
   terminals: { id: string; psams: number }[];
   shops: ShopFile[];
+  /** `value` is an issuer credit at personalisation; the main job's card starts empty and is loaded from the bank. */
   card: { name: string; value: number; maxBalance: number; expiry: string };
 }
 
 export const DEFAULT_DEMO: DemoSetup = {
   terminals: [{ id: "terminal-1", psams: 4 }],
   shops: DEMO_SHOPS.map((d) => d.shop),
-  card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
+  card: { name: "demo", value: 0, maxBalance: 50_000, expiry: "2031-12-31" },
 };
 
 /**
@@ -82,19 +90,31 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
       await writeJsonAtomic(shopFile, shop);
       say(`operator: registered merchant ${shop.merchantId} (${shop.confirmationMode.replace("CONFIRMATION_MODE_", "")}) with a fresh shared key`);
     }
+    if (!existsSync(join(p.load, "hsm.json"))) {
+      const hsm = await issuer.provisionHsm({ path: join(p.load, "hsm.json") });
+      say(`issuer: provisioned the load server's security module ${hsm.hsmId} with the load master keys`);
+    }
+    if (!existsSync(join(p.bank, "bank.json"))) {
+      await registerBank({ loadDir: p.load, bankDir: p.bank, bankId: DEMO_BANK.bankId });
+      say(`operator: registered bank ${DEMO_BANK.bankId} at the load server with a fresh shared key`);
+    }
+    const bank = openSqlite(join(p.bank, "bank.db"), BANK_MIGRATIONS);
+    try {
+      const books = new BankStore(bank);
+      if (!(await books.account(DEMO_BANK.accountId))) {
+        await books.open({ accountId: DEMO_BANK.accountId, holder: DEMO_BANK.holder, currency: EUR, exponent: 2, openingMinor: DEMO_BANK.depositMinor });
+        say(`bank: opened account ${DEMO_BANK.accountId} for ${DEMO_BANK.holder} with EUR ${(DEMO_BANK.depositMinor / 100).toFixed(2)}`);
+      }
+    } finally {
+      await bank.close();
+    }
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
-    if (!existsSync(cardPath) || (await cardTooLow(cardPath))) {
+    if (!existsSync(cardPath)) {
       const card = await issuer.personaliseCard({ path: cardPath, currency: EUR, exponent: 2, initialValue: demo.card.value, maxBalance: demo.card.maxBalance, expiry: demo.card.expiry });
-      say(`issuer: personalised card ${card.purseId} with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)`);
+      say(`issuer: personalised card ${card.purseId}${demo.card.value ? ` with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)` : ", empty"}`);
     }
     return { cardPath };
   } finally {
     await issuer.close();
   }
-}
-
-/** A demo card too poor for the dearest demo product is replaced by a fresh one. */
-async function cardTooLow(path: string): Promise<boolean> {
-  const card = await readJson<CardFile>(path);
-  return card.balance < 4 * Math.max(...CATALOGUE.map((x) => x.priceMinor));
 }

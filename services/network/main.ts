@@ -1,7 +1,9 @@
 // `npm start`: the whole netpurse network on this machine. Sets up the demo
-// data on first run (issuer keys, PSAMs, a merchant, a card), starts every
-// part as its own process on loopback, makes a demo purchase printing each
-// step, and keeps the network up for the CLI and grpcurl until Ctrl-C.
+// data on first run (issuer keys, PSAMs, merchants, the load server's
+// security module, a bank account, a card), starts every part as its own
+// process on loopback, loads the card from the bank and makes a demo
+// purchase in each mode printing each step, and keeps the network up for the
+// CLI and grpcurl until Ctrl-C.
 
 import { parseArgs } from "node:util";
 import { join } from "node:path";
@@ -11,8 +13,8 @@ import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/termin
 import { describeError } from "../../lib/cli.js";
 import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { formatMoney } from "../../lib/money.js";
-import { DEFAULT_DEMO, DEMO_SHOPS, ensureDemoData } from "./layout.js";
+import { formatMoney, money } from "../../lib/money.js";
+import { DEFAULT_DEMO, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
 import { launchNetwork, Launcher } from "./launcher.js";
 
 const { values } = parseArgs({
@@ -27,9 +29,9 @@ const { values } = parseArgs({
 if (values.help) {
   console.log(`Usage: npm start -- [options]
 
-Starts the whole netpurse network on this machine (loopback only), makes a demo
-purchase with a software card in each confirmation mode, and keeps running
-until Ctrl-C.
+Starts the whole netpurse network on this machine (loopback only), loads the
+demo card from the demo bank account, makes a demo purchase with it in each
+confirmation mode, and keeps running until Ctrl-C.
 
 Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
@@ -41,6 +43,8 @@ Options:
 }
 
 const data = dataDir(values.data);
+/** What the main job loads onto the demo card before its purchases: EUR 20.00. */
+const DEMO_LOAD_MINOR = 2_000;
 const say = (s: string) => console.log(s);
 const launcher = new Launcher(join(data, "logs"), { echo: values.verbose ? (n, l) => console.log(`  [${n}] ${l}`) : undefined });
 
@@ -72,6 +76,8 @@ try {
       payment: defaultAddress("payment"),
       merchantValidation: defaultAddress("merchantValidation"),
       clientDaemon: defaultAddress("cardholder"),
+      bank: defaultAddress("bank"),
+      load: defaultAddress("load"),
     },
   });
   for (const [name, address] of Object.entries(addresses)) say(`  ${name.padEnd(22)} ${address}`);
@@ -91,6 +97,19 @@ try {
   }
 
   const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!));
+
+  // The card is loaded from the demo bank account first (FIG. 18), as a cardholder would top it up.
+  const before = (await cardholder.getCard({}, { deadline: 10_000 })).purse!;
+  const load = money(DEMO_LOAD_MINOR, EUR, 2);
+  say(`\ndemo load from ${DEMO_BANK.bankId}, account ${DEMO_BANK.accountId}`);
+  if (before.maxBalance!.amountMinor - before.balance!.amountMinor < load.amountMinor) {
+    say(`  skipped: the card holds ${formatMoney(before.balance!)} of at most ${formatMoney(before.maxBalance!)}, no room for ${formatMoney(load)}`);
+  } else {
+    say(`  the cardholder approves loading ${formatMoney(load)} (card balance ${formatMoney(before.balance!)})`);
+    const loaded = await cardholder.loadCard({ bankAddress: addresses.bank!, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load }, { deadline: 60_000 });
+    for (const s of loaded.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
+    say(`  card balance now ${formatMoney(loaded.purse!.balance!)}`);
+  }
   for (const { shop } of DEMO_SHOPS) {
     const mode = shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
     say(`\ndemo purchase at ${shop.name} (mode ${mode})`);
@@ -109,6 +128,9 @@ The network is running. Try, in another terminal:
   bin/netpurse card                  the card's balance and log
   bin/netpurse shop                  what the demo shop sells
   bin/netpurse pay ebook-grpc        buy something (asks you first)
+  bin/netpurse load 20.00            load the card from the demo bank account (asks you first)
+  bin/netpurse-bank statement ${DEMO_BANK.accountId}
+                                     the bank account: balance, holds, statement
   bin/netpurse pay song-1 --merchant 127.0.0.1:7414
                                      the same in another confirmation mode (7410 PSAM verifies,
                                      7412 server compares, 7413 client compares, 7414 merchant compares)

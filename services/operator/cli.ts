@@ -10,9 +10,9 @@ import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { hexOf, txnId } from "../../lib/ids.js";
 import { formatMoney } from "../../lib/money.js";
 import { table } from "../../lib/table.js";
-import { registerMerchant } from "./operator.js";
+import { registerBank, registerMerchant } from "./operator.js";
 
-await runCommands("netpurse-operator", "Payment operator tools: merchants, the terminal pool, transaction records.", [
+await runCommands("netpurse-operator", "Operator tools: merchants, banks, the terminal pool, transaction records.", [
   {
     name: "add-merchant",
     summary: "Register a merchant: a fresh key shared between the payment server (DATA/payment/merchants.json)\nand the merchant's validation service (DATA/merchant-validation/keys.json), both mode 0600.",
@@ -25,6 +25,18 @@ await runCommands("netpurse-operator", "Payment operator tools: merchants, the t
       const data = dataDir(v.data as string | undefined);
       await registerMerchant({ paymentDir: join(data, "payment"), validationDir: join(data, "merchant-validation"), merchantId: v.id, name: v.name, mode });
       console.log(`registered merchant ${v.id}; restart its validation service to load the new key`);
+    },
+  },
+  {
+    name: "add-bank",
+    summary: "Register a bank at the load server: a fresh key shared between the load server (DATA/load/banks.json)\nand the bank (DATA/bank/bank.json), both mode 0600.",
+    usage: "--id BANK [--data DIR]",
+    options: { id: { type: "string" }, data: { type: "string" } },
+    async run(v) {
+      if (typeof v.id !== "string") throw new UsageError("--id is required");
+      const data = dataDir(v.data as string | undefined);
+      await registerBank({ loadDir: join(data, "load"), bankDir: join(data, "bank"), bankId: v.id });
+      console.log(`registered bank ${v.id}; restart the load server and the bank to load the new key`);
     },
   },
   {

@@ -12,7 +12,7 @@ import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
 import { CardholderDaemon } from "../../client/daemon/daemon.js";
-import { CLIENT_MIGRATIONS, SqliteJournal } from "../../client/daemon/journal.js";
+import { CLIENT_MIGRATIONS, SqliteJournal, SqliteLoadJournal } from "../../client/daemon/journal.js";
 import type { DebitSent } from "../../client/purchase.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { startNetwork, type Network } from "../support/network.js";
@@ -39,6 +39,7 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
   let net: Network;
   let daemon: CardholderDaemon;
   let journal: CrashingJournal;
+  let loads: SqliteLoadJournal;
   let cardPath: string;
 
   before(async () => {
@@ -47,8 +48,10 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
     cardPath = join(net.paths.cards, "bob.card.json");
     await issuer.personaliseCard({ path: cardPath, currency: 978, exponent: 2, initialValue: 5_000, maxBalance: 50_000, expiry: "2031-12-31" });
     await issuer.close();
-    journal = new CrashingJournal(openSqlite(join(net.data, "client-bob", "client.db"), CLIENT_MIGRATIONS));
-    daemon = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(cardPath)), journal, log: createLogger("client-bob") });
+    const db = openSqlite(join(net.data, "client-bob", "client.db"), CLIENT_MIGRATIONS);
+    journal = new CrashingJournal(db);
+    loads = new SqliteLoadJournal(db);
+    daemon = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(cardPath)), journal, loads, log: createLogger("client-bob") });
   });
   after(async () => {
     await daemon?.close();
@@ -104,7 +107,7 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
     journal.crashAfter = "debitSent";
     const { offer } = await pay();
     journal.crashAfter = undefined;
-    const other = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(net.cardPath)), journal, log: createLogger("client-other") });
+    const other = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(net.cardPath)), journal, loads, log: createLogger("client-other") });
     expect(await other.resume()).to.equal(0);
     expect((await journal.get(offer.transactionId!.value))!.state).to.equal("DEBIT_SENT"); // left for the right card
     await other.close();

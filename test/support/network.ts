@@ -16,6 +16,10 @@ import { startMerchant } from "../../services/merchant/server.js";
 import { DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
 import { startPaymentServer } from "../../services/payment/server.js";
 import { startTerminalHost } from "../../services/terminal/server.js";
+import { startBankServer } from "../../services/bank/server.js";
+import { startLoadServer } from "../../services/load/server.js";
+import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { tempDir } from "./fixtures.js";
 
 void ChannelCredentials;
@@ -66,11 +70,13 @@ export async function startNetwork(o: NetworkOptions = {}) {
     DEMO_SHOPS.map((d) => startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(d.shop.merchantId), validation: validation.address, paymentServer: payment.address })),
   );
   const merchant = shops[0]!;
+  const load = await startLoadServer({ listen: "127.0.0.1:0", dir: p.load });
+  const bank = await startBankServer({ listen: "127.0.0.1:0", dir: p.bank, loadServer: load.address });
   const daemon = await startClientDaemon({ listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
 
   const factory = clientFactory();
-  const channels = [payment, merchant, validation, concentrator, daemon].map((s) => openChannel(s.address));
-  const [pc, mc, vc, cc, dc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
+  const channels = [payment, merchant, validation, concentrator, daemon, bank, load].map((s) => openChannel(s.address));
+  const [pc, mc, vc, cc, dc, bc, lc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
   const shopChannels = shops.map((s) => openChannel(s.address));
   /** The demo shop of each confirmation mode, by merchant id. */
   const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
@@ -87,7 +93,11 @@ export async function startNetwork(o: NetworkOptions = {}) {
     shops,
     merchants,
     daemon,
+    bank,
+    load,
     clients: {
+      bank: factory.create(BankServiceDefinition, bc!),
+      load: factory.create(LoadServiceDefinition, lc!),
       payment: factory.create(PaymentServiceDefinition, pc),
       merchant: factory.create(MerchantServiceDefinition, mc!),
       validation: factory.create(MerchantValidationServiceDefinition, vc!),
@@ -97,6 +107,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     async close() {
       for (const c of [...channels, ...shopChannels]) c.close();
       await daemon.close();
+      await bank.close();
+      await load.close();
       for (const s of shops) await s.close();
       await validation.close();
       await payment.close();

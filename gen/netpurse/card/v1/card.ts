@@ -207,6 +207,12 @@ export enum ErrorReason {
    * another type's message, or altered on the way (PERMISSION_DENIED).
    */
   ERROR_REASON_SEAL_BROKEN = 19,
+  /** ERROR_REASON_INSUFFICIENT_FUNDS - The bank account lacks the funds for the load (FAILED_PRECONDITION). */
+  ERROR_REASON_INSUFFICIENT_FUNDS = 20,
+  /** ERROR_REASON_MAX_BALANCE_EXCEEDED - The load would take the card above its maximum balance (FAILED_PRECONDITION). */
+  ERROR_REASON_MAX_BALANCE_EXCEEDED = 21,
+  /** ERROR_REASON_UNKNOWN_BANK - The bank id is not registered at the load server (PERMISSION_DENIED). */
+  ERROR_REASON_UNKNOWN_BANK = 22,
   UNRECOGNIZED = -1,
 }
 
@@ -272,6 +278,15 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 19:
     case "ERROR_REASON_SEAL_BROKEN":
       return ErrorReason.ERROR_REASON_SEAL_BROKEN;
+    case 20:
+    case "ERROR_REASON_INSUFFICIENT_FUNDS":
+      return ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS;
+    case 21:
+    case "ERROR_REASON_MAX_BALANCE_EXCEEDED":
+      return ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED;
+    case 22:
+    case "ERROR_REASON_UNKNOWN_BANK":
+      return ErrorReason.ERROR_REASON_UNKNOWN_BANK;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -321,6 +336,12 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_WRONG_COMPLETION_TOKEN";
     case ErrorReason.ERROR_REASON_SEAL_BROKEN:
       return "ERROR_REASON_SEAL_BROKEN";
+    case ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS:
+      return "ERROR_REASON_INSUFFICIENT_FUNDS";
+    case ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED:
+      return "ERROR_REASON_MAX_BALANCE_EXCEEDED";
+    case ErrorReason.ERROR_REASON_UNKNOWN_BANK:
+      return "ERROR_REASON_UNKNOWN_BANK";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -382,7 +403,8 @@ export interface TransactionId {
  * A message sealed with AES-256-GCM: the encryption layer of DESIGN.md §3
  * (FIG. 9, 15A-B). The associated data is the ASCII "netpurse/1", a zero
  * byte, the message type's name in ASCII (DRAW_REQUEST, DEBIT_COMMAND,
- * CARD_ANSWER, DEBIT_RESULT_C, DEBIT_RESULT_M, SESSION_KEY), a zero byte and
+ * CARD_ANSWER, DEBIT_RESULT_C, DEBIT_RESULT_M, SESSION_KEY, and for loads
+ * LOAD_AUTHORIZATION and LOAD_CONFIRMATION), a zero byte and
  * the transaction id's 16 bytes: a sealed message opens only as the type and
  * for the transaction it was made for. The plaintext is the protobuf
  * encoding of the message the field names.

@@ -7,7 +7,9 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { CallContext, CallOptions } from "nice-grpc-common";
-import { CardTransaction, Money, PurseState } from "../../card/v1/card.js";
+import { HoldState, holdStateFromJSON, holdStateToJSON } from "../../bank/v1/bank.js";
+import { CardTransaction, Money, PurseState, TransactionId } from "../../card/v1/card.js";
+import { LoadOutcome, loadOutcomeFromJSON, loadOutcomeToJSON } from "../../load/v1/load.js";
 import { PaymentOffer, Receipt } from "../../merchant/v1/merchant.js";
 
 export const protobufPackage = "netpurse.cardholder.v1";
@@ -70,6 +72,64 @@ export interface PayOfferResponse {
     | undefined;
   /** The steps of the purchase, in order. */
   steps: PurchaseStep[];
+}
+
+/** Request of LoadCard. */
+export interface LoadCardRequest {
+  /** Address (host:port) of the bank server; empty means 127.0.0.1:7440. */
+  bankAddress: string;
+  /** The account to load from. */
+  accountId: string;
+  /** The amount to load, in the card's currency. */
+  amount:
+    | Money
+    | undefined;
+  /** The amount the cardholder was shown and approved; must equal amount. */
+  approvedAmount: Money | undefined;
+}
+
+/** Response of LoadCard. */
+export interface LoadCardResponse {
+  /** The load's transaction id. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** What the load server confirmed. */
+  outcome: LoadOutcome;
+  /** The bank's hold after the confirmation. */
+  holdState: HoldState;
+  /** The purse after the load. */
+  purse:
+    | PurseState
+    | undefined;
+  /** The steps of the load, in order. */
+  steps: PurchaseStep[];
+}
+
+/** Request of SyncCard. */
+export interface SyncCardRequest {
+}
+
+/** One load SyncCard finished or found still open. */
+export interface SyncedLoad {
+  /** The load's transaction id. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** Its outcome, UNSPECIFIED while it is still pending. */
+  outcome: LoadOutcome;
+  /** The bank's hold, UNSPECIFIED when the bank could not be reached. */
+  holdState: HoldState;
+  /** What happened, one line. */
+  detail: string;
+}
+
+/** Response of SyncCard. */
+export interface SyncCardResponse {
+  /** The loads this daemon had open, and what became of each. */
+  loads: SyncedLoad[];
+  /** The purse after the sync. */
+  purse: PurseState | undefined;
 }
 
 function createBaseGetCardRequest(): GetCardRequest {
@@ -636,6 +696,550 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
   },
 };
 
+function createBaseLoadCardRequest(): LoadCardRequest {
+  return { bankAddress: "", accountId: "", amount: undefined, approvedAmount: undefined };
+}
+
+export const LoadCardRequest: MessageFns<LoadCardRequest> = {
+  encode(message: LoadCardRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.bankAddress !== "") {
+      writer.uint32(10).string(message.bankAddress);
+    }
+    if (message.accountId !== "") {
+      writer.uint32(18).string(message.accountId);
+    }
+    if (message.amount !== undefined) {
+      Money.encode(message.amount, writer.uint32(26).fork()).join();
+    }
+    if (message.approvedAmount !== undefined) {
+      Money.encode(message.approvedAmount, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadCardRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadCardRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.bankAddress = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.accountId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.amount = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.approvedAmount = Money.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadCardRequest {
+    return {
+      bankAddress: isSet(object.bankAddress)
+        ? globalThis.String(object.bankAddress)
+        : isSet(object.bank_address)
+        ? globalThis.String(object.bank_address)
+        : "",
+      accountId: isSet(object.accountId)
+        ? globalThis.String(object.accountId)
+        : isSet(object.account_id)
+        ? globalThis.String(object.account_id)
+        : "",
+      amount: isSet(object.amount) ? Money.fromJSON(object.amount) : undefined,
+      approvedAmount: isSet(object.approvedAmount)
+        ? Money.fromJSON(object.approvedAmount)
+        : isSet(object.approved_amount)
+        ? Money.fromJSON(object.approved_amount)
+        : undefined,
+    };
+  },
+
+  toJSON(message: LoadCardRequest): unknown {
+    const obj: any = {};
+    if (message.bankAddress !== "") {
+      obj.bankAddress = message.bankAddress;
+    }
+    if (message.accountId !== "") {
+      obj.accountId = message.accountId;
+    }
+    if (message.amount !== undefined) {
+      obj.amount = Money.toJSON(message.amount);
+    }
+    if (message.approvedAmount !== undefined) {
+      obj.approvedAmount = Money.toJSON(message.approvedAmount);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadCardRequest>): LoadCardRequest {
+    return LoadCardRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadCardRequest>): LoadCardRequest {
+    const message = createBaseLoadCardRequest();
+    message.bankAddress = object.bankAddress ?? "";
+    message.accountId = object.accountId ?? "";
+    message.amount = (object.amount !== undefined && object.amount !== null)
+      ? Money.fromPartial(object.amount)
+      : undefined;
+    message.approvedAmount = (object.approvedAmount !== undefined && object.approvedAmount !== null)
+      ? Money.fromPartial(object.approvedAmount)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseLoadCardResponse(): LoadCardResponse {
+  return { transactionId: undefined, outcome: 0, holdState: 0, purse: undefined, steps: [] };
+}
+
+export const LoadCardResponse: MessageFns<LoadCardResponse> = {
+  encode(message: LoadCardResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.outcome !== 0) {
+      writer.uint32(16).int32(message.outcome);
+    }
+    if (message.holdState !== 0) {
+      writer.uint32(24).int32(message.holdState);
+    }
+    if (message.purse !== undefined) {
+      PurseState.encode(message.purse, writer.uint32(34).fork()).join();
+    }
+    for (const v of message.steps) {
+      PurchaseStep.encode(v!, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadCardResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadCardResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.holdState = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.purse = PurseState.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.steps.push(PurchaseStep.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadCardResponse {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      outcome: isSet(object.outcome) ? loadOutcomeFromJSON(object.outcome) : 0,
+      holdState: isSet(object.holdState)
+        ? holdStateFromJSON(object.holdState)
+        : isSet(object.hold_state)
+        ? holdStateFromJSON(object.hold_state)
+        : 0,
+      purse: isSet(object.purse) ? PurseState.fromJSON(object.purse) : undefined,
+      steps: globalThis.Array.isArray(object?.steps) ? object.steps.map((e: any) => PurchaseStep.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: LoadCardResponse): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.outcome !== 0) {
+      obj.outcome = loadOutcomeToJSON(message.outcome);
+    }
+    if (message.holdState !== 0) {
+      obj.holdState = holdStateToJSON(message.holdState);
+    }
+    if (message.purse !== undefined) {
+      obj.purse = PurseState.toJSON(message.purse);
+    }
+    if (message.steps?.length) {
+      obj.steps = message.steps.map((e) => PurchaseStep.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadCardResponse>): LoadCardResponse {
+    return LoadCardResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadCardResponse>): LoadCardResponse {
+    const message = createBaseLoadCardResponse();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.outcome = object.outcome ?? 0;
+    message.holdState = object.holdState ?? 0;
+    message.purse = (object.purse !== undefined && object.purse !== null)
+      ? PurseState.fromPartial(object.purse)
+      : undefined;
+    message.steps = object.steps?.map((e) => PurchaseStep.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSyncCardRequest(): SyncCardRequest {
+  return {};
+}
+
+export const SyncCardRequest: MessageFns<SyncCardRequest> = {
+  encode(_: SyncCardRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SyncCardRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSyncCardRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): SyncCardRequest {
+    return {};
+  },
+
+  toJSON(_: SyncCardRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<SyncCardRequest>): SyncCardRequest {
+    return SyncCardRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<SyncCardRequest>): SyncCardRequest {
+    const message = createBaseSyncCardRequest();
+    return message;
+  },
+};
+
+function createBaseSyncedLoad(): SyncedLoad {
+  return { transactionId: undefined, outcome: 0, holdState: 0, detail: "" };
+}
+
+export const SyncedLoad: MessageFns<SyncedLoad> = {
+  encode(message: SyncedLoad, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.outcome !== 0) {
+      writer.uint32(16).int32(message.outcome);
+    }
+    if (message.holdState !== 0) {
+      writer.uint32(24).int32(message.holdState);
+    }
+    if (message.detail !== "") {
+      writer.uint32(34).string(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SyncedLoad {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSyncedLoad();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.holdState = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SyncedLoad {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      outcome: isSet(object.outcome) ? loadOutcomeFromJSON(object.outcome) : 0,
+      holdState: isSet(object.holdState)
+        ? holdStateFromJSON(object.holdState)
+        : isSet(object.hold_state)
+        ? holdStateFromJSON(object.hold_state)
+        : 0,
+      detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
+    };
+  },
+
+  toJSON(message: SyncedLoad): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.outcome !== 0) {
+      obj.outcome = loadOutcomeToJSON(message.outcome);
+    }
+    if (message.holdState !== 0) {
+      obj.holdState = holdStateToJSON(message.holdState);
+    }
+    if (message.detail !== "") {
+      obj.detail = message.detail;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SyncedLoad>): SyncedLoad {
+    return SyncedLoad.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SyncedLoad>): SyncedLoad {
+    const message = createBaseSyncedLoad();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.outcome = object.outcome ?? 0;
+    message.holdState = object.holdState ?? 0;
+    message.detail = object.detail ?? "";
+    return message;
+  },
+};
+
+function createBaseSyncCardResponse(): SyncCardResponse {
+  return { loads: [], purse: undefined };
+}
+
+export const SyncCardResponse: MessageFns<SyncCardResponse> = {
+  encode(message: SyncCardResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.loads) {
+      SyncedLoad.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.purse !== undefined) {
+      PurseState.encode(message.purse, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SyncCardResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSyncCardResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.loads.push(SyncedLoad.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.purse = PurseState.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SyncCardResponse {
+    return {
+      loads: globalThis.Array.isArray(object?.loads) ? object.loads.map((e: any) => SyncedLoad.fromJSON(e)) : [],
+      purse: isSet(object.purse) ? PurseState.fromJSON(object.purse) : undefined,
+    };
+  },
+
+  toJSON(message: SyncCardResponse): unknown {
+    const obj: any = {};
+    if (message.loads?.length) {
+      obj.loads = message.loads.map((e) => SyncedLoad.toJSON(e));
+    }
+    if (message.purse !== undefined) {
+      obj.purse = PurseState.toJSON(message.purse);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SyncCardResponse>): SyncCardResponse {
+    return SyncCardResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SyncCardResponse>): SyncCardResponse {
+    const message = createBaseSyncCardResponse();
+    message.loads = object.loads?.map((e) => SyncedLoad.fromPartial(e)) || [];
+    message.purse = (object.purse !== undefined && object.purse !== null)
+      ? PurseState.fromPartial(object.purse)
+      : undefined;
+    return message;
+  },
+};
+
 /** Cardholder API of the client daemon. Bound to 127.0.0.1 by default. */
 export type CardholderServiceDefinition = typeof CardholderServiceDefinition;
 export const CardholderServiceDefinition = {
@@ -682,6 +1286,41 @@ export const CardholderServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * Loads the card from a bank account (FIG. 18): asks the bank for a load
+     * offer (the bank holds the funds), packages the card's INITIALIZE FOR
+     * LOAD into one load request, has the load server's security module sign
+     * the LOAD command, lets the card credit itself, and carries the load
+     * server's sealed confirmation to the bank, which then debits the account.
+     * A negative result from the card is settled by the negative result
+     * handling; a load whose confirmation cannot be delivered stays pending
+     * and is finished at the card's next transaction or SyncCard. The
+     * cardholder must have approved exactly the amount (approved_amount);
+     * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
+     * asked of the bank. Errors of the bank and the load server are passed on
+     * with their codes.
+     */
+    loadCard: {
+      name: "LoadCard",
+      requestType: LoadCardRequest as typeof LoadCardRequest,
+      requestStream: false,
+      responseType: LoadCardResponse as typeof LoadCardResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Sends the card's transaction history to the load server of every load
+     * this daemon still has pending, and carries the confirmations it gets to
+     * the banks: finishes pending deposits without a new transaction.
+     */
+    syncCard: {
+      name: "SyncCard",
+      requestType: SyncCardRequest as typeof SyncCardRequest,
+      requestStream: false,
+      responseType: SyncCardResponse as typeof SyncCardResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -708,6 +1347,27 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * are passed on with their codes.
    */
   payOffer(request: PayOfferRequest, context: CallContext & CallContextExt): Promise<DeepPartial<PayOfferResponse>>;
+  /**
+   * Loads the card from a bank account (FIG. 18): asks the bank for a load
+   * offer (the bank holds the funds), packages the card's INITIALIZE FOR
+   * LOAD into one load request, has the load server's security module sign
+   * the LOAD command, lets the card credit itself, and carries the load
+   * server's sealed confirmation to the bank, which then debits the account.
+   * A negative result from the card is settled by the negative result
+   * handling; a load whose confirmation cannot be delivered stays pending
+   * and is finished at the card's next transaction or SyncCard. The
+   * cardholder must have approved exactly the amount (approved_amount);
+   * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
+   * asked of the bank. Errors of the bank and the load server are passed on
+   * with their codes.
+   */
+  loadCard(request: LoadCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LoadCardResponse>>;
+  /**
+   * Sends the card's transaction history to the load server of every load
+   * this daemon still has pending, and carries the confirmations it gets to
+   * the banks: finishes pending deposits without a new transaction.
+   */
+  syncCard(request: SyncCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<SyncCardResponse>>;
 }
 
 export interface CardholderServiceClient<CallOptionsExt = {}> {
@@ -733,6 +1393,27 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * are passed on with their codes.
    */
   payOffer(request: DeepPartial<PayOfferRequest>, options?: CallOptions & CallOptionsExt): Promise<PayOfferResponse>;
+  /**
+   * Loads the card from a bank account (FIG. 18): asks the bank for a load
+   * offer (the bank holds the funds), packages the card's INITIALIZE FOR
+   * LOAD into one load request, has the load server's security module sign
+   * the LOAD command, lets the card credit itself, and carries the load
+   * server's sealed confirmation to the bank, which then debits the account.
+   * A negative result from the card is settled by the negative result
+   * handling; a load whose confirmation cannot be delivered stays pending
+   * and is finished at the card's next transaction or SyncCard. The
+   * cardholder must have approved exactly the amount (approved_amount);
+   * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
+   * asked of the bank. Errors of the bank and the load server are passed on
+   * with their codes.
+   */
+  loadCard(request: DeepPartial<LoadCardRequest>, options?: CallOptions & CallOptionsExt): Promise<LoadCardResponse>;
+  /**
+   * Sends the card's transaction history to the load server of every load
+   * this daemon still has pending, and carries the confirmations it gets to
+   * the banks: finishes pending deposits without a new transaction.
+   */
+  syncCard(request: DeepPartial<SyncCardRequest>, options?: CallOptions & CallOptionsExt): Promise<SyncCardResponse>;
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

@@ -1,0 +1,80 @@
+// netpurse-bank: the demo bank's commands. Opening accounts writes the
+// bank's own books (which stand in for a core banking system); statements
+// come from the running bank server over gRPC.
+
+import { join } from "node:path";
+import { BankServiceDefinition, HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { runCommands, int, str, UsageError } from "../../lib/cli.js";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { isName } from "../../lib/ids.js";
+import { formatMinor, formatMoney, parseMinor } from "../../lib/money.js";
+import { openSqlite } from "../../lib/store/db.js";
+import { table } from "../../lib/table.js";
+import { BANK_MIGRATIONS, BankStore } from "./store.js";
+
+const dataOption = { data: { type: "string" } } as const;
+
+async function withStore<T>(v: Record<string, unknown>, fn: (s: BankStore) => Promise<T>): Promise<T> {
+  const db = openSqlite(join(dataDir(v.data as string | undefined), "bank", "bank.db"), BANK_MIGRATIONS);
+  try {
+    return await fn(new BankStore(db));
+  } finally {
+    await db.close();
+  }
+}
+
+await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a bank's core system) and statements.", [
+  {
+    name: "open-account",
+    summary: "Open a demo account with an opening deposit.",
+    usage: "--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--data DIR]",
+    options: { ...dataOption, id: { type: "string" }, holder: { type: "string" }, deposit: { type: "string" }, currency: { type: "string" }, exponent: { type: "string" } },
+    async run(v) {
+      if (typeof v.id !== "string" || typeof v.holder !== "string") throw new UsageError("--id and --holder are required");
+      if (!isName(v.id, 32)) throw new UsageError("--id must be 1..32 characters of [A-Za-z0-9._-]");
+      const exponent = int(v.exponent, 2, "exponent");
+      const currency = int(v.currency, 978, "currency");
+      const openingMinor = Number(parseMinor(str(v.deposit, "500.00"), exponent));
+      await withStore(v, async (s) => {
+        if (await s.account(v.id as string)) throw new UsageError(`account ${String(v.id)} exists already`);
+        await s.open({ accountId: v.id as string, holder: v.holder as string, currency, exponent, openingMinor });
+      });
+      console.log(`opened account ${v.id} for ${v.holder} with ${formatMoney({ amountMinor: openingMinor, currency, exponent })}`);
+    },
+  },
+  {
+    name: "accounts",
+    summary: "List the bank's accounts with their balances.",
+    usage: "[--data DIR]",
+    options: { ...dataOption },
+    async run(v) {
+      const rows = await withStore(v, async (s) => Promise.all((await s.accounts()).map(async (a) => ({ a, available: await s.available(a) }))));
+      console.log(table(["account", "holder", "balance", "available"], rows.map(({ a, available }) => [a.account_id, a.holder, formatMinor(a.balance_minor, a.exponent), formatMinor(available, a.exponent)])));
+    },
+  },
+  {
+    name: "statement",
+    summary: "Show an account's balance, the funds on hold for loads, and its statement, from the running bank.",
+    usage: `ACCOUNT [--bank HOST:PORT] (default ${defaultAddress("bank")})`,
+    options: { bank: { type: "string" } },
+    async run(v, positionals) {
+      const id = positionals[0];
+      if (!id) throw new UsageError("name the account");
+      const channel = openChannel(str(v.bank, defaultAddress("bank")));
+      try {
+        const a = await clientFactory().create(BankServiceDefinition, channel).getAccount({ accountId: id }, { deadline: 5_000 });
+        console.log(`account ${a.accountId} (${a.holder})   balance ${formatMoney(a.balance!)}   available ${formatMoney(a.available!)}\n`);
+        const held = a.holds.filter((h) => h.state === HoldState.HOLD_STATE_HELD);
+        if (held.length) {
+          console.log("on hold for loads not yet confirmed:");
+          console.log(table(["since (UTC)", "amount", "card", "transaction"], held.map((h) => [h.createdAt!.toISOString().replace("T", " ").slice(0, 19), formatMoney(h.amount!), Buffer.from(h.purseId?.value ?? []).toString("hex"), h.transactionId?.value ?? ""])));
+          console.log("");
+        }
+        console.log(table(["posted (UTC)", "text", "amount", "balance"], a.statement.map((l) => [l.postedAt!.toISOString().replace("T", " ").slice(0, 19), l.text, formatMoney(l.amount!), formatMoney(l.balanceAfter!)])));
+      } finally {
+        channel.close();
+      }
+    },
+  },
+]);

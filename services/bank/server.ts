@@ -1,0 +1,39 @@
+import { join } from "node:path";
+import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { defaultAddress } from "../../lib/config.js";
+import { startGrpcServer } from "../../lib/grpc/server.js";
+import { createLogger } from "../../lib/log.js";
+import { openSqlite } from "../../lib/store/db.js";
+import { BankServer } from "./bank-server.js";
+import { readBankFile } from "./identity.js";
+import { BANK_MIGRATIONS, BankStore } from "./store.js";
+
+export interface BankConfig {
+  listen?: string;
+  /** The bank's folder: bank.db and bank.json. */
+  dir: string;
+  /** The load server address put into offers. */
+  loadServer?: string;
+  /** This bank's address as cardholders reach it, put into offers (default: the address it binds). */
+  publicAddress?: string;
+}
+
+/** Starts the demo bank in this process. */
+export async function startBankServer(c: BankConfig) {
+  const log = createLogger("bank");
+  const file = await readBankFile(join(c.dir, "bank.json"));
+  const db = openSqlite(join(c.dir, "bank.db"), BANK_MIGRATIONS);
+  const store = new BankStore(db);
+  const identity = { bankId: file.bankId, loadServerKey: Buffer.from(file.loadServerKey, "hex"), loadServerAddress: c.loadServer ?? defaultAddress("load"), bankAddress: "" };
+  const server = new BankServer({ store, identity, log });
+  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [[BankServiceDefinition, server.service]], log });
+  identity.bankAddress = c.publicAddress ?? grpc.address;
+  return {
+    address: grpc.address,
+    store,
+    async close() {
+      await grpc.shutdown();
+      await db.close();
+    },
+  };
+}

@@ -1,0 +1,147 @@
+// The demo bank's books. These accounts stand in for a bank's core system,
+// which lies outside netpurse: a real bank server would call its core system
+// where this one writes to its own tables. Holds and their resolution are
+// the bank server's own business either way.
+
+import type { Db, Queryable } from "../../lib/store/db.js";
+
+export const BANK_MIGRATIONS = [
+  `CREATE TABLE accounts (
+     account_id TEXT PRIMARY KEY,
+     holder TEXT NOT NULL,
+     currency INTEGER NOT NULL,
+     exponent INTEGER NOT NULL,
+     balance_minor INTEGER NOT NULL CHECK (balance_minor >= 0),
+     opened_at TEXT NOT NULL
+   );
+   CREATE TABLE holds (
+     transaction_id TEXT PRIMARY KEY,
+     account_id TEXT NOT NULL REFERENCES accounts (account_id),
+     purse_id TEXT NOT NULL,
+     amount_minor INTEGER NOT NULL,
+     request_hash TEXT NOT NULL,
+     offer BLOB NOT NULL,
+     key_nonce BLOB NOT NULL,
+     state TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     resolved_at TEXT
+   );
+   CREATE INDEX holds_account ON holds (account_id, state);
+   CREATE TABLE statement (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     account_id TEXT NOT NULL REFERENCES accounts (account_id),
+     posted_at TEXT NOT NULL,
+     text TEXT NOT NULL,
+     amount_minor INTEGER NOT NULL,
+     balance_after INTEGER NOT NULL,
+     transaction_id TEXT
+   );
+   CREATE INDEX statement_account ON statement (account_id, id);`,
+];
+
+export type HoldRowState = "HELD" | "POSTED" | "RELEASED";
+
+export interface AccountRow {
+  account_id: string;
+  holder: string;
+  currency: number;
+  exponent: number;
+  balance_minor: number;
+}
+
+export interface HoldRow {
+  transaction_id: string;
+  account_id: string;
+  purse_id: string;
+  amount_minor: number;
+  request_hash: string;
+  /** The LoadOffer as returned, protobuf. */
+  offer: Buffer;
+  key_nonce: Buffer;
+  state: HoldRowState;
+  created_at: string;
+}
+
+export interface StatementRow {
+  posted_at: string;
+  text: string;
+  amount_minor: number;
+  balance_after: number;
+  transaction_id: string | null;
+}
+
+export class BankStore {
+  constructor(readonly db: Db) {}
+
+  account(id: string, q: Queryable = this.db): Promise<AccountRow | undefined> {
+    return q.get<AccountRow>("SELECT * FROM accounts WHERE account_id = ?", [id]);
+  }
+
+  accounts(): Promise<AccountRow[]> {
+    return this.db.all<AccountRow>("SELECT * FROM accounts ORDER BY account_id");
+  }
+
+  /** Posted balance less what is on hold. */
+  async available(account: AccountRow, q: Queryable = this.db): Promise<number> {
+    const held = await q.get<{ n: number }>("SELECT COALESCE(SUM(amount_minor), 0) AS n FROM holds WHERE account_id = ? AND state = 'HELD'", [account.account_id]);
+    return account.balance_minor - (held?.n ?? 0);
+  }
+
+  hold(id: string, q: Queryable = this.db): Promise<HoldRow | undefined> {
+    return q.get<HoldRow>("SELECT * FROM holds WHERE transaction_id = ?", [id]);
+  }
+
+  holds(accountId: string, limit: number): Promise<HoldRow[]> {
+    return this.db.all<HoldRow>("SELECT * FROM holds WHERE account_id = ? ORDER BY created_at DESC LIMIT ?", [accountId, limit]);
+  }
+
+  statement(accountId: string, limit: number): Promise<StatementRow[]> {
+    return this.db.all<StatementRow>("SELECT posted_at, text, amount_minor, balance_after, transaction_id FROM statement WHERE account_id = ? ORDER BY id DESC LIMIT ?", [accountId, limit]);
+  }
+
+  /** Opens a demo account with an opening deposit; refuses an id in use. */
+  async open(a: { accountId: string; holder: string; currency: number; exponent: number; openingMinor: number }): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      const now = new Date().toISOString();
+      await tx.run("INSERT INTO accounts (account_id, holder, currency, exponent, balance_minor, opened_at) VALUES (?, ?, ?, ?, ?, ?)", [
+        a.accountId,
+        a.holder,
+        a.currency,
+        a.exponent,
+        a.openingMinor,
+        now,
+      ]);
+      await tx.run("INSERT INTO statement (account_id, posted_at, text, amount_minor, balance_after, transaction_id) VALUES (?, ?, ?, ?, ?, NULL)", [
+        a.accountId,
+        now,
+        "opening deposit",
+        a.openingMinor,
+        a.openingMinor,
+      ]);
+    });
+  }
+
+  /** Turns a hold into a debit of the account, with its statement line; false when it was no longer held. */
+  async post(q: Queryable, hold: HoldRow, text: string): Promise<boolean> {
+    const now = new Date().toISOString();
+    const r = await q.run("UPDATE holds SET state = 'POSTED', resolved_at = ? WHERE transaction_id = ? AND state = 'HELD'", [now, hold.transaction_id]);
+    if (!r.changes) return false;
+    await q.run("UPDATE accounts SET balance_minor = balance_minor - ? WHERE account_id = ?", [hold.amount_minor, hold.account_id]);
+    const { balance_minor } = (await this.account(hold.account_id, q))!;
+    await q.run("INSERT INTO statement (account_id, posted_at, text, amount_minor, balance_after, transaction_id) VALUES (?, ?, ?, ?, ?, ?)", [
+      hold.account_id,
+      now,
+      text,
+      -hold.amount_minor,
+      balance_minor,
+      hold.transaction_id,
+    ]);
+    return true;
+  }
+
+  /** Frees a held amount; false when it was no longer held. */
+  async release(q: Queryable, hold: HoldRow): Promise<boolean> {
+    const r = await q.run("UPDATE holds SET state = 'RELEASED', resolved_at = ? WHERE transaction_id = ? AND state = 'HELD'", [new Date().toISOString(), hold.transaction_id]);
+    return r.changes === 1;
+  }
+}

@@ -1,0 +1,16 @@
+import { join } from "node:path";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { opt, runService } from "../../lib/service-main.js";
+import { startLoadServer } from "./server.js";
+
+await runService({
+  program: "netpurse-load",
+  summary: "Load server: has its host security module sign LOAD commands for cards, verifies the cards' answers and confirms loads to the banks.",
+  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" } },
+  help: [
+    `  --listen HOST:PORT       address to serve on (default ${defaultAddress("load")})`,
+    "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
+    "  --dir DIR                this server's folder (default DATA/load): load.db, banks.json, hsm.json",
+  ].join("\n"),
+  start: (v) => startLoadServer({ listen: opt(v, "listen", defaultAddress("load")), dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "load")) }),
+});

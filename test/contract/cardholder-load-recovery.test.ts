@@ -1,0 +1,150 @@
+// The client daemon finishes loads that stopped half-way: the client
+// "disappears" after each step (a crash injected in its journal, everything
+// else the real network), and the next transaction, a `card sync`, or the
+// next load finishes it. The card's own history confirms a credit whose
+// confirmation was lost (the pending deposit); a card that never took its
+// LOAD proves it with its zero-value S1. Each case checks the card, the
+// account and the hold.
+
+import { expect } from "chai";
+import { join } from "node:path";
+import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadState, type SettledLoad } from "../../gen/netpurse/load/v1/load.js";
+import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { createLogger } from "../../lib/log.js";
+import { money } from "../../lib/money.js";
+import { openSqlite } from "../../lib/store/db.js";
+import { CardholderDaemon } from "../../client/daemon/daemon.js";
+import { CLIENT_MIGRATIONS, SqliteJournal, SqliteLoadJournal } from "../../client/daemon/journal.js";
+import type { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
+import { account, EUR, freshCardholder, LOADED, NOT_LOADED } from "../support/load.js";
+import { startNetwork, type Network } from "../support/network.js";
+
+class Crash extends Error {}
+
+type Step = "loadStarted" | "loadOffered" | "loadSent" | "loadAnswered" | "loadSettled";
+
+/** A load journal that crashes the load right after one step was written. */
+class CrashingLoadJournal extends SqliteLoadJournal {
+  crashAfter: Step | undefined;
+
+  private crash(step: Step) {
+    if (this.crashAfter === step) throw new Crash(`crashed after ${step}`);
+  }
+  override async loadStarted(r: Parameters<SqliteLoadJournal["loadStarted"]>[0]) {
+    await super.loadStarted(r);
+    this.crash("loadStarted");
+  }
+  override async loadOffered(id: string, offer: LoadOffer) {
+    await super.loadOffered(id, offer);
+    this.crash("loadOffered");
+  }
+  override async loadSent(id: string, counter: number) {
+    await super.loadSent(id, counter);
+    this.crash("loadSent");
+  }
+  override async loadAnswered(id: string, raw: Buffer) {
+    await super.loadAnswered(id, raw);
+    this.crash("loadAnswered");
+  }
+  override async loadSettled(id: string, s: SettledLoad) {
+    await super.loadSettled(id, s);
+    this.crash("loadSettled");
+  }
+}
+
+describe("client daemon: loads the client dropped out of half-way", function () {
+  this.timeout(60_000);
+  let net: Network;
+  let n = 0;
+
+  before(async () => {
+    net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }] });
+  });
+  after(async () => net?.close());
+
+  /** A cardholder with an empty card, an account of EUR 1000.00, and a daemon whose journal crashes where told. */
+  async function cardholder() {
+    const h = await freshCardholder(net);
+    const db = openSqlite(join(net.data, `client-load-${++n}`, "client.db"), CLIENT_MIGRATIONS);
+    const loads = new CrashingLoadJournal(db);
+    const daemon = new CardholderDaemon({ transport: new InProcessTransport(h.card), journal: new SqliteJournal(db), loads, log: createLogger(`client-load-${n}`) });
+    const load = (minor: number) => daemon.service.loadCard({ bankAddress: net.bank.address, accountId: h.accountId, amount: money(minor, EUR, 2), approvedAmount: money(minor, EUR, 2) }, {} as never);
+    const close = async () => {
+      await daemon.close();
+      await db.close();
+    };
+    return { ...h, daemon, loads, load, close };
+  }
+
+  const open = async (c: { loads: SqliteLoadJournal }) => c.loads.openLoads();
+  const cardBalance = async (c: { reader: { readPurse(): Promise<{ balance: number }> } }) => (await c.reader.readPurse()).balance;
+
+  const drops: [Step, string, number, number][] = [
+    // step the client dropped out after, what the resumed load ends as, card balance, account balance
+    ["loadStarted", "the bank's offer (never received): asked again by its id, the same hold, then loaded", 2_000, 98_000],
+    ["loadOffered", "the offer: the load is made from it", 2_000, 98_000],
+    ["loadSent", "the LOAD command (the card never saw it): its zero-value S1 proves no load, the hold is released", 0, 100_000],
+    ["loadAnswered", "the card's credit (the load server never heard): the card's history confirms it", 2_000, 98_000],
+    ["loadSettled", "the load server's confirmation (the bank never got it): delivered", 2_000, 98_000],
+  ];
+  for (const [step, what, card, bank] of drops) {
+    it(`after ${what}`, async () => {
+      const c = await cardholder();
+      try {
+        c.loads.crashAfter = step;
+        // The daemon reports the crash as an error of its own; the journal kept the step.
+        expect(String(((await c.load(2_000).catch((e: unknown) => e)) as Error).message)).to.contain(`crashed after ${step}`);
+        c.loads.crashAfter = undefined;
+        expect(await open(c)).to.have.length(1);
+        const { loads } = await c.daemon.service.syncCard({}, {} as never);
+        expect(loads).to.have.length(1);
+        expect(loads![0]!.outcome).to.equal(card ? LOADED : NOT_LOADED);
+        expect(loads![0]!.holdState).to.equal(card ? HoldState.HOLD_STATE_POSTED : HoldState.HOLD_STATE_RELEASED);
+        expect(await cardBalance(c)).to.equal(card);
+        expect(await account(net, c.accountId)).to.deep.include({ balance: bank, available: bank });
+        expect(await open(c)).to.have.length(0);
+        // Nothing more happens on a second sync: the money moved once.
+        expect((await c.daemon.service.syncCard({}, {} as never)).loads).to.have.length(0);
+        expect(await account(net, c.accountId)).to.deep.include({ balance: bank });
+      } finally {
+        await c.close();
+      }
+    });
+  }
+
+  it("a pending deposit is confirmed with the card's next purchase", async () => {
+    const c = await cardholder();
+    try {
+      c.loads.crashAfter = "loadAnswered";
+      await c.load(3_000).catch(() => undefined);
+      c.loads.crashAfter = undefined;
+      const [pending] = await open(c);
+      expect((await net.clients.load.getLoad({ transactionId: pending!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_PENDING);
+      expect((await account(net, c.accountId)).available).to.equal(97_000); // held, not posted
+      const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
+      await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never);
+      expect((await net.clients.load.getLoad({ transactionId: pending!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_SETTLED);
+      expect(await account(net, c.accountId)).to.deep.include({ balance: 97_000, available: 97_000 });
+      expect(await cardBalance(c)).to.equal(3_000 - 99);
+    } finally {
+      await c.close();
+    }
+  });
+
+  it("a pending deposit is confirmed with the card's next load", async () => {
+    const c = await cardholder();
+    try {
+      c.loads.crashAfter = "loadAnswered";
+      await c.load(1_000).catch(() => undefined);
+      c.loads.crashAfter = undefined;
+      const r = await c.load(500);
+      expect(r.outcome).to.equal(LOADED);
+      expect(await cardBalance(c)).to.equal(1_500);
+      expect(await account(net, c.accountId)).to.deep.include({ balance: 98_500, available: 98_500 });
+      expect(await open(c)).to.have.length(0);
+    } finally {
+      await c.close();
+    }
+  });
+});

@@ -1,0 +1,396 @@
+// Contract of netpurse.bank.v1.BankService and netpurse.load.v1.LoadService:
+// the real bank and load server on loopback (with the real software security
+// module), driven through the generated clients by a cardholder's client
+// that can misbehave, and by the client daemon. Every case checks what a
+// cardholder and a bank would: the card's balance and log, the account's
+// balance, the hold, and the load server's record.
+
+import { expect } from "chai";
+import { randomBytes, randomUUID } from "node:crypto";
+import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadConfirmation, LoadState } from "../../gen/netpurse/load/v1/load.js";
+import { PurseStatus } from "../../gen/netpurse/card/v1/card.js";
+import { SW } from "../../lib/apdu/apdu.js";
+import { purseId, txnId } from "../../lib/ids.js";
+import { money } from "../../lib/money.js";
+import { loadTransactionKey, seal } from "../../lib/protocol/encryption-layer.js";
+import { InitializeForLoadResponse, LoadCommand, LoadResponse, LoadResult } from "../../lib/protocol/load.js";
+import { LogKind } from "../../lib/protocol/purse.js";
+import { loadInitCommand } from "../../client/load.js";
+import { purseState } from "../../client/card/purse-state.js";
+import { failure, flipBit } from "../support/card-client.js";
+import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor } from "../support/load.js";
+import { startNetwork, type Network } from "../support/network.js";
+
+describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadService", function () {
+  this.timeout(60_000);
+  let net: Network;
+
+  before(async () => {
+    net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }] });
+  });
+  after(async () => net?.close());
+
+  const balance = async (h: { reader: { readPurse(): Promise<{ balance: number }> } }) => (await h.reader.readPurse()).balance;
+  const loadState = async (o: { transactionId?: { value: string } }) => (await net.clients.load.getLoad({ transactionId: o.transactionId })).state;
+
+  /** A whole well-behaved load through the step functions: offer, request, LOAD, CompleteLoad, ConfirmLoad. */
+  async function loadStepByStep(h: Awaited<ReturnType<typeof freshCardholder>>, amountMinor: number) {
+    const offer = await offerFor(net, h.reader, h.accountId, amountMinor);
+    const { request } = await loadRequest(h.reader, offer);
+    const issued = await net.clients.load.processLoadRequest(request);
+    const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+    const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+    const bank = await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
+    return { offer, issued, answer, done, bank };
+  }
+
+  describe("a load, end to end", () => {
+    it("through the client daemon: the card holds the value, the bank moved exactly that amount, the hold is posted", async () => {
+      const accountId = "acct-daemon";
+      await net.bank.store.open({ accountId, holder: "Daemon Holder", currency: EUR, exponent: 2, openingMinor: 50_000 });
+      const before = (await net.clients.cardholder.getCard({})).purse!;
+      const amount = money(2_000, EUR, 2);
+      const r = await net.clients.cardholder.loadCard({ bankAddress: net.bank.address, accountId, amount, approvedAmount: amount });
+      expect(r.outcome).to.equal(LOADED);
+      expect(r.holdState).to.equal(HoldState.HOLD_STATE_POSTED);
+      expect(r.purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 2_000n);
+      expect(r.purse!.transactionCounter).to.equal(before.transactionCounter + 1);
+      expect(await account(net, accountId)).to.deep.include({ balance: 48_000, available: 48_000 });
+      expect(r.steps.map((s) => s.name)).to.include.members(["load offer", "load request", "LOAD command", "card credit", "confirmation", "bank"]);
+      const log = (await net.clients.cardholder.listCardTransactions({ limit: 1 })).transactions[0]!;
+      expect(log.transactionId?.value).to.equal(r.transactionId?.value);
+      expect(log.amount!.amountMinor).to.equal(2_000n);
+      const statement = (await net.clients.bank.getAccount({ accountId })).statement;
+      expect(statement[0]).to.deep.include({ text: `load to card ${Buffer.from(before.purseId!.value).toString("hex")}` });
+      expect(statement[0]!.amount!.amountMinor).to.equal(-2_000n);
+    });
+
+    it("refuses a load the cardholder did not approve, without asking the bank", async () => {
+      const e = await failure(net.clients.cardholder.loadCard({ bankAddress: net.bank.address, accountId: "acct-daemon", amount: money(2_000, EUR, 2), approvedAmount: money(200, EUR, 2) }));
+      expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "NOT_APPROVED" });
+      expect((await account(net, "acct-daemon")).holds).to.have.length(1);
+    });
+
+    it("step by step: S1 verified, LOAD with S2, S3 verified, the credit in the card's log with its S3", async () => {
+      const h = await freshCardholder(net);
+      const { answer, done, bank, issued } = await loadStepByStep(h, 1_500);
+      expect(answer.parsed).to.deep.include({ result: LoadResult.LOADED, counter: 1, balance: 1_500 });
+      expect(done.load!.outcome).to.equal(LOADED);
+      expect(bank.holdState).to.equal(HoldState.HOLD_STATE_POSTED);
+      expect(Number(bank.balance!.amountMinor)).to.equal(100_000 - 1_500);
+      const [entry] = await h.reader.readLog(1);
+      expect(entry).to.deep.include({ kind: LogKind.LOAD, amount: 1_500, balance: 1_500, counter: 1, moduleCounter: issued.hsmCounter });
+      expect(entry!.cardSignature.equals(answer.parsed!.s3)).to.equal(true);
+    });
+
+    it("the same load request twice gets the same LOAD command; the bank confirmation twice posts once", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 700);
+      const { request } = await loadRequest(h.reader, offer);
+      const a = await net.clients.load.processLoadRequest(request);
+      const b = await net.clients.load.processLoadRequest(request);
+      expect(Buffer.from(b.loadCommand).equals(Buffer.from(a.loadCommand))).to.equal(true);
+      const answer = await h.reader.load(Buffer.from(a.loadCommand));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+      await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
+      const again = await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
+      expect(again.holdState).to.equal(HoldState.HOLD_STATE_POSTED);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000 - 700 });
+    });
+  });
+
+  describe("the bank's offer", () => {
+    it("holds the funds at offer time; the same offer asked again makes no second hold", async () => {
+      const h = await freshCardholder(net);
+      const id = randomUUID();
+      const a = await offerFor(net, h.reader, h.accountId, 3_000, id);
+      const b = await offerFor(net, h.reader, h.accountId, 3_000, id);
+      expect(Buffer.from(b.keyNonce).equals(Buffer.from(a.keyNonce))).to.equal(true);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 97_000 });
+      expect(await holdOf(net, h.accountId, a)).to.equal(HoldState.HOLD_STATE_HELD);
+    });
+
+    it("a transaction id reused with another amount gets ALREADY_EXISTS, and nothing more is held", async () => {
+      const h = await freshCardholder(net);
+      const id = randomUUID();
+      await offerFor(net, h.reader, h.accountId, 1_000, id);
+      const e = await failure(offerFor(net, h.reader, h.accountId, 9_000, id));
+      expect(e).to.deep.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
+      expect((await account(net, h.accountId)).available).to.equal(99_000);
+    });
+
+    const refusals: [string, Parameters<typeof freshCardholder>[1], number, string, string][] = [
+      ["a load above the card's maximum balance", { value: 45_000, maxBalance: 50_000 }, 6_000, "FAILED_PRECONDITION", "MAX_BALANCE_EXCEEDED"],
+      ["insufficient funds", { deposit: 1_000 }, 2_000, "FAILED_PRECONDITION", "INSUFFICIENT_FUNDS"],
+      ["an expired card", { expiry: "2020-01-31" }, 1_000, "FAILED_PRECONDITION", "CARD_EXPIRED"],
+    ];
+    for (const [name, card, amountMinor, code, reason] of refusals) {
+      it(`refuses ${name} (${code} ${reason}) and holds nothing`, async () => {
+        const h = await freshCardholder(net, card);
+        expect(await failure(offerFor(net, h.reader, h.accountId, amountMinor))).to.deep.include({ code, reason });
+        const a = await account(net, h.accountId);
+        expect(a.available).to.equal(a.balance);
+        expect(a.holds).to.have.length(0);
+      });
+    }
+
+    it("refuses a blocked card (FAILED_PRECONDITION CARD_BLOCKED)", async () => {
+      const h = await freshCardholder(net);
+      const purse = { ...purseState(await h.reader.readPurse()), status: PurseStatus.PURSE_STATUS_BLOCKED };
+      const e = await failure(net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse }));
+      expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "CARD_BLOCKED" });
+    });
+
+    it("malformed requests get INVALID_ARGUMENT naming the field; an unknown account NOT_FOUND", async () => {
+      const h = await freshCardholder(net);
+      const purse = purseState(await h.reader.readPurse());
+      const ok = { transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse };
+      const cases: [Partial<typeof ok>, string][] = [
+        [{ transactionId: txnId("not-a-uuid") }, "transaction_id"],
+        [{ accountId: "" }, "account_id"],
+        [{ amount: money(0, EUR, 2) }, "amount.amount_minor"],
+        [{ purse: undefined as never }, "purse"],
+        [{ purse: { ...purse, purseId: purseId("0102") } }, "purse.purse_id"],
+      ];
+      for (const [patch, field] of cases) {
+        const e = await failure(net.clients.bank.createLoadOffer({ ...ok, ...patch }));
+        expect(e.code, field).to.equal("INVALID_ARGUMENT");
+        expect(e.details, field).to.contain(field);
+      }
+      expect(await failure(net.clients.bank.createLoadOffer({ ...ok, accountId: "nobody" }))).to.deep.include({ code: "NOT_FOUND" });
+      expect((await account(net, h.accountId)).holds).to.have.length(0);
+    });
+  });
+
+  describe("attacks on the load", () => {
+    it("a forged S1 gets PERMISSION_DENIED BAD_SIGNATURE; no LOAD command exists, and the bank's hold is released", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      const { request } = await loadRequest(h.reader, offer, { patchInit: (raw) => flipByte(raw, -1) });
+      expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+      const settled = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+      expect(settled.load!.outcome).to.equal(NOT_LOADED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+      expect(await balance(h)).to.equal(0);
+    });
+
+    it("a card asked for more than the bank authorised gives an S1 the security module refuses", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 1_000);
+      const { request } = await loadRequest(h.reader, offer, { askAmount: 10_000 });
+      expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+      expect(await balance(h)).to.equal(0);
+    });
+
+    it("a forged S2 is refused by the card (6982); its zero-value S1 then proves no load and the hold is released", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const forged = flipByte(issued.loadCommand, LoadCommand.offset("s2"));
+      expect((await h.reader.load(forged)).sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: zero.raw });
+      expect(done.load!.outcome).to.equal(NOT_LOADED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect(await balance(h)).to.equal(0);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+    });
+
+    it("a forged S3 gets PERMISSION_DENIED and leaves the load pending and the funds held; the card's history then proves it", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 2_500);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      const forged = flipByte(answer.raw, LoadResponse.offset("s3"));
+      const e = await failure(net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: forged, zeroValueInitializeResponse: Buffer.alloc(0) }));
+      expect(e).to.deep.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+      expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);
+      expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
+      const history = await net.clients.load.reportCardHistory({ purseId: offer.purseId, cardLog: await h.reader.readLogRaw() });
+      expect(history.settled.map((s) => s.outcome)).to.deep.equal([LOADED]);
+      await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: history.settled[0]!.confirmation });
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 97_500, available: 97_500 });
+      expect(await balance(h)).to.equal(2_500);
+    });
+
+    it("a replayed LOAD command is refused by the card; the card is credited once", async () => {
+      const h = await freshCardholder(net);
+      const { issued } = await loadStepByStep(h, 1_000);
+      expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED); // no session
+      const offer2 = await offerFor(net, h.reader, h.accountId, 1_000);
+      await h.reader.initializeForLoad(loadInitCommand(offer2));
+      expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.not.equal(SW.OK); // another session's command
+      expect(await balance(h)).to.equal(1_000);
+    });
+
+    it("a confirmation forged for the bank, or taken from another load, or altered, posts nothing", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 4_000);
+      const fake = LoadConfirmation.encode({ transactionId: offer.transactionId, bankId: offer.bankId, purseId: offer.purseId, amount: offer.amount, outcome: NOT_LOADED, cardCounter: 0, cardSignature: Buffer.alloc(0), proof: "forged", settledAt: new Date() }).finish();
+      const wrongKey = seal(loadTransactionKey(randomBytes(32), offer.bankId, offer.transactionId!.value, offer.keyNonce), "LOAD_CONFIRMATION", offer.transactionId!.value, fake);
+      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: wrongKey }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      const other = await freshCardholder(net);
+      const { done } = await loadStepByStep(other, 100);
+      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      for (const where of ["iv", "ciphertext", "tag"] as const) {
+        expect(await failure(net.clients.bank.confirmLoad({ transactionId: done.load!.transactionId, confirmation: flipBit(done.load!.confirmation!, where) }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      }
+      expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 96_000 });
+    });
+
+    it("an authorisation from another load, or for another card, is refused; a transaction's card data cannot be swapped", async () => {
+      const h = await freshCardholder(net);
+      const a = await offerFor(net, h.reader, h.accountId, 1_000);
+      const b = await offerFor(net, h.reader, h.accountId, 1_000);
+      const { request } = await loadRequest(h.reader, a);
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, authorization: b.authorization }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      const stranger = await freshCardholder(net);
+      const { request: strangers } = await loadRequest(stranger.reader, a);
+      expect(await failure(net.clients.load.processLoadRequest(strangers))).to.deep.include({ code: "PERMISSION_DENIED", reason: "CONFIRMATION_MISMATCH" });
+      await net.clients.load.processLoadRequest(request);
+      const { request: again } = await loadRequest(h.reader, a);
+      expect(await failure(net.clients.load.processLoadRequest(again))).to.deep.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, bankId: "other-bank" }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "UNKNOWN_BANK" });
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, initializeResponse: request.initializeResponse.subarray(1) }))).to.deep.include({ code: "INVALID_ARGUMENT" });
+    });
+
+    it("the security module refuses a card with no room by the time of the request: NOT_LOADED, hold released", async () => {
+      const h = await freshCardholder(net, { maxBalance: 3_000 });
+      const first = await offerFor(net, h.reader, h.accountId, 2_000);
+      const second = await offerFor(net, h.reader, h.accountId, 2_000); // fits on its own, not after the first
+      const { request } = await loadRequest(h.reader, first);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      await net.clients.load.completeLoad({ transactionId: first.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+      const { request: late } = await loadRequest(h.reader, second);
+      expect(await failure(net.clients.load.processLoadRequest(late))).to.deep.include({ code: "FAILED_PRECONDITION", reason: "MAX_BALANCE_EXCEEDED" });
+      const settled = await net.clients.load.completeLoad({ transactionId: second.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+      expect(settled.load!.outcome).to.equal(NOT_LOADED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: second.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect(await balance(h)).to.equal(2_000);
+    });
+  });
+
+  it("a client that hides an expired card from the bank is stopped by the security module: NOT_LOADED, hold released", async () => {
+    const h = await freshCardholder(net, { expiry: "2020-01-31" });
+    const purse = { ...purseState(await h.reader.readPurse()), expiryDate: "2099-12-31" };
+    const { offer } = await net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(1_000, EUR, 2), purse });
+    const { request } = await loadRequest(h.reader, offer!);
+    expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "FAILED_PRECONDITION", reason: "CARD_EXPIRED" });
+    const settled = await net.clients.load.completeLoad({ transactionId: offer!.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+    expect(settled.load!.outcome).to.equal(NOT_LOADED);
+    await net.clients.bank.confirmLoad({ transactionId: offer!.transactionId, confirmation: settled.load!.confirmation });
+    expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+    expect(await balance(h)).to.equal(0);
+  });
+
+  it("the card's history in a load request confirms an earlier pending load of the card (pending deposit)", async () => {
+    const h = await freshCardholder(net);
+    const first = await offerFor(net, h.reader, h.accountId, 1_200);
+    const { request } = await loadRequest(h.reader, first);
+    const issued = await net.clients.load.processLoadRequest(request);
+    expect((await h.reader.load(Buffer.from(issued.loadCommand))).parsed!.result).to.equal(LoadResult.LOADED);
+    // The client went away here: the load server never saw the card's answer.
+    expect(await loadState(first)).to.equal(LoadState.LOAD_STATE_PENDING);
+    const second = await offerFor(net, h.reader, h.accountId, 300);
+    const { request: next } = await loadRequest(h.reader, second, { cardLog: await h.reader.readLogRaw(8) });
+    const r = await net.clients.load.processLoadRequest(next);
+    expect(r.settled.map((x) => [x.transactionId?.value, x.outcome])).to.deep.equal([[first.transactionId!.value, LOADED]]);
+    expect((await net.clients.load.getLoad({ transactionId: first.transactionId })).proof).to.contain("card history");
+    await net.clients.bank.confirmLoad({ transactionId: first.transactionId, confirmation: r.settled[0]!.confirmation });
+    expect(await holdOf(net, h.accountId, first)).to.equal(HoldState.HOLD_STATE_POSTED);
+  });
+
+  it("a history record altered by the client proves nothing: the load stays pending", async () => {
+    const h = await freshCardholder(net);
+    const offer = await offerFor(net, h.reader, h.accountId, 800);
+    const { request } = await loadRequest(h.reader, offer);
+    const issued = await net.clients.load.processLoadRequest(request);
+    await h.reader.load(Buffer.from(issued.loadCommand));
+    const [record] = await h.reader.readLogRaw(1);
+    const r = await net.clients.load.reportCardHistory({ purseId: offer.purseId, cardLog: [flipByte(record!, -1)] });
+    expect(r.settled).to.have.length(0);
+    expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);
+    expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
+  });
+
+  describe("negative result handling", () => {
+    it("a genuine negative result (the card was blocked before LOAD): counters equal, the zero-value S1 matches, the hold is released", async () => {
+      const h = await freshCardholder(net, { blockMidLoad: true });
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      expect(answer.parsed).to.deep.include({ result: LoadResult.BLOCKED, counter: 0, balance: 0 });
+      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero.raw });
+      expect(done.load!.outcome).to.equal(NOT_LOADED);
+      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+    });
+
+    it("a card that claims a failure after a real load (counters differ) is treated as loaded", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 3_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      const lie = Buffer.from(answer.raw);
+      lie[0] = LoadResult.MAX_BALANCE_EXCEEDED;
+      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero.raw });
+      expect(done.load!.outcome).to.equal(LOADED);
+      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
+      await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 97_000 });
+      expect(await balance(h)).to.equal(3_000);
+    });
+
+    it("a client that also puts the original counter into the zero-value answer (counters 'equal') is treated as loaded", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 3_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      const lie = Buffer.from(answer.raw);
+      lie[0] = LoadResult.BLOCKED;
+      const zero = Buffer.from((await h.reader.initializeForLoad(loadInitCommand(offer, 0))).raw);
+      zero.writeUInt32BE(0, InitializeForLoadResponse.offset("counter"));
+      zero.writeUInt32BE(0, InitializeForLoadResponse.offset("balance"));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero });
+      expect(done.load!.outcome).to.equal(LOADED);
+      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
+    });
+
+    it("a counter increased by accident in the zero-value answer of a card really not loaded: the server decreases it, S1 matches, not loaded", async () => {
+      const h = await freshCardholder(net, { blockMidLoad: true });
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      const zero = Buffer.from((await h.reader.initializeForLoad(loadInitCommand(offer, 0))).raw);
+      zero.writeUInt32BE(7, InitializeForLoadResponse.offset("counter"));
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero });
+      expect(done.load!.outcome).to.equal(NOT_LOADED);
+      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
+    });
+
+    it("a negative result without the card's zero-value answer is INVALID_ARGUMENT, and the load stays pending", async () => {
+      const h = await freshCardholder(net, { blockMidLoad: true });
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+      const e = await failure(net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) }));
+      expect(e).to.deep.include({ code: "INVALID_ARGUMENT" });
+      expect(e.details).to.contain("zero_value_initialize_response");
+      expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);
+    });
+  });
+});

@@ -1,0 +1,98 @@
+// Loads driven step by step, for tests that must misbehave (forge S1, S2 or
+// S3, lie about the card's result, replay LOAD, drop out after a step): a
+// fresh card and bank account per test, and each step of the client module
+// as a function of its own.
+
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
+import { SoftwareApplication } from "../../lib/apdu/software-application.js";
+import type { CommandApdu, ResponseApdu } from "../../lib/apdu/apdu.js";
+import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { purseState } from "../../client/card/purse-state.js";
+import { PurseReader } from "../../client/card/purse-reader.js";
+import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
+import { loadInitCommand } from "../../client/load.js";
+import { HoldState, type LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
+import { txnId } from "../../lib/ids.js";
+import { money } from "../../lib/money.js";
+import { PurseIns } from "../../lib/protocol/purse.js";
+import { Issuer } from "../../services/issuer/issuer.js";
+import type { Network } from "./network.js";
+
+export const EUR = 978;
+
+/** A card the issuer blocks between INITIALIZE FOR LOAD and LOAD: its LOAD answer is a genuine negative result. */
+export class BlockedMidLoadCard extends SoftwareCard {
+  static async openBlocking(path: string): Promise<BlockedMidLoadCard> {
+    return new BlockedMidLoadCard(path, await SoftwareApplication.load<CardFile>(path, "card"));
+  }
+
+  protected override async dispatch(c: CommandApdu): Promise<ResponseApdu> {
+    const r = await super.dispatch(c);
+    if (c.ins === PurseIns.INITIALIZE_FOR_LOAD) this.state = { ...this.state, status: "blocked" };
+    return r;
+  }
+}
+
+let seq = 0;
+
+/** A fresh card (empty unless told) and a fresh bank account for one test. */
+export async function freshCardholder(
+  net: Network,
+  o: { value?: number; maxBalance?: number; expiry?: string; deposit?: number; blockMidLoad?: boolean } = {},
+): Promise<{ path: string; card: SoftwareCard; reader: PurseReader; accountId: string }> {
+  const n = ++seq;
+  const path = join(net.paths.cards, `load-${n}.card.json`);
+  const issuer = await Issuer.open(net.paths.issuer);
+  try {
+    await issuer.personaliseCard({ path, currency: EUR, exponent: 2, initialValue: o.value ?? 0, maxBalance: o.maxBalance ?? 50_000, expiry: o.expiry ?? "2031-12-31" });
+  } finally {
+    await issuer.close();
+  }
+  const accountId = `acct-${n}`;
+  await net.bank.store.open({ accountId, holder: `Holder ${n}`, currency: EUR, exponent: 2, openingMinor: o.deposit ?? 100_000 });
+  const card = o.blockMidLoad ? await BlockedMidLoadCard.openBlocking(path) : await SoftwareCard.open(path);
+  const reader = new PurseReader(new InProcessTransport(card));
+  await reader.connect();
+  return { path, card, reader, accountId };
+}
+
+/** Step 872-874: the bank's offer for `amountMinor`, made from what the card says. */
+export async function offerFor(net: Network, reader: PurseReader, accountId: string, amountMinor: number, id = randomUUID()): Promise<LoadOffer> {
+  const purse = purseState(await reader.readPurse());
+  const r = await net.clients.bank.createLoadOffer({ transactionId: txnId(id), accountId, amount: money(amountMinor, EUR, 2), purse });
+  return r.offer!;
+}
+
+/** Step 876-878: INITIALIZE FOR LOAD and the load request, with an optional change to the card's answer. */
+export async function loadRequest(reader: PurseReader, offer: LoadOffer, o: { patchInit?: (raw: Buffer) => Buffer; cardLog?: Buffer[]; askAmount?: number } = {}) {
+  const init = await reader.initializeForLoad(loadInitCommand(offer, o.askAmount));
+  const raw = o.patchInit ? o.patchInit(Buffer.from(init.raw)) : init.raw;
+  return {
+    init,
+    request: { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization, initializeResponse: raw, cardLog: o.cardLog ?? [] },
+  };
+}
+
+/** The account as the bank reports it, in minor units. */
+export async function account(net: Network, accountId: string) {
+  const a = await net.clients.bank.getAccount({ accountId });
+  return { balance: Number(a.balance!.amountMinor), available: Number(a.available!.amountMinor), holds: a.holds };
+}
+
+export async function holdOf(net: Network, accountId: string, offer: LoadOffer): Promise<HoldState> {
+  const a = await net.clients.bank.getAccount({ accountId });
+  return a.holds.find((h) => h.transactionId?.value === offer.transactionId!.value)!.state;
+}
+
+export const LOADED = LoadOutcome.LOAD_OUTCOME_LOADED;
+export const NOT_LOADED = LoadOutcome.LOAD_OUTCOME_NOT_LOADED;
+
+/** A copy with one bit of byte `at` flipped (negative: from the end). */
+export function flipByte(b: Uint8Array, at: number): Buffer {
+  const out = Buffer.from(b);
+  const i = at < 0 ? out.length + at : at;
+  out[i]! ^= 0x01;
+  return out;
+}
