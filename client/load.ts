@@ -239,15 +239,16 @@ export interface Resumed {
  * transaction, at start, periodically, and on SyncCard.
  */
 export async function resumeLoads(ctx: LoadContext & { journal: LoadJournal }): Promise<Resumed[]> {
-  const open = await ctx.journal.openLoads();
-  if (!open.length) return [];
-  await ctx.reader.connect();
-  const purse = await ctx.reader.readPurse();
-  const history = await ctx.reader.readLogRaw();
+  // Loads the card may still have to prove it did not take go first: any other load moves the card's counter.
+  const open = (await ctx.journal.openLoads()).sort((a, b) => RESUME_ORDER[a.state] - RESUME_ORDER[b.state]);
   const out: Resumed[] = [];
   for (const rec of open) {
     const unspecified = { transactionId: rec.transactionId, outcome: LoadOutcome.LOAD_OUTCOME_UNSPECIFIED, holdState: HoldState.HOLD_STATE_UNSPECIFIED };
     try {
+      // Read afresh for each load: finishing the one before may have changed the card.
+      await ctx.reader.connect();
+      const purse = await ctx.reader.readPurse();
+      const history = await ctx.reader.readLogRaw();
       const done = await resumeLoad(rec, ctx, purse.purseId.toString("hex"), purse.counter, history);
       out.push(done ? { transactionId: rec.transactionId, ...done, detail: `${outcomeName(done.outcome)}; the bank has the confirmation` } : { ...unspecified, detail: "still pending: the card's history does not show it yet" });
     } catch (e) {
@@ -256,6 +257,20 @@ export async function resumeLoads(ctx: LoadContext & { journal: LoadJournal }): 
     }
   }
   return out;
+}
+
+const RESUME_ORDER: Record<ClientLoadState, number> = { LOAD_SENT: 0, CARD_ANSWERED: 0, SETTLED: 1, STARTED: 2, OFFERED: 2, DONE: 3, FAILED: 3 };
+
+/**
+ * Whether an open load needs the card unchanged: the card may not have taken
+ * its LOAD (or said it did not), and only its zero-value S1 over the same
+ * counter can prove that. Until it is settled the card must not make another
+ * transaction, or the proof is lost and the load counts as made.
+ */
+export function needsCardUnchanged(rec: LoadRecord): boolean {
+  if (rec.state === "LOAD_SENT") return true;
+  if (rec.state !== "CARD_ANSWERED") return false;
+  return rec.loadResponse?.length !== LoadResponse.size || LoadResponse.decode(rec.loadResponse).result !== LoadResult.LOADED;
 }
 
 async function resumeLoad(rec: LoadRecord, ctx: LoadContext, purseId: string, cardCounter: number, history: Buffer[]): Promise<{ outcome: LoadOutcome; holdState: HoldState } | undefined> {

@@ -75,7 +75,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
         console.log("");
         console.log(
           table(
-            ["#", "when (UTC)", "kind", "amount", "balance after", "PSAM", "transaction"],
+            ["#", "when (UTC)", "kind", "amount", "balance after", "security module", "transaction"],
             transactions.map((t) => [
               String(t.transactionCounter),
               t.time!.toISOString().replace("T", " ").slice(0, 19),

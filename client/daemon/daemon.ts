@@ -8,7 +8,7 @@ import type { CardholderServiceImplementation, LoadCardRequest, LoadCardResponse
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
-import { loadCard, resumeLoads, type LoadContext, type LoadJournal, type Resumed } from "../load.js";
+import { loadCard, needsCardUnchanged, resumeLoads, type LoadContext, type LoadJournal, type Resumed } from "../load.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
@@ -110,7 +110,7 @@ export class CardholderDaemon {
     }
     const accountId = requireName(req.accountId, "account_id", 32);
     return this.card.run(async () => {
-      await this.resumeOpenLoads();
+      await this.settleLoadsBeforeUsingCard();
       this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount) });
       try {
         const r = await loadCard({ bankAddress: req.bankAddress || defaultAddress("bank"), accountId, amount }, this.loadContext());
@@ -130,6 +130,19 @@ export class CardholderDaemon {
     } catch (e) {
       this.o.log.warn("could not finish the open loads; they stay journaled", { detail: (e as Error).message });
       return [];
+    }
+  }
+
+  /** Before the card's next purchase or load: open loads are finished, and none may still need the card as it is. */
+  private async settleLoadsBeforeUsingCard(): Promise<void> {
+    await this.resumeOpenLoads();
+    const waiting = (await this.o.loads.openLoads()).find(needsCardUnchanged);
+    if (waiting) {
+      throw new NetpurseError(
+        Status.UNAVAILABLE,
+        ErrorReason.ERROR_REASON_IN_DOUBT,
+        `load ${waiting.transactionId} is not settled yet, and the card must prove it was not loaded before it is used again; nothing was done. Check the connection to the load server and run 'netpurse card sync'`,
+      );
     }
   }
 
@@ -159,7 +172,7 @@ export class CardholderDaemon {
       if (done) {
         throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`);
       }
-      await this.resumeOpenLoads();
+      await this.settleLoadsBeforeUsingCard();
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
       try {
         const out = await payOffer(offer!, this.context());

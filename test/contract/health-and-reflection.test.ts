@@ -22,7 +22,9 @@ describe("contract: health and reflection on every server (buf curl)", function 
     ["concentrator", net.concentrator.address, ["AttachTerminal", "ConnectPaymentServer", "ListTerminals"]],
     ["merchant", net.merchant.address, ["ListProducts", "CreateOrder", "CompleteOrder", "GetOrder"]],
     ["merchant validation", net.validation.address, ["IssueTransactionKeys", "ValidateConfirmation"]],
-    ["client daemon", net.daemon.address, ["GetCard", "ListCardTransactions", "PayOffer"]],
+    ["client daemon", net.daemon.address, ["GetCard", "ListCardTransactions", "PayOffer", "LoadCard", "SyncCard"]],
+    ["bank", net.bank.address, ["CreateLoadOffer", "ConfirmLoad", "GetAccount"]],
+    ["load", net.load.address, ["ProcessLoadRequest", "CompleteLoad", "ReportCardHistory", "GetLoad"]],
   ];
 
   it("lists every RPC of every server through reflection", async () => {
@@ -51,5 +53,7 @@ describe("contract: health and reflection on every server (buf curl)", function 
     );
     expect((bad as { stderr: string }).stderr).to.contain("invalid_argument");
     expect((bad as { stderr: string }).stderr).to.contain("transaction_id");
+    const { stdout: account } = await curl("-d", '{"account_id":"nobody"}', `http://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`).catch((e: { stderr: string }) => ({ stdout: e.stderr }));
+    expect(account).to.contain("not_found");
   });
 });

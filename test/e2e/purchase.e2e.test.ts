@@ -10,6 +10,7 @@ import { OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { hexOf } from "../../lib/ids.js";
 import { launchE2E, type E2E } from "../support/processes.js";
+import { SCRIPTS } from "../../services/network/launcher.js";
 import { tempDir } from "../support/fixtures.js";
 
 const run = promisify(execFile);
@@ -81,6 +82,54 @@ describe("end to end: a purchase across separate processes", function () {
   });
 });
 
+describe("end to end: a load across separate processes, through the CLI", function () {
+  this.timeout(180_000);
+  let net: E2E;
+  before(async () => (net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] })));
+  after(async () => net?.close());
+
+  const env = { ...process.env, NETPURSE_LOG_LEVEL: "warn" };
+  const netpurse = (...args: string[]) => run(join(ROOT, "bin/netpurse"), [...args, "--daemon", net.addresses.clientDaemon!], { env });
+  const statement = () => run(join(ROOT, "bin/netpurse-bank"), ["statement", "demo-account", "--bank", net.addresses.bank!], { env });
+
+  it("loads the card from the bank account; the bank's statement shows the debit", async () => {
+    const before = (await net.clients.cardholder.getCard({})).purse!;
+    const r = await netpurse("load", "5.00", "--yes", "--bank", net.addresses.bank!, "--account", "demo-account");
+    expect(r.stdout).to.contain("card credit");
+    expect(r.stdout).to.match(/loaded EUR 5\.00; card balance now EUR \d+\.\d\d/);
+    expect(r.stdout).to.contain("bank debited the account");
+    expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 500n);
+    const s = await statement();
+    expect(s.stdout).to.match(/balance EUR 995\.00 +available EUR 995\.00/);
+    expect(s.stdout).to.contain("load to card");
+    expect(s.stdout).to.contain("EUR -5.00");
+    const bad = await netpurse("load", "5.001", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    expect(bad.code).to.equal(2);
+    expect(bad.stderr).to.contain("more than 2 decimals");
+    const poor = await netpurse("load", "2000.00", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    expect(poor.code).to.equal(1);
+    expect(poor.stderr).to.match(/FAILED_PRECONDITION \[ERROR_REASON_(INSUFFICIENT_FUNDS|MAX_BALANCE_EXCEEDED)\]/);
+  });
+
+  it("with the load server down, the funds stay held and nothing touches the card; 'netpurse card sync' finishes the load once it is back", async () => {
+    const before = (await net.clients.cardholder.getCard({})).purse!;
+    await net.launcher.stop("load");
+    const down = await netpurse("load", "3.00", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    expect(down.code).to.equal(1);
+    expect(down.stderr).to.contain("UNAVAILABLE");
+    expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor);
+    expect((await statement()).stdout).to.contain("on hold for loads not yet confirmed");
+    await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir]);
+    const sync = await netpurse("card", "sync");
+    expect(sync.stdout).to.match(/loaded +posted/);
+    expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 300n);
+    const s = await statement();
+    expect(s.stdout).to.match(/balance EUR 992\.00 +available EUR 992\.00/);
+    expect(s.stdout).to.not.contain("on hold");
+    expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
+  });
+});
+
 describe("end to end: the README's first command (npm start -- --once)", function () {
   this.timeout(180_000);
   it("sets up the demo data, runs the network, makes a purchase and stops cleanly — twice", async () => {
@@ -89,6 +138,7 @@ describe("end to end: the README's first command (npm start -- --once)", functio
       for (const round of [1, 2]) {
         const { stdout } = await run(process.execPath, ["--import", "tsx", "services/network/main.ts", "--once", "--data", dir], { cwd: ROOT, timeout: 120_000 });
         expect(stdout, `round ${round}`).to.contain("goods released");
+        expect(stdout, `round ${round}`).to.contain("the bank verified the confirmation and debited the account");
         expect(stdout).to.contain("stopped.");
         if (round === 1) expect(stdout).to.contain("issuer: personalised card");
         else expect(stdout).to.not.contain("issuer: created master keys");

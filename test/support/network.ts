@@ -80,7 +80,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const shopChannels = shops.map((s) => openChannel(s.address));
   /** The demo shop of each confirmation mode, by merchant id. */
   const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
-  return {
+  const net = {
     data,
     paths: p,
     cardPath,
@@ -107,8 +107,9 @@ export async function startNetwork(o: NetworkOptions = {}) {
     async close() {
       for (const c of [...channels, ...shopChannels]) c.close();
       await daemon.close();
-      await bank.close();
-      await load.close();
+      // Tests may restart these two: close whichever runs now.
+      await net.bank.close();
+      await net.load.close();
       for (const s of shops) await s.close();
       await validation.close();
       await payment.close();
@@ -117,6 +118,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
       await cleanup();
     },
   };
+  return net;
 }
 
 export type Network = Awaited<ReturnType<typeof startNetwork>>;
