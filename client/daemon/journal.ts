@@ -46,6 +46,8 @@ export const CLIENT_MIGRATIONS = [
      created_at TEXT NOT NULL,
      updated_at TEXT NOT NULL
    );`,
+  `ALTER TABLE client_loads ADD COLUMN purse_id TEXT NOT NULL DEFAULT '';
+   ALTER TABLE client_loads ADD COLUMN proof_reference TEXT;`,
 ];
 
 export interface JournalRow {
@@ -172,8 +174,10 @@ interface LoadRow {
   state: ClientLoadState;
   offer: Buffer | null;
   card_counter: number | null;
+  proof_reference: string | null;
   load_response: Buffer | null;
   settled: Buffer | null;
+  purse_id: string;
 }
 
 export class SqliteLoadJournal implements LoadJournal {
@@ -184,13 +188,14 @@ export class SqliteLoadJournal implements LoadJournal {
     await this.db.run(`UPDATE client_loads SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE transaction_id = ?`, [...Object.values(fields), new Date().toISOString(), id]);
   }
 
-  async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money }): Promise<void> {
+  async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string }): Promise<void> {
     const now = new Date().toISOString();
-    await this.db.run("INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, state, created_at, updated_at) VALUES (?, ?, ?, ?, 'STARTED', ?, ?)", [
+    await this.db.run("INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, purse_id, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'STARTED', ?, ?)", [
       r.transactionId,
       r.bankAddress,
       r.accountId,
       Buffer.from(Money.encode(r.amount).finish()),
+      r.purseId,
       now,
       now,
     ]);
@@ -200,8 +205,12 @@ export class SqliteLoadJournal implements LoadJournal {
     return this.set(id, { state: "OFFERED", offer: Buffer.from(LoadOffer.encode(offer).finish()) });
   }
 
-  loadSent(id: string, cardCounter: number) {
-    return this.set(id, { state: "LOAD_SENT", card_counter: cardCounter });
+  loadRequested(id: string, cardCounter: number) {
+    return this.set(id, { state: "REQUESTED", card_counter: cardCounter });
+  }
+
+  loadSent(id: string, proofReference: string) {
+    return this.set(id, { state: "LOAD_SENT", proof_reference: proofReference });
   }
 
   loadAnswered(id: string, loadResponse: Buffer) {
@@ -228,8 +237,10 @@ export class SqliteLoadJournal implements LoadJournal {
       accountId: r.account_id,
       amount: Money.decode(r.amount),
       state: r.state,
+      purseId: r.purse_id,
       ...(r.offer ? { offer: LoadOffer.decode(r.offer) } : {}),
       ...(r.card_counter !== null ? { cardCounter: r.card_counter } : {}),
+      ...(r.proof_reference ? { proofReference: r.proof_reference } : {}),
       ...(r.load_response ? { loadResponse: r.load_response } : {}),
       ...(r.settled ? { settled: SettledLoad.decode(r.settled) } : {}),
     }));

@@ -37,10 +37,11 @@ export interface HostSecurityModule {
   readonly id: string;
   /**
    * Step 898: verifies the card's S1 over the load the bank authorised and
-   * the card's state, checks the card may take the load, and signs the LOAD
+   * the card's state, checks the card may take the load (status, expiry,
+   * currency code and exponent, room under its maximum), and signs the LOAD
    * command (S2) under a fresh counter of its own.
    */
-  issueLoad(authorised: LoadInitCommand, init: LoadInit): Promise<IssuedLoad>;
+  issueLoad(authorised: LoadInitCommand, exponent: number, init: LoadInit): Promise<IssuedLoad>;
   /** Step 885: whether the card's LOAD answer (result, counter, balance, S3) is genuine for this load. */
   verifyLoadAnswer(authorised: LoadInitCommand, init: LoadInit, issued: { hsmCounter: number }, answer: LoadAnswer): boolean;
   /**
@@ -94,7 +95,7 @@ export class SoftwareHsm implements HostSecurityModule {
     return deriveSessionKey(cardKey, { cardCounter: init.counter, securityModuleId: Buffer.from(this.id, "hex"), securityModuleCounter: hsmCounter, challenge: init.challenge });
   }
 
-  issueLoad(authorised: LoadInitCommand, init: LoadInit): Promise<IssuedLoad> {
+  issueLoad(authorised: LoadInitCommand, exponent: number, init: LoadInit): Promise<IssuedLoad> {
     return this.mutex.run(async () => {
       const key = this.cardKey(init);
       if (!key) throw new HsmRefused("KEY_VERSION_UNKNOWN", `no load master key of version ${init.keyVersion}`);
@@ -102,7 +103,9 @@ export class SoftwareHsm implements HostSecurityModule {
       const when = new Date(authorised.dateTime * 1000);
       if (init.status !== PurseStatusByte.ACTIVE) throw new HsmRefused("BLOCKED", "the card is blocked");
       if (isExpired(init.expiry, when)) throw new HsmRefused("EXPIRED", `the card expired on ${init.expiry}`);
-      if (init.currency !== authorised.currency) throw new HsmRefused("CURRENCY_MISMATCH", `the card holds currency ${init.currency}, the load is in ${authorised.currency}`);
+      if (init.currency !== authorised.currency || init.exponent !== exponent) {
+        throw new HsmRefused("CURRENCY_MISMATCH", `the card holds currency ${init.currency} with exponent ${init.exponent}, the load is in ${authorised.currency} with exponent ${exponent}`);
+      }
       if (init.balance + authorised.amount > init.maxBalance) {
         throw new HsmRefused("MAX_BALANCE_EXCEEDED", `the card holds ${init.balance} of at most ${init.maxBalance}; ${authorised.amount} more does not fit`);
       }

@@ -5,6 +5,7 @@
 // seals every outcome for the bank. The security module holds every key
 // that touches a card; this server holds only the banks' shared keys.
 
+import { randomUUID } from "node:crypto";
 import { Status } from "nice-grpc";
 import { ErrorReason, type Sealed } from "../../gen/netpurse/card/v1/card.js";
 import {
@@ -12,6 +13,8 @@ import {
   LoadConfirmation,
   LoadOutcome,
   LoadState,
+  type AbandonLoadRequest,
+  type AbandonLoadResponse,
   type CompleteLoadRequest,
   type CompleteLoadResponse,
   type GetLoadResponse,
@@ -82,6 +85,7 @@ export class LoadServer {
   readonly service: LoadServiceImplementation = {
     processLoadRequest: (req) => this.mutex.run(() => this.processLoadRequest(req)),
     completeLoad: (req) => this.mutex.run(() => this.completeLoad(req)),
+    abandonLoad: (req) => this.mutex.run(() => this.abandonLoad(req)),
     reportCardHistory: (req) =>
       this.mutex.run(async (): Promise<ReportCardHistoryResponse> => {
         const purse = requirePurseId(req.purseId);
@@ -96,26 +100,16 @@ export class LoadServer {
     return key;
   }
 
-  /** Steps 895-899. */
-  private async processLoadRequest(req: ProcessLoadRequestRequest): Promise<ProcessLoadRequestResponse> {
-    const id = requireTransactionId(req.transactionId);
+  /** The bank's authorisation of a load, opened and checked against the request's clear fields. */
+  private authorisation(req: { transactionId?: { value: string }; bankId: string; keyNonce: Uint8Array; authorization?: Sealed }) {
+    const id = requireTransactionId(req.transactionId as never);
     const bankId = requireName(req.bankId, "bank_id", 16);
     if (req.keyNonce.length !== 16) throw invalidField("key_nonce", "must be 16 bytes");
     if (!req.authorization) throw invalidField("authorization", "missing");
-    if (req.initializeResponse.length !== InitializeForLoadResponse.size) throw invalidField("initialize_response", `must be ${InitializeForLoadResponse.size} bytes`);
-    const init = decodeField("initialize_response", () => InitializeForLoadResponse.decode(req.initializeResponse));
-    const history = parseLog(req.cardLog, MAX_LOG_IN_REQUEST, "card_log");
-
-    const sealedAuth = open(loadTransactionKey(this.bankKey(bankId), bankId, id, req.keyNonce), "LOAD_AUTHORIZATION", id, req.authorization);
-    if (!sealedAuth) throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation does not open for this bank and transaction");
-    const auth = LoadAuthorization.decode(sealedAuth);
-    const purse = init.purseId.toString("hex");
+    const plain = open(loadTransactionKey(this.bankKey(bankId), bankId, id, req.keyNonce), "LOAD_AUTHORIZATION", id, req.authorization);
+    if (!plain) throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation does not open for this bank and transaction");
+    const auth = LoadAuthorization.decode(plain);
     if (auth.transactionId?.value !== id || auth.bankId !== bankId || !auth.amount || !auth.offeredAt) throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation is for another load");
-    if (Buffer.from(auth.purseId?.value ?? []).toString("hex") !== purse) throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, "the card is not the one the bank authorised the load for");
-
-    // The card's history first: it may settle earlier loads of this card (pending deposits).
-    const settled = await this.settleFromHistory(purse, history);
-
     const authorised: LoadInitCommand = {
       amount: Number(auth.amount.amountMinor),
       currency: auth.amount.currency,
@@ -123,29 +117,48 @@ export class LoadServer {
       dateTime: Math.floor(auth.offeredAt.getTime() / 1000),
       transactionRef: id,
     };
-    const existing = await this.o.store.get(id);
-    if (existing) return { ...this.repeatRequest(existing, req.initializeResponse), settled };
-
-    const row = {
+    const purse = Buffer.from(auth.purseId?.value ?? []).toString("hex");
+    const amount = auth.amount;
+    /** The load's record as this authorisation fixes it, with the card's answer when there is one. */
+    const row = (initializeResponse: Uint8Array) => ({
       transaction_id: id,
       bank_id: bankId,
       purse_id: purse,
       amount_minor: authorised.amount,
-      currency: auth.amount.currency,
-      exponent: auth.amount.exponent,
+      currency: amount.currency,
+      exponent: amount.exponent,
       key_nonce: Buffer.from(req.keyNonce),
       authorised: InitializeForLoadCommand.encode(authorised),
-      initialize_response: Buffer.from(req.initializeResponse),
-    };
-    const what = `${formatMoney(auth.amount)} to card ${purse} for bank ${bankId}`;
+      initialize_response: Buffer.from(initializeResponse),
+    });
+    return { id, bankId, amount, purse, authorised, row };
+  }
+
+  /** Steps 895-899. */
+  private async processLoadRequest(req: ProcessLoadRequestRequest): Promise<ProcessLoadRequestResponse> {
+    if (req.initializeResponse.length !== InitializeForLoadResponse.size) throw invalidField("initialize_response", `must be ${InitializeForLoadResponse.size} bytes`);
+    const init = decodeField("initialize_response", () => InitializeForLoadResponse.decode(req.initializeResponse));
+    const history = parseLog(req.cardLog, MAX_LOG_IN_REQUEST, "card_log");
+    const { id, bankId, amount, purse: authorisedPurse, authorised, row: rowFor } = this.authorisation(req);
+    const purse = init.purseId.toString("hex");
+    if (authorisedPurse !== purse) throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, "the card is not the one the bank authorised the load for");
+
+    // The card's history first: it may settle earlier loads of this card (pending deposits).
+    const settled = await this.settleFromHistory(purse, history);
+
+    const existing = await this.o.store.get(id);
+    if (existing) return { ...this.repeatRequest(existing, bankId, req.initializeResponse), settled };
+
+    const row = rowFor(req.initializeResponse);
+    const what = `${formatMoney(amount)} to card ${purse} for bank ${bankId}`;
     let issued;
     try {
-      issued = await this.o.hsm.issueLoad(authorised, init);
+      issued = await this.o.hsm.issueLoad(authorised, amount.exponent, init);
     } catch (e) {
       if (!(e instanceof HsmRefused)) throw e;
       // No LOAD command was made, so the card cannot have been credited: the load is over, and the bank may release its hold.
       await this.o.store.insert(
-        { ...row, hsm_id: null, hsm_counter: null, load_command: null, state: "SETTLED", settlement: { outcome: "NOT_LOADED", proof: `security module refused: ${e.message}`, cardCounter: init.counter } },
+        { ...row, hsm_id: null, hsm_counter: null, load_command: null, proof_reference: null, state: "SETTLED", settlement: { outcome: "NOT_LOADED", proof: `security module refused: ${e.message}`, cardCounter: init.counter } },
         "refused",
         e.message,
       );
@@ -154,20 +167,53 @@ export class LoadServer {
       if (e.refusal === "BAD_S1") throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `the card's signature S1 does not verify for the load the bank authorised${after}`);
       throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL[e.refusal], `${e.message}${after}`);
     }
-    await this.o.store.insert({ ...row, hsm_id: issued.hsmId, hsm_counter: issued.hsmCounter, load_command: issued.command, state: "PENDING" }, "load_command_issued", `${what}, security module ${issued.hsmId} counter ${issued.hsmCounter}`);
-    this.o.log.info("LOAD command issued", { transaction: id, amount: formatMoney(auth.amount), hsmCounter: issued.hsmCounter });
-    return { loadCommand: issued.command, hsmId: Buffer.from(issued.hsmId, "hex"), hsmCounter: issued.hsmCounter, settled };
+    const proofReference = randomUUID();
+    await this.o.store.insert(
+      { ...row, hsm_id: issued.hsmId, hsm_counter: issued.hsmCounter, load_command: issued.command, proof_reference: proofReference, state: "PENDING" },
+      "load_command_issued",
+      `${what}, security module ${issued.hsmId} counter ${issued.hsmCounter}`,
+    );
+    this.o.log.info("LOAD command issued", { transaction: id, amount: formatMoney(amount), hsmCounter: issued.hsmCounter });
+    return { loadCommand: issued.command, hsmId: Buffer.from(issued.hsmId, "hex"), hsmCounter: issued.hsmCounter, settled, proofReference: txnId(proofReference) };
+  }
+
+  /** A load that never got a LOAD command ends as NOT_LOADED, so that the bank can release its hold. */
+  private async abandonLoad(req: AbandonLoadRequest): Promise<AbandonLoadResponse> {
+    const { id, bankId, row } = this.authorisation(req);
+    const existing = await this.o.store.get(id);
+    if (existing) {
+      if (existing.bank_id !== bankId) throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} is a load for another bank`);
+      if (existing.state === "PENDING") {
+        throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${id} has a LOAD command: only the card can settle it (CompleteLoad with its zero-value answer, or its history)`);
+      }
+      return { load: this.settledLoad(existing) };
+    }
+    await this.o.store.insert(
+      {
+        ...row(Buffer.alloc(0)),
+        hsm_id: null,
+        hsm_counter: null,
+        load_command: null,
+        proof_reference: null,
+        state: "SETTLED",
+        settlement: { outcome: "NOT_LOADED", proof: "abandoned before any LOAD command was issued", cardCounter: 0 },
+      },
+      "abandoned",
+      "no LOAD command was issued",
+    );
+    this.o.log.info("load abandoned before any LOAD command", { transaction: id });
+    return { load: this.settledLoad((await this.o.store.get(id))!) };
   }
 
   /** The same request again gets the same command; other card data for the same transaction is another load. */
-  private repeatRequest(row: LoadRow, initializeResponse: Uint8Array): Omit<ProcessLoadRequestResponse, "settled"> {
-    if (!row.initialize_response.equals(Buffer.from(initializeResponse))) {
+  private repeatRequest(row: LoadRow, bankId: string, initializeResponse: Uint8Array): Omit<ProcessLoadRequestResponse, "settled"> {
+    if (row.bank_id !== bankId || !row.initialize_response.equals(Buffer.from(initializeResponse))) {
       throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${row.transaction_id} already has a load request with other card data`);
     }
     if (!row.load_command) {
       throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${row.transaction_id} was refused: ${row.proof ?? "see GetLoad"}`);
     }
-    return { loadCommand: row.load_command, hsmId: Buffer.from(row.hsm_id!, "hex"), hsmCounter: row.hsm_counter! };
+    return { loadCommand: row.load_command, hsmId: Buffer.from(row.hsm_id!, "hex"), hsmCounter: row.hsm_counter!, proofReference: txnId(row.proof_reference!) };
   }
 
   /** Steps 883-890, with the negative result handling. */
@@ -197,7 +243,7 @@ export class LoadServer {
       }
       const zero = decodeField("zero_value_initialize_response", () => InitializeForLoadResponse.decode(req.zeroValueInitializeResponse));
       if (!zero.purseId.equals(init.purseId)) throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, "the zero-value answer comes from another card");
-      settlement = this.negativeResult(authorised, init, zero);
+      settlement = this.negativeResult({ ...authorised, amount: 0, transactionRef: row.proof_reference! }, init, zero);
     }
     await this.o.store.settle(id, settlement);
     this.o.log.info("load settled", { transaction: id, outcome: settlement.outcome, proof: settlement.proof });
@@ -217,14 +263,16 @@ export class LoadServer {
   /**
    * The negative result handling of WO 98/49658 (FIG. 18 text). The card
    * answered a zero-value INITIALIZE FOR LOAD with the original request's
-   * elements. If its counter equals the original's, the server takes the
+   * elements and the load's proof reference, which exists only since the
+   * LOAD command does (so no such answer can be made before the card could
+   * take the LOAD, and making it ends the card's load session). If its
+   * counter equals the original's, the server takes the
    * values the original would have left had it failed; if not, it first
    * decreases the counter to the original's. Either way the security module
    * recomputes S1 over those values and the card's fresh challenge: a match
    * proves the card is as it was (not loaded); anything else is a load.
    */
-  private negativeResult(authorised: LoadInitCommand, init: LoadInit, zero: LoadInit): Settlement {
-    const zeroCommand: LoadInitCommand = { ...authorised, amount: 0 };
+  private negativeResult(zeroCommand: LoadInitCommand, init: LoadInit, zero: LoadInit): Settlement {
     const countersEqual = zero.counter === init.counter;
     const expected: LoadInit = { ...zero, counter: init.counter, balance: init.balance };
     const branch = countersEqual ? "counters equal" : `counter ${zero.counter} decreased to the original ${init.counter}`;
@@ -292,6 +340,7 @@ export class LoadServer {
       proof: row.proof ?? "",
       hsmId: Buffer.from(row.hsm_id ?? "", "hex"),
       hsmCounter: row.hsm_counter ?? 0,
+      proofReference: row.proof_reference ? txnId(row.proof_reference) : undefined,
     };
   }
 }

@@ -34,6 +34,7 @@ export const LOAD_MIGRATIONS = [
      detail TEXT NOT NULL
    );
    CREATE INDEX load_events_txn ON load_events (transaction_id, id);`,
+  `ALTER TABLE loads ADD COLUMN proof_reference TEXT;`,
 ];
 
 export type LoadRowState = "PENDING" | "SETTLED";
@@ -53,6 +54,8 @@ export interface LoadRow {
   hsm_id: string | null;
   hsm_counter: number | null;
   load_command: Buffer | null;
+  /** The transaction reference a zero-value INITIALIZE FOR LOAD must carry: made with the LOAD command. */
+  proof_reference: string | null;
   state: LoadRowState;
   outcome: Outcome | null;
   proof: string | null;
@@ -91,8 +94,8 @@ export class LoadStore {
     await this.db.transaction(async (tx) => {
       await tx.run(
         `INSERT INTO loads (transaction_id, bank_id, purse_id, amount_minor, currency, exponent, key_nonce, authorised, initialize_response,
-                            hsm_id, hsm_counter, load_command, state, outcome, proof, card_counter, card_signature, settled_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+                            hsm_id, hsm_counter, load_command, proof_reference, state, outcome, proof, card_counter, card_signature, settled_at, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
         [
           row.transaction_id,
           row.bank_id,
@@ -106,6 +109,7 @@ export class LoadStore {
           row.hsm_id,
           row.hsm_counter,
           row.load_command,
+          row.proof_reference,
           row.state,
           s?.outcome ?? null,
           s?.proof ?? null,

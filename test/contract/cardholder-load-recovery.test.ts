@@ -22,7 +22,7 @@ import { startNetwork, type Network } from "../support/network.js";
 
 class Crash extends Error {}
 
-type Step = "loadStarted" | "loadOffered" | "loadSent" | "loadAnswered" | "loadSettled";
+type Step = "loadStarted" | "loadOffered" | "loadRequested" | "loadSent" | "loadAnswered" | "loadSettled";
 
 /** A load journal that crashes the load right after one step was written. */
 class CrashingLoadJournal extends SqliteLoadJournal {
@@ -39,8 +39,12 @@ class CrashingLoadJournal extends SqliteLoadJournal {
     await super.loadOffered(id, offer);
     this.crash("loadOffered");
   }
-  override async loadSent(id: string, counter: number) {
-    await super.loadSent(id, counter);
+  override async loadRequested(id: string, counter: number) {
+    await super.loadRequested(id, counter);
+    this.crash("loadRequested");
+  }
+  override async loadSent(id: string, reference: string) {
+    await super.loadSent(id, reference);
     this.crash("loadSent");
   }
   override async loadAnswered(id: string, raw: Buffer) {
@@ -74,7 +78,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       await daemon.close();
       await db.close();
     };
-    return { ...h, daemon, loads, load, close };
+    return { ...h, db, daemon, loads, load, close };
   }
 
   const open = async (c: { loads: SqliteLoadJournal }) => c.loads.openLoads();
@@ -84,6 +88,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     // step the client dropped out after, what the resumed load ends as, card balance, account balance
     ["loadStarted", "the bank's offer (never received): asked again by its id, the same hold, then loaded", 2_000, 98_000],
     ["loadOffered", "the offer: the load is made from it", 2_000, 98_000],
+    ["loadRequested", "the card's INITIALIZE FOR LOAD (the request never left): the load server never saw it, so the load is made again", 2_000, 98_000],
     ["loadSent", "the LOAD command (the card never saw it): its zero-value S1 proves no load, the hold is released", 0, 100_000],
     ["loadAnswered", "the card's credit (the load server never heard): the card's history confirms it", 2_000, 98_000],
     ["loadSettled", "the load server's confirmation (the bank never got it): delivered", 2_000, 98_000],
@@ -112,6 +117,31 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       }
     });
   }
+
+  it("a load request that got through but whose answer was lost: the next purchase waits for the card's zero-value proof, then goes ahead", async () => {
+    const c = await cardholder();
+    try {
+      // The client vanishes after the load server issued the LOAD command, before it could journal it.
+      const lost = new (class extends CrashingLoadJournal {
+        override async loadSent(): Promise<void> {
+          throw new Crash("the answer to the load request was lost");
+        }
+      })(c.db);
+      const daemon = new CardholderDaemon({ transport: new InProcessTransport(c.card), journal: new SqliteJournal(c.db), loads: lost, log: createLogger("client-lost") });
+      await daemon.service.loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never).catch(() => undefined);
+      const [open1] = await open(c);
+      expect(open1!.state).to.equal("REQUESTED");
+      expect((await net.clients.load.getLoad({ transactionId: open1!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_PENDING);
+      const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
+      const e = (await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never).catch((x: unknown) => x)) as Error;
+      expect(e.message).to.contain("the card holds EUR 0.00"); // the load was proven not made (the card is still empty), so the purchase is refused on its balance
+      expect((await net.clients.load.getLoad({ transactionId: open1!.offer!.transactionId })).outcome).to.equal(NOT_LOADED);
+      expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+      expect(await cardBalance(c)).to.equal(0);
+    } finally {
+      await c.close();
+    }
+  });
 
   it("a pending deposit is confirmed with the card's next purchase", async () => {
     const c = await cardholder();

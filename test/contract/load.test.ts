@@ -19,7 +19,7 @@ import { LogKind } from "../../lib/protocol/purse.js";
 import { loadInitCommand } from "../../client/load.js";
 import { purseState } from "../../client/card/purse-state.js";
 import { failure, flipBit } from "../support/card-client.js";
-import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor } from "../support/load.js";
+import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor, zeroValue } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
 
 describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadService", function () {
@@ -191,7 +191,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const issued = await net.clients.load.processLoadRequest(request);
       const forged = flipByte(issued.loadCommand, LoadCommand.offset("s2"));
       expect((await h.reader.load(forged)).sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
-      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const zero = await zeroValue(h.reader, offer, issued);
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
       expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
@@ -319,7 +319,42 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
   });
 
+  it("AbandonLoad ends a load no LOAD command exists for, NOT_LOADED, releasing the hold; not one with a command", async () => {
+    const h = await freshCardholder(net);
+    const offer = await offerFor(net, h.reader, h.accountId, 1_000);
+    const abandon = { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization };
+    expect(await failure(net.clients.load.abandonLoad({ ...abandon, authorization: flipBit(offer.authorization!, "tag") }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+    const done = await net.clients.load.abandonLoad(abandon);
+    expect(done.load!.outcome).to.equal(NOT_LOADED);
+    expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+    const { request } = await loadRequest(h.reader, offer);
+    expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "ALREADY_EXISTS" });
+    expect(await balance(h)).to.equal(0);
+
+    const other = await offerFor(net, h.reader, h.accountId, 1_000);
+    await net.clients.load.processLoadRequest((await loadRequest(h.reader, other)).request);
+    const e = await failure(net.clients.load.abandonLoad({ transactionId: other.transactionId, bankId: other.bankId, keyNonce: other.keyNonce, authorization: other.authorization }));
+    expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "WRONG_STATE" });
+  });
+
   describe("negative result handling", () => {
+    it("a zero-value answer made before the load proves nothing: the card took the load, and it counts as loaded", async () => {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 2_000);
+      // A lying client asks for its "proof" first, with everything it knows before the load server answers...
+      const early = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const { request } = await loadRequest(h.reader, offer);
+      const issued = await net.clients.load.processLoadRequest(request);
+      expect(issued.proofReference?.value).to.not.equal(offer.transactionId!.value);
+      expect((await h.reader.load(Buffer.from(issued.loadCommand))).parsed!.result).to.equal(LoadResult.LOADED);
+      // ...then claims the card never answered.
+      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: early.raw });
+      expect(done.load!.outcome).to.equal(LOADED);
+      await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 98_000, available: 98_000 });
+      expect(await balance(h)).to.equal(2_000);
+    });
+
     it("a genuine negative result (the card was blocked before LOAD): counters equal, the zero-value S1 matches, the hold is released", async () => {
       const h = await freshCardholder(net, { blockMidLoad: true });
       const offer = await offerFor(net, h.reader, h.accountId, 2_000);
@@ -327,7 +362,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const issued = await net.clients.load.processLoadRequest(request);
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
       expect(answer.parsed).to.deep.include({ result: LoadResult.BLOCKED, counter: 0, balance: 0 });
-      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const zero = await zeroValue(h.reader, offer, issued);
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
       expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
@@ -343,7 +378,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
       const lie = Buffer.from(answer.raw);
       lie[0] = LoadResult.MAX_BALANCE_EXCEEDED;
-      const zero = await h.reader.initializeForLoad(loadInitCommand(offer, 0));
+      const zero = await zeroValue(h.reader, offer, issued);
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(LOADED);
       expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
@@ -360,7 +395,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
       const lie = Buffer.from(answer.raw);
       lie[0] = LoadResult.BLOCKED;
-      const zero = Buffer.from((await h.reader.initializeForLoad(loadInitCommand(offer, 0))).raw);
+      const zero = Buffer.from((await zeroValue(h.reader, offer, issued)).raw);
       zero.writeUInt32BE(0, InitializeForLoadResponse.offset("counter"));
       zero.writeUInt32BE(0, InitializeForLoadResponse.offset("balance"));
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero });
@@ -374,7 +409,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const { request } = await loadRequest(h.reader, offer);
       const issued = await net.clients.load.processLoadRequest(request);
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
-      const zero = Buffer.from((await h.reader.initializeForLoad(loadInitCommand(offer, 0))).raw);
+      const zero = Buffer.from((await zeroValue(h.reader, offer, issued)).raw);
       zero.writeUInt32BE(7, InitializeForLoadResponse.offset("counter"));
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero });
       expect(done.load!.outcome).to.equal(NOT_LOADED);

@@ -75,6 +75,11 @@ export async function loadRequest(reader: PurseReader, offer: LoadOffer, o: { pa
   };
 }
 
+/** The negative result handling's zero-value INITIALIZE FOR LOAD: the original load's elements with the load server's proof reference. */
+export function zeroValue(reader: PurseReader, offer: LoadOffer, issued: { proofReference?: { value: string } }) {
+  return reader.initializeForLoad({ ...loadInitCommand(offer, 0), transactionRef: issued.proofReference!.value });
+}
+
 /** The account as the bank reports it, in minor units. */
 export async function account(net: Network, accountId: string) {
   const a = await net.clients.bank.getAccount({ accountId });

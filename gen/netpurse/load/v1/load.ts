@@ -204,6 +204,12 @@ export interface ProcessLoadRequestResponse {
   hsmCounter: number;
   /** Confirmations of earlier pending loads this request's card_log settled. */
   settled: SettledLoad[];
+  /**
+   * The transaction reference of a zero-value INITIALIZE FOR LOAD, should
+   * the card answer with a negative result: made fresh with the LOAD
+   * command, so that no proof of an unloaded card can be made before it.
+   */
+  proofReference: TransactionId | undefined;
 }
 
 /** Request of CompleteLoad. */
@@ -218,9 +224,10 @@ export interface CompleteLoadRequest {
    */
   loadResponse: Buffer;
   /**
-   * Only with a negative result: the card's response to INITIALIZE FOR LOAD
-   * for a zero amount, with the original load's currency, bank id, time
-   * stamp and transaction id, made right after the negative answer (51 bytes).
+   * Only with a negative result, or when the card's answer is lost: the
+   * card's response to INITIALIZE FOR LOAD for a zero amount, with the
+   * original load's currency, bank id and time stamp and the load's
+   * proof_reference as transaction reference, made right after (51 bytes).
    */
   zeroValueInitializeResponse: Buffer;
 }
@@ -240,6 +247,26 @@ export interface SettledLoad {
 /** Response of CompleteLoad. */
 export interface CompleteLoadResponse {
   /** The settled load. */
+  load: SettledLoad | undefined;
+}
+
+/** Request of AbandonLoad. */
+export interface AbandonLoadRequest {
+  /** The load's transaction id, from the bank's offer. */
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** The bank, from the offer. */
+  bankId: string;
+  /** The key nonce, from the offer. */
+  keyNonce: Buffer;
+  /** The bank's sealed LoadAuthorization, from the offer. */
+  authorization: Sealed | undefined;
+}
+
+/** Response of AbandonLoad. */
+export interface AbandonLoadResponse {
+  /** The load, settled NOT_LOADED (or as it was settled before). */
   load: SettledLoad | undefined;
 }
 
@@ -294,6 +321,11 @@ export interface GetLoadResponse {
   hsmId: Buffer;
   /** The security module's counter. */
   hsmCounter: number;
+  /**
+   * The transaction reference for a zero-value INITIALIZE FOR LOAD (set once
+   * a LOAD command exists).
+   */
+  proofReference: TransactionId | undefined;
 }
 
 function createBaseLoadAuthorization(): LoadAuthorization {
@@ -869,7 +901,13 @@ export const ProcessLoadRequestRequest: MessageFns<ProcessLoadRequestRequest> = 
 };
 
 function createBaseProcessLoadRequestResponse(): ProcessLoadRequestResponse {
-  return { loadCommand: Buffer.alloc(0), hsmId: Buffer.alloc(0), hsmCounter: 0, settled: [] };
+  return {
+    loadCommand: Buffer.alloc(0),
+    hsmId: Buffer.alloc(0),
+    hsmCounter: 0,
+    settled: [],
+    proofReference: undefined,
+  };
 }
 
 export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> = {
@@ -885,6 +923,9 @@ export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> 
     }
     for (const v of message.settled) {
       SettledLoad.encode(v!, writer.uint32(34).fork()).join();
+    }
+    if (message.proofReference !== undefined) {
+      TransactionId.encode(message.proofReference, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -934,6 +975,14 @@ export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> 
             message.settled.push(SettledLoad.decode(reader, reader.uint32()));
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.proofReference = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -964,6 +1013,11 @@ export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> 
         ? globalThis.Number(object.hsm_counter)
         : 0,
       settled: globalThis.Array.isArray(object?.settled) ? object.settled.map((e: any) => SettledLoad.fromJSON(e)) : [],
+      proofReference: isSet(object.proofReference)
+        ? TransactionId.fromJSON(object.proofReference)
+        : isSet(object.proof_reference)
+        ? TransactionId.fromJSON(object.proof_reference)
+        : undefined,
     };
   },
 
@@ -981,6 +1035,9 @@ export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> 
     if (message.settled?.length) {
       obj.settled = message.settled.map((e) => SettledLoad.toJSON(e));
     }
+    if (message.proofReference !== undefined) {
+      obj.proofReference = TransactionId.toJSON(message.proofReference);
+    }
     return obj;
   },
 
@@ -993,6 +1050,9 @@ export const ProcessLoadRequestResponse: MessageFns<ProcessLoadRequestResponse> 
     message.hsmId = object.hsmId ?? Buffer.alloc(0);
     message.hsmCounter = object.hsmCounter ?? 0;
     message.settled = object.settled?.map((e) => SettledLoad.fromPartial(e)) || [];
+    message.proofReference = (object.proofReference !== undefined && object.proofReference !== null)
+      ? TransactionId.fromPartial(object.proofReference)
+      : undefined;
     return message;
   },
 };
@@ -1290,6 +1350,208 @@ export const CompleteLoadResponse: MessageFns<CompleteLoadResponse> = {
   },
 };
 
+function createBaseAbandonLoadRequest(): AbandonLoadRequest {
+  return { transactionId: undefined, bankId: "", keyNonce: Buffer.alloc(0), authorization: undefined };
+}
+
+export const AbandonLoadRequest: MessageFns<AbandonLoadRequest> = {
+  encode(message: AbandonLoadRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionId !== undefined) {
+      TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.bankId !== "") {
+      writer.uint32(18).string(message.bankId);
+    }
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(26).bytes(message.keyNonce);
+    }
+    if (message.authorization !== undefined) {
+      Sealed.encode(message.authorization, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AbandonLoadRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAbandonLoadRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.bankId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.authorization = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AbandonLoadRequest {
+    return {
+      transactionId: isSet(object.transactionId)
+        ? TransactionId.fromJSON(object.transactionId)
+        : isSet(object.transaction_id)
+        ? TransactionId.fromJSON(object.transaction_id)
+        : undefined,
+      bankId: isSet(object.bankId)
+        ? globalThis.String(object.bankId)
+        : isSet(object.bank_id)
+        ? globalThis.String(object.bank_id)
+        : "",
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
+      authorization: isSet(object.authorization) ? Sealed.fromJSON(object.authorization) : undefined,
+    };
+  },
+
+  toJSON(message: AbandonLoadRequest): unknown {
+    const obj: any = {};
+    if (message.transactionId !== undefined) {
+      obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.bankId !== "") {
+      obj.bankId = message.bankId;
+    }
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
+    }
+    if (message.authorization !== undefined) {
+      obj.authorization = Sealed.toJSON(message.authorization);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AbandonLoadRequest>): AbandonLoadRequest {
+    return AbandonLoadRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AbandonLoadRequest>): AbandonLoadRequest {
+    const message = createBaseAbandonLoadRequest();
+    message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
+      ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.bankId = object.bankId ?? "";
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
+    message.authorization = (object.authorization !== undefined && object.authorization !== null)
+      ? Sealed.fromPartial(object.authorization)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseAbandonLoadResponse(): AbandonLoadResponse {
+  return { load: undefined };
+}
+
+export const AbandonLoadResponse: MessageFns<AbandonLoadResponse> = {
+  encode(message: AbandonLoadResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.load !== undefined) {
+      SettledLoad.encode(message.load, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AbandonLoadResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAbandonLoadResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.load = SettledLoad.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AbandonLoadResponse {
+    return { load: isSet(object.load) ? SettledLoad.fromJSON(object.load) : undefined };
+  },
+
+  toJSON(message: AbandonLoadResponse): unknown {
+    const obj: any = {};
+    if (message.load !== undefined) {
+      obj.load = SettledLoad.toJSON(message.load);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AbandonLoadResponse>): AbandonLoadResponse {
+    return AbandonLoadResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AbandonLoadResponse>): AbandonLoadResponse {
+    const message = createBaseAbandonLoadResponse();
+    message.load = (object.load !== undefined && object.load !== null)
+      ? SettledLoad.fromPartial(object.load)
+      : undefined;
+    return message;
+  },
+};
+
 function createBaseReportCardHistoryRequest(): ReportCardHistoryRequest {
   return { purseId: undefined, cardLog: [] };
 }
@@ -1540,6 +1802,7 @@ function createBaseGetLoadResponse(): GetLoadResponse {
     proof: "",
     hsmId: Buffer.alloc(0),
     hsmCounter: 0,
+    proofReference: undefined,
   };
 }
 
@@ -1571,6 +1834,9 @@ export const GetLoadResponse: MessageFns<GetLoadResponse> = {
     }
     if (message.hsmCounter !== 0) {
       writer.uint32(72).uint32(message.hsmCounter);
+    }
+    if (message.proofReference !== undefined) {
+      TransactionId.encode(message.proofReference, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -1660,6 +1926,14 @@ export const GetLoadResponse: MessageFns<GetLoadResponse> = {
             message.hsmCounter = reader.uint32();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.proofReference = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1703,6 +1977,11 @@ export const GetLoadResponse: MessageFns<GetLoadResponse> = {
         : isSet(object.hsm_counter)
         ? globalThis.Number(object.hsm_counter)
         : 0,
+      proofReference: isSet(object.proofReference)
+        ? TransactionId.fromJSON(object.proofReference)
+        : isSet(object.proof_reference)
+        ? TransactionId.fromJSON(object.proof_reference)
+        : undefined,
     };
   },
 
@@ -1735,6 +2014,9 @@ export const GetLoadResponse: MessageFns<GetLoadResponse> = {
     if (message.hsmCounter !== 0) {
       obj.hsmCounter = Math.round(message.hsmCounter);
     }
+    if (message.proofReference !== undefined) {
+      obj.proofReference = TransactionId.toJSON(message.proofReference);
+    }
     return obj;
   },
 
@@ -1758,6 +2040,9 @@ export const GetLoadResponse: MessageFns<GetLoadResponse> = {
     message.proof = object.proof ?? "";
     message.hsmId = object.hsmId ?? Buffer.alloc(0);
     message.hsmCounter = object.hsmCounter ?? 0;
+    message.proofReference = (object.proofReference !== undefined && object.proofReference !== null)
+      ? TransactionId.fromPartial(object.proofReference)
+      : undefined;
     return message;
   },
 };
@@ -1805,6 +2090,23 @@ export const LoadServiceDefinition = {
       requestType: CompleteLoadRequest as typeof CompleteLoadRequest,
       requestStream: false,
       responseType: CompleteLoadResponse as typeof CompleteLoadResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Ends a load no LOAD command was ever issued for (the client gives up
+     * before the load server signed anything, or the request was refused
+     * before a record existed): records it as NOT_LOADED and returns the
+     * confirmation that releases the bank's hold. Needs the bank's
+     * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
+     * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
+     * CompleteLoad or its history. A settled load returns its confirmation.
+     */
+    abandonLoad: {
+      name: "AbandonLoad",
+      requestType: AbandonLoadRequest as typeof AbandonLoadRequest,
+      requestStream: false,
+      responseType: AbandonLoadResponse as typeof AbandonLoadResponse,
       responseStream: false,
       options: {},
     },
@@ -1867,6 +2169,19 @@ export interface LoadServiceImplementation<CallContextExt = {}> {
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CompleteLoadResponse>>;
   /**
+   * Ends a load no LOAD command was ever issued for (the client gives up
+   * before the load server signed anything, or the request was refused
+   * before a record existed): records it as NOT_LOADED and returns the
+   * confirmation that releases the bank's hold. Needs the bank's
+   * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
+   * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
+   * CompleteLoad or its history. A settled load returns its confirmation.
+   */
+  abandonLoad(
+    request: AbandonLoadRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<AbandonLoadResponse>>;
+  /**
    * The pending deposit: takes a card's newest log records, confirms every
    * pending load of that card whose credit and S3 are in them, and returns a
    * confirmation for the bank of each load found there.
@@ -1912,6 +2227,19 @@ export interface LoadServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<CompleteLoadRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<CompleteLoadResponse>;
+  /**
+   * Ends a load no LOAD command was ever issued for (the client gives up
+   * before the load server signed anything, or the request was refused
+   * before a record existed): records it as NOT_LOADED and returns the
+   * confirmation that releases the bank's hold. Needs the bank's
+   * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
+   * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
+   * CompleteLoad or its history. A settled load returns its confirmation.
+   */
+  abandonLoad(
+    request: DeepPartial<AbandonLoadRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<AbandonLoadResponse>;
   /**
    * The pending deposit: takes a card's newest log records, confirms every
    * pending load of that card whose credit and S3 are in them, and returns a
