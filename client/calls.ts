@@ -17,7 +17,7 @@ export function isFinal(e: unknown): boolean {
 }
 
 /** Retries an idempotent call while the failure is transient. */
-export async function retrying<T>(call: () => Promise<T>, attempts = 4): Promise<T> {
+export async function retrying<T>(call: () => Promise<T>, attempts = 5): Promise<T> {
   let wait = 200;
   for (let i = 1; ; i++) {
     try {

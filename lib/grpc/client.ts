@@ -47,6 +47,10 @@ export function openChannel(address: string, opts: { maxMessageBytes?: number } 
     "grpc.keepalive_time_ms": 30_000,
     "grpc.keepalive_timeout_ms": 10_000,
     "grpc.enable_retries": 0, // retries are the caller's, by transaction id
+    // A server back after an outage is reached within a second or two: a caller's own retries
+    // (a few seconds at most) must not all fall inside the channel's reconnect back-off.
+    "grpc.initial_reconnect_backoff_ms": 250,
+    "grpc.max_reconnect_backoff_ms": 1_000,
   });
 }
 
