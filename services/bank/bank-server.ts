@@ -17,7 +17,9 @@ import {
   type CreateLoadOfferResponse,
   type GetAccountResponse,
 } from "../../gen/netpurse/bank/v1/bank.js";
-import { LoadAuthorization, LoadConfirmation, LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
+import { LoadAuthorization, LoadConfirmation, LoadOutcome, type LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import type { Client } from "nice-grpc";
+import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
 import { requireMoney, requireName, requirePurseId, requireTransactionId, purseId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -47,14 +49,46 @@ export interface BankIdentity {
   bankAddress: string;
 }
 
+export type LoadClient = Client<typeof LoadServiceDefinition, DeadlineOptions>;
+
 export class BankServer {
   constructor(
     private readonly o: {
       store: BankStore;
       identity: BankIdentity;
       log: Logger;
+      /** The load server, asked directly only about holds whose cardholder never came back. */
+      loadServer?: LoadClient;
     },
   ) {}
+
+  /**
+   * Holds older than `olderThanMs` whose confirmation never came: the bank
+   * asks the load server to end each load (AbandonLoad, with the bank's own
+   * authorisation). A load no LOAD command was issued for ends NOT_LOADED
+   * and the hold is released; a load settled but never confirmed here comes
+   * back with its confirmation and is posted; a load with a LOAD command
+   * still pending is left held, for the card to settle. Returns how many
+   * holds it resolved.
+   */
+  async resolveStaleHolds(olderThanMs: number): Promise<number> {
+    const server = this.o.loadServer;
+    if (!server) return 0;
+    const before = new Date(Date.now() - olderThanMs).toISOString();
+    let resolved = 0;
+    for (const hold of await this.o.store.heldSince(before)) {
+      const offer = LoadOffer.decode(hold.offer);
+      try {
+        const r = await server.abandonLoad({ transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization }, { deadline: 10_000 });
+        await this.confirmLoad({ transactionId: offer.transactionId, confirmation: r.load!.confirmation });
+        resolved++;
+      } catch (e) {
+        // A load the card must still settle, or a load server out of reach: the hold waits for the next round.
+        this.o.log.info("stale hold left held", { transaction: hold.transaction_id, detail: (e as Error).message });
+      }
+    }
+    return resolved;
+  }
 
   readonly service: BankServiceImplementation = {
     createLoadOffer: (req) => this.createLoadOffer(req),

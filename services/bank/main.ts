@@ -1,22 +1,24 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { opt, runService } from "../../lib/service-main.js";
+import { intOpt, opt, runService } from "../../lib/service-main.js";
 import { startBankServer } from "./server.js";
 
 await runService({
   program: "netpurse-bank-server",
   summary: "Demo bank: load offers with a hold on the account, posted only on the load server's sealed confirmation.\nIts accounts stand in for a bank's core system.",
-  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" }, "load-server": { type: "string" } },
+  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" }, "load-server": { type: "string" }, "stale-hold-ms": { type: "string" } },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("bank")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
     "  --dir DIR                this bank's folder (default DATA/bank): bank.db, bank.json",
     `  --load-server HOST:PORT  the load server named in load offers (default ${defaultAddress("load")})`,
+    "  --stale-hold-ms N        after how long without a confirmation the bank asks the load server to end a load (default 900000)",
   ].join("\n"),
   start: (v) =>
     startBankServer({
       listen: opt(v, "listen", defaultAddress("bank")),
       dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "bank")),
       loadServer: opt(v, "load-server", defaultAddress("load")),
+      staleHoldMs: intOpt(v, "stale-hold-ms", 15 * 60_000),
     }),
 });

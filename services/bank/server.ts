@@ -1,5 +1,7 @@
 import { join } from "node:path";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { defaultAddress } from "../../lib/config.js";
 import { startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
@@ -16,6 +18,10 @@ export interface BankConfig {
   loadServer?: string;
   /** This bank's address as cardholders reach it, put into offers (default: the address it binds). */
   publicAddress?: string;
+  /** How old a hold without a confirmation must be before the bank asks the load server about it (default 15 minutes). */
+  staleHoldMs?: number;
+  /** How often the bank looks for such holds (default every minute). */
+  sweepEveryMs?: number;
 }
 
 /** Starts the demo bank in this process. */
@@ -25,14 +31,25 @@ export async function startBankServer(c: BankConfig) {
   const db = openSqlite(join(c.dir, "bank.db"), BANK_MIGRATIONS);
   const store = new BankStore(db);
   const identity = { bankId: file.bankId, loadServerKey: Buffer.from(file.loadServerKey, "hex"), loadServerAddress: c.loadServer ?? defaultAddress("load"), bankAddress: "" };
-  const server = new BankServer({ store, identity, log });
+  const channel = openChannel(identity.loadServerAddress);
+  const server = new BankServer({ store, identity, log, loadServer: clientFactory().create(LoadServiceDefinition, channel) });
   const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [[BankServiceDefinition, server.service]], log });
   identity.bankAddress = c.publicAddress ?? grpc.address;
+  const staleMs = c.staleHoldMs ?? 15 * 60_000;
+  let sweeping = Promise.resolve();
+  const timer = setInterval(() => {
+    sweeping = sweeping.then(() => server.resolveStaleHolds(staleMs).then(() => undefined));
+  }, c.sweepEveryMs ?? 60_000);
+  timer.unref();
   return {
     address: grpc.address,
     store,
+    server,
     async close() {
+      clearInterval(timer);
+      await sweeping;
       await grpc.shutdown();
+      channel.close();
       await db.close();
     },
   };

@@ -91,6 +91,11 @@ export class BankStore {
     return q.get<HoldRow>("SELECT * FROM holds WHERE transaction_id = ?", [id]);
   }
 
+  /** Holds still HELD that were made before `isoTime`. */
+  heldSince(isoTime: string): Promise<HoldRow[]> {
+    return this.db.all<HoldRow>("SELECT * FROM holds WHERE state = 'HELD' AND created_at < ? ORDER BY created_at", [isoTime]);
+  }
+
   holds(accountId: string, limit: number): Promise<HoldRow[]> {
     return this.db.all<HoldRow>("SELECT * FROM holds WHERE account_id = ? ORDER BY created_at DESC LIMIT ?", [accountId, limit]);
   }

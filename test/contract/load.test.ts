@@ -337,6 +337,24 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "WRONG_STATE" });
   });
 
+  it("holds whose cardholder never came back: the bank asks the load server, releases those with no LOAD command, posts those settled, and leaves a pending one held", async () => {
+    const h = await freshCardholder(net);
+    const never = await offerFor(net, h.reader, h.accountId, 1_000); // the client vanished with the offer
+    const settled = await offerFor(net, h.reader, h.accountId, 2_000); // loaded, but the confirmation never reached the bank
+    const issued = await net.clients.load.processLoadRequest((await loadRequest(h.reader, settled)).request);
+    const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+    await net.clients.load.completeLoad({ transactionId: settled.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+    const pending = await offerFor(net, h.reader, h.accountId, 500); // the card may hold its LOAD: only the card can settle it
+    await net.clients.load.processLoadRequest((await loadRequest(h.reader, pending)).request);
+    expect(await net.bank.server.resolveStaleHolds(60_000)).to.equal(0); // none is old enough yet
+    expect(await net.bank.server.resolveStaleHolds(0)).to.be.at.least(2);
+    expect(await holdOf(net, h.accountId, never)).to.equal(HoldState.HOLD_STATE_RELEASED);
+    expect(await holdOf(net, h.accountId, settled)).to.equal(HoldState.HOLD_STATE_POSTED);
+    expect(await holdOf(net, h.accountId, pending)).to.equal(HoldState.HOLD_STATE_HELD);
+    expect(await account(net, h.accountId)).to.deep.include({ balance: 98_000, available: 97_500 });
+    expect(await balance(h)).to.equal(2_000);
+  });
+
   describe("negative result handling", () => {
     it("a zero-value answer made before the load proves nothing: the card took the load, and it counts as loaded", async () => {
       const h = await freshCardholder(net);
