@@ -2095,9 +2095,10 @@ export const LoadServiceDefinition = {
     },
     /**
      * Ends a load no LOAD command was ever issued for (the client gives up
-     * before the load server signed anything, or the request was refused
-     * before a record existed): records it as NOT_LOADED and returns the
-     * confirmation that releases the bank's hold. Needs the bank's
+     * before the load server signed anything, the request was refused before
+     * a record existed, or the bank asks about a hold whose client never came
+     * back): records it as NOT_LOADED and returns the confirmation that
+     * releases the bank's hold. Needs the bank's
      * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
      * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
      * CompleteLoad or its history. A settled load returns its confirmation.
@@ -2170,9 +2171,10 @@ export interface LoadServiceImplementation<CallContextExt = {}> {
   ): Promise<DeepPartial<CompleteLoadResponse>>;
   /**
    * Ends a load no LOAD command was ever issued for (the client gives up
-   * before the load server signed anything, or the request was refused
-   * before a record existed): records it as NOT_LOADED and returns the
-   * confirmation that releases the bank's hold. Needs the bank's
+   * before the load server signed anything, the request was refused before
+   * a record existed, or the bank asks about a hold whose client never came
+   * back): records it as NOT_LOADED and returns the confirmation that
+   * releases the bank's hold. Needs the bank's
    * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
    * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
    * CompleteLoad or its history. A settled load returns its confirmation.
@@ -2229,9 +2231,10 @@ export interface LoadServiceClient<CallOptionsExt = {}> {
   ): Promise<CompleteLoadResponse>;
   /**
    * Ends a load no LOAD command was ever issued for (the client gives up
-   * before the load server signed anything, or the request was refused
-   * before a record existed): records it as NOT_LOADED and returns the
-   * confirmation that releases the bank's hold. Needs the bank's
+   * before the load server signed anything, the request was refused before
+   * a record existed, or the bank asks about a hold whose client never came
+   * back): records it as NOT_LOADED and returns the confirmation that
+   * releases the bank's hold. Needs the bank's
    * authorisation, as ProcessLoadRequest. A load with a LOAD command gets
    * FAILED_PRECONDITION (WRONG_STATE): only the card can settle it, through
    * CompleteLoad or its history. A settled load returns its confirmation.
