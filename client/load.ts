@@ -12,11 +12,11 @@ import { randomUUID } from "node:crypto";
 import { ClientError, Status, type Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { HoldState, LoadOffer, type BankServiceDefinition } from "../gen/netpurse/bank/v1/bank.js";
-import { ErrorReason, PurseStatus, type Money } from "../gen/netpurse/card/v1/card.js";
+import { ErrorReason, type Money } from "../gen/netpurse/card/v1/card.js";
 import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
 import { LoadOutcome, LoadState, SettledLoad, type LoadServiceDefinition } from "../gen/netpurse/load/v1/load.js";
 import { swHex, SW } from "../lib/apdu/apdu.js";
-import { invalidField, NetpurseError, passOn, reasonOf } from "../lib/grpc/errors.js";
+import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
 import { hexOf, txnId } from "../lib/ids.js";
 import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
 import { LoadResponse, LoadResult, type LoadInitCommand } from "../lib/protocol/load.js";
@@ -124,9 +124,6 @@ export async function loadCard(p: { bankAddress: string; accountId: string; amou
 
 /** From an offer on: the card, the load server, the card again, then the bank. */
 async function runLoad(rec: LoadRecord, ctx: LoadContext, step: Step): Promise<{ outcome: LoadOutcome; holdState: HoldState }> {
-  if (rec.purseId !== (await ctx.reader.readPurse().catch(() => undefined))?.purseId.toString("hex")) {
-    throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${rec.transactionId} is for card ${rec.purseId}, not the card in the reader`);
-  }
   const offer = rec.offer!;
   const id = rec.transactionId;
   const deadline = ctx.callDeadlineMs ?? 15_000;
@@ -153,7 +150,16 @@ async function runLoad(rec: LoadRecord, ctx: LoadContext, step: Step): Promise<{
       return proveNotLoaded(rec, ctx, step, Buffer.alloc(0));
     }
     // Refused before any LOAD command (the security module, a broken seal, another card): the load is over, and its confirmation frees the bank's hold.
-    await settleAndConfirm(rec, ctx, step, await endWithoutCommand(rec, ctx));
+    let ended: SettledLoad;
+    try {
+      ended = await endWithoutCommand(rec, ctx);
+    } catch (abandonError) {
+      // The load server will not even record the load (an unknown bank, say). No LOAD command exists, so the
+      // card need not prove anything: the load ends here, and the bank's own sweep deals with its hold.
+      if (isFinal(abandonError)) await ctx.journal?.loadFailed(id, (e as Error).message);
+      passOn(e, "the load server refused the load request");
+    }
+    await settleAndConfirm(rec, ctx, step, ended);
     passOn(e, "the load server refused the load request (the bank's hold is released)");
   }
   await forwardSettled(issued.settled, ctx);

@@ -11,7 +11,7 @@
 //   MERCHANT_COMPARES: the merchant gets debit result M and the card's raw
 //     answer, and compares.
 
-import { ClientError, Status, type Client } from "nice-grpc";
+import { Status, type Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { ConfirmationMode, ErrorReason, type Sealed } from "../gen/netpurse/card/v1/card.js";
 import type { MerchantServiceDefinition, PaymentOffer, Receipt } from "../gen/netpurse/merchant/v1/merchant.js";
@@ -19,7 +19,7 @@ import { CardAnswer, DebitResultC, DrawRequest, IssuedDebitCommand, type Payment
 import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
 import { swHex, SW } from "../lib/apdu/apdu.js";
 import { macEqual } from "../lib/crypto/aes.js";
-import { invalidField, NetpurseError, passOn, reasonOf } from "../lib/grpc/errors.js";
+import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
 import { hexOf, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
 import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";

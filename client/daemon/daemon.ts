@@ -3,7 +3,7 @@
 // pays offers and finishes any purchase whose answer was lost.
 
 import { ClientError, Status } from "nice-grpc";
-import { CardTransactionKind, ErrorReason, PurseStatus, type PurseState } from "../../gen/netpurse/card/v1/card.js";
+import { CardTransactionKind, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type { CardholderServiceImplementation, LoadCardRequest, LoadCardResponse, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
@@ -19,7 +19,7 @@ import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
-import { DebitResponse, DebitResult, LogKind, PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
+import { DebitResponse, DebitResult, LogKind } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
 import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";

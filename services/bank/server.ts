@@ -38,7 +38,11 @@ export async function startBankServer(c: BankConfig) {
   const staleMs = c.staleHoldMs ?? 15 * 60_000;
   let sweeping = Promise.resolve();
   const timer = setInterval(() => {
-    sweeping = sweeping.then(() => server.resolveStaleHolds(staleMs).then(() => undefined));
+    // One sweep at a time, and a failed one does not stop the next.
+    sweeping = sweeping.then(() => server.resolveStaleHolds(staleMs)).then(
+      () => undefined,
+      (e: unknown) => log.warn("stale hold sweep failed", { detail: (e as Error).message }),
+    );
   }, c.sweepEveryMs ?? 60_000);
   timer.unref();
   return {

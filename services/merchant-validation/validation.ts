@@ -6,7 +6,7 @@
 
 import { existsSync } from "node:fs";
 import { Status } from "nice-grpc";
-import { ConfirmationMode, confirmationModeFromJSON, confirmationModeToJSON, ErrorReason, type Money } from "../../gen/netpurse/card/v1/card.js";
+import { ConfirmationMode, confirmationModeFromJSON, confirmationModeToJSON, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type {
   IssueTransactionKeysResponse,
   MerchantValidationServiceImplementation,

@@ -12,7 +12,7 @@ import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { hexOf, merchantId as mid, psamId as toPsamId, txnId } from "../../lib/ids.js";
+import { hexOf, psamId as toPsamId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";

@@ -9,53 +9,20 @@
 import { expect } from "chai";
 import { join } from "node:path";
 import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
-import { LoadState, type SettledLoad } from "../../gen/netpurse/load/v1/load.js";
+import { LoadState } from "../../gen/netpurse/load/v1/load.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { createLogger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { CardholderDaemon } from "../../client/daemon/daemon.js";
-import { CLIENT_MIGRATIONS, SqliteJournal, SqliteLoadJournal } from "../../client/daemon/journal.js";
-import type { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
-import { account, EUR, freshCardholder, LOADED, NOT_LOADED } from "../support/load.js";
+import { CLIENT_MIGRATIONS, SqliteJournal, type SqliteLoadJournal } from "../../client/daemon/journal.js";
+import { account, Crash, CrashingLoadJournal, EUR, freshCardholder, LOADED, NOT_LOADED, type LoadStep } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
-
-class Crash extends Error {}
-
-type Step = "loadStarted" | "loadOffered" | "loadRequested" | "loadSent" | "loadAnswered" | "loadSettled";
-
-/** A load journal that crashes the load right after one step was written. */
-class CrashingLoadJournal extends SqliteLoadJournal {
-  crashAfter: Step | undefined;
-
-  private crash(step: Step) {
-    if (this.crashAfter === step) throw new Crash(`crashed after ${step}`);
-  }
-  override async loadStarted(r: Parameters<SqliteLoadJournal["loadStarted"]>[0]) {
-    await super.loadStarted(r);
-    this.crash("loadStarted");
-  }
-  override async loadOffered(id: string, offer: LoadOffer) {
-    await super.loadOffered(id, offer);
-    this.crash("loadOffered");
-  }
-  override async loadRequested(id: string, counter: number) {
-    await super.loadRequested(id, counter);
-    this.crash("loadRequested");
-  }
-  override async loadSent(id: string, reference: string) {
-    await super.loadSent(id, reference);
-    this.crash("loadSent");
-  }
-  override async loadAnswered(id: string, raw: Buffer) {
-    await super.loadAnswered(id, raw);
-    this.crash("loadAnswered");
-  }
-  override async loadSettled(id: string, s: SettledLoad) {
-    await super.loadSettled(id, s);
-    this.crash("loadSettled");
-  }
-}
+import { NetpurseError, Status } from "../../lib/grpc/errors.js";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { randomBytes } from "node:crypto";
+import { writeBankFile } from "../../services/bank/identity.js";
+import { startBankServer } from "../../services/bank/server.js";
 
 describe("client daemon: loads the client dropped out of half-way", function () {
   this.timeout(60_000);
@@ -84,7 +51,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
   const open = async (c: { loads: SqliteLoadJournal }) => c.loads.openLoads();
   const cardBalance = async (c: { reader: { readPurse(): Promise<{ balance: number }> } }) => (await c.reader.readPurse()).balance;
 
-  const drops: [Step, string, number, number][] = [
+  const drops: [LoadStep, string, number, number][] = [
     // step the client dropped out after, what the resumed load ends as, card balance, account balance
     ["loadStarted", "the bank's offer (never received): asked again by its id, the same hold, then loaded", 2_000, 98_000],
     ["loadOffered", "the offer: the load is made from it", 2_000, 98_000],
@@ -139,6 +106,27 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
       expect(await cardBalance(c)).to.equal(0);
     } finally {
+      await c.close();
+    }
+  });
+
+  it("a load the load server will not even record (a bank it does not know) ends at once and does not block the card", async () => {
+    const c = await cardholder();
+    const dir = join(net.data, "stranger-bank");
+    await writeBankFile(join(dir, "bank.json"), "stranger-bank", randomBytes(32).toString("hex"));
+    const stranger = await startBankServer({ listen: "127.0.0.1:0", dir, loadServer: net.load.address });
+    try {
+      await stranger.store.open({ accountId: "acct", holder: "Stranger", currency: EUR, exponent: 2, openingMinor: 10_000 });
+      const amount = money(1_000, EUR, 2);
+      const e = (await c.daemon.service.loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount }, {} as never).catch((x: unknown) => x)) as NetpurseError;
+      expect(e).to.be.instanceOf(NetpurseError);
+      expect([e.code, e.reason]).to.deep.equal([Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_BANK]);
+      expect(await open(c)).to.have.length(0);
+      // The card was never at risk, so it is free for the next transaction.
+      expect((await c.load(500)).outcome).to.equal(LOADED);
+      expect(await cardBalance(c)).to.equal(500);
+    } finally {
+      await stranger.close();
       await c.close();
     }
   });

@@ -219,12 +219,17 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
 
     it("a replayed LOAD command is refused by the card; the card is credited once", async () => {
       const h = await freshCardholder(net);
-      const { issued } = await loadStepByStep(h, 1_000);
+      const { offer, issued } = await loadStepByStep(h, 1_000);
       expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED); // no session
+      // A fresh session for the very same load: the old command's S2 was made for the old challenge and counter.
+      await h.reader.initializeForLoad(loadInitCommand(offer));
+      expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
+      // A session for another load: the command does not even match it.
       const offer2 = await offerFor(net, h.reader, h.accountId, 1_000);
       await h.reader.initializeForLoad(loadInitCommand(offer2));
-      expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.not.equal(SW.OK); // another session's command
+      expect((await h.reader.load(Buffer.from(issued.loadCommand))).sw).to.equal(SW.WRONG_DATA);
       expect(await balance(h)).to.equal(1_000);
+      expect((await h.reader.readPurse()).counter).to.equal(1);
     });
 
     it("a confirmation forged for the bank, or taken from another load, or altered, posts nothing", async () => {

@@ -7,16 +7,14 @@
 import { expect } from "chai";
 import { join } from "node:path";
 import { randomUUID } from "node:crypto";
-import { DebitResultM, DebitResultStatus, PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import { DebitResultStatus, PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
-import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { hexOf } from "../../lib/ids.js";
-import { open, transactionKey } from "../../lib/protocol/encryption-layer.js";
+import { open } from "../../lib/protocol/encryption-layer.js";
 import { DebitCommand, DebitResponse, InitializeForPurchaseResponse } from "../../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "../../client/card/purse-reader.js";
 import { Issuer } from "../../services/issuer/issuer.js";
-import { MerchantRegistry } from "../../services/payment/merchants.js";
 import { completeRequest, drawRequestFor, failure, openCard, openIssued, openResultC, plainDrawRequest, sealDrawRequest } from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { openResultM, psamTotals } from "../support/payment.js";

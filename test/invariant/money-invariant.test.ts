@@ -25,64 +25,23 @@ import { LogKind } from "../../lib/protocol/purse.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { needsCardUnchanged } from "../../client/load.js";
 import { CardholderDaemon } from "../../client/daemon/daemon.js";
-import { CLIENT_MIGRATIONS, SqliteJournal, SqliteLoadJournal } from "../../client/daemon/journal.js";
-import type { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
-import type { SettledLoad } from "../../gen/netpurse/load/v1/load.js";
+import { CLIENT_MIGRATIONS, SqliteJournal } from "../../client/daemon/journal.js";
 import { startBankServer } from "../../services/bank/server.js";
 import { startLoadServer } from "../../services/load/server.js";
-import { EUR, freshCardholder, loadRequest, offerFor, zeroValue } from "../support/load.js";
+import { CrashingLoadJournal, EUR, freshCardholder, LOAD_STEPS, loadRequest, offerFor, zeroValue, type LoadStep } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
 
 const RUNS = Number(process.env.NETPURSE_INVARIANT_RUNS ?? 1000);
 
-type Drop = "loadStarted" | "loadOffered" | "loadRequested" | "loadSent" | "loadAnswered" | "loadSettled";
-
-class Dropped extends Error {}
-
-/** The client's journal, which can make the client vanish right after a step, as a crash or a lost connection would. */
-class DroppingJournal extends SqliteLoadJournal {
-  dropAfter: Drop | undefined;
-  private drop(step: Drop) {
-    if (this.dropAfter === step) {
-      this.dropAfter = undefined;
-      throw new Dropped(`dropped after ${step}`);
-    }
-  }
-  override async loadStarted(r: Parameters<SqliteLoadJournal["loadStarted"]>[0]) {
-    await super.loadStarted(r);
-    this.drop("loadStarted");
-  }
-  override async loadOffered(id: string, o: LoadOffer) {
-    await super.loadOffered(id, o);
-    this.drop("loadOffered");
-  }
-  override async loadRequested(id: string, c: number) {
-    await super.loadRequested(id, c);
-    this.drop("loadRequested");
-  }
-  override async loadSent(id: string, reference: string) {
-    await super.loadSent(id, reference);
-    this.drop("loadSent");
-  }
-  override async loadAnswered(id: string, raw: Buffer) {
-    await super.loadAnswered(id, raw);
-    this.drop("loadAnswered");
-  }
-  override async loadSettled(id: string, s: SettledLoad) {
-    await super.loadSettled(id, s);
-    this.drop("loadSettled");
-  }
-}
-
 type Action =
-  | { kind: "load"; amount: number; drop: Drop | undefined }
+  | { kind: "load"; amount: number; drop: LoadStep | undefined }
   | { kind: "lyingLoad"; amount: number }
   | { kind: "purchase"; product: "song-1" | "ebook-smart-cards" | "ebook-grpc" }
   | { kind: "restart"; which: "bank" | "load" }
   | { kind: "sync" };
 
 const action: fc.Arbitrary<Action> = fc.oneof(
-  { arbitrary: fc.record({ kind: fc.constant("load" as const), amount: fc.integer({ min: 1, max: 4_000 }), drop: fc.constantFrom(undefined, "loadStarted", "loadOffered", "loadRequested", "loadSent", "loadAnswered", "loadSettled") }), weight: 4 },
+  { arbitrary: fc.record({ kind: fc.constant("load" as const), amount: fc.integer({ min: 1, max: 4_000 }), drop: fc.constantFrom(undefined, ...LOAD_STEPS) }), weight: 4 },
   { arbitrary: fc.record({ kind: fc.constant("lyingLoad" as const), amount: fc.integer({ min: 1, max: 4_000 }) }), weight: 1 },
   { arbitrary: fc.record({ kind: fc.constant("purchase" as const), product: fc.constantFrom("song-1" as const, "ebook-smart-cards" as const, "ebook-grpc" as const) }), weight: 3 },
   { arbitrary: fc.record({ kind: fc.constant("restart" as const), which: fc.constantFrom("bank" as const, "load" as const) }), weight: 1 },
@@ -91,7 +50,7 @@ const action: fc.Arbitrary<Action> = fc.oneof(
 
 /** Refusals a cardholder meets (no funds, no room, no balance) and the drops themselves: they must leave nothing behind, which the invariant checks. */
 const expected = (e: unknown) =>
-  (e as { code?: number }).code === Status.FAILED_PRECONDITION || /dropped after/.test((e as Error).message) || /must prove it was not loaded/.test((e as Error).message);
+  (e as { code?: number }).code === Status.FAILED_PRECONDITION || /crashed after/.test((e as Error).message) || /must prove it was not loaded/.test((e as Error).message);
 
 describe("invariant: bank debits, card credits and purchases agree after random loads, purchases, drops, lies and restarts", function () {
   this.timeout(0);
@@ -145,13 +104,13 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const deposit = 8_000;
     const h = await freshCardholder(net, { maxBalance: 6_000, deposit });
     const db = openSqlite(join(net.data, "invariant", `client-${++n}.db`), CLIENT_MIGRATIONS);
-    const loads = new DroppingJournal(db);
+    const loads = new CrashingLoadJournal(db);
     const daemon = new CardholderDaemon({ transport: new InProcessTransport(h.card), journal: new SqliteJournal(db), loads, log: createLogger("invariant-client") });
     try {
       for (const a of actions) {
         try {
           if (a.kind === "load") {
-            loads.dropAfter = a.drop;
+            loads.crashAfter = a.drop;
             await daemon.service.loadCard({ bankAddress: net.bank.address, accountId: h.accountId, amount: money(a.amount, EUR, 2), approvedAmount: money(a.amount, EUR, 2) }, {} as never);
           } else if (a.kind === "lyingLoad") {
             // The lying client is the cardholder's own: like the daemon, it first settles what the card must prove.
@@ -168,7 +127,7 @@ describe("invariant: bank debits, card credits and purchases agree after random 
         } catch (e) {
           if (!expected(e)) throw e;
         } finally {
-          loads.dropAfter = undefined;
+          loads.crashAfter = undefined;
         }
       }
       // What the sequence left open is resolved at the card's next contact.

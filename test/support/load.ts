@@ -4,7 +4,6 @@
 // as a function of its own.
 
 import { randomUUID } from "node:crypto";
-import { join } from "node:path";
 import { SoftwareApplication } from "../../lib/apdu/software-application.js";
 import type { CommandApdu, ResponseApdu } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
@@ -13,14 +12,16 @@ import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { loadInitCommand } from "../../client/load.js";
 import { HoldState, type LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
-import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
+import { LoadOutcome, type SettledLoad } from "../../gen/netpurse/load/v1/load.js";
+import { SqliteLoadJournal } from "../../client/daemon/journal.js";
 import { txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { PurseIns } from "../../lib/protocol/purse.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import type { Network } from "./network.js";
+import { EUR, makeCard } from "./fixtures.js";
 
-export const EUR = 978;
+export { EUR };
 
 /** A card the issuer blocks between INITIALIZE FOR LOAD and LOAD: its LOAD answer is a genuine negative result. */
 export class BlockedMidLoadCard extends SoftwareCard {
@@ -43,10 +44,10 @@ export async function freshCardholder(
   o: { value?: number; maxBalance?: number; expiry?: string; deposit?: number; blockMidLoad?: boolean } = {},
 ): Promise<{ path: string; card: SoftwareCard; reader: PurseReader; accountId: string }> {
   const n = ++seq;
-  const path = join(net.paths.cards, `load-${n}.card.json`);
   const issuer = await Issuer.open(net.paths.issuer);
+  let path: string;
   try {
-    await issuer.personaliseCard({ path, currency: EUR, exponent: 2, initialValue: o.value ?? 0, maxBalance: o.maxBalance ?? 50_000, expiry: o.expiry ?? "2031-12-31" });
+    path = await makeCard(issuer, net.data, { name: `load-${n}`, value: o.value ?? 0, maxBalance: o.maxBalance ?? 50_000, expiry: o.expiry ?? "2031-12-31" });
   } finally {
     await issuer.close();
   }
@@ -100,4 +101,46 @@ export function flipByte(b: Uint8Array, at: number): Buffer {
   const i = at < 0 ? out.length + at : at;
   out[i]! ^= 0x01;
   return out;
+}
+
+/** The steps of the client's load journal, in order. */
+export type LoadStep = "loadStarted" | "loadOffered" | "loadRequested" | "loadSent" | "loadAnswered" | "loadSettled";
+export const LOAD_STEPS: LoadStep[] = ["loadStarted", "loadOffered", "loadRequested", "loadSent", "loadAnswered", "loadSettled"];
+
+/** The client vanishing: thrown by CrashingLoadJournal right after a step was written. */
+export class Crash extends Error {}
+
+/** The client's load journal, which crashes the load once, right after the step `crashAfter` was written. */
+export class CrashingLoadJournal extends SqliteLoadJournal {
+  crashAfter: LoadStep | undefined;
+
+  private crash(step: LoadStep) {
+    if (this.crashAfter !== step) return;
+    this.crashAfter = undefined;
+    throw new Crash(`crashed after ${step}`);
+  }
+  override async loadStarted(r: Parameters<SqliteLoadJournal["loadStarted"]>[0]) {
+    await super.loadStarted(r);
+    this.crash("loadStarted");
+  }
+  override async loadOffered(id: string, offer: LoadOffer) {
+    await super.loadOffered(id, offer);
+    this.crash("loadOffered");
+  }
+  override async loadRequested(id: string, counter: number) {
+    await super.loadRequested(id, counter);
+    this.crash("loadRequested");
+  }
+  override async loadSent(id: string, reference: string) {
+    await super.loadSent(id, reference);
+    this.crash("loadSent");
+  }
+  override async loadAnswered(id: string, raw: Buffer) {
+    await super.loadAnswered(id, raw);
+    this.crash("loadAnswered");
+  }
+  override async loadSettled(id: string, settled: SettledLoad) {
+    await super.loadSettled(id, settled);
+    this.crash("loadSettled");
+  }
 }
