@@ -24,7 +24,11 @@ export class PurchaseCalls {
 
   /** The cardholder's context with every payment and merchant client counted. */
   wrap(ctx: PurchaseContext): PurchaseContext {
-    return { ...ctx, payment: (address) => this.counted(ctx.payment(address), "payment"), merchant: (address) => this.counted(ctx.merchant(address), "merchant") };
+    return {
+      ...ctx,
+      payment: (address) => this.counted(ctx.payment(address), "payment"),
+      merchant: (address) => this.counted(ctx.merchant(address), "merchant"),
+    };
   }
 
   /** payOffer returned: from here on, calls are after the purchase. */
@@ -115,7 +119,8 @@ export class CallCounter {
 
   summary(): CallSummary {
     const per = (n: number) => (this.purchases ? n / this.purchases : NaN);
-    const sum = (link: Link, onPath: boolean) => per([...this.totals.values()].filter((t) => t.link === link && t.onPath === onPath).reduce((n, t) => n + t.count, 0));
+    const sum = (link: Link, onPath: boolean) =>
+      per([...this.totals.values()].filter((t) => t.link === link && t.onPath === onPath).reduce((n, t) => n + t.count, 0));
     return {
       purchases: this.purchases,
       paymentOnPath: sum("payment", true),

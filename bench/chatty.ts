@@ -75,7 +75,14 @@ export async function measureChatty(delayMs: number, s: ModesSettings): Promise<
       const transports = cards.map((card) => new InProcessTransport(card));
       const count = new ExchangeCount();
       const window = new WallClockWindow();
-      const load = await closedLoop({ label, workers: s.cardholders, phases: s.phases, operation: (w) => buyChatty(reader, transports[w]!, count), window, settle: true });
+      const load = await closedLoop({
+        label,
+        workers: s.cardholders,
+        phases: s.phases,
+        operation: (w) => buyChatty(reader, transports[w]!, count),
+        window,
+        settle: true,
+      });
       const log = await readHoldLog(clientFactory().create(RemoteReaderDefinition, direct));
       const peak = peakMemoryMiB(server.child.pid!); // before stopping: /proc forgets a process once it exits
       await launcher.stopAll();

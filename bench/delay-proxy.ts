@@ -55,8 +55,14 @@ export class DelayProxy {
 
   /** A proxy in a child process (bench/delay-proxy-process.ts), so that this process's load cannot make it late. */
   static async fork(delayMs: number): Promise<DelayPath> {
-    const child = fork(new URL("./delay-proxy-process.ts", import.meta.url), [String(delayMs)], { execArgv: ["--import", "tsx"], stdio: ["ignore", "inherit", "inherit", "ipc"] });
-    const [first] = (await Promise.race([once(child, "message"), once(child, "exit").then(([code]) => Promise.reject(new Error(`the delay proxy process exited with ${String(code)} before listening`)))])) as [{ address: string }];
+    const child = fork(new URL("./delay-proxy-process.ts", import.meta.url), [String(delayMs)], {
+      execArgv: ["--import", "tsx"],
+      stdio: ["ignore", "inherit", "inherit", "ipc"],
+    });
+    const [first] = (await Promise.race([
+      once(child, "message"),
+      once(child, "exit").then(([code]) => Promise.reject(new Error(`the delay proxy process exited with ${String(code)} before listening`))),
+    ])) as [{ address: string }];
     return new ProxyProcess(child, first.address);
   }
 

@@ -46,7 +46,13 @@ export async function measureEcho(concurrencies: number[], phases: Phases): Prom
       const call = echoCall(clientFactory().create(EchoDefinition, channel), payload);
       const results: EchoResult[] = [];
       for (const concurrency of concurrencies) {
-        const cpu = new CpuSampler(() => new Map([[ECHO_PROCESS, server.child.pid!], [PROCESS.bench, process.pid]]));
+        const cpu = new CpuSampler(
+          () =>
+            new Map([
+              [ECHO_PROCESS, server.child.pid!],
+              [PROCESS.bench, process.pid],
+            ]),
+        );
         const load = await closedLoop({ label: `echo, ${concurrency} concurrent`, workers: concurrency, phases, operation: call, window: cpu });
         results.push({ concurrency, payloadBytes: payload.length, ...load, cpuPercent: cpu.percent() });
       }

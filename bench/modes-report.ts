@@ -82,7 +82,10 @@ function backlogTable(m: ModesReport): string {
         ]
       : [],
   );
-  return markdown(["mode", "delay ms each way", "proofs in the validation outbox", "waited s", "purchases not yet in a PSAM batch", "waited s", "left after waiting"], rows);
+  return markdown(
+    ["mode", "delay ms each way", "proofs in the validation outbox", "waited s", "purchases not yet in a PSAM batch", "waited s", "left after waiting"],
+    rows,
+  );
 }
 
 function notes(m: ModesReport): string {
@@ -112,7 +115,8 @@ export function modesProblems(m: ModesReport): string[] {
     for (const [message, n] of Object.entries(r.errorMessages)) lines.push(`- ${label}: ${n} × ${message}`);
     if (r.backgroundFailures) lines.push(`- ${label}: ${r.backgroundFailures} calls or proofs after the purchase failed or did not end`);
     for (const [message, n] of Object.entries(r.remoteReaderFailures ?? {})) lines.push(`- ${label}, remote reader: ${n} × ${message}`);
-    for (const [step, n] of Object.entries(r.payment?.events ?? {})) if (!ROUTINE_STEPS.has(step)) lines.push(`- ${label}, payment server logged ${n} × "${step}"`);
+    for (const [step, n] of Object.entries(r.payment?.events ?? {}))
+      if (!ROUTINE_STEPS.has(step)) lines.push(`- ${label}, payment server logged ${n} × "${step}"`);
     for (const finding of r.serviceLogs.samples) lines.push(`- ${label}, service log: ${finding}`);
   }
   return lines;

@@ -17,7 +17,16 @@ import { closedLoop, type LoadResult, type Phases } from "./load.js";
 import { BenchNetwork, type LogFindings } from "./network.js";
 import { peakMemoryMiB } from "./proc.js";
 import { orderSong } from "./purchases.js";
-import { holdStats, paymentRecords, proofOutbox, purchaseStates, WallClockWindow, type HoldStats, type PaymentRecords, type ProofOutbox } from "./service-records.js";
+import {
+  holdStats,
+  paymentRecords,
+  proofOutbox,
+  purchaseStates,
+  WallClockWindow,
+  type HoldStats,
+  type PaymentRecords,
+  type ProofOutbox,
+} from "./service-records.js";
 
 export interface ModesSettings {
   psams: number;
@@ -118,7 +127,14 @@ async function measureMode(shop: ShopFile, delayMs: number, s: ModesSettings): P
     const merchant = net.clients.merchant(net.merchantAddress);
     const counter = new CallCounter();
     const window = new WallClockWindow();
-    const load = await closedLoop({ label, workers: s.cardholders, phases: s.phases, operation: (w) => buyCounted(merchant, cardholders[w]!, counter), window, settle: true });
+    const load = await closedLoop({
+      label,
+      workers: s.cardholders,
+      phases: s.phases,
+      operation: (w) => buyCounted(merchant, cardholders[w]!, counter),
+      window,
+      settle: true,
+    });
     const leftovers = await waitForLeftovers(net.dir, counter);
     const outbox = proofOutbox(net.dir);
     const peak = peakMemoryMiB(net.launcher.pid("payment")!); // before stopping: /proc forgets a process once it exits
@@ -163,7 +179,10 @@ const unrecorded = (states: Record<string, number>) => (states.DEBIT_RESPONSE_RE
  * turn, as each feeds the next: the cardholders' proof reports, then the
  * merchant validation's, then the payment server recording proven purchases.
  */
-async function waitForLeftovers(dataDir: string, counter: CallCounter): Promise<{ unfinishedCalls: number; merchantProofs: Backlog; unrecordedProofs: Backlog }> {
+async function waitForLeftovers(
+  dataDir: string,
+  counter: CallCounter,
+): Promise<{ unfinishedCalls: number; merchantProofs: Backlog; unrecordedProofs: Backlog }> {
   const queuedProofs = () => proofOutbox(dataDir).states.QUEUED ?? 0;
   const unrecordedProofs = () => unrecorded(purchaseStates(dataDir));
   const atEnd = { queued: queuedProofs(), unrecorded: unrecordedProofs() };

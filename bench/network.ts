@@ -192,7 +192,14 @@ export async function personaliseCardholderCards(dir: string, count: number): Pr
     const cards: string[] = [];
     for (let i = 0; i < count; i++) {
       const path = join(paths(dir).cards, `cardholder-${i}.card.json`);
-      await issuer.personaliseCard({ path, currency: EUR, exponent: 2, initialValue: CARDHOLDER_PURSE.value, maxBalance: CARDHOLDER_PURSE.maxBalance, expiry: CARDHOLDER_PURSE.expiry });
+      await issuer.personaliseCard({
+        path,
+        currency: EUR,
+        exponent: 2,
+        initialValue: CARDHOLDER_PURSE.value,
+        maxBalance: CARDHOLDER_PURSE.maxBalance,
+        expiry: CARDHOLDER_PURSE.expiry,
+      });
       cards.push(path);
     }
     return cards;

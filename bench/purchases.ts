@@ -47,7 +47,14 @@ export async function measurePurchases(c: PurchaseConfiguration, phases: Phases,
     const load = await closedLoop({ label, workers: c.cardholders, phases, operation: (w) => buySong(merchant, cardholders[w]!), window: cpu });
     const peaks = peakMemories(net.processes()); // before stopping: /proc forgets a process once it exits
     await net.stop();
-    return { ...c, ...load, peakMemoryMiB: peaks, cpuPercent: cpu.percent(), serviceLogs: await net.logFindings(), ...(o.keepData ? { dataDir: net.dir } : {}) };
+    return {
+      ...c,
+      ...load,
+      peakMemoryMiB: peaks,
+      cpuPercent: cpu.percent(),
+      serviceLogs: await net.logFindings(),
+      ...(o.keepData ? { dataDir: net.dir } : {}),
+    };
   } finally {
     forget();
     await tidy();

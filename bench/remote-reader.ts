@@ -76,7 +76,10 @@ class PsamSlots {
           reject(e);
         },
       };
-      const timer = setTimeout(() => waiter.reject(new ServerError(Status.RESOURCE_EXHAUSTED, "no PSAM became free before the deadline")), Math.max(0, deadline - Date.now()));
+      const timer = setTimeout(
+        () => waiter.reject(new ServerError(Status.RESOURCE_EXHAUSTED, "no PSAM became free before the deadline")),
+        Math.max(0, deadline - Date.now()),
+      );
       const onAbort = () => waiter.reject(new ServerError(Status.CANCELLED, "the cardholder went away while waiting for a PSAM"));
       const cleanup = () => {
         clearTimeout(timer);

@@ -35,7 +35,6 @@ export interface Report {
   modes?: ModesReport;
 }
 
-
 function purchaseTable(r: Report): string {
   const echoAt = new Map(r.echo.map((e) => [e.concurrency, e]));
   const rows = r.purchases.map((p) => {
@@ -56,7 +55,20 @@ function purchaseTable(r: Report): string {
     ];
   });
   return markdown(
-    ["PSAMs", "cardholders", "purchases/s", "p50 ms", "p99 ms", "errors", "payment server VmHWM MiB", "echo calls/s", "echo p50 ms", "purchases/s ÷ echo calls/s", "p50 ÷ echo p50", "service log warnings"],
+    [
+      "PSAMs",
+      "cardholders",
+      "purchases/s",
+      "p50 ms",
+      "p99 ms",
+      "errors",
+      "payment server VmHWM MiB",
+      "echo calls/s",
+      "echo p50 ms",
+      "purchases/s ÷ echo calls/s",
+      "p50 ÷ echo p50",
+      "service log warnings",
+    ],
     rows,
   );
 }
@@ -82,7 +94,15 @@ function cpuTable(r: Report): string {
 }
 
 function echoTable(r: Report): string {
-  const rows = r.echo.map((e) => [String(e.concurrency), rate(e.perSecond), ms(e.p50Ms), ms(e.p99Ms), String(e.errors), pct(e.cpuPercent[ECHO_PROCESS]), pct(e.cpuPercent[PROCESS.bench])]);
+  const rows = r.echo.map((e) => [
+    String(e.concurrency),
+    rate(e.perSecond),
+    ms(e.p50Ms),
+    ms(e.p99Ms),
+    String(e.errors),
+    pct(e.cpuPercent[ECHO_PROCESS]),
+    pct(e.cpuPercent[PROCESS.bench]),
+  ]);
   return markdown(["concurrent calls", "calls/s", "p50 ms", "p99 ms", "errors", "echo server CPU %", "client CPU %"], rows);
 }
 

@@ -150,7 +150,9 @@ function sourceVersion(): string {
 /** The stack suite: the echo baseline, then every configuration. */
 async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchases: PurchaseResult[] }> {
   const configurations = s.psams.flatMap((psams) => s.clients.map((cardholders) => ({ psams, cardholders })));
-  process.stderr.write(`netpurse bench, stack: ${configurations.length} configurations and ${s.clients.length} echo runs, ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each, plus start-up\n`);
+  process.stderr.write(
+    `netpurse bench, stack: ${configurations.length} configurations and ${s.clients.length} echo runs, ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each, plus start-up\n`,
+  );
   const echo = await measureEcho([...new Set(s.clients)], s.phases);
   const purchases: PurchaseResult[] = [];
   for (const [i, c] of configurations.entries()) {

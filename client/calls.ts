@@ -33,4 +33,3 @@ export async function retrying<T>(call: () => Promise<T>, attempts = 5): Promise
     }
   }
 }
-

@@ -85,11 +85,18 @@ const CARD_LOG_SENT = 8;
 
 type Step = (name: string, detail: string) => void;
 
-const outcomeName = (o: LoadOutcome) => (o === LoadOutcome.LOAD_OUTCOME_LOADED ? "loaded" : o === LoadOutcome.LOAD_OUTCOME_NOT_LOADED ? "not loaded" : "pending");
+const outcomeName = (o: LoadOutcome) =>
+  o === LoadOutcome.LOAD_OUTCOME_LOADED ? "loaded" : o === LoadOutcome.LOAD_OUTCOME_NOT_LOADED ? "not loaded" : "pending";
 
 /** The INITIALIZE FOR LOAD command an offer stands for; `amount` 0 makes the zero-value request of the negative result handling. */
 export function loadInitCommand(offer: LoadOffer, amount = Number(offer.amount!.amountMinor)): LoadInitCommand {
-  return { amount, currency: offer.amount!.currency, bankId: offer.bankId, dateTime: Math.floor(offer.offeredAt!.getTime() / 1000), transactionRef: offer.transactionId!.value };
+  return {
+    amount,
+    currency: offer.amount!.currency,
+    bankId: offer.bankId,
+    dateTime: Math.floor(offer.offeredAt!.getTime() / 1000),
+    transactionRef: offer.transactionId!.value,
+  };
 }
 
 /** Loads `amount` onto the card from `accountId` at the bank. */
@@ -104,13 +111,18 @@ export async function loadCard(p: { bankAddress: string; accountId: string; amou
   // Step 872: the card's balance and room, read before the bank is asked.
   await ctx.reader.connect();
   const purse = await ctx.reader.readPurse();
-  step("card", `purse ${purse.purseId.toString("hex")}: balance ${formatMoney({ amountMinor: purse.balance, currency: purse.currency, exponent: purse.exponent })} of at most ${formatMoney({ amountMinor: purse.maxBalance, currency: purse.currency, exponent: purse.exponent })}`);
+  step(
+    "card",
+    `purse ${purse.purseId.toString("hex")}: balance ${formatMoney({ amountMinor: purse.balance, currency: purse.currency, exponent: purse.exponent })} of at most ${formatMoney({ amountMinor: purse.maxBalance, currency: purse.currency, exponent: purse.exponent })}`,
+  );
 
   const id = randomUUID();
   await ctx.journal?.loadStarted({ transactionId: id, bankAddress: p.bankAddress, accountId: p.accountId, amount: a, purseId: purse.purseId.toString("hex") });
   let offer: LoadOffer;
   try {
-    const r = await retrying(() => ctx.bank(p.bankAddress).createLoadOffer({ transactionId: txnId(id), accountId: p.accountId, amount: a, purse: purseState(purse) }, { deadline }));
+    const r = await retrying(() =>
+      ctx.bank(p.bankAddress).createLoadOffer({ transactionId: txnId(id), accountId: p.accountId, amount: a, purse: purseState(purse) }, { deadline }),
+    );
     offer = r.offer!;
   } catch (e) {
     if (isFinal(e)) await ctx.journal?.loadFailed(id, (e as Error).message);
@@ -118,7 +130,15 @@ export async function loadCard(p: { bankAddress: string; accountId: string; amou
   }
   await ctx.journal?.loadOffered(id, offer);
   step("load offer", `bank ${offer.bankId} holds ${shown} on account ${p.accountId} for transaction ${id}; load server ${offer.loadServerAddress}`);
-  const rec: LoadRecord = { transactionId: id, bankAddress: p.bankAddress, accountId: p.accountId, amount: a, purseId: purse.purseId.toString("hex"), state: "OFFERED", offer };
+  const rec: LoadRecord = {
+    transactionId: id,
+    bankAddress: p.bankAddress,
+    accountId: p.accountId,
+    amount: a,
+    purseId: purse.purseId.toString("hex"),
+    state: "OFFERED",
+    offer,
+  };
   return { transactionId: id, ...(await runLoad(rec, ctx, step)), steps };
 }
 
@@ -132,19 +152,30 @@ async function runLoad(rec: LoadRecord, ctx: LoadContext, step: Step): Promise<{
   await ctx.reader.connect();
   const cardLog = await ctx.reader.readLogRaw(CARD_LOG_SENT);
   const init = await ctx.reader.initializeForLoad(loadInitCommand(offer));
-  step("load request", `INITIALIZE FOR LOAD answered with S1 ${init.parsed.s1.toString("hex")} (card counter ${init.parsed.counter}); sent with ${cardLog.length} log records to ${offer.loadServerAddress}`);
+  step(
+    "load request",
+    `INITIALIZE FOR LOAD answered with S1 ${init.parsed.s1.toString("hex")} (card counter ${init.parsed.counter}); sent with ${cardLog.length} log records to ${offer.loadServerAddress}`,
+  );
   await ctx.journal?.loadRequested(id, init.parsed.counter);
   rec = { ...rec, state: "REQUESTED", cardCounter: init.parsed.counter };
   let issued;
   try {
     issued = await retrying(() =>
       server.processLoadRequest(
-        { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization, initializeResponse: init.raw, cardLog },
+        {
+          transactionId: offer.transactionId,
+          bankId: offer.bankId,
+          keyNonce: offer.keyNonce,
+          authorization: offer.authorization,
+          initializeResponse: init.raw,
+          cardLog,
+        },
         { deadline },
       ),
     );
   } catch (e) {
-    if (!isFinal(e)) passOn(e, "the load request did not get through; the funds stay held and the load is finished at the card's next transaction or 'netpurse card sync'");
+    if (!isFinal(e))
+      passOn(e, "the load request did not get through; the funds stay held and the load is finished at the card's next transaction or 'netpurse card sync'");
     if (e instanceof ClientError && e.code === Status.ALREADY_EXISTS) {
       // An earlier attempt reached the load server but its command never reached us, so never the card: prove it.
       return proveNotLoaded(rec, ctx, step, Buffer.alloc(0));
@@ -179,13 +210,23 @@ async function runLoad(rec: LoadRecord, ctx: LoadContext, step: Step): Promise<{
     step("card", `the card answered a negative result (code ${a.result}); negative result handling`);
     return proveNotLoaded(rec, ctx, step, answer.raw);
   }
-  step("card credit", `card credited: balance ${formatMoney({ amountMinor: a.balance, currency: offer.amount!.currency, exponent: offer.amount!.exponent })}, counter ${a.counter}, S3 ${a.s3.toString("hex")}`);
+  step(
+    "card credit",
+    `card credited: balance ${formatMoney({ amountMinor: a.balance, currency: offer.amount!.currency, exponent: offer.amount!.exponent })}, counter ${a.counter}, S3 ${a.s3.toString("hex")}`,
+  );
   let settled: SettledLoad;
   try {
-    settled = (await retrying(() => server.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) }, { deadline }))).load!;
+    settled = (
+      await retrying(() =>
+        server.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) }, { deadline }),
+      )
+    ).load!;
   } catch (e) {
     if (isFinal(e)) passOn(e, "the load server did not accept the card's answer; the load stays pending until the card's history proves it");
-    passOn(e, "the card is loaded; the load server could not be told, so the load is pending and will be confirmed at the card's next transaction or 'netpurse card sync'");
+    passOn(
+      e,
+      "the card is loaded; the load server could not be told, so the load is pending and will be confirmed at the card's next transaction or 'netpurse card sync'",
+    );
   }
   return settleAndConfirm(rec, ctx, step, settled);
 }
@@ -199,12 +240,21 @@ async function proveNotLoaded(rec: LoadRecord, ctx: LoadContext, step: Step, loa
   const offer = rec.offer!;
   const deadline = ctx.callDeadlineMs ?? 15_000;
   // The reference exists only since the LOAD command does: no proof of an unloaded card can be made before it.
-  const reference = rec.proofReference || (await retrying(() => ctx.load(offer.loadServerAddress).getLoad({ transactionId: offer.transactionId }, { deadline }))).proofReference?.value;
-  if (!reference) throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${rec.transactionId} has no LOAD command to prove anything against`);
+  const reference =
+    rec.proofReference ||
+    (await retrying(() => ctx.load(offer.loadServerAddress).getLoad({ transactionId: offer.transactionId }, { deadline }))).proofReference?.value;
+  if (!reference)
+    throw new NetpurseError(
+      Status.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_WRONG_STATE,
+      `load ${rec.transactionId} has no LOAD command to prove anything against`,
+    );
   const zero = await ctx.reader.initializeForLoad({ ...loadInitCommand(offer, 0), transactionRef: reference });
   step("zero-value load", `the card's zero-value S1 ${zero.parsed.s1.toString("hex")} (counter ${zero.parsed.counter}) goes to the load server as its proof`);
   const r = await retrying(() =>
-    ctx.load(offer.loadServerAddress).completeLoad({ transactionId: offer.transactionId, loadResponse, zeroValueInitializeResponse: zero.raw }, { deadline: ctx.callDeadlineMs ?? 15_000 }),
+    ctx
+      .load(offer.loadServerAddress)
+      .completeLoad({ transactionId: offer.transactionId, loadResponse, zeroValueInitializeResponse: zero.raw }, { deadline: ctx.callDeadlineMs ?? 15_000 }),
   );
   return settleAndConfirm(rec, ctx, step, r.load!);
 }
@@ -214,7 +264,12 @@ async function endWithoutCommand(rec: LoadRecord, ctx: LoadContext): Promise<Set
   const offer = rec.offer!;
   const server = ctx.load(offer.loadServerAddress);
   const deadline = ctx.callDeadlineMs ?? 15_000;
-  const r = await retrying(() => server.abandonLoad({ transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization }, { deadline }));
+  const r = await retrying(() =>
+    server.abandonLoad(
+      { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization },
+      { deadline },
+    ),
+  );
   return r.load!;
 }
 
@@ -224,13 +279,22 @@ async function settleAndConfirm(rec: LoadRecord, ctx: LoadContext, step: Step, s
   step("confirmation", `the load server settled the load: ${outcomeName(settled.outcome)}; its confirmation, sealed for the bank, goes on unopened`);
   const holdState = await confirmAtBank(rec.bankAddress, settled, ctx);
   await ctx.journal?.loadDone(rec.transactionId);
-  step("bank", holdState === HoldState.HOLD_STATE_POSTED ? "the bank verified the confirmation and debited the account" : "the bank verified the confirmation and released the hold");
+  step(
+    "bank",
+    holdState === HoldState.HOLD_STATE_POSTED
+      ? "the bank verified the confirmation and debited the account"
+      : "the bank verified the confirmation and released the hold",
+  );
   return { outcome: settled.outcome, holdState };
 }
 
 async function confirmAtBank(bankAddress: string, settled: SettledLoad, ctx: LoadContext): Promise<HoldState> {
   try {
-    const r = await retrying(() => ctx.bank(bankAddress).confirmLoad({ transactionId: settled.transactionId, confirmation: settled.confirmation }, { deadline: ctx.callDeadlineMs ?? 15_000 }));
+    const r = await retrying(() =>
+      ctx
+        .bank(bankAddress)
+        .confirmLoad({ transactionId: settled.transactionId, confirmation: settled.confirmation }, { deadline: ctx.callDeadlineMs ?? 15_000 }),
+    );
     return r.holdState;
   } catch (e) {
     passOn(e, "the bank did not take the load server's confirmation (it is journaled and will be sent again)");
@@ -286,7 +350,11 @@ export async function resumeLoads(ctx: LoadContext & { journal: LoadJournal }): 
         continue;
       }
       const done = await resumeLoad(rec, ctx, purse.counter, await ctx.reader.readLogRaw());
-      out.push(done ? { transactionId: rec.transactionId, ...done, detail: `${outcomeName(done.outcome)}; the bank has the confirmation` } : { ...unspecified, detail: "still pending: the card's history does not show it yet" });
+      out.push(
+        done
+          ? { transactionId: rec.transactionId, ...done, detail: `${outcomeName(done.outcome)}; the bank has the confirmation` }
+          : { ...unspecified, detail: "still pending: the card's history does not show it yet" },
+      );
     } catch (e) {
       // Only a load that never reached the card's LOAD command may end without a settlement.
       if (isFinal(e) && (rec.state === "STARTED" || rec.state === "OFFERED")) await ctx.journal.loadFailed(rec.transactionId, (e as Error).message);
@@ -311,14 +379,23 @@ export function needsCardUnchanged(rec: LoadRecord): boolean {
   return rec.loadResponse?.length !== LoadResponse.size || LoadResponse.decode(rec.loadResponse).result !== LoadResult.LOADED;
 }
 
-async function resumeLoad(rec: LoadRecord, ctx: LoadContext, cardCounter: number, history: Buffer[]): Promise<{ outcome: LoadOutcome; holdState: HoldState } | undefined> {
+async function resumeLoad(
+  rec: LoadRecord,
+  ctx: LoadContext,
+  cardCounter: number,
+  history: Buffer[],
+): Promise<{ outcome: LoadOutcome; holdState: HoldState } | undefined> {
   const quiet: Step = () => {};
   const deadline = ctx.callDeadlineMs ?? 15_000;
   if (rec.state === "SETTLED") return settleAndConfirm(rec, ctx, quiet, rec.settled!);
   if (rec.state === "STARTED") {
     // The bank may hold the funds for an offer that never reached us: asking again with the same transaction id gets that same offer.
     const purse = await ctx.reader.readPurse();
-    const r = await retrying(() => ctx.bank(rec.bankAddress).createLoadOffer({ transactionId: txnId(rec.transactionId), accountId: rec.accountId, amount: rec.amount, purse: purseState(purse) }, { deadline }));
+    const r = await retrying(() =>
+      ctx
+        .bank(rec.bankAddress)
+        .createLoadOffer({ transactionId: txnId(rec.transactionId), accountId: rec.accountId, amount: rec.amount, purse: purseState(purse) }, { deadline }),
+    );
     await ctx.journal?.loadOffered(rec.transactionId, r.offer!);
     return runLoad({ ...rec, state: "OFFERED", offer: r.offer! }, ctx, quiet);
   }
@@ -333,13 +410,26 @@ async function resumeLoad(rec: LoadRecord, ctx: LoadContext, cardCounter: number
       throw e;
     });
     if (!known) return runLoad({ ...rec, state: "OFFERED" }, ctx, quiet);
-    if (known.state === LoadState.LOAD_STATE_SETTLED) return settleAndConfirm(rec, ctx, quiet, (await server.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) }, { deadline })).load!);
+    if (known.state === LoadState.LOAD_STATE_SETTLED)
+      return settleAndConfirm(
+        rec,
+        ctx,
+        quiet,
+        (
+          await server.completeLoad(
+            { transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) },
+            { deadline },
+          )
+        ).load!,
+      );
   }
 
   const answered = rec.loadResponse?.length === LoadResponse.size ? LoadResponse.decode(rec.loadResponse) : undefined;
   if (answered?.result === LoadResult.LOADED) {
     // The card's own answer is journaled: it proves the credit, however long ago (its log keeps only 32 records).
-    const r = await retrying(() => server.completeLoad({ transactionId: offer.transactionId, loadResponse: rec.loadResponse!, zeroValueInitializeResponse: Buffer.alloc(0) }, { deadline }));
+    const r = await retrying(() =>
+      server.completeLoad({ transactionId: offer.transactionId, loadResponse: rec.loadResponse!, zeroValueInitializeResponse: Buffer.alloc(0) }, { deadline }),
+    );
     return settleAndConfirm(rec, ctx, quiet, r.load!);
   }
   if (history.some((raw) => isCreditFor(raw, rec.transactionId))) {

@@ -123,7 +123,10 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   const amount = Number(offer.amount.amountMinor);
   const shown = formatMoney(offer.amount);
   const deadline = ctx.callDeadlineMs ?? 15_000;
-  step("offer", `${offer.merchantName || offer.merchantId!.value} asks ${shown} for "${offer.description}" (transaction ${id}, mode ${modeName(offer.confirmationMode)})`);
+  step(
+    "offer",
+    `${offer.merchantName || offer.merchantId!.value} asks ${shown} for "${offer.description}" (transaction ${id}, mode ${modeName(offer.confirmationMode)})`,
+  );
 
   // Step 608: the card against the offer, before anything leaves this machine.
   await ctx.reader.connect();
@@ -133,12 +136,18 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   const cardMoney = (v: number) => formatMoney({ amountMinor: v, currency: card.currency, exponent: card.exponent });
   step("card", `purse ${card.purseId.toString("hex")}: balance ${cardMoney(card.balance)}, counter ${card.counter}, expires ${card.expiry}`);
   if (card.currency !== offer.amount.currency || card.exponent !== offer.amount.exponent) {
-    throw failedPrecondition(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds ${cardMoney(0).split(" ")[0]}, the offer is in ${shown.split(" ")[0]}; nothing was sent`);
+    throw failedPrecondition(
+      ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
+      `the card holds ${cardMoney(0).split(" ")[0]}, the offer is in ${shown.split(" ")[0]}; nothing was sent`,
+    );
   }
   if (card.status !== PurseStatusByte.ACTIVE) throw failedPrecondition(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked; nothing was sent");
   if (isExpired(card.expiry, now)) throw failedPrecondition(ErrorReason.ERROR_REASON_CARD_EXPIRED, `the card expired on ${card.expiry}; nothing was sent`);
   if (card.balance < amount) {
-    throw failedPrecondition(ErrorReason.ERROR_REASON_INSUFFICIENT_BALANCE, `the card holds ${cardMoney(card.balance)}, the offer asks ${shown}; nothing was sent`);
+    throw failedPrecondition(
+      ErrorReason.ERROR_REASON_INSUFFICIENT_BALANCE,
+      `the card holds ${cardMoney(card.balance)}, the offer asks ${shown}; nothing was sent`,
+    );
   }
   step("checks", "currency, expiry and balance are good for this offer (step 608)");
   await ctx.journal?.started(offer);
@@ -160,19 +169,33 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   try {
     const r = await retrying(() =>
       payment.processDrawRequest(
-        { transactionId: offer.transactionId, merchantId: offer.merchantId, keyNonce: offer.keyNonce, encryptedSessionKey: offer.encryptedSessionKey, drawRequest: sealedDraw },
+        {
+          transactionId: offer.transactionId,
+          merchantId: offer.merchantId,
+          keyNonce: offer.keyNonce,
+          encryptedSessionKey: offer.encryptedSessionKey,
+          drawRequest: sealedDraw,
+        },
         { deadline },
       ),
     );
     const plain = open(tsk, "DEBIT_COMMAND", id, r.debitCommand);
-    if (!plain) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SEAL_BROKEN, "the DEBIT command from the payment server does not open with this offer's session key");
+    if (!plain)
+      throw new NetpurseError(
+        Status.PERMISSION_DENIED,
+        ErrorReason.ERROR_REASON_SEAL_BROKEN,
+        "the DEBIT command from the payment server does not open with this offer's session key",
+      );
     issued = IssuedDebitCommand.decode(plain);
     issuedResultM = r.debitResultM;
   } catch (e) {
     await ctx.journal?.failed(id, (e as Error).message);
     passOn(e, "payment server refused the draw request");
   }
-  step("draw request", `sealed under the offer's session key and sent to ${offer.paymentServerAddress}: ATR ${ctx.reader.answerToReset.length} bytes, INITIALIZE response ${init.raw.length} bytes, ${shown}`);
+  step(
+    "draw request",
+    `sealed under the offer's session key and sent to ${offer.paymentServerAddress}: ATR ${ctx.reader.answerToReset.length} bytes, INITIALIZE response ${init.raw.length} bytes, ${shown}`,
+  );
   step("PSAM", `terminal ${issued.terminalId}, PSAM ${hexOf(issued.psamId?.value)} signed the DEBIT command (PSAM counter ${issued.psamCounter})`);
 
   // Step 618: the merchant's amount, whatever came back.
@@ -191,9 +214,15 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   const answer = await ctx.reader.debit(debitCommand);
   await ctx.journal?.cardAnswered(id, answer.sw, answer.raw);
   if (answer.sw === SW.OK && answer.parsed!.result === DebitResult.DEBITED) {
-    step("card debit", `card debited ${shown}: balance ${cardMoney(answer.parsed!.balance)}, counter ${answer.parsed!.counter}, card signature ${answer.parsed!.cardSignature.toString("hex")}`);
+    step(
+      "card debit",
+      `card debited ${shown}: balance ${cardMoney(answer.parsed!.balance)}, counter ${answer.parsed!.counter}, card signature ${answer.parsed!.cardSignature.toString("hex")}`,
+    );
   } else {
-    step("card debit", answer.sw === SW.OK ? `card declined the debit (result ${answer.parsed!.result})` : `card refused the DEBIT command (SW ${swHex(answer.sw)})`);
+    step(
+      "card debit",
+      answer.sw === SW.OK ? `card declined the debit (result ${answer.parsed!.result})` : `card refused the DEBIT command (SW ${swHex(answer.sw)})`,
+    );
   }
   const receipt = await finishPurchase(
     { transactionId: id, offer, state: "CARD_ANSWERED", ...sent, cardStatusWord: answer.sw, debitResponse: answer.raw, proofReported: false },
@@ -225,7 +254,12 @@ export async function finishPurchase(
 
   if (rec.state === "CARD_ANSWERED") {
     let resultM: Sealed | undefined;
-    if (mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES && debited && rec.expectedCardSignature && macEqual(answer!.cardSignature, rec.expectedCardSignature)) {
+    if (
+      mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES &&
+      debited &&
+      rec.expectedCardSignature &&
+      macEqual(answer!.cardSignature, rec.expectedCardSignature)
+    ) {
       resultM = rec.issuedResultM;
       step("comparison", "this client's trusted agent found the card's signature is the one the PSAM expected (FIG. 7)");
     } else if (mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && debited) {
@@ -257,33 +291,66 @@ export async function finishPurchase(
 
 async function reportProof(ctx: PurchaseContext, rec: PurchaseRecord, deadline: number): Promise<void> {
   try {
-    await ctx.payment(rec.offer.paymentServerAddress).reportCardSignature({ transactionId: txnId(rec.transactionId), debitResponse: rec.debitResponse! }, { deadline });
+    await ctx
+      .payment(rec.offer.paymentServerAddress)
+      .reportCardSignature({ transactionId: txnId(rec.transactionId), debitResponse: rec.debitResponse! }, { deadline });
     await ctx.journal?.proofReported(rec.transactionId);
   } catch {
     // Left in the journal: the daemon reports it again later.
   }
 }
 
-async function completeAtPaymentServer(rec: PurchaseRecord, ctx: PurchaseContext, deadline: number, step: (name: string, detail: string) => void): Promise<Sealed> {
+async function completeAtPaymentServer(
+  rec: PurchaseRecord,
+  ctx: PurchaseContext,
+  deadline: number,
+  step: (name: string, detail: string) => void,
+): Promise<Sealed> {
   const id = rec.transactionId;
   const tsk = Buffer.from(rec.offer.transactionSessionKey);
-  const cardAnswer: CardAnswer = { cardStatusWord: rec.cardStatusWord!, debitResponse: rec.debitResponse ?? Buffer.alloc(0), completionToken: rec.completionToken ?? Buffer.alloc(0) };
+  const cardAnswer: CardAnswer = {
+    cardStatusWord: rec.cardStatusWord!,
+    debitResponse: rec.debitResponse ?? Buffer.alloc(0),
+    completionToken: rec.completionToken ?? Buffer.alloc(0),
+  };
   const sealed = seal(tsk, "CARD_ANSWER", id, CardAnswer.encode(cardAnswer).finish());
   try {
-    const r = await retrying(() => ctx.payment(rec.offer.paymentServerAddress).completePurchase({ transactionId: txnId(id), cardAnswer: sealed }, { deadline }), 6);
+    const r = await retrying(
+      () => ctx.payment(rec.offer.paymentServerAddress).completePurchase({ transactionId: txnId(id), cardAnswer: sealed }, { deadline }),
+      6,
+    );
     const c = open(tsk, "DEBIT_RESULT_C", id, r.debitResultC);
-    if (!c || !r.debitResultM) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SEAL_BROKEN, "the debit results from the payment server do not open with this offer's session key");
+    if (!c || !r.debitResultM)
+      throw new NetpurseError(
+        Status.PERMISSION_DENIED,
+        ErrorReason.ERROR_REASON_SEAL_BROKEN,
+        "the debit results from the payment server do not open with this offer's session key",
+      );
     const resultC = DebitResultC.decode(c);
-    step("confirmation", `the payment server confirmed the purchase (debit result C: card balance ${formatMoney(resultC.newBalance!)}); debit result M, sealed for the merchant, goes on unopened`);
+    step(
+      "confirmation",
+      `the payment server confirmed the purchase (debit result C: card balance ${formatMoney(resultC.newBalance!)}); debit result M, sealed for the merchant, goes on unopened`,
+    );
     return r.debitResultM;
   } catch (e) {
     if (isFinal(e)) await ctx.journal?.failed(id, (e as Error).message);
-    passOn(e, isFinal(e) ? "payment server did not confirm the purchase" : "the card's answer is recorded and the purchase will be finished later; the payment server said");
+    passOn(
+      e,
+      isFinal(e)
+        ? "payment server did not confirm the purchase"
+        : "the card's answer is recorded and the purchase will be finished later; the payment server said",
+    );
   }
 }
 
 /** Step 636: the debit result M (and, for MERCHANT_COMPARES, the card's raw answer) to the merchant, for the goods. */
-export async function deliverToMerchant(merchant: MerchantClient, transactionId: string, resultM: Sealed, debitResponse: Buffer, deadline: number): Promise<Receipt> {
+export async function deliverToMerchant(
+  merchant: MerchantClient,
+  transactionId: string,
+  resultM: Sealed,
+  debitResponse: Buffer,
+  deadline: number,
+): Promise<Receipt> {
   try {
     const r = await retrying(() => merchant.completeOrder({ transactionId: { value: transactionId }, debitResultM: resultM, debitResponse }, { deadline }));
     return r.receipt!;

@@ -62,7 +62,10 @@ export function describeError(e: unknown): string {
   const err = e as { code?: number; details?: string; reason?: number; message?: string };
   if (typeof err.code === "number" && typeof err.details === "string") {
     const reason = err.reason ? ` [${reasonName(err.reason)}]` : "";
-    const hint = err.code === Status.UNAVAILABLE && /No connection|ECONNREFUSED|connect/i.test(err.details) ? " (is the service running? start the network with 'npm start')" : "";
+    const hint =
+      err.code === Status.UNAVAILABLE && /No connection|ECONNREFUSED|connect/i.test(err.details)
+        ? " (is the service running? start the network with 'npm start')"
+        : "";
     return `${Status[err.code]}${reason}: ${err.details}${hint}`;
   }
   return err.message ?? String(e);

@@ -38,7 +38,9 @@ export async function runService(p: {
     running = await p.start(values);
   } catch (e) {
     const err = e as Error & { code?: string };
-    const hint = /EADDRINUSE|No address added out of total/.test(err.message) ? " (is another netpurse already running? stop it or choose another --listen port)" : "";
+    const hint = /EADDRINUSE|No address added out of total/.test(err.message)
+      ? " (is another netpurse already running? stop it or choose another --listen port)"
+      : "";
     process.stderr.write(`${p.program}: cannot start: ${err.message}${hint}\n`);
     process.exit(1);
   }

@@ -38,7 +38,13 @@ export async function* serveStream<In, Out>(
  * exponential, jittered back-off (100 ms to 5 s, reset after 10 s of uptime),
  * until `stopped()`.
  */
-export async function keepConnected(p: { what: string; session: () => Promise<void>; stopped: () => boolean; log: Logger; afterSession?: () => void }): Promise<void> {
+export async function keepConnected(p: {
+  what: string;
+  session: () => Promise<void>;
+  stopped: () => boolean;
+  log: Logger;
+  afterSession?: () => void;
+}): Promise<void> {
   let backoff = 100;
   while (!p.stopped()) {
     const started = Date.now();

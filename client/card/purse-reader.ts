@@ -18,7 +18,14 @@ import {
   type InitializeForPurchase,
   type PurseData,
 } from "../../lib/protocol/purse.js";
-import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import {
+  InitializeForLoadCommand,
+  InitializeForLoadResponse,
+  LoadResponse,
+  type LoadAnswer,
+  type LoadInit,
+  type LoadInitCommand,
+} from "../../lib/protocol/load.js";
 import { CARD_LOG_SIZE } from "./software-card.js";
 
 function expectOk(r: ResponseApdu, what: string): Buffer {
@@ -45,7 +52,10 @@ export class PurseReader {
   }
 
   async readPurse(): Promise<PurseData> {
-    const data = expectOk(await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.READ_PURSE, p1: 0, p2: 0, data: Buffer.alloc(0), le: 256 }), "READ PURSE");
+    const data = expectOk(
+      await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.READ_PURSE, p1: 0, p2: 0, data: Buffer.alloc(0), le: 256 }),
+      "READ PURSE",
+    );
     return ReadPurseResponse.decode(data);
   }
 
@@ -69,7 +79,14 @@ export class PurseReader {
   /** INITIALIZE FOR LOAD: the raw response data (for the load request) and its parsed view, S1 included. */
   async initializeForLoad(command: LoadInitCommand): Promise<{ raw: Buffer; parsed: LoadInit }> {
     const raw = expectOk(
-      await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.INITIALIZE_FOR_LOAD, p1: 0, p2: 0, data: InitializeForLoadCommand.encode(command), le: 256 }),
+      await exchange(this.transport, {
+        cla: PURSE_CLA,
+        ins: PurseIns.INITIALIZE_FOR_LOAD,
+        p1: 0,
+        p2: 0,
+        data: InitializeForLoadCommand.encode(command),
+        le: 256,
+      }),
       "INITIALIZE FOR LOAD",
     );
     return { raw, parsed: InitializeForLoadResponse.decode(raw) };

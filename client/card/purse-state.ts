@@ -17,4 +17,3 @@ export function purseState(p: PurseData): PurseState {
     status: p.status === PurseStatusByte.ACTIVE ? PurseStatus.PURSE_STATUS_ACTIVE : PurseStatus.PURSE_STATUS_BLOCKED,
   };
 }
-

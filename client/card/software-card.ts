@@ -248,7 +248,8 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
       securityModuleCounter: l.hsmCounter,
       challenge: session.init.challenge,
     });
-    if (!macEqual(loadS2(sessionKey, session.init, l), l.s2)) throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "security module signature S2 does not verify");
+    if (!macEqual(loadS2(sessionKey, session.init, l), l.s2))
+      throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "security module signature S2 does not verify");
     if (s.counter >= 0xffffffff) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted");
 
     let result: number = LoadResult.LOADED;
@@ -257,7 +258,8 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     else if (isExpired(s.expiry, new Date(l.dateTime * 1000))) result = LoadResult.EXPIRED;
     else if (s.balance + l.amount > s.maxBalance) result = LoadResult.MAX_BALANCE_EXCEEDED;
 
-    const answer = result === LoadResult.LOADED ? { result, counter: s.counter + 1, balance: s.balance + l.amount } : { result, counter: s.counter, balance: s.balance };
+    const answer =
+      result === LoadResult.LOADED ? { result, counter: s.counter + 1, balance: s.balance + l.amount } : { result, counter: s.counter, balance: s.balance };
     const s3 = loadS3(sessionKey, session.init, l, answer);
     if (result === LoadResult.LOADED) {
       const entry: CardLogEntry = {

@@ -59,7 +59,8 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   },
   {
     name: "card",
-    summary: "Show the card: balance, expiry, counter, and its own log of its last transactions.\n'netpurse card sync' sends the card's history to the load server of every pending load and\nthe confirmations it gets to the bank, finishing loads whose confirmation was lost.",
+    summary:
+      "Show the card: balance, expiry, counter, and its own log of its last transactions.\n'netpurse card sync' sends the card's history to the load server of every pending load and\nthe confirmations it gets to the bank, finishing loads whose confirmation was lost.",
     usage: `[sync] [--log N] [--daemon HOST:PORT] (default ${defaultAddress("cardholder")})`,
     options: { ...daemonOption, log: { type: "string" } },
     async run(v, positionals) {
@@ -69,7 +70,9 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
         const { purse } = await c.getCard({}, { deadline: 10_000 });
         const p = purse!;
         console.log(`card ${hexOf(p.purseId?.value)}   balance ${m(p.balance)}   (most ${m(p.maxBalance)})`);
-        console.log(`expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`);
+        console.log(
+          `expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`,
+        );
         const { transactions } = await c.listCardTransactions({ limit: int(v.log, 10, "log") }, { deadline: 10_000 });
         if (!transactions.length) return console.log("\nno transactions yet");
         console.log("");
@@ -92,7 +95,8 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   },
   {
     name: "load",
-    summary: "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.",
+    summary:
+      "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.",
     usage: `AMOUNT [--account ID] [--bank HOST:PORT] [--yes] [--daemon HOST:PORT]   (AMOUNT like 20.00, in the card's currency)`,
     options: { ...daemonOption, account: { type: "string" }, bank: { type: "string" }, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
@@ -116,7 +120,10 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
           return;
         }
         console.log("loading…");
-        const r = await c.loadCard({ bankAddress: str(v.bank, defaultAddress("bank")), accountId: account, amount, approvedAmount: amount }, { deadline: 60_000 });
+        const r = await c.loadCard(
+          { bankAddress: str(v.bank, defaultAddress("bank")), accountId: account, amount, approvedAmount: amount },
+          { deadline: 60_000 },
+        );
         for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
         const loaded = r.outcome === LoadOutcome.LOAD_OUTCOME_LOADED;
         console.log(`\n${loaded ? `loaded ${m(amount)}` : "not loaded; the bank released the hold"}; card balance now ${m(r.purse!.balance)}`);
@@ -133,14 +140,20 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       await withClient(MerchantServiceDefinition, merchantAddress(v), async (c) => {
         const r = await c.listProducts({}, { deadline: 5_000 });
         console.log(`${r.merchantName} (${r.merchantId?.value})\n`);
-        console.log(table(["product", "price", "name"], r.products.map((p) => [p.productId, m(p.price), p.name])));
+        console.log(
+          table(
+            ["product", "price", "name"],
+            r.products.map((p) => [p.productId, m(p.price), p.name]),
+          ),
+        );
         console.log(`\nbuy one with: netpurse pay PRODUCT`);
       });
     },
   },
   {
     name: "pay",
-    summary: "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
+    summary:
+      "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
     usage: `PRODUCT [--yes] [--merchant HOST:PORT] [--daemon HOST:PORT]`,
     options: { ...daemonOption, merchant: { type: "string" }, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
@@ -171,7 +184,18 @@ async function syncCard(address: string): Promise<void> {
   await withClient(CardholderServiceDefinition, address, async (c) => {
     const r = await c.syncCard({}, { deadline: 60_000 });
     if (!r.loads.length) console.log("no pending loads");
-    else console.log(table(["transaction", "outcome", "bank", "detail"], r.loads.map((l) => [l.transactionId?.value ?? "", LoadOutcome[l.outcome]!.replace("LOAD_OUTCOME_", "").toLowerCase(), HoldState[l.holdState]!.replace("HOLD_STATE_", "").toLowerCase(), l.detail])));
+    else
+      console.log(
+        table(
+          ["transaction", "outcome", "bank", "detail"],
+          r.loads.map((l) => [
+            l.transactionId?.value ?? "",
+            LoadOutcome[l.outcome]!.replace("LOAD_OUTCOME_", "").toLowerCase(),
+            HoldState[l.holdState]!.replace("HOLD_STATE_", "").toLowerCase(),
+            l.detail,
+          ]),
+        ),
+      );
     console.log(`\ncard balance ${m(r.purse!.balance)}`);
   });
 }

@@ -4,7 +4,13 @@
 
 import { ClientError, Status } from "nice-grpc";
 import { CardTransactionKind, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
-import type { CardholderServiceImplementation, LoadCardRequest, LoadCardResponse, PayOfferRequest, PayOfferResponse } from "../../gen/netpurse/cardholder/v1/cardholder.js";
+import type {
+  CardholderServiceImplementation,
+  LoadCardRequest,
+  LoadCardResponse,
+  PayOfferRequest,
+  PayOfferResponse,
+} from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
@@ -34,7 +40,11 @@ export const SW_NO_DEBIT = 0x6f00;
 function cardError(e: unknown): unknown {
   if (e instanceof NetpurseError || e instanceof ClientError) return e;
   if (e instanceof ApduError) return new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_CARD_REFUSED, `the card refused: ${e.message}`);
-  return new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, `cannot use the card: ${(e as Error).message}; check the reader and try again`);
+  return new NetpurseError(
+    Status.UNAVAILABLE,
+    ErrorReason.ERROR_REASON_UNSPECIFIED,
+    `cannot use the card: ${(e as Error).message}; check the reader and try again`,
+  );
 }
 
 export class CardholderDaemon {
@@ -94,7 +104,11 @@ export class CardholderDaemon {
     try {
       return await this.reader.connect();
     } catch (e) {
-      throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, `cannot reach the card: ${(e as Error).message}; insert the card and try again`);
+      throw new NetpurseError(
+        Status.UNAVAILABLE,
+        ErrorReason.ERROR_REASON_UNSPECIFIED,
+        `cannot reach the card: ${(e as Error).message}; insert the card and try again`,
+      );
     }
   }
 
@@ -114,7 +128,13 @@ export class CardholderDaemon {
       this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount) });
       try {
         const r = await loadCard({ bankAddress: req.bankAddress || defaultAddress("bank"), accountId, amount }, this.loadContext());
-        return { transactionId: txnId(r.transactionId), outcome: r.outcome, holdState: r.holdState, purse: purseState(await this.reader.readPurse()), steps: r.steps };
+        return {
+          transactionId: txnId(r.transactionId),
+          outcome: r.outcome,
+          holdState: r.holdState,
+          purse: purseState(await this.reader.readPurse()),
+          steps: r.steps,
+        };
       } catch (e) {
         throw cardError(e);
       }
@@ -170,7 +190,11 @@ export class CardholderDaemon {
     return this.card.run(async () => {
       const done = offer?.transactionId ? await this.o.journal.get(offer.transactionId.value) : undefined;
       if (done) {
-        throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`);
+        throw new NetpurseError(
+          Status.ALREADY_EXISTS,
+          ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+          `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`,
+        );
       }
       await this.settleLoadsBeforeUsingCard();
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
@@ -252,7 +276,10 @@ export class CardholderDaemon {
     if (next) {
       const ours = next.transactionRef === row.transaction_id && next.moduleCounter === row.psam_counter && next.moduleId.toString("hex") === row.psam_id;
       if (!ours) return notDebited;
-      return { sw: SW.OK, raw: DebitResponse.encode({ result: DebitResult.DEBITED, counter: next.counter, balance: next.balance, cardSignature: next.cardSignature }) };
+      return {
+        sw: SW.OK,
+        raw: DebitResponse.encode({ result: DebitResult.DEBITED, counter: next.counter, balance: next.balance, cardSignature: next.cardSignature }),
+      };
     }
     return purse.counter === row.card_counter ? notDebited : undefined;
   }

@@ -185,20 +185,19 @@ export class SqliteLoadJournal implements LoadJournal {
 
   private async set(id: string, fields: Record<string, string | number | Buffer | null>): Promise<void> {
     const keys = Object.keys(fields);
-    await this.db.run(`UPDATE client_loads SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE transaction_id = ?`, [...Object.values(fields), new Date().toISOString(), id]);
+    await this.db.run(`UPDATE client_loads SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE transaction_id = ?`, [
+      ...Object.values(fields),
+      new Date().toISOString(),
+      id,
+    ]);
   }
 
   async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string }): Promise<void> {
     const now = new Date().toISOString();
-    await this.db.run("INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, purse_id, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'STARTED', ?, ?)", [
-      r.transactionId,
-      r.bankAddress,
-      r.accountId,
-      Buffer.from(Money.encode(r.amount).finish()),
-      r.purseId,
-      now,
-      now,
-    ]);
+    await this.db.run(
+      "INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, purse_id, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'STARTED', ?, ?)",
+      [r.transactionId, r.bankAddress, r.accountId, Buffer.from(Money.encode(r.amount).finish()), r.purseId, now, now],
+    );
   }
 
   loadOffered(id: string, offer: LoadOffer) {

@@ -1,4 +1,15 @@
-import { decodeCommand, decodeResponse, encodeCommand, encodeResponse, MalformedApdu, status, SW, ApduError, type CommandApdu, type ResponseApdu } from "./apdu.js";
+import {
+  decodeCommand,
+  decodeResponse,
+  encodeCommand,
+  encodeResponse,
+  MalformedApdu,
+  status,
+  SW,
+  ApduError,
+  type CommandApdu,
+  type ResponseApdu,
+} from "./apdu.js";
 
 /**
  * A smart-card application as it runs on the chip: it answers to reset and

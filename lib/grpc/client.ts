@@ -2,7 +2,16 @@
 // keepalive, a default deadline, and the server's error reason attached to
 // the ClientError.
 
-import { ClientError, createChannel, createClientFactory, Metadata, type Channel, type ClientMiddleware, type ClientMiddlewareCall, type CallOptions } from "nice-grpc";
+import {
+  ClientError,
+  createChannel,
+  createClientFactory,
+  Metadata,
+  type Channel,
+  type ClientMiddleware,
+  type ClientMiddlewareCall,
+  type CallOptions,
+} from "nice-grpc";
 import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { reasonFromTrailer, type ReasonedClientError } from "./errors.js";
 import { TIMEOUT_METADATA } from "./server.js";

@@ -17,7 +17,8 @@ export class NetpurseError extends ServerError {
   }
 }
 
-export const invalidField = (field: string, problem: string) => new NetpurseError(Status.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_INVALID_FIELD, `${field}: ${problem}`);
+export const invalidField = (field: string, problem: string) =>
+  new NetpurseError(Status.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_INVALID_FIELD, `${field}: ${problem}`);
 
 export const notFound = (what: string) => new NetpurseError(Status.NOT_FOUND, ErrorReason.ERROR_REASON_NOT_FOUND, what);
 

@@ -79,7 +79,10 @@ export class BankServer {
     for (const hold of await this.o.store.heldSince(before)) {
       const offer = LoadOffer.decode(hold.offer);
       try {
-        const r = await server.abandonLoad({ transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization }, { deadline: 10_000 });
+        const r = await server.abandonLoad(
+          { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization },
+          { deadline: 10_000 },
+        );
         await this.confirmLoad({ transactionId: offer.transactionId, confirmation: r.load!.confirmation });
         resolved++;
       } catch (e) {
@@ -108,32 +111,54 @@ export class BankServer {
     const maxBalance = requireMoney(p.maxBalance, "purse.max_balance");
     if (!/^\d{4}-\d{2}-\d{2}$/.test(p.expiryDate)) throw invalidField("purse.expiry_date", "must be YYYY-MM-DD");
     const minor = Number(amount.amountMinor);
-    const requestHash = createHash("sha256").update(JSON.stringify([accountId, minor, amount.currency, amount.exponent, purse])).digest("hex");
+    const requestHash = createHash("sha256")
+      .update(JSON.stringify([accountId, minor, amount.currency, amount.exponent, purse]))
+      .digest("hex");
 
     const { identity } = this.o;
     return this.o.store.db.transaction(async (tx) => {
       const prior = await this.o.store.hold(id, tx);
       if (prior) {
-        if (prior.request_hash !== requestHash) throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} is already a load offer for other content`);
+        if (prior.request_hash !== requestHash)
+          throw new NetpurseError(
+            Status.ALREADY_EXISTS,
+            ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+            `transaction ${id} is already a load offer for other content`,
+          );
         return { offer: LoadOffer.decode(prior.offer) };
       }
       const account = await this.o.store.account(accountId, tx);
       if (!account) throw notFound(`no account ${accountId} at this bank`);
       const asked = formatMoney(amount);
-      if (amount.currency !== account.currency || amount.exponent !== account.exponent) throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the account is in currency ${account.currency}, the load asks ${asked}`);
-      if (balance.currency !== amount.currency || balance.exponent !== amount.exponent) throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${balance.currency}, the load asks ${asked}`);
+      if (amount.currency !== account.currency || amount.exponent !== account.exponent)
+        throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the account is in currency ${account.currency}, the load asks ${asked}`);
+      if (balance.currency !== amount.currency || balance.exponent !== amount.exponent)
+        throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${balance.currency}, the load asks ${asked}`);
       if (p.status === PurseStatus.PURSE_STATUS_BLOCKED) throw failed(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked; ask its issuer");
       if (isExpired(p.expiryDate, new Date())) throw failed(ErrorReason.ERROR_REASON_CARD_EXPIRED, `the card expired on ${p.expiryDate}`);
       const room = maxBalance.amountMinor - balance.amountMinor;
       if (amount.amountMinor > room) {
-        throw failed(ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED, `the card holds ${formatMoney(balance)} of at most ${formatMoney(maxBalance)}: at most ${formatMoney(money(room < 0n ? 0n : room, amount.currency, amount.exponent))} more fits`);
+        throw failed(
+          ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
+          `the card holds ${formatMoney(balance)} of at most ${formatMoney(maxBalance)}: at most ${formatMoney(money(room < 0n ? 0n : room, amount.currency, amount.exponent))} more fits`,
+        );
       }
       const available = await this.o.store.available(account, tx);
-      if (available < minor) throw failed(ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS, `account ${accountId} has ${formatMoney(money(available, account.currency, account.exponent))} available, the load asks ${asked}`);
+      if (available < minor)
+        throw failed(
+          ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS,
+          `account ${accountId} has ${formatMoney(money(available, account.currency, account.exponent))} available, the load asks ${asked}`,
+        );
 
       const keyNonce = randomBytes(16);
       const offeredAt = new Date(Math.floor(Date.now() / 1000) * 1000); // whole seconds: the card signs it as such
-      const authorization = LoadAuthorization.encode({ transactionId: txnId(id), bankId: identity.bankId, purseId: purseId(purse), amount, offeredAt }).finish();
+      const authorization = LoadAuthorization.encode({
+        transactionId: txnId(id),
+        bankId: identity.bankId,
+        purseId: purseId(purse),
+        amount,
+        offeredAt,
+      }).finish();
       const offer: LoadOffer = {
         transactionId: txnId(id),
         bankId: identity.bankId,
@@ -197,7 +222,13 @@ export class BankServer {
       holder: a.holder,
       balance: m(a.balance_minor),
       available: m(await this.o.store.available(a)),
-      holds: holds.map((h: HoldRow) => ({ transactionId: txnId(h.transaction_id), purseId: purseId(h.purse_id), amount: m(h.amount_minor), state: HOLD_STATE[h.state], createdAt: new Date(h.created_at) })),
+      holds: holds.map((h: HoldRow) => ({
+        transactionId: txnId(h.transaction_id),
+        purseId: purseId(h.purse_id),
+        amount: m(h.amount_minor),
+        state: HOLD_STATE[h.state],
+        createdAt: new Date(h.created_at),
+      })),
       statement: lines.map((l) => ({
         postedAt: new Date(l.posted_at),
         text: l.text,

@@ -29,7 +29,14 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
     name: "open-account",
     summary: "Open a demo account with an opening deposit.",
     usage: "--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--data DIR]",
-    options: { ...dataOption, id: { type: "string" }, holder: { type: "string" }, deposit: { type: "string" }, currency: { type: "string" }, exponent: { type: "string" } },
+    options: {
+      ...dataOption,
+      id: { type: "string" },
+      holder: { type: "string" },
+      deposit: { type: "string" },
+      currency: { type: "string" },
+      exponent: { type: "string" },
+    },
     async run(v) {
       if (typeof v.id !== "string" || typeof v.holder !== "string") throw new UsageError("--id and --holder are required");
       if (!isName(v.id, 32)) throw new UsageError("--id must be 1..32 characters of [A-Za-z0-9._-]");
@@ -50,7 +57,12 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
     options: { ...dataOption },
     async run(v) {
       const rows = await withStore(v, async (s) => Promise.all((await s.accounts()).map(async (a) => ({ a, available: await s.available(a) }))));
-      console.log(table(["account", "holder", "balance", "available"], rows.map(({ a, available }) => [a.account_id, a.holder, formatMinor(a.balance_minor, a.exponent), formatMinor(available, a.exponent)])));
+      console.log(
+        table(
+          ["account", "holder", "balance", "available"],
+          rows.map(({ a, available }) => [a.account_id, a.holder, formatMinor(a.balance_minor, a.exponent), formatMinor(available, a.exponent)]),
+        ),
+      );
     },
   },
   {
@@ -68,10 +80,25 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
         const held = a.holds.filter((h) => h.state === HoldState.HOLD_STATE_HELD);
         if (held.length) {
           console.log("on hold for loads not yet confirmed:");
-          console.log(table(["since (UTC)", "amount", "card", "transaction"], held.map((h) => [h.createdAt!.toISOString().replace("T", " ").slice(0, 19), formatMoney(h.amount!), Buffer.from(h.purseId?.value ?? []).toString("hex"), h.transactionId?.value ?? ""])));
+          console.log(
+            table(
+              ["since (UTC)", "amount", "card", "transaction"],
+              held.map((h) => [
+                h.createdAt!.toISOString().replace("T", " ").slice(0, 19),
+                formatMoney(h.amount!),
+                Buffer.from(h.purseId?.value ?? []).toString("hex"),
+                h.transactionId?.value ?? "",
+              ]),
+            ),
+          );
           console.log("");
         }
-        console.log(table(["posted (UTC)", "text", "amount", "balance"], a.statement.map((l) => [l.postedAt!.toISOString().replace("T", " ").slice(0, 19), l.text, formatMoney(l.amount!), formatMoney(l.balanceAfter!)])));
+        console.log(
+          table(
+            ["posted (UTC)", "text", "amount", "balance"],
+            a.statement.map((l) => [l.postedAt!.toISOString().replace("T", " ").slice(0, 19), l.text, formatMoney(l.amount!), formatMoney(l.balanceAfter!)]),
+          ),
+        );
       } finally {
         channel.close();
       }

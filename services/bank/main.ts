@@ -5,8 +5,15 @@ import { startBankServer } from "./server.js";
 
 await runService({
   program: "netpurse-bank-server",
-  summary: "Demo bank: load offers with a hold on the account, posted only on the load server's sealed confirmation.\nIts accounts stand in for a bank's core system.",
-  options: { listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" }, "load-server": { type: "string" }, "stale-hold-ms": { type: "string" } },
+  summary:
+    "Demo bank: load offers with a hold on the account, posted only on the load server's sealed confirmation.\nIts accounts stand in for a bank's core system.",
+  options: {
+    listen: { type: "string" },
+    data: { type: "string" },
+    dir: { type: "string" },
+    "load-server": { type: "string" },
+    "stale-hold-ms": { type: "string" },
+  },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("bank")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",

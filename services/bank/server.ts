@@ -30,7 +30,12 @@ export async function startBankServer(c: BankConfig) {
   const file = await readBankFile(join(c.dir, "bank.json"));
   const db = openSqlite(join(c.dir, "bank.db"), BANK_MIGRATIONS);
   const store = new BankStore(db);
-  const identity = { bankId: file.bankId, loadServerKey: Buffer.from(file.loadServerKey, "hex"), loadServerAddress: c.loadServer ?? defaultAddress("load"), bankAddress: "" };
+  const identity = {
+    bankId: file.bankId,
+    loadServerKey: Buffer.from(file.loadServerKey, "hex"),
+    loadServerAddress: c.loadServer ?? defaultAddress("load"),
+    bankAddress: "",
+  };
   const channel = openChannel(identity.loadServerAddress);
   const server = new BankServer({ store, identity, log, loadServer: clientFactory().create(LoadServiceDefinition, channel) });
   const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [[BankServiceDefinition, server.service]], log });
@@ -39,10 +44,12 @@ export async function startBankServer(c: BankConfig) {
   let sweeping = Promise.resolve();
   const timer = setInterval(() => {
     // One sweep at a time, and a failed one does not stop the next.
-    sweeping = sweeping.then(() => server.resolveStaleHolds(staleMs)).then(
-      () => undefined,
-      (e: unknown) => log.warn("stale hold sweep failed", { detail: (e as Error).message }),
-    );
+    sweeping = sweeping
+      .then(() => server.resolveStaleHolds(staleMs))
+      .then(
+        () => undefined,
+        (e: unknown) => log.warn("stale hold sweep failed", { detail: (e as Error).message }),
+      );
   }, c.sweepEveryMs ?? 60_000);
   timer.unref();
   return {

@@ -83,7 +83,9 @@ export class BankStore {
 
   /** Posted balance less what is on hold. */
   async available(account: AccountRow, q: Queryable = this.db): Promise<number> {
-    const held = await q.get<{ n: number }>("SELECT COALESCE(SUM(amount_minor), 0) AS n FROM holds WHERE account_id = ? AND state = 'HELD'", [account.account_id]);
+    const held = await q.get<{ n: number }>("SELECT COALESCE(SUM(amount_minor), 0) AS n FROM holds WHERE account_id = ? AND state = 'HELD'", [
+      account.account_id,
+    ]);
     return account.balance_minor - (held?.n ?? 0);
   }
 
@@ -101,7 +103,10 @@ export class BankStore {
   }
 
   statement(accountId: string, limit: number): Promise<StatementRow[]> {
-    return this.db.all<StatementRow>("SELECT posted_at, text, amount_minor, balance_after, transaction_id FROM statement WHERE account_id = ? ORDER BY id DESC LIMIT ?", [accountId, limit]);
+    return this.db.all<StatementRow>(
+      "SELECT posted_at, text, amount_minor, balance_after, transaction_id FROM statement WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+      [accountId, limit],
+    );
   }
 
   /** Opens a demo account with an opening deposit; refuses an id in use. */
@@ -146,7 +151,10 @@ export class BankStore {
 
   /** Frees a held amount; false when it was no longer held. */
   async release(q: Queryable, hold: HoldRow): Promise<boolean> {
-    const r = await q.run("UPDATE holds SET state = 'RELEASED', resolved_at = ? WHERE transaction_id = ? AND state = 'HELD'", [new Date().toISOString(), hold.transaction_id]);
+    const r = await q.run("UPDATE holds SET state = 'RELEASED', resolved_at = ? WHERE transaction_id = ? AND state = 'HELD'", [
+      new Date().toISOString(),
+      hold.transaction_id,
+    ]);
     return r.changes === 1;
   }
 }

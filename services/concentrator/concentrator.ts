@@ -140,7 +140,11 @@ export class Concentrator {
     });
   }
 
-  private registerTerminal(hello: { terminalId: string; slots: PsamSlot[]; window: number }, streamId: string, out: AsyncQueue<AttachTerminalResponse>): TerminalConn {
+  private registerTerminal(
+    hello: { terminalId: string; slots: PsamSlot[]; window: number },
+    streamId: string,
+    out: AsyncQueue<AttachTerminalResponse>,
+  ): TerminalConn {
     if (!isName(hello.terminalId, 64)) throw new ServerError(Status.INVALID_ARGUMENT, "terminal_id must be 1..64 characters of [A-Za-z0-9._-]");
     if (hello.window < 1 || hello.window > 1024) throw new ServerError(Status.INVALID_ARGUMENT, "window must be 1..1024");
     if (hello.slots.length > 256) throw new ServerError(Status.INVALID_ARGUMENT, "at most 256 PSAM slots per terminal");
@@ -172,7 +176,9 @@ export class Concentrator {
       ),
     };
     this.terminals.set(conn.id, conn);
-    out.push({ message: { $case: "welcome", value: { concentratorId: this.o.concentratorId, window: conn.window, keepaliveIntervalMs: this.o.keepaliveIntervalMs } } });
+    out.push({
+      message: { $case: "welcome", value: { concentratorId: this.o.concentratorId, window: conn.window, keepaliveIntervalMs: this.o.keepaliveIntervalMs } },
+    });
     this.o.log.info("terminal attached", { terminal: conn.id, psams: conn.slots.map((s) => hexOf(s.psamId?.value)).join(","), window: conn.window });
     this.broadcast(conn);
     return conn;
@@ -190,7 +196,10 @@ export class Concentrator {
     this.terminals.delete(conn.id);
     conn.keepalive.stop();
     for (const r of conn.inFlight.values()) {
-      this.answer(r, { status: PsamJobStatus.PSAM_JOB_STATUS_TERMINAL_LOST, message: `terminal ${conn.id} lost before it answered (${why}); the PSAM may have done the job` });
+      this.answer(r, {
+        status: PsamJobStatus.PSAM_JOB_STATUS_TERMINAL_LOST,
+        message: `terminal ${conn.id} lost before it answered (${why}); the PSAM may have done the job`,
+      });
     }
     for (const r of conn.queue) {
       this.answer(r, { status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `terminal ${conn.id} detached before the job was sent` });
@@ -199,7 +208,8 @@ export class Concentrator {
     conn.queue = [];
     for (const s of conn.slots) this.leases.delete(slotKey(conn.id, hexOf(s.psamId?.value)));
     this.o.log.info("terminal detached", { terminal: conn.id, why });
-    for (const ps of this.paymentServers.values()) ps.out.push({ message: { $case: "poolUpdate", value: { terminal: undefined, detachedTerminalId: conn.id } } });
+    for (const ps of this.paymentServers.values())
+      ps.out.push({ message: { $case: "poolUpdate", value: { terminal: undefined, detachedTerminalId: conn.id } } });
   }
 
   private terminalResult(conn: TerminalConn, result: PsamJobResult): void {
@@ -236,7 +246,8 @@ export class Concentrator {
       if (!m) return;
       if (!conn) {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
-        if (!isName(m.value.paymentServerId, 64)) throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
+        if (!isName(m.value.paymentServerId, 64))
+          throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
         conn = this.registerPaymentServer(m.value.paymentServerId, out);
         return;
       }
@@ -273,7 +284,12 @@ export class Concentrator {
       ),
     };
     this.paymentServers.set(conn.streamId, conn);
-    out.push({ message: { $case: "welcome", value: { concentratorId: this.o.concentratorId, window: this.o.paymentServerWindow, keepaliveIntervalMs: this.o.keepaliveIntervalMs } } });
+    out.push({
+      message: {
+        $case: "welcome",
+        value: { concentratorId: this.o.concentratorId, window: this.o.paymentServerWindow, keepaliveIntervalMs: this.o.keepaliveIntervalMs },
+      },
+    });
     for (const t of this.terminals.values()) out.push({ message: { $case: "poolUpdate", value: { terminal: this.info(t, conn), detachedTerminalId: "" } } });
     this.o.log.info("payment server connected", { paymentServer: id });
     return conn;
@@ -298,10 +314,16 @@ export class Concentrator {
   private route(from: PaymentServerConn, job: PsamJob): void {
     const psamHex = hexOf(job.psamId?.value);
     const fail = (status: PsamJobStatus, message: string): void =>
-      void from.out.push({ message: { $case: "result", value: { jobId: job.jobId, terminalId: job.terminalId, psamId: job.psamId, status, statusWord: 0, message, slot: undefined, outcome: undefined } } });
+      void from.out.push({
+        message: {
+          $case: "result",
+          value: { jobId: job.jobId, terminalId: job.terminalId, psamId: job.psamId, status, statusWord: 0, message, slot: undefined, outcome: undefined },
+        },
+      });
     if (!job.jobId || job.jobId.length > 64) return fail(PsamJobStatus.PSAM_JOB_STATUS_INVALID, "job_id must be 1..64 characters");
     if (!job.task) return fail(PsamJobStatus.PSAM_JOB_STATUS_INVALID, "job has no task");
-    if (from.inFlight >= this.o.paymentServerWindow) return fail(PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED, `more than ${this.o.paymentServerWindow} jobs in flight`);
+    if (from.inFlight >= this.o.paymentServerWindow)
+      return fail(PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED, `more than ${this.o.paymentServerWindow} jobs in flight`);
     const t = this.terminals.get(job.terminalId);
     const slot = t?.slots.find((s) => hexOf(s.psamId?.value) === psamHex);
     if (!t || !slot) return fail(PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, `no attached terminal ${job.terminalId} with PSAM ${psamHex}`);

@@ -13,18 +13,24 @@ const issuerDir = (v: Record<string, unknown>) => join(dataDir(v.data as string 
 await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalisation, PSAM and security module provisioning.", [
   {
     name: "create-keys",
-    summary: "Create the issuer master keys (purchase, load, authentication) for a key version.\nDoes nothing when that version exists. The keys file is DATA/issuer/keys.json, mode 0600.",
+    summary:
+      "Create the issuer master keys (purchase, load, authentication) for a key version.\nDoes nothing when that version exists. The keys file is DATA/issuer/keys.json, mode 0600.",
     usage: "[--data DIR] [--key-version N]",
     options: { ...dataOption, "key-version": { type: "string" } },
     async run(v) {
       const version = int(v["key-version"], 1, "key-version");
       const r = await Issuer.createKeys(issuerDir(v), version);
-      console.log(r.created ? `created master keys of version ${version} in ${Issuer.keysPath(issuerDir(v))}` : `master keys of version ${version} exist already; nothing changed`);
+      console.log(
+        r.created
+          ? `created master keys of version ${version} in ${Issuer.keysPath(issuerDir(v))}`
+          : `master keys of version ${version} exist already; nothing changed`,
+      );
     },
   },
   {
     name: "personalise-card",
-    summary: "Personalise a software stored-value card: diversified keys, purse data and an initial value\nrecorded as an issuer credit. The card file is private (mode 0600).",
+    summary:
+      "Personalise a software stored-value card: diversified keys, purse data and an initial value\nrecorded as an issuer credit. The card file is private (mode 0600).",
     usage: "--out FILE [--value 100.00] [--max-balance 500.00] [--currency 978] [--exponent 2] [--expiry YYYY-MM-DD] [--key-version N] [--data DIR]",
     options: {
       ...dataOption,
@@ -50,7 +56,9 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
           expiry: str(v.expiry, `${new Date().getUTCFullYear() + 4}-12-31`),
           ...(v["key-version"] !== undefined ? { keyVersion: int(v["key-version"], 1, "key-version") } : {}),
         });
-        console.log(`personalised card ${card.purseId} (key version ${card.keyVersion}) with ${formatMinor(card.balance, exponent)}, expires ${card.expiry}: ${v.out}`);
+        console.log(
+          `personalised card ${card.purseId} (key version ${card.keyVersion}) with ${formatMinor(card.balance, exponent)}, expires ${card.expiry}: ${v.out}`,
+        );
       } finally {
         await issuer.close();
       }
@@ -58,7 +66,8 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   },
   {
     name: "provision-psam",
-    summary: "Provision a software PSAM with every purchase key version and its batch key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
+    summary:
+      "Provision a software PSAM with every purchase key version and its batch key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
     usage: "--out FILE [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
     options: { ...dataOption, out: { type: "string" }, currency: { type: "string" }, "psam-id": { type: "string" }, "batch-capacity": { type: "string" } },
     async run(v) {
@@ -79,7 +88,8 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   },
   {
     name: "provision-hsm",
-    summary: "Provision the load server's software host security module with every load master key version.\nIts file is DATA/load/hsm.json (mode 0600); the load server reads it at start.",
+    summary:
+      "Provision the load server's software host security module with every load master key version.\nIts file is DATA/load/hsm.json (mode 0600); the load server reads it at start.",
     usage: "[--out FILE] [--hsm-id HEX8] [--data DIR]",
     options: { ...dataOption, out: { type: "string" }, "hsm-id": { type: "string" } },
     async run(v) {
@@ -103,7 +113,8 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
       try {
         const rows = await issuer.listCards();
         console.log(["purse id".padEnd(18), "currency", "expiry".padEnd(10), "key", "credited"].join("  "));
-        for (const r of rows) console.log([r.purse_id.padEnd(18), String(r.currency).padEnd(8), r.expiry, String(r.key_version).padEnd(3), formatMinor(r.credited, 2)].join("  "));
+        for (const r of rows)
+          console.log([r.purse_id.padEnd(18), String(r.currency).padEnd(8), r.expiry, String(r.key_version).padEnd(3), formatMinor(r.credited, 2)].join("  "));
       } finally {
         await issuer.close();
       }

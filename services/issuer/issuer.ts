@@ -85,7 +85,9 @@ export class Issuer {
   }
 
   keyVersions(purpose: KeyPurpose): number[] {
-    return Object.keys(this.keys.master[purpose]).map(Number).sort((a, b) => a - b);
+    return Object.keys(this.keys.master[purpose])
+      .map(Number)
+      .sort((a, b) => a - b);
   }
 
   private masterKey(purpose: KeyPurpose, version: number): Buffer {

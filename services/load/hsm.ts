@@ -92,7 +92,12 @@ export class SoftwareHsm implements HostSecurityModule {
   }
 
   private sessionKey(cardKey: Buffer, init: LoadInit, hsmCounter: number): Buffer {
-    return deriveSessionKey(cardKey, { cardCounter: init.counter, securityModuleId: Buffer.from(this.id, "hex"), securityModuleCounter: hsmCounter, challenge: init.challenge });
+    return deriveSessionKey(cardKey, {
+      cardCounter: init.counter,
+      securityModuleId: Buffer.from(this.id, "hex"),
+      securityModuleCounter: hsmCounter,
+      challenge: init.challenge,
+    });
   }
 
   issueLoad(authorised: LoadInitCommand, exponent: number, init: LoadInit): Promise<IssuedLoad> {
@@ -104,7 +109,10 @@ export class SoftwareHsm implements HostSecurityModule {
       if (init.status !== PurseStatusByte.ACTIVE) throw new HsmRefused("BLOCKED", "the card is blocked");
       if (isExpired(init.expiry, when)) throw new HsmRefused("EXPIRED", `the card expired on ${init.expiry}`);
       if (init.currency !== authorised.currency || init.exponent !== exponent) {
-        throw new HsmRefused("CURRENCY_MISMATCH", `the card holds currency ${init.currency} with exponent ${init.exponent}, the load is in ${authorised.currency} with exponent ${exponent}`);
+        throw new HsmRefused(
+          "CURRENCY_MISMATCH",
+          `the card holds currency ${init.currency} with exponent ${init.exponent}, the load is in ${authorised.currency} with exponent ${exponent}`,
+        );
       }
       if (init.balance + authorised.amount > init.maxBalance) {
         throw new HsmRefused("MAX_BALANCE_EXCEEDED", `the card holds ${init.balance} of at most ${init.maxBalance}; ${authorised.amount} more does not fit`);

@@ -31,7 +31,15 @@ import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
 import { loadTransactionKey, open, seal } from "../../lib/protocol/encryption-layer.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
-import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse, LoadResult, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import {
+  InitializeForLoadCommand,
+  InitializeForLoadResponse,
+  LoadResponse,
+  LoadResult,
+  type LoadAnswer,
+  type LoadInit,
+  type LoadInitCommand,
+} from "../../lib/protocol/load.js";
 import { LogKind, LogRecord, type CardLogRecord } from "../../lib/protocol/purse.js";
 import { HsmRefused, type HostSecurityModule, type HsmRefusal } from "./hsm.js";
 import type { LoadRow, LoadStore, Settlement } from "./store.js";
@@ -109,7 +117,8 @@ export class LoadServer {
     const plain = open(loadTransactionKey(this.bankKey(bankId), bankId, id, req.keyNonce), "LOAD_AUTHORIZATION", id, req.authorization);
     if (!plain) throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation does not open for this bank and transaction");
     const auth = LoadAuthorization.decode(plain);
-    if (auth.transactionId?.value !== id || auth.bankId !== bankId || !auth.amount || !auth.offeredAt) throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation is for another load");
+    if (auth.transactionId?.value !== id || auth.bankId !== bankId || !auth.amount || !auth.offeredAt)
+      throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the bank's authorisation is for another load");
     const authorised: LoadInitCommand = {
       amount: Number(auth.amount.amountMinor),
       currency: auth.amount.currency,
@@ -136,7 +145,8 @@ export class LoadServer {
 
   /** Steps 895-899. */
   private async processLoadRequest(req: ProcessLoadRequestRequest): Promise<ProcessLoadRequestResponse> {
-    if (req.initializeResponse.length !== InitializeForLoadResponse.size) throw invalidField("initialize_response", `must be ${InitializeForLoadResponse.size} bytes`);
+    if (req.initializeResponse.length !== InitializeForLoadResponse.size)
+      throw invalidField("initialize_response", `must be ${InitializeForLoadResponse.size} bytes`);
     const init = decodeField("initialize_response", () => InitializeForLoadResponse.decode(req.initializeResponse));
     const history = parseLog(req.cardLog, MAX_LOG_IN_REQUEST, "card_log");
     const { id, bankId, amount, purse: authorisedPurse, authorised, row: rowFor } = this.authorisation(req);
@@ -158,13 +168,22 @@ export class LoadServer {
       if (!(e instanceof HsmRefused)) throw e;
       // No LOAD command was made, so the card cannot have been credited: the load is over, and the bank may release its hold.
       await this.o.store.insert(
-        { ...row, hsm_id: null, hsm_counter: null, load_command: null, proof_reference: null, state: "SETTLED", settlement: { outcome: "NOT_LOADED", proof: `security module refused: ${e.message}`, cardCounter: init.counter } },
+        {
+          ...row,
+          hsm_id: null,
+          hsm_counter: null,
+          load_command: null,
+          proof_reference: null,
+          state: "SETTLED",
+          settlement: { outcome: "NOT_LOADED", proof: `security module refused: ${e.message}`, cardCounter: init.counter },
+        },
         "refused",
         e.message,
       );
       this.o.log.warn("load refused by the security module", { transaction: id, why: e.refusal });
       const after = "; nothing was loaded, and CompleteLoad returns the confirmation that releases the bank's hold";
-      if (e.refusal === "BAD_S1") throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `the card's signature S1 does not verify for the load the bank authorised${after}`);
+      if (e.refusal === "BAD_S1")
+        throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `the card's signature S1 does not verify for the load the bank authorised${after}`);
       throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL[e.refusal], `${e.message}${after}`);
     }
     const proofReference = randomUUID();
@@ -174,7 +193,13 @@ export class LoadServer {
       `${what}, security module ${issued.hsmId} counter ${issued.hsmCounter}`,
     );
     this.o.log.info("LOAD command issued", { transaction: id, amount: formatMoney(amount), hsmCounter: issued.hsmCounter });
-    return { loadCommand: issued.command, hsmId: Buffer.from(issued.hsmId, "hex"), hsmCounter: issued.hsmCounter, settled, proofReference: txnId(proofReference) };
+    return {
+      loadCommand: issued.command,
+      hsmId: Buffer.from(issued.hsmId, "hex"),
+      hsmCounter: issued.hsmCounter,
+      settled,
+      proofReference: txnId(proofReference),
+    };
   }
 
   /** A load that never got a LOAD command ends as NOT_LOADED, so that the bank can release its hold. */
@@ -182,9 +207,14 @@ export class LoadServer {
     const { id, bankId, row } = this.authorisation(req);
     const existing = await this.o.store.get(id);
     if (existing) {
-      if (existing.bank_id !== bankId) throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} is a load for another bank`);
+      if (existing.bank_id !== bankId)
+        throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} is a load for another bank`);
       if (existing.state === "PENDING") {
-        throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${id} has a LOAD command: only the card can settle it (CompleteLoad with its zero-value answer, or its history)`);
+        throw new NetpurseError(
+          Status.FAILED_PRECONDITION,
+          ErrorReason.ERROR_REASON_WRONG_STATE,
+          `load ${id} has a LOAD command: only the card can settle it (CompleteLoad with its zero-value answer, or its history)`,
+        );
       }
       return { load: this.settledLoad(existing) };
     }
@@ -208,10 +238,18 @@ export class LoadServer {
   /** The same request again gets the same command; other card data for the same transaction is another load. */
   private repeatRequest(row: LoadRow, bankId: string, initializeResponse: Uint8Array): Omit<ProcessLoadRequestResponse, "settled"> {
     if (row.bank_id !== bankId || !row.initialize_response.equals(Buffer.from(initializeResponse))) {
-      throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${row.transaction_id} already has a load request with other card data`);
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+        `transaction ${row.transaction_id} already has a load request with other card data`,
+      );
     }
     if (!row.load_command) {
-      throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `load ${row.transaction_id} was refused: ${row.proof ?? "see GetLoad"}`);
+      throw new NetpurseError(
+        Status.FAILED_PRECONDITION,
+        ErrorReason.ERROR_REASON_WRONG_STATE,
+        `load ${row.transaction_id} was refused: ${row.proof ?? "see GetLoad"}`,
+      );
     }
     return { loadCommand: row.load_command, hsmId: Buffer.from(row.hsm_id!, "hex"), hsmCounter: row.hsm_counter!, proofReference: txnId(row.proof_reference!) };
   }
@@ -223,7 +261,8 @@ export class LoadServer {
     if (!row) throw notFound(`no load with transaction id ${id}`);
     if (row.state === "SETTLED") return { load: this.settledLoad(row) };
 
-    if (req.loadResponse.length && req.loadResponse.length !== LoadResponse.size) throw invalidField("load_response", `must be ${LoadResponse.size} bytes, or empty when the card's answer is lost`);
+    if (req.loadResponse.length && req.loadResponse.length !== LoadResponse.size)
+      throw invalidField("load_response", `must be ${LoadResponse.size} bytes, or empty when the card's answer is lost`);
     const answer = req.loadResponse.length ? decodeField("load_response", () => LoadResponse.decode(req.loadResponse)) : undefined;
     const init = InitializeForLoadResponse.decode(row.initialize_response);
     const authorised = InitializeForLoadCommand.decode(row.authorised);
@@ -233,13 +272,19 @@ export class LoadServer {
       if (!this.provesCredit(row, authorised, init, answer)) {
         await this.o.store.event(this.o.store.db, id, "s3_refused", "the card's S3 does not verify; the load stays pending");
         this.o.log.warn("LOAD answer refused: S3 does not verify", { transaction: id });
-        throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, "the card's signature S3 does not verify; the load stays pending until the card's history proves it");
+        throw denied(
+          ErrorReason.ERROR_REASON_BAD_SIGNATURE,
+          "the card's signature S3 does not verify; the load stays pending until the card's history proves it",
+        );
       }
       settlement = { outcome: "LOADED", proof: "S3 verified", cardCounter: answer.counter, cardSignature: answer.s3 };
     } else {
       // A negative result, or no answer at all: nothing is taken on the client's word.
       if (req.zeroValueInitializeResponse.length !== InitializeForLoadResponse.size) {
-        throw invalidField("zero_value_initialize_response", `a ${answer ? "negative result" : "missing LOAD answer"} needs the card's ${InitializeForLoadResponse.size}-byte answer to a zero-value INITIALIZE FOR LOAD`);
+        throw invalidField(
+          "zero_value_initialize_response",
+          `a ${answer ? "negative result" : "missing LOAD answer"} needs the card's ${InitializeForLoadResponse.size}-byte answer to a zero-value INITIALIZE FOR LOAD`,
+        );
       }
       const zero = decodeField("zero_value_initialize_response", () => InitializeForLoadResponse.decode(req.zeroValueInitializeResponse));
       if (!zero.purseId.equals(init.purseId)) throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, "the zero-value answer comes from another card");
@@ -279,7 +324,11 @@ export class LoadServer {
     if (this.o.hsm.matchesS1(zeroCommand, expected)) {
       return { outcome: "NOT_LOADED", proof: `negative result proven: zero-value S1 (${branch}) matches the card unloaded`, cardCounter: init.counter };
     }
-    return { outcome: "LOADED", proof: `negative result not proven: zero-value S1 (${branch}) does not match the card unloaded, so it is treated as loaded`, cardCounter: zero.counter };
+    return {
+      outcome: "LOADED",
+      proof: `negative result not proven: zero-value S1 (${branch}) does not match the card unloaded, so it is treated as loaded`,
+      cardCounter: zero.counter,
+    };
   }
 
   /** Pending deposits: the card's own log records of its credits confirm the loads they belong to. */
@@ -292,7 +341,9 @@ export class LoadServer {
     const out: SettledLoad[] = [];
     for (const row of rows) {
       if (row.state === "PENDING") {
-        const credit = credits.find((c) => c.transactionRef === row.transaction_id && c.moduleId.toString("hex") === row.hsm_id && c.moduleCounter === row.hsm_counter);
+        const credit = credits.find(
+          (c) => c.transactionRef === row.transaction_id && c.moduleId.toString("hex") === row.hsm_id && c.moduleCounter === row.hsm_counter,
+        );
         const init = InitializeForLoadResponse.decode(row.initialize_response);
         const authorised = InitializeForLoadCommand.decode(row.authorised);
         const answer = credit && { result: LoadResult.LOADED, counter: credit.counter, balance: credit.balance, s3: credit.cardSignature };
@@ -300,7 +351,12 @@ export class LoadServer {
           await this.o.store.event(this.o.store.db, row.transaction_id, "history_refused", "a log record for this load does not prove it");
           continue;
         }
-        await this.o.store.settle(row.transaction_id, { outcome: "LOADED", proof: "card history: the credit and its S3 in the card's log", cardCounter: answer.counter, cardSignature: answer.s3 });
+        await this.o.store.settle(row.transaction_id, {
+          outcome: "LOADED",
+          proof: "card history: the credit and its S3 in the card's log",
+          cardCounter: answer.counter,
+          cardSignature: answer.s3,
+        });
         this.o.log.info("pending load confirmed from the card's history", { transaction: row.transaction_id });
       }
       out.push(this.settledLoad((await this.o.store.get(row.transaction_id))!));
@@ -336,7 +392,12 @@ export class LoadServer {
       purseId: purseIdOf(row.purse_id),
       amount: money(row.amount_minor, row.currency, row.exponent),
       state: row.state === "PENDING" ? LoadState.LOAD_STATE_PENDING : LoadState.LOAD_STATE_SETTLED,
-      outcome: row.outcome === "LOADED" ? LoadOutcome.LOAD_OUTCOME_LOADED : row.outcome === "NOT_LOADED" ? LoadOutcome.LOAD_OUTCOME_NOT_LOADED : LoadOutcome.LOAD_OUTCOME_UNSPECIFIED,
+      outcome:
+        row.outcome === "LOADED"
+          ? LoadOutcome.LOAD_OUTCOME_LOADED
+          : row.outcome === "NOT_LOADED"
+            ? LoadOutcome.LOAD_OUTCOME_NOT_LOADED
+            : LoadOutcome.LOAD_OUTCOME_UNSPECIFIED,
       proof: row.proof ?? "",
       hsmId: Buffer.from(row.hsm_id ?? "", "hex"),
       hsmCounter: row.hsm_counter ?? 0,

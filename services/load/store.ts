@@ -89,7 +89,11 @@ export class LoadStore {
   }
 
   /** A new load, pending with its LOAD command, or settled at once (the security module refused it). */
-  async insert(row: Omit<LoadRow, "outcome" | "proof" | "card_counter" | "card_signature" | "settled_at"> & { settlement?: Settlement }, step: string, detail: string): Promise<void> {
+  async insert(
+    row: Omit<LoadRow, "outcome" | "proof" | "card_counter" | "card_signature" | "settled_at"> & { settlement?: Settlement },
+    step: string,
+    detail: string,
+  ): Promise<void> {
     const s = row.settlement;
     await this.db.transaction(async (tx) => {
       await tx.run(
@@ -126,14 +130,10 @@ export class LoadStore {
   /** Settles a pending load; false when it was no longer pending. */
   async settle(id: string, s: Settlement): Promise<boolean> {
     return this.db.transaction(async (tx) => {
-      const r = await tx.run("UPDATE loads SET state = 'SETTLED', outcome = ?, proof = ?, card_counter = ?, card_signature = ?, settled_at = ? WHERE transaction_id = ? AND state = 'PENDING'", [
-        s.outcome,
-        s.proof,
-        s.cardCounter,
-        s.cardSignature ?? null,
-        new Date().toISOString(),
-        id,
-      ]);
+      const r = await tx.run(
+        "UPDATE loads SET state = 'SETTLED', outcome = ?, proof = ?, card_counter = ?, card_signature = ?, settled_at = ? WHERE transaction_id = ? AND state = 'PENDING'",
+        [s.outcome, s.proof, s.cardCounter, s.cardSignature ?? null, new Date().toISOString(), id],
+      );
       if (r.changes) await this.event(tx, id, s.outcome === "LOADED" ? "loaded" : "not_loaded", s.proof);
       return r.changes === 1;
     });

@@ -33,9 +33,7 @@ export class ProofReporter {
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<void> | undefined;
 
-  constructor(
-    private readonly o: { db: Db; payment: Client<typeof PaymentServiceDefinition, DeadlineOptions>; log: Logger; retryEveryMs?: number },
-  ) {}
+  constructor(private readonly o: { db: Db; payment: Client<typeof PaymentServiceDefinition, DeadlineOptions>; log: Logger; retryEveryMs?: number }) {}
 
   /** Queues a proof (idempotent) and tries to send it now. */
   async enqueue(transactionId: string, debitResponse: Buffer): Promise<void> {
@@ -58,13 +56,17 @@ export class ProofReporter {
   }
 
   private async pass(): Promise<void> {
-    for (const row of await this.o.db.all<OutboxRow>("SELECT transaction_id, debit_response, attempts FROM proof_outbox WHERE state = 'QUEUED' ORDER BY queued_at")) {
+    for (const row of await this.o.db.all<OutboxRow>(
+      "SELECT transaction_id, debit_response, attempts FROM proof_outbox WHERE state = 'QUEUED' ORDER BY queued_at",
+    )) {
       try {
         await this.o.payment.reportCardSignature({ transactionId: { value: row.transaction_id }, debitResponse: row.debit_response }, { deadline: 10_000 });
         await this.mark(row, "ACKNOWLEDGED", null);
         this.o.log.info("card proof acknowledged by the payment server", { transaction: row.transaction_id });
       } catch (e) {
-        const final = e instanceof ClientError && [Status.PERMISSION_DENIED, Status.NOT_FOUND, Status.ALREADY_EXISTS, Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION].includes(e.code);
+        const final =
+          e instanceof ClientError &&
+          [Status.PERMISSION_DENIED, Status.NOT_FOUND, Status.ALREADY_EXISTS, Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION].includes(e.code);
         await this.mark(row, final ? "REFUSED" : "QUEUED", (e as Error).message);
         (final ? this.o.log.error : this.o.log.warn)("card proof not acknowledged", { transaction: row.transaction_id, final, error: (e as Error).message });
       }

@@ -23,9 +23,18 @@ export async function startMerchantValidation(c: ValidationConfig) {
   const keys = await MerchantValidation.loadKeys(join(c.dir, "keys.json"));
   const db = openSqlite(join(c.dir, "validation.db"), VALIDATION_MIGRATIONS);
   const channel = openChannel(c.paymentServer ?? defaultAddress("payment"));
-  const reporter = new ProofReporter({ db, payment: clientFactory().create(PaymentServiceDefinition, channel), log, ...(c.reportEveryMs ? { retryEveryMs: c.reportEveryMs } : {}) });
+  const reporter = new ProofReporter({
+    db,
+    payment: clientFactory().create(PaymentServiceDefinition, channel),
+    log,
+    ...(c.reportEveryMs ? { retryEveryMs: c.reportEveryMs } : {}),
+  });
   const v = new MerchantValidation(keys, reporter, log);
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("merchantValidation"), services: [[MerchantValidationServiceDefinition, v.service]], log });
+  const grpc = await startGrpcServer({
+    address: c.listen ?? defaultAddress("merchantValidation"),
+    services: [[MerchantValidationServiceDefinition, v.service]],
+    log,
+  });
   reporter.start();
   return {
     address: grpc.address,

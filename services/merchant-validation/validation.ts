@@ -31,7 +31,10 @@ export interface ValidationKeysFile {
 
 export async function addValidationKey(path: string, merchantId: string, sharedKeyHex: string, mode: ConfirmationMode): Promise<void> {
   const file: ValidationKeysFile = existsSync(path) ? await readJson(path) : { merchants: [] };
-  file.merchants = [...file.merchants.filter((m) => m.merchantId !== merchantId), { merchantId, sharedKey: sharedKeyHex, confirmationMode: confirmationModeToJSON(mode) }];
+  file.merchants = [
+    ...file.merchants.filter((m) => m.merchantId !== merchantId),
+    { merchantId, sharedKey: sharedKeyHex, confirmationMode: confirmationModeToJSON(mode) },
+  ];
   await writeJsonAtomic(path, file, { private: true });
 }
 
@@ -41,7 +44,6 @@ interface MerchantKey {
 }
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
-
 
 export class MerchantValidation {
   constructor(
@@ -89,7 +91,10 @@ export class MerchantValidation {
     const plain = open(transactionKey(k.key, merchantId, transactionId, o.keyNonce), "DEBIT_RESULT_M", transactionId, req.debitResultM);
     if (!plain) {
       this.log.warn("debit result M does not open", { transaction: transactionId, merchant: merchantId });
-      throw denied(ErrorReason.ERROR_REASON_SEAL_BROKEN, "the debit result M does not open with this order's key: it was forged, altered, or made for another transaction");
+      throw denied(
+        ErrorReason.ERROR_REASON_SEAL_BROKEN,
+        "the debit result M does not open with this order's key: it was forged, altered, or made for another transaction",
+      );
     }
     const m = DebitResultM.decode(plain); // sealed by the payment server: well formed
     const mismatch = (field: string, got: string, want: string) =>
@@ -97,7 +102,8 @@ export class MerchantValidation {
     if (m.transactionId?.value !== transactionId) throw mismatch("transaction_id", String(m.transactionId?.value), transactionId);
     if (m.merchantId?.value !== merchantId) throw mismatch("merchant_id", String(m.merchantId?.value), merchantId);
     const a = m.amount!;
-    if (a.amountMinor !== amount.amountMinor || a.currency !== amount.currency || a.exponent !== amount.exponent) throw mismatch("amount", formatMoney(a), formatMoney(amount));
+    if (a.amountMinor !== amount.amountMinor || a.currency !== amount.currency || a.exponent !== amount.exponent)
+      throw mismatch("amount", formatMoney(a), formatMoney(amount));
     if (m.confirmationMode !== k.mode) throw mismatch("confirmation mode", confirmationModeToJSON(m.confirmationMode), confirmationModeToJSON(k.mode));
 
     if (m.status !== DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED) await this.ruleOnUnconfirmed(m, req.debitResponse, transactionId);
@@ -123,7 +129,8 @@ export class MerchantValidation {
     if (m.confirmationMode !== ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES) {
       throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, `a ${confirmationModeToJSON(m.confirmationMode)} purchase needs a confirmed debit result`);
     }
-    if (debitResponse.length !== DebitResponse.size) throw invalidField("debit_response", "the card's answer is needed to compare its signature (MERCHANT_COMPARES)");
+    if (debitResponse.length !== DebitResponse.size)
+      throw invalidField("debit_response", "the card's answer is needed to compare its signature (MERCHANT_COMPARES)");
     const answer = DebitResponse.decode(debitResponse);
     if (answer.result !== DebitResult.DEBITED || !macEqual(answer.cardSignature, m.expectedCardSignature)) {
       this.log.warn("card signature is not the expected one", { transaction: transactionId });

@@ -88,7 +88,11 @@ export class Shop {
   }
 
   readonly service: MerchantServiceImplementation = {
-    listProducts: async (): Promise<ListProductsResponse> => ({ merchantId: merchantId(this.o.shop.merchantId), merchantName: this.o.shop.name, products: this.products() }),
+    listProducts: async (): Promise<ListProductsResponse> => ({
+      merchantId: merchantId(this.o.shop.merchantId),
+      merchantName: this.o.shop.name,
+      products: this.products(),
+    }),
     createOrder: async (req) => this.createOrder(req.productId ?? ""),
     completeOrder: async (req) => this.completeOrder(req as CompleteOrderRequest),
     getOrder: async (req) => this.getOrder(requireTransactionId(req.transactionId)),
@@ -193,4 +197,3 @@ export class Shop {
     };
   }
 }
-

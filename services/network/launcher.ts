@@ -159,13 +159,36 @@ export async function launchNetwork(
   await Promise.all(
     p.terminals.map((t) => l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, ...data, ...(t.args ?? [])])),
   );
-  const payment = await l.start("payment", SCRIPTS.payment, ["--listen", at("payment"), "--concentrator", addresses.concentrator!, ...data, ...(p.paymentArgs ?? [])]);
+  const payment = await l.start("payment", SCRIPTS.payment, [
+    "--listen",
+    at("payment"),
+    "--concentrator",
+    addresses.concentrator!,
+    ...data,
+    ...(p.paymentArgs ?? []),
+  ]);
   addresses.payment = payment.address;
-  const validation = await l.start("merchant-validation", SCRIPTS.merchantValidation, ["--listen", at("merchantValidation"), "--payment-server", payment.address, ...data]);
+  const validation = await l.start("merchant-validation", SCRIPTS.merchantValidation, [
+    "--listen",
+    at("merchantValidation"),
+    "--payment-server",
+    payment.address,
+    ...data,
+  ]);
   addresses.merchantValidation = validation.address;
   const merchants = await Promise.all(
     p.merchants.map((m) =>
-      l.start(`merchant-${m.id}`, SCRIPTS.merchant, ["--listen", m.listen ?? "127.0.0.1:0", "--id", m.id, "--validation", validation.address, "--payment-server", p.offerPaymentServer ?? payment.address, ...data]),
+      l.start(`merchant-${m.id}`, SCRIPTS.merchant, [
+        "--listen",
+        m.listen ?? "127.0.0.1:0",
+        "--id",
+        m.id,
+        "--validation",
+        validation.address,
+        "--payment-server",
+        p.offerPaymentServer ?? payment.address,
+        ...data,
+      ]),
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));

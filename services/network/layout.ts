@@ -86,7 +86,13 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     for (const shop of demo.shops) {
       const shopFile = join(p.merchant(shop.merchantId), "shop.json");
       if (existsSync(shopFile)) continue;
-      await registerMerchant({ paymentDir: p.payment, validationDir: p.validation, merchantId: shop.merchantId, name: shop.name, mode: confirmationModeFromJSON(shop.confirmationMode) });
+      await registerMerchant({
+        paymentDir: p.payment,
+        validationDir: p.validation,
+        merchantId: shop.merchantId,
+        name: shop.name,
+        mode: confirmationModeFromJSON(shop.confirmationMode),
+      });
       await writeJsonAtomic(shopFile, shop);
       say(`operator: registered merchant ${shop.merchantId} (${shop.confirmationMode.replace("CONFIRMATION_MODE_", "")}) with a fresh shared key`);
     }
@@ -110,8 +116,17 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     }
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath)) {
-      const card = await issuer.personaliseCard({ path: cardPath, currency: EUR, exponent: 2, initialValue: demo.card.value, maxBalance: demo.card.maxBalance, expiry: demo.card.expiry });
-      say(`issuer: personalised card ${card.purseId}${demo.card.value ? ` with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)` : ", empty"}`);
+      const card = await issuer.personaliseCard({
+        path: cardPath,
+        currency: EUR,
+        exponent: 2,
+        initialValue: demo.card.value,
+        maxBalance: demo.card.maxBalance,
+        expiry: demo.card.expiry,
+      });
+      say(
+        `issuer: personalised card ${card.purseId}${demo.card.value ? ` with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)` : ", empty"}`,
+      );
     }
     return { cardPath };
   } finally {

@@ -106,7 +106,10 @@ try {
     say(`  skipped: the card holds ${formatMoney(before.balance!)} of at most ${formatMoney(before.maxBalance!)}, no room for ${formatMoney(load)}`);
   } else {
     say(`  the cardholder approves loading ${formatMoney(load)} (card balance ${formatMoney(before.balance!)})`);
-    const loaded = await cardholder.loadCard({ bankAddress: addresses.bank!, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load }, { deadline: 60_000 });
+    const loaded = await cardholder.loadCard(
+      { bankAddress: addresses.bank!, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load },
+      { deadline: 60_000 },
+    );
     for (const s of loaded.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
     say(`  card balance now ${formatMoney(loaded.purse!.balance!)}`);
   }

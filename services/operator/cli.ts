@@ -15,7 +15,8 @@ import { registerBank, registerMerchant } from "./operator.js";
 await runCommands("netpurse-operator", "Operator tools: merchants, banks, the terminal pool, transaction records.", [
   {
     name: "add-merchant",
-    summary: "Register a merchant: a fresh key shared between the payment server (DATA/payment/merchants.json)\nand the merchant's validation service (DATA/merchant-validation/keys.json), both mode 0600.",
+    summary:
+      "Register a merchant: a fresh key shared between the payment server (DATA/payment/merchants.json)\nand the merchant's validation service (DATA/merchant-validation/keys.json), both mode 0600.",
     usage: "--id MERCHANT --name NAME [--mode psam-verifies] [--data DIR]",
     options: { id: { type: "string" }, name: { type: "string" }, mode: { type: "string" }, data: { type: "string" } },
     async run(v) {
@@ -29,7 +30,8 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
   },
   {
     name: "add-bank",
-    summary: "Register a bank at the load server: a fresh key shared between the load server (DATA/load/banks.json)\nand the bank (DATA/bank/bank.json), both mode 0600.",
+    summary:
+      "Register a bank at the load server: a fresh key shared between the load server (DATA/load/banks.json)\nand the bank (DATA/bank/bank.json), both mode 0600.",
     usage: "--id BANK [--data DIR]",
     options: { id: { type: "string" }, data: { type: "string" } },
     async run(v) {
@@ -49,7 +51,15 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
       try {
         const r = await clientFactory().create(TerminalConcentratorServiceDefinition, channel).listTerminals({}, { deadline: 5_000 });
         const rows = r.terminals.flatMap((t) =>
-          t.slots.map((s) => [t.terminalId, String(s.slot), hexOf(s.psamId?.value), PsamSlotState[s.state].replace("PSAM_SLOT_STATE_", ""), String(s.psamCounter), String(s.pendingDebits.length), String(s.batchCount)]),
+          t.slots.map((s) => [
+            t.terminalId,
+            String(s.slot),
+            hexOf(s.psamId?.value),
+            PsamSlotState[s.state].replace("PSAM_SLOT_STATE_", ""),
+            String(s.psamCounter),
+            String(s.pendingDebits.length),
+            String(s.batchCount),
+          ]),
         );
         console.log(table(["terminal", "slot", "PSAM", "state", "counter", "open debits", "batch"], rows));
         for (const p of r.paymentServers) console.log(`payment server ${p.paymentServerId}: ${p.jobsInFlight} jobs in flight, ${p.psamsLeased} PSAMs leased`);
@@ -68,9 +78,18 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
       if (!id) throw new UsageError("give the transaction id");
       const channel = openChannel(str(v.payment, defaultAddress("payment")));
       try {
-        const { purchase: p } = await clientFactory().create(PaymentServiceDefinition, channel).getPurchase({ transactionId: txnId(id) }, { deadline: 5_000 });
-        console.log(`${id}: ${PurchaseState[p!.state].replace("PURCHASE_STATE_", "")}, ${formatMoney(p!.amount!)} to ${p!.merchantId?.value}, purse ${hexOf(p!.purseId?.value)}, PSAM ${hexOf(p!.psamId?.value)} counter ${p!.psamCounter}`);
-        console.log(table(["time", "step", "detail"], p!.events.map((e) => [e.time!.toISOString(), e.step, e.detail])));
+        const { purchase: p } = await clientFactory()
+          .create(PaymentServiceDefinition, channel)
+          .getPurchase({ transactionId: txnId(id) }, { deadline: 5_000 });
+        console.log(
+          `${id}: ${PurchaseState[p!.state].replace("PURCHASE_STATE_", "")}, ${formatMoney(p!.amount!)} to ${p!.merchantId?.value}, purse ${hexOf(p!.purseId?.value)}, PSAM ${hexOf(p!.psamId?.value)} counter ${p!.psamCounter}`,
+        );
+        console.log(
+          table(
+            ["time", "step", "detail"],
+            p!.events.map((e) => [e.time!.toISOString(), e.step, e.detail]),
+          ),
+        );
       } finally {
         channel.close();
       }

@@ -19,11 +19,22 @@ export const MODES = [
   ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES,
 ];
 
-export async function registerMerchant(p: { paymentDir: string; validationDir: string; merchantId: string; name: string; mode: ConfirmationMode }): Promise<void> {
+export async function registerMerchant(p: {
+  paymentDir: string;
+  validationDir: string;
+  merchantId: string;
+  name: string;
+  mode: ConfirmationMode;
+}): Promise<void> {
   if (!isName(p.merchantId, 16)) throw new Error("merchant id must be 1..16 characters of [A-Za-z0-9._-]");
   if (!MODES.includes(p.mode)) throw new Error(`unknown confirmation mode ${confirmationModeToJSON(p.mode)}`);
   const key = randomBytes(32).toString("hex");
-  await MerchantRegistry.add(join(p.paymentDir, "merchants.json"), { merchantId: p.merchantId, name: p.name, confirmationMode: confirmationModeToJSON(p.mode), sharedKey: key });
+  await MerchantRegistry.add(join(p.paymentDir, "merchants.json"), {
+    merchantId: p.merchantId,
+    name: p.name,
+    confirmationMode: confirmationModeToJSON(p.mode),
+    sharedKey: key,
+  });
   await addValidationKey(join(p.validationDir, "keys.json"), p.merchantId, key, p.mode);
 }
 

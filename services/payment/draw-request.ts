@@ -53,5 +53,15 @@ export function editDrawRequest(dr: DrawRequest | undefined): EditedDrawRequest 
   if (card.exponent !== a.exponent) {
     throw invalidField("draw_request.amount.exponent", `the offer's exponent ${a.exponent} is not the card's ${card.exponent}`);
   }
-  return { transactionId, merchantId, amount: Number(a.amountMinor), currency: a.currency, exponent: a.exponent, mode, cardAtr: atr, initializeResponse: raw, card };
+  return {
+    transactionId,
+    merchantId,
+    amount: Number(a.amountMinor),
+    currency: a.currency,
+    exponent: a.exponent,
+    mode,
+    cardAtr: atr,
+    initializeResponse: raw,
+    card,
+  };
 }

@@ -53,7 +53,10 @@ export class MerchantRegistry {
     if (m === this.mtime) return;
     const file = await readJson<MerchantRegistryFile>(this.path);
     this.byId = new Map(
-      file.merchants.map((e) => [e.merchantId, { merchantId: e.merchantId, name: e.name, mode: confirmationModeFromJSON(e.confirmationMode), key: Buffer.from(e.sharedKey, "hex") }]),
+      file.merchants.map((e) => [
+        e.merchantId,
+        { merchantId: e.merchantId, name: e.name, mode: confirmationModeFromJSON(e.confirmationMode), key: Buffer.from(e.sharedKey, "hex") },
+      ]),
     );
     this.mtime = m;
   }

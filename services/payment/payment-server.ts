@@ -94,7 +94,14 @@ export class PaymentServer {
   constructor(private readonly o: PaymentServerOptions) {
     this.maxPsamWaitMs = o.maxPsamWaitMs ?? 10_000;
     this.proofTimeoutMs = o.proofTimeoutMs ?? 10 * 60_000;
-    this.work = new PsamWork({ pool: o.pool, link: o.link, store: o.store, log: o.log, holdTimeoutMs: o.holdTimeoutMs ?? 60_000, jobTimeoutMs: o.jobTimeoutMs ?? 10_000 });
+    this.work = new PsamWork({
+      pool: o.pool,
+      link: o.link,
+      store: o.store,
+      log: o.log,
+      holdTimeoutMs: o.holdTimeoutMs ?? 60_000,
+      jobTimeoutMs: o.jobTimeoutMs ?? 10_000,
+    });
     this.ruling = new Ruling({ store: o.store, work: this.work, log: o.log, serial: (id, fn) => this.serial(id, fn) });
   }
 
@@ -125,7 +132,8 @@ export class PaymentServer {
 
   private async merchant(id: string): Promise<Merchant> {
     const m = await this.o.merchants.get(id);
-    if (!m) throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `merchant "${id}" is not registered at this payment server`);
+    if (!m)
+      throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `merchant "${id}" is not registered at this payment server`);
     return m;
   }
 
@@ -135,7 +143,11 @@ export class PaymentServer {
   }
 
   private storedError(row: PurchaseRow): NetpurseError {
-    return new NetpurseError(row.error_code ?? Status.FAILED_PRECONDITION, row.error_reason ?? ErrorReason.ERROR_REASON_UNSPECIFIED, row.error_message ?? `transaction ended ${row.state}`);
+    return new NetpurseError(
+      row.error_code ?? Status.FAILED_PRECONDITION,
+      row.error_reason ?? ErrorReason.ERROR_REASON_UNSPECIFIED,
+      row.error_message ?? `transaction ended ${row.state}`,
+    );
   }
 
   // ---- steps 680-694: draw request -> DEBIT command ------------------------
@@ -178,7 +190,11 @@ export class PaymentServer {
       let row = await this.o.store.get(id);
       if (row) {
         if (row.request_hash !== hash) {
-          throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `transaction ${id} was already used with another draw request`);
+          throw new NetpurseError(
+            Status.ALREADY_EXISTS,
+            ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+            `transaction ${id} was already used with another draw request`,
+          );
         }
         if (row.state === "REFUSED") throw this.storedError(row);
         if (row.state !== "RECEIVED") return this.debitCommandResponse(row, keys);
@@ -189,7 +205,14 @@ export class PaymentServer {
       row = (await this.o.store.get(id))!;
       this.settleFromCardLog(row.purse_id, log);
       if (v.card.currency !== v.currency) {
-        return this.refuse(row, new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${v.card.currency}, the offer is in ${v.currency}; nothing was debited`));
+        return this.refuse(
+          row,
+          new NetpurseError(
+            Status.FAILED_PRECONDITION,
+            ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
+            `the card holds currency ${v.card.currency}, the offer is in ${v.currency}; nothing was debited`,
+          ),
+        );
       }
       row = await this.issueDebitCommand(row, v.cardAtr, v.initializeResponse, deadline);
       return this.debitCommandResponse(row, keys);
@@ -236,7 +259,12 @@ export class PaymentServer {
   }
 
   private async refuse(row: PurchaseRow, e: NetpurseError): Promise<never> {
-    await this.o.store.transition(row.transaction_id, ["RECEIVED"], { state: "REFUSED", error_code: e.code, error_reason: e.reason, error_message: e.details }, { step: "refused", detail: e.details });
+    await this.o.store.transition(
+      row.transaction_id,
+      ["RECEIVED"],
+      { state: "REFUSED", error_code: e.code, error_reason: e.reason, error_message: e.details },
+      { step: "refused", detail: e.details },
+    );
     throw e;
   }
 
@@ -282,7 +310,11 @@ export class PaymentServer {
     for (let attempt = 1; attempt <= 3; attempt++) {
       if (deadline - Date.now() < MIN_JOB_MS) {
         await this.o.store.log(row.transaction_id, { step: "deadline_too_close", detail: `less than ${MIN_JOB_MS} ms left before the caller's deadline` });
-        throw new NetpurseError(Status.DEADLINE_EXCEEDED, ErrorReason.ERROR_REASON_UNSPECIFIED, `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`);
+        throw new NetpurseError(
+          Status.DEADLINE_EXCEEDED,
+          ErrorReason.ERROR_REASON_UNSPECIFIED,
+          `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`,
+        );
       }
       const lease = await this.takePsam(row, tried, deadline);
       tried.add(lease.key);
@@ -315,7 +347,10 @@ export class PaymentServer {
             debit_command: Buffer.from(issued.debitCommand),
             expected_card_signature: psamVerifies ? null : Buffer.from(issued.expectedCardSignature),
           },
-          { step: "debit_command_issued", detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}` },
+          {
+            step: "debit_command_issued",
+            detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}`,
+          },
         );
         if (!moved) {
           this.o.pool.release(lease);
@@ -334,13 +369,22 @@ export class PaymentServer {
       // The PSAM could not take it (gone, failed, busy, full): no debit command
       // left this server, so the work goes to another PSAM. Only a PSAM that
       // is gone or failing leaves the pool; it returns when its terminal says so.
-      this.o.log.warn("PSAM could not take the job; trying another", { transaction: row.transaction_id, psam: lease.psamId, status: PsamJobStatus[result.status], detail: result.message });
+      this.o.log.warn("PSAM could not take the job; trying another", {
+        transaction: row.transaction_id,
+        psam: lease.psamId,
+        status: PsamJobStatus[result.status],
+        detail: result.message,
+      });
       const gone = [PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, PsamJobStatus.PSAM_JOB_STATUS_TERMINAL_LOST, PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM];
       if (gone.includes(result.status)) this.o.pool.markFailed(lease);
       this.o.pool.release(lease);
       await this.o.store.log(row.transaction_id, { step: "psam_unavailable", detail: `${PsamJobStatus[result.status]}: ${result.message}` });
     }
-    throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_UNSPECIFIED, "no PSAM could take the transaction after 3 attempts; retry the same draw request later");
+    throw new NetpurseError(
+      Status.UNAVAILABLE,
+      ErrorReason.ERROR_REASON_UNSPECIFIED,
+      "no PSAM could take the transaction after 3 attempts; retry the same draw request later",
+    );
   }
 
   private async takePsam(row: PurchaseRow, tried: Set<string>, deadline: number): Promise<Lease> {
@@ -355,7 +399,11 @@ export class PaymentServer {
       }
       if (!(e instanceof NoPsamFree)) throw e;
       await this.o.store.log(row.transaction_id, { step: "no_psam_free", detail: e.message });
-      throw new NetpurseError(Status.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_NO_PSAM_FREE, `no PSAM became free before the deadline: ${e.message}; retry the same draw request later`);
+      throw new NetpurseError(
+        Status.RESOURCE_EXHAUSTED,
+        ErrorReason.ERROR_REASON_NO_PSAM_FREE,
+        `no PSAM became free before the deadline: ${e.message}; retry the same draw request later`,
+      );
     }
   }
 
@@ -368,7 +416,12 @@ export class PaymentServer {
     return this.serial(id, async () => {
       let row = await this.o.store.get(id);
       if (!row) throw notFound(`transaction ${id} is unknown to this payment server`);
-      if (!row.key_nonce) throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `transaction ${id} has no keys: it never had a draw request opened`);
+      if (!row.key_nonce)
+        throw new NetpurseError(
+          Status.FAILED_PRECONDITION,
+          ErrorReason.ERROR_REASON_WRONG_STATE,
+          `transaction ${id} has no keys: it never had a draw request opened`,
+        );
       const keys = await this.keysOf(row);
       const plain = open(keys.tsk, "CARD_ANSWER", id, req.cardAnswer);
       if (!plain) throw sealBroken("the card answer");
@@ -379,28 +432,48 @@ export class PaymentServer {
         throw invalidField("card_answer", "is not a CardAnswer");
       }
       if (!row.completion_token || !macEqual(row.completion_token, a.completionToken)) {
-        throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN, `completion_token is not transaction ${id}'s: only the client that sent the draw request may complete it`);
+        throw new NetpurseError(
+          Status.PERMISSION_DENIED,
+          ErrorReason.ERROR_REASON_WRONG_COMPLETION_TOKEN,
+          `completion_token is not transaction ${id}'s: only the client that sent the draw request may complete it`,
+        );
       }
       const sw = a.cardStatusWord;
       if (sw < 0x6000 || sw > 0xffff) throw invalidField("card_answer.card_status_word", `0x${sw.toString(16)} is not an ISO 7816 status word`);
       if (sw === SW.OK && a.debitResponse.length !== DebitResponse.size) {
-        throw invalidField("card_answer.debit_response", `must be the card's ${DebitResponse.size}-byte answer when card_status_word is 9000, got ${a.debitResponse.length} bytes`);
+        throw invalidField(
+          "card_answer.debit_response",
+          `must be the card's ${DebitResponse.size}-byte answer when card_status_word is 9000, got ${a.debitResponse.length} bytes`,
+        );
       }
-      if (sw !== SW.OK && a.debitResponse.length !== 0) throw invalidField("card_answer.debit_response", "must be empty when the card answered with an error status word");
+      if (sw !== SW.OK && a.debitResponse.length !== 0)
+        throw invalidField("card_answer.debit_response", "must be empty when the card answered with an error status word");
 
       if (row.card_status_word !== null) {
         const same = row.card_status_word === sw && (row.debit_response ?? Buffer.alloc(0)).equals(Buffer.from(a.debitResponse));
-        if (!same) throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `a different card answer was already recorded for transaction ${id}`);
+        if (!same)
+          throw new NetpurseError(
+            Status.ALREADY_EXISTS,
+            ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+            `a different card answer was already recorded for transaction ${id}`,
+          );
       } else {
         if (!["DEBIT_COMMAND_ISSUED", "IN_DOUBT"].includes(row.state)) {
           if (row.state === "REVERSED") throw this.storedError(row);
-          throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `no DEBIT command is awaiting the card's answer for transaction ${id} (state ${row.state})`);
+          throw new NetpurseError(
+            Status.FAILED_PRECONDITION,
+            ErrorReason.ERROR_REASON_WRONG_STATE,
+            `no DEBIT command is awaiting the card's answer for transaction ${id} (state ${row.state})`,
+          );
         }
         await this.o.store.transition(
           id,
           ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
           { state: "DEBIT_RESPONSE_RECEIVED", card_status_word: sw, debit_response: Buffer.from(a.debitResponse) },
-          { step: "debit_response_received", detail: sw === SW.OK ? `card answered 9000, result ${a.debitResponse[0]}` : `card refused DEBIT with SW ${sw.toString(16).toUpperCase()}` },
+          {
+            step: "debit_response_received",
+            detail: sw === SW.OK ? `card answered 9000, result ${a.debitResponse[0]}` : `card refused DEBIT with SW ${sw.toString(16).toUpperCase()}`,
+          },
         );
         row = (await this.o.store.get(id))!;
       }
@@ -411,7 +484,11 @@ export class PaymentServer {
   }
 
   private results(row: PurchaseRow, keys: TransactionKeys): CompletePurchaseResponse {
-    const c: DebitResultC = { transactionId: txnId(row.transaction_id), state: stateEnum[row.state], newBalance: money(row.new_balance ?? 0, row.currency, row.exponent) };
+    const c: DebitResultC = {
+      transactionId: txnId(row.transaction_id),
+      state: stateEnum[row.state],
+      newBalance: money(row.new_balance ?? 0, row.currency, row.exponent),
+    };
     return {
       transactionId: txnId(row.transaction_id),
       debitResultC: seal(keys.tsk, "DEBIT_RESULT_C", row.transaction_id, DebitResultC.encode(c).finish()),
@@ -423,7 +500,8 @@ export class PaymentServer {
 
   private async reportCardSignature(req: ReportCardSignatureRequest, ctx: CallContext): Promise<ReportCardSignatureResponse> {
     const id = requireTransactionId(req.transactionId);
-    if (req.debitResponse.length !== DebitResponse.size) throw invalidField("debit_response", `must be the card's ${DebitResponse.size}-byte answer, got ${req.debitResponse.length} bytes`);
+    if (req.debitResponse.length !== DebitResponse.size)
+      throw invalidField("debit_response", `must be the card's ${DebitResponse.size}-byte answer, got ${req.debitResponse.length} bytes`);
     const raw = Buffer.from(req.debitResponse);
     const deadline = this.deadline(ctx, this.maxPsamWaitMs);
     return this.serial(id, async () => {
@@ -512,7 +590,10 @@ export class PaymentServer {
         try {
           const r = await this.work.run(lease, id, { $case: "reverseDebit", value: { psamCounter: p.psamCounter } }, Date.now() + 10_000);
           if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) {
-            await this.o.store.log(id, { step: "orphan_debit_reversed", detail: `PSAM ${psam} counter ${p.psamCounter}: its DEBIT command never left this server` });
+            await this.o.store.log(id, {
+              step: "orphan_debit_reversed",
+              detail: `PSAM ${psam} counter ${p.psamCounter}: its DEBIT command never left this server`,
+            });
           }
         } finally {
           this.o.pool.release(lease);
@@ -548,10 +629,15 @@ export class PaymentServer {
     const before = new Date(Date.now() - this.proofTimeoutMs).toISOString();
     for (const row of await this.o.store.staleInStates(["DEBIT_COMMAND_ISSUED"], before)) {
       await this.serial(row.transaction_id, () =>
-        this.o.store.transition(row.transaction_id, ["DEBIT_COMMAND_ISSUED"], { state: "IN_DOUBT" }, {
-          step: "no_proof_in_time",
-          detail: `no card answer within ${this.proofTimeoutMs} ms; settled from the card's proof at its next contact`,
-        }),
+        this.o.store.transition(
+          row.transaction_id,
+          ["DEBIT_COMMAND_ISSUED"],
+          { state: "IN_DOUBT" },
+          {
+            step: "no_proof_in_time",
+            detail: `no card answer within ${this.proofTimeoutMs} ms; settled from the card's proof at its next contact`,
+          },
+        ),
       );
     }
   }

@@ -94,7 +94,12 @@ export class PsamWork {
 
   /** REVERSE DEBIT on the signing PSAM: true once the PSAM confirms, or why not. */
   async reverse(row: PurchaseRow, lease: Lease, deadline: number): Promise<true | PsamUnreachable> {
-    const r = await this.run(lease, row.transaction_id, { $case: "reverseDebit", value: { psamCounter: row.psam_counter! } }, Math.max(deadline, Date.now() + MIN_JOB_MS));
+    const r = await this.run(
+      lease,
+      row.transaction_id,
+      { $case: "reverseDebit", value: { psamCounter: row.psam_counter! } },
+      Math.max(deadline, Date.now() + MIN_JOB_MS),
+    );
     if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) return true;
     return new PsamUnreachable(`reversal not confirmed by the PSAM: ${describe(r)}`);
   }

@@ -9,7 +9,8 @@ import { DebitResult } from "../../lib/protocol/purse.js";
 
 /** A PSAM's refusal of the card at DRAW AMOUNT time. */
 export function psamRefusal(sw: number): NetpurseError {
-  const fp = (reason: ErrorReason, what: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, `${what} (PSAM SW ${swHex(sw)}); nothing was debited`);
+  const fp = (reason: ErrorReason, what: string) =>
+    new NetpurseError(Status.FAILED_PRECONDITION, reason, `${what} (PSAM SW ${swHex(sw)}); nothing was debited`);
   switch (sw) {
     case SW.CARD_EXPIRED:
       return fp(ErrorReason.ERROR_REASON_CARD_EXPIRED, "the card has expired");
@@ -59,7 +60,11 @@ export function badCardSignature(detail: string): NetpurseError {
 }
 
 export function sealBroken(what: string): NetpurseError {
-  return new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SEAL_BROKEN, `${what} does not open: wrong key, another transaction's or another message's, or altered on the way`);
+  return new NetpurseError(
+    Status.PERMISSION_DENIED,
+    ErrorReason.ERROR_REASON_SEAL_BROKEN,
+    `${what} does not open: wrong key, another transaction's or another message's, or altered on the way`,
+  );
 }
 
 /** Status word recorded for a debit the card's later transactions prove it never made. */

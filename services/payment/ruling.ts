@@ -62,10 +62,18 @@ export class Ruling {
   async ruleReported(row: PurchaseRow, answer: DebitAnswer, raw: Buffer, source: string, deadline: number): Promise<PurchaseRow> {
     if (row.debit_response) {
       if (row.card_status_word === SW.OK && row.debit_response.equals(raw)) return row; // a repeat: counted once
-      throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED, `another card answer was already recorded for transaction ${row.transaction_id}`);
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+        `another card answer was already recorded for transaction ${row.transaction_id}`,
+      );
     }
     if (!OPEN.includes(row.state)) {
-      throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, `transaction ${row.transaction_id} is ${row.state}: no card answer is awaited`);
+      throw new NetpurseError(
+        Status.FAILED_PRECONDITION,
+        ErrorReason.ERROR_REASON_WRONG_STATE,
+        `transaction ${row.transaction_id} is ${row.state}: no card answer is awaited`,
+      );
     }
     if (row.expected_card_signature) {
       if (!this.isExpectedDebit(row, answer)) {
@@ -91,7 +99,9 @@ export class Ruling {
     );
     const proven = await this.reload(row);
     this.afterProof(proven);
-    void this.o.serial(row.transaction_id, () => this.recordProof(proven).then(() => undefined)).catch((e) => this.o.log.warn("proof not recorded yet", { transaction: row.transaction_id, error: (e as Error).message }));
+    void this.o
+      .serial(row.transaction_id, () => this.recordProof(proven).then(() => undefined))
+      .catch((e) => this.o.log.warn("proof not recorded yet", { transaction: row.transaction_id, error: (e as Error).message }));
     return proven;
   }
 
@@ -100,11 +110,25 @@ export class Ruling {
     const fresh = await this.reload(row);
     if (fresh.state !== "PROVEN") return fresh;
     const done = await this.o.work.onSigningPsam(fresh, Date.now() + 10_000, (lease) =>
-      this.o.work.run(lease, fresh.transaction_id, { $case: "verifyDebit", value: { psamCounter: fresh.psam_counter!, cardStatusWord: SW.OK, debitResponse: fresh.debit_response! } }, Date.now() + 10_000),
+      this.o.work.run(
+        lease,
+        fresh.transaction_id,
+        { $case: "verifyDebit", value: { psamCounter: fresh.psam_counter!, cardStatusWord: SW.OK, debitResponse: fresh.debit_response! } },
+        Date.now() + 10_000,
+      ),
     );
     if (done instanceof PsamUnreachable) return fresh;
-    if (done.status === PsamJobStatus.PSAM_JOB_STATUS_OK && done.outcome?.$case === "debitVerified" && done.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) {
-      await this.o.store.transition(fresh.transaction_id, ["PROVEN"], { state: "COMPLETED" }, { step: "recorded_in_batch", detail: `PSAM ${fresh.psam_id} recorded the card's proof in batch ${done.outcome.value.batchNumber}` });
+    if (
+      done.status === PsamJobStatus.PSAM_JOB_STATUS_OK &&
+      done.outcome?.$case === "debitVerified" &&
+      done.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED
+    ) {
+      await this.o.store.transition(
+        fresh.transaction_id,
+        ["PROVEN"],
+        { state: "COMPLETED" },
+        { step: "recorded_in_batch", detail: `PSAM ${fresh.psam_id} recorded the card's proof in batch ${done.outcome.value.batchNumber}` },
+      );
     } else {
       // The PSAM disagrees with a signature it predicted itself: an operator must look.
       this.o.log.error("PSAM did not record a proven debit", { transaction: fresh.transaction_id, result: describe(done) });
@@ -120,7 +144,12 @@ export class Ruling {
   ): Promise<PurchaseRow> {
     const raw = p.raw ?? row.debit_response!;
     const outcome = await this.o.work.onSigningPsam(row, p.deadline, async (lease) => {
-      const r = await this.o.work.run(lease, row.transaction_id, { $case: "verifyDebit", value: { psamCounter: row.psam_counter!, cardStatusWord: SW.OK, debitResponse: raw } }, p.deadline);
+      const r = await this.o.work.run(
+        lease,
+        row.transaction_id,
+        { $case: "verifyDebit", value: { psamCounter: row.psam_counter!, cardStatusWord: SW.OK, debitResponse: raw } },
+        p.deadline,
+      );
       if (r.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && r.statusWord === SW.SECURITY_STATUS_NOT_SATISFIED && p.reverseBadSignature) {
         const reversed = await this.o.work.reverse(row, lease, p.deadline);
         return { r, reversed };
@@ -129,16 +158,26 @@ export class Ruling {
     });
     const stored = p.raw ? { card_status_word: SW.OK, debit_response: raw } : {};
     if (outcome instanceof PsamUnreachable) {
-      if (p.raw) throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_IN_DOUBT, `cannot verify the reported answer now: ${outcome.why}; report it again later`);
+      if (p.raw)
+        throw new NetpurseError(
+          Status.UNAVAILABLE,
+          ErrorReason.ERROR_REASON_IN_DOUBT,
+          `cannot verify the reported answer now: ${outcome.why}; report it again later`,
+        );
       return this.inDoubt(row, outcome.why);
     }
     const { r, reversed } = outcome;
     if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK && r.outcome?.$case === "debitVerified") {
       if (r.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) {
-        await this.o.store.transition(row.transaction_id, OPEN, { state: "COMPLETED", new_balance: answer.balance, ...stored }, {
-          step: "purchase_confirmed",
-          detail: `${p.source ? `${p.source}: ` : ""}PSAM ${row.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
-        });
+        await this.o.store.transition(
+          row.transaction_id,
+          OPEN,
+          { state: "COMPLETED", new_balance: answer.balance, ...stored },
+          {
+            step: "purchase_confirmed",
+            detail: `${p.source ? `${p.source}: ` : ""}PSAM ${row.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
+          },
+        );
         const done = await this.reload(row);
         this.afterProof(done);
         return done;
@@ -156,7 +195,8 @@ export class Ruling {
       await this.finish(row, "REVERSED", e, "reversed_bad_card_signature");
       throw e;
     }
-    if (p.raw) throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_IN_DOUBT, `the PSAM could not rule now (${describe(r)}); report it again later`);
+    if (p.raw)
+      throw new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_IN_DOUBT, `the PSAM could not rule now (${describe(r)}); report it again later`);
     return this.inDoubt(row, `the PSAM could not rule: ${describe(r)}`);
   }
 
@@ -176,7 +216,12 @@ export class Ruling {
   }
 
   private async finish(row: PurchaseRow, state: State, e: NetpurseError, step: string, extra: Partial<PurchaseRow> = {}): Promise<void> {
-    await this.o.store.transition(row.transaction_id, OPEN, { state, error_code: e.code, error_reason: e.reason, error_message: e.details, ...extra }, { step, detail: e.details });
+    await this.o.store.transition(
+      row.transaction_id,
+      OPEN,
+      { state, error_code: e.code, error_reason: e.reason, error_message: e.details, ...extra },
+      { step, detail: e.details },
+    );
   }
 
   private async inDoubt(row: PurchaseRow, why: string): Promise<never> {

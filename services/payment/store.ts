@@ -160,12 +160,19 @@ export class PaymentStore {
 
   /** Rows not changed since `before` (ISO time), in the given states. */
   staleInStates(states: State[], before: string): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) AND updated_at < ? ORDER BY created_at`, [...states, before]);
+    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) AND updated_at < ? ORDER BY created_at`, [
+      ...states,
+      before,
+    ]);
   }
 
   /** The purse's other purchases made at the same card counter. */
   sameCardCounter(purseId: string, cardCounter: number, exceptTransactionId: string): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [purseId, cardCounter, exceptTransactionId]);
+    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [
+      purseId,
+      cardCounter,
+      exceptTransactionId,
+    ]);
   }
 
   onPsam(psamId: string, states: State[]): Promise<PurchaseRow[]> {

@@ -157,7 +157,10 @@ export class PsamPool {
       if (w.currency !== undefined && !all.some((s) => s.currencies.includes(w.currency!))) {
         return Promise.reject(new NoPsamFits("currency", `no PSAM in the pool accepts currency ${w.currency}`));
       }
-      if (w.keyVersion !== undefined && !all.some((s) => s.keyVersions.includes(w.keyVersion!) && (w.currency === undefined || s.currencies.includes(w.currency)))) {
+      if (
+        w.keyVersion !== undefined &&
+        !all.some((s) => s.keyVersions.includes(w.keyVersion!) && (w.currency === undefined || s.currencies.includes(w.currency)))
+      ) {
         return Promise.reject(new NoPsamFits("keyVersion", `no PSAM in the pool holds key version ${w.keyVersion}`));
       }
     }
@@ -171,10 +174,13 @@ export class PsamPool {
         ...w,
         resolve,
         reject,
-        timer: setTimeout(() => {
-          this.waiters = this.waiters.filter((x) => x !== waiter);
-          reject(new NoPsamFree(this.describeShortage(w)));
-        }, Math.min(2 ** 31 - 1, Math.max(0, deadline - Date.now()))),
+        timer: setTimeout(
+          () => {
+            this.waiters = this.waiters.filter((x) => x !== waiter);
+            reject(new NoPsamFree(this.describeShortage(w)));
+          },
+          Math.min(2 ** 31 - 1, Math.max(0, deadline - Date.now())),
+        ),
       };
       this.waiters.push(waiter);
     });

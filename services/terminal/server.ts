@@ -19,7 +19,10 @@ export interface TerminalConfig {
 export async function psamFilesIn(dir: string): Promise<string[]> {
   const folder = join(dir, "psams");
   const names = await readdir(folder).catch(() => [] as string[]);
-  return names.filter((n) => n.endsWith(".psam.json")).sort().map((n) => join(folder, n));
+  return names
+    .filter((n) => n.endsWith(".psam.json"))
+    .sort()
+    .map((n) => join(folder, n));
 }
 
 /** Starts a terminal host in this process; it dials the concentrator (it serves no RPCs). */

@@ -121,7 +121,9 @@ export class TerminalHost {
     const out = new AsyncQueue<AttachTerminalRequest>();
     this.out = out;
     const window = this.o.window ?? Math.max(1, this.slots.length);
-    out.push({ message: { $case: "hello", value: { terminalId: this.o.terminalId, window, slots: await Promise.all(this.slots.map((s) => this.slotInfo(s))) } } });
+    out.push({
+      message: { $case: "hello", value: { terminalId: this.o.terminalId, window, slots: await Promise.all(this.slots.map((s) => this.slotInfo(s))) } },
+    });
     const stream = client.attachTerminal(out, { signal: this.abort.signal });
     try {
       for await (const m of stream) {
@@ -201,7 +203,8 @@ export class TerminalHost {
       case "issueDebitCommand": {
         const t = task.value;
         if (!t.amount || !t.merchantId || !job.transactionId) throw new JobInvalid("issue_debit_command needs amount, merchant_id and transaction_id");
-        if (t.amount.amountMinor < 0n || t.amount.amountMinor > 0xffffffffn || t.amount.currency > 0xffff) throw new JobInvalid("issue_debit_command: amount out of range");
+        if (t.amount.amountMinor < 0n || t.amount.amountMinor > 0xffffffffn || t.amount.currency > 0xffff)
+          throw new JobInvalid("issue_debit_command: amount out of range");
         // The draw is encoded before the PSAM sees anything: a malformed job fails here, as INVALID.
         const request = {
           cardAtr: Buffer.from(t.cardAtr),
@@ -224,7 +227,9 @@ export class TerminalHost {
       case "verifyDebit": {
         const t = task.value;
         if (t.cardStatusWord !== 0x9000 || t.debitResponse.length !== DebitResponse.size) {
-          throw new JobInvalid(`verify_debit needs the card's 9000 answer of ${DebitResponse.size} bytes (got SW ${swHex(t.cardStatusWord)}, ${t.debitResponse.length} bytes)`);
+          throw new JobInvalid(
+            `verify_debit needs the card's 9000 answer of ${DebitResponse.size} bytes (got SW ${swHex(t.cardStatusWord)}, ${t.debitResponse.length} bytes)`,
+          );
         }
         const v = await slot.driver.verifyDebit(t.psamCounter, Buffer.from(t.debitResponse));
         const answer = DebitResponse.decode(t.debitResponse);

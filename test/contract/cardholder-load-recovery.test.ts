@@ -39,8 +39,17 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     const h = await freshCardholder(net);
     const db = openSqlite(join(net.data, `client-load-${++n}`, "client.db"), CLIENT_MIGRATIONS);
     const loads = new CrashingLoadJournal(db);
-    const daemon = new CardholderDaemon({ transport: new InProcessTransport(h.card), journal: new SqliteJournal(db), loads, log: createLogger(`client-load-${n}`) });
-    const load = (minor: number) => daemon.service.loadCard({ bankAddress: net.bank.address, accountId: h.accountId, amount: money(minor, EUR, 2), approvedAmount: money(minor, EUR, 2) }, {} as never);
+    const daemon = new CardholderDaemon({
+      transport: new InProcessTransport(h.card),
+      journal: new SqliteJournal(db),
+      loads,
+      log: createLogger(`client-load-${n}`),
+    });
+    const load = (minor: number) =>
+      daemon.service.loadCard(
+        { bankAddress: net.bank.address, accountId: h.accountId, amount: money(minor, EUR, 2), approvedAmount: money(minor, EUR, 2) },
+        {} as never,
+      );
     const close = async () => {
       await daemon.close();
       await db.close();
@@ -94,8 +103,15 @@ describe("client daemon: loads the client dropped out of half-way", function () 
           throw new Crash("the answer to the load request was lost");
         }
       })(c.db);
-      const daemon = new CardholderDaemon({ transport: new InProcessTransport(c.card), journal: new SqliteJournal(c.db), loads: lost, log: createLogger("client-lost") });
-      await daemon.service.loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never).catch(() => undefined);
+      const daemon = new CardholderDaemon({
+        transport: new InProcessTransport(c.card),
+        journal: new SqliteJournal(c.db),
+        loads: lost,
+        log: createLogger("client-lost"),
+      });
+      await daemon.service
+        .loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never)
+        .catch(() => undefined);
       const [open1] = await open(c);
       expect(open1!.state).to.equal("REQUESTED");
       expect((await net.clients.load.getLoad({ transactionId: open1!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_PENDING);
@@ -118,7 +134,9 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     try {
       await stranger.store.open({ accountId: "acct", holder: "Stranger", currency: EUR, exponent: 2, openingMinor: 10_000 });
       const amount = money(1_000, EUR, 2);
-      const e = (await c.daemon.service.loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount }, {} as never).catch((x: unknown) => x)) as NetpurseError;
+      const e = (await c.daemon.service
+        .loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount }, {} as never)
+        .catch((x: unknown) => x)) as NetpurseError;
       expect(e).to.be.instanceOf(NetpurseError);
       expect([e.code, e.reason]).to.deep.equal([Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_BANK]);
       expect(await open(c)).to.have.length(0);

@@ -90,7 +90,8 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
     const { offer } = await pay();
     journal.crashAfter = undefined;
     expect((await journal.get(offer.transactionId!.value))!.state).to.equal("DEBIT_SENT");
-    const open = async () => (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots).reduce((n, s) => n + s.pendingDebits.length, 0);
+    const open = async () =>
+      (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots).reduce((n, s) => n + s.pendingDebits.length, 0);
     expect(await open()).to.equal(1);
 
     expect(await daemon.resume()).to.equal(0);
@@ -107,7 +108,12 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
     journal.crashAfter = "debitSent";
     const { offer } = await pay();
     journal.crashAfter = undefined;
-    const other = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(net.cardPath)), journal, loads, log: createLogger("client-other") });
+    const other = new CardholderDaemon({
+      transport: new InProcessTransport(await SoftwareCard.open(net.cardPath)),
+      journal,
+      loads,
+      log: createLogger("client-other"),
+    });
     expect(await other.resume()).to.equal(0);
     expect((await journal.get(offer.transactionId!.value))!.state).to.equal("DEBIT_SENT"); // left for the right card
     await other.close();

@@ -20,7 +20,8 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
 
   const offer = async (product = "song-1"): Promise<PaymentOffer> => (await net.clients.merchant.createOrder({ productId: product })).offer!;
   const counter = async () => (await net.clients.cardholder.getCard({})).purse!.transactionCounter;
-  const notAtPaymentServer = async (o: PaymentOffer) => expect((await failure(net.clients.payment.getPurchase({ transactionId: o.transactionId }))).code).to.equal("NOT_FOUND");
+  const notAtPaymentServer = async (o: PaymentOffer) =>
+    expect((await failure(net.clients.payment.getPurchase({ transactionId: o.transactionId }))).code).to.equal("NOT_FOUND");
 
   it("reads the card's purse state", async () => {
     const r = await net.clients.cardholder.getCard({});
@@ -40,7 +41,17 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
     expect(r.receipt!.goods).to.match(/^licence key /);
     expect(r.purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor - 250n);
     expect(r.purse!.transactionCounter).to.equal(before.transactionCounter + 1);
-    expect(r.steps.map((s) => s.name)).to.deep.equal(["offer", "card", "checks", "draw request", "PSAM", "debit command", "card debit", "confirmation", "goods released"]);
+    expect(r.steps.map((s) => s.name)).to.deep.equal([
+      "offer",
+      "card",
+      "checks",
+      "draw request",
+      "PSAM",
+      "debit command",
+      "card debit",
+      "confirmation",
+      "goods released",
+    ]);
     const { transactions } = await net.clients.cardholder.listCardTransactions({ limit: 1 });
     expect(transactions).to.have.length(1);
     const t = transactions[0]!;
@@ -67,16 +78,25 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
   it("stops an offer above the card's balance at the client (step 608): nothing is sent", async () => {
     const o = await offer();
     const big = { ...o, amount: { ...o.amount!, amountMinor: 99_999_900n } };
-    expect(await failure(net.clients.cardholder.payOffer({ offer: big, approvedAmount: big.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "INSUFFICIENT_BALANCE" });
+    expect(await failure(net.clients.cardholder.payOffer({ offer: big, approvedAmount: big.amount }))).to.include({
+      code: "FAILED_PRECONDITION",
+      reason: "INSUFFICIENT_BALANCE",
+    });
     await notAtPaymentServer(o);
   });
 
   it("stops an offer in another currency and an expired offer at the client", async () => {
     const o = await offer();
     const usd = { ...o, amount: { ...o.amount!, currency: 840 } };
-    expect(await failure(net.clients.cardholder.payOffer({ offer: usd, approvedAmount: usd.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
+    expect(await failure(net.clients.cardholder.payOffer({ offer: usd, approvedAmount: usd.amount }))).to.include({
+      code: "FAILED_PRECONDITION",
+      reason: "CURRENCY_MISMATCH",
+    });
     const stale = { ...(await offer()), expiresAt: new Date(Date.now() - 1000) };
-    expect(await failure(net.clients.cardholder.payOffer({ offer: stale, approvedAmount: stale.amount }))).to.include({ code: "FAILED_PRECONDITION", reason: "OFFER_EXPIRED" });
+    expect(await failure(net.clients.cardholder.payOffer({ offer: stale, approvedAmount: stale.amount }))).to.include({
+      code: "FAILED_PRECONDITION",
+      reason: "OFFER_EXPIRED",
+    });
     await notAtPaymentServer(o);
     await notAtPaymentServer(stale);
   });

@@ -48,12 +48,16 @@ describe("contract: health and reflection on every server (buf curl)", function 
     const { stdout } = await curl("-d", '{"product_id":"song-1"}', `http://${net.merchant.address}/netpurse.merchant.v1.MerchantService/CreateOrder`);
     const offer = JSON.parse(stdout).offer;
     expect(offer.amount).to.deep.equal({ amountMinor: "99", currency: 978, exponent: 2 });
-    const bad = await curl("-d", '{"transaction_id":{"value":"nope"}}', `http://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`).catch(
-      (e: { stderr: string }) => e,
-    );
+    const bad = await curl(
+      "-d",
+      '{"transaction_id":{"value":"nope"}}',
+      `http://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`,
+    ).catch((e: { stderr: string }) => e);
     expect((bad as { stderr: string }).stderr).to.contain("invalid_argument");
     expect((bad as { stderr: string }).stderr).to.contain("transaction_id");
-    const { stdout: account } = await curl("-d", '{"account_id":"nobody"}', `http://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`).catch((e: { stderr: string }) => ({ stdout: e.stderr }));
+    const { stdout: account } = await curl("-d", '{"account_id":"nobody"}', `http://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`).catch(
+      (e: { stderr: string }) => ({ stdout: e.stderr }),
+    );
     expect(account).to.contain("not_found");
   });
 });

@@ -40,7 +40,11 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     const { request } = await loadRequest(h.reader, offer);
     const issued = await net.clients.load.processLoadRequest(request);
     const answer = await h.reader.load(Buffer.from(issued.loadCommand));
-    const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+    const done = await net.clients.load.completeLoad({
+      transactionId: offer.transactionId,
+      loadResponse: answer.raw,
+      zeroValueInitializeResponse: Buffer.alloc(0),
+    });
     const bank = await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
     return { offer, issued, answer, done, bank };
   }
@@ -67,7 +71,14 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     });
 
     it("refuses a load the cardholder did not approve, without asking the bank", async () => {
-      const e = await failure(net.clients.cardholder.loadCard({ bankAddress: net.bank.address, accountId: "acct-daemon", amount: money(2_000, EUR, 2), approvedAmount: money(200, EUR, 2) }));
+      const e = await failure(
+        net.clients.cardholder.loadCard({
+          bankAddress: net.bank.address,
+          accountId: "acct-daemon",
+          amount: money(2_000, EUR, 2),
+          approvedAmount: money(200, EUR, 2),
+        }),
+      );
       expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "NOT_APPROVED" });
       expect((await account(net, "acct-daemon")).holds).to.have.length(1);
     });
@@ -92,7 +103,11 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const b = await net.clients.load.processLoadRequest(request);
       expect(Buffer.from(b.loadCommand).equals(Buffer.from(a.loadCommand))).to.equal(true);
       const answer = await h.reader.load(Buffer.from(a.loadCommand));
-      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+      const done = await net.clients.load.completeLoad({
+        transactionId: offer.transactionId,
+        loadResponse: answer.raw,
+        zeroValueInitializeResponse: Buffer.alloc(0),
+      });
       await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
       const again = await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
       expect(again.holdState).to.equal(HoldState.HOLD_STATE_POSTED);
@@ -138,7 +153,9 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     it("refuses a blocked card (FAILED_PRECONDITION CARD_BLOCKED)", async () => {
       const h = await freshCardholder(net);
       const purse = { ...purseState(await h.reader.readPurse()), status: PurseStatus.PURSE_STATUS_BLOCKED };
-      const e = await failure(net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse }));
+      const e = await failure(
+        net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse }),
+      );
       expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "CARD_BLOCKED" });
     });
 
@@ -169,9 +186,15 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const offer = await offerFor(net, h.reader, h.accountId, 2_000);
       const { request } = await loadRequest(h.reader, offer, { patchInit: (raw) => flipByte(raw, -1) });
       expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
-      const settled = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+      const settled = await net.clients.load.completeLoad({
+        transactionId: offer.transactionId,
+        loadResponse: Buffer.alloc(0),
+        zeroValueInitializeResponse: Buffer.alloc(0),
+      });
       expect(settled.load!.outcome).to.equal(NOT_LOADED);
-      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(
+        HoldState.HOLD_STATE_RELEASED,
+      );
       expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
       expect(await balance(h)).to.equal(0);
     });
@@ -192,9 +215,15 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const forged = flipByte(issued.loadCommand, LoadCommand.offset("s2"));
       expect((await h.reader.load(forged)).sw).to.equal(SW.SECURITY_STATUS_NOT_SATISFIED);
       const zero = await zeroValue(h.reader, offer, issued);
-      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: zero.raw });
+      const done = await net.clients.load.completeLoad({
+        transactionId: offer.transactionId,
+        loadResponse: Buffer.alloc(0),
+        zeroValueInitializeResponse: zero.raw,
+      });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
-      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(
+        HoldState.HOLD_STATE_RELEASED,
+      );
       expect(await balance(h)).to.equal(0);
       expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
     });
@@ -206,7 +235,9 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const issued = await net.clients.load.processLoadRequest(request);
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
       const forged = flipByte(answer.raw, LoadResponse.offset("s3"));
-      const e = await failure(net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: forged, zeroValueInitializeResponse: Buffer.alloc(0) }));
+      const e = await failure(
+        net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: forged, zeroValueInitializeResponse: Buffer.alloc(0) }),
+      );
       expect(e).to.deep.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
       expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);
       expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
@@ -235,14 +266,37 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     it("a confirmation forged for the bank, or taken from another load, or altered, posts nothing", async () => {
       const h = await freshCardholder(net);
       const offer = await offerFor(net, h.reader, h.accountId, 4_000);
-      const fake = LoadConfirmation.encode({ transactionId: offer.transactionId, bankId: offer.bankId, purseId: offer.purseId, amount: offer.amount, outcome: NOT_LOADED, cardCounter: 0, cardSignature: Buffer.alloc(0), proof: "forged", settledAt: new Date() }).finish();
-      const wrongKey = seal(loadTransactionKey(randomBytes(32), offer.bankId, offer.transactionId!.value, offer.keyNonce), "LOAD_CONFIRMATION", offer.transactionId!.value, fake);
-      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: wrongKey }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      const fake = LoadConfirmation.encode({
+        transactionId: offer.transactionId,
+        bankId: offer.bankId,
+        purseId: offer.purseId,
+        amount: offer.amount,
+        outcome: NOT_LOADED,
+        cardCounter: 0,
+        cardSignature: Buffer.alloc(0),
+        proof: "forged",
+        settledAt: new Date(),
+      }).finish();
+      const wrongKey = seal(
+        loadTransactionKey(randomBytes(32), offer.bankId, offer.transactionId!.value, offer.keyNonce),
+        "LOAD_CONFIRMATION",
+        offer.transactionId!.value,
+        fake,
+      );
+      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: wrongKey }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "SEAL_BROKEN",
+      });
       const other = await freshCardholder(net);
       const { done } = await loadStepByStep(other, 100);
-      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      expect(await failure(net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "SEAL_BROKEN",
+      });
       for (const where of ["iv", "ciphertext", "tag"] as const) {
-        expect(await failure(net.clients.bank.confirmLoad({ transactionId: done.load!.transactionId, confirmation: flipBit(done.load!.confirmation!, where) }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+        expect(
+          await failure(net.clients.bank.confirmLoad({ transactionId: done.load!.transactionId, confirmation: flipBit(done.load!.confirmation!, where) })),
+        ).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
       }
       expect(await holdOf(net, h.accountId, offer)).to.equal(HoldState.HOLD_STATE_HELD);
       expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 96_000 });
@@ -253,15 +307,23 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const a = await offerFor(net, h.reader, h.accountId, 1_000);
       const b = await offerFor(net, h.reader, h.accountId, 1_000);
       const { request } = await loadRequest(h.reader, a);
-      expect(await failure(net.clients.load.processLoadRequest({ ...request, authorization: b.authorization }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, authorization: b.authorization }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "SEAL_BROKEN",
+      });
       const stranger = await freshCardholder(net);
       const { request: strangers } = await loadRequest(stranger.reader, a);
       expect(await failure(net.clients.load.processLoadRequest(strangers))).to.deep.include({ code: "PERMISSION_DENIED", reason: "CONFIRMATION_MISMATCH" });
       await net.clients.load.processLoadRequest(request);
       const { request: again } = await loadRequest(h.reader, a);
       expect(await failure(net.clients.load.processLoadRequest(again))).to.deep.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
-      expect(await failure(net.clients.load.processLoadRequest({ ...request, bankId: "other-bank" }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "UNKNOWN_BANK" });
-      expect(await failure(net.clients.load.processLoadRequest({ ...request, initializeResponse: request.initializeResponse.subarray(1) }))).to.deep.include({ code: "INVALID_ARGUMENT" });
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, bankId: "other-bank" }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "UNKNOWN_BANK",
+      });
+      expect(await failure(net.clients.load.processLoadRequest({ ...request, initializeResponse: request.initializeResponse.subarray(1) }))).to.deep.include({
+        code: "INVALID_ARGUMENT",
+      });
     });
 
     it("the security module refuses a card with no room by the time of the request: NOT_LOADED, hold released", async () => {
@@ -274,9 +336,15 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       await net.clients.load.completeLoad({ transactionId: first.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
       const { request: late } = await loadRequest(h.reader, second);
       expect(await failure(net.clients.load.processLoadRequest(late))).to.deep.include({ code: "FAILED_PRECONDITION", reason: "MAX_BALANCE_EXCEEDED" });
-      const settled = await net.clients.load.completeLoad({ transactionId: second.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+      const settled = await net.clients.load.completeLoad({
+        transactionId: second.transactionId,
+        loadResponse: Buffer.alloc(0),
+        zeroValueInitializeResponse: Buffer.alloc(0),
+      });
       expect(settled.load!.outcome).to.equal(NOT_LOADED);
-      expect((await net.clients.bank.confirmLoad({ transactionId: second.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: second.transactionId, confirmation: settled.load!.confirmation })).holdState).to.equal(
+        HoldState.HOLD_STATE_RELEASED,
+      );
       expect(await balance(h)).to.equal(2_000);
     });
   });
@@ -284,10 +352,19 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
   it("a client that hides an expired card from the bank is stopped by the security module: NOT_LOADED, hold released", async () => {
     const h = await freshCardholder(net, { expiry: "2020-01-31" });
     const purse = { ...purseState(await h.reader.readPurse()), expiryDate: "2099-12-31" };
-    const { offer } = await net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(1_000, EUR, 2), purse });
+    const { offer } = await net.clients.bank.createLoadOffer({
+      transactionId: txnId(randomUUID()),
+      accountId: h.accountId,
+      amount: money(1_000, EUR, 2),
+      purse,
+    });
     const { request } = await loadRequest(h.reader, offer!);
     expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "FAILED_PRECONDITION", reason: "CARD_EXPIRED" });
-    const settled = await net.clients.load.completeLoad({ transactionId: offer!.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+    const settled = await net.clients.load.completeLoad({
+      transactionId: offer!.transactionId,
+      loadResponse: Buffer.alloc(0),
+      zeroValueInitializeResponse: Buffer.alloc(0),
+    });
     expect(settled.load!.outcome).to.equal(NOT_LOADED);
     await net.clients.bank.confirmLoad({ transactionId: offer!.transactionId, confirmation: settled.load!.confirmation });
     expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
@@ -328,17 +405,24 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     const h = await freshCardholder(net);
     const offer = await offerFor(net, h.reader, h.accountId, 1_000);
     const abandon = { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization };
-    expect(await failure(net.clients.load.abandonLoad({ ...abandon, authorization: flipBit(offer.authorization!, "tag") }))).to.deep.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+    expect(await failure(net.clients.load.abandonLoad({ ...abandon, authorization: flipBit(offer.authorization!, "tag") }))).to.deep.include({
+      code: "PERMISSION_DENIED",
+      reason: "SEAL_BROKEN",
+    });
     const done = await net.clients.load.abandonLoad(abandon);
     expect(done.load!.outcome).to.equal(NOT_LOADED);
-    expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+    expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(
+      HoldState.HOLD_STATE_RELEASED,
+    );
     const { request } = await loadRequest(h.reader, offer);
     expect(await failure(net.clients.load.processLoadRequest(request))).to.deep.include({ code: "ALREADY_EXISTS" });
     expect(await balance(h)).to.equal(0);
 
     const other = await offerFor(net, h.reader, h.accountId, 1_000);
     await net.clients.load.processLoadRequest((await loadRequest(h.reader, other)).request);
-    const e = await failure(net.clients.load.abandonLoad({ transactionId: other.transactionId, bankId: other.bankId, keyNonce: other.keyNonce, authorization: other.authorization }));
+    const e = await failure(
+      net.clients.load.abandonLoad({ transactionId: other.transactionId, bankId: other.bankId, keyNonce: other.keyNonce, authorization: other.authorization }),
+    );
     expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "WRONG_STATE" });
   });
 
@@ -371,7 +455,11 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       expect(issued.proofReference?.value).to.not.equal(offer.transactionId!.value);
       expect((await h.reader.load(Buffer.from(issued.loadCommand))).parsed!.result).to.equal(LoadResult.LOADED);
       // ...then claims the card never answered.
-      const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: early.raw });
+      const done = await net.clients.load.completeLoad({
+        transactionId: offer.transactionId,
+        loadResponse: Buffer.alloc(0),
+        zeroValueInitializeResponse: early.raw,
+      });
       expect(done.load!.outcome).to.equal(LOADED);
       await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
       expect(await account(net, h.accountId)).to.deep.include({ balance: 98_000, available: 98_000 });
@@ -389,7 +477,9 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
       expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
-      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(HoldState.HOLD_STATE_RELEASED);
+      expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(
+        HoldState.HOLD_STATE_RELEASED,
+      );
       expect(await account(net, h.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
     });
 
@@ -445,7 +535,9 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const { request } = await loadRequest(h.reader, offer);
       const issued = await net.clients.load.processLoadRequest(request);
       const answer = await h.reader.load(Buffer.from(issued.loadCommand));
-      const e = await failure(net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) }));
+      const e = await failure(
+        net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) }),
+      );
       expect(e).to.deep.include({ code: "INVALID_ARGUMENT" });
       expect(e.details).to.contain("zero_value_initialize_response");
       expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);

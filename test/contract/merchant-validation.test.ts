@@ -76,7 +76,10 @@ describe("contract: netpurse.merchant.v1.MerchantValidationService", () => {
     expect(Buffer.from(a.keys.keyNonce).equals(Buffer.from(b.keys.keyNonce))).to.equal(false);
     const tsk = open(a.derived, "SESSION_KEY", a.terms.transactionId.value, a.keys.encryptedSessionKey);
     expect(tsk!.equals(Buffer.from(a.keys.transactionSessionKey))).to.equal(true);
-    expect(await failure(client.issueTransactionKeys({ transactionId: { value: randomUUID() }, merchantId: { value: "nobody" } }))).to.include({ code: "PERMISSION_DENIED", reason: "UNKNOWN_MERCHANT" });
+    expect(await failure(client.issueTransactionKeys({ transactionId: { value: randomUUID() }, merchantId: { value: "nobody" } }))).to.include({
+      code: "PERMISSION_DENIED",
+      reason: "UNKNOWN_MERCHANT",
+    });
   });
 
   it("accepts a genuine, confirmed debit result that matches the order", async () => {
@@ -90,11 +93,18 @@ describe("contract: netpurse.merchant.v1.MerchantValidationService", () => {
   it("refuses a result it cannot open: another order's nonce, another merchant's key, a flipped bit", async () => {
     const o = await order();
     const other = await order();
-    expect(await failure(client.validateConfirmation({ order: { ...o.terms, keyNonce: other.keys.keyNonce }, debitResultM: o.sealed }))).to.include({ reason: "SEAL_BROKEN" });
+    expect(await failure(client.validateConfirmation({ order: { ...o.terms, keyNonce: other.keys.keyNonce }, debitResultM: o.sealed }))).to.include({
+      reason: "SEAL_BROKEN",
+    });
     expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: other.sealed }))).to.include({ reason: "SEAL_BROKEN" });
-    expect(await failure(client.validateConfirmation({ order: { ...o.terms, merchantId: { value: "shop-m" } }, debitResultM: o.sealed }))).to.include({ reason: "SEAL_BROKEN" });
+    expect(await failure(client.validateConfirmation({ order: { ...o.terms, merchantId: { value: "shop-m" } }, debitResultM: o.sealed }))).to.include({
+      reason: "SEAL_BROKEN",
+    });
     for (const where of ["iv", "ciphertext", "tag"] as const) {
-      expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: flipBit(o.sealed, where) })), where).to.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
+      expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: flipBit(o.sealed, where) })), where).to.include({
+        code: "PERMISSION_DENIED",
+        reason: "SEAL_BROKEN",
+      });
     }
   });
 
@@ -122,8 +132,12 @@ describe("contract: netpurse.merchant.v1.MerchantValidationService", () => {
     const answer = (sig: Buffer, result = 0) => DebitResponse.encode({ result, counter: 5, balance: 100, cardSignature: sig });
     const o = await order("shop-m", issued);
     expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: o.sealed }))).to.include({ code: "INVALID_ARGUMENT" });
-    expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: o.sealed, debitResponse: answer(Buffer.alloc(8)) }))).to.include({ reason: "BAD_SIGNATURE" });
-    expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: o.sealed, debitResponse: answer(expected, 1) }))).to.include({ reason: "BAD_SIGNATURE" });
+    expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: o.sealed, debitResponse: answer(Buffer.alloc(8)) }))).to.include({
+      reason: "BAD_SIGNATURE",
+    });
+    expect(await failure(client.validateConfirmation({ order: o.terms, debitResultM: o.sealed, debitResponse: answer(expected, 1) }))).to.include({
+      reason: "BAD_SIGNATURE",
+    });
     expect((await server.reporter.rows()).length).to.equal(0);
     const ok = await client.validateConfirmation({ order: o.terms, debitResultM: o.sealed, debitResponse: answer(expected) });
     expect(ok.confirmationMode).to.equal(ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES);

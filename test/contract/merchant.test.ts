@@ -74,13 +74,19 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
       expect(f, where).to.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
     }
     const { offer: other } = await net.clients.merchant.createOrder({ productId: "song-1" });
-    expect(await failure(net.clients.merchant.completeOrder({ transactionId: other!.transactionId, debitResultM: resultM }))).to.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
-    for (const o of [offer, other!]) expect((await net.clients.merchant.getOrder({ transactionId: o.transactionId })).order!.state).to.equal(OrderState.ORDER_STATE_OFFERED);
+    expect(await failure(net.clients.merchant.completeOrder({ transactionId: other!.transactionId, debitResultM: resultM }))).to.include({
+      code: "PERMISSION_DENIED",
+      reason: "SEAL_BROKEN",
+    });
+    for (const o of [offer, other!])
+      expect((await net.clients.merchant.getOrder({ transactionId: o.transactionId })).order!.state).to.equal(OrderState.ORDER_STATE_OFFERED);
   });
 
   it("answers NOT_FOUND for an unknown order and INVALID_ARGUMENT without a debit result", async () => {
     const { resultM } = await paidOrder("song-1");
-    expect(await failure(net.clients.merchant.completeOrder({ transactionId: { value: randomUUID() }, debitResultM: resultM }))).to.include({ code: "NOT_FOUND" });
+    expect(await failure(net.clients.merchant.completeOrder({ transactionId: { value: randomUUID() }, debitResultM: resultM }))).to.include({
+      code: "NOT_FOUND",
+    });
     const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
     expect(await failure(net.clients.merchant.completeOrder({ transactionId: offer!.transactionId }))).to.include({ code: "INVALID_ARGUMENT" });
     expect(await failure(net.clients.merchant.getOrder({ transactionId: { value: randomUUID() } }))).to.include({ code: "NOT_FOUND" });

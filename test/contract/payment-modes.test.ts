@@ -16,7 +16,17 @@ import { SW } from "../../lib/apdu/apdu.js";
 import { open } from "../../lib/protocol/encryption-layer.js";
 import { DebitResponse } from "../../lib/protocol/purse.js";
 import type { PurseReader } from "../../client/card/purse-reader.js";
-import { completeRequest, drawRequestFor, failure, flipBit, openCard, openIssued, openResultC, plainDrawRequest, sealDrawRequest } from "../support/card-client.js";
+import {
+  completeRequest,
+  drawRequestFor,
+  failure,
+  flipBit,
+  openCard,
+  openIssued,
+  openResultC,
+  plainDrawRequest,
+  sealDrawRequest,
+} from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { openResultM, psamTotals } from "../support/payment.js";
 
@@ -181,14 +191,25 @@ describe("contract: confirmation modes and the encryption layer", function () {
         // ETSK and draw request, at the payment server.
         const o = await offerAt("merchant-shop");
         const req = await drawRequestFor(card, o);
-        expect(await failure(net.clients.payment.processDrawRequest({ ...req, encryptedSessionKey: flipBit(req.encryptedSessionKey!, where) })), `ETSK ${where}`).to.include({ reason: "SEAL_BROKEN" });
-        expect(await failure(net.clients.payment.processDrawRequest({ ...req, drawRequest: flipBit(req.drawRequest!, where) })), `draw request ${where}`).to.include({ reason: "SEAL_BROKEN" });
+        expect(
+          await failure(net.clients.payment.processDrawRequest({ ...req, encryptedSessionKey: flipBit(req.encryptedSessionKey!, where) })),
+          `ETSK ${where}`,
+        ).to.include({ reason: "SEAL_BROKEN" });
+        expect(
+          await failure(net.clients.payment.processDrawRequest({ ...req, drawRequest: flipBit(req.drawRequest!, where) })),
+          `draw request ${where}`,
+        ).to.include({ reason: "SEAL_BROKEN" });
         // DEBIT command, at the client; debit result M, at the merchant.
         const r = await net.clients.payment.processDrawRequest(req);
         expect(() => openIssued(o, { ...r, debitCommand: flipBit(r.debitCommand!, where) }), `DEBIT command ${where}`).to.throw(/does not open/);
         const issued = openIssued(o, r);
         const debit = await card.debit(Buffer.from(issued.debitCommand));
-        expect(await failure(shop("merchant-shop").completeOrder({ transactionId: o.transactionId, debitResultM: flipBit(r.debitResultM!, where), debitResponse: debit.raw })), `M ${where}`).to.include({
+        expect(
+          await failure(
+            shop("merchant-shop").completeOrder({ transactionId: o.transactionId, debitResultM: flipBit(r.debitResultM!, where), debitResponse: debit.raw }),
+          ),
+          `M ${where}`,
+        ).to.include({
           reason: "SEAL_BROKEN",
         });
         expect(await orderState("merchant-shop", o)).to.equal(OrderState.ORDER_STATE_OFFERED);
@@ -198,7 +219,10 @@ describe("contract: confirmation modes and the encryption layer", function () {
         const i2 = openIssued(o2, await net.clients.payment.processDrawRequest(await drawRequestFor(card, o2)));
         const d2 = await card.debit(Buffer.from(i2.debitCommand));
         const good = completeRequest(o2, { sw: d2.sw, raw: d2.raw, token: i2.completionToken });
-        expect(await failure(net.clients.payment.completePurchase({ ...good, cardAnswer: flipBit(good.cardAnswer!, where) })), `card answer ${where}`).to.include({ reason: "SEAL_BROKEN" });
+        expect(
+          await failure(net.clients.payment.completePurchase({ ...good, cardAnswer: flipBit(good.cardAnswer!, where) })),
+          `card answer ${where}`,
+        ).to.include({ reason: "SEAL_BROKEN" });
         const done = await net.clients.payment.completePurchase(good);
         expect(() => openResultC(o2, { ...done, debitResultC: flipBit(done.debitResultC!, where) }), `C ${where}`).to.throw(/does not open/);
       }
@@ -230,7 +254,9 @@ describe("contract: confirmation modes and the encryption layer", function () {
       const { r, issued } = await issue(o);
       const debit = await card.debit(Buffer.from(issued.debitCommand));
       const elsewhere = await offerAt("client-shop");
-      const f = await failure(shop("client-shop").completeOrder({ transactionId: elsewhere.transactionId, debitResultM: r.debitResultM, debitResponse: debit.raw }));
+      const f = await failure(
+        shop("client-shop").completeOrder({ transactionId: elsewhere.transactionId, debitResultM: r.debitResultM, debitResponse: debit.raw }),
+      );
       expect(f).to.include({ code: "PERMISSION_DENIED", reason: "SEAL_BROKEN" });
       expect(await orderState("client-shop", elsewhere)).to.equal(OrderState.ORDER_STATE_OFFERED);
     });
@@ -247,7 +273,9 @@ describe("contract: confirmation modes and the encryption layer", function () {
       expect((await purchase(b)).state).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED);
       expect((await totals()).batch).to.equal(t0.batch);
       await net.clients.payment.reportCardSignature({ transactionId: a.transactionId, debitResponse: da.raw });
-      expect((await failure(net.clients.payment.reportCardSignature({ transactionId: a.transactionId, debitResponse: Buffer.from(da.raw).fill(1, 9) }))).code).to.equal("ALREADY_EXISTS");
+      expect(
+        (await failure(net.clients.payment.reportCardSignature({ transactionId: a.transactionId, debitResponse: Buffer.from(da.raw).fill(1, 9) }))).code,
+      ).to.equal("ALREADY_EXISTS");
     });
   });
 
@@ -269,7 +297,10 @@ describe("contract: confirmation modes and the encryption layer", function () {
 
     it("a debit the card never made: reversed only once a later proven transaction shows the card's counter never moved", async () => {
       const openDebits = async (o: PaymentOffer) =>
-        (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots).flatMap((x) => x.pendingDebits).filter((p) => p.transactionId?.value === o.transactionId!.value).length;
+        (await net.clients.concentrator.listTerminals({})).terminals
+          .flatMap((t) => t.slots)
+          .flatMap((x) => x.pendingDebits)
+          .filter((p) => p.transactionId?.value === o.transactionId!.value).length;
       const o = await offerAt("client-shop");
       await issue(o); // the client goes away before the card sees DEBIT
       await waitFor(async () => (await purchase(o)).state === PurchaseState.PURCHASE_STATE_IN_DOUBT, 10_000, "no proof in time");

@@ -42,7 +42,8 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     return { req, r, issued: openIssued(o, r) };
   }
 
-  const complete = (o: PaymentOffer, token: Uint8Array, a: { sw: number; raw: Buffer }) => net.clients.payment.completePurchase(completeRequest(o, { ...a, token }));
+  const complete = (o: PaymentOffer, token: Uint8Array, a: { sw: number; raw: Buffer }) =>
+    net.clients.payment.completePurchase(completeRequest(o, { ...a, token }));
 
   /** A full purchase by the book; returns what each step gave. */
   async function purchase(o: PaymentOffer, reader: PurseReader = card) {
@@ -69,7 +70,13 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     expect(c.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
     expect(Number(c.newBalance!.amountMinor)).to.equal(before - 250);
     const m = await openResultM(net, o, done.debitResultM);
-    expect(m).to.deep.include({ transactionId: o.transactionId, merchantId: o.merchantId, amount: o.amount, psamCounter: issued.psamCounter, status: DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED });
+    expect(m).to.deep.include({
+      transactionId: o.transactionId,
+      merchantId: o.merchantId,
+      amount: o.amount,
+      psamCounter: issued.psamCounter,
+      status: DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED,
+    });
     expect(hexOf(m.psamId?.value)).to.equal(hexOf(issued.psamId?.value));
     // The client cannot read debit result M: it is not sealed under the TSK.
     expect(open(Buffer.from(o.transactionSessionKey), "DEBIT_RESULT_M", o.transactionId!.value, done.debitResultM)).to.equal(undefined);
@@ -81,7 +88,14 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
 
     const { purchase: rec } = await net.clients.payment.getPurchase({ transactionId: o.transactionId });
     expect(rec!.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
-    expect(rec!.events.map((e) => e.step)).to.deep.equal(["draw_request_received", "psam_assigned", "debit_command_issued", "debit_response_received", "psam_released", "purchase_confirmed"]);
+    expect(rec!.events.map((e) => e.step)).to.deep.equal([
+      "draw_request_received",
+      "psam_assigned",
+      "debit_command_issued",
+      "debit_response_received",
+      "psam_released",
+      "purchase_confirmed",
+    ]);
     expect(rec!.events.find((e) => e.step === "psam_released")!.detail).to.match(/held \d+ ms/);
     const stored = await net.hosts.get("terminal-1")!.host.data.transactions();
     expect(stored.find((x) => x.transaction_id === o.transactionId!.value)).to.include({ amount_minor: 250, merchant_id: "demo-shop" });
@@ -103,7 +117,11 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
       ["an ATR with a bad TS byte", (d) => (d.cardAtr = Buffer.from("0011", "hex")), "draw_request.card_atr"],
       ["a short INITIALIZE response", (d) => (d.initializeResponse = Buffer.from(d.initializeResponse).subarray(1)), "draw_request.initialize_response"],
       ["an oversized INITIALIZE response", (d) => (d.initializeResponse = Buffer.alloc(1000)), "draw_request.initialize_response"],
-      ["an INITIALIZE response with a bad date", (d) => (d.initializeResponse = Buffer.from(d.initializeResponse).fill(0xff, 20, 24)), "draw_request.initialize_response"],
+      [
+        "an INITIALIZE response with a bad date",
+        (d) => (d.initializeResponse = Buffer.from(d.initializeResponse).fill(0xff, 20, 24)),
+        "draw_request.initialize_response",
+      ],
       ["too many card log records", (d) => (d.cardLog = Array.from({ length: 9 }, () => Buffer.alloc(51))), "draw_request.card_log"],
       ["a card log record of the wrong size", (d) => (d.cardLog = [Buffer.alloc(50)]), "draw_request.card_log[0]"],
     ];
@@ -331,7 +349,14 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     const issuer = await Issuer.open(net.paths.issuer);
     try {
       const path = join(net.paths.cards, `${o.name}.card.json`);
-      await issuer.personaliseCard({ path, currency: o.currency ?? 978, exponent: 2, initialValue: o.value ?? 10_000, maxBalance: 50_000, expiry: o.expiry ?? "2031-12-31" });
+      await issuer.personaliseCard({
+        path,
+        currency: o.currency ?? 978,
+        exponent: 2,
+        initialValue: o.value ?? 10_000,
+        maxBalance: 50_000,
+        expiry: o.expiry ?? "2031-12-31",
+      });
       return openCard(path);
     } finally {
       await issuer.close();
@@ -369,7 +394,13 @@ describe("contract: PaymentService when a terminal answers too late", function (
   this.timeout(60_000);
   let net: Network;
   before(async () => {
-    net = await startNetwork({ terminals: [{ id: "t-slow", psams: 1, answerDelayMs: 2_500 }, { id: "t-fast", psams: 1 }], jobTimeoutMs: 1_000 });
+    net = await startNetwork({
+      terminals: [
+        { id: "t-slow", psams: 1, answerDelayMs: 2_500 },
+        { id: "t-fast", psams: 1 },
+      ],
+      jobTimeoutMs: 1_000,
+    });
   });
   after(async () => net?.close());
 
@@ -388,7 +419,11 @@ describe("contract: PaymentService when a terminal answers too late", function (
     const [reversal] = await slow.reversals();
     expect(reversal).to.include({ psam_counter: 1, transaction_id: o.transactionId!.value, reason: "reversed by payment server" });
     const slowSlot = async () => (await net.clients.concentrator.listTerminals({})).terminals.find((t) => t.terminalId === "t-slow")!.slots[0]!;
-    await waitFor(async () => (await slowSlot()).psamCounter === 1 && (await slowSlot()).pendingDebits.length === 0, 20_000, "the slow PSAM to report no open debit");
+    await waitFor(
+      async () => (await slowSlot()).psamCounter === 1 && (await slowSlot()).pendingDebits.length === 0,
+      20_000,
+      "the slow PSAM to report no open debit",
+    );
     expect((await slowSlot()).batchCount).to.equal(0);
     const rec = (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!;
     expect(rec.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);

@@ -134,7 +134,16 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     t.send({
       message: {
         $case: "result",
-        value: { jobId: j.jobId, terminalId: j.terminalId, psamId: j.psamId, status, statusWord: 0x9000, message: "", slot: undefined, outcome: { $case: "debitReversed", value: { psamCounter: 1 } } },
+        value: {
+          jobId: j.jobId,
+          terminalId: j.terminalId,
+          psamId: j.psamId,
+          status,
+          statusWord: 0x9000,
+          message: "",
+          slot: undefined,
+          outcome: { $case: "debitReversed", value: { psamCounter: 1 } },
+        },
       },
     });
 
@@ -186,12 +195,16 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     a.send({ message: { $case: "job", value: job("a1", "t1", "00000001") } });
     answer(t, (await t.next(isJob)).message.value);
     await a.next(isResult);
-    const busy = await b.next((m): m is PIn & { message: { $case: "poolUpdate" } } => isPool(m) && m.message.value.terminal?.slots[0]?.state === PsamSlotState.PSAM_SLOT_STATE_BUSY);
+    const busy = await b.next(
+      (m): m is PIn & { message: { $case: "poolUpdate" } } => isPool(m) && m.message.value.terminal?.slots[0]?.state === PsamSlotState.PSAM_SLOT_STATE_BUSY,
+    );
     expect(busy).to.not.equal(undefined);
     b.send({ message: { $case: "job", value: job("b1", "t1", "00000001") } });
     expect((await b.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY);
     a.send({ message: { $case: "release", value: { terminalId: "t1", psamId: psamId("00000001") } } });
-    await b.next((m): m is PIn & { message: { $case: "poolUpdate" } } => isPool(m) && m.message.value.terminal?.slots[0]?.state === PsamSlotState.PSAM_SLOT_STATE_READY);
+    await b.next(
+      (m): m is PIn & { message: { $case: "poolUpdate" } } => isPool(m) && m.message.value.terminal?.slots[0]?.state === PsamSlotState.PSAM_SLOT_STATE_READY,
+    );
     b.send({ message: { $case: "job", value: job("b2", "t1", "00000001") } });
     answer(t, (await t.next(isJob)).message.value);
     expect((await b.next(isResult)).message.value).to.include({ jobId: "b2", status: PsamJobStatus.PSAM_JOB_STATUS_OK });

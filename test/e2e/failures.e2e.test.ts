@@ -17,7 +17,9 @@ describe("end to end: a terminal host drops mid-transaction", function () {
 
   const psamState = async (n: E2E) => {
     const r = await n.clients.concentrator.listTerminals({});
-    return r.terminals.flatMap((t) => t.slots.map((s) => ({ terminal: t.terminalId, psam: hexOf(s.psamId?.value), pending: s.pendingDebits.length, batch: s.batchCount })));
+    return r.terminals.flatMap((t) =>
+      t.slots.map((s) => ({ terminal: t.terminalId, psam: hexOf(s.psamId?.value), pending: s.pendingDebits.length, batch: s.batchCount })),
+    );
   };
 
   it("work without a debit command goes to another PSAM; the lost PSAM's open debit is reversed when it returns", async () => {

@@ -45,7 +45,11 @@ describe("end to end: a purchase across separate processes", function () {
     expect(slot.batchCount).to.equal(1);
     expect(slot.pendingDebits).to.have.length(0);
     const db = new Database(join(net.paths.terminal("terminal-1"), "terminal.db"), { readonly: true });
-    const row = db.prepare("SELECT * FROM psam_transactions WHERE transaction_id = ?").get(id) as { amount_minor: number; card_signature: string; psam_id: string };
+    const row = db.prepare("SELECT * FROM psam_transactions WHERE transaction_id = ?").get(id) as {
+      amount_minor: number;
+      card_signature: string;
+      psam_id: string;
+    };
     db.close();
     expect(row.amount_minor).to.equal(990);
     expect(row.psam_id).to.equal(psam);
@@ -54,7 +58,12 @@ describe("end to end: a purchase across separate processes", function () {
     // The payment server: completed, every step logged.
     const rec = (await c.payment.getPurchase({ transactionId: offer!.transactionId })).purchase!;
     expect(rec.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
-    expect(rec.events.map((e) => e.step)).to.include.members(["draw_request_received", "debit_command_issued", "debit_response_received", "purchase_confirmed"]);
+    expect(rec.events.map((e) => e.step)).to.include.members([
+      "draw_request_received",
+      "debit_command_issued",
+      "debit_response_received",
+      "purchase_confirmed",
+    ]);
 
     // The merchant: paid, goods released, the receipt the cardholder got.
     const order = (await c.merchant.getOrder({ transactionId: offer!.transactionId })).order!;
@@ -76,7 +85,9 @@ describe("end to end: a purchase across separate processes", function () {
     expect(oneTrip.stdout).to.match(/paid EUR 0\.99 to Merchant Compares Books/);
     const card = await run(join(ROOT, "bin/netpurse"), ["card", ...opts], { env });
     expect(card.stdout).to.contain("EUR 0.99");
-    const refused = await run(join(ROOT, "bin/netpurse"), ["pay", "no-such-thing", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], { env }).catch((e) => e);
+    const refused = await run(join(ROOT, "bin/netpurse"), ["pay", "no-such-thing", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], {
+      env,
+    }).catch((e) => e);
     expect(refused.code).to.equal(1);
     expect(refused.stderr).to.contain("NOT_FOUND");
   });
@@ -136,7 +147,10 @@ describe("end to end: the README's first command (npm start -- --once)", functio
     const { dir, cleanup } = await tempDir("netpurse-start-");
     try {
       for (const round of [1, 2]) {
-        const { stdout } = await run(process.execPath, ["--import", "tsx", "services/network/main.ts", "--once", "--data", dir], { cwd: ROOT, timeout: 120_000 });
+        const { stdout } = await run(process.execPath, ["--import", "tsx", "services/network/main.ts", "--once", "--data", dir], {
+          cwd: ROOT,
+          timeout: 120_000,
+        });
         expect(stdout, `round ${round}`).to.contain("goods released");
         expect(stdout, `round ${round}`).to.contain("the bank verified the confirmation and debited the account");
         expect(stdout).to.contain("stopped.");

@@ -41,16 +41,27 @@ type Action =
   | { kind: "sync" };
 
 const action: fc.Arbitrary<Action> = fc.oneof(
-  { arbitrary: fc.record({ kind: fc.constant("load" as const), amount: fc.integer({ min: 1, max: 4_000 }), drop: fc.constantFrom(undefined, ...LOAD_STEPS) }), weight: 4 },
+  {
+    arbitrary: fc.record({ kind: fc.constant("load" as const), amount: fc.integer({ min: 1, max: 4_000 }), drop: fc.constantFrom(undefined, ...LOAD_STEPS) }),
+    weight: 4,
+  },
   { arbitrary: fc.record({ kind: fc.constant("lyingLoad" as const), amount: fc.integer({ min: 1, max: 4_000 }) }), weight: 1 },
-  { arbitrary: fc.record({ kind: fc.constant("purchase" as const), product: fc.constantFrom("song-1" as const, "ebook-smart-cards" as const, "ebook-grpc" as const) }), weight: 3 },
+  {
+    arbitrary: fc.record({
+      kind: fc.constant("purchase" as const),
+      product: fc.constantFrom("song-1" as const, "ebook-smart-cards" as const, "ebook-grpc" as const),
+    }),
+    weight: 3,
+  },
   { arbitrary: fc.record({ kind: fc.constant("restart" as const), which: fc.constantFrom("bank" as const, "load" as const) }), weight: 1 },
   { arbitrary: fc.constant({ kind: "sync" as const }), weight: 1 },
 );
 
 /** Refusals a cardholder meets (no funds, no room, no balance) and the drops themselves: they must leave nothing behind, which the invariant checks. */
 const expected = (e: unknown) =>
-  (e as { code?: number }).code === Status.FAILED_PRECONDITION || /crashed after/.test((e as Error).message) || /must prove it was not loaded/.test((e as Error).message);
+  (e as { code?: number }).code === Status.FAILED_PRECONDITION ||
+  /crashed after/.test((e as Error).message) ||
+  /must prove it was not loaded/.test((e as Error).message);
 
 describe("invariant: bank debits, card credits and purchases agree after random loads, purchases, drops, lies and restarts", function () {
   this.timeout(0);
@@ -88,7 +99,11 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const issued = await net.clients.load.processLoadRequest(request).catch(async (e: unknown) => {
       if (!(e instanceof ClientError && e.code === Status.FAILED_PRECONDITION)) throw e;
       // Refused by the security module: its confirmation frees the hold.
-      const settled = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: Buffer.alloc(0), zeroValueInitializeResponse: Buffer.alloc(0) });
+      const settled = await net.clients.load.completeLoad({
+        transactionId: offer.transactionId,
+        loadResponse: Buffer.alloc(0),
+        zeroValueInitializeResponse: Buffer.alloc(0),
+      });
       await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: settled.load!.confirmation });
       throw e;
     });
@@ -105,13 +120,21 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const h = await freshCardholder(net, { maxBalance: 6_000, deposit });
     const db = openSqlite(join(net.data, "invariant", `client-${++n}.db`), CLIENT_MIGRATIONS);
     const loads = new CrashingLoadJournal(db);
-    const daemon = new CardholderDaemon({ transport: new InProcessTransport(h.card), journal: new SqliteJournal(db), loads, log: createLogger("invariant-client") });
+    const daemon = new CardholderDaemon({
+      transport: new InProcessTransport(h.card),
+      journal: new SqliteJournal(db),
+      loads,
+      log: createLogger("invariant-client"),
+    });
     try {
       for (const a of actions) {
         try {
           if (a.kind === "load") {
             loads.crashAfter = a.drop;
-            await daemon.service.loadCard({ bankAddress: net.bank.address, accountId: h.accountId, amount: money(a.amount, EUR, 2), approvedAmount: money(a.amount, EUR, 2) }, {} as never);
+            await daemon.service.loadCard(
+              { bankAddress: net.bank.address, accountId: h.accountId, amount: money(a.amount, EUR, 2), approvedAmount: money(a.amount, EUR, 2) },
+              {} as never,
+            );
           } else if (a.kind === "lyingLoad") {
             // The lying client is the cardholder's own: like the daemon, it first settles what the card must prove.
             await daemon.service.syncCard({}, {} as never);
@@ -150,12 +173,19 @@ describe("invariant: bank debits, card credits and purchases agree after random 
 
     const acct = await net.clients.bank.getAccount({ accountId: h.accountId });
     expect(deposit - Number(acct.balance!.amountMinor), "bank debits = card credits").to.equal(credited);
-    expect(acct.holds.filter((x) => x.state === HoldState.HOLD_STATE_HELD), "no hold left open").to.have.length(0);
+    expect(
+      acct.holds.filter((x) => x.state === HoldState.HOLD_STATE_HELD),
+      "no hold left open",
+    ).to.have.length(0);
     expect(Number(acct.available!.amountMinor)).to.equal(Number(acct.balance!.amountMinor));
     const posted = acct.holds.filter((x) => x.state === HoldState.HOLD_STATE_POSTED).reduce((s, x) => s + Number(x.amount!.amountMinor), 0);
     expect(posted, "posted holds = card credits").to.equal(credited);
 
-    const loaded = (await net.load.store.db.all<{ n: number }>("SELECT COALESCE(SUM(amount_minor), 0) AS n FROM loads WHERE purse_id = ? AND outcome = 'LOADED'", [purse.purseId.toString("hex")]))[0]!.n;
+    const loaded = (
+      await net.load.store.db.all<{ n: number }>("SELECT COALESCE(SUM(amount_minor), 0) AS n FROM loads WHERE purse_id = ? AND outcome = 'LOADED'", [
+        purse.purseId.toString("hex"),
+      ])
+    )[0]!.n;
     expect(loaded, "load server LOADED = card credits").to.equal(credited);
     const purchases = log.filter((r) => r.kind === LogKind.PURCHASE);
     for (const p of purchases) {
@@ -168,7 +198,11 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const started = performance.now();
     await fc.assert(
       fc.asyncProperty(fc.array(action, { minLength: 1, maxLength: 6 }), (actions) => runSequence(actions)),
-      { numRuns: RUNS, endOnFailure: true, ...(process.env.NETPURSE_INVARIANT_SEED ? { seed: Number(process.env.NETPURSE_INVARIANT_SEED), path: process.env.NETPURSE_INVARIANT_PATH } : {}) },
+      {
+        numRuns: RUNS,
+        endOnFailure: true,
+        ...(process.env.NETPURSE_INVARIANT_SEED ? { seed: Number(process.env.NETPURSE_INVARIANT_SEED), path: process.env.NETPURSE_INVARIANT_PATH } : {}),
+      },
     );
     const seconds = (performance.now() - started) / 1000;
     process.stderr.write(`money invariant: ${RUNS} sequences in ${seconds.toFixed(1)} s\n`);

@@ -36,8 +36,17 @@ export async function makeCard(
   return path;
 }
 
-export async function makePsam(issuer: Issuer, dir: string, o: { name?: string; currency?: number; psamId?: string; batchCapacity?: number } = {}): Promise<string> {
+export async function makePsam(
+  issuer: Issuer,
+  dir: string,
+  o: { name?: string; currency?: number; psamId?: string; batchCapacity?: number } = {},
+): Promise<string> {
   const path = join(dir, "psams", `${o.name ?? "psam"}.psam.json`);
-  await issuer.provisionPsam({ path, currency: o.currency ?? EUR, ...(o.psamId ? { psamId: o.psamId } : {}), ...(o.batchCapacity ? { batchCapacity: o.batchCapacity } : {}) });
+  await issuer.provisionPsam({
+    path,
+    currency: o.currency ?? EUR,
+    ...(o.psamId ? { psamId: o.psamId } : {}),
+    ...(o.batchCapacity ? { batchCapacity: o.batchCapacity } : {}),
+  });
   return path;
 }

@@ -67,12 +67,23 @@ export async function offerFor(net: Network, reader: PurseReader, accountId: str
 }
 
 /** Step 876-878: INITIALIZE FOR LOAD and the load request, with an optional change to the card's answer. */
-export async function loadRequest(reader: PurseReader, offer: LoadOffer, o: { patchInit?: (raw: Buffer) => Buffer; cardLog?: Buffer[]; askAmount?: number } = {}) {
+export async function loadRequest(
+  reader: PurseReader,
+  offer: LoadOffer,
+  o: { patchInit?: (raw: Buffer) => Buffer; cardLog?: Buffer[]; askAmount?: number } = {},
+) {
   const init = await reader.initializeForLoad(loadInitCommand(offer, o.askAmount));
   const raw = o.patchInit ? o.patchInit(Buffer.from(init.raw)) : init.raw;
   return {
     init,
-    request: { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization, initializeResponse: raw, cardLog: o.cardLog ?? [] },
+    request: {
+      transactionId: offer.transactionId,
+      bankId: offer.bankId,
+      keyNonce: offer.keyNonce,
+      authorization: offer.authorization,
+      initializeResponse: raw,
+      cardLog: o.cardLog ?? [],
+    },
   };
 }
 

@@ -47,7 +47,12 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const concentrator = await startConcentrator({ listen: "127.0.0.1:0", keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000 });
   const hosts = new Map<string, Awaited<ReturnType<typeof startTerminalHost>>>();
   const startHost = async (t: { id: string; answerDelayMs?: number }) => {
-    const h = await startTerminalHost({ terminalId: t.id, concentrator: concentrator.address, dir: p.terminal(t.id), ...(t.answerDelayMs ? { answerDelayMs: t.answerDelayMs } : {}) });
+    const h = await startTerminalHost({
+      terminalId: t.id,
+      concentrator: concentrator.address,
+      dir: p.terminal(t.id),
+      ...(t.answerDelayMs ? { answerDelayMs: t.answerDelayMs } : {}),
+    });
     await h.host.whenConnected();
     hosts.set(t.id, h);
     return h;
@@ -67,7 +72,9 @@ export async function startNetwork(o: NetworkOptions = {}) {
   await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));
   const validation = await startMerchantValidation({ listen: "127.0.0.1:0", dir: p.validation, paymentServer: payment.address, reportEveryMs: 500 });
   const shops = await Promise.all(
-    DEMO_SHOPS.map((d) => startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(d.shop.merchantId), validation: validation.address, paymentServer: payment.address })),
+    DEMO_SHOPS.map((d) =>
+      startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(d.shop.merchantId), validation: validation.address, paymentServer: payment.address }),
+    ),
   );
   const merchant = shops[0]!;
   const load = await startLoadServer({ listen: "127.0.0.1:0", dir: p.load });

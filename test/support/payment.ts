@@ -32,4 +32,3 @@ export function psamTotals(net: Network) {
     return { counter, pending, batch };
   };
 }
-

@@ -60,9 +60,18 @@ export async function launchE2E(o: E2EOptions) {
     addresses,
     clients: c,
     attached,
-    startTerminal: (id: string, args: string[] = []) => launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--data", dir, ...args]),
+    startTerminal: (id: string, args: string[] = []) =>
+      launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--data", dir, ...args]),
     async restartPayment(args: string[] = []) {
-      const started = await launcher.start("payment", SCRIPTS.payment, ["--listen", addresses.payment!, "--concentrator", addresses.concentrator!, "--data", dir, ...args]);
+      const started = await launcher.start("payment", SCRIPTS.payment, [
+        "--listen",
+        addresses.payment!,
+        "--concentrator",
+        addresses.concentrator!,
+        "--data",
+        dir,
+        ...args,
+      ]);
       return started;
     },
     async close() {

@@ -186,14 +186,20 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: unknownKey, draw, returnExpectedSignature: false }))).to.equal(
       SW.REFERENCED_DATA_NOT_FOUND,
     );
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: blocked, draw, returnExpectedSignature: false }))).to.equal(SW.CARD_BLOCKED);
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw, draw: { ...draw, amount: 10_001 }, returnExpectedSignature: false }))).to.equal(
-      SW.INSUFFICIENT_BALANCE,
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: blocked, draw, returnExpectedSignature: false }))).to.equal(
+      SW.CARD_BLOCKED,
     );
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw.subarray(1), draw, returnExpectedSignature: false }))).to.equal(SW.WRONG_LENGTH);
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: Buffer.from("00", "hex"), initializeResponse: init.raw, draw, returnExpectedSignature: false }))).to.equal(
+    expect(
+      await swOf(
+        s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw, draw: { ...draw, amount: 10_001 }, returnExpectedSignature: false }),
+      ),
+    ).to.equal(SW.INSUFFICIENT_BALANCE);
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw.subarray(1), draw, returnExpectedSignature: false }))).to.equal(
       SW.WRONG_LENGTH,
     );
+    expect(
+      await swOf(s.driver.issueDebitCommand({ cardAtr: Buffer.from("00", "hex"), initializeResponse: init.raw, draw, returnExpectedSignature: false })),
+    ).to.equal(SW.WRONG_LENGTH);
     expect((await s.driver.readStatus()).psamCounter).to.equal(0); // nothing signed
   });
 
@@ -246,7 +252,12 @@ describe("software card and software PSAM (APDU level)", () => {
 
     const init = await s.reader.initializeForPurchase();
     const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
-    const big = await s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: forged, draw: { amount: 5_000, currency: EUR, transactionRef: randomUUID(), merchantId: "m" }, returnExpectedSignature: false });
+    const big = await s.driver.issueDebitCommand({
+      cardAtr: s.atr,
+      initializeResponse: forged,
+      draw: { amount: 5_000, currency: EUR, transactionRef: randomUUID(), merchantId: "m" },
+      returnExpectedSignature: false,
+    });
     const declined = await s.reader.debit(big.debitCommand);
     expect((await s.driver.verifyDebit(big.psamCounter, declined.raw)).verdict).to.equal(1);
     expect((await s.driver.verifyDebit(big.psamCounter, declined.raw)).verdict).to.equal(1);
@@ -267,7 +278,15 @@ describe("software card and software PSAM (APDU level)", () => {
 
   it("refuses DEBIT without a session and of the wrong length", async () => {
     const s = await setup();
-    const fake = DebitCommand.encode({ amount: 1, currency: EUR, psamId: Buffer.alloc(4), psamCounter: 1, dateTime: 0, transactionRef: randomUUID(), psamSignature: Buffer.alloc(8) });
+    const fake = DebitCommand.encode({
+      amount: 1,
+      currency: EUR,
+      psamId: Buffer.alloc(4),
+      psamCounter: 1,
+      dateTime: 0,
+      transactionRef: randomUUID(),
+      psamSignature: Buffer.alloc(8),
+    });
     expect((await s.reader.debit(fake)).sw).to.equal(SW.CONDITIONS_NOT_SATISFIED);
     await s.reader.initializeForPurchase();
     expect((await s.reader.debit(fake.subarray(1))).sw).to.equal(SW.WRONG_LENGTH);

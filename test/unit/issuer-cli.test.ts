@@ -26,7 +26,9 @@ describe("netpurse-issuer", function () {
       expect(await issuer("create-keys")).to.contain("created master keys of version 1");
       expect(await issuer("create-keys")).to.contain("exist already");
       const card = join(dir, "cards", "alice.card.json");
-      expect(await issuer("personalise-card", "--out", card, "--value", "25.00", "--expiry", "2030-06-30")).to.match(/personalised card [0-9a-f]{16} .* with 25\.00, expires 2030-06-30/);
+      expect(await issuer("personalise-card", "--out", card, "--value", "25.00", "--expiry", "2030-06-30")).to.match(
+        /personalised card [0-9a-f]{16} .* with 25\.00, expires 2030-06-30/,
+      );
       const psam = join(dir, "psams", "p.psam.json");
       expect(await issuer("provision-psam", "--out", psam, "--psam-id", "0a0b0c0d")).to.contain("provisioned PSAM 0a0b0c0d");
       expect(await issuer("list-cards")).to.contain("25.00");

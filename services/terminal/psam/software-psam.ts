@@ -302,7 +302,10 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, `debit ${done.psamCounter} was settled with another card signature`);
     }
     const verdict = done.outcome === "recorded" ? Verdict.RECORDED : Verdict.DECLINED_BY_CARD;
-    return { data: VerifyDebitResponse.encode({ verdict, batchNumber: done.batchNumber, recordMac: Buffer.from(done.recordMac ?? "0000000000000000", "hex") }), sw: SW.OK };
+    return {
+      data: VerifyDebitResponse.encode({ verdict, batchNumber: done.batchNumber, recordMac: Buffer.from(done.recordMac ?? "0000000000000000", "hex") }),
+      sw: SW.OK,
+    };
   }
 
   /**
@@ -334,7 +337,11 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const rest = s.pending.filter((x) => x !== p);
     const signature = answer.cardSignature.toString("hex");
     if (answer.result !== DebitResult.DEBITED) {
-      await this.save({ ...s, pending: rest, settled: this.settle({ psamCounter: p.psamCounter, outcome: "declined", batchNumber: s.batchNumber, cardSignature: signature }) });
+      await this.save({
+        ...s,
+        pending: rest,
+        settled: this.settle({ psamCounter: p.psamCounter, outcome: "declined", batchNumber: s.batchNumber, cardSignature: signature }),
+      });
       return { data: VerifyDebitResponse.encode({ verdict: Verdict.DECLINED_BY_CARD, batchNumber: s.batchNumber, recordMac: Buffer.alloc(8) }), sw: SW.OK };
     }
     const record = {
@@ -350,7 +357,13 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     };
     const recordMac = batchRecordMac(Buffer.from(s.batchKey, "hex"), fields.psamId, s.batchNumber, record);
     const stored: BatchRecordState = { ...record, purseId: p.purseId, cardSignature: signature, recordMac: recordMac.toString("hex") };
-    const settled = this.settle({ psamCounter: p.psamCounter, outcome: "recorded", batchNumber: s.batchNumber, cardSignature: signature, recordMac: stored.recordMac });
+    const settled = this.settle({
+      psamCounter: p.psamCounter,
+      outcome: "recorded",
+      batchNumber: s.batchNumber,
+      cardSignature: signature,
+      recordMac: stored.recordMac,
+    });
     await this.save({ ...s, pending: rest, batch: [...s.batch, stored], settled });
     return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: s.batchNumber, recordMac }), sw: SW.OK };
   }
@@ -420,6 +433,9 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const s = this.state;
     if (!s.lastClosed) throw new ApduError(SW.REFERENCED_DATA_NOT_FOUND, "no batch closed yet");
     const { batchMac: mac, ...rest } = s.lastClosed;
-    return { data: CloseBatchResponse.encode({ psamId: Buffer.from(s.psamId, "hex"), currency: s.currency, ...rest, batchMac: Buffer.from(mac, "hex") }), sw: SW.OK };
+    return {
+      data: CloseBatchResponse.encode({ psamId: Buffer.from(s.psamId, "hex"), currency: s.currency, ...rest, batchMac: Buffer.from(mac, "hex") }),
+      sw: SW.OK,
+    };
   }
 }
