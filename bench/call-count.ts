@@ -65,12 +65,11 @@ export class PurchaseCalls {
         throw e;
       },
     );
-    const done = tracked.then(
-      () => undefined,
-      () => undefined,
+    const done: Promise<void> = tracked.then(
+      () => void this.inFlight.delete(done),
+      () => void this.inFlight.delete(done),
     );
     this.inFlight.add(done);
-    void done.then(() => this.inFlight.delete(done));
     return tracked;
   }
 }
@@ -100,9 +99,14 @@ export class CallCounter {
   /** A successful purchase: its calls count once those still in flight have ended. */
   add(p: PurchaseCalls): void {
     this.purchases++;
-    const counted = p.settled().then(() => this.count(p.calls));
+    const counted: Promise<void> = p.settled().then(
+      () => {
+        this.count(p.calls);
+        this.pending.delete(counted);
+      },
+      () => void this.pending.delete(counted),
+    );
     this.pending.add(counted);
-    void counted.then(() => this.pending.delete(counted));
   }
 
   /** Waits for background calls to end, at most `timeoutMs`; returns how many purchases still had some in flight. */

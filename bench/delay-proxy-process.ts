@@ -19,5 +19,10 @@ process.on("message", (m: { forwardTo?: string; stats?: boolean }) => {
   if (m.stats) send({ stats: proxy.statsNow() });
 });
 // The parent going away ends the proxy too.
-process.on("disconnect", () => void proxy.close().then(() => process.exit(0)));
+process.on("disconnect", () => {
+  proxy.close().then(
+    () => process.exit(0),
+    () => process.exit(1),
+  );
+});
 send({ address: proxy.address });

@@ -2,7 +2,7 @@
 // Launcher like any netpurse service, on the same server bootstrap.
 
 import { createLogger } from "../lib/log.js";
-import { startGrpcServer } from "../lib/grpc/server.js";
+import { service, startGrpcServer } from "../lib/grpc/server.js";
 import { opt, runService } from "../lib/service-main.js";
 import { EchoDefinition, echoImplementation } from "./echo-service.js";
 
@@ -14,7 +14,7 @@ await runService({
   start: async (v) => {
     const server = await startGrpcServer({
       address: opt(v, "listen", "127.0.0.1:0"),
-      services: [[EchoDefinition, echoImplementation]],
+      services: [service(EchoDefinition, echoImplementation)],
       log: createLogger("netpurse-bench-echo"),
     });
     return { address: server.address, close: () => server.shutdown() };

@@ -10,10 +10,12 @@ export function stopOnInterrupt(stop: () => Promise<void>): () => void {
 }
 
 export function handleInterrupts(): void {
-  const onSignal = (signal: NodeJS.Signals, code: number) => async () => {
+  const onSignal = (signal: NodeJS.Signals, code: number) => () => {
     process.stderr.write(`\n${signal}: stopping every service of the benchmark\n`);
-    await Promise.allSettled([...stops].map((stop) => stop()));
-    process.exit(code);
+    Promise.allSettled([...stops].map((stop) => stop())).then(
+      () => process.exit(code),
+      () => process.exit(code),
+    );
   };
   process.once("SIGINT", onSignal("SIGINT", 130));
   process.once("SIGTERM", onSignal("SIGTERM", 143));

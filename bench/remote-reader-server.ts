@@ -3,7 +3,7 @@
 // bootstrap.
 
 import { createLogger } from "../lib/log.js";
-import { startGrpcServer } from "../lib/grpc/server.js";
+import { service, startGrpcServer } from "../lib/grpc/server.js";
 import { intOpt, opt, runService } from "../lib/service-main.js";
 import { RemoteReader, RemoteReaderDefinition } from "./remote-reader.js";
 
@@ -23,7 +23,7 @@ await runService({
     const reader = await RemoteReader.open(psams, { amountMinor: intOpt(v, "amount-minor", 99), merchantId: opt(v, "merchant", "demo-shop") });
     const server = await startGrpcServer({
       address: opt(v, "listen", "127.0.0.1:0"),
-      services: [[RemoteReaderDefinition, reader.service]],
+      services: [service(RemoteReaderDefinition, reader.service)],
       log: createLogger("netpurse-bench-remote-reader"),
     });
     return { address: server.address, close: () => server.shutdown() };

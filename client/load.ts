@@ -405,7 +405,7 @@ async function resumeLoad(
 
   if (rec.state === "REQUESTED") {
     // Did the load request get through? Without a LOAD command the load can simply be made again.
-    const known = await server.getLoad({ transactionId: offer.transactionId }, { deadline }).catch((e: unknown) => {
+    const known = await retrying(() => server.getLoad({ transactionId: offer.transactionId }, { deadline })).catch((e: unknown) => {
       if (e instanceof ClientError && e.code === Status.NOT_FOUND) return undefined;
       throw e;
     });

@@ -20,7 +20,7 @@ import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
 import { swHex, SW } from "../lib/apdu/apdu.js";
 import { macEqual } from "../lib/crypto/aes.js";
 import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
-import { hexOf, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
+import { hexOf, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
 import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
 import { DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
@@ -55,6 +55,8 @@ export interface PurchaseRecord extends Partial<DebitSent> {
   state: ClientPurchaseState;
   cardStatusWord?: number;
   debitResponse?: Buffer;
+  /** The card's answer was lost, and its log proves it never made this debit. */
+  cardLogProvesNoDebit?: boolean;
   /** The debit result M to give the merchant. */
   resultM?: Sealed;
   receipt?: Receipt;
@@ -67,6 +69,8 @@ export interface PurchaseJournal {
   /** Written before the card sees DEBIT: from here on, the card may be debited. */
   debitSent(transactionId: string, d: DebitSent): Promise<void>;
   cardAnswered(transactionId: string, sw: number, debitResponse: Buffer): Promise<void>;
+  /** The card's answer was lost, and the card's log proves it never made the debit. */
+  cardLogProvesNoDebit(transactionId: string): Promise<void>;
   confirmed(transactionId: string, resultM: Sealed): Promise<void>;
   receipt(transactionId: string, receipt: Receipt): Promise<void>;
   proofReported(transactionId: string): Promise<void>;
@@ -103,7 +107,7 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("offer.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
-  if (!(offer.confirmationMode in ConfirmationMode) || offer.confirmationMode <= 0) throw invalidField("offer.confirmation_mode", "missing or unknown");
+  requireConfirmationMode(offer.confirmationMode, "offer.confirmation_mode");
   if (offer.keyNonce.length !== 16) throw invalidField("offer.key_nonce", "must be 16 bytes");
   if (offer.transactionSessionKey.length !== 32) throw invalidField("offer.transaction_session_key", "must be 32 bytes");
   if (!offer.encryptedSessionKey) throw invalidField("offer.encrypted_session_key", "missing");
@@ -112,7 +116,7 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   }
 }
 
-const modeName = (m: ConfirmationMode) => ConfirmationMode[m]!.replace("CONFIRMATION_MODE_", "");
+const modeName = (m: ConfirmationMode) => ConfirmationMode[m].replace("CONFIRMATION_MODE_", "");
 
 export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promise<PurchaseOutcome> {
   const now = ctx.now?.() ?? new Date();
@@ -258,7 +262,7 @@ export async function finishPurchase(
       mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES &&
       debited &&
       rec.expectedCardSignature &&
-      macEqual(answer!.cardSignature, rec.expectedCardSignature)
+      macEqual(answer.cardSignature, rec.expectedCardSignature)
     ) {
       resultM = rec.issuedResultM;
       step("comparison", "this client's trusted agent found the card's signature is the one the PSAM expected (FIG. 7)");
@@ -309,9 +313,10 @@ async function completeAtPaymentServer(
   const id = rec.transactionId;
   const tsk = Buffer.from(rec.offer.transactionSessionKey);
   const cardAnswer: CardAnswer = {
-    cardStatusWord: rec.cardStatusWord!,
-    debitResponse: rec.debitResponse ?? Buffer.alloc(0),
+    cardStatusWord: rec.cardLogProvesNoDebit ? 0 : (rec.cardStatusWord ?? 0),
+    debitResponse: rec.cardLogProvesNoDebit ? Buffer.alloc(0) : (rec.debitResponse ?? Buffer.alloc(0)),
     completionToken: rec.completionToken ?? Buffer.alloc(0),
+    cardLogProvesNoDebit: rec.cardLogProvesNoDebit === true,
   };
   const sealed = seal(tsk, "CARD_ANSWER", id, CardAnswer.encode(cardAnswer).finish());
   try {

@@ -5,9 +5,9 @@
 export class AsyncQueue<T> implements AsyncIterable<T> {
   private items: T[] = [];
   private waiting: ((r: IteratorResult<T>) => void) | undefined;
-  private failWaiting: ((e: unknown) => void) | undefined;
+  private failWaiting: ((e: Error) => void) | undefined;
   private ended = false;
-  private error: unknown;
+  private error: Error | undefined;
 
   get closed(): boolean {
     return this.ended;
@@ -30,7 +30,7 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
   }
 
   /** Ends the queue; the consumer drains what is queued, then ends (or throws `error`). */
-  close(error?: unknown): void {
+  close(error?: Error): void {
     if (this.ended) return;
     this.ended = true;
     this.error = error;

@@ -3,7 +3,7 @@
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { Status } from "nice-grpc";
-import { reasonName } from "./grpc/errors.js";
+import { reasonName, reasonOf } from "./grpc/errors.js";
 
 export class UsageError extends Error {}
 
@@ -59,9 +59,10 @@ export async function runCommands(program: string, description: string, commands
 
 /** One line for a person: gRPC errors with their code and reason. */
 export function describeError(e: unknown): string {
-  const err = e as { code?: number; details?: string; reason?: number; message?: string };
+  const err = e as { code?: Status; details?: string; message?: string };
   if (typeof err.code === "number" && typeof err.details === "string") {
-    const reason = err.reason ? ` [${reasonName(err.reason)}]` : "";
+    const r = reasonOf(e);
+    const reason = r ? ` [${reasonName(r)}]` : "";
     const hint =
       err.code === Status.UNAVAILABLE && /No connection|ECONNREFUSED|connect/i.test(err.details)
         ? " (is the service running? start the network with 'npm start')"
@@ -81,6 +82,6 @@ export function str(v: unknown, fallback?: string): string {
 export function int(v: unknown, fallback: number, name: string): number {
   if (v === undefined) return fallback;
   const n = Number(v);
-  if (!Number.isInteger(n)) throw new UsageError(`--${name} must be an integer, got "${String(v)}"`);
+  if (!Number.isInteger(n)) throw new UsageError(`--${name} must be an integer, got ${JSON.stringify(v)}`);
   return n;
 }

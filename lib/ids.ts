@@ -1,7 +1,7 @@
 // Identifiers as the contract defines them (proto/netpurse/card/v1/card.proto),
 // with the checks every service applies at its edge.
 
-import type { MerchantId, Money, PsamId, PurseId, TransactionId } from "../gen/netpurse/card/v1/card.js";
+import { ConfirmationMode, type MerchantId, type Money, type PsamId, type PurseId, type TransactionId } from "../gen/netpurse/card/v1/card.js";
 import { isUuid } from "./protocol/layout.js";
 import { invalidField } from "./grpc/errors.js";
 
@@ -46,6 +46,19 @@ export function requireName(v: string, field: string, max: number): string {
   if (!v) throw invalidField(field, "missing");
   if (!isName(v, max)) throw invalidField(field, `must be 1..${max} characters of [A-Za-z0-9._-]`);
   return v;
+}
+
+const MODES: readonly ConfirmationMode[] = [
+  ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
+  ConfirmationMode.CONFIRMATION_MODE_SERVER_COMPARES,
+  ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES,
+  ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES,
+];
+
+/** One of the four confirmation modes (not UNSPECIFIED, not a number this version does not know). */
+export function requireConfirmationMode(mode: ConfirmationMode, field: string): ConfirmationMode {
+  if (!MODES.includes(mode)) throw invalidField(field, "missing or unknown");
+  return mode;
 }
 
 export function requirePurseId(id: PurseId | undefined, field = "purse_id"): string {

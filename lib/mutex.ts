@@ -8,3 +8,31 @@ export class Mutex {
     return result;
   }
 }
+
+/**
+ * One Mutex per key, made on first use and dropped when its queue is empty:
+ * the steps of one transaction run one at a time, whoever asks, while
+ * different transactions run side by side.
+ */
+export class KeyedMutex {
+  private readonly tails = new Map<string, Promise<unknown>>();
+
+  run<T>(key: string, task: () => Promise<T>): Promise<T> {
+    const result = (this.tails.get(key) ?? Promise.resolve()).then(task, task);
+    const tail: Promise<void> = result.then(
+      () => this.forget(key, tail),
+      () => this.forget(key, tail),
+    );
+    this.tails.set(key, tail);
+    return result;
+  }
+
+  /** Keys with a task running or queued (for tests and operators). */
+  get size(): number {
+    return this.tails.size;
+  }
+
+  private forget(key: string, tail: Promise<unknown>): void {
+    if (this.tails.get(key) === tail) this.tails.delete(key);
+  }
+}

@@ -24,7 +24,7 @@ export async function runService(p: {
   const options = { ...p.options, help: { type: "boolean", short: "h" } } as const;
   let values: Values;
   try {
-    values = parseArgs({ args: p.argv ?? process.argv.slice(2), options, strict: true }).values as Values;
+    values = parseArgs({ args: p.argv ?? process.argv.slice(2), options, strict: true }).values;
   } catch (e) {
     process.stderr.write(`${p.program}: ${(e as Error).message}\nRun '${p.program} --help' for the options.\n`);
     process.exit(2);
@@ -56,8 +56,14 @@ export async function runService(p: {
     await running.close();
     process.exit(0);
   };
-  process.on("SIGINT", () => void stop("SIGINT"));
-  process.on("SIGTERM", () => void stop("SIGTERM"));
+  const onSignal = (signal: string) => () => {
+    stop(signal).catch((e: unknown) => {
+      process.stderr.write(`${p.program}: shutdown failed: ${(e as Error).message}\n`);
+      process.exit(1);
+    });
+  };
+  process.on("SIGINT", onSignal("SIGINT"));
+  process.on("SIGTERM", onSignal("SIGTERM"));
 }
 
 export function opt(values: Values, name: string, fallback: string): string {

@@ -20,7 +20,7 @@ export async function* serveStream<In, Out>(
     for await (const m of requests) onMessage(m);
   })().then(
     () => out.close(),
-    (e) => out.close(e),
+    (e: unknown) => out.close(e instanceof Error ? e : new Error(String(e))),
   );
   const onAbort = () => out.close();
   signal.addEventListener("abort", onAbort);

@@ -3,12 +3,12 @@
 // (the unit tests run it).
 
 import { readFileSync, writeFileSync } from "node:fs";
-import type { Field, Layout } from "../lib/protocol/layout.js";
+import type { Field, Fields, Layout } from "../lib/protocol/layout.js";
 import * as purse from "../lib/protocol/purse.js";
 import * as psam from "../lib/protocol/psam.js";
 import * as load from "../lib/protocol/load.js";
 
-const layouts: Layout<any>[] = [
+const layouts: Layout<Fields>[] = [
   purse.InitializeForPurchaseResponse,
   purse.ReadPurseResponse,
   purse.DebitCommand,
@@ -28,7 +28,7 @@ const layouts: Layout<any>[] = [
   psam.CloseBatchResponse,
 ];
 
-export function table(l: Layout<any>): string {
+export function table(l: Layout<Fields>): string {
   const rows = Object.entries(l.fields as Record<string, Field<unknown>>).map(([name, f]) => `| ${l.offset(name)} | ${f.size} | \`${name}\` | ${f.kind} |`);
   return [`| offset | length | field | encoding |`, `|---:|---:|---|---|`, ...rows, `|  | **${l.size}** | | total |`].join("\n");
 }

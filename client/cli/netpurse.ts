@@ -190,8 +190,8 @@ async function syncCard(address: string): Promise<void> {
           ["transaction", "outcome", "bank", "detail"],
           r.loads.map((l) => [
             l.transactionId?.value ?? "",
-            LoadOutcome[l.outcome]!.replace("LOAD_OUTCOME_", "").toLowerCase(),
-            HoldState[l.holdState]!.replace("HOLD_STATE_", "").toLowerCase(),
+            LoadOutcome[l.outcome].replace("LOAD_OUTCOME_", "").toLowerCase(),
+            HoldState[l.holdState].replace("HOLD_STATE_", "").toLowerCase(),
             l.detail,
           ]),
         ),

@@ -23,6 +23,7 @@ import { NetpurseError } from "../../lib/grpc/errors.js";
 import { psamId, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
+import { repeat, type Periodic } from "../../lib/periodic.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, LogKind } from "../../lib/protocol/purse.js";
@@ -32,9 +33,6 @@ import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
 import { purseState } from "../card/purse-state.js";
 
 export { purseState };
-
-/** Status word reported for a DEBIT whose answer was lost and whose debit the card's log shows it never made. */
-export const SW_NO_DEBIT = 0x6f00;
 
 /** Errors of the card itself, as the cardholder's API reports them; errors from services pass unchanged. */
 function cardError(e: unknown): unknown {
@@ -52,7 +50,7 @@ export class CardholderDaemon {
   private readonly card = new Mutex();
   private readonly channels = new ChannelCache();
   private readonly factory = clientFactory();
-  private resumeTimer: NodeJS.Timeout | undefined;
+  private resumeTimer: Periodic | undefined;
 
   constructor(
     private readonly o: { transport: CardTransport; journal: SqliteJournal; loads: LoadJournal; log: Logger; callDeadlineMs?: number; resumeEveryMs?: number },
@@ -88,8 +86,8 @@ export class CardholderDaemon {
           })),
         };
       }),
-    payOffer: async (req) => this.pay(req as PayOfferRequest),
-    loadCard: async (req) => this.load(req as LoadCardRequest),
+    payOffer: async (req) => this.pay(req),
+    loadCard: async (req) => this.load(req),
     syncCard: async () =>
       this.card.run(async () => {
         const loads = await this.resumeOpenLoads();
@@ -193,13 +191,13 @@ export class CardholderDaemon {
         throw new NetpurseError(
           Status.ALREADY_EXISTS,
           ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
-          `this offer (transaction ${offer!.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`,
+          `this offer (transaction ${offer.transactionId!.value}) was already paid or tried (${done.state}); ask the merchant for a new one`,
         );
       }
       await this.settleLoadsBeforeUsingCard();
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
       try {
-        const out = await payOffer(offer!, this.context());
+        const out = await payOffer(offer, this.context());
         return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
       } catch (e) {
         throw cardError(e);
@@ -234,8 +232,13 @@ export class CardholderDaemon {
           this.o.log.warn("cannot tell from the card whether it paid; keeping the purchase open", { transaction: id });
           return false;
         }
-        await this.o.journal.cardAnswered(id, answer.sw, answer.raw);
-        row = { ...row, state: "CARD_ANSWERED", card_status_word: answer.sw, debit_response: answer.raw };
+        if (answer === "not debited") {
+          await this.o.journal.cardLogProvesNoDebit(id);
+          row = { ...row, state: "CARD_ANSWERED", card_status_word: null, debit_response: null, card_log_proves_no_debit: 1 };
+        } else {
+          await this.o.journal.cardAnswered(id, answer.sw, answer.raw);
+          row = { ...row, state: "CARD_ANSWERED", card_status_word: answer.sw, debit_response: answer.raw };
+        }
       }
       const receipt = await finishPurchase(toRecord(row), this.context(), undefined, { awaitProof: true });
       this.o.log.info(alreadyHadGoods ? "card proof reported" : "unfinished purchase completed", { transaction: id, goods: receipt.goods });
@@ -267,12 +270,14 @@ export class CardholderDaemon {
    * the card's signature) or proves the card did not make it. Undefined when
    * the log no longer reaches back that far, or another card is in the reader.
    */
-  private async answerFromCardLog(row: JournalRow): Promise<{ sw: number; raw: Buffer } | undefined> {
+  private async answerFromCardLog(row: JournalRow): Promise<{ sw: number; raw: Buffer } | "not debited" | undefined> {
     await this.reader.connect();
     const purse = await this.reader.readPurse();
     if (purse.purseId.toString("hex") !== row.purse_id) return undefined;
-    const next = (await this.reader.readLog()).find((e) => e.counter === row.card_counter! + 1);
-    const notDebited = { sw: SW_NO_DEBIT, raw: Buffer.alloc(0) };
+    if (row.card_counter === null) return undefined; // DEBIT_SENT always records it
+    const counter = row.card_counter;
+    const next = (await this.reader.readLog()).find((e) => e.counter === counter + 1);
+    const notDebited = "not debited";
     if (next) {
       const ours = next.transactionRef === row.transaction_id && next.moduleCounter === row.psam_counter && next.moduleId.toString("hex") === row.psam_id;
       if (!ours) return notDebited;
@@ -285,18 +290,16 @@ export class CardholderDaemon {
   }
 
   startResuming(): void {
-    const every = this.o.resumeEveryMs ?? 30_000;
-    const tick = () => {
-      void this.resume().finally(() => {
-        this.resumeTimer = setTimeout(tick, every);
-        this.resumeTimer.unref();
-      });
-    };
-    tick();
+    this.resumeTimer = repeat({
+      what: "resumption of open purchases and loads",
+      everyMs: this.o.resumeEveryMs ?? 30_000,
+      log: this.o.log,
+      task: () => this.resume(),
+    });
   }
 
   async close(): Promise<void> {
-    clearTimeout(this.resumeTimer);
+    this.resumeTimer?.stop();
     this.channels.close();
     await this.o.transport.close();
   }

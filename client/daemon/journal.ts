@@ -48,6 +48,9 @@ export const CLIENT_MIGRATIONS = [
    );`,
   `ALTER TABLE client_loads ADD COLUMN purse_id TEXT NOT NULL DEFAULT '';
    ALTER TABLE client_loads ADD COLUMN proof_reference TEXT;`,
+  // The card's answer was lost and its log proves it never debited: a fact of its own, not a status word.
+  `ALTER TABLE client_purchases ADD COLUMN card_log_proves_no_debit INTEGER NOT NULL DEFAULT 0;
+   UPDATE client_purchases SET card_log_proves_no_debit = 1, card_status_word = NULL, debit_response = NULL WHERE card_status_word = 28416;`,
 ];
 
 export interface JournalRow {
@@ -63,6 +66,7 @@ export interface JournalRow {
   issued_result_m: Buffer | null;
   card_status_word: number | null;
   debit_response: Buffer | null;
+  card_log_proves_no_debit: number;
   result_m: Buffer | null;
   receipt: Buffer | null;
   proof_reported: number;
@@ -87,6 +91,7 @@ export function toRecord(r: JournalRow): PurchaseRecord {
     issuedResultM: sealedOf(r.issued_result_m),
     ...(r.card_status_word !== null ? { cardStatusWord: r.card_status_word } : {}),
     ...(r.debit_response ? { debitResponse: r.debit_response } : {}),
+    ...(r.card_log_proves_no_debit === 1 ? { cardLogProvesNoDebit: true } : {}),
     ...(r.result_m ? { resultM: Sealed.decode(r.result_m) } : {}),
     ...(r.receipt ? { receipt: Receipt.decode(r.receipt) } : {}),
     proofReported: r.proof_reported === 1,
@@ -130,6 +135,10 @@ export class SqliteJournal implements PurchaseJournal {
 
   cardAnswered(id: string, sw: number, debitResponse: Buffer) {
     return this.set(id, { state: "CARD_ANSWERED", card_status_word: sw, debit_response: debitResponse });
+  }
+
+  cardLogProvesNoDebit(id: string) {
+    return this.set(id, { state: "CARD_ANSWERED", card_status_word: null, debit_response: null, card_log_proves_no_debit: 1 });
   }
 
   confirmed(id: string, resultM: Sealed) {

@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
@@ -32,7 +32,11 @@ export async function startClientDaemon(c: DaemonConfig) {
     ...(c.callDeadlineMs ? { callDeadlineMs: c.callDeadlineMs } : {}),
     ...(c.resumeEveryMs ? { resumeEveryMs: c.resumeEveryMs } : {}),
   });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("cardholder"), services: [[CardholderServiceDefinition, daemon.service]], log });
+  const grpc = await startGrpcServer({
+    address: c.listen ?? defaultAddress("cardholder"),
+    services: [service(CardholderServiceDefinition, daemon.service)],
+    log,
+  });
   daemon.startResuming();
   return {
     address: grpc.address,

@@ -1,52 +1,30 @@
 // Client channels shared by every netpurse caller: bounded messages,
-// keepalive, a default deadline, and the server's error reason attached to
-// the ClientError.
+// keepalive, a deadline sent as the standard grpc-timeout, and the server's
+// rich error details (reason, field, retry delay) on the ClientError.
 
-import {
-  ClientError,
-  createChannel,
-  createClientFactory,
-  Metadata,
-  type Channel,
-  type ClientMiddleware,
-  type ClientMiddlewareCall,
-  type CallOptions,
-} from "nice-grpc";
+import { createChannel, createClientFactory, Metadata, type Channel, type ClientMiddleware } from "nice-grpc";
 import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middleware-deadline";
-import { reasonFromTrailer, type ReasonedClientError } from "./errors.js";
-import { TIMEOUT_METADATA } from "./server.js";
+import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
+
+/** The standard grpc-timeout value for `ms` (at most 8 digits, then a coarser unit). */
+export function grpcTimeout(ms: number): string {
+  const left = Math.max(0, Math.ceil(ms));
+  return left < 1e8 ? `${left}m` : `${Math.ceil(left / 1000)}S`;
+}
 
 /**
- * nice-grpc enforces deadlines on the client side only; this tells the server
- * the time left too (as grpc-timeout does for grpcurl), so a server can give
- * up before the caller's deadline with a precise error.
+ * nice-grpc enforces a deadline on the client side only (it aborts the call)
+ * and never hands it to grpc-js: this sends it to the server too, as the
+ * standard grpc-timeout header every gRPC server reads, so that a server can
+ * give up before the caller's deadline with a precise error.
  */
-const timeoutHeaderMiddleware: ClientMiddleware<{}, DeadlineOptions> = async function* (call, options) {
+const grpcTimeoutMiddleware: ClientMiddleware<DeadlineOptions> = async function* (call, options) {
   if (options.deadline == null) return yield* call.next(call.request, options);
   const left = options.deadline instanceof Date ? options.deadline.getTime() - Date.now() : options.deadline;
   const metadata = Metadata(options.metadata);
-  metadata.set(TIMEOUT_METADATA, String(Math.max(0, Math.floor(left))));
+  metadata.set("grpc-timeout", grpcTimeout(left));
   return yield* call.next(call.request, { ...options, metadata });
 };
-
-async function* reasonMiddleware<Req, Res>(call: ClientMiddlewareCall<Req, Res>, options: CallOptions) {
-  let trailer: import("nice-grpc").Metadata | undefined;
-  try {
-    return yield* call.next(call.request, {
-      ...options,
-      onTrailer(t) {
-        trailer = t;
-        options.onTrailer?.(t);
-      },
-    });
-  } catch (e) {
-    if (e instanceof ClientError && trailer) {
-      const reason = reasonFromTrailer(trailer);
-      if (reason !== undefined) (e as ReasonedClientError).reason = reason;
-    }
-    throw e;
-  }
-}
 
 export function openChannel(address: string, opts: { maxMessageBytes?: number } = {}): Channel {
   const max = opts.maxMessageBytes ?? 64 * 1024;
@@ -63,10 +41,10 @@ export function openChannel(address: string, opts: { maxMessageBytes?: number } 
   });
 }
 
-/** Client factory: deadlines (sent to the server too) and error reasons. */
+/** Client factory: deadlines (sent to the server as grpc-timeout) and the rich error model (RichClientError). */
 export function clientFactory() {
-  // The last middleware added runs first.
-  return createClientFactory().use(deadlineMiddleware).use(timeoutHeaderMiddleware).use(reasonMiddleware);
+  // The last middleware added runs first: grpc-timeout must see the deadline before deadlineMiddleware takes it.
+  return createClientFactory().use(deadlineMiddleware).use(grpcTimeoutMiddleware).use(errorDetailsClientMiddleware);
 }
 
 export const DEFAULT_DEADLINE_MS = 15_000;

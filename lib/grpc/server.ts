@@ -2,35 +2,43 @@
 // and streams, keepalive, health, reflection, error mapping and call logs.
 
 import * as grpc from "@grpc/grpc-js";
-import { createServer, ServerError, Status, type CallContext, type ServerMiddlewareCall, type Server } from "nice-grpc";
+import {
+  createServer,
+  ServerError,
+  Status,
+  type CallContext,
+  type ServerMiddlewareCall,
+  type Server,
+  type ServiceImplementation,
+  type TsProtoServiceDefinition,
+} from "nice-grpc";
 import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-server-health";
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { randomUUID } from "node:crypto";
-import { NetpurseError, REASON_TRAILER, reasonName } from "./errors.js";
+import { errorDetailsServerMiddleware } from "nice-grpc-error-details";
+import { NetpurseError, reasonName } from "./errors.js";
 import { reflectionDescriptorSet } from "./descriptors.js";
 import type { Logger } from "../log.js";
 
 /** Metadata key under which the server interceptor hands the call's deadline (ms since epoch) to handlers. */
 export const DEADLINE_METADATA = "netpurse-deadline-ms";
-/** Metadata key with the time a netpurse client has left, in ms (nice-grpc sends no grpc-timeout). */
-export const TIMEOUT_METADATA = "netpurse-timeout-ms";
 
 /**
- * grpc-js knows each call's grpc-timeout deadline but nice-grpc's context does
- * not carry it, and nice-grpc clients send netpurse-timeout-ms instead; this
- * interceptor puts the earlier of the two into the metadata so handlers can
- * give up before it (to answer RESOURCE_EXHAUSTED rather than time out).
+ * grpc-js reads each call's deadline from the standard grpc-timeout header
+ * (sent by grpc-js, grpcurl, buf curl, any gRPC client, and netpurse's own
+ * clients), but nice-grpc's call context does not carry it: this interceptor
+ * hands it to handlers in the metadata, so they can give up just before it
+ * with a precise error (RESOURCE_EXHAUSTED rather than a bare timeout). A
+ * value a client put under that key itself is removed first.
  */
 const deadlineInterceptor: grpc.ServerInterceptor = (_method, call) =>
   new grpc.ServerInterceptingCall(call, {
     start(next) {
       next({
         onReceiveMetadata(metadata, mdNext) {
-          metadata.remove(DEADLINE_METADATA); // only the server sets it
+          metadata.remove(DEADLINE_METADATA);
           const d = call.getDeadline();
-          let ms = d instanceof Date ? d.getTime() : d;
-          const left = Number(metadata.get(TIMEOUT_METADATA)[0]);
-          if (Number.isFinite(left) && left >= 0) ms = Math.min(ms, Date.now() + left);
+          const ms = d instanceof Date ? d.getTime() : d;
           if (Number.isFinite(ms)) metadata.set(DEADLINE_METADATA, String(ms));
           mdNext(metadata);
         },
@@ -62,7 +70,6 @@ function errorMiddleware(log: Logger) {
       return out;
     } catch (e) {
       if (e instanceof NetpurseError) {
-        context.trailer.set(REASON_TRAILER, reasonName(e.reason));
         log.info("rpc refused", { method: call.method.path, code: Status[e.code], reason: reasonName(e.reason), details: e.details });
         throw e;
       }
@@ -87,8 +94,16 @@ export interface RunningServer {
   shutdown(): Promise<void>;
 }
 
-/** A service definition and its implementation, as nice-grpc's server.add takes them. */
-export type ServiceEntry = [definition: any, implementation: any];
+/** A service to serve: its full name (for health and reflection) and how to add it to a server. */
+export interface ServiceEntry {
+  fullName: string;
+  addTo(server: Server): void;
+}
+
+/** Pairs a generated service definition with its implementation, type-checked against each other. */
+export function service<S extends TsProtoServiceDefinition>(definition: S, implementation: ServiceImplementation<S>): ServiceEntry {
+  return { fullName: definition.fullName, addTo: (server) => server.add(definition, implementation) };
+}
 
 /**
  * Starts a gRPC server with health and reflection on `address` (host:port;
@@ -105,13 +120,15 @@ export async function startGrpcServer(p: { address: string; services: ServiceEnt
     "grpc.keepalive_timeout_ms": 20_000,
     "grpc.http2.min_ping_interval_without_data_ms": 5_000,
     interceptors: [deadlineInterceptor],
-  } as grpc.ServerOptions).use(errorMiddleware(p.log));
+  })
+    .use(errorMiddleware(p.log))
+    .use(errorDetailsServerMiddleware);
   const health = HealthState();
   const names: string[] = [];
-  for (const [def, impl] of p.services) {
-    server.add(def, impl);
-    names.push(def.fullName);
-    health.setStatus("healthy", def.fullName);
+  for (const s of p.services) {
+    s.addTo(server);
+    names.push(s.fullName);
+    health.setStatus("healthy", s.fullName);
   }
   server.add(HealthDefinition, HealthServiceImpl(health));
   server.add(ServerReflectionService, ServerReflection(reflectionDescriptorSet(), [...names, "grpc.health.v1.Health"]));

@@ -119,7 +119,10 @@ export function bytesToUuid(b: Uint8Array): string {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
-type Fields = Record<string, Field<any>>;
+// A field's value type is read back with `infer`, which needs `any` here: Field<unknown> would
+// not accept a Field<number> (its encode takes the narrower type).
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type Fields = Record<string, Field<any>>;
 export type Value<F extends Fields> = { [K in keyof F]: F[K] extends Field<infer T> ? T : never };
 
 export interface Layout<F extends Fields> {

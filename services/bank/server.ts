@@ -3,7 +3,7 @@ import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { defaultAddress } from "../../lib/config.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { BankServer } from "./bank-server.js";
@@ -38,7 +38,7 @@ export async function startBankServer(c: BankConfig) {
   };
   const channel = openChannel(identity.loadServerAddress);
   const server = new BankServer({ store, identity, log, loadServer: clientFactory().create(LoadServiceDefinition, channel) });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [[BankServiceDefinition, server.service]], log });
+  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [service(BankServiceDefinition, server.service)], log });
   identity.bankAddress = c.publicAddress ?? grpc.address;
   const staleMs = c.staleHoldMs ?? 15 * 60_000;
   let sweeping = Promise.resolve();

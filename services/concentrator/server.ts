@@ -1,5 +1,5 @@
 import { defaultAddress } from "../../lib/config.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { Concentrator } from "./concentrator.js";
@@ -24,7 +24,7 @@ export async function startConcentrator(c: ConcentratorConfig = {}) {
   });
   const server = await startGrpcServer({
     address: c.listen ?? defaultAddress("concentrator"),
-    services: [[TerminalConcentratorServiceDefinition, concentrator.service]],
+    services: [service(TerminalConcentratorServiceDefinition, concentrator.service)],
     log,
     limits: { maxMessageBytes: 256 * 1024, maxConcurrentStreams: 1024 },
   });

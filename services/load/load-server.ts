@@ -110,7 +110,7 @@ export class LoadServer {
 
   /** The bank's authorisation of a load, opened and checked against the request's clear fields. */
   private authorisation(req: { transactionId?: { value: string }; bankId: string; keyNonce: Uint8Array; authorization?: Sealed }) {
-    const id = requireTransactionId(req.transactionId as never);
+    const id = requireTransactionId(req.transactionId);
     const bankId = requireName(req.bankId, "bank_id", 16);
     if (req.keyNonce.length !== 16) throw invalidField("key_nonce", "must be 16 bytes");
     if (!req.authorization) throw invalidField("authorization", "missing");

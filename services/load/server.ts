@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { loadBankKeys } from "./banks.js";
@@ -22,7 +22,7 @@ export async function startLoadServer(c: LoadConfig) {
   const db = openSqlite(join(c.dir, "load.db"), LOAD_MIGRATIONS);
   const store = new LoadStore(db);
   const server = new LoadServer({ store, hsm, banks: await loadBankKeys(join(c.dir, "banks.json")), log });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("load"), services: [[LoadServiceDefinition, server.service]], log });
+  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("load"), services: [service(LoadServiceDefinition, server.service)], log });
   return {
     address: grpc.address,
     store,

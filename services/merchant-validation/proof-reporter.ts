@@ -9,6 +9,7 @@ import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import type { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { Logger } from "../../lib/log.js";
+import { repeat, type Periodic } from "../../lib/periodic.js";
 import type { Db } from "../../lib/store/db.js";
 
 export const VALIDATION_MIGRATIONS = [
@@ -30,7 +31,7 @@ interface OutboxRow {
 }
 
 export class ProofReporter {
-  private timer: NodeJS.Timeout | undefined;
+  private timer: Periodic | undefined;
   private running: Promise<void> | undefined;
 
   constructor(private readonly o: { db: Db; payment: Client<typeof PaymentServiceDefinition, DeadlineOptions>; log: Logger; retryEveryMs?: number }) {}
@@ -52,7 +53,7 @@ export class ProofReporter {
   }
 
   private kick(): void {
-    void this.flush();
+    this.flush().catch((e: unknown) => this.o.log.warn("card proofs not reported yet; retried later", { error: (e as Error).message }));
   }
 
   private async pass(): Promise<void> {
@@ -68,7 +69,7 @@ export class ProofReporter {
           e instanceof ClientError &&
           [Status.PERMISSION_DENIED, Status.NOT_FOUND, Status.ALREADY_EXISTS, Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION].includes(e.code);
         await this.mark(row, final ? "REFUSED" : "QUEUED", (e as Error).message);
-        (final ? this.o.log.error : this.o.log.warn)("card proof not acknowledged", { transaction: row.transaction_id, final, error: (e as Error).message });
+        this.o.log[final ? "error" : "warn"]("card proof not acknowledged", { transaction: row.transaction_id, final, error: (e as Error).message });
       }
     }
   }
@@ -83,20 +84,11 @@ export class ProofReporter {
   }
 
   start(): void {
-    const every = this.o.retryEveryMs ?? 10_000;
-    const tick = () => {
-      void this.flush().finally(() => {
-        if (!this.timer) return;
-        this.timer = setTimeout(tick, every);
-        this.timer.unref();
-      });
-    };
-    this.timer = setTimeout(tick, 0);
-    this.timer.unref();
+    this.timer = repeat({ what: "report of card proofs", everyMs: this.o.retryEveryMs ?? 10_000, log: this.o.log, task: () => this.flush() });
   }
 
   async close(): Promise<void> {
-    clearTimeout(this.timer);
+    this.timer?.stop();
     this.timer = undefined;
     await this.running?.catch(() => undefined);
   }

@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
@@ -32,7 +32,7 @@ export async function startMerchantValidation(c: ValidationConfig) {
   const v = new MerchantValidation(keys, reporter, log);
   const grpc = await startGrpcServer({
     address: c.listen ?? defaultAddress("merchantValidation"),
-    services: [[MerchantValidationServiceDefinition, v.service]],
+    services: [service(MerchantValidationServiceDefinition, v.service)],
     log,
   });
   reporter.start();

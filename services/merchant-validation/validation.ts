@@ -60,7 +60,7 @@ export class MerchantValidation {
 
   readonly service: MerchantValidationServiceImplementation = {
     issueTransactionKeys: async (req) => this.issueKeys(requireTransactionId(req.transactionId), requireMerchantId(req.merchantId)),
-    validateConfirmation: async (req) => this.validate(req as ValidateConfirmationRequest),
+    validateConfirmation: async (req) => this.validate(req),
   };
 
   private keyOf(merchantId: string): MerchantKey {

@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { readJson } from "../../lib/files.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -36,7 +36,7 @@ export async function startMerchant(c: MerchantConfig) {
     offerTtlMs: c.offerTtlMs ?? 15 * 60_000,
     log,
   });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("merchant"), services: [[MerchantServiceDefinition, shop.service]], log });
+  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("merchant"), services: [service(MerchantServiceDefinition, shop.service)], log });
   bound = grpc.address;
   return {
     address: grpc.address,

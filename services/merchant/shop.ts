@@ -94,7 +94,7 @@ export class Shop {
       products: this.products(),
     }),
     createOrder: async (req) => this.createOrder(req.productId ?? ""),
-    completeOrder: async (req) => this.completeOrder(req as CompleteOrderRequest),
+    completeOrder: async (req) => this.completeOrder(req),
     getOrder: async (req) => this.getOrder(requireTransactionId(req.transactionId)),
   };
 

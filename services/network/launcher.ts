@@ -81,8 +81,8 @@ export class Launcher {
           buffered = buffered.slice(i + 1);
         }
       };
-      child.stdout!.on("data", split);
-      child.stderr!.on("data", split);
+      child.stdout.on("data", split);
+      child.stderr.on("data", split);
       child.on("exit", (code, signal) => {
         log.end();
         if (!this.running.has(name)) return fail(new Error(`${name} exited (${signal ?? `code ${code}`}) before it started`));
@@ -163,7 +163,7 @@ export async function launchNetwork(
     "--listen",
     at("payment"),
     "--concentrator",
-    addresses.concentrator!,
+    addresses.concentrator,
     ...data,
     ...(p.paymentArgs ?? []),
   ]);

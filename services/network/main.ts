@@ -58,8 +58,14 @@ async function shutdown(code: number): Promise<never> {
   }
   process.exit(code);
 }
-process.on("SIGINT", () => void shutdown(0));
-process.on("SIGTERM", () => void shutdown(0));
+const onSignal = () => {
+  shutdown(0).catch((e: unknown) => {
+    console.error(`could not stop every service: ${(e as Error).message}`);
+    process.exit(1);
+  });
+};
+process.on("SIGINT", onSignal);
+process.on("SIGTERM", onSignal);
 
 try {
   say(`netpurse: data folder ${data}`);

@@ -4,7 +4,7 @@
 import { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
 import type { DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
 import { invalidField } from "../../lib/grpc/errors.js";
-import { requireMerchantId, requireTransactionId } from "../../lib/ids.js";
+import { requireConfirmationMode, requireMerchantId, requireTransactionId } from "../../lib/ids.js";
 import { MAX_CARD_AMOUNT } from "../../lib/money.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { ALGORITHM_AES128_CMAC, InitializeForPurchaseResponse, PURSE_FORMAT, type InitializeForPurchase } from "../../lib/protocol/purse.js";
@@ -30,10 +30,7 @@ export function editDrawRequest(dr: DrawRequest | undefined): EditedDrawRequest 
   if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("draw_request.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
   if (a.currency < 1 || a.currency > 999) throw invalidField("draw_request.amount.currency", "must be an ISO 4217 numeric code 1..999");
   if (a.exponent > 4) throw invalidField("draw_request.amount.exponent", "must be 0..4");
-  const mode = dr.confirmationMode;
-  if (mode === ConfirmationMode.CONFIRMATION_MODE_UNSPECIFIED || !(mode in ConfirmationMode) || mode < 0) {
-    throw invalidField("draw_request.confirmation_mode", "missing or unknown");
-  }
+  const mode = requireConfirmationMode(dr.confirmationMode, "draw_request.confirmation_mode");
   const atr = Buffer.from(dr.cardAtr);
   if (atr.length < 2 || atr.length > 33) throw invalidField("draw_request.card_atr", `must be 2..33 bytes, got ${atr.length}`);
   if (atr[0] !== 0x3b && atr[0] !== 0x3f) throw invalidField("draw_request.card_atr", "must start with TS byte 3B or 3F");

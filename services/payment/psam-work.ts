@@ -1,18 +1,24 @@
-// PSAM jobs for one purchase: taking the PSAM that signed its DEBIT command
-// (held since the draw request, or leased again), running a job on it within
-// the caller's time, and holding or releasing it as the mode allows.
+// PSAM jobs for purchases, built in one place: the DEBIT command for a draw
+// request, the verdict on the card's answer, the reversal of a debit. It
+// also takes the PSAM that signed a purchase's DEBIT command (held since the
+// draw request, or leased again), runs a job on it within the caller's time,
+// and holds or releases it as the mode allows.
 
+import type { Money } from "../../gen/netpurse/card/v1/card.js";
 import { PsamJobStatus, type PsamJob, type PsamJobResult } from "../../gen/netpurse/terminal/v1/terminal.js";
-import { swHex } from "../../lib/apdu/apdu.js";
-import { txnId } from "../../lib/ids.js";
+import { SW, swHex } from "../../lib/apdu/apdu.js";
+import { merchantId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import type { PaymentStore, PurchaseRow } from "./store.js";
-import { NoPsamFree, type ConcentratorLink, type Lease, type PsamPool } from "./terminal-pool.js";
+import { money } from "../../lib/money.js";
+import type { ConcentratorLink } from "./concentrator-link.js";
+import { NoPsamFree, psamKey, type Lease, type PsamPool } from "./psam-pool.js";
+import type { PaymentStore, Purchase, SignedPurchase } from "./store.js";
 
 /** The least time worth giving a terminal for one job; with less left, no job is sent. */
 export const MIN_JOB_MS = 1_000;
 
-export const psamKeyOf = (row: PurchaseRow) => `${row.terminal_id}/${row.psam_id}`;
+/** The pool's key of the PSAM that signed a purchase's DEBIT command. */
+export const psamKeyOf = (p: SignedPurchase) => psamKey(p.terminal_id, p.psam_id);
 
 /** A PSAM that could not be reached, and why. */
 export class PsamUnreachable {
@@ -34,12 +40,44 @@ export class PsamWork {
     },
   ) {}
 
-  jobTimeout(deadline: number): number {
+  private jobTimeout(deadline: number): number {
     return Math.max(MIN_JOB_MS, Math.min(this.o.jobTimeoutMs, deadline - Date.now()));
   }
 
-  run(lease: Lease, transactionId: string, task: PsamJob["task"], deadline: number): Promise<PsamJobResult> {
+  private run(lease: Lease, transactionId: string, task: PsamJob["task"], deadline: number): Promise<PsamJobResult> {
     return this.o.link.runJob(lease, { transactionId: txnId(transactionId), task }, this.jobTimeout(deadline));
+  }
+
+  /** Steps 684-690: the PSAM replays the card's answers and signs the DEBIT command (and predicts the card's signature when asked). */
+  issueDebitCommand(
+    lease: Lease,
+    p: Purchase,
+    card: { atr: Buffer; initializeResponse: Buffer },
+    returnExpectedSignature: boolean,
+    deadline: number,
+  ): Promise<PsamJobResult> {
+    const amount: Money = money(p.amount_minor, p.currency, p.exponent);
+    return this.run(
+      lease,
+      p.transaction_id,
+      {
+        $case: "issueDebitCommand",
+        value: { cardAtr: card.atr, initializeResponse: card.initializeResponse, amount, merchantId: merchantId(p.merchant_id), returnExpectedSignature },
+      },
+      deadline,
+    );
+  }
+
+  /** The PSAM verifies the card's answer to its DEBIT command and, when it is the debit, records it in its batch. */
+  verifyDebit(lease: Lease, p: SignedPurchase, debitResponse: Buffer, deadline: number): Promise<PsamJobResult> {
+    return this.run(lease, p.transaction_id, { $case: "verifyDebit", value: { psamCounter: p.psam_counter, cardStatusWord: SW.OK, debitResponse } }, deadline);
+  }
+
+  /** REVERSE DEBIT of the PSAM's open debit at `psamCounter`: true once the PSAM confirms, or why not. */
+  async reverse(lease: Lease, transactionId: string, psamCounter: number, deadline: number): Promise<true | PsamUnreachable> {
+    const r = await this.run(lease, transactionId, { $case: "reverseDebit", value: { psamCounter } }, Math.max(deadline, Date.now() + MIN_JOB_MS));
+    if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) return true;
+    return new PsamUnreachable(`reversal not confirmed by the PSAM: ${describe(r)}`);
   }
 
   /** Keeps the PSAM for the cardholder's answer, but not forever. */
@@ -47,16 +85,26 @@ export class PsamWork {
     const timer = setTimeout(() => {
       if (this.holds.get(transactionId)?.lease !== lease) return;
       this.holds.delete(transactionId);
-      void this.giveBack(transactionId, lease, "no card answer in time; its debit stays open");
+      this.giveBack(transactionId, lease, "no card answer in time; its debit stays open").catch((e: unknown) =>
+        this.o.log.error("could not give a held PSAM back", { transaction: transactionId, psam: lease.psamId, error: (e as Error).message }),
+      );
     }, this.o.holdTimeoutMs);
     timer.unref();
     this.holds.set(transactionId, { lease, timer });
   }
 
-  /** Gives a purchase's PSAM back to the pool and logs how long the purchase held it (from the lease to now). */
+  /**
+   * Gives a purchase's PSAM back to the pool and logs how long the purchase
+   * held it (from the lease to now). The PSAM is free whatever happens to the
+   * log line, which is only a measurement: a failed write is reported, not thrown.
+   */
   async giveBack(transactionId: string, lease: Lease, why: string): Promise<void> {
     this.o.pool.release(lease);
-    await this.o.store.log(transactionId, { step: "psam_released", detail: `PSAM ${lease.psamId} held ${Date.now() - lease.takenAt} ms: ${why}` });
+    try {
+      await this.o.store.log(transactionId, { step: "psam_released", detail: `PSAM ${lease.psamId} held ${Date.now() - lease.takenAt} ms: ${why}` });
+    } catch (e) {
+      this.o.log.warn("PSAM released, but its release was not logged", { transaction: transactionId, psam: lease.psamId, error: (e as Error).message });
+    }
   }
 
   private takeHold(transactionId: string): Lease | undefined {
@@ -72,13 +120,14 @@ export class PsamWork {
    * the PSAM back after; a PsamUnreachable when that PSAM is not in the pool
    * or does not become free in time.
    */
-  async onSigningPsam<T>(row: PurchaseRow, deadline: number, fn: (lease: Lease) => Promise<T>): Promise<T | PsamUnreachable> {
-    const held = this.takeHold(row.transaction_id);
+  async onSigningPsam<T>(p: SignedPurchase, deadline: number, fn: (lease: Lease) => Promise<T>): Promise<T | PsamUnreachable> {
+    const held = this.takeHold(p.transaction_id);
     let lease = held;
     if (!lease) {
-      if (!this.o.pool.has(psamKeyOf(row))) return new PsamUnreachable(`PSAM ${row.psam_id} of terminal ${row.terminal_id} is not in the pool`);
+      const key = psamKeyOf(p);
+      if (!this.o.pool.has(key)) return new PsamUnreachable(`PSAM ${p.psam_id} of terminal ${p.terminal_id} is not in the pool`);
       try {
-        lease = await this.o.pool.acquire({ key: psamKeyOf(row) }, Math.min(deadline, Date.now() + 5_000));
+        lease = await this.o.pool.acquire({ key }, Math.min(deadline, Date.now() + 5_000));
       } catch (e) {
         if (e instanceof NoPsamFree) return new PsamUnreachable(e.message);
         throw e;
@@ -87,21 +136,9 @@ export class PsamWork {
     try {
       return await fn(lease);
     } finally {
-      if (held) await this.giveBack(row.transaction_id, lease, "the card's answer is ruled on");
+      if (held) await this.giveBack(p.transaction_id, lease, "the card's answer is ruled on");
       else this.o.pool.release(lease);
     }
-  }
-
-  /** REVERSE DEBIT on the signing PSAM: true once the PSAM confirms, or why not. */
-  async reverse(row: PurchaseRow, lease: Lease, deadline: number): Promise<true | PsamUnreachable> {
-    const r = await this.run(
-      lease,
-      row.transaction_id,
-      { $case: "reverseDebit", value: { psamCounter: row.psam_counter! } },
-      Math.max(deadline, Date.now() + MIN_JOB_MS),
-    );
-    if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) return true;
-    return new PsamUnreachable(`reversal not confirmed by the PSAM: ${describe(r)}`);
   }
 
   releaseAll(): void {

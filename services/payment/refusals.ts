@@ -6,6 +6,7 @@ import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { SW, swHex } from "../../lib/apdu/apdu.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { DebitResult } from "../../lib/protocol/purse.js";
+import type { Failure } from "./store.js";
 
 /** A PSAM's refusal of the card at DRAW AMOUNT time. */
 export function psamRefusal(sw: number): NetpurseError {
@@ -67,5 +68,12 @@ export function sealBroken(what: string): NetpurseError {
   );
 }
 
-/** Status word recorded for a debit the card's later transactions prove it never made. */
-export const SW_PROVEN_NOT_DEBITED = 0x6f01;
+/** How a refusal is recorded with the purchase, to be given again to a retry. */
+export function failureOf(e: NetpurseError): Failure {
+  return { code: e.code, reason: e.reason, message: e.details };
+}
+
+/** The recorded refusal, as its caller was first told it. */
+export function errorOf(f: Failure): NetpurseError {
+  return new NetpurseError(f.code, f.reason, f.message);
+}

@@ -1,13 +1,19 @@
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
-import { startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { MerchantRegistry } from "./merchants.js";
 import { PaymentServer } from "./payment-server.js";
 import { PAYMENT_MIGRATIONS, PaymentStore } from "./store.js";
-import { ConcentratorLink, PsamPool } from "./terminal-pool.js";
+import { ConcentratorLink } from "./concentrator-link.js";
+import { PsamPool } from "./psam-pool.js";
+import { DebitCommands } from "./debit-command.js";
+import { PsamWork } from "./psam-work.js";
+import { Recovery } from "./recovery.js";
+import { Ruling } from "./ruling.js";
+import { KeyedMutex } from "../../lib/mutex.js";
 
 export interface PaymentConfig {
   listen?: string;
@@ -28,41 +34,42 @@ export interface PaymentConfig {
 export async function startPaymentServer(c: PaymentConfig) {
   const log = createLogger("payment");
   const db = openSqlite(join(c.dir, "payment.db"), PAYMENT_MIGRATIONS);
-  const store = new PaymentStore(db);
-  let link: ConcentratorLink;
+  const store = new PaymentStore(db, (e) => log.error("purchase left out of recovery", { error: e.message }));
+  const locks = new KeyedMutex();
   const pool = new PsamPool((l) => link.release(l));
-  let server: PaymentServer;
-  link = new ConcentratorLink({
+  const link: ConcentratorLink = new ConcentratorLink({
     address: c.concentrator ?? defaultAddress("concentrator"),
     paymentServerId: c.paymentServerId ?? "payment-1",
     pool,
     log,
-    onTerminal: (t) => server.onTerminal(t),
-    onLateResult: (terminalId, slot) => server.onSlot(terminalId, slot),
+    onTerminal: (t) => recovery.onTerminal(t),
+    onLateResult: (terminalId, slot) => recovery.onSlot(terminalId, slot),
   });
-  server = new PaymentServer({
+  const work = new PsamWork({ pool, link, store, log, holdTimeoutMs: c.holdTimeoutMs ?? 60_000, jobTimeoutMs: c.jobTimeoutMs ?? 10_000 });
+  const ruling = new Ruling({ store, work, log, locks });
+  const recovery: Recovery = new Recovery({ store, pool, work, ruling, locks, log, proofTimeoutMs: c.proofTimeoutMs ?? 10 * 60_000 });
+  const server = new PaymentServer({
     store,
     merchants: new MerchantRegistry(join(c.dir, "merchants.json")),
-    pool,
-    link,
+    debitCommands: new DebitCommands({ store, pool, work, log }),
+    ruling,
+    recovery,
+    locks,
     log,
-    ...(c.holdTimeoutMs !== undefined ? { holdTimeoutMs: c.holdTimeoutMs } : {}),
-    ...(c.maxPsamWaitMs !== undefined ? { maxPsamWaitMs: c.maxPsamWaitMs } : {}),
-    ...(c.jobTimeoutMs !== undefined ? { jobTimeoutMs: c.jobTimeoutMs } : {}),
-    ...(c.proofTimeoutMs !== undefined ? { proofTimeoutMs: c.proofTimeoutMs } : {}),
+    maxPsamWaitMs: c.maxPsamWaitMs ?? 10_000,
   });
   link.start();
-  server.startSweeping(c.sweepEveryMs ?? 15_000);
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("payment"), services: [[PaymentServiceDefinition, server.service]], log });
+  recovery.startSweeping(c.sweepEveryMs ?? 15_000);
+  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("payment"), services: [service(PaymentServiceDefinition, server.service)], log });
   return {
     address: grpc.address,
     pool,
     store,
-    server,
     whenConnected: () => link.whenReady(),
     async close() {
       await grpc.shutdown();
-      await server.close();
+      recovery.stop();
+      work.releaseAll();
       await link.close();
       await db.close();
     },

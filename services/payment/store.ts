@@ -1,7 +1,10 @@
 // The payment server's transaction database (database 223 of WO 98/49658):
 // one row per transaction with its current state, and every step logged as
-// an event, each written before the server answers.
+// an event, each written before the server answers. Rows are read back as a
+// Purchase whose type says, per state, which fields it has; a row that breaks
+// that is reported, never read with a guess.
 
+import type { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
 import type { Db, Queryable, SqlValue } from "../../lib/store/db.js";
 
 export const PAYMENT_MIGRATIONS = [
@@ -47,12 +50,79 @@ export const PAYMENT_MIGRATIONS = [
    ALTER TABLE purchases ADD COLUMN encrypted_session_key BLOB;
    ALTER TABLE purchases ADD COLUMN expected_card_signature BLOB;
    CREATE INDEX purchases_purse ON purchases (purse_id, card_counter);`,
+  // Two columns no version ever wrote; and a proof that the card never made
+  // a debit gets its own column instead of a made-up status word.
+  `ALTER TABLE purchases DROP COLUMN completion_hash;
+   ALTER TABLE purchases DROP COLUMN confirmation;
+   ALTER TABLE purchases ADD COLUMN not_debited_proof TEXT;
+   UPDATE purchases SET not_debited_proof = 'the card''s counter moved on through another proven transaction', card_status_word = NULL
+     WHERE card_status_word = 28417;`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
 export type State = "RECEIVED" | "DEBIT_COMMAND_ISSUED" | "DEBIT_RESPONSE_RECEIVED" | "PROVEN" | "COMPLETED" | "REVERSED" | "REFUSED" | "IN_DOUBT";
 
-export interface PurchaseRow {
+/** What every purchase has from its draw request on. */
+interface PurchaseBase {
+  transaction_id: string;
+  request_hash: string;
+  merchant_id: string;
+  amount_minor: number;
+  currency: number;
+  exponent: number;
+  purse_id: string;
+  card_counter: number;
+  key_version: number;
+  confirmation_mode: ConfirmationMode;
+  /** Only the client that sent the draw request knows it: it binds CompletePurchase to that client. */
+  completion_token: Buffer;
+  key_nonce: Buffer;
+  /** The ETSK as the offer carried it (an encoded Sealed); the TSK is recovered from it when needed, never stored. */
+  encrypted_session_key: Buffer;
+  created_at: string;
+  updated_at: string;
+}
+
+/** A DEBIT command signed by a PSAM: from DEBIT_COMMAND_ISSUED on. */
+export interface Signed {
+  terminal_id: string;
+  psam_id: string;
+  psam_counter: number;
+  debit_command: Buffer;
+  /** Modes other than PSAM_VERIFIES: the card signature the PSAM expects. */
+  expected_card_signature: Buffer | null;
+}
+
+/**
+ * What is known of the card's answer to DEBIT: the card's own answer (its
+ * status word and, with 9000, its 17 bytes), or a proof that the card never
+ * made this debit (its log, or another proven transaction at its counter).
+ */
+export type CardAnswer = { kind: "card"; statusWord: number; debitResponse: Buffer } | { kind: "not_debited"; proof: string };
+
+/** Why a purchase ended without a payment, as its caller was told. */
+export interface Failure {
+  code: number;
+  reason: number;
+  message: string;
+}
+
+export type Purchase = PurchaseBase &
+  (
+    | { state: "RECEIVED" }
+    | { state: "REFUSED"; failure: Failure }
+    | (Signed & { state: "DEBIT_COMMAND_ISSUED" })
+    | (Signed & { state: "IN_DOUBT"; answer: CardAnswer | null })
+    | (Signed & { state: "DEBIT_RESPONSE_RECEIVED"; answer: CardAnswer })
+    | (Signed & { state: "PROVEN" | "COMPLETED"; answer: CardAnswer & { kind: "card" }; new_balance: number })
+    | (Signed & { state: "REVERSED"; answer: CardAnswer | null; failure: Failure })
+  );
+
+export type SignedPurchase = Extract<Purchase, Signed>;
+export type PaidPurchase = Extract<Purchase, { state: "PROVEN" | "COMPLETED" }>;
+
+/** The columns of the purchases table. */
+interface PurchaseRow {
   transaction_id: string;
   request_hash: string;
   merchant_id: string;
@@ -69,21 +139,86 @@ export interface PurchaseRow {
   psam_counter: number | null;
   debit_command: Buffer | null;
   completion_token: Buffer | null;
-  completion_hash: string | null;
   card_status_word: number | null;
   debit_response: Buffer | null;
+  not_debited_proof: string | null;
   new_balance: number | null;
-  confirmation: Buffer | null;
   error_code: number | null;
   error_reason: number | null;
   error_message: string | null;
   key_nonce: Buffer | null;
-  /** The ETSK as the offer carried it (an encoded Sealed); the TSK is recovered from it when needed, never stored. */
   encrypted_session_key: Buffer | null;
-  /** Modes other than PSAM_VERIFIES: the card signature the PSAM expects. */
   expected_card_signature: Buffer | null;
   created_at: string;
   updated_at: string;
+}
+
+/** A stored row that does not have what its state requires: an operator must look. */
+export class CorruptPurchase extends Error {
+  constructor(transactionId: string, problem: string) {
+    super(`purchase ${transactionId} is inconsistent in the payment database: ${problem}`);
+  }
+}
+
+function need<T>(row: PurchaseRow, value: T | null, column: string): T {
+  if (value === null) throw new CorruptPurchase(row.transaction_id, `state ${row.state} without ${column}`);
+  return value;
+}
+
+function answerOf(row: PurchaseRow): CardAnswer | null {
+  if (row.not_debited_proof !== null) return { kind: "not_debited", proof: row.not_debited_proof };
+  if (row.card_status_word === null) return null;
+  return { kind: "card", statusWord: row.card_status_word, debitResponse: row.debit_response ?? Buffer.alloc(0) };
+}
+
+function failureOf(row: PurchaseRow): Failure {
+  return { code: need(row, row.error_code, "error_code"), reason: row.error_reason ?? 0, message: row.error_message ?? `transaction ended ${row.state}` };
+}
+
+function toPurchase(row: PurchaseRow): Purchase {
+  const base: PurchaseBase = {
+    transaction_id: row.transaction_id,
+    request_hash: row.request_hash,
+    merchant_id: row.merchant_id,
+    amount_minor: row.amount_minor,
+    currency: row.currency,
+    exponent: row.exponent,
+    purse_id: row.purse_id,
+    card_counter: row.card_counter,
+    key_version: row.key_version,
+    confirmation_mode: row.confirmation_mode,
+    completion_token: need(row, row.completion_token, "completion_token"),
+    key_nonce: need(row, row.key_nonce, "key_nonce"),
+    encrypted_session_key: need(row, row.encrypted_session_key, "encrypted_session_key"),
+    created_at: row.created_at,
+    updated_at: row.updated_at,
+  };
+  if (row.state === "RECEIVED") return { ...base, state: row.state };
+  if (row.state === "REFUSED") return { ...base, state: row.state, failure: failureOf(row) };
+  const signed: Signed = {
+    terminal_id: need(row, row.terminal_id, "terminal_id"),
+    psam_id: need(row, row.psam_id, "psam_id"),
+    psam_counter: need(row, row.psam_counter, "psam_counter"),
+    debit_command: need(row, row.debit_command, "debit_command"),
+    expected_card_signature: row.expected_card_signature,
+  };
+  switch (row.state) {
+    case "DEBIT_COMMAND_ISSUED":
+      return { ...base, ...signed, state: row.state };
+    case "IN_DOUBT":
+      return { ...base, ...signed, state: row.state, answer: answerOf(row) };
+    case "DEBIT_RESPONSE_RECEIVED":
+      return { ...base, ...signed, state: row.state, answer: need(row, answerOf(row), "card answer") };
+    case "PROVEN":
+    case "COMPLETED": {
+      const answer = answerOf(row);
+      if (answer?.kind !== "card" || answer.debitResponse.length === 0)
+        throw new CorruptPurchase(row.transaction_id, `state ${row.state} without the card's answer`);
+      return { ...base, ...signed, state: row.state, answer, new_balance: need(row, row.new_balance, "new_balance") };
+    }
+    case "REVERSED":
+      return { ...base, ...signed, state: row.state, answer: answerOf(row), failure: failureOf(row) };
+  }
 }
 
 export interface EventRow {
@@ -92,7 +227,39 @@ export interface EventRow {
   detail: string;
 }
 
-export type PurchasePatch = Partial<Omit<PurchaseRow, "transaction_id" | "created_at" | "updated_at">>;
+/** Columns a transition may set. */
+export type PurchasePatch = Partial<
+  Pick<
+    PurchaseRow,
+    | "terminal_id"
+    | "psam_id"
+    | "psam_counter"
+    | "debit_command"
+    | "expected_card_signature"
+    | "card_status_word"
+    | "debit_response"
+    | "not_debited_proof"
+    | "new_balance"
+    | "error_code"
+    | "error_reason"
+    | "error_message"
+  >
+> & { state: State };
+
+/** The columns that record a card answer. */
+export function answerColumns(a: CardAnswer): Omit<PurchasePatch, "state"> {
+  return a.kind === "card"
+    ? { card_status_word: a.statusWord, debit_response: a.debitResponse, not_debited_proof: null }
+    : { card_status_word: null, debit_response: null, not_debited_proof: a.proof };
+}
+
+/** The columns that record why a purchase failed. */
+export function failureColumns(f: Failure) {
+  return { error_code: f.code, error_reason: f.reason, error_message: f.message };
+}
+
+/** A new purchase as the draw request makes it. */
+export type NewPurchase = Omit<PurchaseBase, "created_at" | "updated_at">;
 
 export interface Step {
   step: string;
@@ -103,22 +270,28 @@ async function logEvent(tx: Queryable, transactionId: string, e: Step, at: strin
   await tx.run("INSERT INTO purchase_events (transaction_id, at, step, detail) VALUES (?, ?, ?, ?)", [transactionId, at, e.step, e.detail]);
 }
 
-export class PaymentStore {
-  constructor(private readonly db: Db) {}
+const inList = (states: readonly State[]) => states.map(() => "?").join(", ");
 
-  /** Inserts a new purchase with its first event; false when the id exists already. */
-  async insert(row: Omit<PurchaseRow, "created_at" | "updated_at">, event: Step): Promise<boolean> {
+export class PaymentStore {
+  /** `onCorrupt` hears of rows a listing leaves out because they break their state's shape. */
+  constructor(
+    private readonly db: Db,
+    private readonly onCorrupt: (e: CorruptPurchase) => void = () => undefined,
+  ) {}
+
+  /** Inserts a new purchase (state RECEIVED) with its first event; false when the id exists already. */
+  async insert(p: NewPurchase, event: Step): Promise<boolean> {
     const now = new Date().toISOString();
+    const row: Record<string, SqlValue> = { ...p, state: "RECEIVED", created_at: now, updated_at: now };
     return this.db.transaction(async (tx) => {
-      const exists = await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [row.transaction_id]);
+      const exists = await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [p.transaction_id]);
       if (exists) return false;
       const cols = Object.keys(row);
-      await tx.run(`INSERT INTO purchases (${cols.join(", ")}, created_at, updated_at) VALUES (${cols.map(() => "?").join(", ")}, ?, ?)`, [
-        ...(Object.values(row) as SqlValue[]),
-        now,
-        now,
-      ]);
-      await logEvent(tx, row.transaction_id, event, now);
+      await tx.run(
+        `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`,
+        cols.map((c) => row[c] ?? null),
+      );
+      await logEvent(tx, p.transaction_id, event, now);
       return true;
     });
   }
@@ -127,13 +300,13 @@ export class PaymentStore {
    * Moves a purchase to a new state (and other fields) with an event, only if
    * it is in one of `from`; false when it was not (someone else moved it).
    */
-  async transition(transactionId: string, from: State[], patch: PurchasePatch, event: Step): Promise<boolean> {
+  async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, event: Step): Promise<boolean> {
     const now = new Date().toISOString();
+    const cols = Object.keys(patch) as (keyof PurchasePatch)[];
     return this.db.transaction(async (tx) => {
-      const sets = Object.keys(patch).map((k) => `${k} = ?`);
       const r = await tx.run(
-        `UPDATE purchases SET ${[...sets, "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${from.map(() => "?").join(", ")})`,
-        [...(Object.values(patch) as SqlValue[]), now, transactionId, ...from],
+        `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)})`,
+        [...cols.map((c) => patch[c] ?? null), now, transactionId, ...from],
       );
       if (r.changes !== 1) return false;
       await logEvent(tx, transactionId, event, now);
@@ -146,36 +319,51 @@ export class PaymentStore {
     await this.db.transaction((tx) => logEvent(tx, transactionId, event, new Date().toISOString()));
   }
 
-  get(transactionId: string): Promise<PurchaseRow | undefined> {
-    return this.db.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [transactionId]);
+  async get(transactionId: string): Promise<Purchase | undefined> {
+    const row = await this.db.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [transactionId]);
+    return row && toPurchase(row);
+  }
+
+  /** A purchase that must exist (it was read or written a moment ago under the transaction's lock). */
+  async require(transactionId: string): Promise<Purchase> {
+    const p = await this.get(transactionId);
+    if (!p) throw new CorruptPurchase(transactionId, "the record is gone");
+    return p;
   }
 
   events(transactionId: string): Promise<EventRow[]> {
     return this.db.all<EventRow>("SELECT at, step, detail FROM purchase_events WHERE transaction_id = ? ORDER BY id", [transactionId]);
   }
 
-  inStates(states: State[]): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) ORDER BY created_at`, states);
+  async inStates(states: readonly State[]): Promise<Purchase[]> {
+    return this.list(`SELECT * FROM purchases WHERE state IN (${inList(states)}) ORDER BY created_at`, [...states]);
   }
 
-  /** Rows not changed since `before` (ISO time), in the given states. */
-  staleInStates(states: State[], before: string): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE state IN (${states.map(() => "?").join(", ")}) AND updated_at < ? ORDER BY created_at`, [
-      ...states,
-      before,
-    ]);
+  /** Purchases not changed since `before` (ISO time), in the given states. */
+  async staleInStates(states: readonly State[], before: string): Promise<Purchase[]> {
+    return this.list(`SELECT * FROM purchases WHERE state IN (${inList(states)}) AND updated_at < ? ORDER BY created_at`, [...states, before]);
   }
 
   /** The purse's other purchases made at the same card counter. */
-  sameCardCounter(purseId: string, cardCounter: number, exceptTransactionId: string): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [
-      purseId,
-      cardCounter,
-      exceptTransactionId,
-    ]);
+  async sameCardCounter(purseId: string, cardCounter: number, exceptTransactionId: string): Promise<Purchase[]> {
+    return this.list("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [purseId, cardCounter, exceptTransactionId]);
   }
 
-  onPsam(psamId: string, states: State[]): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>(`SELECT * FROM purchases WHERE psam_id = ? AND state IN (${states.map(() => "?").join(", ")})`, [psamId, ...states]);
+  async onPsam(psamId: string, states: readonly State[]): Promise<Purchase[]> {
+    return this.list(`SELECT * FROM purchases WHERE psam_id = ? AND state IN (${inList(states)})`, [psamId, ...states]);
+  }
+
+  /** The rows as purchases; one inconsistent row is reported and left out, so it cannot stop the work on all the others. */
+  private async list(sql: string, params: SqlValue[]): Promise<Purchase[]> {
+    const out: Purchase[] = [];
+    for (const row of await this.db.all<PurchaseRow>(sql, params)) {
+      try {
+        out.push(toPurchase(row));
+      } catch (e) {
+        if (!(e instanceof CorruptPurchase)) throw e;
+        this.onCorrupt(e);
+      }
+    }
+    return out;
   }
 }

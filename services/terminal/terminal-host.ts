@@ -139,12 +139,11 @@ export class TerminalHost {
             break;
           case "job": {
             const job = msg.value;
-            void this.handle(job)
-              .catch((e): PsamJobResult => {
-                this.o.log.error("job failed", { job: job.jobId, error: (e as Error).message });
-                return { ...this.resultBase(job), status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message };
-              })
-              .then((result) => out.push({ message: { $case: "result", value: result } }));
+            const answer = (result: PsamJobResult) => out.push({ message: { $case: "result", value: result } });
+            this.handle(job).then(answer, (e: unknown) => {
+              this.o.log.error("job failed", { job: job.jobId, error: (e as Error).message });
+              answer({ ...this.resultBase(job), status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message });
+            });
             break;
           }
         }
@@ -267,17 +266,15 @@ export class TerminalHost {
   private probeLater(slot: Slot): void {
     const timer = setTimeout(() => {
       if (this.stopped || !slot.failed) return;
-      void slot.mutex.run(async () => {
-        try {
+      slot.mutex
+        .run(async () => {
           await slot.driver.connect();
           await slot.driver.readStatus();
           slot.failed = false;
           this.o.log.info("PSAM answers again; slot back in the pool", { psam: slot.psam.psamId });
           this.out?.push({ message: { $case: "slotUpdate", value: { slot: await this.slotInfo(slot) } } });
-        } catch {
-          this.probeLater(slot);
-        }
-      });
+        })
+        .catch(() => this.probeLater(slot));
     }, 5_000);
     timer.unref();
   }

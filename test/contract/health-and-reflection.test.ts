@@ -46,15 +46,15 @@ describe("contract: health and reflection on every server (buf curl)", function 
 
   it("calls an RPC from JSON, and shows a precise error for bad input", async () => {
     const { stdout } = await curl("-d", '{"product_id":"song-1"}', `http://${net.merchant.address}/netpurse.merchant.v1.MerchantService/CreateOrder`);
-    const offer = JSON.parse(stdout).offer;
+    const { offer } = JSON.parse(stdout) as { offer: { amount: unknown } };
     expect(offer.amount).to.deep.equal({ amountMinor: "99", currency: 978, exponent: 2 });
     const bad = await curl(
       "-d",
       '{"transaction_id":{"value":"nope"}}',
       `http://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`,
     ).catch((e: { stderr: string }) => e);
-    expect((bad as { stderr: string }).stderr).to.contain("invalid_argument");
-    expect((bad as { stderr: string }).stderr).to.contain("transaction_id");
+    expect(bad.stderr).to.contain("invalid_argument");
+    expect(bad.stderr).to.contain("transaction_id");
     const { stdout: account } = await curl("-d", '{"account_id":"nobody"}', `http://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`).catch(
       (e: { stderr: string }) => ({ stdout: e.stderr }),
     );

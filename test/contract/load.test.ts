@@ -167,7 +167,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
         [{ transactionId: txnId("not-a-uuid") }, "transaction_id"],
         [{ accountId: "" }, "account_id"],
         [{ amount: money(0, EUR, 2) }, "amount.amount_minor"],
-        [{ purse: undefined as never }, "purse"],
+        [{ purse: undefined }, "purse"],
         [{ purse: { ...purse, purseId: purseId("0102") } }, "purse.purse_id"],
       ];
       for (const [patch, field] of cases) {

@@ -45,7 +45,7 @@ describe("contract: confirmation modes and the encryption layer", function () {
   });
   after(async () => net?.close());
 
-  const shop = (id: string): Merchant => net.merchants[id]! as Merchant;
+  const shop = (id: string): Merchant => net.merchants[id]!;
   const offerAt = async (id: string, product = "song-1"): Promise<PaymentOffer> => (await shop(id).createOrder({ productId: product })).offer!;
   const purchase = async (o: PaymentOffer) => (await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase!;
   const orderState = async (id: string, o: PaymentOffer) => (await shop(id).getOrder({ transactionId: o.transactionId })).order!.state;

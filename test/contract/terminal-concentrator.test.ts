@@ -28,9 +28,11 @@ class Peer<Out, In> {
   readonly received: In[] = [];
   ended: Error | undefined | null = null;
   readonly abort = new AbortController();
+  /** Settles when the stream has ended, however it ended (see `ended`). */
+  readonly finished: Promise<void>;
 
   constructor(open: (out: AsyncIterable<Out>, signal: AbortSignal) => AsyncIterable<In>) {
-    void (async () => {
+    this.finished = (async () => {
       try {
         for await (const m of open(this.out, this.abort.signal)) this.received.push(m);
         this.ended = undefined;

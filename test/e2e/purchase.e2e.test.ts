@@ -11,7 +11,7 @@ import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { hexOf } from "../../lib/ids.js";
 import { launchE2E, type E2E } from "../support/processes.js";
 import { SCRIPTS } from "../../services/network/launcher.js";
-import { tempDir } from "../support/fixtures.js";
+import { commandFailure, tempDir } from "../support/fixtures.js";
 
 const run = promisify(execFile);
 const ROOT = new URL("../..", import.meta.url).pathname;
@@ -85,9 +85,9 @@ describe("end to end: a purchase across separate processes", function () {
     expect(oneTrip.stdout).to.match(/paid EUR 0\.99 to Merchant Compares Books/);
     const card = await run(join(ROOT, "bin/netpurse"), ["card", ...opts], { env });
     expect(card.stdout).to.contain("EUR 0.99");
-    const refused = await run(join(ROOT, "bin/netpurse"), ["pay", "no-such-thing", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], {
-      env,
-    }).catch((e) => e);
+    const refused = await commandFailure(
+      run(join(ROOT, "bin/netpurse"), ["pay", "no-such-thing", "--yes", "--merchant", net.addresses["merchant:demo-shop"]!, ...opts], { env }),
+    );
     expect(refused.code).to.equal(1);
     expect(refused.stderr).to.contain("NOT_FOUND");
   });
@@ -114,10 +114,10 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect(s.stdout).to.match(/balance EUR 995\.00 +available EUR 995\.00/);
     expect(s.stdout).to.contain("load to card");
     expect(s.stdout).to.contain("EUR -5.00");
-    const bad = await netpurse("load", "5.001", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    const bad = await commandFailure(netpurse("load", "5.001", "--yes", "--bank", net.addresses.bank!));
     expect(bad.code).to.equal(2);
     expect(bad.stderr).to.contain("more than 2 decimals");
-    const poor = await netpurse("load", "2000.00", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    const poor = await commandFailure(netpurse("load", "2000.00", "--yes", "--bank", net.addresses.bank!));
     expect(poor.code).to.equal(1);
     expect(poor.stderr).to.match(/FAILED_PRECONDITION \[ERROR_REASON_(INSUFFICIENT_FUNDS|MAX_BALANCE_EXCEEDED)\]/);
   });
@@ -125,7 +125,7 @@ describe("end to end: a load across separate processes, through the CLI", functi
   it("with the load server down, the funds stay held and nothing touches the card; 'netpurse card sync' finishes the load once it is back", async () => {
     const before = (await net.clients.cardholder.getCard({})).purse!;
     await net.launcher.stop("load");
-    const down = await netpurse("load", "3.00", "--yes", "--bank", net.addresses.bank!).catch((e) => e);
+    const down = await commandFailure(netpurse("load", "3.00", "--yes", "--bank", net.addresses.bank!));
     expect(down.code).to.equal(1);
     expect(down.stderr).to.contain("UNAVAILABLE");
     expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor);

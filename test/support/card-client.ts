@@ -5,7 +5,7 @@
 
 import { ClientError } from "nice-grpc";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
-import { reasonName, type ReasonedClientError } from "../../lib/grpc/errors.js";
+import { reasonName, reasonOf } from "../../lib/grpc/errors.js";
 import { open, seal } from "../../lib/protocol/encryption-layer.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
@@ -69,8 +69,13 @@ export function openIssued(offer: PaymentOffer, r: ProcessDrawRequestResponse): 
 }
 
 /** The sealed CompletePurchase request carrying the card's answer. */
-export function completeRequest(offer: PaymentOffer, a: { sw: number; raw: Buffer; token: Uint8Array }): CompletePurchaseRequest {
-  const answer: CardAnswer = { cardStatusWord: a.sw, debitResponse: a.raw, completionToken: Buffer.from(a.token) };
+export function completeRequest(offer: PaymentOffer, a: { sw: number; raw: Buffer; token: Uint8Array; logProvesNoDebit?: boolean }): CompletePurchaseRequest {
+  const answer: CardAnswer = {
+    cardStatusWord: a.sw,
+    debitResponse: a.raw,
+    completionToken: Buffer.from(a.token),
+    cardLogProvesNoDebit: a.logProvesNoDebit ?? false,
+  };
   return { transactionId: offer.transactionId, cardAnswer: seal(tskOf(offer), "CARD_ANSWER", idOf(offer), CardAnswer.encode(answer).finish()) };
 }
 
@@ -96,9 +101,9 @@ export async function failure(p: Promise<unknown>): Promise<{ code: string; reas
     await p;
   } catch (e) {
     if (e instanceof ClientError) {
-      const r = (e as ReasonedClientError).reason;
+      const r = reasonOf(e);
       const { Status } = await import("nice-grpc");
-      return { code: Status[e.code]!, reason: r === undefined ? "" : reasonName(r).replace("ERROR_REASON_", ""), details: e.details };
+      return { code: Status[e.code], reason: r === undefined ? "" : reasonName(r).replace("ERROR_REASON_", ""), details: e.details };
     }
     throw e;
   }

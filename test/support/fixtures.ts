@@ -50,3 +50,22 @@ export async function makePsam(
   });
   return path;
 }
+
+/** What a command that was expected to fail printed, and its exit code. */
+export interface CommandFailure {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Awaits a command run by promisify(execFile) that must fail, and returns its exit code and output. */
+export async function commandFailure(run: Promise<unknown>): Promise<CommandFailure> {
+  try {
+    await run;
+  } catch (e) {
+    const f = e as Partial<CommandFailure>;
+    if (typeof f.code !== "number") throw e;
+    return { code: f.code, stdout: String(f.stdout ?? ""), stderr: String(f.stderr ?? "") };
+  }
+  throw new Error("the command succeeded; a failure was expected");
+}

@@ -123,7 +123,7 @@ describe("software card and software PSAM (APDU level)", () => {
     const reopened = new PurseReader(new InProcessTransport(await SoftwareCard.open(s.cardPath)));
     await reopened.connect();
     expect((await reopened.readPurse()).balance).to.equal(8_750);
-    expect(JSON.parse(await readFile(s.psamPath, "utf8")).batch).to.have.length(1);
+    expect((JSON.parse(await readFile(s.psamPath, "utf8")) as { batch: unknown[] }).batch).to.have.length(1);
   });
 
   it("refuses a DEBIT command whose amount was changed (6982) and leaves the purse untouched", async () => {

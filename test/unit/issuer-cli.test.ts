@@ -6,7 +6,7 @@ import { execFile } from "node:child_process";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { tempDir } from "../support/fixtures.js";
+import { commandFailure, tempDir } from "../support/fixtures.js";
 
 const run = promisify(execFile);
 const CLI = new URL("../../bin/netpurse-issuer", import.meta.url).pathname;
@@ -34,9 +34,12 @@ describe("netpurse-issuer", function () {
       expect(await issuer("list-cards")).to.contain("25.00");
 
       for (const f of [join(dir, "issuer", "keys.json"), card, psam]) expect((await stat(f)).mode & 0o777, f).to.equal(0o600);
-      const keys = JSON.parse(await readFile(join(dir, "issuer", "keys.json"), "utf8"));
-      const secrets = [...Object.values(keys.master).flatMap((v) => Object.values(v as Record<string, string>)), keys.batchMaster] as string[];
-      const cardKeys = Object.values(JSON.parse(await readFile(card, "utf8")).keys) as string[];
+      const keys = JSON.parse(await readFile(join(dir, "issuer", "keys.json"), "utf8")) as {
+        master: Record<string, Record<string, string>>;
+        batchMaster: string;
+      };
+      const secrets = [...Object.values(keys.master).flatMap((v) => Object.values(v)), keys.batchMaster];
+      const cardKeys = Object.values((JSON.parse(await readFile(card, "utf8")) as { keys: Record<string, string> }).keys);
       for (const secret of [...secrets, ...cardKeys]) for (const o of outputs) expect(o).to.not.contain(secret);
     } finally {
       await cleanup();
@@ -46,16 +49,16 @@ describe("netpurse-issuer", function () {
   it("explains its mistakes: --help, a missing option, an unknown command, a bad amount", async () => {
     expect((await run(CLI, ["--help"])).stdout).to.contain("personalise-card");
     expect((await run(CLI, ["personalise-card", "--help"])).stdout).to.contain("--out FILE");
-    const missing = await run(CLI, ["personalise-card"]).catch((e) => e);
+    const missing = await commandFailure(run(CLI, ["personalise-card"]));
     expect(missing.code).to.equal(2);
     expect(missing.stderr).to.contain("--out FILE is required");
-    const unknown = await run(CLI, ["mint-money"]).catch((e) => e);
+    const unknown = await commandFailure(run(CLI, ["mint-money"]));
     expect(unknown.code).to.equal(2);
     expect(unknown.stderr).to.contain("unknown command");
     const { dir, cleanup } = await tempDir();
     try {
       await run(CLI, ["create-keys", "--data", dir]);
-      const bad = await run(CLI, ["personalise-card", "--out", join(dir, "c.json"), "--value", "12.345", "--data", dir]).catch((e) => e);
+      const bad = await commandFailure(run(CLI, ["personalise-card", "--out", join(dir, "c.json"), "--value", "12.345", "--data", dir]));
       expect(bad.code).to.equal(1);
       expect(bad.stderr).to.contain("more than 2 decimals");
     } finally {

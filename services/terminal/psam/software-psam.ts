@@ -8,7 +8,7 @@ import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } 
 import { SoftwareApplication } from "../../../lib/apdu/software-application.js";
 import { macEqual } from "../../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../../lib/crypto/keys.js";
-import { LayoutError, type Layout } from "../../../lib/protocol/layout.js";
+import { LayoutError, type Fields, type Layout, type Value } from "../../../lib/protocol/layout.js";
 import {
   batchMac,
   batchRecordMac,
@@ -79,7 +79,7 @@ export interface PsamFile {
   purchaseKeys: Record<string, string>;
   /** Key for the MACs over batch records and closed batches, hex. */
   batchKey: string;
-  /** Most records (open debits included) before the batch must be closed. */
+  /** Most records in the batch before it must be closed; open debits do not count (they have their own limit, MAX_OPEN_DEBITS). */
   batchCapacity: number;
   counter: number;
   batchNumber: number;
@@ -116,10 +116,10 @@ interface Session {
   card?: InitializeForPurchase;
 }
 
-function decode<T>(l: Layout<any>, data: Buffer): T {
+function decode<F extends Fields>(l: Layout<F>, data: Buffer): Value<F> {
   if (data.length !== l.size) throw new ApduError(SW.WRONG_LENGTH, `${l.name} must be ${l.size} bytes`);
   try {
-    return l.decode(data) as T;
+    return l.decode(data);
   } catch (e) {
     if (e instanceof LayoutError) throw new ApduError(SW.WRONG_DATA, e.message);
     throw e;
@@ -209,7 +209,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   /** INITIALIZE: the card's response to INITIALIZE FOR PURCHASE; the PSAM checks the card. */
   private initialize(c: CommandApdu): ResponseApdu {
     if (!this.session) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no card session: CARD RESET first");
-    const card = decode<InitializeForPurchase>(InitializeForPurchaseResponse, c.data);
+    const card = decode(InitializeForPurchaseResponse, c.data);
     this.session.card = undefined;
     if (card.format !== PURSE_FORMAT) throw new ApduError(SW.WRONG_DATA, "unknown card response format");
     if (card.algorithm !== ALGORITHM_AES128_CMAC) throw new ApduError(SW.FUNCTION_NOT_SUPPORTED, "card algorithm not supported");
@@ -237,7 +237,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   private async drawAmount(c: CommandApdu): Promise<ResponseApdu> {
     const card = this.session?.card;
     if (!card) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no initialized card: CARD RESET and INITIALIZE first");
-    const draw = decode<ReturnType<typeof DrawAmountCommand.decode>>(DrawAmountCommand, c.data);
+    const draw = decode(DrawAmountCommand, c.data);
     if (draw.amount === 0) throw new ApduError(SW.AMOUNT_OUT_OF_RANGE, "amount must be positive");
     if (draw.currency !== card.currency) throw new ApduError(SW.CURRENCY_NOT_ACCEPTED, "amount currency is not the card's");
     if (draw.amount > card.balance) throw new ApduError(SW.INSUFFICIENT_BALANCE, "card balance lower than amount");
@@ -314,8 +314,8 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
    * is the proof. A signed refusal cancels the debit.
    */
   private async verifyDebit(c: CommandApdu): Promise<ResponseApdu> {
-    const v = decode<{ psamCounter: number; debitResponse: Buffer }>(VerifyDebitCommand, c.data);
-    const answer = decode<ReturnType<typeof DebitResponse.decode>>(DebitResponse, v.debitResponse);
+    const v = decode(VerifyDebitCommand, c.data);
+    const answer = decode(DebitResponse, v.debitResponse);
     const done = this.state.settled.find((x) => x.psamCounter === v.psamCounter);
     if (done) return this.verifyAgain(done, answer);
     const p = this.pendingByCounter(v.psamCounter);
@@ -370,7 +370,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
 
   /** REVERSE DEBIT: cancel an open debit the card did not make. A recorded debit cannot be reversed; a repeat is answered alike. */
   private async reverseDebit(c: CommandApdu): Promise<ResponseApdu> {
-    const { psamCounter } = decode<{ psamCounter: number }>(ReverseDebitCommand, c.data);
+    const { psamCounter } = decode(ReverseDebitCommand, c.data);
     const done = this.state.settled.find((x) => x.psamCounter === psamCounter);
     if (done?.outcome === "recorded") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
     if (done) return status(SW.OK);

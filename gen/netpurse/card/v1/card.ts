@@ -14,7 +14,7 @@ export const protobufFileName = "netpurse/card/v1/card.proto";
 
 /**
  * Who compares the card's signature with the value the PSAM expects
- * (DESIGN.md §3, FIG. 5-8 of WO 98/49658).
+ * (docs/modes.md, FIG. 5-8 of WO 98/49658).
  */
 export enum ConfirmationMode {
   /** CONFIRMATION_MODE_UNSPECIFIED - Not set; refused wherever a mode is required. */
@@ -160,8 +160,9 @@ export function cardTransactionKindToJSON(object: CardTransactionKind): string {
 
 /**
  * Machine-readable reason of an error, for clients that must branch on it.
- * Servers send it as the `netpurse-error-reason` trailer (the enum value's
- * name) beside the gRPC status code and message.
+ * Servers send it in the gRPC rich error model: a google.rpc.ErrorInfo in the
+ * status details, with domain "netpurse.card.v1" and the enum value's name
+ * as its reason, beside the gRPC status code and message.
  */
 export enum ErrorReason {
   /** ERROR_REASON_UNSPECIFIED - No specific reason. */
@@ -400,7 +401,7 @@ export interface TransactionId {
 }
 
 /**
- * A message sealed with AES-256-GCM: the encryption layer of DESIGN.md §3
+ * A message sealed with AES-256-GCM: the encryption layer of docs/protocol.md
  * (FIG. 9, 15A-B). The associated data is the ASCII "netpurse/1", a zero
  * byte, the message type's name in ASCII (DRAW_REQUEST, DEBIT_COMMAND,
  * CARD_ANSWER, DEBIT_RESULT_C, DEBIT_RESULT_M, SESSION_KEY, and for loads

@@ -275,15 +275,28 @@ export interface ProcessDrawRequestResponse {
 
 /** The card's answer to DEBIT, sealed under the TSK (type CARD_ANSWER). */
 export interface CardAnswer {
-  /** The card's status word for DEBIT (0x9000 when the card answered with data). */
+  /**
+   * The card's status word for DEBIT (0x9000 when the card answered with
+   * data). 0 when card_log_proves_no_debit is set.
+   */
   cardStatusWord: number;
   /**
    * The data field of the card's response to DEBIT (17 bytes; layout in
-   * docs/apdu.md). Empty when the card answered with an error status word.
+   * docs/apdu.md). Empty when the card answered with an error status word,
+   * or when card_log_proves_no_debit is set.
    */
   debitResponse: Buffer;
   /** The completion_token of the IssuedDebitCommand. */
   completionToken: Buffer;
+  /**
+   * Set, instead of a status word, when the card's own answer was lost and
+   * the card's log proves it never made this debit: the log's entry at the
+   * next card counter is another transaction, or the card's counter has not
+   * moved. The PSAM's debit is then reversed. A card's own error status words
+   * (including 6Fxx, "no precise diagnosis") travel in card_status_word and
+   * are never read as this proof.
+   */
+  cardLogProvesNoDebit: boolean;
 }
 
 /** Request of CompletePurchase. */
@@ -1133,7 +1146,12 @@ export const ProcessDrawRequestResponse: MessageFns<ProcessDrawRequestResponse> 
 };
 
 function createBaseCardAnswer(): CardAnswer {
-  return { cardStatusWord: 0, debitResponse: Buffer.alloc(0), completionToken: Buffer.alloc(0) };
+  return {
+    cardStatusWord: 0,
+    debitResponse: Buffer.alloc(0),
+    completionToken: Buffer.alloc(0),
+    cardLogProvesNoDebit: false,
+  };
 }
 
 export const CardAnswer: MessageFns<CardAnswer> = {
@@ -1146,6 +1164,9 @@ export const CardAnswer: MessageFns<CardAnswer> = {
     }
     if (message.completionToken.length !== 0) {
       writer.uint32(26).bytes(message.completionToken);
+    }
+    if (message.cardLogProvesNoDebit !== false) {
+      writer.uint32(32).bool(message.cardLogProvesNoDebit);
     }
     return writer;
   },
@@ -1187,6 +1208,14 @@ export const CardAnswer: MessageFns<CardAnswer> = {
             message.completionToken = Buffer.from(reader.bytes());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cardLogProvesNoDebit = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1216,6 +1245,11 @@ export const CardAnswer: MessageFns<CardAnswer> = {
         : isSet(object.completion_token)
         ? Buffer.from(bytesFromBase64(object.completion_token))
         : Buffer.alloc(0),
+      cardLogProvesNoDebit: isSet(object.cardLogProvesNoDebit)
+        ? globalThis.Boolean(object.cardLogProvesNoDebit)
+        : isSet(object.card_log_proves_no_debit)
+        ? globalThis.Boolean(object.card_log_proves_no_debit)
+        : false,
     };
   },
 
@@ -1230,6 +1264,9 @@ export const CardAnswer: MessageFns<CardAnswer> = {
     if (message.completionToken.length !== 0) {
       obj.completionToken = base64FromBytes(message.completionToken);
     }
+    if (message.cardLogProvesNoDebit !== false) {
+      obj.cardLogProvesNoDebit = message.cardLogProvesNoDebit;
+    }
     return obj;
   },
 
@@ -1241,6 +1278,7 @@ export const CardAnswer: MessageFns<CardAnswer> = {
     message.cardStatusWord = object.cardStatusWord ?? 0;
     message.debitResponse = object.debitResponse ?? Buffer.alloc(0);
     message.completionToken = object.completionToken ?? Buffer.alloc(0);
+    message.cardLogProvesNoDebit = object.cardLogProvesNoDebit ?? false;
     return message;
   },
 };

@@ -1,0 +1,125 @@
+// Steps 684-694: a PSAM from the pool signs the DEBIT command for a draw
+// request. A PSAM that cannot take the job (gone, failing, busy, full) is
+// replaced by another, since no DEBIT command has left this server; a PSAM
+// that refuses the card ends the purchase with the PSAM's reason.
+
+import { Status } from "nice-grpc";
+import { ConfirmationMode, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { PsamJobStatus } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { SW } from "../../lib/apdu/apdu.js";
+import { NetpurseError } from "../../lib/grpc/errors.js";
+import type { Logger } from "../../lib/log.js";
+import { NoPsamFits, NoPsamFree, type Lease, type PsamPool } from "./psam-pool.js";
+import { MIN_JOB_MS, type PsamWork } from "./psam-work.js";
+import { failureOf, psamRefusal } from "./refusals.js";
+import { failureColumns, type PaymentStore, type Purchase, type SignedPurchase } from "./store.js";
+
+/** Attempts on different PSAMs before the draw request is given up for now. */
+const MAX_ATTEMPTS = 3;
+
+/** Job results after which a PSAM leaves the pool until its terminal announces it again. */
+const GONE = [PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, PsamJobStatus.PSAM_JOB_STATUS_TERMINAL_LOST, PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM];
+
+export class DebitCommands {
+  constructor(private readonly o: { store: PaymentStore; pool: PsamPool; work: PsamWork; log: Logger }) {}
+
+  /** Has a PSAM sign the purchase's DEBIT command; the purchase comes back DEBIT_COMMAND_ISSUED, or an error says why not. */
+  async issue(p: Extract<Purchase, { state: "RECEIVED" }>, card: { atr: Buffer; initializeResponse: Buffer }, deadline: number): Promise<SignedPurchase> {
+    const psamVerifies = p.confirmation_mode === ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES;
+    const tried = new Set<string>();
+    for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+      if (deadline - Date.now() < MIN_JOB_MS) {
+        await this.o.store.log(p.transaction_id, { step: "deadline_too_close", detail: `less than ${MIN_JOB_MS} ms left before the caller's deadline` });
+        throw new NetpurseError(
+          Status.DEADLINE_EXCEEDED,
+          ErrorReason.ERROR_REASON_UNSPECIFIED,
+          `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`,
+        );
+      }
+      const lease = await this.takePsam(p, tried, deadline);
+      tried.add(lease.key);
+      await this.o.store.log(p.transaction_id, { step: "psam_assigned", detail: `terminal ${lease.terminalId} PSAM ${lease.psamId} (attempt ${attempt})` });
+      const result = await this.o.work.issueDebitCommand(lease, p, card, !psamVerifies, deadline);
+      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_OK && result.outcome?.$case === "debitCommandIssued") {
+        const issued = result.outcome.value;
+        const moved = await this.o.store.transition(
+          p.transaction_id,
+          ["RECEIVED"],
+          {
+            state: "DEBIT_COMMAND_ISSUED",
+            terminal_id: lease.terminalId,
+            psam_id: lease.psamId,
+            psam_counter: issued.psamCounter,
+            debit_command: Buffer.from(issued.debitCommand),
+            expected_card_signature: psamVerifies ? null : Buffer.from(issued.expectedCardSignature),
+          },
+          {
+            step: "debit_command_issued",
+            detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}`,
+          },
+        );
+        if (!moved) {
+          this.o.pool.release(lease);
+          throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_WRONG_STATE, "the transaction changed state meanwhile; retry");
+        }
+        // FIG. 5 holds the PSAM for the card's answer; FIG. 6-8 release it now.
+        if (psamVerifies) this.o.work.hold(p.transaction_id, lease);
+        else await this.o.work.giveBack(p.transaction_id, lease, "the DEBIT command came with the expected card signature");
+        const signed = await this.o.store.require(p.transaction_id);
+        if (!("psam_id" in signed)) throw new Error(`transaction ${p.transaction_id} lost its DEBIT command`);
+        return signed;
+      }
+      const full = result.statusWord === SW.BATCH_FULL || result.statusWord === SW.TOO_MANY_OPEN_DEBITS;
+      if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && !full) {
+        this.o.pool.release(lease);
+        return this.refuse(p, psamRefusal(result.statusWord));
+      }
+      // No debit command left this server, so the work goes to another PSAM.
+      this.o.log.warn("PSAM could not take the job; trying another", {
+        transaction: p.transaction_id,
+        psam: lease.psamId,
+        status: PsamJobStatus[result.status],
+        detail: result.message,
+      });
+      if (GONE.includes(result.status)) this.o.pool.markFailed(lease);
+      this.o.pool.release(lease);
+      await this.o.store.log(p.transaction_id, { step: "psam_unavailable", detail: `${PsamJobStatus[result.status]}: ${result.message}` });
+    }
+    throw new NetpurseError(
+      Status.UNAVAILABLE,
+      ErrorReason.ERROR_REASON_UNSPECIFIED,
+      `no PSAM could take the transaction after ${MAX_ATTEMPTS} attempts; retry the same draw request later`,
+    );
+  }
+
+  /** Ends a purchase that never got a DEBIT command, with the error its caller (and any retry) gets. */
+  async refuse(p: Purchase, e: NetpurseError): Promise<never> {
+    await this.o.store.transition(
+      p.transaction_id,
+      ["RECEIVED"],
+      { state: "REFUSED", ...failureColumns(failureOf(e)) },
+      { step: "refused", detail: e.details },
+    );
+    throw e;
+  }
+
+  private async takePsam(p: Purchase, tried: Set<string>, deadline: number): Promise<Lease> {
+    try {
+      return await this.o.pool.acquire({ currency: p.currency, keyVersion: p.key_version, exclude: tried }, deadline);
+    } catch (e) {
+      if (e instanceof NoPsamFits) {
+        // Not stored as a refusal: it depends on the pool as it is now, and a retry may find a PSAM.
+        const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
+        await this.o.store.log(p.transaction_id, { step: "no_psam_fits", detail: e.message });
+        throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`);
+      }
+      if (!(e instanceof NoPsamFree)) throw e;
+      await this.o.store.log(p.transaction_id, { step: "no_psam_free", detail: e.message });
+      throw new NetpurseError(
+        Status.RESOURCE_EXHAUSTED,
+        ErrorReason.ERROR_REASON_NO_PSAM_FREE,
+        `no PSAM for this transaction now: ${e.message}; retry the same draw request later`,
+      );
+    }
+  }
+}

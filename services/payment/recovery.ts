@@ -1,0 +1,150 @@
+// Recovery: purchases whose steps were cut short by a PSAM away, a terminal
+// that dropped, a payment server restart or a card answer that never came.
+// It settles what waited for a PSAM when that PSAM is back, records proven
+// debits in their PSAM's batch, puts in doubt DEBIT commands whose proof did
+// not come in time, settles purchases from the card's log at its next
+// contact, and reverses open debits in PSAMs whose DEBIT command never left
+// this server. Nothing is guessed: each purchase is settled by a proof.
+
+import type { PsamSlot, TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { NetpurseError } from "../../lib/grpc/errors.js";
+import { hexOf } from "../../lib/ids.js";
+import type { Logger } from "../../lib/log.js";
+import type { KeyedMutex } from "../../lib/mutex.js";
+import { repeat, type Periodic } from "../../lib/periodic.js";
+import { DebitResponse, DebitResult, type CardLogRecord } from "../../lib/protocol/purse.js";
+import { psamKey, type PsamPool } from "./psam-pool.js";
+import { psamKeyOf, type PsamWork } from "./psam-work.js";
+import type { Ruling } from "./ruling.js";
+import type { PaymentStore, Purchase } from "./store.js";
+
+export class Recovery {
+  private sweeping: Periodic | undefined;
+
+  constructor(
+    private readonly o: {
+      store: PaymentStore;
+      pool: PsamPool;
+      work: PsamWork;
+      ruling: Ruling;
+      locks: KeyedMutex;
+      log: Logger;
+      /** How long a DEBIT command may wait for the card's proof before the purchase is in doubt. */
+      proofTimeoutMs: number;
+    },
+  ) {}
+
+  /**
+   * Every `everyMs` and once now: settles purchases whose card answer is
+   * recorded but not ruled on, records proven ones in their PSAM's batch,
+   * and puts in doubt DEBIT commands whose proof did not come in time.
+   */
+  startSweeping(everyMs: number): void {
+    this.sweeping = repeat({ what: "sweep of waiting purchases", everyMs, log: this.o.log, task: () => this.sweep() });
+  }
+
+  stop(): void {
+    this.sweeping?.stop();
+  }
+
+  async sweep(): Promise<void> {
+    const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
+    await this.settleWaiting(waiting.filter((p) => "psam_id" in p && this.o.pool.has(psamKeyOf(p))));
+    const before = new Date(Date.now() - this.o.proofTimeoutMs).toISOString();
+    for (const p of await this.o.store.staleInStates(["DEBIT_COMMAND_ISSUED"], before)) {
+      await this.o.locks.run(p.transaction_id, () =>
+        this.o.store.transition(
+          p.transaction_id,
+          ["DEBIT_COMMAND_ISSUED"],
+          { state: "IN_DOUBT" },
+          { step: "no_proof_in_time", detail: `no card answer within ${this.o.proofTimeoutMs} ms; settled from the card's proof at its next contact` },
+        ),
+      );
+    }
+  }
+
+  /** Has each purchase's card answer ruled on, or its proof recorded; the outcome lands in the record. */
+  private async settleWaiting(purchases: Purchase[]): Promise<void> {
+    for (const { transaction_id: id } of purchases) {
+      await this.o.locks.run(id, async () => {
+        const p = await this.o.store.require(id);
+        if (p.state === "PROVEN") {
+          await this.o.ruling.recordProof(id);
+          return;
+        }
+        if ((p.state !== "DEBIT_RESPONSE_RECEIVED" && p.state !== "IN_DOUBT") || !p.answer) return;
+        await this.o.ruling.ruleStored({ ...p, answer: p.answer }, Date.now() + 10_000).then(
+          () => this.o.log.info("waiting purchase settled", { transaction: id }),
+          (e: unknown) => this.o.log.info("waiting purchase resolved", { transaction: id, outcome: e instanceof NetpurseError ? e.details : String(e) }),
+        );
+      });
+    }
+  }
+
+  /**
+   * The card's log came with its next draw request: purchases of this card
+   * still waiting for its proof find it there (the debit with the card's
+   * signature), and are settled without guessing.
+   */
+  settleFromCardLog(purse: string, log: CardLogRecord[]): void {
+    for (const entry of log) {
+      this.o.locks
+        .run(entry.transactionRef, async () => {
+          const p = await this.o.store.get(entry.transactionRef);
+          if (!p || p.purse_id !== purse || (p.state !== "DEBIT_COMMAND_ISSUED" && p.state !== "IN_DOUBT")) return;
+          if (p.state === "IN_DOUBT" && p.answer) return;
+          if (p.psam_id !== entry.moduleId.toString("hex") || p.psam_counter !== entry.moduleCounter) return;
+          const answer = { result: DebitResult.DEBITED, counter: entry.counter, balance: entry.balance, cardSignature: entry.cardSignature };
+          await this.o.ruling.ruleReported(p, answer, DebitResponse.encode(answer), "from the card's log at its next contact", Date.now() + 10_000);
+          this.o.log.info("purchase settled from the card's log", { transaction: p.transaction_id });
+        })
+        .catch((e: unknown) =>
+          this.o.log.warn("card log entry did not settle its purchase", { transaction: entry.transactionRef, error: (e as Error).message }),
+        );
+    }
+  }
+
+  /**
+   * A terminal (re)attached: settle what waited for its PSAMs, and reverse
+   * debits its PSAMs hold open that never left this server.
+   */
+  onTerminal(t: TerminalInfo): void {
+    for (const slot of t.slots) this.onSlot(t.terminalId, slot);
+  }
+
+  /**
+   * A PSAM's state as a late job result reported it (we had given up on the
+   * job): its open debits may include one whose DEBIT command never left.
+   */
+  onSlot(terminalId: string, slot: PsamSlot): void {
+    this.reconcile(terminalId, slot).catch((e: unknown) => this.o.log.error("reconciliation failed", { terminal: terminalId, error: (e as Error).message }));
+  }
+
+  private async reconcile(terminalId: string, slot: PsamSlot): Promise<void> {
+    const psam = hexOf(slot.psamId?.value);
+    const waiting = await this.o.store.onPsam(psam, ["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
+    await this.settleWaiting(waiting.filter((p) => "terminal_id" in p && p.terminal_id === terminalId));
+    for (const open of slot.pendingDebits) {
+      const id = open.transactionId?.value ?? "";
+      if (!id) continue;
+      await this.o.locks.run(id, async () => {
+        const p = await this.o.store.get(id);
+        if (!p) return; // not ours (another payment server's, or an operator's test)
+        const live = "psam_id" in p && p.psam_id === psam && p.psam_counter === open.psamCounter;
+        if (live) return;
+        const lease = await this.o.pool.acquire({ key: psamKey(terminalId, psam) }, Date.now() + 5_000).catch(() => undefined);
+        if (!lease) return;
+        try {
+          if ((await this.o.work.reverse(lease, id, open.psamCounter, Date.now() + 10_000)) === true) {
+            await this.o.store.log(id, {
+              step: "orphan_debit_reversed",
+              detail: `PSAM ${psam} counter ${open.psamCounter}: its DEBIT command never left this server`,
+            });
+          }
+        } finally {
+          this.o.pool.release(lease);
+        }
+      });
+    }
+  }
+}
