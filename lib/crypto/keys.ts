@@ -1,6 +1,6 @@
 import { aesEncryptBlock } from "./aes.js";
 
-/** The purposes that each have their own issuer master key (DESIGN.md §3 "Keys"). */
+/** The purposes that each have their own issuer master key (docs/protocol.md, "Keys"). */
 export const KEY_PURPOSES = ["purchase", "load", "authentication"] as const;
 export type KeyPurpose = (typeof KEY_PURPOSES)[number];
 

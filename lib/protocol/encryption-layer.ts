@@ -1,4 +1,4 @@
-// The encryption layer (DESIGN.md §3, FIG. 9 and 15A-B). The merchant and the
+// The encryption layer (docs/protocol.md, FIG. 9 and 15A-B). The merchant and the
 // payment operator share a key per merchant; for each transaction a key is
 // derived from it, a random transaction session key (TSK) is made and sealed
 // under the derived key (ETSK). Client and payment server seal their
