@@ -20,8 +20,9 @@ import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
 import { swHex, SW } from "../lib/apdu/apdu.js";
 import { macEqual } from "../lib/crypto/aes.js";
 import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
-import { hexOf, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
-import { formatMoney, MAX_CARD_AMOUNT } from "../lib/money.js";
+import { hexOf, requireCardAmount, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
+import { formatMoney } from "../lib/money.js";
+import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
 import { DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "./card/purse-reader.js";
@@ -102,9 +103,7 @@ export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts 
   if (!offer) throw invalidField("offer", "missing");
   requireTransactionId(offer.transactionId, "offer.transaction_id");
   requireMerchantId(offer.merchantId, "offer.merchant_id");
-  const a = offer.amount;
-  if (!a) throw invalidField("offer.amount", "missing");
-  if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("offer.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
+  requireCardAmount(offer.amount, "offer.amount");
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
   requireConfirmationMode(offer.confirmationMode, "offer.confirmation_mode");
@@ -126,7 +125,7 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
   const id = offer.transactionId!.value;
   const amount = Number(offer.amount.amountMinor);
   const shown = formatMoney(offer.amount);
-  const deadline = ctx.callDeadlineMs ?? 15_000;
+  const deadline = ctx.callDeadlineMs ?? DEFAULT_DEADLINE_MS;
   step(
     "offer",
     `${offer.merchantName || offer.merchantId!.value} asks ${shown} for "${offer.description}" (transaction ${id}, mode ${modeName(offer.confirmationMode)})`,
@@ -252,7 +251,7 @@ export async function finishPurchase(
   const id = rec.transactionId;
   const offer = rec.offer;
   const mode = offer.confirmationMode;
-  const deadline = ctx.callDeadlineMs ?? 15_000;
+  const deadline = ctx.callDeadlineMs ?? DEFAULT_DEADLINE_MS;
   const answer = rec.cardStatusWord === SW.OK && rec.debitResponse?.length === DebitResponse.size ? DebitResponse.decode(rec.debitResponse) : undefined;
   const debited = answer?.result === DebitResult.DEBITED;
 

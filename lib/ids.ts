@@ -2,6 +2,7 @@
 // with the checks every service applies at its edge.
 
 import { ConfirmationMode, type MerchantId, type Money, type PsamId, type PurseId, type TransactionId } from "../gen/netpurse/card/v1/card.js";
+import { MAX_CARD_AMOUNT } from "./money.js";
 import { isUuid } from "./protocol/layout.js";
 import { invalidField } from "./grpc/errors.js";
 
@@ -39,6 +40,13 @@ export function requireMoney(m: Money | undefined, field: string): Money {
   if (m.currency < 1 || m.currency > 999) throw invalidField(`${field}.currency`, "must be an ISO 4217 numeric code 1..999");
   if (m.exponent > 4) throw invalidField(`${field}.exponent`, "must be 0..4");
   return m;
+}
+
+/** An amount a card can move: requireMoney, and 1..MAX_CARD_AMOUNT minor units (the card counts in 4 unsigned bytes). */
+export function requireCardAmount(m: Money | undefined, field: string): Money {
+  const a = requireMoney(m, field);
+  if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField(`${field}.amount_minor`, `must be 1..${MAX_CARD_AMOUNT}`);
+  return a;
 }
 
 /** A name-like identifier (bank id, account id): 1..max characters of [A-Za-z0-9._-]. */

@@ -7,7 +7,7 @@ import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/ca
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { runCommands, str, UsageError, int } from "../../lib/cli.js";
 import { defaultAddress } from "../../lib/config.js";
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { hexOf } from "../../lib/ids.js";
 import { formatMoney, money, parseMinor } from "../../lib/money.js";
 import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
@@ -67,13 +67,13 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       if (positionals[0] === "sync") return syncCard(daemonAddress(v));
       if (positionals.length) throw new UsageError(`unknown 'card ${positionals[0]}'; did you mean 'card sync'?`);
       await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
-        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         const p = purse!;
         console.log(`card ${hexOf(p.purseId?.value)}   balance ${m(p.balance)}   (most ${m(p.maxBalance)})`);
         console.log(
           `expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`,
         );
-        const { transactions } = await c.listCardTransactions({ limit: int(v.log, 10, "log") }, { deadline: 10_000 });
+        const { transactions } = await c.listCardTransactions({ limit: int(v.log, 10, "log") }, { deadline: CLI_DEADLINE_MS });
         if (!transactions.length) return console.log("\nno transactions yet");
         console.log("");
         console.log(
@@ -104,7 +104,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       if (!text) throw new UsageError("give the amount to load, like 20.00");
       if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
       await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
-        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         const b = purse!.balance!;
         let minor: bigint;
         try {
@@ -138,7 +138,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     options: { merchant: { type: "string" } },
     async run(v) {
       await withClient(MerchantServiceDefinition, merchantAddress(v), async (c) => {
-        const r = await c.listProducts({}, { deadline: 5_000 });
+        const r = await c.listProducts({}, { deadline: CLI_DEADLINE_MS });
         console.log(`${r.merchantName} (${r.merchantId?.value})\n`);
         console.log(
           table(
@@ -160,9 +160,11 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       const product = positionals[0];
       if (!product) throw new UsageError("name the product to buy (see 'netpurse shop')");
       if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
-      const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), (c) => c.createOrder({ productId: product }, { deadline: 5_000 }));
+      const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), (c) =>
+        c.createOrder({ productId: product }, { deadline: CLI_DEADLINE_MS }),
+      );
       await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
-        const { purse } = await c.getCard({}, { deadline: 10_000 });
+        const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         console.log(`${offer!.merchantName} asks ${m(offer!.amount)} for "${offer!.description}"`);
         console.log(`your card holds ${m(purse!.balance)}`);
         if (!v.yes && !(await approve(`Pay ${m(offer!.amount)}?`))) {

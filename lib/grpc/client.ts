@@ -47,7 +47,11 @@ export function clientFactory() {
   return createClientFactory().use(deadlineMiddleware).use(grpcTimeoutMiddleware).use(errorDetailsClientMiddleware);
 }
 
+/** The deadline of a call on a purchase's or a load's path, and of the client daemon's calls. */
 export const DEFAULT_DEADLINE_MS = 15_000;
+
+/** The deadline of a command-line tool's call, which a person waits for. */
+export const CLI_DEADLINE_MS = 10_000;
 
 /** One channel per address, opened on first use: callers that reach many servers by address (from offers) share connections. */
 export class ChannelCache {

@@ -4,6 +4,7 @@
 // confirmation the load server sealed moves money; the client that carries
 // it can neither read nor forge it.
 
+import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { createHash, randomBytes } from "node:crypto";
 import { Status } from "nice-grpc";
 import { ErrorReason, PurseStatus } from "../../gen/netpurse/card/v1/card.js";
@@ -21,9 +22,9 @@ import { LoadAuthorization, LoadConfirmation, LoadOutcome, type LoadServiceDefin
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
-import { requireMoney, requireName, requirePurseId, requireTransactionId, purseId, txnId } from "../../lib/ids.js";
+import { requireCardAmount, requireMoney, requireName, requirePurseId, requireTransactionId, purseId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import { formatMoney, MAX_CARD_AMOUNT, money } from "../../lib/money.js";
+import { formatMoney, money } from "../../lib/money.js";
 import { loadTransactionKey, open, seal } from "../../lib/protocol/encryption-layer.js";
 import { isExpired } from "../../lib/protocol/purse.js";
 import type { BankStore, HoldRow, HoldRowState } from "./store.js";
@@ -81,7 +82,7 @@ export class BankServer {
       try {
         const r = await server.abandonLoad(
           { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization },
-          { deadline: 10_000 },
+          { deadline: DEFAULT_DEADLINE_MS },
         );
         await this.confirmLoad({ transactionId: offer.transactionId, confirmation: r.load!.confirmation });
         resolved++;
@@ -102,8 +103,7 @@ export class BankServer {
   private async createLoadOffer(req: CreateLoadOfferRequest): Promise<CreateLoadOfferResponse> {
     const id = requireTransactionId(req.transactionId);
     const accountId = requireName(req.accountId, "account_id", 32);
-    const amount = requireMoney(req.amount, "amount");
-    if (amount.amountMinor <= 0n || amount.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
+    const amount = requireCardAmount(req.amount, "amount");
     const p = req.purse;
     if (!p) throw invalidField("purse", "missing: read the card first");
     const purse = requirePurseId(p.purseId, "purse.purse_id");

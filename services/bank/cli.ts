@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { BankServiceDefinition, HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { runCommands, int, str, UsageError } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { isName } from "../../lib/ids.js";
 import { formatMinor, formatMoney, parseMinor } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
@@ -75,7 +75,7 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
       if (!id) throw new UsageError("name the account");
       const channel = openChannel(str(v.bank, defaultAddress("bank")));
       try {
-        const a = await clientFactory().create(BankServiceDefinition, channel).getAccount({ accountId: id }, { deadline: 5_000 });
+        const a = await clientFactory().create(BankServiceDefinition, channel).getAccount({ accountId: id }, { deadline: CLI_DEADLINE_MS });
         console.log(`account ${a.accountId} (${a.holder})   balance ${formatMoney(a.balance!)}   available ${formatMoney(a.available!)}\n`);
         const held = a.holds.filter((h) => h.state === HoldState.HOLD_STATE_HELD);
         if (held.length) {

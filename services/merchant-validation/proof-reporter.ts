@@ -4,6 +4,7 @@
 // before the goods go out) and are sent until the payment server
 // acknowledges them.
 
+import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { ClientError, Status } from "nice-grpc";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
@@ -61,7 +62,10 @@ export class ProofReporter {
       "SELECT transaction_id, debit_response, attempts FROM proof_outbox WHERE state = 'QUEUED' ORDER BY queued_at",
     )) {
       try {
-        await this.o.payment.reportCardSignature({ transactionId: { value: row.transaction_id }, debitResponse: row.debit_response }, { deadline: 10_000 });
+        await this.o.payment.reportCardSignature(
+          { transactionId: { value: row.transaction_id }, debitResponse: row.debit_response },
+          { deadline: DEFAULT_DEADLINE_MS },
+        );
         await this.mark(row, "ACKNOWLEDGED", null);
         this.o.log.info("card proof acknowledged by the payment server", { transaction: row.transaction_id });
       } catch (e) {

@@ -1,6 +1,7 @@
 // The demo shop of digital goods: its catalogue file, orders in its own
 // database, goods released exactly once against a validated confirmation.
 
+import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { randomBytes, randomUUID } from "node:crypto";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
@@ -108,7 +109,7 @@ export class Shop {
     const s = this.o.shop;
     // The transaction's keys come from the validation service, the only part of the shop that holds the shared key.
     const keys = await this.o.validation
-      .issueTransactionKeys({ transactionId: txnId(id), merchantId: merchantId(s.merchantId) }, { deadline: 10_000 })
+      .issueTransactionKeys({ transactionId: txnId(id), merchantId: merchantId(s.merchantId) }, { deadline: DEFAULT_DEADLINE_MS })
       .catch((e) => passOn(e, "cannot make the transaction's keys"));
     await this.o.db.run(
       "INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce) VALUES (?, ?, ?, ?, ?, 'OFFERED', ?, ?, ?)",
@@ -151,7 +152,7 @@ export class Shop {
           debitResultM: req.debitResultM,
           debitResponse: req.debitResponse,
         },
-        { deadline: 10_000 },
+        { deadline: DEFAULT_DEADLINE_MS },
       )
       .catch((e) => passOn(e, "payment not accepted"));
     if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!) };

@@ -12,7 +12,7 @@ import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/mercha
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { describeError } from "../../lib/cli.js";
 import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { DEFAULT_DEMO, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
 import { launchNetwork, Launcher } from "./launcher.js";
@@ -105,7 +105,7 @@ try {
   const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!));
 
   // The card is loaded from the demo bank account first (FIG. 18), as a cardholder would top it up.
-  const before = (await cardholder.getCard({}, { deadline: 10_000 })).purse!;
+  const before = (await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS })).purse!;
   const load = money(DEMO_LOAD_MINOR, EUR, 2);
   say(`\ndemo load from ${DEMO_BANK.bankId}, account ${DEMO_BANK.accountId}`);
   if (before.maxBalance!.amountMinor - before.balance!.amountMinor < load.amountMinor) {
@@ -123,8 +123,8 @@ try {
     const mode = shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
     say(`\ndemo purchase at ${shop.name} (mode ${mode})`);
     const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${shop.merchantId}`]!));
-    const { purse } = await cardholder.getCard({}, { deadline: 10_000 });
-    const { offer } = await merchant.createOrder({ productId: values.product ?? shop.products[0]!.productId }, { deadline: 5_000 });
+    const { purse } = await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS });
+    const { offer } = await merchant.createOrder({ productId: values.product ?? shop.products[0]!.productId }, { deadline: CLI_DEADLINE_MS });
     say(`  the cardholder approves ${formatMoney(offer!.amount!)} (card balance ${formatMoney(purse!.balance!)})`);
     const paid = await cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
     for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);

@@ -6,7 +6,7 @@ import { PsamSlotState, TerminalConcentratorServiceDefinition } from "../../gen/
 import { PaymentServiceDefinition, PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { runCommands, str, UsageError } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { hexOf, txnId } from "../../lib/ids.js";
 import { formatMoney } from "../../lib/money.js";
 import { table } from "../../lib/table.js";
@@ -49,7 +49,7 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
     async run(v) {
       const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), { maxMessageBytes: 256 * 1024 });
       try {
-        const r = await clientFactory().create(TerminalConcentratorServiceDefinition, channel).listTerminals({}, { deadline: 5_000 });
+        const r = await clientFactory().create(TerminalConcentratorServiceDefinition, channel).listTerminals({}, { deadline: CLI_DEADLINE_MS });
         const rows = r.terminals.flatMap((t) =>
           t.slots.map((s) => [
             t.terminalId,
@@ -80,7 +80,7 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
       try {
         const { purchase: p } = await clientFactory()
           .create(PaymentServiceDefinition, channel)
-          .getPurchase({ transactionId: txnId(id) }, { deadline: 5_000 });
+          .getPurchase({ transactionId: txnId(id) }, { deadline: CLI_DEADLINE_MS });
         console.log(
           `${id}: ${PurchaseState[p!.state].replace("PURCHASE_STATE_", "")}, ${formatMoney(p!.amount!)} to ${p!.merchantId?.value}, purse ${hexOf(p!.purseId?.value)}, PSAM ${hexOf(p!.psamId?.value)} counter ${p!.psamCounter}`,
         );

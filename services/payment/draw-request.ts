@@ -4,8 +4,7 @@
 import { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
 import type { DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
 import { invalidField } from "../../lib/grpc/errors.js";
-import { requireConfirmationMode, requireMerchantId, requireTransactionId } from "../../lib/ids.js";
-import { MAX_CARD_AMOUNT } from "../../lib/money.js";
+import { requireCardAmount, requireConfirmationMode, requireMerchantId, requireTransactionId } from "../../lib/ids.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { ALGORITHM_AES128_CMAC, InitializeForPurchaseResponse, PURSE_FORMAT, type InitializeForPurchase } from "../../lib/protocol/purse.js";
 
@@ -25,11 +24,7 @@ export function editDrawRequest(dr: DrawRequest | undefined): EditedDrawRequest 
   if (!dr) throw invalidField("draw_request", "missing");
   const transactionId = requireTransactionId(dr.transactionId, "draw_request.transaction_id");
   const merchantId = requireMerchantId(dr.merchantId, "draw_request.merchant_id");
-  const a = dr.amount;
-  if (!a) throw invalidField("draw_request.amount", "missing");
-  if (a.amountMinor <= 0n || a.amountMinor > BigInt(MAX_CARD_AMOUNT)) throw invalidField("draw_request.amount.amount_minor", `must be 1..${MAX_CARD_AMOUNT}`);
-  if (a.currency < 1 || a.currency > 999) throw invalidField("draw_request.amount.currency", "must be an ISO 4217 numeric code 1..999");
-  if (a.exponent > 4) throw invalidField("draw_request.amount.exponent", "must be 0..4");
+  const a = requireCardAmount(dr.amount, "draw_request.amount");
   const mode = requireConfirmationMode(dr.confirmationMode, "draw_request.confirmation_mode");
   const atr = Buffer.from(dr.cardAtr);
   if (atr.length < 2 || atr.length > 33) throw invalidField("draw_request.card_atr", `must be 2..33 bytes, got ${atr.length}`);

@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { intOpt, opt, runService } from "../../lib/service-main.js";
-import { startPaymentServer } from "./server.js";
+import { PAYMENT_DEFAULTS as D, startPaymentServer } from "./server.js";
 
 await runService({
   program: "netpurse-payment",
@@ -22,9 +22,9 @@ await runService({
     "  --dir DIR                this server's folder (default DATA/payment): payment.db, merchants.json",
     `  --concentrator HOST:PORT terminal concentrator (default ${defaultAddress("concentrator")})`,
     "  --id NAME                payment server id at the concentrator (default payment-1)",
-    "  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default 60000)",
-    "  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default 10000)",
-    "  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default 600000)",
+    `  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default ${D.holdTimeoutMs})`,
+    `  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default ${D.maxPsamWaitMs})`,
+    `  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default ${D.proofTimeoutMs})`,
   ].join("\n"),
   start: (v) =>
     startPaymentServer({
@@ -32,8 +32,8 @@ await runService({
       dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "payment")),
       concentrator: opt(v, "concentrator", defaultAddress("concentrator")),
       paymentServerId: opt(v, "id", "payment-1"),
-      holdTimeoutMs: intOpt(v, "hold-timeout-ms", 60_000),
-      maxPsamWaitMs: intOpt(v, "psam-wait-ms", 10_000),
-      proofTimeoutMs: intOpt(v, "proof-timeout-ms", 600_000),
+      holdTimeoutMs: intOpt(v, "hold-timeout-ms", D.holdTimeoutMs),
+      maxPsamWaitMs: intOpt(v, "psam-wait-ms", D.maxPsamWaitMs),
+      proofTimeoutMs: intOpt(v, "proof-timeout-ms", D.proofTimeoutMs),
     }),
 });

@@ -17,6 +17,15 @@ import type { PaymentStore, Purchase, SignedPurchase } from "./store.js";
 /** The least time worth giving a terminal for one job; with less left, no job is sent. */
 export const MIN_JOB_MS = 1_000;
 
+/** The time a step no caller waits for (recovery, the sweep, recording a proof) gives its PSAM job. */
+const BACKGROUND_JOB_MS = 10_000;
+
+/** The longest a step waits for the particular PSAM that signed a purchase to come free. */
+const SIGNING_PSAM_WAIT_MS = 5_000;
+
+/** The deadline of a step no caller waits for. */
+export const backgroundDeadline = () => Date.now() + BACKGROUND_JOB_MS;
+
 /** The pool's key of the PSAM that signed a purchase's DEBIT command. */
 export const psamKeyOf = (p: SignedPurchase) => psamKey(p.terminal_id, p.psam_id);
 
@@ -127,7 +136,7 @@ export class PsamWork {
       const key = psamKeyOf(p);
       if (!this.o.pool.has(key)) return new PsamUnreachable(`PSAM ${p.psam_id} of terminal ${p.terminal_id} is not in the pool`);
       try {
-        lease = await this.o.pool.acquire({ key }, Math.min(deadline, Date.now() + 5_000));
+        lease = await this.o.pool.acquire({ key }, Math.min(deadline, Date.now() + SIGNING_PSAM_WAIT_MS));
       } catch (e) {
         if (e instanceof NoPsamFree) return new PsamUnreachable(e.message);
         throw e;
@@ -139,6 +148,11 @@ export class PsamWork {
       if (held) await this.giveBack(p.transaction_id, lease, "the card's answer is ruled on");
       else this.o.pool.release(lease);
     }
+  }
+
+  /** A lease of one particular PSAM, if it comes free soon (to reverse an open debit it reported). */
+  leaseSigningPsam(terminalId: string, psamId: string): Promise<Lease | undefined> {
+    return this.o.pool.acquire({ key: psamKey(terminalId, psamId) }, Date.now() + SIGNING_PSAM_WAIT_MS).catch(() => undefined);
   }
 
   releaseAll(): void {

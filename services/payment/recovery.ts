@@ -13,8 +13,8 @@ import type { Logger } from "../../lib/log.js";
 import type { KeyedMutex } from "../../lib/mutex.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DebitResponse, DebitResult, type CardLogRecord } from "../../lib/protocol/purse.js";
-import { psamKey, type PsamPool } from "./psam-pool.js";
-import { psamKeyOf, type PsamWork } from "./psam-work.js";
+import type { PsamPool } from "./psam-pool.js";
+import { backgroundDeadline, psamKeyOf, type PsamWork } from "./psam-work.js";
 import type { Ruling } from "./ruling.js";
 import type { PaymentStore, Purchase } from "./store.js";
 
@@ -73,7 +73,7 @@ export class Recovery {
           return;
         }
         if ((p.state !== "DEBIT_RESPONSE_RECEIVED" && p.state !== "IN_DOUBT") || !p.answer) return;
-        await this.o.ruling.ruleStored({ ...p, answer: p.answer }, Date.now() + 10_000).then(
+        await this.o.ruling.ruleStored({ ...p, answer: p.answer }, backgroundDeadline()).then(
           () => this.o.log.info("waiting purchase settled", { transaction: id }),
           (e: unknown) => this.o.log.info("waiting purchase resolved", { transaction: id, outcome: e instanceof NetpurseError ? e.details : String(e) }),
         );
@@ -95,7 +95,7 @@ export class Recovery {
           if (p.state === "IN_DOUBT" && p.answer) return;
           if (p.psam_id !== entry.moduleId.toString("hex") || p.psam_counter !== entry.moduleCounter) return;
           const answer = { result: DebitResult.DEBITED, counter: entry.counter, balance: entry.balance, cardSignature: entry.cardSignature };
-          await this.o.ruling.ruleReported(p, answer, DebitResponse.encode(answer), "from the card's log at its next contact", Date.now() + 10_000);
+          await this.o.ruling.ruleReported(p, answer, DebitResponse.encode(answer), "from the card's log at its next contact", backgroundDeadline());
           this.o.log.info("purchase settled from the card's log", { transaction: p.transaction_id });
         })
         .catch((e: unknown) =>
@@ -132,10 +132,10 @@ export class Recovery {
         if (!p) return; // not ours (another payment server's, or an operator's test)
         const live = "psam_id" in p && p.psam_id === psam && p.psam_counter === open.psamCounter;
         if (live) return;
-        const lease = await this.o.pool.acquire({ key: psamKey(terminalId, psam) }, Date.now() + 5_000).catch(() => undefined);
+        const lease = await this.o.work.leaseSigningPsam(terminalId, psam);
         if (!lease) return;
         try {
-          if ((await this.o.work.reverse(lease, id, open.psamCounter, Date.now() + 10_000)) === true) {
+          if ((await this.o.work.reverse(lease, id, open.psamCounter, backgroundDeadline())) === true) {
             await this.o.store.log(id, {
               step: "orphan_debit_reversed",
               detail: `PSAM ${psam} counter ${open.psamCounter}: its DEBIT command never left this server`,

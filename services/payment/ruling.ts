@@ -14,7 +14,7 @@ import { NetpurseError } from "../../lib/grpc/errors.js";
 import type { Logger } from "../../lib/log.js";
 import type { KeyedMutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, type DebitAnswer } from "../../lib/protocol/purse.js";
-import { PsamUnreachable, describe, type PsamWork } from "./psam-work.js";
+import { backgroundDeadline, describe, PsamUnreachable, type PsamWork } from "./psam-work.js";
 import { badCardSignature, cardDeclined, cardRefused, failureOf } from "./refusals.js";
 import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type State } from "./store.js";
 
@@ -102,8 +102,8 @@ export class Ruling {
   async recordProof(transactionId: string): Promise<Purchase> {
     const p = await this.o.store.require(transactionId);
     if (p.state !== "PROVEN") return p;
-    const done = await this.o.work.onSigningPsam(p, Date.now() + 10_000, (lease) =>
-      this.o.work.verifyDebit(lease, p, p.answer.debitResponse, Date.now() + 10_000),
+    const done = await this.o.work.onSigningPsam(p, backgroundDeadline(), (lease) =>
+      this.o.work.verifyDebit(lease, p, p.answer.debitResponse, backgroundDeadline()),
     );
     if (done instanceof PsamUnreachable) return p;
     if (
@@ -241,7 +241,7 @@ export class Ruling {
         );
         if (!moved) return;
         const p = await this.o.store.require(other.transaction_id);
-        if (p.state === "DEBIT_RESPONSE_RECEIVED") await this.ruleStored(p, Date.now() + 10_000).catch(() => undefined);
+        if (p.state === "DEBIT_RESPONSE_RECEIVED") await this.ruleStored(p, backgroundDeadline()).catch(() => undefined);
       });
     }
   }

@@ -30,6 +30,15 @@ export interface PaymentConfig {
   proofTimeoutMs?: number;
 }
 
+/** The payment server's defaults, in one place for the code and its --help. */
+export const PAYMENT_DEFAULTS = {
+  holdTimeoutMs: 60_000,
+  maxPsamWaitMs: 10_000,
+  jobTimeoutMs: 10_000,
+  sweepEveryMs: 15_000,
+  proofTimeoutMs: 10 * 60_000,
+} as const;
+
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
   const log = createLogger("payment");
@@ -45,9 +54,16 @@ export async function startPaymentServer(c: PaymentConfig) {
     onTerminal: (t) => recovery.onTerminal(t),
     onLateResult: (terminalId, slot) => recovery.onSlot(terminalId, slot),
   });
-  const work = new PsamWork({ pool, link, store, log, holdTimeoutMs: c.holdTimeoutMs ?? 60_000, jobTimeoutMs: c.jobTimeoutMs ?? 10_000 });
+  const work = new PsamWork({
+    pool,
+    link,
+    store,
+    log,
+    holdTimeoutMs: c.holdTimeoutMs ?? PAYMENT_DEFAULTS.holdTimeoutMs,
+    jobTimeoutMs: c.jobTimeoutMs ?? PAYMENT_DEFAULTS.jobTimeoutMs,
+  });
   const ruling = new Ruling({ store, work, log, locks });
-  const recovery: Recovery = new Recovery({ store, pool, work, ruling, locks, log, proofTimeoutMs: c.proofTimeoutMs ?? 10 * 60_000 });
+  const recovery: Recovery = new Recovery({ store, pool, work, ruling, locks, log, proofTimeoutMs: c.proofTimeoutMs ?? PAYMENT_DEFAULTS.proofTimeoutMs });
   const server = new PaymentServer({
     store,
     merchants: new MerchantRegistry(join(c.dir, "merchants.json")),
@@ -56,10 +72,10 @@ export async function startPaymentServer(c: PaymentConfig) {
     recovery,
     locks,
     log,
-    maxPsamWaitMs: c.maxPsamWaitMs ?? 10_000,
+    maxPsamWaitMs: c.maxPsamWaitMs ?? PAYMENT_DEFAULTS.maxPsamWaitMs,
   });
   link.start();
-  recovery.startSweeping(c.sweepEveryMs ?? 15_000);
+  recovery.startSweeping(c.sweepEveryMs ?? PAYMENT_DEFAULTS.sweepEveryMs);
   const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("payment"), services: [service(PaymentServiceDefinition, server.service)], log });
   return {
     address: grpc.address,
