@@ -7,9 +7,13 @@
 //     and the load server's LOADED records say the same;
 //   - no hold stays HELD once its load is resolved;
 //   - the card's balance is its loads minus its purchases, and the payment
-//     server recorded exactly the card's purchases.
+//     server recorded exactly the card's purchases: each debit in the card's
+//     log is a completed purchase, and each purchase the payment server has
+//     as paid (PROVEN or COMPLETED) is a debit in the card's log, for the same
+//     amount.
 // NETPURSE_INVARIANT_RUNS sets the number of sequences (default 1000).
 
+import Database from "better-sqlite3";
 import { expect } from "chai";
 import fc from "fast-check";
 import { ClientError, Status } from "nice-grpc";
@@ -190,7 +194,29 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const purchases = log.filter((r) => r.kind === LogKind.PURCHASE);
     for (const p of purchases) {
       const { purchase } = await net.clients.payment.getPurchase({ transactionId: { value: p.transactionRef } });
-      expect(purchase!.state, "each card debit is a completed purchase").to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+      expect(purchase?.state, "each card debit is a completed purchase").to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+      expect(Number(purchase?.amount?.amountMinor), "for the amount the card paid").to.equal(p.amount);
+    }
+    const paid = paidPurchasesOf(purse.purseId.toString("hex"));
+    expect(
+      paid.map((x) => x.transaction_id).sort(),
+      "each purchase paid at the payment server is a debit in the card's log",
+    ).to.deep.equal(purchases.map((p) => p.transactionRef).sort());
+    expect(
+      paid.reduce((s, x) => s + x.amount_minor, 0),
+      "payment server's paid total = card's purchases",
+    ).to.equal(spent);
+  }
+
+  /** The purse's purchases the payment server holds as paid, read from its database as an auditor would. */
+  function paidPurchasesOf(purse: string): { transaction_id: string; amount_minor: number }[] {
+    const db = new Database(join(net.paths.payment, "payment.db"), { readonly: true });
+    try {
+      return db
+        .prepare("SELECT transaction_id, amount_minor FROM purchases WHERE purse_id = ? AND state IN ('PROVEN', 'COMPLETED')")
+        .all(purse) as { transaction_id: string; amount_minor: number }[];
+    } finally {
+      db.close();
     }
   }
 
