@@ -6,7 +6,8 @@
 import { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
 import { Money, Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { SettledLoad } from "../../gen/netpurse/load/v1/load.js";
-import type { ClientLoadState, LoadJournal, LoadRecord } from "../load.js";
+import { checkedOffer } from "../load/offer.js";
+import type { ClientLoadState, LoadJournal, LoadRecord } from "../load/record.js";
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Db } from "../../lib/store/db.js";
 import type { ClientPurchaseState, DebitSent, PurchaseJournal, PurchaseRecord } from "../purchase.js";
@@ -175,12 +176,13 @@ export class SqliteJournal implements PurchaseJournal {
   }
 }
 
+/** The columns of the client_loads table. */
 interface LoadRow {
   transaction_id: string;
   bank_address: string;
   account_id: string;
   amount: Buffer;
-  state: ClientLoadState;
+  state: string;
   offer: Buffer | null;
   card_counter: number | null;
   proof_reference: string | null;
@@ -189,10 +191,44 @@ interface LoadRow {
   purse_id: string;
 }
 
+/** A journaled load that lacks what its state requires: the journal was damaged, and a person must look before the card moves on. */
+export class CorruptLoad extends Error {
+  constructor(row: LoadRow, problem: string) {
+    super(`load ${row.transaction_id} is inconsistent in the client's journal: state ${row.state} ${problem}`);
+  }
+}
+
+function need<T>(row: LoadRow, value: T | null, column: string): T {
+  if (value === null) throw new CorruptLoad(row, `without ${column}`);
+  return value;
+}
+
+/** An open load's row as the load code sees it: by its state, each field it must have checked. */
+function toLoadRecord(row: LoadRow): LoadRecord {
+  const base = {
+    transactionId: row.transaction_id,
+    bankAddress: row.bank_address,
+    accountId: row.account_id,
+    amount: Money.decode(row.amount),
+    purseId: row.purse_id,
+  };
+  if (row.state === "STARTED") return { ...base, state: row.state };
+  if (row.state === "SETTLED") return { ...base, state: row.state, settled: SettledLoad.decode(need(row, row.settled, "settled")) };
+  const offer = checkedOffer(LoadOffer.decode(need(row, row.offer, "offer")), (missing) => new CorruptLoad(row, `with an offer without ${missing}`));
+  if (row.state === "OFFERED") return { ...base, state: row.state, offer };
+  const requested = { ...base, offer, cardCounter: need(row, row.card_counter, "card_counter") };
+  if (row.state === "REQUESTED") return { ...requested, state: row.state };
+  // Journals older than the proof reference have none, like a load server's answer that carried none: the load server is asked for it.
+  const sent = { ...requested, proofReference: row.proof_reference ?? "" };
+  if (row.state === "LOAD_SENT") return { ...sent, state: row.state };
+  if (row.state === "CARD_ANSWERED") return { ...sent, state: row.state, loadResponse: need(row, row.load_response, "load_response") };
+  throw new CorruptLoad(row, "is not the state of an open load");
+}
+
 export class SqliteLoadJournal implements LoadJournal {
   constructor(private readonly db: Db) {}
 
-  private async set(id: string, fields: Record<string, string | number | Buffer | null>): Promise<void> {
+  private async set(id: string, fields: { state: ClientLoadState } & Record<string, string | number | Buffer | null>): Promise<void> {
     const keys = Object.keys(fields);
     await this.db.run(`UPDATE client_loads SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE transaction_id = ?`, [
       ...Object.values(fields),
@@ -239,18 +275,6 @@ export class SqliteLoadJournal implements LoadJournal {
 
   async openLoads(): Promise<LoadRecord[]> {
     const rows = await this.db.all<LoadRow>("SELECT * FROM client_loads WHERE state NOT IN ('DONE', 'FAILED') ORDER BY created_at");
-    return rows.map((r) => ({
-      transactionId: r.transaction_id,
-      bankAddress: r.bank_address,
-      accountId: r.account_id,
-      amount: Money.decode(r.amount),
-      state: r.state,
-      purseId: r.purse_id,
-      ...(r.offer ? { offer: LoadOffer.decode(r.offer) } : {}),
-      ...(r.card_counter !== null ? { cardCounter: r.card_counter } : {}),
-      ...(r.proof_reference ? { proofReference: r.proof_reference } : {}),
-      ...(r.load_response ? { loadResponse: r.load_response } : {}),
-      ...(r.settled ? { settled: SettledLoad.decode(r.settled) } : {}),
-    }));
+    return rows.map(toLoadRecord);
   }
 }

@@ -20,6 +20,7 @@ import { account, Crash, CrashingLoadJournal, EUR, freshCardholder, LOADED, NOT_
 import { startNetwork, type Network } from "../support/network.js";
 import { NetpurseError, Status } from "../../lib/grpc/errors.js";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { txnId } from "../../lib/ids.js";
 import { randomBytes } from "node:crypto";
 import { writeBankFile } from "../../services/bank/identity.js";
 import { startBankServer } from "../../services/bank/server.js";
@@ -59,6 +60,32 @@ describe("client daemon: loads the client dropped out of half-way", function () 
 
   const open = async (c: { loads: SqliteLoadJournal }) => c.loads.openLoads();
   const cardBalance = async (c: { reader: { readPurse(): Promise<{ balance: number }> } }) => (await c.reader.readPurse()).balance;
+  const loadAtServer = (transactionId: string) => net.clients.load.getLoad({ transactionId: txnId(transactionId) });
+
+  /**
+   * A load the client drops out of right after the card's credit was journaled: the injected crash must be
+   * what ended it (nothing else, and not no error at all), and the load must be left pending everywhere: open
+   * in the journal with the card's answer, PENDING at the load server, the funds held at the bank, the card credited.
+   */
+  async function pendingDeposit(c: Awaited<ReturnType<typeof cardholder>>, minor: number) {
+    c.loads.crashAfter = "loadAnswered";
+    const e = await c.load(minor).then(
+      () => undefined,
+      (x: unknown) => x,
+    );
+    c.loads.crashAfter = undefined;
+    expect(e, "the injected crash ended the load").to.be.instanceOf(Error);
+    expect((e as Error).message).to.contain("crashed after loadAnswered");
+    const loads = await open(c);
+    expect(loads.map((l) => l.state)).to.deep.equal(["CARD_ANSWERED"]);
+    const pending = loads[0]!;
+    expect((await loadAtServer(pending.transactionId)).state).to.equal(LoadState.LOAD_STATE_PENDING);
+    const held = await account(net, c.accountId);
+    expect(held).to.deep.include({ balance: 100_000, available: 100_000 - minor });
+    expect(held.holds.find((h) => h.transactionId?.value === pending.transactionId)?.state).to.equal(HoldState.HOLD_STATE_HELD);
+    expect(await cardBalance(c)).to.equal(minor);
+    return pending;
+  }
 
   const drops: [LoadStep, string, number, number][] = [
     // step the client dropped out after, what the resumed load ends as, card balance, account balance
@@ -109,16 +136,21 @@ describe("client daemon: loads the client dropped out of half-way", function () 
         loads: lost,
         log: createLogger("client-lost"),
       });
-      await daemon.service
+      const lostAnswer = await daemon.service
         .loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never)
-        .catch(() => undefined);
+        .then(
+          () => undefined,
+          (x: unknown) => x,
+        );
+      expect(lostAnswer, "the injected crash ended the load").to.be.instanceOf(Error);
+      expect((lostAnswer as Error).message).to.contain("the answer to the load request was lost");
       const [open1] = await open(c);
       expect(open1!.state).to.equal("REQUESTED");
-      expect((await net.clients.load.getLoad({ transactionId: open1!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_PENDING);
+      expect((await loadAtServer(open1!.transactionId)).state).to.equal(LoadState.LOAD_STATE_PENDING);
       const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
       const e = (await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never).catch((x: unknown) => x)) as Error;
       expect(e.message).to.contain("the card holds EUR 0.00"); // the load was proven not made (the card is still empty), so the purchase is refused on its balance
-      expect((await net.clients.load.getLoad({ transactionId: open1!.offer!.transactionId })).outcome).to.equal(NOT_LOADED);
+      expect((await loadAtServer(open1!.transactionId)).outcome).to.equal(NOT_LOADED);
       expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
       expect(await cardBalance(c)).to.equal(0);
     } finally {
@@ -152,15 +184,10 @@ describe("client daemon: loads the client dropped out of half-way", function () 
   it("a pending deposit is confirmed with the card's next purchase", async () => {
     const c = await cardholder();
     try {
-      c.loads.crashAfter = "loadAnswered";
-      await c.load(3_000).catch(() => undefined);
-      c.loads.crashAfter = undefined;
-      const [pending] = await open(c);
-      expect((await net.clients.load.getLoad({ transactionId: pending!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_PENDING);
-      expect((await account(net, c.accountId)).available).to.equal(97_000); // held, not posted
+      const pending = await pendingDeposit(c, 3_000);
       const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
       await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never);
-      expect((await net.clients.load.getLoad({ transactionId: pending!.offer!.transactionId })).state).to.equal(LoadState.LOAD_STATE_SETTLED);
+      expect((await loadAtServer(pending.transactionId)).state).to.equal(LoadState.LOAD_STATE_SETTLED);
       expect(await account(net, c.accountId)).to.deep.include({ balance: 97_000, available: 97_000 });
       expect(await cardBalance(c)).to.equal(3_000 - 99);
     } finally {
@@ -171,14 +198,13 @@ describe("client daemon: loads the client dropped out of half-way", function () 
   it("a pending deposit is confirmed with the card's next load", async () => {
     const c = await cardholder();
     try {
-      c.loads.crashAfter = "loadAnswered";
-      await c.load(1_000).catch(() => undefined);
-      c.loads.crashAfter = undefined;
+      const pending = await pendingDeposit(c, 1_000);
       const r = await c.load(500);
       expect(r.outcome).to.equal(LOADED);
       expect(await cardBalance(c)).to.equal(1_500);
       expect(await account(net, c.accountId)).to.deep.include({ balance: 98_500, available: 98_500 });
       expect(await open(c)).to.have.length(0);
+      expect((await loadAtServer(pending.transactionId)).outcome).to.equal(LOADED);
     } finally {
       await c.close();
     }

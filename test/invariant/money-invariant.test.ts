@@ -27,7 +27,7 @@ import { money } from "../../lib/money.js";
 import { LoadResult } from "../../lib/protocol/load.js";
 import { LogKind } from "../../lib/protocol/purse.js";
 import { openSqlite } from "../../lib/store/db.js";
-import { needsCardUnchanged } from "../../client/load.js";
+import { needsCardUnchanged } from "../../client/load/recovery.js";
 import { CardholderDaemon } from "../../client/daemon/daemon.js";
 import { CLIENT_MIGRATIONS, SqliteJournal } from "../../client/daemon/journal.js";
 import { startBankServer } from "../../services/bank/server.js";
@@ -198,10 +198,9 @@ describe("invariant: bank debits, card credits and purchases agree after random 
       expect(Number(purchase?.amount?.amountMinor), "for the amount the card paid").to.equal(p.amount);
     }
     const paid = paidPurchasesOf(purse.purseId.toString("hex"));
-    expect(
-      paid.map((x) => x.transaction_id).sort(),
-      "each purchase paid at the payment server is a debit in the card's log",
-    ).to.deep.equal(purchases.map((p) => p.transactionRef).sort());
+    expect(paid.map((x) => x.transaction_id).sort(), "each purchase paid at the payment server is a debit in the card's log").to.deep.equal(
+      purchases.map((p) => p.transactionRef).sort(),
+    );
     expect(
       paid.reduce((s, x) => s + x.amount_minor, 0),
       "payment server's paid total = card's purchases",
@@ -212,9 +211,10 @@ describe("invariant: bank debits, card credits and purchases agree after random 
   function paidPurchasesOf(purse: string): { transaction_id: string; amount_minor: number }[] {
     const db = new Database(join(net.paths.payment, "payment.db"), { readonly: true });
     try {
-      return db
-        .prepare("SELECT transaction_id, amount_minor FROM purchases WHERE purse_id = ? AND state IN ('PROVEN', 'COMPLETED')")
-        .all(purse) as { transaction_id: string; amount_minor: number }[];
+      return db.prepare("SELECT transaction_id, amount_minor FROM purchases WHERE purse_id = ? AND state IN ('PROVEN', 'COMPLETED')").all(purse) as {
+        transaction_id: string;
+        amount_minor: number;
+      }[];
     } finally {
       db.close();
     }

@@ -10,7 +10,7 @@ import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { purseState } from "../../client/card/purse-state.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
-import { loadInitCommand } from "../../client/load.js";
+import { loadInitCommand } from "../../client/load/offer.js";
 import { HoldState, type LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome, type SettledLoad } from "../../gen/netpurse/load/v1/load.js";
 import { SqliteLoadJournal } from "../../client/daemon/journal.js";
