@@ -2,7 +2,7 @@
 // (which holds the card) and, to shop, to the merchant.
 
 import { createInterface } from "node:readline/promises";
-import { CardTransactionKind, PurseStatus, type Money } from "../../gen/netpurse/card/v1/card.js";
+import { CardTransactionKind, PurseStatus, type CardTransaction, type Money } from "../../gen/netpurse/card/v1/card.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { runCommands, str, UsageError, int } from "../../lib/cli.js";
@@ -73,7 +73,16 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
         console.log(
           `expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`,
         );
-        const { transactions } = await c.listCardTransactions({ limit: int(v.log, 10, "log") }, { deadline: CLI_DEADLINE_MS });
+        // Every page of the listing; the daemon ends it after `limit` entries.
+        const limit = int(v.log, 10, "log");
+        if (limit < 0) throw new UsageError("--log must be 0 (all the card holds) or more");
+        const transactions: CardTransaction[] = [];
+        let pageToken = "";
+        do {
+          const r = await c.listCardTransactions({ limit, pageToken }, { deadline: CLI_DEADLINE_MS });
+          transactions.push(...r.transactions);
+          pageToken = r.nextPageToken;
+        } while (pageToken);
         if (!transactions.length) return console.log("\nno transactions yet");
         console.log("");
         console.log(

@@ -6,6 +6,8 @@ import { ClientError, Status } from "nice-grpc";
 import { CardTransactionKind, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type {
   CardholderServiceImplementation,
+  ListCardTransactionsRequest,
+  ListCardTransactionsResponse,
   LoadCardRequest,
   LoadCardResponse,
   PayOfferRequest,
@@ -14,12 +16,15 @@ import type {
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
-import { loadCard, needsCardUnchanged, resumeLoads, type LoadContext, type LoadJournal, type Resumed } from "../load.js";
+import { loadCard, type LoadContext } from "../load/load.js";
+import type { LoadJournal } from "../load/record.js";
+import { needsCardUnchanged, resumeLoads, type Resumed } from "../load/recovery.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
-import { NetpurseError } from "../../lib/grpc/errors.js";
+import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
+import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
 import { psamId, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
@@ -33,6 +38,14 @@ import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
 import { purseState } from "../card/purse-state.js";
 
 export { purseState };
+
+/** page_size of ListCardTransactions, as cardholder.proto documents it: all a card keeps by default, and the most READ LOG can address. */
+const CARD_LOG_PAGE: PageSizeRule = { fallback: 32, max: 255 };
+const CARD_LOG_LIST = "transactions";
+
+/** A ListCardTransactions token's position: entries below card counter `c` come next; `n` were listed before them. */
+const isCardLogPosition = (p: unknown): p is { c: number; n: number } =>
+  typeof p === "object" && p !== null && isPositiveInt((p as { c?: unknown }).c) && isPositiveInt((p as { n?: unknown }).n);
 
 /** Errors of the card itself, as the cardholder's API reports them; errors from services pass unchanged. */
 function cardError(e: unknown): unknown {
@@ -67,25 +80,7 @@ export class CardholderDaemon {
         const atr = await this.connect();
         return { purse: purseState(await this.reader.readPurse()), atrHex: atr.toString("hex") };
       }),
-    listCardTransactions: async (req) =>
-      this.card.run(async () => {
-        await this.connect();
-        const purse = await this.reader.readPurse();
-        const records = await this.reader.readLog(req.limit && req.limit > 0 ? Math.min(req.limit, 32) : 32);
-        return {
-          transactions: records.map((r) => ({
-            kind: r.kind === LogKind.PURCHASE ? CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE : CardTransactionKind.CARD_TRANSACTION_KIND_LOAD,
-            transactionCounter: r.counter,
-            amount: money(r.amount, r.currency, purse.exponent),
-            balanceAfter: money(r.balance, r.currency, purse.exponent),
-            psamId: psamId(r.moduleId.toString("hex")),
-            psamCounter: r.moduleCounter,
-            transactionId: txnId(r.transactionRef),
-            time: new Date(r.dateTime * 1000),
-            cardSignature: r.cardSignature,
-          })),
-        };
-      }),
+    listCardTransactions: async (req) => this.listCardTransactions(req),
     payOffer: async (req) => this.pay(req),
     loadCard: async (req) => this.load(req),
     syncCard: async () =>
@@ -97,6 +92,50 @@ export class CardholderDaemon {
         };
       }),
   };
+
+  /**
+   * One page of the card's log, newest first. The page token holds the card
+   * counter to continue below, so a transaction the card makes between pages
+   * shifts nothing; `limit` bounds the whole listing, and the count already
+   * listed travels in the token.
+   */
+  private async listCardTransactions(req: ListCardTransactionsRequest): Promise<ListCardTransactionsResponse> {
+    const size = pageSize(req.pageSize, CARD_LOG_PAGE);
+    return this.card.run(async () => {
+      try {
+        await this.connect();
+        const purse = await this.reader.readPurse();
+        const scope = `card ${purse.purseId.toString("hex")} ${req.limit ? `(limit ${req.limit})` : "(no limit)"}`;
+        const at = pagePosition(req.pageToken, CARD_LOG_LIST, scope, isCardLogPosition);
+        const listed = at?.n ?? 0;
+        const room = req.limit ? req.limit - listed : Infinity;
+        if (room <= 0) throw invalidField("page_token", `says ${listed} entries were listed, as many as the limit or more: that listing had ended`);
+        const want = Math.min(size, room);
+        // Counters only grow, one per transaction at least: at most this many entries are newer than the position.
+        const newer = at ? Math.max(0, purse.counter - at.c + 1) : 0;
+        const records = (await this.reader.readLog(Math.min(newer + want + 1, 255))).filter((r) => !at || r.counter < at.c);
+        const page = records.slice(0, want);
+        const last = page[page.length - 1];
+        const more = last !== undefined && records.length > page.length && page.length < room;
+        return {
+          transactions: page.map((r) => ({
+            kind: r.kind === LogKind.PURCHASE ? CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE : CardTransactionKind.CARD_TRANSACTION_KIND_LOAD,
+            transactionCounter: r.counter,
+            amount: money(r.amount, r.currency, purse.exponent),
+            balanceAfter: money(r.balance, r.currency, purse.exponent),
+            psamId: psamId(r.moduleId.toString("hex")),
+            psamCounter: r.moduleCounter,
+            transactionId: txnId(r.transactionRef),
+            time: new Date(r.dateTime * 1000),
+            cardSignature: r.cardSignature,
+          })),
+          nextPageToken: more ? pageToken(CARD_LOG_LIST, scope, { c: last.counter, n: listed + page.length }) : "",
+        };
+      } catch (e) {
+        throw cardError(e);
+      }
+    });
+  }
 
   private async connect(): Promise<Buffer> {
     try {

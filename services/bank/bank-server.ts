@@ -17,17 +17,24 @@ import {
   type CreateLoadOfferRequest,
   type CreateLoadOfferResponse,
   type GetAccountResponse,
+  type Hold,
+  type ListHoldsRequest,
+  type ListHoldsResponse,
+  type ListStatementLinesRequest,
+  type ListStatementLinesResponse,
+  type StatementLine,
 } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadAuthorization, LoadConfirmation, LoadOutcome, type LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
+import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
 import { requireCardAmount, requireMoney, requireName, requirePurseId, requireTransactionId, purseId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { loadTransactionKey, open, seal } from "../../lib/protocol/encryption-layer.js";
 import { isExpired } from "../../lib/protocol/purse.js";
-import type { BankStore, HoldRow, HoldRowState } from "./store.js";
+import type { AccountRow, BankStore, HoldPosition, HoldRow, HoldRowState, StatementRow } from "./store.js";
 
 const failed = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
@@ -40,6 +47,25 @@ const HOLD_STATE: Record<HoldRowState, HoldState> = {
 
 /** How many holds and statement lines GetAccount returns. */
 const LISTED = 50;
+
+/** page_size of ListHolds and ListStatementLines, as bank.proto documents it. */
+const PAGE: PageSizeRule = { fallback: 50, max: 200 };
+
+/** The lists page tokens are made for, and for which account. */
+const HOLDS = "holds";
+const LINES = "statement lines";
+const scopeOf = (accountId: string) => `account ${accountId}`;
+
+/** A ListHolds token's position: the created_at and rowid of the previous page's last hold. */
+const isHoldPosition = (p: unknown): p is { t: string; r: number } =>
+  typeof p === "object" &&
+  p !== null &&
+  typeof (p as { t?: unknown }).t === "string" &&
+  /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/.test((p as { t: string }).t) &&
+  isPositiveInt((p as { r?: unknown }).r);
+
+/** A ListStatementLines token's position: the id of the previous page's last line. */
+const isLinePosition = (p: unknown): p is { id: number } => typeof p === "object" && p !== null && isPositiveInt((p as { id?: unknown }).id);
 
 export interface BankIdentity {
   bankId: string;
@@ -98,6 +124,8 @@ export class BankServer {
     createLoadOffer: (req) => this.createLoadOffer(req),
     confirmLoad: (req) => this.confirmLoad(req),
     getAccount: (req) => this.getAccount(requireName(req.accountId, "account_id", 32)),
+    listHolds: (req) => this.listHolds(req),
+    listStatementLines: (req) => this.listStatementLines(req),
   };
 
   private async createLoadOffer(req: CreateLoadOfferRequest): Promise<CreateLoadOfferResponse> {
@@ -222,20 +250,60 @@ export class BankServer {
       holder: a.holder,
       balance: m(a.balance_minor),
       available: m(await this.o.store.available(a)),
-      holds: holds.map((h: HoldRow) => ({
-        transactionId: txnId(h.transaction_id),
-        purseId: purseId(h.purse_id),
-        amount: m(h.amount_minor),
-        state: HOLD_STATE[h.state],
-        createdAt: new Date(h.created_at),
-      })),
-      statement: lines.map((l) => ({
-        postedAt: new Date(l.posted_at),
-        text: l.text,
-        amount: m(l.amount_minor),
-        balanceAfter: m(l.balance_after),
-        transactionId: l.transaction_id ? txnId(l.transaction_id) : undefined,
-      })),
+      holds: holds.map((h) => holdView(a, h)),
+      statement: lines.map((l) => lineView(a, l)),
     };
   }
+
+  /** The account of a list request: its id checked, and known here. */
+  private async listed(accountId: string): Promise<AccountRow> {
+    const a = await this.o.store.account(accountId);
+    if (!a) throw notFound(`no account ${accountId} at this bank`);
+    return a;
+  }
+
+  private async listHolds(req: ListHoldsRequest): Promise<ListHoldsResponse> {
+    const accountId = requireName(req.accountId, "account_id", 32);
+    const size = pageSize(req.pageSize, PAGE);
+    const after = pagePosition(req.pageToken, HOLDS, scopeOf(accountId), isHoldPosition);
+    const a = await this.listed(accountId);
+    const rows = await this.o.store.holdsPage(accountId, after && { created_at: after.t, row_id: after.r }, size + 1);
+    const page = rows.slice(0, size);
+    const last: HoldPosition | undefined = rows.length > size ? page[page.length - 1] : undefined;
+    return {
+      holds: page.map((h) => holdView(a, h)),
+      nextPageToken: last ? pageToken(HOLDS, scopeOf(accountId), { t: last.created_at, r: last.row_id }) : "",
+    };
+  }
+
+  private async listStatementLines(req: ListStatementLinesRequest): Promise<ListStatementLinesResponse> {
+    const accountId = requireName(req.accountId, "account_id", 32);
+    const size = pageSize(req.pageSize, PAGE);
+    const before = pagePosition(req.pageToken, LINES, scopeOf(accountId), isLinePosition);
+    const a = await this.listed(accountId);
+    const rows = await this.o.store.statementPage(accountId, before?.id, size + 1);
+    const page = rows.slice(0, size);
+    const last = rows.length > size ? page[page.length - 1] : undefined;
+    return { lines: page.map((l) => lineView(a, l)), nextPageToken: last ? pageToken(LINES, scopeOf(accountId), { id: last.id }) : "" };
+  }
+}
+
+function holdView(a: AccountRow, h: HoldRow): Hold {
+  return {
+    transactionId: txnId(h.transaction_id),
+    purseId: purseId(h.purse_id),
+    amount: money(h.amount_minor, a.currency, a.exponent),
+    state: HOLD_STATE[h.state],
+    createdAt: new Date(h.created_at),
+  };
+}
+
+function lineView(a: AccountRow, l: StatementRow): StatementLine {
+  return {
+    postedAt: new Date(l.posted_at),
+    text: l.text,
+    amount: money(l.amount_minor, a.currency, a.exponent),
+    balanceAfter: money(l.balance_after, a.currency, a.exponent),
+    transactionId: l.transaction_id ? txnId(l.transaction_id) : undefined,
+  };
 }

@@ -3,7 +3,7 @@
 // come from the running bank server over gRPC.
 
 import { join } from "node:path";
-import { BankServiceDefinition, HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { BankServiceDefinition, HoldState, type Hold, type StatementLine } from "../../gen/netpurse/bank/v1/bank.js";
 import { runCommands, int, str, UsageError } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
@@ -14,6 +14,18 @@ import { table } from "../../lib/table.js";
 import { BANK_MIGRATIONS, BankStore } from "./store.js";
 
 const dataOption = { data: { type: "string" } } as const;
+
+/** Every entry of a paged list (AIP-158), page after page, or the first `limit` of them. */
+async function allPages<T>(page: (token: string) => Promise<{ items: T[]; next: string }>, limit = Infinity): Promise<T[]> {
+  const out: T[] = [];
+  let token = "";
+  do {
+    const r = await page(token);
+    out.push(...r.items);
+    token = r.next;
+  } while (token && out.length < limit);
+  return out.slice(0, limit);
+}
 
 async function withStore<T>(v: Record<string, unknown>, fn: (s: BankStore) => Promise<T>): Promise<T> {
   const db = openSqlite(join(dataDir(v.data as string | undefined), "bank", "bank.db"), BANK_MIGRATIONS);
@@ -67,17 +79,28 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   },
   {
     name: "statement",
-    summary: "Show an account's balance, the funds on hold for loads, and its statement, from the running bank.",
-    usage: `ACCOUNT [--bank HOST:PORT] (default ${defaultAddress("bank")})`,
-    options: { bank: { type: "string" } },
+    summary: "Show an account's balance, the funds on hold for loads, and its statement (every line, or the newest N), from the running bank.",
+    usage: `ACCOUNT [--limit N] [--bank HOST:PORT] (default ${defaultAddress("bank")})`,
+    options: { bank: { type: "string" }, limit: { type: "string" } },
     async run(v, positionals) {
       const id = positionals[0];
       if (!id) throw new UsageError("name the account");
+      const limit = int(v.limit, 0, "limit");
+      if (limit < 0) throw new UsageError("--limit must be 0 (every line) or more");
       const channel = openChannel(str(v.bank, defaultAddress("bank")));
       try {
-        const a = await clientFactory().create(BankServiceDefinition, channel).getAccount({ accountId: id }, { deadline: CLI_DEADLINE_MS });
+        const bank = clientFactory().create(BankServiceDefinition, channel);
+        const a = await bank.getAccount({ accountId: id }, { deadline: CLI_DEADLINE_MS });
+        const holds = await allPages<Hold>(async (pageToken) => {
+          const r = await bank.listHolds({ accountId: id, pageToken }, { deadline: CLI_DEADLINE_MS });
+          return { items: r.holds, next: r.nextPageToken };
+        });
+        const statement = await allPages<StatementLine>(async (pageToken) => {
+          const r = await bank.listStatementLines({ accountId: id, pageToken, pageSize: Math.min(limit, 1000) }, { deadline: CLI_DEADLINE_MS });
+          return { items: r.lines, next: r.nextPageToken };
+        }, limit || Infinity);
         console.log(`account ${a.accountId} (${a.holder})   balance ${formatMoney(a.balance!)}   available ${formatMoney(a.available!)}\n`);
-        const held = a.holds.filter((h) => h.state === HoldState.HOLD_STATE_HELD);
+        const held = holds.filter((h) => h.state === HoldState.HOLD_STATE_HELD);
         if (held.length) {
           console.log("on hold for loads not yet confirmed:");
           console.log(
@@ -96,7 +119,7 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
         console.log(
           table(
             ["posted (UTC)", "text", "amount", "balance"],
-            a.statement.map((l) => [l.postedAt!.toISOString().replace("T", " ").slice(0, 19), l.text, formatMoney(l.amount!), formatMoney(l.balanceAfter!)]),
+            statement.map((l) => [l.postedAt!.toISOString().replace("T", " ").slice(0, 19), l.text, formatMoney(l.amount!), formatMoney(l.balanceAfter!)]),
           ),
         );
       } finally {

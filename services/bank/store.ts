@@ -62,6 +62,12 @@ export interface HoldRow {
   created_at: string;
 }
 
+/** Where a hold stands in an account's list of holds (newest first). */
+export interface HoldPosition {
+  created_at: string;
+  row_id: number;
+}
+
 export interface StatementRow {
   posted_at: string;
   text: string;
@@ -106,6 +112,27 @@ export class BankStore {
     return this.db.all<StatementRow>(
       "SELECT posted_at, text, amount_minor, balance_after, transaction_id FROM statement WHERE account_id = ? ORDER BY id DESC LIMIT ?",
       [accountId, limit],
+    );
+  }
+
+  /**
+   * Up to `limit` holds of the account, newest first (created_at, then
+   * rowid, both descending: a total order that new holds only extend at the
+   * front), starting after `after`, the last hold of the previous page.
+   */
+  holdsPage(accountId: string, after: HoldPosition | undefined, limit: number): Promise<(HoldRow & HoldPosition)[]> {
+    const start = after ? "AND (created_at < ? OR (created_at = ? AND rowid < ?))" : "";
+    return this.db.all<HoldRow & HoldPosition>(
+      `SELECT rowid AS row_id, * FROM holds WHERE account_id = ? ${start} ORDER BY created_at DESC, rowid DESC LIMIT ?`,
+      after ? [accountId, after.created_at, after.created_at, after.row_id, limit] : [accountId, limit],
+    );
+  }
+
+  /** Up to `limit` statement lines of the account, newest first (by id), older than line `beforeId` when given. */
+  statementPage(accountId: string, beforeId: number | undefined, limit: number): Promise<(StatementRow & { id: number })[]> {
+    return this.db.all<StatementRow & { id: number }>(
+      `SELECT id, posted_at, text, amount_minor, balance_after, transaction_id FROM statement WHERE account_id = ? ${beforeId === undefined ? "" : "AND id < ?"} ORDER BY id DESC LIMIT ?`,
+      beforeId === undefined ? [accountId, limit] : [accountId, beforeId, limit],
     );
   }
 

@@ -2,11 +2,14 @@
 // daemon with a software card, paying through the real network.
 
 import { expect } from "chai";
+import { randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { CardTransactionKind, PurseStatus } from "../../gen/netpurse/card/v1/card.js";
+import { CardTransactionKind, PurseStatus, type CardTransaction } from "../../gen/netpurse/card/v1/card.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { txnId } from "../../lib/ids.js";
+import { money } from "../../lib/money.js";
 import { startClientDaemon } from "../../client/daemon/server.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { failure } from "../support/card-client.js";
@@ -147,5 +150,126 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
       channel.close();
       await d.close();
     }
+  });
+
+  describe("ListCardTransactions, a page at a time", () => {
+    type Cardholder = typeof net.clients.cardholder;
+    const list = (req: { limit?: number; pageSize?: number; pageToken?: string }, c: Cardholder = net.clients.cardholder) => c.listCardTransactions(req);
+    const counters = (ts: CardTransaction[]) => ts.map((t) => t.transactionCounter);
+
+    /** Every page from `pageToken` on, and each page's size. */
+    async function pages(req: { limit?: number; pageSize: number }, pageToken = "") {
+      const all: CardTransaction[] = [];
+      const sizes: number[] = [];
+      do {
+        const r = await list({ ...req, pageToken });
+        all.push(...r.transactions);
+        sizes.push(r.transactions.length);
+        pageToken = r.nextPageToken;
+      } while (pageToken);
+      return { all, sizes };
+    }
+
+    const pay = async () => {
+      const o = await offer();
+      await net.clients.cardholder.payOffer({ offer: o, approvedAmount: o.amount });
+    };
+
+    /** INVALID_ARGUMENT, reason INVALID_FIELD, naming `field`. */
+    async function refusedNaming(call: Promise<unknown>, field: string, what = field) {
+      const f = await failure(call);
+      expect(f, what).to.include({ code: "INVALID_ARGUMENT", reason: "INVALID_FIELD" });
+      expect(f.details, what).to.match(new RegExp(`^${field}: `));
+      return f;
+    }
+
+    before(async () => {
+      while ((await list({})).transactions.length < 7) await pay();
+    });
+
+    it("pages of 2 together are the whole log, newest first, each entry once", async () => {
+      const whole = await list({});
+      expect(whole.nextPageToken).to.equal("");
+      const n = whole.transactions.length;
+      const { all, sizes } = await pages({ pageSize: 2 });
+      expect(all).to.deep.equal(whole.transactions);
+      expect(sizes).to.deep.equal([...Array<number>(Math.floor(n / 2)).fill(2), ...(n % 2 ? [1] : [])]);
+      const c = counters(all);
+      expect(c).to.deep.equal([...c].sort((x, y) => y - x));
+      expect(new Set(c).size).to.equal(n);
+    });
+
+    it("a purchase between two pages neither repeats an entry nor makes one skipped", async () => {
+      const before = (await list({})).transactions;
+      const first = await list({ pageSize: 3 });
+      await pay();
+      const rest = await pages({ pageSize: 3 }, first.nextPageToken);
+      expect(counters([...first.transactions, ...rest.all])).to.deep.equal(counters(before));
+      expect((await list({ limit: 1 })).transactions[0]!.transactionCounter).to.equal(before[0]!.transactionCounter + 1);
+    });
+
+    it("limit bounds the whole listing: alone it gives one page as before; with page_size the pages stop after limit entries", async () => {
+      const whole = (await list({})).transactions;
+      const one = await list({ limit: 3 });
+      expect(one.transactions).to.deep.equal(whole.slice(0, 3));
+      expect(one.nextPageToken).to.equal("");
+      const { all, sizes } = await pages({ limit: 5, pageSize: 2 });
+      expect(sizes).to.deep.equal([2, 2, 1]);
+      expect(all).to.deep.equal(whole.slice(0, 5));
+    });
+
+    it("page_size 0 is the default, 32 (all a card keeps); above the maximum it is taken as the maximum, not refused; negative is INVALID_ARGUMENT naming page_size", async () => {
+      const whole = await list({});
+      expect(await list({ pageSize: 0 })).to.deep.equal(whole);
+      expect(await list({ pageSize: 1_000_000 })).to.deep.equal(whole);
+      await refusedNaming(list({ pageSize: -1 }), "page_size");
+      await refusedNaming(list({ limit: 3, pageSize: -5 }), "page_size");
+    });
+
+    it("a page_token that does not decode (garbled, cut, extended, made up) is INVALID_ARGUMENT naming page_token", async () => {
+      const { nextPageToken: token, transactions } = await list({ pageSize: 1 });
+      expect(token).to.match(/^[A-Za-z0-9_-]+$/);
+      const garbled = token.slice(0, 12) + (token[12] === "A" ? "B" : "A") + token.slice(13);
+      const madeUp = Buffer.from(JSON.stringify({ v: 1, l: "transactions", s: "card 00", p: { c: 1, n: 1 } })).toString("base64url");
+      for (const bad of ["x", "%%%", "a token", garbled, token.slice(0, -3), `${token}A`, madeUp]) {
+        await refusedNaming(list({ pageSize: 1, pageToken: bad }), "page_token", bad);
+      }
+      const next = await list({ pageSize: 1, pageToken: token });
+      expect(next.transactions[0]!.transactionCounter).to.be.below(transactions[0]!.transactionCounter);
+    });
+
+    it("a page_token made for another limit, another card or another list is INVALID_ARGUMENT naming page_token", async () => {
+      const { nextPageToken: token } = await list({ pageSize: 2 });
+      await refusedNaming(list({ limit: 5, pageToken: token }), "page_token", "another limit");
+
+      // Another card, in another daemon.
+      const issuer = await Issuer.open(net.paths.issuer);
+      const path = join(net.paths.cards, "paging.card.json");
+      await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2031-12-31" });
+      await issuer.close();
+      const d = await startClientDaemon({ listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-paging") });
+      const channel = openChannel(d.address);
+      try {
+        const other = clientFactory().create(CardholderServiceDefinition, channel);
+        const f = await refusedNaming(list({ pageToken: token }, other), "page_token", "another card");
+        expect(f.details).to.contain("was made for the transactions of card");
+      } finally {
+        channel.close();
+        await d.close();
+      }
+
+      // The bank's list of holds.
+      const accountId = "paging-account";
+      await net.bank.store.open({ accountId, holder: "Paging Holder", currency: 978, exponent: 2, openingMinor: 10_000 });
+      const { purse } = await net.clients.cardholder.getCard({});
+      for (let i = 0; i < 2; i++) {
+        await net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId, amount: money(1, 978, 2), purse });
+      }
+      const { nextPageToken: holds } = await net.clients.bank.listHolds({ accountId, pageSize: 1 });
+      expect(holds).to.not.equal("");
+      const f = await refusedNaming(list({ pageToken: holds }), "page_token", "the bank's holds");
+      expect(f.details).to.contain(`was made for the holds of account ${accountId}`);
+      expect((await list({ pageSize: 2, pageToken: token })).transactions).to.have.length(2);
+    });
   });
 });

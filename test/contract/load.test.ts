@@ -7,7 +7,7 @@
 
 import { expect } from "chai";
 import { randomBytes, randomUUID } from "node:crypto";
-import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { HoldState, type Hold } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadConfirmation, LoadState } from "../../gen/netpurse/load/v1/load.js";
 import { PurseStatus } from "../../gen/netpurse/card/v1/card.js";
 import { SW } from "../../lib/apdu/apdu.js";
@@ -16,7 +16,7 @@ import { money } from "../../lib/money.js";
 import { loadTransactionKey, seal } from "../../lib/protocol/encryption-layer.js";
 import { InitializeForLoadResponse, LoadCommand, LoadResponse, LoadResult } from "../../lib/protocol/load.js";
 import { LogKind } from "../../lib/protocol/purse.js";
-import { loadInitCommand } from "../../client/load.js";
+import { loadInitCommand } from "../../client/load/offer.js";
 import { purseState } from "../../client/card/purse-state.js";
 import { failure, flipBit } from "../support/card-client.js";
 import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor, zeroValue } from "../support/load.js";
@@ -541,6 +541,147 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       expect(e).to.deep.include({ code: "INVALID_ARGUMENT" });
       expect(e.details).to.contain("zero_value_initialize_response");
       expect(await loadState(offer)).to.equal(LoadState.LOAD_STATE_PENDING);
+    });
+  });
+
+  describe("the bank's lists, a page at a time (ListHolds, ListStatementLines)", () => {
+    const bank = () => net.clients.bank;
+    const ids = (hs: Hold[]) => hs.map((h) => h.transactionId!.value);
+
+    /** Every page of a list from `pageToken` on, and each page's size. */
+    async function pages<T>(page: (pageToken: string) => Promise<{ items: T[]; next: string }>, pageToken = "") {
+      const all: T[] = [];
+      const sizes: number[] = [];
+      do {
+        const r = await page(pageToken);
+        all.push(...r.items);
+        sizes.push(r.items.length);
+        pageToken = r.next;
+      } while (pageToken);
+      return { all, sizes };
+    }
+    const holdPages = (accountId: string, pageSize: number, pageToken = "") =>
+      pages(async (t) => {
+        const r = await bank().listHolds({ accountId, pageSize, pageToken: t });
+        return { items: r.holds, next: r.nextPageToken };
+      }, pageToken);
+    const linePages = (accountId: string, pageSize: number) =>
+      pages(async (t) => {
+        const r = await bank().listStatementLines({ accountId, pageSize, pageToken: t });
+        return { items: r.lines, next: r.nextPageToken };
+      });
+
+    /** A fresh card and account with `n` load offers of 0.01 held; `made` oldest first. */
+    async function withHolds(n: number) {
+      const h = await freshCardholder(net);
+      const made: string[] = [];
+      for (let i = 0; i < n; i++) made.push((await offerFor(net, h.reader, h.accountId, 1)).transactionId!.value);
+      return { ...h, made };
+    }
+
+    /** INVALID_ARGUMENT, reason INVALID_FIELD, naming `field`. */
+    async function refusedNaming(call: Promise<unknown>, field: string, what = field) {
+      const f = await failure(call);
+      expect(f, what).to.include({ code: "INVALID_ARGUMENT", reason: "INVALID_FIELD" });
+      expect(f.details, what).to.match(new RegExp(`^${field}: `));
+      return f;
+    }
+
+    it("ListHolds: pages of 3 together are every hold, newest first, each once; one default page is the same list", async () => {
+      const h = await withHolds(7);
+      const { all, sizes } = await holdPages(h.accountId, 3);
+      expect(sizes).to.deep.equal([3, 3, 1]);
+      expect(ids(all)).to.deep.equal([...h.made].reverse());
+      const one = await bank().listHolds({ accountId: h.accountId });
+      expect(one.nextPageToken).to.equal("");
+      expect(one.holds).to.deep.equal(all);
+      expect(ids((await bank().getAccount({ accountId: h.accountId })).holds)).to.have.members(ids(all));
+    });
+
+    it("ListStatementLines: pages of 1 and of 3 together are every line, newest first, each once", async () => {
+      const h = await freshCardholder(net);
+      for (let i = 0; i < 3; i++) await loadStepByStep(h, 100);
+      const card = (await h.reader.readPurse()).purseId.toString("hex");
+      const one = await bank().listStatementLines({ accountId: h.accountId });
+      expect(one.nextPageToken).to.equal("");
+      expect(one.lines.map((l) => Number(l.balanceAfter!.amountMinor))).to.deep.equal([99_700, 99_800, 99_900, 100_000]);
+      expect(one.lines.map((l) => l.text)).to.deep.equal([...Array<string>(3).fill(`load to card ${card}`), "opening deposit"]);
+      for (const [size, expected] of [
+        [1, [1, 1, 1, 1]],
+        [3, [3, 1]],
+      ] as const) {
+        const { all, sizes } = await linePages(h.accountId, size);
+        expect(sizes, `page_size ${size}`).to.deep.equal(expected);
+        expect(all, `page_size ${size}`).to.deep.equal(one.lines);
+      }
+      expect((await bank().getAccount({ accountId: h.accountId })).statement).to.deep.equal(one.lines);
+    });
+
+    it("a hold made between two pages is neither listed twice nor makes another one skipped", async () => {
+      const h = await withHolds(4);
+      const first = await bank().listHolds({ accountId: h.accountId, pageSize: 2 });
+      await offerFor(net, h.reader, h.accountId, 1);
+      const rest = await holdPages(h.accountId, 2, first.nextPageToken);
+      expect(rest.sizes).to.deep.equal([2]);
+      expect(ids([...first.holds, ...rest.all])).to.deep.equal([...h.made].reverse());
+    });
+
+    it("page_size 0 is the default, 50; above the maximum, 200, it is taken as 200; negative is INVALID_ARGUMENT naming page_size", async () => {
+      const h = await withHolds(205);
+      const first = await bank().listHolds({ accountId: h.accountId });
+      expect(first.holds).to.have.length(50);
+      expect(first.nextPageToken).to.not.equal("");
+      const big = await bank().listHolds({ accountId: h.accountId, pageSize: 1_000_000 });
+      expect(big.holds).to.have.length(200);
+      const last = await bank().listHolds({ accountId: h.accountId, pageSize: 1_000_000, pageToken: big.nextPageToken });
+      expect(last.holds).to.have.length(5);
+      expect(last.nextPageToken).to.equal("");
+      expect(ids([...big.holds, ...last.holds])).to.deep.equal([...h.made].reverse());
+      await refusedNaming(bank().listHolds({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListHolds");
+      await refusedNaming(bank().listStatementLines({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListStatementLines");
+    });
+
+    it("a page_token that does not decode (garbled, cut, extended, made up) is INVALID_ARGUMENT naming page_token", async () => {
+      const h = await withHolds(3);
+      const { nextPageToken: token } = await bank().listHolds({ accountId: h.accountId, pageSize: 1 });
+      expect(token).to.match(/^[A-Za-z0-9_-]+$/);
+      const garbled = token.slice(0, 12) + (token[12] === "A" ? "B" : "A") + token.slice(13);
+      const madeUp = Buffer.from(JSON.stringify({ v: 1, l: "holds", s: `account ${h.accountId}`, p: { t: "2000-01-01T00:00:00.000Z", r: 1 } })).toString(
+        "base64url",
+      );
+      for (const bad of ["x", "!!!!", "a token", garbled, token.slice(0, -3), `${token}A`, madeUp]) {
+        await refusedNaming(bank().listHolds({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
+        await refusedNaming(bank().listStatementLines({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
+      }
+      expect(ids((await bank().listHolds({ accountId: h.accountId, pageToken: token })).holds)).to.deep.equal([h.made[1], h.made[0]]);
+    });
+
+    it("a page_token made for another account or the other list is INVALID_ARGUMENT naming page_token", async () => {
+      const a = await withHolds(2);
+      const b = await withHolds(2);
+      await loadStepByStep(a, 100); // a second statement line
+      const { nextPageToken: holdsOfA } = await bank().listHolds({ accountId: a.accountId, pageSize: 1 });
+      const { nextPageToken: linesOfA } = await bank().listStatementLines({ accountId: a.accountId, pageSize: 1 });
+      expect(holdsOfA).to.not.equal("");
+      expect(linesOfA).to.not.equal("");
+      const cases: [string, () => Promise<unknown>][] = [
+        ["holds of a, for b's holds", () => bank().listHolds({ accountId: b.accountId, pageToken: holdsOfA })],
+        ["statement of a, for b's statement", () => bank().listStatementLines({ accountId: b.accountId, pageToken: linesOfA })],
+        ["holds of a, for a's statement", () => bank().listStatementLines({ accountId: a.accountId, pageToken: holdsOfA })],
+        ["statement of a, for a's holds", () => bank().listHolds({ accountId: a.accountId, pageToken: linesOfA })],
+      ];
+      for (const [what, call] of cases) {
+        const f = await refusedNaming(call(), "page_token", what);
+        expect(f.details, what).to.contain("was made for the");
+      }
+      expect((await bank().listHolds({ accountId: a.accountId, pageToken: holdsOfA })).holds).to.have.length(2);
+    });
+
+    it("refuses an unknown account (NOT_FOUND) and a malformed one (INVALID_ARGUMENT naming account_id)", async () => {
+      expect(await failure(bank().listHolds({ accountId: "no-such-account" }))).to.include({ code: "NOT_FOUND", reason: "NOT_FOUND" });
+      expect(await failure(bank().listStatementLines({ accountId: "no-such-account" }))).to.include({ code: "NOT_FOUND", reason: "NOT_FOUND" });
+      await refusedNaming(bank().listHolds({ accountId: "not an id" }), "account_id");
+      await refusedNaming(bank().listStatementLines({ accountId: "" }), "account_id");
     });
   });
 });

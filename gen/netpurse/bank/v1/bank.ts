@@ -206,10 +206,71 @@ export interface GetAccountResponse {
   available:
     | Money
     | undefined;
-  /** Holds, newest first (at most 50). */
+  /** Holds, newest first: the 50 newest only; ListHolds lists them all. */
   holds: Hold[];
-  /** Statement lines, newest first (at most 50). */
+  /**
+   * Statement lines, newest first: the 50 newest only; ListStatementLines
+   * lists them all.
+   */
   statement: StatementLine[];
+}
+
+/** Request of ListHolds. */
+export interface ListHoldsRequest {
+  /** The account, 1..32 characters of [A-Za-z0-9._-]. */
+  accountId: string;
+  /**
+   * The most holds to return in this page: 0 means the default, 50; values
+   * above the maximum, 200, are taken as 200; negative values are refused
+   * (INVALID_ARGUMENT naming page_size). A page may hold fewer entries than
+   * asked even when more follow: only an empty next_page_token ends the list.
+   */
+  pageSize: number;
+  /**
+   * Empty for the first page; else the next_page_token of the previous page,
+   * unchanged. Opaque: only valid with the same account_id and this RPC
+   * (page_size may change from page to page). A token that does not decode,
+   * or that was made for another account or another list, is refused:
+   * INVALID_ARGUMENT naming page_token.
+   */
+  pageToken: string;
+}
+
+/** Response of ListHolds. */
+export interface ListHoldsResponse {
+  /** This page's holds, newest first. */
+  holds: Hold[];
+  /** The page_token for the next page; empty on the last page. */
+  nextPageToken: string;
+}
+
+/** Request of ListStatementLines. */
+export interface ListStatementLinesRequest {
+  /** The account, 1..32 characters of [A-Za-z0-9._-]. */
+  accountId: string;
+  /**
+   * The most lines to return in this page: 0 means the default, 50; values
+   * above the maximum, 200, are taken as 200; negative values are refused
+   * (INVALID_ARGUMENT naming page_size). A page may hold fewer entries than
+   * asked even when more follow: only an empty next_page_token ends the list.
+   */
+  pageSize: number;
+  /**
+   * Empty for the first page; else the next_page_token of the previous page,
+   * unchanged. Opaque: only valid with the same account_id and this RPC
+   * (page_size may change from page to page). A token that does not decode,
+   * or that was made for another account or another list, is refused:
+   * INVALID_ARGUMENT naming page_token.
+   */
+  pageToken: string;
+}
+
+/** Response of ListStatementLines. */
+export interface ListStatementLinesResponse {
+  /** This page's statement lines, newest first. */
+  lines: StatementLine[];
+  /** The page_token for the next page; empty on the last page. */
+  nextPageToken: string;
 }
 
 function createBaseCreateLoadOfferRequest(): CreateLoadOfferRequest {
@@ -1389,6 +1450,410 @@ export const GetAccountResponse: MessageFns<GetAccountResponse> = {
   },
 };
 
+function createBaseListHoldsRequest(): ListHoldsRequest {
+  return { accountId: "", pageSize: 0, pageToken: "" };
+}
+
+export const ListHoldsRequest: MessageFns<ListHoldsRequest> = {
+  encode(message: ListHoldsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.accountId !== "") {
+      writer.uint32(10).string(message.accountId);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(16).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(26).string(message.pageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListHoldsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListHoldsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.accountId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListHoldsRequest {
+    return {
+      accountId: isSet(object.accountId)
+        ? globalThis.String(object.accountId)
+        : isSet(object.account_id)
+        ? globalThis.String(object.account_id)
+        : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListHoldsRequest): unknown {
+    const obj: any = {};
+    if (message.accountId !== "") {
+      obj.accountId = message.accountId;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListHoldsRequest>): ListHoldsRequest {
+    return ListHoldsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListHoldsRequest>): ListHoldsRequest {
+    const message = createBaseListHoldsRequest();
+    message.accountId = object.accountId ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    return message;
+  },
+};
+
+function createBaseListHoldsResponse(): ListHoldsResponse {
+  return { holds: [], nextPageToken: "" };
+}
+
+export const ListHoldsResponse: MessageFns<ListHoldsResponse> = {
+  encode(message: ListHoldsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.holds) {
+      Hold.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListHoldsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListHoldsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.holds.push(Hold.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListHoldsResponse {
+    return {
+      holds: globalThis.Array.isArray(object?.holds) ? object.holds.map((e: any) => Hold.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListHoldsResponse): unknown {
+    const obj: any = {};
+    if (message.holds?.length) {
+      obj.holds = message.holds.map((e) => Hold.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListHoldsResponse>): ListHoldsResponse {
+    return ListHoldsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListHoldsResponse>): ListHoldsResponse {
+    const message = createBaseListHoldsResponse();
+    message.holds = object.holds?.map((e) => Hold.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
+};
+
+function createBaseListStatementLinesRequest(): ListStatementLinesRequest {
+  return { accountId: "", pageSize: 0, pageToken: "" };
+}
+
+export const ListStatementLinesRequest: MessageFns<ListStatementLinesRequest> = {
+  encode(message: ListStatementLinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.accountId !== "") {
+      writer.uint32(10).string(message.accountId);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(16).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(26).string(message.pageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListStatementLinesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListStatementLinesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.accountId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListStatementLinesRequest {
+    return {
+      accountId: isSet(object.accountId)
+        ? globalThis.String(object.accountId)
+        : isSet(object.account_id)
+        ? globalThis.String(object.account_id)
+        : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListStatementLinesRequest): unknown {
+    const obj: any = {};
+    if (message.accountId !== "") {
+      obj.accountId = message.accountId;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListStatementLinesRequest>): ListStatementLinesRequest {
+    return ListStatementLinesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListStatementLinesRequest>): ListStatementLinesRequest {
+    const message = createBaseListStatementLinesRequest();
+    message.accountId = object.accountId ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    return message;
+  },
+};
+
+function createBaseListStatementLinesResponse(): ListStatementLinesResponse {
+  return { lines: [], nextPageToken: "" };
+}
+
+export const ListStatementLinesResponse: MessageFns<ListStatementLinesResponse> = {
+  encode(message: ListStatementLinesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.lines) {
+      StatementLine.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListStatementLinesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListStatementLinesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.lines.push(StatementLine.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListStatementLinesResponse {
+    return {
+      lines: globalThis.Array.isArray(object?.lines) ? object.lines.map((e: any) => StatementLine.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListStatementLinesResponse): unknown {
+    const obj: any = {};
+    if (message.lines?.length) {
+      obj.lines = message.lines.map((e) => StatementLine.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListStatementLinesResponse>): ListStatementLinesResponse {
+    return ListStatementLinesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListStatementLinesResponse>): ListStatementLinesResponse {
+    const message = createBaseListStatementLinesResponse();
+    message.lines = object.lines?.map((e) => StatementLine.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
+};
+
 /** Bank server. Default address 127.0.0.1:7440. */
 export type BankServiceDefinition = typeof BankServiceDefinition;
 export const BankServiceDefinition = {
@@ -1427,12 +1892,51 @@ export const BankServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Reads an account: balance, funds on hold, and its statement. */
+    /**
+     * Reads an account: its holder, balance and available funds, with its 50
+     * newest holds and 50 newest statement lines only (a list cut short says
+     * nothing about older entries). ListHolds and ListStatementLines page
+     * through the whole lists. NOT_FOUND for an unknown account;
+     * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+     */
     getAccount: {
       name: "GetAccount",
       requestType: GetAccountRequest as typeof GetAccountRequest,
       requestStream: false,
       responseType: GetAccountResponse as typeof GetAccountResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Lists an account's holds, newest first (by created_at), a page at a
+     * time (AIP-158): page_size entries at most, and a next_page_token to ask
+     * for the rest. A hold made while a client pages comes before its first
+     * page and is not listed; a hold whose state changes meanwhile is listed
+     * once, in the state it has when its page is read. NOT_FOUND for an
+     * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+     * BadRequest naming the field, for a malformed account_id, a negative
+     * page_size, or a page_token that does not decode or was made for another
+     * list or account.
+     */
+    listHolds: {
+      name: "ListHolds",
+      requestType: ListHoldsRequest as typeof ListHoldsRequest,
+      requestStream: false,
+      responseType: ListHoldsResponse as typeof ListHoldsResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Lists an account's statement lines, newest first (in the order they
+     * were posted), a page at a time (AIP-158). A line posted while a client
+     * pages comes before its first page and is not listed; lines never change
+     * once posted. Errors as ListHolds.
+     */
+    listStatementLines: {
+      name: "ListStatementLines",
+      requestType: ListStatementLinesRequest as typeof ListStatementLinesRequest,
+      requestStream: false,
+      responseType: ListStatementLinesResponse as typeof ListStatementLinesResponse,
       responseStream: false,
       options: {},
     },
@@ -1464,11 +1968,39 @@ export interface BankServiceImplementation<CallContextExt = {}> {
     request: ConfirmLoadRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<ConfirmLoadResponse>>;
-  /** Reads an account: balance, funds on hold, and its statement. */
+  /**
+   * Reads an account: its holder, balance and available funds, with its 50
+   * newest holds and 50 newest statement lines only (a list cut short says
+   * nothing about older entries). ListHolds and ListStatementLines page
+   * through the whole lists. NOT_FOUND for an unknown account;
+   * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+   */
   getAccount(
     request: GetAccountRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<GetAccountResponse>>;
+  /**
+   * Lists an account's holds, newest first (by created_at), a page at a
+   * time (AIP-158): page_size entries at most, and a next_page_token to ask
+   * for the rest. A hold made while a client pages comes before its first
+   * page and is not listed; a hold whose state changes meanwhile is listed
+   * once, in the state it has when its page is read. NOT_FOUND for an
+   * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * BadRequest naming the field, for a malformed account_id, a negative
+   * page_size, or a page_token that does not decode or was made for another
+   * list or account.
+   */
+  listHolds(request: ListHoldsRequest, context: CallContext & CallContextExt): Promise<DeepPartial<ListHoldsResponse>>;
+  /**
+   * Lists an account's statement lines, newest first (in the order they
+   * were posted), a page at a time (AIP-158). A line posted while a client
+   * pages comes before its first page and is not listed; lines never change
+   * once posted. Errors as ListHolds.
+   */
+  listStatementLines(
+    request: ListStatementLinesRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<ListStatementLinesResponse>>;
 }
 
 export interface BankServiceClient<CallOptionsExt = {}> {
@@ -1496,11 +2028,39 @@ export interface BankServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<ConfirmLoadRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ConfirmLoadResponse>;
-  /** Reads an account: balance, funds on hold, and its statement. */
+  /**
+   * Reads an account: its holder, balance and available funds, with its 50
+   * newest holds and 50 newest statement lines only (a list cut short says
+   * nothing about older entries). ListHolds and ListStatementLines page
+   * through the whole lists. NOT_FOUND for an unknown account;
+   * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+   */
   getAccount(
     request: DeepPartial<GetAccountRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<GetAccountResponse>;
+  /**
+   * Lists an account's holds, newest first (by created_at), a page at a
+   * time (AIP-158): page_size entries at most, and a next_page_token to ask
+   * for the rest. A hold made while a client pages comes before its first
+   * page and is not listed; a hold whose state changes meanwhile is listed
+   * once, in the state it has when its page is read. NOT_FOUND for an
+   * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * BadRequest naming the field, for a malformed account_id, a negative
+   * page_size, or a page_token that does not decode or was made for another
+   * list or account.
+   */
+  listHolds(request: DeepPartial<ListHoldsRequest>, options?: CallOptions & CallOptionsExt): Promise<ListHoldsResponse>;
+  /**
+   * Lists an account's statement lines, newest first (in the order they
+   * were posted), a page at a time (AIP-158). A line posted while a client
+   * pages comes before its first page and is not listed; lines never change
+   * once posted. Errors as ListHolds.
+   */
+  listStatementLines(
+    request: DeepPartial<ListStatementLinesRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<ListStatementLinesResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {

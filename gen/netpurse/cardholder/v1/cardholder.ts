@@ -32,14 +32,39 @@ export interface GetCardResponse {
 
 /** Request of ListCardTransactions. */
 export interface ListCardTransactionsRequest {
-  /** The most entries to return, 1..32; 0 means all the card holds. */
+  /**
+   * The most entries to list in all, over all pages, newest first; 0 means
+   * all the card holds. It ends the listing (an empty next_page_token) once
+   * that many were returned, whatever the page size. From before paging: a
+   * request with only limit (1..32) still gets its entries in one page, as
+   * the default page size is 32, all the log a card keeps. Every page of one
+   * listing must ask the same limit.
+   */
   limit: number;
+  /**
+   * The most entries to return in this page: 0 means the default, 32;
+   * values above the maximum, 255 (the most log records a card can
+   * address), are taken as 255; negative values are refused
+   * (INVALID_ARGUMENT naming page_size). A page may hold fewer entries than
+   * asked even when more follow: only an empty next_page_token ends the list.
+   */
+  pageSize: number;
+  /**
+   * Empty for the first page; else the next_page_token of the previous page,
+   * unchanged. Opaque: only valid for the same card and the same limit
+   * (page_size may change from page to page). A token that does not decode,
+   * or that was made for another card or another limit, is refused:
+   * INVALID_ARGUMENT naming page_token.
+   */
+  pageToken: string;
 }
 
 /** Response of ListCardTransactions. */
 export interface ListCardTransactionsResponse {
-  /** The card's log entries, newest first. */
+  /** This page's log entries, newest first. */
   transactions: CardTransaction[];
+  /** The page_token for the next page; empty on the last page. */
+  nextPageToken: string;
 }
 
 /** Request of PayOffer. */
@@ -276,13 +301,19 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
 };
 
 function createBaseListCardTransactionsRequest(): ListCardTransactionsRequest {
-  return { limit: 0 };
+  return { limit: 0, pageSize: 0, pageToken: "" };
 }
 
 export const ListCardTransactionsRequest: MessageFns<ListCardTransactionsRequest> = {
   encode(message: ListCardTransactionsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.limit !== 0) {
       writer.uint32(8).uint32(message.limit);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(16).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(26).string(message.pageToken);
     }
     return writer;
   },
@@ -308,6 +339,22 @@ export const ListCardTransactionsRequest: MessageFns<ListCardTransactionsRequest
             message.limit = reader.uint32();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -321,13 +368,31 @@ export const ListCardTransactionsRequest: MessageFns<ListCardTransactionsRequest
   },
 
   fromJSON(object: any): ListCardTransactionsRequest {
-    return { limit: isSet(object.limit) ? globalThis.Number(object.limit) : 0 };
+    return {
+      limit: isSet(object.limit) ? globalThis.Number(object.limit) : 0,
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
   },
 
   toJSON(message: ListCardTransactionsRequest): unknown {
     const obj: any = {};
     if (message.limit !== 0) {
       obj.limit = Math.round(message.limit);
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
     }
     return obj;
   },
@@ -338,18 +403,23 @@ export const ListCardTransactionsRequest: MessageFns<ListCardTransactionsRequest
   fromPartial(object: DeepPartial<ListCardTransactionsRequest>): ListCardTransactionsRequest {
     const message = createBaseListCardTransactionsRequest();
     message.limit = object.limit ?? 0;
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
 
 function createBaseListCardTransactionsResponse(): ListCardTransactionsResponse {
-  return { transactions: [] };
+  return { transactions: [], nextPageToken: "" };
 }
 
 export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsResponse> = {
   encode(message: ListCardTransactionsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.transactions) {
       CardTransaction.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
     }
     return writer;
   },
@@ -375,6 +445,14 @@ export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsRespon
             message.transactions.push(CardTransaction.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -392,6 +470,11 @@ export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsRespon
       transactions: globalThis.Array.isArray(object?.transactions)
         ? object.transactions.map((e: any) => CardTransaction.fromJSON(e))
         : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
     };
   },
 
@@ -399,6 +482,9 @@ export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsRespon
     const obj: any = {};
     if (message.transactions?.length) {
       obj.transactions = message.transactions.map((e) => CardTransaction.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -409,6 +495,7 @@ export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsRespon
   fromPartial(object: DeepPartial<ListCardTransactionsResponse>): ListCardTransactionsResponse {
     const message = createBaseListCardTransactionsResponse();
     message.transactions = object.transactions?.map((e) => CardTransaction.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
@@ -1258,7 +1345,17 @@ export const CardholderServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Reads the card's own log of its last transactions, newest first. */
+    /**
+     * Reads the card's own log of its last transactions, newest first (by
+     * the card's transaction counter), a page at a time (AIP-158). A
+     * transaction the card makes while a client pages comes before its first
+     * page and is not listed; the card's oldest entries may drop out of its
+     * log meanwhile (it keeps the last 32). UNAVAILABLE when no card is
+     * present; FAILED_PRECONDITION, reason CARD_REFUSED, when the card refuses
+     * to read its log; INVALID_ARGUMENT, reason INVALID_FIELD with a
+     * BadRequest naming the field, for a negative page_size, or a page_token
+     * that does not decode or was made for another card or another limit.
+     */
     listCardTransactions: {
       name: "ListCardTransactions",
       requestType: ListCardTransactionsRequest as typeof ListCardTransactionsRequest,
@@ -1330,7 +1427,17 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * is present.
    */
   getCard(request: GetCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetCardResponse>>;
-  /** Reads the card's own log of its last transactions, newest first. */
+  /**
+   * Reads the card's own log of its last transactions, newest first (by
+   * the card's transaction counter), a page at a time (AIP-158). A
+   * transaction the card makes while a client pages comes before its first
+   * page and is not listed; the card's oldest entries may drop out of its
+   * log meanwhile (it keeps the last 32). UNAVAILABLE when no card is
+   * present; FAILED_PRECONDITION, reason CARD_REFUSED, when the card refuses
+   * to read its log; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * BadRequest naming the field, for a negative page_size, or a page_token
+   * that does not decode or was made for another card or another limit.
+   */
   listCardTransactions(
     request: ListCardTransactionsRequest,
     context: CallContext & CallContextExt,
@@ -1376,7 +1483,17 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * is present.
    */
   getCard(request: DeepPartial<GetCardRequest>, options?: CallOptions & CallOptionsExt): Promise<GetCardResponse>;
-  /** Reads the card's own log of its last transactions, newest first. */
+  /**
+   * Reads the card's own log of its last transactions, newest first (by
+   * the card's transaction counter), a page at a time (AIP-158). A
+   * transaction the card makes while a client pages comes before its first
+   * page and is not listed; the card's oldest entries may drop out of its
+   * log meanwhile (it keeps the last 32). UNAVAILABLE when no card is
+   * present; FAILED_PRECONDITION, reason CARD_REFUSED, when the card refuses
+   * to read its log; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * BadRequest naming the field, for a negative page_size, or a page_token
+   * that does not decode or was made for another card or another limit.
+   */
   listCardTransactions(
     request: DeepPartial<ListCardTransactionsRequest>,
     options?: CallOptions & CallOptionsExt,

@@ -2641,6 +2641,18 @@ export const GetPurchaseResponse: MessageFns<GetPurchaseResponse> = {
  * with the same content gets the same answer; the same id with other content
  * gets ALREADY_EXISTS. Every step is written to the server's database before
  * it answers.
+ *
+ * Errors use the gRPC rich error model (google.rpc.Status in the
+ * grpc-status-details-bin trailer): every refusal carries a
+ * google.rpc.ErrorInfo with domain "netpurse.card.v1" and as reason the name
+ * of a netpurse.card.v1.ErrorReason value ("reason X" below stands for
+ * ERROR_REASON_X); INVALID_ARGUMENT also carries a google.rpc.BadRequest
+ * naming the field; RESOURCE_EXHAUSTED, UNAVAILABLE and ABORTED also carry a
+ * google.rpc.RetryInfo (1 s, 2 s and 100 ms). Any RPC may also end with
+ * INTERNAL (an unexpected failure; the message holds a reference to the
+ * server's log, no details), with DEADLINE_EXCEEDED or CANCELLED from gRPC
+ * itself when the caller's deadline passes or the caller cancels, and with
+ * INVALID_ARGUMENT (reason INVALID_FIELD) for a malformed transaction_id.
  */
 export type PaymentServiceDefinition = typeof PaymentServiceDefinition;
 export const PaymentServiceDefinition = {
@@ -2655,12 +2667,45 @@ export const PaymentServiceDefinition = {
      * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
      * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
      * trip: the response also carries the debit result M for the merchant.
-     * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-     * unknown merchant or a sealed part that does not open (reason
-     * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
-     * (expired, blocked, wrong currency, insufficient balance, unknown key
-     * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
-     * ALREADY_EXISTS when the transaction id was used with another request.
+     * The same request again returns the same DEBIT command once one was
+     * signed, and is tried again while none was. Errors:
+     * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
+     *   field of the request or of the opened draw request (key_nonce not 16
+     *   bytes, a missing part, the ATR, the INITIALIZE response's length,
+     *   format or algorithm, an amount outside 1..4294967295 or in another
+     *   exponent than the card's, a confirmation mode that is not the
+     *   merchant's, more than 8 or malformed card_log records, a transaction or
+     *   merchant id that differs from the one in clear); also the PSAM refusing
+     *   the amount (draw_request.amount.amount_minor) or the card's response as
+     *   malformed (draw_request.initialize_response), which ends the purchase
+     *   REFUSED: a retry gets the same code, reason and message, but no
+     *   BadRequest.
+     * - PERMISSION_DENIED: reason UNKNOWN_MERCHANT for a merchant this server
+     *   does not know; reason SEAL_BROKEN when the ETSK or the draw request
+     *   does not open (wrong key, another transaction's, altered).
+     * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: the transaction id came
+     *   with another draw request before.
+     * - FAILED_PRECONDITION: the PSAM refuses the card, reason CARD_EXPIRED,
+     *   CARD_BLOCKED, CURRENCY_MISMATCH, INSUFFICIENT_BALANCE,
+     *   KEY_VERSION_UNKNOWN or UNSPECIFIED (another refusal), or the card's
+     *   currency is not the offer's (CURRENCY_MISMATCH): the purchase ends
+     *   REFUSED, nothing was debited, and a retry gets the same error. Also
+     *   CURRENCY_MISMATCH or KEY_VERSION_UNKNOWN when no PSAM in the pool
+     *   accepts the card's currency or holds its key version: not recorded, as
+     *   a retry may find such a PSAM.
+     * - RESOURCE_EXHAUSTED, reason NO_PSAM_FREE: no suitable PSAM became free
+     *   before the deadline (at most 10 s by default), or too many requests
+     *   wait for one already. Nothing was signed; retry the same request.
+     * - UNAVAILABLE, reason UNSPECIFIED: no PSAM could take the job after 3
+     *   attempts on different PSAMs (gone, failing, or its batch full).
+     *   Nothing was signed; retry the same request later.
+     * - DEADLINE_EXCEEDED, reason UNSPECIFIED: too little time was left before
+     *   the caller's deadline (less than 1 s, after a 100 ms margin) to ask a
+     *   PSAM, at the first attempt or a later one. Nothing was signed; retry
+     *   with a longer deadline.
+     * - ABORTED: a concurrent draw request for the same transaction was
+     *   recorded first (reason UNSPECIFIED), or the transaction changed state
+     *   while the PSAM signed (reason WRONG_STATE). Retry the same request.
      */
     processDrawRequest: {
       name: "ProcessDrawRequest",
@@ -2677,12 +2722,32 @@ export const PaymentServiceDefinition = {
      * SERVER_COMPARES the payment server compares it with the signature the
      * PSAM expected (FIG. 6). Returns debit result C for the client and debit
      * result M for the merchant (step 634). In the one-round-trip modes the
-     * client calls it only when the card refused or declined the debit. A card
-     * error or a signature that does not verify reverses the transaction in the
-     * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
-     * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
-     * settled when it returns; call again. The sealed answer must carry the
-     * transaction's completion token.
+     * client calls it only when the card refused or declined the debit. The
+     * sealed answer must carry the transaction's completion token. The same
+     * answer again gets the same results (or the same error). Errors:
+     * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: card_answer
+     *   missing or not a CardAnswer, a status word outside 6000..FFFF, a
+     *   debit_response of the wrong length for its status word, or
+     *   card_log_proves_no_debit with a status word or response.
+     * - NOT_FOUND, reason NOT_FOUND: the server never saw the transaction.
+     * - PERMISSION_DENIED: reason SEAL_BROKEN when the card answer does not
+     *   open; reason WRONG_COMPLETION_TOKEN when it does not carry the
+     *   transaction's token; reason UNKNOWN_MERCHANT when the transaction's
+     *   merchant is no longer registered; reason BAD_SIGNATURE when the card's
+     *   signature does not verify in the PSAM: the transaction is reversed.
+     * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: another card answer was
+     *   recorded for the transaction before.
+     * - FAILED_PRECONDITION: the card declined the debit, proving it with its
+     *   signature (reason INSUFFICIENT_BALANCE, CURRENCY_MISMATCH,
+     *   CARD_EXPIRED, CARD_BLOCKED or CARD_REFUSED), the card refused DEBIT
+     *   with an error status word, or its log proves it never debited (reason
+     *   CARD_REFUSED): the transaction is reversed in the PSAM, nothing was
+     *   debited. Reason WRONG_STATE when no DEBIT command awaits an answer (the
+     *   purchase was refused, or is not that far). A purchase reversed
+     *   otherwise meanwhile gets the error it was reversed with.
+     * - UNAVAILABLE, reason IN_DOUBT: the PSAM could not be reached to rule on
+     *   the answer or reverse the debit; the answer is recorded and the
+     *   purchase is settled when the PSAM returns. Call again later.
      */
     completePurchase: {
       name: "CompletePurchase",
@@ -2699,9 +2764,16 @@ export const PaymentServiceDefinition = {
      * Sent by the client or the merchant validation service, and retried until
      * acknowledged. The answer proves itself: it must match the signature the
      * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
-     * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
-     * answer is acknowledged again and counts once; another answer for the same
-     * transaction gets ALREADY_EXISTS.
+     * (reason BAD_SIGNATURE) and nothing is recorded. A card's signed decline
+     * is acknowledged too (the purchase is then REVERSED). A repeat of the
+     * same answer is acknowledged again and counts once. Other errors:
+     * INVALID_ARGUMENT (reason INVALID_FIELD) naming debit_response when it is
+     * not 17 bytes; NOT_FOUND (reason NOT_FOUND) when the server never saw the
+     * transaction; ALREADY_EXISTS (reason TRANSACTION_ID_REUSED) when another
+     * answer was recorded for it; FAILED_PRECONDITION (reason WRONG_STATE)
+     * when no card answer is awaited (no DEBIT command was issued, or the
+     * purchase was refused); UNAVAILABLE (reason IN_DOUBT) when the PSAM that
+     * must verify it cannot be reached now: report it again later.
      */
     reportCardSignature: {
       name: "ReportCardSignature",
@@ -2713,7 +2785,8 @@ export const PaymentServiceDefinition = {
     },
     /**
      * Reads the payment server's record of one transaction and the steps it
-     * logged. NOT_FOUND when the server never saw the transaction id.
+     * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
+     * transaction id.
      */
     getPurchase: {
       name: "GetPurchase",
@@ -2735,12 +2808,45 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
    * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
    * trip: the response also carries the debit result M for the merchant.
-   * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-   * unknown merchant or a sealed part that does not open (reason
-   * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
-   * (expired, blocked, wrong currency, insufficient balance, unknown key
-   * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
-   * ALREADY_EXISTS when the transaction id was used with another request.
+   * The same request again returns the same DEBIT command once one was
+   * signed, and is tried again while none was. Errors:
+   * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
+   *   field of the request or of the opened draw request (key_nonce not 16
+   *   bytes, a missing part, the ATR, the INITIALIZE response's length,
+   *   format or algorithm, an amount outside 1..4294967295 or in another
+   *   exponent than the card's, a confirmation mode that is not the
+   *   merchant's, more than 8 or malformed card_log records, a transaction or
+   *   merchant id that differs from the one in clear); also the PSAM refusing
+   *   the amount (draw_request.amount.amount_minor) or the card's response as
+   *   malformed (draw_request.initialize_response), which ends the purchase
+   *   REFUSED: a retry gets the same code, reason and message, but no
+   *   BadRequest.
+   * - PERMISSION_DENIED: reason UNKNOWN_MERCHANT for a merchant this server
+   *   does not know; reason SEAL_BROKEN when the ETSK or the draw request
+   *   does not open (wrong key, another transaction's, altered).
+   * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: the transaction id came
+   *   with another draw request before.
+   * - FAILED_PRECONDITION: the PSAM refuses the card, reason CARD_EXPIRED,
+   *   CARD_BLOCKED, CURRENCY_MISMATCH, INSUFFICIENT_BALANCE,
+   *   KEY_VERSION_UNKNOWN or UNSPECIFIED (another refusal), or the card's
+   *   currency is not the offer's (CURRENCY_MISMATCH): the purchase ends
+   *   REFUSED, nothing was debited, and a retry gets the same error. Also
+   *   CURRENCY_MISMATCH or KEY_VERSION_UNKNOWN when no PSAM in the pool
+   *   accepts the card's currency or holds its key version: not recorded, as
+   *   a retry may find such a PSAM.
+   * - RESOURCE_EXHAUSTED, reason NO_PSAM_FREE: no suitable PSAM became free
+   *   before the deadline (at most 10 s by default), or too many requests
+   *   wait for one already. Nothing was signed; retry the same request.
+   * - UNAVAILABLE, reason UNSPECIFIED: no PSAM could take the job after 3
+   *   attempts on different PSAMs (gone, failing, or its batch full).
+   *   Nothing was signed; retry the same request later.
+   * - DEADLINE_EXCEEDED, reason UNSPECIFIED: too little time was left before
+   *   the caller's deadline (less than 1 s, after a 100 ms margin) to ask a
+   *   PSAM, at the first attempt or a later one. Nothing was signed; retry
+   *   with a longer deadline.
+   * - ABORTED: a concurrent draw request for the same transaction was
+   *   recorded first (reason UNSPECIFIED), or the transaction changed state
+   *   while the PSAM signed (reason WRONG_STATE). Retry the same request.
    */
   processDrawRequest(
     request: ProcessDrawRequestRequest,
@@ -2753,12 +2859,32 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * SERVER_COMPARES the payment server compares it with the signature the
    * PSAM expected (FIG. 6). Returns debit result C for the client and debit
    * result M for the merchant (step 634). In the one-round-trip modes the
-   * client calls it only when the card refused or declined the debit. A card
-   * error or a signature that does not verify reverses the transaction in the
-   * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
-   * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
-   * settled when it returns; call again. The sealed answer must carry the
-   * transaction's completion token.
+   * client calls it only when the card refused or declined the debit. The
+   * sealed answer must carry the transaction's completion token. The same
+   * answer again gets the same results (or the same error). Errors:
+   * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: card_answer
+   *   missing or not a CardAnswer, a status word outside 6000..FFFF, a
+   *   debit_response of the wrong length for its status word, or
+   *   card_log_proves_no_debit with a status word or response.
+   * - NOT_FOUND, reason NOT_FOUND: the server never saw the transaction.
+   * - PERMISSION_DENIED: reason SEAL_BROKEN when the card answer does not
+   *   open; reason WRONG_COMPLETION_TOKEN when it does not carry the
+   *   transaction's token; reason UNKNOWN_MERCHANT when the transaction's
+   *   merchant is no longer registered; reason BAD_SIGNATURE when the card's
+   *   signature does not verify in the PSAM: the transaction is reversed.
+   * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: another card answer was
+   *   recorded for the transaction before.
+   * - FAILED_PRECONDITION: the card declined the debit, proving it with its
+   *   signature (reason INSUFFICIENT_BALANCE, CURRENCY_MISMATCH,
+   *   CARD_EXPIRED, CARD_BLOCKED or CARD_REFUSED), the card refused DEBIT
+   *   with an error status word, or its log proves it never debited (reason
+   *   CARD_REFUSED): the transaction is reversed in the PSAM, nothing was
+   *   debited. Reason WRONG_STATE when no DEBIT command awaits an answer (the
+   *   purchase was refused, or is not that far). A purchase reversed
+   *   otherwise meanwhile gets the error it was reversed with.
+   * - UNAVAILABLE, reason IN_DOUBT: the PSAM could not be reached to rule on
+   *   the answer or reverse the debit; the answer is recorded and the
+   *   purchase is settled when the PSAM returns. Call again later.
    */
   completePurchase(
     request: CompletePurchaseRequest,
@@ -2771,9 +2897,16 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * Sent by the client or the merchant validation service, and retried until
    * acknowledged. The answer proves itself: it must match the signature the
    * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
-   * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
-   * answer is acknowledged again and counts once; another answer for the same
-   * transaction gets ALREADY_EXISTS.
+   * (reason BAD_SIGNATURE) and nothing is recorded. A card's signed decline
+   * is acknowledged too (the purchase is then REVERSED). A repeat of the
+   * same answer is acknowledged again and counts once. Other errors:
+   * INVALID_ARGUMENT (reason INVALID_FIELD) naming debit_response when it is
+   * not 17 bytes; NOT_FOUND (reason NOT_FOUND) when the server never saw the
+   * transaction; ALREADY_EXISTS (reason TRANSACTION_ID_REUSED) when another
+   * answer was recorded for it; FAILED_PRECONDITION (reason WRONG_STATE)
+   * when no card answer is awaited (no DEBIT command was issued, or the
+   * purchase was refused); UNAVAILABLE (reason IN_DOUBT) when the PSAM that
+   * must verify it cannot be reached now: report it again later.
    */
   reportCardSignature(
     request: ReportCardSignatureRequest,
@@ -2781,7 +2914,8 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
   ): Promise<DeepPartial<ReportCardSignatureResponse>>;
   /**
    * Reads the payment server's record of one transaction and the steps it
-   * logged. NOT_FOUND when the server never saw the transaction id.
+   * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
+   * transaction id.
    */
   getPurchase(
     request: GetPurchaseRequest,
@@ -2798,12 +2932,45 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * command the PSAM signed (steps 614-616, 680-694), sealed under the TSK.
    * In modes CLIENT_COMPARES and MERCHANT_COMPARES this is the only round
    * trip: the response also carries the debit result M for the merchant.
-   * Errors: INVALID_ARGUMENT naming the field; PERMISSION_DENIED for an
-   * unknown merchant or a sealed part that does not open (reason
-   * SEAL_BROKEN); FAILED_PRECONDITION when the PSAM refuses the card
-   * (expired, blocked, wrong currency, insufficient balance, unknown key
-   * version); RESOURCE_EXHAUSTED when no PSAM is free before the deadline;
-   * ALREADY_EXISTS when the transaction id was used with another request.
+   * The same request again returns the same DEBIT command once one was
+   * signed, and is tried again while none was. Errors:
+   * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
+   *   field of the request or of the opened draw request (key_nonce not 16
+   *   bytes, a missing part, the ATR, the INITIALIZE response's length,
+   *   format or algorithm, an amount outside 1..4294967295 or in another
+   *   exponent than the card's, a confirmation mode that is not the
+   *   merchant's, more than 8 or malformed card_log records, a transaction or
+   *   merchant id that differs from the one in clear); also the PSAM refusing
+   *   the amount (draw_request.amount.amount_minor) or the card's response as
+   *   malformed (draw_request.initialize_response), which ends the purchase
+   *   REFUSED: a retry gets the same code, reason and message, but no
+   *   BadRequest.
+   * - PERMISSION_DENIED: reason UNKNOWN_MERCHANT for a merchant this server
+   *   does not know; reason SEAL_BROKEN when the ETSK or the draw request
+   *   does not open (wrong key, another transaction's, altered).
+   * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: the transaction id came
+   *   with another draw request before.
+   * - FAILED_PRECONDITION: the PSAM refuses the card, reason CARD_EXPIRED,
+   *   CARD_BLOCKED, CURRENCY_MISMATCH, INSUFFICIENT_BALANCE,
+   *   KEY_VERSION_UNKNOWN or UNSPECIFIED (another refusal), or the card's
+   *   currency is not the offer's (CURRENCY_MISMATCH): the purchase ends
+   *   REFUSED, nothing was debited, and a retry gets the same error. Also
+   *   CURRENCY_MISMATCH or KEY_VERSION_UNKNOWN when no PSAM in the pool
+   *   accepts the card's currency or holds its key version: not recorded, as
+   *   a retry may find such a PSAM.
+   * - RESOURCE_EXHAUSTED, reason NO_PSAM_FREE: no suitable PSAM became free
+   *   before the deadline (at most 10 s by default), or too many requests
+   *   wait for one already. Nothing was signed; retry the same request.
+   * - UNAVAILABLE, reason UNSPECIFIED: no PSAM could take the job after 3
+   *   attempts on different PSAMs (gone, failing, or its batch full).
+   *   Nothing was signed; retry the same request later.
+   * - DEADLINE_EXCEEDED, reason UNSPECIFIED: too little time was left before
+   *   the caller's deadline (less than 1 s, after a 100 ms margin) to ask a
+   *   PSAM, at the first attempt or a later one. Nothing was signed; retry
+   *   with a longer deadline.
+   * - ABORTED: a concurrent draw request for the same transaction was
+   *   recorded first (reason UNSPECIFIED), or the transaction changed state
+   *   while the PSAM signed (reason WRONG_STATE). Retry the same request.
    */
   processDrawRequest(
     request: DeepPartial<ProcessDrawRequestRequest>,
@@ -2816,12 +2983,32 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * SERVER_COMPARES the payment server compares it with the signature the
    * PSAM expected (FIG. 6). Returns debit result C for the client and debit
    * result M for the merchant (step 634). In the one-round-trip modes the
-   * client calls it only when the card refused or declined the debit. A card
-   * error or a signature that does not verify reverses the transaction in the
-   * PSAM (FAILED_PRECONDITION or PERMISSION_DENIED). When the PSAM cannot be
-   * reached the transaction is in doubt (UNAVAILABLE, reason IN_DOUBT) and
-   * settled when it returns; call again. The sealed answer must carry the
-   * transaction's completion token.
+   * client calls it only when the card refused or declined the debit. The
+   * sealed answer must carry the transaction's completion token. The same
+   * answer again gets the same results (or the same error). Errors:
+   * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: card_answer
+   *   missing or not a CardAnswer, a status word outside 6000..FFFF, a
+   *   debit_response of the wrong length for its status word, or
+   *   card_log_proves_no_debit with a status word or response.
+   * - NOT_FOUND, reason NOT_FOUND: the server never saw the transaction.
+   * - PERMISSION_DENIED: reason SEAL_BROKEN when the card answer does not
+   *   open; reason WRONG_COMPLETION_TOKEN when it does not carry the
+   *   transaction's token; reason UNKNOWN_MERCHANT when the transaction's
+   *   merchant is no longer registered; reason BAD_SIGNATURE when the card's
+   *   signature does not verify in the PSAM: the transaction is reversed.
+   * - ALREADY_EXISTS, reason TRANSACTION_ID_REUSED: another card answer was
+   *   recorded for the transaction before.
+   * - FAILED_PRECONDITION: the card declined the debit, proving it with its
+   *   signature (reason INSUFFICIENT_BALANCE, CURRENCY_MISMATCH,
+   *   CARD_EXPIRED, CARD_BLOCKED or CARD_REFUSED), the card refused DEBIT
+   *   with an error status word, or its log proves it never debited (reason
+   *   CARD_REFUSED): the transaction is reversed in the PSAM, nothing was
+   *   debited. Reason WRONG_STATE when no DEBIT command awaits an answer (the
+   *   purchase was refused, or is not that far). A purchase reversed
+   *   otherwise meanwhile gets the error it was reversed with.
+   * - UNAVAILABLE, reason IN_DOUBT: the PSAM could not be reached to rule on
+   *   the answer or reverse the debit; the answer is recorded and the
+   *   purchase is settled when the PSAM returns. Call again later.
    */
   completePurchase(
     request: DeepPartial<CompletePurchaseRequest>,
@@ -2834,9 +3021,16 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * Sent by the client or the merchant validation service, and retried until
    * acknowledged. The answer proves itself: it must match the signature the
    * PSAM expected (or verify in the PSAM), otherwise PERMISSION_DENIED
-   * (reason BAD_SIGNATURE) and nothing is recorded. A repeat of the same
-   * answer is acknowledged again and counts once; another answer for the same
-   * transaction gets ALREADY_EXISTS.
+   * (reason BAD_SIGNATURE) and nothing is recorded. A card's signed decline
+   * is acknowledged too (the purchase is then REVERSED). A repeat of the
+   * same answer is acknowledged again and counts once. Other errors:
+   * INVALID_ARGUMENT (reason INVALID_FIELD) naming debit_response when it is
+   * not 17 bytes; NOT_FOUND (reason NOT_FOUND) when the server never saw the
+   * transaction; ALREADY_EXISTS (reason TRANSACTION_ID_REUSED) when another
+   * answer was recorded for it; FAILED_PRECONDITION (reason WRONG_STATE)
+   * when no card answer is awaited (no DEBIT command was issued, or the
+   * purchase was refused); UNAVAILABLE (reason IN_DOUBT) when the PSAM that
+   * must verify it cannot be reached now: report it again later.
    */
   reportCardSignature(
     request: DeepPartial<ReportCardSignatureRequest>,
@@ -2844,7 +3038,8 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
   ): Promise<ReportCardSignatureResponse>;
   /**
    * Reads the payment server's record of one transaction and the steps it
-   * logged. NOT_FOUND when the server never saw the transaction id.
+   * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
+   * transaction id.
    */
   getPurchase(
     request: DeepPartial<GetPurchaseRequest>,
