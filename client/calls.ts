@@ -4,7 +4,10 @@
 
 import { ClientError, Status } from "nice-grpc";
 import { ErrorReason } from "../gen/netpurse/card/v1/card.js";
-import { NetpurseError, reasonOf } from "../lib/grpc/errors.js";
+import { NetpurseError, reasonOf, retryAfterMsOf } from "../lib/grpc/errors.js";
+
+/** The longest the client waits on a server's advice before trying a call again. */
+const MAX_ADVISED_WAIT_MS = 5_000;
 
 /**
  * Whether a server's answer ends the transaction for good. Anything else
@@ -16,7 +19,7 @@ export function isFinal(e: unknown): boolean {
   return [Status.FAILED_PRECONDITION, Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS].includes(e.code);
 }
 
-/** Retries an idempotent call while the failure is transient. */
+/** Retries an idempotent call while the failure is transient, waiting at least what the server advised (RetryInfo). */
 export async function retrying<T>(call: () => Promise<T>, attempts = 5): Promise<T> {
   let wait = 200;
   for (let i = 1; ; i++) {
@@ -28,7 +31,7 @@ export async function retrying<T>(call: () => Promise<T>, attempts = 5): Promise
         (e.code === Status.UNAVAILABLE || e.code === Status.DEADLINE_EXCEEDED || e.code === Status.ABORTED) &&
         reasonOf(e) !== ErrorReason.ERROR_REASON_IN_DOUBT;
       if (!transient || i >= attempts) throw e;
-      await new Promise((r) => setTimeout(r, wait));
+      await new Promise((r) => setTimeout(r, Math.max(wait, Math.min(retryAfterMsOf(e) ?? 0, MAX_ADVISED_WAIT_MS))));
       wait = Math.min(wait * 2, 2_000);
     }
   }

@@ -99,7 +99,7 @@ const CARD_LOG_SENT = 4;
 const failedPrecondition = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 
 /** Checks an offer's fields before anything touches the card. */
-export function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer is PaymentOffer & { amount: NonNullable<PaymentOffer["amount"]> } {
+function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer is PaymentOffer & { amount: NonNullable<PaymentOffer["amount"]> } {
   if (!offer) throw invalidField("offer", "missing");
   requireTransactionId(offer.transactionId, "offer.transaction_id");
   requireMerchantId(offer.merchantId, "offer.merchant_id");
@@ -348,13 +348,7 @@ async function completeAtPaymentServer(
 }
 
 /** Step 636: the debit result M (and, for MERCHANT_COMPARES, the card's raw answer) to the merchant, for the goods. */
-export async function deliverToMerchant(
-  merchant: MerchantClient,
-  transactionId: string,
-  resultM: Sealed,
-  debitResponse: Buffer,
-  deadline: number,
-): Promise<Receipt> {
+async function deliverToMerchant(merchant: MerchantClient, transactionId: string, resultM: Sealed, debitResponse: Buffer, deadline: number): Promise<Receipt> {
   try {
     const r = await retrying(() => merchant.completeOrder({ transactionId: { value: transactionId }, debitResultM: resultM, debitResponse }, { deadline }));
     return r.receipt!;

@@ -26,13 +26,6 @@ export function requireMerchantId(id: MerchantId | undefined, field = "merchant_
   return v;
 }
 
-export function requirePsamId(id: PsamId | undefined, field = "psam_id"): string {
-  const v = id?.value;
-  if (!v || v.length === 0) throw invalidField(field, "missing");
-  if (v.length !== 4) throw invalidField(field, `must be 4 bytes, got ${v.length}`);
-  return Buffer.from(v).toString("hex");
-}
-
 /** An amount as the contract allows it: non-negative minor units, an ISO 4217 numeric currency and an exponent 0..4. */
 export function requireMoney(m: Money | undefined, field: string): Money {
   if (!m) throw invalidField(field, "missing");

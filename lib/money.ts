@@ -8,7 +8,7 @@ export const MAX_CARD_AMOUNT = 0xffffffff;
 
 const ALPHA: Record<number, string> = { 978: "EUR", 840: "USD", 826: "GBP", 756: "CHF", 752: "SEK", 208: "DKK", 392: "JPY" };
 
-export function currencyCode(numeric: number): string {
+function currencyCode(numeric: number): string {
   return ALPHA[numeric] ?? String(numeric).padStart(3, "0");
 }
 

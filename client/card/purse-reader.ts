@@ -2,7 +2,7 @@
 // sends to the card (through whatever transport reaches it) and the parsed
 // answers.
 
-import { ApduError, selectCommand, SW, swHex, type ResponseApdu } from "../../lib/apdu/apdu.js";
+import { ApduError, selectCommand, SW, type ResponseApdu } from "../../lib/apdu/apdu.js";
 import { exchange, type CardTransport } from "../../lib/apdu/transport.js";
 import {
   DebitCommand,
@@ -124,5 +124,3 @@ export function withOriginalAmount(debitCommand: Buffer, amount: number): Buffer
   out.writeUInt32BE(amount, DebitCommand.offset("amount"));
   return out;
 }
-
-export { swHex };

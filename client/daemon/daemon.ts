@@ -37,8 +37,6 @@ import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentCli
 import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
 import { purseState } from "../card/purse-state.js";
 
-export { purseState };
-
 /** page_size of ListCardTransactions, as cardholder.proto documents it: all a card keeps by default, and the most READ LOG can address. */
 const CARD_LOG_PAGE: PageSizeRule = { fallback: 32, max: 255 };
 const CARD_LOG_LIST = "transactions";

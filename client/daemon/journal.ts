@@ -192,7 +192,7 @@ interface LoadRow {
 }
 
 /** A journaled load that lacks what its state requires: the journal was damaged, and a person must look before the card moves on. */
-export class CorruptLoad extends Error {
+class CorruptLoad extends Error {
   constructor(row: LoadRow, problem: string) {
     super(`load ${row.transaction_id} is inconsistent in the client's journal: state ${row.state} ${problem}`);
   }

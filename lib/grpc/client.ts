@@ -7,7 +7,7 @@ import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middl
 import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
 
 /** The standard grpc-timeout value for `ms` (at most 8 digits, then a coarser unit). */
-export function grpcTimeout(ms: number): string {
+function grpcTimeout(ms: number): string {
   const left = Math.max(0, Math.ceil(ms));
   return left < 1e8 ? `${left}m` : `${Math.ceil(left / 1000)}S`;
 }

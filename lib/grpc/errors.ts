@@ -4,12 +4,12 @@
 // the field at fault, RetryInfo where trying again makes sense. Any gRPC
 // client in any language reads them (grpcurl prints them).
 
-import { ClientError, ServerError, Status } from "nice-grpc";
+import { ClientError, Status } from "nice-grpc";
 import { BadRequest, ErrorInfo, RetryInfo, RichClientError, RichServerError, type ErrorDetails } from "nice-grpc-error-details";
 import { ErrorReason, errorReasonFromJSON, errorReasonToJSON } from "../../gen/netpurse/card/v1/card.js";
 
 /** ErrorInfo.domain of every netpurse error: its reasons are the names of netpurse.card.v1.ErrorReason. */
-export const ERROR_DOMAIN = "netpurse.card.v1";
+const ERROR_DOMAIN = "netpurse.card.v1";
 
 /** How long a client should wait before retrying, by code, when the error does not say otherwise. */
 const RETRY_AFTER_MS: Partial<Record<Status, number>> = {
@@ -58,7 +58,7 @@ export function reasonOf(e: unknown): ErrorReason | undefined {
 }
 
 /** The field a server named in its BadRequest, if any. */
-export function fieldOf(e: unknown): string | undefined {
+function fieldOf(e: unknown): string | undefined {
   const extra = e instanceof RichClientError || e instanceof RichServerError ? e.extra : [];
   for (const d of extra) if (d.$type === "google.rpc.BadRequest") return d.fieldViolations[0]?.field;
   return undefined;
@@ -87,4 +87,4 @@ export function passOn(e: unknown, prefix: string): never {
   throw e;
 }
 
-export { ServerError, Status };
+export { Status };

@@ -21,7 +21,7 @@ import { reflectionDescriptorSet } from "./descriptors.js";
 import type { Logger } from "../log.js";
 
 /** Metadata key under which the server interceptor hands the call's deadline (ms since epoch) to handlers. */
-export const DEADLINE_METADATA = "netpurse-deadline-ms";
+const DEADLINE_METADATA = "netpurse-deadline-ms";
 
 /**
  * grpc-js reads each call's deadline from the standard grpc-timeout header
@@ -59,7 +59,7 @@ export interface ServerLimits {
   maxConcurrentStreams: number;
 }
 
-export const DEFAULT_LIMITS: ServerLimits = { maxMessageBytes: 64 * 1024, maxConcurrentStreams: 256 };
+const DEFAULT_LIMITS: ServerLimits = { maxMessageBytes: 64 * 1024, maxConcurrentStreams: 256 };
 
 function errorMiddleware(log: Logger) {
   return async function* <Req, Res>(call: ServerMiddlewareCall<Req, Res>, context: CallContext) {

@@ -25,7 +25,7 @@ export type MessageType =
   | "LOAD_CONFIRMATION";
 
 /** HKDF labels: a merchant's purchase keys and a bank's load keys never coincide, even under one shared key. */
-export const KeyLabel = { PURCHASE: "netpurse/1 K_txn", LOAD: "netpurse/1 Kload" } as const;
+const KeyLabel = { PURCHASE: "netpurse/1 K_txn", LOAD: "netpurse/1 Kload" } as const;
 
 const DerivationInfo = layout("transaction key derivation info", {
   label: ascii(16),

@@ -109,12 +109,12 @@ export function isUuid(s: string): boolean {
   return UUID_RE.test(s);
 }
 
-export function uuidToBytes(s: string): Buffer {
+function uuidToBytes(s: string): Buffer {
   if (!isUuid(s)) throw new LayoutError(`not a canonical lower-case UUID: ${s}`);
   return Buffer.from(s.replace(/-/g, ""), "hex");
 }
 
-export function bytesToUuid(b: Uint8Array): string {
+function bytesToUuid(b: Uint8Array): string {
   const h = Buffer.from(b).toString("hex");
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }

@@ -10,7 +10,7 @@ import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { Mutex } from "../../lib/mutex.js";
-import { LoadCommand, loadS1, loadS2, loadS3, LoadResult, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import { LoadCommand, loadS1, loadS2, loadS3, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { isExpired, PurseStatusByte } from "../../lib/protocol/purse.js";
 
 /** Why the security module will not sign a LOAD command for a card whose S1 verified. */
@@ -154,6 +154,3 @@ export class SoftwareHsm implements HostSecurityModule {
     return !!key && macEqual(loadS1(key, zeroCommand, expected), expected.s1);
   }
 }
-
-/** A positive LOAD answer, as the card's result code says (not yet proven). */
-export const claimsLoaded = (a: LoadAnswer) => a.result === LoadResult.LOADED;

@@ -12,7 +12,7 @@ import { addValidationKey } from "../merchant-validation/validation.js";
 import { writeBankFile } from "../bank/identity.js";
 import { addBankKey } from "../load/banks.js";
 
-export const MODES = [
+const MODES = [
   ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
   ConfirmationMode.CONFIRMATION_MODE_SERVER_COMPARES,
   ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES,

@@ -24,7 +24,7 @@ import {
 import type { Lease, PsamPool, SlotInfo, TerminalSlots } from "./psam-pool.js";
 
 /** A slot as the pool needs it. */
-export const slotInfo = (s: PsamSlot): SlotInfo => ({
+const slotInfo = (s: PsamSlot): SlotInfo => ({
   psamId: hexOf(s.psamId?.value),
   keyVersions: s.keyVersions,
   currencies: s.currencies,
@@ -32,7 +32,7 @@ export const slotInfo = (s: PsamSlot): SlotInfo => ({
 });
 
 /** A terminal as the pool needs it. */
-export const terminalSlots = (t: TerminalInfo): TerminalSlots => ({ terminalId: t.terminalId, slots: t.slots.map(slotInfo) });
+const terminalSlots = (t: TerminalInfo): TerminalSlots => ({ terminalId: t.terminalId, slots: t.slots.map(slotInfo) });
 
 /** The payment server's stream to the concentrator, reconnected with back-off. */
 export class ConcentratorLink {

@@ -61,7 +61,7 @@ export interface PoolClock {
   clearTimeout(handle: unknown): void;
 }
 
-export const systemClock: PoolClock = {
+const systemClock: PoolClock = {
   now: () => Date.now(),
   setTimeout: (fn, ms) => setTimeout(fn, ms),
   clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),

@@ -154,7 +154,7 @@ interface PurchaseRow {
 }
 
 /** A stored row that does not have what its state requires: an operator must look. */
-export class CorruptPurchase extends Error {
+class CorruptPurchase extends Error {
   constructor(transactionId: string, problem: string) {
     super(`purchase ${transactionId} is inconsistent in the payment database: ${problem}`);
   }

@@ -16,7 +16,7 @@ export interface TerminalConfig {
 }
 
 /** The PSAM files in a terminal host's folder. */
-export async function psamFilesIn(dir: string): Promise<string[]> {
+async function psamFilesIn(dir: string): Promise<string[]> {
   const folder = join(dir, "psams");
   const names = await readdir(folder).catch(() => [] as string[]);
   return names

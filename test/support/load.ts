@@ -24,7 +24,7 @@ import { EUR, makeCard } from "./fixtures.js";
 export { EUR };
 
 /** A card the issuer blocks between INITIALIZE FOR LOAD and LOAD: its LOAD answer is a genuine negative result. */
-export class BlockedMidLoadCard extends SoftwareCard {
+class BlockedMidLoadCard extends SoftwareCard {
   static async openBlocking(path: string): Promise<BlockedMidLoadCard> {
     return new BlockedMidLoadCard(path, await SoftwareApplication.load<CardFile>(path, "card"));
   }

@@ -1,8 +1,6 @@
 // The whole netpurse network started in this process, each service on its
 // own loopback port with real gRPC between them, over a fresh data folder.
 
-import { join } from "node:path";
-import { ChannelCredentials } from "@grpc/grpc-js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -21,8 +19,6 @@ import { startLoadServer } from "../../services/load/server.js";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { tempDir } from "./fixtures.js";
-
-void ChannelCredentials;
 
 export interface NetworkOptions {
   terminals?: { id: string; psams: number; answerDelayMs?: number }[];
@@ -137,5 +133,3 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs 
     await new Promise((r) => setTimeout(r, 25));
   }
 }
-
-export { join };
