@@ -68,8 +68,8 @@ export async function measureChatty(delayMs: number, s: ModesSettings): Promise<
     const cards = await Promise.all((await personaliseCardholderCards(dir, s.cardholders)).map((path) => SoftwareCard.open(path)));
     const server = await startRemoteReader(launcher, psamDir);
     proxy.forwardTo(server.address);
-    const delayed = openChannel(proxy.address);
-    const direct = openChannel(server.address);
+    const delayed = openChannel(proxy.address, { insecure: true });
+    const direct = openChannel(server.address, { insecure: true });
     try {
       const reader: RemoteReaderClient = clientFactory().create(RemoteReaderDefinition, delayed);
       const transports = cards.map((card) => new InProcessTransport(card));

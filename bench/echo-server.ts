@@ -14,7 +14,8 @@ await runService({
   start: async (v) => {
     const server = await startGrpcServer({
       address: opt(v, "listen", "127.0.0.1:0"),
-      services: [service(EchoDefinition, echoImplementation)],
+      services: [service(EchoDefinition, echoImplementation, { all: "public" })],
+      transport: { local: true }, // a baseline on loopback
       log: createLogger("netpurse-bench-echo"),
     });
     return { address: server.address, close: () => server.shutdown() };

@@ -40,7 +40,7 @@ export async function measureEcho(concurrencies: number[], phases: Phases): Prom
   try {
     process.stderr.write("[echo] starting the echo server\n");
     const server = await launcher.start(ECHO_PROCESS, ECHO_SERVER, ["--listen", "127.0.0.1:0"]);
-    const channel = openChannel(server.address);
+    const channel = openChannel(server.address, { insecure: true });
     try {
       const payload = randomBytes(drawRequestBytes());
       const call = echoCall(clientFactory().create(EchoDefinition, channel), payload);

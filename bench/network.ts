@@ -14,6 +14,7 @@ import { PurseReader } from "../client/card/purse-reader.js";
 import { SoftwareCard } from "../client/card/software-card.js";
 import { InProcessTransport } from "../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../lib/grpc/client.js";
+import { pkiDirOf, Security } from "../lib/pki/security.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
 import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData, EUR, paths } from "../services/network/layout.js";
@@ -44,11 +45,16 @@ export const PROCESS = {
 /** One channel per service address, shared by every cardholder, as on one client host; a client per call, as the client daemon does. */
 export class ServiceClients {
   private readonly factory = clientFactory();
-  private readonly channels = new ChannelCache();
+  private readonly channels: ChannelCache;
 
-  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address));
-  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address));
-  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channels.get(address));
+  /** `security`: the operator's identity (it also reads the pool), or --insecure. */
+  constructor(security: Security) {
+    this.channels = new ChannelCache(security);
+  }
+
+  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address, { kind: "payment" }));
+  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address, { kind: "merchant" }));
+  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channels.get(address, { kind: "concentrator" }));
 
   close(): void {
     this.channels.close();
@@ -63,7 +69,7 @@ export interface LogFindings {
 }
 
 export class BenchNetwork {
-  readonly clients = new ServiceClients();
+  readonly clients: ServiceClients;
   readonly launcher: Launcher;
   addresses: Record<string, string> = {};
   private stopped = false;
@@ -73,8 +79,12 @@ export class BenchNetwork {
     readonly shop: ShopFile,
     readonly daemonCardPath: string,
     readonly cardholderCards: string[],
+    /** Every link TLS (mutual inside the operator's network), or plaintext. */
+    readonly tls: boolean,
+    security: Security,
   ) {
     this.launcher = new Launcher(this.logDir, { env: SERVICE_ENV });
+    this.clients = new ServiceClients(security);
   }
 
   get logDir(): string {
@@ -85,12 +95,14 @@ export class BenchNetwork {
    * Sets up a fresh data folder: issuer keys, `psams` PSAMs on one terminal
    * host, one shop (the demo shop unless told), and a card per cardholder.
    */
-  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile }): Promise<BenchNetwork> {
+  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile; tls?: boolean }): Promise<BenchNetwork> {
     const shop = p.shop ?? DEMO_SHOP;
     const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-${shop.merchantId}-p${p.psams}-c${p.cardholders}-`));
     // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
     const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [shop], card: DEFAULT_DEMO.card });
-    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders));
+    const tls = p.tls ?? true;
+    const security = tls ? await Security.forService(pkiDirOf(dir), { kind: "operator", id: "operator" }) : Security.insecure();
+    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security);
   }
 
   /**
@@ -106,6 +118,7 @@ export class BenchNetwork {
       terminals: [{ id: TERMINAL_ID }],
       merchants: [{ id: this.shop.merchantId }],
       cardPath: this.daemonCardPath,
+      insecure: !this.tls,
       ...(o.offerPaymentServer ? { offerPaymentServer: o.offerPaymentServer } : {}),
     });
     await this.poolReady(psams);

@@ -23,7 +23,8 @@ await runService({
     const reader = await RemoteReader.open(psams, { amountMinor: intOpt(v, "amount-minor", 99), merchantId: opt(v, "merchant", "demo-shop") });
     const server = await startGrpcServer({
       address: opt(v, "listen", "127.0.0.1:0"),
-      services: [service(RemoteReaderDefinition, reader.service)],
+      services: [service(RemoteReaderDefinition, reader.service, { all: "public" })],
+      transport: { local: true }, // a baseline on loopback
       log: createLogger("netpurse-bench-remote-reader"),
     });
     return { address: server.address, close: () => server.shutdown() };

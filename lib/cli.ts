@@ -3,7 +3,11 @@
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { Status } from "nice-grpc";
+import { join } from "node:path";
+import { dataDir } from "./config.js";
 import { reasonName, reasonOf } from "./grpc/errors.js";
+import type { Kind } from "./pki/identity.js";
+import { pkiDirOf, Security, type ChannelSecurity } from "./pki/security.js";
 
 export class UsageError extends Error {}
 
@@ -84,4 +88,22 @@ export function int(v: unknown, fallback: number, name: string): number {
   const n = Number(v);
   if (!Number.isInteger(n)) throw new UsageError(`--${name} must be an integer, got ${JSON.stringify(v)}`);
   return n;
+}
+
+/** Options of a command that reaches a server: where the installation's certificates are, or --insecure. */
+export const CONNECT_OPTIONS = { data: { type: "string" }, ca: { type: "string" }, insecure: { type: "boolean" } } as const;
+export const CONNECT_USAGE = "[--ca FILE (default DATA/pki/ca.crt)] [--insecure]";
+
+/** A channel's security for a public endpoint: the server must prove `kind` with a certificate of the installation's CA. */
+export async function publicChannel(v: Record<string, unknown>, kind: Kind): Promise<ChannelSecurity> {
+  if (v.insecure === true) return { insecure: true };
+  const ca = str(v.ca, join(pkiDirOf(dataDir(v.data as string | undefined)), "ca.crt"));
+  return (await Security.forCardholder(ca)).channel({ kind });
+}
+
+/** A channel's security as an operator inside the operator's network: mutual TLS with the operator's certificate (DATA/pki/operator/ID). */
+export async function operatorChannel(v: Record<string, unknown>, kind: Kind): Promise<ChannelSecurity> {
+  if (v.insecure === true) return { insecure: true };
+  const pki = typeof v.pki === "string" ? v.pki : pkiDirOf(dataDir(v.data as string | undefined));
+  return (await Security.forService(pki, { kind: "operator", id: str(v.as, "operator") })).channel({ kind });
 }

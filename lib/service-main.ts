@@ -3,6 +3,9 @@
 // start (a port in use, a missing key file).
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { dataDir } from "./config.js";
+import type { Kind } from "./pki/identity.js";
+import { pkiDirOf, Security } from "./pki/security.js";
 
 export interface Stoppable {
   address: string;
@@ -80,4 +83,19 @@ export function intOpt(values: Values, name: string, fallback: number): number {
     process.exit(2);
   }
   return n;
+}
+
+/** The options every service takes for its links' security. */
+export const SECURITY_OPTIONS = { pki: { type: "string" }, insecure: { type: "boolean" } } as const;
+
+export const SECURITY_HELP = [
+  "  --pki DIR                the installation's certificates (default DATA/pki; made by 'netpurse-operator pki')",
+  "  --insecure               plaintext and no authentication on every link: for local debugging only",
+].join("\n");
+
+/** This service's security from its options: its identity's key and certificate from the PKI folder, or --insecure. */
+export async function serviceSecurity(values: Values, identity: { kind: Kind; id: string }): Promise<Security> {
+  if (values.insecure === true) return Security.insecure();
+  const pki = typeof values.pki === "string" ? values.pki : pkiDirOf(dataDir(values.data as string | undefined));
+  return Security.forService(pki, identity);
 }

@@ -5,9 +5,10 @@ import { createInterface } from "node:readline/promises";
 import { CardTransactionKind, PurseStatus, type CardTransaction, type Money } from "../../gen/netpurse/card/v1/card.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
-import { runCommands, str, UsageError, int } from "../../lib/cli.js";
+import { CONNECT_OPTIONS, CONNECT_USAGE, int, publicChannel, runCommands, str, UsageError } from "../../lib/cli.js";
 import { defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
+import type { ChannelSecurity } from "../../lib/pki/security.js";
 import { hexOf } from "../../lib/ids.js";
 import { formatMoney, money, parseMinor } from "../../lib/money.js";
 import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
@@ -17,12 +18,16 @@ import { runDaemon } from "../daemon/main.js";
 
 const factory = clientFactory();
 
+/** The client daemon is on this machine, over loopback. */
+const DAEMON: ChannelSecurity = { insecure: true };
+
 async function withClient<D extends typeof CardholderServiceDefinition | typeof MerchantServiceDefinition, T>(
   def: D,
   address: string,
+  security: ChannelSecurity,
   fn: (c: ReturnType<typeof factory.create<D>>) => Promise<T>,
 ): Promise<T> {
-  const channel = openChannel(address);
+  const channel = openChannel(address, security);
   try {
     return await fn(factory.create(def, channel));
   } finally {
@@ -43,6 +48,8 @@ async function approve(question: string): Promise<boolean> {
 }
 
 const daemonOption = { daemon: { type: "string" } } as const;
+/** Where the merchant is, and how to check it: the CA bundle (--ca, default DATA/pki/ca.crt), or --insecure. */
+const merchantOptions = { merchant: { type: "string" }, ...CONNECT_OPTIONS } as const;
 const daemonAddress = (v: Record<string, unknown>) => str(v.daemon, defaultAddress("cardholder"));
 const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultAddress("merchant"));
 
@@ -50,8 +57,15 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   {
     name: "daemon",
     summary: "Run the client daemon (holds the card, serves the cardholder API on 127.0.0.1:7470) until Ctrl-C.",
-    usage: "[--card FILE] [--listen HOST:PORT] [--data DIR] [--dir DIR]",
-    options: { card: { type: "string" }, listen: { type: "string" }, data: { type: "string" }, dir: { type: "string" } },
+    usage: "[--card FILE] [--listen HOST:PORT] [--data DIR] [--dir DIR] [--ca FILE] [--insecure]",
+    options: {
+      card: { type: "string" },
+      listen: { type: "string" },
+      data: { type: "string" },
+      dir: { type: "string" },
+      ca: { type: "string" },
+      insecure: { type: "boolean" },
+    },
     async run() {
       await runDaemon(process.argv.slice(3), "netpurse daemon");
       await new Promise(() => {}); // runs until a signal
@@ -66,7 +80,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     async run(v, positionals) {
       if (positionals[0] === "sync") return syncCard(daemonAddress(v));
       if (positionals.length) throw new UsageError(`unknown 'card ${positionals[0]}'; did you mean 'card sync'?`);
-      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+      await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
         const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         const p = purse!;
         console.log(`card ${hexOf(p.purseId?.value)}   balance ${m(p.balance)}   (most ${m(p.maxBalance)})`);
@@ -112,7 +126,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       const text = positionals[0];
       if (!text) throw new UsageError("give the amount to load, like 20.00");
       if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
-      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+      await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
         const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         const b = purse!.balance!;
         let minor: bigint;
@@ -143,10 +157,10 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   {
     name: "shop",
     summary: "List what a merchant sells.",
-    usage: `[--merchant HOST:PORT] (default ${defaultAddress("merchant")})`,
-    options: { merchant: { type: "string" } },
+    usage: `[--merchant HOST:PORT] (default ${defaultAddress("merchant")}) ${CONNECT_USAGE}`,
+    options: merchantOptions,
     async run(v) {
-      await withClient(MerchantServiceDefinition, merchantAddress(v), async (c) => {
+      await withClient(MerchantServiceDefinition, merchantAddress(v), await publicChannel(v, "merchant"), async (c) => {
         const r = await c.listProducts({}, { deadline: CLI_DEADLINE_MS });
         console.log(`${r.merchantName} (${r.merchantId?.value})\n`);
         console.log(
@@ -163,16 +177,16 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "pay",
     summary:
       "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
-    usage: `PRODUCT [--yes] [--merchant HOST:PORT] [--daemon HOST:PORT]`,
-    options: { ...daemonOption, merchant: { type: "string" }, yes: { type: "boolean", short: "y" } },
+    usage: `PRODUCT [--yes] [--merchant HOST:PORT] [--daemon HOST:PORT] ${CONNECT_USAGE}`,
+    options: { ...daemonOption, ...merchantOptions, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
       const product = positionals[0];
       if (!product) throw new UsageError("name the product to buy (see 'netpurse shop')");
       if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
-      const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), (c) =>
+      const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), await publicChannel(v, "merchant"), (c) =>
         c.createOrder({ productId: product }, { deadline: CLI_DEADLINE_MS }),
       );
-      await withClient(CardholderServiceDefinition, daemonAddress(v), async (c) => {
+      await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
         const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         console.log(`${offer!.merchantName} asks ${m(offer!.amount)} for "${offer!.description}"`);
         console.log(`your card holds ${m(purse!.balance)}`);
@@ -192,7 +206,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
 ]);
 
 async function syncCard(address: string): Promise<void> {
-  await withClient(CardholderServiceDefinition, address, async (c) => {
+  await withClient(CardholderServiceDefinition, address, DAEMON, async (c) => {
     const r = await c.syncCard({}, { deadline: 60_000 });
     if (!r.loads.length) console.log("no pending loads");
     else

@@ -23,6 +23,7 @@ import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/mercha
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
+import type { Security } from "../../lib/pki/security.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
 import { psamId, requireName, txnId } from "../../lib/ids.js";
@@ -59,18 +60,28 @@ function cardError(e: unknown): unknown {
 export class CardholderDaemon {
   private readonly reader: PurseReader;
   private readonly card = new Mutex();
-  private readonly channels = new ChannelCache();
+  private readonly channels: ChannelCache;
   private readonly factory = clientFactory();
   private resumeTimer: Periodic | undefined;
 
   constructor(
-    private readonly o: { transport: CardTransport; journal: SqliteJournal; loads: LoadJournal; log: Logger; callDeadlineMs?: number; resumeEveryMs?: number },
+    private readonly o: {
+      transport: CardTransport;
+      journal: SqliteJournal;
+      loads: LoadJournal;
+      log: Logger;
+      /** The CA the servers it reaches must prove themselves with (or --insecure). */
+      security: Security;
+      callDeadlineMs?: number;
+      resumeEveryMs?: number;
+    },
   ) {
     this.reader = new PurseReader(o.transport);
+    this.channels = new ChannelCache(o.security);
   }
 
-  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address));
-  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address));
+  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address, { kind: "payment" }));
+  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address, { kind: "merchant" }));
 
   readonly service: CardholderServiceImplementation = {
     getCard: async () =>
@@ -204,8 +215,8 @@ export class CardholderDaemon {
   private loadContext(): LoadContext & { journal: LoadJournal } {
     return {
       reader: this.reader,
-      bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address)),
-      load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address)),
+      bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address, { kind: "bank" })),
+      load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address, { kind: "load" })),
       journal: this.o.loads,
       ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
     };

@@ -1,10 +1,14 @@
-// Client channels shared by every netpurse caller: bounded messages,
-// keepalive, a deadline sent as the standard grpc-timeout, and the server's
-// rich error details (reason, field, retry delay) on the ClientError.
+// Client channels shared by every netpurse caller: TLS that checks the
+// server's identity, bounded messages, keepalive, a deadline sent as the
+// standard grpc-timeout, and the server's rich error details (reason, field,
+// retry delay) on the ClientError.
 
-import { createChannel, createClientFactory, Metadata, type Channel, type ClientMiddleware } from "nice-grpc";
+import { ChannelCredentials, createChannel, createClientFactory, Metadata, type Channel, type ClientMiddleware } from "nice-grpc";
 import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
+import type { Kind } from "../pki/identity.js";
+import type { ChannelSecurity, Security } from "../pki/security.js";
+import { channelCredentials } from "./tls.js";
 
 /** The standard grpc-timeout value for `ms` (at most 8 digits, then a coarser unit). */
 function grpcTimeout(ms: number): string {
@@ -26,9 +30,17 @@ const grpcTimeoutMiddleware: ClientMiddleware<DeadlineOptions> = async function*
   return yield* call.next(call.request, { ...options, metadata });
 };
 
-export function openChannel(address: string, opts: { maxMessageBytes?: number } = {}): Channel {
+/**
+ * A channel to `address`: TLS checking the server's certificate (and
+ * presenting ours, inside the operator's network), or plaintext when the
+ * process runs --insecure.
+ */
+export function openChannel(address: string, security: ChannelSecurity, opts: { maxMessageBytes?: number } = {}): Channel {
   const max = opts.maxMessageBytes ?? 64 * 1024;
-  return createChannel(address, undefined, {
+  // TLS names no server by an IP address (RFC 6066): on loopback the certificate's "localhost" is the name checked.
+  const loopback = /^(127\.0\.0\.1|\[::1\]):/.test(address);
+  return createChannel(address, "tls" in security ? channelCredentials(security.tls) : ChannelCredentials.createInsecure(), {
+    ...("tls" in security && loopback ? { "grpc.ssl_target_name_override": "localhost" } : {}),
     "grpc.max_receive_message_length": max,
     "grpc.max_send_message_length": max,
     "grpc.keepalive_time_ms": 30_000,
@@ -53,15 +65,19 @@ export const DEFAULT_DEADLINE_MS = 15_000;
 /** The deadline of a command-line tool's call, which a person waits for. */
 export const CLI_DEADLINE_MS = 10_000;
 
-/** One channel per address, opened on first use: callers that reach many servers by address (from offers) share connections. */
+/** One channel per address and expected server, opened on first use: callers that reach many servers by address (from offers) share connections. */
 export class ChannelCache {
   private readonly channels = new Map<string, Channel>();
 
-  get(address: string): Channel {
-    let c = this.channels.get(address);
+  constructor(private readonly security: Security) {}
+
+  /** A channel to `address`, whose server must prove the identity `expect`. */
+  get(address: string, expect: { kind: Kind; id?: string }): Channel {
+    const key = `${address} ${expect.kind}/${expect.id ?? "*"}`;
+    let c = this.channels.get(key);
     if (!c) {
-      c = openChannel(address);
-      this.channels.set(address, c);
+      c = openChannel(address, this.security.channel(expect));
+      this.channels.set(key, c);
     }
     return c;
   }

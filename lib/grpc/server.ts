@@ -1,24 +1,33 @@
-// Server bootstrap shared by every netpurse service: bounded message sizes
-// and streams, keepalive, health, reflection, error mapping and call logs.
+// Server bootstrap shared by every netpurse service: TLS (mutual inside the
+// operator's network) with the peer's SPIFFE identity handed to handlers and
+// checked against each RPC's access rule; bounded messages, streams,
+// connections, handshakes and idle time; keepalive; health; reflection;
+// error mapping and call logs.
 
 import * as grpc from "@grpc/grpc-js";
 import {
-  createServer,
+  composeServerMiddleware,
   ServerError,
   Status,
   type CallContext,
+  type ServerMiddleware,
   type ServerMiddlewareCall,
-  type Server,
   type ServiceImplementation,
   type TsProtoServiceDefinition,
 } from "nice-grpc";
+import { errorDetailsServerMiddleware } from "nice-grpc-error-details";
 import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-server-health";
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { randomUUID } from "node:crypto";
-import { errorDetailsServerMiddleware } from "nice-grpc-error-details";
-import { NetpurseError, reasonName } from "./errors.js";
-import { reflectionDescriptorSet } from "./descriptors.js";
+import { createServer as createTcpServer, type Server as TcpServer } from "node:net";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type { Logger } from "../log.js";
+import { identityFromSubjectAltName, parseSpiffeId, spiffeId, type Identity, type Kind } from "../pki/identity.js";
+import { isRevoked } from "../pki/revocation.js";
+import { reflectionDescriptorSet } from "./descriptors.js";
+import { NetpurseError, reasonName } from "./errors.js";
+import { addService } from "./grpc-js-server.js";
+import { serverCredentials, type ServerTls } from "./tls.js";
 
 /** Metadata key under which the server interceptor hands the call's deadline (ms since epoch) to handlers. */
 const DEADLINE_METADATA = "netpurse-deadline-ms";
@@ -52,14 +61,115 @@ export function callDeadline(context: CallContext): number | undefined {
   return v ? Number(v) : undefined;
 }
 
+/** Metadata key under which the server interceptor hands the peer's proven identity to handlers. */
+const PEER_METADATA = "netpurse-peer";
+const INSECURE = "insecure";
+const ANONYMOUS = "anonymous";
+
+/**
+ * Reads the identity the peer's certificate proves (its SPIFFE ID, verified
+ * against the installation's CA and revocation list by the TLS handshake)
+ * and hands it to handlers in the metadata, after removing any value a
+ * client put under that key itself: a peer is trusted only for what its
+ * certificate proves, never for what it says.
+ */
+const peerInterceptor =
+  (trustDomain: string | undefined): grpc.ServerInterceptor =>
+  (_method, call) =>
+    new grpc.ServerInterceptingCall(call, {
+      start(next) {
+        next({
+          onReceiveMetadata(metadata, mdNext) {
+            metadata.remove(PEER_METADATA);
+            let peer = INSECURE;
+            if (trustDomain !== undefined) {
+              const cert = call.getAuthContext().sslPeerCertificate;
+              // A connection made before its certificate was revoked proves nothing for a new call.
+              const id = cert && !isRevoked(cert.serialNumber) ? identityFromSubjectAltName(cert.subjectaltname, trustDomain) : undefined;
+              peer = id && cert ? `${spiffeId(id)} ${cert.serialNumber}` : ANONYMOUS;
+            }
+            metadata.set(PEER_METADATA, peer);
+            mdNext(metadata);
+          },
+        });
+      },
+    });
+
+/** Who called: an identity its certificate (of that serial number) proved, a caller without one, or any caller on a server run without TLS (--insecure). */
+export type Peer = ({ proven: true; serial: string } & Identity) | { proven: false; insecure: boolean };
+
+export function peerOf(context: CallContext): Peer {
+  const v = context.metadata.get(PEER_METADATA) ?? INSECURE;
+  if (v === INSECURE) return { proven: false, insecure: true };
+  const [uri = "", serial = ""] = v.split(" ");
+  const id = v === ANONYMOUS ? undefined : parseSpiffeId(uri);
+  return id ? { proven: true, serial, ...id } : { proven: false, insecure: false };
+}
+
+/** Whether a proven peer's certificate has been revoked since its call began (for long-lived streams). */
+export const peerRevoked = (p: Peer) => p.proven && isRevoked(p.serial);
+
+/** Who may call an RPC: anyone (the public's endpoints, where messages prove themselves), or peers whose certificate proves one of these kinds. */
+export type Access = "public" | readonly Kind[];
+
+/** A service's access rules: one for all its RPCs, and exceptions by method name. */
+export type AccessRules<S> = { all: Access } & { [M in keyof S]?: Access };
+
+const describePeer = (p: Peer) => (p.proven ? spiffeId(p) : p.insecure ? "an insecure caller" : "a caller without a certificate");
+
+function accessMiddleware(rules: { all: Access } & Record<string, Access | undefined>, log: Logger): ServerMiddleware {
+  return async function* <Req, Res>(call: ServerMiddlewareCall<Req, Res>, context: CallContext) {
+    const method = call.method.path.slice(call.method.path.lastIndexOf("/") + 1);
+    const rule = rules[method.charAt(0).toLowerCase() + method.slice(1)] ?? rules.all;
+    if (rule !== "public") {
+      const peer = peerOf(context);
+      if (!peer.proven && !peer.insecure) {
+        log.warn("refused a caller without a certificate", { method: call.method.path, peer: context.peer });
+        throw new NetpurseError(
+          Status.UNAUTHENTICATED,
+          ErrorReason.ERROR_REASON_UNAUTHENTICATED,
+          `${call.method.path} needs a client certificate from the installation's CA proving one of: ${rule.join(", ")}`,
+        );
+      }
+      if (peer.proven && !rule.includes(peer.kind)) {
+        log.warn("refused a peer not allowed this call", { method: call.method.path, peer: describePeer(peer) });
+        throw new NetpurseError(
+          Status.PERMISSION_DENIED,
+          ErrorReason.ERROR_REASON_NOT_ALLOWED,
+          `${describePeer(peer)} may not call ${call.method.path} (only ${rule.join(", ")})`,
+        );
+      }
+    }
+    return yield* call.next(call.request, context);
+  };
+}
+
 export interface ServerLimits {
   /** Largest message accepted or sent, bytes. */
   maxMessageBytes: number;
   /** Concurrent streams per HTTP/2 connection. */
   maxConcurrentStreams: number;
+  /** Connections open at once; more are closed as they arrive. */
+  maxConnections: number;
+  /** A TLS handshake not finished in this time is cut (a half-open connection holds nothing longer). */
+  handshakeTimeoutMs: number;
+  /** A connection with no call for this long is closed. */
+  idleTimeoutMs: number;
+  /** A connection older than this is asked to go (GOAWAY) and reconnect, so no connection lives forever... */
+  maxConnectionAgeMs: number;
+  /** ...and calls still running then get this long to finish. */
+  maxConnectionAgeGraceMs: number;
 }
 
-const DEFAULT_LIMITS: ServerLimits = { maxMessageBytes: 64 * 1024, maxConcurrentStreams: 256 };
+export const DEFAULT_LIMITS: ServerLimits = {
+  maxMessageBytes: 64 * 1024,
+  maxConcurrentStreams: 256,
+  maxConnections: 1_000,
+  handshakeTimeoutMs: 5_000,
+  idleTimeoutMs: 5 * 60_000,
+  maxConnectionAgeMs: 60 * 60_000,
+  maxConnectionAgeGraceMs: 5 * 60_000,
+};
 
 function errorMiddleware(log: Logger) {
   return async function* <Req, Res>(call: ServerMiddlewareCall<Req, Res>, context: CallContext) {
@@ -89,29 +199,55 @@ export interface RunningServer {
   /** host:port actually bound. */
   address: string;
   port: number;
-  server: Server;
   health: HealthState;
+  /** Connections open now (for operators and tests). */
+  connections(): Promise<number>;
   shutdown(): Promise<void>;
 }
 
-/** A service to serve: its full name (for health and reflection) and how to add it to a server. */
+// nice-grpc types a middleware that adds nothing to the call context with {}.
+// eslint-disable-next-line @typescript-eslint/no-empty-object-type
+type NoExtension = {};
+
+/** A service to serve: its definition, its implementation and who may call each of its RPCs. */
 export interface ServiceEntry {
   fullName: string;
-  addTo(server: Server): void;
+  addTo(server: grpc.Server, middleware: (rules: { all: Access }) => ServerMiddleware): void;
 }
 
-/** Pairs a generated service definition with its implementation, type-checked against each other. */
-export function service<S extends TsProtoServiceDefinition>(definition: S, implementation: ServiceImplementation<S>): ServiceEntry {
-  return { fullName: definition.fullName, addTo: (server) => server.add(definition, implementation) };
+/** Pairs a generated service definition with its implementation (type-checked against each other) and its access rules. */
+export function service<S extends TsProtoServiceDefinition>(
+  definition: S,
+  implementation: ServiceImplementation<S>,
+  access: AccessRules<ServiceImplementation<S>>,
+): ServiceEntry {
+  return { fullName: definition.fullName, addTo: (server, middleware) => addService(server, definition, implementation, middleware(access)) };
 }
 
 /**
- * Starts a gRPC server with health and reflection on `address` (host:port;
- * port 0 picks a free one).
+ * How a server is reached: TLS with the installation's certificates; or
+ * plaintext on loopback for a cardholder's own machine (`local`); or, only
+ * with --insecure for debugging, plaintext anywhere.
  */
-export async function startGrpcServer(p: { address: string; services: ServiceEntry[]; log: Logger; limits?: Partial<ServerLimits> }): Promise<RunningServer> {
+export type Transport = { tls: ServerTls } | { local: true } | { insecure: true };
+
+const LOOPBACK = new Set(["127.0.0.1", "::1", "[::1]", "localhost"]);
+
+/**
+ * Starts a gRPC server with health and reflection on `address` (host:port;
+ * port 0 picks a free one). Connections are taken by a TCP listener of our
+ * own (to cap them) and handed to grpc-js, which runs TLS and HTTP/2.
+ */
+export async function startGrpcServer(p: {
+  address: string;
+  services: ServiceEntry[];
+  log: Logger;
+  transport: Transport;
+  limits?: Partial<ServerLimits>;
+}): Promise<RunningServer> {
   const limits = { ...DEFAULT_LIMITS, ...p.limits };
-  const server = createServer({
+  const tls = "tls" in p.transport ? p.transport.tls : undefined;
+  const server = new grpc.Server({
     "grpc.max_receive_message_length": limits.maxMessageBytes,
     "grpc.max_send_message_length": limits.maxMessageBytes,
     "grpc.max_concurrent_streams": limits.maxConcurrentStreams,
@@ -119,34 +255,82 @@ export async function startGrpcServer(p: { address: string; services: ServiceEnt
     "grpc.keepalive_time_ms": 60_000,
     "grpc.keepalive_timeout_ms": 20_000,
     "grpc.http2.min_ping_interval_without_data_ms": 5_000,
-    interceptors: [deadlineInterceptor],
-  })
-    .use(errorMiddleware(p.log))
-    .use(errorDetailsServerMiddleware);
+    "grpc.max_connection_idle_ms": limits.idleTimeoutMs,
+    "grpc.max_connection_age_ms": limits.maxConnectionAgeMs,
+    "grpc.max_connection_age_grace_ms": limits.maxConnectionAgeGraceMs,
+    interceptors: [deadlineInterceptor, peerInterceptor(tls?.trustDomain)],
+  });
+  const middleware = (rules: { all: Access }) =>
+    composeServerMiddleware<NoExtension, NoExtension, NoExtension>(
+      composeServerMiddleware<NoExtension, NoExtension, NoExtension>(errorMiddleware(p.log), errorDetailsServerMiddleware),
+      accessMiddleware(rules, p.log),
+    );
   const health = HealthState();
   const names: string[] = [];
   for (const s of p.services) {
-    s.addTo(server);
+    s.addTo(server, middleware);
     names.push(s.fullName);
     health.setStatus("healthy", s.fullName);
   }
-  server.add(HealthDefinition, HealthServiceImpl(health));
-  server.add(ServerReflectionService, ServerReflection(reflectionDescriptorSet(), [...names, "grpc.health.v1.Health"]));
-  const port = await server.listen(p.address);
-  const host = p.address.slice(0, p.address.lastIndexOf(":"));
+  const open = { all: "public" } as const;
+  addService(server, HealthDefinition, HealthServiceImpl(health), middleware(open));
+  addService(server, ServerReflectionService, ServerReflection(reflectionDescriptorSet(), [...names, "grpc.health.v1.Health"]), middleware(open));
+  const credentials: grpc.ServerCredentials & { stop?(): void } = tls
+    ? serverCredentials(tls, limits.handshakeTimeoutMs)
+    : grpc.ServerCredentials.createInsecure();
+  const injector = server.createConnectionInjector(credentials);
+  const tcp = createTcpServer({ noDelay: true }, (socket) => injector.injectConnection(socket));
+  tcp.maxConnections = limits.maxConnections;
+  let dropped = 0;
+  const dropLog = setInterval(() => {
+    if (dropped === 0) return;
+    p.log.warn("connections refused: the server holds its maximum", { refused: dropped, max: limits.maxConnections });
+    dropped = 0;
+  }, 10_000);
+  dropLog.unref();
+  tcp.on("drop", () => dropped++);
+  if ("local" in p.transport && !LOOPBACK.has(p.address.slice(0, p.address.lastIndexOf(":")))) {
+    throw new Error(`${p.address} is not a loopback address: this server is for its own machine only`);
+  }
+  const { host, port } = await listen(tcp, p.address);
   const address = `${host}:${port}`;
-  p.log.info("listening", { address, services: names.join(",") });
+  if ("insecure" in p.transport)
+    p.log.warn("INSECURE: plaintext, no peer is authenticated and every RPC is open to anyone who reaches this port; for local debugging only", { address });
+  p.log.info("listening", {
+    address,
+    services: names.join(","),
+    tls: tls ? `client certificates ${tls.clientCerts === "require" ? "required" : "optional"}` : "local" in p.transport ? "loopback only" : "off",
+  });
   return {
     address,
     port,
-    server,
     health,
+    connections: () => new Promise((resolve, reject) => tcp.getConnections((e, n) => (e ? reject(e) : resolve(n)))),
     async shutdown() {
       for (const n of names) health.setStatus("unhealthy", n);
+      clearInterval(dropLog);
+      tcp.close();
       // Give in-flight calls a moment, then cut long-lived streams.
       const timer = setTimeout(() => server.forceShutdown(), 2_000);
-      await server.shutdown();
+      await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
       clearTimeout(timer);
+      injector.destroy();
+      credentials.stop?.();
     },
   };
+}
+
+function listen(tcp: TcpServer, address: string): Promise<{ host: string; port: number }> {
+  const i = address.lastIndexOf(":");
+  const host = address.slice(0, i).replace(/^\[|\]$/g, "");
+  const port = Number(address.slice(i + 1));
+  if (!host || !Number.isInteger(port) || port < 0 || port > 65_535) return Promise.reject(new Error(`not a host:port address: ${address}`));
+  return new Promise((resolve, reject) => {
+    tcp.once("error", reject);
+    tcp.listen(port, host, () => {
+      tcp.off("error", reject);
+      const a = tcp.address();
+      resolve({ host: address.slice(0, i), port: typeof a === "object" && a ? a.port : port });
+    });
+  });
 }

@@ -1,14 +1,15 @@
 // The encryption layer (docs/protocol.md, FIG. 9 and 15A-B). The merchant and the
 // payment operator share a key per merchant; for each transaction a key is
-// derived from it, a random transaction session key (TSK) is made and sealed
-// under the derived key (ETSK). Client and payment server seal their
-// messages under the TSK; the payment server seals "debit result M" under
-// the derived key, which only the merchant's validation service can open.
+// derived from it, a random transaction session key (TSK) is made and sealed,
+// with the terms of the offer it is for, under the derived key (ETSK).
+// Client and payment server seal their messages under the TSK; the payment
+// server seals "debit result M" under the derived key, which only the
+// merchant's validation service can open.
 // Every seal is AES-256-GCM with the transaction id and the message type as
 // associated data.
 
 import { randomBytes } from "node:crypto";
-import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
+import { SessionKeyGrant, type Money, type Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { hkdf32, openAesGcm, sealAesGcm } from "../crypto/aead.js";
 import { ascii, layout, uuid } from "./layout.js";
 
@@ -63,12 +64,24 @@ export function open(key: Uint8Array, type: MessageType, transactionId: string, 
   return openAesGcm(key, sealed.iv, sealed.ciphertext, associatedData(type, transactionId));
 }
 
-/** What the merchant puts into an offer: the nonce, the TSK for the client, and the ETSK for the payment server. */
-export function issueTransactionKeys(sharedKey: Uint8Array, merchantId: string, transactionId: string) {
+/** The terms of the offer a transaction session key is granted for, sealed with it into the ETSK. */
+export interface OfferTerms {
+  amount: Money;
+  expiresAt: Date;
+}
+
+/**
+ * What the merchant puts into an offer: the nonce, the TSK for the client,
+ * and the ETSK for the payment server: the TSK with the offer's merchant,
+ * amount and expiry (a SessionKeyGrant), sealed under the derived key, so the
+ * payment server can refuse a draw request of other terms.
+ */
+export function issueTransactionKeys(sharedKey: Uint8Array, merchantId: string, transactionId: string, terms: OfferTerms) {
   const keyNonce = randomBytes(16);
   const tsk = randomBytes(32);
   const derived = transactionKey(sharedKey, merchantId, transactionId, keyNonce);
-  return { keyNonce, tsk, etsk: seal(derived, "SESSION_KEY", transactionId, tsk) };
+  const grant: SessionKeyGrant = { transactionSessionKey: tsk, merchantId: { value: merchantId }, amount: terms.amount, expiresAt: terms.expiresAt };
+  return { keyNonce, tsk, etsk: seal(derived, "SESSION_KEY", transactionId, SessionKeyGrant.encode(grant).finish()) };
 }
 
 /** A load's transaction key, from the key the bank shares with the load server: seals the bank's authorisation and the load server's confirmation. */

@@ -4,7 +4,7 @@
 
 import { join } from "node:path";
 import { BankServiceDefinition, HoldState, type Hold, type StatementLine } from "../../gen/netpurse/bank/v1/bank.js";
-import { runCommands, int, str, UsageError } from "../../lib/cli.js";
+import { runCommands, int, str, UsageError, CONNECT_OPTIONS, CONNECT_USAGE, publicChannel } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { isName } from "../../lib/ids.js";
@@ -80,14 +80,14 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   {
     name: "statement",
     summary: "Show an account's balance, the funds on hold for loads, and its statement (every line, or the newest N), from the running bank.",
-    usage: `ACCOUNT [--limit N] [--bank HOST:PORT] (default ${defaultAddress("bank")})`,
-    options: { bank: { type: "string" }, limit: { type: "string" } },
+    usage: `ACCOUNT [--limit N] [--bank HOST:PORT] (default ${defaultAddress("bank")}) ${CONNECT_USAGE}`,
+    options: { bank: { type: "string" }, limit: { type: "string" }, ...CONNECT_OPTIONS },
     async run(v, positionals) {
       const id = positionals[0];
       if (!id) throw new UsageError("name the account");
       const limit = int(v.limit, 0, "limit");
       if (limit < 0) throw new UsageError("--limit must be 0 (every line) or more");
-      const channel = openChannel(str(v.bank, defaultAddress("bank")));
+      const channel = openChannel(str(v.bank, defaultAddress("bank")), await publicChannel(v, "bank"));
       try {
         const bank = clientFactory().create(BankServiceDefinition, channel);
         const a = await bank.getAccount({ accountId: id }, { deadline: CLI_DEADLINE_MS });

@@ -1,6 +1,7 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService } from "../../lib/service-main.js";
+import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { readBankFile } from "./identity.js";
 import { startBankServer } from "./server.js";
 
 await runService({
@@ -13,6 +14,7 @@ await runService({
     dir: { type: "string" },
     "load-server": { type: "string" },
     "stale-hold-ms": { type: "string" },
+    ...SECURITY_OPTIONS,
   },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("bank")})`,
@@ -20,12 +22,17 @@ await runService({
     "  --dir DIR                this bank's folder (default DATA/bank): bank.db, bank.json",
     `  --load-server HOST:PORT  the load server named in load offers (default ${defaultAddress("load")})`,
     "  --stale-hold-ms N        after how long without a confirmation the bank asks the load server to end a load (default 900000)",
+    SECURITY_HELP,
   ].join("\n"),
-  start: (v) =>
-    startBankServer({
+  start: async (v) => {
+    const dir = opt(v, "dir", join(dataDir(v.data as string | undefined), "bank"));
+    const { bankId } = await readBankFile(join(dir, "bank.json"));
+    return startBankServer({
+      security: await serviceSecurity(v, { kind: "bank", id: bankId }),
       listen: opt(v, "listen", defaultAddress("bank")),
-      dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "bank")),
+      dir,
       loadServer: opt(v, "load-server", defaultAddress("load")),
       staleHoldMs: intOpt(v, "stale-hold-ms", 15 * 60_000),
-    }),
+    });
+  },
 });

@@ -5,12 +5,15 @@ import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
+import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { BankServer } from "./bank-server.js";
 import { readBankFile } from "./identity.js";
 import { BANK_MIGRATIONS, BankStore } from "./store.js";
 
 export interface BankConfig {
+  /** As the bank in bank.json: its own certificate, and the CA the load server's must chain to. */
+  security: Security;
   listen?: string;
   /** The bank's folder: bank.db and bank.json. */
   dir: string;
@@ -36,9 +39,17 @@ export async function startBankServer(c: BankConfig) {
     loadServerAddress: c.loadServer ?? defaultAddress("load"),
     bankAddress: "",
   };
-  const channel = openChannel(identity.loadServerAddress);
+  if (c.security.identity && c.security.identity.id !== file.bankId) {
+    throw new Error(`this bank is ${file.bankId} (bank.json), but its certificate is ${c.security.identity.kind}/${c.security.identity.id}`);
+  }
+  const channel = openChannel(identity.loadServerAddress, c.security.channel({ kind: "load" }));
   const server = new BankServer({ store, identity, log, loadServer: clientFactory().create(LoadServiceDefinition, channel) });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("bank"), services: [service(BankServiceDefinition, server.service)], log });
+  const grpc = await startGrpcServer({
+    address: c.listen ?? defaultAddress("bank"),
+    services: [service(BankServiceDefinition, server.service, { all: "public" })],
+    transport: c.security.server("request"),
+    log,
+  });
   identity.bankAddress = c.publicAddress ?? grpc.address;
   const staleMs = c.staleHoldMs ?? 15 * 60_000;
   let sweeping = Promise.resolve();

@@ -9,6 +9,9 @@ import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { serveStream } from "../../lib/streams.js";
 import { hexOf, isName } from "../../lib/ids.js";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { NetpurseError } from "../../lib/grpc/errors.js";
+import { peerOf, peerRevoked, type Peer } from "../../lib/grpc/server.js";
 import type { Logger } from "../../lib/log.js";
 import {
   PsamJobStatus,
@@ -27,6 +30,16 @@ import {
 
 export interface ConcentratorOptions {
   concentratorId: string;
+  /** The PSAMs the issuer provisioned for each terminal (PSAM id in hex -> terminal id); when given, a terminal may announce only its own. */
+  psamRegistry?: ReadonlyMap<string, string>;
+  /** A lease held longer than this is taken back from its payment server. */
+  maxLeaseMs: number;
+  /** Most PSAMs one payment server may hold at once (beside its fair share of the pool when several are connected). */
+  maxLeasesPerPaymentServer: number;
+  /** A job that waited this long at the concentrator without reaching its terminal is answered, not sent. */
+  queuedJobTtlMs: number;
+  /** How long an attached terminal has to answer a ping before a second stream under its identity replaces it. */
+  livenessProofMs: number;
   /** Most jobs in flight a payment server may have on its stream. */
   paymentServerWindow: number;
   /** Most jobs queued at the concentrator for one terminal beyond its window. */
@@ -37,6 +50,8 @@ export interface ConcentratorOptions {
 
 interface TerminalConn {
   id: string;
+  /** Who its certificate proves it is (checked again for revocation while it stays attached). */
+  peer: Peer;
   streamId: string;
   slots: PsamSlot[];
   window: number;
@@ -49,6 +64,7 @@ interface TerminalConn {
 }
 
 interface PaymentServerConn {
+  peer: Peer;
   streamId: string;
   id: string;
   connectedAt: Date;
@@ -61,6 +77,8 @@ interface RoutedJob {
   routedId: string;
   job: PsamJob;
   from: PaymentServerConn;
+  /** When it was queued at the concentrator (ms since the epoch). */
+  queuedAt: number;
 }
 
 /** Pings a stream and closes it when two pings go unanswered. */
@@ -69,7 +87,13 @@ class Keepalive {
   private unanswered = 0;
   private timer: NodeJS.Timeout;
 
-  constructor(intervalMs: number, ping: (nonce: bigint) => void, onDead: () => void) {
+  private readonly proofs = new Map<bigint, () => void>();
+
+  constructor(
+    intervalMs: number,
+    private readonly ping: (nonce: bigint) => void,
+    onDead: () => void,
+  ) {
     this.timer = setInterval(() => {
       if (this.unanswered >= 2) {
         this.stop();
@@ -84,6 +108,26 @@ class Keepalive {
 
   pong(nonce: bigint): void {
     if (nonce === this.nonce) this.unanswered = 0;
+    const proof = this.proofs.get(nonce);
+    if (proof) proof();
+  }
+
+  /** Pings now and resolves true if the answer comes within `withinMs`: the stream's end is alive. */
+  proveAlive(withinMs: number): Promise<boolean> {
+    const nonce = ++this.nonce;
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.proofs.delete(nonce);
+        resolve(false);
+      }, withinMs);
+      this.proofs.set(nonce, () => {
+        clearTimeout(timer);
+        this.proofs.delete(nonce);
+        this.unanswered = 0;
+        resolve(true);
+      });
+      this.ping(nonce);
+    });
   }
 
   stop(): void {
@@ -96,31 +140,54 @@ const slotKey = (terminalId: string, psamHex: string) => `${terminalId}/${psamHe
 export class Concentrator {
   private readonly terminals = new Map<string, TerminalConn>();
   private readonly paymentServers = new Map<string, PaymentServerConn>();
-  /** slot key -> payment server stream holding the lease. */
-  private readonly leases = new Map<string, PaymentServerConn>();
+  /** slot key -> the payment server stream holding the lease, and since when. */
+  private readonly leases = new Map<string, { holder: PaymentServerConn; since: number }>();
+  /** Streams that claim an attached terminal's identity, waiting for the attached one's proof of liveness. */
+  private readonly contenders = new Set<string>();
+  private readonly leaseSweep: NodeJS.Timeout;
 
-  constructor(private readonly o: ConcentratorOptions) {}
+  constructor(private readonly o: ConcentratorOptions) {
+    this.leaseSweep = setInterval(
+      () => {
+        this.takeBackOldLeases();
+        this.expireQueuedJobs();
+        this.endRevokedStreams();
+      },
+      Math.min(1_000, o.maxLeaseMs, o.queuedJobTtlMs),
+    );
+    this.leaseSweep.unref();
+  }
 
   readonly service: TerminalConcentratorServiceImplementation = {
-    attachTerminal: (requests, context) => this.attachTerminal(requests, context),
-    connectPaymentServer: (requests, context) => this.connectPaymentServer(requests, context),
+    attachTerminal: (requests, context) => this.attachTerminal(requests, peerOf(context), context),
+    connectPaymentServer: (requests, context) => this.connectPaymentServer(requests, peerOf(context), context),
     listTerminals: async () => this.listTerminals(),
   };
 
   // ---- terminal hosts ---------------------------------------------------
 
-  private attachTerminal(requests: AsyncIterable<AttachTerminalRequest>, context: CallContext): AsyncIterable<AttachTerminalResponse> {
+  private attachTerminal(requests: AsyncIterable<AttachTerminalRequest>, peer: Peer, context: CallContext): AsyncIterable<AttachTerminalResponse> {
     const out = new AsyncQueue<AttachTerminalResponse>();
     const streamId = randomUUID();
     let conn: TerminalConn | undefined;
+    let hello = false;
     const onMessage = (req: AttachTerminalRequest) => {
       const m = req.message;
       if (!m) return;
-      if (!conn) {
+      if (!hello) {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on AttachTerminal must be a TerminalHello");
-        conn = this.registerTerminal(m.value, streamId, out);
+        hello = true;
+        this.checkTerminal(m.value, peer);
+        this.admitTerminal(m.value.terminalId, streamId, out).then(
+          (admitted) => {
+            if (admitted && !out.closed) conn = this.registerTerminal(m.value, peer, streamId, out);
+          },
+          (e: unknown) => out.close(e instanceof Error ? e : new Error(String(e))),
+        );
         return;
       }
+      if (!conn) return; // sent before the welcome, while its identity was being checked: it announces itself again
+
       switch (m.$case) {
         case "hello":
           throw new ServerError(Status.INVALID_ARGUMENT, "TerminalHello sent twice on one stream");
@@ -140,25 +207,89 @@ export class Concentrator {
     });
   }
 
-  private registerTerminal(
-    hello: { terminalId: string; slots: PsamSlot[]; window: number },
-    streamId: string,
-    out: AsyncQueue<AttachTerminalResponse>,
-  ): TerminalConn {
+  /**
+   * A terminal attaches only under the identity its certificate proves, and
+   * announces only PSAMs the issuer provisioned for it.
+   */
+  private checkTerminal(hello: { terminalId: string; slots: PsamSlot[]; window: number }, peer: Peer): void {
     if (!isName(hello.terminalId, 64)) throw new ServerError(Status.INVALID_ARGUMENT, "terminal_id must be 1..64 characters of [A-Za-z0-9._-]");
     if (hello.window < 1 || hello.window > 1024) throw new ServerError(Status.INVALID_ARGUMENT, "window must be 1..1024");
     if (hello.slots.length > 256) throw new ServerError(Status.INVALID_ARGUMENT, "at most 256 PSAM slots per terminal");
     for (const s of hello.slots) {
       if ((s.psamId?.value.length ?? 0) !== 4) throw new ServerError(Status.INVALID_ARGUMENT, `slot ${s.slot}: psam_id must be 4 bytes`);
     }
-    const old = this.terminals.get(hello.terminalId);
-    if (old) {
-      this.o.log.warn("terminal re-attached; replacing its older stream", { terminal: hello.terminalId });
-      this.detachTerminal(old, "replaced by a new stream");
-      old.out.close();
+    if (peer.proven && peer.id !== hello.terminalId) {
+      this.o.log.warn("refused a terminal claiming another's identity", { claimed: hello.terminalId, certificate: peer.id });
+      throw new NetpurseError(
+        Status.PERMISSION_DENIED,
+        ErrorReason.ERROR_REASON_NOT_ALLOWED,
+        `your certificate is terminal ${peer.id}: you may attach only as ${peer.id}, not as ${hello.terminalId}`,
+      );
     }
+    for (const s of hello.slots) this.checkProvisioned(hello.terminalId, s);
+  }
+
+  private checkProvisioned(terminalId: string, s: PsamSlot): void {
+    if (!this.o.psamRegistry) return;
+    const psam = hexOf(s.psamId?.value);
+    const owner = this.o.psamRegistry.get(psam);
+    if (owner === terminalId) return;
+    this.o.log.warn("refused a PSAM not provisioned for its terminal", { terminal: terminalId, psam, provisionedFor: owner ?? "no terminal" });
+    throw new NetpurseError(
+      Status.PERMISSION_DENIED,
+      ErrorReason.ERROR_REASON_NOT_ALLOWED,
+      `PSAM ${psam} is not provisioned for terminal ${terminalId}${owner ? "" : " (the issuer never provisioned it)"}`,
+    );
+  }
+
+  /**
+   * A second stream under an attached terminal's identity replaces the
+   * first only when the first cannot prove it is alive: it is pinged, and an
+   * answer within the proof time keeps it (the newcomer is refused).
+   */
+  private async admitTerminal(terminalId: string, streamId: string, out: AsyncQueue<AttachTerminalResponse>): Promise<boolean> {
+    const old = this.terminals.get(terminalId);
+    if (!old) return true;
+    if (this.contenders.has(terminalId)) {
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_NOT_ALLOWED,
+        `another stream is already proving whether terminal ${terminalId} is alive`,
+      );
+    }
+    this.contenders.add(terminalId);
+    try {
+      const alive = await old.keepalive.proveAlive(this.o.livenessProofMs);
+      if (alive && this.terminals.get(terminalId) === old) {
+        this.o.log.warn("refused a second stream for a terminal that is attached and answering", { terminal: terminalId, stream: streamId });
+        throw new NetpurseError(
+          Status.ALREADY_EXISTS,
+          ErrorReason.ERROR_REASON_NOT_ALLOWED,
+          `terminal ${terminalId} is attached and answers its pings: a second stream does not replace it`,
+        );
+      }
+      if (out.closed) return false;
+      const current = this.terminals.get(terminalId);
+      if (current) {
+        this.o.log.warn("terminal re-attached; its older stream did not answer a ping and is replaced", { terminal: terminalId });
+        this.detachTerminal(current, "replaced by a new stream after it failed to answer a ping");
+        current.out.close();
+      }
+      return true;
+    } finally {
+      this.contenders.delete(terminalId);
+    }
+  }
+
+  private registerTerminal(
+    hello: { terminalId: string; slots: PsamSlot[]; window: number },
+    peer: Peer,
+    streamId: string,
+    out: AsyncQueue<AttachTerminalResponse>,
+  ): TerminalConn {
     const conn: TerminalConn = {
       id: hello.terminalId,
+      peer,
       streamId,
       slots: hello.slots,
       window: hello.window,
@@ -185,6 +316,7 @@ export class Concentrator {
   }
 
   private updateSlot(conn: TerminalConn, slot: PsamSlot): void {
+    this.checkProvisioned(conn.id, slot);
     const i = conn.slots.findIndex((s) => s.slot === slot.slot);
     if (i < 0) conn.slots.push(slot);
     else conn.slots[i] = slot;
@@ -238,7 +370,11 @@ export class Concentrator {
 
   // ---- payment servers --------------------------------------------------
 
-  private connectPaymentServer(requests: AsyncIterable<ConnectPaymentServerRequest>, context: CallContext): AsyncIterable<ConnectPaymentServerResponse> {
+  private connectPaymentServer(
+    requests: AsyncIterable<ConnectPaymentServerRequest>,
+    peer: Peer,
+    context: CallContext,
+  ): AsyncIterable<ConnectPaymentServerResponse> {
     const out = new AsyncQueue<ConnectPaymentServerResponse>();
     let conn: PaymentServerConn | undefined;
     const onMessage = (req: ConnectPaymentServerRequest) => {
@@ -248,7 +384,15 @@ export class Concentrator {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
         if (!isName(m.value.paymentServerId, 64))
           throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
-        conn = this.registerPaymentServer(m.value.paymentServerId, out);
+        if (peer.proven && peer.id !== m.value.paymentServerId) {
+          this.o.log.warn("refused a payment server claiming another's identity", { claimed: m.value.paymentServerId, certificate: peer.id });
+          throw new NetpurseError(
+            Status.PERMISSION_DENIED,
+            ErrorReason.ERROR_REASON_NOT_ALLOWED,
+            `your certificate is payment server ${peer.id}: you may connect only as ${peer.id}, not as ${m.value.paymentServerId}`,
+          );
+        }
+        conn = this.registerPaymentServer(m.value.paymentServerId, peer, out);
         return;
       }
       switch (m.$case) {
@@ -270,8 +414,9 @@ export class Concentrator {
     });
   }
 
-  private registerPaymentServer(id: string, out: AsyncQueue<ConnectPaymentServerResponse>): PaymentServerConn {
+  private registerPaymentServer(id: string, peer: Peer, out: AsyncQueue<ConnectPaymentServerResponse>): PaymentServerConn {
     const conn: PaymentServerConn = {
+      peer,
       streamId: randomUUID(),
       id,
       connectedAt: new Date(),
@@ -301,8 +446,8 @@ export class Concentrator {
     // Its jobs not yet sent would be answered to nobody: drop them.
     for (const t of this.terminals.values()) t.queue = t.queue.filter((r) => r.from !== conn);
     const freed = new Set<TerminalConn>();
-    for (const [k, holder] of this.leases) {
-      if (holder !== conn) continue;
+    for (const [k, lease] of this.leases) {
+      if (lease.holder !== conn) continue;
       this.leases.delete(k);
       const t = this.terminals.get(k.slice(0, k.lastIndexOf("/")));
       if (t) freed.add(t);
@@ -329,18 +474,88 @@ export class Concentrator {
     if (!t || !slot) return fail(PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, `no attached terminal ${job.terminalId} with PSAM ${psamHex}`);
     if (slot.state === PsamSlotState.PSAM_SLOT_STATE_FAILED) return fail(PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, `PSAM ${psamHex} is out of the pool`);
     const key = slotKey(t.id, psamHex);
-    const holder = this.leases.get(key);
-    if (holder && holder !== from) return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `PSAM ${psamHex} is leased to payment server ${holder.id}`);
-    if (!holder) {
-      this.leases.set(key, from);
+    const lease = this.leases.get(key);
+    if (lease && lease.holder !== from) return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `PSAM ${psamHex} is leased to payment server ${lease.holder.id}`);
+    if (!lease) {
+      const held = this.leasesOf(from);
+      const cap = this.leaseCap();
+      if (held >= cap) {
+        this.o.log.warn("refused a lease beyond the payment server's share of the pool", { paymentServer: from.id, held, cap });
+        return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `payment server ${from.id} holds ${held} PSAMs, its share of the pool; release one first`);
+      }
+      this.leases.set(key, { holder: from, since: Date.now() });
       this.broadcast(t, from);
     }
     if (t.inFlight.size >= t.window && t.queue.length >= this.o.terminalQueueLimit) {
       return fail(PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED, `terminal ${t.id} has ${t.queue.length} jobs queued`);
     }
     from.inFlight++;
-    t.queue.push({ routedId: randomUUID(), job, from });
+    t.queue.push({ routedId: randomUUID(), job, from, queuedAt: Date.now() });
     this.pump(t);
+  }
+
+  private leasesOf(conn: PaymentServerConn): number {
+    let n = 0;
+    for (const l of this.leases.values()) if (l.holder === conn) n++;
+    return n;
+  }
+
+  /**
+   * The most PSAMs one payment server may hold: the configured maximum, and
+   * with several payment servers connected their fair share of the pool,
+   * so that one of them (a hostile one, say) cannot starve the others.
+   */
+  private leaseCap(): number {
+    const servers = new Set([...this.paymentServers.values()].map((p) => p.id)).size;
+    let slots = 0;
+    for (const t of this.terminals.values()) slots += t.slots.filter((s) => s.state !== PsamSlotState.PSAM_SLOT_STATE_FAILED).length;
+    const share = servers > 1 ? Math.max(1, Math.ceil(slots / servers)) : Infinity;
+    return Math.min(this.o.maxLeasesPerPaymentServer, share);
+  }
+
+  /** Takes back leases held past the longest a lease may last, unless a job of their holder is at the PSAM right now. */
+  private takeBackOldLeases(): void {
+    const now = Date.now();
+    const changed = new Set<TerminalConn>();
+    for (const [key, lease] of this.leases) {
+      if (now - lease.since <= this.o.maxLeaseMs) continue;
+      const t = this.terminals.get(key.slice(0, key.lastIndexOf("/")));
+      const psam = key.slice(key.lastIndexOf("/") + 1);
+      const busy = t && [...t.inFlight.values()].some((r) => r.from === lease.holder && hexOf(r.job.psamId?.value) === psam);
+      if (busy) continue;
+      this.leases.delete(key);
+      this.o.log.warn("took back a lease held too long", { paymentServer: lease.holder.id, psam: key, heldMs: now - lease.since, maxMs: this.o.maxLeaseMs });
+      if (t) changed.add(t);
+    }
+    for (const t of changed) this.broadcast(t);
+  }
+
+  /** Ends the streams of peers whose certificate was revoked after they connected. */
+  private endRevokedStreams(): void {
+    const revoked = (p: Peer, what: string) => {
+      if (!peerRevoked(p)) return false;
+      this.o.log.warn("ending the stream of a peer whose certificate is revoked", { peer: what });
+      return true;
+    };
+    const end = new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, "your certificate has been revoked");
+    for (const t of this.terminals.values()) if (revoked(t.peer, `terminal ${t.id}`)) t.out.close(end);
+    for (const p of this.paymentServers.values()) if (revoked(p.peer, `payment server ${p.id}`)) p.out.close(end);
+  }
+
+  /** Answers jobs that waited in a terminal's queue too long: they were never sent, so another PSAM may take them. */
+  private expireQueuedJobs(): void {
+    const now = Date.now();
+    for (const t of this.terminals.values()) {
+      const stale = t.queue.filter((r) => now - r.queuedAt > this.o.queuedJobTtlMs);
+      if (stale.length === 0) continue;
+      t.queue = t.queue.filter((r) => now - r.queuedAt <= this.o.queuedJobTtlMs);
+      for (const r of stale) {
+        this.answer(r, {
+          status: PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED,
+          message: `not sent: waited ${now - r.queuedAt} ms in the queue for terminal ${t.id} (at most ${this.o.queuedJobTtlMs} ms)`,
+        });
+      }
+    }
   }
 
   private answer(r: RoutedJob, result: Partial<PsamJobResult> & { status: PsamJobStatus }): void {
@@ -365,7 +580,7 @@ export class Concentrator {
 
   private release(from: PaymentServerConn, terminalId: string, psamHex: string): void {
     const key = slotKey(terminalId, psamHex);
-    if (this.leases.get(key) !== from) return;
+    if (this.leases.get(key)?.holder !== from) return; // only its own lease
     this.leases.delete(key);
     const t = this.terminals.get(terminalId);
     if (t) this.broadcast(t, from);
@@ -381,7 +596,7 @@ export class Concentrator {
       jobsInFlight: t.inFlight.size,
       window: t.window,
       slots: t.slots.map((s) => {
-        const holder = this.leases.get(slotKey(t.id, hexOf(s.psamId?.value)));
+        const holder = this.leases.get(slotKey(t.id, hexOf(s.psamId?.value)))?.holder;
         const busy = holder && holder !== viewer && s.state === PsamSlotState.PSAM_SLOT_STATE_READY;
         return busy ? { ...s, state: PsamSlotState.PSAM_SLOT_STATE_BUSY } : s;
       }),
@@ -403,12 +618,13 @@ export class Concentrator {
         paymentServerId: p.id,
         connectedAt: p.connectedAt,
         jobsInFlight: p.inFlight,
-        psamsLeased: [...this.leases.values()].filter((h) => h === p).length,
+        psamsLeased: this.leasesOf(p),
       })),
     };
   }
 
   close(): void {
+    clearInterval(this.leaseSweep);
     for (const t of this.terminals.values()) {
       t.keepalive.stop();
       t.out.close();

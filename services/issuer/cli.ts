@@ -6,6 +6,7 @@ import { dataDir } from "../../lib/config.js";
 import { runCommands, UsageError, int, str } from "../../lib/cli.js";
 import { formatMinor, parseMinor } from "../../lib/money.js";
 import { Issuer } from "./issuer.js";
+import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 
 const dataOption = { data: { type: "string" } } as const;
 const issuerDir = (v: Record<string, unknown>) => join(dataDir(v.data as string | undefined), "issuer");
@@ -67,7 +68,7 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   {
     name: "provision-psam",
     summary:
-      "Provision a software PSAM with every purchase key version and its batch key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
+      "Provision a software PSAM with every purchase key version, its batch key and its verdict key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
     usage: "--out FILE [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
     options: { ...dataOption, out: { type: "string" }, currency: { type: "string" }, "psam-id": { type: "string" }, "batch-capacity": { type: "string" } },
     async run(v) {
@@ -98,6 +99,45 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
       try {
         const h = await issuer.provisionHsm({ path: out, ...(typeof v["hsm-id"] === "string" ? { hsmId: v["hsm-id"] } : {}) });
         console.log(`provisioned security module ${h.hsmId} (load key versions ${Object.keys(h.loadKeys).join(", ")}): ${out}`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "add-verdict-key",
+    summary:
+      "Give software PSAMs provisioned before PSAM verdicts their verdict key, keeping their counter,\nopen debits and batch. Run it with their terminal host stopped. A PSAM that has its key is left alone.",
+    usage: "--psam FILE [--psam FILE ...] [--data DIR]",
+    options: { ...dataOption, psam: { type: "string", multiple: true } },
+    async run(v) {
+      const files = Array.isArray(v.psam) ? v.psam.filter((f): f is string => typeof f === "string") : [];
+      if (files.length === 0) throw new UsageError("--psam FILE is required");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        for (const file of files) {
+          const r = await issuer.addVerdictKey(file);
+          console.log(
+            r.added ? `PSAM ${r.psamId} now holds its verdict key: ${file}` : `PSAM ${r.psamId} holds its verdict key already; nothing changed: ${file}`,
+          );
+        }
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "export-verdict-key",
+    summary:
+      "Write the verdict master key for the payment operator's security module, which checks the PSAMs'\nMACs over their answers. The payment server reads DATA/payment/psam-verdict-key.json (mode 0600).",
+    usage: "[--out FILE] [--data DIR]",
+    options: { ...dataOption, out: { type: "string" } },
+    async run(v) {
+      const out = str(v.out, join(dataDir(v.data as string | undefined), "payment", VERDICT_KEY_FILE));
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        await issuer.exportVerdictKey(out);
+        console.log(`wrote the PSAM verdict master key for the payment server's security module: ${out}`);
       } finally {
         await issuer.close();
       }

@@ -5,14 +5,15 @@
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { aesEncryptBlock } from "../../lib/crypto/aes.js";
-import { diversificationBlock, diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypto/keys.js";
+import { diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypto/keys.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { MAX_CARD_AMOUNT } from "../../lib/money.js";
+import { diversifyPsamKey } from "../../lib/protocol/psam.js";
 import { openSqlite, type Db } from "../../lib/store/db.js";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
 import { SoftwareHsm, type HsmFile } from "../load/hsm.js";
+import type { VerdictKeyFile } from "../payment/security-module.js";
 
 /** The issuer's (and, for the demo, the acquirer's) master keys. */
 export interface IssuerKeys {
@@ -21,6 +22,21 @@ export interface IssuerKeys {
   master: Record<KeyPurpose, Record<string, string>>;
   /** The acquirer's master key from which each PSAM's batch key is diversified, hex. */
   batchMaster: string;
+  /**
+   * The master key from which each PSAM's verdict key is diversified, hex.
+   * The payment operator's security module holds a copy (export-verdict-key)
+   * to check the PSAMs' verdicts.
+   */
+  verdictMaster: string;
+}
+
+/** Keys files made before PSAM verdicts have no verdict master key. */
+type StoredKeys = Omit<IssuerKeys, "verdictMaster"> & { verdictMaster?: string };
+
+/** The keys with a verdict master key, made now if the file had none; `added` says whether the file must be written. */
+function withVerdictMaster(k: StoredKeys): { keys: IssuerKeys; added: boolean } {
+  if (k.verdictMaster) return { keys: { ...k, verdictMaster: k.verdictMaster }, added: false };
+  return { keys: { ...k, verdictMaster: randomBytes(16).toString("hex") }, added: true };
 }
 
 const MIGRATIONS = [
@@ -65,19 +81,27 @@ export class Issuer {
   static async createKeys(dir: string, keyVersion = 1): Promise<{ created: boolean }> {
     if (keyVersion < 1 || keyVersion > 255) throw new RangeError("key version must be 1..255");
     const path = Issuer.keysPath(dir);
-    const keys: IssuerKeys = existsSync(path)
-      ? await readJson<IssuerKeys>(path)
-      : { format: 1, master: { purchase: {}, load: {}, authentication: {} }, batchMaster: randomBytes(16).toString("hex") };
-    if (KEY_PURPOSES.every((p) => keys.master[p][String(keyVersion)])) return { created: false };
+    const { keys, added } = withVerdictMaster(
+      existsSync(path)
+        ? await readJson<StoredKeys>(path)
+        : { format: 1, master: { purchase: {}, load: {}, authentication: {} }, batchMaster: randomBytes(16).toString("hex") },
+    );
+    if (KEY_PURPOSES.every((p) => keys.master[p][String(keyVersion)])) {
+      if (added) await writeJsonAtomic(path, keys, { private: true });
+      return { created: false };
+    }
     for (const p of KEY_PURPOSES) keys.master[p][String(keyVersion)] ??= randomBytes(16).toString("hex");
     await writeJsonAtomic(path, keys, { private: true });
     return { created: true };
   }
 
+  /** Opens the issuer's keys and registry; a keys file without a verdict master key gets one (written atomically, mode 0600). */
   static async open(dir: string): Promise<Issuer> {
     const path = Issuer.keysPath(dir);
     if (!existsSync(path)) throw new Error(`no issuer keys at ${path}: run 'netpurse-issuer create-keys' first`);
-    return new Issuer(dir, await readJson<IssuerKeys>(path), openSqlite(join(dir, "issuer.db"), MIGRATIONS));
+    const { keys, added } = withVerdictMaster(await readJson<StoredKeys>(path));
+    if (added) await writeJsonAtomic(path, keys, { private: true });
+    return new Issuer(dir, keys, openSqlite(join(dir, "issuer.db"), MIGRATIONS));
   }
 
   async close(): Promise<void> {
@@ -157,7 +181,7 @@ export class Issuer {
     return card;
   }
 
-  /** Provisions a software PSAM with every purchase key version and its batch key. */
+  /** Provisions a software PSAM with every purchase key version, its batch key and its verdict key. */
   async provisionPsam(p: { path: string; currency: number; psamId?: string; batchCapacity?: number }): Promise<PsamFile> {
     const psamId = p.psamId ?? randomBytes(4).toString("hex");
     if (!/^[0-9a-f]{8}$/.test(psamId)) throw new RangeError("PSAM id must be 8 hex digits");
@@ -169,6 +193,7 @@ export class Issuer {
       currency: p.currency,
       purchaseKeys,
       batchKey: this.psamBatchKey(psamId).toString("hex"),
+      verdictKey: this.psamVerdictKey(psamId).toString("hex"),
       batchCapacity: p.batchCapacity ?? 256,
       counter: 0,
       batchNumber: 1,
@@ -204,10 +229,41 @@ export class Issuer {
     return file;
   }
 
+  /**
+   * Gives a software PSAM provisioned before PSAM verdicts its verdict key,
+   * keeping everything else it holds (counter, open debits, batch). Run it
+   * while the PSAM's terminal host is stopped. `added` is false when the PSAM
+   * had its key already.
+   */
+  async addVerdictKey(path: string): Promise<{ psamId: string; added: boolean }> {
+    const file = await readJson<Omit<PsamFile, "verdictKey"> & { verdictKey?: string }>(path);
+    if (file.format !== 1) throw new Error(`${path}: unknown PSAM file format ${String(file.format)}`);
+    if (!/^[0-9a-f]{8}$/.test(file.psamId)) throw new Error(`${path}: not a PSAM file (no 8-hex-digit PSAM id)`);
+    const key = this.psamVerdictKey(file.psamId).toString("hex");
+    if (file.verdictKey === key) return { psamId: file.psamId, added: false };
+    if (file.verdictKey !== undefined) throw new Error(`${path}: PSAM ${file.psamId} holds another verdict key than this issuer's; provision it again`);
+    await SoftwarePsam.write(path, { ...file, verdictKey: key });
+    return { psamId: file.psamId, added: true };
+  }
+
+  /**
+   * Writes the verdict master key for the payment operator's security module
+   * (mode 0600), which derives each PSAM's verdict key from it to check the
+   * PSAMs' MACs. The payment server reads it from DATA/payment/psam-verdict-key.json.
+   */
+  async exportVerdictKey(path: string): Promise<void> {
+    const file: VerdictKeyFile = { format: 1, verdictMaster: this.keys.verdictMaster };
+    await writeJsonAtomic(path, file, { private: true });
+  }
+
   /** A PSAM's batch key: the acquirer's batch master key diversified by the PSAM id. */
   psamBatchKey(psamId: string): Buffer {
-    const id8 = Buffer.concat([Buffer.from(psamId, "hex"), Buffer.from("PSAM", "ascii")]);
-    return aesEncryptBlock(Buffer.from(this.keys.batchMaster, "hex"), diversificationBlock(id8));
+    return diversifyPsamKey(Buffer.from(this.keys.batchMaster, "hex"), Buffer.from(psamId, "hex"));
+  }
+
+  /** A PSAM's verdict key: the verdict master key diversified by the PSAM id, exactly like its batch key. */
+  psamVerdictKey(psamId: string): Buffer {
+    return diversifyPsamKey(Buffer.from(this.keys.verdictMaster, "hex"), Buffer.from(psamId, "hex"));
   }
 
   async listCards(): Promise<{ purse_id: string; currency: number; expiry: string; key_version: number; credited: number }[]> {

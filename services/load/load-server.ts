@@ -25,6 +25,7 @@ import {
   type SettledLoad,
 } from "../../gen/netpurse/load/v1/load.js";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
+import { peerOf, type Peer } from "../../lib/grpc/server.js";
 import { requireName, requirePurseId, requireTransactionId, txnId, purseId as purseIdOf } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney, money } from "../../lib/money.js";
@@ -93,7 +94,7 @@ export class LoadServer {
   readonly service: LoadServiceImplementation = {
     processLoadRequest: (req) => this.mutex.run(() => this.processLoadRequest(req)),
     completeLoad: (req) => this.mutex.run(() => this.completeLoad(req)),
-    abandonLoad: (req) => this.mutex.run(() => this.abandonLoad(req)),
+    abandonLoad: (req, ctx) => this.mutex.run(() => this.abandonLoad(req, peerOf(ctx))),
     reportCardHistory: (req) =>
       this.mutex.run(async (): Promise<ReportCardHistoryResponse> => {
         const purse = requirePurseId(req.purseId);
@@ -203,8 +204,11 @@ export class LoadServer {
   }
 
   /** A load that never got a LOAD command ends as NOT_LOADED, so that the bank can release its hold. */
-  private async abandonLoad(req: AbandonLoadRequest): Promise<AbandonLoadResponse> {
+  private async abandonLoad(req: AbandonLoadRequest, peer: Peer): Promise<AbandonLoadResponse> {
     const { id, bankId, row } = this.authorisation(req);
+    if (peer.proven && peer.id !== bankId) {
+      throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_NOT_ALLOWED, `bank ${peer.id} may not abandon a load of bank ${bankId}`);
+    }
     const existing = await this.o.store.get(id);
     if (existing) {
       if (existing.bank_id !== bankId)

@@ -3,6 +3,7 @@ import { defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
+import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
@@ -10,6 +11,7 @@ import { ProofReporter, VALIDATION_MIGRATIONS } from "./proof-reporter.js";
 import { MerchantValidation } from "./validation.js";
 
 export interface ValidationConfig {
+  security: Security;
   listen?: string;
   /** The service's folder: keys.json and validation.db (its outbox of card proofs). */
   dir: string;
@@ -22,7 +24,7 @@ export async function startMerchantValidation(c: ValidationConfig) {
   const log = createLogger("merchant-validation");
   const keys = await MerchantValidation.loadKeys(join(c.dir, "keys.json"));
   const db = openSqlite(join(c.dir, "validation.db"), VALIDATION_MIGRATIONS);
-  const channel = openChannel(c.paymentServer ?? defaultAddress("payment"));
+  const channel = openChannel(c.paymentServer ?? defaultAddress("payment"), c.security.channel({ kind: "payment" }));
   const reporter = new ProofReporter({
     db,
     payment: clientFactory().create(PaymentServiceDefinition, channel),
@@ -32,7 +34,9 @@ export async function startMerchantValidation(c: ValidationConfig) {
   const v = new MerchantValidation(keys, reporter, log);
   const grpc = await startGrpcServer({
     address: c.listen ?? defaultAddress("merchantValidation"),
-    services: [service(MerchantValidationServiceDefinition, v.service)],
+    // Only merchants, each for itself (checked in the handlers).
+    services: [service(MerchantValidationServiceDefinition, v.service, { all: ["merchant"] })],
+    transport: c.security.server("request"),
     log,
   });
   reporter.start();

@@ -1,13 +1,15 @@
 // The merchant's validation service: the keeper of the key the merchant
 // shares with the payment operator. It makes each transaction's keys for the
-// merchant's offers, opens the payment server's debit result M (step 638),
-// compares the card's signature in MERCHANT_COMPARES (FIG. 8, step 754), and
-// reports the card's proof to the payment server until it is acknowledged.
+// merchant's offers (the session key sealed with the offer's terms), opens
+// the payment server's debit result M (step 638), compares the card's
+// signature in MERCHANT_COMPARES (FIG. 8, step 754), and reports the card's
+// proof to the payment server until it is acknowledged.
 
 import { existsSync } from "node:fs";
 import { Status } from "nice-grpc";
 import { ConfirmationMode, confirmationModeFromJSON, confirmationModeToJSON, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type {
+  IssueTransactionKeysRequest,
   IssueTransactionKeysResponse,
   MerchantValidationServiceImplementation,
   ValidateConfirmationRequest,
@@ -16,11 +18,12 @@ import type {
 import { DebitResultM, DebitResultStatus } from "../../gen/netpurse/payment/v1/payment.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
+import { peerOf, type Peer } from "../../lib/grpc/server.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
-import { requireMerchantId, requireMoney, requireTransactionId } from "../../lib/ids.js";
+import { requireCardAmount, requireMerchantId, requireMoney, requireTransactionId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
-import { issueTransactionKeys, open, transactionKey } from "../../lib/protocol/encryption-layer.js";
+import { issueTransactionKeys, open, transactionKey, type OfferTerms } from "../../lib/protocol/encryption-layer.js";
 import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import type { ProofReporter } from "./proof-reporter.js";
 
@@ -45,6 +48,29 @@ interface MerchantKey {
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
 
+/**
+ * The longest an offer may stay payable: this service grants a transaction
+ * session key for at most 1 hour ahead, so a leaked offer cannot be paid
+ * days later and the merchant's unpaid orders expire soon.
+ */
+export const MAX_OFFER_TTL_MS = 60 * 60_000;
+
+/** Clock skew between merchant server and this service tolerated above MAX_OFFER_TTL_MS. */
+const CLOCK_SKEW_MS = 60_000;
+
+/** The offer's terms of an IssueTransactionKeys request, checked: a card amount, and an expiry in the future and at most MAX_OFFER_TTL_MS ahead. */
+export function offerTerms(req: IssueTransactionKeysRequest, now: Date = new Date()): OfferTerms {
+  const amount = requireCardAmount(req.amount, "amount");
+  const e = req.expiresAt;
+  if (!e) throw invalidField("expires_at", "missing");
+  if (Number.isNaN(e.getTime())) throw invalidField("expires_at", "is not a valid time");
+  if (e.getTime() <= now.getTime()) throw invalidField("expires_at", `${e.toISOString()} is not in the future`);
+  if (e.getTime() > now.getTime() + MAX_OFFER_TTL_MS + CLOCK_SKEW_MS) {
+    throw invalidField("expires_at", `${e.toISOString()} is more than ${MAX_OFFER_TTL_MS / 60_000} minutes ahead`);
+  }
+  return { amount, expiresAt: e };
+}
+
 export class MerchantValidation {
   constructor(
     private readonly keys: Map<string, MerchantKey>,
@@ -59,8 +85,15 @@ export class MerchantValidation {
   }
 
   readonly service: MerchantValidationServiceImplementation = {
-    issueTransactionKeys: async (req) => this.issueKeys(requireTransactionId(req.transactionId), requireMerchantId(req.merchantId)),
-    validateConfirmation: async (req) => this.validate(req),
+    issueTransactionKeys: async (req, ctx) => {
+      const merchantId = requireMerchantId(req.merchantId);
+      onlyItself(peerOf(ctx), merchantId);
+      return this.issueKeys(requireTransactionId(req.transactionId), merchantId, offerTerms(req));
+    },
+    validateConfirmation: async (req, ctx) => {
+      onlyItself(peerOf(ctx), requireMerchantId(req.order?.merchantId, "order.merchant_id"));
+      return this.validate(req);
+    },
   };
 
   private keyOf(merchantId: string): MerchantKey {
@@ -69,9 +102,9 @@ export class MerchantValidation {
     return k;
   }
 
-  issueKeys(transactionId: string, merchantId: string): IssueTransactionKeysResponse {
+  issueKeys(transactionId: string, merchantId: string, terms: OfferTerms): IssueTransactionKeysResponse {
     const k = this.keyOf(merchantId);
-    const { keyNonce, tsk, etsk } = issueTransactionKeys(k.key, merchantId, transactionId);
+    const { keyNonce, tsk, etsk } = issueTransactionKeys(k.key, merchantId, transactionId, terms);
     return { keyNonce, transactionSessionKey: tsk, encryptedSessionKey: etsk };
   }
 
@@ -137,5 +170,16 @@ export class MerchantValidation {
       throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, "the card's signature is not the one the PSAM expected: the card did not debit as agreed");
     }
     await this.reporter?.enqueue(transactionId, debitResponse); // durable before the goods go out
+  }
+}
+
+/** A merchant's certificate lets it use its own key only: keys for a transaction of another merchant, or checks of its confirmations, are not its to ask for. */
+function onlyItself(peer: Peer, merchantId: string): void {
+  if (peer.proven && peer.id !== merchantId) {
+    throw new NetpurseError(
+      Status.PERMISSION_DENIED,
+      ErrorReason.ERROR_REASON_NOT_ALLOWED,
+      `merchant ${peer.id} may not use the key of merchant ${merchantId}`,
+    );
   }
 }

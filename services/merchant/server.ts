@@ -4,12 +4,16 @@ import { readJson } from "../../lib/files.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
+import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import { MAX_OFFER_TTL_MS } from "../merchant-validation/validation.js";
 import { MERCHANT_MIGRATIONS, Shop, type ShopFile } from "./shop.js";
 
 export interface MerchantConfig {
+  /** As this merchant: its certificate for the validation service, and its server's. */
+  security: Security;
   listen?: string;
   /** The merchant's folder: shop.json (catalogue) and merchant.db. */
   dir: string;
@@ -18,14 +22,42 @@ export interface MerchantConfig {
   paymentServer?: string;
   /** The address put into offers for confirmations (default: the bound address). */
   advertise?: string;
+  /** How long an offer stays payable; at most MAX_OFFER_TTL_MS (1 hour), the longest the validation service grants. */
   offerTtlMs?: number;
+  /** How long after its offer's expiry an unpaid order becomes EXPIRED. */
+  expiryGraceMs?: number;
+  /** How long an EXPIRED order is kept before it is deleted. */
+  retentionMs?: number;
+  /** The most unpaid (OFFERED) orders at once. */
+  maxUnpaidOrders?: number;
+  /** How often unpaid orders are expired and expired ones deleted. */
+  sweepEveryMs?: number;
 }
 
+/** The merchant server's defaults, in one place for the code and its --help. */
+export const MERCHANT_DEFAULTS = {
+  offerTtlMs: 15 * 60_000,
+  expiryGraceMs: 10 * 60_000,
+  retentionMs: 7 * 24 * 60 * 60_000,
+  maxUnpaidOrders: 10_000,
+  sweepEveryMs: 60_000,
+} as const;
+
 export async function startMerchant(c: MerchantConfig) {
+  const offerTtlMs = c.offerTtlMs ?? MERCHANT_DEFAULTS.offerTtlMs;
+  if (offerTtlMs < 1 || offerTtlMs > MAX_OFFER_TTL_MS) {
+    throw new Error(`the offer time to live must be 1..${MAX_OFFER_TTL_MS} ms: the validation service grants a session key for at most 1 hour`);
+  }
+  for (const [name, value] of [
+    ["the sweep period", c.sweepEveryMs],
+    ["the most unpaid orders", c.maxUnpaidOrders],
+  ] as const) {
+    if (value !== undefined && value < 1) throw new Error(`${name} must be at least 1, got ${value}`);
+  }
   const shopFile = await readJson<ShopFile>(join(c.dir, "shop.json"));
   const log = createLogger(`merchant ${shopFile.merchantId}`);
   const db = openSqlite(join(c.dir, "merchant.db"), MERCHANT_MIGRATIONS);
-  const channel = openChannel(c.validation ?? defaultAddress("merchantValidation"));
+  const channel = openChannel(c.validation ?? defaultAddress("merchantValidation"), c.security.channel({ kind: "validation" }));
   let bound = "";
   const shop = new Shop({
     shop: shopFile,
@@ -33,14 +65,26 @@ export async function startMerchant(c: MerchantConfig) {
     validation: clientFactory().create(MerchantValidationServiceDefinition, channel),
     paymentServerAddress: c.paymentServer ?? defaultAddress("payment"),
     merchantAddress: () => c.advertise ?? bound,
-    offerTtlMs: c.offerTtlMs ?? 15 * 60_000,
+    offerTtlMs,
+    expiryGraceMs: c.expiryGraceMs ?? MERCHANT_DEFAULTS.expiryGraceMs,
+    retentionMs: c.retentionMs ?? MERCHANT_DEFAULTS.retentionMs,
+    maxUnpaidOrders: c.maxUnpaidOrders ?? MERCHANT_DEFAULTS.maxUnpaidOrders,
+    sweepEveryMs: c.sweepEveryMs ?? MERCHANT_DEFAULTS.sweepEveryMs,
     log,
   });
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("merchant"), services: [service(MerchantServiceDefinition, shop.service)], log });
+  const grpc = await startGrpcServer({
+    address: c.listen ?? defaultAddress("merchant"),
+    services: [service(MerchantServiceDefinition, shop.service, { all: "public" })],
+    transport: c.security.server("request"),
+    log,
+  });
   bound = grpc.address;
+  shop.startSweeping();
   return {
     address: grpc.address,
+    shop,
     async close() {
+      shop.stopSweeping();
       await grpc.shutdown();
       channel.close();
       await db.close();

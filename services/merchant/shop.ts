@@ -1,5 +1,9 @@
 // The demo shop of digital goods: its catalogue file, orders in its own
 // database, goods released exactly once against a validated confirmation.
+// Orders are bounded: at most maxUnpaidOrders are OFFERED at once; one not
+// paid by its offer's expiry plus a grace period becomes EXPIRED, and an
+// EXPIRED order is deleted after a retention period (a periodic sweep). A
+// PAID order is kept.
 
 import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { randomBytes, randomUUID } from "node:crypto";
@@ -18,10 +22,13 @@ import {
   type Product,
 } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
-import { invalidField, notFound, passOn } from "../../lib/grpc/errors.js";
+import { Status } from "nice-grpc";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { invalidField, NetpurseError, notFound, passOn } from "../../lib/grpc/errors.js";
 import { merchantId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
+import { repeat, type Periodic } from "../../lib/periodic.js";
 import type { Db } from "../../lib/store/db.js";
 
 /** The shop's catalogue file. */
@@ -49,6 +56,9 @@ export const MERCHANT_MIGRATIONS = [
      paid_at TEXT
    );`,
   `ALTER TABLE orders ADD COLUMN key_nonce BLOB;`,
+  // When the sweep found the order unpaid past its expiry plus the grace period; the retention period counts from it.
+  `ALTER TABLE orders ADD COLUMN expired_at TEXT;`,
+  `CREATE INDEX orders_by_state ON orders (state, expires_at);`,
 ];
 
 interface OrderRow {
@@ -57,7 +67,7 @@ interface OrderRow {
   amount_minor: number;
   currency: number;
   exponent: number;
-  state: "OFFERED" | "PAID";
+  state: "OFFERED" | "PAID" | "EXPIRED";
   created_at: string;
   expires_at: string;
   receipt: Buffer | null;
@@ -73,11 +83,26 @@ export interface ShopOptions {
   /** Advertised in offers: where clients bring the confirmation. */
   merchantAddress: () => string;
   offerTtlMs: number;
+  /** How long after its offer's expiry an unpaid order stays OFFERED before the sweep turns it EXPIRED. */
+  expiryGraceMs: number;
+  /** How long an EXPIRED order is kept (a late debit result M still releases its goods) before it is deleted. */
+  retentionMs: number;
+  /** The most OFFERED orders at once; CreateOrder beyond it is RESOURCE_EXHAUSTED. */
+  maxUnpaidOrders: number;
+  /** How often the sweep expires and deletes orders. */
+  sweepEveryMs: number;
   log: Logger;
 }
 
+const STATE_OF_ROW: Record<OrderRow["state"], OrderState> = {
+  OFFERED: OrderState.ORDER_STATE_OFFERED,
+  PAID: OrderState.ORDER_STATE_PAID,
+  EXPIRED: OrderState.ORDER_STATE_EXPIRED,
+};
+
 export class Shop {
   readonly mode: ConfirmationMode;
+  private sweeping: Periodic | undefined;
 
   constructor(private readonly o: ShopOptions) {
     this.mode = confirmationModeFromJSON(o.shop.confirmationMode);
@@ -99,29 +124,83 @@ export class Shop {
     getOrder: async (req) => this.getOrder(requireTransactionId(req.transactionId)),
   };
 
+  /** Starts the periodic sweep that expires unpaid orders and deletes expired ones. */
+  startSweeping(): void {
+    this.sweeping ??= repeat({ what: "sweep of unpaid orders", everyMs: this.o.sweepEveryMs, log: this.o.log, task: () => this.sweep() });
+  }
+
+  stopSweeping(): void {
+    this.sweeping?.stop();
+    this.sweeping = undefined;
+  }
+
+  /**
+   * Turns EXPIRED the orders still OFFERED past their offer's expiry plus the
+   * grace period (the payment server signs no DEBIT command for them any
+   * more; the grace covers a card that debits a little after), and deletes
+   * the orders EXPIRED longer than the retention period. PAID orders are
+   * never touched.
+   */
+  async sweep(now = new Date()): Promise<{ expired: number; deleted: number }> {
+    const unpaidBefore = new Date(now.getTime() - this.o.expiryGraceMs).toISOString();
+    const expired = await this.o.db.run("UPDATE orders SET state = 'EXPIRED', expired_at = ? WHERE state = 'OFFERED' AND expires_at < ?", [
+      now.toISOString(),
+      unpaidBefore,
+    ]);
+    const keptSince = new Date(now.getTime() - this.o.retentionMs).toISOString();
+    const deleted = await this.o.db.run("DELETE FROM orders WHERE state = 'EXPIRED' AND expired_at < ?", [keptSince]);
+    if (expired.changes > 0 || deleted.changes > 0) this.o.log.info("orders swept", { expired: expired.changes, deleted: deleted.changes });
+    return { expired: expired.changes, deleted: deleted.changes };
+  }
+
+  private async unpaidOrders(): Promise<number> {
+    return (await this.o.db.get<{ n: number }>("SELECT COUNT(*) AS n FROM orders WHERE state = 'OFFERED'"))?.n ?? 0;
+  }
+
+  /** RESOURCE_EXHAUSTED (with RetryInfo, added by NetpurseError): as many unpaid orders as allowed are open. */
+  private async tooManyOrders(): Promise<NetpurseError> {
+    const oldest = await this.o.db.get<{ expires_at: string }>("SELECT expires_at FROM orders WHERE state = 'OFFERED' ORDER BY expires_at LIMIT 1");
+    const frees = oldest ? `; the oldest expires at ${oldest.expires_at}, plus ${Math.round(this.o.expiryGraceMs / 1000)} s of grace` : "";
+    this.o.log.warn("order refused: too many unpaid orders", { max: this.o.maxUnpaidOrders });
+    return new NetpurseError(
+      Status.RESOURCE_EXHAUSTED,
+      ErrorReason.ERROR_REASON_TOO_MANY_ORDERS,
+      `${this.o.shop.name} holds ${this.o.maxUnpaidOrders} unpaid orders, the most it allows${frees}; try again later`,
+    );
+  }
+
   private async createOrder(productId: string): Promise<CreateOrderResponse> {
     if (!productId) throw invalidField("product_id", "missing");
     const p = this.o.shop.products.find((x) => x.productId === productId);
     if (!p) throw notFound(`no product "${productId.slice(0, 64)}" in ${this.o.shop.name}; ListProducts shows what is on sale`);
+    // Refused before the validation service is asked; the insert below checks again, atomically.
+    if ((await this.unpaidOrders()) >= this.o.maxUnpaidOrders) throw await this.tooManyOrders();
     const id = randomUUID();
     const now = new Date();
     const expires = new Date(now.getTime() + this.o.offerTtlMs);
     const s = this.o.shop;
+    const price = money(p.priceMinor, s.currency, s.exponent);
     // The transaction's keys come from the validation service, the only part of the shop that holds the shared key.
+    // It seals the offer's amount and expiry with the session key: the payment server refuses a draw request of other terms.
     const keys = await this.o.validation
-      .issueTransactionKeys({ transactionId: txnId(id), merchantId: merchantId(s.merchantId) }, { deadline: DEFAULT_DEADLINE_MS })
+      .issueTransactionKeys(
+        { transactionId: txnId(id), merchantId: merchantId(s.merchantId), amount: price, expiresAt: expires },
+        { deadline: DEFAULT_DEADLINE_MS },
+      )
       .catch((e) => passOn(e, "cannot make the transaction's keys"));
-    await this.o.db.run(
-      "INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce) VALUES (?, ?, ?, ?, ?, 'OFFERED', ?, ?, ?)",
-      [id, p.productId, p.priceMinor, s.currency, s.exponent, now.toISOString(), expires.toISOString(), Buffer.from(keys.keyNonce)],
+    const inserted = await this.o.db.run(
+      `INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce)
+       SELECT ?, ?, ?, ?, ?, 'OFFERED', ?, ?, ? WHERE (SELECT COUNT(*) FROM orders WHERE state = 'OFFERED') < ?`,
+      [id, p.productId, p.priceMinor, s.currency, s.exponent, now.toISOString(), expires.toISOString(), Buffer.from(keys.keyNonce), this.o.maxUnpaidOrders],
     );
+    if (inserted.changes === 0) throw await this.tooManyOrders();
     this.o.log.info("order created", { transaction: id, product: p.productId, amount: p.priceMinor });
     return {
       offer: {
         transactionId: txnId(id),
         merchantId: merchantId(s.merchantId),
         merchantName: s.name,
-        amount: money(p.priceMinor, s.currency, s.exponent),
+        amount: price,
         description: p.name,
         paymentServerAddress: this.o.paymentServerAddress,
         merchantAddress: this.o.merchantAddress(),
@@ -156,6 +235,10 @@ export class Shop {
       )
       .catch((e) => passOn(e, "payment not accepted"));
     if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!) };
+    // An EXPIRED order still releases the goods: payment wins over expiry. The debit result M is genuine and
+    // of this order's terms, so the card paid, and the payment server signs no DEBIT command after the offer's
+    // expiry (it refuses such a draw request), so the money was drawn within the offer's time. Only an order
+    // already deleted after the retention period is unknown (NOT_FOUND above).
     const product = this.o.shop.products.find((p) => p.productId === order.product_id)!;
     const receipt: Receipt = {
       transactionId: txnId(id),
@@ -169,17 +252,21 @@ export class Shop {
       psamId: validated.psamId,
       psamCounter: validated.psamCounter,
     };
-    const r = await this.o.db.run("UPDATE orders SET state = 'PAID', receipt = ?, paid_at = ? WHERE transaction_id = ? AND state = 'OFFERED'", [
+    const r = await this.o.db.run("UPDATE orders SET state = 'PAID', receipt = ?, paid_at = ? WHERE transaction_id = ? AND state IN ('OFFERED', 'EXPIRED')", [
       Buffer.from(Receipt.encode(receipt).finish()),
       new Date().toISOString(),
       id,
     ]);
     if (r.changes === 0) {
       // Released by a concurrent call: answer with what it released.
-      const again = (await this.o.db.get<OrderRow>("SELECT * FROM orders WHERE transaction_id = ?", [id]))!;
-      return { receipt: Receipt.decode(again.receipt!) };
+      const again = await this.o.db.get<OrderRow>("SELECT * FROM orders WHERE transaction_id = ?", [id]);
+      if (!again?.receipt) throw notFound(`order ${id} at ${this.o.shop.name} was deleted meanwhile`);
+      return { receipt: Receipt.decode(again.receipt) };
     }
-    this.o.log.info("goods released", { transaction: id, product: product.productId });
+    this.o.log.info(order.state === "EXPIRED" ? "goods released for an expired order: it was paid" : "goods released", {
+      transaction: id,
+      product: product.productId,
+    });
     return { receipt };
   }
 
@@ -191,7 +278,7 @@ export class Shop {
         transactionId: txnId(id),
         productId: o.product_id,
         amount: money(o.amount_minor, o.currency, o.exponent),
-        state: o.state === "PAID" ? OrderState.ORDER_STATE_PAID : OrderState.ORDER_STATE_OFFERED,
+        state: STATE_OF_ROW[o.state],
         createdAt: new Date(o.created_at),
         receipt: o.receipt ? Receipt.decode(o.receipt) : undefined,
       },

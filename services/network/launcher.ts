@@ -150,12 +150,14 @@ export async function launchNetwork(
     paymentArgs?: string[];
     /** The payment server address merchants name in their offers (default: the payment server's own), e.g. a proxy in front of it. */
     offerPaymentServer?: string;
+    /** Plaintext and no authentication on every link (--insecure), for debugging only. */
+    insecure?: boolean;
   },
 ): Promise<Record<string, string>> {
   const at = (k: keyof NonNullable<typeof p.listen>) => p.listen?.[k] ?? "127.0.0.1:0";
-  const data = ["--data", p.data];
+  const data = ["--data", p.data, ...(p.insecure ? ["--insecure"] : [])];
   const addresses: Record<string, string> = {};
-  addresses.concentrator = (await l.start("concentrator", SCRIPTS.concentrator, ["--listen", at("concentrator")])).address;
+  addresses.concentrator = (await l.start("concentrator", SCRIPTS.concentrator, ["--listen", at("concentrator"), ...data])).address;
   await Promise.all(
     p.terminals.map((t) => l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, ...data, ...(t.args ?? [])])),
   );

@@ -1,7 +1,8 @@
 // Where each part keeps its files under the data folder, and the demo data
 // the main job sets up on first run: issuer keys, PSAMs for a terminal host,
-// one registered demo shop per confirmation mode, the load server's security
-// module, a demo bank with an account, and a personalised card.
+// the payment server's key to check the PSAMs' verdicts, one registered demo
+// shop per confirmation mode, the load server's security module, a demo bank
+// with an account, and a personalised card.
 
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -10,8 +11,10 @@ import { writeJsonAtomic } from "../../lib/files.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
 import { registerBank, registerMerchant } from "../operator/operator.js";
+import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
 import { openSqlite } from "../../lib/store/db.js";
+import { demoIdentities, ensurePki, writePsamRegistry } from "./pki.js";
 
 export function paths(data: string) {
   return {
@@ -78,10 +81,20 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     for (const t of demo.terminals) {
       for (let i = 0; i < t.psams; i++) {
         const file = join(p.terminal(t.id), "psams", `psam-${i}.psam.json`);
-        if (existsSync(file)) continue;
+        if (existsSync(file)) {
+          // A PSAM of an earlier version of the demo gets the verdict key it lacks (nothing else changes in it).
+          const { psamId, added } = await issuer.addVerdictKey(file);
+          if (added) say(`issuer: gave PSAM ${psamId} of ${t.id} its verdict key`);
+          continue;
+        }
         const psam = await issuer.provisionPsam({ path: file, currency: EUR });
         say(`issuer: provisioned PSAM ${psam.psamId} for ${t.id}`);
       }
+    }
+    const verdictKey = join(p.payment, VERDICT_KEY_FILE);
+    if (!existsSync(verdictKey)) {
+      await issuer.exportVerdictKey(verdictKey);
+      say("issuer: gave the payment server's security module the verdict master key, to check the PSAMs' verdicts");
     }
     for (const shop of demo.shops) {
       const shopFile = join(p.merchant(shop.merchantId), "shop.json");
@@ -114,6 +127,8 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     } finally {
       await bank.close();
     }
+    await writePsamRegistry(data, demo.terminals, p.terminal);
+    await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants: demo.shops.map((s) => s.merchantId), bankId: DEMO_BANK.bankId }), say);
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath)) {
       const card = await issuer.personaliseCard({

@@ -16,6 +16,7 @@ import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/clie
 import { formatMoney, money } from "../../lib/money.js";
 import { DEFAULT_DEMO, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
 import { launchNetwork, Launcher } from "./launcher.js";
+import { pkiDirOf, Security } from "../../lib/pki/security.js";
 
 const { values } = parseArgs({
   options: {
@@ -23,6 +24,7 @@ const { values } = parseArgs({
     once: { type: "boolean" },
     verbose: { type: "boolean", short: "v" },
     product: { type: "string" },
+    insecure: { type: "boolean" },
     help: { type: "boolean", short: "h" },
   },
 });
@@ -37,6 +39,8 @@ Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
   --product ID      demo product to buy (default ${DEMO_SHOPS[0]!.shop.products[0]!.productId})
   --once            stop after the demo purchases
+  --insecure        plaintext and no authentication on every link, for debugging only
+                    (by default every link is TLS, mutual inside the operator's network)
   -v, --verbose     print every service's log lines
   -h, --help        this text`);
   process.exit(0);
@@ -69,6 +73,7 @@ process.on("SIGTERM", onSignal);
 
 try {
   say(`netpurse: data folder ${data}`);
+  if (values.insecure) say("  INSECURE: every link is plaintext and unauthenticated (--insecure); for debugging only");
   const { cardPath } = await ensureDemoData(data, DEFAULT_DEMO, (l) => say(`  ${l}`));
 
   say("starting the network (each part is its own process; logs in " + join(data, "logs") + ")");
@@ -77,6 +82,7 @@ try {
     terminals: DEFAULT_DEMO.terminals.map((t) => ({ id: t.id })),
     merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId, listen: `${DEFAULT_HOST}:${d.port}` })),
     cardPath,
+    insecure: values.insecure === true,
     listen: {
       concentrator: defaultAddress("concentrator"),
       payment: defaultAddress("payment"),
@@ -90,7 +96,12 @@ try {
 
   // Wait until the terminal host's PSAMs are in the pool and the payment server is connected.
   const factory = clientFactory();
-  const concentrator = factory.create(TerminalConcentratorServiceDefinition, openChannel(addresses.concentrator!, { maxMessageBytes: 256 * 1024 }));
+  // The main job looks at the pool as the operator, and shops as a cardholder does.
+  const operator = values.insecure ? Security.insecure() : await Security.forService(pkiDirOf(data), { kind: "operator", id: "operator" });
+  const concentrator = factory.create(
+    TerminalConcentratorServiceDefinition,
+    openChannel(addresses.concentrator!, operator.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 }),
+  );
   for (let i = 0; ; i++) {
     const r = await concentrator.listTerminals({}, { deadline: 2_000 });
     const psams = r.terminals.reduce((n, t) => n + t.slots.length, 0);
@@ -102,7 +113,7 @@ try {
     await new Promise((r) => setTimeout(r, 100));
   }
 
-  const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!));
+  const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!, { insecure: true })); // loopback
 
   // The card is loaded from the demo bank account first (FIG. 18), as a cardholder would top it up.
   const before = (await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS })).purse!;
@@ -122,7 +133,7 @@ try {
   for (const { shop } of DEMO_SHOPS) {
     const mode = shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
     say(`\ndemo purchase at ${shop.name} (mode ${mode})`);
-    const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${shop.merchantId}`]!));
+    const merchant = factory.create(MerchantServiceDefinition, openChannel(addresses[`merchant:${shop.merchantId}`]!, operator.channel({ kind: "merchant" })));
     const { purse } = await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS });
     const { offer } = await merchant.createOrder({ productId: values.product ?? shop.products[0]!.productId }, { deadline: CLI_DEADLINE_MS });
     say(`  the cardholder approves ${formatMoney(offer!.amount!)} (card balance ${formatMoney(purse!.balance!)})`);
@@ -144,7 +155,7 @@ The network is running. Try, in another terminal:
                                      the same in another confirmation mode (7410 PSAM verifies,
                                      7412 server compares, 7413 client compares, 7414 merchant compares)
   bin/netpurse-operator terminals    the terminal pool
-  grpcurl -plaintext ${defaultAddress("payment")} list
+  grpcurl -cacert ${join(pkiDirOf(data), "ca.crt")} ${defaultAddress("payment")} list
 Press Ctrl-C to stop.`);
 } catch (e) {
   console.error(`\nnetpurse: ${describeError(e)}`);

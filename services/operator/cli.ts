@@ -4,7 +4,9 @@ import { join } from "node:path";
 import { confirmationModeFromJSON, ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
 import { PsamSlotState, TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { PaymentServiceDefinition, PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
-import { runCommands, str, UsageError } from "../../lib/cli.js";
+import { int, operatorChannel, runCommands, str, UsageError } from "../../lib/cli.js";
+import { CertificateAuthority, pkiPaths, REVOCATION_REASONS, type RevocationReason } from "../../lib/pki/authority.js";
+import { DEFAULT_TRUST_DOMAIN, KINDS, requireIdentity } from "../../lib/pki/identity.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { hexOf, txnId } from "../../lib/ids.js";
@@ -12,7 +14,73 @@ import { formatMoney } from "../../lib/money.js";
 import { table } from "../../lib/table.js";
 import { registerBank, registerMerchant } from "./operator.js";
 
-await runCommands("netpurse-operator", "Operator tools: merchants, banks, the terminal pool, transaction records.", [
+/** An operator's own certificate (DATA/pki/operator/ID.crt, default ID "operator"), or --insecure. */
+const OPERATOR_OPTIONS = { data: { type: "string" }, pki: { type: "string" }, as: { type: "string" }, insecure: { type: "boolean" } } as const;
+const OPERATOR_USAGE = "[--as OPERATOR-ID] [--pki DIR (default DATA/pki)] [--insecure]";
+
+await runCommands("netpurse-operator", "Operator tools: the installation's certificates, merchants, banks, the terminal pool, transaction records.", [
+  {
+    name: "pki",
+    summary: [
+      "The installation's certificate authority (DATA/pki): a key and certificate per service, with its",
+      "identity as a SPIFFE ID (spiffe://TRUST-DOMAIN/KIND/ID), and a revocation list every service reads.",
+      "  pki init [--trust-domain netpurse.local]            make the authority (once)",
+      "  pki issue --kind KIND --id ID [--host NAME]...        a key (mode 0600) and certificate for a service",
+      "  pki revoke (--kind KIND --id ID | --serial HEX) [--reason key-compromise|superseded|cessation-of-operation|affiliation-changed]",
+      "  pki list                                             every certificate issued, and which are revoked",
+      `KIND is one of ${KINDS.join(", ")}. Services read the revocation list at start and when it changes.`,
+    ].join("\n"),
+    usage: "init|issue|revoke|list [options] [--data DIR]",
+    options: {
+      data: { type: "string" },
+      "trust-domain": { type: "string" },
+      kind: { type: "string" },
+      id: { type: "string" },
+      host: { type: "string", multiple: true },
+      serial: { type: "string" },
+      reason: { type: "string" },
+      days: { type: "string" },
+    },
+    async run(v, positionals) {
+      const dir = join(dataDir(v.data as string | undefined), "pki");
+      const verb = positionals[0];
+      const days = v.days === undefined ? undefined : int(v.days, 0, "days");
+      if (verb === "init") {
+        const ca = await CertificateAuthority.init(dir, { trustDomain: str(v["trust-domain"], DEFAULT_TRUST_DOMAIN), ...(days ? { validityDays: days } : {}) });
+        console.log(`made the certificate authority of ${ca.trustDomain} in ${dir} (its key: ca.key, mode 0600)`);
+      } else if (verb === "issue") {
+        if (typeof v.kind !== "string" || typeof v.id !== "string") throw new UsageError("--kind and --id are required");
+        const ca = await CertificateAuthority.open(dir);
+        const identity = requireIdentity(v.kind, v.id, ca.trustDomain);
+        const e = await ca.issue(identity, { hosts: (v.host as string[] | undefined) ?? [], ...(days ? { validityDays: days } : {}) });
+        console.log(`issued ${e.spiffeId}, serial ${e.serial}, valid until ${e.notAfter}: ${pkiPaths(dir).cert(identity)} (key mode 0600)`);
+      } else if (verb === "revoke") {
+        const reason = str(v.reason, "unspecified");
+        if (!(reason in REVOCATION_REASONS)) throw new UsageError(`--reason must be one of ${Object.keys(REVOCATION_REASONS).join(", ")}`);
+        const what =
+          typeof v.serial === "string"
+            ? { serial: v.serial.toLowerCase() }
+            : typeof v.kind === "string" && typeof v.id === "string"
+              ? { kind: v.kind, id: v.id }
+              : undefined;
+        if (!what) throw new UsageError("give --kind and --id, or --serial");
+        const revoked = await (await CertificateAuthority.open(dir)).revoke(what, reason as RevocationReason);
+        if (revoked.length === 0) throw new UsageError("no valid certificate matches; 'netpurse-operator pki list' shows them");
+        for (const e of revoked) console.log(`revoked ${e.spiffeId} serial ${e.serial}`);
+        console.log(`the revocation list ${pkiPaths(dir).crl} is updated; running services read it within seconds`);
+      } else if (verb === "list") {
+        const issued = await (await CertificateAuthority.open(dir)).list();
+        console.log(
+          table(
+            ["identity", "serial", "valid until", "revoked"],
+            issued.map((e) => [e.spiffeId, e.serial, e.notAfter, e.revoked ? `${e.revoked.at} (${e.revoked.reason})` : ""]),
+          ),
+        );
+      } else {
+        throw new UsageError(`unknown pki command ${JSON.stringify(verb ?? "")}: init, issue, revoke or list`);
+      }
+    },
+  },
   {
     name: "add-merchant",
     summary:
@@ -44,10 +112,12 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
   {
     name: "terminals",
     summary: "Show the terminal hosts attached to the concentrator, their PSAMs and their state.",
-    usage: `[--concentrator HOST:PORT] (default ${defaultAddress("concentrator")})`,
-    options: { concentrator: { type: "string" } },
+    usage: `[--concentrator HOST:PORT] (default ${defaultAddress("concentrator")}) ${OPERATOR_USAGE}`,
+    options: { concentrator: { type: "string" }, ...OPERATOR_OPTIONS },
     async run(v) {
-      const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), { maxMessageBytes: 256 * 1024 });
+      const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), await operatorChannel(v, "concentrator"), {
+        maxMessageBytes: 256 * 1024,
+      });
       try {
         const r = await clientFactory().create(TerminalConcentratorServiceDefinition, channel).listTerminals({}, { deadline: CLI_DEADLINE_MS });
         const rows = r.terminals.flatMap((t) =>
@@ -71,12 +141,12 @@ await runCommands("netpurse-operator", "Operator tools: merchants, banks, the te
   {
     name: "purchase",
     summary: "Show the payment server's record of a transaction and every step it logged.",
-    usage: `TRANSACTION_ID [--payment HOST:PORT] (default ${defaultAddress("payment")})`,
-    options: { payment: { type: "string" } },
+    usage: `TRANSACTION_ID [--payment HOST:PORT] (default ${defaultAddress("payment")}) ${OPERATOR_USAGE}`,
+    options: { payment: { type: "string" }, ...OPERATOR_OPTIONS },
     async run(v, positionals) {
       const id = positionals[0];
       if (!id) throw new UsageError("give the transaction id");
-      const channel = openChannel(str(v.payment, defaultAddress("payment")));
+      const channel = openChannel(str(v.payment, defaultAddress("payment")), await operatorChannel(v, "payment"));
       try {
         const { purchase: p } = await clientFactory()
           .create(PaymentServiceDefinition, channel)

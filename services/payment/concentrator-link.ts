@@ -9,6 +9,7 @@ import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import type { ChannelSecurity } from "../../lib/pki/security.js";
 import { hexOf, psamId as toPsamId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import {
@@ -47,6 +48,8 @@ export class ConcentratorLink {
   constructor(
     private readonly o: {
       address: string;
+      /** TLS to the concentrator, as this payment server's identity. */
+      channel: ChannelSecurity;
       paymentServerId: string;
       pool: PsamPool;
       log: Logger;
@@ -72,7 +75,7 @@ export class ConcentratorLink {
   }
 
   private async run(): Promise<void> {
-    const channel = openChannel(this.o.address, { maxMessageBytes: 256 * 1024 });
+    const channel = openChannel(this.o.address, this.o.channel, { maxMessageBytes: 256 * 1024 });
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
     await keepConnected({
       what: "concentrator",

@@ -1,7 +1,9 @@
 // Steps 684-694: a PSAM from the pool signs the DEBIT command for a draw
 // request. A PSAM that cannot take the job (gone, failing, busy, full) is
 // replaced by another, since no DEBIT command has left this server; a PSAM
-// that refuses the card ends the purchase with the PSAM's reason.
+// that refuses the card ends the purchase with the PSAM's reason. A DEBIT
+// command whose PSAM MAC does not verify is never recorded nor sent: its
+// PSAM leaves the pool and another PSAM is asked.
 
 import { Status } from "nice-grpc";
 import { ConfirmationMode, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
@@ -42,6 +44,12 @@ export class DebitCommands {
       const result = await this.o.work.issueDebitCommand(lease, p, card, !psamVerifies, deadline);
       if (result.status === PsamJobStatus.PSAM_JOB_STATUS_OK && result.outcome?.$case === "debitCommandIssued") {
         const issued = result.outcome.value;
+        if ((await this.o.work.checkIssued(lease, p, issued, !psamVerifies)) !== true) {
+          // Not the PSAM's word: whoever answered for it is not trusted with another job until its terminal announces it again.
+          this.o.pool.markFailed(lease);
+          this.o.pool.release(lease);
+          continue;
+        }
         const moved = await this.o.store.transition(
           p.transaction_id,
           ["RECEIVED"],

@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService } from "../../lib/service-main.js";
+import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
 import { PAYMENT_DEFAULTS as D, startPaymentServer } from "./server.js";
 
 await runService({
@@ -15,6 +15,7 @@ await runService({
     "hold-timeout-ms": { type: "string" },
     "psam-wait-ms": { type: "string" },
     "proof-timeout-ms": { type: "string" },
+    ...SECURITY_OPTIONS,
   },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("payment")})`,
@@ -25,9 +26,11 @@ await runService({
     `  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default ${D.holdTimeoutMs})`,
     `  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default ${D.maxPsamWaitMs})`,
     `  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default ${D.proofTimeoutMs})`,
+    SECURITY_HELP,
   ].join("\n"),
-  start: (v) =>
+  start: async (v) =>
     startPaymentServer({
+      security: await serviceSecurity(v, { kind: "payment", id: opt(v, "id", "payment-1") }),
       listen: opt(v, "listen", defaultAddress("payment")),
       dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "payment")),
       concentrator: opt(v, "concentrator", defaultAddress("concentrator")),

@@ -38,7 +38,7 @@ import type { Recovery } from "./recovery.js";
 import { errorOf, sealBroken } from "./refusals.js";
 import type { Ruling } from "./ruling.js";
 import { answerColumns, type CardAnswer as RecordedAnswer, type PaidPurchase, type PaymentStore, type Purchase, type SignedPurchase } from "./store.js";
-import { decodeSealed, encodeSealed, keysFor, type TransactionKeys } from "./transaction-keys.js";
+import { decodeSealed, encodeSealed, grantExpired, keysFor, requireGrantedTerms, ungrantedRefusal, type TransactionKeys } from "./transaction-keys.js";
 import { debitCommandResponse, purchaseView, results, stateEnum } from "./views.js";
 
 /** At most this many card log records travel with a draw request. */
@@ -112,6 +112,17 @@ export class PaymentServer {
     const dr = this.openDrawRequest(keys, id, req);
     const v = editDrawRequest(dr);
     if (v.transactionId !== id) throw invalidField("draw_request.transaction_id", "is not the request's transaction_id");
+    // The offer binds the amount and the merchant: a draw request of other terms than the ones the merchant's
+    // validation service sealed with the TSK is refused here, before anything is recorded or any PSAM is asked.
+    // (A recorded draw request passed this check when it came, so its retry passes it again.)
+    if (keys.grant) {
+      try {
+        requireGrantedTerms(keys.grant, v);
+      } catch (e) {
+        this.o.log.warn("draw request does not match the offer", { transaction: id, merchant: mid });
+        throw e;
+      }
+    }
     if (v.merchantId !== mid) throw invalidField("draw_request.merchant_id", "is not the request's merchant_id");
     const log = this.cardLog(dr);
     // The content decides idempotency, not its sealing (a re-sealed retry has a new nonce).
@@ -130,10 +141,17 @@ export class PaymentServer {
             `transaction ${id} was already used with another draw request`,
           );
         }
+        // A recorded draw request gets its recorded answer, after the offer's expiry too.
         if (p.state === "REFUSED") throw errorOf(p.failure);
         if (p.state !== "RECEIVED") return debitCommandResponse(p, keys);
+        // No DEBIT command left this server yet: asking a PSAM now would sign one after the offer expired.
+        const expired = keys.grant && grantExpired(keys.grant, new Date());
+        if (expired) return this.o.debitCommands.refuse(p, expired);
         await this.o.store.log(id, { step: "draw_request_retried", detail: "no debit command had been issued; trying again" });
       } else {
+        if (!keys.grant) throw ungrantedRefusal();
+        const expired = grantExpired(keys.grant, new Date());
+        if (expired) throw expired; // not recorded: nothing was asked of a PSAM
         await this.insert(id, hash, v, req);
         p = await this.o.store.require(id);
       }

@@ -1,17 +1,31 @@
 // PSAM jobs for purchases, built in one place: the DEBIT command for a draw
-// request, the verdict on the card's answer, the reversal of a debit. It
-// also takes the PSAM that signed a purchase's DEBIT command (held since the
-// draw request, or leased again), runs a job on it within the caller's time,
-// and holds or releases it as the mode allows.
+// request, the verdict on the card's answer, the reversal of a debit; and
+// the checks of the PSAM's MAC over each answer, through the payment
+// operator's security module, so that no answer a terminal host or the
+// concentrator made up is acted on. It also takes the PSAM that signed a
+// purchase's DEBIT command (held since the draw request, or leased again),
+// runs a job on it within the caller's time, and holds or releases it as
+// the mode allows.
 
 import type { Money } from "../../gen/netpurse/card/v1/card.js";
-import { PsamJobStatus, type PsamJob, type PsamJobResult } from "../../gen/netpurse/terminal/v1/terminal.js";
+import {
+  DebitVerdict,
+  PsamJobStatus,
+  type DebitCommandIssued,
+  type DebitVerified,
+  type PsamJob,
+  type PsamJobResult,
+} from "../../gen/netpurse/terminal/v1/terminal.js";
 import { SW, swHex } from "../../lib/apdu/apdu.js";
 import { merchantId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
+import { LayoutError } from "../../lib/protocol/layout.js";
+import { Verdict } from "../../lib/protocol/psam.js";
+import { DebitCommand, type DebitAnswer } from "../../lib/protocol/purse.js";
 import type { ConcentratorLink } from "./concentrator-link.js";
 import { NoPsamFree, psamKey, type Lease, type PsamPool } from "./psam-pool.js";
+import type { PsamVerdictChecker } from "./security-module.js";
 import type { PaymentStore, Purchase, SignedPurchase } from "./store.js";
 
 /** The least time worth giving a terminal for one job; with less left, no job is sent. */
@@ -34,6 +48,14 @@ export class PsamUnreachable {
   constructor(readonly why: string) {}
 }
 
+/** An answer whose PSAM MAC does not verify: not the PSAM's word, whoever sent it. Logged when made. */
+export class VerdictRefused {
+  constructor(readonly why: string) {}
+}
+
+/** The card's result code and signature, the part of its answer a verdict MAC binds. */
+type RuledAnswer = Pick<DebitAnswer, "result" | "cardSignature">;
+
 export class PsamWork {
   /** PSAMs held across the cardholder's round trip (PSAM_VERIFIES). */
   private readonly holds = new Map<string, { lease: Lease; timer: NodeJS.Timeout }>();
@@ -44,6 +66,8 @@ export class PsamWork {
       link: ConcentratorLink;
       store: PaymentStore;
       log: Logger;
+      /** The payment operator's security module: checks the PSAMs' MACs. */
+      verdicts: PsamVerdictChecker;
       holdTimeoutMs: number;
       jobTimeoutMs: number;
     },
@@ -82,11 +106,113 @@ export class PsamWork {
     return this.run(lease, p.transaction_id, { $case: "verifyDebit", value: { psamCounter: p.psam_counter, cardStatusWord: SW.OK, debitResponse } }, deadline);
   }
 
-  /** REVERSE DEBIT of the PSAM's open debit at `psamCounter`: true once the PSAM confirms, or why not. */
-  async reverse(lease: Lease, transactionId: string, psamCounter: number, deadline: number): Promise<true | PsamUnreachable> {
-    const r = await this.run(lease, transactionId, { $case: "reverseDebit", value: { psamCounter } }, Math.max(deadline, Date.now() + MIN_JOB_MS));
-    if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK) return true;
-    return new PsamUnreachable(`reversal not confirmed by the PSAM: ${describe(r)}`);
+  /**
+   * REVERSE DEBIT of the leased PSAM's open debit at `psamCounter`, made for
+   * purchase `p`: true once the PSAM confirms with its MAC over the reversal,
+   * or why not. A reversal whose MAC does not verify is not a reversal.
+   */
+  async reverse(lease: Lease, p: Purchase, psamCounter: number, deadline: number): Promise<true | PsamUnreachable | VerdictRefused> {
+    const r = await this.run(lease, p.transaction_id, { $case: "reverseDebit", value: { psamCounter } }, Math.max(deadline, Date.now() + MIN_JOB_MS));
+    if (r.status !== PsamJobStatus.PSAM_JOB_STATUS_OK) return new PsamUnreachable(`reversal not confirmed by the PSAM: ${describe(r)}`);
+    const mac = r.outcome?.$case === "debitReversed" ? r.outcome.value.reversalMac : new Uint8Array();
+    const ok = this.o.verdicts.reversed(lease.psamId, { psamCounter, transactionRef: p.transaction_id, amount: p.amount_minor, currency: p.currency }, mac);
+    if (ok) return true;
+    return this.refused(p.transaction_id, lease.psamId, `reversal of PSAM ${lease.psamId} counter ${psamCounter}`);
+  }
+
+  /**
+   * Checks the PSAM's MAC over a DEBIT command it issued for purchase `p`:
+   * the command must be the one for this purchase (amount, currency,
+   * transaction, the leased PSAM and the counter it reports), made for the
+   * card session of the draw request, with the expected card signature when
+   * it was asked for. A refusal is logged (an error, and the purchase's event).
+   */
+  async checkIssued(lease: Lease, p: Purchase, issued: DebitCommandIssued, withExpectedSignature: boolean): Promise<true | VerdictRefused> {
+    const what = `DEBIT command of PSAM ${lease.psamId} counter ${issued.psamCounter}`;
+    let command;
+    try {
+      command = DebitCommand.decode(issued.debitCommand);
+    } catch (e) {
+      if (!(e instanceof LayoutError)) throw e;
+      return this.refused(p.transaction_id, lease.psamId, `${what}: ${e.message}`);
+    }
+    const fields = {
+      amount: p.amount_minor,
+      currency: p.currency,
+      psamId: Buffer.from(lease.psamId, "hex"),
+      psamCounter: issued.psamCounter,
+      dateTime: command.dateTime,
+      transactionRef: p.transaction_id,
+      psamSignature: command.psamSignature,
+    };
+    let ours: Buffer;
+    try {
+      ours = DebitCommand.encode(fields);
+    } catch (e) {
+      if (!(e instanceof LayoutError)) throw e;
+      return this.refused(p.transaction_id, lease.psamId, `${what}: ${e.message}`);
+    }
+    if (!ours.equals(Buffer.from(issued.debitCommand))) {
+      return this.refused(p.transaction_id, lease.psamId, `${what}: not the command for this purchase's amount, transaction, PSAM and counter`);
+    }
+    const ok = this.o.verdicts.issued(
+      lease.psamId,
+      {
+        psamCounter: issued.psamCounter,
+        transactionRef: p.transaction_id,
+        amount: p.amount_minor,
+        currency: p.currency,
+        exponent: p.exponent,
+        purseId: Buffer.from(p.purse_id, "hex"),
+        cardCounter: p.card_counter,
+        dateTime: command.dateTime,
+        psamSignature: command.psamSignature,
+        expectedCardSignature: withExpectedSignature ? Buffer.from(issued.expectedCardSignature) : Buffer.alloc(8),
+      },
+      issued.issuedMac,
+    );
+    if (ok) return true;
+    return this.refused(p.transaction_id, lease.psamId, what);
+  }
+
+  /**
+   * Checks the PSAM's MAC over its verdict on the card's answer `answer` to
+   * the purchase's DEBIT command. A refusal is logged (an error, and the
+   * purchase's event).
+   */
+  async checkVerdict(p: SignedPurchase, answer: RuledAnswer, v: DebitVerified): Promise<true | VerdictRefused> {
+    const verdict =
+      v.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED
+        ? Verdict.RECORDED
+        : v.verdict === DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD
+          ? Verdict.DECLINED_BY_CARD
+          : undefined;
+    const what = `verdict ${DebitVerdict[v.verdict] ?? v.verdict} of PSAM ${p.psam_id} counter ${p.psam_counter}`;
+    if (verdict === undefined) return this.refused(p.transaction_id, p.psam_id, `${what}: no such verdict`);
+    const ok = this.o.verdicts.verdict(
+      p.psam_id,
+      {
+        psamCounter: p.psam_counter,
+        transactionRef: p.transaction_id,
+        amount: p.amount_minor,
+        currency: p.currency,
+        verdict,
+        cardResult: answer.result,
+        batchNumber: v.batchNumber,
+        cardSignature: answer.cardSignature,
+      },
+      v.verdictMac,
+    );
+    if (ok) return true;
+    return this.refused(p.transaction_id, p.psam_id, what);
+  }
+
+  /** Logs an answer whose MAC does not verify, as an error and as the purchase's event. */
+  private async refused(transactionId: string, psamId: string, what: string): Promise<VerdictRefused> {
+    const why = `PSAM verdict does not verify: ${what}`;
+    this.o.log.error("PSAM verdict does not verify: not acted on", { transaction: transactionId, psam: psamId, answer: what });
+    await this.o.store.log(transactionId, { step: "psam_verdict_refused", detail: why });
+    return new VerdictRefused(why);
   }
 
   /** Keeps the PSAM for the cardholder's answer, but not forever. */

@@ -135,7 +135,8 @@ export class Recovery {
         const lease = await this.o.work.leaseSigningPsam(terminalId, psam);
         if (!lease) return;
         try {
-          if ((await this.o.work.reverse(lease, id, open.psamCounter, backgroundDeadline())) === true) {
+          // Logged only when the PSAM's MAC over the reversal verifies (a refused one is logged as such).
+          if ((await this.o.work.reverse(lease, p, open.psamCounter, backgroundDeadline())) === true) {
             await this.o.store.log(id, {
               step: "orphan_debit_reversed",
               detail: `PSAM ${psam} counter ${open.psamCounter}: its DEBIT command never left this server`,

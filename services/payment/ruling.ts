@@ -3,7 +3,9 @@
 // the PSAM expected (the other modes, when the answer reaches it). A proven
 // debit is recorded in the PSAM's batch; a refused or declined one, or one
 // the card's log or later transactions prove it never made, is reversed in
-// the PSAM; one whose PSAM cannot be reached is in doubt. Nothing is guessed.
+// the PSAM; one whose PSAM cannot be reached is in doubt. Nothing is guessed,
+// and nothing is taken on a PSAM's word unless its MAC verifies: a verdict
+// or reversal whose MAC does not leaves the purchase in doubt.
 
 import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
@@ -111,6 +113,8 @@ export class Ruling {
       done.outcome?.$case === "debitVerified" &&
       done.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED
     ) {
+      // Not recorded on a verdict that is not the PSAM's: the proof stays PROVEN, and the sweep asks again.
+      if ((await this.o.work.checkVerdict(p, DebitResponse.decode(p.answer.debitResponse), done.outcome.value)) !== true) return p;
       await this.o.store.transition(
         transactionId,
         ["PROVEN"],
@@ -135,7 +139,7 @@ export class Ruling {
     const outcome = await this.o.work.onSigningPsam(p, o.deadline, async (lease) => {
       const r = await this.o.work.verifyDebit(lease, p, raw, o.deadline);
       const badSignature = r.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && r.statusWord === SW.SECURITY_STATUS_NOT_SATISFIED;
-      const reversed = badSignature && o.reported === undefined ? await this.o.work.reverse(lease, p.transaction_id, p.psam_counter, o.deadline) : undefined;
+      const reversed = badSignature && o.reported === undefined ? await this.o.work.reverse(lease, p, p.psam_counter, o.deadline) : undefined;
       return { r, badSignature, reversed };
     });
     const recorded = o.reported !== undefined ? answerColumns({ kind: "card", statusWord: SW.OK, debitResponse: raw }) : {};
@@ -146,6 +150,12 @@ export class Ruling {
     }
     const { r, badSignature, reversed } = outcome;
     if (r.status === PsamJobStatus.PSAM_JOB_STATUS_OK && r.outcome?.$case === "debitVerified") {
+      // Neither completed nor reversed on a verdict that is not the PSAM's.
+      const checked = await this.o.work.checkVerdict(p, answer, r.outcome.value);
+      if (checked !== true) {
+        if (o.reported !== undefined) throw this.notNow(checked.why);
+        return this.inDoubt(p, checked.why);
+      }
       if (r.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) {
         await this.o.store.transition(
           p.transaction_id,
@@ -160,7 +170,7 @@ export class Ruling {
         this.afterProof(done);
         return done;
       }
-      const e = cardDeclined(r.outcome.value.cardResult);
+      const e = cardDeclined(answer.result); // the result the verdict's MAC binds
       await this.finish(p, e, "declined_by_card", recorded);
       const declined = await this.o.store.require(p.transaction_id);
       this.afterProof(declined);
@@ -183,7 +193,7 @@ export class Ruling {
   }
 
   private async reverseAndFinish(p: SignedPurchase, e: NetpurseError, step: string, deadline: number): Promise<never> {
-    const reversed = await this.o.work.onSigningPsam(p, deadline, (lease) => this.o.work.reverse(lease, p.transaction_id, p.psam_counter, deadline));
+    const reversed = await this.o.work.onSigningPsam(p, deadline, (lease) => this.o.work.reverse(lease, p, p.psam_counter, deadline));
     if (reversed !== true) return this.inDoubt(p, reversed.why);
     await this.finish(p, e, step);
     throw e;

@@ -13,11 +13,14 @@ import { DebitCommands } from "./debit-command.js";
 import { PsamWork } from "./psam-work.js";
 import { Recovery } from "./recovery.js";
 import { Ruling } from "./ruling.js";
+import { SoftwareSecurityModule } from "./security-module.js";
 import { KeyedMutex } from "../../lib/mutex.js";
+import type { Security } from "../../lib/pki/security.js";
 
 export interface PaymentConfig {
+  security: Security;
   listen?: string;
-  /** The payment server's folder: payment.db and merchants.json. */
+  /** The payment server's folder: payment.db, merchants.json and psam-verdict-key.json. */
   dir: string;
   concentrator?: string;
   paymentServerId?: string;
@@ -42,12 +45,15 @@ export const PAYMENT_DEFAULTS = {
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
   const log = createLogger("payment");
+  // Before anything else opens: without it no PSAM answer could be checked.
+  const verdicts = await SoftwareSecurityModule.open(c.dir);
   const db = openSqlite(join(c.dir, "payment.db"), PAYMENT_MIGRATIONS);
   const store = new PaymentStore(db, (e) => log.error("purchase left out of recovery", { error: e.message }));
   const locks = new KeyedMutex();
   const pool = new PsamPool((l) => link.release(l));
   const link: ConcentratorLink = new ConcentratorLink({
     address: c.concentrator ?? defaultAddress("concentrator"),
+    channel: c.security.channel({ kind: "concentrator" }),
     paymentServerId: c.paymentServerId ?? "payment-1",
     pool,
     log,
@@ -59,6 +65,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     link,
     store,
     log,
+    verdicts,
     holdTimeoutMs: c.holdTimeoutMs ?? PAYMENT_DEFAULTS.holdTimeoutMs,
     jobTimeoutMs: c.jobTimeoutMs ?? PAYMENT_DEFAULTS.jobTimeoutMs,
   });
@@ -76,7 +83,13 @@ export async function startPaymentServer(c: PaymentConfig) {
   });
   link.start();
   recovery.startSweeping(c.sweepEveryMs ?? PAYMENT_DEFAULTS.sweepEveryMs);
-  const grpc = await startGrpcServer({ address: c.listen ?? defaultAddress("payment"), services: [service(PaymentServiceDefinition, server.service)], log });
+  const grpc = await startGrpcServer({
+    address: c.listen ?? defaultAddress("payment"),
+    // Cardholders call it without a certificate (their messages are sealed and prove themselves); operators read records with theirs.
+    services: [service(PaymentServiceDefinition, server.service, { all: "public", getPurchase: ["operator"] })],
+    transport: c.security.server("request"),
+    log,
+  });
   return {
     address: grpc.address,
     pool,

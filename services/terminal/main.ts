@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService } from "../../lib/service-main.js";
+import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
 import { startTerminalHost } from "./server.js";
 
 await runService({
@@ -14,6 +14,7 @@ await runService({
     window: { type: "string" },
     "batch-close-at": { type: "string" },
     "answer-delay-ms": { type: "string" },
+    ...SECURITY_OPTIONS,
   },
   help: [
     "  --id NAME                terminal id (default terminal-1)",
@@ -23,11 +24,13 @@ await runService({
     "  --window N               most jobs in flight (default: the number of PSAMs)",
     "  --batch-close-at N       close a PSAM batch at N records (default 200)",
     "  --answer-delay-ms N         fault injection: do each job, then wait N ms before answering (default 0)",
+    SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
     const id = opt(v, "id", "terminal-1");
     const dir = opt(v, "dir", join(dataDir(v.data as string | undefined), "terminals", id));
     const t = await startTerminalHost({
+      security: await serviceSecurity(v, { kind: "terminal", id }),
       terminalId: id,
       concentrator: opt(v, "concentrator", defaultAddress("concentrator")),
       dir,

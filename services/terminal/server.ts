@@ -1,11 +1,13 @@
 import { join } from "node:path";
 import { readdir } from "node:fs/promises";
 import { createLogger } from "../../lib/log.js";
+import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { TerminalHost } from "./terminal-host.js";
 import { TERMINAL_MIGRATIONS } from "./store.js";
 
 export interface TerminalConfig {
+  security: Security;
   terminalId: string;
   concentrator: string;
   /** The host's folder: terminal.db and psams/*.psam.json. */
@@ -34,6 +36,7 @@ export async function startTerminalHost(c: TerminalConfig) {
   const host = new TerminalHost({
     terminalId: c.terminalId,
     concentratorAddress: c.concentrator,
+    security: c.security,
     psamFiles,
     db,
     log,

@@ -3,7 +3,9 @@
 // slot at a time. For a draw request it replays the card's responses to the
 // PSAM one by one, as if the card were in the slot (step 688), and it keeps
 // its own data store of recorded transactions, reversals and closed batches
-// (step 630).
+// (step 630). The PSAM's MACs over its answers (DEBIT command issued, its
+// verdict, a reversal) go to the payment server as they are: the payment
+// server believes an answer only when its MAC verifies.
 
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
@@ -12,6 +14,7 @@ import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import type { Security } from "../../lib/pki/security.js";
 import { hexOf, psamId as toPsamId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
@@ -37,6 +40,8 @@ import { TerminalStore } from "./store.js";
 export interface TerminalHostOptions {
   terminalId: string;
   concentratorAddress: string;
+  /** TLS to the concentrator, as this terminal's identity. */
+  security: Security;
   psamFiles: string[];
   db: Db;
   log: Logger;
@@ -111,7 +116,7 @@ export class TerminalHost {
 
   /** Connects, and reconnects with back-off whenever the stream ends. */
   private async run(): Promise<void> {
-    const channel = openChannel(this.o.concentratorAddress, { maxMessageBytes: 256 * 1024 });
+    const channel = openChannel(this.o.concentratorAddress, this.o.security.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 });
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
     await keepConnected({ what: "concentrator", session: () => this.session(client), stopped: () => this.stopped, log: this.o.log });
     channel.close();
@@ -220,7 +225,12 @@ export class TerminalHost {
         this.o.log.info("debit command issued", { psam: psamHex, psamCounter: issued.psamCounter, transaction: job.transactionId.value });
         return {
           $case: "debitCommandIssued",
-          value: { debitCommand: issued.debitCommand, psamCounter: issued.psamCounter, expectedCardSignature: issued.expectedCardSignature ?? Buffer.alloc(0) },
+          value: {
+            debitCommand: issued.debitCommand,
+            psamCounter: issued.psamCounter,
+            expectedCardSignature: issued.expectedCardSignature ?? Buffer.alloc(0),
+            issuedMac: issued.issuedMac,
+          },
         };
       }
       case "verifyDebit": {
@@ -248,14 +258,15 @@ export class TerminalHost {
             batchNumber: v.batchNumber,
             newBalance: money(answer.balance, slot.psam.currency, 0),
             cardResult: answer.result,
+            verdictMac: v.verdictMac,
           },
         };
       }
       case "reverseDebit": {
-        await slot.driver.reverseDebit(task.value.psamCounter);
+        const reversalMac = await slot.driver.reverseDebit(task.value.psamCounter);
         await this.keep(() => this.store.recordReversal(psamHex, task.value.psamCounter, job.transactionId?.value ?? "", "reversed by payment server"));
         this.o.log.info("debit reversed", { psam: psamHex, psamCounter: task.value.psamCounter });
-        return { $case: "debitReversed", value: { psamCounter: task.value.psamCounter } };
+        return { $case: "debitReversed", value: { psamCounter: task.value.psamCounter, reversalMac } };
       }
       default:
         throw new JobInvalid("job has no task");

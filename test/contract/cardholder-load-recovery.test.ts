@@ -45,6 +45,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       journal: new SqliteJournal(db),
       loads,
       log: createLogger(`client-load-${n}`),
+      security: net.security.cardholder,
     });
     const load = (minor: number) =>
       daemon.service.loadCard(
@@ -135,6 +136,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
         journal: new SqliteJournal(c.db),
         loads: lost,
         log: createLogger("client-lost"),
+        security: net.security.cardholder,
       });
       const lostAnswer = await daemon.service
         .loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never)
@@ -162,7 +164,12 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     const c = await cardholder();
     const dir = join(net.data, "stranger-bank");
     await writeBankFile(join(dir, "bank.json"), "stranger-bank", randomBytes(32).toString("hex"));
-    const stranger = await startBankServer({ listen: "127.0.0.1:0", dir, loadServer: net.load.address });
+    const stranger = await startBankServer({
+      security: await net.security.of("bank", "stranger-bank"),
+      listen: "127.0.0.1:0",
+      dir,
+      loadServer: net.load.address,
+    });
     try {
       await stranger.store.open({ accountId: "acct", holder: "Stranger", currency: EUR, exponent: 2, openingMinor: 10_000 });
       const amount = money(1_000, EUR, 2);

@@ -51,7 +51,13 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
     const db = openSqlite(join(net.data, "client-bob", "client.db"), CLIENT_MIGRATIONS);
     journal = new CrashingJournal(db);
     loads = new SqliteLoadJournal(db);
-    daemon = new CardholderDaemon({ transport: new InProcessTransport(await SoftwareCard.open(cardPath)), journal, loads, log: createLogger("client-bob") });
+    daemon = new CardholderDaemon({
+      transport: new InProcessTransport(await SoftwareCard.open(cardPath)),
+      journal,
+      loads,
+      log: createLogger("client-bob"),
+      security: net.security.cardholder,
+    });
   });
   after(async () => {
     await daemon?.close();
@@ -113,6 +119,7 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
       journal,
       loads,
       log: createLogger("client-other"),
+      security: net.security.cardholder,
     });
     expect(await other.resume()).to.equal(0);
     expect((await journal.get(offer.transactionId!.value))!.state).to.equal("DEBIT_SENT"); // left for the right card

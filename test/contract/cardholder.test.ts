@@ -139,8 +139,8 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
     const path = join(net.paths.cards, "expired.card.json");
     await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2025-01-31" });
     await issuer.close();
-    const d = await startClientDaemon({ listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-expired") });
-    const channel = openChannel(d.address);
+    const d = await startClientDaemon({ security: net.security.cardholder, listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-expired") });
+    const channel = openChannel(d.address, { insecure: true }); // the daemon listens on loopback only
     try {
       const c = clientFactory().create(CardholderServiceDefinition, channel);
       const o = await offer();
@@ -247,8 +247,8 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
       const path = join(net.paths.cards, "paging.card.json");
       await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2031-12-31" });
       await issuer.close();
-      const d = await startClientDaemon({ listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-paging") });
-      const channel = openChannel(d.address);
+      const d = await startClientDaemon({ security: net.security.cardholder, listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-paging") });
+      const channel = openChannel(d.address, { insecure: true }); // the daemon listens on loopback only
       try {
         const other = clientFactory().create(CardholderServiceDefinition, channel);
         const f = await refusedNaming(list({ pageToken: token }, other), "page_token", "another card");

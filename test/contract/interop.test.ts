@@ -11,6 +11,7 @@ import { expect } from "chai";
 import { readFileSync } from "node:fs";
 import protobuf from "protobufjs";
 import { ProcessDrawRequestRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import { pkiPaths } from "../../lib/pki/authority.js";
 import { drawRequestFor, openCard } from "../support/card-client.js";
 import { startNetwork, type Network } from "../support/network.js";
 
@@ -65,9 +66,18 @@ describe("contract: errors and deadlines for a plain gRPC client (no netpurse co
     net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }], holdTimeoutMs: 30_000 });
     const definition = loadFileDescriptorSetFromBuffer(readFileSync(new URL("../../gen/descriptor.binpb", import.meta.url)), { keepCase: true });
     const pkg = grpc.loadPackageDefinition(definition) as unknown as {
-      netpurse: { payment: { v1: { PaymentService: new (address: string, creds: grpc.ChannelCredentials) => grpc.Client & Record<string, Unary> } } };
+      netpurse: {
+        payment: {
+          v1: { PaymentService: new (address: string, creds: grpc.ChannelCredentials, options: grpc.ChannelOptions) => grpc.Client & Record<string, Unary> };
+        };
+      };
     };
-    payment = new pkg.netpurse.payment.v1.PaymentService(net.payment.address, grpc.credentials.createInsecure());
+    // TLS as any gRPC client does it: the installation's CA, and an operator's certificate (GetPurchase is for operators).
+    await net.security.of("operator", "operator");
+    const p = pkiPaths(net.security.dir);
+    const op = { kind: "operator", id: "operator" } as const;
+    const credentials = grpc.credentials.createSsl(readFileSync(p.caCert), readFileSync(p.key(op)), readFileSync(p.cert(op)));
+    payment = new pkg.netpurse.payment.v1.PaymentService(net.payment.address, credentials, { "grpc.ssl_target_name_override": "localhost" });
   });
   after(async () => {
     payment?.close();

@@ -6,6 +6,8 @@
 // balance, the hold, and the load server's record.
 
 import { expect } from "chai";
+import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { randomBytes, randomUUID } from "node:crypto";
 import { HoldState, type Hold } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadConfirmation, LoadState } from "../../gen/netpurse/load/v1/load.js";
@@ -409,6 +411,16 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       code: "PERMISSION_DENIED",
       reason: "SEAL_BROKEN",
     });
+    // Another bank's certificate does not let it end this bank's load.
+    const otherBank = openChannel(net.load.address, (await net.security.of("bank", "other-bank")).channel({ kind: "load" }));
+    try {
+      expect(await failure(clientFactory().create(LoadServiceDefinition, otherBank).abandonLoad(abandon))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "NOT_ALLOWED",
+      });
+    } finally {
+      otherBank.close();
+    }
     const done = await net.clients.load.abandonLoad(abandon);
     expect(done.load!.outcome).to.equal(NOT_LOADED);
     expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(

@@ -2,11 +2,19 @@
 // with its real validation service, paid through the real payment network.
 
 import { expect } from "chai";
+import { ClientError, Status, type Client } from "nice-grpc";
 import { randomUUID } from "node:crypto";
-import { OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { copyFile } from "node:fs/promises";
+import { join } from "node:path";
+import { MerchantServiceDefinition, OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { withOriginalAmount } from "../../client/card/purse-reader.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { reasonName, reasonOf, retryAfterMsOf } from "../../lib/grpc/errors.js";
+import { startMerchant, type MerchantConfig } from "../../services/merchant/server.js";
 import { completeRequest, drawRequestFor, failure, flipBit, openCard, openIssued } from "../support/card-client.js";
-import { startNetwork, type Network } from "../support/network.js";
+import { tempDir } from "../support/fixtures.js";
+import { defined, termsOf } from "../support/offers.js";
+import { startNetwork, waitFor, type Network } from "../support/network.js";
 
 describe("contract: netpurse.merchant.v1.MerchantService", function () {
   this.timeout(60_000);
@@ -15,13 +23,13 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
   after(async () => net?.close());
 
   /** Pays an order at the payment server and returns its debit result M, without delivering it. */
-  async function paidOrder(product = "ebook-smart-cards") {
-    const { offer } = await net.clients.merchant.createOrder({ productId: product });
+  async function paidOrder(product = "ebook-smart-cards", merchant: Client<typeof MerchantServiceDefinition> = net.clients.merchant) {
+    const offer = defined((await merchant.createOrder({ productId: product })).offer, "an offer");
     const card = await openCard(net.cardPath);
-    const issued = openIssued(offer!, await net.clients.payment.processDrawRequest(await drawRequestFor(card, offer!)));
-    const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), Number(offer!.amount!.amountMinor)));
-    const done = await net.clients.payment.completePurchase(completeRequest(offer!, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }));
-    return { offer: offer!, resultM: done.debitResultM!, psamCounter: issued.psamCounter };
+    const issued = openIssued(offer, await net.clients.payment.processDrawRequest(await drawRequestFor(card, offer)));
+    const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), termsOf(offer).amountMinor));
+    const done = await net.clients.payment.completePurchase(completeRequest(offer, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }));
+    return { offer, resultM: defined(done.debitResultM, "debit result M"), psamCounter: issued.psamCounter };
   }
 
   it("lists its products with prices", async () => {
@@ -44,7 +52,8 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
     expect(a.keyNonce).to.have.length(16);
     expect(a.transactionSessionKey).to.have.length(32);
     expect(Buffer.from(a.transactionSessionKey).equals(Buffer.from(b.transactionSessionKey))).to.equal(false);
-    expect(a.encryptedSessionKey!.ciphertext).to.have.length(32 + 16);
+    // The ETSK holds the TSK with the offer's terms (a SessionKeyGrant), more than the bare 32-byte TSK.
+    expect(a.encryptedSessionKey!.ciphertext.length).to.be.above(32 + 16);
     const { order } = await net.clients.merchant.getOrder({ transactionId: a.transactionId });
     expect(order!.state).to.equal(OrderState.ORDER_STATE_OFFERED);
   });
@@ -90,5 +99,117 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
     const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
     expect(await failure(net.clients.merchant.completeOrder({ transactionId: offer!.transactionId }))).to.include({ code: "INVALID_ARGUMENT" });
     expect(await failure(net.clients.merchant.getOrder({ transactionId: { value: randomUUID() } }))).to.include({ code: "NOT_FOUND" });
+  });
+
+  describe("unpaid orders expire and are deleted; at most so many are open", () => {
+    const servers: { close(): Promise<void> }[] = [];
+    const cleanups: (() => Promise<void>)[] = [];
+    after(async () => {
+      for (const s of servers) await s.close();
+      for (const c of cleanups) await c();
+    });
+
+    /** A merchant server of the demo shop over a fresh merchant.db, with short periods. */
+    async function shopWith(o: Omit<MerchantConfig, "dir" | "security">) {
+      const { dir, cleanup } = await tempDir("netpurse-shop-");
+      cleanups.push(cleanup);
+      await copyFile(join(net.paths.merchant("demo-shop"), "shop.json"), join(dir, "shop.json"));
+      const server = await startMerchant({
+        security: await net.security.of("merchant", "demo-shop"),
+        listen: "127.0.0.1:0",
+        dir,
+        validation: net.validation.address,
+        paymentServer: net.payment.address,
+        ...o,
+      });
+      const channel = openChannel(server.address, net.security.cardholder.channel({ kind: "merchant" }));
+      servers.push({
+        async close() {
+          channel.close();
+          await server.close();
+        },
+      });
+      return clientFactory().create(MerchantServiceDefinition, channel);
+    }
+    const orderOf = async (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined) =>
+      defined((await m.getOrder({ transactionId: id })).order, "the order");
+    const stateOf = async (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined) => (await orderOf(m, id)).state;
+    const create = async (m: Client<typeof MerchantServiceDefinition>) => defined((await m.createOrder({ productId: "song-1" })).offer, "an offer");
+    const goodsOf = (r: { receipt?: { goods: string } | undefined }) => defined(r.receipt, "a receipt").goods;
+    const gone = (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined) =>
+      m.getOrder({ transactionId: id }).then(
+        () => false,
+        (e: unknown) => e instanceof ClientError && e.code === Status.NOT_FOUND,
+      );
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+    it("the sweep turns an order unpaid past its expiry plus the grace period EXPIRED, then deletes it after the retention period", async () => {
+      const grace = 300;
+      const m = await shopWith({ offerTtlMs: 800, expiryGraceMs: grace, retentionMs: 1_000, sweepEveryMs: 50 });
+      const offer = await create(m);
+      const id = offer.transactionId;
+      expect(await stateOf(m, id)).to.equal(OrderState.ORDER_STATE_OFFERED);
+      await waitFor(async () => (await stateOf(m, id)) === OrderState.ORDER_STATE_EXPIRED, 5_000, "the order to expire");
+      const expiredAt = Date.now();
+      expect(expiredAt).to.be.at.least(termsOf(offer).expiresAt.getTime() + grace);
+      // The payment server signs nothing for it any more.
+      const card = await openCard(net.cardPath);
+      expect(await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, offer)))).to.include({
+        code: "FAILED_PRECONDITION",
+        reason: "OFFER_EXPIRED",
+      });
+      await waitFor(() => gone(m, id), 5_000, "the expired order to be deleted");
+      expect(Date.now() - expiredAt).to.be.at.least(900);
+    });
+
+    it("a paid order is never expired or deleted", async () => {
+      const m = await shopWith({ offerTtlMs: 800, expiryGraceMs: 100, retentionMs: 300, sweepEveryMs: 50 });
+      const { offer, resultM } = await paidOrder("song-1", m);
+      const goods = goodsOf(await m.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM }));
+      await sleep(Math.max(0, termsOf(offer).expiresAt.getTime() - Date.now()) + 100 + 300 + 500); // expiry, grace, retention, some sweeps
+      const order = await orderOf(m, offer.transactionId);
+      expect(order.state).to.equal(OrderState.ORDER_STATE_PAID);
+      expect(goodsOf(order)).to.equal(goods);
+    });
+
+    it("a debit result M that comes for an EXPIRED order still releases the goods, once: the card paid in time", async () => {
+      const m = await shopWith({ offerTtlMs: 1_500, expiryGraceMs: 100, retentionMs: 60_000, sweepEveryMs: 50 });
+      const { offer, resultM, psamCounter } = await paidOrder("song-1", m); // drawn before the offer expired
+      await waitFor(async () => (await stateOf(m, offer.transactionId)) === OrderState.ORDER_STATE_EXPIRED, 5_000, "the order to expire");
+      const r1 = defined((await m.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM })).receipt, "a receipt");
+      expect(r1.goods).to.match(/^licence key /);
+      expect(r1.psamCounter).to.equal(psamCounter);
+      expect(await stateOf(m, offer.transactionId)).to.equal(OrderState.ORDER_STATE_PAID);
+      const r2 = await m.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM });
+      expect(goodsOf(r2)).to.equal(r1.goods);
+      await sleep(300); // more sweeps: it stays PAID
+      expect(await stateOf(m, offer.transactionId)).to.equal(OrderState.ORDER_STATE_PAID);
+    });
+
+    it("at most N unpaid orders: beyond it RESOURCE_EXHAUSTED (TOO_MANY_ORDERS) with a RetryInfo; room again as orders expire", async () => {
+      const m = await shopWith({ offerTtlMs: 1_000, expiryGraceMs: 100, retentionMs: 60_000, sweepEveryMs: 50, maxUnpaidOrders: 2 });
+      const paid = await create(m);
+      const unpaid = [await create(m)];
+      let refused: unknown;
+      await m.createOrder({ productId: "song-1" }).catch((e: unknown) => (refused = e));
+      expect(refused).to.be.instanceOf(ClientError);
+      expect((refused as ClientError).code).to.equal(Status.RESOURCE_EXHAUSTED);
+      expect(reasonName(reasonOf(refused) ?? 0)).to.equal("ERROR_REASON_TOO_MANY_ORDERS");
+      expect(retryAfterMsOf(refused)).to.equal(1_000);
+      // A paid order does not count: it frees its place at once.
+      const card = await openCard(net.cardPath);
+      const issued = openIssued(paid, await net.clients.payment.processDrawRequest(await drawRequestFor(card, paid)));
+      const debit = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), termsOf(paid).amountMinor));
+      const done = await net.clients.payment.completePurchase(completeRequest(paid, { sw: debit.sw, raw: debit.raw, token: issued.completionToken }));
+      await m.completeOrder({ transactionId: paid.transactionId, debitResultM: done.debitResultM });
+      unpaid.push(await create(m));
+      expect(await failure(m.createOrder({ productId: "song-1" }))).to.include({ code: "RESOURCE_EXHAUSTED", reason: "TOO_MANY_ORDERS" });
+      // Unpaid ones free theirs once they expire: then two more fit, and a third does not.
+      for (const o of unpaid)
+        await waitFor(async () => (await stateOf(m, o.transactionId)) === OrderState.ORDER_STATE_EXPIRED, 5_000, "the unpaid orders to expire");
+      await m.createOrder({ productId: "song-1" });
+      await m.createOrder({ productId: "song-1" });
+      expect(await failure(m.createOrder({ productId: "song-1" }))).to.include({ code: "RESOURCE_EXHAUSTED", reason: "TOO_MANY_ORDERS" });
+    });
   });
 });

@@ -232,15 +232,16 @@ describe("contract: confirmation modes and the encryption layer", function () {
 
     it("a client that changes the amount or the merchant id of the draw request", async () => {
       const o = await offerAt("merchant-shop", "ebook-grpc");
-      // Cheaper: the debit result M says what was really drawn, and the merchant sees it is not the order's amount.
+      // Cheaper: the ETSK binds the offer's amount, so the payment server refuses before any PSAM signs (nothing debited).
       const dr = await plainDrawRequest(card, o);
       dr.amount = { ...dr.amount!, amountMinor: 1n };
-      const r = await net.clients.payment.processDrawRequest(sealDrawRequest(o, dr));
-      const issued = openIssued(o, r);
-      const debit = await card.debit(Buffer.from(issued.debitCommand));
-      const f = await failure(shop("merchant-shop").completeOrder({ transactionId: o.transactionId, debitResultM: r.debitResultM, debitResponse: debit.raw }));
-      expect(f).to.include({ code: "PERMISSION_DENIED", reason: "CONFIRMATION_MISMATCH" });
+      const t0 = await totals();
+      const before = (await card.readPurse()).balance;
+      const f = await failure(net.clients.payment.processDrawRequest(sealDrawRequest(o, dr)));
+      expect(f).to.include({ code: "PERMISSION_DENIED", reason: "OFFER_MISMATCH" });
       expect(f.details).to.contain("amount");
+      expect((await totals()).counter).to.equal(t0.counter);
+      expect((await card.readPurse()).balance).to.equal(before);
       expect(await orderState("merchant-shop", o)).to.equal(OrderState.ORDER_STATE_OFFERED);
       // Another merchant: this offer's ETSK does not open under that merchant's key.
       const o2 = await offerAt("merchant-shop");

@@ -17,6 +17,7 @@ import { withOriginalAmount, type PurseReader } from "../../client/card/purse-re
 import { Issuer } from "../../services/issuer/issuer.js";
 import { completeRequest, drawRequestFor, failure, openCard, openIssued, openResultC, plainDrawRequest, sealDrawRequest } from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
+import { grantedOffer } from "../support/offers.js";
 import { openResultM, psamTotals } from "../support/payment.js";
 
 describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", function () {
@@ -225,9 +226,9 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     const usd = await newCard({ currency: 840, name: "usd" });
     const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(usd, await offer())));
     expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
-    // An offer in the card's currency, which no PSAM here accepts.
-    const o2 = await offer();
-    const g = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(usd, { ...o2, amount: { ...o2.amount!, currency: 840 } })));
+    // An offer in the card's currency (granted by the merchant's validation service), which no PSAM here accepts.
+    const o2 = await grantedOffer(net, await offer(), { amount: { amountMinor: 250n, currency: 840, exponent: 2 } });
+    const g = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(usd, o2)));
     expect(g).to.include({ code: "FAILED_PRECONDITION", reason: "CURRENCY_MISMATCH" });
     expect(g.details).to.contain("no PSAM in the pool accepts currency 840");
     expect(await balance(usd)).to.equal(10_000);
@@ -286,8 +287,12 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
   it("the same transaction id with other content gets ALREADY_EXISTS", async () => {
     const o = await offer();
     await net.clients.payment.processDrawRequest(await drawRequestFor(card, o));
-    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, { ...o, amount: { ...o.amount!, amountMinor: 1n } })));
+    // The same offer with the card's answer to a second INITIALIZE (a new challenge).
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, o)));
     expect(f).to.include({ code: "ALREADY_EXISTS", reason: "TRANSACTION_ID_REUSED" });
+    // Other terms than the offer's are refused before the transaction is even looked up (offer-binding.test.ts).
+    const g = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, { ...o, amount: { ...o.amount!, amountMinor: 1n } })));
+    expect(g).to.include({ code: "PERMISSION_DENIED", reason: "OFFER_MISMATCH" });
   });
 
   it("only the client that sent the draw request can complete it: another party's card error does not reverse the purchase", async () => {

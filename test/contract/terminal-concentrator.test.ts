@@ -1,9 +1,11 @@
 // Contract of netpurse.terminal.v1.TerminalConcentratorService: the real
-// concentrator on loopback, with the test acting as terminal hosts and
-// payment servers on raw bidirectional streams through the generated client.
+// concentrator on loopback over mutual TLS, with the test acting as terminal
+// hosts, payment servers and operators on raw bidirectional streams through
+// the generated client, each with a certificate of its own; and as hostile
+// peers with the wrong certificate, none, or another's identity.
 
 import { expect } from "chai";
-import { ClientError, Status, type Client } from "nice-grpc";
+import { ClientError, Status, type Channel, type Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
@@ -20,7 +22,15 @@ import {
   type PsamSlot,
 } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { startConcentrator } from "../../services/concentrator/server.js";
-import { waitFor } from "../support/network.js";
+import { writeJsonAtomic } from "../../lib/files.js";
+import { CertificateAuthority } from "../../lib/pki/authority.js";
+import type { Kind } from "../../lib/pki/identity.js";
+import { pkiDirOf } from "../../lib/pki/security.js";
+import { tempDir } from "../support/fixtures.js";
+import { failure } from "../support/card-client.js";
+import type { ClientTls } from "../../lib/grpc/tls.js";
+import { testSecurity, waitFor, type TestSecurity } from "../support/network.js";
+import { join } from "node:path";
 
 /** One end of a bidirectional stream: what we send, and what arrived. */
 class Peer<Out, In> {
@@ -93,23 +103,71 @@ const job = (id: string, terminalId: string, psam: string): PsamJob => ({
   task: { $case: "reverseDebit", value: { psamCounter: 1 } },
 });
 
+type ConcentratorClient = Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>;
+
+/** The PSAMs the issuer provisioned, by terminal, for these tests. */
+const REGISTRY = {
+  psams: [
+    { psamId: "00000001", terminalId: "t1" },
+    { psamId: "00000002", terminalId: "t1" },
+    { psamId: "000000aa", terminalId: "t-silent" },
+    { psamId: "000000b1", terminalId: "t2" },
+  ],
+};
+
 describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function () {
   this.timeout(30_000);
   let c: Awaited<ReturnType<typeof startConcentrator>>;
-  let client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>;
+  let dir: string, cleanup: () => Promise<void>;
+  let security: TestSecurity;
+  const clients = new Map<string, ConcentratorClient>();
+  const channels: Channel[] = [];
   const peers: Peer<unknown, unknown>[] = [];
+  /** The operator's client (ListTerminals). */
+  let client: ConcentratorClient;
+
+  before(async () => {
+    ({ dir, cleanup } = await tempDir());
+    await CertificateAuthority.init(pkiDirOf(dir));
+    security = await testSecurity(dir);
+    await writeJsonAtomic(join(dir, "psams.json"), REGISTRY);
+  });
+  after(async () => cleanup());
 
   beforeEach(async () => {
-    c = await startConcentrator({ listen: "127.0.0.1:0", keepaliveIntervalMs: 300, paymentServerWindow: 3 });
-    client = clientFactory().create(TerminalConcentratorServiceDefinition, openChannel(c.address, { maxMessageBytes: 256 * 1024 }));
+    c = await startConcentrator({
+      security: await security.of("concentrator", "concentrator-1"),
+      psamRegistry: join(dir, "psams.json"),
+      listen: "127.0.0.1:0",
+      keepaliveIntervalMs: 300,
+      paymentServerWindow: 3,
+    });
+    client = await as("operator", "operator");
   });
   afterEach(async () => {
     for (const p of peers.splice(0)) p.close();
+    for (const ch of channels.splice(0)) ch.close();
+    clients.clear();
     await c.close();
   });
 
-  function terminal(id: string, slots: PsamSlot[], window = 4, answerPings = true) {
-    const p = new Peer<AttachTerminalRequest, TIn>((out, signal) => client.attachTerminal(out, { signal }));
+  /** A client of the concentrator holding the certificate of `kind`/`id` (or none). */
+  async function as(kind: Kind | "anonymous", id = ""): Promise<ConcentratorClient> {
+    const key = `${kind}/${id}`;
+    const known = clients.get(key);
+    if (known) return known;
+    const sec = kind === "anonymous" ? security.cardholder : await security.of(kind, id);
+    const ch = openChannel(c.address, sec.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 });
+    channels.push(ch);
+    const made = clientFactory().create(TerminalConcentratorServiceDefinition, ch);
+    clients.set(key, made);
+    return made;
+  }
+
+  /** A terminal host `id` attached with its own certificate (or with `cert`'s, to claim another identity). */
+  async function terminal(id: string, slots: PsamSlot[], window = 4, answerPings = true, cert = id) {
+    const t = await as("terminal", cert);
+    const p = new Peer<AttachTerminalRequest, TIn>((out, signal) => t.attachTerminal(out, { signal }));
     peers.push(p as Peer<unknown, unknown>);
     p.send({ message: { $case: "hello", value: { terminalId: id, slots, window } } });
     if (answerPings) {
@@ -125,10 +183,17 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     return p;
   }
 
-  function paymentServer(id: string) {
-    const p = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => client.connectPaymentServer(out, { signal }));
+  async function paymentServer(id: string, cert = id) {
+    const ps = await as("payment", cert);
+    const p = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => ps.connectPaymentServer(out, { signal }));
     peers.push(p as Peer<unknown, unknown>);
     p.send({ message: { $case: "hello", value: { paymentServerId: id, window: 16 } } });
+    const t = setInterval(() => {
+      const k = p.received.findIndex((m) => m.message?.$case === "ping");
+      const ping = k >= 0 ? p.received.splice(k, 1)[0] : undefined;
+      if (ping?.message?.$case === "ping") p.send({ message: { $case: "pong", value: { nonce: ping.message.value.nonce } } });
+      if (p.ended !== null) clearInterval(t);
+    }, 20);
     return p;
   }
 
@@ -144,15 +209,15 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
           statusWord: 0x9000,
           message: "",
           slot: undefined,
-          outcome: { $case: "debitReversed", value: { psamCounter: 1 } },
+          outcome: { $case: "debitReversed", value: { psamCounter: 1, reversalMac: Buffer.alloc(8) } },
         },
       },
     });
 
   it("welcomes a terminal, tells payment servers about it, and lists it for operators", async () => {
-    const t = terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
     await t.next((m): m is TIn => m.message?.$case === "welcome");
-    const ps = paymentServer("ps1");
+    const ps = await paymentServer("ps1");
     await ps.next((m): m is PIn => m.message?.$case === "welcome");
     const u = await ps.next(isPool);
     expect(u.message.value.terminal?.terminalId).to.equal("t1");
@@ -163,8 +228,8 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("routes a job by its terminal id and the result back, under the payment server's own job id", async () => {
-    const t = terminal("t1", [slot(0, "00000001")]);
-    const ps = paymentServer("ps1");
+    const t = await terminal("t1", [slot(0, "00000001")]);
+    const ps = await paymentServer("ps1");
     await ps.next(isPool);
     ps.send({ message: { $case: "job", value: job("my-job-1", "t1", "00000001") } });
     const got = await t.next(isJob);
@@ -177,8 +242,8 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("answers NO_SUCH_PSAM for an unknown terminal or PSAM, INVALID for a job without a task", async () => {
-    terminal("t1", [slot(0, "00000001")]);
-    const ps = paymentServer("ps1");
+    await terminal("t1", [slot(0, "00000001")]);
+    const ps = await paymentServer("ps1");
     await ps.next(isPool);
     ps.send({ message: { $case: "job", value: job("a", "t9", "00000001") } });
     expect((await ps.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM);
@@ -189,9 +254,9 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("leases a PSAM to one payment server until it releases it (SLOT_BUSY for the other)", async () => {
-    const t = terminal("t1", [slot(0, "00000001")]);
-    const a = paymentServer("psA");
-    const b = paymentServer("psB");
+    const t = await terminal("t1", [slot(0, "00000001")]);
+    const a = await paymentServer("psA");
+    const b = await paymentServer("psB");
     await a.next(isPool);
     await b.next(isPool);
     a.send({ message: { $case: "job", value: job("a1", "t1", "00000001") } });
@@ -213,8 +278,8 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("keeps a terminal's window: jobs beyond it wait at the concentrator, in order", async () => {
-    const t = terminal("t1", [slot(0, "00000001"), slot(1, "00000002")], 1);
-    const ps = paymentServer("ps1");
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")], 1);
+    const ps = await paymentServer("ps1");
     await ps.next(isPool);
     ps.send({ message: { $case: "job", value: job("j1", "t1", "00000001") } });
     ps.send({ message: { $case: "job", value: job("j2", "t1", "00000002") } });
@@ -230,8 +295,8 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("answers WINDOW_EXCEEDED to a payment server with more jobs in flight than its window", async () => {
-    terminal("t1", [slot(0, "00000001")], 1);
-    const ps = paymentServer("ps1");
+    await terminal("t1", [slot(0, "00000001")], 1);
+    const ps = await paymentServer("ps1");
     await ps.next(isPool);
     for (const id of ["w1", "w2", "w3", "w4"]) ps.send({ message: { $case: "job", value: job(id, "t1", "00000001") } });
     const r = await ps.next(isResult);
@@ -239,8 +304,8 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("answers TERMINAL_LOST for jobs in flight when a terminal's stream ends, and tells payment servers it detached", async () => {
-    const t = terminal("t1", [slot(0, "00000001"), slot(1, "00000002")], 1);
-    const ps = paymentServer("ps1");
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")], 1);
+    const ps = await paymentServer("ps1");
     await ps.next(isPool);
     ps.send({ message: { $case: "job", value: job("sent", "t1", "00000001") } });
     ps.send({ message: { $case: "job", value: job("queued", "t1", "00000002") } });
@@ -257,17 +322,30 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("drops a terminal that stops answering keepalive pings", async () => {
-    const t = terminal("t-silent", [slot(0, "00000001")], 1, false);
+    const t = await terminal("t-silent", [slot(0, "000000aa")], 1, false);
     await waitFor(() => t.ended !== null, 5_000, "the silent terminal's stream to end");
     expect(t.ended).to.be.instanceOf(ClientError);
     expect((t.ended as ClientError).code).to.equal(Status.UNAVAILABLE);
     expect((await client.listTerminals({})).terminals).to.have.length(0);
   });
 
-  it("replaces an older stream when a terminal attaches again", async () => {
-    const old = terminal("t1", [slot(0, "00000001")]);
+  it("a second stream under an attached terminal's identity is refused while the first answers its pings", async () => {
+    const old = await terminal("t1", [slot(0, "00000001")]);
     await old.next((m): m is TIn => m.message?.$case === "welcome");
-    const fresh = terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const hijack = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    await waitFor(() => hijack.ended !== null, 5_000, "the second stream to be refused");
+    expect((hijack.ended as ClientError).code).to.equal(Status.ALREADY_EXISTS);
+    expect((hijack.ended as ClientError).details).to.contain("answers its pings");
+    expect(old.ended).to.equal(null);
+    const list = await client.listTerminals({});
+    expect(list.terminals).to.have.length(1);
+    expect(list.terminals[0]!.slots).to.have.length(1); // the first stream's view stands
+  });
+
+  it("replaces an older stream that no longer answers its pings when the terminal attaches again", async () => {
+    const old = await terminal("t1", [slot(0, "00000001")], 4, false);
+    await old.next((m): m is TIn => m.message?.$case === "welcome");
+    const fresh = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
     await fresh.next((m): m is TIn => m.message?.$case === "welcome");
     await waitFor(() => old.ended !== null, 5_000, "the old stream to end");
     const list = await client.listTerminals({});
@@ -276,20 +354,156 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
   });
 
   it("refuses a stream that does not start with a hello, and a malformed hello", async () => {
-    const p = new Peer<AttachTerminalRequest, TIn>((out, signal) => client.attachTerminal(out, { signal }));
+    const t1 = await as("terminal", "t1");
+    const p = new Peer<AttachTerminalRequest, TIn>((out, signal) => t1.attachTerminal(out, { signal }));
     peers.push(p as Peer<unknown, unknown>);
     p.send({ message: { $case: "pong", value: { nonce: 1n } } });
     await waitFor(() => p.ended !== null);
     expect((p.ended as ClientError).code).to.equal(Status.INVALID_ARGUMENT);
 
-    const bad = terminal("bad id with spaces", [slot(0, "00000001")]);
+    const bad = await terminal("bad id with spaces", [slot(0, "00000001")], 4, true, "t1");
     await waitFor(() => bad.ended !== null);
     expect((bad.ended as ClientError).code).to.equal(Status.INVALID_ARGUMENT);
 
-    const q = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => client.connectPaymentServer(out, { signal }));
+    const ps1 = await as("payment", "ps1");
+    const q = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => ps1.connectPaymentServer(out, { signal }));
     peers.push(q as Peer<unknown, unknown>);
     q.send({ message: { $case: "job", value: job("x", "t1", "00000001") } });
     await waitFor(() => q.ended !== null);
     expect((q.ended as ClientError).code).to.equal(Status.INVALID_ARGUMENT);
+  });
+
+  // ---- trust: a peer is trusted only for what its certificate proves ----------
+
+  /** How a stream ended: its gRPC code and message. */
+  const endOf = async (p: { ended: Error | undefined | null }) => {
+    await waitFor(() => p.ended !== null, 5_000, "the stream to end");
+    const e = p.ended as ClientError;
+    return { code: Status[e.code], details: e.details };
+  };
+
+  it("a terminal may attach only under the identity its certificate proves", async () => {
+    const t = await terminal("t1", [slot(0, "00000001")], 4, true, "t2");
+    expect(await endOf(t)).to.deep.include({ code: "PERMISSION_DENIED" });
+    expect((await endOf(t)).details).to.contain("you may attach only as t2");
+    expect((await client.listTerminals({})).terminals).to.have.length(0);
+  });
+
+  it("a terminal may announce only the PSAMs the issuer provisioned for it", async () => {
+    const madeUp = await terminal("t1", [slot(0, "00000001"), slot(1, "000000ff")]);
+    expect(await endOf(madeUp)).to.deep.include({ code: "PERMISSION_DENIED" });
+    const anothers = await terminal("t1", [slot(0, "000000b1")]);
+    expect((await endOf(anothers)).details).to.contain("not provisioned for terminal t1");
+    const honest = await terminal("t1", [slot(0, "00000001")]);
+    await honest.next((m): m is TIn => m.message?.$case === "welcome");
+    honest.send({ message: { $case: "slotUpdate", value: { slot: slot(5, "000000ff") } } });
+    expect(await endOf(honest)).to.deep.include({ code: "PERMISSION_DENIED" }); // nor slip one in later
+    expect((await client.listTerminals({})).terminals).to.have.length(0);
+  });
+
+  it("only a payment server may connect as one, and only as itself", async () => {
+    const asTerminal = await as("terminal", "t1");
+    const p = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => asTerminal.connectPaymentServer(out, { signal }));
+    peers.push(p as Peer<unknown, unknown>);
+    p.send({ message: { $case: "hello", value: { paymentServerId: "payment-1", window: 16 } } });
+    expect(await endOf(p)).to.deep.include({ code: "PERMISSION_DENIED" });
+    const impostor = await paymentServer("psB", "psA");
+    expect((await endOf(impostor)).details).to.contain("you may connect only as psA");
+  });
+
+  it("strangers read nothing: ListTerminals needs an operator's certificate", async () => {
+    await terminal("t1", [slot(0, "00000001")]);
+    expect(await failure((await as("anonymous")).listTerminals({}))).to.include({ code: "UNAUTHENTICATED", reason: "UNAUTHENTICATED" });
+    expect(await failure((await as("terminal", "t1")).listTerminals({}))).to.include({ code: "PERMISSION_DENIED", reason: "NOT_ALLOWED" });
+    expect(await failure((await as("payment", "ps1")).listTerminals({}))).to.include({ code: "PERMISSION_DENIED", reason: "NOT_ALLOWED" });
+    expect((await client.listTerminals({})).terminals).to.have.length(1);
+  });
+
+  it("a certificate of another authority, or a revoked one, proves nothing", async () => {
+    const { dir: otherDir, cleanup: done } = await tempDir();
+    try {
+      await CertificateAuthority.init(pkiDirOf(otherDir));
+      const forged = await (await testSecurity(otherDir)).of("operator", "operator");
+      // It trusts our CA for the server, but presents a certificate our CA never issued.
+      const ch = openChannel(c.address, {
+        tls: { ...(security.cardholder.channel({ kind: "concentrator" }) as { tls: ClientTls }).tls, identity: forged.clientIdentity() },
+      });
+      channels.push(ch);
+      expect(await failure(clientFactory().create(TerminalConcentratorServiceDefinition, ch).listTerminals({}))).to.include({ code: "UNAUTHENTICATED" });
+    } finally {
+      await done();
+    }
+    const auditor = await as("operator", "auditor");
+    expect((await auditor.listTerminals({})).terminals).to.have.length(0); // valid until revoked
+    const t2 = await terminal("t2", [slot(0, "000000b1")]);
+    await t2.next((m): m is TIn => m.message?.$case === "welcome");
+    await security.authority.revoke({ kind: "operator", id: "auditor" }, "key-compromise");
+    await security.authority.revoke({ kind: "terminal", id: "t2" }, "key-compromise");
+    expect(await endOf(t2)).to.deep.include({ code: "UNAUTHENTICATED" }); // its stream, opened before, ends too
+    expect(await failure(auditor.listTerminals({}))).to.include({ code: "UNAUTHENTICATED" }); // and a call on a connection opened before
+    await waitFor(
+      async () => {
+        const fresh = openChannel(c.address, (await security.of("operator", "auditor")).channel({ kind: "concentrator" }));
+        channels.push(fresh);
+        const f = await failure(clientFactory().create(TerminalConcentratorServiceDefinition, fresh).listTerminals({}));
+        return f.code === "UNAUTHENTICATED";
+      },
+      10_000,
+      "the revoked certificate to be refused",
+    );
+  });
+
+  it("a payment server holds no more than its share of the pool while others are connected", async () => {
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const a = await paymentServer("psA");
+    const b = await paymentServer("psB");
+    await a.next(isPool);
+    await b.next(isPool);
+    a.send({ message: { $case: "job", value: job("a1", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await a.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    a.send({ message: { $case: "job", value: job("a2", "t1", "00000002") } }); // a hog's second PSAM of two
+    const refused = (await a.next(isResult)).message.value;
+    expect(refused.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY);
+    expect(refused.message).to.contain("its share of the pool");
+    b.send({ message: { $case: "job", value: job("b1", "t1", "00000002") } }); // the other still gets one
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await b.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+  });
+
+  it("takes back a lease held past the longest a lease may last, and answers jobs that waited too long in a queue", async () => {
+    await c.close();
+    c = await startConcentrator({
+      security: await security.of("concentrator", "concentrator-1"),
+      psamRegistry: join(dir, "psams.json"),
+      listen: "127.0.0.1:0",
+      keepaliveIntervalMs: 300,
+      maxLeaseMs: 400,
+      queuedJobTtlMs: 400,
+    });
+    clients.clear();
+    client = await as("operator", "operator");
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")], 1);
+    const hog = await paymentServer("psA");
+    const other = await paymentServer("psB");
+    await hog.next(isPool);
+    hog.send({ message: { $case: "job", value: job("h1", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    await hog.next(isResult); // leased, and never released
+    await other.next(
+      (m): m is PIn & { message: { $case: "poolUpdate" } } =>
+        isPool(m) && m.message.value.terminal?.slots.every((s) => s.state === PsamSlotState.PSAM_SLOT_STATE_READY) === true,
+      5_000,
+    );
+    expect((await client.listTerminals({})).paymentServers.find((p) => p.paymentServerId === "psA")?.psamsLeased).to.equal(0);
+    // A job queued behind the terminal's window of 1, never answered by the terminal, is answered by the concentrator.
+    hog.close(); // psB alone: the whole pool is its share
+    await waitFor(async () => (await client.listTerminals({})).paymentServers.length === 1);
+    other.send({ message: { $case: "job", value: job("o1", "t1", "00000001") } });
+    await t.next(isJob); // in flight, left unanswered
+    other.send({ message: { $case: "job", value: job("o2", "t1", "00000002") } });
+    const expired = (await other.next(isResult, 3_000)).message.value;
+    expect(expired).to.include({ jobId: "o2", status: PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED });
+    expect(expired.message).to.contain("not sent");
   });
 });

@@ -4,6 +4,7 @@
 
 import { expect } from "chai";
 import { startConcentrator } from "../../services/concentrator/server.js";
+import { psamRegistryPath } from "../../services/network/pki.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 
 describe("terminal host and payment server: reconnecting to the concentrator", function () {
@@ -20,7 +21,12 @@ describe("terminal host and payment server: reconnecting to the concentrator", f
     const address = net.concentrator.address;
     await net.concentrator.close();
     await waitFor(() => net.payment.pool.counts().total === 0, 5_000, "the payment server to forget the pool it lost");
-    replacement = await startConcentrator({ listen: address, keepaliveIntervalMs: 1_000 });
+    replacement = await startConcentrator({
+      security: await net.security.of("concentrator", "concentrator-1"),
+      psamRegistry: psamRegistryPath(net.data),
+      listen: address,
+      keepaliveIntervalMs: 1_000,
+    });
     await waitFor(
       async () => {
         const r = await net.clients.concentrator.listTerminals({});

@@ -72,7 +72,8 @@ describe("end to end: a purchase across separate processes", function () {
   });
 
   it("works through the netpurse CLI", async () => {
-    const env = { ...process.env, NETPURSE_LOG_LEVEL: "warn" };
+    // The CLI finds the installation's CA (to check the merchant) in the network's data folder.
+    const env = { ...process.env, NETPURSE_LOG_LEVEL: "warn", NETPURSE_DATA: net.dir };
     const opts = ["--daemon", net.addresses.clientDaemon!];
     const shop = await run(join(ROOT, "bin/netpurse"), ["shop", "--merchant", net.addresses["merchant:demo-shop"]!], { env });
     expect(shop.stdout).to.contain("song-1");
@@ -99,9 +100,10 @@ describe("end to end: a load across separate processes, through the CLI", functi
   before(async () => (net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] })));
   after(async () => net?.close());
 
-  const env = { ...process.env, NETPURSE_LOG_LEVEL: "warn" };
-  const netpurse = (...args: string[]) => run(join(ROOT, "bin/netpurse"), [...args, "--daemon", net.addresses.clientDaemon!], { env });
-  const statement = () => run(join(ROOT, "bin/netpurse-bank"), ["statement", "demo-account", "--bank", net.addresses.bank!], { env });
+  // The CLIs find the installation's CA (to check the bank and merchants) in the network's data folder.
+  const env = () => ({ ...process.env, NETPURSE_LOG_LEVEL: "warn", NETPURSE_DATA: net.dir });
+  const netpurse = (...args: string[]) => run(join(ROOT, "bin/netpurse"), [...args, "--daemon", net.addresses.clientDaemon!], { env: env() });
+  const statement = () => run(join(ROOT, "bin/netpurse-bank"), ["statement", "demo-account", "--bank", net.addresses.bank!], { env: env() });
 
   it("loads the card from the bank account; the bank's statement shows the debit", async () => {
     const before = (await net.clients.cardholder.getCard({})).purse!;

@@ -34,6 +34,7 @@ import { startBankServer } from "../../services/bank/server.js";
 import { startLoadServer } from "../../services/load/server.js";
 import { CrashingLoadJournal, EUR, freshCardholder, LOAD_STEPS, loadRequest, offerFor, zeroValue, type LoadStep } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
+import { DEMO_BANK } from "../../services/network/layout.js";
 
 const RUNS = Number(process.env.NETPURSE_INVARIANT_RUNS ?? 1000);
 
@@ -88,11 +89,16 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     if (which === "load") {
       const address = net.load.address;
       await net.load.close();
-      net.load = await startLoadServer({ listen: address, dir: net.paths.load });
+      net.load = await startLoadServer({ security: await net.security.of("load", "load-1"), listen: address, dir: net.paths.load });
     } else {
       const address = net.bank.address;
       await net.bank.close();
-      net.bank = await startBankServer({ listen: address, dir: net.paths.bank, loadServer: net.load.address });
+      net.bank = await startBankServer({
+        security: await net.security.of("bank", DEMO_BANK.bankId),
+        listen: address,
+        dir: net.paths.bank,
+        loadServer: net.load.address,
+      });
     }
   }
 
@@ -129,6 +135,7 @@ describe("invariant: bank debits, card credits and purchases agree after random 
       journal: new SqliteJournal(db),
       loads,
       log: createLogger("invariant-client"),
+      security: net.security.cardholder,
     });
     try {
       for (const a of actions) {

@@ -11,7 +11,8 @@ import { startClientDaemon } from "../../client/daemon/server.js";
 import { startConcentrator } from "../../services/concentrator/server.js";
 import { startMerchantValidation } from "../../services/merchant-validation/server.js";
 import { startMerchant } from "../../services/merchant/server.js";
-import { DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
+import { DEMO_BANK, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
+import { psamRegistryPath } from "../../services/network/pki.js";
 import { startPaymentServer } from "../../services/payment/server.js";
 import { startTerminalHost } from "../../services/terminal/server.js";
 import { startBankServer } from "../../services/bank/server.js";
@@ -19,6 +20,11 @@ import { startLoadServer } from "../../services/load/server.js";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { tempDir } from "./fixtures.js";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
+import type { Kind } from "../../lib/pki/identity.js";
+import { pkiDirOf, Security } from "../../lib/pki/security.js";
 
 export interface NetworkOptions {
   terminals?: { id: string; psams: number; answerDelayMs?: number }[];
@@ -40,10 +46,17 @@ export async function startNetwork(o: NetworkOptions = {}) {
     card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
   });
   const p = paths(data);
-  const concentrator = await startConcentrator({ listen: "127.0.0.1:0", keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000 });
+  const security = await testSecurity(data);
+  const concentrator = await startConcentrator({
+    security: await security.of("concentrator", "concentrator-1"),
+    psamRegistry: psamRegistryPath(data),
+    listen: "127.0.0.1:0",
+    keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000,
+  });
   const hosts = new Map<string, Awaited<ReturnType<typeof startTerminalHost>>>();
   const startHost = async (t: { id: string; answerDelayMs?: number }) => {
     const h = await startTerminalHost({
+      security: await security.of("terminal", t.id),
       terminalId: t.id,
       concentrator: concentrator.address,
       dir: p.terminal(t.id),
@@ -55,6 +68,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
   };
   for (const t of terminals) await startHost(t);
   const payment = await startPaymentServer({
+    security: await security.of("payment", "payment-1"),
     listen: "127.0.0.1:0",
     dir: p.payment,
     concentrator: concentrator.address,
@@ -66,26 +80,50 @@ export async function startNetwork(o: NetworkOptions = {}) {
   });
   await payment.whenConnected();
   await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));
-  const validation = await startMerchantValidation({ listen: "127.0.0.1:0", dir: p.validation, paymentServer: payment.address, reportEveryMs: 500 });
+  const validation = await startMerchantValidation({
+    security: await security.of("validation", "validation-1"),
+    listen: "127.0.0.1:0",
+    dir: p.validation,
+    paymentServer: payment.address,
+    reportEveryMs: 500,
+  });
   const shops = await Promise.all(
-    DEMO_SHOPS.map((d) =>
-      startMerchant({ listen: "127.0.0.1:0", dir: p.merchant(d.shop.merchantId), validation: validation.address, paymentServer: payment.address }),
+    DEMO_SHOPS.map(async (d) =>
+      startMerchant({
+        security: await security.of("merchant", d.shop.merchantId),
+        listen: "127.0.0.1:0",
+        dir: p.merchant(d.shop.merchantId),
+        validation: validation.address,
+        paymentServer: payment.address,
+      }),
     ),
   );
   const merchant = shops[0]!;
-  const load = await startLoadServer({ listen: "127.0.0.1:0", dir: p.load });
-  const bank = await startBankServer({ listen: "127.0.0.1:0", dir: p.bank, loadServer: load.address });
-  const daemon = await startClientDaemon({ listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
+  const load = await startLoadServer({ security: await security.of("load", "load-1"), listen: "127.0.0.1:0", dir: p.load });
+  const bank = await startBankServer({ security: await security.of("bank", DEMO_BANK.bankId), listen: "127.0.0.1:0", dir: p.bank, loadServer: load.address });
+  const daemon = await startClientDaemon({ security: security.cardholder, listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
 
   const factory = clientFactory();
-  const channels = [payment, merchant, validation, concentrator, daemon, bank, load].map((s) => openChannel(s.address));
+  // The tests call as the parts that may call each RPC: the operator (records, the pool), a merchant (its validation), the public (the rest).
+  const operator = await security.of("operator", "operator");
+  const asMerchant = await security.of("merchant", DEMO_SHOP.merchantId);
+  const channels = [
+    openChannel(payment.address, operator.channel({ kind: "payment" })),
+    openChannel(merchant.address, security.cardholder.channel({ kind: "merchant" })),
+    openChannel(validation.address, asMerchant.channel({ kind: "validation" })),
+    openChannel(concentrator.address, operator.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 }),
+    openChannel(daemon.address, { insecure: true }),
+    openChannel(bank.address, security.cardholder.channel({ kind: "bank" })),
+    openChannel(load.address, security.cardholder.channel({ kind: "load" })),
+  ];
   const [pc, mc, vc, cc, dc, bc, lc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
-  const shopChannels = shops.map((s) => openChannel(s.address));
+  const shopChannels = shops.map((s) => openChannel(s.address, security.cardholder.channel({ kind: "merchant" })));
   /** The demo shop of each confirmation mode, by merchant id. */
   const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
   const net = {
     data,
     paths: p,
+    security,
     cardPath,
     concentrator,
     hosts,
@@ -133,3 +171,25 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs 
     await new Promise((r) => setTimeout(r, 25));
   }
 }
+
+/**
+ * The test network's certificates: what ensureDemoData made, and a key and
+ * certificate for any other identity a test plays (issued on first use).
+ */
+export async function testSecurity(data: string) {
+  const dir = pkiDirOf(data);
+  const ca = await CertificateAuthority.open(dir);
+  return {
+    dir,
+    /** A cardholder's view: the CA bundle only. */
+    cardholder: await Security.forCardholder(join(dir, "ca.crt"), ca.trustDomain),
+    /** The security of a service with this identity. */
+    async of(kind: Kind, id: string): Promise<Security> {
+      if (!existsSync(pkiPaths(dir).cert({ kind, id }))) await ca.issue({ kind, id });
+      return Security.forService(dir, { kind, id });
+    },
+    authority: ca,
+  };
+}
+
+export type TestSecurity = Awaited<ReturnType<typeof testSecurity>>;

@@ -10,7 +10,8 @@ import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
 import { launchNetwork, Launcher, SCRIPTS } from "../../services/network/launcher.js";
 import { tempDir } from "./fixtures.js";
-import { waitFor } from "./network.js";
+import { testSecurity, waitFor } from "./network.js";
+import type { ChannelSecurity } from "../../lib/pki/security.js";
 
 export interface E2EOptions {
   terminals: { id: string; psams: number; start?: boolean; args?: string[] }[];
@@ -33,13 +34,16 @@ export async function launchE2E(o: E2EOptions) {
     ...(o.paymentArgs ? { paymentArgs: o.paymentArgs } : {}),
   });
   const factory = clientFactory();
+  // The tests look at records and the pool as the operator, shop as a cardholder, and reach the daemon on loopback.
+  const security = await testSecurity(dir);
+  const operator = await security.of("operator", "operator");
   const channels = new Map<string, ReturnType<typeof openChannel>>();
-  const ch = (a: string) => channels.get(a) ?? channels.set(a, openChannel(a, { maxMessageBytes: 256 * 1024 })).get(a)!;
+  const ch = (a: string, s: ChannelSecurity) => channels.get(a) ?? channels.set(a, openChannel(a, s, { maxMessageBytes: 256 * 1024 })).get(a)!;
   const clients = () => ({
-    payment: factory.create(PaymentServiceDefinition, ch(addresses.payment!)),
-    merchant: factory.create(MerchantServiceDefinition, ch(addresses[`merchant:${DEMO_SHOP.merchantId}`]!)),
-    cardholder: factory.create(CardholderServiceDefinition, ch(addresses.clientDaemon!)),
-    concentrator: factory.create(TerminalConcentratorServiceDefinition, ch(addresses.concentrator!)),
+    payment: factory.create(PaymentServiceDefinition, ch(addresses.payment!, operator.channel({ kind: "payment" }))),
+    merchant: factory.create(MerchantServiceDefinition, ch(addresses[`merchant:${DEMO_SHOP.merchantId}`]!, security.cardholder.channel({ kind: "merchant" }))),
+    cardholder: factory.create(CardholderServiceDefinition, ch(addresses.clientDaemon!, { insecure: true })),
+    concentrator: factory.create(TerminalConcentratorServiceDefinition, ch(addresses.concentrator!, operator.channel({ kind: "concentrator" }))),
   });
   const c = clients();
   const attached = async (ids: string[]) =>

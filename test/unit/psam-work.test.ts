@@ -28,13 +28,16 @@ describe("PSAM work: a held PSAM whose hold times out", () => {
       // Never started: the hold and its release do not send anything to the concentrator.
       const link = new ConcentratorLink({
         address: "127.0.0.1:1",
+        channel: { insecure: true },
         paymentServerId: "payment-1",
         pool,
         log: createLogger("test"),
         onTerminal: () => undefined,
         onLateResult: () => undefined,
       });
-      const work = new PsamWork({ pool, link, store, log: createLogger("test"), holdTimeoutMs: 50, jobTimeoutMs: 1_000 });
+      // No job runs here, so no PSAM answer is checked: a security module that believes none will do.
+      const verdicts = { issued: () => false, verdict: () => false, reversed: () => false };
+      const work = new PsamWork({ pool, link, store, log: createLogger("test"), verdicts, holdTimeoutMs: 50, jobTimeoutMs: 1_000 });
       const lease = await pool.acquire({ currency: 978 }, Date.now() + 1_000);
       work.hold("0b6f1c1e-8c3d-4c39-9a57-2f7d4c1d9e20", lease);
       expect(pool.counts()).to.include({ free: 0, leased: 1 });

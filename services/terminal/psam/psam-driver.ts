@@ -9,12 +9,15 @@ import {
   CloseBatchResponse,
   DRAW_P1_RETURN_EXPECTED_SIGNATURE,
   DrawAmountCommand,
+  DrawAmountResponse,
+  DrawAmountResponseWithSignature,
   PendingDebitRecord,
   PSAM_AID,
   PSAM_CLA,
   PsamIns,
   PsamStatusResponse,
   ReverseDebitCommand,
+  ReverseDebitResponse,
   VerifyDebitCommand,
   VerifyDebitResponse,
   type DrawAmount,
@@ -22,6 +25,7 @@ import {
   type PsamStatus,
 } from "../../../lib/protocol/psam.js";
 import { DebitCommand } from "../../../lib/protocol/purse.js";
+import { LayoutError } from "../../../lib/protocol/layout.js";
 
 function cmd(ins: number, data: Buffer = Buffer.alloc(0), p1 = 0, p2 = 0): CommandApdu {
   return { cla: PSAM_CLA, ins, p1, p2, data, le: 256 };
@@ -44,12 +48,14 @@ export class PsamDriver {
   /**
    * Step 688: replays the card's answer to reset, its INITIALIZE FOR
    * PURCHASE response and the amount to the PSAM, one command at a time, and
-   * returns the DEBIT command (and the expected card signature when asked).
+   * returns the DEBIT command (and the expected card signature when asked)
+   * with the PSAM's MAC over it, for the payment server to check.
    */
   async issueDebitCommand(p: { cardAtr: Buffer; initializeResponse: Buffer; draw: DrawAmount; returnExpectedSignature: boolean }): Promise<{
     debitCommand: Buffer;
     psamCounter: number;
     expectedCardSignature?: Buffer;
+    issuedMac: Buffer;
   }> {
     await this.send(cmd(PsamIns.CARD_RESET, p.cardAtr), "CARD RESET");
     await this.send(cmd(PsamIns.INITIALIZE, p.initializeResponse), "INITIALIZE");
@@ -57,18 +63,29 @@ export class PsamDriver {
       cmd(PsamIns.DRAW_AMOUNT, DrawAmountCommand.encode(p.draw), p.returnExpectedSignature ? DRAW_P1_RETURN_EXPECTED_SIGNATURE : 0),
       "DRAW AMOUNT",
     );
-    const debitCommand = data.subarray(0, DebitCommand.size);
-    const psamCounter = DebitCommand.decode(debitCommand).psamCounter;
-    const expected = data.subarray(DebitCommand.size);
-    return { debitCommand, psamCounter, ...(expected.length ? { expectedCardSignature: expected } : {}) };
+    if (p.returnExpectedSignature) {
+      const r = decodeAnswer(() => DrawAmountResponseWithSignature.decode(data), "DRAW AMOUNT");
+      return {
+        debitCommand: r.debitCommand,
+        psamCounter: DebitCommand.decode(r.debitCommand).psamCounter,
+        expectedCardSignature: r.expectedCardSignature,
+        issuedMac: r.issuedMac,
+      };
+    }
+    const r = decodeAnswer(() => DrawAmountResponse.decode(data), "DRAW AMOUNT");
+    return { debitCommand: r.debitCommand, psamCounter: DebitCommand.decode(r.debitCommand).psamCounter, issuedMac: r.issuedMac };
   }
 
+  /** VERIFY DEBIT: the PSAM's verdict on the card's answer, with its MAC. */
   async verifyDebit(psamCounter: number, debitResponse: Buffer) {
-    return VerifyDebitResponse.decode(await this.send(cmd(PsamIns.VERIFY_DEBIT, VerifyDebitCommand.encode({ psamCounter, debitResponse })), "VERIFY DEBIT"));
+    const data = await this.send(cmd(PsamIns.VERIFY_DEBIT, VerifyDebitCommand.encode({ psamCounter, debitResponse })), "VERIFY DEBIT");
+    return decodeAnswer(() => VerifyDebitResponse.decode(data), "VERIFY DEBIT");
   }
 
-  async reverseDebit(psamCounter: number): Promise<void> {
-    await this.send(cmd(PsamIns.REVERSE_DEBIT, ReverseDebitCommand.encode({ psamCounter })), "REVERSE DEBIT");
+  /** REVERSE DEBIT: returns the PSAM's MAC saying the debit is cancelled. */
+  async reverseDebit(psamCounter: number): Promise<Buffer> {
+    const data = await this.send(cmd(PsamIns.REVERSE_DEBIT, ReverseDebitCommand.encode({ psamCounter })), "REVERSE DEBIT");
+    return decodeAnswer(() => ReverseDebitResponse.decode(data), "REVERSE DEBIT").reversalMac;
   }
 
   async readStatus(): Promise<PsamStatus> {
@@ -114,5 +131,15 @@ export class PsamDriver {
       out.push(r);
     }
     return out;
+  }
+}
+
+/** Decodes a PSAM's answer; one of the wrong length is the PSAM's failure, not the job's. */
+function decodeAnswer<T>(decode: () => T, what: string): T {
+  try {
+    return decode();
+  } catch (e) {
+    if (e instanceof LayoutError) throw new Error(`the PSAM's answer to ${what} is malformed: ${e.message}`, { cause: e });
+    throw e;
   }
 }

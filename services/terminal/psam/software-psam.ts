@@ -1,6 +1,9 @@
 // The software PSAM: the purchase security application module of docs/apdu.md.
 // It holds the issuer's purchase master keys (by version), checks the card,
 // signs the DEBIT command, verifies the card's signature and keeps the batch.
+// Every answer the payment server acts on (DEBIT command issued, the verdict
+// on the card's answer, a reversal) carries its MAC under the PSAM's verdict
+// key, so that nobody between the PSAM and the payment server can make one up.
 // Its state is a private JSON file written atomically before every answer
 // that changes it.
 
@@ -16,6 +19,9 @@ import {
   CloseBatchResponse,
   DRAW_P1_RETURN_EXPECTED_SIGNATURE,
   DrawAmountCommand,
+  DrawAmountResponse,
+  DrawAmountResponseWithSignature,
+  issuedMac,
   PendingDebitRecord,
   PSAM_AID,
   PSAM_ATR_HISTORICAL,
@@ -23,7 +29,10 @@ import {
   PsamIns,
   PsamStatusResponse,
   ReverseDebitCommand,
+  ReverseDebitResponse,
+  reversalMac,
   Verdict,
+  verdictMac,
   VerifyDebitCommand,
   VerifyDebitResponse,
 } from "../../../lib/protocol/psam.js";
@@ -79,6 +88,13 @@ export interface PsamFile {
   purchaseKeys: Record<string, string>;
   /** Key for the MACs over batch records and closed batches, hex. */
   batchKey: string;
+  /**
+   * Key for the MACs over its verdicts (DEBIT command issued, the verdict on
+   * the card's answer, a reversal), hex: diversified by the PSAM id from the
+   * issuer's verdict master key, which the payment operator's security module
+   * holds to check them.
+   */
+  verdictKey: string;
   /** Most records in the batch before it must be closed; open debits do not count (they have their own limit, MAX_OPEN_DEBITS). */
   batchCapacity: number;
   counter: number;
@@ -105,6 +121,16 @@ export interface SettledDebit {
   cardSignature?: string;
   /** The record MAC (recorded debits), hex. */
   recordMac?: string;
+  /**
+   * What the verdict MACs bind, for the same answer again: the debit's
+   * transaction, amount and currency, and the card's result code (recorded
+   * and declined debits). Absent in debits settled before the PSAM gave
+   * verdict MACs, which get no MACed answer again.
+   */
+  transactionRef?: string;
+  amount?: number;
+  currency?: number;
+  cardResult?: number;
 }
 
 const SETTLED_KEPT = 1024;
@@ -140,7 +166,14 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   }
 
   static async open(path: string, clock: () => Date = () => new Date()): Promise<SoftwarePsam> {
-    return new SoftwarePsam(path, await SoftwareApplication.load<PsamFile>(path, "PSAM"), clock);
+    const state = await SoftwareApplication.load<PsamFile>(path, "PSAM");
+    if (!isKeyHex(state.verdictKey)) {
+      throw new Error(
+        `${path}: PSAM ${state.psamId} holds no verdict key (it was provisioned before PSAM verdicts): ` +
+          `with its terminal host stopped, run 'netpurse-issuer add-verdict-key --psam ${path}', or provision a new PSAM`,
+      );
+    }
+    return new SoftwarePsam(path, state, clock);
   }
 
   static async write(path: string, file: PsamFile): Promise<void> {
@@ -223,6 +256,10 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return status(SW.OK);
   }
 
+  private get verdictKey(): Buffer {
+    return Buffer.from(this.state.verdictKey, "hex");
+  }
+
   private sessionKey(p: { purseId: Buffer; keyVersion: number; cardCounter: number; psamCounter: number; challenge: Buffer }): Buffer {
     const master = Buffer.from(this.state.purchaseKeys[String(p.keyVersion)]!, "hex");
     return deriveSessionKey(diversifyCardKey(master, p.purseId), {
@@ -259,7 +296,8 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       dateTime,
       transactionRef: draw.transactionRef,
     };
-    const debit = DebitCommand.encode({ ...fields, psamSignature: psamSignature(sk, cardSession, fields) });
+    const signature = psamSignature(sk, cardSession, fields);
+    const debit = DebitCommand.encode({ ...fields, psamSignature: signature });
     const pending: PendingDebitState = {
       psamCounter,
       purseId: card.purseId.toString("hex"),
@@ -274,15 +312,27 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       merchantId: draw.merchantId,
     };
     await this.save({ ...s, counter: psamCounter, pending: [...s.pending, pending] });
-    if (c.p1 & DRAW_P1_RETURN_EXPECTED_SIGNATURE) {
-      const expected = cardSignature(sk, cardSession, fields, {
-        result: DebitResult.DEBITED,
-        counter: card.counter + 1,
-        balance: card.balance - draw.amount,
-      });
-      return { data: Buffer.concat([debit, expected]), sw: SW.OK };
-    }
-    return { data: debit, sw: SW.OK };
+    const expected =
+      c.p1 & DRAW_P1_RETURN_EXPECTED_SIGNATURE
+        ? cardSignature(sk, cardSession, fields, { result: DebitResult.DEBITED, counter: card.counter + 1, balance: card.balance - draw.amount })
+        : undefined;
+    const mac = issuedMac(this.verdictKey, {
+      psamId: fields.psamId,
+      psamCounter,
+      transactionRef: draw.transactionRef,
+      amount: draw.amount,
+      currency: draw.currency,
+      exponent: card.exponent,
+      purseId: card.purseId,
+      cardCounter: card.counter,
+      dateTime,
+      psamSignature: signature,
+      expectedCardSignature: expected ?? Buffer.alloc(8),
+    });
+    const data = expected
+      ? DrawAmountResponseWithSignature.encode({ debitCommand: debit, expectedCardSignature: expected, issuedMac: mac })
+      : DrawAmountResponse.encode({ debitCommand: debit, issuedMac: mac });
+    return { data, sw: SW.OK };
   }
 
   private pendingByCounter(psamCounter: number): PendingDebitState {
@@ -295,17 +345,50 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return [...this.state.settled, d].slice(-SETTLED_KEPT);
   }
 
+  /** The debit a settled entry was about, as the verdict MACs bind it. */
+  private settledDebit(done: SettledDebit): { transactionRef: string; amount: number; currency: number } {
+    const { transactionRef, amount, currency } = done;
+    if (transactionRef === undefined || amount === undefined || currency === undefined) {
+      throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${done.psamCounter} was settled before this PSAM gave verdict MACs`);
+    }
+    return { transactionRef, amount, currency };
+  }
+
+  /** The VERIFY DEBIT answer for a verdict, with its MAC. */
+  private verdictAnswer(v: {
+    psamCounter: number;
+    transactionRef: string;
+    amount: number;
+    currency: number;
+    verdict: number;
+    cardResult: number;
+    batchNumber: number;
+    cardSignature: Buffer;
+    recordMac: Buffer;
+  }): ResponseApdu {
+    const { recordMac, ...bound } = v;
+    const mac = verdictMac(this.verdictKey, { psamId: Buffer.from(this.state.psamId, "hex"), ...bound });
+    return { data: VerifyDebitResponse.encode({ verdict: v.verdict, batchNumber: v.batchNumber, recordMac, verdictMac: mac }), sw: SW.OK };
+  }
+
   /** A retried VERIFY DEBIT: the same answer as the first time, if the card's answer is the same. */
   private verifyAgain(done: SettledDebit, answer: { cardSignature: Buffer }): ResponseApdu {
     if (done.outcome === "reversed") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${done.psamCounter} was reversed`);
     if (!macEqual(Buffer.from(done.cardSignature ?? "", "hex"), answer.cardSignature)) {
       throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, `debit ${done.psamCounter} was settled with another card signature`);
     }
-    const verdict = done.outcome === "recorded" ? Verdict.RECORDED : Verdict.DECLINED_BY_CARD;
-    return {
-      data: VerifyDebitResponse.encode({ verdict, batchNumber: done.batchNumber, recordMac: Buffer.from(done.recordMac ?? "0000000000000000", "hex") }),
-      sw: SW.OK,
-    };
+    const debit = this.settledDebit(done);
+    if (done.cardResult === undefined)
+      throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${done.psamCounter} was settled before this PSAM gave verdict MACs`);
+    return this.verdictAnswer({
+      psamCounter: done.psamCounter,
+      ...debit,
+      verdict: done.outcome === "recorded" ? Verdict.RECORDED : Verdict.DECLINED_BY_CARD,
+      cardResult: done.cardResult,
+      batchNumber: done.batchNumber,
+      cardSignature: answer.cardSignature,
+      recordMac: Buffer.from(done.recordMac ?? "0000000000000000", "hex"),
+    });
   }
 
   /**
@@ -336,13 +419,22 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const s = this.state;
     const rest = s.pending.filter((x) => x !== p);
     const signature = answer.cardSignature.toString("hex");
+    const debit = { transactionRef: p.transactionRef, amount: p.amount, currency: p.currency };
+    const verdict = { psamCounter: p.psamCounter, ...debit, cardResult: answer.result, batchNumber: s.batchNumber, cardSignature: answer.cardSignature };
     if (answer.result !== DebitResult.DEBITED) {
       await this.save({
         ...s,
         pending: rest,
-        settled: this.settle({ psamCounter: p.psamCounter, outcome: "declined", batchNumber: s.batchNumber, cardSignature: signature }),
+        settled: this.settle({
+          psamCounter: p.psamCounter,
+          outcome: "declined",
+          batchNumber: s.batchNumber,
+          cardSignature: signature,
+          ...debit,
+          cardResult: answer.result,
+        }),
       });
-      return { data: VerifyDebitResponse.encode({ verdict: Verdict.DECLINED_BY_CARD, batchNumber: s.batchNumber, recordMac: Buffer.alloc(8) }), sw: SW.OK };
+      return this.verdictAnswer({ ...verdict, verdict: Verdict.DECLINED_BY_CARD, recordMac: Buffer.alloc(8) });
     }
     const record = {
       psamCounter: p.psamCounter,
@@ -363,21 +455,34 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       batchNumber: s.batchNumber,
       cardSignature: signature,
       recordMac: stored.recordMac,
+      ...debit,
+      cardResult: answer.result,
     });
     await this.save({ ...s, pending: rest, batch: [...s.batch, stored], settled });
-    return { data: VerifyDebitResponse.encode({ verdict: Verdict.RECORDED, batchNumber: s.batchNumber, recordMac }), sw: SW.OK };
+    return this.verdictAnswer({ ...verdict, verdict: Verdict.RECORDED, recordMac });
   }
 
-  /** REVERSE DEBIT: cancel an open debit the card did not make. A recorded debit cannot be reversed; a repeat is answered alike. */
+  /** The REVERSE DEBIT answer: the MAC saying this debit is cancelled. */
+  private reversalAnswer(psamCounter: number, debit: { transactionRef: string; amount: number; currency: number }): ResponseApdu {
+    const mac = reversalMac(this.verdictKey, { psamId: Buffer.from(this.state.psamId, "hex"), psamCounter, ...debit });
+    return { data: ReverseDebitResponse.encode({ reversalMac: mac }), sw: SW.OK };
+  }
+
+  /**
+   * REVERSE DEBIT: cancel an open debit the card did not make. A recorded
+   * debit cannot be reversed; a repeat, or a debit the card declined, is
+   * answered alike: it is cancelled.
+   */
   private async reverseDebit(c: CommandApdu): Promise<ResponseApdu> {
     const { psamCounter } = decode(ReverseDebitCommand, c.data);
     const done = this.state.settled.find((x) => x.psamCounter === psamCounter);
     if (done?.outcome === "recorded") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
-    if (done) return status(SW.OK);
+    if (done) return this.reversalAnswer(psamCounter, this.settledDebit(done));
     const p = this.pendingByCounter(psamCounter);
-    const settled = this.settle({ psamCounter, outcome: "reversed", batchNumber: this.state.batchNumber });
+    const debit = { transactionRef: p.transactionRef, amount: p.amount, currency: p.currency };
+    const settled = this.settle({ psamCounter, outcome: "reversed", batchNumber: this.state.batchNumber, ...debit });
     await this.save({ ...this.state, pending: this.state.pending.filter((x) => x !== p), settled });
-    return status(SW.OK);
+    return this.reversalAnswer(psamCounter, debit);
   }
 
   private batchTotal(): number {
@@ -439,3 +544,5 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     };
   }
 }
+
+const isKeyHex = (k: unknown): k is string => typeof k === "string" && /^[0-9a-f]{32}$/.test(k);

@@ -214,6 +214,31 @@ export enum ErrorReason {
   ERROR_REASON_MAX_BALANCE_EXCEEDED = 21,
   /** ERROR_REASON_UNKNOWN_BANK - The bank id is not registered at the load server (PERMISSION_DENIED). */
   ERROR_REASON_UNKNOWN_BANK = 22,
+  /**
+   * ERROR_REASON_OFFER_MISMATCH - The draw request's merchant or amount (amount_minor, currency or
+   * exponent) is not the one of the offer the transaction session key was
+   * granted for (see SessionKeyGrant); nothing was recorded or debited
+   * (PERMISSION_DENIED).
+   */
+  ERROR_REASON_OFFER_MISMATCH = 23,
+  /**
+   * ERROR_REASON_TOO_MANY_ORDERS - The merchant holds as many unpaid orders as it allows at once; try again
+   * after the google.rpc.RetryInfo delay, when older orders have expired
+   * (RESOURCE_EXHAUSTED).
+   */
+  ERROR_REASON_TOO_MANY_ORDERS = 24,
+  /**
+   * ERROR_REASON_UNAUTHENTICATED - The RPC is for peers inside the operator's network, and the caller
+   * presented no client certificate from the installation's CA (or one that
+   * is revoked or expired) (UNAUTHENTICATED).
+   */
+  ERROR_REASON_UNAUTHENTICATED = 30,
+  /**
+   * ERROR_REASON_NOT_ALLOWED - The caller's certificate proves an identity that may not do this: another
+   * kind of peer, or another peer's terminal, lease, debit or account
+   * (PERMISSION_DENIED).
+   */
+  ERROR_REASON_NOT_ALLOWED = 31,
   UNRECOGNIZED = -1,
 }
 
@@ -288,6 +313,18 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 22:
     case "ERROR_REASON_UNKNOWN_BANK":
       return ErrorReason.ERROR_REASON_UNKNOWN_BANK;
+    case 23:
+    case "ERROR_REASON_OFFER_MISMATCH":
+      return ErrorReason.ERROR_REASON_OFFER_MISMATCH;
+    case 24:
+    case "ERROR_REASON_TOO_MANY_ORDERS":
+      return ErrorReason.ERROR_REASON_TOO_MANY_ORDERS;
+    case 30:
+    case "ERROR_REASON_UNAUTHENTICATED":
+      return ErrorReason.ERROR_REASON_UNAUTHENTICATED;
+    case 31:
+    case "ERROR_REASON_NOT_ALLOWED":
+      return ErrorReason.ERROR_REASON_NOT_ALLOWED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -343,6 +380,14 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_MAX_BALANCE_EXCEEDED";
     case ErrorReason.ERROR_REASON_UNKNOWN_BANK:
       return "ERROR_REASON_UNKNOWN_BANK";
+    case ErrorReason.ERROR_REASON_OFFER_MISMATCH:
+      return "ERROR_REASON_OFFER_MISMATCH";
+    case ErrorReason.ERROR_REASON_TOO_MANY_ORDERS:
+      return "ERROR_REASON_TOO_MANY_ORDERS";
+    case ErrorReason.ERROR_REASON_UNAUTHENTICATED:
+      return "ERROR_REASON_UNAUTHENTICATED";
+    case ErrorReason.ERROR_REASON_NOT_ALLOWED:
+      return "ERROR_REASON_NOT_ALLOWED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -408,13 +453,50 @@ export interface TransactionId {
  * LOAD_AUTHORIZATION and LOAD_CONFIRMATION), a zero byte and
  * the transaction id's 16 bytes: a sealed message opens only as the type and
  * for the transaction it was made for. The plaintext is the protobuf
- * encoding of the message the field names.
+ * encoding of the message the field names (for SESSION_KEY, the ETSK: a
+ * SessionKeyGrant).
  */
 export interface Sealed {
   /** The 12-byte GCM nonce, fresh for every message. */
   iv: Buffer;
   /** The ciphertext followed by the 16-byte GCM tag. */
   ciphertext: Buffer;
+}
+
+/**
+ * What the ETSK holds (a Sealed of type SESSION_KEY, under the transaction's
+ * key derived from the merchant's shared key): the transaction session key
+ * together with the terms of the merchant's offer it was made for. The
+ * merchant's validation service makes it; only the payment server can open
+ * it, and it refuses a draw request whose merchant or amount is not the
+ * grant's (PERMISSION_DENIED, reason OFFER_MISMATCH) or that comes after
+ * expires_at (FAILED_PRECONDITION, reason OFFER_EXPIRED), before anything is
+ * recorded or any PSAM is asked. So a client cannot pay less, more, in
+ * another currency or to another merchant than the offer says.
+ */
+export interface SessionKeyGrant {
+  /**
+   * The transaction session key (TSK), 32 bytes: the key the client and the
+   * payment server seal their messages with.
+   */
+  transactionSessionKey: Buffer;
+  /** The merchant the offer is from; the draw request's merchant_id must be it. */
+  merchantId:
+    | MerchantId
+    | undefined;
+  /**
+   * The offer's amount; the draw request's amount must be it exactly:
+   * amount_minor, currency and exponent.
+   */
+  amount:
+    | Money
+    | undefined;
+  /**
+   * The offer's expiry. A draw request the payment server has not recorded
+   * before is refused after it; a retry of one it recorded gets its recorded
+   * answer.
+   */
+  expiresAt: Date | undefined;
 }
 
 /** What the cardholder sees of a card: read from the card through its APDUs. */
@@ -934,6 +1016,139 @@ export const Sealed: MessageFns<Sealed> = {
     const message = createBaseSealed();
     message.iv = object.iv ?? Buffer.alloc(0);
     message.ciphertext = object.ciphertext ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSessionKeyGrant(): SessionKeyGrant {
+  return { transactionSessionKey: Buffer.alloc(0), merchantId: undefined, amount: undefined, expiresAt: undefined };
+}
+
+export const SessionKeyGrant: MessageFns<SessionKeyGrant> = {
+  encode(message: SessionKeyGrant, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.transactionSessionKey.length !== 0) {
+      writer.uint32(10).bytes(message.transactionSessionKey);
+    }
+    if (message.merchantId !== undefined) {
+      MerchantId.encode(message.merchantId, writer.uint32(18).fork()).join();
+    }
+    if (message.amount !== undefined) {
+      Money.encode(message.amount, writer.uint32(26).fork()).join();
+    }
+    if (message.expiresAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SessionKeyGrant {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSessionKeyGrant();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.transactionSessionKey = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.merchantId = MerchantId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.amount = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SessionKeyGrant {
+    return {
+      transactionSessionKey: isSet(object.transactionSessionKey)
+        ? Buffer.from(bytesFromBase64(object.transactionSessionKey))
+        : isSet(object.transaction_session_key)
+        ? Buffer.from(bytesFromBase64(object.transaction_session_key))
+        : Buffer.alloc(0),
+      merchantId: isSet(object.merchantId)
+        ? MerchantId.fromJSON(object.merchantId)
+        : isSet(object.merchant_id)
+        ? MerchantId.fromJSON(object.merchant_id)
+        : undefined,
+      amount: isSet(object.amount) ? Money.fromJSON(object.amount) : undefined,
+      expiresAt: isSet(object.expiresAt)
+        ? fromJsonTimestamp(object.expiresAt)
+        : isSet(object.expires_at)
+        ? fromJsonTimestamp(object.expires_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: SessionKeyGrant): unknown {
+    const obj: any = {};
+    if (message.transactionSessionKey.length !== 0) {
+      obj.transactionSessionKey = base64FromBytes(message.transactionSessionKey);
+    }
+    if (message.merchantId !== undefined) {
+      obj.merchantId = MerchantId.toJSON(message.merchantId);
+    }
+    if (message.amount !== undefined) {
+      obj.amount = Money.toJSON(message.amount);
+    }
+    if (message.expiresAt !== undefined) {
+      obj.expiresAt = message.expiresAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SessionKeyGrant>): SessionKeyGrant {
+    return SessionKeyGrant.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SessionKeyGrant>): SessionKeyGrant {
+    const message = createBaseSessionKeyGrant();
+    message.transactionSessionKey = object.transactionSessionKey ?? Buffer.alloc(0);
+    message.merchantId = (object.merchantId !== undefined && object.merchantId !== null)
+      ? MerchantId.fromPartial(object.merchantId)
+      : undefined;
+    message.amount = (object.amount !== undefined && object.amount !== null)
+      ? Money.fromPartial(object.amount)
+      : undefined;
+    message.expiresAt = object.expiresAt ?? undefined;
     return message;
   },
 };

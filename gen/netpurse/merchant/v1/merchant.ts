@@ -29,8 +29,20 @@ export enum OrderState {
   ORDER_STATE_UNSPECIFIED = 0,
   /** ORDER_STATE_OFFERED - Created and offered; not paid. */
   ORDER_STATE_OFFERED = 1,
-  /** ORDER_STATE_PAID - Paid with a validated confirmation; goods released. */
+  /**
+   * ORDER_STATE_PAID - Paid with a validated confirmation; goods released. Kept: never expired
+   * or deleted.
+   */
   ORDER_STATE_PAID = 2,
+  /**
+   * ORDER_STATE_EXPIRED - Not paid by its offer's expiry plus the merchant's grace period: a new
+   * draw request for it is refused by the payment server. A valid debit
+   * result M that still comes (the card paid before the offer expired) turns
+   * it PAID and releases the goods: payment wins over expiry. Deleted after
+   * the merchant's retention period; GetOrder and CompleteOrder then answer
+   * NOT_FOUND.
+   */
+  ORDER_STATE_EXPIRED = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -45,6 +57,9 @@ export function orderStateFromJSON(object: any): OrderState {
     case 2:
     case "ORDER_STATE_PAID":
       return OrderState.ORDER_STATE_PAID;
+    case 3:
+    case "ORDER_STATE_EXPIRED":
+      return OrderState.ORDER_STATE_EXPIRED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -60,6 +75,8 @@ export function orderStateToJSON(object: OrderState): string {
       return "ORDER_STATE_OFFERED";
     case OrderState.ORDER_STATE_PAID:
       return "ORDER_STATE_PAID";
+    case OrderState.ORDER_STATE_EXPIRED:
+      return "ORDER_STATE_EXPIRED";
     case OrderState.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -118,8 +135,9 @@ export interface PaymentOffer {
    */
   transactionSessionKey: Buffer;
   /**
-   * ETSK: the TSK sealed under the transaction's derived key (type
-   * SESSION_KEY), which only the payment server can open.
+   * ETSK: the TSK with this offer's merchant, amount and expiry (a
+   * netpurse.card.v1.SessionKeyGrant) sealed under the transaction's derived
+   * key (type SESSION_KEY), which only the payment server can open.
    */
   encryptedSessionKey: Sealed | undefined;
 }
@@ -1759,7 +1777,10 @@ export const MerchantServiceDefinition = {
     /**
      * Creates an order for one product with a fresh transaction id and returns
      * the payment offer the cardholder's client pays. NOT_FOUND for an unknown
-     * product.
+     * product. RESOURCE_EXHAUSTED (reason TOO_MANY_ORDERS, with a
+     * google.rpc.RetryInfo) when the merchant already holds as many unpaid
+     * (OFFERED) orders as it allows; an order not paid by its offer's expiry
+     * plus a grace period becomes EXPIRED and no longer counts.
      */
     createOrder: {
       name: "CreateOrder",
@@ -1776,7 +1797,9 @@ export const MerchantServiceDefinition = {
      * the goods exactly once. A repeat with a valid result returns the same
      * receipt. A forged, altered or mismatched result, or a card answer that
      * does not match the expected signature, gets PERMISSION_DENIED and no
-     * goods; an unknown order NOT_FOUND.
+     * goods; an unknown order NOT_FOUND. An EXPIRED order still takes a valid
+     * result and releases the goods; one deleted after the retention period is
+     * unknown.
      */
     completeOrder: {
       name: "CompleteOrder",
@@ -1786,7 +1809,10 @@ export const MerchantServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Reads an order. NOT_FOUND for an unknown transaction id. */
+    /**
+     * Reads an order. NOT_FOUND for an unknown transaction id, and for an
+     * EXPIRED order deleted after the merchant's retention period.
+     */
     getOrder: {
       name: "GetOrder",
       requestType: GetOrderRequest as typeof GetOrderRequest,
@@ -1807,7 +1833,10 @@ export interface MerchantServiceImplementation<CallContextExt = {}> {
   /**
    * Creates an order for one product with a fresh transaction id and returns
    * the payment offer the cardholder's client pays. NOT_FOUND for an unknown
-   * product.
+   * product. RESOURCE_EXHAUSTED (reason TOO_MANY_ORDERS, with a
+   * google.rpc.RetryInfo) when the merchant already holds as many unpaid
+   * (OFFERED) orders as it allows; an order not paid by its offer's expiry
+   * plus a grace period becomes EXPIRED and no longer counts.
    */
   createOrder(
     request: CreateOrderRequest,
@@ -1820,13 +1849,18 @@ export interface MerchantServiceImplementation<CallContextExt = {}> {
    * the goods exactly once. A repeat with a valid result returns the same
    * receipt. A forged, altered or mismatched result, or a card answer that
    * does not match the expected signature, gets PERMISSION_DENIED and no
-   * goods; an unknown order NOT_FOUND.
+   * goods; an unknown order NOT_FOUND. An EXPIRED order still takes a valid
+   * result and releases the goods; one deleted after the retention period is
+   * unknown.
    */
   completeOrder(
     request: CompleteOrderRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CompleteOrderResponse>>;
-  /** Reads an order. NOT_FOUND for an unknown transaction id. */
+  /**
+   * Reads an order. NOT_FOUND for an unknown transaction id, and for an
+   * EXPIRED order deleted after the merchant's retention period.
+   */
   getOrder(request: GetOrderRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetOrderResponse>>;
 }
 
@@ -1839,7 +1873,10 @@ export interface MerchantServiceClient<CallOptionsExt = {}> {
   /**
    * Creates an order for one product with a fresh transaction id and returns
    * the payment offer the cardholder's client pays. NOT_FOUND for an unknown
-   * product.
+   * product. RESOURCE_EXHAUSTED (reason TOO_MANY_ORDERS, with a
+   * google.rpc.RetryInfo) when the merchant already holds as many unpaid
+   * (OFFERED) orders as it allows; an order not paid by its offer's expiry
+   * plus a grace period becomes EXPIRED and no longer counts.
    */
   createOrder(
     request: DeepPartial<CreateOrderRequest>,
@@ -1852,13 +1889,18 @@ export interface MerchantServiceClient<CallOptionsExt = {}> {
    * the goods exactly once. A repeat with a valid result returns the same
    * receipt. A forged, altered or mismatched result, or a card answer that
    * does not match the expected signature, gets PERMISSION_DENIED and no
-   * goods; an unknown order NOT_FOUND.
+   * goods; an unknown order NOT_FOUND. An EXPIRED order still takes a valid
+   * result and releases the goods; one deleted after the retention period is
+   * unknown.
    */
   completeOrder(
     request: DeepPartial<CompleteOrderRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<CompleteOrderResponse>;
-  /** Reads an order. NOT_FOUND for an unknown transaction id. */
+  /**
+   * Reads an order. NOT_FOUND for an unknown transaction id, and for an
+   * EXPIRED order deleted after the merchant's retention period.
+   */
   getOrder(request: DeepPartial<GetOrderRequest>, options?: CallOptions & CallOptionsExt): Promise<GetOrderResponse>;
 }
 

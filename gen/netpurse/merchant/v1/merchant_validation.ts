@@ -31,7 +31,24 @@ export interface IssueTransactionKeysRequest {
     | TransactionId
     | undefined;
   /** The merchant making the offer. */
-  merchantId: MerchantId | undefined;
+  merchantId:
+    | MerchantId
+    | undefined;
+  /**
+   * The offer's amount, currency and exponent included: 1..4294967295 minor
+   * units (what a card can pay). Sealed into the ETSK; the payment server
+   * refuses a draw request of another amount. Required.
+   */
+  amount:
+    | Money
+    | undefined;
+  /**
+   * When the offer expires: in the future, and at most 1 hour ahead (the
+   * longest this service grants a session key for; a little clock skew
+   * between merchant and validation service is tolerated). Sealed into the
+   * ETSK; the payment server refuses a new draw request after it. Required.
+   */
+  expiresAt: Date | undefined;
 }
 
 /** Response of IssueTransactionKeys: what goes into the offer. */
@@ -40,7 +57,11 @@ export interface IssueTransactionKeysResponse {
   keyNonce: Buffer;
   /** The transaction session key (TSK), 32 bytes, for the client. */
   transactionSessionKey: Buffer;
-  /** ETSK: the TSK sealed under the derived key (type SESSION_KEY). */
+  /**
+   * ETSK: a netpurse.card.v1.SessionKeyGrant (the TSK with the request's
+   * merchant, amount and expiry) sealed under the derived key (type
+   * SESSION_KEY).
+   */
   encryptedSessionKey: Sealed | undefined;
 }
 
@@ -104,7 +125,7 @@ export interface ValidateConfirmationResponse {
 }
 
 function createBaseIssueTransactionKeysRequest(): IssueTransactionKeysRequest {
-  return { transactionId: undefined, merchantId: undefined };
+  return { transactionId: undefined, merchantId: undefined, amount: undefined, expiresAt: undefined };
 }
 
 export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest> = {
@@ -114,6 +135,12 @@ export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest
     }
     if (message.merchantId !== undefined) {
       MerchantId.encode(message.merchantId, writer.uint32(18).fork()).join();
+    }
+    if (message.amount !== undefined) {
+      Money.encode(message.amount, writer.uint32(26).fork()).join();
+    }
+    if (message.expiresAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -147,6 +174,22 @@ export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest
             message.merchantId = MerchantId.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.amount = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -171,6 +214,12 @@ export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest
         : isSet(object.merchant_id)
         ? MerchantId.fromJSON(object.merchant_id)
         : undefined,
+      amount: isSet(object.amount) ? Money.fromJSON(object.amount) : undefined,
+      expiresAt: isSet(object.expiresAt)
+        ? fromJsonTimestamp(object.expiresAt)
+        : isSet(object.expires_at)
+        ? fromJsonTimestamp(object.expires_at)
+        : undefined,
     };
   },
 
@@ -181,6 +230,12 @@ export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest
     }
     if (message.merchantId !== undefined) {
       obj.merchantId = MerchantId.toJSON(message.merchantId);
+    }
+    if (message.amount !== undefined) {
+      obj.amount = Money.toJSON(message.amount);
+    }
+    if (message.expiresAt !== undefined) {
+      obj.expiresAt = message.expiresAt.toISOString();
     }
     return obj;
   },
@@ -196,6 +251,10 @@ export const IssueTransactionKeysRequest: MessageFns<IssueTransactionKeysRequest
     message.merchantId = (object.merchantId !== undefined && object.merchantId !== null)
       ? MerchantId.fromPartial(object.merchantId)
       : undefined;
+    message.amount = (object.amount !== undefined && object.amount !== null)
+      ? Money.fromPartial(object.amount)
+      : undefined;
+    message.expiresAt = object.expiresAt ?? undefined;
     return message;
   },
 };
@@ -766,9 +825,15 @@ export const MerchantValidationServiceDefinition = {
     /**
      * Draws a nonce, derives the transaction's key from the merchant's shared
      * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
-     * a random transaction session key (TSK) and seals it under the derived key
-     * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
-     * key this service does not hold.
+     * a random transaction session key (TSK) and seals it, with the offer's
+     * merchant, amount and expiry, under the derived key (ETSK: a
+     * netpurse.card.v1.SessionKeyGrant), for the merchant's offer. The payment
+     * server refuses a draw request of other terms than the grant's, or after
+     * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
+     * whose key this service does not hold; INVALID_ARGUMENT (reason
+     * INVALID_FIELD) for a missing or malformed field, an amount outside
+     * 1..4294967295 minor units, or an expiry that is not in the future or is
+     * more than 1 hour ahead.
      */
     issueTransactionKeys: {
       name: "IssueTransactionKeys",
@@ -803,9 +868,15 @@ export interface MerchantValidationServiceImplementation<CallContextExt = {}> {
   /**
    * Draws a nonce, derives the transaction's key from the merchant's shared
    * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
-   * a random transaction session key (TSK) and seals it under the derived key
-   * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
-   * key this service does not hold.
+   * a random transaction session key (TSK) and seals it, with the offer's
+   * merchant, amount and expiry, under the derived key (ETSK: a
+   * netpurse.card.v1.SessionKeyGrant), for the merchant's offer. The payment
+   * server refuses a draw request of other terms than the grant's, or after
+   * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
+   * whose key this service does not hold; INVALID_ARGUMENT (reason
+   * INVALID_FIELD) for a missing or malformed field, an amount outside
+   * 1..4294967295 minor units, or an expiry that is not in the future or is
+   * more than 1 hour ahead.
    */
   issueTransactionKeys(
     request: IssueTransactionKeysRequest,
@@ -831,9 +902,15 @@ export interface MerchantValidationServiceClient<CallOptionsExt = {}> {
   /**
    * Draws a nonce, derives the transaction's key from the merchant's shared
    * key (HKDF-SHA-256 over merchant id, transaction id and the nonce), makes
-   * a random transaction session key (TSK) and seals it under the derived key
-   * (ETSK), for the merchant's offer. PERMISSION_DENIED for a merchant whose
-   * key this service does not hold.
+   * a random transaction session key (TSK) and seals it, with the offer's
+   * merchant, amount and expiry, under the derived key (ETSK: a
+   * netpurse.card.v1.SessionKeyGrant), for the merchant's offer. The payment
+   * server refuses a draw request of other terms than the grant's, or after
+   * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
+   * whose key this service does not hold; INVALID_ARGUMENT (reason
+   * INVALID_FIELD) for a missing or malformed field, an amount outside
+   * 1..4294967295 minor units, or an expiry that is not in the future or is
+   * more than 1 hour ahead.
    */
   issueTransactionKeys(
     request: DeepPartial<IssueTransactionKeysRequest>,

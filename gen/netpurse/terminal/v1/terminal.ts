@@ -355,6 +355,15 @@ export interface DebitCommandIssued {
   psamCounter: number;
   /** The card signature the PSAM expects (8 bytes), when it was asked for. */
   expectedCardSignature: Buffer;
+  /**
+   * The PSAM's MAC (8 bytes) over the DEBIT command it issued: PSAM id and
+   * counter, transaction reference, amount, currency, exponent, purse id,
+   * card counter, the command's date-time and PSAM signature, and the
+   * expected card signature (zeros when not asked for); tag "I", under the
+   * PSAM's verdict key. Layout in docs/apdu.md ("DEBIT command issued MAC
+   * input"). The payment server verifies it before the DEBIT command leaves.
+   */
+  issuedMac: Buffer;
 }
 
 /** Outcome of a VerifyDebitTask. */
@@ -371,12 +380,29 @@ export interface DebitVerified {
     | undefined;
   /** The card's result code (0 = debited; see docs/apdu.md). */
   cardResult: number;
+  /**
+   * The PSAM's MAC (8 bytes) over its verdict: PSAM id and counter,
+   * transaction reference, amount, currency, verdict, the card's result code,
+   * batch number and the card's signature; tag "V", under the PSAM's verdict
+   * key. Layout in docs/apdu.md ("VERIFY DEBIT verdict MAC input"). The
+   * payment server verifies it before it completes or reverses anything on
+   * this verdict.
+   */
+  verdictMac: Buffer;
 }
 
 /** Outcome of a ReverseDebitTask. */
 export interface DebitReversed {
   /** The PSAM counter reversed. */
   psamCounter: number;
+  /**
+   * The PSAM's MAC (8 bytes) saying the debit is cancelled: PSAM id and
+   * counter, transaction reference, amount and currency; tag "X", under the
+   * PSAM's verdict key. Layout in docs/apdu.md ("REVERSE DEBIT reversal MAC
+   * input"). The payment server verifies it: a reversal without it is not a
+   * reversal.
+   */
+  reversalMac: Buffer;
 }
 
 /** The answer to one PsamJob. */
@@ -1972,7 +1998,12 @@ export const PsamJob: MessageFns<PsamJob> = {
 };
 
 function createBaseDebitCommandIssued(): DebitCommandIssued {
-  return { debitCommand: Buffer.alloc(0), psamCounter: 0, expectedCardSignature: Buffer.alloc(0) };
+  return {
+    debitCommand: Buffer.alloc(0),
+    psamCounter: 0,
+    expectedCardSignature: Buffer.alloc(0),
+    issuedMac: Buffer.alloc(0),
+  };
 }
 
 export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
@@ -1985,6 +2016,9 @@ export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
     }
     if (message.expectedCardSignature.length !== 0) {
       writer.uint32(26).bytes(message.expectedCardSignature);
+    }
+    if (message.issuedMac.length !== 0) {
+      writer.uint32(34).bytes(message.issuedMac);
     }
     return writer;
   },
@@ -2026,6 +2060,14 @@ export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
             message.expectedCardSignature = Buffer.from(reader.bytes());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.issuedMac = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2055,6 +2097,11 @@ export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
         : isSet(object.expected_card_signature)
         ? Buffer.from(bytesFromBase64(object.expected_card_signature))
         : Buffer.alloc(0),
+      issuedMac: isSet(object.issuedMac)
+        ? Buffer.from(bytesFromBase64(object.issuedMac))
+        : isSet(object.issued_mac)
+        ? Buffer.from(bytesFromBase64(object.issued_mac))
+        : Buffer.alloc(0),
     };
   },
 
@@ -2069,6 +2116,9 @@ export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
     if (message.expectedCardSignature.length !== 0) {
       obj.expectedCardSignature = base64FromBytes(message.expectedCardSignature);
     }
+    if (message.issuedMac.length !== 0) {
+      obj.issuedMac = base64FromBytes(message.issuedMac);
+    }
     return obj;
   },
 
@@ -2080,12 +2130,20 @@ export const DebitCommandIssued: MessageFns<DebitCommandIssued> = {
     message.debitCommand = object.debitCommand ?? Buffer.alloc(0);
     message.psamCounter = object.psamCounter ?? 0;
     message.expectedCardSignature = object.expectedCardSignature ?? Buffer.alloc(0);
+    message.issuedMac = object.issuedMac ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseDebitVerified(): DebitVerified {
-  return { verdict: 0, recordMac: Buffer.alloc(0), batchNumber: 0, newBalance: undefined, cardResult: 0 };
+  return {
+    verdict: 0,
+    recordMac: Buffer.alloc(0),
+    batchNumber: 0,
+    newBalance: undefined,
+    cardResult: 0,
+    verdictMac: Buffer.alloc(0),
+  };
 }
 
 export const DebitVerified: MessageFns<DebitVerified> = {
@@ -2104,6 +2162,9 @@ export const DebitVerified: MessageFns<DebitVerified> = {
     }
     if (message.cardResult !== 0) {
       writer.uint32(40).uint32(message.cardResult);
+    }
+    if (message.verdictMac.length !== 0) {
+      writer.uint32(50).bytes(message.verdictMac);
     }
     return writer;
   },
@@ -2161,6 +2222,14 @@ export const DebitVerified: MessageFns<DebitVerified> = {
             message.cardResult = reader.uint32();
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.verdictMac = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2196,6 +2265,11 @@ export const DebitVerified: MessageFns<DebitVerified> = {
         : isSet(object.card_result)
         ? globalThis.Number(object.card_result)
         : 0,
+      verdictMac: isSet(object.verdictMac)
+        ? Buffer.from(bytesFromBase64(object.verdictMac))
+        : isSet(object.verdict_mac)
+        ? Buffer.from(bytesFromBase64(object.verdict_mac))
+        : Buffer.alloc(0),
     };
   },
 
@@ -2216,6 +2290,9 @@ export const DebitVerified: MessageFns<DebitVerified> = {
     if (message.cardResult !== 0) {
       obj.cardResult = Math.round(message.cardResult);
     }
+    if (message.verdictMac.length !== 0) {
+      obj.verdictMac = base64FromBytes(message.verdictMac);
+    }
     return obj;
   },
 
@@ -2231,18 +2308,22 @@ export const DebitVerified: MessageFns<DebitVerified> = {
       ? Money.fromPartial(object.newBalance)
       : undefined;
     message.cardResult = object.cardResult ?? 0;
+    message.verdictMac = object.verdictMac ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseDebitReversed(): DebitReversed {
-  return { psamCounter: 0 };
+  return { psamCounter: 0, reversalMac: Buffer.alloc(0) };
 }
 
 export const DebitReversed: MessageFns<DebitReversed> = {
   encode(message: DebitReversed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.psamCounter !== 0) {
       writer.uint32(8).uint32(message.psamCounter);
+    }
+    if (message.reversalMac.length !== 0) {
+      writer.uint32(18).bytes(message.reversalMac);
     }
     return writer;
   },
@@ -2268,6 +2349,14 @@ export const DebitReversed: MessageFns<DebitReversed> = {
             message.psamCounter = reader.uint32();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reversalMac = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2287,6 +2376,11 @@ export const DebitReversed: MessageFns<DebitReversed> = {
         : isSet(object.psam_counter)
         ? globalThis.Number(object.psam_counter)
         : 0,
+      reversalMac: isSet(object.reversalMac)
+        ? Buffer.from(bytesFromBase64(object.reversalMac))
+        : isSet(object.reversal_mac)
+        ? Buffer.from(bytesFromBase64(object.reversal_mac))
+        : Buffer.alloc(0),
     };
   },
 
@@ -2294,6 +2388,9 @@ export const DebitReversed: MessageFns<DebitReversed> = {
     const obj: any = {};
     if (message.psamCounter !== 0) {
       obj.psamCounter = Math.round(message.psamCounter);
+    }
+    if (message.reversalMac.length !== 0) {
+      obj.reversalMac = base64FromBytes(message.reversalMac);
     }
     return obj;
   },
@@ -2304,6 +2401,7 @@ export const DebitReversed: MessageFns<DebitReversed> = {
   fromPartial(object: DeepPartial<DebitReversed>): DebitReversed {
     const message = createBaseDebitReversed();
     message.psamCounter = object.psamCounter ?? 0;
+    message.reversalMac = object.reversalMac ?? Buffer.alloc(0);
     return message;
   },
 };

@@ -1,0 +1,62 @@
+// The demo installation's certificates: on first run the main job makes the
+// certificate authority and a key and certificate for every part it starts,
+// each with its SPIFFE identity; later runs reuse them and issue only what a
+// new part lacks.
+
+import { existsSync } from "node:fs";
+import { readdir } from "node:fs/promises";
+import { join } from "node:path";
+import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import type { PsamRegistryFile } from "../concentrator/psam-registry.js";
+import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
+import type { Kind } from "../../lib/pki/identity.js";
+import { pkiDirOf } from "../../lib/pki/security.js";
+
+/** Who the demo network's parts are. */
+export function demoIdentities(p: { terminals: { id: string }[]; merchants: string[]; bankId: string }): { kind: Kind; id: string }[] {
+  return [
+    { kind: "concentrator", id: "concentrator-1" },
+    ...p.terminals.map((t) => ({ kind: "terminal" as const, id: t.id })),
+    { kind: "payment", id: "payment-1" },
+    { kind: "validation", id: "validation-1" },
+    ...p.merchants.map((id) => ({ kind: "merchant" as const, id })),
+    { kind: "bank", id: p.bankId },
+    { kind: "load", id: "load-1" },
+    { kind: "operator", id: "operator" },
+  ];
+}
+
+/** Makes the authority if there is none, and a key and certificate for each identity that has none. */
+export async function ensurePki(data: string, identities: { kind: Kind; id: string }[], say: (line: string) => void): Promise<void> {
+  const dir = pkiDirOf(data);
+  if (!CertificateAuthority.exists(dir)) {
+    const made = await CertificateAuthority.init(dir);
+    say(`operator: made the installation's certificate authority (${made.trustDomain}) in ${dir}`);
+  }
+  const ca = await CertificateAuthority.open(dir);
+  const issued: string[] = [];
+  for (const i of identities) {
+    if (existsSync(pkiPaths(dir).cert(i)) && existsSync(pkiPaths(dir).key(i))) continue;
+    issued.push((await ca.issue(i)).spiffeId);
+  }
+  if (issued.length) say(`operator: issued certificates for ${issued.join(", ")}`);
+}
+
+/** Where the concentrator reads the issuer's PSAM registry. */
+export const psamRegistryPath = (data: string) => join(data, "concentrator", "psams.json");
+
+/**
+ * The demo issuer's PSAM registry for the concentrator: every PSAM it
+ * provisioned into a terminal host's folder belongs to that terminal.
+ */
+export async function writePsamRegistry(data: string, terminals: { id: string }[], terminalDir: (id: string) => string): Promise<void> {
+  const psams: PsamRegistryFile["psams"] = [];
+  for (const t of terminals) {
+    const folder = join(terminalDir(t.id), "psams");
+    for (const name of (await readdir(folder).catch(() => [] as string[])).filter((n) => n.endsWith(".psam.json")).sort()) {
+      const { psamId } = await readJson<{ psamId: string }>(join(folder, name));
+      psams.push({ psamId, terminalId: t.id });
+    }
+  }
+  await writeJsonAtomic(psamRegistryPath(data), { psams } satisfies PsamRegistryFile);
+}
