@@ -137,6 +137,12 @@ class Keepalive {
 
 const slotKey = (terminalId: string, psamHex: string) => `${terminalId}/${psamHex}`;
 
+/** A slot with only the open debits `viewer` may see: its own, and those whose owner the host does not know. */
+const ownDebits = (s: PsamSlot, viewer: { id: string }): PsamSlot => ({
+  ...s,
+  pendingDebits: s.pendingDebits.filter((p) => p.paymentServerId === "" || p.paymentServerId === viewer.id),
+});
+
 export class Concentrator {
   private readonly terminals = new Map<string, TerminalConn>();
   private readonly paymentServers = new Map<string, PaymentServerConn>();
@@ -351,11 +357,13 @@ export class Concentrator {
       return;
     }
     conn.inFlight.delete(result.jobId);
-    if (result.slot) {
-      const i = conn.slots.findIndex((s) => s.slot === result.slot!.slot);
-      if (i >= 0) conn.slots[i] = result.slot;
+    const slot = result.slot;
+    if (slot) {
+      const i = conn.slots.findIndex((s) => s.slot === slot.slot);
+      if (i >= 0) conn.slots[i] = slot;
     }
-    this.answer(r, { ...result, jobId: r.job.jobId });
+    this.answer(r, { ...result, jobId: r.job.jobId, slot: slot && ownDebits(slot, r.from) });
+    if (result.status === PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED) this.dropIdleLease(conn, r);
     this.pump(conn);
   }
 
@@ -473,6 +481,15 @@ export class Concentrator {
     const slot = t?.slots.find((s) => hexOf(s.psamId?.value) === psamHex);
     if (!t || !slot) return fail(PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, `no attached terminal ${job.terminalId} with PSAM ${psamHex}`);
     if (slot.state === PsamSlotState.PSAM_SLOT_STATE_FAILED) return fail(PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, `PSAM ${psamHex} is out of the pool`);
+    // Another payment server's open debit is not this one's to verify or reverse: refused before it takes the PSAM from its owner.
+    const task = job.task;
+    if (task?.$case === "verifyDebit" || task?.$case === "reverseDebit") {
+      const owner = slot.pendingDebits.find((p) => p.psamCounter === task.value.psamCounter)?.paymentServerId;
+      if (owner && owner !== from.id) {
+        this.o.log.warn("refused a job on another payment server's debit", { paymentServer: from.id, owner, psam: psamHex });
+        return fail(PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED, `the debit at PSAM counter ${task.value.psamCounter} was issued for another payment server`);
+      }
+    }
     const key = slotKey(t.id, psamHex);
     const lease = this.leases.get(key);
     if (lease && lease.holder !== from) return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `PSAM ${psamHex} is leased to payment server ${lease.holder.id}`);
@@ -490,8 +507,20 @@ export class Concentrator {
       return fail(PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED, `terminal ${t.id} has ${t.queue.length} jobs queued`);
     }
     from.inFlight++;
-    t.queue.push({ routedId: randomUUID(), job, from, queuedAt: Date.now() });
+    // The terminal host learns whose job it is from us, from the payment server's certificate, never from the job.
+    t.queue.push({ routedId: randomUUID(), job: { ...job, paymentServerId: from.id }, from, queuedAt: Date.now() });
     this.pump(t);
+  }
+
+  /** A lease a refused job took is given back, unless its holder has other work on that PSAM: a refusal must not keep a PSAM from its owner. */
+  private dropIdleLease(t: TerminalConn, r: RoutedJob): void {
+    const psam = hexOf(r.job.psamId?.value);
+    const key = slotKey(t.id, psam);
+    if (this.leases.get(key)?.holder !== r.from) return;
+    const busy = (x: RoutedJob) => x.from === r.from && hexOf(x.job.psamId?.value) === psam;
+    if ([...t.inFlight.values()].some(busy) || t.queue.some(busy)) return;
+    this.leases.delete(key);
+    this.broadcast(t);
   }
 
   private leasesOf(conn: PaymentServerConn): number {
@@ -588,7 +617,11 @@ export class Concentrator {
 
   // ---- views ------------------------------------------------------------
 
-  /** A terminal as a payment server sees it: slots leased to others show BUSY. */
+  /**
+   * A terminal as a payment server sees it: slots leased to others show
+   * BUSY, and of the open debits only its own (and those whose owner the
+   * host does not know); operators see everything.
+   */
   private info(t: TerminalConn, viewer?: PaymentServerConn): TerminalInfo {
     return {
       terminalId: t.id,
@@ -598,7 +631,8 @@ export class Concentrator {
       slots: t.slots.map((s) => {
         const holder = this.leases.get(slotKey(t.id, hexOf(s.psamId?.value)))?.holder;
         const busy = holder && holder !== viewer && s.state === PsamSlotState.PSAM_SLOT_STATE_READY;
-        return busy ? { ...s, state: PsamSlotState.PSAM_SLOT_STATE_BUSY } : s;
+        const shown = viewer ? ownDebits(s, viewer) : s;
+        return busy ? { ...shown, state: PsamSlotState.PSAM_SLOT_STATE_BUSY } : shown;
       }),
     };
   }

@@ -69,19 +69,65 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
     name: "provision-psam",
     summary:
       "Provision a software PSAM with every purchase key version, its batch key and its verdict key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
-    usage: "--out FILE [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
-    options: { ...dataOption, out: { type: "string" }, currency: { type: "string" }, "psam-id": { type: "string" }, "batch-capacity": { type: "string" } },
+    usage: "--out FILE --terminal ID [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
+    options: {
+      ...dataOption,
+      out: { type: "string" },
+      terminal: { type: "string" },
+      currency: { type: "string" },
+      "psam-id": { type: "string" },
+      "batch-capacity": { type: "string" },
+    },
     async run(v) {
       if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
       const issuer = await Issuer.open(issuerDir(v));
       try {
         const p = await issuer.provisionPsam({
           path: v.out,
+          ...(typeof v.terminal === "string" ? { terminalId: v.terminal } : {}),
           currency: int(v.currency, 978, "currency"),
           ...(typeof v["psam-id"] === "string" ? { psamId: v["psam-id"] } : {}),
           batchCapacity: int(v["batch-capacity"], 256, "batch-capacity"),
         });
         console.log(`provisioned PSAM ${p.psamId} (key versions ${Object.keys(p.purchaseKeys).join(", ")}, currency ${p.currency}): ${v.out}`);
+        console.log(
+          typeof v.terminal === "string"
+            ? `assigned to terminal ${v.terminal}; export the PSAM registry for the concentrator: netpurse-issuer export-psam-registry`
+            : "assigned to no terminal: the concentrator accepts it once 'netpurse-issuer assign-psam' and 'export-psam-registry' say where it is",
+        );
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "assign-psam",
+    summary: "Say which terminal host holds a provisioned PSAM (the concentrator accepts a PSAM only from its terminal).",
+    usage: "--psam-id HEX8 --terminal ID [--data DIR]",
+    options: { ...dataOption, "psam-id": { type: "string" }, terminal: { type: "string" } },
+    async run(v) {
+      if (typeof v["psam-id"] !== "string" || typeof v.terminal !== "string") throw new UsageError("--psam-id and --terminal are required");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        await issuer.assignPsam(v["psam-id"], v.terminal);
+        console.log(`PSAM ${v["psam-id"]} is terminal ${v.terminal}'s; export the PSAM registry for the concentrator: netpurse-issuer export-psam-registry`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "export-psam-registry",
+    summary:
+      "Write the PSAM registry the concentrator reads: each provisioned PSAM and its terminal host.\nThe concentrator follows the file: a new export takes effect within seconds.",
+    usage: "[--out FILE (default DATA/concentrator/psams.json)] [--data DIR]",
+    options: { ...dataOption, out: { type: "string" } },
+    async run(v) {
+      const out = str(v.out, join(dataDir(v.data as string | undefined), "concentrator", "psams.json"));
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const r = await issuer.exportPsamRegistry(out);
+        console.log(`wrote ${out}: ${r.psams.length} PSAMs on ${new Set(r.psams.map((p) => p.terminalId)).size} terminal hosts`);
       } finally {
         await issuer.close();
       }

@@ -2,6 +2,7 @@
 // of software cards, provisioning of software PSAMs. The keys file is private
 // (mode 0600) and its contents never reach a log.
 
+import type { PsamRegistryFile } from "../concentrator/psam-registry.js";
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -64,6 +65,8 @@ const MIGRATIONS = [
      key_versions TEXT NOT NULL,
      provisioned_at TEXT NOT NULL
    );`,
+  // The terminal host each PSAM is provisioned for: the concentrator accepts a PSAM only from it.
+  `ALTER TABLE psams ADD COLUMN terminal_id TEXT;`,
 ];
 
 export class Issuer {
@@ -182,7 +185,8 @@ export class Issuer {
   }
 
   /** Provisions a software PSAM with every purchase key version, its batch key and its verdict key. */
-  async provisionPsam(p: { path: string; currency: number; psamId?: string; batchCapacity?: number }): Promise<PsamFile> {
+  /** Provisions a software PSAM into `path`, for the terminal host `terminalId` (without one, no concentrator accepts it until it is assigned). */
+  async provisionPsam(p: { path: string; currency: number; terminalId?: string; psamId?: string; batchCapacity?: number }): Promise<PsamFile> {
     const psamId = p.psamId ?? randomBytes(4).toString("hex");
     if (!/^[0-9a-f]{8}$/.test(psamId)) throw new RangeError("PSAM id must be 8 hex digits");
     const purchaseKeys: Record<string, string> = {};
@@ -203,15 +207,36 @@ export class Issuer {
       settled: [],
     };
     await this.db.transaction(async (tx) => {
-      await tx.run("INSERT INTO psams (psam_id, currency, key_versions, provisioned_at) VALUES (?, ?, ?, ?)", [
+      await tx.run("INSERT INTO psams (psam_id, currency, key_versions, provisioned_at, terminal_id) VALUES (?, ?, ?, ?, ?)", [
         psamId,
         p.currency,
         Object.keys(purchaseKeys).join(","),
         new Date().toISOString(),
+        p.terminalId ?? null,
       ]);
       await SoftwarePsam.write(p.path, file);
     });
     return file;
+  }
+  /** Assigns a provisioned PSAM to the terminal host that holds it (a PSAM moved to another host is assigned again). */
+  async assignPsam(psamId: string, terminalId: string): Promise<void> {
+    const r = await this.db.run("UPDATE psams SET terminal_id = ? WHERE psam_id = ?", [terminalId, psamId]);
+    if (r.changes !== 1) throw new Error(`PSAM ${psamId} was never provisioned by this issuer`);
+  }
+
+  /** The terminal each provisioned PSAM is assigned to, as the concentrator reads it. */
+  async psamRegistry(): Promise<PsamRegistryFile> {
+    const rows = await this.db.all<{ psam_id: string; terminal_id: string }>(
+      "SELECT psam_id, terminal_id FROM psams WHERE terminal_id IS NOT NULL ORDER BY terminal_id, psam_id",
+    );
+    return { psams: rows.map((r) => ({ psamId: r.psam_id, terminalId: r.terminal_id })) };
+  }
+
+  /** Writes the PSAM registry for the concentrator (a file it follows: a new export takes effect within seconds). */
+  async exportPsamRegistry(path: string): Promise<PsamRegistryFile> {
+    const registry = await this.psamRegistry();
+    await writeJsonAtomic(path, registry);
+    return registry;
   }
 
   /**

@@ -14,7 +14,7 @@ import { registerBank, registerMerchant } from "../operator/operator.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
 import { openSqlite } from "../../lib/store/db.js";
-import { demoIdentities, ensurePki, writePsamRegistry } from "./pki.js";
+import { demoIdentities, ensurePki, psamRegistryPath } from "./pki.js";
 
 export function paths(data: string) {
   return {
@@ -82,12 +82,13 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
       for (let i = 0; i < t.psams; i++) {
         const file = join(p.terminal(t.id), "psams", `psam-${i}.psam.json`);
         if (existsSync(file)) {
-          // A PSAM of an earlier version of the demo gets the verdict key it lacks (nothing else changes in it).
+          // A PSAM of an earlier version of the demo gets the verdict key it lacks (nothing else changes in it), and its terminal.
           const { psamId, added } = await issuer.addVerdictKey(file);
           if (added) say(`issuer: gave PSAM ${psamId} of ${t.id} its verdict key`);
+          if (!(await issuer.psamRegistry()).psams.some((x) => x.psamId === psamId)) await issuer.assignPsam(psamId, t.id);
           continue;
         }
-        const psam = await issuer.provisionPsam({ path: file, currency: EUR });
+        const psam = await issuer.provisionPsam({ path: file, currency: EUR, terminalId: t.id });
         say(`issuer: provisioned PSAM ${psam.psamId} for ${t.id}`);
       }
     }
@@ -127,7 +128,7 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     } finally {
       await bank.close();
     }
-    await writePsamRegistry(data, demo.terminals, p.terminal);
+    await issuer.exportPsamRegistry(psamRegistryPath(data));
     await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants: demo.shops.map((s) => s.merchantId), bankId: DEMO_BANK.bankId }), say);
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath)) {

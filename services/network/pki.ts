@@ -4,10 +4,7 @@
 // new part lacks.
 
 import { existsSync } from "node:fs";
-import { readdir } from "node:fs/promises";
 import { join } from "node:path";
-import { readJson, writeJsonAtomic } from "../../lib/files.js";
-import type { PsamRegistryFile } from "../concentrator/psam-registry.js";
 import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf } from "../../lib/pki/security.js";
@@ -44,19 +41,3 @@ export async function ensurePki(data: string, identities: { kind: Kind; id: stri
 
 /** Where the concentrator reads the issuer's PSAM registry. */
 export const psamRegistryPath = (data: string) => join(data, "concentrator", "psams.json");
-
-/**
- * The demo issuer's PSAM registry for the concentrator: every PSAM it
- * provisioned into a terminal host's folder belongs to that terminal.
- */
-export async function writePsamRegistry(data: string, terminals: { id: string }[], terminalDir: (id: string) => string): Promise<void> {
-  const psams: PsamRegistryFile["psams"] = [];
-  for (const t of terminals) {
-    const folder = join(terminalDir(t.id), "psams");
-    for (const name of (await readdir(folder).catch(() => [] as string[])).filter((n) => n.endsWith(".psam.json")).sort()) {
-      const { psamId } = await readJson<{ psamId: string }>(join(folder, name));
-      psams.push({ psamId, terminalId: t.id });
-    }
-  }
-  await writeJsonAtomic(psamRegistryPath(data), { psams } satisfies PsamRegistryFile);
-}

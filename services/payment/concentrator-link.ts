@@ -163,8 +163,9 @@ export class ConcentratorLink {
    * no answer within `timeoutMs`, or whose stream breaks, ends as
    * TERMINAL_LOST: the PSAM may or may not have done it.
    */
-  runJob(lease: Lease, job: Omit<PsamJob, "jobId" | "terminalId" | "psamId">, timeoutMs: number): Promise<PsamJobResult> {
-    const full: PsamJob = { ...job, jobId: randomUUID(), terminalId: lease.terminalId, psamId: toPsamId(lease.psamId) };
+  runJob(lease: Lease, job: Omit<PsamJob, "jobId" | "terminalId" | "psamId" | "paymentServerId">, timeoutMs: number): Promise<PsamJobResult> {
+    // payment_server_id is the concentrator's to set, from this server's certificate.
+    const full: PsamJob = { ...job, jobId: randomUUID(), terminalId: lease.terminalId, psamId: toPsamId(lease.psamId), paymentServerId: "" };
     const out = this.out;
     if (!out) return Promise.resolve({ ...this.lost(full, "not connected to the concentrator"), status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM });
     return new Promise((resolve) => {

@@ -40,6 +40,12 @@ export const TERMINAL_MIGRATIONS = [
      closed_at TEXT NOT NULL,
      PRIMARY KEY (psam_id, batch_number)
    );`,
+  // Whose transaction each DEBIT command was issued for, as the concentrator said from the payment server's certificate.
+  `CREATE TABLE debit_owners (
+     transaction_id TEXT PRIMARY KEY,
+     payment_server_id TEXT NOT NULL,
+     claimed_at TEXT NOT NULL
+   );`,
 ];
 
 export interface StoredTransaction {
@@ -96,6 +102,39 @@ export class TerminalStore {
       "INSERT INTO psam_batches (psam_id, batch_number, record_count, total_minor, currency, batch_mac, closed_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
       [b.psamId.toString("hex"), b.batchNumber, b.count, b.total, b.currency, b.batchMac.toString("hex"), new Date().toISOString()],
     );
+  }
+
+  /**
+   * Records that `paymentServerId` asks for a DEBIT command for this
+   * transaction; false when another payment server already did.
+   */
+  async claim(transactionId: string, paymentServerId: string): Promise<boolean> {
+    const r = await this.db.run("INSERT INTO debit_owners (transaction_id, payment_server_id, claimed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [
+      transactionId,
+      paymentServerId,
+      new Date().toISOString(),
+    ]);
+    return r.changes === 1 || (await this.ownerOf(transactionId)) === paymentServerId;
+  }
+
+  /** The payment server a transaction's DEBIT command was issued for; undefined when none was recorded. */
+  async ownerOf(transactionId: string): Promise<string | undefined> {
+    return (await this.db.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]))
+      ?.payment_server_id;
+  }
+
+  /** The transaction a PSAM counter's debit was recorded or reversed for, once it is no longer open in the PSAM. */
+  async settledTransaction(psamId: string, psamCounter: number): Promise<string | undefined> {
+    const row =
+      (await this.db.get<{ transaction_id: string }>("SELECT transaction_id FROM psam_transactions WHERE psam_id = ? AND psam_counter = ?", [
+        psamId,
+        psamCounter,
+      ])) ??
+      (await this.db.get<{ transaction_id: string }>("SELECT transaction_id FROM psam_reversals WHERE psam_id = ? AND psam_counter = ?", [
+        psamId,
+        psamCounter,
+      ]));
+    return row?.transaction_id;
   }
 
   transactions(): Promise<StoredTransaction[]> {

@@ -163,13 +163,15 @@ export class TerminalHost {
     if (s.failed) return { ...base, state: PsamSlotState.PSAM_SLOT_STATE_FAILED, psamCounter: 0, pendingDebits: [], batchCount: 0 };
     const st = await s.driver.readStatus();
     const pending = await s.driver.readPending();
-    return {
-      ...base,
-      state: PsamSlotState.PSAM_SLOT_STATE_READY,
-      psamCounter: st.psamCounter,
-      batchCount: st.batchCount,
-      pendingDebits: pending.map((p) => ({ psamCounter: p.psamCounter, transactionId: txnId(p.transactionRef), amount: money(p.amount, p.currency, 0) })),
-    };
+    const pendingDebits = await Promise.all(
+      pending.map(async (p) => ({
+        psamCounter: p.psamCounter,
+        transactionId: txnId(p.transactionRef),
+        amount: money(p.amount, p.currency, 0),
+        paymentServerId: (await this.store.ownerOf(p.transactionRef)) ?? "",
+      })),
+    );
+    return { ...base, state: PsamSlotState.PSAM_SLOT_STATE_READY, psamCounter: st.psamCounter, batchCount: st.batchCount, pendingDebits };
   }
 
   private resultBase(job: PsamJob) {
@@ -183,6 +185,11 @@ export class TerminalHost {
     if (!slot) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `no PSAM ${psamHex} in terminal ${this.o.terminalId}` };
     const result = await slot.mutex.run(async (): Promise<PsamJobResult> => {
       try {
+        const refusal = await this.refusalOf(slot, job);
+        if (refusal) {
+          this.o.log.warn("refused a job on another payment server's debit", { psam: psamHex, paymentServer: job.paymentServerId, why: refusal });
+          return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED, message: refusal };
+        }
         const outcome = await this.work(slot, job);
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_OK, statusWord: 0x9000, outcome, slot: await this.slotInfo(slot) };
       } catch (e) {
@@ -198,6 +205,30 @@ export class TerminalHost {
     });
     if (this.o.answerDelayMs) await new Promise((r) => setTimeout(r, this.o.answerDelayMs));
     return result;
+  }
+
+  /**
+   * Why a payment server may not have this job done, if it may not: a DEBIT
+   * command is issued for the payment server that asked first for the
+   * transaction, and only that one may have the debit verified or reversed.
+   * The PSAM's own record of the counter says which transaction it is, not
+   * the job. Debits issued before owners were recorded (or jobs without an
+   * owner, on an --insecure network) are not checked.
+   */
+  private async refusalOf(slot: Slot, job: PsamJob): Promise<string | undefined> {
+    const who = job.paymentServerId;
+    if (!who) return undefined;
+    const task = job.task;
+    if (task?.$case === "issueDebitCommand") {
+      if (!job.transactionId) return undefined; // refused as INVALID by the job itself
+      return (await this.store.claim(job.transactionId.value, who)) ? undefined : `transaction ${job.transactionId.value} belongs to another payment server`;
+    }
+    if (task?.$case !== "verifyDebit" && task?.$case !== "reverseDebit") return undefined;
+    const counter = task.value.psamCounter;
+    const open = (await slot.driver.readPending()).find((p) => p.psamCounter === counter);
+    const transaction = open?.transactionRef ?? (await this.store.settledTransaction(slot.psam.psamId, counter));
+    const owner = transaction ? await this.store.ownerOf(transaction) : undefined;
+    return owner && owner !== who ? `the debit at PSAM counter ${counter} was issued for payment server ${owner}` : undefined;
   }
 
   private async work(slot: Slot, job: PsamJob): Promise<PsamJobResult["outcome"]> {

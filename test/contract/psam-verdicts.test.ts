@@ -27,7 +27,7 @@ import { hexOf } from "../../lib/ids.js";
 import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import type { PurseReader } from "../../client/card/purse-reader.js";
 import { Issuer } from "../../services/issuer/issuer.js";
-import { writePsamRegistry } from "../../services/network/pki.js";
+import { psamRegistryPath } from "../../services/network/pki.js";
 import { psamKey } from "../../services/payment/psam-pool.js";
 import { completeRequest, drawRequestFor, failure, openCard, openIssued } from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
@@ -137,7 +137,6 @@ describe("contract: PSAM verdicts the payment server checks", function () {
    * and exports the registry by which the concentrator admits a terminal's
    * PSAMs: the hosts below are compromised, not strangers.
    */
-  const registered = ["terminal-1"];
   async function provision(terminalId: string, n: number): Promise<{ files: string[]; ids: string[] }> {
     const issuer = await Issuer.open(net.paths.issuer);
     const files: string[] = [];
@@ -145,18 +144,13 @@ describe("contract: PSAM verdicts the payment server checks", function () {
     try {
       for (let i = 0; i < n; i++) {
         const file = join(net.paths.terminal(terminalId), "psams", `psam-${i}.psam.json`);
-        ids.push((await issuer.provisionPsam({ path: file, currency: 978 })).psamId);
+        ids.push((await issuer.provisionPsam({ path: file, currency: 978, terminalId })).psamId);
         files.push(file);
       }
+      await issuer.exportPsamRegistry(psamRegistryPath(net.data));
     } finally {
       await issuer.close();
     }
-    registered.push(terminalId);
-    await writePsamRegistry(
-      net.data,
-      registered.map((id) => ({ id })),
-      net.paths.terminal,
-    );
     return { files, ids };
   }
 

@@ -100,6 +100,7 @@ const job = (id: string, terminalId: string, psam: string): PsamJob => ({
   terminalId,
   psamId: psamId(psam),
   transactionId: undefined,
+  paymentServerId: "",
   task: { $case: "reverseDebit", value: { psamCounter: 1 } },
 });
 

@@ -222,7 +222,12 @@ export async function tamperingTerminal(client: ConcentratorClient, o: { termina
     return slot(i, psam.psamId, {
       psamCounter: st.psamCounter,
       batchCount: st.batchCount,
-      pendingDebits: pending.map((p) => ({ psamCounter: p.psamCounter, transactionId: txnId(p.transactionRef), amount: money(p.amount, p.currency, 0) })),
+      pendingDebits: pending.map((p) => ({
+        psamCounter: p.psamCounter,
+        transactionId: txnId(p.transactionRef),
+        amount: money(p.amount, p.currency, 0),
+        paymentServerId: "",
+      })),
     });
   };
   const take = (kind: keyof Flips): boolean => {

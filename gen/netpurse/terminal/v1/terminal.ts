@@ -87,6 +87,11 @@ export enum PsamJobStatus {
   PSAM_JOB_STATUS_PSAM_FAILED = 7,
   /** PSAM_JOB_STATUS_INVALID - The job was malformed. */
   PSAM_JOB_STATUS_INVALID = 8,
+  /**
+   * PSAM_JOB_STATUS_NOT_ALLOWED - The job acts on a debit (or a transaction) of another payment server:
+   * nothing was done.
+   */
+  PSAM_JOB_STATUS_NOT_ALLOWED = 9,
   UNRECOGNIZED = -1,
 }
 
@@ -119,6 +124,9 @@ export function psamJobStatusFromJSON(object: any): PsamJobStatus {
     case 8:
     case "PSAM_JOB_STATUS_INVALID":
       return PsamJobStatus.PSAM_JOB_STATUS_INVALID;
+    case 9:
+    case "PSAM_JOB_STATUS_NOT_ALLOWED":
+      return PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -146,6 +154,8 @@ export function psamJobStatusToJSON(object: PsamJobStatus): string {
       return "PSAM_JOB_STATUS_PSAM_FAILED";
     case PsamJobStatus.PSAM_JOB_STATUS_INVALID:
       return "PSAM_JOB_STATUS_INVALID";
+    case PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED:
+      return "PSAM_JOB_STATUS_NOT_ALLOWED";
     case PsamJobStatus.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -207,7 +217,15 @@ export interface PendingDebit {
     | TransactionId
     | undefined;
   /** The amount of the command. */
-  amount: Money | undefined;
+  amount:
+    | Money
+    | undefined;
+  /**
+   * The payment server whose job had the command issued (empty when the
+   * host does not know: a debit issued before it recorded owners). The
+   * concentrator shows each payment server only its own pending debits.
+   */
+  paymentServerId: string;
 }
 
 /** One PSAM slot of a terminal host. */
@@ -333,6 +351,14 @@ export interface PsamJob {
   transactionId:
     | TransactionId
     | undefined;
+  /**
+   * The payment server the job comes from, as its certificate proves it: set
+   * by the concentrator on every job it routes, over whatever a payment
+   * server put here. The terminal host records it with each DEBIT command
+   * issued, and refuses to verify or reverse that debit for any other
+   * payment server (status NOT_ALLOWED).
+   */
+  paymentServerId: string;
   /** What to do. */
   task:
     | //
@@ -576,7 +602,7 @@ export interface ListTerminalsResponse {
 }
 
 function createBasePendingDebit(): PendingDebit {
-  return { psamCounter: 0, transactionId: undefined, amount: undefined };
+  return { psamCounter: 0, transactionId: undefined, amount: undefined, paymentServerId: "" };
 }
 
 export const PendingDebit: MessageFns<PendingDebit> = {
@@ -589,6 +615,9 @@ export const PendingDebit: MessageFns<PendingDebit> = {
     }
     if (message.amount !== undefined) {
       Money.encode(message.amount, writer.uint32(26).fork()).join();
+    }
+    if (message.paymentServerId !== "") {
+      writer.uint32(34).string(message.paymentServerId);
     }
     return writer;
   },
@@ -630,6 +659,14 @@ export const PendingDebit: MessageFns<PendingDebit> = {
             message.amount = Money.decode(reader, reader.uint32());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.paymentServerId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -655,6 +692,11 @@ export const PendingDebit: MessageFns<PendingDebit> = {
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
       amount: isSet(object.amount) ? Money.fromJSON(object.amount) : undefined,
+      paymentServerId: isSet(object.paymentServerId)
+        ? globalThis.String(object.paymentServerId)
+        : isSet(object.payment_server_id)
+        ? globalThis.String(object.payment_server_id)
+        : "",
     };
   },
 
@@ -668,6 +710,9 @@ export const PendingDebit: MessageFns<PendingDebit> = {
     }
     if (message.amount !== undefined) {
       obj.amount = Money.toJSON(message.amount);
+    }
+    if (message.paymentServerId !== "") {
+      obj.paymentServerId = message.paymentServerId;
     }
     return obj;
   },
@@ -684,6 +729,7 @@ export const PendingDebit: MessageFns<PendingDebit> = {
     message.amount = (object.amount !== undefined && object.amount !== null)
       ? Money.fromPartial(object.amount)
       : undefined;
+    message.paymentServerId = object.paymentServerId ?? "";
     return message;
   },
 };
@@ -1786,7 +1832,14 @@ export const ReverseDebitTask: MessageFns<ReverseDebitTask> = {
 };
 
 function createBasePsamJob(): PsamJob {
-  return { jobId: "", terminalId: "", psamId: undefined, transactionId: undefined, task: undefined };
+  return {
+    jobId: "",
+    terminalId: "",
+    psamId: undefined,
+    transactionId: undefined,
+    paymentServerId: "",
+    task: undefined,
+  };
 }
 
 export const PsamJob: MessageFns<PsamJob> = {
@@ -1802,6 +1855,9 @@ export const PsamJob: MessageFns<PsamJob> = {
     }
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(34).fork()).join();
+    }
+    if (message.paymentServerId !== "") {
+      writer.uint32(42).string(message.paymentServerId);
     }
     switch (message.task?.$case) {
       case "issueDebitCommand":
@@ -1862,6 +1918,14 @@ export const PsamJob: MessageFns<PsamJob> = {
             message.transactionId = TransactionId.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.paymentServerId = reader.string();
+            continue;
+          }
           case 10: {
             if (tag !== 82) {
               break;
@@ -1920,6 +1984,11 @@ export const PsamJob: MessageFns<PsamJob> = {
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
+      paymentServerId: isSet(object.paymentServerId)
+        ? globalThis.String(object.paymentServerId)
+        : isSet(object.payment_server_id)
+        ? globalThis.String(object.payment_server_id)
+        : "",
       task: isSet(object.issueDebitCommand)
         ? { $case: "issueDebitCommand", value: IssueDebitCommandTask.fromJSON(object.issueDebitCommand) }
         : isSet(object.issue_debit_command)
@@ -1950,6 +2019,9 @@ export const PsamJob: MessageFns<PsamJob> = {
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
     }
+    if (message.paymentServerId !== "") {
+      obj.paymentServerId = message.paymentServerId;
+    }
     if (message.task?.$case === "issueDebitCommand") {
       obj.issueDebitCommand = IssueDebitCommandTask.toJSON(message.task.value);
     } else if (message.task?.$case === "verifyDebit") {
@@ -1973,6 +2045,7 @@ export const PsamJob: MessageFns<PsamJob> = {
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
+    message.paymentServerId = object.paymentServerId ?? "";
     switch (object.task?.$case) {
       case "issueDebitCommand": {
         if (object.task?.value !== undefined && object.task?.value !== null) {
