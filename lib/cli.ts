@@ -69,7 +69,7 @@ export function describeError(e: unknown): string {
     const reason = r ? ` [${reasonName(r)}]` : "";
     const hint =
       err.code === Status.UNAVAILABLE && /No connection|ECONNREFUSED|connect/i.test(err.details)
-        ? " (is the service running? start the network with 'npm start')"
+        ? " (is the service running? start the network with 'npm start'. A network started with --insecure needs --insecure here too; one with TLS, not)"
         : "";
     return `${Status[err.code]}${reason}: ${err.details}${hint}`;
   }
