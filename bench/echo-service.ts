@@ -29,6 +29,13 @@ export const EchoDefinition = {
   },
 } as const;
 
+/**
+ * The identity the echo server's certificate carries, from a throwaway CA
+ * of the run: an existing kind ("load" is as good as any, nothing checks
+ * it but the echo's own client), so the PKI needs no benchmark-only kind.
+ */
+export const ECHO_IDENTITY = { kind: "load", id: "echo" } as const;
+
 export const echoImplementation = {
   echo: async (request: Uint8Array): Promise<Uint8Array> => request,
 };

@@ -43,6 +43,7 @@ class MeasuringWindow {
   private readonly startedAt = performance.now();
   private warmedUp = false;
   private wentRound = 0;
+  private closedHookRan = false;
   private readonly timers: NodeJS.Timeout[] = [];
 
   constructor(private readonly p: { phases: Phases; workers: number; settle: boolean; hooks: { opened(): void; closed(): void } | undefined }) {
@@ -80,8 +81,16 @@ class MeasuringWindow {
     return "finishing the operations in flight";
   }
 
+  /** Ends the window's timers; runs the closing hook now if its timer has not fired yet (the last operation ended first). */
   stop(): void {
     this.timers.forEach(clearTimeout);
+    if (this.opensAt !== Infinity) this.close();
+  }
+
+  private close(): void {
+    if (this.closedHookRan) return;
+    this.closedHookRan = true;
+    this.p.hooks?.closed();
   }
 
   private maybeOpen(): void {
@@ -90,7 +99,7 @@ class MeasuringWindow {
     this.opensAt = this.p.settle ? performance.now() : this.startedAt + this.p.phases.warmupMs;
     this.closesAt = this.opensAt + this.p.phases.measureMs;
     this.p.hooks?.opened();
-    this.timers.push(setTimeout(() => this.p.hooks?.closed(), this.closesAt - performance.now()));
+    this.timers.push(setTimeout(() => this.close(), this.closesAt - performance.now()));
   }
 }
 

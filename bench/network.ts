@@ -14,6 +14,7 @@ import { PurseReader } from "../client/card/purse-reader.js";
 import { SoftwareCard } from "../client/card/software-card.js";
 import { InProcessTransport } from "../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../lib/grpc/client.js";
+import { pkiPaths } from "../lib/pki/authority.js";
 import { pkiDirOf, Security } from "../lib/pki/security.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
@@ -39,25 +40,36 @@ export const PROCESS = {
   validation: "merchant-validation",
   merchant: `merchant-${DEMO_SHOP.merchantId}`,
   clientDaemon: "client-daemon",
+  load: "load",
+  bank: "bank",
   bench: "bench",
 } as const;
 
-/** One channel per service address, shared by every cardholder, as on one client host; a client per call, as the client daemon does. */
+/**
+ * One channel per service address, shared by every cardholder, as on one
+ * client host; a client per call, as the client daemon does. Cardholders
+ * reach the payment server and the merchant as the client daemon does, with
+ * server TLS (the CA bundle only, no certificate of their own); the pool
+ * check reaches the concentrator as the operator, with mutual TLS.
+ */
 export class ServiceClients {
   private readonly factory = clientFactory();
-  private readonly channels: ChannelCache;
+  private readonly cardholderChannels: ChannelCache;
+  private readonly operatorChannels: ChannelCache;
 
-  /** `security`: the operator's identity (it also reads the pool), or --insecure. */
-  constructor(security: Security) {
-    this.channels = new ChannelCache(security);
+  /** `security`: the cardholders' (a CA bundle) and the operator's (its identity), both Security.insecure() for --insecure. */
+  constructor(security: { cardholder: Security; operator: Security }) {
+    this.cardholderChannels = new ChannelCache(security.cardholder);
+    this.operatorChannels = new ChannelCache(security.operator);
   }
 
-  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address, { kind: "payment" }));
-  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address, { kind: "merchant" }));
-  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.channels.get(address, { kind: "concentrator" }));
+  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.cardholderChannels.get(address, { kind: "payment" }));
+  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.cardholderChannels.get(address, { kind: "merchant" }));
+  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.operatorChannels.get(address, { kind: "concentrator" }));
 
   close(): void {
-    this.channels.close();
+    this.cardholderChannels.close();
+    this.operatorChannels.close();
   }
 }
 
@@ -79,9 +91,9 @@ export class BenchNetwork {
     readonly shop: ShopFile,
     readonly daemonCardPath: string,
     readonly cardholderCards: string[],
-    /** Every link TLS (mutual inside the operator's network), or plaintext. */
+    /** Every link TLS (mutual inside the operator's network, server TLS for the cardholders), or plaintext. */
     readonly tls: boolean,
-    security: Security,
+    security: { cardholder: Security; operator: Security },
   ) {
     this.launcher = new Launcher(this.logDir, { env: SERVICE_ENV });
     this.clients = new ServiceClients(security);
@@ -101,7 +113,12 @@ export class BenchNetwork {
     // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
     const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [shop], card: DEFAULT_DEMO.card });
     const tls = p.tls ?? true;
-    const security = tls ? await Security.forService(pkiDirOf(dir), { kind: "operator", id: "operator" }) : Security.insecure();
+    const security = tls
+      ? {
+          cardholder: await Security.forCardholder(pkiPaths(pkiDirOf(dir)).caCert),
+          operator: await Security.forService(pkiDirOf(dir), { kind: "operator", id: "operator" }),
+        }
+      : { cardholder: Security.insecure(), operator: Security.insecure() };
     return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security);
   }
 
@@ -161,9 +178,13 @@ export class BenchNetwork {
     await rm(this.dir, { recursive: true, force: true });
   }
 
-  /** Reads the service logs for trouble; call after stop(), so shutdown problems count too. */
+  /**
+   * Reads the service logs for trouble; call after stop(), so shutdown
+   * problems count too. Without TLS, each server's start-up INSECURE warning
+   * is expected and not counted; with TLS, it would be trouble.
+   */
   logFindings(maxSamples = 5): Promise<LogFindings> {
-    return logFindings(this.logDir, maxSamples);
+    return logFindings(this.logDir, maxSamples, { insecureExpected: !this.tls });
   }
 
   /** The concentrator lists the terminal with all its PSAMs and a payment server attached: purchases can be routed. */
@@ -180,13 +201,13 @@ export class BenchNetwork {
   }
 }
 
-/** The warn and error lines (and stray output) in every log file of `logDir`. */
-export async function logFindings(logDir: string, maxSamples = 5): Promise<LogFindings> {
+/** The warn and error lines (and stray output) in every log file of `logDir`; with `insecureExpected`, not the INSECURE start-up warning. */
+export async function logFindings(logDir: string, maxSamples = 5, o: { insecureExpected?: boolean } = {}): Promise<LogFindings> {
   const findings: LogFindings = { count: 0, samples: [] };
   const seen = new Set<string>();
   for (const file of (await readdir(logDir)).sort()) {
     for (const line of (await readFile(join(logDir, file), "utf8")).split("\n")) {
-      if (!isTrouble(line)) continue;
+      if (!isTrouble(line) || (o.insecureExpected && INSECURE_WARNING.test(line))) continue;
       findings.count++;
       const gist = line.replace(/^\S+Z /, "").replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>");
       if (!seen.has(gist) && seen.size < maxSamples) {
@@ -220,6 +241,10 @@ export async function personaliseCardholderCards(dir: string, count: number): Pr
     await issuer.close();
   }
 }
+
+/** The warning every server started with --insecure logs once (lib/grpc/server.ts), exactly; a logger's name may hold a space ("merchant demo-shop"). */
+const INSECURE_WARNING =
+  /^\S+Z \S.* warn INSECURE: plaintext, no peer is authenticated and every RPC is open to anyone who reaches this port; for local debugging only address=\S+$/;
 
 /** Service log lines are "time service level message"; with warn as the level, what remains is worth reading, except the start and stop lines. */
 function isTrouble(line: string): boolean {

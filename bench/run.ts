@@ -17,6 +17,7 @@ import { measureModes, type ModesReport, type ModesSettings } from "./modes.js";
 import { modesErrors } from "./modes-report.js";
 import { measurePurchases, type PurchaseResult } from "./purchases.js";
 import { renderReport, writeJson, type Report } from "./report.js";
+import { echoTlsCosts, tlsCosts, tlsSummary } from "./tls-report.js";
 
 const DEFAULT_OUT = fileURLToPath(new URL("./results/latest.json", import.meta.url));
 
@@ -27,7 +28,8 @@ fresh for every configuration, with cardholders buying a song in a closed loop.
 
 stack: purchases per second and payOffer latency per number of PSAMs and of
 cardholders (mode PSAM_VERIFIES), beside a unary gRPC echo on the same
-transport at the same concurrencies.
+transport at the same concurrencies; each with every link on TLS and with
+every link plaintext (--insecure), and the cost of TLS.
 
 modes: each confirmation mode (one demo shop per mode) with the cardholder ↔
 payment server path delayed by a TCP proxy, beside the chatty remote-reader
@@ -39,6 +41,8 @@ Options:
   --psams LIST          stack: PSAMs on the terminal host, comma-separated (default 1,4,16)
   --clients LIST        stack: concurrent cardholders, comma-separated (default 1,8,64)
   --seconds N           stack: measuring window per configuration, seconds (default 10)
+  --tls WHICH           stack: on, off or both: each configuration and echo run with TLS on,
+                        then off, each on a fresh network (default both; the modes suite runs TLS on)
   --delay-ms LIST       modes: one-way delays on the cardholder ↔ payment server path, ms,
                         comma-separated; each gets a run per mode (default 25,100)
   --modes-psams N       modes: PSAMs (default 4)
@@ -55,10 +59,14 @@ Exit status: 0 when every purchase and echo succeeded, 1 otherwise, 2 for bad op
 const SUITES = ["all", "stack", "modes"] as const;
 type Suite = (typeof SUITES)[number];
 
+const TLS_CHOICES = { on: [true], off: [false], both: [true, false] } as const;
+
 interface Settings {
   suite: Suite;
   psams: number[];
   clients: number[];
+  /** The stack suite's transports, in the order each configuration runs them: true for TLS on. */
+  tls: readonly boolean[];
   phases: Phases;
   modes: ModesSettings;
   out: string;
@@ -89,6 +97,11 @@ function suite(text: string): Suite {
   return found;
 }
 
+function tlsChoice(text: string): readonly boolean[] {
+  if (!Object.hasOwn(TLS_CHOICES, text)) throw new UsageError(`--tls takes ${Object.keys(TLS_CHOICES).join(", ")}, got "${text}"`);
+  return TLS_CHOICES[text as keyof typeof TLS_CHOICES];
+}
+
 function seconds(text: string, flag: string): number {
   const n = Number(text);
   if (!Number.isFinite(n) || n < 0) throw new UsageError(`--${flag} takes a number of seconds, got "${text}"`);
@@ -105,6 +118,7 @@ function parseSettings(argv: string[]): Settings | undefined {
       psams: { type: "string", default: "1,4,16" },
       clients: { type: "string", default: "1,8,64" },
       seconds: { type: "string", default: "10" },
+      tls: { type: "string", default: "both" },
       "delay-ms": { type: "string", default: "25,100" },
       "modes-psams": { type: "string", default: "4" },
       "modes-clients": { type: "string", default: "64" },
@@ -124,6 +138,7 @@ function parseSettings(argv: string[]): Settings | undefined {
     suite: suite(values.suite),
     psams: positiveInts(values.psams, "psams"),
     clients: positiveInts(values.clients, "clients"),
+    tls: tlsChoice(values.tls),
     phases: { warmupMs, measureMs },
     modes: {
       psams: positiveInt(values["modes-psams"], "modes-psams"),
@@ -147,34 +162,51 @@ function sourceVersion(): string {
   }
 }
 
-/** The stack suite: the echo baseline, then every configuration. */
+/** The commit at the end, when it differs from the start's: services start from the work tree, so later runs measured other code. */
+function sourceChange(atStart: string): { sourceAtEnd?: string } {
+  const atEnd = sourceVersion();
+  return atEnd === atStart ? {} : { sourceAtEnd: atEnd };
+}
+
+/** The stack suite: the echo baseline with each transport, then every configuration with each transport in turn. */
 async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchases: PurchaseResult[] }> {
+  const concurrencies = [...new Set(s.clients)];
   const configurations = s.psams.flatMap((psams) => s.clients.map((cardholders) => ({ psams, cardholders })));
+  const runs = configurations.flatMap((c) => s.tls.map((tls) => ({ ...c, tls })));
+  const ways = s.tls.map((tls) => (tls ? "TLS on" : "TLS off")).join(" and ");
   process.stderr.write(
-    `netpurse bench, stack: ${configurations.length} configurations and ${s.clients.length} echo runs, ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each, plus start-up\n`,
+    `netpurse bench, stack: ${configurations.length} configurations and ${concurrencies.length} echo concurrencies, each with ${ways} (${runs.length} runs and ${concurrencies.length * s.tls.length} echo runs), ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each, plus start-up\n`,
   );
-  const echo = await measureEcho([...new Set(s.clients)], s.phases);
+  const echo: EchoResult[] = [];
+  for (const tls of s.tls) echo.push(...(await measureEcho(concurrencies, s.phases, tls)));
   const purchases: PurchaseResult[] = [];
-  for (const [i, c] of configurations.entries()) {
-    process.stderr.write(`configuration ${i + 1}/${configurations.length}\n`);
-    purchases.push(await measurePurchases(c, s.phases, { keepData: s.keepData }));
+  for (const [i, { tls, ...c }] of runs.entries()) {
+    process.stderr.write(`run ${i + 1}/${runs.length}\n`);
+    purchases.push(await measurePurchases(c, s.phases, { keepData: s.keepData, tls }));
   }
   return { echo, purchases };
 }
 
 async function runBenchmark(s: Settings): Promise<Report> {
   const startedAt = new Date();
+  const sourceAtStart = sourceVersion();
   const { echo, purchases } = s.suite === "modes" ? { echo: [], purchases: [] } : await measureStack(s);
   const modes: ModesReport | undefined = s.suite === "stack" ? undefined : await measureModes(s.modes);
+  const costs = tlsCosts(purchases, echo);
+  const summary = tlsSummary(costs);
   const cpu = cpus();
   return {
     startedAt: startedAt.toISOString(),
-    source: sourceVersion(),
+    source: sourceAtStart,
+    ...sourceChange(sourceAtStart),
     wallSeconds: (Date.now() - startedAt.getTime()) / 1000,
     machine: { cores: cpu.length, cpuModel: cpu[0]?.model.trim() ?? "unknown", node: process.version, platform: `${process.platform} ${process.arch}` },
     phases: s.phases,
     echo,
     purchases,
+    tlsCosts: costs,
+    ...(summary ? { tlsSummary: summary } : {}),
+    echoTlsCosts: echoTlsCosts(echo),
     ...(modes ? { modes } : {}),
   };
 }
@@ -194,7 +226,8 @@ async function main(): Promise<void> {
   }
   handleInterrupts();
   const report = await runBenchmark(settings);
-  process.stdout.write(`# netpurse benchmark, ${report.startedAt}, ${report.source}\n\n${renderReport(report)}`);
+  const source = report.sourceAtEnd ? `${report.source} at the start, ${report.sourceAtEnd} at the end (the tree changed during the run)` : report.source;
+  process.stdout.write(`# netpurse benchmark, ${report.startedAt}, ${source}\n\n${renderReport(report)}`);
   await writeJson(settings.out, report);
   process.stderr.write(`results written to ${settings.out}\n`);
   const errors = [...report.echo, ...report.purchases].reduce((n, r) => n + r.errors, 0) + (report.modes ? modesErrors(report.modes) : 0);
