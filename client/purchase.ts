@@ -24,7 +24,7 @@ import { hexOf, requireCardAmount, requireConfirmationMode, requireMerchantId, r
 import { formatMoney } from "../lib/money.js";
 import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
-import { DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
+import { cardProofDigest, DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "./card/purse-reader.js";
 import { isFinal, retrying } from "./calls.js";
 
@@ -44,7 +44,7 @@ export interface DebitSent {
   psamCounter: number;
   completionToken: Buffer;
   /** CLIENT_COMPARES: the card signature the PSAM expects. */
-  expectedCardSignature: Buffer;
+  expectedSignatureDigest: Buffer;
   /** The one-round-trip modes: the debit result M that came with the DEBIT command. */
   issuedResultM: Sealed | undefined;
 }
@@ -210,7 +210,7 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
     psamId: hexOf(issued.psamId?.value),
     psamCounter: issued.psamCounter,
     completionToken: Buffer.from(issued.completionToken),
-    expectedCardSignature: Buffer.from(issued.expectedCardSignature),
+    expectedSignatureDigest: Buffer.from(issued.expectedCardSignatureDigest),
     issuedResultM,
   };
   await ctx.journal?.debitSent(id, sent);
@@ -260,14 +260,14 @@ export async function finishPurchase(
     if (
       mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES &&
       debited &&
-      rec.expectedCardSignature &&
-      macEqual(answer.cardSignature, rec.expectedCardSignature)
+      rec.expectedSignatureDigest &&
+      macEqual(cardProofDigest(id, answer.cardSignature), rec.expectedSignatureDigest)
     ) {
       resultM = rec.issuedResultM;
       step("comparison", "this client's trusted agent found the card's signature is the one the PSAM expected (FIG. 7)");
     } else if (mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && debited) {
       resultM = rec.issuedResultM;
-      step("comparison", "left to the merchant: it gets the card's raw answer and the PSAM's expected signature, sealed for it (FIG. 8)");
+      step("comparison", "left to the merchant: it gets the card's raw answer and the digest of the PSAM's expected signature, sealed for it (FIG. 8)");
     }
     if (!resultM) resultM = await completeAtPaymentServer(rec, ctx, deadline, step);
     await ctx.journal?.confirmed(id, resultM);

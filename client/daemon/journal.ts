@@ -52,6 +52,8 @@ export const CLIENT_MIGRATIONS = [
   // The card's answer was lost and its log proves it never debited: a fact of its own, not a status word.
   `ALTER TABLE client_purchases ADD COLUMN card_log_proves_no_debit INTEGER NOT NULL DEFAULT 0;
    UPDATE client_purchases SET card_log_proves_no_debit = 1, card_status_word = NULL, debit_response = NULL WHERE card_status_word = 28416;`,
+  // The client's trusted agent holds the digest of the card signature the PSAM expects, never the signature itself.
+  `ALTER TABLE client_purchases RENAME COLUMN expected_card_signature TO expected_signature_digest;`,
 ];
 
 export interface JournalRow {
@@ -63,7 +65,7 @@ export interface JournalRow {
   psam_id: string | null;
   psam_counter: number | null;
   completion_token: Buffer | null;
-  expected_card_signature: Buffer | null;
+  expected_signature_digest: Buffer | null;
   issued_result_m: Buffer | null;
   card_status_word: number | null;
   debit_response: Buffer | null;
@@ -88,7 +90,7 @@ export function toRecord(r: JournalRow): PurchaseRecord {
     ...(r.psam_id !== null ? { psamId: r.psam_id } : {}),
     ...(r.psam_counter !== null ? { psamCounter: r.psam_counter } : {}),
     ...(r.completion_token ? { completionToken: r.completion_token } : {}),
-    ...(r.expected_card_signature ? { expectedCardSignature: r.expected_card_signature } : {}),
+    ...(r.expected_signature_digest ? { expectedSignatureDigest: r.expected_signature_digest } : {}),
     issuedResultM: sealedOf(r.issued_result_m),
     ...(r.card_status_word !== null ? { cardStatusWord: r.card_status_word } : {}),
     ...(r.debit_response ? { debitResponse: r.debit_response } : {}),
@@ -129,7 +131,7 @@ export class SqliteJournal implements PurchaseJournal {
       psam_id: d.psamId,
       psam_counter: d.psamCounter,
       completion_token: d.completionToken,
-      expected_card_signature: d.expectedCardSignature,
+      expected_signature_digest: d.expectedSignatureDigest,
       issued_result_m: sealedBytes(d.issuedResultM),
     });
   }
@@ -170,7 +172,7 @@ export class SqliteJournal implements PurchaseJournal {
     return this.db.all<JournalRow>(
       `SELECT * FROM client_purchases
         WHERE state IN ('DEBIT_SENT', 'CARD_ANSWERED', 'CONFIRMED')
-           OR (state = 'RECEIPT' AND proof_reported = 0 AND expected_card_signature IS NOT NULL AND length(expected_card_signature) > 0)
+           OR (state = 'RECEIPT' AND proof_reported = 0 AND expected_signature_digest IS NOT NULL AND length(expected_signature_digest) > 0)
         ORDER BY created_at`,
     );
   }

@@ -203,7 +203,9 @@ export class CertificateAuthority {
     const crl = await x509.X509CrlGenerator.create({
       issuer: this.cert.subject,
       thisUpdate: now,
-      nextUpdate: new Date(now.getTime() + 30 * DAY_MS),
+      // TLS refuses every certificate once a CRL is past its nextUpdate: the list stays current as long as the CA,
+      // and is re-signed at each revocation.
+      nextUpdate: this.cert.notAfter,
       signingAlgorithm: SIGNING_ALGORITHM,
       signingKey: this.key,
       extensions: [await x509.AuthorityKeyIdentifierExtension.create(this.cert)],

@@ -3,6 +3,7 @@
 // card, the PSAM and the client all build and read these messages from here.
 // docs/apdu.md describes the same bytes for people.
 
+import { createHash } from "node:crypto";
 import { mac8 } from "../crypto/cmac.js";
 import { ascii, bcdDate, bytes, layout, u16, u32, u8, uuid, type Value } from "./layout.js";
 
@@ -185,4 +186,15 @@ export function cardSignature(sessionKey: Uint8Array, session: CardSession, d: O
 /** Whether a card date "YYYY-MM-DD" is past on the given day (a card is valid through its expiry day). */
 export function isExpired(expiry: string, now: Date): boolean {
   return now.toISOString().slice(0, 10) > expiry;
+}
+
+/**
+ * What a comparator outside the payment operator (the client's trusted agent,
+ * the merchant) is given instead of the card signature the PSAM expects: a
+ * digest it can check the card's signature against, but from which the
+ * signature cannot be read back. Knowing the signature would let anyone
+ * report it as the card's proof without a card.
+ */
+export function cardProofDigest(transactionId: string, cardSignature: Uint8Array): Buffer {
+  return createHash("sha256").update("netpurse/1 card proof\0").update(transactionId).update("\0").update(cardSignature).digest().subarray(0, 16);
 }

@@ -184,7 +184,16 @@ export class Concentrator {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on AttachTerminal must be a TerminalHello");
         hello = true;
         this.checkTerminal(m.value, peer);
-        this.admitTerminal(m.value.terminalId, streamId, out).then(
+        this.admitSecond(
+          "terminal",
+          m.value.terminalId,
+          () => this.terminals.get(m.value.terminalId),
+          (stale) => {
+            this.detachTerminal(stale, "replaced by a new stream after it failed to answer a ping");
+            stale.out.close();
+          },
+          out,
+        ).then(
           (admitted) => {
             if (admitted && !out.closed) conn = this.registerTerminal(m.value, peer, streamId, out);
           },
@@ -249,42 +258,51 @@ export class Concentrator {
   }
 
   /**
-   * A second stream under an attached terminal's identity replaces the
-   * first only when the first cannot prove it is alive: it is pinged, and an
-   * answer within the proof time keeps it (the newcomer is refused).
+   * A second stream under the identity of an attached terminal or connected
+   * payment server replaces the first only when the first cannot prove it is
+   * alive: it is pinged, and an answer within the proof time keeps it (the
+   * newcomer is refused). One stream per identity: a copy of a certificate
+   * cannot double a peer's share of the pool, nor evict it.
    */
-  private async admitTerminal(terminalId: string, streamId: string, out: AsyncQueue<AttachTerminalResponse>): Promise<boolean> {
-    const old = this.terminals.get(terminalId);
+  private async admitSecond<C extends { keepalive: Keepalive }>(
+    what: string,
+    id: string,
+    current: () => C | undefined,
+    replace: (stale: C) => void,
+    out: { closed: boolean },
+  ): Promise<boolean> {
+    const old = current();
     if (!old) return true;
-    if (this.contenders.has(terminalId)) {
-      throw new NetpurseError(
-        Status.ALREADY_EXISTS,
-        ErrorReason.ERROR_REASON_NOT_ALLOWED,
-        `another stream is already proving whether terminal ${terminalId} is alive`,
-      );
+    const key = `${what}/${id}`;
+    if (this.contenders.has(key)) {
+      throw new NetpurseError(Status.ALREADY_EXISTS, ErrorReason.ERROR_REASON_NOT_ALLOWED, `another stream is already proving whether ${what} ${id} is alive`);
     }
-    this.contenders.add(terminalId);
+    this.contenders.add(key);
     try {
       const alive = await old.keepalive.proveAlive(this.o.livenessProofMs);
-      if (alive && this.terminals.get(terminalId) === old) {
-        this.o.log.warn("refused a second stream for a terminal that is attached and answering", { terminal: terminalId, stream: streamId });
+      if (alive && current() === old) {
+        this.o.log.warn(`refused a second stream for a ${what} that is attached and answering`, { [what === "terminal" ? "terminal" : "paymentServer"]: id });
         throw new NetpurseError(
           Status.ALREADY_EXISTS,
           ErrorReason.ERROR_REASON_NOT_ALLOWED,
-          `terminal ${terminalId} is attached and answers its pings: a second stream does not replace it`,
+          `${what} ${id} is connected and answers its pings: a second stream does not replace it`,
         );
       }
       if (out.closed) return false;
-      const current = this.terminals.get(terminalId);
-      if (current) {
-        this.o.log.warn("terminal re-attached; its older stream did not answer a ping and is replaced", { terminal: terminalId });
-        this.detachTerminal(current, "replaced by a new stream after it failed to answer a ping");
-        current.out.close();
+      const stale = current();
+      if (stale) {
+        this.o.log.warn(`${what} reconnected; its older stream did not answer a ping and is replaced`, { id });
+        replace(stale);
       }
       return true;
     } finally {
-      this.contenders.delete(terminalId);
+      this.contenders.delete(key);
     }
+  }
+
+  private paymentServerNamed(id: string): PaymentServerConn | undefined {
+    for (const p of this.paymentServers.values()) if (p.id === id) return p;
+    return undefined;
   }
 
   private registerTerminal(
@@ -385,10 +403,11 @@ export class Concentrator {
   ): AsyncIterable<ConnectPaymentServerResponse> {
     const out = new AsyncQueue<ConnectPaymentServerResponse>();
     let conn: PaymentServerConn | undefined;
+    let hello = false;
     const onMessage = (req: ConnectPaymentServerRequest) => {
       const m = req.message;
       if (!m) return;
-      if (!conn) {
+      if (!hello) {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
         if (!isName(m.value.paymentServerId, 64))
           throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
@@ -400,12 +419,28 @@ export class Concentrator {
             `your certificate is payment server ${peer.id}: you may connect only as ${peer.id}, not as ${m.value.paymentServerId}`,
           );
         }
-        conn = this.registerPaymentServer(m.value.paymentServerId, peer, out);
+        const id = m.value.paymentServerId;
+        hello = true;
+        this.admitSecond(
+          "payment server",
+          id,
+          () => this.paymentServerNamed(id),
+          (stale) => {
+            this.disconnectPaymentServer(stale);
+            stale.out.close();
+          },
+          out,
+        ).then(
+          (admitted) => {
+            if (admitted && !out.closed) conn = this.registerPaymentServer(id, peer, out);
+          },
+          (e: unknown) => out.close(e instanceof Error ? e : new Error(String(e))),
+        );
         return;
       }
+      if (m.$case === "hello") throw new ServerError(Status.INVALID_ARGUMENT, "PaymentServerHello sent twice on one stream");
+      if (!conn) return; // before its welcome, while its identity was being checked
       switch (m.$case) {
-        case "hello":
-          throw new ServerError(Status.INVALID_ARGUMENT, "PaymentServerHello sent twice on one stream");
         case "job":
           this.route(conn, m.value);
           break;
@@ -449,8 +484,8 @@ export class Concentrator {
   }
 
   private disconnectPaymentServer(conn: PaymentServerConn): void {
+    if (!this.paymentServers.delete(conn.streamId)) return; // already (replaced by a newer stream)
     conn.keepalive.stop();
-    this.paymentServers.delete(conn.streamId);
     // Its jobs not yet sent would be answered to nobody: drop them.
     for (const t of this.terminals.values()) t.queue = t.queue.filter((r) => r.from !== conn);
     const freed = new Set<TerminalConn>();

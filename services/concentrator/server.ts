@@ -63,8 +63,9 @@ export async function startConcentrator(c: ConcentratorConfig) {
         listTerminals: ["operator"],
       }),
     ],
-    // Asked, not required, at the handshake: a caller without a valid certificate then gets UNAUTHENTICATED with a reason.
-    transport: c.security.server("request"),
+    // Inside the operator's network only: no TLS connection without a certificate of the installation's CA,
+    // so a stranger cannot even hold a connection (and a place under the connection cap) here.
+    transport: c.security.server("require"),
     log,
     // Streams live long: a connection is recycled after 12 h, with 10 minutes for the calls on it.
     limits: { maxMessageBytes: 256 * 1024, maxConcurrentStreams: 1024, maxConnectionAgeMs: 12 * 3_600_000, maxConnectionAgeGraceMs: 10 * 60_000 },

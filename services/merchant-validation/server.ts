@@ -36,7 +36,7 @@ export async function startMerchantValidation(c: ValidationConfig) {
     address: c.listen ?? defaultAddress("merchantValidation"),
     // Only merchants, each for itself (checked in the handlers).
     services: [service(MerchantValidationServiceDefinition, v.service, { all: ["merchant"] })],
-    transport: c.security.server("request"),
+    transport: c.security.server("require"), // merchants only, inside the operator's network
     log,
   });
   reporter.start();

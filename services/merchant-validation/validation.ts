@@ -24,7 +24,7 @@ import { requireCardAmount, requireMerchantId, requireMoney, requireTransactionI
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
 import { issueTransactionKeys, open, transactionKey, type OfferTerms } from "../../lib/protocol/encryption-layer.js";
-import { DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
+import { cardProofDigest, DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import type { ProofReporter } from "./proof-reporter.js";
 
 /** The validation service's private key file (mode 0600): per merchant, the key shared with the payment operator and its mode. */
@@ -165,7 +165,7 @@ export class MerchantValidation {
     if (debitResponse.length !== DebitResponse.size)
       throw invalidField("debit_response", "the card's answer is needed to compare its signature (MERCHANT_COMPARES)");
     const answer = DebitResponse.decode(debitResponse);
-    if (answer.result !== DebitResult.DEBITED || !macEqual(answer.cardSignature, m.expectedCardSignature)) {
+    if (answer.result !== DebitResult.DEBITED || !macEqual(cardProofDigest(transactionId, answer.cardSignature), m.expectedCardSignatureDigest)) {
       this.log.warn("card signature is not the expected one", { transaction: transactionId });
       throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, "the card's signature is not the one the PSAM expected: the card did not debit as agreed");
     }

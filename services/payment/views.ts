@@ -16,6 +16,7 @@ import {
 import { merchantId, psamId, purseId, txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { seal } from "../../lib/protocol/encryption-layer.js";
+import { cardProofDigest } from "../../lib/protocol/purse.js";
 import type { EventRow, PaidPurchase, Purchase, SignedPurchase, State } from "./store.js";
 import type { TransactionKeys } from "./transaction-keys.js";
 
@@ -33,6 +34,9 @@ export const stateEnum: Record<State, PurchaseState> = {
 const oneRoundTrip = (mode: ConfirmationMode) =>
   mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES || mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES;
 
+/** The digest of the card signature the PSAM expects: all a comparator outside the operator learns of it. */
+const digestOf = (p: SignedPurchase) => (p.expected_card_signature ? cardProofDigest(p.transaction_id, p.expected_card_signature) : Buffer.alloc(0));
+
 /** The DEBIT command for the client under the TSK and, in the one-round-trip modes, the debit result M for the merchant. */
 export function debitCommandResponse(p: SignedPurchase, keys: TransactionKeys): ProcessDrawRequestResponse {
   const forClient = p.confirmation_mode === ConfirmationMode.CONFIRMATION_MODE_CLIENT_COMPARES;
@@ -42,7 +46,8 @@ export function debitCommandResponse(p: SignedPurchase, keys: TransactionKeys): 
     psamId: psamId(p.psam_id),
     psamCounter: p.psam_counter,
     completionToken: p.completion_token,
-    expectedCardSignature: forClient ? (p.expected_card_signature ?? Buffer.alloc(0)) : Buffer.alloc(0),
+    expectedCardSignature: Buffer.alloc(0),
+    expectedCardSignatureDigest: forClient ? digestOf(p) : Buffer.alloc(0),
   };
   return {
     transactionId: txnId(p.transaction_id),
@@ -62,7 +67,8 @@ function sealResultM(p: SignedPurchase, keys: TransactionKeys, status: DebitResu
     psamCounter: p.psam_counter,
     confirmationMode: p.confirmation_mode,
     status,
-    expectedCardSignature: forMerchant ? (p.expected_card_signature ?? Buffer.alloc(0)) : Buffer.alloc(0),
+    expectedCardSignature: Buffer.alloc(0),
+    expectedCardSignatureDigest: forMerchant ? digestOf(p) : Buffer.alloc(0),
     issuedAt: new Date(),
   };
   return seal(keys.derived, "DEBIT_RESULT_M", p.transaction_id, DebitResultM.encode(m).finish());

@@ -14,7 +14,7 @@ import { DebitResultStatus, PurchaseState } from "../../gen/netpurse/payment/v1/
 import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { open } from "../../lib/protocol/encryption-layer.js";
-import { DebitResponse } from "../../lib/protocol/purse.js";
+import { DebitResponse, cardProofDigest } from "../../lib/protocol/purse.js";
 import type { PurseReader } from "../../client/card/purse-reader.js";
 import {
   completeRequest,
@@ -98,12 +98,13 @@ describe("contract: confirmation modes and the encryption layer", function () {
       const t0 = await totals();
       const before = await balance();
       const { r, issued } = await issue(o);
-      expect(issued.expectedCardSignature).to.have.length(8);
+      expect(issued.expectedCardSignature).to.have.length(0); // the signature itself never leaves the payment server
+      expect(issued.expectedCardSignatureDigest).to.have.length(16);
       expect(r.debitResultM).to.not.equal(undefined);
       expect((await openResultM(net, o, r.debitResultM)).status).to.equal(DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED);
       expect(net.payment.pool.counts().leased).to.equal(0);
       const debit = await card.debit(Buffer.from(issued.debitCommand));
-      expect(debit.parsed!.cardSignature.equals(Buffer.from(issued.expectedCardSignature))).to.equal(true);
+      expect(cardProofDigest(o.transactionId!.value, debit.parsed!.cardSignature).equals(Buffer.from(issued.expectedCardSignatureDigest))).to.equal(true);
       const receipt = await shop("client-shop").completeOrder({ transactionId: o.transactionId, debitResultM: r.debitResultM });
       expect(receipt.receipt!.goods).to.match(/^licence key/);
       expect((await purchase(o)).state).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED); // nothing proven yet
@@ -125,7 +126,8 @@ describe("contract: confirmation modes and the encryption layer", function () {
       expect(issued.expectedCardSignature).to.have.length(0); // not for the client
       expect(open(Buffer.from(o.transactionSessionKey), "DEBIT_RESULT_M", o.transactionId!.value, r.debitResultM)).to.equal(undefined); // nor readable by it
       const m = await openResultM(net, o, r.debitResultM);
-      expect(m.expectedCardSignature).to.have.length(8);
+      expect(m.expectedCardSignature).to.have.length(0);
+      expect(m.expectedCardSignatureDigest).to.have.length(16);
       const debit = await card.debit(Buffer.from(issued.debitCommand));
       const receipt = await shop("merchant-shop").completeOrder({ transactionId: o.transactionId, debitResultM: r.debitResultM, debitResponse: debit.raw });
       expect(receipt.receipt!.goods).to.match(/^licence key/);
@@ -314,6 +316,48 @@ describe("contract: confirmation modes and the encryption layer", function () {
       await waitFor(async () => (await purchase(o)).state === PurchaseState.PURCHASE_STATE_REVERSED, 10_000, "the never-made debit to be reversed");
       expect((await purchase(o)).events.map((e) => e.step)).to.include.members(["proven_not_debited", "reversed_never_debited"]);
       await waitFor(async () => (await openDebits(o)) === 0, 10_000, "its debit no longer open in the PSAM");
+    });
+  });
+
+  describe("a comparator outside the payment operator cannot forge the card's proof", () => {
+    /** An answer made up from what the comparator was given, without the card. */
+    const madeUp = async (signature: Buffer) => {
+      const p = await card.readPurse();
+      return DebitResponse.encode({ result: 0, counter: p.counter + 1, balance: p.balance - 99, cardSignature: signature });
+    };
+
+    it("CLIENT_COMPARES: the client learns only a digest of the expected signature; a proof made up from it is refused and nothing is recorded", async () => {
+      const o = await offerAt("client-shop");
+      const t0 = await totals();
+      const before = await balance();
+      const { issued } = await issue(o); // the card never sees the DEBIT command
+      const digest = Buffer.from(issued.expectedCardSignatureDigest);
+      for (const guess of [digest.subarray(0, 8), digest.subarray(8, 16), randomBytes(8)]) {
+        const f = await failure(net.clients.payment.reportCardSignature({ transactionId: o.transactionId, debitResponse: await madeUp(guess) }));
+        expect(f).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+      }
+      expect((await purchase(o)).state).to.equal(PurchaseState.PURCHASE_STATE_DEBIT_COMMAND_ISSUED); // nothing proven
+      expect((await totals()).batch).to.equal(t0.batch); // nothing in a PSAM's batch for clearing to pay
+      expect(await balance()).to.equal(before);
+    });
+
+    it("MERCHANT_COMPARES: the merchant's debit result M holds only the digest; a made-up answer is refused by the validation service and the payment server", async () => {
+      const o = await offerAt("merchant-shop");
+      const t0 = await totals();
+      const { r } = await issue(o);
+      const m = await openResultM(net, o, r.debitResultM); // all a merchant holding its key can read
+      expect(m.expectedCardSignature).to.have.length(0);
+      const forged = await madeUp(Buffer.from(m.expectedCardSignatureDigest).subarray(0, 8));
+      expect(
+        await failure(shop("merchant-shop").completeOrder({ transactionId: o.transactionId, debitResultM: r.debitResultM, debitResponse: forged })),
+      ).to.include({
+        code: "PERMISSION_DENIED",
+      });
+      expect(await failure(net.clients.payment.reportCardSignature({ transactionId: o.transactionId, debitResponse: forged }))).to.include({
+        reason: "BAD_SIGNATURE",
+      });
+      expect(await orderState("merchant-shop", o)).to.equal(OrderState.ORDER_STATE_OFFERED); // no goods
+      expect((await totals()).batch).to.equal(t0.batch);
     });
   });
 });

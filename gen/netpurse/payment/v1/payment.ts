@@ -249,10 +249,20 @@ export interface IssuedDebitCommand {
    */
   completionToken: Buffer;
   /**
-   * CLIENT_COMPARES only: the card signature the PSAM expects (8 bytes), for
-   * the client's trusted agent to compare with the card's.
+   * No longer set (always empty): whoever knew the card signature the PSAM
+   * expects could report it as the card's proof without any card. See
+   * expected_card_signature_digest.
    */
   expectedCardSignature: Buffer;
+  /**
+   * CLIENT_COMPARES only: the digest of the card signature the PSAM expects
+   * (16 bytes: the first half of SHA-256 over "netpurse/1 card proof", the
+   * transaction id and the signature; docs/protocol.md), for the client's
+   * trusted agent to compare with the digest of the card's signature. The
+   * signature cannot be read back from it, so the client cannot forge the
+   * card's proof.
+   */
+  expectedCardSignatureDigest: Buffer;
 }
 
 /** Response of ProcessDrawRequest. */
@@ -358,12 +368,21 @@ export interface DebitResultM {
    */
   status: DebitResultStatus;
   /**
-   * MERCHANT_COMPARES only: the card signature the PSAM expects (8 bytes),
-   * for the merchant to compare with the card's raw answer.
+   * No longer set (always empty): whoever knew the card signature the PSAM
+   * expects could report it as the card's proof without any card. See
+   * expected_card_signature_digest.
    */
   expectedCardSignature: Buffer;
   /** When the payment server made this result. */
-  issuedAt: Date | undefined;
+  issuedAt:
+    | Date
+    | undefined;
+  /**
+   * MERCHANT_COMPARES only: the digest of the card signature the PSAM
+   * expects (16 bytes, made as IssuedDebitCommand's), for the merchant to
+   * compare with the digest of the signature in the card's raw answer.
+   */
+  expectedCardSignatureDigest: Buffer;
 }
 
 /** Response of CompletePurchase for a purchase that is paid. */
@@ -852,6 +871,7 @@ function createBaseIssuedDebitCommand(): IssuedDebitCommand {
     psamCounter: 0,
     completionToken: Buffer.alloc(0),
     expectedCardSignature: Buffer.alloc(0),
+    expectedCardSignatureDigest: Buffer.alloc(0),
   };
 }
 
@@ -874,6 +894,9 @@ export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
     }
     if (message.expectedCardSignature.length !== 0) {
       writer.uint32(50).bytes(message.expectedCardSignature);
+    }
+    if (message.expectedCardSignatureDigest.length !== 0) {
+      writer.uint32(58).bytes(message.expectedCardSignatureDigest);
     }
     return writer;
   },
@@ -939,6 +962,14 @@ export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
             message.expectedCardSignature = Buffer.from(reader.bytes());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.expectedCardSignatureDigest = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -983,6 +1014,11 @@ export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
         : isSet(object.expected_card_signature)
         ? Buffer.from(bytesFromBase64(object.expected_card_signature))
         : Buffer.alloc(0),
+      expectedCardSignatureDigest: isSet(object.expectedCardSignatureDigest)
+        ? Buffer.from(bytesFromBase64(object.expectedCardSignatureDigest))
+        : isSet(object.expected_card_signature_digest)
+        ? Buffer.from(bytesFromBase64(object.expected_card_signature_digest))
+        : Buffer.alloc(0),
     };
   },
 
@@ -1006,6 +1042,9 @@ export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
     if (message.expectedCardSignature.length !== 0) {
       obj.expectedCardSignature = base64FromBytes(message.expectedCardSignature);
     }
+    if (message.expectedCardSignatureDigest.length !== 0) {
+      obj.expectedCardSignatureDigest = base64FromBytes(message.expectedCardSignatureDigest);
+    }
     return obj;
   },
 
@@ -1022,6 +1061,7 @@ export const IssuedDebitCommand: MessageFns<IssuedDebitCommand> = {
     message.psamCounter = object.psamCounter ?? 0;
     message.completionToken = object.completionToken ?? Buffer.alloc(0);
     message.expectedCardSignature = object.expectedCardSignature ?? Buffer.alloc(0);
+    message.expectedCardSignatureDigest = object.expectedCardSignatureDigest ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -1505,6 +1545,7 @@ function createBaseDebitResultM(): DebitResultM {
     status: 0,
     expectedCardSignature: Buffer.alloc(0),
     issuedAt: undefined,
+    expectedCardSignatureDigest: Buffer.alloc(0),
   };
 }
 
@@ -1539,6 +1580,9 @@ export const DebitResultM: MessageFns<DebitResultM> = {
     }
     if (message.issuedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.issuedAt), writer.uint32(82).fork()).join();
+    }
+    if (message.expectedCardSignatureDigest.length !== 0) {
+      writer.uint32(90).bytes(message.expectedCardSignatureDigest);
     }
     return writer;
   },
@@ -1636,6 +1680,14 @@ export const DebitResultM: MessageFns<DebitResultM> = {
             message.issuedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.expectedCardSignatureDigest = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1692,6 +1744,11 @@ export const DebitResultM: MessageFns<DebitResultM> = {
         : isSet(object.issued_at)
         ? fromJsonTimestamp(object.issued_at)
         : undefined,
+      expectedCardSignatureDigest: isSet(object.expectedCardSignatureDigest)
+        ? Buffer.from(bytesFromBase64(object.expectedCardSignatureDigest))
+        : isSet(object.expected_card_signature_digest)
+        ? Buffer.from(bytesFromBase64(object.expected_card_signature_digest))
+        : Buffer.alloc(0),
     };
   },
 
@@ -1727,6 +1784,9 @@ export const DebitResultM: MessageFns<DebitResultM> = {
     if (message.issuedAt !== undefined) {
       obj.issuedAt = message.issuedAt.toISOString();
     }
+    if (message.expectedCardSignatureDigest.length !== 0) {
+      obj.expectedCardSignatureDigest = base64FromBytes(message.expectedCardSignatureDigest);
+    }
     return obj;
   },
 
@@ -1755,6 +1815,7 @@ export const DebitResultM: MessageFns<DebitResultM> = {
     message.status = object.status ?? 0;
     message.expectedCardSignature = object.expectedCardSignature ?? Buffer.alloc(0);
     message.issuedAt = object.issuedAt ?? undefined;
+    message.expectedCardSignatureDigest = object.expectedCardSignatureDigest ?? Buffer.alloc(0);
     return message;
   },
 };
