@@ -10,6 +10,7 @@ import * as load from "../lib/protocol/load.js";
 
 const layouts: Layout<Fields>[] = [
   purse.InitializeForPurchaseResponse,
+  purse.PurchaseCryptogramInput,
   purse.ReadPurseResponse,
   purse.DebitCommand,
   purse.DebitResponse,

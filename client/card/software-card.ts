@@ -37,6 +37,7 @@ import {
   PurseIns,
   PurseStatusByte,
   psamSignature,
+  purchaseCryptogram,
   ReadPurseResponse,
   type CardSession,
   type CardLogRecord,
@@ -151,7 +152,7 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     const challenge = randomBytes(8);
     const purseId = Buffer.from(s.purseId, "hex");
     this.session = { kind: "purchase", purseId, cardCounter: s.counter, challenge };
-    const data = InitializeForPurchaseResponse.encode({
+    const answer = {
       format: PURSE_FORMAT,
       providerId: Buffer.from(s.providerId, "hex"),
       purseId,
@@ -164,8 +165,10 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
       algorithm: ALGORITHM_AES128_CMAC,
       status: s.status === "blocked" ? PurseStatusByte.BLOCKED : PurseStatusByte.ACTIVE,
       challenge,
-    });
-    return { data, sw: SW.OK };
+    };
+    // The cryptogram proves to the PSAM that this card, holding its purchase key, gave exactly this answer.
+    const cryptogram = purchaseCryptogram(Buffer.from(s.keys.purchase, "hex"), answer);
+    return { data: InitializeForPurchaseResponse.encode({ ...answer, cryptogram }), sw: SW.OK };
   }
 
   private async debit(c: CommandApdu): Promise<ResponseApdu> {

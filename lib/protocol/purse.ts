@@ -40,7 +40,11 @@ export const DebitResult = {
 
 export const LogKind = { PURCHASE: 0x01, LOAD: 0x02 } as const;
 
-/** Response data of INITIALIZE FOR PURCHASE: the card's identity and state, and a fresh challenge. */
+/**
+ * Response data of INITIALIZE FOR PURCHASE: the card's identity and state, a
+ * fresh challenge, and the card's cryptogram over all of it (see
+ * purchaseCryptogram): what proves to the PSAM that a genuine card answered.
+ */
 export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE response", {
   format: u8,
   providerId: bytes(4),
@@ -54,6 +58,7 @@ export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE res
   algorithm: u8,
   status: u8,
   challenge: bytes(8),
+  cryptogram: bytes(8),
 });
 export type InitializeForPurchase = Value<typeof InitializeForPurchaseResponse.fields>;
 
@@ -137,6 +142,55 @@ const CardSignatureInput = layout("card signature input", {
   psamCounter: u32,
   transactionRef: uuid,
 });
+
+/** What the card's cryptogram in its INITIALIZE FOR PURCHASE response covers: the tag, then every field of the response before it. */
+export const PurchaseCryptogramInput = layout("INITIALIZE FOR PURCHASE cryptogram input", {
+  tag: ascii(1),
+  format: u8,
+  providerId: bytes(4),
+  purseId: bytes(8),
+  currency: u16,
+  exponent: u8,
+  balance: u32,
+  expiry: bcdDate,
+  counter: u32,
+  keyVersion: u8,
+  algorithm: u8,
+  status: u8,
+  challenge: bytes(8),
+});
+
+/** Tag of the card's INITIALIZE FOR PURCHASE cryptogram, distinct from every other MAC's (docs/protocol.md, "Keys"). */
+export const PURCHASE_CRYPTOGRAM_TAG = "P";
+
+/**
+ * The card's cryptogram in its INITIALIZE FOR PURCHASE response (8 bytes):
+ * AES-CMAC under its purchase key K_card (diversified from the issuer's
+ * purchase master key of its key version by its purse id) over the tag "P"
+ * and every field before it, the fresh challenge included. Only the card and
+ * a PSAM holding the issuer's master key can make it: a response made up
+ * without a card, or a genuine one with any field changed, does not verify.
+ */
+export function purchaseCryptogram(cardPurchaseKey: Uint8Array, r: Omit<InitializeForPurchase, "cryptogram">): Buffer {
+  return mac8(
+    cardPurchaseKey,
+    PurchaseCryptogramInput.encode({
+      tag: PURCHASE_CRYPTOGRAM_TAG,
+      format: r.format,
+      providerId: r.providerId,
+      purseId: r.purseId,
+      currency: r.currency,
+      exponent: r.exponent,
+      balance: r.balance,
+      expiry: r.expiry,
+      counter: r.counter,
+      keyVersion: r.keyVersion,
+      algorithm: r.algorithm,
+      status: r.status,
+      challenge: r.challenge,
+    }),
+  );
+}
 
 export interface CardSession {
   purseId: Buffer;

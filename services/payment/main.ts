@@ -15,6 +15,7 @@ await runService({
     "hold-timeout-ms": { type: "string" },
     "psam-wait-ms": { type: "string" },
     "proof-timeout-ms": { type: "string" },
+    "max-unanswered-per-purse": { type: "string" },
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -26,6 +27,7 @@ await runService({
     `  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default ${D.holdTimeoutMs})`,
     `  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default ${D.maxPsamWaitMs})`,
     `  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default ${D.proofTimeoutMs})`,
+    `  --max-unanswered-per-purse N  most DEBIT commands of one card awaiting its answer; one more draw request is refused (default ${D.maxUnansweredPerPurse})`,
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) =>
@@ -38,5 +40,6 @@ await runService({
       holdTimeoutMs: intOpt(v, "hold-timeout-ms", D.holdTimeoutMs),
       maxPsamWaitMs: intOpt(v, "psam-wait-ms", D.maxPsamWaitMs),
       proofTimeoutMs: intOpt(v, "proof-timeout-ms", D.proofTimeoutMs),
+      maxUnansweredPerPurse: intOpt(v, "max-unanswered-per-purse", D.maxUnansweredPerPurse),
     }),
 });

@@ -28,12 +28,13 @@ import { callDeadline } from "../../lib/grpc/server.js";
 import { requireMerchantId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
-import type { KeyedMutex } from "../../lib/mutex.js";
+import { KeyedMutex } from "../../lib/mutex.js";
 import { open } from "../../lib/protocol/encryption-layer.js";
 import { DebitResponse, LogRecord } from "../../lib/protocol/purse.js";
 import type { DebitCommands } from "./debit-command.js";
 import { editDrawRequest, type EditedDrawRequest } from "./draw-request.js";
 import type { Merchant, MerchantRegistry } from "./merchants.js";
+import { MIN_JOB_MS } from "./psam-work.js";
 import type { Recovery } from "./recovery.js";
 import { errorOf, sealBroken } from "./refusals.js";
 import type { Ruling } from "./ruling.js";
@@ -46,6 +47,16 @@ const MAX_CARD_LOG = 8;
 
 /** Time kept back from the caller's deadline, so that our answer reaches it before the caller gives up. */
 const DEADLINE_MARGIN_MS = 100;
+
+/** Longest wait, for a draw request at its purse's bound, for the card's log it brought to settle purchases. */
+const CARD_LOG_WAIT_MS = 2_000;
+
+/** Waits for `p`, or `ms` at most. */
+async function within(p: Promise<void>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([p, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
+}
 
 const sha256 = (...parts: Uint8Array[]) => {
   const h = createHash("sha256");
@@ -67,8 +78,19 @@ export class PaymentServer {
       log: Logger;
       /** Longest wait for a free PSAM when the caller set no deadline. */
       maxPsamWaitMs: number;
+      /**
+       * Most purchases of one purse whose DEBIT command was issued and whose
+       * card answer is not recorded yet; beyond it a new draw request of that
+       * purse is refused before any PSAM is asked.
+       */
+      maxUnansweredPerPurse: number;
     },
   ) {}
+
+  /** Draw requests between the per-purse check and their outcome, by purse: counted with the stored ones. */
+  private readonly drawing = new Map<string, number>();
+  /** The per-purse check and its reservation run one at a time per purse. */
+  private readonly purseLocks = new KeyedMutex();
 
   readonly service: PaymentServiceImplementation = {
     processDrawRequest: (req, ctx) => this.processDrawRequest(req, ctx),
@@ -152,23 +174,81 @@ export class PaymentServer {
         if (!keys.grant) throw ungrantedRefusal();
         const expired = grantExpired(keys.grant, new Date());
         if (expired) throw expired; // not recorded: nothing was asked of a PSAM
-        await this.insert(id, hash, v, req);
-        p = await this.o.store.require(id);
       }
-      this.o.recovery.settleFromCardLog(p.purse_id, log);
-      if (p.state !== "RECEIVED") throw new Error(`transaction ${id} left RECEIVED under its lock`);
-      if (v.card.currency !== v.currency) {
-        return this.o.debitCommands.refuse(
-          p,
-          new NetpurseError(
-            Status.FAILED_PRECONDITION,
-            ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
-            `the card holds currency ${v.card.currency}, the offer is in ${v.currency}; nothing was debited`,
-          ),
-        );
+      const purse = v.card.purseId.toString("hex");
+      const settling = this.o.recovery.settleFromCardLog(
+        purse,
+        log.filter((r) => r.transactionRef !== id),
+      );
+      // Before anything is recorded or any PSAM asked: a purse with too many DEBIT commands awaiting its answer gets no other.
+      // (A draw request already answered with a DEBIT command got its recorded answer above: a retry is not counted twice.)
+      const done = await this.reserveDraw(purse, p, log.length > 0 ? settling : undefined, deadline);
+      try {
+        if (!p) {
+          await this.insert(id, hash, v, req);
+          p = await this.o.store.require(id);
+        }
+        if (p.state !== "RECEIVED") throw new Error(`transaction ${id} left RECEIVED under its lock`);
+        if (v.card.currency !== v.currency) {
+          return await this.o.debitCommands.refuse(
+            p,
+            new NetpurseError(
+              Status.FAILED_PRECONDITION,
+              ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
+              `the card holds currency ${v.card.currency}, the offer is in ${v.currency}; nothing was debited`,
+            ),
+          );
+        }
+        const signed = await this.o.debitCommands.issue(p, { atr: v.cardAtr, initializeResponse: v.initializeResponse }, deadline);
+        return debitCommandResponse(signed, keys);
+      } finally {
+        done();
       }
-      const signed = await this.o.debitCommands.issue(p, { atr: v.cardAtr, initializeResponse: v.initializeResponse }, deadline);
-      return debitCommandResponse(signed, keys);
+    });
+  }
+
+  /**
+   * The per-purse bound: counts the purse's purchases whose DEBIT command is
+   * issued and whose card answer is not recorded, with the draw requests of
+   * the purse being worked on now, and refuses one more beyond the bound
+   * (FAILED_PRECONDITION, WRONG_STATE; not recorded, so the same draw request
+   * may go through once the card has answered). At the bound, a draw request
+   * that brought the card's log first waits a little for that log to settle
+   * what it proves (`settling`), and counts again. Otherwise it reserves a
+   * place until the draw request has its outcome: the returned function
+   * gives it back. A made-up card cannot pass the PSAM at all; this bounds
+   * what one genuine card's INITIALIZE response, replayed, can hold open in
+   * the PSAMs.
+   */
+  private async reserveDraw(purse: string, recorded: Purchase | undefined, settling: Promise<void> | undefined, deadline: number): Promise<() => void> {
+    let waiting = await this.tryReserve(purse);
+    if (typeof waiting !== "number") return waiting;
+    const wait = Math.min(CARD_LOG_WAIT_MS, deadline - Date.now() - MIN_JOB_MS);
+    if (settling && wait > 0) {
+      await within(settling, wait);
+      waiting = await this.tryReserve(purse);
+      if (typeof waiting !== "number") return waiting;
+    }
+    const why = `the card has ${waiting} purchase${waiting === 1 ? "" : "s"} waiting for its answer: finish them (the client daemon does, from the card's log) or wait for them to be settled; nothing was debited`;
+    this.o.log.warn("draw request refused: too many DEBIT commands await the card's answer", { purse, waiting });
+    if (recorded) await this.o.store.log(recorded.transaction_id, { step: "purse_bound_reached", detail: why });
+    throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, why);
+  }
+
+  /** A place for one more draw request of the purse (the function gives it back), or, at the bound, how many await the card's answer. */
+  private tryReserve(purse: string): Promise<(() => void) | number> {
+    return this.purseLocks.run(purse, async () => {
+      const waiting = (await this.o.store.awaitingCardAnswer(purse)) + (this.drawing.get(purse) ?? 0);
+      if (waiting >= this.o.maxUnansweredPerPurse) return waiting;
+      this.drawing.set(purse, (this.drawing.get(purse) ?? 0) + 1);
+      let given = false;
+      return () => {
+        if (given) return;
+        given = true;
+        const left = (this.drawing.get(purse) ?? 1) - 1;
+        if (left > 0) this.drawing.set(purse, left);
+        else this.drawing.delete(purse);
+      };
     });
   }
 

@@ -84,10 +84,12 @@ export class Recovery {
   /**
    * The card's log came with its next draw request: purchases of this card
    * still waiting for its proof find it there (the debit with the card's
-   * signature), and are settled without guessing.
+   * signature), and are settled without guessing. Runs in the background;
+   * the promise (which never rejects) says when every entry was looked at,
+   * for a caller that wants to count what is still open after.
    */
-  settleFromCardLog(purse: string, log: CardLogRecord[]): void {
-    for (const entry of log) {
+  settleFromCardLog(purse: string, log: CardLogRecord[]): Promise<void> {
+    const each = log.map((entry) =>
       this.o.locks
         .run(entry.transactionRef, async () => {
           const p = await this.o.store.get(entry.transactionRef);
@@ -100,8 +102,9 @@ export class Recovery {
         })
         .catch((e: unknown) =>
           this.o.log.warn("card log entry did not settle its purchase", { transaction: entry.transactionRef, error: (e as Error).message }),
-        );
-    }
+        ),
+    );
+    return Promise.all(each).then(() => undefined);
   }
 
   /**

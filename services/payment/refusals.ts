@@ -8,7 +8,7 @@ import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { DebitResult } from "../../lib/protocol/purse.js";
 import type { Failure } from "./store.js";
 
-/** A PSAM's refusal of the card at DRAW AMOUNT time. */
+/** A PSAM's refusal of the card (INITIALIZE) or of the amount (DRAW AMOUNT): nothing was signed. */
 export function psamRefusal(sw: number): NetpurseError {
   const fp = (reason: ErrorReason, what: string) =>
     new NetpurseError(Status.FAILED_PRECONDITION, reason, `${what} (PSAM SW ${swHex(sw)}); nothing was debited`);
@@ -23,6 +23,13 @@ export function psamRefusal(sw: number): NetpurseError {
       return fp(ErrorReason.ERROR_REASON_INSUFFICIENT_BALANCE, "the card's balance is lower than the amount");
     case SW.REFERENCED_DATA_NOT_FOUND:
       return fp(ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN, "no PSAM holds the card's key version");
+    case SW.SECURITY_STATUS_NOT_SATISFIED:
+      // The card's cryptogram does not verify: a made-up card, or a genuine answer altered on the way.
+      return new NetpurseError(
+        Status.PERMISSION_DENIED,
+        ErrorReason.ERROR_REASON_BAD_SIGNATURE,
+        `the card's INITIALIZE response does not prove a genuine card: its cryptogram does not verify (PSAM SW ${swHex(sw)}); nothing was debited`,
+      );
     case SW.AMOUNT_OUT_OF_RANGE:
       return invalidField("draw_request.amount.amount_minor", `the PSAM refused the amount (SW ${swHex(sw)})`);
     case SW.WRONG_LENGTH:

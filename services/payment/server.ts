@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
-import { service, startGrpcServer } from "../../lib/grpc/server.js";
+import { service, startGrpcServer, type ServerLimits } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
@@ -31,6 +31,10 @@ export interface PaymentConfig {
   sweepEveryMs?: number;
   /** How long a DEBIT command waits for the card's proof before the purchase is in doubt. */
   proofTimeoutMs?: number;
+  /** Most purchases of one purse with a DEBIT command issued and no card answer recorded; a new draw request of that purse beyond it is refused. */
+  maxUnansweredPerPurse?: number;
+  /** The gRPC server's limits, where they differ from DEFAULT_LIMITS. */
+  limits?: Partial<ServerLimits>;
 }
 
 /** The payment server's defaults, in one place for the code and its --help. */
@@ -40,6 +44,7 @@ export const PAYMENT_DEFAULTS = {
   jobTimeoutMs: 10_000,
   sweepEveryMs: 15_000,
   proofTimeoutMs: 10 * 60_000,
+  maxUnansweredPerPurse: 4,
 } as const;
 
 /** Starts the payment server in this process. */
@@ -80,6 +85,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     locks,
     log,
     maxPsamWaitMs: c.maxPsamWaitMs ?? PAYMENT_DEFAULTS.maxPsamWaitMs,
+    maxUnansweredPerPurse: c.maxUnansweredPerPurse ?? PAYMENT_DEFAULTS.maxUnansweredPerPurse,
   });
   link.start();
   recovery.startSweeping(c.sweepEveryMs ?? PAYMENT_DEFAULTS.sweepEveryMs);
@@ -89,11 +95,14 @@ export async function startPaymentServer(c: PaymentConfig) {
     services: [service(PaymentServiceDefinition, server.service, { all: "public", getPurchase: ["operator"] })],
     transport: c.security.server("request"),
     log,
+    limits: c.limits,
   });
   return {
     address: grpc.address,
     pool,
     store,
+    /** Connections its gRPC server holds now. */
+    connections: () => grpc.connections(),
     whenConnected: () => link.whenReady(),
     async close() {
       await grpc.shutdown();

@@ -57,6 +57,8 @@ export const PAYMENT_MIGRATIONS = [
    ALTER TABLE purchases ADD COLUMN not_debited_proof TEXT;
    UPDATE purchases SET not_debited_proof = 'the card''s counter moved on through another proven transaction', card_status_word = NULL
      WHERE card_status_word = 28417;`,
+  // The per-purse bound on DEBIT commands awaiting the card's answer counts a purse's purchases by state.
+  `CREATE INDEX purchases_purse_state ON purchases (purse_id, state);`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
@@ -347,6 +349,22 @@ export class PaymentStore {
   /** The purse's other purchases made at the same card counter. */
   async sameCardCounter(purseId: string, cardCounter: number, exceptTransactionId: string): Promise<Purchase[]> {
     return this.list("SELECT * FROM purchases WHERE purse_id = ? AND card_counter = ? AND transaction_id <> ?", [purseId, cardCounter, exceptTransactionId]);
+  }
+
+  /**
+   * How many of the purse's purchases have a DEBIT command issued and no card
+   * answer recorded: DEBIT_COMMAND_ISSUED, and IN_DOUBT without an answer (or
+   * a proof that the card never made the debit). Each may still hold an open
+   * debit in its PSAM until the card's answer or log settles it.
+   */
+  async awaitingCardAnswer(purseId: string): Promise<number> {
+    const row = await this.db.get<{ n: number }>(
+      `SELECT COUNT(*) AS n FROM purchases
+        WHERE purse_id = ? AND state IN ('DEBIT_COMMAND_ISSUED', 'IN_DOUBT')
+          AND card_status_word IS NULL AND not_debited_proof IS NULL`,
+      [purseId],
+    );
+    return row?.n ?? 0;
   }
 
   async onPsam(psamId: string, states: readonly State[]): Promise<Purchase[]> {

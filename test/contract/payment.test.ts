@@ -12,10 +12,22 @@ import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { hexOf } from "../../lib/ids.js";
 import { open } from "../../lib/protocol/encryption-layer.js";
-import { DebitCommand, DebitResponse, InitializeForPurchaseResponse } from "../../lib/protocol/purse.js";
+import { DebitCommand, DebitResponse } from "../../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "../../client/card/purse-reader.js";
 import { Issuer } from "../../services/issuer/issuer.js";
-import { completeRequest, drawRequestFor, failure, openCard, openIssued, openResultC, plainDrawRequest, sealDrawRequest } from "../support/card-client.js";
+import {
+  alteredInit,
+  cardPurchaseKey,
+  completeRequest,
+  drawRequestFor,
+  failure,
+  openCard,
+  openIssued,
+  openResultC,
+  plainDrawRequest,
+  resignedInit,
+  sealDrawRequest,
+} from "../support/card-client.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { grantedOffer } from "../support/offers.js";
 import { openResultM, psamTotals } from "../support/payment.js";
@@ -186,10 +198,23 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     expect((await totals()).counter).to.equal(t0.counter);
   });
 
-  it("a client that forges a higher balance gets a DEBIT command the card declines with proof; the PSAM reverses it", async () => {
-    const o = (await net.clients.merchant.createOrder({ productId: "ebook-grpc" })).offer!;
+  it("a client that forges a higher balance is refused at the PSAM: the card's cryptogram does not verify (PERMISSION_DENIED), nothing signed", async () => {
+    const o = await offer("ebook-grpc");
     const poor = await newCard({ value: 500, name: "liar" });
-    const forged = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: 99_999 });
+    const t0 = await totals();
+    const f = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(poor, o, (raw) => alteredInit(raw, { balance: 99_999 }))));
+    expect(f).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+    expect(await totals()).to.deep.equal(t0);
+    expect(await state(o)).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
+    expect(await balance(poor)).to.equal(500);
+  });
+
+  it("a higher balance signed with the card's own key gets a DEBIT command the card declines with proof; the PSAM reverses it", async () => {
+    // Only a client holding the card's key could send it: this reaches the card's own balance check, behind the PSAM's.
+    const o = await offer("ebook-grpc");
+    const poor = await newCard({ value: 500, name: "keyholder" });
+    const key = await cardPurchaseKey(join(net.paths.cards, "keyholder.card.json"));
+    const forged = (raw: Buffer) => resignedInit(key, raw, { balance: 99_999 });
     const t0 = await totals();
     const { issued } = await issue(o, poor, forged);
     const debit = await poor.debit(Buffer.from(issued.debitCommand));
@@ -203,10 +228,11 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     expect(await state(o)).to.equal(PurchaseState.PURCHASE_STATE_REVERSED);
   });
 
-  it("records a debit the card proves even when the client overstated the card's balance", async () => {
+  it("records a debit the card proves even when the client overstated the card's balance (signed with the card's own key)", async () => {
     const o = await offer();
     const before = await balance();
-    const overstated = (raw: Buffer) => InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), balance: before + 5_000 });
+    const key = await cardPurchaseKey(net.cardPath);
+    const overstated = (raw: Buffer) => resignedInit(key, raw, { balance: before + 5_000 });
     const { issued } = await issue(o, card, overstated);
     const debit = await card.debit(Buffer.from(issued.debitCommand));
     expect(debit.parsed!.result).to.equal(0);

@@ -4,11 +4,21 @@
 // that build and seal the messages as the client module does.
 
 import { ClientError } from "nice-grpc";
+import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { reasonName, reasonOf } from "../../lib/grpc/errors.js";
 import { open, seal } from "../../lib/protocol/encryption-layer.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
-import { SoftwareCard } from "../../client/card/software-card.js";
+import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
+import {
+  ALGORITHM_AES128_CMAC,
+  InitializeForPurchaseResponse,
+  PURSE_FORMAT,
+  PurseStatusByte,
+  purchaseCryptogram,
+  type InitializeForPurchase,
+} from "../../lib/protocol/purse.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import {
@@ -38,6 +48,65 @@ export async function plainDrawRequest(reader: PurseReader, offer: PaymentOffer,
     confirmationMode: offer.confirmationMode,
     cardAtr: reader.answerToReset,
     initializeResponse: patchInit ? patchInit(init.raw) : init.raw,
+    cardLog: [],
+  };
+}
+
+/** The purchase key a software card holds (from its file): only the card knows it, and a PSAM derives it from the issuer's master key. */
+export async function cardPurchaseKey(cardPath: string): Promise<Buffer> {
+  const file = JSON.parse(await readFile(cardPath, "utf8")) as CardFile;
+  return Buffer.from(file.keys.purchase, "hex");
+}
+
+/**
+ * A card's INITIALIZE FOR PURCHASE response with fields changed and its
+ * cryptogram made again under the card's own purchase key: what only someone
+ * holding the card's key could send. Tests use it to reach the checks that
+ * come after the cryptogram (the PSAM's amount checks, the card's own).
+ */
+export function resignedInit(cardKey: Uint8Array, raw: Buffer, change: Partial<Omit<InitializeForPurchase, "cryptogram">>): Buffer {
+  const fields = { ...InitializeForPurchaseResponse.decode(raw), ...change };
+  return InitializeForPurchaseResponse.encode({ ...fields, cryptogram: purchaseCryptogram(cardKey, fields) });
+}
+
+/** A genuine INITIALIZE FOR PURCHASE response with fields changed and its cryptogram left as the card made it. */
+export function alteredInit(raw: Buffer, change: Partial<Omit<InitializeForPurchase, "cryptogram">>): Buffer {
+  return InitializeForPurchaseResponse.encode({ ...InitializeForPurchaseResponse.decode(raw), ...change });
+}
+
+/**
+ * An INITIALIZE FOR PURCHASE response made up without any card: a random
+ * purse id, a plausible state (EUR, a high balance, a far expiry, key
+ * version 1) and a random cryptogram.
+ */
+export function madeUpInit(change: Partial<InitializeForPurchase> = {}): Buffer {
+  return InitializeForPurchaseResponse.encode({
+    format: PURSE_FORMAT,
+    providerId: Buffer.from("4e500001", "hex"),
+    purseId: randomBytes(8),
+    currency: 978,
+    exponent: 2,
+    balance: 1_000_000,
+    expiry: "2099-12-31",
+    counter: 0,
+    keyVersion: 1,
+    algorithm: ALGORITHM_AES128_CMAC,
+    status: PurseStatusByte.ACTIVE,
+    challenge: randomBytes(8),
+    cryptogram: randomBytes(8),
+    ...change,
+  });
+}
+
+/** A draw request for the offer built around a given INITIALIZE FOR PURCHASE response (made up, altered or replayed), in clear. */
+export function drawRequestWith(offer: PaymentOffer, initializeResponse: Buffer, cardAtr: Buffer = SoftwareCard.ATR): DrawRequest {
+  return {
+    transactionId: offer.transactionId,
+    merchantId: offer.merchantId,
+    amount: offer.amount,
+    confirmationMode: offer.confirmationMode,
+    cardAtr,
+    initializeResponse,
     cardLog: [],
   };
 }

@@ -22,7 +22,7 @@ export async function makeIssuer(dir: string): Promise<Issuer> {
 export async function makeCard(
   issuer: Issuer,
   dir: string,
-  o: { value?: number; expiry?: string; currency?: number; name?: string; maxBalance?: number } = {},
+  o: { value?: number; expiry?: string; currency?: number; name?: string; maxBalance?: number; keyVersion?: number; purseId?: string } = {},
 ): Promise<string> {
   const path = join(dir, "cards", `${o.name ?? "card"}.card.json`);
   await issuer.personaliseCard({
@@ -32,6 +32,8 @@ export async function makeCard(
     initialValue: o.value ?? 10_000,
     maxBalance: o.maxBalance ?? 50_000,
     expiry: o.expiry ?? "2099-12-31",
+    ...(o.keyVersion !== undefined ? { keyVersion: o.keyVersion } : {}),
+    ...(o.purseId !== undefined ? { purseId: o.purseId } : {}),
   });
   return path;
 }

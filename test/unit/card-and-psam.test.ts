@@ -1,15 +1,17 @@
 import { expect } from "chai";
 import { randomUUID } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
 import { ApduError, encodeCommand, decodeResponse, selectCommand, SW } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
-import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse, PURSE_AID } from "../../lib/protocol/purse.js";
+import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse, PURSE_AID, PurseStatusByte } from "../../lib/protocol/purse.js";
 import { PurseReader, withOriginalAmount } from "../../client/card/purse-reader.js";
-import { SoftwareCard } from "../../client/card/software-card.js";
+import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
-import { MAX_OPEN_DEBITS, SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
-import type { Issuer } from "../../services/issuer/issuer.js";
+import { MAX_OPEN_DEBITS, SoftwarePsam, type PsamFile } from "../../services/terminal/psam/software-psam.js";
+import { Issuer } from "../../services/issuer/issuer.js";
+import { cardPurchaseKey, resignedInit } from "../support/card-client.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 
 async function swOf(p: Promise<unknown>): Promise<number> {
@@ -152,9 +154,10 @@ describe("software card and software PSAM (APDU level)", () => {
 
   it("signs a refusal when its balance is short, and the PSAM cancels the debit", async () => {
     const s = await setup({ value: 1_000 });
-    // The client lies: it shows the PSAM an INITIALIZE response with a higher balance.
+    // The client lies: it shows the PSAM an INITIALIZE response with a higher balance, signed again with the card's
+    // own key (without it the PSAM refuses the response: see the cryptogram tests). The card's own check stops it.
     const init = await s.reader.initializeForPurchase();
-    const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
+    const forged = resignedInit(await cardPurchaseKey(s.cardPath), init.raw, { balance: 9_999 });
     const issued = await s.driver.issueDebitCommand({
       cardAtr: s.atr,
       initializeResponse: forged,
@@ -172,23 +175,53 @@ describe("software card and software PSAM (APDU level)", () => {
   });
 
   it("PSAM refuses an expired card, a wrong currency, an unknown key version, a blocked card and a short balance", async () => {
+    // Each a genuine card with that property, personalised by the issuer: its cryptogram verifies, and the PSAM's own check refuses it.
     const expired = await setup({ expiry: "2020-01-31", name: "expired" });
     expect(await swOf(drawDebit(expired, 100))).to.equal(SW.CARD_EXPIRED);
 
     const usd = await setup({ currency: 840, name: "usd" }, { name: "eur-psam" });
     expect(await swOf(drawDebit(usd, 100))).to.equal(SW.CURRENCY_NOT_ACCEPTED);
 
+    // A card of key version 2, which the issuer created after this PSAM was provisioned with version 1 only.
     const s = await setup({ name: "ok" }, { name: "psam2" });
-    const init = await s.reader.initializeForPurchase();
-    const unknownKey = InitializeForPurchaseResponse.encode({ ...init.parsed, keyVersion: 9 });
-    const blocked = InitializeForPurchaseResponse.encode({ ...init.parsed, status: 1 });
+    await Issuer.createKeys(join(dir, "issuer"), 2);
+    const issuer2 = await Issuer.open(join(dir, "issuer"));
+    try {
+      const v2 = new PurseReader(new InProcessTransport(await SoftwareCard.open(await makeCard(issuer2, dir, { name: "v2", keyVersion: 2 }))));
+      const v2Atr = await v2.connect();
+      const v2Init = await v2.initializeForPurchase();
+      expect(v2Init.parsed.keyVersion).to.equal(2);
+      const draw = { amount: 100, currency: EUR, transactionRef: randomUUID(), merchantId: "m" };
+      expect(await swOf(s.driver.issueDebitCommand({ cardAtr: v2Atr, initializeResponse: v2Init.raw, draw, returnExpectedSignature: false }))).to.equal(
+        SW.REFERENCED_DATA_NOT_FOUND,
+      );
+    } finally {
+      await issuer2.close();
+    }
+
+    // A card blocked in its own file (it says so in its answer, under its cryptogram), and a card on the PSAM's blocked list.
+    const blockedPath = await makeCard(issuer, dir, { name: "blocked" });
+    await SoftwareCard.write(blockedPath, { ...(JSON.parse(await readFile(blockedPath, "utf8")) as CardFile), status: "blocked" });
+    const blockedCard = new PurseReader(new InProcessTransport(await SoftwareCard.open(blockedPath)));
+    const blockedAtr = await blockedCard.connect();
     const draw = { amount: 100, currency: EUR, transactionRef: randomUUID(), merchantId: "m" };
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: unknownKey, draw, returnExpectedSignature: false }))).to.equal(
-      SW.REFERENCED_DATA_NOT_FOUND,
-    );
-    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: blocked, draw, returnExpectedSignature: false }))).to.equal(
+    const blockedInit = await blockedCard.initializeForPurchase();
+    expect(blockedInit.parsed.status).to.equal(PurseStatusByte.BLOCKED);
+    expect(await swOf(s.driver.issueDebitCommand({ cardAtr: blockedAtr, initializeResponse: blockedInit.raw, draw, returnExpectedSignature: false }))).to.equal(
       SW.CARD_BLOCKED,
     );
+    const listed = await setup({ name: "listed" }, { name: "psam-with-list" });
+    const listedInit = await listed.reader.initializeForPurchase();
+    const psamFile = JSON.parse(await readFile(listed.psamPath, "utf8")) as PsamFile;
+    await SoftwarePsam.write(listed.psamPath, { ...psamFile, blockedPurses: [listedInit.parsed.purseId.toString("hex")] });
+    const listingPsam = new PsamDriver(new InProcessTransport(await SoftwarePsam.open(listed.psamPath)));
+    await listingPsam.connect();
+    expect(
+      await swOf(listingPsam.issueDebitCommand({ cardAtr: listed.atr, initializeResponse: listedInit.raw, draw, returnExpectedSignature: false })),
+    ).to.equal(SW.CARD_BLOCKED);
+    expect((await listingPsam.readStatus()).psamCounter).to.equal(0);
+
+    const init = await s.reader.initializeForPurchase();
     expect(
       await swOf(
         s.driver.issueDebitCommand({ cardAtr: s.atr, initializeResponse: init.raw, draw: { ...draw, amount: 10_001 }, returnExpectedSignature: false }),
@@ -251,7 +284,7 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(await s.driver.lastClosedBatch()).to.deep.equal(closed); // readable again, in case its answer was lost
 
     const init = await s.reader.initializeForPurchase();
-    const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
+    const forged = resignedInit(await cardPurchaseKey(s.cardPath), init.raw, { balance: 9_999 }); // as above: reaches the card's own check
     const big = await s.driver.issueDebitCommand({
       cardAtr: s.atr,
       initializeResponse: forged,

@@ -11,13 +11,14 @@ import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { diversifyPsamKey, Verdict, type IssuedMacFields, type ReversalMacFields, type VerdictMacFields } from "../../lib/protocol/psam.js";
-import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse } from "../../lib/protocol/purse.js";
+import { DebitCommand, DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { SoftwareSecurityModule, VERDICT_KEY_FILE } from "../../services/payment/security-module.js";
 import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
+import { cardPurchaseKey, resignedInit } from "../support/card-client.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 
 const flip = (b: Uint8Array): Buffer => {
@@ -44,13 +45,14 @@ describe("PSAM verdicts: the PSAM's MACs and the payment operator's check", () =
   });
 
   async function setup(card: Parameters<typeof makeCard>[2] = {}) {
-    const reader = new PurseReader(new InProcessTransport(await SoftwareCard.open(await makeCard(issuer, dir, card))));
+    const cardPath = await makeCard(issuer, dir, card);
+    const reader = new PurseReader(new InProcessTransport(await SoftwareCard.open(cardPath)));
     const atr = await reader.connect();
     const psam = await SoftwarePsam.open(await makePsam(issuer, dir, { name: "psam-a" }));
     const driver = new PsamDriver(new InProcessTransport(psam));
     await driver.connect();
     const other = await SoftwarePsam.open(await makePsam(issuer, dir, { name: "psam-b" }));
-    return { reader, atr, driver, psamId: psam.psamId, otherPsamId: other.psamId };
+    return { cardPath, reader, atr, driver, psamId: psam.psamId, otherPsamId: other.psamId };
   }
 
   /** DRAW AMOUNT for a fresh transaction, and the fields the payment server's record gives for its MAC. */
@@ -144,9 +146,10 @@ describe("PSAM verdicts: the PSAM's MACs and the payment operator's check", () =
     const again = await s.driver.verifyDebit(issued.psamCounter, debit.raw);
     expect(again.verdictMac.equals(v.verdictMac), "a retry gets the same MAC").to.equal(true);
 
-    // A decline the card signs: the client showed the PSAM a higher balance than the card has.
+    // A decline the card signs: the client showed the PSAM a higher balance than the card has, signed again with the
+    // card's own key (without it, the PSAM refuses the response at INITIALIZE and there is nothing to decline).
     const init = await s.reader.initializeForPurchase();
-    const forged = InitializeForPurchaseResponse.encode({ ...init.parsed, balance: 9_999 });
+    const forged = resignedInit(await cardPurchaseKey(s.cardPath), init.raw, { balance: 9_999 });
     const declinedRef = randomUUID();
     const big = await s.driver.issueDebitCommand({
       cardAtr: s.atr,

@@ -47,6 +47,7 @@ import {
   PURSE_FORMAT,
   PurseStatusByte,
   psamSignature,
+  purchaseCryptogram,
   type InitializeForPurchase,
 } from "../../../lib/protocol/purse.js";
 
@@ -239,14 +240,28 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return status(SW.OK);
   }
 
-  /** INITIALIZE: the card's response to INITIALIZE FOR PURCHASE; the PSAM checks the card. */
+  /**
+   * INITIALIZE: the card's response to INITIALIZE FOR PURCHASE; the PSAM
+   * checks the card. First what it needs to read the response at all (its
+   * format, algorithm and key version), then the card's cryptogram under the
+   * card key it derives for that key version and purse id: a response no
+   * genuine card made, or one with any field changed, is refused (6982)
+   * before anything else is looked at, so a made-up card learns nothing of
+   * the PSAM's blocked list, date or currency, and gets no session for
+   * DRAW AMOUNT (no counter, no open debit).
+   */
   private initialize(c: CommandApdu): ResponseApdu {
     if (!this.session) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no card session: CARD RESET first");
     const card = decode(InitializeForPurchaseResponse, c.data);
     this.session.card = undefined;
     if (card.format !== PURSE_FORMAT) throw new ApduError(SW.WRONG_DATA, "unknown card response format");
     if (card.algorithm !== ALGORITHM_AES128_CMAC) throw new ApduError(SW.FUNCTION_NOT_SUPPORTED, "card algorithm not supported");
-    if (!(String(card.keyVersion) in this.state.purchaseKeys)) throw new ApduError(SW.REFERENCED_DATA_NOT_FOUND, "key version not held");
+    const master = this.purchaseMasterKey(card.keyVersion);
+    if (!master) throw new ApduError(SW.REFERENCED_DATA_NOT_FOUND, "key version not held");
+    const { cryptogram, ...answer } = card;
+    if (!macEqual(purchaseCryptogram(diversifyCardKey(master, card.purseId), answer), cryptogram)) {
+      throw new ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "card cryptogram does not verify: not a genuine card's INITIALIZE FOR PURCHASE response");
+    }
     if (card.status !== PurseStatusByte.ACTIVE || this.state.blockedPurses.includes(card.purseId.toString("hex"))) {
       throw new ApduError(SW.CARD_BLOCKED, "card blocked");
     }
@@ -260,8 +275,15 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return Buffer.from(this.state.verdictKey, "hex");
   }
 
+  /** The issuer's purchase master key of a key version, if this PSAM holds it. */
+  private purchaseMasterKey(keyVersion: number): Buffer | undefined {
+    const hex = Object.hasOwn(this.state.purchaseKeys, String(keyVersion)) ? this.state.purchaseKeys[String(keyVersion)] : undefined;
+    return hex === undefined ? undefined : Buffer.from(hex, "hex");
+  }
+
   private sessionKey(p: { purseId: Buffer; keyVersion: number; cardCounter: number; psamCounter: number; challenge: Buffer }): Buffer {
-    const master = Buffer.from(this.state.purchaseKeys[String(p.keyVersion)]!, "hex");
+    const master = this.purchaseMasterKey(p.keyVersion);
+    if (!master) throw new ApduError(SW.REFERENCED_DATA_NOT_FOUND, `key version ${p.keyVersion} not held`);
     return deriveSessionKey(diversifyCardKey(master, p.purseId), {
       cardCounter: p.cardCounter,
       securityModuleId: Buffer.from(this.state.psamId, "hex"),

@@ -195,7 +195,8 @@ export interface DrawRequest {
   cardAtr: Buffer;
   /**
    * The data field of the card's response to INITIALIZE FOR PURCHASE, exactly
-   * as the card returned it (39 bytes; layout in docs/apdu.md).
+   * as the card returned it (47 bytes, ending with the card's cryptogram,
+   * which the PSAM verifies before anything else; layout in docs/apdu.md).
    */
   initializeResponse: Buffer;
   /**
