@@ -151,6 +151,8 @@ export interface ServerLimits {
   maxConcurrentStreams: number;
   /** Connections open at once; more are closed as they arrive. */
   maxConnections: number;
+  /** Connections open at once from one IPv4 address or IPv6 /64, so that one source cannot take every slot; more from it are closed as they arrive. */
+  maxConnectionsPerAddress: number;
   /** A TLS handshake not finished in this time is cut (a half-open connection holds nothing longer). */
   handshakeTimeoutMs: number;
   /** A connection with no call for this long is closed. */
@@ -165,6 +167,7 @@ export const DEFAULT_LIMITS: ServerLimits = {
   maxMessageBytes: 64 * 1024,
   maxConcurrentStreams: 256,
   maxConnections: 1_000,
+  maxConnectionsPerAddress: 100,
   handshakeTimeoutMs: 5_000,
   idleTimeoutMs: 5 * 60_000,
   maxConnectionAgeMs: 60 * 60_000,
@@ -279,13 +282,31 @@ export async function startGrpcServer(p: {
     ? serverCredentials(tls, limits.handshakeTimeoutMs)
     : grpc.ServerCredentials.createInsecure();
   const injector = server.createConnectionInjector(credentials);
-  const tcp = createTcpServer({ noDelay: true }, (socket) => injector.injectConnection(socket));
-  tcp.maxConnections = limits.maxConnections;
+  const perSource = new Map<string, number>();
   let dropped = 0;
+  let droppedPerSource = 0;
+  const tcp = createTcpServer({ noDelay: true }, (socket) => {
+    const source = sourceOf(socket.remoteAddress);
+    const n = perSource.get(source) ?? 0;
+    if (n >= limits.maxConnectionsPerAddress) {
+      droppedPerSource++;
+      socket.destroy();
+      return;
+    }
+    perSource.set(source, n + 1);
+    socket.once("close", () => {
+      const left = (perSource.get(source) ?? 1) - 1;
+      if (left > 0) perSource.set(source, left);
+      else perSource.delete(source);
+    });
+    injector.injectConnection(socket);
+  });
+  tcp.maxConnections = limits.maxConnections;
   const dropLog = setInterval(() => {
-    if (dropped === 0) return;
-    p.log.warn("connections refused: the server holds its maximum", { refused: dropped, max: limits.maxConnections });
-    dropped = 0;
+    if (dropped > 0) p.log.warn("connections refused: the server holds its maximum", { refused: dropped, max: limits.maxConnections });
+    if (droppedPerSource > 0)
+      p.log.warn("connections refused: one source holds its maximum", { refused: droppedPerSource, maxPerAddress: limits.maxConnectionsPerAddress });
+    dropped = droppedPerSource = 0;
   }, 10_000);
   dropLog.unref();
   tcp.on("drop", () => dropped++);
@@ -293,6 +314,8 @@ export async function startGrpcServer(p: {
     throw new Error(`${p.address} is not a loopback address: this server is for its own machine only`);
   }
   const { host, port } = await listen(tcp, p.address);
+  // An accept failure (out of files, say) is logged; the listener keeps accepting.
+  tcp.on("error", (e) => p.log.error("listener error", { address: p.address, error: e.message }));
   const address = `${host}:${port}`;
   if ("insecure" in p.transport)
     p.log.warn("INSECURE: plaintext, no peer is authenticated and every RPC is open to anyone who reaches this port; for local debugging only", { address });
@@ -318,6 +341,21 @@ export async function startGrpcServer(p: {
       credentials.stop?.();
     },
   };
+}
+
+/** The source a connection is counted against: its IPv4 address, or the /64 of an IPv6 one (one host's usual allocation). */
+export function sourceOf(address: string | undefined): string {
+  if (!address) return "unknown";
+  const v4 = /^(?:::ffff:)?(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (v4) return v4[1]!;
+  const [head = "", tail = ""] = address.toLowerCase().split("::");
+  const left = head ? head.split(":") : [];
+  const right = tail ? tail.split(":") : [];
+  const groups = address.includes("::") ? [...left, ...Array<string>(8 - left.length - right.length).fill("0"), ...right] : left;
+  return `${groups
+    .slice(0, 4)
+    .map((g) => parseInt(g || "0", 16).toString(16))
+    .join(":")}::/64`;
 }
 
 function listen(tcp: TcpServer, address: string): Promise<{ host: string; port: number }> {
