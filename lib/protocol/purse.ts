@@ -40,12 +40,8 @@ export const DebitResult = {
 
 export const LogKind = { PURCHASE: 0x01, LOAD: 0x02 } as const;
 
-/**
- * Response data of INITIALIZE FOR PURCHASE: the card's identity and state, a
- * fresh challenge, and the card's cryptogram over all of it (see
- * purchaseCryptogram): what proves to the PSAM that a genuine card answered.
- */
-export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE response", {
+/** The card's identity and state, and a fresh challenge: what its INITIALIZE FOR PURCHASE answers, and what the cryptogram covers. */
+const cardStateFields = {
   format: u8,
   providerId: bytes(4),
   purseId: bytes(8),
@@ -58,6 +54,15 @@ export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE res
   algorithm: u8,
   status: u8,
   challenge: bytes(8),
+};
+
+/**
+ * Response data of INITIALIZE FOR PURCHASE: the card's identity and state, a
+ * fresh challenge, and the card's cryptogram over all of it (see
+ * purchaseCryptogram): what proves to the PSAM that a genuine card answered.
+ */
+export const InitializeForPurchaseResponse = layout("INITIALIZE FOR PURCHASE response", {
+  ...cardStateFields,
   cryptogram: bytes(8),
 });
 export type InitializeForPurchase = Value<typeof InitializeForPurchaseResponse.fields>;
@@ -146,18 +151,7 @@ const CardSignatureInput = layout("card signature input", {
 /** What the card's cryptogram in its INITIALIZE FOR PURCHASE response covers: the tag, then every field of the response before it. */
 export const PurchaseCryptogramInput = layout("INITIALIZE FOR PURCHASE cryptogram input", {
   tag: ascii(1),
-  format: u8,
-  providerId: bytes(4),
-  purseId: bytes(8),
-  currency: u16,
-  exponent: u8,
-  balance: u32,
-  expiry: bcdDate,
-  counter: u32,
-  keyVersion: u8,
-  algorithm: u8,
-  status: u8,
-  challenge: bytes(8),
+  ...cardStateFields,
 });
 
 /** Tag of the card's INITIALIZE FOR PURCHASE cryptogram, distinct from every other MAC's (docs/protocol.md, "Keys"). */

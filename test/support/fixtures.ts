@@ -4,6 +4,7 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 
 export async function tempDir(prefix = "netpurse-test-"): Promise<{ dir: string; cleanup: () => Promise<void> }> {
@@ -70,4 +71,15 @@ export async function commandFailure(run: Promise<unknown>): Promise<CommandFail
     return { code: f.code, stdout: String(f.stdout ?? ""), stderr: String(f.stderr ?? "") };
   }
   throw new Error("the command succeeded; a failure was expected");
+}
+
+/** The status word an APDU exchange ended with: 9000 if it succeeded, the card's or PSAM's refusal otherwise. */
+export async function swOf(p: Promise<unknown>): Promise<number> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof ApduError) return e.sw;
+    throw e;
+  }
+  return SW.OK;
 }

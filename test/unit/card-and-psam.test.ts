@@ -2,7 +2,7 @@ import { expect } from "chai";
 import { randomUUID } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { ApduError, encodeCommand, decodeResponse, selectCommand, SW } from "../../lib/apdu/apdu.js";
+import { encodeCommand, decodeResponse, selectCommand, SW } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
 import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse, PURSE_AID, PurseStatusByte } from "../../lib/protocol/purse.js";
@@ -12,17 +12,7 @@ import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { MAX_OPEN_DEBITS, SoftwarePsam, type PsamFile } from "../../services/terminal/psam/software-psam.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { cardPurchaseKey, resignedInit } from "../support/card-client.js";
-import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
-
-async function swOf(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApduError) return e.sw;
-    throw e;
-  }
-  return SW.OK;
-}
+import { EUR, makeCard, makeIssuer, makePsam, swOf, tempDir } from "../support/fixtures.js";
 
 describe("software card and software PSAM (APDU level)", () => {
   let dir: string;

@@ -10,7 +10,7 @@ import { expect } from "chai";
 import { randomBytes, randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { ApduError, decodeResponse, encodeCommand, SW } from "../../lib/apdu/apdu.js";
+import { decodeResponse, encodeCommand, SW } from "../../lib/apdu/apdu.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { diversifyCardKey } from "../../lib/crypto/keys.js";
@@ -29,7 +29,7 @@ import { Issuer } from "../../services/issuer/issuer.js";
 import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
 import { alteredInit, madeUpInit, resignedInit } from "../support/card-client.js";
-import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
+import { EUR, makeCard, makeIssuer, makePsam, swOf, tempDir } from "../support/fixtures.js";
 
 /** The issuer's purchase master key of a key version, as its keys file holds it. */
 async function purchaseMaster(dir: string, version: number): Promise<Buffer> {
@@ -43,16 +43,6 @@ const verifies = (key: Uint8Array, raw: Buffer): boolean => {
   const { cryptogram, ...fields } = InitializeForPurchaseResponse.decode(raw);
   return macEqual(purchaseCryptogram(key, fields), cryptogram);
 };
-
-async function swOf(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApduError) return e.sw;
-    throw e;
-  }
-  return SW.OK;
-}
 
 describe("the card's cryptogram in INITIALIZE FOR PURCHASE", () => {
   let dir: string;
