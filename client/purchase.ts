@@ -73,7 +73,8 @@ export interface PurchaseJournal {
   /** The card's answer was lost, and the card's log proves it never made the debit. */
   cardLogProvesNoDebit(transactionId: string): Promise<void>;
   confirmed(transactionId: string, resultM: Sealed): Promise<void>;
-  receipt(transactionId: string, receipt: Receipt): Promise<void>;
+  /** The receipt, with the order's access secret: the buyer's only way to have GetOrder show the goods again. */
+  receipt(transactionId: string, receipt: Receipt, orderAccessSecret: Uint8Array): Promise<void>;
   proofReported(transactionId: string): Promise<void>;
   failed(transactionId: string, why: string): Promise<void>;
 }
@@ -277,8 +278,9 @@ export async function finishPurchase(
   let receipt = rec.receipt;
   if (rec.state === "CONFIRMED") {
     const sendRaw = mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && rec.debitResponse ? rec.debitResponse : Buffer.alloc(0);
-    receipt = await deliverToMerchant(ctx.merchant(offer.merchantAddress), id, rec.resultM!, sendRaw, deadline);
-    await ctx.journal?.receipt(id, receipt);
+    const delivered = await deliverToMerchant(ctx.merchant(offer.merchantAddress), id, rec.resultM!, sendRaw, deadline);
+    receipt = delivered.receipt;
+    await ctx.journal?.receipt(id, receipt, delivered.accessSecret);
     step("goods released", `${receipt.merchantName} released "${receipt.productName}": ${receipt.goods}`);
   }
 
@@ -348,10 +350,16 @@ async function completeAtPaymentServer(
 }
 
 /** Step 636: the debit result M (and, for MERCHANT_COMPARES, the card's raw answer) to the merchant, for the goods. */
-async function deliverToMerchant(merchant: MerchantClient, transactionId: string, resultM: Sealed, debitResponse: Buffer, deadline: number): Promise<Receipt> {
+async function deliverToMerchant(
+  merchant: MerchantClient,
+  transactionId: string,
+  resultM: Sealed,
+  debitResponse: Buffer,
+  deadline: number,
+): Promise<{ receipt: Receipt; accessSecret: Uint8Array }> {
   try {
     const r = await retrying(() => merchant.completeOrder({ transactionId: { value: transactionId }, debitResultM: resultM, debitResponse }, { deadline }));
-    return r.receipt!;
+    return { receipt: r.receipt!, accessSecret: r.accessSecret };
   } catch (e) {
     passOn(e, "the merchant did not release the goods");
   }

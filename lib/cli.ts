@@ -23,8 +23,21 @@ function helpText(program: string, c: Command): string {
   return `Usage: ${program} ${c.name} ${c.usage}\n\n${c.summary}\n`;
 }
 
+/**
+ * Ends the tool quietly when its reader stops reading (`netpurse card | head -1`): exit status 141,
+ * 128 + SIGPIPE, as the shell reports for any program a closed pipe ends, so that `set -o pipefail`
+ * scripts still see that the output was cut short. Whatever the tool asked a service to do goes on there.
+ */
+function endOnClosedStdout(): void {
+  process.stdout.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code === "EPIPE") process.exit(141);
+    throw e;
+  });
+}
+
 /** Runs one of several subcommands; `--help` works at both levels. */
 export async function runCommands(program: string, description: string, commands: Command[], argv = process.argv.slice(2)): Promise<void> {
+  endOnClosedStdout();
   const [name, ...rest] = argv;
   const list = () =>
     `${description}\n\nUsage: ${program} <command> [options]\n\nCommands:\n` +

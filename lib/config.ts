@@ -5,7 +5,7 @@ import { resolve } from "node:path";
 
 export const DEFAULT_HOST = "127.0.0.1";
 
-/** Default ports (issue #2): merchant 7410, validation 7411, payment 7420, concentrator 7430, client daemon 7470. */
+/** Default ports (issue #2): merchant 7410, validation 7411, payment 7420, concentrator 7430; 7470 is the one suggested for the client daemon's opt-in TCP listener (it serves its Unix socket by default). */
 export const DEFAULT_PORTS = {
   merchant: 7410,
   merchantValidation: 7411,

@@ -36,6 +36,13 @@ export async function runService(p: {
     process.stdout.write(`Usage: ${p.program} [options]\n\n${p.summary}\n\nOptions:\n${p.help}\n  -h, --help               this text\n`);
     return;
   }
+  // Whoever read our output (a launcher) may be gone: a log line then fails with EPIPE, which must not
+  // end the service mid-transaction nor spoil its clean shutdown.
+  for (const out of [process.stdout, process.stderr]) {
+    out.on("error", (e: NodeJS.ErrnoException) => {
+      if (e.code !== "EPIPE" && e.code !== "ERR_STREAM_DESTROYED") throw e;
+    });
+  }
   let running: Stoppable;
   try {
     running = await p.start(values);
@@ -67,6 +74,13 @@ export async function runService(p: {
   };
   process.on("SIGINT", onSignal("SIGINT"));
   process.on("SIGTERM", onSignal("SIGTERM"));
+  // Started by a launcher (npm start, the tests, the benchmarks) with an IPC channel: the channel closes
+  // when the launcher goes, however it went (SIGKILL included), and the service stops cleanly with it
+  // rather than live on holding its port.
+  if (process.send) {
+    if (process.connected) process.once("disconnect", onSignal("the launcher is gone"));
+    else onSignal("the launcher is gone")();
+  }
 }
 
 export function opt(values: Values, name: string, fallback: string): string {

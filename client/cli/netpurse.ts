@@ -6,7 +6,8 @@ import { CardTransactionKind, PurseStatus, type CardTransaction, type Money } fr
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { CONNECT_OPTIONS, CONNECT_USAGE, int, publicChannel, runCommands, str, UsageError } from "../../lib/cli.js";
-import { defaultAddress } from "../../lib/config.js";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { join } from "node:path";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import type { ChannelSecurity } from "../../lib/pki/security.js";
 import { hexOf } from "../../lib/ids.js";
@@ -15,11 +16,18 @@ import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
 import { runDaemon } from "../daemon/main.js";
+import { bearer, daemonPaths, readDaemonToken } from "../daemon/access.js";
+import { Status } from "nice-grpc";
+import { bankAccessToken, bankTokensFile } from "./bank-session.js";
+import { bankPassword, BANK_PASSWORD_ENV } from "../../lib/secret-input.js";
 
 const factory = clientFactory();
 
-/** The client daemon is on this machine, over loopback. */
+/** The client daemon is on this machine: plaintext on its Unix socket, or on loopback TCP with its token. */
 const DAEMON: ChannelSecurity = { insecure: true };
+
+/** The token file of each daemon address reached over TCP (daemonAddress fills it). */
+const daemonTokenFiles = new Map<string, string>();
 
 async function withClient<D extends typeof CardholderServiceDefinition | typeof MerchantServiceDefinition, T>(
   def: D,
@@ -27,9 +35,12 @@ async function withClient<D extends typeof CardholderServiceDefinition | typeof 
   security: ChannelSecurity,
   fn: (c: ReturnType<typeof factory.create<D>>) => Promise<T>,
 ): Promise<T> {
+  // Over TCP every call to the daemon carries its token; its socket needs none, its folder keeps others out.
+  const tokenFile = security === DAEMON ? daemonTokenFiles.get(address) : undefined;
+  const defaults = tokenFile !== undefined ? { "*": { metadata: bearer(readDaemonToken(tokenFile)) } } : {};
   const channel = openChannel(address, security);
   try {
-    return await fn(factory.create(def, channel));
+    return await fn(factory.create(def, channel, defaults));
   } finally {
     channel.close();
   }
@@ -47,19 +58,34 @@ async function approve(question: string): Promise<boolean> {
   }
 }
 
-const daemonOption = { daemon: { type: "string" } } as const;
+const daemonOption = { daemon: { type: "string" }, "daemon-token": { type: "string" }, data: { type: "string" } } as const;
+const DAEMON_USAGE = "[--daemon unix:PATH | HOST:PORT] [--daemon-token FILE]";
 /** Where the merchant is, and how to check it: the CA bundle (--ca, default DATA/pki/ca.crt), or --insecure. */
 const merchantOptions = { merchant: { type: "string" }, ...CONNECT_OPTIONS } as const;
-const daemonAddress = (v: Record<string, unknown>) => str(v.daemon, defaultAddress("cardholder"));
+/**
+ * Where the daemon is: its socket (DATA/client/run/daemon.sock, or --daemon unix:PATH), or --daemon
+ * HOST:PORT, a TCP listener it was started with (--listen-tcp), whose token is in --daemon-token FILE
+ * (default DATA/client/daemon.token).
+ */
+function daemonAddress(v: Record<string, unknown>): string {
+  const paths = daemonPaths(join(dataDir(v.data as string | undefined), "client"));
+  const address = str(v.daemon, `unix:${paths.socket}`);
+  if (!address.startsWith("unix:")) daemonTokenFiles.set(address, str(v["daemon-token"], paths.token));
+  return address;
+}
 const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultAddress("merchant"));
 
 await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-value card in your reader.", [
   {
     name: "daemon",
-    summary: "Run the client daemon (holds the card, serves the cardholder API on 127.0.0.1:7470) until Ctrl-C.",
-    usage: "[--card FILE] [--listen HOST:PORT] [--data DIR] [--dir DIR] [--ca FILE] [--insecure]",
+    summary:
+      "Run the client daemon until Ctrl-C: it holds the card and serves the cardholder API to you alone, on its\nUnix socket DATA/client/run/daemon.sock (a folder of mode 0700), and with --listen-tcp also on loopback TCP,\nwhere every call must carry the token of DATA/client/daemon.token (made mode 0600 on first use).",
+    usage: "[--card FILE] [--socket PATH] [--listen-tcp HOST:PORT] [--token FILE] [--data DIR] [--dir DIR] [--ca FILE] [--insecure]",
     options: {
       card: { type: "string" },
+      socket: { type: "string" },
+      "listen-tcp": { type: "string" },
+      token: { type: "string" },
       listen: { type: "string" },
       data: { type: "string" },
       dir: { type: "string" },
@@ -75,7 +101,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "card",
     summary:
       "Show the card: balance, expiry, counter, and its own log of its last transactions.\n'netpurse card sync' sends the card's history to the load server of every pending load and\nthe confirmations it gets to the bank, finishing loads whose confirmation was lost.",
-    usage: `[sync] [--log N] [--daemon HOST:PORT] (default ${defaultAddress("cardholder")})`,
+    usage: `[sync] [--log N] ${DAEMON_USAGE} [--data DIR]\n  (the daemon's socket DATA/client/run/daemon.sock by default; HOST:PORT needs its token, default DATA/client/daemon.token)`,
     options: { ...daemonOption, log: { type: "string" } },
     async run(v, positionals) {
       if (positionals[0] === "sync") return syncCard(daemonAddress(v));
@@ -119,9 +145,11 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   {
     name: "load",
     summary:
-      "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.",
-    usage: `AMOUNT [--account ID] [--bank HOST:PORT] [--yes] [--daemon HOST:PORT]   (AMOUNT like 20.00, in the card's currency)`,
-    options: { ...daemonOption, account: { type: "string" }, bank: { type: "string" }, yes: { type: "boolean", short: "y" } },
+      "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.\n" +
+      `You log in to the bank with the account's password, asked once without echo (or $${BANK_PASSWORD_ENV} in scripts);\n` +
+      "the access token the bank gives, not the password, is kept in DATA/client/bank-tokens.json (mode 0600) until it expires.",
+    usage: `AMOUNT [--account ID] [--bank HOST:PORT] [--yes] [--daemon HOST:PORT] ${CONNECT_USAGE}   (AMOUNT like 20.00, in the card's currency)`,
+    options: { ...daemonOption, ...CONNECT_OPTIONS, account: { type: "string" }, bank: { type: "string" }, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
       const text = positionals[0];
       if (!text) throw new UsageError("give the amount to load, like 20.00");
@@ -142,11 +170,28 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
           console.log("not loaded; nothing was asked of the bank");
           return;
         }
+        // The CLI logs in to the bank itself, over TLS checked against the installation's CA; the daemon gets the token only.
+        const bankAddress = str(v.bank, defaultAddress("bank"));
+        const security = await publicChannel(v, "bank");
+        let password: Promise<string> | undefined;
+        const session = (fresh: boolean) =>
+          bankAccessToken({
+            bank: bankAddress,
+            account,
+            security,
+            file: bankTokensFile(v.data as string | undefined),
+            password: () => (password ??= bankPassword({ prompt: `bank password for account ${account}: ` })),
+            fresh,
+          });
+        const load = async (token: string) =>
+          c.loadCard({ bankAddress, accountId: account, amount, approvedAmount: amount, bankAccessToken: token }, { deadline: 60_000 });
+        const token = await session(false);
         console.log("loading…");
-        const r = await c.loadCard(
-          { bankAddress: str(v.bank, defaultAddress("bank")), accountId: account, amount, approvedAmount: amount },
-          { deadline: 60_000 },
-        );
+        // A kept token the bank no longer takes (a new password, a restarted clock): log in once more, and load again.
+        const r = await load(token).catch(async (e: unknown) => {
+          if ((e as { code?: Status }).code !== Status.UNAUTHENTICATED) throw e;
+          return load(await session(true));
+        });
         for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
         const loaded = r.outcome === LoadOutcome.LOAD_OUTCOME_LOADED;
         console.log(`\n${loaded ? `loaded ${m(amount)}` : "not loaded; the bank released the hold"}; card balance now ${m(r.purse!.balance)}`);
@@ -177,7 +222,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "pay",
     summary:
       "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
-    usage: `PRODUCT [--yes] [--merchant HOST:PORT] [--daemon HOST:PORT] ${CONNECT_USAGE}`,
+    usage: `PRODUCT [--yes] [--merchant HOST:PORT] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
     options: { ...daemonOption, ...merchantOptions, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
       const product = positionals[0];

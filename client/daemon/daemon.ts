@@ -42,6 +42,9 @@ import { purseState } from "../card/purse-state.js";
 const CARD_LOG_PAGE: PageSizeRule = { fallback: 32, max: 255 };
 const CARD_LOG_LIST = "transactions";
 
+/** The longest bank access token a LoadCard may carry, as cardholder.proto documents it. */
+const MAX_BANK_TOKEN_CHARS = 256;
+
 /** A ListCardTransactions token's position: entries below card counter `c` come next; `n` were listed before them. */
 const isCardLogPosition = (p: unknown): p is { c: number; n: number } =>
   typeof p === "object" && p !== null && isPositiveInt((p as { c?: unknown }).c) && isPositiveInt((p as { n?: unknown }).n);
@@ -63,6 +66,12 @@ export class CardholderDaemon {
   private readonly channels: ChannelCache;
   private readonly factory = clientFactory();
   private resumeTimer: Periodic | undefined;
+  /**
+   * The newest bank access token given with a load, by bank address and
+   * account: kept in memory only (never journaled), to ask a bank again for
+   * an offer whose answer was lost. A token expires within minutes anyway.
+   */
+  private readonly bankTokens = new Map<string, string>();
 
   constructor(
     private readonly o: {
@@ -169,11 +178,22 @@ export class CardholderDaemon {
       );
     }
     const accountId = requireName(req.accountId, "account_id", 32);
+    const accessToken = req.bankAccessToken;
+    if (!accessToken) {
+      throw new NetpurseError(
+        Status.UNAUTHENTICATED,
+        ErrorReason.ERROR_REASON_UNAUTHENTICATED,
+        "no bank_access_token: the bank acts only for the account holder; log in to the bank (Login) and pass its access token. Nothing was asked of the bank",
+      );
+    }
+    if (accessToken.length > MAX_BANK_TOKEN_CHARS) throw invalidField("bank_access_token", `longer than ${MAX_BANK_TOKEN_CHARS} characters`);
+    const bankAddress = req.bankAddress || defaultAddress("bank");
     return this.card.run(async () => {
+      this.keepBankToken(bankAddress, accountId, accessToken);
       await this.settleLoadsBeforeUsingCard();
       this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount) });
       try {
-        const r = await loadCard({ bankAddress: req.bankAddress || defaultAddress("bank"), accountId, amount }, this.loadContext());
+        const r = await loadCard({ bankAddress, accountId, amount, accessToken }, this.loadContext());
         return {
           transactionId: txnId(r.transactionId),
           outcome: r.outcome,
@@ -212,10 +232,20 @@ export class CardholderDaemon {
     }
   }
 
+  private keepBankToken(bankAddress: string, accountId: string, token: string): void {
+    const key = `${bankAddress} ${accountId}`;
+    this.bankTokens.delete(key);
+    this.bankTokens.set(key, token);
+    // A cardholder uses a bank account or two: the oldest goes beyond a few.
+    const oldest = this.bankTokens.keys().next();
+    if (this.bankTokens.size > 16 && !oldest.done) this.bankTokens.delete(oldest.value);
+  }
+
   private loadContext(): LoadContext & { journal: LoadJournal } {
     return {
       reader: this.reader,
       bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address, { kind: "bank" })),
+      bankToken: (address, accountId) => this.bankTokens.get(`${address} ${accountId}`),
       load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address, { kind: "load" })),
       journal: this.o.loads,
       ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),

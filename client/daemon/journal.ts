@@ -54,6 +54,8 @@ export const CLIENT_MIGRATIONS = [
    UPDATE client_purchases SET card_log_proves_no_debit = 1, card_status_word = NULL, debit_response = NULL WHERE card_status_word = 28416;`,
   // The client's trusted agent holds the digest of the card signature the PSAM expects, never the signature itself.
   `ALTER TABLE client_purchases RENAME COLUMN expected_card_signature TO expected_signature_digest;`,
+  // The merchant's access secret for the order: with it, and only with it, GetOrder shows the goods again.
+  `ALTER TABLE client_purchases ADD COLUMN order_access_secret BLOB;`,
 ];
 
 export interface JournalRow {
@@ -148,8 +150,8 @@ export class SqliteJournal implements PurchaseJournal {
     return this.set(id, { state: "CONFIRMED", result_m: sealedBytes(resultM) });
   }
 
-  receipt(id: string, r: Receipt) {
-    return this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()) });
+  receipt(id: string, r: Receipt, orderAccessSecret: Uint8Array) {
+    return this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()), order_access_secret: Buffer.from(orderAccessSecret) });
   }
 
   proofReported(id: string) {

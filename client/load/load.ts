@@ -15,7 +15,7 @@ import type { Money } from "../../gen/netpurse/card/v1/card.js";
 import type { PurchaseStep } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import type { LoadOutcome, LoadServiceDefinition, ProcessLoadRequestResponse, SettledLoad } from "../../gen/netpurse/load/v1/load.js";
 import { swHex, SW } from "../../lib/apdu/apdu.js";
-import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
+import { bearer, DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { passOn } from "../../lib/grpc/errors.js";
 import { hexOf, requireCardAmount, txnId } from "../../lib/ids.js";
 import { formatMoney } from "../../lib/money.js";
@@ -34,6 +34,8 @@ export type LoadClient = Client<typeof LoadServiceDefinition, DeadlineOptions>;
 export interface LoadContext {
   reader: PurseReader;
   bank(address: string): BankClient;
+  /** The account holder's access token for that bank and account, if one is at hand (only CreateLoadOffer needs one). */
+  bankToken?(address: string, accountId: string): string | undefined;
   load(address: string): LoadClient;
   journal?: LoadJournal;
   callDeadlineMs?: number;
@@ -52,8 +54,18 @@ export type Step = (name: string, detail: string) => void;
 /** How many of the card's newest log records go with each load request, so pending loads settle from them. */
 const CARD_LOG_SENT = 8;
 
-/** Loads `amount` onto the card from `accountId` at the bank. */
-export async function loadCard(p: { bankAddress: string; accountId: string; amount: Money }, ctx: LoadContext): Promise<LoadSummary> {
+/**
+ * Whether the bank's refusal of CreateLoadOffer ends the load: a final
+ * answer, or a refusal made before any hold (no valid access token, the
+ * account's cap on holds). A hold an earlier attempt of the same request may
+ * have made is released by the bank's own sweep, as nothing can reach the
+ * card without the offer.
+ */
+export const offerRefused = (e: unknown) =>
+  isFinal(e) || (e instanceof ClientError && (e.code === Status.UNAUTHENTICATED || e.code === Status.RESOURCE_EXHAUSTED));
+
+/** Loads `amount` onto the card from `accountId` at the bank, as the account holder whose access token is `accessToken`. */
+export async function loadCard(p: { bankAddress: string; accountId: string; amount: Money; accessToken: string }, ctx: LoadContext): Promise<LoadSummary> {
   const a = requireCardAmount(p.amount, "amount");
   const steps: PurchaseStep[] = [];
   const step: Step = (name, detail) => steps.push({ name, detail });
@@ -73,11 +85,16 @@ export async function loadCard(p: { bankAddress: string; accountId: string; amou
   let offer: BankOffer;
   try {
     const r = await retrying(() =>
-      ctx.bank(p.bankAddress).createLoadOffer({ transactionId: txnId(id), accountId: p.accountId, amount: a, purse: purseState(purse) }, { deadline }),
+      ctx
+        .bank(p.bankAddress)
+        .createLoadOffer(
+          { transactionId: txnId(id), accountId: p.accountId, amount: a, purse: purseState(purse) },
+          { deadline, metadata: bearer(p.accessToken) },
+        ),
     );
     offer = checkedOffer(r.offer, answerLacks("the bank's answer to CreateLoadOffer"));
   } catch (e) {
-    if (isFinal(e)) await ctx.journal?.loadFailed(id, (e as Error).message);
+    if (offerRefused(e)) await ctx.journal?.loadFailed(id, (e as Error).message);
     passOn(e, "the bank made no load offer");
   }
   await ctx.journal?.loadOffered(id, offer);

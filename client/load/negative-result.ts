@@ -26,8 +26,10 @@ export async function proveNotLoaded(rec: RequestedLoad, ctx: LoadContext, step:
   const deadline = ctx.callDeadlineMs ?? DEFAULT_DEADLINE_MS;
   // The reference exists only since the LOAD command does: no proof of an unloaded card can be made before it.
   const journaled = rec.state === "REQUESTED" ? "" : rec.proofReference;
-  const reference =
-    journaled || (await retrying(() => ctx.load(offer.loadServerAddress).getLoad({ transactionId: offer.transactionId }, { deadline }))).proofReference?.value;
+  // The load server shows the reference only to the holder of the load's offer: its sealed authorisation is the proof.
+  const holder = { bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization };
+  const asked = () => ctx.load(offer.loadServerAddress).getLoad({ transactionId: offer.transactionId, ...holder }, { deadline });
+  const reference = journaled || (await retrying(asked)).proofReference?.value;
   if (!reference)
     throw new NetpurseError(
       Status.FAILED_PRECONDITION,

@@ -6,14 +6,16 @@
 import { ClientError, Status } from "nice-grpc";
 import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome, LoadState } from "../../gen/netpurse/load/v1/load.js";
-import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
+import { bearer, DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
+import { NetpurseError } from "../../lib/grpc/errors.js";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { txnId } from "../../lib/ids.js";
 import { LoadResponse, LoadResult } from "../../lib/protocol/load.js";
 import { LogKind, LogRecord } from "../../lib/protocol/purse.js";
 import { purseState } from "../card/purse-state.js";
 import { isFinal, retrying } from "../calls.js";
 import { answerLacks, outcomeName, settleAndConfirm, settledIn, type Settlement } from "./confirmation.js";
-import { runLoad, type LoadContext, type Step } from "./load.js";
+import { offerRefused, runLoad, type LoadContext, type Step } from "./load.js";
 import { proveNotLoaded } from "./negative-result.js";
 import { checkedOffer } from "./offer.js";
 import type { LoadIn, LoadJournal, LoadRecord, OpenLoadState, RequestedLoad } from "./record.js";
@@ -96,17 +98,37 @@ async function resumeLoad(rec: LoadRecord, ctx: LoadContext, cardCounter: number
   }
 }
 
-/** The bank may hold the funds for an offer that never reached us: asking again with the same transaction id gets that same offer. */
+/**
+ * The bank may hold the funds for an offer that never reached us: asking
+ * again with the same transaction id gets that same offer. That takes the
+ * account holder's access token. Without one at hand (the daemon keeps them
+ * in memory only, so after a restart), or when the bank refuses it (expired),
+ * the load ends here: without the offer nothing can reach the card, and the
+ * bank releases a hold nobody came back for with its own sweep.
+ */
 async function offerAgain(rec: LoadIn<"STARTED">, ctx: LoadContext): Promise<LoadIn<"OFFERED">> {
+  const token = ctx.bankToken?.(rec.bankAddress, rec.accountId);
+  if (!token) {
+    const why =
+      "the bank's offer never arrived, and no access token to ask for it again is at hand; nothing reached the card, and the bank releases any hold it made once it is stale: load again";
+    await ctx.journal?.loadFailed(rec.transactionId, why);
+    throw new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, why);
+  }
   const purse = await ctx.reader.readPurse();
-  const r = await retrying(() =>
-    ctx
-      .bank(rec.bankAddress)
-      .createLoadOffer(
-        { transactionId: txnId(rec.transactionId), accountId: rec.accountId, amount: rec.amount, purse: purseState(purse) },
-        { deadline: ctx.callDeadlineMs ?? DEFAULT_DEADLINE_MS },
-      ),
-  );
+  let r;
+  try {
+    r = await retrying(() =>
+      ctx
+        .bank(rec.bankAddress)
+        .createLoadOffer(
+          { transactionId: txnId(rec.transactionId), accountId: rec.accountId, amount: rec.amount, purse: purseState(purse) },
+          { deadline: ctx.callDeadlineMs ?? DEFAULT_DEADLINE_MS, metadata: bearer(token) },
+        ),
+    );
+  } catch (e) {
+    if (offerRefused(e)) await ctx.journal?.loadFailed(rec.transactionId, (e as Error).message);
+    throw e;
+  }
   const offer = checkedOffer(r.offer, answerLacks("the bank's answer to CreateLoadOffer"));
   await ctx.journal?.loadOffered(rec.transactionId, offer);
   return { ...rec, state: "OFFERED", offer };

@@ -8,6 +8,7 @@ import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middl
 import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
 import type { Kind } from "../pki/identity.js";
 import type { ChannelSecurity, Security } from "../pki/security.js";
+import { resolve as resolvePath } from "node:path";
 import { channelCredentials } from "./tls.js";
 
 /** The standard grpc-timeout value for `ms` (at most 8 digits, then a coarser unit). */
@@ -30,6 +31,13 @@ const grpcTimeoutMiddleware: ClientMiddleware<DeadlineOptions> = async function*
   return yield* call.next(call.request, { ...options, metadata });
 };
 
+/** The path of a `unix:PATH` or `unix:///ABSOLUTE_PATH` address (gRPC's names for a Unix domain socket), made absolute; undefined for host:port. */
+export function unixSocketPath(address: string): string | undefined {
+  if (address.startsWith("unix://")) return resolvePath(address.slice("unix://".length));
+  if (address.startsWith("unix:")) return resolvePath(address.slice("unix:".length));
+  return undefined;
+}
+
 /**
  * A channel to `address`: TLS checking the server's certificate (and
  * presenting ours, inside the operator's network), or plaintext when the
@@ -39,19 +47,33 @@ export function openChannel(address: string, security: ChannelSecurity, opts: { 
   const max = opts.maxMessageBytes ?? 64 * 1024;
   // TLS names no server by an IP address (RFC 6066): on loopback the certificate's "localhost" is the name checked.
   const loopback = /^(127\.0\.0\.1|\[::1\]):/.test(address);
-  return createChannel(address, "tls" in security ? channelCredentials(security.tls) : ChannelCredentials.createInsecure(), {
-    ...("tls" in security && loopback ? { "grpc.ssl_target_name_override": "localhost" } : {}),
-    "grpc.max_receive_message_length": max,
-    "grpc.max_send_message_length": max,
-    "grpc.keepalive_time_ms": 30_000,
-    "grpc.keepalive_timeout_ms": 10_000,
-    "grpc.enable_retries": 0, // retries are the caller's, by transaction id
-    // A server back after an outage is reached within a second or two: a caller's own retries
-    // (a few seconds at most) must not all fall inside the channel's reconnect back-off.
-    "grpc.initial_reconnect_backoff_ms": 250,
-    "grpc.max_reconnect_backoff_ms": 1_000,
-  });
+  // A Unix socket (unix:PATH) goes to grpc-js as unix:///ABSOLUTE_PATH, the form nice-grpc passes on unchanged.
+  const socket = unixSocketPath(address);
+  return createChannel(
+    socket !== undefined ? `unix://${socket}` : address,
+    "tls" in security ? channelCredentials(security.tls) : ChannelCredentials.createInsecure(),
+    {
+      ...("tls" in security && loopback ? { "grpc.ssl_target_name_override": "localhost" } : {}),
+      "grpc.max_receive_message_length": max,
+      "grpc.max_send_message_length": max,
+      "grpc.keepalive_time_ms": 30_000,
+      "grpc.keepalive_timeout_ms": 10_000,
+      "grpc.enable_retries": 0, // retries are the caller's, by transaction id
+      // A server back after an outage is reached within a second or two: a caller's own retries
+      // (a few seconds at most) must not all fall inside the channel's reconnect back-off.
+      "grpc.initial_reconnect_backoff_ms": 250,
+      "grpc.max_reconnect_backoff_ms": 1_000,
+    },
+  );
 }
+
+/**
+ * Per-call metadata carrying an access token, `authorization: Bearer TOKEN`
+ * (the gRPC convention). Per call rather than on the channel: one channel to
+ * a bank serves every account the caller acts for. Sent over TLS, except on
+ * a network run with --insecure.
+ */
+export const bearer = (token: string) => Metadata({ authorization: `Bearer ${token}` });
 
 /** Client factory: deadlines (sent to the server as grpc-timeout) and the rich error model (RichClientError). */
 export function clientFactory() {

@@ -19,12 +19,14 @@ import { errorDetailsServerMiddleware } from "nice-grpc-error-details";
 import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-server-health";
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { randomUUID } from "node:crypto";
-import { createServer as createTcpServer, type Server as TcpServer } from "node:net";
+import { chmodSync, lstatSync, unlinkSync } from "node:fs";
+import { connect, createServer as createTcpServer, type Server as TcpServer } from "node:net";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type { Logger } from "../log.js";
 import { identityFromSubjectAltName, parseSpiffeId, spiffeId, type Identity, type Kind } from "../pki/identity.js";
 import { isRevoked } from "../pki/revocation.js";
 import { reflectionDescriptorSet } from "./descriptors.js";
+import { unixSocketPath } from "./client.js";
 import { NetpurseError, reasonName } from "./errors.js";
 import { addService } from "./grpc-js-server.js";
 import { serverCredentials, type ServerTls } from "./tls.js";
@@ -199,8 +201,9 @@ function errorMiddleware(log: Logger) {
 }
 
 export interface RunningServer {
-  /** host:port actually bound. */
+  /** host:port actually bound, or unix:PATH. */
   address: string;
+  /** The TCP port bound (0 on a Unix socket). */
   port: number;
   health: HealthState;
   /** Connections open now (for operators and tests). */
@@ -229,17 +232,22 @@ export function service<S extends TsProtoServiceDefinition>(
 
 /**
  * How a server is reached: TLS with the installation's certificates; or
- * plaintext on loopback for a cardholder's own machine (`local`); or, only
- * with --insecure for debugging, plaintext anywhere.
+ * plaintext on this machine only, on loopback or a Unix socket, for a
+ * cardholder's own machine (`local`); or, only with --insecure for
+ * debugging, plaintext anywhere.
  */
 export type Transport = { tls: ServerTls } | { local: true } | { insecure: true };
 
 const LOOPBACK = new Set(["127.0.0.1", "::1", "[::1]", "localhost"]);
 
+/** The longest path a Unix socket address holds on Linux (sun_path is 108 bytes with its final NUL; 104 on macOS). */
+export const MAX_UNIX_SOCKET_PATH_BYTES = 107;
+
 /**
- * Starts a gRPC server with health and reflection on `address` (host:port;
- * port 0 picks a free one). Connections are taken by a TCP listener of our
- * own (to cap them) and handed to grpc-js, which runs TLS and HTTP/2.
+ * Starts a gRPC server with health and reflection on `address` (host:port,
+ * port 0 picks a free one; or unix:PATH, a Unix domain socket). Connections
+ * are taken by a listener of our own (to cap them) and handed to grpc-js,
+ * which runs TLS and HTTP/2.
  */
 export async function startGrpcServer(p: {
   address: string;
@@ -247,6 +255,8 @@ export async function startGrpcServer(p: {
   log: Logger;
   transport: Transport;
   limits?: Partial<ServerLimits>;
+  /** Runs before every call of every service, health and reflection included (the client daemon's token check on TCP). */
+  guard?: ServerMiddleware;
 }): Promise<RunningServer> {
   const limits = { ...DEFAULT_LIMITS, ...p.limits };
   const tls = "tls" in p.transport ? p.transport.tls : undefined;
@@ -263,11 +273,9 @@ export async function startGrpcServer(p: {
     "grpc.max_connection_age_grace_ms": limits.maxConnectionAgeGraceMs,
     interceptors: [deadlineInterceptor, peerInterceptor(tls?.trustDomain)],
   });
-  const middleware = (rules: { all: Access }) =>
-    composeServerMiddleware<NoExtension, NoExtension, NoExtension>(
-      composeServerMiddleware<NoExtension, NoExtension, NoExtension>(errorMiddleware(p.log), errorDetailsServerMiddleware),
-      accessMiddleware(rules, p.log),
-    );
+  const outer = composeServerMiddleware<NoExtension, NoExtension, NoExtension>(errorMiddleware(p.log), errorDetailsServerMiddleware);
+  const guarded = p.guard ? composeServerMiddleware<NoExtension, NoExtension, NoExtension>(outer, p.guard) : outer;
+  const middleware = (rules: { all: Access }) => composeServerMiddleware<NoExtension, NoExtension, NoExtension>(guarded, accessMiddleware(rules, p.log));
   const health = HealthState();
   const names: string[] = [];
   for (const s of p.services) {
@@ -310,19 +318,32 @@ export async function startGrpcServer(p: {
   }, 10_000);
   dropLog.unref();
   tcp.on("drop", () => dropped++);
-  if ("local" in p.transport && !LOOPBACK.has(p.address.slice(0, p.address.lastIndexOf(":")))) {
-    throw new Error(`${p.address} is not a loopback address: this server is for its own machine only`);
+  const socketPath = unixSocketPath(p.address);
+  if ("local" in p.transport && socketPath === undefined && !LOOPBACK.has(p.address.slice(0, p.address.lastIndexOf(":")))) {
+    throw new Error(`${p.address} is not a loopback address or a Unix socket: this server is for its own machine only`);
   }
-  const { host, port } = await listen(tcp, p.address);
+  let address: string;
+  let port = 0;
+  if (socketPath !== undefined) address = `unix:${await listenUnix(tcp, socketPath, p.log)}`;
+  else {
+    const bound = await listen(tcp, p.address);
+    address = `${bound.host}:${bound.port}`;
+    port = bound.port;
+  }
   // An accept failure (out of files, say) is logged; the listener keeps accepting.
   tcp.on("error", (e) => p.log.error("listener error", { address: p.address, error: e.message }));
-  const address = `${host}:${port}`;
   if ("insecure" in p.transport)
     p.log.warn("INSECURE: plaintext, no peer is authenticated and every RPC is open to anyone who reaches this port; for local debugging only", { address });
   p.log.info("listening", {
     address,
     services: names.join(","),
-    tls: tls ? `client certificates ${tls.clientCerts === "require" ? "required" : "optional"}` : "local" in p.transport ? "loopback only" : "off",
+    tls: tls
+      ? `client certificates ${tls.clientCerts === "require" ? "required" : "optional"}`
+      : "local" in p.transport
+        ? socketPath !== undefined
+          ? "Unix socket"
+          : "loopback only"
+        : "off",
   });
   return {
     address,
@@ -356,6 +377,56 @@ export function sourceOf(address: string | undefined): string {
     .slice(0, 4)
     .map((g) => parseInt(g || "0", 16).toString(16))
     .join(":")}::/64`;
+}
+
+/**
+ * Listens on a Unix socket: a file of that name left by a server that did
+ * not stop cleanly (nobody answers on it) is removed first; one another
+ * server still answers on, or a file that is no socket, is left alone and
+ * refused. The socket is made the owner's only (0600); the folder it sits in
+ * is what keeps others out (the caller's to check).
+ */
+async function listenUnix(server: TcpServer, path: string, log: Logger): Promise<string> {
+  if (Buffer.byteLength(path) > MAX_UNIX_SOCKET_PATH_BYTES) {
+    throw new Error(
+      `the socket path ${path} is ${Buffer.byteLength(path)} bytes, more than the ${MAX_UNIX_SOCKET_PATH_BYTES} a Unix socket address holds; choose a shorter path`,
+    );
+  }
+  const existing = (() => {
+    try {
+      return lstatSync(path);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw e;
+    }
+  })();
+  if (existing && !existing.isSocket()) throw new Error(`${path} exists and is not a socket; remove it or choose another path`);
+  if (existing) {
+    if (await answers(path)) throw new Error(`${path}: another server is listening on it already; stop that one first`);
+    unlinkSync(path);
+    log.info("removed a stale socket left by a server that did not stop cleanly", { path });
+  }
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(path, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  chmodSync(path, 0o600);
+  return path;
+}
+
+/** Whether a server accepts connections on the Unix socket `path`. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(path);
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
 }
 
 function listen(tcp: TcpServer, address: string): Promise<{ host: string; port: number }> {

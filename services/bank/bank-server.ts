@@ -2,11 +2,12 @@
 // funds (steps 872-875), and the load server's sealed confirmation, opened
 // and checked before the hold is posted or released (step 892). Only a
 // confirmation the load server sealed moves money; the client that carries
-// it can neither read nor forge it.
+// it can neither read nor forge it. Only the account holder, logged in with
+// the account's password, reads an account or has its funds held for a load.
 
 import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { createHash, randomBytes } from "node:crypto";
-import { Status } from "nice-grpc";
+import { Status, type CallContext } from "nice-grpc";
 import { ErrorReason, PurseStatus } from "../../gen/netpurse/card/v1/card.js";
 import {
   HoldState,
@@ -22,6 +23,8 @@ import {
   type ListHoldsResponse,
   type ListStatementLinesRequest,
   type ListStatementLinesResponse,
+  type LoginRequest,
+  type LoginResponse,
   type StatementLine,
 } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadAuthorization, LoadConfirmation, LoadOutcome, type LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
@@ -35,9 +38,27 @@ import { formatMoney, money } from "../../lib/money.js";
 import { loadTransactionKey, open, seal } from "../../lib/protocol/encryption-layer.js";
 import { isExpired } from "../../lib/protocol/purse.js";
 import type { AccountRow, BankStore, HoldPosition, HoldRow, HoldRowState, StatementRow } from "./store.js";
+import { accessTokenHash, ACCESS_TOKEN_SHAPE, MAX_PASSWORD_BYTES, newAccessToken, verifyPassword } from "./credentials.js";
+import { LoginLimiter, type LoginLimits } from "./login-limiter.js";
 
 const failed = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
+const unauthenticated = (text: string) => new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, text);
+
+/** How the account holder's RPCs carry the access token: gRPC metadata, as every gRPC client sends it. */
+const BEARER = /^Bearer (\S{1,256})$/;
+
+/** The access token's default lifetime: short, since it acts for the account. */
+export const DEFAULT_ACCESS_TOKEN_TTL_MS = 15 * 60_000;
+
+/** Holds waiting for their confirmation that one account may have at once, by default. */
+export const DEFAULT_MAX_HOLDS_PER_ACCOUNT = 3;
+
+/** Access tokens kept per account: logging in again and again cannot fill bank.db. */
+const TOKENS_PER_ACCOUNT = 10;
+
+/** Logins being checked at once, at most: each scrypt hash takes 32 MiB for a while. */
+const MAX_LOGINS_IN_FLIGHT = 16;
 
 const HOLD_STATE: Record<HoldRowState, HoldState> = {
   HELD: HoldState.HOLD_STATE_HELD,
@@ -86,8 +107,19 @@ export class BankServer {
       log: Logger;
       /** The load server, asked directly only about holds whose cardholder never came back. */
       loadServer?: LoadClient;
+      /** How long an access token acts for its account (default 15 minutes). */
+      accessTokenTtlMs?: number;
+      /** Holds waiting for their confirmation one account may have at once (default 3). */
+      maxHoldsPerAccount?: number;
+      /** Failed login limits (see login-limiter.ts). */
+      loginLimits?: Partial<LoginLimits>;
     },
-  ) {}
+  ) {
+    this.limiter = new LoginLimiter(o.loginLimits);
+  }
+
+  readonly limiter: LoginLimiter;
+  private loginsInFlight = 0;
 
   /**
    * Holds older than `olderThanMs` whose confirmation never came: the bank
@@ -121,16 +153,86 @@ export class BankServer {
   }
 
   readonly service: BankServiceImplementation = {
-    createLoadOffer: (req) => this.createLoadOffer(req),
+    login: (req, context) => this.login(req, context),
+    createLoadOffer: async (req, context) => this.createLoadOffer(req, await this.holder(context, req.accountId, "CreateLoadOffer")),
     confirmLoad: (req) => this.confirmLoad(req),
-    getAccount: (req) => this.getAccount(requireName(req.accountId, "account_id", 32)),
-    listHolds: (req) => this.listHolds(req),
-    listStatementLines: (req) => this.listStatementLines(req),
+    getAccount: async (req, context) => this.getAccount(await this.holder(context, req.accountId, "GetAccount")),
+    listHolds: async (req, context) => this.listHolds(req, await this.holder(context, req.accountId, "ListHolds")),
+    listStatementLines: async (req, context) => this.listStatementLines(req, await this.holder(context, req.accountId, "ListStatementLines")),
   };
 
-  private async createLoadOffer(req: CreateLoadOfferRequest): Promise<CreateLoadOfferResponse> {
-    const id = requireTransactionId(req.transactionId);
+  /**
+   * The account of an account holder's call: the access token it carries
+   * (`authorization: Bearer`) must be one this bank issued, not expired, and
+   * for `asked`, the account the request names. Returns that account id.
+   */
+  private async holder(context: CallContext, asked: string, method: string): Promise<string> {
+    const header = context.metadata.get("authorization");
+    if (!header) throw unauthenticated(`${method} acts for the account holder only: log in (Login) and send its access token as 'authorization: Bearer TOKEN'`);
+    const token = BEARER.exec(header)?.[1];
+    if (!token || !ACCESS_TOKEN_SHAPE.test(token))
+      throw unauthenticated("the authorization metadata holds no access token of this bank: send 'authorization: Bearer TOKEN' with the token Login gave");
+    const row = await this.o.store.accessToken(accessTokenHash(token));
+    if (!row) throw unauthenticated("the access token is not one this bank issued, or a new password ended it: log in again");
+    if (Date.parse(row.expires_at) <= Date.now()) throw unauthenticated(`the access token expired at ${row.expires_at}: log in again`);
+    const accountId = requireName(asked, "account_id", 32);
+    if (row.account_id !== accountId) {
+      this.o.log.warn("refused an access token for another account", { method, account: accountId, holder: row.account_id, peer: context.peer });
+      throw denied(ErrorReason.ERROR_REASON_NOT_ALLOWED, `the access token acts for account ${row.account_id} only, not for account ${accountId}`);
+    }
+    return accountId;
+  }
+
+  /** Login: the account's password for a short-lived access token, with failed attempts limited per account and per caller address. */
+  private async login(req: LoginRequest, context: CallContext): Promise<LoginResponse> {
     const accountId = requireName(req.accountId, "account_id", 32);
+    const bytes = Buffer.byteLength(req.password, "utf8");
+    if (bytes === 0) throw invalidField("password", "missing");
+    if (bytes > MAX_PASSWORD_BYTES) throw invalidField("password", `longer than ${MAX_PASSWORD_BYTES} bytes: no password of this bank is`);
+    const address = LoginLimiter.addressOf(context.peer);
+    if (this.loginsInFlight >= MAX_LOGINS_IN_FLIGHT) {
+      throw new NetpurseError(
+        Status.RESOURCE_EXHAUSTED,
+        ErrorReason.ERROR_REASON_TOO_MANY_ATTEMPTS,
+        "the bank is checking as many logins as it can at once; try again in a second",
+        {
+          retryAfterMs: 1_000,
+        },
+      );
+    }
+    const lockout = this.limiter.begin(accountId, address);
+    if (lockout) {
+      const minutes = Math.ceil(lockout.retryAfterMs / 60_000);
+      this.o.log.warn("login refused: locked after failed logins", { account: accountId, address, by: lockout.by, ms: lockout.retryAfterMs });
+      throw new NetpurseError(
+        Status.RESOURCE_EXHAUSTED,
+        ErrorReason.ERROR_REASON_TOO_MANY_ATTEMPTS,
+        lockout.by === "account"
+          ? `too many failed logins to account ${accountId}: it is locked for ${minutes} more minute(s), even for the right password; try again then`
+          : `too many failed logins from your address: logins from it are refused for ${minutes} more minute(s); try again then`,
+        { retryAfterMs: lockout.retryAfterMs },
+      );
+    }
+    this.loginsInFlight++;
+    let ok = false;
+    try {
+      ok = await verifyPassword(req.password, await this.o.store.passwordHash(accountId));
+    } finally {
+      this.loginsInFlight--;
+      const locked = this.limiter.end(accountId, address, ok);
+      if (!ok) this.o.log.warn("login refused: wrong account id or password", { account: accountId, address, locked });
+    }
+    if (!ok) throw unauthenticated("wrong account id or password");
+    const token = newAccessToken();
+    const issuedAt = new Date();
+    const expiresAt = new Date(issuedAt.getTime() + (this.o.accessTokenTtlMs ?? DEFAULT_ACCESS_TOKEN_TTL_MS));
+    await this.o.store.addAccessToken({ tokenHash: accessTokenHash(token), accountId, issuedAt, expiresAt }, TOKENS_PER_ACCOUNT);
+    this.o.log.info("account holder logged in", { account: accountId, address, until: expiresAt.toISOString() });
+    return { accessToken: token, expiresAt, accountId };
+  }
+
+  private async createLoadOffer(req: CreateLoadOfferRequest, accountId: string): Promise<CreateLoadOfferResponse> {
+    const id = requireTransactionId(req.transactionId);
     const amount = requireCardAmount(req.amount, "amount");
     const p = req.purse;
     if (!p) throw invalidField("purse", "missing: read the card first");
@@ -157,6 +259,17 @@ export class BankServer {
       }
       const account = await this.o.store.account(accountId, tx);
       if (!account) throw notFound(`no account ${accountId} at this bank`);
+      const maxHolds = this.o.maxHoldsPerAccount ?? DEFAULT_MAX_HOLDS_PER_ACCOUNT;
+      const held = await this.o.store.heldCount(accountId, tx);
+      if (held >= maxHolds) {
+        this.o.log.warn("load offer refused: the account has as many holds as allowed", { account: accountId, held });
+        throw new NetpurseError(
+          Status.RESOURCE_EXHAUSTED,
+          ErrorReason.ERROR_REASON_TOO_MANY_HOLDS,
+          `account ${accountId} already has ${held} load(s) waiting for their confirmation, as many as this bank holds funds for at once: finish them ('netpurse card sync'), or wait for the bank to release the ones nobody came back for`,
+          { retryAfterMs: 60_000 },
+        );
+      }
       const asked = formatMoney(amount);
       if (amount.currency !== account.currency || amount.exponent !== account.exponent)
         throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the account is in currency ${account.currency}, the load asks ${asked}`);
@@ -262,8 +375,7 @@ export class BankServer {
     return a;
   }
 
-  private async listHolds(req: ListHoldsRequest): Promise<ListHoldsResponse> {
-    const accountId = requireName(req.accountId, "account_id", 32);
+  private async listHolds(req: ListHoldsRequest, accountId: string): Promise<ListHoldsResponse> {
     const size = pageSize(req.pageSize, PAGE);
     const after = pagePosition(req.pageToken, HOLDS, scopeOf(accountId), isHoldPosition);
     const a = await this.listed(accountId);
@@ -276,8 +388,7 @@ export class BankServer {
     };
   }
 
-  private async listStatementLines(req: ListStatementLinesRequest): Promise<ListStatementLinesResponse> {
-    const accountId = requireName(req.accountId, "account_id", 32);
+  private async listStatementLines(req: ListStatementLinesRequest, accountId: string): Promise<ListStatementLinesResponse> {
     const size = pageSize(req.pageSize, PAGE);
     const before = pagePosition(req.pageToken, LINES, scopeOf(accountId), isLinePosition);
     const a = await this.listed(accountId);

@@ -1,19 +1,36 @@
-// netpurse-bank: the demo bank's commands. Opening accounts writes the
-// bank's own books (which stand in for a core banking system); statements
-// come from the running bank server over gRPC.
+// netpurse-bank: the demo bank's commands. Opening accounts and setting
+// their passwords writes the bank's own books (which stand in for a core
+// banking system); statements come from the running bank server over gRPC,
+// for the account holder, who logs in with the account's password.
 
 import { join } from "node:path";
 import { BankServiceDefinition, HoldState, type Hold, type StatementLine } from "../../gen/netpurse/bank/v1/bank.js";
 import { runCommands, int, str, UsageError, CONNECT_OPTIONS, CONNECT_USAGE, publicChannel } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
+import { bearer, clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { isName } from "../../lib/ids.js";
 import { formatMinor, formatMoney, parseMinor } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { table } from "../../lib/table.js";
+import { bankPassword, BANK_PASSWORD_ENV } from "../../lib/secret-input.js";
+import { hashPassword, passwordProblem } from "./credentials.js";
 import { BANK_MIGRATIONS, BankStore } from "./store.js";
 
 const dataOption = { data: { type: "string" } } as const;
+const passwordOption = { "password-file": { type: "string" } } as const;
+const PASSWORD_HELP = `The password is asked on the terminal (not shown), or, for scripts, read from --password-file FILE (its first line)\nor $${BANK_PASSWORD_ENV}; never from the command line, where other users of the machine could read it.`;
+
+/** A new password for an account, from the file, the environment or the terminal, checked and hashed (only the hash is kept). */
+async function newPasswordHash(v: Record<string, unknown>, accountId: string): Promise<string> {
+  const password = await bankPassword({
+    ...(typeof v["password-file"] === "string" ? { file: v["password-file"] } : {}),
+    prompt: `new password for account ${accountId}: `,
+    confirm: true,
+  });
+  const problem = passwordProblem(password);
+  if (problem) throw new UsageError(problem);
+  return hashPassword(password);
+}
 
 /** Every entry of a paged list (AIP-158), page after page, or the first `limit` of them. */
 async function allPages<T>(page: (token: string) => Promise<{ items: T[]; next: string }>, limit = Infinity): Promise<T[]> {
@@ -36,13 +53,14 @@ async function withStore<T>(v: Record<string, unknown>, fn: (s: BankStore) => Pr
   }
 }
 
-await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a bank's core system) and statements.", [
+await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a bank's core system), their holders' passwords, and statements.", [
   {
     name: "open-account",
-    summary: "Open a demo account with an opening deposit.",
-    usage: "--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--data DIR]",
+    summary: `Open a demo account with an opening deposit and its holder's password.\nThe holder logs in with the password (at least 8 characters) to load a card or read the account.\n${PASSWORD_HELP}`,
+    usage: "--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--password-file FILE] [--data DIR]",
     options: {
       ...dataOption,
+      ...passwordOption,
       id: { type: "string" },
       holder: { type: "string" },
       deposit: { type: "string" },
@@ -55,11 +73,30 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
       const exponent = int(v.exponent, 2, "exponent");
       const currency = int(v.currency, 978, "currency");
       const openingMinor = Number(parseMinor(str(v.deposit, "500.00"), exponent));
+      const id = v.id;
+      if (await withStore(v, (s) => s.account(id))) throw new UsageError(`account ${id} exists already`);
+      const passwordHash = await newPasswordHash(v, id);
       await withStore(v, async (s) => {
-        if (await s.account(v.id as string)) throw new UsageError(`account ${String(v.id)} exists already`);
-        await s.open({ accountId: v.id as string, holder: v.holder as string, currency, exponent, openingMinor });
+        if (await s.account(id)) throw new UsageError(`account ${id} exists already`);
+        await s.open({ accountId: id, holder: v.holder as string, currency, exponent, openingMinor, passwordHash });
       });
-      console.log(`opened account ${v.id} for ${v.holder} with ${formatMoney({ amountMinor: openingMinor, currency, exponent })}`);
+      console.log(
+        `opened account ${id} for ${v.holder} with ${formatMoney({ amountMinor: openingMinor, currency, exponent })}; its holder logs in with the password given`,
+      );
+    },
+  },
+  {
+    name: "set-password",
+    summary: `Set or reset an account's password; every access token of the account stops working.\nAccounts opened before passwords existed have none, and cannot log in until given one.\n${PASSWORD_HELP}`,
+    usage: "ACCOUNT [--password-file FILE] [--data DIR]",
+    options: { ...dataOption, ...passwordOption },
+    async run(v, positionals) {
+      const id = positionals[0];
+      if (!id) throw new UsageError("name the account");
+      if (!(await withStore(v, (s) => s.account(id)))) throw new UsageError(`no account ${id} at this bank`);
+      const hash = await newPasswordHash(v, id);
+      await withStore(v, (s) => s.setPasswordHash(id, hash));
+      console.log(`password of account ${id} set; its earlier access tokens no longer work`);
     },
   },
   {
@@ -79,9 +116,9 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   },
   {
     name: "statement",
-    summary: "Show an account's balance, the funds on hold for loads, and its statement (every line, or the newest N), from the running bank.",
-    usage: `ACCOUNT [--limit N] [--bank HOST:PORT] (default ${defaultAddress("bank")}) ${CONNECT_USAGE}`,
-    options: { bank: { type: "string" }, limit: { type: "string" }, ...CONNECT_OPTIONS },
+    summary: `Show an account's balance, the funds on hold for loads, and its statement (every line, or the newest N), from the running bank.\nLogs in as the account holder, with the account's password. ${PASSWORD_HELP}`,
+    usage: `ACCOUNT [--limit N] [--bank HOST:PORT] (default ${defaultAddress("bank")}) [--password-file FILE] ${CONNECT_USAGE}`,
+    options: { bank: { type: "string" }, limit: { type: "string" }, ...passwordOption, ...CONNECT_OPTIONS },
     async run(v, positionals) {
       const id = positionals[0];
       if (!id) throw new UsageError("name the account");
@@ -90,13 +127,19 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
       const channel = openChannel(str(v.bank, defaultAddress("bank")), await publicChannel(v, "bank"));
       try {
         const bank = clientFactory().create(BankServiceDefinition, channel);
-        const a = await bank.getAccount({ accountId: id }, { deadline: CLI_DEADLINE_MS });
+        const password = await bankPassword({
+          ...(typeof v["password-file"] === "string" ? { file: v["password-file"] } : {}),
+          prompt: `password for account ${id}: `,
+        });
+        const { accessToken } = await bank.login({ accountId: id, password }, { deadline: CLI_DEADLINE_MS });
+        const asHolder = { deadline: CLI_DEADLINE_MS, metadata: bearer(accessToken) };
+        const a = await bank.getAccount({ accountId: id }, asHolder);
         const holds = await allPages<Hold>(async (pageToken) => {
-          const r = await bank.listHolds({ accountId: id, pageToken }, { deadline: CLI_DEADLINE_MS });
+          const r = await bank.listHolds({ accountId: id, pageToken }, asHolder);
           return { items: r.holds, next: r.nextPageToken };
         });
         const statement = await allPages<StatementLine>(async (pageToken) => {
-          const r = await bank.listStatementLines({ accountId: id, pageToken, pageSize: Math.min(limit, 1000) }, { deadline: CLI_DEADLINE_MS });
+          const r = await bank.listStatementLines({ accountId: id, pageToken, pageSize: Math.min(limit, 1000) }, asHolder);
           return { items: r.lines, next: r.nextPageToken };
         }, limit || Infinity);
         console.log(`account ${a.accountId} (${a.holder})   balance ${formatMoney(a.balance!)}   available ${formatMoney(a.available!)}\n`);

@@ -10,6 +10,7 @@ import { openSqlite } from "../../lib/store/db.js";
 import { BankServer } from "./bank-server.js";
 import { readBankFile } from "./identity.js";
 import { BANK_MIGRATIONS, BankStore } from "./store.js";
+import type { LoginLimits } from "./login-limiter.js";
 
 export interface BankConfig {
   /** As the bank in bank.json: its own certificate, and the CA the load server's must chain to. */
@@ -23,8 +24,14 @@ export interface BankConfig {
   publicAddress?: string;
   /** How old a hold without a confirmation must be before the bank asks the load server about it (default 15 minutes). */
   staleHoldMs?: number;
-  /** How often the bank looks for such holds (default every minute). */
+  /** How often the bank looks for such holds, and forgets expired access tokens (default every minute). */
   sweepEveryMs?: number;
+  /** How long an access token from Login acts for its account (default 15 minutes). */
+  accessTokenTtlMs?: number;
+  /** Holds waiting for their confirmation one account may have at once (default 3). */
+  maxHoldsPerAccount?: number;
+  /** Failed login limits: per account, per caller address, how long they count and lock (defaults in login-limiter.ts). */
+  loginLimits?: Partial<LoginLimits>;
 }
 
 /** Starts the demo bank in this process. */
@@ -43,7 +50,15 @@ export async function startBankServer(c: BankConfig) {
     throw new Error(`this bank is ${file.bankId} (bank.json), but its certificate is ${c.security.identity.kind}/${c.security.identity.id}`);
   }
   const channel = openChannel(identity.loadServerAddress, c.security.channel({ kind: "load" }));
-  const server = new BankServer({ store, identity, log, loadServer: clientFactory().create(LoadServiceDefinition, channel) });
+  const server = new BankServer({
+    store,
+    identity,
+    log,
+    loadServer: clientFactory().create(LoadServiceDefinition, channel),
+    ...(c.accessTokenTtlMs !== undefined ? { accessTokenTtlMs: c.accessTokenTtlMs } : {}),
+    ...(c.maxHoldsPerAccount !== undefined ? { maxHoldsPerAccount: c.maxHoldsPerAccount } : {}),
+    ...(c.loginLimits ? { loginLimits: c.loginLimits } : {}),
+  });
   const grpc = await startGrpcServer({
     address: c.listen ?? defaultAddress("bank"),
     services: [service(BankServiceDefinition, server.service, { all: "public" })],
@@ -57,6 +72,7 @@ export async function startBankServer(c: BankConfig) {
     // One sweep at a time, and a failed one does not stop the next.
     sweeping = sweeping
       .then(() => server.resolveStaleHolds(staleMs))
+      .then(() => store.purgeAccessTokens(new Date().toISOString()))
       .then(
         () => undefined,
         (e: unknown) => log.warn("stale hold sweep failed", { detail: (e as Error).message }),

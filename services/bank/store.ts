@@ -37,6 +37,21 @@ export const BANK_MIGRATIONS = [
      transaction_id TEXT
    );
    CREATE INDEX statement_account ON statement (account_id, id);`,
+  // The account holder's credentials. Accounts opened before have none and
+  // cannot log in until given a password (netpurse-bank set-password).
+  `CREATE TABLE credentials (
+     account_id TEXT PRIMARY KEY REFERENCES accounts (account_id),
+     password_hash TEXT NOT NULL,
+     set_at TEXT NOT NULL
+   );
+   CREATE TABLE access_tokens (
+     token_hash TEXT PRIMARY KEY,
+     account_id TEXT NOT NULL REFERENCES accounts (account_id),
+     issued_at TEXT NOT NULL,
+     expires_at TEXT NOT NULL
+   );
+   CREATE INDEX access_tokens_account ON access_tokens (account_id, issued_at);
+   CREATE INDEX access_tokens_expiry ON access_tokens (expires_at);`,
 ];
 
 export type HoldRowState = "HELD" | "POSTED" | "RELEASED";
@@ -66,6 +81,12 @@ export interface HoldRow {
 export interface HoldPosition {
   created_at: string;
   row_id: number;
+}
+
+/** An access token as the bank keeps it: its hash, whose it is, until when. */
+export interface AccessTokenRow {
+  account_id: string;
+  expires_at: string;
 }
 
 export interface StatementRow {
@@ -136,8 +157,8 @@ export class BankStore {
     );
   }
 
-  /** Opens a demo account with an opening deposit; refuses an id in use. */
-  async open(a: { accountId: string; holder: string; currency: number; exponent: number; openingMinor: number }): Promise<void> {
+  /** Opens a demo account with an opening deposit, and its holder's password hash when given; refuses an id in use. */
+  async open(a: { accountId: string; holder: string; currency: number; exponent: number; openingMinor: number; passwordHash?: string }): Promise<void> {
     await this.db.transaction(async (tx) => {
       const now = new Date().toISOString();
       await tx.run("INSERT INTO accounts (account_id, holder, currency, exponent, balance_minor, opened_at) VALUES (?, ?, ?, ?, ?, ?)", [
@@ -155,7 +176,56 @@ export class BankStore {
         a.openingMinor,
         a.openingMinor,
       ]);
+      if (a.passwordHash !== undefined)
+        await tx.run("INSERT INTO credentials (account_id, password_hash, set_at) VALUES (?, ?, ?)", [a.accountId, a.passwordHash, now]);
     });
+  }
+
+  /** Holds of the account still waiting for their confirmation. */
+  async heldCount(accountId: string, q: Queryable = this.db): Promise<number> {
+    const r = await q.get<{ n: number }>("SELECT COUNT(*) AS n FROM holds WHERE account_id = ? AND state = 'HELD'", [accountId]);
+    return r?.n ?? 0;
+  }
+
+  /** The account's password hash, if it has one. */
+  async passwordHash(accountId: string): Promise<string | undefined> {
+    return (await this.db.get<{ password_hash: string }>("SELECT password_hash FROM credentials WHERE account_id = ?", [accountId]))?.password_hash;
+  }
+
+  /** Sets (or replaces) an account's password hash; a new password ends every access token of the account. */
+  async setPasswordHash(accountId: string, hash: string): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      await tx.run(
+        "INSERT INTO credentials (account_id, password_hash, set_at) VALUES (?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET password_hash = excluded.password_hash, set_at = excluded.set_at",
+        [accountId, hash, new Date().toISOString()],
+      );
+      await tx.run("DELETE FROM access_tokens WHERE account_id = ?", [accountId]);
+    });
+  }
+
+  /** Records an access token (by its hash), keeping at most `keep` of the account's newest. */
+  async addAccessToken(t: { tokenHash: string; accountId: string; issuedAt: Date; expiresAt: Date }, keep: number): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      await tx.run("INSERT INTO access_tokens (token_hash, account_id, issued_at, expires_at) VALUES (?, ?, ?, ?)", [
+        t.tokenHash,
+        t.accountId,
+        t.issuedAt.toISOString(),
+        t.expiresAt.toISOString(),
+      ]);
+      await tx.run(
+        "DELETE FROM access_tokens WHERE account_id = ? AND token_hash NOT IN (SELECT token_hash FROM access_tokens WHERE account_id = ? ORDER BY issued_at DESC, rowid DESC LIMIT ?)",
+        [t.accountId, t.accountId, keep],
+      );
+    });
+  }
+
+  accessToken(tokenHash: string): Promise<AccessTokenRow | undefined> {
+    return this.db.get<AccessTokenRow>("SELECT account_id, expires_at FROM access_tokens WHERE token_hash = ?", [tokenHash]);
+  }
+
+  /** Forgets access tokens that expired before `isoTime`; returns how many. */
+  async purgeAccessTokens(isoTime: string): Promise<number> {
+    return (await this.db.run("DELETE FROM access_tokens WHERE expires_at < ?", [isoTime])).changes;
   }
 
   /** Turns a hold into a debit of the account, with its statement line; false when it was no longer held. */

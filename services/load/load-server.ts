@@ -17,7 +17,8 @@ import {
   type AbandonLoadResponse,
   type CompleteLoadRequest,
   type CompleteLoadResponse,
-  type GetLoadResponse,
+  type GetLoadRequest,
+  GetLoadResponse,
   type LoadServiceImplementation,
   type ProcessLoadRequestRequest,
   type ProcessLoadRequestResponse,
@@ -100,7 +101,7 @@ export class LoadServer {
         const purse = requirePurseId(req.purseId);
         return { settled: await this.settleFromHistory(purse, parseLog(req.cardLog, MAX_LOG_IN_HISTORY, "card_log")) };
       }),
-    getLoad: async (req) => this.getLoad(requireTransactionId(req.transactionId)),
+    getLoad: async (req, ctx) => this.getLoad(req, peerOf(ctx)),
   };
 
   private bankKey(bankId: string): Buffer {
@@ -387,15 +388,35 @@ export class LoadServer {
     return { transactionId: txnId(row.transaction_id), outcome, confirmation: sealed };
   }
 
-  private async getLoad(id: string): Promise<GetLoadResponse> {
+  /**
+   * Whoever has a load's id learns its state, nothing more. The whole record
+   * (card, amount, outcome, the proof reference a zero-value answer needs)
+   * goes to the operator, and to whoever shows the load's offer: the bank's
+   * sealed authorisation reaches only the cardholder's client, which needs
+   * the proof reference when the answer to its load request was lost.
+   */
+  private async getLoad(req: GetLoadRequest, peer: Peer): Promise<GetLoadResponse> {
+    const id = requireTransactionId(req.transactionId);
+    const proof = req.bankId !== "" || req.keyNonce.length > 0 || req.authorization !== undefined;
+    // The proof is checked before the record is read: an authorisation that does not open learns nothing, not even whether the load exists.
+    const offer = proof ? this.authorisation(req) : undefined;
     const row = await this.o.store.get(id);
     if (!row) throw notFound(`no load with transaction id ${id}`);
+    const state = row.state === "PENDING" ? LoadState.LOAD_STATE_PENDING : LoadState.LOAD_STATE_SETTLED;
+    if (offer && (row.bank_id !== offer.bankId || !row.key_nonce.equals(Buffer.from(req.keyNonce)) || row.purse_id !== offer.purse)) {
+      this.o.log.warn("load record refused: the authorisation is of another load", { transaction: id });
+      throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, `the authorisation given is not the one load ${id} was made with; give its own offer's`);
+    }
+    // Without TLS (--insecure) no caller has an identity to check, as everywhere else.
+    const operator = peer.proven ? peer.kind === "operator" : peer.insecure;
+    // A stranger learns the state of an id it already has, and nothing else.
+    if (!offer && !operator) return GetLoadResponse.fromPartial({ transactionId: txnId(id), state });
     return {
       transactionId: txnId(id),
       bankId: row.bank_id,
       purseId: purseIdOf(row.purse_id),
       amount: money(row.amount_minor, row.currency, row.exponent),
-      state: row.state === "PENDING" ? LoadState.LOAD_STATE_PENDING : LoadState.LOAD_STATE_SETTLED,
+      state,
       outcome:
         row.outcome === "LOADED"
           ? LoadOutcome.LOAD_OUTCOME_LOADED

@@ -3,10 +3,12 @@
 // Orders are bounded: at most maxUnpaidOrders are OFFERED at once; one not
 // paid by its offer's expiry plus a grace period becomes EXPIRED, and an
 // EXPIRED order is deleted after a retention period (a periodic sweep). A
-// PAID order is kept.
+// PAID order is kept. GetOrder shows the goods only to the buyer, who proves
+// it with the access secret given with the receipt; anyone else who has the
+// transaction id sees the order's state alone.
 
 import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
-import { randomBytes, randomUUID } from "node:crypto";
+import { createHash, randomBytes, randomUUID, timingSafeEqual } from "node:crypto";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { ConfirmationMode, confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
@@ -59,7 +61,13 @@ export const MERCHANT_MIGRATIONS = [
   // When the sweep found the order unpaid past its expiry plus the grace period; the retention period counts from it.
   `ALTER TABLE orders ADD COLUMN expired_at TEXT;`,
   `CREATE INDEX orders_by_state ON orders (state, expires_at);`,
+  // The SHA-256 digest of the buyer's access secret, never the secret: a copy of merchant.db shows nobody the goods.
+  `ALTER TABLE orders ADD COLUMN access_secret_digest BLOB;`,
 ];
+
+/** The access secret's size: 256 random bits, beyond any guessing, so a plain SHA-256 digest keeps it (no slow hash needed). */
+const ACCESS_SECRET_BYTES = 32;
+const digestOf = (secret: Uint8Array) => createHash("sha256").update(secret).digest();
 
 interface OrderRow {
   transaction_id: string;
@@ -72,6 +80,7 @@ interface OrderRow {
   expires_at: string;
   receipt: Buffer | null;
   key_nonce: Buffer | null;
+  access_secret_digest: Buffer | null;
 }
 
 export interface ShopOptions {
@@ -121,7 +130,7 @@ export class Shop {
     }),
     createOrder: async (req) => this.createOrder(req.productId ?? ""),
     completeOrder: async (req) => this.completeOrder(req),
-    getOrder: async (req) => this.getOrder(requireTransactionId(req.transactionId)),
+    getOrder: async (req) => this.getOrder(requireTransactionId(req.transactionId), req.accessSecret),
   };
 
   /** Starts the periodic sweep that expires unpaid orders and deletes expired ones. */
@@ -234,7 +243,7 @@ export class Shop {
         { deadline: DEFAULT_DEADLINE_MS },
       )
       .catch((e) => passOn(e, "payment not accepted"));
-    if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!) };
+    if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!), accessSecret: await this.newAccessSecret(id) };
     // An EXPIRED order still releases the goods: payment wins over expiry. The debit result M is genuine and
     // of this order's terms, so the card paid, and the payment server signs no DEBIT command after the offer's
     // expiry (it refuses such a draw request), so the money was drawn within the offer's time. Only an order
@@ -252,27 +261,54 @@ export class Shop {
       psamId: validated.psamId,
       psamCounter: validated.psamCounter,
     };
-    const r = await this.o.db.run("UPDATE orders SET state = 'PAID', receipt = ?, paid_at = ? WHERE transaction_id = ? AND state IN ('OFFERED', 'EXPIRED')", [
-      Buffer.from(Receipt.encode(receipt).finish()),
-      new Date().toISOString(),
-      id,
-    ]);
+    const accessSecret = randomBytes(ACCESS_SECRET_BYTES);
+    const r = await this.o.db.run(
+      "UPDATE orders SET state = 'PAID', receipt = ?, paid_at = ?, access_secret_digest = ? WHERE transaction_id = ? AND state IN ('OFFERED', 'EXPIRED')",
+      [Buffer.from(Receipt.encode(receipt).finish()), new Date().toISOString(), digestOf(accessSecret), id],
+    );
     if (r.changes === 0) {
       // Released by a concurrent call: answer with what it released.
       const again = await this.o.db.get<OrderRow>("SELECT * FROM orders WHERE transaction_id = ?", [id]);
       if (!again?.receipt) throw notFound(`order ${id} at ${this.o.shop.name} was deleted meanwhile`);
-      return { receipt: Receipt.decode(again.receipt) };
+      return { receipt: Receipt.decode(again.receipt), accessSecret: await this.newAccessSecret(id) };
     }
     this.o.log.info(order.state === "EXPIRED" ? "goods released for an expired order: it was paid" : "goods released", {
       transaction: id,
       product: product.productId,
     });
-    return { receipt };
+    return { receipt, accessSecret };
   }
 
-  private async getOrder(id: string): Promise<GetOrderResponse> {
+  /**
+   * A fresh access secret for a paid order, replacing the one before: only
+   * its digest is kept, so a repeated CompleteOrder (whose caller proved the
+   * payment again) cannot be given the old one.
+   */
+  private async newAccessSecret(id: string): Promise<Buffer> {
+    const secret = randomBytes(ACCESS_SECRET_BYTES);
+    await this.o.db.run("UPDATE orders SET access_secret_digest = ? WHERE transaction_id = ? AND state = 'PAID'", [digestOf(secret), id]);
+    return secret;
+  }
+
+  /** Whether `secret` is the buyer's access secret of this order, compared in constant time. */
+  private isBuyer(o: OrderRow, secret: Uint8Array): boolean {
+    return secret.length === ACCESS_SECRET_BYTES && o.access_secret_digest !== null && timingSafeEqual(digestOf(secret), o.access_secret_digest);
+  }
+
+  private async getOrder(id: string, accessSecret: Uint8Array): Promise<GetOrderResponse> {
+    if (accessSecret.length !== 0 && accessSecret.length !== ACCESS_SECRET_BYTES)
+      throw invalidField("access_secret", `must be the ${ACCESS_SECRET_BYTES} bytes CompleteOrder gave, or empty for the order's state only`);
     const o = await this.o.db.get<OrderRow>("SELECT * FROM orders WHERE transaction_id = ?", [id]);
     if (!o) throw notFound(`no order ${id} at ${this.o.shop.name}`);
+    // Whoever has the transaction id (it travels in offers, draw requests and logs) learns where the order stands, nothing more.
+    const stateOnly: GetOrderResponse = {
+      order: { transactionId: txnId(id), productId: "", amount: undefined, state: STATE_OF_ROW[o.state], createdAt: undefined, receipt: undefined },
+    };
+    if (accessSecret.length === 0) return stateOnly;
+    if (!this.isBuyer(o, accessSecret)) {
+      this.o.log.warn("order read with a wrong access secret: its state only", { transaction: id });
+      return stateOnly;
+    }
     return {
       order: {
         transactionId: txnId(id),

@@ -1,6 +1,9 @@
 // Starts netpurse services as separate processes, learns the address each
-// bound from its "listening on" line, keeps their logs in files, and stops
-// them cleanly. The main job, the end-to-end tests and the benchmarks use it.
+// bound from its "listening on" line, keeps their logs in files, says when
+// one dies unasked, and stops them cleanly. Each child holds an IPC channel
+// to the launcher and stops when it closes, so no service outlives its
+// launcher, even one killed with SIGKILL. The main job, the end-to-end
+// tests and the benchmarks use it.
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync, readFileSync, type WriteStream } from "node:fs";
@@ -28,14 +31,33 @@ export interface Started {
   logFile: string;
 }
 
+/** A service that ended without being asked to: how, and the last lines it wrote. */
+export interface Death {
+  name: string;
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  lastLines: string[];
+  logFile: string;
+}
+
+/** How many of a child's last output lines the launcher keeps, for when it dies. */
+const KEPT_LINES = 15;
+
 export class Launcher {
   private readonly running = new Map<string, Started & { log: WriteStream }>();
   /** Children that have not printed their listening line yet: stopAll must reach them too. */
   private readonly starting = new Set<ChildProcess>();
+  /** Children being stopped or killed on purpose: their exit is no death. */
+  private readonly stopping = new Set<ChildProcess>();
 
   constructor(
     private readonly logDir: string,
-    private readonly o: { echo?: (name: string, line: string) => void; env?: NodeJS.ProcessEnv } = {},
+    private readonly o: {
+      echo?: (name: string, line: string) => void;
+      env?: NodeJS.ProcessEnv;
+      /** A started service ended without stop(), kill() or stopAll(). */
+      onDeath?: (d: Death) => void;
+    } = {},
   ) {
     mkdirSync(logDir, { recursive: true });
   }
@@ -48,10 +70,12 @@ export class Launcher {
     const child = spawn(process.execPath, ["--import", TSX, join(ROOT, script), ...args], {
       cwd: ROOT,
       env: { ...process.env, ...this.o.env },
-      stdio: ["ignore", "pipe", "pipe"],
+      // The IPC channel carries nothing: its end tells the child that the launcher is gone (lib/service-main.ts).
+      stdio: ["ignore", "pipe", "pipe", "ipc"],
     });
     this.starting.add(child);
     child.once("exit", () => this.starting.delete(child));
+    const lastLines: string[] = [];
     return new Promise((resolveStart, reject) => {
       let buffered = "";
       const timer = setTimeout(() => fail(new Error(`${name} did not start within ${timeoutMs} ms`)), timeoutMs);
@@ -63,6 +87,7 @@ export class Launcher {
       };
       const onLine = (line: string) => {
         log.write(line + "\n");
+        if (lastLines.push(line) > KEPT_LINES) lastLines.shift();
         this.o.echo?.(name, line);
         const m = / listening on (\S+)/.exec(line);
         if (m && !this.running.has(name)) {
@@ -81,12 +106,13 @@ export class Launcher {
           buffered = buffered.slice(i + 1);
         }
       };
-      child.stdout.on("data", split);
-      child.stderr.on("data", split);
+      child.stdout?.on("data", split);
+      child.stderr?.on("data", split);
       child.on("exit", (code, signal) => {
         log.end();
         if (!this.running.has(name)) return fail(new Error(`${name} exited (${signal ?? `code ${code}`}) before it started`));
         this.running.delete(name);
+        if (!this.stopping.delete(child)) this.o.onDeath?.({ name, code, signal, lastLines: [...lastLines], logFile });
       });
     });
   }
@@ -100,6 +126,7 @@ export class Launcher {
     const s = this.running.get(name);
     if (!s) return;
     const exited = new Promise<void>((r) => s.child.once("exit", () => r()));
+    this.stopping.add(s.child);
     s.child.kill("SIGTERM");
     const t = setTimeout(() => s.child.kill("SIGKILL"), graceMs);
     await exited;
@@ -111,6 +138,7 @@ export class Launcher {
     const s = this.running.get(name);
     if (!s) return;
     const exited = new Promise<void>((r) => s.child.once("exit", () => r()));
+    this.stopping.add(s.child);
     s.child.kill("SIGKILL");
     await exited;
   }
@@ -123,6 +151,11 @@ export class Launcher {
 
   pid(name: string): number | undefined {
     return this.running.get(name)?.child.pid;
+  }
+
+  /** The services running now (started and not ended), in the order they started. */
+  names(): string[] {
+    return [...this.running.keys()];
   }
 }
 
@@ -145,6 +178,7 @@ export async function launchNetwork(
     terminals: { id: string; args?: string[] }[];
     /** Merchant ids, each with its address (default: a free port). */
     merchants: { id: string; listen?: string }[];
+    /** Where each listens (default: a free loopback port). The client daemon serves its Unix socket (DATA/client/run/daemon.sock) and, only if given here, loopback TCP with its token. */
     listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon" | "bank" | "load", string>>;
     cardPath: string;
     paymentArgs?: string[];
@@ -196,6 +230,8 @@ export async function launchNetwork(
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
   addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), ...data])).address;
   addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
-  addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--listen", at("clientDaemon"), "--card", p.cardPath, ...data])).address;
+  const daemonTcp = p.listen?.clientDaemon ? ["--listen-tcp", p.listen.clientDaemon] : [];
+  // The daemon's address is its socket, unix:PATH.
+  addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--card", p.cardPath, ...data, ...daemonTcp])).address;
   return addresses;
 }

@@ -2,17 +2,20 @@
 // the main job sets up on first run: issuer keys, PSAMs for a terminal host,
 // the payment server's key to check the PSAMs' verdicts, one registered demo
 // shop per confirmation mode, the load server's security module, a demo bank
-// with an account, and a personalised card.
+// with an account and its holder's password, and a personalised card.
 
+import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
-import { writeJsonAtomic } from "../../lib/files.js";
+import { writeFileAtomic, writeJsonAtomic } from "../../lib/files.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
 import { registerBank, registerMerchant } from "../operator/operator.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
+import { hashPassword } from "../bank/credentials.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { demoIdentities, ensurePki, psamRegistryPath } from "./pki.js";
 
@@ -55,6 +58,14 @@ export const DEMO_SHOPS: { shop: ShopFile; port: number }[] = [
 
 /** The demo bank and the cardholder's account at it (the account stands in for a bank's core system). */
 export const DEMO_BANK = { bankId: "demo-bank", accountId: "demo-account", holder: "Demo Cardholder", depositMinor: 100_000 };
+
+/** Where the demo account's password is kept (mode 0600), so that every run of the demo logs in with it: DATA/bank/demo-password. */
+export const demoPasswordPath = (data: string) => join(paths(data).bank, "demo-password");
+
+/** The demo account's password, as ensureDemoData made it. */
+export async function demoBankPassword(data: string): Promise<string> {
+  return (await readFile(demoPasswordPath(data), "utf8")).trim();
+}
 
 export interface DemoSetup {
   terminals: { id: string; psams: number }[];
@@ -121,10 +132,27 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     const bank = openSqlite(join(p.bank, "bank.db"), BANK_MIGRATIONS);
     try {
       const books = new BankStore(bank);
+      // The demo account's password: made once, kept for the next runs (the password only, never in bank.db, which keeps its hash).
+      const passwordFile = demoPasswordPath(data);
+      const madePassword = !existsSync(passwordFile);
+      if (madePassword) await writeFileAtomic(passwordFile, `${randomBytes(12).toString("base64url")}\n`, { private: true });
+      const password = await demoBankPassword(data);
       if (!(await books.account(DEMO_BANK.accountId))) {
-        await books.open({ accountId: DEMO_BANK.accountId, holder: DEMO_BANK.holder, currency: EUR, exponent: 2, openingMinor: DEMO_BANK.depositMinor });
+        await books.open({
+          accountId: DEMO_BANK.accountId,
+          holder: DEMO_BANK.holder,
+          currency: EUR,
+          exponent: 2,
+          openingMinor: DEMO_BANK.depositMinor,
+          passwordHash: await hashPassword(password),
+        });
         say(`bank: opened account ${DEMO_BANK.accountId} for ${DEMO_BANK.holder} with EUR ${(DEMO_BANK.depositMinor / 100).toFixed(2)}`);
+      } else if (!(await books.passwordHash(DEMO_BANK.accountId))) {
+        // A data folder from before the bank had logins.
+        await books.setPasswordHash(DEMO_BANK.accountId, await hashPassword(password));
+        say(`bank: gave account ${DEMO_BANK.accountId} a password`);
       }
+      if (madePassword) say(`bank: the password of account ${DEMO_BANK.accountId} is ${password} (kept in ${passwordFile}, mode 0600)`);
     } finally {
       await bank.close();
     }

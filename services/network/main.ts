@@ -14,8 +14,9 @@ import { describeError } from "../../lib/cli.js";
 import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
-import { DEFAULT_DEMO, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
-import { launchNetwork, Launcher } from "./launcher.js";
+import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
+import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { launchNetwork, Launcher, type Death } from "./launcher.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
 
 const { values } = parseArgs({
@@ -32,8 +33,10 @@ if (values.help) {
   console.log(`Usage: npm start -- [options]
 
 Starts the whole netpurse network on this machine (loopback only), loads the
-demo card from the demo bank account, makes a demo purchase with it in each
-confirmation mode, and keeps running until Ctrl-C.
+demo card from the demo bank account (logging in with the account's password,
+made and printed on the first run and kept in DATA/bank/demo-password, mode
+0600), makes a demo purchase with it in each confirmation mode, and keeps
+running until Ctrl-C.
 
 Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
@@ -42,7 +45,13 @@ Options:
   --insecure        plaintext and no authentication on every link, for debugging only
                     (by default every link is TLS, mutual inside the operator's network)
   -v, --verbose     print every service's log lines
-  -h, --help        this text`);
+  -h, --help        this text
+
+Each service is its own process, its log in DATA/logs. The cardholder's daemon
+serves on its Unix socket DATA/client/run/daemon.sock only. A service that
+dies is reported with how it ended and its last log lines; once none is left,
+npm start exits with status 1. Services stop with npm start, even when it is
+killed.`);
   process.exit(0);
 }
 
@@ -50,7 +59,19 @@ const data = dataDir(values.data);
 /** What the main job loads onto the demo card before its purchases: EUR 20.00. */
 const DEMO_LOAD_MINOR = 2_000;
 const say = (s: string) => console.log(s);
-const launcher = new Launcher(join(data, "logs"), { echo: values.verbose ? (n, l) => console.log(`  [${n}] ${l}`) : undefined });
+const launcher = new Launcher(join(data, "logs"), { echo: values.verbose ? (n, l) => console.log(`  [${n}] ${l}`) : undefined, onDeath: reportDeath });
+
+/** A service ended unasked: say which, how, and its last lines; once none is left, stop with a failure. */
+function reportDeath(d: Death): void {
+  if (stopping) return;
+  const how = d.signal ? `killed by ${d.signal}` : `exit code ${d.code}`;
+  console.error(`\nnetpurse: ${d.name} died (${how}); the last lines of its log (${d.logFile}):`);
+  for (const line of d.lastLines.length ? d.lastLines : ["(nothing)"]) console.error(`  | ${line}`);
+  const left = launcher.names();
+  if (left.length > 0) return console.error(`netpurse: still running: ${left.join(", ")}`);
+  console.error("netpurse: every service has died; stopping");
+  shutdown(1).catch(() => process.exit(1));
+}
 
 let stopping = false;
 async function shutdown(code: number): Promise<never> {
@@ -87,7 +108,6 @@ try {
       concentrator: defaultAddress("concentrator"),
       payment: defaultAddress("payment"),
       merchantValidation: defaultAddress("merchantValidation"),
-      clientDaemon: defaultAddress("cardholder"),
       bank: defaultAddress("bank"),
       load: defaultAddress("load"),
     },
@@ -113,7 +133,7 @@ try {
     await new Promise((r) => setTimeout(r, 100));
   }
 
-  const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!, { insecure: true })); // loopback
+  const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!, { insecure: true })); // the daemon's Unix socket
 
   // The card is loaded from the demo bank account first (FIG. 18), as a cardholder would top it up.
   const before = (await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS })).purse!;
@@ -123,8 +143,17 @@ try {
     say(`  skipped: the card holds ${formatMoney(before.balance!)} of at most ${formatMoney(before.maxBalance!)}, no room for ${formatMoney(load)}`);
   } else {
     say(`  the cardholder approves loading ${formatMoney(load)} (card balance ${formatMoney(before.balance!)})`);
+    // The cardholder logs in to the bank as 'netpurse load' does (TLS checked against the CA), with the demo password.
+    const asCardholder = values.insecure ? Security.insecure() : await Security.forCardholder(join(pkiDirOf(data), "ca.crt"));
+    const bankAddress = addresses.bank ?? defaultAddress("bank");
+    const bankChannel = openChannel(bankAddress, asCardholder.channel({ kind: "bank" }));
+    const { accessToken } = await factory
+      .create(BankServiceDefinition, bankChannel)
+      .login({ accountId: DEMO_BANK.accountId, password: await demoBankPassword(data) }, { deadline: CLI_DEADLINE_MS })
+      .finally(() => bankChannel.close());
+    say(`  logged in to the bank as the holder of ${DEMO_BANK.accountId} (password in ${demoPasswordPath(data)})`);
     const loaded = await cardholder.loadCard(
-      { bankAddress: addresses.bank!, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load },
+      { bankAddress, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load, bankAccessToken: accessToken },
       { deadline: 60_000 },
     );
     for (const s of loaded.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
@@ -148,9 +177,10 @@ The network is running. Try, in another terminal:
   bin/netpurse card                  the card's balance and log
   bin/netpurse shop                  what the demo shop sells
   bin/netpurse pay ebook-grpc        buy something (asks you first)
-  bin/netpurse load 20.00            load the card from the demo bank account (asks you first)
+  bin/netpurse load 20.00            load the card from the demo bank account (asks you first, and the
+                                     account's password: see ${demoPasswordPath(data)})
   bin/netpurse-bank statement ${DEMO_BANK.accountId}
-                                     the bank account: balance, holds, statement
+                                     the bank account: balance, holds, statement (asks the password)
   bin/netpurse pay song-1 --merchant 127.0.0.1:7414
                                      the same in another confirmation mode (7410 PSAM verifies,
                                      7412 server compares, 7413 client compares, 7414 merchant compares)

@@ -38,7 +38,8 @@ export class DebitCommands {
           `too little time left before the deadline to ask a PSAM (attempt ${attempt}); nothing was signed, retry with a longer deadline`,
         );
       }
-      const lease = await this.takePsam(p, tried, deadline);
+      // After a PSAM was lost, wait for another even in an empty pool: its terminal host usually comes back at once.
+      const lease = await this.takePsam(p, tried, deadline, attempt > 1);
       tried.add(lease.key);
       await this.o.store.log(p.transaction_id, { step: "psam_assigned", detail: `terminal ${lease.terminalId} PSAM ${lease.psamId} (attempt ${attempt})` });
       const result = await this.o.work.issueDebitCommand(lease, p, card, !psamVerifies, deadline);
@@ -111,15 +112,20 @@ export class DebitCommands {
     throw e;
   }
 
-  private async takePsam(p: Purchase, tried: Set<string>, deadline: number): Promise<Lease> {
+  private async takePsam(p: Purchase, tried: Set<string>, deadline: number, waitWhenEmpty: boolean): Promise<Lease> {
     try {
-      return await this.o.pool.acquire({ currency: p.currency, keyVersion: p.key_version, exclude: tried }, deadline);
+      return await this.o.pool.acquire({ currency: p.currency, keyVersion: p.key_version, exclude: tried, waitWhenEmpty }, deadline);
     } catch (e) {
       if (e instanceof NoPsamFits) {
         // Not stored as a refusal: it depends on the pool as it is now, and a retry may find a PSAM.
-        const reason = e.what === "currency" ? ErrorReason.ERROR_REASON_CURRENCY_MISMATCH : ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN;
+        const reason = {
+          none: ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED,
+          currency: ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
+          keyVersion: ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN,
+        }[e.what];
+        const retry = e.what === "none" ? "; retry the same draw request once a terminal host is attached" : "";
         await this.o.store.log(p.transaction_id, { step: "no_psam_fits", detail: e.message });
-        throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited`);
+        throw new NetpurseError(Status.FAILED_PRECONDITION, reason, `${e.message}; nothing was debited${retry}`);
       }
       if (!(e instanceof NoPsamFree)) throw e;
       await this.o.store.log(p.transaction_id, { step: "no_psam_free", detail: e.message });

@@ -14,6 +14,12 @@
 //   - The queue is served again whenever a PSAM becomes free or appears
 //     (release, terminal update, slot update) and whenever a waiter leaves.
 //   - At most `maxWaiters` requests wait; beyond that, acquire fails at once.
+//   - A request that no PSAM in the pool could ever serve fails at once: no
+//     PSAM at all (no terminal attached), or none with its currency or key
+//     version. Only a pool with PSAMs that are busy makes it wait. A request
+//     already waiting when the pool empties waits on until its deadline, as
+//     does one marked `waitWhenEmpty` (a transaction whose PSAM was just lost
+//     with its terminal, which usually comes back at once).
 
 /** A PSAM taken from the pool for one transaction. */
 export interface Lease {
@@ -52,6 +58,8 @@ export interface Want {
   key?: string;
   /** PSAMs not to use (they already failed this transaction). */
   exclude?: ReadonlySet<string>;
+  /** Wait for a PSAM to appear even when the pool has none now (instead of NoPsamFits "none"). */
+  waitWhenEmpty?: boolean;
 }
 
 /** Time and timers, so that tests can run the pool on a model clock. */
@@ -78,10 +86,10 @@ export const DEFAULT_MAX_WAITERS = 1024;
 /** No PSAM became free for the request in time, or too many requests wait already. */
 export class NoPsamFree extends Error {}
 
-/** No PSAM in the pool could ever take the transaction (its currency or key version). */
+/** No PSAM in the pool could ever take the transaction: there is none at all, or none takes its currency or key version. */
 export class NoPsamFits extends Error {
   constructor(
-    readonly what: "currency" | "keyVersion",
+    readonly what: "none" | "currency" | "keyVersion",
     message: string,
   ) {
     super(message);
@@ -191,9 +199,10 @@ export class PsamPool {
 
   /**
    * A PSAM for the request, first come, first served, until `deadline` (ms
-   * since the epoch). Rejects with NoPsamFits at once when no PSAM in the
-   * pool accepts its currency or key version, and with NoPsamFree when the
-   * deadline passes or too many requests wait already.
+   * since the epoch). Rejects with NoPsamFits at once when the pool has no
+   * PSAM (unless `waitWhenEmpty`) or none that accepts its currency or key
+   * version, and with NoPsamFree when the deadline passes or too many
+   * requests wait already.
    */
   acquire(w: Want, deadline: number): Promise<Lease> {
     const misfit = this.misfit(w);
@@ -244,8 +253,9 @@ export class PsamPool {
     return this.waiters.length;
   }
 
-  private misfit({ key, currency, keyVersion }: Want): NoPsamFits | undefined {
-    if (key !== undefined || this.slots.size === 0) return undefined;
+  private misfit({ key, currency, keyVersion, waitWhenEmpty }: Want): NoPsamFits | undefined {
+    if (key !== undefined) return undefined;
+    if (this.slots.size === 0) return waitWhenEmpty ? undefined : new NoPsamFits("none", "no PSAM in the pool: no terminal host is attached");
     const all = [...this.slots.values()];
     const accepts = (s: PoolSlot) => currency === undefined || s.currencies.includes(currency);
     if (!all.some(accepts)) return new NoPsamFits("currency", `no PSAM in the pool accepts currency ${currency}`);

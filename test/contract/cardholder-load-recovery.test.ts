@@ -8,7 +8,7 @@
 
 import { expect } from "chai";
 import { join } from "node:path";
-import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { BankServiceDefinition, HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadState } from "../../gen/netpurse/load/v1/load.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { createLogger } from "../../lib/log.js";
@@ -16,8 +16,11 @@ import { money } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { CardholderDaemon } from "../../client/daemon/daemon.js";
 import { CLIENT_MIGRATIONS, SqliteJournal, type SqliteLoadJournal } from "../../client/daemon/journal.js";
-import { account, Crash, CrashingLoadJournal, EUR, freshCardholder, LOADED, NOT_LOADED, type LoadStep } from "../support/load.js";
+import { account, Crash, CrashingLoadJournal, EUR, freshCardholder, LOADED, NOT_LOADED, TEST_PASSWORD_COST, type LoadStep } from "../support/load.js";
+import { hashPassword } from "../../services/bank/credentials.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { startNetwork, type Network } from "../support/network.js";
+import { defined } from "../support/offers.js";
 import { NetpurseError, Status } from "../../lib/grpc/errors.js";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { txnId } from "../../lib/ids.js";
@@ -49,7 +52,13 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     });
     const load = (minor: number) =>
       daemon.service.loadCard(
-        { bankAddress: net.bank.address, accountId: h.accountId, amount: money(minor, EUR, 2), approvedAmount: money(minor, EUR, 2) },
+        {
+          bankAddress: net.bank.address,
+          accountId: h.accountId,
+          amount: money(minor, EUR, 2),
+          approvedAmount: money(minor, EUR, 2),
+          bankAccessToken: h.token,
+        },
         {} as never,
       );
     const close = async () => {
@@ -61,7 +70,8 @@ describe("client daemon: loads the client dropped out of half-way", function () 
 
   const open = async (c: { loads: SqliteLoadJournal }) => c.loads.openLoads();
   const cardBalance = async (c: { reader: { readPurse(): Promise<{ balance: number }> } }) => (await c.reader.readPurse()).balance;
-  const loadAtServer = (transactionId: string) => net.clients.load.getLoad({ transactionId: txnId(transactionId) });
+  /** The load server's whole record, as the operator reads it. */
+  const loadAtServer = (transactionId: string) => net.clients.loadAsOperator.getLoad({ transactionId: txnId(transactionId) });
 
   /**
    * A load the client drops out of right after the card's credit was journaled: the injected crash must be
@@ -122,6 +132,83 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     });
   }
 
+  describe("a load whose bank offer never arrived, resumed without the account holder's access token (the daemon keeps tokens in memory only)", () => {
+    /** The daemon after a restart: the same journal and card, no access token. */
+    const restarted = (c: Awaited<ReturnType<typeof cardholder>>) =>
+      new CardholderDaemon({
+        transport: new InProcessTransport(c.card),
+        journal: new SqliteJournal(c.db),
+        loads: c.loads,
+        log: createLogger("client-restarted"),
+        security: net.security.cardholder,
+      });
+
+    it("before the bank was asked: the load ends, nothing is held, the card is untouched, and the next load goes ahead", async () => {
+      const c = await cardholder();
+      const again = restarted(c);
+      try {
+        c.loads.crashAfter = "loadStarted";
+        expect(String(((await c.load(2_000).catch((e: unknown) => e)) as Error).message)).to.contain("crashed after loadStarted");
+        const synced = (await again.service.syncCard({}, {} as never)).loads ?? [];
+        expect(synced).to.have.length(1);
+        expect(synced[0]?.detail).to.contain("no access token");
+        expect(await open(c)).to.have.length(0);
+        expect(await cardBalance(c)).to.equal(0);
+        expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+        expect((await c.load(500)).outcome).to.equal(LOADED);
+        expect(await cardBalance(c)).to.equal(500);
+      } finally {
+        await again.close();
+        await c.close();
+      }
+    });
+
+    it("after the bank made its hold: the load ends, the card is untouched, and the bank's sweep releases the hold", async () => {
+      const c = await cardholder();
+      // The bank's answer is lost: the daemon never journals the offer.
+      const lostOffer = new (class extends CrashingLoadJournal {
+        override async loadOffered(): Promise<void> {
+          throw new Crash("the bank's answer was lost");
+        }
+      })(c.db);
+      const losing = new CardholderDaemon({
+        transport: new InProcessTransport(c.card),
+        journal: new SqliteJournal(c.db),
+        loads: lostOffer,
+        log: createLogger("client-lost-offer"),
+        security: net.security.cardholder,
+      });
+      const again = restarted(c);
+      try {
+        const lost = await losing.service
+          .loadCard(
+            {
+              bankAddress: net.bank.address,
+              accountId: c.accountId,
+              amount: money(2_000, EUR, 2),
+              approvedAmount: money(2_000, EUR, 2),
+              bankAccessToken: c.token,
+            },
+            {} as never,
+          )
+          .catch((e: unknown) => e);
+        expect((lost as Error).message).to.contain("the bank's answer was lost");
+        expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 98_000 });
+        const synced = (await again.service.syncCard({}, {} as never)).loads ?? [];
+        expect(synced[0]?.detail).to.contain("no access token");
+        expect(await open(c)).to.have.length(0);
+        expect(await cardBalance(c)).to.equal(0);
+        // Nobody comes back for the hold: the bank's sweep asks the load server to end the load, which never had a LOAD command.
+        await net.bank.server.resolveStaleHolds(0);
+        expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
+      } finally {
+        await losing.close();
+        await again.close();
+        await c.close();
+      }
+    });
+  });
+
   it("a load request that got through but whose answer was lost: the next purchase waits for the card's zero-value proof, then goes ahead", async () => {
     const c = await cardholder();
     try {
@@ -139,7 +226,16 @@ describe("client daemon: loads the client dropped out of half-way", function () 
         security: net.security.cardholder,
       });
       const lostAnswer = await daemon.service
-        .loadCard({ bankAddress: net.bank.address, accountId: c.accountId, amount: money(2_000, EUR, 2), approvedAmount: money(2_000, EUR, 2) }, {} as never)
+        .loadCard(
+          {
+            bankAddress: net.bank.address,
+            accountId: c.accountId,
+            amount: money(2_000, EUR, 2),
+            approvedAmount: money(2_000, EUR, 2),
+            bankAccessToken: c.token,
+          },
+          {} as never,
+        )
         .then(
           () => undefined,
           (x: unknown) => x,
@@ -149,6 +245,9 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       const [open1] = await open(c);
       expect(open1!.state).to.equal("REQUESTED");
       expect((await loadAtServer(open1!.transactionId)).state).to.equal(LoadState.LOAD_STATE_PENDING);
+      // The proof reference the card's zero-value answer needs is not for strangers: the client gets it by showing its offer.
+      const asStranger = await net.clients.load.getLoad({ transactionId: txnId(defined(open1, "the open load").transactionId) });
+      expect([asStranger.state, asStranger.proofReference, asStranger.amount]).to.deep.equal([LoadState.LOAD_STATE_PENDING, undefined, undefined]);
       const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
       const e = (await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never).catch((x: unknown) => x)) as Error;
       expect(e.message).to.contain("the card holds EUR 0.00"); // the load was proven not made (the card is still empty), so the purchase is refused on its balance
@@ -171,10 +270,16 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       loadServer: net.load.address,
     });
     try {
-      await stranger.store.open({ accountId: "acct", holder: "Stranger", currency: EUR, exponent: 2, openingMinor: 10_000 });
+      const passwordHash = await hashPassword("stranger's password", TEST_PASSWORD_COST);
+      await stranger.store.open({ accountId: "acct", holder: "Stranger", currency: EUR, exponent: 2, openingMinor: 10_000, passwordHash });
+      const channel = openChannel(stranger.address, net.security.cardholder.channel({ kind: "bank" }));
+      const { accessToken } = await clientFactory()
+        .create(BankServiceDefinition, channel)
+        .login({ accountId: "acct", password: "stranger's password" })
+        .finally(() => channel.close());
       const amount = money(1_000, EUR, 2);
       const e = (await c.daemon.service
-        .loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount }, {} as never)
+        .loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount, bankAccessToken: accessToken }, {} as never)
         .catch((x: unknown) => x)) as NetpurseError;
       expect(e).to.be.instanceOf(NetpurseError);
       expect([e.code, e.reason]).to.deep.equal([Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_BANK]);

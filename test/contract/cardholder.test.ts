@@ -14,6 +14,7 @@ import { startClientDaemon } from "../../client/daemon/server.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { failure } from "../support/card-client.js";
 import { startNetwork, type Network } from "../support/network.js";
+import { openAccount } from "../support/load.js";
 
 describe("contract: netpurse.cardholder.v1.CardholderService", function () {
   this.timeout(60_000);
@@ -139,8 +140,8 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
     const path = join(net.paths.cards, "expired.card.json");
     await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2025-01-31" });
     await issuer.close();
-    const d = await startClientDaemon({ security: net.security.cardholder, listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-expired") });
-    const channel = openChannel(d.address, { insecure: true }); // the daemon listens on loopback only
+    const d = await startClientDaemon({ security: net.security.cardholder, card: path, dir: join(net.data, "client-expired") });
+    const channel = openChannel(d.address, { insecure: true }); // the daemon's Unix socket
     try {
       const c = clientFactory().create(CardholderServiceDefinition, channel);
       const o = await offer();
@@ -247,8 +248,8 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
       const path = join(net.paths.cards, "paging.card.json");
       await issuer.personaliseCard({ path, currency: 978, exponent: 2, initialValue: 1_000, maxBalance: 5_000, expiry: "2031-12-31" });
       await issuer.close();
-      const d = await startClientDaemon({ security: net.security.cardholder, listen: "127.0.0.1:0", card: path, dir: join(net.data, "client-paging") });
-      const channel = openChannel(d.address, { insecure: true }); // the daemon listens on loopback only
+      const d = await startClientDaemon({ security: net.security.cardholder, card: path, dir: join(net.data, "client-paging") });
+      const channel = openChannel(d.address, { insecure: true }); // the daemon's Unix socket
       try {
         const other = clientFactory().create(CardholderServiceDefinition, channel);
         const f = await refusedNaming(list({ pageToken: token }, other), "page_token", "another card");
@@ -259,13 +260,12 @@ describe("contract: netpurse.cardholder.v1.CardholderService", function () {
       }
 
       // The bank's list of holds.
-      const accountId = "paging-account";
-      await net.bank.store.open({ accountId, holder: "Paging Holder", currency: 978, exponent: 2, openingMinor: 10_000 });
+      const { accountId } = await openAccount(net, { accountId: "paging-account", holder: "Paging Holder", deposit: 10_000 });
       const { purse } = await net.clients.cardholder.getCard({});
       for (let i = 0; i < 2; i++) {
-        await net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId, amount: money(1, 978, 2), purse });
+        await net.bankAs(accountId).createLoadOffer({ transactionId: txnId(randomUUID()), accountId, amount: money(1, 978, 2), purse });
       }
-      const { nextPageToken: holds } = await net.clients.bank.listHolds({ accountId, pageSize: 1 });
+      const { nextPageToken: holds } = await net.bankAs(accountId).listHolds({ accountId, pageSize: 1 });
       expect(holds).to.not.equal("");
       const f = await refusedNaming(list({ pageToken: holds }), "page_token", "the bank's holds");
       expect(f.details).to.contain(`was made for the holds of account ${accountId}`);

@@ -1,7 +1,8 @@
 // Every netpurse server serves grpc.health.v1 and server reflection, so that
 // grpcurl and `buf curl` list and call every RPC without .proto files. This
 // drives the real buf CLI against each server, over TLS as an operator would
-// (--cacert, --cert, --key), and plaintext for the cardholder's loopback daemon.
+// (--cacert, --cert, --key), and plaintext over its Unix socket for the
+// cardholder's daemon (--unix-socket), as the README shows.
 
 import { expect } from "chai";
 import { execFile } from "node:child_process";
@@ -12,11 +13,15 @@ import { startNetwork, type Network } from "../support/network.js";
 const run = promisify(execFile);
 const BUF = new URL("../../node_modules/.bin/buf", import.meta.url).pathname;
 let tls: string[] = [];
-/** buf curl over TLS with the operator's certificate, or plaintext for an http:// URL (the daemon on loopback). */
-const curl = (...args: string[]) => {
-  const plain = args.some((a) => a.startsWith("http://"));
-  return run(BUF, ["curl", "--protocol", "grpc", ...(plain ? ["--http2-prior-knowledge"] : tls), ...args], { timeout: 20_000 });
-};
+const curl = (...args: string[]) => run(BUF, ["curl", "--protocol", "grpc", ...args], { timeout: 20_000 });
+/**
+ * How buf curl reaches a server: over TLS with the operator's certificate; or, for the daemon (unix:PATH),
+ * plaintext over its socket (--unix-socket), where the URL's host names nothing but the :authority.
+ */
+const reach = (address: string) =>
+  address.startsWith("unix:")
+    ? { flags: ["--http2-prior-knowledge", "--unix-socket", address.slice("unix:".length)], url: "http://localhost" }
+    : { flags: tls, url: `https://${address}` };
 
 describe("contract: health and reflection on every server (buf curl)", function () {
   this.timeout(120_000);
@@ -28,9 +33,6 @@ describe("contract: health and reflection on every server (buf curl)", function 
     tls = ["--cacert", p.caCert, "--cert", p.cert({ kind: "operator", id: "operator" }), "--key", p.key({ kind: "operator", id: "operator" })];
   });
   after(async () => net?.close());
-
-  /** Every server speaks TLS but the cardholder's daemon, on loopback. */
-  const url = (address: string) => `${address === net.daemon.address ? "http" : "https"}://${address}`;
 
   const servers = (): [string, string, string[]][] => [
     ["payment", net.payment.address, ["ProcessDrawRequest", "CompletePurchase", "ReportCardSignature", "GetPurchase"]],
@@ -44,7 +46,8 @@ describe("contract: health and reflection on every server (buf curl)", function 
 
   it("lists every RPC of every server through reflection", async () => {
     for (const [name, address, rpcs] of servers()) {
-      const { stdout } = await curl("--list-methods", `${url(address)}`);
+      const { flags, url } = reach(address);
+      const { stdout } = await curl(...flags, "--list-methods", url);
       for (const rpc of rpcs) expect(stdout, name).to.contain(`/${rpc}`);
       expect(stdout, name).to.contain("grpc.health.v1.Health/Check");
     }
@@ -52,27 +55,49 @@ describe("contract: health and reflection on every server (buf curl)", function 
 
   it("answers SERVING to health checks, overall and per service", async () => {
     for (const [name, address] of servers()) {
-      const { stdout } = await curl(`${url(address)}/grpc.health.v1.Health/Check`);
+      const { flags, url } = reach(address);
+      const { stdout } = await curl(...flags, `${url}/grpc.health.v1.Health/Check`);
       expect(JSON.parse(stdout), name).to.deep.equal({ status: "SERVING" });
     }
-    const { stdout } = await curl("-d", '{"service":"netpurse.payment.v1.PaymentService"}', `https://${net.payment.address}/grpc.health.v1.Health/Check`);
+    const { stdout } = await curl(
+      ...tls,
+      "-d",
+      '{"service":"netpurse.payment.v1.PaymentService"}',
+      `https://${net.payment.address}/grpc.health.v1.Health/Check`,
+    );
     expect(JSON.parse(stdout)).to.deep.equal({ status: "SERVING" });
   });
 
   it("calls an RPC from JSON, and shows a precise error for bad input", async () => {
-    const { stdout } = await curl("-d", '{"product_id":"song-1"}', `https://${net.merchant.address}/netpurse.merchant.v1.MerchantService/CreateOrder`);
+    const { stdout } = await curl(...tls, "-d", '{"product_id":"song-1"}', `https://${net.merchant.address}/netpurse.merchant.v1.MerchantService/CreateOrder`);
     const { offer } = JSON.parse(stdout) as { offer: { amount: unknown } };
     expect(offer.amount).to.deep.equal({ amountMinor: "99", currency: 978, exponent: 2 });
     const bad = await curl(
+      ...tls,
       "-d",
       '{"transaction_id":{"value":"nope"}}',
       `https://${net.payment.address}/netpurse.payment.v1.PaymentService/ProcessDrawRequest`,
     ).catch((e: { stderr: string }) => e);
     expect(bad.stderr).to.contain("invalid_argument");
     expect(bad.stderr).to.contain("transaction_id");
-    const { stdout: account } = await curl("-d", '{"account_id":"nobody"}', `https://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`).catch(
-      (e: { stderr: string }) => ({ stdout: e.stderr }),
+    const { stdout: account } = await curl(
+      ...tls,
+      "-d",
+      '{"account_id":"nobody"}',
+      `https://${net.bank.address}/netpurse.bank.v1.BankService/GetAccount`,
+    ).catch((e: { stderr: string }) => ({ stdout: e.stderr }));
+    // The bank reads an account only for its holder: without an access token, UNAUTHENTICATED.
+    expect(account).to.contain("unauthenticated");
+  });
+
+  it("reads the card through the cardholder's daemon over its Unix socket, as the README shows", async () => {
+    const { stdout } = await curl(
+      "--http2-prior-knowledge",
+      "--unix-socket",
+      net.daemon.address.slice("unix:".length),
+      "http://localhost/netpurse.cardholder.v1.CardholderService/GetCard",
     );
-    expect(account).to.contain("not_found");
+    const { purse } = JSON.parse(stdout) as { purse: { balance: unknown } };
+    expect(purse.balance).to.deep.equal({ amountMinor: "10000", currency: 978, exponent: 2 });
   });
 });

@@ -10,7 +10,7 @@ import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { randomBytes, randomUUID } from "node:crypto";
 import { HoldState, type Hold } from "../../gen/netpurse/bank/v1/bank.js";
-import { LoadConfirmation, LoadState } from "../../gen/netpurse/load/v1/load.js";
+import { LoadConfirmation, LoadOutcome, LoadState, type GetLoadResponse } from "../../gen/netpurse/load/v1/load.js";
 import { PurseStatus } from "../../gen/netpurse/card/v1/card.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { purseId, txnId } from "../../lib/ids.js";
@@ -21,15 +21,17 @@ import { LogKind } from "../../lib/protocol/purse.js";
 import { loadInitCommand } from "../../client/load/offer.js";
 import { purseState } from "../../client/card/purse-state.js";
 import { failure, flipBit } from "../support/card-client.js";
-import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor, zeroValue } from "../support/load.js";
+import { account, EUR, flipByte, freshCardholder, holdOf, LOADED, loadRequest, NOT_LOADED, offerFor, openAccount, zeroValue } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
+import { defined } from "../support/offers.js";
 
 describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadService", function () {
   this.timeout(60_000);
   let net: Network;
 
   before(async () => {
-    net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }] });
+    // Paging lists hundreds of holds of one account: far above the bank's cap on holds, whose own test is in bank-auth.test.ts.
+    net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }], maxHoldsPerAccount: 1_000 });
   });
   after(async () => net?.close());
 
@@ -53,11 +55,10 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
 
   describe("a load, end to end", () => {
     it("through the client daemon: the card holds the value, the bank moved exactly that amount, the hold is posted", async () => {
-      const accountId = "acct-daemon";
-      await net.bank.store.open({ accountId, holder: "Daemon Holder", currency: EUR, exponent: 2, openingMinor: 50_000 });
+      const { accountId, token } = await openAccount(net, { accountId: "acct-daemon", holder: "Daemon Holder", deposit: 50_000 });
       const before = (await net.clients.cardholder.getCard({})).purse!;
       const amount = money(2_000, EUR, 2);
-      const r = await net.clients.cardholder.loadCard({ bankAddress: net.bank.address, accountId, amount, approvedAmount: amount });
+      const r = await net.clients.cardholder.loadCard({ bankAddress: net.bank.address, accountId, amount, approvedAmount: amount, bankAccessToken: token });
       expect(r.outcome).to.equal(LOADED);
       expect(r.holdState).to.equal(HoldState.HOLD_STATE_POSTED);
       expect(r.purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 2_000n);
@@ -67,7 +68,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const log = (await net.clients.cardholder.listCardTransactions({ limit: 1 })).transactions[0]!;
       expect(log.transactionId?.value).to.equal(r.transactionId?.value);
       expect(log.amount!.amountMinor).to.equal(2_000n);
-      const statement = (await net.clients.bank.getAccount({ accountId })).statement;
+      const statement = (await net.bankAs(accountId).getAccount({ accountId })).statement;
       expect(statement[0]).to.deep.include({ text: `load to card ${Buffer.from(before.purseId!.value).toString("hex")}` });
       expect(statement[0]!.amount!.amountMinor).to.equal(-2_000n);
     });
@@ -79,6 +80,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
           accountId: "acct-daemon",
           amount: money(2_000, EUR, 2),
           approvedAmount: money(200, EUR, 2),
+          bankAccessToken: net.bankToken("acct-daemon"),
         }),
       );
       expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "NOT_APPROVED" });
@@ -156,12 +158,12 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const h = await freshCardholder(net);
       const purse = { ...purseState(await h.reader.readPurse()), status: PurseStatus.PURSE_STATUS_BLOCKED };
       const e = await failure(
-        net.clients.bank.createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse }),
+        net.bankAs(h.accountId).createLoadOffer({ transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse }),
       );
       expect(e).to.deep.include({ code: "FAILED_PRECONDITION", reason: "CARD_BLOCKED" });
     });
 
-    it("malformed requests get INVALID_ARGUMENT naming the field; an unknown account NOT_FOUND", async () => {
+    it("malformed requests get INVALID_ARGUMENT naming the field; an unknown account PERMISSION_DENIED (the token's account only)", async () => {
       const h = await freshCardholder(net);
       const purse = purseState(await h.reader.readPurse());
       const ok = { transactionId: txnId(randomUUID()), accountId: h.accountId, amount: money(500, EUR, 2), purse };
@@ -173,11 +175,14 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
         [{ purse: { ...purse, purseId: purseId("0102") } }, "purse.purse_id"],
       ];
       for (const [patch, field] of cases) {
-        const e = await failure(net.clients.bank.createLoadOffer({ ...ok, ...patch }));
+        const e = await failure(net.bankAs(h.accountId).createLoadOffer({ ...ok, ...patch }));
         expect(e.code, field).to.equal("INVALID_ARGUMENT");
         expect(e.details, field).to.contain(field);
       }
-      expect(await failure(net.clients.bank.createLoadOffer({ ...ok, accountId: "nobody" }))).to.deep.include({ code: "NOT_FOUND" });
+      expect(await failure(net.bankAs(h.accountId).createLoadOffer({ ...ok, accountId: "nobody" }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "NOT_ALLOWED",
+      });
       expect((await account(net, h.accountId)).holds).to.have.length(0);
     });
   });
@@ -354,7 +359,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
   it("a client that hides an expired card from the bank is stopped by the security module: NOT_LOADED, hold released", async () => {
     const h = await freshCardholder(net, { expiry: "2020-01-31" });
     const purse = { ...purseState(await h.reader.readPurse()), expiryDate: "2099-12-31" };
-    const { offer } = await net.clients.bank.createLoadOffer({
+    const { offer } = await net.bankAs(h.accountId).createLoadOffer({
       transactionId: txnId(randomUUID()),
       accountId: h.accountId,
       amount: money(1_000, EUR, 2),
@@ -385,7 +390,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     const { request: next } = await loadRequest(h.reader, second, { cardLog: await h.reader.readLogRaw(8) });
     const r = await net.clients.load.processLoadRequest(next);
     expect(r.settled.map((x) => [x.transactionId?.value, x.outcome])).to.deep.equal([[first.transactionId!.value, LOADED]]);
-    expect((await net.clients.load.getLoad({ transactionId: first.transactionId })).proof).to.contain("card history");
+    expect((await net.clients.loadAsOperator.getLoad({ transactionId: first.transactionId })).proof).to.contain("card history");
     await net.clients.bank.confirmLoad({ transactionId: first.transactionId, confirmation: r.settled[0]!.confirmation });
     expect(await holdOf(net, h.accountId, first)).to.equal(HoldState.HOLD_STATE_POSTED);
   });
@@ -456,6 +461,94 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     expect(await balance(h)).to.equal(2_000);
   });
 
+  describe("who reads a load's record (GetLoad)", () => {
+    /** A load with its LOAD command issued (PENDING, with a proof reference), then credited and settled when asked. */
+    async function issuedLoad() {
+      const h = await freshCardholder(net);
+      const offer = await offerFor(net, h.reader, h.accountId, 1_500);
+      const issued = await net.clients.load.processLoadRequest((await loadRequest(h.reader, offer)).request);
+      const settle = async () => {
+        const answer = await h.reader.load(Buffer.from(issued.loadCommand));
+        await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: Buffer.alloc(0) });
+      };
+      return { h, offer, issued, settle };
+    }
+    /** What a caller without a right to the record must see: the id and the state, every other field empty. */
+    const stateOnly = (r: GetLoadResponse, id: string, state: LoadState) =>
+      expect(r).to.deep.equal({
+        transactionId: txnId(id),
+        bankId: "",
+        purseId: undefined,
+        amount: undefined,
+        state,
+        outcome: LoadOutcome.LOAD_OUTCOME_UNSPECIFIED,
+        proof: "",
+        hsmId: new Uint8Array(0),
+        hsmCounter: 0,
+        proofReference: undefined,
+      });
+
+    it("a stranger with the load's id sees its state only: no card, amount, outcome, security module or proof reference", async () => {
+      const { offer, settle } = await issuedLoad();
+      const id = defined(offer.transactionId, "the transaction id").value;
+      stateOnly(await net.clients.load.getLoad({ transactionId: offer.transactionId }), id, LoadState.LOAD_STATE_PENDING);
+      // A certificate of the installation proves nothing here unless it is the operator's: not even another bank's.
+      const otherBank = openChannel(net.load.address, (await net.security.of("bank", "other-bank")).channel({ kind: "load" }));
+      try {
+        stateOnly(
+          await clientFactory().create(LoadServiceDefinition, otherBank).getLoad({ transactionId: offer.transactionId }),
+          id,
+          LoadState.LOAD_STATE_PENDING,
+        );
+      } finally {
+        otherBank.close();
+      }
+      await settle();
+      stateOnly(await net.clients.load.getLoad({ transactionId: offer.transactionId }), id, LoadState.LOAD_STATE_SETTLED);
+      expect(await failure(net.clients.load.getLoad({ transactionId: txnId(randomUUID()) }))).to.deep.include({ code: "NOT_FOUND" });
+    });
+
+    it("the operator's certificate reads the whole record, which the same question without it does not get", async () => {
+      const { offer, issued, settle } = await issuedLoad();
+      const pending = await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId });
+      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proofReference).to.equal(undefined);
+      expect(pending).to.deep.include({ bankId: offer.bankId, state: LoadState.LOAD_STATE_PENDING, hsmCounter: issued.hsmCounter });
+      expect(pending.purseId).to.deep.equal(offer.purseId);
+      expect(pending.amount).to.deep.equal(money(1_500, EUR, 2));
+      expect(pending.proofReference).to.deep.equal(issued.proofReference);
+      await settle();
+      const settled = await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId });
+      expect(settled).to.deep.include({ state: LoadState.LOAD_STATE_SETTLED, outcome: LOADED, proof: "S3 verified" });
+    });
+
+    it("the holder of the load's offer (the cardholder's client) reads it with the offer's authorisation; a forged or another load's is refused", async () => {
+      const { h, offer, issued } = await issuedLoad();
+      const holder = { transactionId: offer.transactionId, bankId: offer.bankId, keyNonce: offer.keyNonce, authorization: offer.authorization };
+      const r = await net.clients.load.getLoad(holder);
+      expect(r.proofReference).to.deep.equal(issued.proofReference);
+      expect(r.amount).to.deep.equal(money(1_500, EUR, 2));
+      for (const where of ["iv", "ciphertext", "tag"] as const)
+        expect(
+          await failure(net.clients.load.getLoad({ ...holder, authorization: flipBit(defined(offer.authorization, "the authorisation"), where) })),
+          where,
+        ).to.deep.include({
+          code: "PERMISSION_DENIED",
+          reason: "SEAL_BROKEN",
+        });
+      // The cardholder's own other load proves nothing about this one.
+      const other = await offerFor(net, h.reader, h.accountId, 500);
+      expect(await failure(net.clients.load.getLoad({ ...holder, keyNonce: other.keyNonce, authorization: other.authorization }))).to.deep.include({
+        code: "PERMISSION_DENIED",
+        reason: "SEAL_BROKEN",
+      });
+      // Half a proof is a malformed request, not a stranger's question.
+      expect(await failure(net.clients.load.getLoad({ ...holder, authorization: undefined }))).to.deep.include({
+        code: "INVALID_ARGUMENT",
+        reason: "INVALID_FIELD",
+      });
+    });
+  });
+
   describe("negative result handling", () => {
     it("a zero-value answer made before the load proves nothing: the card took the load, and it counts as loaded", async () => {
       const h = await freshCardholder(net);
@@ -488,7 +581,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const zero = await zeroValue(h.reader, offer, issued);
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
-      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
+      expect((await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
       expect((await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation })).holdState).to.equal(
         HoldState.HOLD_STATE_RELEASED,
       );
@@ -506,7 +599,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const zero = await zeroValue(h.reader, offer, issued);
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero.raw });
       expect(done.load!.outcome).to.equal(LOADED);
-      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
+      expect((await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
       await net.clients.bank.confirmLoad({ transactionId: offer.transactionId, confirmation: done.load!.confirmation });
       expect(await account(net, h.accountId)).to.deep.include({ balance: 97_000 });
       expect(await balance(h)).to.equal(3_000);
@@ -525,7 +618,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       zero.writeUInt32BE(0, InitializeForLoadResponse.offset("balance"));
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: lie, zeroValueInitializeResponse: zero });
       expect(done.load!.outcome).to.equal(LOADED);
-      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
+      expect((await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId })).proof).to.contain("counters equal");
     });
 
     it("a counter increased by accident in the zero-value answer of a card really not loaded: the server decreases it, S1 matches, not loaded", async () => {
@@ -538,7 +631,7 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       zero.writeUInt32BE(7, InitializeForLoadResponse.offset("counter"));
       const done = await net.clients.load.completeLoad({ transactionId: offer.transactionId, loadResponse: answer.raw, zeroValueInitializeResponse: zero });
       expect(done.load!.outcome).to.equal(NOT_LOADED);
-      expect((await net.clients.load.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
+      expect((await net.clients.loadAsOperator.getLoad({ transactionId: offer.transactionId })).proof).to.contain("decreased to the original");
     });
 
     it("a negative result without the card's zero-value answer is INVALID_ARGUMENT, and the load stays pending", async () => {
@@ -557,7 +650,8 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
   });
 
   describe("the bank's lists, a page at a time (ListHolds, ListStatementLines)", () => {
-    const bank = () => net.clients.bank;
+    /** The bank as the holder of the account. */
+    const bank = (accountId: string) => net.bankAs(accountId);
     const ids = (hs: Hold[]) => hs.map((h) => h.transactionId!.value);
 
     /** Every page of a list from `pageToken` on, and each page's size. */
@@ -574,12 +668,12 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
     }
     const holdPages = (accountId: string, pageSize: number, pageToken = "") =>
       pages(async (t) => {
-        const r = await bank().listHolds({ accountId, pageSize, pageToken: t });
+        const r = await bank(accountId).listHolds({ accountId, pageSize, pageToken: t });
         return { items: r.holds, next: r.nextPageToken };
       }, pageToken);
     const linePages = (accountId: string, pageSize: number) =>
       pages(async (t) => {
-        const r = await bank().listStatementLines({ accountId, pageSize, pageToken: t });
+        const r = await bank(accountId).listStatementLines({ accountId, pageSize, pageToken: t });
         return { items: r.lines, next: r.nextPageToken };
       });
 
@@ -604,17 +698,17 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
       const { all, sizes } = await holdPages(h.accountId, 3);
       expect(sizes).to.deep.equal([3, 3, 1]);
       expect(ids(all)).to.deep.equal([...h.made].reverse());
-      const one = await bank().listHolds({ accountId: h.accountId });
+      const one = await bank(h.accountId).listHolds({ accountId: h.accountId });
       expect(one.nextPageToken).to.equal("");
       expect(one.holds).to.deep.equal(all);
-      expect(ids((await bank().getAccount({ accountId: h.accountId })).holds)).to.have.members(ids(all));
+      expect(ids((await bank(h.accountId).getAccount({ accountId: h.accountId })).holds)).to.have.members(ids(all));
     });
 
     it("ListStatementLines: pages of 1 and of 3 together are every line, newest first, each once", async () => {
       const h = await freshCardholder(net);
       for (let i = 0; i < 3; i++) await loadStepByStep(h, 100);
       const card = (await h.reader.readPurse()).purseId.toString("hex");
-      const one = await bank().listStatementLines({ accountId: h.accountId });
+      const one = await bank(h.accountId).listStatementLines({ accountId: h.accountId });
       expect(one.nextPageToken).to.equal("");
       expect(one.lines.map((l) => Number(l.balanceAfter!.amountMinor))).to.deep.equal([99_700, 99_800, 99_900, 100_000]);
       expect(one.lines.map((l) => l.text)).to.deep.equal([...Array<string>(3).fill(`load to card ${card}`), "opening deposit"]);
@@ -626,12 +720,12 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
         expect(sizes, `page_size ${size}`).to.deep.equal(expected);
         expect(all, `page_size ${size}`).to.deep.equal(one.lines);
       }
-      expect((await bank().getAccount({ accountId: h.accountId })).statement).to.deep.equal(one.lines);
+      expect((await bank(h.accountId).getAccount({ accountId: h.accountId })).statement).to.deep.equal(one.lines);
     });
 
     it("a hold made between two pages is neither listed twice nor makes another one skipped", async () => {
       const h = await withHolds(4);
-      const first = await bank().listHolds({ accountId: h.accountId, pageSize: 2 });
+      const first = await bank(h.accountId).listHolds({ accountId: h.accountId, pageSize: 2 });
       await offerFor(net, h.reader, h.accountId, 1);
       const rest = await holdPages(h.accountId, 2, first.nextPageToken);
       expect(rest.sizes).to.deep.equal([2]);
@@ -640,60 +734,62 @@ describe("contract: netpurse.bank.v1.BankService and netpurse.load.v1.LoadServic
 
     it("page_size 0 is the default, 50; above the maximum, 200, it is taken as 200; negative is INVALID_ARGUMENT naming page_size", async () => {
       const h = await withHolds(205);
-      const first = await bank().listHolds({ accountId: h.accountId });
+      const first = await bank(h.accountId).listHolds({ accountId: h.accountId });
       expect(first.holds).to.have.length(50);
       expect(first.nextPageToken).to.not.equal("");
-      const big = await bank().listHolds({ accountId: h.accountId, pageSize: 1_000_000 });
+      const big = await bank(h.accountId).listHolds({ accountId: h.accountId, pageSize: 1_000_000 });
       expect(big.holds).to.have.length(200);
-      const last = await bank().listHolds({ accountId: h.accountId, pageSize: 1_000_000, pageToken: big.nextPageToken });
+      const last = await bank(h.accountId).listHolds({ accountId: h.accountId, pageSize: 1_000_000, pageToken: big.nextPageToken });
       expect(last.holds).to.have.length(5);
       expect(last.nextPageToken).to.equal("");
       expect(ids([...big.holds, ...last.holds])).to.deep.equal([...h.made].reverse());
-      await refusedNaming(bank().listHolds({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListHolds");
-      await refusedNaming(bank().listStatementLines({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListStatementLines");
+      await refusedNaming(bank(h.accountId).listHolds({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListHolds");
+      await refusedNaming(bank(h.accountId).listStatementLines({ accountId: h.accountId, pageSize: -1 }), "page_size", "ListStatementLines");
     });
 
     it("a page_token that does not decode (garbled, cut, extended, made up) is INVALID_ARGUMENT naming page_token", async () => {
       const h = await withHolds(3);
-      const { nextPageToken: token } = await bank().listHolds({ accountId: h.accountId, pageSize: 1 });
+      const { nextPageToken: token } = await bank(h.accountId).listHolds({ accountId: h.accountId, pageSize: 1 });
       expect(token).to.match(/^[A-Za-z0-9_-]+$/);
       const garbled = token.slice(0, 12) + (token[12] === "A" ? "B" : "A") + token.slice(13);
       const madeUp = Buffer.from(JSON.stringify({ v: 1, l: "holds", s: `account ${h.accountId}`, p: { t: "2000-01-01T00:00:00.000Z", r: 1 } })).toString(
         "base64url",
       );
       for (const bad of ["x", "!!!!", "a token", garbled, token.slice(0, -3), `${token}A`, madeUp]) {
-        await refusedNaming(bank().listHolds({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
-        await refusedNaming(bank().listStatementLines({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
+        await refusedNaming(bank(h.accountId).listHolds({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
+        await refusedNaming(bank(h.accountId).listStatementLines({ accountId: h.accountId, pageToken: bad }), "page_token", bad);
       }
-      expect(ids((await bank().listHolds({ accountId: h.accountId, pageToken: token })).holds)).to.deep.equal([h.made[1], h.made[0]]);
+      expect(ids((await bank(h.accountId).listHolds({ accountId: h.accountId, pageToken: token })).holds)).to.deep.equal([h.made[1], h.made[0]]);
     });
 
     it("a page_token made for another account or the other list is INVALID_ARGUMENT naming page_token", async () => {
       const a = await withHolds(2);
       const b = await withHolds(2);
       await loadStepByStep(a, 100); // a second statement line
-      const { nextPageToken: holdsOfA } = await bank().listHolds({ accountId: a.accountId, pageSize: 1 });
-      const { nextPageToken: linesOfA } = await bank().listStatementLines({ accountId: a.accountId, pageSize: 1 });
+      const { nextPageToken: holdsOfA } = await bank(a.accountId).listHolds({ accountId: a.accountId, pageSize: 1 });
+      const { nextPageToken: linesOfA } = await bank(a.accountId).listStatementLines({ accountId: a.accountId, pageSize: 1 });
       expect(holdsOfA).to.not.equal("");
       expect(linesOfA).to.not.equal("");
       const cases: [string, () => Promise<unknown>][] = [
-        ["holds of a, for b's holds", () => bank().listHolds({ accountId: b.accountId, pageToken: holdsOfA })],
-        ["statement of a, for b's statement", () => bank().listStatementLines({ accountId: b.accountId, pageToken: linesOfA })],
-        ["holds of a, for a's statement", () => bank().listStatementLines({ accountId: a.accountId, pageToken: holdsOfA })],
-        ["statement of a, for a's holds", () => bank().listHolds({ accountId: a.accountId, pageToken: linesOfA })],
+        ["holds of a, for b's holds", () => bank(b.accountId).listHolds({ accountId: b.accountId, pageToken: holdsOfA })],
+        ["statement of a, for b's statement", () => bank(b.accountId).listStatementLines({ accountId: b.accountId, pageToken: linesOfA })],
+        ["holds of a, for a's statement", () => bank(a.accountId).listStatementLines({ accountId: a.accountId, pageToken: holdsOfA })],
+        ["statement of a, for a's holds", () => bank(a.accountId).listHolds({ accountId: a.accountId, pageToken: linesOfA })],
       ];
       for (const [what, call] of cases) {
         const f = await refusedNaming(call(), "page_token", what);
         expect(f.details, what).to.contain("was made for the");
       }
-      expect((await bank().listHolds({ accountId: a.accountId, pageToken: holdsOfA })).holds).to.have.length(2);
+      expect((await bank(a.accountId).listHolds({ accountId: a.accountId, pageToken: holdsOfA })).holds).to.have.length(2);
     });
 
-    it("refuses an unknown account (NOT_FOUND) and a malformed one (INVALID_ARGUMENT naming account_id)", async () => {
-      expect(await failure(bank().listHolds({ accountId: "no-such-account" }))).to.include({ code: "NOT_FOUND", reason: "NOT_FOUND" });
-      expect(await failure(bank().listStatementLines({ accountId: "no-such-account" }))).to.include({ code: "NOT_FOUND", reason: "NOT_FOUND" });
-      await refusedNaming(bank().listHolds({ accountId: "not an id" }), "account_id");
-      await refusedNaming(bank().listStatementLines({ accountId: "" }), "account_id");
+    it("refuses an account not the token's, known or not (PERMISSION_DENIED), and a malformed one (INVALID_ARGUMENT naming account_id)", async () => {
+      const h = await freshCardholder(net);
+      const asH = bank(h.accountId);
+      expect(await failure(asH.listHolds({ accountId: "no-such-account" }))).to.include({ code: "PERMISSION_DENIED", reason: "NOT_ALLOWED" });
+      expect(await failure(asH.listStatementLines({ accountId: "no-such-account" }))).to.include({ code: "PERMISSION_DENIED", reason: "NOT_ALLOWED" });
+      await refusedNaming(asH.listHolds({ accountId: "not an id" }), "account_id");
+      await refusedNaming(asH.listStatementLines({ accountId: "" }), "account_id");
     });
   });
 });

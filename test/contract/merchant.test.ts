@@ -3,7 +3,8 @@
 
 import { expect } from "chai";
 import { ClientError, Status, type Client } from "nice-grpc";
-import { randomUUID } from "node:crypto";
+import { createHash, randomBytes, randomUUID } from "node:crypto";
+import Database from "better-sqlite3";
 import { copyFile } from "node:fs/promises";
 import { join } from "node:path";
 import { MerchantServiceDefinition, OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -71,9 +72,86 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
     expect(r1.receipt!.psamCounter).to.equal(psamCounter);
     const r2 = await net.clients.merchant.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM });
     expect(r2.receipt!.goods).to.equal(r1.receipt!.goods);
-    const { order } = await net.clients.merchant.getOrder({ transactionId: offer.transactionId });
+    // Each answer carries a new access secret, which replaces the one before: the merchant keeps only its digest.
+    expect(Buffer.from(r2.accessSecret).equals(Buffer.from(r1.accessSecret))).to.equal(false);
+    const { order } = await net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret: r2.accessSecret });
     expect(order!.state).to.equal(OrderState.ORDER_STATE_PAID);
     expect(order!.receipt!.goods).to.equal(r1.receipt!.goods);
+    expect(
+      defined((await net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret: r1.accessSecret })).order, "the order").receipt,
+    ).to.equal(undefined);
+  });
+
+  describe("who reads an order (GetOrder): the goods for the buyer only", () => {
+    /** What anyone with the transaction id may see of an order: its id and its state, nothing else. */
+    const stateOnly = (id: { value: string } | undefined, state: OrderState) => ({
+      order: { transactionId: id, productId: "", amount: undefined, state, createdAt: undefined, receipt: undefined },
+    });
+    /** An order paid and its goods released: the receipt and the access secret the buyer got with it. */
+    async function released() {
+      const { offer, resultM } = await paidOrder("song-1");
+      const r = await net.clients.merchant.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM });
+      return { offer, receipt: defined(r.receipt, "a receipt"), accessSecret: r.accessSecret };
+    }
+
+    it("a stranger with the transaction id sees the order's state only: no product, amount, receipt or goods", async () => {
+      const { offer } = await released();
+      expect(await net.clients.merchant.getOrder({ transactionId: offer.transactionId })).to.deep.equal(
+        stateOnly(offer.transactionId, OrderState.ORDER_STATE_PAID),
+      );
+      const unpaid = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "an offer");
+      expect(await net.clients.merchant.getOrder({ transactionId: unpaid.transactionId })).to.deep.equal(
+        stateOnly(unpaid.transactionId, OrderState.ORDER_STATE_OFFERED),
+      );
+    });
+
+    it("a wrong access secret, or another order's, sees the same: the state only; a malformed one is INVALID_ARGUMENT", async () => {
+      const { offer } = await released();
+      const other = await released();
+      const wrong: [string, Buffer][] = [
+        ["a made-up secret", randomBytes(32)],
+        ["another order's secret", other.accessSecret],
+      ];
+      for (const [what, accessSecret] of wrong)
+        expect(await net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret }), what).to.deep.equal(
+          stateOnly(offer.transactionId, OrderState.ORDER_STATE_PAID),
+        );
+      const malformed = await failure(net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret: randomBytes(31) }));
+      expect(malformed.details).to.contain("access_secret");
+      expect(malformed).to.deep.include({
+        code: "INVALID_ARGUMENT",
+        reason: "INVALID_FIELD",
+      });
+    });
+
+    it("the buyer, with the access secret CompleteOrder gave, gets the whole order with the receipt and the goods", async () => {
+      const { offer, receipt, accessSecret } = await released();
+      expect(accessSecret).to.have.length(32);
+      const order = defined((await net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret })).order, "the order");
+      expect(order).to.deep.include({ transactionId: offer.transactionId, productId: "song-1", amount: offer.amount, state: OrderState.ORDER_STATE_PAID });
+      expect(order.receipt).to.deep.equal(receipt);
+      expect(defined(order.receipt, "the receipt").goods).to.match(/^licence key /);
+    });
+
+    it("the merchant keeps only the secret's SHA-256 digest; the cardholder's client keeps the secret in its journal", async () => {
+      const offer = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "an offer");
+      const paid = await net.clients.cardholder.payOffer({ offer, approvedAmount: offer.amount });
+      const id = defined(offer.transactionId, "the transaction id").value;
+      const journal = new Database(join(net.paths.client, "client.db"), { readonly: true });
+      const { order_access_secret: secret } = journal.prepare("SELECT order_access_secret FROM client_purchases WHERE transaction_id = ?").get(id) as {
+        order_access_secret: Buffer;
+      };
+      journal.close();
+      expect(secret).to.have.length(32);
+      const shop = new Database(join(net.paths.merchant("demo-shop"), "merchant.db"), { readonly: true });
+      const row = shop.prepare("SELECT * FROM orders WHERE transaction_id = ?").get(id) as Record<string, unknown>;
+      shop.close();
+      expect(row.access_secret_digest).to.deep.equal(createHash("sha256").update(secret).digest());
+      expect(Object.values(row).some((v) => Buffer.isBuffer(v) && v.includes(secret))).to.equal(false);
+      // With the journaled secret the cardholder gets the goods again.
+      const { order } = await net.clients.merchant.getOrder({ transactionId: offer.transactionId, accessSecret: secret });
+      expect(defined(order?.receipt, "the receipt").goods).to.equal(defined(paid.receipt, "the receipt paid").goods);
+    });
   });
 
   it("gives no goods for a tampered debit result, or one of another order", async () => {
@@ -131,8 +209,8 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
       });
       return clientFactory().create(MerchantServiceDefinition, channel);
     }
-    const orderOf = async (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined) =>
-      defined((await m.getOrder({ transactionId: id })).order, "the order");
+    const orderOf = async (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined, accessSecret: Buffer = Buffer.alloc(0)) =>
+      defined((await m.getOrder({ transactionId: id, accessSecret })).order, "the order");
     const stateOf = async (m: Client<typeof MerchantServiceDefinition>, id: { value: string } | undefined) => (await orderOf(m, id)).state;
     const create = async (m: Client<typeof MerchantServiceDefinition>) => defined((await m.createOrder({ productId: "song-1" })).offer, "an offer");
     const goodsOf = (r: { receipt?: { goods: string } | undefined }) => defined(r.receipt, "a receipt").goods;
@@ -165,9 +243,10 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
     it("a paid order is never expired or deleted", async () => {
       const m = await shopWith({ offerTtlMs: 800, expiryGraceMs: 100, retentionMs: 300, sweepEveryMs: 50 });
       const { offer, resultM } = await paidOrder("song-1", m);
-      const goods = goodsOf(await m.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM }));
+      const released = await m.completeOrder({ transactionId: offer.transactionId, debitResultM: resultM });
+      const goods = goodsOf(released);
       await sleep(Math.max(0, termsOf(offer).expiresAt.getTime() - Date.now()) + 100 + 300 + 500); // expiry, grace, retention, some sweeps
-      const order = await orderOf(m, offer.transactionId);
+      const order = await orderOf(m, offer.transactionId, released.accessSecret);
       expect(order.state).to.equal(OrderState.ORDER_STATE_PAID);
       expect(goodsOf(order)).to.equal(goods);
     });

@@ -7,7 +7,9 @@
 import { expect } from "chai";
 import { join } from "node:path";
 import { randomUUID } from "node:crypto";
-import { DebitResultStatus, PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import { DebitResultStatus, PaymentServiceDefinition, PurchaseState, type DrawRequest } from "../../gen/netpurse/payment/v1/payment.js";
+import type { Channel } from "nice-grpc";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { hexOf } from "../../lib/ids.js";
@@ -43,7 +45,11 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     card = await openCard(net.cardPath);
     totals = psamTotals(net);
   });
-  after(async () => net?.close());
+  const channels: Channel[] = [];
+  after(async () => {
+    for (const c of channels) c.close();
+    await net?.close();
+  });
 
   const offer = async (product = "ebook-smart-cards"): Promise<PaymentOffer> => (await net.clients.merchant.createOrder({ productId: product })).offer!;
   const balance = async (r: PurseReader = card) => (await r.readPurse()).balance;
@@ -376,6 +382,31 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
     expect((await failure(net.clients.payment.getPurchase({ transactionId: { value: "x" } }))).code).to.equal("INVALID_ARGUMENT");
   });
 
+  it("strangers read nothing: GetPurchase needs the operator's certificate, and tells no one else whether a transaction exists", async () => {
+    const o = await offer("song-1");
+    await purchase(o);
+    const as = async (kind: "cardholder" | "merchant") => {
+      const channel = openChannel(
+        net.payment.address,
+        (kind === "cardholder" ? net.security.cardholder : await net.security.of("merchant", "demo-shop")).channel({ kind: "payment" }),
+      );
+      channels.push(channel);
+      return clientFactory().create(PaymentServiceDefinition, channel);
+    };
+    const unknown = { value: randomUUID() };
+    for (const [who, expected] of [
+      ["cardholder", { code: "UNAUTHENTICATED", reason: "UNAUTHENTICATED" }],
+      ["merchant", { code: "PERMISSION_DENIED", reason: "NOT_ALLOWED" }],
+    ] as const) {
+      const client = await as(who);
+      const known = await failure(client.getPurchase({ transactionId: o.transactionId }));
+      expect(known, who).to.deep.include(expected);
+      // The same refusal, word for word, for a transaction the server never saw: no detail, not even its existence.
+      expect(await failure(client.getPurchase({ transactionId: unknown })), who).to.deep.equal(known);
+    }
+    expect((await net.clients.payment.getPurchase({ transactionId: o.transactionId })).purchase?.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+  });
+
   async function newCard(o: { value?: number; expiry?: string; currency?: number; name: string }): Promise<PurseReader> {
     const issuer = await Issuer.open(net.paths.issuer);
     try {
@@ -418,6 +449,37 @@ describe("contract: PaymentService under PSAM shortage", function () {
     await net.clients.payment.completePurchase(completeRequest(first, { sw: debit.sw, raw: debit.raw, token: issued.completionToken })); // PSAM back to the pool
     const retry = openIssued(second, await net.clients.payment.processDrawRequest(req, { deadline: 5_000 }));
     expect(retry.debitCommand).to.have.length(DebitCommand.size);
+  });
+});
+
+describe("contract: PaymentService with no PSAM in its pool", function () {
+  this.timeout(60_000);
+  let net: Network;
+  before(async () => (net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }] })));
+  after(async () => net?.close());
+
+  it("answers FAILED_PRECONDITION (NO_PSAM_ATTACHED) at once while no terminal host is attached, debits nothing, and serves the same draw request once one is", async () => {
+    await net.hosts.get("terminal-1")?.close();
+    await waitFor(() => net.payment.pool.counts().total === 0, 10_000, "the terminal's PSAM to leave the pool");
+    const card = await openCard(net.cardPath);
+    const before = (await card.readPurse()).balance;
+    const { offer: o } = await net.clients.merchant.createOrder({ productId: "song-1" });
+    if (!o) throw new Error("the merchant made no offer");
+    const req = await drawRequestFor(card, o);
+    const started = Date.now();
+    const f = await failure(net.clients.payment.processDrawRequest(req, { deadline: 15_000 }));
+    expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "NO_PSAM_ATTACHED" });
+    expect(f.details).to.contain("no terminal host is attached");
+    expect(Date.now() - started, "at once, not at the deadline").to.be.below(2_000);
+    expect((await card.readPurse()).balance).to.equal(before);
+    const { purchase } = await net.clients.payment.getPurchase({ transactionId: o.transactionId });
+    expect(purchase?.state, "not a refusal: the pool may fill").to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
+    expect(purchase?.events.map((e) => e.step)).to.include("no_psam_fits");
+
+    await net.startHost({ id: "terminal-1" });
+    await waitFor(() => net.payment.pool.counts().free === 1, 10_000, "the terminal's PSAM back in the pool");
+    const issued = openIssued(o, await net.clients.payment.processDrawRequest(req, { deadline: 15_000 }));
+    expect(issued.debitCommand).to.have.length(DebitCommand.size);
   });
 });
 

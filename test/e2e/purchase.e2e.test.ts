@@ -12,6 +12,8 @@ import { hexOf } from "../../lib/ids.js";
 import { launchE2E, type E2E } from "../support/processes.js";
 import { SCRIPTS } from "../../services/network/launcher.js";
 import { commandFailure, tempDir } from "../support/fixtures.js";
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { demoBankPassword } from "../../services/network/layout.js";
 
 const run = promisify(execFile);
 const ROOT = new URL("../..", import.meta.url).pathname;
@@ -65,8 +67,15 @@ describe("end to end: a purchase across separate processes", function () {
       "purchase_confirmed",
     ]);
 
-    // The merchant: paid, goods released, the receipt the cardholder got.
-    const order = (await c.merchant.getOrder({ transactionId: offer!.transactionId })).order!;
+    // The merchant: paid, goods released, the receipt the cardholder got; shown again only with the access secret the daemon journaled.
+    const asStranger = (await c.merchant.getOrder({ transactionId: offer?.transactionId })).order;
+    expect([asStranger?.state, asStranger?.receipt]).to.deep.equal([OrderState.ORDER_STATE_PAID, undefined]);
+    const journal = new Database(join(net.paths.client, "client.db"), { readonly: true });
+    const { order_access_secret: accessSecret } = journal.prepare("SELECT order_access_secret FROM client_purchases WHERE transaction_id = ?").get(id) as {
+      order_access_secret: Buffer;
+    };
+    journal.close();
+    const order = (await c.merchant.getOrder({ transactionId: offer?.transactionId, accessSecret })).order!;
     expect(order.state).to.equal(OrderState.ORDER_STATE_PAID);
     expect(order.receipt!.goods).to.equal(paid.receipt!.goods);
   });
@@ -97,13 +106,29 @@ describe("end to end: a purchase across separate processes", function () {
 describe("end to end: a load across separate processes, through the CLI", function () {
   this.timeout(180_000);
   let net: E2E;
-  before(async () => (net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] })));
+  /** The demo account's password, as `npm start` made it (DATA/bank/demo-password). */
+  let password: string;
+  before(async () => {
+    net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] });
+    password = await demoBankPassword(net.dir);
+  });
   after(async () => net?.close());
 
-  // The CLIs find the installation's CA (to check the bank and merchants) in the network's data folder.
-  const env = () => ({ ...process.env, NETPURSE_LOG_LEVEL: "warn", NETPURSE_DATA: net.dir });
+  // The CLIs find the installation's CA (to check the bank and merchants) in the network's data folder; scripts give the bank password in the environment.
+  /** null: no password in the environment. */
+  const env = (bankPassword: string | null = password) => {
+    const e: NodeJS.ProcessEnv = { ...process.env, NETPURSE_LOG_LEVEL: "warn", NETPURSE_DATA: net.dir };
+    if (bankPassword === null) delete e.NETPURSE_BANK_PASSWORD;
+    else e.NETPURSE_BANK_PASSWORD = bankPassword;
+    return e;
+  };
   const netpurse = (...args: string[]) => run(join(ROOT, "bin/netpurse"), [...args, "--daemon", net.addresses.clientDaemon!], { env: env() });
-  const statement = () => run(join(ROOT, "bin/netpurse-bank"), ["statement", "demo-account", "--bank", net.addresses.bank!], { env: env() });
+  const netpurseWith = (bankPassword: string | null, ...args: string[]) =>
+    run(join(ROOT, "bin/netpurse"), [...args, "--daemon", net.addresses.clientDaemon ?? ""], { env: env(bankPassword) });
+  const bankCli = (bankPassword: string | null, ...args: string[]) => run(join(ROOT, "bin/netpurse-bank"), args, { env: env(bankPassword) });
+  const bank = () => net.addresses.bank ?? "";
+  const statement = () => bankCli(password, "statement", "demo-account", "--bank", bank());
+  const cardBalance = async () => (await net.clients.cardholder.getCard({})).purse?.balance?.amountMinor ?? -1n;
 
   it("loads the card from the bank account; the bank's statement shows the debit", async () => {
     const before = (await net.clients.cardholder.getCard({})).purse!;
@@ -141,6 +166,55 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect(s.stdout).to.not.contain("on hold");
     expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
   });
+
+  it("logs in with $NETPURSE_BANK_PASSWORD and keeps only the access token (mode 0600), with which the next load needs no password; no log holds either", async () => {
+    const tokens = join(net.dir, "client", "bank-tokens.json");
+    expect(statSync(tokens).mode & 0o777).to.equal(0o600);
+    const kept = readFileSync(tokens, "utf8");
+    expect(kept).to.not.contain(password);
+    const accessToken =
+      (JSON.parse(kept) as { tokens: Record<string, { accessToken: string } | undefined> }).tokens[`${bank()} demo-account`]?.accessToken ?? "";
+    expect(accessToken).to.match(/^[A-Za-z0-9_-]{43}$/);
+    // No password at hand, no terminal: the kept token is enough.
+    const before = await cardBalance();
+    const again = await netpurseWith(null, "load", "1.00", "--yes", "--bank", bank());
+    expect(again.stdout).to.match(/loaded EUR 1\.00; card balance now/);
+    expect(await cardBalance()).to.equal(before + 100n);
+    // Without a kept token: no password and no terminal is a usage error saying how to give one; a wrong one is UNAUTHENTICATED.
+    rmSync(tokens);
+    const none = await commandFailure(netpurseWith(null, "load", "1.00", "--yes", "--bank", bank()));
+    expect(none.code).to.equal(2);
+    expect(none.stderr).to.contain("NETPURSE_BANK_PASSWORD");
+    const wrong = await commandFailure(netpurseWith("not the password", "load", "1.00", "--yes", "--bank", bank()));
+    expect(wrong.code).to.equal(1);
+    expect(wrong.stderr).to.contain("UNAUTHENTICATED");
+    expect(await cardBalance()).to.equal(before + 100n);
+    // Every process's log: neither the password nor any access token.
+    for (const f of readdirSync(join(net.dir, "logs"))) {
+      const text = readFileSync(join(net.dir, "logs", f), "utf8");
+      expect(text, f).to.not.contain(password);
+      expect(text, f).to.not.contain(accessToken);
+    }
+  });
+
+  it("netpurse-bank: open-account sets the holder's password (from a file), statement logs in with it, set-password replaces it", async () => {
+    const first = join(net.dir, "bob-password");
+    const second = join(net.dir, "bob-new-password");
+    writeFileSync(first, "bob's first password\n", { mode: 0o600 });
+    writeFileSync(second, "bob's second password\n", { mode: 0o600 });
+    const opened = await bankCli(null, "open-account", "--id", "bob", "--holder", "Bob", "--deposit", "100.00", "--password-file", first);
+    expect(opened.stdout).to.contain("opened account bob for Bob with EUR 100.00");
+    const short = await commandFailure(bankCli("short", "open-account", "--id", "carol", "--holder", "Carol"));
+    expect(short.code).to.equal(2);
+    expect(short.stderr).to.contain("at least 8 characters");
+    const s = await bankCli(null, "statement", "bob", "--bank", bank(), "--password-file", first);
+    expect(s.stdout).to.match(/account bob \(Bob\) +balance EUR 100\.00 +available EUR 100\.00/);
+    // Demo's password is not Bob's.
+    expect((await commandFailure(bankCli(password, "statement", "bob", "--bank", bank()))).stderr).to.contain("UNAUTHENTICATED");
+    expect((await bankCli(null, "set-password", "bob", "--password-file", second)).stdout).to.contain("password of account bob set");
+    expect((await commandFailure(bankCli(null, "statement", "bob", "--bank", bank(), "--password-file", first))).stderr).to.contain("UNAUTHENTICATED");
+    expect((await bankCli("bob's second password", "statement", "bob", "--bank", bank())).stdout).to.contain("account bob (Bob)");
+  });
 });
 
 describe("end to end: the README's first command (npm start -- --once)", function () {
@@ -155,9 +229,19 @@ describe("end to end: the README's first command (npm start -- --once)", functio
         });
         expect(stdout, `round ${round}`).to.contain("goods released");
         expect(stdout, `round ${round}`).to.contain("the bank verified the confirmation and debited the account");
+        expect(stdout, `round ${round}`).to.contain("logged in to the bank as the holder of demo-account");
         expect(stdout).to.contain("stopped.");
-        if (round === 1) expect(stdout).to.contain("issuer: personalised card");
-        else expect(stdout).to.not.contain("issuer: created master keys");
+        // The demo password is printed once, when it is made, and kept (mode 0600) for the next runs.
+        const password = await demoBankPassword(dir);
+        expect(statSync(join(dir, "bank", "demo-password")).mode & 0o777).to.equal(0o600);
+        if (round === 1) {
+          expect(stdout).to.contain("issuer: personalised card");
+          expect(stdout).to.contain(`the password of account demo-account is ${password}`);
+        } else {
+          expect(stdout).to.not.contain("issuer: created master keys");
+          expect(stdout).to.not.contain(password);
+        }
+        for (const f of readdirSync(join(dir, "logs"))) expect(readFileSync(join(dir, "logs", f), "utf8"), f).to.not.contain(password);
       }
     } finally {
       await cleanup();

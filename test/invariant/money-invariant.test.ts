@@ -143,7 +143,13 @@ describe("invariant: bank debits, card credits and purchases agree after random 
           if (a.kind === "load") {
             loads.crashAfter = a.drop;
             await daemon.service.loadCard(
-              { bankAddress: net.bank.address, accountId: h.accountId, amount: money(a.amount, EUR, 2), approvedAmount: money(a.amount, EUR, 2) },
+              {
+                bankAddress: net.bank.address,
+                accountId: h.accountId,
+                amount: money(a.amount, EUR, 2),
+                approvedAmount: money(a.amount, EUR, 2),
+                bankAccessToken: h.token,
+              },
               {} as never,
             );
           } else if (a.kind === "lyingLoad") {
@@ -182,7 +188,7 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     const spent = log.filter((r) => r.kind === LogKind.PURCHASE).reduce((s, r) => s + r.amount, 0);
     expect(purse.balance, "card balance = loads - purchases").to.equal(credited - spent);
 
-    const acct = await net.clients.bank.getAccount({ accountId: h.accountId });
+    const acct = await net.bankAs(h.accountId).getAccount({ accountId: h.accountId });
     expect(deposit - Number(acct.balance!.amountMinor), "bank debits = card credits").to.equal(credited);
     expect(
       acct.holds.filter((x) => x.state === HoldState.HOLD_STATE_HELD),

@@ -18,6 +18,7 @@ import { txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { PurseIns } from "../../lib/protocol/purse.js";
 import { Issuer } from "../../services/issuer/issuer.js";
+import { hashPassword, type ScryptCost } from "../../services/bank/credentials.js";
 import type { Network } from "./network.js";
 import { EUR, makeCard } from "./fixtures.js";
 
@@ -38,11 +39,36 @@ class BlockedMidLoadCard extends SoftwareCard {
 
 let seq = 0;
 
-/** A fresh card (empty unless told) and a fresh bank account for one test. */
+/**
+ * The scrypt cost of the test accounts' passwords: far below the bank's own
+ * (PASSWORD_COST), so that a thousand accounts of the money invariant do not
+ * take minutes. The cost is part of the stored hash, so the bank checks
+ * these logins exactly as any other.
+ */
+export const TEST_PASSWORD_COST: ScryptCost = { ln: 10, r: 8, p: 1 };
+
+/** Opens a bank account with a password, and logs in to it as its holder (the token is kept for `net.bankAs`). */
+export async function openAccount(
+  net: Network,
+  o: { accountId: string; holder?: string; deposit?: number; password?: string },
+): Promise<{ accountId: string; password: string; token: string }> {
+  const password = o.password ?? `pw-${o.accountId}-${randomUUID()}`;
+  await net.bank.store.open({
+    accountId: o.accountId,
+    holder: o.holder ?? `Holder of ${o.accountId}`,
+    currency: EUR,
+    exponent: 2,
+    openingMinor: o.deposit ?? 100_000,
+    passwordHash: await hashPassword(password, TEST_PASSWORD_COST),
+  });
+  return { accountId: o.accountId, password, token: await net.loginAs(o.accountId, password) };
+}
+
+/** A fresh card (empty unless told) and a fresh bank account for one test, its holder logged in (`token`). */
 export async function freshCardholder(
   net: Network,
   o: { value?: number; maxBalance?: number; expiry?: string; deposit?: number; blockMidLoad?: boolean } = {},
-): Promise<{ path: string; card: SoftwareCard; reader: PurseReader; accountId: string }> {
+): Promise<{ path: string; card: SoftwareCard; reader: PurseReader; accountId: string; password: string; token: string }> {
   const n = ++seq;
   const issuer = await Issuer.open(net.paths.issuer);
   let path: string;
@@ -51,18 +77,17 @@ export async function freshCardholder(
   } finally {
     await issuer.close();
   }
-  const accountId = `acct-${n}`;
-  await net.bank.store.open({ accountId, holder: `Holder ${n}`, currency: EUR, exponent: 2, openingMinor: o.deposit ?? 100_000 });
+  const { accountId, password, token } = await openAccount(net, { accountId: `acct-${n}`, holder: `Holder ${n}`, deposit: o.deposit ?? 100_000 });
   const card = o.blockMidLoad ? await BlockedMidLoadCard.openBlocking(path) : await SoftwareCard.open(path);
   const reader = new PurseReader(new InProcessTransport(card));
   await reader.connect();
-  return { path, card, reader, accountId };
+  return { path, card, reader, accountId, password, token };
 }
 
-/** Step 872-874: the bank's offer for `amountMinor`, made from what the card says. */
+/** Step 872-874: the bank's offer for `amountMinor`, made from what the card says, asked by the account's holder. */
 export async function offerFor(net: Network, reader: PurseReader, accountId: string, amountMinor: number, id = randomUUID()): Promise<LoadOffer> {
   const purse = purseState(await reader.readPurse());
-  const r = await net.clients.bank.createLoadOffer({ transactionId: txnId(id), accountId, amount: money(amountMinor, EUR, 2), purse });
+  const r = await net.bankAs(accountId).createLoadOffer({ transactionId: txnId(id), accountId, amount: money(amountMinor, EUR, 2), purse });
   return r.offer!;
 }
 
@@ -94,12 +119,12 @@ export function zeroValue(reader: PurseReader, offer: LoadOffer, issued: { proof
 
 /** The account as the bank reports it, in minor units. */
 export async function account(net: Network, accountId: string) {
-  const a = await net.clients.bank.getAccount({ accountId });
+  const a = await net.bankAs(accountId).getAccount({ accountId });
   return { balance: Number(a.balance!.amountMinor), available: Number(a.available!.amountMinor), holds: a.holds };
 }
 
 export async function holdOf(net: Network, accountId: string, offer: LoadOffer): Promise<HoldState> {
-  const a = await net.clients.bank.getAccount({ accountId });
+  const a = await net.bankAs(accountId).getAccount({ accountId });
   return a.holds.find((h) => h.transactionId?.value === offer.transactionId!.value)!.state;
 }
 

@@ -1,7 +1,7 @@
 // The whole netpurse network started in this process, each service on its
 // own loopback port with real gRPC between them, over a fresh data folder.
 
-import { clientFactory, openChannel } from "../../lib/grpc/client.js";
+import { bearer, clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
@@ -35,6 +35,8 @@ export interface NetworkOptions {
   cardValue?: number;
   proofTimeoutMs?: number;
   sweepEveryMs?: number;
+  /** The bank's cap on holds waiting for their confirmation, per account (default 3). */
+  maxHoldsPerAccount?: number;
 }
 
 export async function startNetwork(o: NetworkOptions = {}) {
@@ -100,8 +102,15 @@ export async function startNetwork(o: NetworkOptions = {}) {
   );
   const merchant = shops[0]!;
   const load = await startLoadServer({ security: await security.of("load", "load-1"), listen: "127.0.0.1:0", dir: p.load });
-  const bank = await startBankServer({ security: await security.of("bank", DEMO_BANK.bankId), listen: "127.0.0.1:0", dir: p.bank, loadServer: load.address });
-  const daemon = await startClientDaemon({ security: security.cardholder, listen: "127.0.0.1:0", card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
+  const bank = await startBankServer({
+    security: await security.of("bank", DEMO_BANK.bankId),
+    listen: "127.0.0.1:0",
+    dir: p.bank,
+    loadServer: load.address,
+    ...(o.maxHoldsPerAccount ? { maxHoldsPerAccount: o.maxHoldsPerAccount } : {}),
+  });
+  // The daemon on its Unix socket, p.client/run/daemon.sock (the temporary folder keeps the path well under the 107 bytes a socket address holds).
+  const daemon = await startClientDaemon({ security: security.cardholder, card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
 
   const factory = clientFactory();
   // The tests call as the parts that may call each RPC: the operator (records, the pool), a merchant (its validation), the public (the rest).
@@ -118,8 +127,14 @@ export async function startNetwork(o: NetworkOptions = {}) {
   ];
   const [pc, mc, vc, cc, dc, bc, lc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
   const shopChannels = shops.map((s) => openChannel(s.address, security.cardholder.channel({ kind: "merchant" })));
+  // The load server as the operator sees it: the whole record of any load (GetLoad), where the public sees its state only.
+  const loadAsOperator = openChannel(load.address, operator.channel({ kind: "load" }));
   /** The demo shop of each confirmation mode, by merchant id. */
   const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
+  /** The access token of each account a test logged in to, by account id; and the channel of the account holders' bank clients. */
+  const bankTokens = new Map<string, string>();
+  const holderChannel = openChannel(bank.address, security.cardholder.channel({ kind: "bank" }));
+  channels.push(holderChannel);
   const net = {
     data,
     paths: p,
@@ -139,14 +154,33 @@ export async function startNetwork(o: NetworkOptions = {}) {
     clients: {
       bank: factory.create(BankServiceDefinition, bc!),
       load: factory.create(LoadServiceDefinition, lc!),
+      loadAsOperator: factory.create(LoadServiceDefinition, loadAsOperator),
       payment: factory.create(PaymentServiceDefinition, pc),
       merchant: factory.create(MerchantServiceDefinition, mc!),
       validation: factory.create(MerchantValidationServiceDefinition, vc!),
       concentrator: factory.create(TerminalConcentratorServiceDefinition, cc!),
       cardholder: factory.create(CardholderServiceDefinition, dc!),
     },
+    /** Logs in to the bank as the holder of `accountId`; the token is kept for `bankAs`. */
+    async loginAs(accountId: string, password: string): Promise<string> {
+      const { accessToken } = await net.clients.bank.login({ accountId, password });
+      bankTokens.set(accountId, accessToken);
+      return accessToken;
+    },
+    /** The bank as the holder of `accountId` (logged in with `loginAs`): every call carries the account's access token. */
+    bankAs(accountId: string) {
+      const token = bankTokens.get(accountId);
+      if (!token) throw new Error(`no access token for account ${accountId}: log in first (loginAs)`);
+      return factory.create(BankServiceDefinition, holderChannel, { "*": { metadata: bearer(token) } });
+    },
+    /** The access token `loginAs` got for `accountId`. */
+    bankToken(accountId: string): string {
+      const token = bankTokens.get(accountId);
+      if (!token) throw new Error(`no access token for account ${accountId}: log in first (loginAs)`);
+      return token;
+    },
     async close() {
-      for (const c of [...channels, ...shopChannels]) c.close();
+      for (const c of [...channels, ...shopChannels, loadAsOperator]) c.close();
       await daemon.close();
       // Tests may restart these two: close whichever runs now.
       await net.bank.close();

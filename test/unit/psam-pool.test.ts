@@ -138,9 +138,10 @@ describe("PSAM pool", () => {
 
   it("gives a PSAM that appears to the earliest waiter that can use it", async () => {
     const { pool, acquire } = modelPool();
-    const usd = acquire({ currency: USD });
-    const eur1 = acquire({ currency: EUR });
-    const eur2 = acquire({ currency: EUR });
+    // Requests that lost their PSAM with its terminal, waiting in an empty pool.
+    const usd = acquire({ currency: USD, waitWhenEmpty: true });
+    const eur1 = acquire({ currency: EUR, waitWhenEmpty: true });
+    const eur2 = acquire({ currency: EUR, waitWhenEmpty: true });
     pool.updateTerminal({ terminalId: "t1", slots: [slot("aa")] });
     await settle();
     expect(eur1.lease?.key).to.equal("t1/aa");
@@ -222,14 +223,30 @@ describe("PSAM pool", () => {
     expect(wantsEur.lease?.key).to.equal("t1/eur");
   });
 
-  it("refuses at once a currency or key version that no PSAM in the pool takes (NoPsamFits), but waits while the pool is empty", async () => {
+  it("refuses at once a currency or key version that no PSAM in the pool takes, or any request while the pool is empty (NoPsamFits)", async () => {
     const { pool, clock, acquire } = modelPool();
-    const early = acquire({ currency: 124 }, 50);
+    const early = acquire({ currency: EUR }, 10_000);
     await settle();
-    expect(early.error, "the concentrator may not have announced the pool yet").to.equal(undefined);
-    clock.advance(50);
-    await early.done;
-    expect(early.error).to.be.instanceOf(NoPsamFree);
+    expect(early.error, "no terminal attached: refused at once, not after the deadline").to.be.instanceOf(NoPsamFits);
+    expect(early.error).to.include({ what: "none", message: "no PSAM in the pool: no terminal host is attached" });
+    expect(pool.waiting()).to.equal(0);
+    // A transaction whose PSAM was just lost with its terminal waits for one to appear.
+    const lost = acquire({ currency: EUR, waitWhenEmpty: true }, 1_000);
+    await settle();
+    expect(lost.error).to.equal(undefined);
+    pool.updateTerminal({ terminalId: "t0", slots: [slot("00")] });
+    await lost.done;
+    expect(leaseOf(lost).key).to.equal("t0/00");
+    // A request waiting for a busy PSAM waits on when the pool empties, until its deadline.
+    const busy = acquire({ currency: EUR }, 100);
+    await settle();
+    pool.removeTerminal("t0");
+    clock.advance(99);
+    await settle();
+    expect(busy.error).to.equal(undefined);
+    clock.advance(1);
+    await busy.done;
+    expect(busy.error).to.be.instanceOf(NoPsamFree);
 
     pool.updateTerminal({
       terminalId: "t1",
@@ -391,12 +408,14 @@ describe("PSAM pool", () => {
         keyVersion: fc.constantFrom(undefined, 1, 1, 2, 3),
         exclude: fc.subarray(KEYS, { maxLength: 3 }),
         key: fc.option(fc.constantFrom(...KEYS), { freq: 4, nil: undefined }),
+        waitWhenEmpty: fc.boolean(),
       })
-      .map(({ currency, keyVersion, exclude, key }) => ({
+      .map(({ currency, keyVersion, exclude, key, waitWhenEmpty }) => ({
         ...(currency !== undefined ? { currency } : {}),
         ...(keyVersion !== undefined ? { keyVersion } : {}),
         ...(exclude.length > 0 ? { exclude: new Set(exclude) } : {}),
         ...(key !== undefined ? { key } : {}),
+        ...(waitWhenEmpty ? { waitWhenEmpty } : {}),
       }));
     const step: fc.Arbitrary<Step> = fc.oneof(
       { arbitrary: fc.record({ kind: fc.constant("acquire" as const), want, wait: fc.integer({ min: 0, max: 40 }) }), weight: 8 },
@@ -473,15 +492,16 @@ describe("PSAM pool", () => {
       for (const [i, s] of steps.entries()) {
         const where = `step ${i} ${JSON.stringify(s, (_k, v: unknown) => (v instanceof Set ? [...(v as Set<string>)] : v))}`;
         let fresh: Req | undefined;
-        const misfit = ({ key, currency, keyVersion }: Want): "currency" | "keyVersion" | undefined => {
+        const misfit = ({ key, currency, keyVersion, waitWhenEmpty }: Want): "none" | "currency" | "keyVersion" | undefined => {
           const all = [...slots.values()];
-          if (key !== undefined || all.length === 0) return undefined;
+          if (key !== undefined) return undefined;
+          if (all.length === 0) return waitWhenEmpty ? undefined : "none";
           const accepts = (x: Props) => currency === undefined || x.currencies.includes(currency);
           if (!all.some(accepts)) return "currency";
           if (keyVersion !== undefined && !all.some((x) => accepts(x) && x.keyVersions.includes(keyVersion))) return "keyVersion";
           return undefined;
         };
-        let expectMisfit: "currency" | "keyVersion" | undefined;
+        let expectMisfit: "none" | "currency" | "keyVersion" | undefined;
         let waitingBefore = 0;
         switch (s.kind) {
           case "acquire": {

@@ -65,6 +65,35 @@ export function holdStateToJSON(object: HoldState): string {
   }
 }
 
+/** Request of Login. */
+export interface LoginRequest {
+  /** The account, 1..32 characters of [A-Za-z0-9._-]. */
+  accountId: string;
+  /**
+   * The account's password, 1..1024 bytes of UTF-8, as set with
+   * `netpurse-bank open-account` or `netpurse-bank set-password`. Never
+   * logged or stored; only its salted hash is kept.
+   */
+  password: string;
+}
+
+/** Response of Login. */
+export interface LoginResponse {
+  /**
+   * The access token, 43 characters of base64url (32 random bytes): send it
+   * as `authorization: Bearer <access_token>` metadata with the account
+   * holder's RPCs until expires_at. Keep it as secret as the password: it
+   * acts for the account until then. The bank keeps only its hash.
+   */
+  accessToken: string;
+  /** When the token stops being accepted; log in again after it. */
+  expiresAt:
+    | Date
+    | undefined;
+  /** The account the token acts for. */
+  accountId: string;
+}
+
 /** Request of CreateLoadOffer. */
 export interface CreateLoadOfferRequest {
   /**
@@ -74,7 +103,10 @@ export interface CreateLoadOfferRequest {
   transactionId:
     | TransactionId
     | undefined;
-  /** The account to load from, 1..32 characters of [A-Za-z0-9._-]. */
+  /**
+   * The account to load from, 1..32 characters of [A-Za-z0-9._-]: the
+   * account of the caller's access token.
+   */
   accountId: string;
   /** The amount to load; its currency and exponent must be the card's. */
   amount:
@@ -148,7 +180,10 @@ export interface ConfirmLoadResponse {
 
 /** Request of GetAccount. */
 export interface GetAccountRequest {
-  /** The account. */
+  /**
+   * The account, 1..32 characters of [A-Za-z0-9._-]: the account of the
+   * caller's access token.
+   */
   accountId: string;
 }
 
@@ -217,7 +252,10 @@ export interface GetAccountResponse {
 
 /** Request of ListHolds. */
 export interface ListHoldsRequest {
-  /** The account, 1..32 characters of [A-Za-z0-9._-]. */
+  /**
+   * The account, 1..32 characters of [A-Za-z0-9._-]: the account of the
+   * caller's access token.
+   */
   accountId: string;
   /**
    * The most holds to return in this page: 0 means the default, 50; values
@@ -246,7 +284,10 @@ export interface ListHoldsResponse {
 
 /** Request of ListStatementLines. */
 export interface ListStatementLinesRequest {
-  /** The account, 1..32 characters of [A-Za-z0-9._-]. */
+  /**
+   * The account, 1..32 characters of [A-Za-z0-9._-]: the account of the
+   * caller's access token.
+   */
   accountId: string;
   /**
    * The most lines to return in this page: 0 means the default, 50; values
@@ -272,6 +313,208 @@ export interface ListStatementLinesResponse {
   /** The page_token for the next page; empty on the last page. */
   nextPageToken: string;
 }
+
+function createBaseLoginRequest(): LoginRequest {
+  return { accountId: "", password: "" };
+}
+
+export const LoginRequest: MessageFns<LoginRequest> = {
+  encode(message: LoginRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.accountId !== "") {
+      writer.uint32(10).string(message.accountId);
+    }
+    if (message.password !== "") {
+      writer.uint32(18).string(message.password);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoginRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoginRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.accountId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.password = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoginRequest {
+    return {
+      accountId: isSet(object.accountId)
+        ? globalThis.String(object.accountId)
+        : isSet(object.account_id)
+        ? globalThis.String(object.account_id)
+        : "",
+      password: isSet(object.password) ? globalThis.String(object.password) : "",
+    };
+  },
+
+  toJSON(message: LoginRequest): unknown {
+    const obj: any = {};
+    if (message.accountId !== "") {
+      obj.accountId = message.accountId;
+    }
+    if (message.password !== "") {
+      obj.password = message.password;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoginRequest>): LoginRequest {
+    return LoginRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoginRequest>): LoginRequest {
+    const message = createBaseLoginRequest();
+    message.accountId = object.accountId ?? "";
+    message.password = object.password ?? "";
+    return message;
+  },
+};
+
+function createBaseLoginResponse(): LoginResponse {
+  return { accessToken: "", expiresAt: undefined, accountId: "" };
+}
+
+export const LoginResponse: MessageFns<LoginResponse> = {
+  encode(message: LoginResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.accessToken !== "") {
+      writer.uint32(10).string(message.accessToken);
+    }
+    if (message.expiresAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(18).fork()).join();
+    }
+    if (message.accountId !== "") {
+      writer.uint32(26).string(message.accountId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoginResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoginResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.accessToken = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.accountId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoginResponse {
+    return {
+      accessToken: isSet(object.accessToken)
+        ? globalThis.String(object.accessToken)
+        : isSet(object.access_token)
+        ? globalThis.String(object.access_token)
+        : "",
+      expiresAt: isSet(object.expiresAt)
+        ? fromJsonTimestamp(object.expiresAt)
+        : isSet(object.expires_at)
+        ? fromJsonTimestamp(object.expires_at)
+        : undefined,
+      accountId: isSet(object.accountId)
+        ? globalThis.String(object.accountId)
+        : isSet(object.account_id)
+        ? globalThis.String(object.account_id)
+        : "",
+    };
+  },
+
+  toJSON(message: LoginResponse): unknown {
+    const obj: any = {};
+    if (message.accessToken !== "") {
+      obj.accessToken = message.accessToken;
+    }
+    if (message.expiresAt !== undefined) {
+      obj.expiresAt = message.expiresAt.toISOString();
+    }
+    if (message.accountId !== "") {
+      obj.accountId = message.accountId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoginResponse>): LoginResponse {
+    return LoginResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoginResponse>): LoginResponse {
+    const message = createBaseLoginResponse();
+    message.accessToken = object.accessToken ?? "";
+    message.expiresAt = object.expiresAt ?? undefined;
+    message.accountId = object.accountId ?? "";
+    return message;
+  },
+};
 
 function createBaseCreateLoadOfferRequest(): CreateLoadOfferRequest {
   return { transactionId: undefined, accountId: "", amount: undefined, purse: undefined };
@@ -1854,20 +2097,56 @@ export const ListStatementLinesResponse: MessageFns<ListStatementLinesResponse> 
   },
 };
 
-/** Bank server. Default address 127.0.0.1:7440. */
+/**
+ * Bank server. Default address 127.0.0.1:7440.
+ *
+ * The account holder's RPCs (CreateLoadOffer, GetAccount, ListHolds,
+ * ListStatementLines) act only for the holder of the account they name: the
+ * call carries an access token from Login as gRPC metadata,
+ * `authorization: Bearer <access_token>`, over TLS. Without a token, or with
+ * one the bank did not issue or that has expired, they answer
+ * UNAUTHENTICATED (reason UNAUTHENTICATED): log in again. A token of another
+ * account gets PERMISSION_DENIED (reason NOT_ALLOWED), whether or not the
+ * account named exists. ConfirmLoad needs no token: its sealed confirmation
+ * proves itself.
+ */
 export type BankServiceDefinition = typeof BankServiceDefinition;
 export const BankServiceDefinition = {
   name: "BankService",
   fullName: "netpurse.bank.v1.BankService",
   methods: {
     /**
+     * Exchanges an account id and its password for a short-lived access token
+     * (15 minutes by default). The password is checked against a salted scrypt
+     * hash. A wrong account id or password gets UNAUTHENTICATED (reason
+     * UNAUTHENTICATED), the same answer for both. Failed logins are limited:
+     * after 5 failures within 15 minutes the account is locked for 15 minutes,
+     * even for the right password, and a caller address with 20 failures
+     * within 15 minutes, whatever the accounts, is refused for 15 minutes;
+     * both get RESOURCE_EXHAUSTED (reason TOO_MANY_ATTEMPTS) with a
+     * google.rpc.RetryInfo saying when to try again. INVALID_ARGUMENT for a
+     * malformed account id or an empty or oversized password.
+     */
+    login: {
+      name: "Login",
+      requestType: LoginRequest as typeof LoginRequest,
+      requestStream: false,
+      responseType: LoginResponse as typeof LoginResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
      * Steps 871-876: checks the account's funds and the card's room under its
      * maximum balance, puts a hold on the amount and returns the load offer.
-     * NOT_FOUND for an unknown account; FAILED_PRECONDITION for insufficient
-     * funds (INSUFFICIENT_FUNDS), a load above the card's maximum balance
-     * (MAX_BALANCE_EXCEEDED), another currency, an expired or blocked card;
-     * INVALID_ARGUMENT for malformed fields. The same request again returns
-     * the same offer; the transaction id with other content gets ALREADY_EXISTS.
+     * Needs the account holder's access token (see the service).
+     * FAILED_PRECONDITION for insufficient funds (INSUFFICIENT_FUNDS), a load
+     * above the card's maximum balance (MAX_BALANCE_EXCEEDED), another
+     * currency, an expired or blocked card; RESOURCE_EXHAUSTED (reason
+     * TOO_MANY_HOLDS) when the account already has as many holds waiting for
+     * their confirmation as the bank allows at once (3 by default), so no one
+     * can freeze an account's funds with offers; INVALID_ARGUMENT for malformed
+     * fields. The same request again returns the same offer, even at the cap;
+     * the transaction id with other content gets ALREADY_EXISTS.
      */
     createLoadOffer: {
       name: "CreateLoadOffer",
@@ -1896,8 +2175,9 @@ export const BankServiceDefinition = {
      * Reads an account: its holder, balance and available funds, with its 50
      * newest holds and 50 newest statement lines only (a list cut short says
      * nothing about older entries). ListHolds and ListStatementLines page
-     * through the whole lists. NOT_FOUND for an unknown account;
-     * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+     * through the whole lists. Needs the account holder's access token (see
+     * the service); INVALID_ARGUMENT (naming account_id) for a malformed
+     * account id.
      */
     getAccount: {
       name: "GetAccount",
@@ -1912,8 +2192,9 @@ export const BankServiceDefinition = {
      * time (AIP-158): page_size entries at most, and a next_page_token to ask
      * for the rest. A hold made while a client pages comes before its first
      * page and is not listed; a hold whose state changes meanwhile is listed
-     * once, in the state it has when its page is read. NOT_FOUND for an
-     * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+     * once, in the state it has when its page is read. Needs the account
+     * holder's access token (see the service); INVALID_ARGUMENT, reason
+     * INVALID_FIELD with a
      * BadRequest naming the field, for a malformed account_id, a negative
      * page_size, or a page_token that does not decode or was made for another
      * list or account.
@@ -1930,7 +2211,8 @@ export const BankServiceDefinition = {
      * Lists an account's statement lines, newest first (in the order they
      * were posted), a page at a time (AIP-158). A line posted while a client
      * pages comes before its first page and is not listed; lines never change
-     * once posted. Errors as ListHolds.
+     * once posted. Needs the account holder's access token; errors as
+     * ListHolds.
      */
     listStatementLines: {
       name: "ListStatementLines",
@@ -1945,13 +2227,30 @@ export const BankServiceDefinition = {
 
 export interface BankServiceImplementation<CallContextExt = {}> {
   /**
+   * Exchanges an account id and its password for a short-lived access token
+   * (15 minutes by default). The password is checked against a salted scrypt
+   * hash. A wrong account id or password gets UNAUTHENTICATED (reason
+   * UNAUTHENTICATED), the same answer for both. Failed logins are limited:
+   * after 5 failures within 15 minutes the account is locked for 15 minutes,
+   * even for the right password, and a caller address with 20 failures
+   * within 15 minutes, whatever the accounts, is refused for 15 minutes;
+   * both get RESOURCE_EXHAUSTED (reason TOO_MANY_ATTEMPTS) with a
+   * google.rpc.RetryInfo saying when to try again. INVALID_ARGUMENT for a
+   * malformed account id or an empty or oversized password.
+   */
+  login(request: LoginRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LoginResponse>>;
+  /**
    * Steps 871-876: checks the account's funds and the card's room under its
    * maximum balance, puts a hold on the amount and returns the load offer.
-   * NOT_FOUND for an unknown account; FAILED_PRECONDITION for insufficient
-   * funds (INSUFFICIENT_FUNDS), a load above the card's maximum balance
-   * (MAX_BALANCE_EXCEEDED), another currency, an expired or blocked card;
-   * INVALID_ARGUMENT for malformed fields. The same request again returns
-   * the same offer; the transaction id with other content gets ALREADY_EXISTS.
+   * Needs the account holder's access token (see the service).
+   * FAILED_PRECONDITION for insufficient funds (INSUFFICIENT_FUNDS), a load
+   * above the card's maximum balance (MAX_BALANCE_EXCEEDED), another
+   * currency, an expired or blocked card; RESOURCE_EXHAUSTED (reason
+   * TOO_MANY_HOLDS) when the account already has as many holds waiting for
+   * their confirmation as the bank allows at once (3 by default), so no one
+   * can freeze an account's funds with offers; INVALID_ARGUMENT for malformed
+   * fields. The same request again returns the same offer, even at the cap;
+   * the transaction id with other content gets ALREADY_EXISTS.
    */
   createLoadOffer(
     request: CreateLoadOfferRequest,
@@ -1972,8 +2271,9 @@ export interface BankServiceImplementation<CallContextExt = {}> {
    * Reads an account: its holder, balance and available funds, with its 50
    * newest holds and 50 newest statement lines only (a list cut short says
    * nothing about older entries). ListHolds and ListStatementLines page
-   * through the whole lists. NOT_FOUND for an unknown account;
-   * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+   * through the whole lists. Needs the account holder's access token (see
+   * the service); INVALID_ARGUMENT (naming account_id) for a malformed
+   * account id.
    */
   getAccount(
     request: GetAccountRequest,
@@ -1984,8 +2284,9 @@ export interface BankServiceImplementation<CallContextExt = {}> {
    * time (AIP-158): page_size entries at most, and a next_page_token to ask
    * for the rest. A hold made while a client pages comes before its first
    * page and is not listed; a hold whose state changes meanwhile is listed
-   * once, in the state it has when its page is read. NOT_FOUND for an
-   * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * once, in the state it has when its page is read. Needs the account
+   * holder's access token (see the service); INVALID_ARGUMENT, reason
+   * INVALID_FIELD with a
    * BadRequest naming the field, for a malformed account_id, a negative
    * page_size, or a page_token that does not decode or was made for another
    * list or account.
@@ -1995,7 +2296,8 @@ export interface BankServiceImplementation<CallContextExt = {}> {
    * Lists an account's statement lines, newest first (in the order they
    * were posted), a page at a time (AIP-158). A line posted while a client
    * pages comes before its first page and is not listed; lines never change
-   * once posted. Errors as ListHolds.
+   * once posted. Needs the account holder's access token; errors as
+   * ListHolds.
    */
   listStatementLines(
     request: ListStatementLinesRequest,
@@ -2005,13 +2307,30 @@ export interface BankServiceImplementation<CallContextExt = {}> {
 
 export interface BankServiceClient<CallOptionsExt = {}> {
   /**
+   * Exchanges an account id and its password for a short-lived access token
+   * (15 minutes by default). The password is checked against a salted scrypt
+   * hash. A wrong account id or password gets UNAUTHENTICATED (reason
+   * UNAUTHENTICATED), the same answer for both. Failed logins are limited:
+   * after 5 failures within 15 minutes the account is locked for 15 minutes,
+   * even for the right password, and a caller address with 20 failures
+   * within 15 minutes, whatever the accounts, is refused for 15 minutes;
+   * both get RESOURCE_EXHAUSTED (reason TOO_MANY_ATTEMPTS) with a
+   * google.rpc.RetryInfo saying when to try again. INVALID_ARGUMENT for a
+   * malformed account id or an empty or oversized password.
+   */
+  login(request: DeepPartial<LoginRequest>, options?: CallOptions & CallOptionsExt): Promise<LoginResponse>;
+  /**
    * Steps 871-876: checks the account's funds and the card's room under its
    * maximum balance, puts a hold on the amount and returns the load offer.
-   * NOT_FOUND for an unknown account; FAILED_PRECONDITION for insufficient
-   * funds (INSUFFICIENT_FUNDS), a load above the card's maximum balance
-   * (MAX_BALANCE_EXCEEDED), another currency, an expired or blocked card;
-   * INVALID_ARGUMENT for malformed fields. The same request again returns
-   * the same offer; the transaction id with other content gets ALREADY_EXISTS.
+   * Needs the account holder's access token (see the service).
+   * FAILED_PRECONDITION for insufficient funds (INSUFFICIENT_FUNDS), a load
+   * above the card's maximum balance (MAX_BALANCE_EXCEEDED), another
+   * currency, an expired or blocked card; RESOURCE_EXHAUSTED (reason
+   * TOO_MANY_HOLDS) when the account already has as many holds waiting for
+   * their confirmation as the bank allows at once (3 by default), so no one
+   * can freeze an account's funds with offers; INVALID_ARGUMENT for malformed
+   * fields. The same request again returns the same offer, even at the cap;
+   * the transaction id with other content gets ALREADY_EXISTS.
    */
   createLoadOffer(
     request: DeepPartial<CreateLoadOfferRequest>,
@@ -2032,8 +2351,9 @@ export interface BankServiceClient<CallOptionsExt = {}> {
    * Reads an account: its holder, balance and available funds, with its 50
    * newest holds and 50 newest statement lines only (a list cut short says
    * nothing about older entries). ListHolds and ListStatementLines page
-   * through the whole lists. NOT_FOUND for an unknown account;
-   * INVALID_ARGUMENT (naming account_id) for a malformed account id.
+   * through the whole lists. Needs the account holder's access token (see
+   * the service); INVALID_ARGUMENT (naming account_id) for a malformed
+   * account id.
    */
   getAccount(
     request: DeepPartial<GetAccountRequest>,
@@ -2044,8 +2364,9 @@ export interface BankServiceClient<CallOptionsExt = {}> {
    * time (AIP-158): page_size entries at most, and a next_page_token to ask
    * for the rest. A hold made while a client pages comes before its first
    * page and is not listed; a hold whose state changes meanwhile is listed
-   * once, in the state it has when its page is read. NOT_FOUND for an
-   * unknown account; INVALID_ARGUMENT, reason INVALID_FIELD with a
+   * once, in the state it has when its page is read. Needs the account
+   * holder's access token (see the service); INVALID_ARGUMENT, reason
+   * INVALID_FIELD with a
    * BadRequest naming the field, for a malformed account_id, a negative
    * page_size, or a page_token that does not decode or was made for another
    * list or account.
@@ -2055,7 +2376,8 @@ export interface BankServiceClient<CallOptionsExt = {}> {
    * Lists an account's statement lines, newest first (in the order they
    * were posted), a page at a time (AIP-158). A line posted while a client
    * pages comes before its first page and is not listed; lines never change
-   * once posted. Errors as ListHolds.
+   * once posted. Needs the account holder's access token; errors as
+   * ListHolds.
    */
   listStatementLines(
     request: DeepPartial<ListStatementLinesRequest>,

@@ -230,15 +230,38 @@ export enum ErrorReason {
   /**
    * ERROR_REASON_UNAUTHENTICATED - The RPC is for peers inside the operator's network, and the caller
    * presented no client certificate from the installation's CA (or one that
-   * is revoked or expired) (UNAUTHENTICATED).
+   * is revoked or expired); or, at the bank, for the account holder, and the
+   * caller sent no access token, or one the bank did not issue or that has
+   * expired; or, at the client daemon's TCP listener, the caller sent no
+   * "authorization: Bearer" token or not the daemon's (UNAUTHENTICATED).
    */
   ERROR_REASON_UNAUTHENTICATED = 30,
   /**
    * ERROR_REASON_NOT_ALLOWED - The caller's certificate proves an identity that may not do this: another
-   * kind of peer, or another peer's terminal, lease, debit or account
+   * kind of peer, or another peer's terminal, lease, debit or account; or, at
+   * the bank, the caller's access token is for another account
    * (PERMISSION_DENIED).
    */
   ERROR_REASON_NOT_ALLOWED = 31,
+  /**
+   * ERROR_REASON_TOO_MANY_ATTEMPTS - Too many failed logins: the account, or the caller's address, is locked
+   * for a while, even for the right password; try again after the
+   * google.rpc.RetryInfo delay (RESOURCE_EXHAUSTED).
+   */
+  ERROR_REASON_TOO_MANY_ATTEMPTS = 32,
+  /**
+   * ERROR_REASON_TOO_MANY_HOLDS - The account already has as many loads waiting for their confirmation
+   * (funds on hold) as the bank allows at once; finish them or wait for the
+   * bank to release them (RESOURCE_EXHAUSTED).
+   */
+  ERROR_REASON_TOO_MANY_HOLDS = 33,
+  /**
+   * ERROR_REASON_NO_PSAM_ATTACHED - The payment server's pool has no PSAM at all: no terminal host is
+   * attached (or the payment server is not connected to the concentrator);
+   * nothing was debited. Retry once a terminal host is attached
+   * (FAILED_PRECONDITION).
+   */
+  ERROR_REASON_NO_PSAM_ATTACHED = 34,
   UNRECOGNIZED = -1,
 }
 
@@ -325,6 +348,15 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 31:
     case "ERROR_REASON_NOT_ALLOWED":
       return ErrorReason.ERROR_REASON_NOT_ALLOWED;
+    case 32:
+    case "ERROR_REASON_TOO_MANY_ATTEMPTS":
+      return ErrorReason.ERROR_REASON_TOO_MANY_ATTEMPTS;
+    case 33:
+    case "ERROR_REASON_TOO_MANY_HOLDS":
+      return ErrorReason.ERROR_REASON_TOO_MANY_HOLDS;
+    case 34:
+    case "ERROR_REASON_NO_PSAM_ATTACHED":
+      return ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -388,6 +420,12 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_UNAUTHENTICATED";
     case ErrorReason.ERROR_REASON_NOT_ALLOWED:
       return "ERROR_REASON_NOT_ALLOWED";
+    case ErrorReason.ERROR_REASON_TOO_MANY_ATTEMPTS:
+      return "ERROR_REASON_TOO_MANY_ATTEMPTS";
+    case ErrorReason.ERROR_REASON_TOO_MANY_HOLDS:
+      return "ERROR_REASON_TOO_MANY_HOLDS";
+    case ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED:
+      return "ERROR_REASON_NO_PSAM_ATTACHED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -110,7 +110,17 @@ export interface LoadCardRequest {
     | Money
     | undefined;
   /** The amount the cardholder was shown and approved; must equal amount. */
-  approvedAmount: Money | undefined;
+  approvedAmount:
+    | Money
+    | undefined;
+  /**
+   * The access token the bank's Login gave the account holder (at most 256
+   * characters), which the daemon sends with its calls to that bank for this
+   * load (`authorization: Bearer`). The daemon keeps it in memory only, to
+   * ask the bank again for an offer whose answer was lost; it never writes
+   * it down. Empty: UNAUTHENTICATED, and nothing is asked of the bank.
+   */
+  bankAccessToken: string;
 }
 
 /** Response of LoadCard. */
@@ -784,7 +794,7 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
 };
 
 function createBaseLoadCardRequest(): LoadCardRequest {
-  return { bankAddress: "", accountId: "", amount: undefined, approvedAmount: undefined };
+  return { bankAddress: "", accountId: "", amount: undefined, approvedAmount: undefined, bankAccessToken: "" };
 }
 
 export const LoadCardRequest: MessageFns<LoadCardRequest> = {
@@ -800,6 +810,9 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
     }
     if (message.approvedAmount !== undefined) {
       Money.encode(message.approvedAmount, writer.uint32(34).fork()).join();
+    }
+    if (message.bankAccessToken !== "") {
+      writer.uint32(50).string(message.bankAccessToken);
     }
     return writer;
   },
@@ -849,6 +862,14 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
             message.approvedAmount = Money.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.bankAccessToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -879,6 +900,11 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
         : isSet(object.approved_amount)
         ? Money.fromJSON(object.approved_amount)
         : undefined,
+      bankAccessToken: isSet(object.bankAccessToken)
+        ? globalThis.String(object.bankAccessToken)
+        : isSet(object.bank_access_token)
+        ? globalThis.String(object.bank_access_token)
+        : "",
     };
   },
 
@@ -896,6 +922,9 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
     if (message.approvedAmount !== undefined) {
       obj.approvedAmount = Money.toJSON(message.approvedAmount);
     }
+    if (message.bankAccessToken !== "") {
+      obj.bankAccessToken = message.bankAccessToken;
+    }
     return obj;
   },
 
@@ -912,6 +941,7 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
     message.approvedAmount = (object.approvedAmount !== undefined && object.approvedAmount !== null)
       ? Money.fromPartial(object.approvedAmount)
       : undefined;
+    message.bankAccessToken = object.bankAccessToken ?? "";
     return message;
   },
 };
@@ -1327,7 +1357,15 @@ export const SyncCardResponse: MessageFns<SyncCardResponse> = {
   },
 };
 
-/** Cardholder API of the client daemon. Bound to 127.0.0.1 by default. */
+/**
+ * Cardholder API of the client daemon. Served on a Unix domain socket
+ * (DATA/client/run/daemon.sock) in a folder only the cardholder may enter;
+ * on loopback TCP only if the daemon is started with --listen-tcp, and then
+ * every call, health and reflection included, must carry the metadata
+ * "authorization: Bearer TOKEN" with the daemon's token
+ * (DATA/client/daemon.token), or it is UNAUTHENTICATED, reason
+ * UNAUTHENTICATED.
+ */
 export type CardholderServiceDefinition = typeof CardholderServiceDefinition;
 export const CardholderServiceDefinition = {
   name: "CardholderService",
@@ -1394,8 +1432,11 @@ export const CardholderServiceDefinition = {
      * and is finished at the card's next transaction or SyncCard. The
      * cardholder must have approved exactly the amount (approved_amount);
      * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
-     * asked of the bank. Errors of the bank and the load server are passed on
-     * with their codes.
+     * asked of the bank. The bank acts only for its account holder: the
+     * request carries the access token of the bank's Login
+     * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
+     * of the bank. Errors of the bank and the load server are passed on with
+     * their codes (an expired token: UNAUTHENTICATED; log in again).
      */
     loadCard: {
       name: "LoadCard",
@@ -1465,8 +1506,11 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * and is finished at the card's next transaction or SyncCard. The
    * cardholder must have approved exactly the amount (approved_amount);
    * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
-   * asked of the bank. Errors of the bank and the load server are passed on
-   * with their codes.
+   * asked of the bank. The bank acts only for its account holder: the
+   * request carries the access token of the bank's Login
+   * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
+   * of the bank. Errors of the bank and the load server are passed on with
+   * their codes (an expired token: UNAUTHENTICATED; log in again).
    */
   loadCard(request: LoadCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LoadCardResponse>>;
   /**
@@ -1521,8 +1565,11 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * and is finished at the card's next transaction or SyncCard. The
    * cardholder must have approved exactly the amount (approved_amount);
    * otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and nothing is
-   * asked of the bank. Errors of the bank and the load server are passed on
-   * with their codes.
+   * asked of the bank. The bank acts only for its account holder: the
+   * request carries the access token of the bank's Login
+   * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
+   * of the bank. Errors of the bank and the load server are passed on with
+   * their codes (an expired token: UNAUTHENTICATED; log in again).
    */
   loadCard(request: DeepPartial<LoadCardRequest>, options?: CallOptions & CallOptionsExt): Promise<LoadCardResponse>;
   /**

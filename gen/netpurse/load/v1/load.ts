@@ -289,13 +289,33 @@ export interface ReportCardHistoryResponse {
   settled: SettledLoad[];
 }
 
-/** Request of GetLoad. */
+/**
+ * Request of GetLoad. bank_id, key_nonce and authorization are the proof
+ * of a right to the whole record, all three or none; the operator needs
+ * none.
+ */
 export interface GetLoadRequest {
   /** The load's transaction id. */
-  transactionId: TransactionId | undefined;
+  transactionId:
+    | TransactionId
+    | undefined;
+  /** The bank, from the load's offer. */
+  bankId: string;
+  /** The key nonce, from the load's offer. */
+  keyNonce: Buffer;
+  /**
+   * The bank's sealed LoadAuthorization, from the load's offer: only the
+   * bank can make it, and it reaches only the cardholder's client, so it
+   * proves the caller holds this load's offer.
+   */
+  authorization: Sealed | undefined;
 }
 
-/** Response of GetLoad. */
+/**
+ * Response of GetLoad. A caller without a proof gets transaction_id and
+ * state only; the other fields are for the operator and the holder of the
+ * load's offer.
+ */
 export interface GetLoadResponse {
   /** The load's transaction id. */
   transactionId:
@@ -1717,13 +1737,22 @@ export const ReportCardHistoryResponse: MessageFns<ReportCardHistoryResponse> = 
 };
 
 function createBaseGetLoadRequest(): GetLoadRequest {
-  return { transactionId: undefined };
+  return { transactionId: undefined, bankId: "", keyNonce: Buffer.alloc(0), authorization: undefined };
 }
 
 export const GetLoadRequest: MessageFns<GetLoadRequest> = {
   encode(message: GetLoadRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.bankId !== "") {
+      writer.uint32(18).string(message.bankId);
+    }
+    if (message.keyNonce.length !== 0) {
+      writer.uint32(26).bytes(message.keyNonce);
+    }
+    if (message.authorization !== undefined) {
+      Sealed.encode(message.authorization, writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -1749,6 +1778,30 @@ export const GetLoadRequest: MessageFns<GetLoadRequest> = {
             message.transactionId = TransactionId.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.bankId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.keyNonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.authorization = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1768,6 +1821,17 @@ export const GetLoadRequest: MessageFns<GetLoadRequest> = {
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
+      bankId: isSet(object.bankId)
+        ? globalThis.String(object.bankId)
+        : isSet(object.bank_id)
+        ? globalThis.String(object.bank_id)
+        : "",
+      keyNonce: isSet(object.keyNonce)
+        ? Buffer.from(bytesFromBase64(object.keyNonce))
+        : isSet(object.key_nonce)
+        ? Buffer.from(bytesFromBase64(object.key_nonce))
+        : Buffer.alloc(0),
+      authorization: isSet(object.authorization) ? Sealed.fromJSON(object.authorization) : undefined,
     };
   },
 
@@ -1775,6 +1839,15 @@ export const GetLoadRequest: MessageFns<GetLoadRequest> = {
     const obj: any = {};
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.bankId !== "") {
+      obj.bankId = message.bankId;
+    }
+    if (message.keyNonce.length !== 0) {
+      obj.keyNonce = base64FromBytes(message.keyNonce);
+    }
+    if (message.authorization !== undefined) {
+      obj.authorization = Sealed.toJSON(message.authorization);
     }
     return obj;
   },
@@ -1786,6 +1859,11 @@ export const GetLoadRequest: MessageFns<GetLoadRequest> = {
     const message = createBaseGetLoadRequest();
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
+      : undefined;
+    message.bankId = object.bankId ?? "";
+    message.keyNonce = object.keyNonce ?? Buffer.alloc(0);
+    message.authorization = (object.authorization !== undefined && object.authorization !== null)
+      ? Sealed.fromPartial(object.authorization)
       : undefined;
     return message;
   },
@@ -2124,7 +2202,19 @@ export const LoadServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Reads the load server's record of one load. NOT_FOUND for an unknown id. */
+    /**
+     * Reads the load server's record of one load. Anyone who has the load's
+     * id gets its state only (transaction_id and state of the answer). The
+     * whole record goes to the operator (a client certificate proving
+     * operator/ID; on a server run with --insecure, which checks no
+     * certificate, to anyone) and to whoever proves it holds the load's
+     * offer: the cardholder's own client (or the bank that made it) gives the
+     * offer's bank_id, key_nonce and sealed authorization, as in AbandonLoad.
+     * PERMISSION_DENIED (SEAL_BROKEN) for an authorisation that does not open
+     * for this bank and transaction, (CONFIRMATION_MISMATCH) for one of
+     * another load, (UNKNOWN_BANK) for an unregistered bank; INVALID_ARGUMENT
+     * for a proof with fields missing. NOT_FOUND for an unknown id.
+     */
     getLoad: {
       name: "GetLoad",
       requestType: GetLoadRequest as typeof GetLoadRequest,
@@ -2192,7 +2282,19 @@ export interface LoadServiceImplementation<CallContextExt = {}> {
     request: ReportCardHistoryRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<ReportCardHistoryResponse>>;
-  /** Reads the load server's record of one load. NOT_FOUND for an unknown id. */
+  /**
+   * Reads the load server's record of one load. Anyone who has the load's
+   * id gets its state only (transaction_id and state of the answer). The
+   * whole record goes to the operator (a client certificate proving
+   * operator/ID; on a server run with --insecure, which checks no
+   * certificate, to anyone) and to whoever proves it holds the load's
+   * offer: the cardholder's own client (or the bank that made it) gives the
+   * offer's bank_id, key_nonce and sealed authorization, as in AbandonLoad.
+   * PERMISSION_DENIED (SEAL_BROKEN) for an authorisation that does not open
+   * for this bank and transaction, (CONFIRMATION_MISMATCH) for one of
+   * another load, (UNKNOWN_BANK) for an unregistered bank; INVALID_ARGUMENT
+   * for a proof with fields missing. NOT_FOUND for an unknown id.
+   */
   getLoad(request: GetLoadRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetLoadResponse>>;
 }
 
@@ -2252,7 +2354,19 @@ export interface LoadServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<ReportCardHistoryRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ReportCardHistoryResponse>;
-  /** Reads the load server's record of one load. NOT_FOUND for an unknown id. */
+  /**
+   * Reads the load server's record of one load. Anyone who has the load's
+   * id gets its state only (transaction_id and state of the answer). The
+   * whole record goes to the operator (a client certificate proving
+   * operator/ID; on a server run with --insecure, which checks no
+   * certificate, to anyone) and to whoever proves it holds the load's
+   * offer: the cardholder's own client (or the bank that made it) gives the
+   * offer's bank_id, key_nonce and sealed authorization, as in AbandonLoad.
+   * PERMISSION_DENIED (SEAL_BROKEN) for an authorisation that does not open
+   * for this bank and transaction, (CONFIRMATION_MISMATCH) for one of
+   * another load, (UNKNOWN_BANK) for an unregistered bank; INVALID_ARGUMENT
+   * for a proof with fields missing. NOT_FOUND for an unknown id.
+   */
   getLoad(request: DeepPartial<GetLoadRequest>, options?: CallOptions & CallOptionsExt): Promise<GetLoadResponse>;
 }
 

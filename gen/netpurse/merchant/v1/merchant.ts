@@ -176,25 +176,29 @@ export interface Receipt {
   psamCounter: number;
 }
 
-/** An order at the merchant. */
+/**
+ * An order at the merchant. GetOrder fills transaction_id and state for
+ * anyone; the other fields only for the buyer, with the order's access
+ * secret.
+ */
 export interface Order {
   /** The order's transaction id. */
   transactionId:
     | TransactionId
     | undefined;
-  /** The product ordered. */
+  /** The product ordered; for the buyer only. */
   productId: string;
-  /** The amount due. */
+  /** The amount due; for the buyer only. */
   amount:
     | Money
     | undefined;
   /** Where the order stands. */
   state: OrderState;
-  /** When the order was created. */
+  /** When the order was created; for the buyer only. */
   createdAt:
     | Date
     | undefined;
-  /** The receipt, once paid. */
+  /** The receipt with the goods, once paid; for the buyer only. */
   receipt: Receipt | undefined;
 }
 
@@ -246,13 +250,30 @@ export interface CompleteOrderRequest {
 /** Response of CompleteOrder. */
 export interface CompleteOrderResponse {
   /** The receipt with the goods. */
-  receipt: Receipt | undefined;
+  receipt:
+    | Receipt
+    | undefined;
+  /**
+   * The order's access secret, 32 random bytes, for the buyer alone: given
+   * to GetOrder it shows the receipt and the goods again. Keep it like a
+   * password. The merchant keeps only its SHA-256 digest and cannot give it
+   * again, so each CompleteOrder answer, a repeat too, carries a new secret
+   * that replaces the one before.
+   */
+  accessSecret: Buffer;
 }
 
 /** Request of GetOrder. */
 export interface GetOrderRequest {
   /** The order. */
-  transactionId: TransactionId | undefined;
+  transactionId:
+    | TransactionId
+    | undefined;
+  /**
+   * The buyer's proof: the access secret of the newest CompleteOrder answer
+   * for this order (32 bytes). Empty: the answer is the order's state only.
+   */
+  accessSecret: Buffer;
 }
 
 /** Response of GetOrder. */
@@ -1549,13 +1570,16 @@ export const CompleteOrderRequest: MessageFns<CompleteOrderRequest> = {
 };
 
 function createBaseCompleteOrderResponse(): CompleteOrderResponse {
-  return { receipt: undefined };
+  return { receipt: undefined, accessSecret: Buffer.alloc(0) };
 }
 
 export const CompleteOrderResponse: MessageFns<CompleteOrderResponse> = {
   encode(message: CompleteOrderResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.receipt !== undefined) {
       Receipt.encode(message.receipt, writer.uint32(10).fork()).join();
+    }
+    if (message.accessSecret.length !== 0) {
+      writer.uint32(18).bytes(message.accessSecret);
     }
     return writer;
   },
@@ -1581,6 +1605,14 @@ export const CompleteOrderResponse: MessageFns<CompleteOrderResponse> = {
             message.receipt = Receipt.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.accessSecret = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1594,13 +1626,23 @@ export const CompleteOrderResponse: MessageFns<CompleteOrderResponse> = {
   },
 
   fromJSON(object: any): CompleteOrderResponse {
-    return { receipt: isSet(object.receipt) ? Receipt.fromJSON(object.receipt) : undefined };
+    return {
+      receipt: isSet(object.receipt) ? Receipt.fromJSON(object.receipt) : undefined,
+      accessSecret: isSet(object.accessSecret)
+        ? Buffer.from(bytesFromBase64(object.accessSecret))
+        : isSet(object.access_secret)
+        ? Buffer.from(bytesFromBase64(object.access_secret))
+        : Buffer.alloc(0),
+    };
   },
 
   toJSON(message: CompleteOrderResponse): unknown {
     const obj: any = {};
     if (message.receipt !== undefined) {
       obj.receipt = Receipt.toJSON(message.receipt);
+    }
+    if (message.accessSecret.length !== 0) {
+      obj.accessSecret = base64FromBytes(message.accessSecret);
     }
     return obj;
   },
@@ -1613,18 +1655,22 @@ export const CompleteOrderResponse: MessageFns<CompleteOrderResponse> = {
     message.receipt = (object.receipt !== undefined && object.receipt !== null)
       ? Receipt.fromPartial(object.receipt)
       : undefined;
+    message.accessSecret = object.accessSecret ?? Buffer.alloc(0);
     return message;
   },
 };
 
 function createBaseGetOrderRequest(): GetOrderRequest {
-  return { transactionId: undefined };
+  return { transactionId: undefined, accessSecret: Buffer.alloc(0) };
 }
 
 export const GetOrderRequest: MessageFns<GetOrderRequest> = {
   encode(message: GetOrderRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.transactionId !== undefined) {
       TransactionId.encode(message.transactionId, writer.uint32(10).fork()).join();
+    }
+    if (message.accessSecret.length !== 0) {
+      writer.uint32(18).bytes(message.accessSecret);
     }
     return writer;
   },
@@ -1650,6 +1696,14 @@ export const GetOrderRequest: MessageFns<GetOrderRequest> = {
             message.transactionId = TransactionId.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.accessSecret = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1669,6 +1723,11 @@ export const GetOrderRequest: MessageFns<GetOrderRequest> = {
         : isSet(object.transaction_id)
         ? TransactionId.fromJSON(object.transaction_id)
         : undefined,
+      accessSecret: isSet(object.accessSecret)
+        ? Buffer.from(bytesFromBase64(object.accessSecret))
+        : isSet(object.access_secret)
+        ? Buffer.from(bytesFromBase64(object.access_secret))
+        : Buffer.alloc(0),
     };
   },
 
@@ -1676,6 +1735,9 @@ export const GetOrderRequest: MessageFns<GetOrderRequest> = {
     const obj: any = {};
     if (message.transactionId !== undefined) {
       obj.transactionId = TransactionId.toJSON(message.transactionId);
+    }
+    if (message.accessSecret.length !== 0) {
+      obj.accessSecret = base64FromBytes(message.accessSecret);
     }
     return obj;
   },
@@ -1688,6 +1750,7 @@ export const GetOrderRequest: MessageFns<GetOrderRequest> = {
     message.transactionId = (object.transactionId !== undefined && object.transactionId !== null)
       ? TransactionId.fromPartial(object.transactionId)
       : undefined;
+    message.accessSecret = object.accessSecret ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -1810,8 +1873,13 @@ export const MerchantServiceDefinition = {
       options: {},
     },
     /**
-     * Reads an order. NOT_FOUND for an unknown transaction id, and for an
-     * EXPIRED order deleted after the merchant's retention period.
+     * Reads an order. Anyone who has the transaction id gets its state only
+     * (transaction_id and state of the Order); the buyer, who proves it with
+     * the access secret CompleteOrder gave it, gets the whole order with its
+     * receipt and the goods. A missing or wrong secret is not an error: the
+     * answer is the state alone. INVALID_ARGUMENT (naming access_secret) for
+     * a secret that is not 32 bytes. NOT_FOUND for an unknown transaction id,
+     * and for an EXPIRED order deleted after the merchant's retention period.
      */
     getOrder: {
       name: "GetOrder",
@@ -1858,8 +1926,13 @@ export interface MerchantServiceImplementation<CallContextExt = {}> {
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CompleteOrderResponse>>;
   /**
-   * Reads an order. NOT_FOUND for an unknown transaction id, and for an
-   * EXPIRED order deleted after the merchant's retention period.
+   * Reads an order. Anyone who has the transaction id gets its state only
+   * (transaction_id and state of the Order); the buyer, who proves it with
+   * the access secret CompleteOrder gave it, gets the whole order with its
+   * receipt and the goods. A missing or wrong secret is not an error: the
+   * answer is the state alone. INVALID_ARGUMENT (naming access_secret) for
+   * a secret that is not 32 bytes. NOT_FOUND for an unknown transaction id,
+   * and for an EXPIRED order deleted after the merchant's retention period.
    */
   getOrder(request: GetOrderRequest, context: CallContext & CallContextExt): Promise<DeepPartial<GetOrderResponse>>;
 }
@@ -1898,8 +1971,13 @@ export interface MerchantServiceClient<CallOptionsExt = {}> {
     options?: CallOptions & CallOptionsExt,
   ): Promise<CompleteOrderResponse>;
   /**
-   * Reads an order. NOT_FOUND for an unknown transaction id, and for an
-   * EXPIRED order deleted after the merchant's retention period.
+   * Reads an order. Anyone who has the transaction id gets its state only
+   * (transaction_id and state of the Order); the buyer, who proves it with
+   * the access secret CompleteOrder gave it, gets the whole order with its
+   * receipt and the goods. A missing or wrong secret is not an error: the
+   * answer is the state alone. INVALID_ARGUMENT (naming access_secret) for
+   * a secret that is not 32 bytes. NOT_FOUND for an unknown transaction id,
+   * and for an EXPIRED order deleted after the merchant's retention period.
    */
   getOrder(request: DeepPartial<GetOrderRequest>, options?: CallOptions & CallOptionsExt): Promise<GetOrderResponse>;
 }

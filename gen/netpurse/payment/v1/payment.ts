@@ -2847,8 +2847,11 @@ export const PaymentServiceDefinition = {
     },
     /**
      * Reads the payment server's record of one transaction and the steps it
-     * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
-     * transaction id.
+     * logged. For the operator only (a client certificate proving
+     * operator/ID): anyone else gets UNAUTHENTICATED (no certificate) or
+     * PERMISSION_DENIED (reason NOT_ALLOWED, another kind of certificate),
+     * the same whether the transaction exists or not. NOT_FOUND (reason
+     * NOT_FOUND) when the server never saw the transaction id.
      */
     getPurchase: {
       name: "GetPurchase",
@@ -2976,8 +2979,11 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
   ): Promise<DeepPartial<ReportCardSignatureResponse>>;
   /**
    * Reads the payment server's record of one transaction and the steps it
-   * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
-   * transaction id.
+   * logged. For the operator only (a client certificate proving
+   * operator/ID): anyone else gets UNAUTHENTICATED (no certificate) or
+   * PERMISSION_DENIED (reason NOT_ALLOWED, another kind of certificate),
+   * the same whether the transaction exists or not. NOT_FOUND (reason
+   * NOT_FOUND) when the server never saw the transaction id.
    */
   getPurchase(
     request: GetPurchaseRequest,
@@ -3100,8 +3106,11 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
   ): Promise<ReportCardSignatureResponse>;
   /**
    * Reads the payment server's record of one transaction and the steps it
-   * logged. NOT_FOUND (reason NOT_FOUND) when the server never saw the
-   * transaction id.
+   * logged. For the operator only (a client certificate proving
+   * operator/ID): anyone else gets UNAUTHENTICATED (no certificate) or
+   * PERMISSION_DENIED (reason NOT_ALLOWED, another kind of certificate),
+   * the same whether the transaction exists or not. NOT_FOUND (reason
+   * NOT_FOUND) when the server never saw the transaction id.
    */
   getPurchase(
     request: DeepPartial<GetPurchaseRequest>,
