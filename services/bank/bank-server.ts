@@ -156,23 +156,25 @@ export class BankServer {
     login: (req, context) => this.login(req, context),
     createLoadOffer: async (req, context) => this.createLoadOffer(req, await this.holder(context, req.accountId, "CreateLoadOffer")),
     confirmLoad: (req) => this.confirmLoad(req),
-    getAccount: async (req, context) => this.getAccount(await this.holder(context, req.accountId, "GetAccount")),
-    listHolds: async (req, context) => this.listHolds(req, await this.holder(context, req.accountId, "ListHolds")),
-    listStatementLines: async (req, context) => this.listStatementLines(req, await this.holder(context, req.accountId, "ListStatementLines")),
+    getAccount: async (req, context) => this.getAccount((await this.holder(context, req.accountId, "GetAccount")).accountId),
+    listHolds: async (req, context) => this.listHolds(req, (await this.holder(context, req.accountId, "ListHolds")).accountId),
+    listStatementLines: async (req, context) => this.listStatementLines(req, (await this.holder(context, req.accountId, "ListStatementLines")).accountId),
   };
 
   /**
    * The account of an account holder's call: the access token it carries
    * (`authorization: Bearer`) must be one this bank issued, not expired, and
-   * for `asked`, the account the request names. Returns that account id.
+   * for `asked`, the account the request names. Returns that account id and
+   * the token's hash, for a check again where money moves.
    */
-  private async holder(context: CallContext, asked: string, method: string): Promise<string> {
+  private async holder(context: CallContext, asked: string, method: string): Promise<{ accountId: string; tokenHash: string }> {
     const header = context.metadata.get("authorization");
     if (!header) throw unauthenticated(`${method} acts for the account holder only: log in (Login) and send its access token as 'authorization: Bearer TOKEN'`);
     const token = BEARER.exec(header)?.[1];
     if (!token || !ACCESS_TOKEN_SHAPE.test(token))
       throw unauthenticated("the authorization metadata holds no access token of this bank: send 'authorization: Bearer TOKEN' with the token Login gave");
-    const row = await this.o.store.accessToken(accessTokenHash(token));
+    const tokenHash = accessTokenHash(token);
+    const row = await this.o.store.accessToken(tokenHash);
     if (!row) throw unauthenticated("the access token is not one this bank issued, or a new password ended it: log in again");
     if (Date.parse(row.expires_at) <= Date.now()) throw unauthenticated(`the access token expired at ${row.expires_at}: log in again`);
     const accountId = requireName(asked, "account_id", 32);
@@ -180,7 +182,7 @@ export class BankServer {
       this.o.log.warn("refused an access token for another account", { method, account: accountId, holder: row.account_id, peer: context.peer });
       throw denied(ErrorReason.ERROR_REASON_NOT_ALLOWED, `the access token acts for account ${row.account_id} only, not for account ${accountId}`);
     }
-    return accountId;
+    return { accountId, tokenHash };
   }
 
   /** Login: the account's password for a short-lived access token, with failed attempts limited per account and per caller address. */
@@ -215,8 +217,10 @@ export class BankServer {
     }
     this.loginsInFlight++;
     let ok = false;
+    let hash: string | undefined;
     try {
-      ok = await verifyPassword(req.password, await this.o.store.passwordHash(accountId));
+      hash = await this.o.store.passwordHash(accountId);
+      ok = await verifyPassword(req.password, hash);
     } finally {
       this.loginsInFlight--;
       const locked = this.limiter.end(accountId, address, ok);
@@ -226,12 +230,19 @@ export class BankServer {
     const token = newAccessToken();
     const issuedAt = new Date();
     const expiresAt = new Date(issuedAt.getTime() + (this.o.accessTokenTtlMs ?? DEFAULT_ACCESS_TOKEN_TTL_MS));
-    await this.o.store.addAccessToken({ tokenHash: accessTokenHash(token), accountId, issuedAt, expiresAt }, TOKENS_PER_ACCOUNT);
+    // A new password set while this one was checked ends this login too, as it ends every token.
+    if (!hash || !(await this.o.store.addAccessToken({ tokenHash: accessTokenHash(token), accountId, issuedAt, expiresAt }, TOKENS_PER_ACCOUNT, hash))) {
+      this.o.log.warn("login refused: the password changed while it was checked", { account: accountId, address });
+      throw unauthenticated("wrong account id or password");
+    }
     this.o.log.info("account holder logged in", { account: accountId, address, until: expiresAt.toISOString() });
     return { accessToken: token, expiresAt, accountId };
   }
 
-  private async createLoadOffer(req: CreateLoadOfferRequest, accountId: string): Promise<CreateLoadOfferResponse> {
+  private async createLoadOffer(
+    req: CreateLoadOfferRequest,
+    { accountId, tokenHash }: { accountId: string; tokenHash: string },
+  ): Promise<CreateLoadOfferResponse> {
     const id = requireTransactionId(req.transactionId);
     const amount = requireCardAmount(req.amount, "amount");
     const p = req.purse;
@@ -247,6 +258,8 @@ export class BankServer {
 
     const { identity } = this.o;
     return this.o.store.db.transaction(async (tx) => {
+      // Again where the money is held: a new password set since the check above has ended the token.
+      if (!(await this.o.store.accessToken(tokenHash, tx))) throw unauthenticated("a new password ended the access token: log in again");
       const prior = await this.o.store.hold(id, tx);
       if (prior) {
         if (prior.request_hash !== requestHash)

@@ -203,9 +203,16 @@ export class BankStore {
     });
   }
 
-  /** Records an access token (by its hash), keeping at most `keep` of the account's newest. */
-  async addAccessToken(t: { tokenHash: string; accountId: string; issuedAt: Date; expiresAt: Date }, keep: number): Promise<void> {
-    await this.db.transaction(async (tx) => {
+  /**
+   * Records an access token (by its hash), keeping at most `keep` of the
+   * account's newest; only if the account's password is still the one the
+   * login checked (`passwordHash`), so a login under way when the password
+   * changes gets no token. False when it changed.
+   */
+  async addAccessToken(t: { tokenHash: string; accountId: string; issuedAt: Date; expiresAt: Date }, keep: number, passwordHash: string): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      const current = await tx.get<{ password_hash: string }>("SELECT password_hash FROM credentials WHERE account_id = ?", [t.accountId]);
+      if (current?.password_hash !== passwordHash) return false;
       await tx.run("INSERT INTO access_tokens (token_hash, account_id, issued_at, expires_at) VALUES (?, ?, ?, ?)", [
         t.tokenHash,
         t.accountId,
@@ -216,11 +223,12 @@ export class BankStore {
         "DELETE FROM access_tokens WHERE account_id = ? AND token_hash NOT IN (SELECT token_hash FROM access_tokens WHERE account_id = ? ORDER BY issued_at DESC, rowid DESC LIMIT ?)",
         [t.accountId, t.accountId, keep],
       );
+      return true;
     });
   }
 
-  accessToken(tokenHash: string): Promise<AccessTokenRow | undefined> {
-    return this.db.get<AccessTokenRow>("SELECT account_id, expires_at FROM access_tokens WHERE token_hash = ?", [tokenHash]);
+  accessToken(tokenHash: string, q: Queryable = this.db): Promise<AccessTokenRow | undefined> {
+    return q.get<AccessTokenRow>("SELECT account_id, expires_at FROM access_tokens WHERE token_hash = ?", [tokenHash]);
   }
 
   /** Forgets access tokens that expired before `isoTime`; returns how many. */

@@ -148,7 +148,7 @@ describe("contract: the bank acts only for the account holder (Login, access tok
       const theirs = daemonOf(attacker, "attacker-daemon");
       try {
         const amount = money(20_000, EUR, 2);
-        const asked = { bankAddress: net.bank.address, accountId: victim.accountId, amount, approvedAmount: amount };
+        const asked = { bankAddress: net.bank.address, accountId: victim.accountId, amount, approvedAmount: amount, requestId: "" };
         // With the attacker's own token (for the attacker's own account).
         const withOwnToken = await theirs.daemon.service.loadCard({ ...asked, bankAccessToken: attacker.token }, {} as never).catch((e: unknown) => e);
         expect(withOwnToken).to.include({ code: Status.PERMISSION_DENIED });
@@ -251,6 +251,58 @@ describe("contract: the bank acts only for the account holder (Login, access tok
       const { accessToken } = await net.clients.bank.login({ accountId: h.accountId, password: renewed });
       secrets.add(accessToken);
       expect((await bankWith(bearer(accessToken)).getAccount({ accountId: h.accountId })).accountId).to.equal(h.accountId);
+    });
+
+    it("a new password also ends a login being checked when it was set: no token comes of it", async () => {
+      const own = await ownBank("reset-mid-login");
+      await own.open("bob", "bob's old password");
+      const { store } = own.bank;
+      // The password changes after the login read its hash and before it was checked, as `netpurse-bank set-password` racing a login would.
+      const read = store.passwordHash.bind(store);
+      store.passwordHash = async (id: string) => {
+        const hash = await read(id);
+        await store.setPasswordHash(id, await hashPassword("bob's new password", TEST_PASSWORD_COST));
+        return hash;
+      };
+      try {
+        expect(await failure(own.client.login({ accountId: "bob", password: "bob's old password" }))).to.include(UNAUTHENTICATED);
+      } finally {
+        store.passwordHash = read;
+      }
+      expect(await store.db.get("SELECT COUNT(*) AS n FROM access_tokens WHERE account_id = 'bob'")).to.deep.equal({ n: 0 });
+      secrets.add("bob's new password");
+      const { accessToken } = await own.login("bob", "bob's new password");
+      expect((await own.client.getAccount({ accountId: "bob" }, { metadata: bearer(accessToken) })).accountId).to.equal("bob");
+      await own.bank.close();
+    });
+
+    it("a new password set while a load offer is asked ends the token there too: no hold", async () => {
+      const h = await holder();
+      const own = await ownBank("reset-mid-offer");
+      await own.open("carol", "carol's password");
+      const { accessToken } = await own.login("carol", "carol's password");
+      const { store } = own.bank;
+      // The password changes right after the token was checked, before the hold is made.
+      const lookUp = store.accessToken.bind(store);
+      let reset = false;
+      store.accessToken = async (hash, q) => {
+        const row = await lookUp(hash, q);
+        if (!reset) {
+          reset = true;
+          await store.setPasswordHash("carol", await hashPassword("carol's new password", TEST_PASSWORD_COST));
+        }
+        return row;
+      };
+      secrets.add("carol's new password");
+      const purse = purseState(await h.reader.readPurse());
+      const asked = { transactionId: txnId(randomUUID()), accountId: "carol", amount: money(1_000, EUR, 2), purse };
+      try {
+        expect(await failure(own.client.createLoadOffer(asked, { metadata: bearer(accessToken) }))).to.include(UNAUTHENTICATED);
+      } finally {
+        store.accessToken = lookUp;
+      }
+      expect(await store.db.get("SELECT COUNT(*) AS n FROM holds WHERE account_id = 'carol'")).to.deep.equal({ n: 0 });
+      await own.bank.close();
     });
 
     it("an account opened before passwords existed cannot log in until given one", async () => {
