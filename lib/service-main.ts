@@ -36,6 +36,8 @@ export async function runService(p: {
     process.stdout.write(`Usage: ${p.program} [options]\n\n${p.summary}\n\nOptions:\n${p.help}\n  -h, --help               this text\n`);
     return;
   }
+  // What a service writes (databases, keys, logs) is for its own user: nothing is made readable by others.
+  process.umask(0o077);
   // Whoever read our output (a launcher) may be gone: a log line then fails with EPIPE, which must not
   // end the service mid-transaction nor spoil its clean shutdown.
   for (const out of [process.stdout, process.stderr]) {

@@ -3,7 +3,7 @@
 // the SQLite implementation (better-sqlite3, WAL) is the embedded default.
 
 import Database from "better-sqlite3";
-import { mkdirSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import { Mutex } from "../mutex.js";
 
@@ -94,9 +94,18 @@ class SqliteDb implements Db {
   }
 }
 
-/** Opens (creating if needed) a SQLite database file in WAL mode and applies the migrations. */
+/**
+ * Opens (creating if needed) a SQLite database file in WAL mode and applies
+ * the migrations. The file is its owner's alone (0600, its folder 0700 when
+ * made here): journals, orders and accounts hold secrets, goods and money.
+ */
 export function openSqlite(path: string, migrations: Migrations): Db {
-  if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+  if (path !== ":memory:") {
+    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    closeSync(openSync(path, "a", 0o600));
+    // A file made before, or under a loose umask, is narrowed; SQLite gives its -wal and -shm files the database's mode.
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
+  }
   const db = new Database(path);
   db.pragma("journal_mode = WAL");
   db.pragma("synchronous = FULL"); // money: a committed step survives power loss

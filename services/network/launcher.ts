@@ -59,14 +59,14 @@ export class Launcher {
       onDeath?: (d: Death) => void;
     } = {},
   ) {
-    mkdirSync(logDir, { recursive: true });
+    mkdirSync(logDir, { recursive: true, mode: 0o700 });
   }
 
   /** Spawns `node --import tsx script args` and resolves once it prints its listening line. */
   start(name: string, script: string, args: string[], timeoutMs = 60_000): Promise<Started> {
     if (this.running.has(name)) throw new Error(`${name} is running already`);
     const logFile = join(this.logDir, `${name}.log`);
-    const log = createWriteStream(logFile, { flags: "a" });
+    const log = createWriteStream(logFile, { flags: "a", mode: 0o600 });
     const child = spawn(process.execPath, ["--import", TSX, join(ROOT, script), ...args], {
       cwd: ROOT,
       env: { ...process.env, ...this.o.env },

@@ -55,6 +55,8 @@ killed.`);
   process.exit(0);
 }
 
+// The data folder holds keys, cards, journals and logs: nothing in it is made readable by other users.
+process.umask(0o077);
 const data = dataDir(values.data);
 /** What the main job loads onto the demo card before its purchases: EUR 20.00. */
 const DEMO_LOAD_MINOR = 2_000;

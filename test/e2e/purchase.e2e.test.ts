@@ -242,6 +242,13 @@ describe("end to end: the README's first command (npm start -- --once)", functio
           expect(stdout).to.not.contain(password);
         }
         for (const f of readdirSync(join(dir, "logs"))) expect(readFileSync(join(dir, "logs", f), "utf8"), f).to.not.contain(password);
+        // Other users of the machine read nothing of it: every folder is 0700, every database, log and card 0600.
+        const loose = readdirSync(dir, { recursive: true, encoding: "utf8" }).filter((f) => {
+          const mode = statSync(join(dir, f)).mode;
+          const secret = /\.(db|db-wal|db-shm|log|card\.json)$/.test(f);
+          return (mode & 0o077) !== 0 && ((mode & 0o170000) === 0o040000 || secret);
+        });
+        expect(loose, `round ${round}: readable by others`).to.deep.equal([]);
       }
     } finally {
       await cleanup();
