@@ -28,9 +28,8 @@ export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
 };
 
 interface Entry {
-  /** Failures since `since`. */
-  failures: number;
-  since: number;
+  /** When the latest failures happened, oldest first; at most the limit's count, as no more are needed to decide. */
+  failures: number[];
   /** Attempts being checked now: counted as failures until they end, so that parallel guesses cannot pass the limit together. */
   inFlight: number;
   lockedUntil: number;
@@ -51,17 +50,18 @@ class FailureTable {
     private readonly l: LoginLimits,
   ) {}
 
+  /**
+   * The entry of `key`, its failures older than the window dropped: the
+   * window slides, so failures bunched on either side of a boundary still
+   * count together. An entry with nothing left to remember is forgotten.
+   */
   private live(key: string, now: number): Entry | undefined {
     const e = this.entries.get(key);
     if (!e) return undefined;
-    if (e.lockedUntil <= now && now - e.since > this.l.windowMs) {
-      // Its window passed: it starts again from nothing (an attempt in flight keeps it).
-      if (e.inFlight === 0) {
-        this.entries.delete(key);
-        return undefined;
-      }
-      e.failures = 0;
-      e.since = now;
+    while (e.failures.length > 0 && now - e.failures[0]! > this.l.windowMs) e.failures.shift();
+    if (e.failures.length === 0 && e.lockedUntil <= now && e.inFlight === 0) {
+      this.entries.delete(key);
+      return undefined;
     }
     return e;
   }
@@ -72,7 +72,7 @@ class FailureTable {
     if (!e) return 0;
     if (e.lockedUntil > now) return e.lockedUntil - now;
     // Attempts in flight would take it to the limit: refused until they end (a second at most).
-    return e.failures + e.inFlight >= this.limit ? 1_000 : 0;
+    return e.failures.length + e.inFlight >= this.limit ? 1_000 : 0;
   }
 
   /** The entry for `key`, made if need be; undefined when the table is full of locked keys (the caller then refuses). */
@@ -80,7 +80,7 @@ class FailureTable {
     const e = this.live(key, now);
     if (e) return e;
     if (this.entries.size >= this.l.maxTracked && !this.evictOne(now)) return undefined;
-    const fresh = { failures: 0, since: now, inFlight: 0, lockedUntil: 0 };
+    const fresh: Entry = { failures: [], inFlight: 0, lockedUntil: 0 };
     this.entries.set(key, fresh);
     return fresh;
   }
@@ -109,8 +109,9 @@ class FailureTable {
     if (!e) return false;
     e.inFlight = Math.max(0, e.inFlight - 1);
     if (!failed) return false;
-    e.failures++;
-    if (e.failures >= this.limit) e.lockedUntil = now + this.l.lockMs;
+    e.failures.push(now);
+    if (e.failures.length > this.limit) e.failures.shift();
+    if (e.failures.length >= this.limit) e.lockedUntil = now + this.l.lockMs;
     return e.lockedUntil > now;
   }
 
@@ -118,7 +119,7 @@ class FailureTable {
   clear(key: string): void {
     const e = this.entries.get(key);
     if (e && e.inFlight === 0) this.entries.delete(key);
-    else if (e) e.failures = 0;
+    else if (e) e.failures = [];
   }
 
   get size(): number {

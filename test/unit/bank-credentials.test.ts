@@ -86,6 +86,15 @@ describe("unit: the failed-login limiter", () => {
     for (let i = 0; i < L.maxFailuresPerAccount - 1; i++) expect(fail(l, "alice", "198.51.100.2", L.windowMs + 4)).to.equal(undefined);
   });
 
+  it("slides its window: failures bunched on both sides of where a fixed window would start again still lock", () => {
+    const l = new LoginLimiter();
+    expect(fail(l, "alice", "198.51.100.1", 0)).to.equal(undefined);
+    // Just before and just after 15 minutes from the first failure: a window counted from it would allow 3 + 5 here.
+    const guesses = [-2_000, -1_500, -1_000, 1_000, 1_500, 2_000, 2_500, 3_000].map((dt) => fail(l, "alice", `203.0.113.${dt > 0 ? 1 : 2}`, L.windowMs + dt));
+    expect(guesses.filter((r) => r === undefined)).to.have.length(L.maxFailuresPerAccount);
+    for (const r of guesses.slice(L.maxFailuresPerAccount)) expect(r).to.deep.include({ by: "account" });
+  });
+
   it("counts attempts still being checked: parallel guesses cannot pass the limit together", () => {
     const l = new LoginLimiter();
     const begun = Array.from({ length: 10 }, (_, i) => l.begin("alice", `198.51.100.${i}`, 0));
