@@ -66,7 +66,8 @@ export interface PurchaseRecord extends Partial<DebitSent> {
 
 /** The client's log of each purchase step (the patent's client logs), so a lost answer can be recovered. */
 export interface PurchaseJournal {
-  started(offer: PaymentOffer): Promise<void>;
+  /** The first step, with the caller's request id if it gave one (a retry under it finds this purchase). */
+  started(offer: PaymentOffer, requestId?: string): Promise<void>;
   /** Written before the card sees DEBIT: from here on, the card may be debited. */
   debitSent(transactionId: string, d: DebitSent): Promise<void>;
   cardAnswered(transactionId: string, sw: number, debitResponse: Buffer): Promise<void>;
@@ -118,7 +119,7 @@ function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer i
 
 const modeName = (m: ConfirmationMode) => ConfirmationMode[m].replace("CONFIRMATION_MODE_", "");
 
-export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promise<PurchaseOutcome> {
+export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext, o: { requestId?: string } = {}): Promise<PurchaseOutcome> {
   const now = ctx.now?.() ?? new Date();
   checkOffer(offer, now);
   const steps: PurchaseStep[] = [];
@@ -154,7 +155,7 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext): Promi
     );
   }
   step("checks", "currency, expiry and balance are good for this offer (step 608)");
-  await ctx.journal?.started(offer);
+  await ctx.journal?.started(offer, o.requestId);
 
   const tsk = Buffer.from(offer.transactionSessionKey);
   const drawRequest: DrawRequest = {

@@ -1,6 +1,7 @@
 // netpurse: the cardholder's command line. It talks to the client daemon
 // (which holds the card) and, to shop, to the merchant.
 
+import { randomUUID } from "node:crypto";
 import { createInterface } from "node:readline/promises";
 import { CardTransactionKind, PurseStatus, type CardTransaction, type Money } from "../../gen/netpurse/card/v1/card.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
@@ -16,8 +17,9 @@ import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
 import { runDaemon } from "../daemon/main.js";
-import { bearer, daemonPaths, readDaemonToken } from "../daemon/access.js";
-import { Status } from "nice-grpc";
+import { bearer, checkDaemonSocket, daemonPaths, readDaemonToken } from "../daemon/access.js";
+import { ClientError, Status } from "nice-grpc";
+import { errorMetadataOf } from "../../lib/grpc/errors.js";
 import { bankAccessToken, bankTokensFile } from "./bank-session.js";
 import { bankPassword, BANK_PASSWORD_ENV } from "../../lib/secret-input.js";
 
@@ -37,6 +39,8 @@ async function withClient<D extends typeof CardholderServiceDefinition | typeof 
 ): Promise<T> {
   // Over TCP every call to the daemon carries its token; its socket needs none, its folder keeps others out.
   const tokenFile = security === DAEMON ? daemonTokenFiles.get(address) : undefined;
+  // On the socket: speak only to a daemon of the cardholder's own, in a folder no one else could have put it in.
+  if (security === DAEMON && address.startsWith("unix:")) checkDaemonSocket(address.slice("unix:".length));
   const defaults = tokenFile !== undefined ? { "*": { metadata: bearer(readDaemonToken(tokenFile)) } } : {};
   const channel = openChannel(address, security);
   try {
@@ -74,6 +78,43 @@ function daemonAddress(v: Record<string, unknown>): string {
   return address;
 }
 const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultAddress("merchant"));
+
+/** How often a load or payment is asked again under its request id when the daemon did not answer, and the waits between. */
+const RETRY_WAITS_MS = [1_000, 2_000, 4_000];
+
+/**
+ * A load or payment under one request id per command: asked again with the
+ * same id while the daemon answers UNAVAILABLE or DEADLINE_EXCEEDED (a retry
+ * never makes a second one, the daemon returns the first); a final error
+ * that names a journaled transaction says what became of it.
+ */
+async function underRequestId<T>(kind: "load" | "payment", call: (requestId: string) => Promise<T>): Promise<T> {
+  const requestId = randomUUID();
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await call(requestId);
+    } catch (e) {
+      const wait = RETRY_WAITS_MS[attempt];
+      const transient = e instanceof ClientError && (e.code === Status.UNAVAILABLE || e.code === Status.DEADLINE_EXCEEDED);
+      if (transient && wait !== undefined) {
+        process.stderr.write(
+          `${Status[e.code]}: ${e.details}\n  asking again in ${wait / 1000} s under the same request id ${requestId} (it never makes a second ${kind})\n`,
+        );
+        await new Promise((r) => setTimeout(r, wait));
+        continue;
+      }
+      const { transaction_id: id, state, may_complete: mayComplete } = errorMetadataOf(e);
+      if (id) {
+        process.stderr.write(
+          mayComplete === "true"
+            ? `${kind} ${id} is journaled (${state}) and may still complete: do not ${kind === "load" ? "load" : "pay"} again. Run 'netpurse card sync' in a while, then check 'netpurse card'\n`
+            : `${kind} ${id} ended ${state}: nothing was ${kind === "load" ? "loaded" : "paid"}\n`,
+        );
+      }
+      throw e;
+    }
+  }
+}
 
 await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-value card in your reader.", [
   {
@@ -147,7 +188,11 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     summary:
       "Load the card from your bank account: the bank holds the amount, the load server's security module\nsigns the LOAD command, the card credits itself, and the bank debits the account on the load server's\nsealed confirmation. Nothing is asked of the bank before you approve.\n" +
       `You log in to the bank with the account's password, asked once without echo (or $${BANK_PASSWORD_ENV} in scripts);\n` +
-      "the access token the bank gives, not the password, is kept in DATA/client/bank-tokens.json (mode 0600) until it expires.",
+      "the access token the bank gives, not the password, is kept in DATA/client/bank-tokens.json (mode 0600) until it expires.\n" +
+      "The load goes to the daemon under a request id of its own: if the daemon answers UNAVAILABLE or DEADLINE_EXCEEDED\n" +
+      "it is asked again (up to 3 times, 1, 2 and 4 s apart, said on stderr), and a retry never loads twice. If it still fails\n" +
+      "after the daemon journaled the load, the transaction id is printed, and whether it may still complete (then do not\n" +
+      "load again: run 'netpurse card sync' later and check 'netpurse card'). Exit status 1 on any failure.",
     usage: `AMOUNT [--account ID] [--bank HOST:PORT] [--yes] [--daemon HOST:PORT] ${CONNECT_USAGE}   (AMOUNT like 20.00, in the card's currency)`,
     options: { ...daemonOption, ...CONNECT_OPTIONS, account: { type: "string" }, bank: { type: "string" }, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
@@ -184,7 +229,9 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
             fresh,
           });
         const load = async (token: string) =>
-          c.loadCard({ bankAddress, accountId: account, amount, approvedAmount: amount, bankAccessToken: token }, { deadline: 60_000 });
+          underRequestId("load", (requestId) =>
+            c.loadCard({ bankAddress, accountId: account, amount, approvedAmount: amount, bankAccessToken: token, requestId }, { deadline: 60_000 }),
+          );
         const token = await session(false);
         console.log("loading…");
         // A kept token the bank no longer takes (a new password, a restarted clock): log in once more, and load again.
@@ -221,7 +268,11 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   {
     name: "pay",
     summary:
-      "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.",
+      "Buy a product: the merchant makes an offer, you approve the amount, the card pays,\nthe merchant releases the goods. Nothing touches the card before you approve.\n" +
+      "The payment goes to the daemon under a request id of its own: if the daemon answers UNAVAILABLE or DEADLINE_EXCEEDED\n" +
+      "it is asked again (up to 3 times, 1, 2 and 4 s apart, said on stderr), and a retry never pays twice. If it still fails\n" +
+      "after the daemon journaled the purchase, the transaction id is printed, and whether it may still complete (then do\n" +
+      "not pay again: the daemon finishes it; check 'netpurse card'). Exit status 1 on any failure.",
     usage: `PRODUCT [--yes] [--merchant HOST:PORT] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
     options: { ...daemonOption, ...merchantOptions, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
@@ -240,7 +291,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
           return;
         }
         console.log("paying…");
-        const r = await c.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+        const r = await underRequestId("payment", (requestId) => c.payOffer({ offer, approvedAmount: offer!.amount, requestId }, { deadline: 60_000 }));
         for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
         console.log(`\npaid ${m(r.receipt!.amount)} to ${r.receipt!.merchantName}; card balance now ${m(r.purse!.balance)}`);
         console.log(`receipt: transaction ${r.receipt!.transactionId?.value}, PSAM ${hexOf(r.receipt!.psamId?.value)}/${r.receipt!.psamCounter}`);

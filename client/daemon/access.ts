@@ -6,8 +6,8 @@
 // (mode 0600), since any local process can open a loopback port.
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
-import { lstatSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { lstatSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { Metadata, Status, type CallContext, type ServerMiddleware, type ServerMiddlewareCall } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
@@ -27,13 +27,72 @@ const uid = () => process.getuid?.() ?? 0;
 const mode = (m: number) => `0${(m & 0o777).toString(8)}`;
 
 /**
+ * Checks every folder above `folder` up to the root, as OpenSSH checks the
+ * path to its keys: each must be the caller's or root's, and writable by no
+ * one else unless it is root's with the sticky bit (as /tmp is). Otherwise
+ * whoever may write there could rename the socket's folder away and put a
+ * socket of their own in its place, and be answered by the cardholder's
+ * programs: their bank tokens, their approvals.
+ */
+export function checkFoldersAbove(folder: string): void {
+  for (let dir = dirname(resolve(folder)); ; dir = dirname(dir)) {
+    const st = statSync(dir);
+    if (st.uid !== uid() && st.uid !== 0) {
+      throw new Error(
+        `${dir}, a folder above the daemon's socket, belongs to uid ${st.uid}: its owner could put a socket of their own in place of the daemon's. Keep the data folder (--data) in folders of your own`,
+      );
+    }
+    const shared = st.mode & 0o022;
+    const sticky = st.uid === 0 && (st.mode & 0o1000) !== 0;
+    if (shared && !sticky) {
+      throw new Error(
+        `${dir}, a folder above the daemon's socket, is mode ${mode(st.mode)}: other users could put a socket of their own in place of the daemon's. Run 'chmod go-w ${dir}', or keep the data folder (--data) elsewhere`,
+      );
+    }
+    if (dirname(dir) === dir) return;
+  }
+}
+
+/**
+ * What a program of the cardholder's checks before it speaks to the daemon
+ * at `socket`: the socket and its folder are the caller's own and closed to
+ * others, and so is the path to them, so the answer comes from the
+ * cardholder's daemon and no one else's.
+ */
+export function checkDaemonSocket(socket: string): void {
+  const folder = dirname(socket);
+  checkFoldersAbove(folder);
+  for (const [path, what] of [
+    [folder, "the daemon's socket folder"],
+    [socket, "the daemon's socket"],
+  ] as const) {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      throw new Error(`no client daemon at ${socket}: start it ('netpurse daemon', or 'npm start'), or name its socket with --daemon unix:PATH`, {
+        cause: e,
+      });
+    }
+    if (st.uid !== uid()) throw new Error(`${path}, ${what}, belongs to uid ${st.uid}, not to you: it is not your daemon; refusing to speak to it`);
+    if (path === folder && (st.mode & 0o077 || !st.isDirectory())) {
+      throw new Error(
+        `${path}, ${what}, is ${st.isDirectory() ? `mode ${mode(st.mode)}` : "not a folder"}: others could have put the socket there; refusing to speak to it`,
+      );
+    }
+  }
+}
+
+/**
  * Makes the folder of the daemon's socket, mode 0700, or checks the one
  * there: a folder of the cardholder's own that no one else may enter. One
  * that others may enter, or that belongs to someone else, is refused: whoever
  * reaches the socket can pay with the card.
  */
 export function ensureSocketFolder(folder: string): void {
-  mkdirSync(dirname(folder), { recursive: true });
+  mkdirSync(dirname(folder), { recursive: true, mode: 0o700 });
+  checkFoldersAbove(folder);
   try {
     mkdirSync(folder, { mode: 0o700 });
   } catch (e) {

@@ -2,6 +2,7 @@
 // machine. It holds the card reader, serves CardholderService on localhost,
 // pays offers and finishes any purchase whose answer was lost.
 
+import { randomUUID } from "node:crypto";
 import { ClientError, Status } from "nice-grpc";
 import { CardTransactionKind, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type {
@@ -13,8 +14,8 @@ import type {
   PayOfferRequest,
   PayOfferResponse,
 } from "../../gen/netpurse/cardholder/v1/cardholder.js";
-import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
-import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { BankServiceDefinition, HoldState } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadOutcome, LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
 import { loadCard, type LoadContext } from "../load/load.js";
 import type { LoadJournal } from "../load/record.js";
@@ -24,7 +25,7 @@ import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.
 import type { CardTransport } from "../../lib/apdu/transport.js";
 import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
 import type { Security } from "../../lib/pki/security.js";
-import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
+import { fieldOf, invalidField, NetpurseError, reasonOf, retryAfterMsOf } from "../../lib/grpc/errors.js";
 import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
 import { psamId, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
@@ -35,7 +36,7 @@ import { Mutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, LogKind } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
-import { toRecord, type JournalRow, type SqliteJournal } from "./journal.js";
+import { toRecord, type JournalRow, type LoadByRequest, type SqliteJournal, type SqliteLoadJournal } from "./journal.js";
 import { purseState } from "../card/purse-state.js";
 
 /** page_size of ListCardTransactions, as cardholder.proto documents it: all a card keeps by default, and the most READ LOG can address. */
@@ -44,6 +45,72 @@ const CARD_LOG_LIST = "transactions";
 
 /** The longest bank access token a LoadCard may carry, as cardholder.proto documents it. */
 const MAX_BANK_TOKEN_CHARS = 256;
+
+/**
+ * How long the daemon keeps a bank access token: a bank's token acts for 15
+ * minutes by default. After that a load whose offer never arrived cannot be
+ * asked for again, and ends FAILED (the bank releases a stale hold itself).
+ */
+export const BANK_TOKEN_KEEP_MS = 15 * 60_000;
+
+/** A caller's request id of LoadCard and PayOffer, as cardholder.proto documents it. */
+const REQUEST_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+function requestIdOf(raw: string): string | undefined {
+  if (raw === "") return undefined;
+  if (!REQUEST_ID.test(raw)) throw invalidField("request_id", "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'");
+  return raw;
+}
+
+const sameMoney = (a: { amountMinor: bigint | number; currency: number; exponent: number }, b: typeof a) =>
+  BigInt(a.amountMinor) === BigInt(b.amountMinor) && a.currency === b.currency && a.exponent === b.exponent;
+
+/**
+ * An error of a load or purchase the journal holds, as the cardholder's API
+ * reports it: the original code and reason, and the transaction, its journal
+ * state and whether it may still complete, in the message and in the
+ * ErrorInfo metadata, so a caller tells "nothing happened" from "do not do
+ * it again".
+ */
+function journaledError(e: unknown, kind: "load" | "purchase", transactionId: string, state: string, mayComplete: boolean): NetpurseError {
+  const code = e instanceof NetpurseError || e instanceof ClientError ? e.code : Status.UNKNOWN;
+  const details = e instanceof NetpurseError || e instanceof ClientError ? e.details : (e as Error).message;
+  const field = fieldOf(e);
+  const retryAfterMs = retryAfterMsOf(e);
+  const what = mayComplete
+    ? state === "DONE" || state === "RECEIPT"
+      ? `it is finished (${state}): do not ${kind === "load" ? "load" : "pay"} again; 'netpurse card' shows the card`
+      : `it may still complete: the daemon finishes it (or 'netpurse card sync'); do not ${kind === "load" ? "load" : "pay"} again, check with 'netpurse card'`
+    : kind === "load"
+      ? "it ended FAILED and nothing reached the card"
+      : "it ended FAILED and the daemon does nothing more for it";
+  return new NetpurseError(
+    code,
+    reasonOf(e) ?? ErrorReason.ERROR_REASON_UNSPECIFIED,
+    `${details} [${kind} ${transactionId}: journal state ${state}; ${what}]`,
+    {
+      ...(field !== undefined ? { field } : {}),
+      ...(retryAfterMs !== undefined ? { retryAfterMs } : {}),
+      metadata: { transaction_id: transactionId, state, may_complete: String(mayComplete) },
+    },
+  );
+}
+
+/**
+ * A retry's answer when the earlier load or purchase of its request id did
+ * not finish well: FAILED_PRECONDITION if it failed, UNAVAILABLE (IN_DOUBT)
+ * while it is still open; either way, nothing was done again.
+ */
+function earlierUnfinished(kind: "load" | "purchase", id: string, state: string, details: { failed: string; open: string }): NetpurseError {
+  const failed = state === "FAILED";
+  const e = failed
+    ? new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, details.failed)
+    : new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_IN_DOUBT, details.open);
+  return journaledError(e, kind, id, state, !failed);
+}
+
+/** The hold a finished load left at the bank: its confirmation posts a load and releases one not made. */
+const holdAfter = (outcome: LoadOutcome) => (outcome === LoadOutcome.LOAD_OUTCOME_LOADED ? HoldState.HOLD_STATE_POSTED : HoldState.HOLD_STATE_RELEASED);
 
 /** A ListCardTransactions token's position: entries below card counter `c` come next; `n` were listed before them. */
 const isCardLogPosition = (p: unknown): p is { c: number; n: number } =>
@@ -71,18 +138,20 @@ export class CardholderDaemon {
    * account: kept in memory only (never journaled), to ask a bank again for
    * an offer whose answer was lost. A token expires within minutes anyway.
    */
-  private readonly bankTokens = new Map<string, string>();
+  private readonly bankTokens = new Map<string, { token: string; keptAt: number }>();
 
   constructor(
     private readonly o: {
       transport: CardTransport;
       journal: SqliteJournal;
-      loads: LoadJournal;
+      loads: SqliteLoadJournal;
       log: Logger;
       /** The CA the servers it reaches must prove themselves with (or --insecure). */
       security: Security;
       callDeadlineMs?: number;
       resumeEveryMs?: number;
+      /** How long a bank access token is kept for the recovery (default BANK_TOKEN_KEEP_MS). */
+      bankTokenKeepMs?: number;
     },
   ) {
     this.reader = new PurseReader(o.transport);
@@ -104,6 +173,8 @@ export class CardholderDaemon {
     syncCard: async () =>
       this.card.run(async () => {
         const loads = await this.resumeOpenLoads();
+        // A daemon's first call may be this one: the card must be selected before it is read.
+        await this.connect();
         return {
           loads: loads.map((l) => ({ transactionId: txnId(l.transactionId), outcome: l.outcome, holdState: l.holdState, detail: l.detail })),
           purse: purseState(await this.reader.readPurse()),
@@ -168,6 +239,7 @@ export class CardholderDaemon {
   }
 
   private async load(req: LoadCardRequest): Promise<LoadCardResponse> {
+    const requestId = requestIdOf(req.requestId);
     const amount = req.amount;
     const approved = req.approvedAmount;
     if (!amount || !approved || approved.amountMinor !== amount.amountMinor || approved.currency !== amount.currency || approved.exponent !== amount.exponent) {
@@ -190,10 +262,13 @@ export class CardholderDaemon {
     const bankAddress = req.bankAddress || defaultAddress("bank");
     return this.card.run(async () => {
       this.keepBankToken(bankAddress, accountId, accessToken);
+      const earlier = requestId ? await this.o.loads.byRequestId(requestId) : undefined;
+      if (earlier && requestId) return this.loadAgain(earlier, requestId, { bankAddress, accountId, amount });
       await this.settleLoadsBeforeUsingCard();
-      this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount) });
+      this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount), request: requestId });
+      const transactionId = randomUUID();
       try {
-        const r = await loadCard({ bankAddress, accountId, amount, accessToken }, this.loadContext());
+        const r = await loadCard({ bankAddress, accountId, amount, accessToken, transactionId, ...(requestId ? { requestId } : {}) }, this.loadContext());
         return {
           transactionId: txnId(r.transactionId),
           outcome: r.outcome,
@@ -202,8 +277,52 @@ export class CardholderDaemon {
           steps: r.steps,
         };
       } catch (e) {
-        throw cardError(e);
+        throw await this.loadError(transactionId, cardError(e));
       }
+    });
+  }
+
+  /** A load's error, naming the load once the journal holds it (untouched before: nothing happened). */
+  private async loadError(transactionId: string, e: unknown): Promise<unknown> {
+    const row = await this.o.loads.get(transactionId).catch(() => undefined);
+    return row ? journaledError(e, "load", transactionId, row.state, row.state !== "FAILED") : e;
+  }
+
+  /**
+   * A retry of a load under its request id: never a second load. It gets the
+   * earlier load's result once finished (after a try to finish it now), its
+   * failure, or an error naming it while it is still open.
+   */
+  private async loadAgain(
+    earlier: LoadByRequest,
+    requestId: string,
+    asked: { bankAddress: string; accountId: string; amount: NonNullable<LoadCardRequest["amount"]> },
+  ): Promise<LoadCardResponse> {
+    const id = earlier.transactionId;
+    if (earlier.bankAddress !== asked.bankAddress || earlier.accountId !== asked.accountId || !sameMoney(earlier.amount, asked.amount)) {
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_REQUEST_ID_REUSED,
+        `request id ${requestId} was used for load ${id} of ${formatMoney(earlier.amount)} from account ${earlier.accountId} at ${earlier.bankAddress}, not for ${formatMoney(asked.amount)} from account ${asked.accountId} at ${asked.bankAddress}; nothing was done: use a new request id for a new load`,
+      );
+    }
+    if (earlier.state !== "DONE" && earlier.state !== "FAILED") {
+      await this.resumeOpenLoads();
+      earlier = (await this.o.loads.get(id)) ?? earlier;
+    }
+    this.o.log.info("load asked again under its request id", { transaction: id, request: requestId, state: earlier.state });
+    if (earlier.state === "DONE" && earlier.settled) {
+      return {
+        transactionId: txnId(id),
+        outcome: earlier.settled.outcome,
+        holdState: holdAfter(earlier.settled.outcome),
+        purse: purseState(await this.reader.readPurse()),
+        steps: [{ name: "request id", detail: `request ${requestId} already made load ${id}, now finished; nothing was loaded again` }],
+      };
+    }
+    throw earlierUnfinished("load", id, earlier.state, {
+      failed: `request ${requestId} already made load ${id}, which failed: ${earlier.error ?? "no reason kept"}; load again with a new request id`,
+      open: `request ${requestId} already made load ${id}, which is not finished yet; nothing was loaded again: retry later with the same request id`,
     });
   }
 
@@ -235,7 +354,7 @@ export class CardholderDaemon {
   private keepBankToken(bankAddress: string, accountId: string, token: string): void {
     const key = `${bankAddress} ${accountId}`;
     this.bankTokens.delete(key);
-    this.bankTokens.set(key, token);
+    this.bankTokens.set(key, { token, keptAt: Date.now() });
     // A cardholder uses a bank account or two: the oldest goes beyond a few.
     const oldest = this.bankTokens.keys().next();
     if (this.bankTokens.size > 16 && !oldest.done) this.bankTokens.delete(oldest.value);
@@ -245,7 +364,10 @@ export class CardholderDaemon {
     return {
       reader: this.reader,
       bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address, { kind: "bank" })),
-      bankToken: (address, accountId) => this.bankTokens.get(`${address} ${accountId}`),
+      bankToken: (address, accountId) => {
+        const kept = this.bankTokens.get(`${address} ${accountId}`);
+        return kept && Date.now() - kept.keptAt < (this.o.bankTokenKeepMs ?? BANK_TOKEN_KEEP_MS) ? kept.token : undefined;
+      },
       load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address, { kind: "load" })),
       journal: this.o.loads,
       ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
@@ -253,6 +375,7 @@ export class CardholderDaemon {
   }
 
   private async pay(req: PayOfferRequest): Promise<PayOfferResponse> {
+    const requestId = requestIdOf(req.requestId);
     const offer = req.offer;
     const approved = req.approvedAmount;
     const a = offer?.amount;
@@ -264,6 +387,8 @@ export class CardholderDaemon {
       );
     }
     return this.card.run(async () => {
+      const earlier = requestId ? await this.o.journal.byRequestId(requestId) : undefined;
+      if (earlier && requestId && offer) return this.payAgain(earlier, requestId, offer);
       const done = offer?.transactionId ? await this.o.journal.get(offer.transactionId.value) : undefined;
       if (done) {
         throw new NetpurseError(
@@ -273,14 +398,66 @@ export class CardholderDaemon {
         );
       }
       await this.settleLoadsBeforeUsingCard();
-      this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined });
+      this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined, request: requestId });
       try {
-        const out = await payOffer(offer, this.context());
+        const out = await payOffer(offer, this.context(), requestId ? { requestId } : {});
         return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
       } catch (e) {
-        throw cardError(e);
+        throw await this.payError(offer?.transactionId?.value, cardError(e));
       }
     });
+  }
+
+  /** A purchase's error, naming the purchase once the journal holds it (untouched before: nothing happened). */
+  private async payError(transactionId: string | undefined, e: unknown): Promise<unknown> {
+    const row = transactionId ? await this.o.journal.get(transactionId).catch(() => undefined) : undefined;
+    return row ? journaledError(e, "purchase", row.transaction_id, row.state, row.state !== "FAILED") : e;
+  }
+
+  /**
+   * A retry of a purchase under its request id: never a second debit. It
+   * gets the receipt once the purchase is finished (after a try to finish
+   * it now), its failure, or an error naming it while it is still open.
+   */
+  private async payAgain(earlier: JournalRow, requestId: string, offer: NonNullable<PayOfferRequest["offer"]>): Promise<PayOfferResponse> {
+    const id = earlier.transaction_id;
+    const paid = toRecord(earlier).offer;
+    if (offer.transactionId?.value !== id || !offer.amount || !paid.amount || !sameMoney(offer.amount, paid.amount)) {
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_REQUEST_ID_REUSED,
+        `request id ${requestId} was used for purchase ${id} (${paid.amount ? formatMoney(paid.amount) : "?"}), not for offer ${offer.transactionId?.value ?? "?"}; nothing was done: use a new request id for a new purchase`,
+      );
+    }
+    if (earlier.state === "STARTED") await this.endStartedPurchases();
+    else if (earlier.state !== "FAILED" && earlier.state !== "RECEIPT") await this.finish(earlier);
+    const now = (await this.o.journal.get(id)) ?? earlier;
+    this.o.log.info("purchase asked again under its request id", { transaction: id, request: requestId, state: now.state });
+    if (now.state === "RECEIPT" && now.receipt) {
+      return {
+        receipt: toRecord(now).receipt,
+        purse: purseState(await this.reader.readPurse()),
+        steps: [{ name: "request id", detail: `request ${requestId} already paid purchase ${id}; the card was not debited again` }],
+      };
+    }
+    throw earlierUnfinished("purchase", id, now.state, {
+      failed: `request ${requestId} already tried purchase ${id}, which failed: ${now.error ?? "no reason kept"}; ask the merchant for a new offer`,
+      open: `request ${requestId} already started purchase ${id}, which is not finished yet; the card was not debited again: retry later with the same request id`,
+    });
+  }
+
+  /**
+   * Ends purchases left STARTED by a daemon that stopped half-way: no DEBIT
+   * command was journaled for them, so none reached the card. Called with
+   * the card held, so no purchase is in progress.
+   */
+  private async endStartedPurchases(): Promise<void> {
+    for (const row of await this.o.journal.startedOnly()) {
+      const why =
+        "the daemon stopped before any DEBIT command reached the card, so the card was not debited; the payment server reverses its security module's open debit. Ask the merchant for a new offer";
+      await this.o.journal.failed(row.transaction_id, why);
+      this.o.log.warn("purchase left half-way ended", { transaction: row.transaction_id, detail: why });
+    }
   }
 
   /**
@@ -291,6 +468,7 @@ export class CardholderDaemon {
   resume(): Promise<number> {
     return this.card.run(async () => {
       let finished = 0;
+      await this.endStartedPurchases();
       for (const row of await this.o.journal.unfinished()) {
         if (await this.finish(row)) finished++;
       }

@@ -11,6 +11,7 @@ import type { ClientLoadState, LoadJournal, LoadRecord } from "../load/record.js
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Db } from "../../lib/store/db.js";
 import type { ClientPurchaseState, DebitSent, PurchaseJournal, PurchaseRecord } from "../purchase.js";
+import { dieAt } from "./test-crash.js";
 
 export const CLIENT_MIGRATIONS = [
   `CREATE TABLE client_purchases (
@@ -56,6 +57,11 @@ export const CLIENT_MIGRATIONS = [
   `ALTER TABLE client_purchases RENAME COLUMN expected_card_signature TO expected_signature_digest;`,
   // The merchant's access secret for the order: with it, and only with it, GetOrder shows the goods again.
   `ALTER TABLE client_purchases ADD COLUMN order_access_secret BLOB;`,
+  // The caller's request id of a LoadCard or PayOffer: a retry under it finds this row, never makes a second load or purchase.
+  `ALTER TABLE client_purchases ADD COLUMN request_id TEXT;
+   ALTER TABLE client_loads ADD COLUMN request_id TEXT;
+   CREATE UNIQUE INDEX client_purchases_request_id ON client_purchases (request_id) WHERE request_id IS NOT NULL;
+   CREATE UNIQUE INDEX client_loads_request_id ON client_loads (request_id) WHERE request_id IS NOT NULL;`,
 ];
 
 export interface JournalRow {
@@ -76,6 +82,7 @@ export interface JournalRow {
   receipt: Buffer | null;
   proof_reported: number;
   error: string | null;
+  request_id: string | null;
 }
 
 const sealedBytes = (s: Sealed | undefined) => (s ? Buffer.from(Sealed.encode(s).finish()) : null);
@@ -115,18 +122,20 @@ export class SqliteJournal implements PurchaseJournal {
     ]);
   }
 
-  async started(offer: PaymentOffer): Promise<void> {
+  async started(offer: PaymentOffer, requestId?: string): Promise<void> {
     const now = new Date().toISOString();
-    await this.db.run("INSERT INTO client_purchases (transaction_id, offer, state, created_at, updated_at) VALUES (?, ?, 'STARTED', ?, ?)", [
+    await this.db.run("INSERT INTO client_purchases (transaction_id, offer, state, request_id, created_at, updated_at) VALUES (?, ?, 'STARTED', ?, ?, ?)", [
       offer.transactionId!.value,
       Buffer.from(PaymentOffer.encode(offer).finish()),
+      requestId ?? null,
       now,
       now,
     ]);
+    dieAt("purchase:STARTED");
   }
 
-  debitSent(id: string, d: DebitSent) {
-    return this.set(id, {
+  async debitSent(id: string, d: DebitSent) {
+    await this.set(id, {
       state: "DEBIT_SENT",
       purse_id: d.purseId,
       card_counter: d.cardCounter,
@@ -136,22 +145,27 @@ export class SqliteJournal implements PurchaseJournal {
       expected_signature_digest: d.expectedSignatureDigest,
       issued_result_m: sealedBytes(d.issuedResultM),
     });
+    dieAt("purchase:DEBIT_SENT");
   }
 
-  cardAnswered(id: string, sw: number, debitResponse: Buffer) {
-    return this.set(id, { state: "CARD_ANSWERED", card_status_word: sw, debit_response: debitResponse });
+  async cardAnswered(id: string, sw: number, debitResponse: Buffer) {
+    dieAt("purchase:before-CARD_ANSWERED");
+    await this.set(id, { state: "CARD_ANSWERED", card_status_word: sw, debit_response: debitResponse });
+    dieAt("purchase:CARD_ANSWERED");
   }
 
   cardLogProvesNoDebit(id: string) {
     return this.set(id, { state: "CARD_ANSWERED", card_status_word: null, debit_response: null, card_log_proves_no_debit: 1 });
   }
 
-  confirmed(id: string, resultM: Sealed) {
-    return this.set(id, { state: "CONFIRMED", result_m: sealedBytes(resultM) });
+  async confirmed(id: string, resultM: Sealed) {
+    await this.set(id, { state: "CONFIRMED", result_m: sealedBytes(resultM) });
+    dieAt("purchase:CONFIRMED");
   }
 
-  receipt(id: string, r: Receipt, orderAccessSecret: Uint8Array) {
-    return this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()), order_access_secret: Buffer.from(orderAccessSecret) });
+  async receipt(id: string, r: Receipt, orderAccessSecret: Uint8Array) {
+    await this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()), order_access_secret: Buffer.from(orderAccessSecret) });
+    dieAt("purchase:RECEIPT");
   }
 
   proofReported(id: string) {
@@ -164,6 +178,21 @@ export class SqliteJournal implements PurchaseJournal {
 
   get(id: string): Promise<JournalRow | undefined> {
     return this.db.get<JournalRow>("SELECT * FROM client_purchases WHERE transaction_id = ?", [id]);
+  }
+
+  /** The purchase a caller made under this request id, if any. */
+  byRequestId(requestId: string): Promise<JournalRow | undefined> {
+    return this.db.get<JournalRow>("SELECT * FROM client_purchases WHERE request_id = ?", [requestId]);
+  }
+
+  /**
+   * Purchases journaled STARTED and no further: no DEBIT command was
+   * journaled, so none reached the card. Only a daemon that stopped
+   * half-way leaves them (a purchase in progress holds the card, as does
+   * the recovery that looks for these).
+   */
+  startedOnly(): Promise<JournalRow[]> {
+    return this.db.all<JournalRow>("SELECT * FROM client_purchases WHERE state = 'STARTED' ORDER BY created_at");
   }
 
   /**
@@ -193,7 +222,31 @@ interface LoadRow {
   load_response: Buffer | null;
   settled: Buffer | null;
   purse_id: string;
+  request_id: string | null;
+  error: string | null;
 }
+
+/** A load as a retry of its request finds it: what it was asked for, and where it stands. */
+export interface LoadByRequest {
+  transactionId: string;
+  state: ClientLoadState;
+  bankAddress: string;
+  accountId: string;
+  amount: Money;
+  /** The load server's settlement, from SETTLED on. */
+  settled: SettledLoad | undefined;
+  error: string | null;
+}
+
+const loadByRequest = (row: LoadRow): LoadByRequest => ({
+  transactionId: row.transaction_id,
+  state: row.state as ClientLoadState,
+  bankAddress: row.bank_address,
+  accountId: row.account_id,
+  amount: Money.decode(row.amount),
+  settled: row.settled ? SettledLoad.decode(row.settled) : undefined,
+  error: row.error,
+});
 
 /** A journaled load that lacks what its state requires: the journal was damaged, and a person must look before the card moves on. */
 class CorruptLoad extends Error {
@@ -239,14 +292,28 @@ export class SqliteLoadJournal implements LoadJournal {
       new Date().toISOString(),
       id,
     ]);
+    dieAt(`load:${fields.state}`);
   }
 
-  async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string }): Promise<void> {
+  async loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string; requestId?: string }): Promise<void> {
     const now = new Date().toISOString();
     await this.db.run(
-      "INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, purse_id, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'STARTED', ?, ?)",
-      [r.transactionId, r.bankAddress, r.accountId, Buffer.from(Money.encode(r.amount).finish()), r.purseId, now, now],
+      "INSERT INTO client_loads (transaction_id, bank_address, account_id, amount, purse_id, state, request_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'STARTED', ?, ?, ?)",
+      [r.transactionId, r.bankAddress, r.accountId, Buffer.from(Money.encode(r.amount).finish()), r.purseId, r.requestId ?? null, now, now],
     );
+    dieAt("load:STARTED");
+  }
+
+  /** The load a caller made under this request id, if any. */
+  async byRequestId(requestId: string): Promise<LoadByRequest | undefined> {
+    const row = await this.db.get<LoadRow>("SELECT * FROM client_loads WHERE request_id = ?", [requestId]);
+    return row ? loadByRequest(row) : undefined;
+  }
+
+  /** A load by its transaction id, if journaled. */
+  async get(id: string): Promise<LoadByRequest | undefined> {
+    const row = await this.db.get<LoadRow>("SELECT * FROM client_loads WHERE transaction_id = ?", [id]);
+    return row ? loadByRequest(row) : undefined;
   }
 
   loadOffered(id: string, offer: LoadOffer) {

@@ -64,8 +64,14 @@ const CARD_LOG_SENT = 8;
 export const offerRefused = (e: unknown) =>
   isFinal(e) || (e instanceof ClientError && (e.code === Status.UNAUTHENTICATED || e.code === Status.RESOURCE_EXHAUSTED));
 
-/** Loads `amount` onto the card from `accountId` at the bank, as the account holder whose access token is `accessToken`. */
-export async function loadCard(p: { bankAddress: string; accountId: string; amount: Money; accessToken: string }, ctx: LoadContext): Promise<LoadSummary> {
+/**
+ * Loads `amount` onto the card from `accountId` at the bank, as the account holder whose access token is `accessToken`;
+ * under `transactionId` if given (the caller then knows which journal row to look at when it fails), else a new one.
+ */
+export async function loadCard(
+  p: { bankAddress: string; accountId: string; amount: Money; accessToken: string; transactionId?: string; requestId?: string },
+  ctx: LoadContext,
+): Promise<LoadSummary> {
   const a = requireCardAmount(p.amount, "amount");
   const steps: PurchaseStep[] = [];
   const step: Step = (name, detail) => steps.push({ name, detail });
@@ -80,8 +86,15 @@ export async function loadCard(p: { bankAddress: string; accountId: string; amou
     `purse ${purse.purseId.toString("hex")}: balance ${formatMoney({ amountMinor: purse.balance, currency: purse.currency, exponent: purse.exponent })} of at most ${formatMoney({ amountMinor: purse.maxBalance, currency: purse.currency, exponent: purse.exponent })}`,
   );
 
-  const id = randomUUID();
-  await ctx.journal?.loadStarted({ transactionId: id, bankAddress: p.bankAddress, accountId: p.accountId, amount: a, purseId: purse.purseId.toString("hex") });
+  const id = p.transactionId ?? randomUUID();
+  await ctx.journal?.loadStarted({
+    transactionId: id,
+    bankAddress: p.bankAddress,
+    accountId: p.accountId,
+    amount: a,
+    purseId: purse.purseId.toString("hex"),
+    ...(p.requestId ? { requestId: p.requestId } : {}),
+  });
   let offer: BankOffer;
   try {
     const r = await retrying(() =>

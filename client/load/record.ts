@@ -68,7 +68,8 @@ export type RequestedLoad = Extract<LoadRecord, Requested>;
 
 /** The client's log of each load step, so that nothing the card was credited with is lost. */
 export interface LoadJournal {
-  loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string }): Promise<void>;
+  /** The first step, with the caller's request id if it gave one (a retry under it finds this load). */
+  loadStarted(r: { transactionId: string; bankAddress: string; accountId: string; amount: Money; purseId: string; requestId?: string }): Promise<void>;
   loadOffered(id: string, offer: LoadOffer): Promise<void>;
   /** Written before the load request leaves: from here on a LOAD command may exist, made for this card counter. */
   loadRequested(id: string, cardCounter: number): Promise<void>;

@@ -28,9 +28,9 @@ export class NetpurseError extends RichServerError {
     code: Status,
     readonly reason: ErrorReason,
     details: string,
-    more: { field?: string; retryAfterMs?: number } = {},
+    more: { field?: string; retryAfterMs?: number; metadata?: Record<string, string> } = {},
   ) {
-    const extra: ErrorDetails[] = [ErrorInfo.fromPartial({ reason: errorReasonToJSON(reason), domain: ERROR_DOMAIN })];
+    const extra: ErrorDetails[] = [ErrorInfo.fromPartial({ reason: errorReasonToJSON(reason), domain: ERROR_DOMAIN, metadata: more.metadata ?? {} })];
     if (more.field !== undefined) extra.push(BadRequest.fromPartial({ fieldViolations: [{ field: more.field, description: details }] }));
     const retry = more.retryAfterMs ?? RETRY_AFTER_MS[code];
     if (retry !== undefined) extra.push(retryInfo(retry));
@@ -57,8 +57,15 @@ export function reasonOf(e: unknown): ErrorReason | undefined {
   return undefined;
 }
 
+/** The metadata of a netpurse ErrorInfo (say, the client daemon's transaction_id, state and may_complete); empty if none. */
+export function errorMetadataOf(e: unknown): Record<string, string> {
+  const extra = e instanceof RichClientError || e instanceof RichServerError ? e.extra : [];
+  for (const d of extra) if (d.$type === "google.rpc.ErrorInfo" && d.domain === ERROR_DOMAIN) return { ...d.metadata };
+  return {};
+}
+
 /** The field a server named in its BadRequest, if any. */
-function fieldOf(e: unknown): string | undefined {
+export function fieldOf(e: unknown): string | undefined {
   const extra = e instanceof RichClientError || e instanceof RichServerError ? e.extra : [];
   for (const d of extra) if (d.$type === "google.rpc.BadRequest") return d.fieldViolations[0]?.field;
   return undefined;

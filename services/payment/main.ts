@@ -15,6 +15,8 @@ await runService({
     "hold-timeout-ms": { type: "string" },
     "psam-wait-ms": { type: "string" },
     "proof-timeout-ms": { type: "string" },
+    "abandon-received-after-ms": { type: "string" },
+    "sweep-every-ms": { type: "string" },
     "max-unanswered-per-purse": { type: "string" },
     ...SECURITY_OPTIONS,
   },
@@ -27,6 +29,11 @@ await runService({
     `  --hold-timeout-ms N      how long a PSAM waits for the card's answer (default ${D.holdTimeoutMs})`,
     `  --psam-wait-ms N         longest wait for a free PSAM without a caller deadline (default ${D.maxPsamWaitMs})`,
     `  --proof-timeout-ms N     how long a DEBIT command waits for the card's proof before it is in doubt (default ${D.proofTimeoutMs})`,
+    `  --abandon-received-after-ms N  how long a draw request may stay without its DEBIT command (state RECEIVED) before it is
+                           ended REFUSED (reason DRAW_REQUEST_ABANDONED; nothing was debited); longer than --psam-wait-ms.
+                           Rows a previous run left RECEIVED are ended at start (default ${D.abandonReceivedAfterMs})`,
+    `  --sweep-every-ms N       how often recovery looks at waiting purchases: rulings, proofs, doubt, abandoned draw requests
+                           (default ${D.sweepEveryMs})`,
     `  --max-unanswered-per-purse N  most DEBIT commands of one card awaiting its answer; one more draw request is refused (default ${D.maxUnansweredPerPurse})`,
     SECURITY_HELP,
   ].join("\n"),
@@ -40,6 +47,8 @@ await runService({
       holdTimeoutMs: intOpt(v, "hold-timeout-ms", D.holdTimeoutMs),
       maxPsamWaitMs: intOpt(v, "psam-wait-ms", D.maxPsamWaitMs),
       proofTimeoutMs: intOpt(v, "proof-timeout-ms", D.proofTimeoutMs),
+      abandonReceivedAfterMs: intOpt(v, "abandon-received-after-ms", D.abandonReceivedAfterMs),
+      sweepEveryMs: intOpt(v, "sweep-every-ms", D.sweepEveryMs),
       maxUnansweredPerPurse: intOpt(v, "max-unanswered-per-purse", D.maxUnansweredPerPurse),
     }),
 });

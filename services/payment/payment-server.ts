@@ -337,7 +337,8 @@ export class PaymentServer {
           );
         }
       } else {
-        if (p.state === "REVERSED") throw errorOf(p.failure);
+        // A refused draw request (the PSAM's refusal, or ended without its DEBIT command) gets its recorded answer.
+        if (p.state === "REVERSED" || p.state === "REFUSED") throw errorOf(p.failure);
         if (p.state !== "DEBIT_COMMAND_ISSUED" && p.state !== "IN_DOUBT") {
           throw new NetpurseError(
             Status.FAILED_PRECONDITION,

@@ -3,9 +3,13 @@
 // It settles what waited for a PSAM when that PSAM is back, records proven
 // debits in their PSAM's batch, puts in doubt DEBIT commands whose proof did
 // not come in time, settles purchases from the card's log at its next
-// contact, and reverses open debits in PSAMs whose DEBIT command never left
-// this server. Nothing is guessed: each purchase is settled by a proof.
+// contact, reverses open debits in PSAMs whose DEBIT command never left
+// this server, and ends draw requests that never got their DEBIT command
+// (left by a previous run, or unfinished for too long). Nothing is guessed:
+// each purchase the card may have paid is settled by a proof.
 
+import { Status } from "nice-grpc";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type { PsamSlot, TerminalInfo } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import { hexOf } from "../../lib/ids.js";
@@ -15,8 +19,9 @@ import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DebitResponse, DebitResult, type CardLogRecord } from "../../lib/protocol/purse.js";
 import type { PsamPool } from "./psam-pool.js";
 import { backgroundDeadline, psamKeyOf, type PsamWork } from "./psam-work.js";
+import { failureOf } from "./refusals.js";
 import type { Ruling } from "./ruling.js";
-import type { PaymentStore, Purchase } from "./store.js";
+import { failureColumns, type PaymentStore, type Purchase } from "./store.js";
 
 export class Recovery {
   private sweeping: Periodic | undefined;
@@ -31,6 +36,8 @@ export class Recovery {
       log: Logger;
       /** How long a DEBIT command may wait for the card's proof before the purchase is in doubt. */
       proofTimeoutMs: number;
+      /** How long a draw request may stay RECEIVED (no DEBIT command left) before it is ended. */
+      abandonReceivedAfterMs: number;
     },
   ) {}
 
@@ -48,6 +55,10 @@ export class Recovery {
   }
 
   async sweep(): Promise<void> {
+    await this.abandonReceived(
+      new Date(Date.now() - this.o.abandonReceivedAfterMs),
+      `it was left unfinished for more than ${this.o.abandonReceivedAfterMs} ms`,
+    );
     const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
     await this.settleWaiting(waiting.filter((p) => "psam_id" in p && this.o.pool.has(psamKeyOf(p))));
     const before = new Date(Date.now() - this.o.proofTimeoutMs).toISOString();
@@ -60,6 +71,50 @@ export class Recovery {
           { step: "no_proof_in_time", detail: `no card answer within ${this.o.proofTimeoutMs} ms; settled from the card's proof at its next contact` },
         ),
       );
+    }
+  }
+
+  /**
+   * Ends the draw requests a previous run of this server left RECEIVED (all
+   * rows received before `startedAt`): no request of this process handles
+   * them, and the process that did is gone. Run at start-up, before calls
+   * are served.
+   */
+  async abandonLeftByPreviousRun(startedAt: Date): Promise<void> {
+    await this.abandonReceived(startedAt, "the payment server stopped before its DEBIT command left");
+  }
+
+  /**
+   * Ends purchases still RECEIVED since before `before`: REFUSED, with the
+   * answer the same draw request gets from now on. A RECEIVED purchase never
+   * had its DEBIT command leave this server (the command is recorded
+   * before it is sent), so no card was debited for it; an open debit its
+   * PSAM may hold is an orphan, reversed when the terminal attaches
+   * (reconcile: a REFUSED row is not the PSAM's live transaction). Under the
+   * transaction's lock, so a draw request being handled is never ended under
+   * its feet: it is looked at again after that request is done.
+   */
+  private async abandonReceived(before: Date, why: string): Promise<void> {
+    for (const { transaction_id: id } of await this.o.store.staleInStates(["RECEIVED"], before.toISOString())) {
+      await this.o.locks.run(id, async () => {
+        const p = await this.o.store.get(id);
+        if (p?.state !== "RECEIVED" || p.updated_at >= before.toISOString()) return;
+        const e = new NetpurseError(
+          Status.FAILED_PRECONDITION,
+          ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED,
+          `transaction ${id} was ended by the payment server: ${why}; nothing was debited: pay with a new offer`,
+        );
+        const ended = await this.o.store.transition(
+          id,
+          ["RECEIVED"],
+          { state: "REFUSED", ...failureColumns(failureOf(e)) },
+          {
+            step: "draw_request_abandoned",
+            detail: `${why}; no DEBIT command left this server, so no card was debited; an open debit its PSAM holds is reversed when its terminal attaches`,
+          },
+        );
+        if (ended) this.o.log.info("draw request without a DEBIT command ended", { transaction: id, why });
+      });
     }
   }
 

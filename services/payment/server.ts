@@ -31,6 +31,8 @@ export interface PaymentConfig {
   sweepEveryMs?: number;
   /** How long a DEBIT command waits for the card's proof before the purchase is in doubt. */
   proofTimeoutMs?: number;
+  /** How long a draw request may stay RECEIVED (no DEBIT command left this server) before it is ended; longer than maxPsamWaitMs. */
+  abandonReceivedAfterMs?: number;
   /** Most purchases of one purse with a DEBIT command issued and no card answer recorded; a new draw request of that purse beyond it is refused. */
   maxUnansweredPerPurse?: number;
   /** The gRPC server's limits, where they differ from DEFAULT_LIMITS. */
@@ -44,12 +46,20 @@ export const PAYMENT_DEFAULTS = {
   jobTimeoutMs: 10_000,
   sweepEveryMs: 15_000,
   proofTimeoutMs: 10 * 60_000,
+  abandonReceivedAfterMs: 5 * 60_000,
   maxUnansweredPerPurse: 4,
 } as const;
 
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
+  const startedAt = new Date();
   const log = createLogger("payment");
+  const maxPsamWaitMs = c.maxPsamWaitMs ?? PAYMENT_DEFAULTS.maxPsamWaitMs;
+  const abandonReceivedAfterMs = c.abandonReceivedAfterMs ?? PAYMENT_DEFAULTS.abandonReceivedAfterMs;
+  // A draw request's handler gives up within maxPsamWaitMs; a shorter bound would end rows whose request is still trying.
+  if (abandonReceivedAfterMs <= maxPsamWaitMs) {
+    throw new Error(`abandon-received-after-ms (${abandonReceivedAfterMs}) must be longer than psam-wait-ms (${maxPsamWaitMs})`);
+  }
   // Before anything else opens: without it no PSAM answer could be checked.
   const verdicts = await SoftwareSecurityModule.open(c.dir);
   const db = openSqlite(join(c.dir, "payment.db"), PAYMENT_MIGRATIONS);
@@ -75,7 +85,18 @@ export async function startPaymentServer(c: PaymentConfig) {
     jobTimeoutMs: c.jobTimeoutMs ?? PAYMENT_DEFAULTS.jobTimeoutMs,
   });
   const ruling = new Ruling({ store, work, log, locks });
-  const recovery: Recovery = new Recovery({ store, pool, work, ruling, locks, log, proofTimeoutMs: c.proofTimeoutMs ?? PAYMENT_DEFAULTS.proofTimeoutMs });
+  const recovery: Recovery = new Recovery({
+    store,
+    pool,
+    work,
+    ruling,
+    locks,
+    log,
+    proofTimeoutMs: c.proofTimeoutMs ?? PAYMENT_DEFAULTS.proofTimeoutMs,
+    abandonReceivedAfterMs,
+  });
+  // Before any call is served: every RECEIVED row now was left by a previous run.
+  await recovery.abandonLeftByPreviousRun(startedAt);
   const server = new PaymentServer({
     store,
     merchants: new MerchantRegistry(join(c.dir, "merchants.json")),
@@ -84,7 +105,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     recovery,
     locks,
     log,
-    maxPsamWaitMs: c.maxPsamWaitMs ?? PAYMENT_DEFAULTS.maxPsamWaitMs,
+    maxPsamWaitMs,
     maxUnansweredPerPurse: c.maxUnansweredPerPurse ?? PAYMENT_DEFAULTS.maxUnansweredPerPurse,
   });
   link.start();

@@ -6,6 +6,7 @@
 
 import type { ConfirmationMode } from "../../gen/netpurse/card/v1/card.js";
 import type { Db, Queryable, SqlValue } from "../../lib/store/db.js";
+import { crashPoint } from "./crash-points.js";
 
 export const PAYMENT_MIGRATIONS = [
   `CREATE TABLE purchases (
@@ -285,7 +286,8 @@ export class PaymentStore {
   async insert(p: NewPurchase, event: Step): Promise<boolean> {
     const now = new Date().toISOString();
     const row: Record<string, SqlValue> = { ...p, state: "RECEIVED", created_at: now, updated_at: now };
-    return this.db.transaction(async (tx) => {
+    crashPoint("before", event.step);
+    const inserted = await this.db.transaction(async (tx) => {
       const exists = await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [p.transaction_id]);
       if (exists) return false;
       const cols = Object.keys(row);
@@ -296,6 +298,8 @@ export class PaymentStore {
       await logEvent(tx, p.transaction_id, event, now);
       return true;
     });
+    if (inserted) crashPoint("after", event.step);
+    return inserted;
   }
 
   /**
@@ -305,7 +309,8 @@ export class PaymentStore {
   async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, event: Step): Promise<boolean> {
     const now = new Date().toISOString();
     const cols = Object.keys(patch) as (keyof PurchasePatch)[];
-    return this.db.transaction(async (tx) => {
+    crashPoint("before", event.step);
+    const moved = await this.db.transaction(async (tx) => {
       const r = await tx.run(
         `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)})`,
         [...cols.map((c) => patch[c] ?? null), now, transactionId, ...from],
@@ -314,11 +319,15 @@ export class PaymentStore {
       await logEvent(tx, transactionId, event, now);
       return true;
     });
+    if (moved) crashPoint("after", event.step);
+    return moved;
   }
 
   /** Logs a step without changing the state. */
   async log(transactionId: string, event: Step): Promise<void> {
+    crashPoint("before", event.step);
     await this.db.transaction((tx) => logEvent(tx, transactionId, event, new Date().toISOString()));
+    crashPoint("after", event.step);
   }
 
   async get(transactionId: string): Promise<Purchase | undefined> {

@@ -57,6 +57,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
           accountId: h.accountId,
           amount: money(minor, EUR, 2),
           approvedAmount: money(minor, EUR, 2),
+          requestId: "",
           bankAccessToken: h.token,
         },
         {} as never,
@@ -187,6 +188,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
               accountId: c.accountId,
               amount: money(2_000, EUR, 2),
               approvedAmount: money(2_000, EUR, 2),
+              requestId: "",
               bankAccessToken: c.token,
             },
             {} as never,
@@ -232,6 +234,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
             accountId: c.accountId,
             amount: money(2_000, EUR, 2),
             approvedAmount: money(2_000, EUR, 2),
+            requestId: "",
             bankAccessToken: c.token,
           },
           {} as never,
@@ -249,7 +252,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
       const asStranger = await net.clients.load.getLoad({ transactionId: txnId(defined(open1, "the open load").transactionId) });
       expect([asStranger.state, asStranger.proofReference, asStranger.amount]).to.deep.equal([LoadState.LOAD_STATE_PENDING, undefined, undefined]);
       const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
-      const e = (await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never).catch((x: unknown) => x)) as Error;
+      const e = (await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount, requestId: "" }, {} as never).catch((x: unknown) => x)) as Error;
       expect(e.message).to.contain("the card holds EUR 0.00"); // the load was proven not made (the card is still empty), so the purchase is refused on its balance
       expect((await loadAtServer(open1!.transactionId)).outcome).to.equal(NOT_LOADED);
       expect(await account(net, c.accountId)).to.deep.include({ balance: 100_000, available: 100_000 });
@@ -279,7 +282,10 @@ describe("client daemon: loads the client dropped out of half-way", function () 
         .finally(() => channel.close());
       const amount = money(1_000, EUR, 2);
       const e = (await c.daemon.service
-        .loadCard({ bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount, bankAccessToken: accessToken }, {} as never)
+        .loadCard(
+          { bankAddress: stranger.address, accountId: "acct", amount, approvedAmount: amount, bankAccessToken: accessToken, requestId: "" },
+          {} as never,
+        )
         .catch((x: unknown) => x)) as NetpurseError;
       expect(e).to.be.instanceOf(NetpurseError);
       expect([e.code, e.reason]).to.deep.equal([Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_BANK]);
@@ -298,7 +304,7 @@ describe("client daemon: loads the client dropped out of half-way", function () 
     try {
       const pending = await pendingDeposit(c, 3_000);
       const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
-      await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never);
+      await c.daemon.service.payOffer({ offer, approvedAmount: offer!.amount, requestId: "" }, {} as never);
       expect((await loadAtServer(pending.transactionId)).state).to.equal(LoadState.LOAD_STATE_SETTLED);
       expect(await account(net, c.accountId)).to.deep.include({ balance: 97_000, available: 97_000 });
       expect(await cardBalance(c)).to.equal(3_000 - 99);

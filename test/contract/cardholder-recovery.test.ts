@@ -66,7 +66,7 @@ describe("client daemon: finishing purchases a crash interrupted", function () {
 
   const pay = async () => {
     const { offer } = await net.clients.merchant.createOrder({ productId: "ebook-smart-cards" });
-    const e = await daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never).catch((x: unknown) => x);
+    const e = await daemon.service.payOffer({ offer, approvedAmount: offer!.amount, requestId: "" }, {} as never).catch((x: unknown) => x);
     return { offer: offer!, error: e as Error };
   };
   const balance = async () => {

@@ -29,7 +29,7 @@ const isRoot = process.getuid?.() === 0;
 /** What test/support/foreign-caller.ts got from the daemon, called as user `uid` (default: the cardholder's). */
 async function callAs(address: string, method: "PayOffer" | "GetCard", o: { offer?: PaymentOffer; uid?: number } = {}) {
   const args = ["--import", "tsx", join(ROOT, "test/support/foreign-caller.ts"), address, method];
-  if (o.offer) args.push(Buffer.from(PayOfferRequest.encode({ offer: o.offer, approvedAmount: o.offer.amount }).finish()).toString("hex"));
+  if (o.offer) args.push(Buffer.from(PayOfferRequest.encode({ offer: o.offer, approvedAmount: o.offer.amount, requestId: "" }).finish()).toString("hex"));
   const as = o.uid !== undefined ? { uid: o.uid, gid: o.uid } : {};
   const { stdout } = await run(process.execPath, args, { cwd: ROOT, timeout: 30_000, env: { ...process.env, NETPURSE_LOG_LEVEL: "warn" }, ...as });
   return JSON.parse(stdout.trim().split("\n").at(-1) ?? "{}") as { ok: boolean; balance?: string; code?: string; details?: string };
@@ -180,6 +180,41 @@ describe("contract: the client daemon answers only its cardholder", function () 
       expect(statSync(join(dir, "run", "daemon.sock")).mode & 0o777).to.equal(0o600);
     } finally {
       await d.close();
+    }
+  });
+
+  it("a folder above the socket that others may write into: the daemon will not start there, and the CLI speaks to no socket another could have put there", async () => {
+    const card = await newCard("shared");
+    // Whoever may write into a folder above run/ can rename run/ away and put a socket of their own in its place.
+    const shared = join(net.data, "shared-folder");
+    mkdirSync(join(shared, "client", "run"), { recursive: true, mode: 0o700 });
+    chmodSync(shared, 0o777);
+    const e = await startClientDaemon({ security: net.security.cardholder, card, dir: join(shared, "client") }).then(
+      async (d) => {
+        await d.close();
+        return "";
+      },
+      (x: Error) => x.message,
+    );
+    expect(e).to.contain(`${shared}, a folder above the daemon's socket, is mode 0777`);
+    expect(existsSync(join(shared, "client", "run", "daemon.sock")), "nothing listens").to.equal(false);
+
+    const cli = (socket: string) =>
+      commandFailure(
+        run(process.execPath, ["--import", "tsx", "client/cli/netpurse.ts", "card", "--daemon", `unix:${socket}`], { cwd: ROOT, timeout: 30_000 }),
+      );
+    const refused = await cli(join(shared, "client", "run", "daemon.sock"));
+    expect(refused.code).to.equal(1);
+    expect(refused.stderr).to.contain("is mode 0777: other users could put a socket of their own");
+    if (isRoot) {
+      // The attacker's own folder and socket in place of the daemon's: not the cardholder's, so the CLI does not speak to it.
+      const theirs = join(net.data, "their-run");
+      mkdirSync(theirs, { mode: 0o700 });
+      writeFileSync(join(theirs, "daemon.sock"), "");
+      chownSync(join(theirs, "daemon.sock"), NOBODY, NOBODY);
+      chownSync(theirs, NOBODY, NOBODY);
+      const theirsRefused = await cli(join(theirs, "daemon.sock"));
+      expect(theirsRefused.stderr).to.contain(`belongs to uid ${NOBODY}, not to you: it is not your daemon`);
     }
   });
 

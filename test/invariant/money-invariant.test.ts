@@ -148,6 +148,7 @@ describe("invariant: bank debits, card credits and purchases agree after random 
                 accountId: h.accountId,
                 amount: money(a.amount, EUR, 2),
                 approvedAmount: money(a.amount, EUR, 2),
+                requestId: "",
                 bankAccessToken: h.token,
               },
               {} as never,
@@ -158,7 +159,7 @@ describe("invariant: bank debits, card credits and purchases agree after random 
             if (!(await loads.openLoads()).some(needsCardUnchanged)) await lyingLoad(h, a.amount);
           } else if (a.kind === "purchase") {
             const { offer } = await net.clients.merchant.createOrder({ productId: a.product });
-            await daemon.service.payOffer({ offer, approvedAmount: offer!.amount }, {} as never);
+            await daemon.service.payOffer({ offer, approvedAmount: offer!.amount, requestId: "" }, {} as never);
           } else if (a.kind === "restart") {
             await restart(a.which);
           } else {

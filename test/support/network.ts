@@ -35,6 +35,8 @@ export interface NetworkOptions {
   cardValue?: number;
   proofTimeoutMs?: number;
   sweepEveryMs?: number;
+  /** How long a draw request may stay without its DEBIT command before the payment server ends it. */
+  abandonReceivedAfterMs?: number;
   /** The bank's cap on holds waiting for their confirmation, per account (default 3). */
   maxHoldsPerAccount?: number;
 }
@@ -79,6 +81,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     ...(o.jobTimeoutMs ? { jobTimeoutMs: o.jobTimeoutMs } : {}),
     ...(o.proofTimeoutMs ? { proofTimeoutMs: o.proofTimeoutMs } : {}),
     ...(o.sweepEveryMs ? { sweepEveryMs: o.sweepEveryMs } : {}),
+    ...(o.abandonReceivedAfterMs ? { abandonReceivedAfterMs: o.abandonReceivedAfterMs } : {}),
   });
   await payment.whenConnected();
   await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));

@@ -189,7 +189,12 @@ export enum ErrorReason {
   ERROR_REASON_TRANSACTION_ID_REUSED = 10,
   /** ERROR_REASON_NO_PSAM_FREE - No PSAM became free before the caller's deadline (RESOURCE_EXHAUSTED). */
   ERROR_REASON_NO_PSAM_FREE = 11,
-  /** ERROR_REASON_IN_DOUBT - The outcome is in doubt until the security module that signed it returns (UNAVAILABLE). */
+  /**
+   * ERROR_REASON_IN_DOUBT - The outcome is in doubt until the security module that signed it returns;
+   * or, at the client daemon, a load or purchase it journaled is not finished
+   * yet and may still complete: its recovery or the next SyncCard finishes it
+   * (UNAVAILABLE).
+   */
   ERROR_REASON_IN_DOUBT = 12,
   /** ERROR_REASON_WRONG_STATE - The step was called in the wrong state of the transaction (FAILED_PRECONDITION). */
   ERROR_REASON_WRONG_STATE = 13,
@@ -262,6 +267,23 @@ export enum ErrorReason {
    * (FAILED_PRECONDITION).
    */
   ERROR_REASON_NO_PSAM_ATTACHED = 34,
+  /**
+   * ERROR_REASON_REQUEST_ID_REUSED - A client daemon's LoadCard or PayOffer request_id was already used for
+   * another load or purchase (another amount, account, bank or offer);
+   * nothing was done for this request. Use a new request id for a new load
+   * or purchase (ALREADY_EXISTS).
+   */
+  ERROR_REASON_REQUEST_ID_REUSED = 35,
+  /**
+   * ERROR_REASON_DRAW_REQUEST_ABANDONED - The payment server ended a transaction whose DEBIT command never left it:
+   * the server stopped between the draw request and the DEBIT command, or the
+   * draw request was left unfinished longer than the server waits
+   * (--abandon-received-after-ms). No card was debited; an open debit a PSAM
+   * may hold for it is reversed when its terminal attaches. The same draw
+   * request gets this answer again, never a DEBIT command: pay with a new
+   * offer (FAILED_PRECONDITION).
+   */
+  ERROR_REASON_DRAW_REQUEST_ABANDONED = 36,
   UNRECOGNIZED = -1,
 }
 
@@ -357,6 +379,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 34:
     case "ERROR_REASON_NO_PSAM_ATTACHED":
       return ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED;
+    case 35:
+    case "ERROR_REASON_REQUEST_ID_REUSED":
+      return ErrorReason.ERROR_REASON_REQUEST_ID_REUSED;
+    case 36:
+    case "ERROR_REASON_DRAW_REQUEST_ABANDONED":
+      return ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -426,6 +454,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_TOO_MANY_HOLDS";
     case ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED:
       return "ERROR_REASON_NO_PSAM_ATTACHED";
+    case ErrorReason.ERROR_REASON_REQUEST_ID_REUSED:
+      return "ERROR_REASON_REQUEST_ID_REUSED";
+    case ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED:
+      return "ERROR_REASON_DRAW_REQUEST_ABANDONED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -74,7 +74,22 @@ export interface PayOfferRequest {
     | PaymentOffer
     | undefined;
   /** The amount the cardholder was shown and approved; must equal the offer's. */
-  approvedAmount: Money | undefined;
+  approvedAmount:
+    | Money
+    | undefined;
+  /**
+   * Optional, chosen by the caller: 1 to 64 characters of [A-Za-z0-9_-]
+   * (else INVALID_ARGUMENT, reason INVALID_FIELD with a BadRequest naming
+   * request_id). A retry with the same request id never pays twice: it gets
+   * the purchase already made under it (its receipt once finished; while it
+   * is still open, UNAVAILABLE, reason IN_DOUBT, naming its transaction id
+   * and state; once it ended FAILED, FAILED_PRECONDITION, reason
+   * WRONG_STATE). The same request id with another offer is refused:
+   * ALREADY_EXISTS, reason REQUEST_ID_REUSED. Empty: no such protection
+   * beyond the offer's own transaction id (an offer paid or tried before is
+   * ALREADY_EXISTS, reason TRANSACTION_ID_REUSED).
+   */
+  requestId: string;
 }
 
 /** One step of a purchase as the client saw it, for display. */
@@ -121,6 +136,18 @@ export interface LoadCardRequest {
    * it down. Empty: UNAUTHENTICATED, and nothing is asked of the bank.
    */
   bankAccessToken: string;
+  /**
+   * Optional, chosen by the caller: 1 to 64 characters of [A-Za-z0-9_-]
+   * (else INVALID_ARGUMENT, reason INVALID_FIELD with a BadRequest naming
+   * request_id). A retry with the same request id never loads twice: it gets
+   * the load already made under it (its result once finished; while it is
+   * still open, UNAVAILABLE, reason IN_DOUBT, naming its transaction id and
+   * state; once it ended FAILED, FAILED_PRECONDITION, reason WRONG_STATE).
+   * The same request id with another amount, account or bank is refused:
+   * ALREADY_EXISTS, reason REQUEST_ID_REUSED, and nothing is asked of the
+   * bank. Empty: every call is a new load.
+   */
+  requestId: string;
 }
 
 /** Response of LoadCard. */
@@ -511,7 +538,7 @@ export const ListCardTransactionsResponse: MessageFns<ListCardTransactionsRespon
 };
 
 function createBasePayOfferRequest(): PayOfferRequest {
-  return { offer: undefined, approvedAmount: undefined };
+  return { offer: undefined, approvedAmount: undefined, requestId: "" };
 }
 
 export const PayOfferRequest: MessageFns<PayOfferRequest> = {
@@ -521,6 +548,9 @@ export const PayOfferRequest: MessageFns<PayOfferRequest> = {
     }
     if (message.approvedAmount !== undefined) {
       Money.encode(message.approvedAmount, writer.uint32(18).fork()).join();
+    }
+    if (message.requestId !== "") {
+      writer.uint32(26).string(message.requestId);
     }
     return writer;
   },
@@ -554,6 +584,14 @@ export const PayOfferRequest: MessageFns<PayOfferRequest> = {
             message.approvedAmount = Money.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -574,6 +612,11 @@ export const PayOfferRequest: MessageFns<PayOfferRequest> = {
         : isSet(object.approved_amount)
         ? Money.fromJSON(object.approved_amount)
         : undefined,
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
     };
   },
 
@@ -584,6 +627,9 @@ export const PayOfferRequest: MessageFns<PayOfferRequest> = {
     }
     if (message.approvedAmount !== undefined) {
       obj.approvedAmount = Money.toJSON(message.approvedAmount);
+    }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
     }
     return obj;
   },
@@ -599,6 +645,7 @@ export const PayOfferRequest: MessageFns<PayOfferRequest> = {
     message.approvedAmount = (object.approvedAmount !== undefined && object.approvedAmount !== null)
       ? Money.fromPartial(object.approvedAmount)
       : undefined;
+    message.requestId = object.requestId ?? "";
     return message;
   },
 };
@@ -794,7 +841,14 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
 };
 
 function createBaseLoadCardRequest(): LoadCardRequest {
-  return { bankAddress: "", accountId: "", amount: undefined, approvedAmount: undefined, bankAccessToken: "" };
+  return {
+    bankAddress: "",
+    accountId: "",
+    amount: undefined,
+    approvedAmount: undefined,
+    bankAccessToken: "",
+    requestId: "",
+  };
 }
 
 export const LoadCardRequest: MessageFns<LoadCardRequest> = {
@@ -813,6 +867,9 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
     }
     if (message.bankAccessToken !== "") {
       writer.uint32(50).string(message.bankAccessToken);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(42).string(message.requestId);
     }
     return writer;
   },
@@ -870,6 +927,14 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
             message.bankAccessToken = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -905,6 +970,11 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
         : isSet(object.bank_access_token)
         ? globalThis.String(object.bank_access_token)
         : "",
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
     };
   },
 
@@ -925,6 +995,9 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
     if (message.bankAccessToken !== "") {
       obj.bankAccessToken = message.bankAccessToken;
     }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
     return obj;
   },
 
@@ -942,6 +1015,7 @@ export const LoadCardRequest: MessageFns<LoadCardRequest> = {
       ? Money.fromPartial(object.approvedAmount)
       : undefined;
     message.bankAccessToken = object.bankAccessToken ?? "";
+    message.requestId = object.requestId ?? "";
     return message;
   },
 };
@@ -1411,7 +1485,16 @@ export const CardholderServiceDefinition = {
      * the goods. The cardholder must have approved exactly the offer's amount
      * (approved_amount); otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and
      * the card is not touched. Errors of the payment server and the merchant
-     * are passed on with their codes.
+     * are passed on with their codes. Once the daemon has journaled the
+     * purchase, every error names it, in its message and in the
+     * google.rpc.ErrorInfo metadata: "transaction_id", "state" (the journal's
+     * state: STARTED, DEBIT_SENT, CARD_ANSWERED, CONFIRMED, RECEIPT or
+     * FAILED) and "may_complete": "false" when the purchase ended FAILED and
+     * the card was not debited (nothing happened; pay again), "true" when the
+     * card may have paid and the daemon's recovery finishes the purchase
+     * (look it up with ListCardTransactions; do not pay again). An error
+     * without "transaction_id" came before anything was journaled: nothing
+     * happened. See request_id for retries.
      */
     payOffer: {
       name: "PayOffer",
@@ -1436,7 +1519,17 @@ export const CardholderServiceDefinition = {
      * request carries the access token of the bank's Login
      * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
      * of the bank. Errors of the bank and the load server are passed on with
-     * their codes (an expired token: UNAUTHENTICATED; log in again).
+     * their codes (an expired token: UNAUTHENTICATED; log in again). Once
+     * the daemon has journaled the load, every error names it, in its message
+     * and in the google.rpc.ErrorInfo metadata: "transaction_id", "state" (the
+     * journal's state: STARTED, OFFERED, REQUESTED, LOAD_SENT, CARD_ANSWERED,
+     * SETTLED, DONE or FAILED) and "may_complete": "false" when the load ended
+     * FAILED and nothing reached the card (nothing happened; any hold the bank
+     * made is released by the bank), "true" when the daemon's recovery or the
+     * next SyncCard still finishes it, or it already did (do not load again:
+     * retry with the same request_id, or SyncCard and GetCard). An error
+     * without "transaction_id" came before anything was journaled: nothing
+     * happened. The original gRPC code stays (UNAVAILABLE stays UNAVAILABLE).
      */
     loadCard: {
       name: "LoadCard",
@@ -1492,7 +1585,16 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * the goods. The cardholder must have approved exactly the offer's amount
    * (approved_amount); otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and
    * the card is not touched. Errors of the payment server and the merchant
-   * are passed on with their codes.
+   * are passed on with their codes. Once the daemon has journaled the
+   * purchase, every error names it, in its message and in the
+   * google.rpc.ErrorInfo metadata: "transaction_id", "state" (the journal's
+   * state: STARTED, DEBIT_SENT, CARD_ANSWERED, CONFIRMED, RECEIPT or
+   * FAILED) and "may_complete": "false" when the purchase ended FAILED and
+   * the card was not debited (nothing happened; pay again), "true" when the
+   * card may have paid and the daemon's recovery finishes the purchase
+   * (look it up with ListCardTransactions; do not pay again). An error
+   * without "transaction_id" came before anything was journaled: nothing
+   * happened. See request_id for retries.
    */
   payOffer(request: PayOfferRequest, context: CallContext & CallContextExt): Promise<DeepPartial<PayOfferResponse>>;
   /**
@@ -1510,7 +1612,17 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * request carries the access token of the bank's Login
    * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
    * of the bank. Errors of the bank and the load server are passed on with
-   * their codes (an expired token: UNAUTHENTICATED; log in again).
+   * their codes (an expired token: UNAUTHENTICATED; log in again). Once
+   * the daemon has journaled the load, every error names it, in its message
+   * and in the google.rpc.ErrorInfo metadata: "transaction_id", "state" (the
+   * journal's state: STARTED, OFFERED, REQUESTED, LOAD_SENT, CARD_ANSWERED,
+   * SETTLED, DONE or FAILED) and "may_complete": "false" when the load ended
+   * FAILED and nothing reached the card (nothing happened; any hold the bank
+   * made is released by the bank), "true" when the daemon's recovery or the
+   * next SyncCard still finishes it, or it already did (do not load again:
+   * retry with the same request_id, or SyncCard and GetCard). An error
+   * without "transaction_id" came before anything was journaled: nothing
+   * happened. The original gRPC code stays (UNAVAILABLE stays UNAVAILABLE).
    */
   loadCard(request: LoadCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<LoadCardResponse>>;
   /**
@@ -1551,7 +1663,16 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * the goods. The cardholder must have approved exactly the offer's amount
    * (approved_amount); otherwise FAILED_PRECONDITION, reason NOT_APPROVED, and
    * the card is not touched. Errors of the payment server and the merchant
-   * are passed on with their codes.
+   * are passed on with their codes. Once the daemon has journaled the
+   * purchase, every error names it, in its message and in the
+   * google.rpc.ErrorInfo metadata: "transaction_id", "state" (the journal's
+   * state: STARTED, DEBIT_SENT, CARD_ANSWERED, CONFIRMED, RECEIPT or
+   * FAILED) and "may_complete": "false" when the purchase ended FAILED and
+   * the card was not debited (nothing happened; pay again), "true" when the
+   * card may have paid and the daemon's recovery finishes the purchase
+   * (look it up with ListCardTransactions; do not pay again). An error
+   * without "transaction_id" came before anything was journaled: nothing
+   * happened. See request_id for retries.
    */
   payOffer(request: DeepPartial<PayOfferRequest>, options?: CallOptions & CallOptionsExt): Promise<PayOfferResponse>;
   /**
@@ -1569,7 +1690,17 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * request carries the access token of the bank's Login
    * (bank_access_token); without one, UNAUTHENTICATED and nothing is asked
    * of the bank. Errors of the bank and the load server are passed on with
-   * their codes (an expired token: UNAUTHENTICATED; log in again).
+   * their codes (an expired token: UNAUTHENTICATED; log in again). Once
+   * the daemon has journaled the load, every error names it, in its message
+   * and in the google.rpc.ErrorInfo metadata: "transaction_id", "state" (the
+   * journal's state: STARTED, OFFERED, REQUESTED, LOAD_SENT, CARD_ANSWERED,
+   * SETTLED, DONE or FAILED) and "may_complete": "false" when the load ended
+   * FAILED and nothing reached the card (nothing happened; any hold the bank
+   * made is released by the bank), "true" when the daemon's recovery or the
+   * next SyncCard still finishes it, or it already did (do not load again:
+   * retry with the same request_id, or SyncCard and GetCard). An error
+   * without "transaction_id" came before anything was journaled: nothing
+   * happened. The original gRPC code stays (UNAVAILABLE stays UNAVAILABLE).
    */
   loadCard(request: DeepPartial<LoadCardRequest>, options?: CallOptions & CallOptionsExt): Promise<LoadCardResponse>;
   /**
