@@ -9,7 +9,7 @@ import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/mercha
 import { CONNECT_OPTIONS, CONNECT_USAGE, int, publicChannel, runCommands, str, UsageError } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { join } from "node:path";
-import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
+import { bearer, clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import type { ChannelSecurity } from "../../lib/pki/security.js";
 import { hexOf } from "../../lib/ids.js";
 import { formatMoney, money, parseMinor } from "../../lib/money.js";
@@ -17,7 +17,7 @@ import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
 import { runDaemon } from "../daemon/main.js";
-import { bearer, checkDaemonSocket, daemonPaths, readDaemonToken } from "../daemon/access.js";
+import { checkDaemonSocket, daemonPaths, readDaemonToken } from "../daemon/access.js";
 import { ClientError, Status } from "nice-grpc";
 import { errorMetadataOf } from "../../lib/grpc/errors.js";
 import { bankAccessToken, bankTokensFile } from "./bank-session.js";
@@ -103,12 +103,14 @@ async function underRequestId<T>(kind: "load" | "payment", call: (requestId: str
         await new Promise((r) => setTimeout(r, wait));
         continue;
       }
-      const { transaction_id: id, state, may_complete: mayComplete } = errorMetadataOf(e);
+      const { transaction_id: id, state, may_complete: mayComplete, debit_sent: debitSent } = errorMetadataOf(e);
       if (id) {
         process.stderr.write(
           mayComplete === "true"
             ? `${kind} ${id} is journaled (${state}) and may still complete: do not ${kind === "load" ? "load" : "pay"} again. Run 'netpurse card sync' in a while, then check 'netpurse card'\n`
-            : `${kind} ${id} ended ${state}: nothing was ${kind === "load" ? "loaded" : "paid"}\n`,
+            : debitSent === "true"
+              ? `${kind} ${id} ended ${state} after the card was asked to pay: the card may have been debited. Check 'netpurse card' before paying again, and keep the transaction id for the merchant\n`
+              : `${kind} ${id} ended ${state}: nothing was ${kind === "load" ? "loaded" : "paid"}\n`,
         );
       }
       throw e;
@@ -236,7 +238,8 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
         console.log("loading…");
         // A kept token the bank no longer takes (a new password, a restarted clock): log in once more, and load again.
         const r = await load(token).catch(async (e: unknown) => {
-          if ((e as { code?: Status }).code !== Status.UNAUTHENTICATED) throw e;
+          // Only a load that did not start again: one that may still complete must never be joined by a second.
+          if ((e as { code?: Status }).code !== Status.UNAUTHENTICATED || errorMetadataOf(e).may_complete === "true") throw e;
           return load(await session(true));
         });
         for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);

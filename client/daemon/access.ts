@@ -8,7 +8,7 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { lstatSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
-import { Metadata, Status, type CallContext, type ServerMiddleware, type ServerMiddlewareCall } from "nice-grpc";
+import { Status, type CallContext, type ServerMiddleware, type ServerMiddlewareCall } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import type { Logger } from "../../lib/log.js";
@@ -155,9 +155,6 @@ export function readDaemonToken(file: string): string {
   if (!TOKEN.test(token)) throw new Error(`${file} holds no token (32 to 256 letters, digits, '-' or '_'); ${renew}`);
   return token;
 }
-
-/** The metadata with which a caller proves it holds the daemon's token. */
-export const bearer = (token: string) => Metadata({ authorization: `Bearer ${token}` });
 
 const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 const digest = (s: string) => createHash("sha256").update(s).digest();

@@ -72,7 +72,15 @@ const sameMoney = (a: { amountMinor: bigint | number; currency: number; exponent
  * ErrorInfo metadata, so a caller tells "nothing happened" from "do not do
  * it again".
  */
-function journaledError(e: unknown, kind: "load" | "purchase", transactionId: string, state: string, mayComplete: boolean): NetpurseError {
+function journaledError(
+  e: unknown,
+  kind: "load" | "purchase",
+  transactionId: string,
+  state: string,
+  mayComplete: boolean,
+  /** A purchase whose DEBIT command went to the card: even if it ended FAILED, the card may have paid. */
+  debitSent = false,
+): NetpurseError {
   const code = e instanceof NetpurseError || e instanceof ClientError ? e.code : Status.UNKNOWN;
   const details = e instanceof NetpurseError || e instanceof ClientError ? e.details : (e as Error).message;
   const field = fieldOf(e);
@@ -83,7 +91,9 @@ function journaledError(e: unknown, kind: "load" | "purchase", transactionId: st
       : `it may still complete: the daemon finishes it (or 'netpurse card sync'); do not ${kind === "load" ? "load" : "pay"} again, check with 'netpurse card'`
     : kind === "load"
       ? "it ended FAILED and nothing reached the card"
-      : "it ended FAILED and the daemon does nothing more for it";
+      : debitSent
+        ? "it ended FAILED after the card was asked to pay, so the card may have been debited: check 'netpurse card' before paying again, and keep this transaction id for the merchant"
+        : "it ended FAILED before the card was asked to pay: nothing was paid";
   return new NetpurseError(
     code,
     reasonOf(e) ?? ErrorReason.ERROR_REASON_UNSPECIFIED,
@@ -91,7 +101,7 @@ function journaledError(e: unknown, kind: "load" | "purchase", transactionId: st
     {
       ...(field !== undefined ? { field } : {}),
       ...(retryAfterMs !== undefined ? { retryAfterMs } : {}),
-      metadata: { transaction_id: transactionId, state, may_complete: String(mayComplete) },
+      metadata: { transaction_id: transactionId, state, may_complete: String(mayComplete), ...(kind === "purchase" ? { debit_sent: String(debitSent) } : {}) },
     },
   );
 }
@@ -101,13 +111,16 @@ function journaledError(e: unknown, kind: "load" | "purchase", transactionId: st
  * not finish well: FAILED_PRECONDITION if it failed, UNAVAILABLE (IN_DOUBT)
  * while it is still open; either way, nothing was done again.
  */
-function earlierUnfinished(kind: "load" | "purchase", id: string, state: string, details: { failed: string; open: string }): NetpurseError {
+function earlierUnfinished(kind: "load" | "purchase", id: string, state: string, details: { failed: string; open: string }, debitSent = false): NetpurseError {
   const failed = state === "FAILED";
   const e = failed
     ? new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, details.failed)
     : new NetpurseError(Status.UNAVAILABLE, ErrorReason.ERROR_REASON_IN_DOUBT, details.open);
-  return journaledError(e, kind, id, state, !failed);
+  return journaledError(e, kind, id, state, !failed, debitSent);
 }
+
+/** Whether a journaled purchase's DEBIT command went to the card (written before the card is asked), and its log does not prove it unpaid. */
+const debitSentFor = (row: JournalRow) => row.completion_token !== null && row.card_log_proves_no_debit === 0;
 
 /** The hold a finished load left at the bank: its confirmation posts a load and releases one not made. */
 const holdAfter = (outcome: LoadOutcome) => (outcome === LoadOutcome.LOAD_OUTCOME_LOADED ? HoldState.HOLD_STATE_POSTED : HoldState.HOLD_STATE_RELEASED);
@@ -263,7 +276,12 @@ export class CardholderDaemon {
     return this.card.run(async () => {
       this.keepBankToken(bankAddress, accountId, accessToken);
       const earlier = requestId ? await this.o.loads.byRequestId(requestId) : undefined;
-      if (earlier && requestId) return this.loadAgain(earlier, requestId, { bankAddress, accountId, amount });
+      if (earlier && requestId) {
+        // A retry that fails on its own way (the reader, say) still names the load it is about.
+        return this.loadAgain(earlier, requestId, { bankAddress, accountId, amount }).catch(async (e: unknown) => {
+          throw e instanceof NetpurseError ? e : await this.loadError(earlier.transactionId, cardError(e));
+        });
+      }
       await this.settleLoadsBeforeUsingCard();
       this.o.log.info("loading the card", { account: accountId, amount: formatMoney(amount), request: requestId });
       const transactionId = randomUUID();
@@ -388,7 +406,11 @@ export class CardholderDaemon {
     }
     return this.card.run(async () => {
       const earlier = requestId ? await this.o.journal.byRequestId(requestId) : undefined;
-      if (earlier && requestId && offer) return this.payAgain(earlier, requestId, offer);
+      if (earlier && requestId && offer) {
+        return this.payAgain(earlier, requestId, offer).catch(async (e: unknown) => {
+          throw e instanceof NetpurseError ? e : await this.payError(earlier.transaction_id, cardError(e));
+        });
+      }
       const done = offer?.transactionId ? await this.o.journal.get(offer.transactionId.value) : undefined;
       if (done) {
         throw new NetpurseError(
@@ -411,7 +433,7 @@ export class CardholderDaemon {
   /** A purchase's error, naming the purchase once the journal holds it (untouched before: nothing happened). */
   private async payError(transactionId: string | undefined, e: unknown): Promise<unknown> {
     const row = transactionId ? await this.o.journal.get(transactionId).catch(() => undefined) : undefined;
-    return row ? journaledError(e, "purchase", row.transaction_id, row.state, row.state !== "FAILED") : e;
+    return row ? journaledError(e, "purchase", row.transaction_id, row.state, row.state !== "FAILED", debitSentFor(row)) : e;
   }
 
   /**
@@ -440,10 +462,16 @@ export class CardholderDaemon {
         steps: [{ name: "request id", detail: `request ${requestId} already paid purchase ${id}; the card was not debited again` }],
       };
     }
-    throw earlierUnfinished("purchase", id, now.state, {
-      failed: `request ${requestId} already tried purchase ${id}, which failed: ${now.error ?? "no reason kept"}; ask the merchant for a new offer`,
-      open: `request ${requestId} already started purchase ${id}, which is not finished yet; the card was not debited again: retry later with the same request id`,
-    });
+    throw earlierUnfinished(
+      "purchase",
+      id,
+      now.state,
+      {
+        failed: `request ${requestId} already tried purchase ${id}, which failed: ${now.error ?? "no reason kept"}`,
+        open: `request ${requestId} already started purchase ${id}, which is not finished yet; the card was not debited again: retry later with the same request id`,
+      },
+      debitSentFor(now),
+    );
   }
 
   /**

@@ -7,6 +7,8 @@
 // set it outside tests: the process kills itself with SIGKILL.
 
 const crashAt = process.env.NETPURSE_TEST_PAYMENT_CRASH_AT ?? "";
+// Said at start, so a variable left set by mistake outside a test is seen before it kills a server.
+if (crashAt !== "") process.stderr.write(`NETPURSE_TEST_PAYMENT_CRASH_AT=${crashAt} is set: this payment server kills itself there (test only)\n`);
 
 /** Dies here when the test asked for this point. */
 export function crashPoint(when: "before" | "after", step: string): void {

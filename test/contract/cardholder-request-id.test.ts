@@ -19,7 +19,7 @@ import { txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { startBankServer } from "../../services/bank/server.js";
-import { DEMO_BANK } from "../../services/network/layout.js";
+import { DEMO_BANK, DEMO_SHOPS } from "../../services/network/layout.js";
 import { account, EUR, freshCardholder } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
 import { defined } from "../support/offers.js";
@@ -195,9 +195,50 @@ describe("client daemon: request ids, and errors that name the journaled transac
       const key = defined(offer.encryptedSessionKey, "the offer's sealed key");
       const forged = { ...offer, encryptedSessionKey: { ...key, ciphertext: Buffer.alloc(key.ciphertext.length, 7) } };
       const f = await failed(h.c.payOffer({ offer: forged, approvedAmount: offer.amount, requestId: "" }));
-      expect(f.metadata).to.deep.equal({ transaction_id: offer.transactionId?.value, state: "FAILED", may_complete: "false" });
+      expect(f.metadata).to.deep.equal({ transaction_id: offer.transactionId?.value, state: "FAILED", may_complete: "false", debit_sent: "false" });
+      expect(f.details).to.contain("nothing was paid");
       expect(f.details).to.contain("journal state FAILED");
       expect(await h.balance()).to.equal(2_000);
+    } finally {
+      await h.close();
+    }
+  });
+
+  it("a purchase that ends FAILED after the card was asked to pay never says nothing was paid: the card may have been debited", async () => {
+    const h = await cardholder();
+    try {
+      await h.c.loadCard(h.loadReq(2_000, "fund-the-card-2"));
+      const offer = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "the offer");
+      // The merchant forgets the order before its goods are asked for, as its retention sweep does with an expired one.
+      const shop = openSqlite(join(net.paths.merchant(DEMO_SHOPS[0]!.shop.merchantId), "merchant.db"), []);
+      await shop.run("DELETE FROM orders WHERE transaction_id = ?", [defined(offer.transactionId, "the offer's id").value]);
+      await shop.close();
+      const first = await failed(h.c.payOffer({ offer, approvedAmount: offer.amount, requestId: "paid-no-goods" }));
+      expect(first.metadata).to.include({ transaction_id: offer.transactionId?.value, debit_sent: "true" });
+      // The card paid: every later answer must say so, never "nothing was paid".
+      expect(await h.balance()).to.equal(2_000 - 99);
+      const again = await failed(h.c.payOffer({ offer, approvedAmount: offer.amount, requestId: "paid-no-goods" }));
+      expect(again.metadata).to.include({ transaction_id: offer.transactionId?.value, debit_sent: "true" });
+      if (again.metadata.state === "FAILED") expect(again.details).to.contain("the card may have been debited");
+      expect(again.details).to.not.contain("nothing was paid");
+      expect(await h.balance(), "not debited twice").to.equal(2_000 - 99);
+    } finally {
+      await h.close();
+    }
+  });
+
+  it("three calls at once under one request id: one load, one debit, each caller told of the same transaction", async () => {
+    const h = await cardholder();
+    try {
+      const loads = await Promise.all([0, 1, 2].map(() => h.c.loadCard(h.loadReq(1_000, "all-at-once"))));
+      expect(new Set(loads.map((l) => l.transactionId?.value)).size, "one load for all three").to.equal(1);
+      expect(await account(net, h.accountId)).to.deep.include({ balance: 99_000 });
+      const offer = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "the offer");
+      const paid = await Promise.all([0, 1, 2].map(() => h.c.payOffer({ offer, approvedAmount: offer.amount, requestId: "pay-all-at-once" })));
+      expect(new Set(paid.map((p) => p.receipt?.transactionId?.value))).to.deep.equal(new Set([offer.transactionId?.value]));
+      expect(await h.balance()).to.equal(1_000 - 99);
+      expect((await h.rows("client_loads")).length).to.equal(1);
+      expect((await h.rows("client_purchases")).length).to.equal(1);
     } finally {
       await h.close();
     }
