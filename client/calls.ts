@@ -26,10 +26,13 @@ export async function retrying<T>(call: () => Promise<T>, attempts = 5): Promise
     try {
       return await call();
     } catch (e) {
+      // An empty PSAM pool is final for this call but not for long: a payment server or terminal host that just
+      // (re)started fills it within a second or two, and the same draw request is then served.
       const transient =
         e instanceof ClientError &&
-        (e.code === Status.UNAVAILABLE || e.code === Status.DEADLINE_EXCEEDED || e.code === Status.ABORTED) &&
-        reasonOf(e) !== ErrorReason.ERROR_REASON_IN_DOUBT;
+        (((e.code === Status.UNAVAILABLE || e.code === Status.DEADLINE_EXCEEDED || e.code === Status.ABORTED) &&
+          reasonOf(e) !== ErrorReason.ERROR_REASON_IN_DOUBT) ||
+          reasonOf(e) === ErrorReason.ERROR_REASON_NO_PSAM_ATTACHED);
       if (!transient || i >= attempts) throw e;
       await new Promise((r) => setTimeout(r, Math.max(wait, Math.min(retryAfterMsOf(e) ?? 0, MAX_ADVISED_WAIT_MS))));
       wait = Math.min(wait * 2, 2_000);

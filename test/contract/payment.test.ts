@@ -481,6 +481,20 @@ describe("contract: PaymentService with no PSAM in its pool", function () {
     const issued = openIssued(o, await net.clients.payment.processDrawRequest(req, { deadline: 15_000 }));
     expect(issued.debitCommand).to.have.length(DebitCommand.size);
   });
+
+  it("the cardholder's daemon asks again while the pool is empty for a moment (a terminal host restarting): the purchase goes through", async () => {
+    await net.hosts.get("terminal-1")?.close();
+    await waitFor(() => net.payment.pool.counts().total === 0, 10_000, "the terminal's PSAM to leave the pool");
+    const before = (await net.clients.cardholder.getCard({})).purse?.balance?.amountMinor ?? -1n;
+    const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });
+    if (!offer?.amount) throw new Error("the merchant made no offer");
+    const paying = net.clients.cardholder.payOffer({ offer, approvedAmount: offer.amount, requestId: "" });
+    await new Promise((r) => setTimeout(r, 300));
+    await net.startHost({ id: "terminal-1" });
+    const paid = await paying;
+    expect(paid.receipt?.transactionId?.value).to.equal(offer.transactionId?.value);
+    expect(paid.purse?.balance?.amountMinor).to.equal(before - offer.amount.amountMinor);
+  });
 });
 
 describe("contract: PaymentService when a terminal answers too late", function () {
