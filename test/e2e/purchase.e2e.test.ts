@@ -160,7 +160,8 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect((await statement()).stdout).to.contain("on hold for loads not yet confirmed");
     await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir]);
     const sync = await netpurse("card", "sync");
-    expect(sync.stdout).to.match(/loaded +posted/);
+    // The daemon's own periodic recovery may have finished it first; either way the money below must agree.
+    expect(sync.stdout).to.match(/loaded +posted|no pending loads/);
     expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 300n);
     const s = await statement();
     expect(s.stdout).to.match(/balance EUR 992\.00 +available EUR 992\.00/);
