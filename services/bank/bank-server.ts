@@ -217,14 +217,21 @@ export class BankServer {
     }
     this.loginsInFlight++;
     let ok = false;
+    let checked = false;
     let hash: string | undefined;
     try {
       hash = await this.o.store.passwordHash(accountId);
       ok = await verifyPassword(req.password, hash);
+      checked = true;
     } finally {
       this.loginsInFlight--;
-      const locked = this.limiter.end(accountId, address, ok);
-      if (!ok) this.o.log.warn("login refused: wrong account id or password", { account: accountId, address, locked });
+      if (checked) {
+        const locked = this.limiter.end(accountId, address, ok);
+        if (!ok) this.o.log.warn("login refused: wrong account id or password", { account: accountId, address, locked });
+      } else {
+        // A login the bank could not check (its database failing) is no wrong guess, nor a right one.
+        this.limiter.abandon(accountId, address);
+      }
     }
     if (!ok) throw unauthenticated("wrong account id or password");
     const token = newAccessToken();

@@ -170,6 +170,12 @@ export class LoginLimiter {
     return locked;
   }
 
+  /** Ends an attempt begun with `begin` that could not be checked (the bank's own failure): neither a failure nor a success. */
+  abandon(account: string, address: string, now = Date.now()): void {
+    this.addresses.end(address, false, now);
+    this.accounts.end(account, false, now);
+  }
+
   /** Keys tracked now (for tests: the memory stays bounded). */
   tracked(): { accounts: number; addresses: number } {
     return { accounts: this.accounts.size, addresses: this.addresses.size };

@@ -15,7 +15,7 @@ import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
-import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.js";
 import { launchNetwork, Launcher, type Death } from "./launcher.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
 
@@ -148,11 +148,14 @@ try {
     // The cardholder logs in to the bank as 'netpurse load' does (TLS checked against the CA), with the demo password.
     const asCardholder = values.insecure ? Security.insecure() : await Security.forCardholder(join(pkiDirOf(data), "ca.crt"));
     const bankAddress = addresses.bank ?? defaultAddress("bank");
-    const bankChannel = openChannel(bankAddress, asCardholder.channel({ kind: "bank" }));
-    const { accessToken } = await factory
-      .create(BankServiceDefinition, bankChannel)
-      .login({ accountId: DEMO_BANK.accountId, password: await demoBankPassword(data) }, { deadline: CLI_DEADLINE_MS })
-      .finally(() => bankChannel.close());
+    const accessToken = await bankAccessToken({
+      bank: bankAddress,
+      account: DEMO_BANK.accountId,
+      security: asCardholder.channel({ kind: "bank" }),
+      file: bankTokensFile(data),
+      password: () => demoBankPassword(data),
+      fresh: true,
+    });
     say(`  logged in to the bank as the holder of ${DEMO_BANK.accountId} (password in ${demoPasswordPath(data)})`);
     const loaded = await cardholder.loadCard(
       { bankAddress, accountId: DEMO_BANK.accountId, amount: load, approvedAmount: load, bankAccessToken: accessToken },

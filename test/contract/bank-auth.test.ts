@@ -305,6 +305,25 @@ describe("contract: the bank acts only for the account holder (Login, access tok
       await own.bank.close();
     });
 
+    it("logins the bank could not check (its database failing) lock nothing: the right password works after", async () => {
+      const own = await ownBank("failing-books");
+      await own.open("dave", "dave's password");
+      const { store } = own.bank;
+      const read = store.passwordHash.bind(store);
+      store.passwordHash = () => Promise.reject(new Error("disk I/O error"));
+      try {
+        for (let i = 0; i < DEFAULT_LOGIN_LIMITS.maxFailuresPerAccount + 1; i++) {
+          const f = await refusal(own.client.login({ accountId: "dave", password: "dave's password" }));
+          expect(f.code).to.not.equal("RESOURCE_EXHAUSTED");
+        }
+      } finally {
+        store.passwordHash = read;
+      }
+      const { accessToken } = await own.login("dave", "dave's password");
+      expect((await own.client.getAccount({ accountId: "dave" }, { metadata: bearer(accessToken) })).accountId).to.equal("dave");
+      await own.bank.close();
+    });
+
     it("an account opened before passwords existed cannot log in until given one", async () => {
       // As the migration leaves an older bank.db: the account, no credentials.
       await net.bank.store.open({ accountId: "older-account", holder: "From before logins", currency: EUR, exponent: 2, openingMinor: 5_000 });

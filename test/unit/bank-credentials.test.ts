@@ -95,6 +95,17 @@ describe("unit: the failed-login limiter", () => {
     for (const r of guesses.slice(L.maxFailuresPerAccount)) expect(r).to.deep.include({ by: "account" });
   });
 
+  it("an attempt the bank could not check counts neither way: no failure added, none cleared", () => {
+    const l = new LoginLimiter();
+    for (let i = 0; i < L.maxFailuresPerAccount - 1; i++) fail(l, "alice", "198.51.100.1", 0);
+    for (let i = 0; i < 10; i++) {
+      expect(l.begin("alice", "198.51.100.2", 1)).to.equal(undefined);
+      l.abandon("alice", "198.51.100.2", 1);
+    }
+    expect(fail(l, "alice", "198.51.100.3", 2)).to.equal(undefined);
+    expect(l.begin("alice", "198.51.100.4", 3)).to.deep.include({ by: "account" });
+  });
+
   it("counts attempts still being checked: parallel guesses cannot pass the limit together", () => {
     const l = new LoginLimiter();
     const begun = Array.from({ length: 10 }, (_, i) => l.begin("alice", `198.51.100.${i}`, 0));
