@@ -255,7 +255,7 @@ export class CardholderDaemon {
     const requestId = requestIdOf(req.requestId);
     const amount = req.amount;
     const approved = req.approvedAmount;
-    if (!amount || !approved || approved.amountMinor !== amount.amountMinor || approved.currency !== amount.currency || approved.exponent !== amount.exponent) {
+    if (!amount || !approved || !sameMoney(approved, amount)) {
       throw new NetpurseError(
         Status.FAILED_PRECONDITION,
         ErrorReason.ERROR_REASON_NOT_APPROVED,
@@ -397,7 +397,7 @@ export class CardholderDaemon {
     const offer = req.offer;
     const approved = req.approvedAmount;
     const a = offer?.amount;
-    if (!approved || !a || approved.amountMinor !== a.amountMinor || approved.currency !== a.currency || approved.exponent !== a.exponent) {
+    if (!approved || !a || !sameMoney(approved, a)) {
       throw new NetpurseError(
         Status.FAILED_PRECONDITION,
         ErrorReason.ERROR_REASON_NOT_APPROVED,
