@@ -49,6 +49,18 @@ export function requireName(v: string, field: string, max: number): string {
   return v;
 }
 
+/**
+ * A server's network address, host:port (a name, an IPv4 address or a
+ * bracketed IPv6 address, and a port 1..65535): never a Unix socket path or
+ * a URL, so a caller cannot send a service's calls to a local socket.
+ */
+export function requireHostPort(v: string, field: string): string {
+  const m = /^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$/.exec(v);
+  const port = m ? Number(m[2]) : 0;
+  if (!m || port < 1 || port > 65_535) throw invalidField(field, "must be host:port (a name or address, and a port 1..65535)");
+  return v;
+}
+
 const MODES: readonly ConfirmationMode[] = [
   ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
   ConfirmationMode.CONFIRMATION_MODE_SERVER_COMPARES,

@@ -27,7 +27,7 @@ import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
 import type { Security } from "../../lib/pki/security.js";
 import { fieldOf, invalidField, NetpurseError, reasonOf, retryAfterMsOf } from "../../lib/grpc/errors.js";
 import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
-import { psamId, requireName, txnId } from "../../lib/ids.js";
+import { psamId, requireHostPort, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
@@ -163,8 +163,6 @@ export class CardholderDaemon {
       security: Security;
       callDeadlineMs?: number;
       resumeEveryMs?: number;
-      /** How long a bank access token is kept for the recovery (default BANK_TOKEN_KEEP_MS). */
-      bankTokenKeepMs?: number;
     },
   ) {
     this.reader = new PurseReader(o.transport);
@@ -272,7 +270,7 @@ export class CardholderDaemon {
       );
     }
     if (accessToken.length > MAX_BANK_TOKEN_CHARS) throw invalidField("bank_access_token", `longer than ${MAX_BANK_TOKEN_CHARS} characters`);
-    const bankAddress = req.bankAddress || defaultAddress("bank");
+    const bankAddress = req.bankAddress ? requireHostPort(req.bankAddress, "bank_address") : defaultAddress("bank");
     return this.card.run(async () => {
       this.keepBankToken(bankAddress, accountId, accessToken);
       const earlier = requestId ? await this.o.loads.byRequestId(requestId) : undefined;
@@ -384,7 +382,7 @@ export class CardholderDaemon {
       bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address, { kind: "bank" })),
       bankToken: (address, accountId) => {
         const kept = this.bankTokens.get(`${address} ${accountId}`);
-        return kept && Date.now() - kept.keptAt < (this.o.bankTokenKeepMs ?? BANK_TOKEN_KEEP_MS) ? kept.token : undefined;
+        return kept && Date.now() - kept.keptAt < BANK_TOKEN_KEEP_MS ? kept.token : undefined;
       },
       load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address, { kind: "load" })),
       journal: this.o.loads,

@@ -63,13 +63,14 @@ export class Launcher {
   }
 
   /** Spawns `node --import tsx script args` and resolves once it prints its listening line. */
-  start(name: string, script: string, args: string[], timeoutMs = 60_000): Promise<Started> {
+  /** Starts `script` as service `name`; `env` adds variables for this child alone. */
+  start(name: string, script: string, args: string[], timeoutMs = 60_000, env: NodeJS.ProcessEnv = {}): Promise<Started> {
     if (this.running.has(name)) throw new Error(`${name} is running already`);
     const logFile = join(this.logDir, `${name}.log`);
     const log = createWriteStream(logFile, { flags: "a", mode: 0o600 });
     const child = spawn(process.execPath, ["--import", TSX, join(ROOT, script), ...args], {
       cwd: ROOT,
-      env: { ...process.env, ...this.o.env },
+      env: { ...process.env, ...this.o.env, ...env },
       // The IPC channel carries nothing: its end tells the child that the launcher is gone (lib/service-main.ts).
       stdio: ["ignore", "pipe", "pipe", "ipc"],
     });

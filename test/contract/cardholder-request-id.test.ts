@@ -243,4 +243,18 @@ describe("client daemon: request ids, and errors that name the journaled transac
       await h.close();
     }
   });
+
+  it("a bank address that is no host:port (a Unix socket path, a URL) is INVALID_ARGUMENT, and nothing is journaled", async () => {
+    const h = await cardholder();
+    try {
+      for (const bankAddress of ["unix:/tmp/someone-elses.sock", "https://bank.example:443", "127.0.0.1:0", "127.0.0.1:99999", "bank"]) {
+        const f = await failed(h.c.loadCard({ ...h.loadReq(500, ""), bankAddress }));
+        expect(f, bankAddress).to.include({ code: "INVALID_ARGUMENT", reason: "INVALID_FIELD", field: "bank_address" });
+      }
+      expect(await h.rows("client_loads")).to.deep.equal([]);
+      expect(await h.balance()).to.equal(0);
+    } finally {
+      await h.close();
+    }
+  });
 });

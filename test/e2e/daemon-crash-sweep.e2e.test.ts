@@ -67,12 +67,7 @@ describe("end to end: the client daemon killed at each step of a load and a purc
     /** The daemon process, started again; dying at `step` if given. */
     const startDaemon = async (step?: DieStep) => {
       await net.launcher.stop("client-daemon");
-      if (step) process.env[DIE_AT_ENV] = step;
-      try {
-        await net.launcher.start("client-daemon", SCRIPTS.clientDaemon, ["--card", net.cardPath, "--data", net.dir]);
-      } finally {
-        delete process.env[DIE_AT_ENV];
-      }
+      await net.launcher.start("client-daemon", SCRIPTS.clientDaemon, ["--card", net.cardPath, "--data", net.dir], 60_000, step ? { [DIE_AT_ENV]: step } : {});
     };
     const withDaemon = async <T>(fn: (c: ReturnType<typeof factory.create<typeof CardholderServiceDefinition>>) => Promise<T>) => {
       const channel = openChannel(defined(net.addresses.clientDaemon, "the daemon's socket"), { insecure: true });

@@ -63,15 +63,10 @@ describe("end to end: the payment server killed at each step of a purchase", fun
 
   /** Starts the payment server (after the previous one ended); with `crashAt`, it kills itself at that step. */
   async function startPayment(crashAt?: string): Promise<void> {
-    if (crashAt) process.env.NETPURSE_TEST_PAYMENT_CRASH_AT = crashAt;
     try {
-      const started = net.restartPayment(RECOVERY_ARGS);
-      delete process.env.NETPURSE_TEST_PAYMENT_CRASH_AT; // the child has it; nothing else started later should
-      await started;
+      await net.restartPayment(RECOVERY_ARGS, crashAt ? { NETPURSE_TEST_PAYMENT_CRASH_AT: crashAt } : {});
     } catch (e) {
       if (!crashAt) throw e; // with a kill point, recovery at start may reach it first
-    } finally {
-      delete process.env.NETPURSE_TEST_PAYMENT_CRASH_AT;
     }
     if (!crashAt) return net.attached(["terminal-1"]);
     await waitFor(
@@ -196,10 +191,7 @@ describe("end to end: a purchase left RECEIVED with an open debit in its PSAM", 
     const card = await openCard(net.cardPath);
     const before = (await card.readPurse()).balance;
     await net.launcher.kill("payment");
-    process.env.NETPURSE_TEST_PAYMENT_CRASH_AT = "before:debit_command_issued";
-    const started = net.restartPayment();
-    delete process.env.NETPURSE_TEST_PAYMENT_CRASH_AT;
-    await started;
+    await net.restartPayment([], { NETPURSE_TEST_PAYMENT_CRASH_AT: "before:debit_command_issued" });
     await net.attached(["terminal-1"]);
 
     const offer = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "the merchant's offer");

@@ -66,16 +66,15 @@ export async function launchE2E(o: E2EOptions) {
     attached,
     startTerminal: (id: string, args: string[] = []) =>
       launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--data", dir, ...args]),
-    async restartPayment(args: string[] = []) {
-      const started = await launcher.start("payment", SCRIPTS.payment, [
-        "--listen",
-        addresses.payment!,
-        "--concentrator",
-        addresses.concentrator!,
-        "--data",
-        dir,
-        ...args,
-      ]);
+    /** Starts the payment server again, with `env` for it alone (a test-only kill point, say). */
+    async restartPayment(args: string[] = [], env: NodeJS.ProcessEnv = {}) {
+      const started = await launcher.start(
+        "payment",
+        SCRIPTS.payment,
+        ["--listen", addresses.payment!, "--concentrator", addresses.concentrator!, "--data", dir, ...args],
+        60_000,
+        env,
+      );
       return started;
     },
     async close() {

@@ -116,7 +116,11 @@ export interface PayOfferResponse {
 
 /** Request of LoadCard. */
 export interface LoadCardRequest {
-  /** Address (host:port) of the bank server; empty means 127.0.0.1:7440. */
+  /**
+   * Address (host:port) of the bank server; empty means 127.0.0.1:7440.
+   * Anything else (a Unix socket path, a URL) is INVALID_ARGUMENT naming
+   * bank_address, and nothing is journaled.
+   */
   bankAddress: string;
   /** The account to load from. */
   accountId: string;
