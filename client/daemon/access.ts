@@ -11,6 +11,7 @@ import { dirname, join, resolve } from "node:path";
 import { Status, type CallContext, type ServerMiddleware, type ServerMiddlewareCall } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
+import { bearerTokenOf } from "../../lib/grpc/server.js";
 import type { Logger } from "../../lib/log.js";
 
 /** Where the daemon whose folder is `dir` (DATA/client) keeps its socket and its token. */
@@ -156,7 +157,6 @@ export function readDaemonToken(file: string): string {
   return token;
 }
 
-const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 const digest = (s: string) => createHash("sha256").update(s).digest();
 
 /**
@@ -168,7 +168,7 @@ export function tokenGuard(token: string, log: Logger): ServerMiddleware {
   const expected = digest(token);
   return async function* <Req, Res>(call: ServerMiddlewareCall<Req, Res>, context: CallContext) {
     const header = context.metadata.get("authorization");
-    const given = header === undefined ? undefined : BEARER.exec(header)?.[1];
+    const given = bearerTokenOf(context);
     // Digests of equal length, so that the comparison takes the same time whatever the caller sent.
     if (given === undefined || !timingSafeEqual(digest(given), expected)) {
       log.warn("refused a call over TCP without the daemon's token", {

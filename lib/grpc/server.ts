@@ -364,6 +364,17 @@ export async function startGrpcServer(p: {
   };
 }
 
+/**
+ * The token of a call's `authorization: Bearer TOKEN` metadata (RFC 6750:
+ * the scheme in any case; at most 256 characters), or undefined when there
+ * is none or the metadata is of another shape. The one parser for every
+ * server that takes bearer tokens.
+ */
+export function bearerTokenOf(context: CallContext): string | undefined {
+  const header = context.metadata.get("authorization");
+  return header === undefined ? undefined : /^Bearer[ \t]+(\S{1,256})[ \t]*$/i.exec(header)?.[1];
+}
+
 /** The source a connection is counted against: its IPv4 address, or the /64 of an IPv6 one (one host's usual allocation). */
 export function sourceOf(address: string | undefined): string {
   if (!address) return "unknown";

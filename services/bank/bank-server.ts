@@ -31,6 +31,7 @@ import { LoadAuthorization, LoadConfirmation, LoadOutcome, type LoadServiceDefin
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
+import { bearerTokenOf } from "../../lib/grpc/server.js";
 import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
 import { requireCardAmount, requireMoney, requireName, requirePurseId, requireTransactionId, purseId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
@@ -46,7 +47,6 @@ const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.P
 const unauthenticated = (text: string) => new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, text);
 
 /** How the account holder's RPCs carry the access token: gRPC metadata, as every gRPC client sends it. */
-const BEARER = /^Bearer (\S{1,256})$/;
 
 /** The access token's default lifetime: short, since it acts for the account. */
 export const DEFAULT_ACCESS_TOKEN_TTL_MS = 15 * 60_000;
@@ -168,9 +168,9 @@ export class BankServer {
    * the token's hash, for a check again where money moves.
    */
   private async holder(context: CallContext, asked: string, method: string): Promise<{ accountId: string; tokenHash: string }> {
-    const header = context.metadata.get("authorization");
-    if (!header) throw unauthenticated(`${method} acts for the account holder only: log in (Login) and send its access token as 'authorization: Bearer TOKEN'`);
-    const token = BEARER.exec(header)?.[1];
+    if (!context.metadata.has("authorization"))
+      throw unauthenticated(`${method} acts for the account holder only: log in (Login) and send its access token as 'authorization: Bearer TOKEN'`);
+    const token = bearerTokenOf(context);
     if (!token || !ACCESS_TOKEN_SHAPE.test(token))
       throw unauthenticated("the authorization metadata holds no access token of this bank: send 'authorization: Bearer TOKEN' with the token Login gave");
     const tokenHash = accessTokenHash(token);

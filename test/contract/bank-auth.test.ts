@@ -223,6 +223,8 @@ describe("contract: the bank acts only for the account holder (Login, access tok
         expect(f.details, what).to.match(/log in|Login/);
       }
       expect(await account(net, h.accountId)).to.deep.include({ available: 100_000, holds: [] });
+      // The scheme's case is no matter (RFC 6750), as at the client daemon's TCP listener: one parser serves both.
+      expect((await bankWith(Metadata({ authorization: `bearer ${h.token}` })).getAccount({ accountId: h.accountId })).accountId).to.equal(h.accountId);
     });
 
     it("a token expires: accepted before, UNAUTHENTICATED after, until the holder logs in again", async () => {
