@@ -13,6 +13,7 @@ export const DEFAULT_PORTS = {
   concentrator: 7430,
   bank: 7440,
   load: 7450,
+  clearing: 7460,
   cardholder: 7470,
 } as const;
 

@@ -4,7 +4,7 @@
 // never by what a message claims.
 
 /** The kinds of identity an installation issues, one per part of the system that holds a key. */
-export const KINDS = ["terminal", "payment", "concentrator", "merchant", "validation", "bank", "load", "operator"] as const;
+export const KINDS = ["terminal", "payment", "concentrator", "merchant", "validation", "bank", "load", "clearing", "operator"] as const;
 export type Kind = (typeof KINDS)[number];
 
 export const DEFAULT_TRUST_DOMAIN = "netpurse.local";

@@ -92,11 +92,20 @@ export const PendingDebitRecord = layout("pending debit", {
   transactionRef: uuid,
 });
 
-/** One transaction of the current batch (READ BATCH RECORD, P1P2 = index from 0). */
+/**
+ * One transaction of the current batch (READ BATCH RECORD, P1P2 = index from
+ * 0): with the card's session (key version, counter, challenge) and its
+ * answer (counter and balance after, signature), so that clearing can check
+ * the card's signature itself.
+ */
 export const BatchRecord = layout("batch record", {
   psamCounter: u32,
   purseId: bytes(8),
+  keyVersion: u8,
+  sessionCounter: u32,
+  challenge: bytes(8),
   cardCounter: u32,
+  balanceAfter: u32,
   amount: u32,
   currency: u16,
   dateTime: u32,
@@ -123,7 +132,11 @@ const BatchRecordMacInput = layout("batch record MAC input", {
   batchNumber: u32,
   psamCounter: u32,
   purseId: bytes(8),
+  keyVersion: u8,
+  sessionCounter: u32,
+  challenge: bytes(8),
   cardCounter: u32,
+  balanceAfter: u32,
   amount: u32,
   currency: u16,
   dateTime: u32,

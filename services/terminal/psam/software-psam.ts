@@ -69,7 +69,12 @@ export interface PendingDebitState {
 export interface BatchRecordState {
   psamCounter: number;
   purseId: string;
+  /** The card's session (key version, counter before the debit, challenge hex) and its balance after: what clearing needs to check the card's signature. */
+  keyVersion: number;
+  sessionCounter: number;
+  challenge: string;
   cardCounter: number;
+  balanceAfter: number;
   amount: number;
   currency: number;
   dateTime: number;
@@ -461,7 +466,11 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const record = {
       psamCounter: p.psamCounter,
       purseId,
+      keyVersion: p.keyVersion,
+      sessionCounter: p.cardCounter,
+      challenge: cardSession.challenge,
       cardCounter: answer.counter,
+      balanceAfter: answer.balance,
       amount: p.amount,
       currency: p.currency,
       dateTime: p.dateTime,
@@ -470,7 +479,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       cardSignature: answer.cardSignature,
     };
     const recordMac = batchRecordMac(Buffer.from(s.batchKey, "hex"), fields.psamId, s.batchNumber, record);
-    const stored: BatchRecordState = { ...record, purseId: p.purseId, cardSignature: signature, recordMac: recordMac.toString("hex") };
+    const stored: BatchRecordState = { ...record, purseId: p.purseId, challenge: p.challenge, cardSignature: signature, recordMac: recordMac.toString("hex") };
     const settled = this.settle({
       psamCounter: p.psamCounter,
       outcome: "recorded",
@@ -536,8 +545,13 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   private readBatchRecord(c: CommandApdu): ResponseApdu {
     const r = this.state.batch[(c.p1 << 8) | c.p2];
     if (!r) return status(SW.RECORD_NOT_FOUND);
+    // A record of a PSAM file from before batch records carried the card's session reads with zeros there: clearing quarantines it.
     const data = BatchRecord.encode({
       ...r,
+      keyVersion: r.keyVersion ?? 0,
+      sessionCounter: r.sessionCounter ?? 0,
+      challenge: Buffer.from(r.challenge ?? "0000000000000000", "hex"),
+      balanceAfter: r.balanceAfter ?? 0,
       purseId: Buffer.from(r.purseId, "hex"),
       cardSignature: Buffer.from(r.cardSignature, "hex"),
       recordMac: Buffer.from(r.recordMac, "hex"),

@@ -284,6 +284,18 @@ export enum ErrorReason {
    * offer (FAILED_PRECONDITION).
    */
   ERROR_REASON_DRAW_REQUEST_ABANDONED = 36,
+  /**
+   * ERROR_REASON_UNKNOWN_PSAM - Clearing was sent a batch of a PSAM the issuer never provisioned (it is
+   * in no terminal's PSAM registry entry); nothing of it was counted
+   * (PERMISSION_DENIED).
+   */
+  ERROR_REASON_UNKNOWN_PSAM = 37,
+  /**
+   * ERROR_REASON_BATCH_NUMBER_REUSED - Clearing already holds this PSAM's batch of that number with other
+   * content (another batch MAC, count or total); the batch sent now was not
+   * counted (ALREADY_EXISTS).
+   */
+  ERROR_REASON_BATCH_NUMBER_REUSED = 38,
   UNRECOGNIZED = -1,
 }
 
@@ -385,6 +397,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 36:
     case "ERROR_REASON_DRAW_REQUEST_ABANDONED":
       return ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED;
+    case 37:
+    case "ERROR_REASON_UNKNOWN_PSAM":
+      return ErrorReason.ERROR_REASON_UNKNOWN_PSAM;
+    case 38:
+    case "ERROR_REASON_BATCH_NUMBER_REUSED":
+      return ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -458,6 +476,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_REQUEST_ID_REUSED";
     case ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED:
       return "ERROR_REASON_DRAW_REQUEST_ABANDONED";
+    case ErrorReason.ERROR_REASON_UNKNOWN_PSAM:
+      return "ERROR_REASON_UNKNOWN_PSAM";
+    case ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED:
+      return "ERROR_REASON_BATCH_NUMBER_REUSED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -1,0 +1,123 @@
+// Clearing's security module: it holds the acquirer's batch master key and
+// the issuer's purchase and load master keys, and answers only whether a
+// PSAM's MAC, a card's signature or a load's S3 verifies. Like the load
+// server's host security module it never hands out a key; every card or
+// PSAM key is one AES-ECB block under a master key (lib/crypto/keys.ts), so a
+// PKCS#11 token can sit behind the same interface. The software module keeps
+// its keys in a private file (mode 0600), written by
+// 'netpurse-issuer export-clearing-keys'.
+
+import { macEqual } from "../../lib/crypto/aes.js";
+import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
+import { readJson } from "../../lib/files.js";
+import { loadS3, type Load, type LoadAnswer, type LoadInit } from "../../lib/protocol/load.js";
+import { batchMac, batchRecordMac, diversifyPsamKey, type PsamBatchRecord } from "../../lib/protocol/psam.js";
+import { cardSignature, DebitResult } from "../../lib/protocol/purse.js";
+
+/** The file 'netpurse-issuer export-clearing-keys' writes: DATA/clearing/keys.json, mode 0600. */
+export interface ClearingKeysFile {
+  format: 1;
+  /** The issuer whose cards and float these keys stand for. */
+  issuerId: string;
+  /** The issuer's purchase master keys by key version, hex. */
+  purchaseKeys: Record<string, string>;
+  /** The issuer's load master keys by key version, hex. */
+  loadKeys: Record<string, string>;
+  /** The acquirer's batch master key, from which each PSAM's batch key is diversified, hex. */
+  batchMaster: string;
+}
+
+/** What a closed batch's trailer says, as the PSAM MACed it. */
+export interface BatchSummary {
+  psamId: Buffer;
+  batchNumber: number;
+  count: number;
+  total: number;
+  currency: number;
+}
+
+export type CardProof = "OK" | "KEY_VERSION_UNKNOWN" | "BAD_CARD_SIGNATURE";
+
+export interface ClearingSecurityModule {
+  /** The issuer these keys belong to. */
+  readonly issuerId: string;
+  /** Whether a closed batch's MAC verifies under the PSAM's batch key. */
+  verifyBatchMac(b: BatchSummary, mac: Buffer): boolean;
+  /** Whether a batch record's MAC verifies under the PSAM's batch key. */
+  verifyRecordMac(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): boolean;
+  /** Whether the record's card signature is the card's own DEBITED answer for this debit. */
+  verifyCardSignature(psamId: Buffer, r: PsamBatchRecord): CardProof;
+  /** Whether a load's S3 is the card's own LOADED answer to this LOAD command. */
+  verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean;
+}
+
+const hexKey = (k: string | undefined) => (k && /^[0-9a-f]{32}$/.test(k) ? Buffer.from(k, "hex") : undefined);
+
+export class SoftwareClearingModule implements ClearingSecurityModule {
+  private constructor(private readonly keys: ClearingKeysFile) {}
+
+  static async open(path: string): Promise<SoftwareClearingModule> {
+    let keys: ClearingKeysFile;
+    try {
+      keys = await readJson<ClearingKeysFile>(path);
+    } catch (e) {
+      throw new Error(`cannot read clearing's keys ${path} (${(e as Error).message}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`, {
+        cause: e,
+      });
+    }
+    if (keys.format !== 1 || !hexKey(keys.batchMaster) || typeof keys.issuerId !== "string") throw new Error(`${path}: not a clearing keys file`);
+    return new SoftwareClearingModule(keys);
+  }
+
+  static fromKeys(keys: ClearingKeysFile): SoftwareClearingModule {
+    return new SoftwareClearingModule(keys);
+  }
+
+  get issuerId(): string {
+    return this.keys.issuerId;
+  }
+
+  private batchKey(psamId: Buffer): Buffer {
+    return diversifyPsamKey(hexKey(this.keys.batchMaster)!, psamId);
+  }
+
+  private master(keys: Record<string, string>, version: number): Buffer | undefined {
+    return Object.hasOwn(keys, String(version)) ? hexKey(keys[String(version)]) : undefined;
+  }
+
+  verifyBatchMac(b: BatchSummary, mac: Buffer): boolean {
+    return macEqual(batchMac(this.batchKey(b.psamId), b), mac);
+  }
+
+  verifyRecordMac(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): boolean {
+    const { recordMac, ...rest } = r;
+    return macEqual(batchRecordMac(this.batchKey(psamId), psamId, batchNumber, rest), recordMac);
+  }
+
+  verifyCardSignature(psamId: Buffer, r: PsamBatchRecord): CardProof {
+    const master = this.master(this.keys.purchaseKeys, r.keyVersion);
+    if (!master) return "KEY_VERSION_UNKNOWN";
+    const session = { purseId: r.purseId, cardCounter: r.sessionCounter, challenge: r.challenge };
+    const sk = deriveSessionKey(diversifyCardKey(master, r.purseId), {
+      cardCounter: r.sessionCounter,
+      securityModuleId: psamId,
+      securityModuleCounter: r.psamCounter,
+      challenge: r.challenge,
+    });
+    const debit = { amount: r.amount, currency: r.currency, psamId, psamCounter: r.psamCounter, dateTime: r.dateTime, transactionRef: r.transactionRef };
+    const answer = { result: DebitResult.DEBITED, counter: r.cardCounter, balance: r.balanceAfter };
+    return macEqual(cardSignature(sk, session, debit, answer), r.cardSignature) ? "OK" : "BAD_CARD_SIGNATURE";
+  }
+
+  verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean {
+    const master = this.master(this.keys.loadKeys, init.keyVersion);
+    if (!master) return false;
+    const sk = deriveSessionKey(diversifyCardKey(master, init.purseId), {
+      cardCounter: init.counter,
+      securityModuleId: command.hsmId,
+      securityModuleCounter: command.hsmCounter,
+      challenge: init.challenge,
+    });
+    return macEqual(loadS3(sk, init, command, answer), answer.s3);
+  }
+}
