@@ -5059,7 +5059,7 @@ export const ClearingServiceDefinition = {
     /**
      * Submits one closed PSAM batch. The stream carries the batch's records,
      * each once, then exactly one BatchTrailer, last; the answer comes after
-     * the trailer. At most 100,000 records.
+     * the trailer. At most 10,000 records.
      *
      * Idempotent: the same batch sent again (same PSAM, number, count, total
      * and batch MAC) gets the acknowledgement it got the first time, with
@@ -5214,7 +5214,7 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
   /**
    * Submits one closed PSAM batch. The stream carries the batch's records,
    * each once, then exactly one BatchTrailer, last; the answer comes after
-   * the trailer. At most 100,000 records.
+   * the trailer. At most 10,000 records.
    *
    * Idempotent: the same batch sent again (same PSAM, number, count, total
    * and batch MAC) gets the acknowledgement it got the first time, with
@@ -5330,7 +5330,7 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
   /**
    * Submits one closed PSAM batch. The stream carries the batch's records,
    * each once, then exactly one BatchTrailer, last; the answer comes after
-   * the trailer. At most 100,000 records.
+   * the trailer. At most 10,000 records.
    *
    * Idempotent: the same batch sent again (same PSAM, number, count, total
    * and batch MAC) gets the acknowledgement it got the first time, with

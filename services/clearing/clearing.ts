@@ -1,0 +1,832 @@
+// The concentration point and the clearing and administration system
+// (FIG. 2 and 3): terminal hosts send closed PSAM batches, the load server
+// sends settled loads. Nothing is counted on a caller's word: a batch counts
+// only when the PSAM's batch MAC verifies, a record is paid only when its
+// record MAC and the card's own signature verify, a load only when the
+// card's S3 does. Everything is posted once, keyed by transaction id, in one
+// database transaction with the batch or load that brought it.
+
+import { createHash } from "node:crypto";
+import type { CallContext } from "nice-grpc";
+import {
+  BatchRecord as BatchRecordMessage,
+  BatchStatus,
+  BatchTrailer,
+  LoadOutcome,
+  LoadProof,
+  LoadRecord,
+  LoadStatus,
+  PartyKind,
+  QuarantineReason,
+  quarantineReasonFromJSON,
+  quarantineReasonToJSON,
+  loadProofToJSON,
+  loadOutcomeToJSON,
+  type AuditCheck,
+  type Batch,
+  type CardBalance,
+  type ClearingServiceImplementation,
+  type LoadAcknowledgement,
+  type Position,
+  type Payout,
+  type QuarantineEntry,
+  type QuarantinedRecord,
+  type Settlement,
+  type SubmitBatchResponse,
+} from "../../gen/netpurse/clearing/v1/clearing.js";
+import { ErrorReason, type Money } from "../../gen/netpurse/card/v1/card.js";
+import { invalidField, NetpurseError, notFound, Status } from "../../lib/grpc/errors.js";
+import { isPositiveInt, pagePosition, pageSize, pageToken } from "../../lib/grpc/page-token.js";
+import { peerOf } from "../../lib/grpc/server.js";
+import { hexOf, psamId as toPsamId, purseId as toPurseId, requireMerchantId, requireName, requireTransactionId, txnId } from "../../lib/ids.js";
+import type { Logger } from "../../lib/log.js";
+import { money } from "../../lib/money.js";
+import { InitializeForLoadCommand, InitializeForLoadResponse, LoadCommand, LoadResponse, LoadResult } from "../../lib/protocol/load.js";
+import type { PsamBatchRecord } from "../../lib/protocol/psam.js";
+import type { Queryable } from "../../lib/store/db.js";
+import type { ClearingMerchant } from "./merchants.js";
+import type { ClearingSecurityModule } from "./security-module.js";
+import { account, dayOf, type BatchRow, type ClearingStore, type LoadRow, type QuarantineRow } from "./store.js";
+
+/** Most records one batch submission may carry. */
+export const MAX_BATCH_RECORDS = 10_000;
+/** Most loads one SubmitLoads call may carry. */
+export const MAX_LOADS_PER_CALL = 100;
+const MAX_MISSING_REPORTED = 100;
+const PAGE = { fallback: 50, max: 500 };
+const DAY_RE = /^\d{4}-\d{2}-\d{2}$/;
+
+export interface ClearingOptions {
+  store: ClearingStore;
+  module: ClearingSecurityModule;
+  /** Merchant id -> its registration (acquirer, currency). */
+  merchants: () => ReadonlyMap<string, ClearingMerchant>;
+  /** PSAM id (hex) -> the terminal it was provisioned for; undefined on an --insecure network, where any terminal may send any PSAM's batch. */
+  psamRegistry: ReadonlyMap<string, string> | undefined;
+  log: Logger;
+  clock: () => Date;
+}
+
+const u32 = (n: number) => Number.isInteger(n) && n >= 0 && n <= 0xffffffff;
+
+function bytesOf(b: Uint8Array, size: number, field: string): Buffer {
+  if (b.length !== size) throw invalidField(field, `must be ${size} bytes, got ${b.length}`);
+  return Buffer.from(b);
+}
+
+/** A submitted record as the PSAM's layout has it; INVALID_ARGUMENT naming the field when it cannot be one. */
+function recordOf(r: BatchRecordMessage, field: string): PsamBatchRecord {
+  const amount = r.amount;
+  if (!amount || amount.amountMinor < 0n || amount.amountMinor > 0xffffffffn) throw invalidField(`${field}.amount`, "missing or out of 0..4294967295");
+  if (amount.currency < 1 || amount.currency > 999) throw invalidField(`${field}.amount.currency`, "must be an ISO 4217 numeric code 1..999");
+  for (const [name, v] of [
+    ["psam_counter", r.psamCounter],
+    ["session_counter", r.sessionCounter],
+    ["card_counter", r.cardCounter],
+  ] as const) {
+    if (!u32(v)) throw invalidField(`${field}.${name}`, "out of range");
+  }
+  if (r.keyVersion > 0xff) throw invalidField(`${field}.key_version`, "must be 0..255");
+  if (r.balanceAfter < 0n || r.balanceAfter > 0xffffffffn) throw invalidField(`${field}.balance_after`, "out of 0..4294967295");
+  if (!r.dateTime) throw invalidField(`${field}.date_time`, "missing");
+  const dateTime = Math.floor(r.dateTime.getTime() / 1000);
+  if (!u32(dateTime)) throw invalidField(`${field}.date_time`, "out of range");
+  return {
+    psamCounter: r.psamCounter,
+    purseId: bytesOf(r.purseId?.value ?? new Uint8Array(), 8, `${field}.purse_id`),
+    keyVersion: r.keyVersion,
+    sessionCounter: r.sessionCounter,
+    challenge: bytesOf(r.challenge, 8, `${field}.challenge`),
+    cardCounter: r.cardCounter,
+    balanceAfter: Number(r.balanceAfter),
+    amount: Number(amount.amountMinor),
+    currency: amount.currency,
+    dateTime,
+    transactionRef: requireTransactionId(r.transactionId, `${field}.transaction_id`),
+    merchantId: requireMerchantId(r.merchantId, `${field}.merchant_id`),
+    cardSignature: bytesOf(r.cardSignature, 8, `${field}.card_signature`),
+    recordMac: bytesOf(r.recordMac, 8, `${field}.record_mac`),
+  };
+}
+
+const digestOf = (...parts: Uint8Array[]) => {
+  const h = createHash("sha256");
+  for (const p of parts) h.update(p).update("\0");
+  return h.digest("hex");
+};
+
+const reasonName = (r: QuarantineReason) => quarantineReasonToJSON(r);
+const reasonOfName = (s: string | null) => (s ? quarantineReasonFromJSON(s) : QuarantineReason.QUARANTINE_REASON_UNSPECIFIED);
+
+function requireDay(day: string, field = "day"): string {
+  if (!DAY_RE.test(day) || dayOf(new Date(`${day}T00:00:00Z`)) !== day) throw invalidField(field, `"${day.slice(0, 32)}" is not a day YYYY-MM-DD`);
+  return day;
+}
+
+const denied = (message: string) => new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_NOT_ALLOWED, message);
+
+export class Clearing {
+  constructor(private readonly o: ClearingOptions) {}
+
+  /** The peer's terminal id when it is a terminal host (undefined on an --insecure network); PERMISSION_DENIED otherwise. */
+  private terminalOf(context: CallContext): string | undefined {
+    const peer = peerOf(context);
+    if (!peer.proven) return undefined;
+    if (peer.kind !== "terminal") throw denied(`${peer.kind}/${peer.id} is not a terminal host`);
+    return peer.id;
+  }
+
+  /** Checks the caller may act for this PSAM: the terminal the issuer provisioned it for. */
+  private authorisePsam(psamHex: string, terminalId: string | undefined): void {
+    const registry = this.o.psamRegistry;
+    if (!registry) return;
+    const owner = registry.get(psamHex);
+    if (owner === undefined) {
+      throw new NetpurseError(Status.PERMISSION_DENIED, ErrorReason.ERROR_REASON_UNKNOWN_PSAM, `PSAM ${psamHex} is not in the issuer's PSAM registry`);
+    }
+    if (terminalId !== undefined && owner !== terminalId) throw denied(`PSAM ${psamHex} was provisioned for terminal ${owner}, not ${terminalId}`);
+  }
+
+  readonly service: ClearingServiceImplementation = {
+    submitBatch: async (request, context) => {
+      const terminalId = this.terminalOf(context);
+      const records: BatchRecordMessage[] = [];
+      let trailer: BatchTrailer | undefined;
+      for await (const m of request) {
+        if (trailer) throw invalidField("trailer", "the trailer must be the stream's last message: a message came after it");
+        const item = m.item;
+        if (!item) throw invalidField("item", "a message with neither a record nor a trailer");
+        if (item.$case === "trailer") trailer = item.value;
+        else {
+          if (records.length >= MAX_BATCH_RECORDS) throw invalidField("record", `a batch holds at most ${MAX_BATCH_RECORDS} records`);
+          records.push(item.value);
+        }
+      }
+      if (!trailer) throw invalidField("trailer", "the stream ended without a trailer: the batch is incomplete and was not counted");
+      return this.submitted(records, trailer, terminalId);
+    },
+
+    submitLoads: async (request, context) => {
+      const peer = peerOf(context);
+      if (peer.proven && peer.kind !== "load") throw denied(`${peer.kind}/${peer.id} is not the load server`);
+      const loads = request.loads;
+      if (loads.length === 0 || loads.length > MAX_LOADS_PER_CALL) throw invalidField("loads", `must hold 1..${MAX_LOADS_PER_CALL} loads`);
+      const checked = loads.map((l, i) => this.checkLoad(l, `loads[${i}]`));
+      const ids = new Set(checked.map((c) => c.id));
+      if (ids.size !== checked.length) throw invalidField("loads", "a transaction id appears twice");
+      const now = this.o.clock();
+      const acknowledgements = await this.o.store.db.transaction(async (q) => {
+        const out: LoadAcknowledgement[] = [];
+        for (const c of checked) out.push(await this.recordLoad(q, c, now));
+        return out;
+      });
+      for (const a of acknowledgements) {
+        if (a.status === LoadStatus.LOAD_STATUS_QUARANTINED && !a.duplicate) {
+          this.o.log.warn("load quarantined", { transaction: a.transactionId?.value, reason: reasonName(a.quarantinedBecause) });
+        }
+      }
+      return { acknowledgements };
+    },
+
+    getSettlement: async (request) => {
+      const day = request.day === "" ? await this.o.store.postingDay(this.o.store.db, this.o.clock()) : requireDay(request.day);
+      return { settlement: await this.settlement(day) };
+    },
+
+    closeSettlementDay: async (request) => {
+      const day = requireDay(request.day);
+      const now = this.o.clock();
+      if (day > dayOf(now)) throw invalidField("day", `${day} has not begun yet (today is ${dayOf(now)}, UTC)`);
+      await this.o.store.closeDay(day, now);
+      this.o.log.info("settlement day closed", { day });
+      return { settlement: await this.settlement(day) };
+    },
+
+    getMerchantStatement: async (request, context) => {
+      const merchantId = requireMerchantId(request.merchantId);
+      const peer = peerOf(context);
+      if (peer.proven && !(peer.kind === "operator" || (peer.kind === "merchant" && peer.id === merchantId))) {
+        throw denied(`${peer.kind}/${peer.id} may not read merchant ${merchantId}'s statement`);
+      }
+      const m = this.o.merchants().get(merchantId);
+      if (!m) throw new NetpurseError(Status.NOT_FOUND, ErrorReason.ERROR_REASON_UNKNOWN_MERCHANT, `clearing pays no merchant ${merchantId}`);
+      const day = request.day === "" ? undefined : requireDay(request.day);
+      const size = pageSize(request.pageSize, PAGE);
+      const scope = `${merchantId}/${day ?? "*"}`;
+      const before = pagePosition(request.pageToken, "statement", scope, isPositiveInt) ?? Number.MAX_SAFE_INTEGER;
+      const rows = await this.o.store.statement(merchantId, day, before, size + 1);
+      const page = rows.slice(0, size);
+      const totals = await this.o.store.statementTotals(merchantId, day);
+      return {
+        merchantId: { value: merchantId },
+        acquirerId: m.acquirerId,
+        total: totals.map((t) => money(t.total, t.currency, t.exponent)),
+        purchases: totals.reduce((n, t) => n + t.n, 0),
+        lines: page.map((r) => ({
+          transactionId: txnId(r.transaction_id),
+          amount: money(r.amount_minor, r.currency, r.exponent),
+          settlementDay: r.settlement_day,
+          postedAt: new Date(r.posted_at),
+          psamId: toPsamId(r.psam_id),
+          psamCounter: r.psam_counter,
+          batchNumber: r.batch_number,
+          purseId: toPurseId(r.purse_id),
+        })),
+        nextPageToken: rows.length > size ? pageToken("statement", scope, page[page.length - 1]!.seq) : "",
+      };
+    },
+
+    getBatch: async (request, context) => {
+      const psamHex = hexOf(bytesOf(request.psamId?.value ?? new Uint8Array(), 4, "psam_id"));
+      if (!isPositiveInt(request.batchNumber)) throw invalidField("batch_number", "must be 1 or more");
+      const peer = peerOf(context);
+      if (peer.proven && peer.kind !== "operator") {
+        if (peer.kind !== "terminal") throw denied(`${peer.kind}/${peer.id} may not read batches`);
+        this.authorisePsam(psamHex, peer.id);
+      }
+      const size = pageSize(request.pageSize, PAGE);
+      const scope = `${psamHex}/${request.batchNumber}`;
+      const after = pagePosition(request.pageToken, "batch quarantine", scope, (p): p is number => typeof p === "number" && Number.isSafeInteger(p)) ?? -1;
+      const row = await this.o.store.batch(psamHex, request.batchNumber);
+      if (!row) {
+        const rejected = await this.o.store.rejectedBatch(psamHex, request.batchNumber);
+        if (!rejected) throw notFound(`clearing holds no batch ${request.batchNumber} of PSAM ${psamHex}`);
+        return { batch: this.rejectedBatchOf(rejected), quarantinedRecords: [], nextPageToken: "" };
+      }
+      const q = await this.o.store.quarantineOfBatch(psamHex, request.batchNumber, after, size + 1);
+      const page = q.slice(0, size);
+      return {
+        batch: this.batchOf(row),
+        quarantinedRecords: page.map((r) => this.quarantinedRecordOf(r)),
+        nextPageToken: q.length > size ? pageToken("batch quarantine", scope, page[page.length - 1]!.psam_counter) : "",
+      };
+    },
+
+    listQuarantined: async (request) => {
+      const size = pageSize(request.pageSize, PAGE);
+      const after = pagePosition(request.pageToken, "quarantine", "all", isPositiveInt) ?? 0;
+      const rows = await this.o.store.quarantined(after, size + 1);
+      const page = rows.slice(0, size);
+      return {
+        entries: page.map((r) => this.entryOf(r)),
+        nextPageToken: rows.length > size ? pageToken("quarantine", "all", page[page.length - 1]!.id) : "",
+      };
+    },
+
+    runAudit: async (request) => {
+      if (request.cards.length > 1_000) throw invalidField("cards", "at most 1,000 cards");
+      const cards = request.cards.map((c, i) => this.checkCardBalance(c, `cards[${i}]`));
+      return this.audit(cards);
+    },
+  };
+
+  /** Counts a complete batch once: verifies, posts and acknowledges it, or answers the first acknowledgement again. */
+  private async submitted(recordMessages: BatchRecordMessage[], trailer: BatchTrailer, terminalId: string | undefined): Promise<SubmitBatchResponse> {
+    const psamId = bytesOf(trailer.psamId?.value ?? new Uint8Array(), 4, "trailer.psam_id");
+    const psamHex = psamId.toString("hex");
+    this.authorisePsam(psamHex, terminalId);
+    if (!isPositiveInt(trailer.batchNumber) || !u32(trailer.batchNumber)) throw invalidField("trailer.batch_number", "must be 1..4294967295");
+    const total = trailer.total;
+    if (!total || total.amountMinor < 0n || total.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField("trailer.total", "missing or out of range");
+    if (total.currency < 1 || total.currency > 999) throw invalidField("trailer.total.currency", "must be an ISO 4217 numeric code 1..999");
+    const batchMac = bytesOf(trailer.batchMac, 8, "trailer.batch_mac");
+    const records = recordMessages.map((r, i) => recordOf(r, `records[${i}]`));
+    const summary = { psamId, batchNumber: trailer.batchNumber, count: trailer.count, total: Number(total.amountMinor), currency: total.currency };
+    const base = { psamId: toPsamId(psamHex), batchNumber: trailer.batchNumber };
+    const missing = () => this.o.store.missingBatchNumbers(psamHex, trailer.batchNumber, MAX_MISSING_REPORTED);
+
+    const known = await this.o.store.batch(psamHex, trailer.batchNumber);
+    if (known) {
+      if (known.batch_mac !== batchMac.toString("hex") || known.record_count !== summary.count || known.total_minor !== summary.total) {
+        throw new NetpurseError(
+          Status.ALREADY_EXISTS,
+          ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED,
+          `clearing holds batch ${trailer.batchNumber} of PSAM ${psamHex} with other content; this one was not counted`,
+        );
+      }
+      await this.o.store.countResubmission(psamHex, trailer.batchNumber);
+      this.o.log.info("batch sent again; counted once", { psam: psamHex, batch: trailer.batchNumber, terminal: terminalId });
+      return { ...base, ...this.ackOf(known), duplicate: true, missingBatchNumbers: await missing() };
+    }
+
+    const rejectedBecause = !this.o.module.verifyBatchMac(summary, batchMac)
+      ? QuarantineReason.QUARANTINE_REASON_BAD_BATCH_MAC
+      : records.length !== summary.count || records.reduce((s, r) => s + r.amount, 0) !== summary.total || records.some((r) => r.currency !== summary.currency)
+        ? QuarantineReason.QUARANTINE_REASON_BATCH_INCOMPLETE
+        : undefined;
+    const now = this.o.clock();
+    if (rejectedBecause !== undefined) {
+      await this.o.store.quarantine(this.o.store.db, {
+        kind: "batch",
+        psam_id: psamHex,
+        batch_number: trailer.batchNumber,
+        psam_counter: null,
+        transaction_id: null,
+        terminal_id: terminalId ?? "",
+        reason: reasonName(rejectedBecause),
+        content: Buffer.from(BatchTrailer.encode(trailer).finish()),
+        digest: digestOf(BatchTrailer.encode(trailer).finish(), Buffer.from(String(records.length))),
+        quarantined_at: now.toISOString(),
+      });
+      this.o.log.error("batch rejected: not counted", { psam: psamHex, batch: trailer.batchNumber, terminal: terminalId, reason: reasonName(rejectedBecause) });
+      return {
+        ...base,
+        status: BatchStatus.BATCH_STATUS_REJECTED,
+        rejectedBecause,
+        posted: 0,
+        quarantined: records.length,
+        duplicate: false,
+        missingBatchNumbers: await missing(),
+        settlementDay: "",
+      };
+    }
+
+    // Verification is pure computation: done before the database transaction, which only decides "posted already?".
+    const verdicts = records.map((r) => ({ r, reason: this.recordProblem(psamId, trailer.batchNumber, r) }));
+    const merchants = this.o.merchants();
+    const result = await this.o.store.db.transaction(async (q) => {
+      // Another submission of the same batch may have landed while this one was verified.
+      const again = await this.o.store.batch(psamHex, trailer.batchNumber, q);
+      if (again) return { row: again, duplicate: true };
+      const day = await this.o.store.postingDay(q, now);
+      let posted = 0;
+      let quarantined = 0;
+      for (const { r, reason: problem } of verdicts) {
+        let reason = problem;
+        if (reason === undefined && (await this.o.store.isPosted(q, r.transactionRef))) reason = QuarantineReason.QUARANTINE_REASON_ALREADY_POSTED;
+        if (reason !== undefined) {
+          quarantined++;
+          await this.quarantineRecord(q, psamHex, trailer.batchNumber, terminalId, r, recordMessages[records.indexOf(r)]!, reason, now);
+          continue;
+        }
+        const m = merchants.get(r.merchantId)!;
+        await this.postPurchase(q, psamHex, trailer.batchNumber, r, m, day, now);
+        posted++;
+      }
+      const row: BatchRow = {
+        psam_id: psamHex,
+        batch_number: trailer.batchNumber,
+        terminal_id: terminalId ?? "",
+        record_count: summary.count,
+        total_minor: summary.total,
+        currency: summary.currency,
+        batch_mac: batchMac.toString("hex"),
+        closed_at: trailer.closedAt?.toISOString() ?? null,
+        posted,
+        quarantined,
+        settlement_day: day,
+        received_at: now.toISOString(),
+        resubmissions: 0,
+      };
+      await this.o.store.insertBatch(q, row);
+      return { row, duplicate: false };
+    });
+    const { row } = result;
+    if (!result.duplicate) {
+      this.o.log.info("batch accepted", { psam: psamHex, batch: row.batch_number, terminal: terminalId, posted: row.posted, quarantined: row.quarantined });
+      if (row.quarantined > 0) this.o.log.warn("records quarantined: not paid", { psam: psamHex, batch: row.batch_number, quarantined: row.quarantined });
+    }
+    return { ...base, ...this.ackOf(row), duplicate: result.duplicate, missingBatchNumbers: await missing() };
+  }
+
+  /** Why a record cannot be paid, if it cannot (its ALREADY_POSTED check comes inside the posting transaction). */
+  private recordProblem(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): QuarantineReason | undefined {
+    if (!this.o.module.verifyRecordMac(psamId, batchNumber, r)) return QuarantineReason.QUARANTINE_REASON_BAD_RECORD_MAC;
+    const proof = this.o.module.verifyCardSignature(psamId, r);
+    if (proof === "KEY_VERSION_UNKNOWN") return QuarantineReason.QUARANTINE_REASON_KEY_VERSION_UNKNOWN;
+    if (proof !== "OK") return QuarantineReason.QUARANTINE_REASON_BAD_CARD_SIGNATURE;
+    const m = this.o.merchants().get(r.merchantId);
+    if (!m) return QuarantineReason.QUARANTINE_REASON_UNKNOWN_MERCHANT;
+    if (m.currency !== r.currency) return QuarantineReason.QUARANTINE_REASON_CURRENCY_MISMATCH;
+    return undefined;
+  }
+
+  private async quarantineRecord(
+    q: Queryable,
+    psamHex: string,
+    batchNumber: number,
+    terminalId: string | undefined,
+    r: PsamBatchRecord,
+    message: BatchRecordMessage,
+    reason: QuarantineReason,
+    now: Date,
+  ): Promise<void> {
+    const content = Buffer.from(BatchRecordMessage.encode(message).finish());
+    await this.o.store.quarantine(q, {
+      kind: "record",
+      psam_id: psamHex,
+      batch_number: batchNumber,
+      psam_counter: r.psamCounter,
+      transaction_id: r.transactionRef,
+      terminal_id: terminalId ?? "",
+      reason: reasonName(reason),
+      content,
+      digest: digestOf(Buffer.from(`${psamHex}/${batchNumber}`), content),
+      quarantined_at: now.toISOString(),
+    });
+  }
+
+  private async postPurchase(q: Queryable, psamHex: string, batchNumber: number, r: PsamBatchRecord, m: ClearingMerchant, day: string, now: Date) {
+    const at = now.toISOString();
+    await this.o.store.post(q, {
+      transactionId: r.transactionRef,
+      kind: "purchase",
+      day,
+      at,
+      currency: r.currency,
+      entries: [
+        { account: account.float(this.o.module.issuerId), amount: r.amount },
+        { account: account.payable(m.merchantId), amount: -r.amount },
+      ],
+    });
+    await this.o.store.insertPurchase(q, {
+      transaction_id: r.transactionRef,
+      psam_id: psamHex,
+      psam_counter: r.psamCounter,
+      batch_number: batchNumber,
+      purse_id: r.purseId.toString("hex"),
+      merchant_id: m.merchantId,
+      acquirer_id: m.acquirerId,
+      issuer_id: this.o.module.issuerId,
+      amount_minor: r.amount,
+      currency: r.currency,
+      exponent: m.exponent,
+      settlement_day: day,
+      posted_at: at,
+    });
+  }
+
+  private ackOf(row: BatchRow) {
+    return {
+      status: BatchStatus.BATCH_STATUS_ACCEPTED,
+      rejectedBecause: QuarantineReason.QUARANTINE_REASON_UNSPECIFIED,
+      posted: row.posted,
+      quarantined: row.quarantined,
+      settlementDay: row.settlement_day,
+    };
+  }
+
+  private batchOf(row: BatchRow): Batch {
+    return {
+      psamId: toPsamId(row.psam_id),
+      batchNumber: row.batch_number,
+      status: BatchStatus.BATCH_STATUS_ACCEPTED,
+      rejectedBecause: QuarantineReason.QUARANTINE_REASON_UNSPECIFIED,
+      count: row.record_count,
+      total: money(row.total_minor, row.currency, this.exponentOf(row.currency)),
+      posted: row.posted,
+      quarantined: row.quarantined,
+      terminalId: row.terminal_id,
+      receivedAt: new Date(row.received_at),
+      resubmissions: row.resubmissions,
+      settlementDay: row.settlement_day,
+    };
+  }
+
+  private rejectedBatchOf(row: QuarantineRow): Batch {
+    const t = BatchTrailer.decode(row.content);
+    return {
+      psamId: toPsamId(row.psam_id ?? ""),
+      batchNumber: row.batch_number ?? 0,
+      status: BatchStatus.BATCH_STATUS_REJECTED,
+      rejectedBecause: reasonOfName(row.reason),
+      count: t.count,
+      total: t.total,
+      posted: 0,
+      quarantined: 0,
+      terminalId: row.terminal_id ?? "",
+      receivedAt: new Date(row.quarantined_at),
+      resubmissions: 0,
+      settlementDay: "",
+    };
+  }
+
+  private quarantinedRecordOf(row: QuarantineRow): QuarantinedRecord {
+    return {
+      psamId: toPsamId(row.psam_id ?? ""),
+      batchNumber: row.batch_number ?? 0,
+      record: BatchRecordMessage.decode(row.content),
+      reason: reasonOfName(row.reason),
+      quarantinedAt: new Date(row.quarantined_at),
+    };
+  }
+
+  private entryOf(row: QuarantineRow): QuarantineEntry {
+    if (row.kind === "record") return { entry: { $case: "record", value: this.quarantinedRecordOf(row) } };
+    if (row.kind === "batch") return { entry: { $case: "rejectedBatch", value: this.rejectedBatchOf(row) } };
+    return {
+      entry: { $case: "load", value: { load: LoadRecord.decode(row.content), reason: reasonOfName(row.reason), quarantinedAt: new Date(row.quarantined_at) } },
+    };
+  }
+
+  /** The exponent merchants of a currency sell in (2 when none is registered). */
+  private exponentOf(currency: number): number {
+    for (const m of this.o.merchants().values()) if (m.currency === currency) return m.exponent;
+    return 2;
+  }
+
+  private checkLoad(l: LoadRecord, field: string) {
+    const id = requireTransactionId(l.transactionId, `${field}.transaction_id`);
+    const bankId = requireName(l.bankId, `${field}.bank_id`, 64);
+    const purse = bytesOf(l.purseId?.value ?? new Uint8Array(), 8, `${field}.purse_id`);
+    const amount = l.amount;
+    if (!amount || amount.amountMinor <= 0n || amount.amountMinor > 0xffffffffn) throw invalidField(`${field}.amount`, "missing or out of 1..4294967295");
+    if (amount.currency < 1 || amount.currency > 999 || amount.exponent > 4) throw invalidField(`${field}.amount`, "currency 1..999 and exponent 0..4");
+    if (l.outcome !== LoadOutcome.LOAD_OUTCOME_LOADED && l.outcome !== LoadOutcome.LOAD_OUTCOME_NOT_LOADED) {
+      throw invalidField(`${field}.outcome`, "must be LOADED or NOT_LOADED");
+    }
+    const withS3 = l.proof === LoadProof.LOAD_PROOF_S3 || l.proof === LoadProof.LOAD_PROOF_CARD_HISTORY;
+    const proofFits =
+      l.outcome === LoadOutcome.LOAD_OUTCOME_LOADED
+        ? withS3 || l.proof === LoadProof.LOAD_PROOF_NEGATIVE_RESULT_UNPROVEN
+        : l.proof === LoadProof.LOAD_PROOF_NEGATIVE_RESULT;
+    if (!proofFits) throw invalidField(`${field}.proof`, `${loadProofToJSON(l.proof)} cannot prove ${loadOutcomeToJSON(l.outcome)}`);
+    const decode = <T>(name: string, size: number, bytes: Uint8Array, d: (b: Buffer) => T): T => {
+      if (bytes.length !== size) throw invalidField(`${field}.${name}`, `must be ${size} bytes, got ${bytes.length}`);
+      return d(Buffer.from(bytes));
+    };
+    const authorised = decode("authorised", InitializeForLoadCommand.size, l.authorised, (b) => InitializeForLoadCommand.decode(b));
+    const init = decode("initialize_response", InitializeForLoadResponse.size, l.initializeResponse, (b) => InitializeForLoadResponse.decode(b));
+    const command = decode("load_command", LoadCommand.size, l.loadCommand, (b) => LoadCommand.decode(b));
+    const answer = withS3 ? decode("load_answer", LoadResponse.size, l.loadAnswer, (b) => LoadResponse.decode(b)) : undefined;
+    if (!withS3 && l.loadAnswer.length > 0) throw invalidField(`${field}.load_answer`, "must be empty when the proof is not an S3");
+    const digest = digestOf(LoadRecord.encode({ ...l, settledAt: undefined }).finish());
+    return { l, id, bankId, purse, amount, authorised, init, command, answer, digest };
+  }
+
+  /** Records one checked load once; the same load again answers as the first time. */
+  private async recordLoad(q: Queryable, c: ReturnType<Clearing["checkLoad"]>, now: Date): Promise<LoadAcknowledgement> {
+    const existing = await this.o.store.load(q, c.id);
+    if (existing) {
+      if (existing.digest !== c.digest) {
+        throw new NetpurseError(
+          Status.ALREADY_EXISTS,
+          ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+          `clearing recorded load ${c.id} with other content; nothing of this request was recorded`,
+          { metadata: { transaction_id: c.id } },
+        );
+      }
+      return this.loadAckOf(existing, true);
+    }
+    if (await this.o.store.isPosted(q, c.id)) {
+      throw new NetpurseError(
+        Status.ALREADY_EXISTS,
+        ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+        `transaction ${c.id} is posted as a purchase; nothing of this request was recorded`,
+        { metadata: { transaction_id: c.id } },
+      );
+    }
+    const amount = Number(c.amount.amountMinor);
+    let status: LoadRow["status"] = "POSTED";
+    let reason: QuarantineReason | undefined;
+    if (c.l.outcome === LoadOutcome.LOAD_OUTCOME_NOT_LOADED) status = "NOT_LOADED";
+    else if (!this.loadProven(c, amount)) {
+      status = "QUARANTINED";
+      reason = QuarantineReason.QUARANTINE_REASON_BAD_S3;
+    }
+    const day = status === "POSTED" ? await this.o.store.postingDay(q, now) : null;
+    const row: LoadRow = {
+      transaction_id: c.id,
+      bank_id: c.bankId,
+      purse_id: c.purse.toString("hex"),
+      issuer_id: this.o.module.issuerId,
+      amount_minor: amount,
+      currency: c.amount.currency,
+      exponent: c.amount.exponent,
+      outcome: loadOutcomeToJSON(c.l.outcome),
+      proof: loadProofToJSON(c.l.proof),
+      status,
+      reason: reason === undefined ? null : reasonName(reason),
+      digest: c.digest,
+      settlement_day: day,
+      recorded_at: now.toISOString(),
+    };
+    await this.o.store.insertLoad(q, row);
+    if (status === "POSTED") {
+      await this.o.store.post(q, {
+        transactionId: c.id,
+        kind: "load",
+        day: day!,
+        at: now.toISOString(),
+        currency: c.amount.currency,
+        entries: [
+          { account: account.bank(c.bankId), amount },
+          { account: account.float(this.o.module.issuerId), amount: -amount },
+        ],
+      });
+    } else if (status === "QUARANTINED") {
+      const content = Buffer.from(LoadRecord.encode(c.l).finish());
+      await this.o.store.quarantine(q, {
+        kind: "load",
+        psam_id: null,
+        batch_number: null,
+        psam_counter: null,
+        transaction_id: c.id,
+        terminal_id: null,
+        reason: reasonName(reason!),
+        content,
+        digest: c.digest,
+        quarantined_at: now.toISOString(),
+      });
+    }
+    return this.loadAckOf(row, false);
+  }
+
+  /**
+   * Whether a load the card took is proven: every byte string must belong
+   * to this load (card, amount, currency, transaction), and the card's S3
+   * must verify. A load treated as made because its negative result could
+   * not be proven has no S3: it is posted on the load server's word, and the
+   * audit lists it.
+   */
+  private loadProven(c: ReturnType<Clearing["checkLoad"]>, amount: number): boolean {
+    if (c.l.proof === LoadProof.LOAD_PROOF_NEGATIVE_RESULT_UNPROVEN) return true;
+    const { authorised, init, command, answer } = c;
+    if (!answer) return false;
+    const same =
+      authorised.amount === amount &&
+      command.amount === amount &&
+      authorised.currency === c.amount.currency &&
+      command.currency === c.amount.currency &&
+      authorised.transactionRef === c.id &&
+      command.transactionRef === c.id &&
+      init.purseId.equals(c.purse) &&
+      answer.result === LoadResult.LOADED &&
+      answer.counter === init.counter + 1 &&
+      answer.balance === init.balance + amount;
+    return same && this.o.module.verifyLoadS3(init, command, answer);
+  }
+
+  private loadAckOf(row: LoadRow, duplicate: boolean): LoadAcknowledgement {
+    const status =
+      row.status === "POSTED"
+        ? LoadStatus.LOAD_STATUS_POSTED
+        : row.status === "NOT_LOADED"
+          ? LoadStatus.LOAD_STATUS_NOT_LOADED
+          : LoadStatus.LOAD_STATUS_QUARANTINED;
+    return {
+      transactionId: txnId(row.transaction_id),
+      status,
+      quarantinedBecause: reasonOfName(row.reason),
+      duplicate,
+      settlementDay: row.settlement_day ?? "",
+    };
+  }
+
+  /** A day's positions and payouts, from what was posted to it. */
+  async settlement(day: string): Promise<Settlement> {
+    const purchases = await this.o.store.purchasesOfDay(day);
+    const loads = await this.o.store.loadsPostedOnDay(day);
+    const closedAt = await this.o.store.dayClosedAt(day);
+    type Acc = { kind: PartyKind; id: string; currency: number; exponent: number; receivable: number; payable: number; n: number };
+    const positions = new Map<string, Acc>();
+    const pos = (kind: PartyKind, id: string, currency: number, exponent: number) => {
+      const key = `${kind}/${id}/${currency}`;
+      let p = positions.get(key);
+      if (!p) positions.set(key, (p = { kind, id, currency, exponent, receivable: 0, payable: 0, n: 0 }));
+      return p;
+    };
+    const payouts = new Map<string, { payer: [PartyKind, string]; payee: [PartyKind, string]; currency: number; exponent: number; amount: number }>();
+    const pay = (payer: [PartyKind, string], payee: [PartyKind, string], currency: number, exponent: number, amount: number) => {
+      const key = `${payer.join("/")}>${payee.join("/")}/${currency}`;
+      const p = payouts.get(key) ?? { payer, payee, currency, exponent, amount: 0 };
+      p.amount += amount;
+      payouts.set(key, p);
+    };
+    for (const l of loads) {
+      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, l.issuer_id, l.currency, l.exponent);
+      issuer.receivable += l.amount_minor;
+      issuer.n++;
+      const bank = pos(PartyKind.PARTY_KIND_BANK, l.bank_id, l.currency, l.exponent);
+      bank.payable += l.amount_minor;
+      bank.n++;
+      pay([PartyKind.PARTY_KIND_BANK, l.bank_id], [PartyKind.PARTY_KIND_ISSUER, l.issuer_id], l.currency, l.exponent, l.amount_minor);
+    }
+    for (const p of purchases) {
+      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, p.issuer_id, p.currency, p.exponent);
+      issuer.payable += p.amount_minor;
+      issuer.n++;
+      const acquirer = pos(PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id, p.currency, p.exponent);
+      acquirer.receivable += p.amount_minor;
+      acquirer.payable += p.amount_minor;
+      acquirer.n++;
+      const merchant = pos(PartyKind.PARTY_KIND_MERCHANT, p.merchant_id, p.currency, p.exponent);
+      merchant.receivable += p.amount_minor;
+      merchant.n++;
+      pay([PartyKind.PARTY_KIND_ISSUER, p.issuer_id], [PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id], p.currency, p.exponent, p.amount_minor);
+      pay([PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id], [PartyKind.PARTY_KIND_MERCHANT, p.merchant_id], p.currency, p.exponent, p.amount_minor);
+    }
+    const order = (a: { kind: PartyKind; id: string; currency: number }, b: { kind: PartyKind; id: string; currency: number }) =>
+      a.kind - b.kind || a.id.localeCompare(b.id) || a.currency - b.currency;
+    const m = (amount: number, a: { currency: number; exponent: number }): Money => money(amount, a.currency, a.exponent);
+    const positionList: Position[] = [...positions.values()]
+      .sort(order)
+      .map((p) => ({
+        kind: p.kind,
+        partyId: p.id,
+        receivable: m(p.receivable, p),
+        payable: m(p.payable, p),
+        net: m(p.receivable - p.payable, p),
+        transactions: p.n,
+      }));
+    const payoutList: Payout[] = [...payouts.values()]
+      .sort(
+        (a, b) =>
+          order({ kind: a.payer[0], id: a.payer[1], currency: a.currency }, { kind: b.payer[0], id: b.payer[1], currency: b.currency }) ||
+          a.payee[1].localeCompare(b.payee[1]),
+      )
+      .map((p) => ({ payerKind: p.payer[0], payerId: p.payer[1], payeeKind: p.payee[0], payeeId: p.payee[1], amount: m(p.amount, p) }));
+    return {
+      day,
+      closed: closedAt !== undefined,
+      closedAt: closedAt === undefined ? undefined : new Date(closedAt),
+      positions: positionList,
+      payouts: payoutList,
+      purchases: purchases.length,
+      loads: loads.length,
+    };
+  }
+
+  private checkCardBalance(c: CardBalance, field: string) {
+    const purse = bytesOf(c.purseId?.value ?? new Uint8Array(), 8, `${field}.purse_id`).toString("hex");
+    if (!c.balance || c.balance.amountMinor < 0n) throw invalidField(`${field}.balance`, "missing or negative");
+    const opening = c.openingValue?.amountMinor ?? 0n;
+    if (opening < 0n) throw invalidField(`${field}.opening_value`, "negative");
+    return { purse, balance: c.balance.amountMinor, opening };
+  }
+
+  /** Checks the ledger's invariants, and each card at hand against it. */
+  async audit(cards: { purse: string; balance: bigint; opening: bigint }[]) {
+    const db = this.o.store.db;
+    const checks: AuditCheck[] = [];
+    const check = (name: string, ok: boolean, detail: string) => checks.push({ name, ok, detail });
+    const n = (v: unknown) => BigInt((v as number | bigint | null) ?? 0);
+
+    const unbalanced = await db.all<{ transaction_id: string; s: number }>(
+      "SELECT transaction_id, SUM(amount_minor) AS s FROM ledger_entries GROUP BY transaction_id, currency HAVING SUM(amount_minor) <> 0 LIMIT 10",
+    );
+    const totals = await db.get<{ postings: number; entries: number; debits: number }>(
+      "SELECT (SELECT COUNT(*) FROM postings) AS postings, COUNT(*) AS entries, COALESCE(SUM(CASE WHEN amount_minor > 0 THEN amount_minor END), 0) AS debits FROM ledger_entries",
+    );
+    check(
+      "every transaction balances (debits = credits)",
+      unbalanced.length === 0,
+      unbalanced.length === 0
+        ? `${totals?.postings ?? 0} transactions, ${totals?.entries ?? 0} entries, ${n(totals?.debits)} minor units debited and credited`
+        : `unbalanced: ${unbalanced.map((u) => `${u.transaction_id} (${u.s})`).join(", ")}`,
+    );
+
+    const proven = n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM purchases"))?.s);
+    const merchantCredits = -n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM ledger_entries WHERE account LIKE 'merchant:%'"))?.s);
+    check("the card debits proven equal the merchant credits", proven === merchantCredits, `card debits proven ${proven}, merchant credits ${merchantCredits}`);
+
+    const loaded = n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM loads WHERE status = 'POSTED'"))?.s);
+    const float = -n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM ledger_entries WHERE account LIKE 'issuer:%:float'"))?.s);
+    check(
+      "the issuer's float equals the confirmed loads less the proven purchases",
+      float === loaded - proven,
+      `float ${float}; confirmed loads ${loaded} - proven purchases ${proven} = ${loaded - proven}`,
+    );
+
+    const twice = await db.all<{ transaction_id: string; n: number }>(
+      `SELECT transaction_id, COUNT(*) AS n FROM ledger_entries GROUP BY transaction_id HAVING COUNT(*) <> 2
+       UNION ALL SELECT transaction_id, 1 FROM purchases p WHERE EXISTS (SELECT 1 FROM loads l WHERE l.transaction_id = p.transaction_id AND l.status = 'POSTED')
+       LIMIT 10`,
+    );
+    check(
+      "no transaction id is posted twice",
+      twice.length === 0,
+      twice.length === 0 ? "each posted transaction id has exactly its two entries" : `posted more than once: ${twice.map((t) => t.transaction_id).join(", ")}`,
+    );
+
+    const unproven = await db.all<{ transaction_id: string }>("SELECT transaction_id FROM loads WHERE status = 'POSTED' AND proof = ? LIMIT 10", [
+      loadProofToJSON(LoadProof.LOAD_PROOF_NEGATIVE_RESULT_UNPROVEN),
+    ]);
+    if (unproven.length > 0) {
+      check(
+        "loads posted without the card's S3 (negative result unproven) are listed",
+        true,
+        `posted on the load server's word: ${unproven.map((u) => u.transaction_id).join(", ")}`,
+      );
+    }
+
+    for (const c of cards) {
+      const loads = n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM loads WHERE status = 'POSTED' AND purse_id = ?", [c.purse]))?.s);
+      const spent = n((await db.get<{ s: number }>("SELECT SUM(amount_minor) AS s FROM purchases WHERE purse_id = ?", [c.purse]))?.s);
+      const expected = c.opening + loads - spent;
+      check(
+        `card ${c.purse}: its balance equals its opening value plus its loads less its purchases`,
+        expected === c.balance,
+        `card says ${c.balance}; ledger: opening ${c.opening} + loads ${loads} - purchases ${spent} = ${expected}`,
+      );
+    }
+
+    const quarantined = n((await db.get<{ n: number }>("SELECT COUNT(*) AS n FROM quarantine"))?.n);
+    check(
+      "every quarantined record, load and rejected batch is listed with its reason",
+      true,
+      quarantined === 0n ? "nothing quarantined" : `${quarantined} entries: ListQuarantined (netpurse-operator quarantined) lists them`,
+    );
+    return { ok: checks.every((c) => c.ok), checks, transactions: Number(totals?.postings ?? 0), quarantined: Number(quarantined) };
+  }
+}

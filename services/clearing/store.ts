@@ -1,0 +1,371 @@
+// Clearing's database: the batches it accepted or rejected, what it
+// quarantined, and a double-entry ledger. Every posting is one transaction
+// id (a purchase or a load), posted once, whose entries sum to zero in its
+// currency. Entries are signed minor units: positive a debit, negative a
+// credit. Accounts:
+//   issuer:<id>:float         the value outstanding on the issuer's cards (credit balance)
+//   merchant:<id>:payable     what the merchant is owed through its acquirer (credit balance)
+//   bank:<id>:settlement      what the bank owes for its account holders' loads (debit balance)
+// A load: debit the bank, credit the issuer's float. A proven purchase:
+// debit the issuer's float, credit the merchant.
+
+import type { Db, Queryable } from "../../lib/store/db.js";
+
+export const CLEARING_MIGRATIONS = [
+  `CREATE TABLE settlement_days (
+     day TEXT PRIMARY KEY,
+     closed_at TEXT NOT NULL
+   );
+   CREATE TABLE batches (
+     psam_id TEXT NOT NULL,
+     batch_number INTEGER NOT NULL,
+     terminal_id TEXT NOT NULL,
+     record_count INTEGER NOT NULL,
+     total_minor INTEGER NOT NULL,
+     currency INTEGER NOT NULL,
+     batch_mac TEXT NOT NULL,
+     closed_at TEXT,
+     posted INTEGER NOT NULL,
+     quarantined INTEGER NOT NULL,
+     settlement_day TEXT NOT NULL,
+     received_at TEXT NOT NULL,
+     resubmissions INTEGER NOT NULL DEFAULT 0,
+     PRIMARY KEY (psam_id, batch_number)
+   );
+   CREATE TABLE quarantine (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     kind TEXT NOT NULL CHECK (kind IN ('record', 'load', 'batch')),
+     psam_id TEXT,
+     batch_number INTEGER,
+     psam_counter INTEGER,
+     transaction_id TEXT,
+     terminal_id TEXT,
+     reason TEXT NOT NULL,
+     content BLOB NOT NULL,
+     digest TEXT NOT NULL,
+     quarantined_at TEXT NOT NULL
+   );
+   CREATE INDEX quarantine_batch ON quarantine (psam_id, batch_number, psam_counter);
+   CREATE UNIQUE INDEX quarantine_once ON quarantine (kind, digest);
+   CREATE TABLE postings (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     transaction_id TEXT NOT NULL UNIQUE,
+     kind TEXT NOT NULL CHECK (kind IN ('purchase', 'load')),
+     settlement_day TEXT NOT NULL,
+     posted_at TEXT NOT NULL
+   );
+   CREATE TABLE ledger_entries (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     transaction_id TEXT NOT NULL REFERENCES postings (transaction_id),
+     account TEXT NOT NULL,
+     amount_minor INTEGER NOT NULL,
+     currency INTEGER NOT NULL,
+     settlement_day TEXT NOT NULL
+   );
+   CREATE INDEX ledger_txn ON ledger_entries (transaction_id);
+   CREATE INDEX ledger_day ON ledger_entries (settlement_day, account);
+   CREATE TABLE purchases (
+     transaction_id TEXT PRIMARY KEY REFERENCES postings (transaction_id),
+     psam_id TEXT NOT NULL,
+     psam_counter INTEGER NOT NULL,
+     batch_number INTEGER NOT NULL,
+     purse_id TEXT NOT NULL,
+     merchant_id TEXT NOT NULL,
+     acquirer_id TEXT NOT NULL,
+     issuer_id TEXT NOT NULL,
+     amount_minor INTEGER NOT NULL,
+     currency INTEGER NOT NULL,
+     exponent INTEGER NOT NULL,
+     settlement_day TEXT NOT NULL,
+     posted_at TEXT NOT NULL,
+     UNIQUE (psam_id, psam_counter)
+   );
+   CREATE INDEX purchases_merchant ON purchases (merchant_id, settlement_day);
+   CREATE INDEX purchases_purse ON purchases (purse_id);
+   CREATE TABLE loads (
+     transaction_id TEXT PRIMARY KEY,
+     bank_id TEXT NOT NULL,
+     purse_id TEXT NOT NULL,
+     issuer_id TEXT NOT NULL,
+     amount_minor INTEGER NOT NULL,
+     currency INTEGER NOT NULL,
+     exponent INTEGER NOT NULL,
+     outcome TEXT NOT NULL,
+     proof TEXT NOT NULL,
+     status TEXT NOT NULL CHECK (status IN ('POSTED', 'NOT_LOADED', 'QUARANTINED')),
+     reason TEXT,
+     digest TEXT NOT NULL,
+     settlement_day TEXT,
+     recorded_at TEXT NOT NULL
+   );
+   CREATE INDEX loads_purse ON loads (purse_id);`,
+];
+
+export const account = {
+  float: (issuerId: string) => `issuer:${issuerId}:float`,
+  payable: (merchantId: string) => `merchant:${merchantId}:payable`,
+  bank: (bankId: string) => `bank:${bankId}:settlement`,
+};
+
+export interface BatchRow {
+  psam_id: string;
+  batch_number: number;
+  terminal_id: string;
+  record_count: number;
+  total_minor: number;
+  currency: number;
+  batch_mac: string;
+  closed_at: string | null;
+  posted: number;
+  quarantined: number;
+  settlement_day: string;
+  received_at: string;
+  resubmissions: number;
+}
+
+export interface QuarantineRow {
+  id: number;
+  kind: "record" | "load" | "batch";
+  psam_id: string | null;
+  batch_number: number | null;
+  psam_counter: number | null;
+  transaction_id: string | null;
+  terminal_id: string | null;
+  reason: string;
+  content: Buffer;
+  digest: string;
+  quarantined_at: string;
+}
+
+export interface PurchaseRow {
+  transaction_id: string;
+  psam_id: string;
+  psam_counter: number;
+  batch_number: number;
+  purse_id: string;
+  merchant_id: string;
+  acquirer_id: string;
+  issuer_id: string;
+  amount_minor: number;
+  currency: number;
+  exponent: number;
+  settlement_day: string;
+  posted_at: string;
+}
+
+export interface LoadRow {
+  transaction_id: string;
+  bank_id: string;
+  purse_id: string;
+  issuer_id: string;
+  amount_minor: number;
+  currency: number;
+  exponent: number;
+  outcome: string;
+  proof: string;
+  status: "POSTED" | "NOT_LOADED" | "QUARANTINED";
+  reason: string | null;
+  digest: string;
+  settlement_day: string | null;
+  recorded_at: string;
+}
+
+export type NewQuarantine = Omit<QuarantineRow, "id">;
+
+/** The UTC day of a moment, YYYY-MM-DD. */
+export const dayOf = (d: Date) => d.toISOString().slice(0, 10);
+
+/** The day after a YYYY-MM-DD day. */
+export function nextDay(day: string): string {
+  const d = new Date(`${day}T00:00:00Z`);
+  d.setUTCDate(d.getUTCDate() + 1);
+  return dayOf(d);
+}
+
+export class ClearingStore {
+  constructor(readonly db: Db) {}
+
+  /**
+   * The settlement day a posting made now goes to: today (UTC), or the
+   * first day after it that is not closed, so nothing lands in a closed day.
+   */
+  async postingDay(q: Queryable, now: Date): Promise<string> {
+    let day = dayOf(now);
+    while (await q.get("SELECT 1 AS x FROM settlement_days WHERE day = ?", [day])) day = nextDay(day);
+    return day;
+  }
+
+  async dayClosedAt(day: string): Promise<string | undefined> {
+    return (await this.db.get<{ closed_at: string }>("SELECT closed_at FROM settlement_days WHERE day = ?", [day]))?.closed_at;
+  }
+
+  /** Closes a day; closing it again changes nothing. */
+  async closeDay(day: string, now: Date): Promise<void> {
+    await this.db.run("INSERT INTO settlement_days (day, closed_at) VALUES (?, ?) ON CONFLICT (day) DO NOTHING", [day, now.toISOString()]);
+  }
+
+  batch(psamId: string, batchNumber: number, q: Queryable = this.db): Promise<BatchRow | undefined> {
+    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ?", [psamId, batchNumber]);
+  }
+
+  async countResubmission(psamId: string, batchNumber: number): Promise<void> {
+    await this.db.run("UPDATE batches SET resubmissions = resubmissions + 1 WHERE psam_id = ? AND batch_number = ?", [psamId, batchNumber]);
+  }
+
+  /** Batch numbers of a PSAM below `below` not accepted yet, lowest first, at most `limit`. */
+  async missingBatchNumbers(psamId: string, below: number, limit: number): Promise<number[]> {
+    const have = new Set(
+      (await this.db.all<{ batch_number: number }>("SELECT batch_number FROM batches WHERE psam_id = ? AND batch_number < ?", [psamId, below])).map(
+        (r) => r.batch_number,
+      ),
+    );
+    const out: number[] = [];
+    for (let n = 1; n < below && out.length < limit; n++) if (!have.has(n)) out.push(n);
+    return out;
+  }
+
+  /** Records something not paid; the same content quarantined again is kept once. */
+  async quarantine(q: Queryable, e: NewQuarantine): Promise<void> {
+    await q.run(
+      `INSERT INTO quarantine (kind, psam_id, batch_number, psam_counter, transaction_id, terminal_id, reason, content, digest, quarantined_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, digest) DO NOTHING`,
+      [e.kind, e.psam_id, e.batch_number, e.psam_counter, e.transaction_id, e.terminal_id, e.reason, e.content, e.digest, e.quarantined_at],
+    );
+  }
+
+  async isPosted(q: Queryable, transactionId: string): Promise<boolean> {
+    return !!(await q.get("SELECT 1 AS x FROM postings WHERE transaction_id = ?", [transactionId]));
+  }
+
+  /** Posts one transaction's entries, which must sum to zero. */
+  async post(
+    q: Queryable,
+    p: { transactionId: string; kind: "purchase" | "load"; day: string; at: string; currency: number; entries: { account: string; amount: number }[] },
+  ): Promise<void> {
+    if (p.entries.reduce((s, e) => s + e.amount, 0) !== 0) throw new Error(`posting ${p.transactionId} does not balance`);
+    await q.run("INSERT INTO postings (transaction_id, kind, settlement_day, posted_at) VALUES (?, ?, ?, ?)", [p.transactionId, p.kind, p.day, p.at]);
+    for (const e of p.entries) {
+      await q.run("INSERT INTO ledger_entries (transaction_id, account, amount_minor, currency, settlement_day) VALUES (?, ?, ?, ?, ?)", [
+        p.transactionId,
+        e.account,
+        e.amount,
+        p.currency,
+        p.day,
+      ]);
+    }
+  }
+
+  async insertBatch(q: Queryable, b: BatchRow): Promise<void> {
+    await q.run(
+      `INSERT INTO batches (psam_id, batch_number, terminal_id, record_count, total_minor, currency, batch_mac, closed_at, posted, quarantined,
+         settlement_day, received_at, resubmissions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
+      [
+        b.psam_id,
+        b.batch_number,
+        b.terminal_id,
+        b.record_count,
+        b.total_minor,
+        b.currency,
+        b.batch_mac,
+        b.closed_at,
+        b.posted,
+        b.quarantined,
+        b.settlement_day,
+        b.received_at,
+      ],
+    );
+  }
+
+  async insertPurchase(q: Queryable, r: PurchaseRow): Promise<void> {
+    await q.run(
+      `INSERT INTO purchases (transaction_id, psam_id, psam_counter, batch_number, purse_id, merchant_id, acquirer_id, issuer_id, amount_minor,
+         currency, exponent, settlement_day, posted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      [
+        r.transaction_id,
+        r.psam_id,
+        r.psam_counter,
+        r.batch_number,
+        r.purse_id,
+        r.merchant_id,
+        r.acquirer_id,
+        r.issuer_id,
+        r.amount_minor,
+        r.currency,
+        r.exponent,
+        r.settlement_day,
+        r.posted_at,
+      ],
+    );
+  }
+
+  load(q: Queryable, transactionId: string): Promise<LoadRow | undefined> {
+    return q.get<LoadRow>("SELECT * FROM loads WHERE transaction_id = ?", [transactionId]);
+  }
+
+  async insertLoad(q: Queryable, r: LoadRow): Promise<void> {
+    await q.run(
+      `INSERT INTO loads (transaction_id, bank_id, purse_id, issuer_id, amount_minor, currency, exponent, outcome, proof, status, reason, digest,
+         settlement_day, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      [
+        r.transaction_id,
+        r.bank_id,
+        r.purse_id,
+        r.issuer_id,
+        r.amount_minor,
+        r.currency,
+        r.exponent,
+        r.outcome,
+        r.proof,
+        r.status,
+        r.reason,
+        r.digest,
+        r.settlement_day,
+        r.recorded_at,
+      ],
+    );
+  }
+
+  quarantineOfBatch(psamId: string, batchNumber: number, afterCounter: number, limit: number): Promise<QuarantineRow[]> {
+    return this.db.all<QuarantineRow>(
+      "SELECT * FROM quarantine WHERE kind = 'record' AND psam_id = ? AND batch_number = ? AND psam_counter > ? ORDER BY psam_counter, id LIMIT ?",
+      [psamId, batchNumber, afterCounter, limit],
+    );
+  }
+
+  /** The latest rejected submission of a batch number, if any. */
+  rejectedBatch(psamId: string, batchNumber: number): Promise<QuarantineRow | undefined> {
+    return this.db.get<QuarantineRow>("SELECT * FROM quarantine WHERE kind = 'batch' AND psam_id = ? AND batch_number = ? ORDER BY id DESC LIMIT 1", [
+      psamId,
+      batchNumber,
+    ]);
+  }
+
+  quarantined(afterId: number, limit: number): Promise<QuarantineRow[]> {
+    return this.db.all<QuarantineRow>("SELECT * FROM quarantine WHERE id > ? ORDER BY id LIMIT ?", [afterId, limit]);
+  }
+
+  purchasesOfDay(day: string): Promise<PurchaseRow[]> {
+    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE settlement_day = ?", [day]);
+  }
+
+  loadsPostedOnDay(day: string): Promise<LoadRow[]> {
+    return this.db.all<LoadRow>("SELECT * FROM loads WHERE status = 'POSTED' AND settlement_day = ?", [day]);
+  }
+
+  /** A merchant's statement lines, newest first, after the line with posting sequence `beforeSeq`. */
+  statement(merchantId: string, day: string | undefined, beforeSeq: number, limit: number): Promise<(PurchaseRow & { seq: number })[]> {
+    return this.db.all(
+      `SELECT p.*, s.seq FROM purchases p JOIN postings s ON s.transaction_id = p.transaction_id
+       WHERE p.merchant_id = ? AND (? IS NULL OR p.settlement_day = ?) AND s.seq < ? ORDER BY s.seq DESC LIMIT ?`,
+      [merchantId, day ?? null, day ?? null, beforeSeq, limit],
+    );
+  }
+
+  statementTotals(merchantId: string, day: string | undefined): Promise<{ currency: number; exponent: number; total: number; n: number }[]> {
+    return this.db.all(
+      `SELECT currency, MAX(exponent) AS exponent, SUM(amount_minor) AS total, COUNT(*) AS n FROM purchases
+       WHERE merchant_id = ? AND (? IS NULL OR settlement_day = ?) GROUP BY currency ORDER BY currency`,
+      [merchantId, day ?? null, day ?? null],
+    );
+  }
+}
