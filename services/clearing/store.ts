@@ -302,6 +302,11 @@ export class ClearingStore {
     return q.get<LoadRow>("SELECT * FROM loads WHERE transaction_id = ?", [transactionId]);
   }
 
+  /** Drops a quarantined load's row (its quarantine entry stays), so that another record of that id can be recorded. */
+  async forgetLoad(q: Queryable, transactionId: string): Promise<void> {
+    await q.run("DELETE FROM loads WHERE transaction_id = ? AND status = 'QUARANTINED'", [transactionId]);
+  }
+
   async insertLoad(q: Queryable, r: LoadRow): Promise<void> {
     await q.run(
       `INSERT INTO loads (transaction_id, bank_id, purse_id, issuer_id, amount_minor, currency, exponent, outcome, proof, status, reason, digest,

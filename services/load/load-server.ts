@@ -89,6 +89,8 @@ export class LoadServer {
       hsm: HostSecurityModule;
       banks: Map<string, Buffer>;
       log: Logger;
+      /** Called after each settlement, once it is stored: the clearing reporter's wake-up. */
+      settled?: () => void;
     },
   ) {}
 
@@ -177,7 +179,7 @@ export class LoadServer {
           load_command: null,
           proof_reference: null,
           state: "SETTLED",
-          settlement: { outcome: "NOT_LOADED", proof: `security module refused: ${e.message}`, cardCounter: init.counter },
+          settlement: { outcome: "NOT_LOADED", kind: "REFUSED", proof: `security module refused: ${e.message}`, cardCounter: init.counter },
         },
         "refused",
         e.message,
@@ -231,7 +233,7 @@ export class LoadServer {
         load_command: null,
         proof_reference: null,
         state: "SETTLED",
-        settlement: { outcome: "NOT_LOADED", proof: "abandoned before any LOAD command was issued", cardCounter: 0 },
+        settlement: { outcome: "NOT_LOADED", kind: "ABANDONED", proof: "abandoned before any LOAD command was issued", cardCounter: 0 },
       },
       "abandoned",
       "no LOAD command was issued",
@@ -282,7 +284,7 @@ export class LoadServer {
           "the card's signature S3 does not verify; the load stays pending until the card's history proves it",
         );
       }
-      settlement = { outcome: "LOADED", proof: "S3 verified", cardCounter: answer.counter, cardSignature: answer.s3 };
+      settlement = { outcome: "LOADED", kind: "S3", proof: "S3 verified", cardCounter: answer.counter, cardSignature: answer.s3 };
     } else {
       // A negative result, or no answer at all: nothing is taken on the client's word.
       if (req.zeroValueInitializeResponse.length !== InitializeForLoadResponse.size) {
@@ -295,7 +297,7 @@ export class LoadServer {
       if (!zero.purseId.equals(init.purseId)) throw denied(ErrorReason.ERROR_REASON_CONFIRMATION_MISMATCH, "the zero-value answer comes from another card");
       settlement = this.negativeResult({ ...authorised, amount: 0, transactionRef: row.proof_reference! }, init, zero);
     }
-    await this.o.store.settle(id, settlement);
+    if (await this.o.store.settle(id, settlement)) this.o.settled?.();
     this.o.log.info("load settled", { transaction: id, outcome: settlement.outcome, proof: settlement.proof });
     return { load: this.settledLoad((await this.o.store.get(id))!) };
   }
@@ -327,10 +329,16 @@ export class LoadServer {
     const expected: LoadInit = { ...zero, counter: init.counter, balance: init.balance };
     const branch = countersEqual ? "counters equal" : `counter ${zero.counter} decreased to the original ${init.counter}`;
     if (this.o.hsm.matchesS1(zeroCommand, expected)) {
-      return { outcome: "NOT_LOADED", proof: `negative result proven: zero-value S1 (${branch}) matches the card unloaded`, cardCounter: init.counter };
+      return {
+        outcome: "NOT_LOADED",
+        kind: "NEGATIVE_RESULT",
+        proof: `negative result proven: zero-value S1 (${branch}) matches the card unloaded`,
+        cardCounter: init.counter,
+      };
     }
     return {
       outcome: "LOADED",
+      kind: "NEGATIVE_RESULT_UNPROVEN",
       proof: `negative result not proven: zero-value S1 (${branch}) does not match the card unloaded, so it is treated as loaded`,
       cardCounter: zero.counter,
     };
@@ -356,12 +364,14 @@ export class LoadServer {
           await this.o.store.event(this.o.store.db, row.transaction_id, "history_refused", "a log record for this load does not prove it");
           continue;
         }
-        await this.o.store.settle(row.transaction_id, {
+        const confirmed = await this.o.store.settle(row.transaction_id, {
           outcome: "LOADED",
+          kind: "CARD_HISTORY",
           proof: "card history: the credit and its S3 in the card's log",
           cardCounter: answer.counter,
           cardSignature: answer.s3,
         });
+        if (confirmed) this.o.settled?.();
         this.o.log.info("pending load confirmed from the card's history", { transaction: row.transaction_id });
       }
       out.push(this.settledLoad((await this.o.store.get(row.transaction_id))!));

@@ -1,11 +1,14 @@
 import { join } from "node:path";
+import { ClearingServiceDefinition } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { defaultAddress } from "../../lib/config.js";
+import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { loadBankKeys } from "./banks.js";
+import { ClearingReporter, type ClearingReporterOptions } from "./clearing-reporter.js";
 import { SoftwareHsm } from "./hsm.js";
 import { LoadServer } from "./load-server.js";
 import { LOAD_MIGRATIONS, LoadStore } from "./store.js";
@@ -15,6 +18,10 @@ export interface LoadConfig {
   listen?: string;
   /** The load server's folder: load.db, banks.json and the software security module's hsm.json. */
   dir: string;
+  /** The clearing service every settled load is reported to (default 127.0.0.1:7460). */
+  clearing?: string;
+  /** The reporter's timer, back-off and deadline (tests shorten them). */
+  reporting?: Pick<ClearingReporterOptions, "everyMs" | "firstBackoffMs" | "maxBackoffMs" | "deadlineMs">;
 }
 
 /** Starts the load server in this process. */
@@ -23,7 +30,15 @@ export async function startLoadServer(c: LoadConfig) {
   const hsm = await SoftwareHsm.open(join(c.dir, "hsm.json"));
   const db = openSqlite(join(c.dir, "load.db"), LOAD_MIGRATIONS);
   const store = new LoadStore(db);
-  const server = new LoadServer({ store, hsm, banks: await loadBankKeys(join(c.dir, "banks.json")), log });
+  // Clearing may be down: the channel reconnects on its own, the reporter retries, and loads go on meanwhile.
+  const clearingChannel = openChannel(c.clearing ?? defaultAddress("clearing"), c.security.channel({ kind: "clearing" }));
+  const reporter = new ClearingReporter({
+    store,
+    clearing: clientFactory().create(ClearingServiceDefinition, clearingChannel),
+    log: log.child("clearing"),
+    ...c.reporting,
+  });
+  const server = new LoadServer({ store, hsm, banks: await loadBankKeys(join(c.dir, "banks.json")), log, settled: () => reporter.wake() });
   const grpc = await startGrpcServer({
     address: c.listen ?? defaultAddress("load"),
     // Cardholders call it without a certificate: every request carries the bank's sealed authorisation and proves itself.
@@ -32,11 +47,15 @@ export async function startLoadServer(c: LoadConfig) {
     transport: c.security.server("request"),
     log,
   });
+  reporter.start();
   return {
     address: grpc.address,
     store,
+    reporter,
     async close() {
       await grpc.shutdown();
+      await reporter.close();
+      clearingChannel.close();
       await db.close();
     },
   };

@@ -35,10 +35,46 @@ export const LOAD_MIGRATIONS = [
    );
    CREATE INDEX load_events_txn ON load_events (transaction_id, id);`,
   `ALTER TABLE loads ADD COLUMN proof_reference TEXT;`,
+  // Clearing (issue #11): what proves each settled load, as a kind clearing can check, and the outbox of
+  // loads to report. Loads settled before this migration are named from their proof text and queued too:
+  // clearing's float and the card balances it audits need every load the card took.
+  `ALTER TABLE loads ADD COLUMN proof_kind TEXT;
+   UPDATE loads SET proof_kind = CASE
+       WHEN proof = 'S3 verified' THEN 'S3'
+       WHEN proof LIKE 'card history:%' THEN 'CARD_HISTORY'
+       WHEN proof LIKE 'negative result proven:%' THEN 'NEGATIVE_RESULT'
+       WHEN proof LIKE 'negative result not proven:%' THEN 'NEGATIVE_RESULT_UNPROVEN'
+       WHEN proof LIKE 'security module refused:%' THEN 'REFUSED'
+       WHEN proof LIKE 'abandoned%' THEN 'ABANDONED'
+     END
+     WHERE state = 'SETTLED';
+   CREATE TABLE clearing_outbox (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     transaction_id TEXT NOT NULL UNIQUE REFERENCES loads (transaction_id),
+     queued_at TEXT NOT NULL,
+     attempts INTEGER NOT NULL,
+     last_error TEXT,
+     reported_at TEXT,
+     clearing_status TEXT,
+     duplicate INTEGER,
+     settlement_day TEXT,
+     refused_at TEXT
+   );
+   CREATE INDEX clearing_outbox_waiting ON clearing_outbox (seq) WHERE reported_at IS NULL AND refused_at IS NULL;
+   INSERT INTO clearing_outbox (transaction_id, queued_at, attempts)
+     SELECT transaction_id, settled_at, 0 FROM loads WHERE state = 'SETTLED' AND load_command IS NOT NULL ORDER BY settled_at, transaction_id;`,
 ];
 
 export type LoadRowState = "PENDING" | "SETTLED";
 export type Outcome = "LOADED" | "NOT_LOADED";
+
+/**
+ * What proves a settled load: the card's S3 (from its LOAD answer or its
+ * log), the security module's verdict on a zero-value answer (proven, or
+ * not and so treated as loaded), or, for a load that never had a LOAD
+ * command, the module's refusal or the bank's abandonment.
+ */
+export type ProofKind = "S3" | "CARD_HISTORY" | "NEGATIVE_RESULT" | "NEGATIVE_RESULT_UNPROVEN" | "REFUSED" | "ABANDONED";
 
 export interface LoadRow {
   transaction_id: string;
@@ -59,6 +95,7 @@ export interface LoadRow {
   state: LoadRowState;
   outcome: Outcome | null;
   proof: string | null;
+  proof_kind: ProofKind | null;
   card_counter: number | null;
   card_signature: Buffer | null;
   settled_at: string | null;
@@ -66,9 +103,32 @@ export interface LoadRow {
 
 export interface Settlement {
   outcome: Outcome;
+  kind: ProofKind;
   proof: string;
   cardCounter: number;
   cardSignature?: Buffer;
+}
+
+/** A settled load waiting in the outbox for clearing's acknowledgement. */
+export type UnreportedLoad = LoadRow & { attempts: number };
+
+/** A load's entry in the outbox to clearing. */
+export interface ClearingReport {
+  /** The outbox's order: the order the loads were settled in. */
+  seq: number;
+  transaction_id: string;
+  queued_at: string;
+  attempts: number;
+  last_error: string | null;
+  /** When clearing acknowledged the load; null while it waits. */
+  reported_at: string | null;
+  /** What clearing made of it: POSTED, NOT_LOADED or QUARANTINED. */
+  clearing_status: string | null;
+  /** 1 when clearing already held the load when it acknowledged it. */
+  duplicate: number | null;
+  settlement_day: string | null;
+  /** When the load was set aside: clearing refused it (ALREADY_EXISTS, INVALID_ARGUMENT), or no record could be made of it. It is not sent again. */
+  refused_at: string | null;
 }
 
 export class LoadStore {
@@ -90,7 +150,7 @@ export class LoadStore {
 
   /** A new load, pending with its LOAD command, or settled at once (the security module refused it). */
   async insert(
-    row: Omit<LoadRow, "outcome" | "proof" | "card_counter" | "card_signature" | "settled_at"> & { settlement?: Settlement },
+    row: Omit<LoadRow, "outcome" | "proof" | "proof_kind" | "card_counter" | "card_signature" | "settled_at"> & { settlement?: Settlement },
     step: string,
     detail: string,
   ): Promise<void> {
@@ -98,8 +158,9 @@ export class LoadStore {
     await this.db.transaction(async (tx) => {
       await tx.run(
         `INSERT INTO loads (transaction_id, bank_id, purse_id, amount_minor, currency, exponent, key_nonce, authorised, initialize_response,
-                            hsm_id, hsm_counter, load_command, proof_reference, state, outcome, proof, card_counter, card_signature, settled_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+                            hsm_id, hsm_counter, load_command, proof_reference, state, outcome, proof, proof_kind, card_counter, card_signature, settled_at,
+                            created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
         [
           row.transaction_id,
           row.bank_id,
@@ -117,6 +178,7 @@ export class LoadStore {
           row.state,
           s?.outcome ?? null,
           s?.proof ?? null,
+          s?.kind ?? null,
           s?.cardCounter ?? null,
           s?.cardSignature ?? null,
           s ? new Date().toISOString() : null,
@@ -127,15 +189,75 @@ export class LoadStore {
     });
   }
 
-  /** Settles a pending load; false when it was no longer pending. */
+  /**
+   * Settles a pending load and queues it for clearing in the same
+   * transaction, so that no crash can settle a load clearing never hears of;
+   * false when it was no longer pending. (A load settled at its insert never
+   * had a LOAD command: no card can hold its value, and clearing has nothing
+   * to record.)
+   */
   async settle(id: string, s: Settlement): Promise<boolean> {
     return this.db.transaction(async (tx) => {
+      const now = new Date().toISOString();
       const r = await tx.run(
-        "UPDATE loads SET state = 'SETTLED', outcome = ?, proof = ?, card_counter = ?, card_signature = ?, settled_at = ? WHERE transaction_id = ? AND state = 'PENDING'",
-        [s.outcome, s.proof, s.cardCounter, s.cardSignature ?? null, new Date().toISOString(), id],
+        "UPDATE loads SET state = 'SETTLED', outcome = ?, proof = ?, proof_kind = ?, card_counter = ?, card_signature = ?, settled_at = ? WHERE transaction_id = ? AND state = 'PENDING'",
+        [s.outcome, s.proof, s.kind, s.cardCounter, s.cardSignature ?? null, now, id],
       );
-      if (r.changes) await this.event(tx, id, s.outcome === "LOADED" ? "loaded" : "not_loaded", s.proof);
-      return r.changes === 1;
+      if (!r.changes) return false;
+      await this.event(tx, id, s.outcome === "LOADED" ? "loaded" : "not_loaded", s.proof);
+      await tx.run("INSERT INTO clearing_outbox (transaction_id, queued_at, attempts) VALUES (?, ?, 0)", [id, now]);
+      return true;
     });
+  }
+
+  /** The oldest settled loads clearing has not acknowledged (nor refused), at most `limit`. */
+  unreported(limit: number): Promise<UnreportedLoad[]> {
+    return this.db.all<UnreportedLoad>(
+      `SELECT l.*, o.attempts FROM clearing_outbox o JOIN loads l ON l.transaction_id = o.transaction_id
+        WHERE o.reported_at IS NULL AND o.refused_at IS NULL ORDER BY o.seq LIMIT ?`,
+      [limit],
+    );
+  }
+
+  /** Clearing's acknowledgements, each with its load and event, in one transaction. */
+  async reported(acks: { id: string; status: string; duplicate: boolean; settlementDay: string }[]): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      const now = new Date().toISOString();
+      for (const a of acks) {
+        const r = await tx.run(
+          `UPDATE clearing_outbox SET reported_at = ?, clearing_status = ?, duplicate = ?, settlement_day = ?, attempts = attempts + 1, last_error = NULL
+            WHERE transaction_id = ? AND reported_at IS NULL`,
+          [now, a.status, a.duplicate ? 1 : 0, a.settlementDay || null, a.id],
+        );
+        if (r.changes) {
+          const day = a.settlementDay ? ` to settlement day ${a.settlementDay}` : "";
+          await this.event(tx, a.id, "reported_to_clearing", `clearing: ${a.status}${day}${a.duplicate ? " (it already held the load)" : ""}`);
+        }
+      }
+    });
+  }
+
+  /** A failed attempt to report these loads; they stay queued. */
+  async attempted(ids: string[], error: string): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      for (const id of ids) await tx.run("UPDATE clearing_outbox SET attempts = attempts + 1, last_error = ? WHERE transaction_id = ?", [error, id]);
+    });
+  }
+
+  /** A load clearing refused (or that no record can be made of): out of the queue, with the reason, for the operator. */
+  async setAside(id: string, error: string): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      await tx.run("UPDATE clearing_outbox SET refused_at = ?, attempts = attempts + 1, last_error = ? WHERE transaction_id = ?", [
+        new Date().toISOString(),
+        error,
+        id,
+      ]);
+      await this.event(tx, id, "clearing_set_aside", error);
+    });
+  }
+
+  /** The outbox to clearing, oldest first (for tests and operators). */
+  clearingReports(): Promise<ClearingReport[]> {
+    return this.db.all<ClearingReport>("SELECT * FROM clearing_outbox ORDER BY seq");
   }
 }

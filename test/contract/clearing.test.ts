@@ -429,6 +429,17 @@ describe("ClearingService (contract)", function () {
     const forged = { ...load, transactionId: txnId(randomUUID()), loadAnswer: LoadResponse.encode({ ...answer, s3: randomBytes(8) }) };
     const [q] = (await loadServer.submitLoads({ loads: [forged] })).acknowledgements;
     expect(q).to.include({ status: LoadStatus.LOAD_STATUS_QUARANTINED, quarantinedBecause: QuarantineReason.QUARANTINE_REASON_BAD_S3 });
+    // The forged record does not keep the genuine load of its id out.
+    const genuineAfterForgery = await genuineLoad(300);
+    const forgedFirst = {
+      ...genuineAfterForgery,
+      loadAnswer: LoadResponse.encode({ ...LoadResponse.decode(Buffer.from(genuineAfterForgery.loadAnswer)), s3: randomBytes(8) }),
+    };
+    expect((await loadServer.submitLoads({ loads: [forgedFirst] })).acknowledgements[0]?.status).to.equal(LoadStatus.LOAD_STATUS_QUARANTINED);
+    expect((await loadServer.submitLoads({ loads: [genuineAfterForgery] })).acknowledgements[0]).to.include({
+      status: LoadStatus.LOAD_STATUS_POSTED,
+      duplicate: false,
+    });
     const reused = { ...load, amount: money(1, EUR, 2) };
     expect(await refusal(loadServer.submitLoads({ loads: [reused] }))).to.include({
       code: Status.ALREADY_EXISTS,
@@ -447,7 +458,7 @@ describe("ClearingService (contract)", function () {
       ],
     });
     expect(audit.checks.filter((c) => !c.ok)).to.deep.equal([]);
-    expect(await balance()).to.equal(12_000);
+    expect(await balance()).to.equal(12_300);
   });
 
   it("posts what arrives after a day closed to the next day, and the closed day's figures stay", async () => {
