@@ -8,16 +8,20 @@ import { ServerError, Status, type CallContext } from "nice-grpc";
 import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { serveStream } from "../../lib/streams.js";
-import { hexOf, isName } from "../../lib/ids.js";
+import { hexOf, isName, psamId as toPsamId } from "../../lib/ids.js";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
-import { NetpurseError } from "../../lib/grpc/errors.js";
+import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
 import { peerOf, peerRevoked, type Peer } from "../../lib/grpc/server.js";
 import type { Logger } from "../../lib/log.js";
 import {
+  BatchNotClosedReason,
   PsamJobStatus,
   PsamSlotState,
   type AttachTerminalRequest,
   type AttachTerminalResponse,
+  type CloseBatchesReport,
+  type CloseBatchesRequest,
+  type CloseBatchesResponse,
   type ConnectPaymentServerRequest,
   type ConnectPaymentServerResponse,
   type ListTerminalsResponse,
@@ -45,6 +49,8 @@ export interface ConcentratorOptions {
   /** Most jobs queued at the concentrator for one terminal beyond its window. */
   terminalQueueLimit: number;
   keepaliveIntervalMs: number;
+  /** How long CloseBatches waits for each terminal host's report. */
+  closeBatchesTimeoutMs: number;
   log: Logger;
 }
 
@@ -61,6 +67,8 @@ interface TerminalConn {
   queue: RoutedJob[];
   out: AsyncQueue<AttachTerminalResponse>;
   keepalive: Keepalive;
+  /** CloseBatchesCommands sent and not answered yet, by request id: each takes the host's report (undefined: none will come). */
+  closeRequests: Map<string, (report: CloseBatchesReport | undefined) => void>;
 }
 
 interface PaymentServerConn {
@@ -168,6 +176,7 @@ export class Concentrator {
     attachTerminal: (requests, context) => this.attachTerminal(requests, peerOf(context), context),
     connectPaymentServer: (requests, context) => this.connectPaymentServer(requests, peerOf(context), context),
     listTerminals: async () => this.listTerminals(),
+    closeBatches: (request, context) => this.closeBatches(request, context.signal),
   };
 
   // ---- terminal hosts ---------------------------------------------------
@@ -214,6 +223,9 @@ export class Concentrator {
           break;
         case "pong":
           conn.keepalive.pong(m.value.nonce);
+          break;
+        case "closeBatchesReport":
+          conn.closeRequests.get(m.value.requestId)?.(m.value);
           break;
       }
     };
@@ -321,6 +333,7 @@ export class Concentrator {
       inFlight: new Map(),
       queue: [],
       out,
+      closeRequests: new Map(),
       keepalive: new Keepalive(
         this.o.keepaliveIntervalMs,
         (nonce) => out.push({ message: { $case: "ping", value: { nonce } } }),
@@ -362,6 +375,7 @@ export class Concentrator {
     }
     conn.inFlight.clear();
     conn.queue = [];
+    for (const answer of [...conn.closeRequests.values()]) answer(undefined);
     for (const s of conn.slots) this.leases.delete(slotKey(conn.id, hexOf(s.psamId?.value)));
     this.o.log.info("terminal detached", { terminal: conn.id, why });
     for (const ps of this.paymentServers.values())
@@ -648,6 +662,65 @@ export class Concentrator {
     this.leases.delete(key);
     const t = this.terminals.get(terminalId);
     if (t) this.broadcast(t, from);
+  }
+
+  // ---- closing batches ---------------------------------------------------
+
+  /**
+   * An operator's CloseBatches: each terminal host concerned closes its
+   * PSAMs' batches itself, asked on its stream; a host that does not answer
+   * in time is reported, not waited for.
+   */
+  private async closeBatches(req: CloseBatchesRequest, signal: AbortSignal): Promise<CloseBatchesResponse> {
+    if (req.terminalId !== "" && !isName(req.terminalId, 64)) throw invalidField("terminal_id", "must be 1..64 characters of [A-Za-z0-9._-]");
+    if (req.psamId && req.psamId.value.length !== 4) throw invalidField("psam_id", `must be 4 bytes, got ${req.psamId.value.length}`);
+    const psam = req.psamId ? hexOf(req.psamId.value) : undefined;
+    let targets = [...this.terminals.values()];
+    if (req.terminalId !== "") {
+      const t = this.terminals.get(req.terminalId);
+      if (!t) throw notFound(`no terminal host ${req.terminalId} is attached`);
+      targets = [t];
+    }
+    if (psam !== undefined) {
+      targets = targets.filter((t) => t.slots.some((s) => hexOf(s.psamId?.value) === psam));
+      if (targets.length === 0) throw notFound(`no attached terminal host${req.terminalId ? ` ${req.terminalId}` : ""} holds PSAM ${psam}`);
+    }
+    const reports = await Promise.all(targets.map(async (t) => ({ t, report: await this.askToClose(t, psam, signal) })));
+    const response: CloseBatchesResponse = { closed: [], notClosed: [] };
+    for (const { t, report } of reports) {
+      if (!report) {
+        this.o.log.warn("a terminal host did not report the batches it closed in time", { terminal: t.id });
+        response.notClosed.push({ terminalId: t.id, psamId: undefined, reason: BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED });
+        continue;
+      }
+      // The terminal id is the one its certificate proved, whatever its report says.
+      response.closed.push(...report.closed.map((c) => ({ ...c, terminalId: t.id })));
+      response.notClosed.push(...report.notClosed.map((n) => ({ ...n, terminalId: t.id })));
+    }
+    const order = (a: { terminalId: string; psamId?: { value: Uint8Array } | undefined }, b: typeof a) =>
+      a.terminalId.localeCompare(b.terminalId) || hexOf(a.psamId?.value).localeCompare(hexOf(b.psamId?.value));
+    response.closed.sort(order);
+    response.notClosed.sort(order);
+    this.o.log.info("batches closed for an operator", { closed: response.closed.length, notClosed: response.notClosed.length });
+    return response;
+  }
+
+  /** Sends a terminal host a CloseBatchesCommand; resolves with its report, or undefined when none comes in time. */
+  private askToClose(t: TerminalConn, psam: string | undefined, signal: AbortSignal): Promise<CloseBatchesReport | undefined> {
+    const requestId = randomUUID();
+    return new Promise((resolve) => {
+      const done = (report: CloseBatchesReport | undefined) => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", onAbort);
+        t.closeRequests.delete(requestId);
+        resolve(report);
+      };
+      const onAbort = () => done(undefined);
+      const timer = setTimeout(() => done(undefined), this.o.closeBatchesTimeoutMs);
+      signal.addEventListener("abort", onAbort);
+      t.closeRequests.set(requestId, done);
+      t.out.push({ message: { $case: "closeBatches", value: { requestId, psamIds: psam === undefined ? [] : [toPsamId(psam)] } } });
+    });
   }
 
   // ---- views ------------------------------------------------------------

@@ -19,6 +19,7 @@ export interface ConcentratorConfig {
   maxLeasesPerPaymentServer?: number;
   queuedJobTtlMs?: number;
   livenessProofMs?: number;
+  closeBatchesTimeoutMs?: number;
 }
 
 /** The concentrator's defaults, in one place for the code and its --help. */
@@ -31,6 +32,8 @@ export const CONCENTRATOR_DEFAULTS = {
   maxLeasesPerPaymentServer: 1024,
   queuedJobTtlMs: 10_000,
   livenessProofMs: 2_000,
+  /** An operator's CloseBatches waits this long for each terminal host (a close takes milliseconds; the CLI waits 10 s). */
+  closeBatchesTimeoutMs: 5_000,
 } as const;
 
 /** Starts the terminal concentrator's gRPC server (in this process). */
@@ -50,17 +53,19 @@ export async function startConcentrator(c: ConcentratorConfig) {
     maxLeasesPerPaymentServer: c.maxLeasesPerPaymentServer ?? d.maxLeasesPerPaymentServer,
     queuedJobTtlMs: c.queuedJobTtlMs ?? d.queuedJobTtlMs,
     livenessProofMs: c.livenessProofMs ?? d.livenessProofMs,
+    closeBatchesTimeoutMs: c.closeBatchesTimeoutMs ?? d.closeBatchesTimeoutMs,
     log,
   });
   const server = await startGrpcServer({
     address: c.listen ?? defaultAddress("concentrator"),
-    // Only peers of the operator's network: terminal hosts, payment servers, operators.
+    // Only peers of the operator's network: terminal hosts, payment servers, operators (the pool, closing batches).
     services: [
       service(TerminalConcentratorServiceDefinition, concentrator.service, {
         all: [],
         attachTerminal: ["terminal"],
         connectPaymentServer: ["payment"],
         listTerminals: ["operator"],
+        closeBatches: ["operator"],
       }),
     ],
     // Inside the operator's network only: no TLS connection without a certificate of the installation's CA,

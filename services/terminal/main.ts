@@ -2,10 +2,11 @@ import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
 import { startTerminalHost } from "./server.js";
+import { BATCH_CLOSE_DEFAULTS } from "./terminal-host.js";
 
 await runService({
   program: "netpurse-terminal",
-  summary: "Terminal host: holds PSAM slots and works off PSAM jobs from the concentrator.",
+  summary: "Terminal host: holds PSAM slots, works off PSAM jobs from the concentrator, and sends its PSAMs' closed batches to clearing.",
   options: {
     id: { type: "string" },
     concentrator: { type: "string" },
@@ -13,17 +14,21 @@ await runService({
     dir: { type: "string" },
     window: { type: "string" },
     "batch-close-at": { type: "string" },
+    "batch-close-after-ms": { type: "string" },
+    clearing: { type: "string" },
     "answer-delay-ms": { type: "string" },
     ...SECURITY_OPTIONS,
   },
   help: [
     "  --id NAME                terminal id (default terminal-1)",
     `  --concentrator HOST:PORT concentrator to dial (default ${defaultAddress("concentrator")})`,
+    `  --clearing HOST:PORT     clearing service, where closed batches are sent (default ${defaultAddress("clearing")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
     "  --dir DIR                this host's folder (default DATA/terminals/ID): terminal.db and psams/*.psam.json",
     "  --window N               most jobs in flight (default: the number of PSAMs)",
-    "  --batch-close-at N       close a PSAM batch at N records (default 200)",
-    "  --answer-delay-ms N         fault injection: do each job, then wait N ms before answering (default 0)",
+    `  --batch-close-at N       close a PSAM batch at N records (default ${BATCH_CLOSE_DEFAULTS.closeAt})`,
+    `  --batch-close-after-ms N close a non-empty PSAM batch once its first record is N ms old (default ${BATCH_CLOSE_DEFAULTS.closeAfterMs})`,
+    "  --answer-delay-ms N      fault injection: do each job, then wait N ms before answering (default 0)",
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
@@ -35,7 +40,9 @@ await runService({
       concentrator: opt(v, "concentrator", defaultAddress("concentrator")),
       dir,
       ...(v.window !== undefined ? { window: intOpt(v, "window", 1) } : {}),
-      batchCloseAt: intOpt(v, "batch-close-at", 200),
+      clearingAddress: opt(v, "clearing", defaultAddress("clearing")),
+      batchCloseAt: intOpt(v, "batch-close-at", BATCH_CLOSE_DEFAULTS.closeAt),
+      batchCloseAfterMs: intOpt(v, "batch-close-after-ms", BATCH_CLOSE_DEFAULTS.closeAfterMs),
       answerDelayMs: intOpt(v, "answer-delay-ms", 0),
     });
     return t;

@@ -3,7 +3,7 @@ import { readdir } from "node:fs/promises";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
-import { TerminalHost } from "./terminal-host.js";
+import { TerminalHost, type TerminalHostOptions } from "./terminal-host.js";
 import { TERMINAL_MIGRATIONS } from "./store.js";
 
 export interface TerminalConfig {
@@ -13,7 +13,14 @@ export interface TerminalConfig {
   /** The host's folder: terminal.db and psams/*.psam.json. */
   dir: string;
   window?: number;
+  /** Close a PSAM's batch at this many records (default 200). */
   batchCloseAt?: number;
+  /** Close a PSAM's non-empty batch once its first record is this old (default 1 h). */
+  batchCloseAfterMs?: number;
+  /** Clearing's address, where closed batches are sent; without it they wait in the host's outbox. */
+  clearingAddress?: string;
+  /** The batch submitter's deadline and retry timing. */
+  submitter?: TerminalHostOptions["submitter"];
   answerDelayMs?: number;
 }
 
@@ -27,7 +34,7 @@ async function psamFilesIn(dir: string): Promise<string[]> {
     .map((n) => join(folder, n));
 }
 
-/** Starts a terminal host in this process; it dials the concentrator (it serves no RPCs). */
+/** Starts a terminal host in this process; it dials the concentrator and clearing (it serves no RPCs). */
 export async function startTerminalHost(c: TerminalConfig) {
   const log = createLogger(`terminal ${c.terminalId}`);
   const psamFiles = await psamFilesIn(c.dir);
@@ -42,6 +49,9 @@ export async function startTerminalHost(c: TerminalConfig) {
     log,
     ...(c.window !== undefined ? { window: c.window } : {}),
     ...(c.batchCloseAt !== undefined ? { batchCloseAt: c.batchCloseAt } : {}),
+    ...(c.batchCloseAfterMs !== undefined ? { batchCloseAfterMs: c.batchCloseAfterMs } : {}),
+    ...(c.clearingAddress !== undefined ? { clearingAddress: c.clearingAddress } : {}),
+    ...(c.submitter !== undefined ? { submitter: c.submitter } : {}),
     ...(c.answerDelayMs !== undefined ? { answerDelayMs: c.answerDelayMs } : {}),
   });
   await host.start();

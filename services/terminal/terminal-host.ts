@@ -5,7 +5,11 @@
 // its own data store of recorded transactions, reversals and closed batches
 // (step 630). The PSAM's MACs over its answers (DEBIT command issued, its
 // verdict, a reversal) go to the payment server as they are: the payment
-// server believes an answer only when its MAC verifies.
+// server believes an answer only when its MAC verifies. It closes each PSAM's
+// batch on a count, an age or an operator's command, keeps the closed batch
+// in its outbox and has the batch submitter (batch-submitter.ts) send it to
+// clearing; a close holds the PSAM's slot only for reading the batch and
+// CLOSE BATCH itself, never while the batch travels.
 
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
@@ -19,23 +23,30 @@ import { hexOf, psamId as toPsamId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
+import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DrawAmountCommand, Verdict } from "../../lib/protocol/psam.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { DebitResponse } from "../../lib/protocol/purse.js";
 import type { Db } from "../../lib/store/db.js";
 import {
+  BatchNotClosedReason,
   DebitVerdict,
   PsamJobStatus,
   PsamSlotState,
   TerminalConcentratorServiceDefinition,
   type AttachTerminalRequest,
+  type BatchNotClosed,
+  type CloseBatchesCommand,
+  type CloseBatchesReport,
+  type ClosedBatch,
   type PsamJob,
   type PsamJobResult,
   type PsamSlot,
 } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { BatchSubmitter, terminalCrashPoint, type BatchSubmitterOptions } from "./batch-submitter.js";
 import { PsamDriver } from "./psam/psam-driver.js";
 import { SoftwarePsam } from "./psam/software-psam.js";
-import { TerminalStore } from "./store.js";
+import { TerminalStore, type ClosedBatchSummary } from "./store.js";
 
 export interface TerminalHostOptions {
   terminalId: string;
@@ -47,8 +58,14 @@ export interface TerminalHostOptions {
   log: Logger;
   /** Most jobs in flight the host accepts (default: one per slot, at least 1). */
   window?: number;
-  /** Close the PSAM's batch once it holds this many records. */
+  /** Close the PSAM's batch once it holds this many records (default 200). */
   batchCloseAt?: number;
+  /** Close a PSAM's non-empty batch once its first record is this old (default 1 h). */
+  batchCloseAfterMs?: number;
+  /** Clearing's address: closed batches are sent there. Without it they wait in the outbox. */
+  clearingAddress?: string;
+  /** The batch submitter's deadline and retry timing (batch-submitter.ts). */
+  submitter?: Pick<BatchSubmitterOptions, "deadlineMs" | "retryMinMs" | "retryMaxMs" | "refusedRetryMs">;
   /** Fault injection for tests: do each job, then wait this long before answering (a slow or dying link). */
   answerDelayMs?: number;
 }
@@ -59,7 +76,14 @@ interface Slot {
   driver: PsamDriver;
   mutex: Mutex;
   failed: boolean;
+  /** When the current batch's first record was made (ms since the epoch); undefined while it is empty. */
+  batchSince?: number | undefined;
+  /** A close of this slot's batch is queued or running. */
+  closing?: boolean;
 }
+
+/** Defaults of the batch closing options. */
+export const BATCH_CLOSE_DEFAULTS = { closeAt: 200, closeAfterMs: 3_600_000 } as const;
 
 export class TerminalHost {
   private slots: Slot[] = [];
@@ -71,6 +95,10 @@ export class TerminalHost {
   private loop: Promise<void> | undefined;
   /** The current stream's outgoing side, for slot updates outside a job. */
   private out: AsyncQueue<AttachTerminalRequest> | undefined;
+  private submitter: BatchSubmitter | undefined;
+  private ageCheck: Periodic | undefined;
+  /** How long the last batch close held its slot, in ms (for operators and tests). */
+  lastCloseHeldMs = 0;
 
   constructor(private readonly o: TerminalHostOptions) {
     this.store = new TerminalStore(o.db);
@@ -83,24 +111,71 @@ export class TerminalHost {
         const psam = await SoftwarePsam.open(file);
         const driver = new PsamDriver(new InProcessTransport(psam));
         await driver.connect();
-        const slot = { index, psam, driver, mutex: new Mutex(), failed: false };
+        const slot: Slot = { index, psam, driver, mutex: new Mutex(), failed: false };
         await this.syncStore(slot);
         return slot;
       }),
     );
+    if (this.o.clearingAddress) {
+      this.submitter = new BatchSubmitter({
+        clearingAddress: this.o.clearingAddress,
+        security: this.o.security,
+        store: this.store,
+        log: this.o.log,
+        ...this.o.submitter,
+      });
+      this.submitter.start();
+    } else {
+      this.o.log.warn("no clearing address: closed batches wait in the outbox");
+    }
+    const closeAfterMs = this.o.batchCloseAfterMs ?? BATCH_CLOSE_DEFAULTS.closeAfterMs;
+    this.ageCheck = repeat({
+      what: "closing old batches",
+      everyMs: Math.max(50, Math.min(5_000, Math.floor(closeAfterMs / 2))),
+      firstInMs: Math.min(5_000, closeAfterMs),
+      log: this.o.log,
+      task: () => this.closeOldBatches(closeAfterMs),
+    });
     this.loop = this.run();
   }
 
   /**
    * Copies into the host's store what the PSAM holds that the store may have
    * missed (a crash between the PSAM's write and the store's): the current
-   * batch's records and the last closed batch. Every write is idempotent.
+   * batch's records, and the last closed batch into the outbox unless the
+   * store holds it already (a crash between CLOSE BATCH and the store's
+   * write). Every write is idempotent.
    */
   private async syncStore(slot: Slot): Promise<void> {
     const st = await slot.driver.readStatus();
-    for (const r of await slot.driver.readBatch()) await this.store.recordTransaction(slot.psam.psamId, st.batchNumber, r, "sync");
+    const open = await slot.driver.readBatch();
+    await this.store.recordTransactions(slot.psam.psamId, st.batchNumber, open, "sync");
+    slot.batchSince = open.length ? Math.min(...open.map((r) => r.dateTime)) * 1000 : undefined;
     const closed = await slot.driver.lastClosedBatch();
-    if (closed) await this.store.recordBatch(closed);
+    if (closed) await this.keepClosed(closed);
+  }
+
+  /**
+   * Puts a closed batch into the outbox, unless the store holds it already.
+   * One whose records the store lacks cannot be sent whole: it is set aside
+   * ('incomplete') with an error, and clearing reports its number missing.
+   */
+  private async keepClosed(closed: ClosedBatchSummary): Promise<void> {
+    const psamHex = closed.psamId.toString("hex");
+    const what = { psam: psamHex, batch: closed.batchNumber, count: closed.count, total: closed.total };
+    if (await this.store.batch(psamHex, closed.batchNumber)) return;
+    const held = await this.store.batchTally(psamHex, closed.batchNumber);
+    if (held.count === closed.count && held.total === closed.total) {
+      if (await this.store.recordBatch(closed)) this.o.log.info("closed batch in the outbox", what);
+      this.submitter?.wake();
+      return;
+    }
+    const why = `the store holds ${held.count} records totalling ${held.total} of this batch; the PSAM closed ${closed.count} totalling ${closed.total}`;
+    await this.store.recordBatch(closed, "incomplete", why);
+    this.o.log.error("a closed batch's records are missing from the store: it cannot be sent whole, clearing will report its number missing", {
+      ...what,
+      why,
+    });
   }
 
   /** Resolves once the host has been welcomed by the concentrator. */
@@ -110,8 +185,10 @@ export class TerminalHost {
 
   async close(): Promise<void> {
     this.stopped = true;
+    this.ageCheck?.stop();
     this.abort.abort();
     await this.loop?.catch(() => undefined);
+    await this.submitter?.close();
   }
 
   /** Connects, and reconnects with back-off whenever the stream ends. */
@@ -149,6 +226,14 @@ export class TerminalHost {
               this.o.log.error("job failed", { job: job.jobId, error: (e as Error).message });
               answer({ ...this.resultBase(job), status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message });
             });
+            break;
+          }
+          case "closeBatches": {
+            const command = msg.value;
+            this.closeForOperator(command).then(
+              (report) => out.push({ message: { $case: "closeBatchesReport", value: report } }),
+              (e: unknown) => this.o.log.error("could not close the batches an operator asked for", { error: (e as Error).message }),
+            );
             break;
           }
         }
@@ -197,9 +282,7 @@ export class TerminalHost {
           return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED, statusWord: e.sw, message: e.message, slot: await this.slotInfo(slot) };
         }
         if (e instanceof JobInvalid || e instanceof LayoutError) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
-        slot.failed = true;
-        this.o.log.error("PSAM failed; slot out of the pool", { psam: psamHex, error: (e as Error).message });
-        this.probeLater(slot);
+        this.failSlot(slot, e);
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
       }
     });
@@ -250,7 +333,9 @@ export class TerminalHost {
         DrawAmountCommand.encode(request.draw);
         const issued = await slot.driver.issueDebitCommand(request).catch(async (e) => {
           if (!(e instanceof ApduError && e.sw === SW.BATCH_FULL)) throw e;
-          await this.closeBatch(slot); // full: close it and draw again
+          // Full (the PSAM's capacity is below --batch-close-at): close it, this job holds the slot already, and draw again.
+          const closed = await this.closeHeld(slot, "full");
+          if (closed) await this.keep(() => this.keepClosed(closed));
           return slot.driver.issueDebitCommand(request);
         });
         this.o.log.info("debit command issued", { psam: psamHex, psamCounter: issued.psamCounter, transaction: job.transactionId.value });
@@ -277,7 +362,9 @@ export class TerminalHost {
           await this.keep(() => this.storeRecord(slot, t.psamCounter, v.batchNumber, job.jobId));
           this.o.log.info("debit recorded in batch", { psam: psamHex, psamCounter: t.psamCounter, batch: v.batchNumber });
           const st = await slot.driver.readStatus();
-          if (st.batchCount >= (this.o.batchCloseAt ?? 200)) await this.closeBatch(slot);
+          if (st.batchCount > 0) slot.batchSince ??= Date.now();
+          // Closed after this job has answered: the close waits its turn on the slot, the payment server does not wait for it.
+          if (st.batchCount >= (this.o.batchCloseAt ?? BATCH_CLOSE_DEFAULTS.closeAt)) this.closeSoon(slot, "count");
         } else {
           await this.keep(() => this.store.recordReversal(psamHex, t.psamCounter, job.transactionId?.value ?? "", "declined by card"));
         }
@@ -302,6 +389,13 @@ export class TerminalHost {
       default:
         throw new JobInvalid("job has no task");
     }
+  }
+
+  /** Takes a PSAM that failed out of the pool, and tries it again later. */
+  private failSlot(slot: Slot, e: unknown): void {
+    slot.failed = true;
+    this.o.log.error("PSAM failed; slot out of the pool", { psam: slot.psam.psamId, error: (e as Error).message });
+    this.probeLater(slot);
   }
 
   /** Tries a failed PSAM again every 5 s; once it answers, it is announced back into the pool. */
@@ -339,13 +433,104 @@ export class TerminalHost {
     await write().catch((e) => this.o.log.error("terminal store write failed; it catches up at the next start", { error: (e as Error).message }));
   }
 
-  /** Closes the PSAM's batch, having first stored every record in it. */
-  private async closeBatch(slot: Slot): Promise<void> {
+  /**
+   * Closes the PSAM's batch; the caller holds the slot. Undefined when the
+   * batch is empty (nothing is closed: the PSAM uses no batch number for it).
+   * Every record of the batch is in the store before CLOSE BATCH (after it,
+   * the PSAM holds them no more): they were stored one by one as they were
+   * recorded, and only when the store's count or total differs from the
+   * PSAM's is the batch read again. The outbox entry is the caller's to write,
+   * after the slot is free again.
+   */
+  private async closeHeld(slot: Slot, why: string): Promise<ClosedBatchSummary | undefined> {
+    const started = performance.now();
+    const psamHex = slot.psam.psamId;
     const st = await slot.driver.readStatus();
-    for (const r of await slot.driver.readBatch()) await this.store.recordTransaction(slot.psam.psamId, st.batchNumber, r, "close");
+    if (st.batchCount === 0) return undefined;
+    const held = await this.store.batchTally(psamHex, st.batchNumber);
+    if (held.count !== st.batchCount || held.total !== st.batchTotal) {
+      await this.store.recordTransactions(psamHex, st.batchNumber, await slot.driver.readBatch(), "close");
+    }
     const closed = await slot.driver.closeBatch();
-    await this.keep(() => this.store.recordBatch(closed));
-    this.o.log.info("batch closed", { psam: slot.psam.psamId, batch: closed.batchNumber, count: closed.count, total: closed.total });
+    slot.batchSince = undefined;
+    this.lastCloseHeldMs = performance.now() - started;
+    this.o.log.info("batch closed", {
+      psam: psamHex,
+      batch: closed.batchNumber,
+      count: closed.count,
+      total: closed.total,
+      why,
+      slotHeldMs: Math.round(this.lastCloseHeldMs * 10) / 10,
+    });
+    terminalCrashPoint("after-close-batch");
+    return closed;
+  }
+
+  /**
+   * Closes the PSAM's batch when the slot is free (after the job on it, if
+   * any), puts it in the outbox and wakes the submitter. Answers the batch
+   * closed, or undefined when it was empty; throws when the PSAM failed.
+   */
+  private async closeNow(slot: Slot, why: string): Promise<{ closed: ClosedBatchSummary | undefined; slot: PsamSlot }> {
+    const r = await slot.mutex.run(async () => {
+      if (slot.failed) throw new Error(`PSAM ${slot.psam.psamId} is out of the pool`);
+      try {
+        const closed = await this.closeHeld(slot, why);
+        return { closed, slot: await this.slotInfo(slot) };
+      } catch (e) {
+        if (!(e instanceof ApduError)) this.failSlot(slot, e);
+        throw e;
+      }
+    });
+    const closed = r.closed;
+    if (closed) {
+      await this.keep(() => this.keepClosed(closed));
+      this.out?.push({ message: { $case: "slotUpdate", value: { slot: r.slot } } });
+    }
+    return r;
+  }
+
+  /** Closes the batch once the slot is free, unless a close is queued already. */
+  private closeSoon(slot: Slot, why: string): void {
+    if (slot.closing) return;
+    slot.closing = true;
+    this.closeNow(slot, why)
+      .catch((e: unknown) => this.o.log.error("could not close the batch", { psam: slot.psam.psamId, why, error: (e as Error).message }))
+      .finally(() => (slot.closing = false));
+  }
+
+  /** Closes the batches whose first record is older than `maxAgeMs`. */
+  private async closeOldBatches(maxAgeMs: number): Promise<void> {
+    const now = Date.now();
+    for (const slot of this.slots) {
+      if (!slot.failed && slot.batchSince !== undefined && now - slot.batchSince >= maxAgeMs) this.closeSoon(slot, "age");
+    }
+  }
+
+  /** An operator's CloseBatchesCommand: closes the batch of each PSAM named (every PSAM when none is), and says what was closed. */
+  private async closeForOperator(command: CloseBatchesCommand): Promise<CloseBatchesReport> {
+    const wanted = new Set(command.psamIds.map((p) => hexOf(p.value)));
+    const slots = wanted.size ? this.slots.filter((s) => wanted.has(s.psam.psamId)) : this.slots;
+    const closed: ClosedBatch[] = [];
+    const notClosed: BatchNotClosed[] = [];
+    await Promise.all(
+      slots.map(async (slot) => {
+        const psamId = toPsamId(slot.psam.psamId);
+        try {
+          const r = await this.closeNow(slot, "operator");
+          if (!r.closed) {
+            notClosed.push({ terminalId: this.o.terminalId, psamId, reason: BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_EMPTY });
+            return;
+          }
+          const c = r.closed;
+          closed.push({ terminalId: this.o.terminalId, psamId, batchNumber: c.batchNumber, count: c.count, total: money(c.total, c.currency, 0) });
+        } catch (e) {
+          this.o.log.error("could not close the batch an operator asked for", { psam: slot.psam.psamId, error: (e as Error).message });
+          notClosed.push({ terminalId: this.o.terminalId, psamId, reason: BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_PSAM_FAILED });
+        }
+      }),
+    );
+    return { requestId: command.requestId, closed, notClosed };
   }
 
   /** Reads the host's data store (for tests and operators). */

@@ -105,6 +105,9 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(rec.merchantId).to.equal("shop-1");
     expect(rec.transactionRef).to.equal(d.transactionRef);
     expect(rec.cardSignature.equals(debit.parsed!.cardSignature)).to.equal(true);
+    // the card's session, so that clearing can check the card's signature itself
+    expect(rec).to.include({ keyVersion: d.init.parsed.keyVersion, sessionCounter: 0, cardCounter: 1, balanceAfter: 8_750 });
+    expect(rec.challenge.equals(d.init.parsed.challenge)).to.equal(true);
     const { recordMac, ...fields } = rec;
     expect(batchRecordMac(issuer.psamBatchKey(s.softPsam.psamId), Buffer.from(s.softPsam.psamId, "hex"), 1, fields).equals(recordMac)).to.equal(true);
 
@@ -260,6 +263,27 @@ describe("software card and software PSAM (APDU level)", () => {
     expect(st).to.include({ batchNumber: 2, batchCount: 0, psamCounter: 2 });
     const d = await drawDebit(s, 10);
     expect(d.psamCounter).to.equal(3);
+  });
+
+  it("reads a record of a PSAM file from before records carried the card's session with zeros there", async () => {
+    const s = await setup();
+    const d = await drawDebit(s, 400);
+    await s.driver.verifyDebit(d.psamCounter, (await s.reader.debit(d.debitCommand)).raw);
+    const file = JSON.parse(await readFile(s.psamPath, "utf8")) as PsamFile;
+    const old = { ...file.batch[0]! };
+    delete old.keyVersion;
+    delete old.sessionCounter;
+    delete old.challenge;
+    delete old.balanceAfter;
+    await SoftwarePsam.write(s.psamPath, { ...file, batch: [old] });
+    const driver = new PsamDriver(new InProcessTransport(await SoftwarePsam.open(s.psamPath)));
+    await driver.connect();
+    const rec = (await driver.readBatchRecord(0))!;
+    expect(rec).to.include({ psamCounter: d.psamCounter, amount: 400, keyVersion: 0, sessionCounter: 0, balanceAfter: 0, cardCounter: 1 });
+    expect(rec.challenge.equals(Buffer.alloc(8))).to.equal(true);
+    // its MAC was made over other fields: clearing quarantines it
+    const { recordMac, ...fields } = rec;
+    expect(batchRecordMac(issuer.psamBatchKey(s.softPsam.psamId), Buffer.from(s.softPsam.psamId, "hex"), 1, fields).equals(recordMac)).to.equal(false);
   });
 
   it("answers a retried VERIFY DEBIT alike after the batch was closed, and a retried decline alike", async () => {

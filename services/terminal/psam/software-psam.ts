@@ -69,12 +69,17 @@ export interface PendingDebitState {
 export interface BatchRecordState {
   psamCounter: number;
   purseId: string;
-  /** The card's session (key version, counter before the debit, challenge hex) and its balance after: what clearing needs to check the card's signature. */
-  keyVersion: number;
-  sessionCounter: number;
-  challenge: string;
+  /**
+   * The card's session (key version, counter before the debit, challenge hex)
+   * and its balance after: what clearing needs to check the card's signature.
+   * Absent in records of PSAM files written before records carried them
+   * (READ BATCH RECORD gives zeros there; clearing quarantines such a record).
+   */
+  keyVersion?: number;
+  sessionCounter?: number;
+  challenge?: string;
   cardCounter: number;
-  balanceAfter: number;
+  balanceAfter?: number;
   amount: number;
   currency: number;
   dateTime: number;

@@ -208,6 +208,63 @@ export function debitVerdictToJSON(object: DebitVerdict): string {
   }
 }
 
+/** Why a PSAM's batch was not closed. */
+export enum BatchNotClosedReason {
+  /** BATCH_NOT_CLOSED_REASON_UNSPECIFIED - Not reported. */
+  BATCH_NOT_CLOSED_REASON_UNSPECIFIED = 0,
+  /** BATCH_NOT_CLOSED_REASON_EMPTY - The batch holds no record: nothing to close, and no batch number used. */
+  BATCH_NOT_CLOSED_REASON_EMPTY = 1,
+  /**
+   * BATCH_NOT_CLOSED_REASON_PSAM_FAILED - The PSAM failed (out of the pool), or refused CLOSE BATCH; the host's
+   * log has why.
+   */
+  BATCH_NOT_CLOSED_REASON_PSAM_FAILED = 2,
+  /**
+   * BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED - The terminal host did not answer in time, or its stream ended first;
+   * psam_id is absent and its batches may or may not have been closed
+   * (ListTerminals shows each PSAM's batch count).
+   */
+  BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function batchNotClosedReasonFromJSON(object: any): BatchNotClosedReason {
+  switch (object) {
+    case 0:
+    case "BATCH_NOT_CLOSED_REASON_UNSPECIFIED":
+      return BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_UNSPECIFIED;
+    case 1:
+    case "BATCH_NOT_CLOSED_REASON_EMPTY":
+      return BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_EMPTY;
+    case 2:
+    case "BATCH_NOT_CLOSED_REASON_PSAM_FAILED":
+      return BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_PSAM_FAILED;
+    case 3:
+    case "BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED":
+      return BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return BatchNotClosedReason.UNRECOGNIZED;
+  }
+}
+
+export function batchNotClosedReasonToJSON(object: BatchNotClosedReason): string {
+  switch (object) {
+    case BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_UNSPECIFIED:
+      return "BATCH_NOT_CLOSED_REASON_UNSPECIFIED";
+    case BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_EMPTY:
+      return "BATCH_NOT_CLOSED_REASON_EMPTY";
+    case BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_PSAM_FAILED:
+      return "BATCH_NOT_CLOSED_REASON_PSAM_FAILED";
+    case BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED:
+      return "BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED";
+    case BatchNotClosedReason.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** A debit the PSAM signed that is neither proven nor reversed yet. */
 export interface PendingDebit {
   /** The PSAM counter of the debit command. */
@@ -502,6 +559,83 @@ export interface PoolUpdate {
   detachedTerminalId: string;
 }
 
+/** Which batches an operator wants closed. */
+export interface CloseBatchesRequest {
+  /**
+   * Only this terminal host's PSAMs (1..64 characters of [A-Za-z0-9._-]);
+   * empty for every attached terminal host.
+   */
+  terminalId: string;
+  /**
+   * Only this PSAM's batch (4 bytes); absent for every PSAM (of terminal_id
+   * when it is given).
+   */
+  psamId: PsamId | undefined;
+}
+
+/** One batch a PSAM closed. */
+export interface ClosedBatch {
+  /**
+   * The terminal host holding the PSAM (as its certificate proves it, set
+   * by the concentrator).
+   */
+  terminalId: string;
+  /** The PSAM. */
+  psamId:
+    | PsamId
+    | undefined;
+  /** The batch number the PSAM closed. */
+  batchNumber: number;
+  /** Records in the batch. */
+  count: number;
+  /**
+   * The sum of their amounts, in the PSAM's currency (exponent 0: the PSAM
+   * counts minor units and does not know the exponent).
+   */
+  total: Money | undefined;
+}
+
+/** A PSAM (or terminal host) whose batch was not closed. */
+export interface BatchNotClosed {
+  /** The terminal host. */
+  terminalId: string;
+  /** The PSAM; absent when the whole terminal host did not answer. */
+  psamId:
+    | PsamId
+    | undefined;
+  /** Why. */
+  reason: BatchNotClosedReason;
+}
+
+/** What CloseBatches closed. */
+export interface CloseBatchesResponse {
+  /** One per batch closed, by terminal id and PSAM id. */
+  closed: ClosedBatch[];
+  /** The PSAMs asked for whose batch was not closed, and why. */
+  notClosed: BatchNotClosed[];
+}
+
+/**
+ * Concentrator to terminal host: close these PSAMs' batches now (an
+ * operator's CloseBatches).
+ */
+export interface CloseBatchesCommand {
+  /** Echoed in the CloseBatchesReport; unique per stream. */
+  requestId: string;
+  /** The PSAMs whose batch to close; empty for every PSAM of the host. */
+  psamIds: PsamId[];
+}
+
+/** Terminal host to concentrator: what a CloseBatchesCommand closed. */
+export interface CloseBatchesReport {
+  /** The command's request_id. */
+  requestId: string;
+  /** The batches closed (terminal_id is the concentrator's to set). */
+  closed: ClosedBatch[];
+  /** The PSAMs whose batch was not closed, and why. */
+  notClosed: BatchNotClosed[];
+}
+
 /** Terminal host to concentrator. */
 export interface AttachTerminalRequest {
   /** One message. */
@@ -518,6 +652,9 @@ export interface AttachTerminalRequest {
     | //
     /** Keepalive answer. */
     { $case: "pong"; value: Pong }
+    | //
+    /** The answer to a CloseBatchesCommand. */
+    { $case: "closeBatchesReport"; value: CloseBatchesReport }
     | undefined;
 }
 
@@ -534,6 +671,9 @@ export interface AttachTerminalResponse {
     | //
     /** Keepalive probe. */
     { $case: "ping"; value: Ping }
+    | //
+    /** Close batches now; answer with a CloseBatchesReport. */
+    { $case: "closeBatches"; value: CloseBatchesCommand }
     | undefined;
 }
 
@@ -3083,6 +3223,650 @@ export const PoolUpdate: MessageFns<PoolUpdate> = {
   },
 };
 
+function createBaseCloseBatchesRequest(): CloseBatchesRequest {
+  return { terminalId: "", psamId: undefined };
+}
+
+export const CloseBatchesRequest: MessageFns<CloseBatchesRequest> = {
+  encode(message: CloseBatchesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.terminalId !== "") {
+      writer.uint32(10).string(message.terminalId);
+    }
+    if (message.psamId !== undefined) {
+      PsamId.encode(message.psamId, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseBatchesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseBatchesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.terminalId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.psamId = PsamId.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseBatchesRequest {
+    return {
+      terminalId: isSet(object.terminalId)
+        ? globalThis.String(object.terminalId)
+        : isSet(object.terminal_id)
+        ? globalThis.String(object.terminal_id)
+        : "",
+      psamId: isSet(object.psamId)
+        ? PsamId.fromJSON(object.psamId)
+        : isSet(object.psam_id)
+        ? PsamId.fromJSON(object.psam_id)
+        : undefined,
+    };
+  },
+
+  toJSON(message: CloseBatchesRequest): unknown {
+    const obj: any = {};
+    if (message.terminalId !== "") {
+      obj.terminalId = message.terminalId;
+    }
+    if (message.psamId !== undefined) {
+      obj.psamId = PsamId.toJSON(message.psamId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CloseBatchesRequest>): CloseBatchesRequest {
+    return CloseBatchesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CloseBatchesRequest>): CloseBatchesRequest {
+    const message = createBaseCloseBatchesRequest();
+    message.terminalId = object.terminalId ?? "";
+    message.psamId = (object.psamId !== undefined && object.psamId !== null)
+      ? PsamId.fromPartial(object.psamId)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseClosedBatch(): ClosedBatch {
+  return { terminalId: "", psamId: undefined, batchNumber: 0, count: 0, total: undefined };
+}
+
+export const ClosedBatch: MessageFns<ClosedBatch> = {
+  encode(message: ClosedBatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.terminalId !== "") {
+      writer.uint32(10).string(message.terminalId);
+    }
+    if (message.psamId !== undefined) {
+      PsamId.encode(message.psamId, writer.uint32(18).fork()).join();
+    }
+    if (message.batchNumber !== 0) {
+      writer.uint32(24).uint32(message.batchNumber);
+    }
+    if (message.count !== 0) {
+      writer.uint32(32).uint32(message.count);
+    }
+    if (message.total !== undefined) {
+      Money.encode(message.total, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ClosedBatch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseClosedBatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.terminalId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.psamId = PsamId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.batchNumber = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.count = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.total = Money.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ClosedBatch {
+    return {
+      terminalId: isSet(object.terminalId)
+        ? globalThis.String(object.terminalId)
+        : isSet(object.terminal_id)
+        ? globalThis.String(object.terminal_id)
+        : "",
+      psamId: isSet(object.psamId)
+        ? PsamId.fromJSON(object.psamId)
+        : isSet(object.psam_id)
+        ? PsamId.fromJSON(object.psam_id)
+        : undefined,
+      batchNumber: isSet(object.batchNumber)
+        ? globalThis.Number(object.batchNumber)
+        : isSet(object.batch_number)
+        ? globalThis.Number(object.batch_number)
+        : 0,
+      count: isSet(object.count) ? globalThis.Number(object.count) : 0,
+      total: isSet(object.total) ? Money.fromJSON(object.total) : undefined,
+    };
+  },
+
+  toJSON(message: ClosedBatch): unknown {
+    const obj: any = {};
+    if (message.terminalId !== "") {
+      obj.terminalId = message.terminalId;
+    }
+    if (message.psamId !== undefined) {
+      obj.psamId = PsamId.toJSON(message.psamId);
+    }
+    if (message.batchNumber !== 0) {
+      obj.batchNumber = Math.round(message.batchNumber);
+    }
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    if (message.total !== undefined) {
+      obj.total = Money.toJSON(message.total);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ClosedBatch>): ClosedBatch {
+    return ClosedBatch.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ClosedBatch>): ClosedBatch {
+    const message = createBaseClosedBatch();
+    message.terminalId = object.terminalId ?? "";
+    message.psamId = (object.psamId !== undefined && object.psamId !== null)
+      ? PsamId.fromPartial(object.psamId)
+      : undefined;
+    message.batchNumber = object.batchNumber ?? 0;
+    message.count = object.count ?? 0;
+    message.total = (object.total !== undefined && object.total !== null) ? Money.fromPartial(object.total) : undefined;
+    return message;
+  },
+};
+
+function createBaseBatchNotClosed(): BatchNotClosed {
+  return { terminalId: "", psamId: undefined, reason: 0 };
+}
+
+export const BatchNotClosed: MessageFns<BatchNotClosed> = {
+  encode(message: BatchNotClosed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.terminalId !== "") {
+      writer.uint32(10).string(message.terminalId);
+    }
+    if (message.psamId !== undefined) {
+      PsamId.encode(message.psamId, writer.uint32(18).fork()).join();
+    }
+    if (message.reason !== 0) {
+      writer.uint32(24).int32(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BatchNotClosed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBatchNotClosed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.terminalId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.psamId = PsamId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.reason = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BatchNotClosed {
+    return {
+      terminalId: isSet(object.terminalId)
+        ? globalThis.String(object.terminalId)
+        : isSet(object.terminal_id)
+        ? globalThis.String(object.terminal_id)
+        : "",
+      psamId: isSet(object.psamId)
+        ? PsamId.fromJSON(object.psamId)
+        : isSet(object.psam_id)
+        ? PsamId.fromJSON(object.psam_id)
+        : undefined,
+      reason: isSet(object.reason) ? batchNotClosedReasonFromJSON(object.reason) : 0,
+    };
+  },
+
+  toJSON(message: BatchNotClosed): unknown {
+    const obj: any = {};
+    if (message.terminalId !== "") {
+      obj.terminalId = message.terminalId;
+    }
+    if (message.psamId !== undefined) {
+      obj.psamId = PsamId.toJSON(message.psamId);
+    }
+    if (message.reason !== 0) {
+      obj.reason = batchNotClosedReasonToJSON(message.reason);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<BatchNotClosed>): BatchNotClosed {
+    return BatchNotClosed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<BatchNotClosed>): BatchNotClosed {
+    const message = createBaseBatchNotClosed();
+    message.terminalId = object.terminalId ?? "";
+    message.psamId = (object.psamId !== undefined && object.psamId !== null)
+      ? PsamId.fromPartial(object.psamId)
+      : undefined;
+    message.reason = object.reason ?? 0;
+    return message;
+  },
+};
+
+function createBaseCloseBatchesResponse(): CloseBatchesResponse {
+  return { closed: [], notClosed: [] };
+}
+
+export const CloseBatchesResponse: MessageFns<CloseBatchesResponse> = {
+  encode(message: CloseBatchesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.closed) {
+      ClosedBatch.encode(v!, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.notClosed) {
+      BatchNotClosed.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseBatchesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseBatchesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.closed.push(ClosedBatch.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.notClosed.push(BatchNotClosed.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseBatchesResponse {
+    return {
+      closed: globalThis.Array.isArray(object?.closed) ? object.closed.map((e: any) => ClosedBatch.fromJSON(e)) : [],
+      notClosed: globalThis.Array.isArray(object?.notClosed)
+        ? object.notClosed.map((e: any) => BatchNotClosed.fromJSON(e))
+        : globalThis.Array.isArray(object?.not_closed)
+        ? object.not_closed.map((e: any) => BatchNotClosed.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: CloseBatchesResponse): unknown {
+    const obj: any = {};
+    if (message.closed?.length) {
+      obj.closed = message.closed.map((e) => ClosedBatch.toJSON(e));
+    }
+    if (message.notClosed?.length) {
+      obj.notClosed = message.notClosed.map((e) => BatchNotClosed.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CloseBatchesResponse>): CloseBatchesResponse {
+    return CloseBatchesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CloseBatchesResponse>): CloseBatchesResponse {
+    const message = createBaseCloseBatchesResponse();
+    message.closed = object.closed?.map((e) => ClosedBatch.fromPartial(e)) || [];
+    message.notClosed = object.notClosed?.map((e) => BatchNotClosed.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCloseBatchesCommand(): CloseBatchesCommand {
+  return { requestId: "", psamIds: [] };
+}
+
+export const CloseBatchesCommand: MessageFns<CloseBatchesCommand> = {
+  encode(message: CloseBatchesCommand, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    for (const v of message.psamIds) {
+      PsamId.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseBatchesCommand {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseBatchesCommand();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.psamIds.push(PsamId.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseBatchesCommand {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      psamIds: globalThis.Array.isArray(object?.psamIds)
+        ? object.psamIds.map((e: any) => PsamId.fromJSON(e))
+        : globalThis.Array.isArray(object?.psam_ids)
+        ? object.psam_ids.map((e: any) => PsamId.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: CloseBatchesCommand): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.psamIds?.length) {
+      obj.psamIds = message.psamIds.map((e) => PsamId.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CloseBatchesCommand>): CloseBatchesCommand {
+    return CloseBatchesCommand.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CloseBatchesCommand>): CloseBatchesCommand {
+    const message = createBaseCloseBatchesCommand();
+    message.requestId = object.requestId ?? "";
+    message.psamIds = object.psamIds?.map((e) => PsamId.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCloseBatchesReport(): CloseBatchesReport {
+  return { requestId: "", closed: [], notClosed: [] };
+}
+
+export const CloseBatchesReport: MessageFns<CloseBatchesReport> = {
+  encode(message: CloseBatchesReport, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    for (const v of message.closed) {
+      ClosedBatch.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.notClosed) {
+      BatchNotClosed.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseBatchesReport {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseBatchesReport();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.closed.push(ClosedBatch.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.notClosed.push(BatchNotClosed.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseBatchesReport {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      closed: globalThis.Array.isArray(object?.closed) ? object.closed.map((e: any) => ClosedBatch.fromJSON(e)) : [],
+      notClosed: globalThis.Array.isArray(object?.notClosed)
+        ? object.notClosed.map((e: any) => BatchNotClosed.fromJSON(e))
+        : globalThis.Array.isArray(object?.not_closed)
+        ? object.not_closed.map((e: any) => BatchNotClosed.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: CloseBatchesReport): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.closed?.length) {
+      obj.closed = message.closed.map((e) => ClosedBatch.toJSON(e));
+    }
+    if (message.notClosed?.length) {
+      obj.notClosed = message.notClosed.map((e) => BatchNotClosed.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CloseBatchesReport>): CloseBatchesReport {
+    return CloseBatchesReport.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CloseBatchesReport>): CloseBatchesReport {
+    const message = createBaseCloseBatchesReport();
+    message.requestId = object.requestId ?? "";
+    message.closed = object.closed?.map((e) => ClosedBatch.fromPartial(e)) || [];
+    message.notClosed = object.notClosed?.map((e) => BatchNotClosed.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 function createBaseAttachTerminalRequest(): AttachTerminalRequest {
   return { message: undefined };
 }
@@ -3101,6 +3885,9 @@ export const AttachTerminalRequest: MessageFns<AttachTerminalRequest> = {
         break;
       case "pong":
         Pong.encode(message.message.value, writer.uint32(34).fork()).join();
+        break;
+      case "closeBatchesReport":
+        CloseBatchesReport.encode(message.message.value, writer.uint32(42).fork()).join();
         break;
     }
     return writer;
@@ -3151,6 +3938,17 @@ export const AttachTerminalRequest: MessageFns<AttachTerminalRequest> = {
             message.message = { $case: "pong", value: Pong.decode(reader, reader.uint32()) };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.message = {
+              $case: "closeBatchesReport",
+              value: CloseBatchesReport.decode(reader, reader.uint32()),
+            };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3175,6 +3973,10 @@ export const AttachTerminalRequest: MessageFns<AttachTerminalRequest> = {
         ? { $case: "result", value: PsamJobResult.fromJSON(object.result) }
         : isSet(object.pong)
         ? { $case: "pong", value: Pong.fromJSON(object.pong) }
+        : isSet(object.closeBatchesReport)
+        ? { $case: "closeBatchesReport", value: CloseBatchesReport.fromJSON(object.closeBatchesReport) }
+        : isSet(object.close_batches_report)
+        ? { $case: "closeBatchesReport", value: CloseBatchesReport.fromJSON(object.close_batches_report) }
         : undefined,
     };
   },
@@ -3189,6 +3991,8 @@ export const AttachTerminalRequest: MessageFns<AttachTerminalRequest> = {
       obj.result = PsamJobResult.toJSON(message.message.value);
     } else if (message.message?.$case === "pong") {
       obj.pong = Pong.toJSON(message.message.value);
+    } else if (message.message?.$case === "closeBatchesReport") {
+      obj.closeBatchesReport = CloseBatchesReport.toJSON(message.message.value);
     }
     return obj;
   },
@@ -3223,6 +4027,15 @@ export const AttachTerminalRequest: MessageFns<AttachTerminalRequest> = {
         }
         break;
       }
+      case "closeBatchesReport": {
+        if (object.message?.value !== undefined && object.message?.value !== null) {
+          message.message = {
+            $case: "closeBatchesReport",
+            value: CloseBatchesReport.fromPartial(object.message.value),
+          };
+        }
+        break;
+      }
     }
     return message;
   },
@@ -3243,6 +4056,9 @@ export const AttachTerminalResponse: MessageFns<AttachTerminalResponse> = {
         break;
       case "ping":
         Ping.encode(message.message.value, writer.uint32(26).fork()).join();
+        break;
+      case "closeBatches":
+        CloseBatchesCommand.encode(message.message.value, writer.uint32(34).fork()).join();
         break;
     }
     return writer;
@@ -3285,6 +4101,14 @@ export const AttachTerminalResponse: MessageFns<AttachTerminalResponse> = {
             message.message = { $case: "ping", value: Ping.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.message = { $case: "closeBatches", value: CloseBatchesCommand.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3305,6 +4129,10 @@ export const AttachTerminalResponse: MessageFns<AttachTerminalResponse> = {
         ? { $case: "job", value: PsamJob.fromJSON(object.job) }
         : isSet(object.ping)
         ? { $case: "ping", value: Ping.fromJSON(object.ping) }
+        : isSet(object.closeBatches)
+        ? { $case: "closeBatches", value: CloseBatchesCommand.fromJSON(object.closeBatches) }
+        : isSet(object.close_batches)
+        ? { $case: "closeBatches", value: CloseBatchesCommand.fromJSON(object.close_batches) }
         : undefined,
     };
   },
@@ -3317,6 +4145,8 @@ export const AttachTerminalResponse: MessageFns<AttachTerminalResponse> = {
       obj.job = PsamJob.toJSON(message.message.value);
     } else if (message.message?.$case === "ping") {
       obj.ping = Ping.toJSON(message.message.value);
+    } else if (message.message?.$case === "closeBatches") {
+      obj.closeBatches = CloseBatchesCommand.toJSON(message.message.value);
     }
     return obj;
   },
@@ -3342,6 +4172,12 @@ export const AttachTerminalResponse: MessageFns<AttachTerminalResponse> = {
       case "ping": {
         if (object.message?.value !== undefined && object.message?.value !== null) {
           message.message = { $case: "ping", value: Ping.fromPartial(object.message.value) };
+        }
+        break;
+      }
+      case "closeBatches": {
+        if (object.message?.value !== undefined && object.message?.value !== null) {
+          message.message = { $case: "closeBatches", value: CloseBatchesCommand.fromPartial(object.message.value) };
         }
         break;
       }
@@ -3972,6 +4808,30 @@ export const TerminalConcentratorServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * Closes PSAM batches now, for operators (`netpurse-operator
+     * close-batch`): those of every attached terminal host, of one, or one
+     * PSAM's. The concentrator sends a CloseBatchesCommand down each terminal
+     * host's stream and waits for its CloseBatchesReport (at most 5 s); each
+     * host closes the batch of each PSAM named (CLOSE BATCH, between jobs: a
+     * job in progress on the PSAM finishes first), keeps it in its outbox and
+     * sends it to clearing at once. An empty batch is not closed: the PSAM
+     * uses no batch number for it, so the numbers clearing sees stay without
+     * gaps. Closing twice closes nothing more the second time unless records
+     * came in between.
+     *
+     * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
+     * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
+     * (no attached terminal host of that id, or holding that PSAM).
+     */
+    closeBatches: {
+      name: "CloseBatches",
+      requestType: CloseBatchesRequest as typeof CloseBatchesRequest,
+      requestStream: false,
+      responseType: CloseBatchesResponse as typeof CloseBatchesResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -4008,6 +4868,26 @@ export interface TerminalConcentratorServiceImplementation<CallContextExt = {}> 
     request: ListTerminalsRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<ListTerminalsResponse>>;
+  /**
+   * Closes PSAM batches now, for operators (`netpurse-operator
+   * close-batch`): those of every attached terminal host, of one, or one
+   * PSAM's. The concentrator sends a CloseBatchesCommand down each terminal
+   * host's stream and waits for its CloseBatchesReport (at most 5 s); each
+   * host closes the batch of each PSAM named (CLOSE BATCH, between jobs: a
+   * job in progress on the PSAM finishes first), keeps it in its outbox and
+   * sends it to clearing at once. An empty batch is not closed: the PSAM
+   * uses no batch number for it, so the numbers clearing sees stay without
+   * gaps. Closing twice closes nothing more the second time unless records
+   * came in between.
+   *
+   * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
+   * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
+   * (no attached terminal host of that id, or holding that PSAM).
+   */
+  closeBatches(
+    request: CloseBatchesRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<CloseBatchesResponse>>;
 }
 
 export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
@@ -4043,6 +4923,26 @@ export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
     request: DeepPartial<ListTerminalsRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ListTerminalsResponse>;
+  /**
+   * Closes PSAM batches now, for operators (`netpurse-operator
+   * close-batch`): those of every attached terminal host, of one, or one
+   * PSAM's. The concentrator sends a CloseBatchesCommand down each terminal
+   * host's stream and waits for its CloseBatchesReport (at most 5 s); each
+   * host closes the batch of each PSAM named (CLOSE BATCH, between jobs: a
+   * job in progress on the PSAM finishes first), keeps it in its outbox and
+   * sends it to clearing at once. An empty batch is not closed: the PSAM
+   * uses no batch number for it, so the numbers clearing sees stay without
+   * gaps. Closing twice closes nothing more the second time unless records
+   * came in between.
+   *
+   * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
+   * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
+   * (no attached terminal host of that id, or holding that PSAM).
+   */
+  closeBatches(
+    request: DeepPartial<CloseBatchesRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<CloseBatchesResponse>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {
