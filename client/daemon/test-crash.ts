@@ -4,6 +4,8 @@
 // Off unless NETPURSE_TEST_DAEMON_DIE_AT names a step; never set it in
 // production.
 
+import { crashPoints } from "../../lib/crash-point.js";
+
 /** The environment variable naming the step (test only). */
 export const DIE_AT_ENV = "NETPURSE_TEST_DAEMON_DIE_AT";
 
@@ -30,12 +32,5 @@ export const DIE_STEPS = [
 
 export type DieStep = (typeof DIE_STEPS)[number];
 
-// Read once, at start: a test sets it only in the environment of the daemon process it launches.
-const dieAtStep = process.env[DIE_AT_ENV];
-// Said at start, so a variable left set by mistake outside a test is seen before it kills a daemon.
-if (dieAtStep !== undefined) process.stderr.write(`${DIE_AT_ENV}=${dieAtStep} is set: this client daemon kills itself at that step (test only)\n`);
-
 /** Kills this process at once (SIGKILL: no clean-up, as a crash or a power cut) when the test named this step. */
-export function dieAt(step: string): void {
-  if (dieAtStep !== undefined && dieAtStep === step) process.kill(process.pid, "SIGKILL");
-}
+export const dieAt: (step: string) => void = crashPoints(DIE_AT_ENV, "client daemon");

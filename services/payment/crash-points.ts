@@ -6,14 +6,11 @@
 // STEP is a step name of the purchase's events (GetPurchase lists them). Never
 // set it outside tests: the process kills itself with SIGKILL.
 
-const crashAt = process.env.NETPURSE_TEST_PAYMENT_CRASH_AT ?? "";
-// Said at start, so a variable left set by mistake outside a test is seen before it kills a server.
-if (crashAt !== "") process.stderr.write(`NETPURSE_TEST_PAYMENT_CRASH_AT=${crashAt} is set: this payment server kills itself there (test only)\n`);
+import { crashPoints } from "../../lib/crash-point.js";
+
+const check = crashPoints("NETPURSE_TEST_PAYMENT_CRASH_AT", "payment server");
 
 /** Dies here when the test asked for this point. */
 export function crashPoint(when: "before" | "after", step: string): void {
-  if (crashAt !== "" && crashAt === `${when}:${step}`) {
-    process.stderr.write(`NETPURSE_TEST_PAYMENT_CRASH_AT=${crashAt}: the payment server kills itself here (test only)\n`);
-    process.kill(process.pid, "SIGKILL");
-  }
+  check(`${when}:${step}`);
 }
