@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { dataDir } from "../../lib/config.js";
 import { runCommands, UsageError, int, str } from "../../lib/cli.js";
 import { formatMinor, parseMinor } from "../../lib/money.js";
-import { Issuer } from "./issuer.js";
+import { DEMO_ISSUER_ID, Issuer } from "./issuer.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 
 const dataOption = { data: { type: "string" } } as const;
@@ -184,6 +184,28 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
       try {
         await issuer.exportVerdictKey(out);
         console.log(`wrote the PSAM verdict master key for the payment server's security module: ${out}`);
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
+    name: "export-clearing-keys",
+    summary:
+      "Write clearing's security module keys: every purchase and load master key version (to check card\nsignatures and S3s) and the batch master key (to check PSAM batches). Clearing reads\nDATA/clearing/keys.json (mode 0600). The keys are never printed.",
+    usage: `--out FILE [--issuer-id ID (default ${DEMO_ISSUER_ID})] [--data DIR]`,
+    options: { ...dataOption, out: { type: "string" }, "issuer-id": { type: "string" } },
+    async run(v) {
+      if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const k = await issuer.exportClearingKeys(v.out, str(v["issuer-id"], DEMO_ISSUER_ID));
+        console.log(
+          `wrote clearing's keys for issuer ${k.issuerId} (purchase key versions ${Object.keys(k.purchaseKeys).join(", ")}, load key versions ${Object.keys(k.loadKeys).join(", ")}, batch master): ${v.out}`,
+        );
+      } catch (e) {
+        if (e instanceof RangeError) throw new UsageError(e.message);
+        throw e;
       } finally {
         await issuer.close();
       }

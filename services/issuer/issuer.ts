@@ -15,6 +15,10 @@ import { SoftwareCard, type CardFile } from "../../client/card/software-card.js"
 import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
 import { SoftwareHsm, type HsmFile } from "../load/hsm.js";
 import type { VerdictKeyFile } from "../payment/security-module.js";
+import type { ClearingKeysFile } from "../clearing/security-module.js";
+
+/** The issuer id clearing books the demo installation's float under. */
+export const DEMO_ISSUER_ID = "demo-issuer";
 
 /** The issuer's (and, for the demo, the acquirer's) master keys. */
 export interface IssuerKeys {
@@ -281,6 +285,20 @@ export class Issuer {
     await writeJsonAtomic(path, file, { private: true });
   }
 
+  /**
+   * Writes clearing's security module keys (mode 0600): every purchase and
+   * load master key version, to check card signatures and S3s, and the batch
+   * master key, to check the PSAMs' batch MACs. Clearing reads them from
+   * DATA/clearing/keys.json. Rewriting it after a new key version is safe.
+   */
+  async exportClearingKeys(path: string, issuerId = DEMO_ISSUER_ID): Promise<ClearingKeysFile> {
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(issuerId)) throw new RangeError("issuer id must be 1..64 characters of [A-Za-z0-9._-]");
+    const versions = (purpose: KeyPurpose) => Object.fromEntries(this.keyVersions(purpose).map((v) => [String(v), this.masterKey(purpose, v).toString("hex")]));
+    const file: ClearingKeysFile = { format: 1, issuerId, purchaseKeys: versions("purchase"), loadKeys: versions("load"), batchMaster: this.keys.batchMaster };
+    await writeJsonAtomic(path, file, { private: true });
+    return file;
+  }
+
   /** A PSAM's batch key: the acquirer's batch master key diversified by the PSAM id. */
   psamBatchKey(psamId: string): Buffer {
     return diversifyPsamKey(Buffer.from(this.keys.batchMaster, "hex"), Buffer.from(psamId, "hex"));
@@ -289,6 +307,21 @@ export class Issuer {
   /** A PSAM's verdict key: the verdict master key diversified by the PSAM id, exactly like its batch key. */
   psamVerdictKey(psamId: string): Buffer {
     return diversifyPsamKey(Buffer.from(this.keys.verdictMaster, "hex"), Buffer.from(psamId, "hex"));
+  }
+
+  /**
+   * What the issuer put on a card at personalisation (its issuer credits),
+   * in the card's currency: the opening value the audit adds to the card's
+   * loads. Undefined for a card this issuer never personalised.
+   */
+  async openingValue(purseId: string): Promise<{ amountMinor: number; currency: number; exponent: number } | undefined> {
+    const row = await this.db.get<{ currency: number; exponent: number; credited: number }>(
+      `SELECT c.currency, c.exponent, COALESCE(SUM(k.amount_minor), 0) AS credited
+         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id
+        WHERE c.purse_id = ? GROUP BY c.purse_id`,
+      [purseId],
+    );
+    return row ? { amountMinor: row.credited, currency: row.currency, exponent: row.exponent } : undefined;
   }
 
   async listCards(): Promise<{ purse_id: string; currency: number; expiry: string; key_version: number; credited: number }[]> {

@@ -22,6 +22,7 @@ export const SCRIPTS = {
   clientDaemon: "client/daemon/main.ts",
   load: "services/load/main.ts",
   bank: "services/bank/main.ts",
+  clearing: "services/clearing/main.ts",
 } as const;
 
 export interface Started {
@@ -180,7 +181,7 @@ export async function launchNetwork(
     /** Merchant ids, each with its address (default: a free port). */
     merchants: { id: string; listen?: string }[];
     /** Where each listens (default: a free loopback port). The client daemon serves its Unix socket (DATA/client/run/daemon.sock) and, only if given here, loopback TCP with its token. */
-    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon" | "bank" | "load", string>>;
+    listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon" | "bank" | "load" | "clearing", string>>;
     cardPath: string;
     paymentArgs?: string[];
     /** The payment server address merchants name in their offers (default: the payment server's own), e.g. a proxy in front of it. */
@@ -193,8 +194,13 @@ export async function launchNetwork(
   const data = ["--data", p.data, ...(p.insecure ? ["--insecure"] : [])];
   const addresses: Record<string, string> = {};
   addresses.concentrator = (await l.start("concentrator", SCRIPTS.concentrator, ["--listen", at("concentrator"), ...data])).address;
+  // Clearing before those who send to it: terminal hosts submit their closed batches, the load server its settled loads.
+  const clearing = (await l.start("clearing", SCRIPTS.clearing, ["--listen", at("clearing"), ...data])).address;
+  addresses.clearing = clearing;
   await Promise.all(
-    p.terminals.map((t) => l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, ...data, ...(t.args ?? [])])),
+    p.terminals.map((t) =>
+      l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, "--clearing", clearing, ...data, ...(t.args ?? [])]),
+    ),
   );
   const payment = await l.start("payment", SCRIPTS.payment, [
     "--listen",
@@ -229,7 +235,7 @@ export async function launchNetwork(
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
-  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), ...data])).address;
+  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), "--clearing", clearing, ...data])).address;
   addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
   const daemonTcp = p.listen?.clientDaemon ? ["--listen-tcp", p.listen.clientDaemon] : [];
   // The daemon's address is its socket, unix:PATH.

@@ -2,7 +2,8 @@
 // the main job sets up on first run: issuer keys, PSAMs for a terminal host,
 // the payment server's key to check the PSAMs' verdicts, one registered demo
 // shop per confirmation mode, the load server's security module, a demo bank
-// with an account and its holder's password, and a personalised card.
+// with an account and its holder's password, clearing's keys and merchant
+// registry, and a personalised card.
 
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -12,7 +13,8 @@ import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
 import { writeFileAtomic, writeJsonAtomic } from "../../lib/files.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
-import { registerBank, registerMerchant } from "../operator/operator.js";
+import { addMerchantToClearing, clearingMerchantsPath, registerBank, registerMerchant } from "../operator/operator.js";
+import { readClearingMerchants } from "../clearing/merchants.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
 import { hashPassword } from "../bank/credentials.js";
@@ -30,6 +32,7 @@ export function paths(data: string) {
     client: join(data, "client"),
     bank: join(data, "bank"),
     load: join(data, "load"),
+    clearing: join(data, "clearing"),
   };
 }
 
@@ -108,15 +111,30 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
       await issuer.exportVerdictKey(verdictKey);
       say("issuer: gave the payment server's security module the verdict master key, to check the PSAMs' verdicts");
     }
+    const clearingKeys = join(p.clearing, "keys.json");
+    if (!existsSync(clearingKeys)) {
+      await issuer.exportClearingKeys(clearingKeys);
+      say("issuer: gave clearing's security module the purchase, load and batch master keys, to check what it pays");
+    }
+    const inClearing = await readClearingMerchants(clearingMerchantsPath(p.clearing));
     for (const shop of demo.shops) {
       const shopFile = join(p.merchant(shop.merchantId), "shop.json");
-      if (existsSync(shopFile)) continue;
+      const clearing = { dir: p.clearing, currency: shop.currency, exponent: shop.exponent };
+      if (existsSync(shopFile)) {
+        // A shop registered before clearing existed is entered in clearing's registry (its keys stay as they are).
+        if (!inClearing.has(shop.merchantId)) {
+          await addMerchantToClearing(p.clearing, { merchantId: shop.merchantId, name: shop.name, ...clearing });
+          say(`operator: entered merchant ${shop.merchantId} in clearing's registry`);
+        }
+        continue;
+      }
       await registerMerchant({
         paymentDir: p.payment,
         validationDir: p.validation,
         merchantId: shop.merchantId,
         name: shop.name,
         mode: confirmationModeFromJSON(shop.confirmationMode),
+        clearing,
       });
       await writeJsonAtomic(shopFile, shop);
       say(`operator: registered merchant ${shop.merchantId} (${shop.confirmationMode.replace("CONFIRMATION_MODE_", "")}) with a fresh shared key`);

@@ -2,8 +2,9 @@
 // data on first run (issuer keys, PSAMs, merchants, the load server's
 // security module, a bank account, a card), starts every part as its own
 // process on loopback, loads the card from the bank and makes a demo
-// purchase in each mode printing each step, and keeps the network up for the
-// CLI and grpcurl until Ctrl-C.
+// purchase in each mode printing each step, then closes the PSAMs' batches,
+// waits for clearing to post them, prints the day's settlement and runs the
+// audit, and keeps the network up for the CLI and grpcurl until Ctrl-C.
 
 import { parseArgs } from "node:util";
 import { join } from "node:path";
@@ -14,10 +15,15 @@ import { describeError } from "../../lib/cli.js";
 import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
-import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR } from "./layout.js";
+import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR, paths } from "./layout.js";
 import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.js";
 import { launchNetwork, Launcher, type Death } from "./launcher.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
+import { ClearingServiceDefinition, type Settlement } from "../../gen/netpurse/clearing/v1/clearing.js";
+import { audit, cardFilesIn, count, readCardsAtHand, settlementReport, type ClearingClient } from "../operator/clearing-report.js";
+import { hexOf } from "../../lib/ids.js";
+import type { Client } from "nice-grpc";
+import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 
 const { values } = parseArgs({
   options: {
@@ -35,13 +41,15 @@ if (values.help) {
 Starts the whole netpurse network on this machine (loopback only), loads the
 demo card from the demo bank account (logging in with the account's password,
 made and printed on the first run and kept in DATA/bank/demo-password, mode
-0600), makes a demo purchase with it in each confirmation mode, and keeps
-running until Ctrl-C.
+0600), makes a demo purchase with it in each confirmation mode, closes the
+PSAMs' batches, waits until clearing has posted them, prints the day's
+settlement and runs the audit (with --once, exit status 1 if it fails), and keeps running
+until Ctrl-C.
 
 Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
   --product ID      demo product to buy (default ${DEMO_SHOPS[0]!.shop.products[0]!.productId})
-  --once            stop after the demo purchases
+  --once            stop after the demo purchases, the settlement and the audit
   --insecure        plaintext and no authentication on every link, for debugging only
                     (by default every link is TLS, mutual inside the operator's network)
   -v, --verbose     print every service's log lines
@@ -58,6 +66,8 @@ killed.`);
 // The data folder holds keys, cards, journals and logs: nothing in it is made readable by other users.
 process.umask(0o077);
 const data = dataDir(values.data);
+/** How long the main job waits for clearing to post the demo's purchases and load. */
+const CLEARING_WAIT_MS = 20_000;
 /** What the main job loads onto the demo card before its purchases: EUR 20.00. */
 const DEMO_LOAD_MINOR = 2_000;
 const say = (s: string) => console.log(s);
@@ -112,6 +122,7 @@ try {
       merchantValidation: defaultAddress("merchantValidation"),
       bank: defaultAddress("bank"),
       load: defaultAddress("load"),
+      clearing: defaultAddress("clearing"),
     },
   });
   for (const [name, address] of Object.entries(addresses)) say(`  ${name.padEnd(22)} ${address}`);
@@ -136,6 +147,11 @@ try {
   }
 
   const cardholder = factory.create(CardholderServiceDefinition, openChannel(addresses.clientDaemon!, { insecure: true })); // the daemon's Unix socket
+  const clearing = factory.create(ClearingServiceDefinition, openChannel(addresses.clearing!, operator.channel({ kind: "clearing" })));
+  // What clearing had posted before this run's demo (an earlier run's, the same day): the demo waits for its own on top.
+  const clearedBefore = (await clearing.getSettlement({ day: "" }, { deadline: CLI_DEADLINE_MS })).settlement!;
+  let purchasesMade = 0;
+  let loadsMade = 0;
 
   // The card is loaded from the demo bank account first (FIG. 18), as a cardholder would top it up.
   const before = (await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS })).purse!;
@@ -163,6 +179,7 @@ try {
     );
     for (const s of loaded.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
     say(`  card balance now ${formatMoney(loaded.purse!.balance!)}`);
+    loadsMade++;
   }
   for (const { shop } of DEMO_SHOPS) {
     const mode = shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
@@ -174,6 +191,21 @@ try {
     const paid = await cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
     for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
     say(`  card balance now ${formatMoney(paid.purse!.balance!)}`);
+    purchasesMade++;
+  }
+
+  // Clearing (FIG. 2 and 3): the PSAMs' batches go to clearing, which checks and posts each record; then the day's figures and the audit.
+  say("\nclearing: closing every PSAM's batch");
+  const settlement = await clearDemo(concentrator, clearing, clearedBefore, { purchases: purchasesMade, loads: loadsMade });
+  say(indent(settlementReport(settlement)));
+  say("\naudit of clearing's ledger, with the cards in " + paths(data).cards);
+  const cards = await readCardsAtHand(await cardFilesIn(paths(data).cards), paths(data).issuer);
+  const audited = await audit(clearing, cards, CLI_DEADLINE_MS);
+  say(indent(audited.report));
+  if (!audited.ok) {
+    console.error("\nnetpurse: the audit failed: clearing's ledger does not add up (the FAILED checks above say where)");
+    // The main job's check fails; a network kept running stays up, so the operator can look with 'netpurse-operator audit' and 'quarantined'.
+    if (values.once) await shutdown(1);
   }
 
   if (values.once) await shutdown(0);
@@ -190,9 +222,59 @@ The network is running. Try, in another terminal:
                                      the same in another confirmation mode (7410 PSAM verifies,
                                      7412 server compares, 7413 client compares, 7414 merchant compares)
   bin/netpurse-operator terminals    the terminal pool
+  bin/netpurse-operator settlement   the day's positions and payouts (--csv FILE, --close)
+  bin/netpurse-operator audit        check clearing's ledger and the card's balance
   grpcurl -cacert ${join(pkiDirOf(data), "ca.crt")} ${defaultAddress("payment")} list
 Press Ctrl-C to stop.`);
 } catch (e) {
   console.error(`\nnetpurse: ${describeError(e)}`);
   await shutdown(1);
+}
+
+function indent(text: string): string {
+  return text
+    .split("\n")
+    .map((l) => (l ? `  ${l}` : l))
+    .join("\n");
+}
+
+/**
+ * Closes every PSAM's batch (the terminal hosts send each to clearing at
+ * once) and waits until clearing has posted this run's purchases and loads
+ * on top of what it held before. A card's proof that reaches its PSAM after
+ * the close (the modes of FIG. 7 and 8 report it afterwards) lands in a new
+ * batch: closing again while waiting sends that one too.
+ */
+async function clearDemo(
+  concentrator: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>,
+  clearing: ClearingClient,
+  before: Settlement,
+  made: { purchases: number; loads: number },
+): Promise<Settlement> {
+  const deadline = Date.now() + CLEARING_WAIT_MS;
+  let closed = 0;
+  for (let attempt = 0; ; attempt++) {
+    // A proof reported after the goods (FIG. 7 and 8) may reach its PSAM just after a close: close again soon.
+    if (attempt % 3 === 0) {
+      const r = await concentrator.closeBatches({}, { deadline: CLI_DEADLINE_MS });
+      for (const b of r.closed) say(`  closed batch ${b.batchNumber} of PSAM ${hexOf(b.psamId?.value)} on ${b.terminalId}: ${count(b.count, "record")}`);
+      closed += r.closed.length;
+    }
+    const now = (await clearing.getSettlement({ day: "" }, { deadline: CLI_DEADLINE_MS })).settlement!;
+    // Past midnight (UTC) the open day is a new one: what was posted to the day before counts too.
+    const earlier = now.day === before.day ? undefined : (await clearing.getSettlement({ day: before.day }, { deadline: CLI_DEADLINE_MS })).settlement!;
+    const purchases = now.purchases + (earlier?.purchases ?? 0) - before.purchases;
+    const loads = now.loads + (earlier?.loads ?? 0) - before.loads;
+    if (purchases >= made.purchases && loads >= made.loads) {
+      say(`  clearing posted ${count(purchases, "purchase")} and ${count(loads, "load")} (${count(closed, "batch", "batches")} closed now)`);
+      return now;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(
+        `clearing posted ${purchases} of the ${made.purchases} demo purchases and ${loads} of the ${made.loads} loads within ${CLEARING_WAIT_MS / 1000} s; ` +
+          `see 'bin/netpurse-operator quarantined' and the logs of clearing, the terminal host and the load server in ${join(data, "logs")}`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

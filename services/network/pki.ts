@@ -9,6 +9,9 @@ import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf } from "../../lib/pki/security.js";
 
+/** The demo clearing service's identity. */
+export const CLEARING_ID = "clearing-1";
+
 /** Who the demo network's parts are. */
 export function demoIdentities(p: { terminals: { id: string }[]; merchants: string[]; bankId: string }): { kind: Kind; id: string }[] {
   return [
@@ -19,6 +22,7 @@ export function demoIdentities(p: { terminals: { id: string }[]; merchants: stri
     ...p.merchants.map((id) => ({ kind: "merchant" as const, id })),
     { kind: "bank", id: p.bankId },
     { kind: "load", id: "load-1" },
+    { kind: "clearing", id: CLEARING_ID },
     { kind: "operator", id: "operator" },
   ];
 }

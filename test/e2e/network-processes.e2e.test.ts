@@ -121,7 +121,7 @@ describe("end to end: npm start and its processes", function () {
     await waitFor(() => net.output().includes("still running:"), 10_000, "npm start to report the death");
     expect(net.output()).to.contain(`netpurse: payment died (killed by SIGKILL); the last lines of its log (${join(data, "logs", "payment.log")}):`);
     expect(net.output()).to.match(/\n {2}\| .*netpurse-payment listening on 127\.0\.0\.1:7420/);
-    expect(net.output()).to.match(/still running: concentrator, terminal-1, merchant-validation, .*client-daemon/);
+    expect(net.output()).to.match(/still running: concentrator, clearing, terminal-1, merchant-validation, .*client-daemon/);
     expect(net.main.exitCode).to.equal(null);
 
     // The rest, one way and another: once none is left, npm start stops with a failure.
@@ -137,10 +137,10 @@ describe("end to end: npm start and its processes", function () {
   it("takes every service with it when killed with SIGKILL: their processes end and their ports are free within seconds", async () => {
     const net = await npmStart();
     const ports = [...net.output().matchAll(/^ {2}\S+ +127\.0\.0\.1:(\d+)$/gm)].map((m) => Number(m[1]));
-    expect(ports).to.include.members([7410, 7411, 7412, 7413, 7414, 7420, 7430, 7440, 7450]);
+    expect(ports).to.include.members([7410, 7411, 7412, 7413, 7414, 7420, 7430, 7440, 7450, 7460]);
     const socket = join(data, "client", "run", "daemon.sock");
     expect(existsSync(socket)).to.equal(true);
-    expect(net.services).to.have.length(11);
+    expect(net.services).to.have.length(12);
 
     net.main.kill("SIGKILL");
     await net.exited;

@@ -158,7 +158,7 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect(down.stderr).to.contain("UNAVAILABLE");
     expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor);
     expect((await statement()).stdout).to.contain("on hold for loads not yet confirmed");
-    await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir]);
+    await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir, "--clearing", net.addresses.clearing!]);
     const sync = await netpurse("card", "sync");
     // The daemon's own periodic recovery may have finished it first; either way the money below must agree.
     expect(sync.stdout).to.match(/loaded +posted|no pending loads/);

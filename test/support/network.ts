@@ -12,13 +12,15 @@ import { startConcentrator } from "../../services/concentrator/server.js";
 import { startMerchantValidation } from "../../services/merchant-validation/server.js";
 import { startMerchant } from "../../services/merchant/server.js";
 import { DEMO_BANK, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
-import { psamRegistryPath } from "../../services/network/pki.js";
+import { CLEARING_ID, psamRegistryPath } from "../../services/network/pki.js";
 import { startPaymentServer } from "../../services/payment/server.js";
 import { startTerminalHost } from "../../services/terminal/server.js";
 import { startBankServer } from "../../services/bank/server.js";
 import { startLoadServer } from "../../services/load/server.js";
 import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { ClearingServiceDefinition } from "../../gen/netpurse/clearing/v1/clearing.js";
+import { startClearing } from "../../services/clearing/server.js";
 import { tempDir } from "./fixtures.js";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -57,12 +59,23 @@ export async function startNetwork(o: NetworkOptions = {}) {
     listen: "127.0.0.1:0",
     keepaliveIntervalMs: o.keepaliveIntervalMs ?? 1_000,
   });
+  // Clearing before those who send to it: terminal hosts their closed batches, the load server its settled loads.
+  const clearingStarted = await startClearing({
+    security: await security.of("clearing", CLEARING_ID),
+    listen: "127.0.0.1:0",
+    dir: p.clearing,
+    psamRegistry: psamRegistryPath(data),
+  });
+  // Tests may stop clearing themselves (an outage): closing it again at the end does nothing.
+  let clearingClosed: Promise<void> | undefined;
+  const clearingServer = { ...clearingStarted, close: () => (clearingClosed ??= clearingStarted.close()) };
   const hosts = new Map<string, Awaited<ReturnType<typeof startTerminalHost>>>();
   const startHost = async (t: { id: string; answerDelayMs?: number }) => {
     const h = await startTerminalHost({
       security: await security.of("terminal", t.id),
       terminalId: t.id,
       concentrator: concentrator.address,
+      clearingAddress: clearingServer.address,
       dir: p.terminal(t.id),
       ...(t.answerDelayMs ? { answerDelayMs: t.answerDelayMs } : {}),
     });
@@ -104,7 +117,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     ),
   );
   const merchant = shops[0]!;
-  const load = await startLoadServer({ security: await security.of("load", "load-1"), listen: "127.0.0.1:0", dir: p.load });
+  const load = await startLoadServer({ security: await security.of("load", "load-1"), listen: "127.0.0.1:0", dir: p.load, clearing: clearingServer.address });
   const bank = await startBankServer({
     security: await security.of("bank", DEMO_BANK.bankId),
     listen: "127.0.0.1:0",
@@ -127,8 +140,11 @@ export async function startNetwork(o: NetworkOptions = {}) {
     openChannel(daemon.address, { insecure: true }),
     openChannel(bank.address, security.cardholder.channel({ kind: "bank" })),
     openChannel(load.address, security.cardholder.channel({ kind: "load" })),
+    openChannel(clearingServer.address, operator.channel({ kind: "clearing" })),
   ];
-  const [pc, mc, vc, cc, dc, bc, lc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
+  const [pc, mc, vc, cc, dc, bc, lc, clc] = channels as [ReturnType<typeof openChannel>, ...ReturnType<typeof openChannel>[]];
+  /** Clearing as the operator calls it: settlement, statements, batches, the audit. */
+  const clearing = factory.create(ClearingServiceDefinition, clc!);
   const shopChannels = shops.map((s) => openChannel(s.address, security.cardholder.channel({ kind: "merchant" })));
   // The load server as the operator sees it: the whole record of any load (GetLoad), where the public sees its state only.
   const loadAsOperator = openChannel(load.address, operator.channel({ kind: "load" }));
@@ -154,6 +170,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     daemon,
     bank,
     load,
+    clearingServer,
+    clearing,
     clients: {
       bank: factory.create(BankServiceDefinition, bc!),
       load: factory.create(LoadServiceDefinition, lc!),
@@ -192,6 +210,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
       await validation.close();
       await payment.close();
       for (const h of hosts.values()) await h.close();
+      await clearingServer.close();
       await concentrator.close();
       await cleanup();
     },

@@ -65,7 +65,7 @@ export async function launchE2E(o: E2EOptions) {
     clients: c,
     attached,
     startTerminal: (id: string, args: string[] = []) =>
-      launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--data", dir, ...args]),
+      launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--clearing", addresses.clearing!, "--data", dir, ...args]),
     /** Starts the payment server again, with `env` for it alone (a test-only kill point, say). */
     async restartPayment(args: string[] = [], env: NodeJS.ProcessEnv = {}) {
       const started = await launcher.start(
