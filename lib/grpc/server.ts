@@ -20,7 +20,7 @@ import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-serv
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { randomUUID } from "node:crypto";
 import { chmodSync, lstatSync, unlinkSync } from "node:fs";
-import { connect, createServer as createTcpServer, type Server as TcpServer } from "node:net";
+import { connect, createServer as createTcpServer, type Server as TcpServer, type Socket } from "node:net";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import type { Logger } from "../log.js";
 import { identityFromSubjectAltName, parseSpiffeId, spiffeId, type Identity, type Kind } from "../pki/identity.js";
@@ -291,6 +291,8 @@ export async function startGrpcServer(p: {
     : grpc.ServerCredentials.createInsecure();
   const injector = server.createConnectionInjector(credentials);
   const perSource = new Map<string, number>();
+  // Every accepted socket, so that shutdown can end one still in its TLS handshake, whose HTTP/2 session grpc-js does not know of yet.
+  const sockets = new Set<Socket>();
   let dropped = 0;
   let droppedPerSource = 0;
   const tcp = createTcpServer({ noDelay: true }, (socket) => {
@@ -302,7 +304,9 @@ export async function startGrpcServer(p: {
       return;
     }
     perSource.set(source, n + 1);
+    sockets.add(socket);
     socket.once("close", () => {
+      sockets.delete(socket);
       const left = (perSource.get(source) ?? 1) - 1;
       if (left > 0) perSource.set(source, left);
       else perSource.delete(source);
@@ -359,6 +363,7 @@ export async function startGrpcServer(p: {
       await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
       clearTimeout(timer);
       injector.destroy();
+      for (const s of sockets) s.destroy();
       credentials.stop?.();
     },
   };

@@ -89,7 +89,13 @@ describe("invariant: bank debits, card credits and purchases agree after random 
     if (which === "load") {
       const address = net.load.address;
       await net.load.close();
-      net.load = await startLoadServer({ security: await net.security.of("load", "load-1"), listen: address, dir: net.paths.load });
+      // It reports its settled loads to the network's clearing, not to the default address.
+      net.load = await startLoadServer({
+        security: await net.security.of("load", "load-1"),
+        listen: address,
+        dir: net.paths.load,
+        clearing: net.clearingServer.address,
+      });
     } else {
       const address = net.bank.address;
       await net.bank.close();
