@@ -10,7 +10,7 @@
 import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson } from "../../lib/files.js";
-import { loadS3, type Load, type LoadAnswer, type LoadInit } from "../../lib/protocol/load.js";
+import { loadS1, loadS3, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac, diversifyPsamKey, type PsamBatchRecord } from "../../lib/protocol/psam.js";
 import { cardSignature, DebitResult } from "../../lib/protocol/purse.js";
 
@@ -47,6 +47,8 @@ export interface ClearingSecurityModule {
   verifyRecordMac(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): boolean;
   /** Whether the record's card signature is the card's own DEBITED answer for this debit. */
   verifyCardSignature(psamId: Buffer, r: PsamBatchRecord): CardProof;
+  /** Whether a load's S1 is the card's own signature over the load it was asked for (bank, amount, transaction) and its state. */
+  verifyLoadS1(authorised: LoadInitCommand, init: LoadInit): boolean;
   /** Whether a load's S3 is the card's own LOADED answer to this LOAD command. */
   verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean;
 }
@@ -107,6 +109,13 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
     const debit = { amount: r.amount, currency: r.currency, psamId, psamCounter: r.psamCounter, dateTime: r.dateTime, transactionRef: r.transactionRef };
     const answer = { result: DebitResult.DEBITED, counter: r.cardCounter, balance: r.balanceAfter };
     return macEqual(cardSignature(sk, session, debit, answer), r.cardSignature) ? "OK" : "BAD_CARD_SIGNATURE";
+  }
+
+  verifyLoadS1(authorised: LoadInitCommand, init: LoadInit): boolean {
+    const master = this.master(this.keys.loadKeys, init.keyVersion);
+    if (!master) return false;
+    const { s1, ...response } = init;
+    return macEqual(loadS1(diversifyCardKey(master, init.purseId), authorised, response), s1);
   }
 
   verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean {

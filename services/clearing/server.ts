@@ -6,7 +6,7 @@ import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { WatchedPsamRegistry } from "../concentrator/psam-registry.js";
-import { Clearing } from "./clearing.js";
+import { Clearing, type SubmissionLimits } from "./clearing.js";
 import { readClearingMerchants, type ClearingMerchant } from "./merchants.js";
 import { SoftwareClearingModule } from "./security-module.js";
 import { CLEARING_MIGRATIONS, ClearingStore } from "./store.js";
@@ -20,6 +20,8 @@ export interface ClearingConfig {
   /** The issuer's PSAM registry (which terminal holds which PSAM); required unless the network runs --insecure. */
   psamRegistry?: string;
   clock?: () => Date;
+  /** Overrides of how many batch submissions may be open at once and how long one may take (tests). */
+  submissionLimits?: Partial<SubmissionLimits>;
 }
 
 /** Starts the clearing service in this process. */
@@ -43,7 +45,15 @@ export async function startClearing(c: ClearingConfig) {
   });
   const db = openSqlite(join(c.dir, "clearing.db"), CLEARING_MIGRATIONS);
   const store = new ClearingStore(db);
-  const clearing = new Clearing({ store, module, merchants: () => merchants, psamRegistry: registry, log, clock: c.clock ?? (() => new Date()) });
+  const clearing = new Clearing({
+    store,
+    module,
+    merchants: () => merchants,
+    psamRegistry: registry,
+    log,
+    clock: c.clock ?? (() => new Date()),
+    ...(c.submissionLimits ? { submissionLimits: c.submissionLimits } : {}),
+  });
   const server = await startGrpcServer({
     address: c.listen ?? defaultAddress("clearing"),
     // Peers of the operator's network only; each RPC names the kinds it serves, and the handlers check ids (a terminal's own PSAMs, a merchant's own statement).

@@ -1,7 +1,9 @@
 // Clearing's database: the batches it accepted or rejected, what it
-// quarantined, and a double-entry ledger. Every posting is one transaction
-// id (a purchase or a load), posted once, whose entries sum to zero in its
-// currency. Entries are signed minor units: positive a debit, negative a
+// quarantined, and a double-entry ledger. Every posting is one purchase or
+// one load, keyed by its kind and transaction id and posted once, whose
+// entries sum to zero in its currency. Purchases and loads have ids of their
+// own making (the merchant's, the cardholder's client's): one kind's id never
+// blocks the other's. Entries are signed minor units: positive a debit, negative a
 // credit. Accounts:
 //   issuer:<id>:float         the value outstanding on the issuer's cards (credit balance)
 //   merchant:<id>:payable     what the merchant is owed through its acquirer (credit balance)
@@ -30,7 +32,7 @@ export const CLEARING_MIGRATIONS = [
      settlement_day TEXT NOT NULL,
      received_at TEXT NOT NULL,
      resubmissions INTEGER NOT NULL DEFAULT 0,
-     PRIMARY KEY (psam_id, batch_number)
+     PRIMARY KEY (psam_id, batch_number, batch_mac)
    );
    CREATE TABLE quarantine (
      id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,23 +51,24 @@ export const CLEARING_MIGRATIONS = [
    CREATE UNIQUE INDEX quarantine_once ON quarantine (kind, digest);
    CREATE TABLE postings (
      seq INTEGER PRIMARY KEY AUTOINCREMENT,
-     transaction_id TEXT NOT NULL UNIQUE,
      kind TEXT NOT NULL CHECK (kind IN ('purchase', 'load')),
+     transaction_id TEXT NOT NULL,
      settlement_day TEXT NOT NULL,
-     posted_at TEXT NOT NULL
+     posted_at TEXT NOT NULL,
+     UNIQUE (kind, transaction_id)
    );
    CREATE TABLE ledger_entries (
      id INTEGER PRIMARY KEY AUTOINCREMENT,
-     transaction_id TEXT NOT NULL REFERENCES postings (transaction_id),
+     posting_seq INTEGER NOT NULL REFERENCES postings (seq),
      account TEXT NOT NULL,
      amount_minor INTEGER NOT NULL,
      currency INTEGER NOT NULL,
      settlement_day TEXT NOT NULL
    );
-   CREATE INDEX ledger_txn ON ledger_entries (transaction_id);
+   CREATE INDEX ledger_posting ON ledger_entries (posting_seq);
    CREATE INDEX ledger_day ON ledger_entries (settlement_day, account);
    CREATE TABLE purchases (
-     transaction_id TEXT PRIMARY KEY REFERENCES postings (transaction_id),
+     transaction_id TEXT PRIMARY KEY,
      psam_id TEXT NOT NULL,
      psam_counter INTEGER NOT NULL,
      batch_number INTEGER NOT NULL,
@@ -204,21 +207,39 @@ export class ClearingStore {
     await this.db.run("INSERT INTO settlement_days (day, closed_at) VALUES (?, ?) ON CONFLICT (day) DO NOTHING", [day, now.toISOString()]);
   }
 
+  /** The batch of that number clearing accepted first (another, under the same number, means the PSAM's batch key is not the PSAM's alone). */
   batch(psamId: string, batchNumber: number, q: Queryable = this.db): Promise<BatchRow | undefined> {
-    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ?", [psamId, batchNumber]);
+    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ? ORDER BY received_at, rowid LIMIT 1", [psamId, batchNumber]);
   }
 
-  async countResubmission(psamId: string, batchNumber: number): Promise<void> {
-    await this.db.run("UPDATE batches SET resubmissions = resubmissions + 1 WHERE psam_id = ? AND batch_number = ?", [psamId, batchNumber]);
+  /** The accepted batch of that number with exactly this MAC (its count, total and currency). */
+  batchWithMac(q: Queryable, psamId: string, batchNumber: number, batchMac: string): Promise<BatchRow | undefined> {
+    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ? AND batch_mac = ?", [psamId, batchNumber, batchMac]);
+  }
+
+  /** A batch sent again: its counts as this submission left them. */
+  async resubmitted(q: Queryable, b: Pick<BatchRow, "psam_id" | "batch_number" | "batch_mac" | "posted" | "quarantined">): Promise<void> {
+    await q.run("UPDATE batches SET resubmissions = resubmissions + 1, posted = ?, quarantined = ? WHERE psam_id = ? AND batch_number = ? AND batch_mac = ?", [
+      b.posted,
+      b.quarantined,
+      b.psam_id,
+      b.batch_number,
+      b.batch_mac,
+    ]);
+  }
+
+  /** The transaction a PSAM counter's debit was paid for, and the batch it came in, if it was paid. */
+  postedFrom(q: Queryable, psamId: string, psamCounter: number): Promise<{ transaction_id: string; batch_number: number } | undefined> {
+    return q.get("SELECT transaction_id, batch_number FROM purchases WHERE psam_id = ? AND psam_counter = ?", [psamId, psamCounter]);
   }
 
   /** Batch numbers of a PSAM below `below` not accepted yet, lowest first, at most `limit`. */
   async missingBatchNumbers(psamId: string, below: number, limit: number): Promise<number[]> {
     // The usual case, no gap, costs one count.
-    const n = await this.db.get<{ n: number }>("SELECT COUNT(*) AS n FROM batches WHERE psam_id = ? AND batch_number < ?", [psamId, below]);
+    const n = await this.db.get<{ n: number }>("SELECT COUNT(DISTINCT batch_number) AS n FROM batches WHERE psam_id = ? AND batch_number < ?", [psamId, below]);
     if ((n?.n ?? 0) >= below - 1) return [];
     const have = new Set(
-      (await this.db.all<{ batch_number: number }>("SELECT batch_number FROM batches WHERE psam_id = ? AND batch_number < ?", [psamId, below])).map(
+      (await this.db.all<{ batch_number: number }>("SELECT DISTINCT batch_number FROM batches WHERE psam_id = ? AND batch_number < ?", [psamId, below])).map(
         (r) => r.batch_number,
       ),
     );
@@ -236,8 +257,8 @@ export class ClearingStore {
     );
   }
 
-  async isPosted(q: Queryable, transactionId: string): Promise<boolean> {
-    return !!(await q.get("SELECT 1 AS x FROM postings WHERE transaction_id = ?", [transactionId]));
+  async isPosted(q: Queryable, kind: "purchase" | "load", transactionId: string): Promise<boolean> {
+    return !!(await q.get("SELECT 1 AS x FROM postings WHERE kind = ? AND transaction_id = ?", [kind, transactionId]));
   }
 
   /** Posts one transaction's entries, which must sum to zero. */
@@ -247,9 +268,10 @@ export class ClearingStore {
   ): Promise<void> {
     if (p.entries.reduce((s, e) => s + e.amount, 0) !== 0) throw new Error(`posting ${p.transactionId} does not balance`);
     await q.run("INSERT INTO postings (transaction_id, kind, settlement_day, posted_at) VALUES (?, ?, ?, ?)", [p.transactionId, p.kind, p.day, p.at]);
+    const seq = (await q.get<{ seq: number }>("SELECT seq FROM postings WHERE kind = ? AND transaction_id = ?", [p.kind, p.transactionId]))!.seq;
     for (const e of p.entries) {
-      await q.run("INSERT INTO ledger_entries (transaction_id, account, amount_minor, currency, settlement_day) VALUES (?, ?, ?, ?, ?)", [
-        p.transactionId,
+      await q.run("INSERT INTO ledger_entries (posting_seq, account, amount_minor, currency, settlement_day) VALUES (?, ?, ?, ?, ?)", [
+        seq,
         e.account,
         e.amount,
         p.currency,
@@ -305,9 +327,9 @@ export class ClearingStore {
     return q.get<LoadRow>("SELECT * FROM loads WHERE transaction_id = ?", [transactionId]);
   }
 
-  /** Drops a quarantined load's row (its quarantine entry stays), so that another record of that id can be recorded. */
+  /** Drops the row of a load that was never posted (its quarantine entry stays), so that a load of that id that proves itself can be recorded. */
   async forgetLoad(q: Queryable, transactionId: string): Promise<void> {
-    await q.run("DELETE FROM loads WHERE transaction_id = ? AND status = 'QUARANTINED'", [transactionId]);
+    await q.run("DELETE FROM loads WHERE transaction_id = ? AND status IN ('QUARANTINED', 'NOT_LOADED')", [transactionId]);
   }
 
   async insertLoad(q: Queryable, r: LoadRow): Promise<void> {
@@ -363,7 +385,7 @@ export class ClearingStore {
   /** A merchant's statement lines, newest first, after the line with posting sequence `beforeSeq`. */
   statement(merchantId: string, day: string | undefined, beforeSeq: number, limit: number): Promise<(PurchaseRow & { seq: number })[]> {
     return this.db.all(
-      `SELECT p.*, s.seq FROM purchases p JOIN postings s ON s.transaction_id = p.transaction_id
+      `SELECT p.*, s.seq FROM purchases p JOIN postings s ON s.kind = 'purchase' AND s.transaction_id = p.transaction_id
        WHERE p.merchant_id = ? AND (? IS NULL OR p.settlement_day = ?) AND s.seq < ? ORDER BY s.seq DESC LIMIT ?`,
       [merchantId, day ?? null, day ?? null, beforeSeq, limit],
     );

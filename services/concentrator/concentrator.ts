@@ -693,9 +693,16 @@ export class Concentrator {
         response.notClosed.push({ terminalId: t.id, psamId: undefined, reason: BatchNotClosedReason.BATCH_NOT_CLOSED_REASON_TERMINAL_UNANSWERED });
         continue;
       }
-      // The terminal id is the one its certificate proved, whatever its report says.
-      response.closed.push(...report.closed.map((c) => ({ ...c, terminalId: t.id })));
-      response.notClosed.push(...report.notClosed.map((n) => ({ ...n, terminalId: t.id })));
+      // The terminal id is the one its certificate proved, whatever its report says; and a host speaks only for the PSAMs in its
+      // own slots (and the one asked for): a report on another host's PSAM would hide that its batch was never closed.
+      const own = (p: { value: Uint8Array } | undefined) => {
+        const hex = hexOf(p?.value);
+        return t.slots.some((s) => hexOf(s.psamId?.value) === hex) && (psam === undefined || hex === psam);
+      };
+      const ignored = [...report.closed, ...report.notClosed].filter((x) => x.psamId !== undefined && !own(x.psamId));
+      if (ignored.length > 0) this.o.log.warn("a terminal host reported on PSAMs it does not hold; ignored", { terminal: t.id, reports: ignored.length });
+      response.closed.push(...report.closed.filter((c) => own(c.psamId)).map((c) => ({ ...c, terminalId: t.id })));
+      response.notClosed.push(...report.notClosed.filter((n) => n.psamId === undefined || own(n.psamId)).map((n) => ({ ...n, terminalId: t.id })));
     }
     const order = (a: { terminalId: string; psamId?: { value: Uint8Array } | undefined }, b: typeof a) =>
       a.terminalId.localeCompare(b.terminalId) || hexOf(a.psamId?.value).localeCompare(hexOf(b.psamId?.value));

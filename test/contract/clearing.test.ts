@@ -365,17 +365,23 @@ describe("ClearingService (contract)", function () {
     expect((await operator.getSettlement({ day: "" })).settlement!.purchases).to.equal(0);
   });
 
-  it("refuses a batch number reused with other content, and malformed submissions, naming the field", async () => {
+  it("counts a second batch under a taken number record by record and lists the conflict; refuses malformed submissions, naming the field", async () => {
+    // Whoever holds the PSAM's batch key can MAC another batch under number 1: it must not keep the genuine one out, whichever comes first.
     await purchase(100);
     const b = await closeBatch();
-    await terminal.submitBatch(stream(submission(b)));
     const key = issuer.psamBatchKey(PSAM);
     const altered = { ...b.trailer, count: 0, total: money(0, EUR, 0) };
     altered.batchMac = batchMac(key, { psamId: Buffer.from(PSAM, "hex"), batchNumber: 1, count: 0, total: 0, currency: EUR });
-    expect(await refusal(terminal.submitBatch(stream(submission({ records: [], trailer: altered }))))).to.include({
-      code: Status.ALREADY_EXISTS,
-      reason: ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED,
+    expect(await terminal.submitBatch(stream(submission({ records: [], trailer: altered })))).to.include({
+      status: BatchStatus.BATCH_STATUS_ACCEPTED,
+      posted: 0,
     });
+    const genuine = await terminal.submitBatch(stream(submission(b)));
+    expect(genuine).to.include({ status: BatchStatus.BATCH_STATUS_ACCEPTED, posted: 1, duplicate: false });
+    const listed = await operator.listQuarantined({ pageSize: 0, pageToken: "" });
+    expect(listed.entries.map((e) => (e.entry?.$case === "conflictingBatch" ? e.entry.value.rejectedBecause : e.entry?.$case))).to.deep.equal([
+      QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT,
+    ]);
     expect(await refusal(terminal.submitBatch(stream(submission(b).slice(0, -1))))).to.include({ code: Status.INVALID_ARGUMENT, field: "trailer" });
     expect(await refusal(terminal.submitBatch(stream([...submission(b), ...submission(b).slice(0, 1)])))).to.include({
       code: Status.INVALID_ARGUMENT,

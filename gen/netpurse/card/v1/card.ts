@@ -291,9 +291,10 @@ export enum ErrorReason {
    */
   ERROR_REASON_UNKNOWN_PSAM = 37,
   /**
-   * ERROR_REASON_BATCH_NUMBER_REUSED - Clearing already holds this PSAM's batch of that number with other
-   * content (another batch MAC, count or total); the batch sent now was not
-   * counted (ALREADY_EXISTS).
+   * ERROR_REASON_BATCH_NUMBER_REUSED - Not sent: clearing checks and counts a second batch under a batch number
+   * already taken (each record at most once) and lists the conflict for the
+   * operator, so that nobody can keep a genuine batch out by sending another
+   * first. Kept so that the enum's numbers stay as published.
    */
   ERROR_REASON_BATCH_NUMBER_REUSED = 38,
   UNRECOGNIZED = -1,

@@ -89,6 +89,12 @@ export enum QuarantineReason {
   QUARANTINE_REASON_BATCH_INCOMPLETE = 8,
   /** QUARANTINE_REASON_CURRENCY_MISMATCH - The record's currency is not the batch's, or not the merchant's. */
   QUARANTINE_REASON_CURRENCY_MISMATCH = 9,
+  /**
+   * QUARANTINE_REASON_BATCH_NUMBER_CONFLICT - A batch that verifies under a number already accepted with other
+   * content: the PSAM's batch key is known outside the PSAM. Its records
+   * were checked and counted once each, like any batch's.
+   */
+  QUARANTINE_REASON_BATCH_NUMBER_CONFLICT = 10,
   UNRECOGNIZED = -1,
 }
 
@@ -124,6 +130,9 @@ export function quarantineReasonFromJSON(object: any): QuarantineReason {
     case 9:
     case "QUARANTINE_REASON_CURRENCY_MISMATCH":
       return QuarantineReason.QUARANTINE_REASON_CURRENCY_MISMATCH;
+    case 10:
+    case "QUARANTINE_REASON_BATCH_NUMBER_CONFLICT":
+      return QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -153,6 +162,8 @@ export function quarantineReasonToJSON(object: QuarantineReason): string {
       return "QUARANTINE_REASON_BATCH_INCOMPLETE";
     case QuarantineReason.QUARANTINE_REASON_CURRENCY_MISMATCH:
       return "QUARANTINE_REASON_CURRENCY_MISMATCH";
+    case QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT:
+      return "QUARANTINE_REASON_BATCH_NUMBER_CONFLICT";
     case QuarantineReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -808,6 +819,12 @@ export interface QuarantineEntry {
     | //
     /** A load. */
     { $case: "load"; value: QuarantinedLoad }
+    | //
+    /**
+     * A second accepted batch under a batch number (rejected_because
+     * BATCH_NUMBER_CONFLICT): its records are listed with their own reasons.
+     */
+    { $case: "conflictingBatch"; value: Batch }
     | undefined;
 }
 
@@ -4443,6 +4460,9 @@ export const QuarantineEntry: MessageFns<QuarantineEntry> = {
       case "load":
         QuarantinedLoad.encode(message.entry.value, writer.uint32(26).fork()).join();
         break;
+      case "conflictingBatch":
+        Batch.encode(message.entry.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -4484,6 +4504,14 @@ export const QuarantineEntry: MessageFns<QuarantineEntry> = {
             message.entry = { $case: "load", value: QuarantinedLoad.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.entry = { $case: "conflictingBatch", value: Batch.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4506,6 +4534,10 @@ export const QuarantineEntry: MessageFns<QuarantineEntry> = {
         ? { $case: "rejectedBatch", value: Batch.fromJSON(object.rejected_batch) }
         : isSet(object.load)
         ? { $case: "load", value: QuarantinedLoad.fromJSON(object.load) }
+        : isSet(object.conflictingBatch)
+        ? { $case: "conflictingBatch", value: Batch.fromJSON(object.conflictingBatch) }
+        : isSet(object.conflicting_batch)
+        ? { $case: "conflictingBatch", value: Batch.fromJSON(object.conflicting_batch) }
         : undefined,
     };
   },
@@ -4518,6 +4550,8 @@ export const QuarantineEntry: MessageFns<QuarantineEntry> = {
       obj.rejectedBatch = Batch.toJSON(message.entry.value);
     } else if (message.entry?.$case === "load") {
       obj.load = QuarantinedLoad.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "conflictingBatch") {
+      obj.conflictingBatch = Batch.toJSON(message.entry.value);
     }
     return obj;
   },
@@ -4543,6 +4577,12 @@ export const QuarantineEntry: MessageFns<QuarantineEntry> = {
       case "load": {
         if (object.entry?.value !== undefined && object.entry?.value !== null) {
           message.entry = { $case: "load", value: QuarantinedLoad.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "conflictingBatch": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "conflictingBatch", value: Batch.fromPartial(object.entry.value) };
         }
         break;
       }
@@ -5061,22 +5101,29 @@ export const ClearingServiceDefinition = {
      * each once, then exactly one BatchTrailer, last; the answer comes after
      * the trailer. At most 10,000 records.
      *
-     * Idempotent: the same batch sent again (same PSAM, number, count, total
-     * and batch MAC) gets the acknowledgement it got the first time, with
-     * duplicate set, and counts once; batches may arrive in any order. A batch
-     * whose trailer does not verify under the PSAM's batch key, or whose
-     * records do not add up to its trailer's count and total, is rejected
-     * (status REJECTED, nothing posted, kept for the operator) and does not
-     * take its batch number: the genuine batch can still be sent. A record of
-     * an accepted batch that does not verify (its record MAC, or the card's
-     * signature) is quarantined with its reason and never paid; the others are
-     * posted.
+     * Idempotent: every record is paid at most once, keyed by its transaction
+     * id and by its PSAM counter; batches may arrive in any order. The same
+     * batch sent again (same PSAM, number, count, total and batch MAC) is
+     * answered with duplicate set; its records are checked again, and one not
+     * paid yet that verifies now (say, a record damaged in the first sending)
+     * is posted. A batch whose trailer does not verify under the PSAM's batch
+     * key, or whose records do not add up to its trailer's count and total, is
+     * rejected (status REJECTED, nothing posted, kept for the operator) and
+     * does not take its batch number. A second batch that verifies under a
+     * number already accepted with other content cannot come from the PSAM
+     * alone (its batch key is known elsewhere): it is checked and counted like
+     * any other, record by record, and listed for the operator as a
+     * conflicting batch, so that nobody can keep a genuine batch out by
+     * sending another first. A record that does not verify (its record MAC, or
+     * the card's signature) is quarantined with its reason and never paid; the
+     * others are posted.
      *
      * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
      * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
      * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
-     * a malformed field, named), ALREADY_EXISTS BATCH_NUMBER_REUSED (an
-     * accepted batch of that number with other content).
+     * a malformed field, named), RESOURCE_EXHAUSTED (the terminal host already
+     * has as many submissions open as clearing allows at once), DEADLINE_EXCEEDED
+     * (no message came for too long, or the submission took too long).
      */
     submitBatch: {
       name: "SubmitBatch",
@@ -5095,11 +5142,17 @@ export const ClearingServiceDefinition = {
      * verify is quarantined; a load the card did not take is recorded and
      * never posted.
      *
+     * A load is posted only when the bank it names is the bank in the
+     * command the card signed (S1), and the card's S1 verifies. A load
+     * recorded as quarantined or not loaded gives way to a load of the same id
+     * whose S3 verifies: a record that proves nothing never keeps a proven
+     * load out.
+     *
      * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
      * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
      * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
-     * already recorded with other content; nothing of this request was
-     * recorded).
+     * already posted, or recorded with other content that this one does not
+     * prove wrong; nothing of this request was recorded).
      */
     submitLoads: {
       name: "SubmitLoads",
@@ -5216,22 +5269,29 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
    * each once, then exactly one BatchTrailer, last; the answer comes after
    * the trailer. At most 10,000 records.
    *
-   * Idempotent: the same batch sent again (same PSAM, number, count, total
-   * and batch MAC) gets the acknowledgement it got the first time, with
-   * duplicate set, and counts once; batches may arrive in any order. A batch
-   * whose trailer does not verify under the PSAM's batch key, or whose
-   * records do not add up to its trailer's count and total, is rejected
-   * (status REJECTED, nothing posted, kept for the operator) and does not
-   * take its batch number: the genuine batch can still be sent. A record of
-   * an accepted batch that does not verify (its record MAC, or the card's
-   * signature) is quarantined with its reason and never paid; the others are
-   * posted.
+   * Idempotent: every record is paid at most once, keyed by its transaction
+   * id and by its PSAM counter; batches may arrive in any order. The same
+   * batch sent again (same PSAM, number, count, total and batch MAC) is
+   * answered with duplicate set; its records are checked again, and one not
+   * paid yet that verifies now (say, a record damaged in the first sending)
+   * is posted. A batch whose trailer does not verify under the PSAM's batch
+   * key, or whose records do not add up to its trailer's count and total, is
+   * rejected (status REJECTED, nothing posted, kept for the operator) and
+   * does not take its batch number. A second batch that verifies under a
+   * number already accepted with other content cannot come from the PSAM
+   * alone (its batch key is known elsewhere): it is checked and counted like
+   * any other, record by record, and listed for the operator as a
+   * conflicting batch, so that nobody can keep a genuine batch out by
+   * sending another first. A record that does not verify (its record MAC, or
+   * the card's signature) is quarantined with its reason and never paid; the
+   * others are posted.
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
    * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
    * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
-   * a malformed field, named), ALREADY_EXISTS BATCH_NUMBER_REUSED (an
-   * accepted batch of that number with other content).
+   * a malformed field, named), RESOURCE_EXHAUSTED (the terminal host already
+   * has as many submissions open as clearing allows at once), DEADLINE_EXCEEDED
+   * (no message came for too long, or the submission took too long).
    */
   submitBatch(
     request: AsyncIterable<SubmitBatchRequest>,
@@ -5246,11 +5306,17 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
    * verify is quarantined; a load the card did not take is recorded and
    * never posted.
    *
+   * A load is posted only when the bank it names is the bank in the
+   * command the card signed (S1), and the card's S1 verifies. A load
+   * recorded as quarantined or not loaded gives way to a load of the same id
+   * whose S3 verifies: a record that proves nothing never keeps a proven
+   * load out.
+   *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
    * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
    * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
-   * already recorded with other content; nothing of this request was
-   * recorded).
+   * already posted, or recorded with other content that this one does not
+   * prove wrong; nothing of this request was recorded).
    */
   submitLoads(
     request: SubmitLoadsRequest,
@@ -5332,22 +5398,29 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
    * each once, then exactly one BatchTrailer, last; the answer comes after
    * the trailer. At most 10,000 records.
    *
-   * Idempotent: the same batch sent again (same PSAM, number, count, total
-   * and batch MAC) gets the acknowledgement it got the first time, with
-   * duplicate set, and counts once; batches may arrive in any order. A batch
-   * whose trailer does not verify under the PSAM's batch key, or whose
-   * records do not add up to its trailer's count and total, is rejected
-   * (status REJECTED, nothing posted, kept for the operator) and does not
-   * take its batch number: the genuine batch can still be sent. A record of
-   * an accepted batch that does not verify (its record MAC, or the card's
-   * signature) is quarantined with its reason and never paid; the others are
-   * posted.
+   * Idempotent: every record is paid at most once, keyed by its transaction
+   * id and by its PSAM counter; batches may arrive in any order. The same
+   * batch sent again (same PSAM, number, count, total and batch MAC) is
+   * answered with duplicate set; its records are checked again, and one not
+   * paid yet that verifies now (say, a record damaged in the first sending)
+   * is posted. A batch whose trailer does not verify under the PSAM's batch
+   * key, or whose records do not add up to its trailer's count and total, is
+   * rejected (status REJECTED, nothing posted, kept for the operator) and
+   * does not take its batch number. A second batch that verifies under a
+   * number already accepted with other content cannot come from the PSAM
+   * alone (its batch key is known elsewhere): it is checked and counted like
+   * any other, record by record, and listed for the operator as a
+   * conflicting batch, so that nobody can keep a genuine batch out by
+   * sending another first. A record that does not verify (its record MAC, or
+   * the card's signature) is quarantined with its reason and never paid; the
+   * others are posted.
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
    * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
    * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
-   * a malformed field, named), ALREADY_EXISTS BATCH_NUMBER_REUSED (an
-   * accepted batch of that number with other content).
+   * a malformed field, named), RESOURCE_EXHAUSTED (the terminal host already
+   * has as many submissions open as clearing allows at once), DEADLINE_EXCEEDED
+   * (no message came for too long, or the submission took too long).
    */
   submitBatch(
     request: AsyncIterable<DeepPartial<SubmitBatchRequest>>,
@@ -5362,11 +5435,17 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
    * verify is quarantined; a load the card did not take is recorded and
    * never posted.
    *
+   * A load is posted only when the bank it names is the bank in the
+   * command the card signed (S1), and the card's S1 verifies. A load
+   * recorded as quarantined or not loaded gives way to a load of the same id
+   * whose S3 verifies: a record that proves nothing never keeps a proven
+   * load out.
+   *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
    * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
    * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
-   * already recorded with other content; nothing of this request was
-   * recorded).
+   * already posted, or recorded with other content that this one does not
+   * prove wrong; nothing of this request was recorded).
    */
   submitLoads(
     request: DeepPartial<SubmitLoadsRequest>,
