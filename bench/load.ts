@@ -161,7 +161,7 @@ export function percentile(sorted: number[], q: number): number {
 const TRANSACTION_ID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/gi;
 
 /** Counts failures and prints each new kind at once, so a long run shows trouble while it happens. */
-class ErrorTally {
+export class ErrorTally {
   count = 0;
   readonly byMessage: Record<string, number> = {};
 

@@ -42,6 +42,7 @@ export const PROCESS = {
   clientDaemon: "client-daemon",
   load: "load",
   bank: "bank",
+  clearing: "clearing",
   bench: "bench",
 } as const;
 

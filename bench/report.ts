@@ -8,6 +8,8 @@ import { EUR } from "../services/network/layout.js";
 import { ECHO_PROCESS, type EchoResult } from "./echo.js";
 import { markdown, mib, ms, pct, rate } from "./format.js";
 import type { Phases } from "./load.js";
+import type { ClearingReport } from "./clearing.js";
+import { clearingProblems, renderClearing } from "./clearing-report.js";
 import type { ModesReport } from "./modes.js";
 import { modesProblems, renderModes } from "./modes-report.js";
 import { SONG, type PurchaseResult } from "./purchases.js";
@@ -51,6 +53,8 @@ export interface Report {
   echoTlsCosts: EchoTlsCost[];
   /** The modes part, when it was run. */
   modes?: ModesReport;
+  /** The clearing part, when it was run. */
+  clearing?: ClearingReport;
 }
 
 const onOff = (tls: boolean) => (tls ? "on" : "off");
@@ -104,6 +108,7 @@ const CPU_COLUMNS: [name: string, heading: string][] = [
   [PROCESS.clientDaemon, "client daemon"],
   [PROCESS.load, "load"],
   [PROCESS.bank, "bank"],
+  [PROCESS.clearing, "clearing"],
   [PROCESS.bench, "cardholders (bench)"],
 ];
 
@@ -229,11 +234,12 @@ function stackSections(r: Report): string[] {
 }
 
 export function renderReport(r: Report): string {
-  const found = [...problems(r), ...(r.modes ? modesProblems(r.modes) : [])];
+  const found = [...problems(r), ...(r.modes ? modesProblems(r.modes) : []), ...(r.clearing ? clearingProblems(r.clearing) : [])];
   const m = r.machine;
   return [
     ...(r.purchases.length || r.echo.length ? stackSections(r) : []),
     ...(r.modes ? [renderModes(r.modes)] : []),
+    ...(r.clearing ? [renderClearing(r.clearing)] : []),
     ...(found.length ? ["## Errors and findings", "", ...found, ""] : []),
     `Machine: ${m.cores} cores (${m.cpuModel}), Node ${m.node}, ${m.platform}; every process shares these cores. Total wall time: ${r.wallSeconds.toFixed(0)} s`,
     "",

@@ -2,14 +2,18 @@
 // number of PSAMs and of concurrent cardholders, beside a bare gRPC echo on
 // the same transport (the stack suite); and each confirmation mode with the
 // cardholders some milliseconds away from the payment server, beside the
-// chatty remote-reader approach (the modes suite). Markdown on stdout, JSON
-// in bench/results/latest.json, progress on stderr.
+// chatty remote-reader approach (the modes suite); and records cleared per
+// second by the clearing service per batch size, beside the stack's
+// purchases per second (the clearing suite). Markdown on stdout, JSON in
+// bench/results/latest.json, progress on stderr.
 
 import { execFileSync } from "node:child_process";
 import { cpus } from "node:os";
 import { resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { MAX_BATCH_RECORDS } from "../services/clearing/clearing.js";
+import { clearingErrors, measureClearing, type ClearingReport, type ClearingSettings } from "./clearing.js";
 import { measureEcho, type EchoResult } from "./echo.js";
 import { handleInterrupts } from "./interrupt.js";
 import type { Phases } from "./load.js";
@@ -23,8 +27,9 @@ const DEFAULT_OUT = fileURLToPath(new URL("./results/latest.json", import.meta.u
 
 const USAGE = `Usage: npm run bench -- [options]
 
-Two suites, both by default. Each starts the netpurse network as processes,
-fresh for every configuration, with cardholders buying a song in a closed loop.
+Three suites, all by default. The first two start the netpurse network as
+processes, fresh for every configuration, with cardholders buying a song in a
+closed loop.
 
 stack: purchases per second and payOffer latency per number of PSAMs and of
 cardholders (mode PSAM_VERIFIES), beside a unary gRPC echo on the same
@@ -36,8 +41,14 @@ payment server path delayed by a TCP proxy, beside the chatty remote-reader
 approach (one card APDU per round trip) through the same proxy: round trips
 and messages per purchase, latency, PSAM hold time, throughput, memory.
 
+clearing: records cleared per second by the clearing service (its own process,
+TLS on) for each batch size, from one terminal host and from several at once,
+its CPU per record and peak memory, beside the stack suite's best purchases/s
+(or, without the stack suite, a run of 4 PSAMs × 8 cardholders, TLS on, for
+--clearing-seconds).
+
 Options:
-  --suite NAME          all, stack or modes (default all)
+  --suite NAME          all, stack, modes or clearing (default all)
   --psams LIST          stack: PSAMs on the terminal host, comma-separated (default 1,4,16)
   --clients LIST        stack: concurrent cardholders, comma-separated (default 1,8,64)
   --seconds N           stack: measuring window per configuration, seconds (default 10)
@@ -48,15 +59,19 @@ Options:
   --modes-psams N       modes: PSAMs (default 4)
   --modes-clients N     modes: concurrent cardholders (default 64)
   --modes-seconds N     modes: measuring window per run, seconds (default 8)
+  --clearing-sizes LIST clearing: records per batch, comma-separated (default 1,100,1000; at most ${MAX_BATCH_RECORDS})
+  --clearing-hosts LIST clearing: terminal hosts submitting at once, comma-separated (default 1,4)
+  --clearing-seconds N  clearing: measuring window per run, seconds (default 5)
   --warmup N            warm-up before each window, seconds (default 2)
   --out FILE            JSON results (default bench/results/latest.json)
   --keep-data           keep each run's data folder and service logs (paths in the JSON)
   -h, --help            this text
 
-Exit status: 0 when every purchase and echo succeeded, 1 otherwise, 2 for bad options.
+Exit status: 0 when every purchase and echo succeeded and every batch was
+accepted with all its records posted, 1 otherwise, 2 for bad options.
 `;
 
-const SUITES = ["all", "stack", "modes"] as const;
+const SUITES = ["all", "stack", "modes", "clearing"] as const;
 type Suite = (typeof SUITES)[number];
 
 const TLS_CHOICES = { on: [true], off: [false], both: [true, false] } as const;
@@ -69,6 +84,7 @@ interface Settings {
   tls: readonly boolean[];
   phases: Phases;
   modes: ModesSettings;
+  clearing: ClearingSettings;
   out: string;
   keepData: boolean;
 }
@@ -123,6 +139,9 @@ function parseSettings(argv: string[]): Settings | undefined {
       "modes-psams": { type: "string", default: "4" },
       "modes-clients": { type: "string", default: "64" },
       "modes-seconds": { type: "string", default: "8" },
+      "clearing-sizes": { type: "string", default: "1,100,1000" },
+      "clearing-hosts": { type: "string", default: "1,4" },
+      "clearing-seconds": { type: "string", default: "5" },
       warmup: { type: "string", default: "2" },
       out: { type: "string", default: DEFAULT_OUT },
       "keep-data": { type: "boolean", default: false },
@@ -132,7 +151,12 @@ function parseSettings(argv: string[]): Settings | undefined {
   if (values.help) return undefined;
   const measureMs = seconds(values.seconds, "seconds");
   const modesMeasureMs = seconds(values["modes-seconds"], "modes-seconds");
-  if (measureMs === 0 || modesMeasureMs === 0) throw new UsageError("--seconds and --modes-seconds must be more than 0");
+  const clearingMeasureMs = seconds(values["clearing-seconds"], "clearing-seconds");
+  if (measureMs === 0 || modesMeasureMs === 0 || clearingMeasureMs === 0) {
+    throw new UsageError("--seconds, --modes-seconds and --clearing-seconds must be more than 0");
+  }
+  const batchSizes = positiveInts(values["clearing-sizes"], "clearing-sizes");
+  if (batchSizes.some((n) => n > MAX_BATCH_RECORDS)) throw new UsageError(`--clearing-sizes: clearing takes at most ${MAX_BATCH_RECORDS} records per batch`);
   const warmupMs = seconds(values.warmup, "warmup");
   return {
     suite: suite(values.suite),
@@ -145,6 +169,12 @@ function parseSettings(argv: string[]): Settings | undefined {
       cardholders: positiveInt(values["modes-clients"], "modes-clients"),
       delaysMs: wholeNumbers(values["delay-ms"], "delay-ms", 0),
       phases: { warmupMs, measureMs: modesMeasureMs },
+      keepData: values["keep-data"],
+    },
+    clearing: {
+      batchSizes,
+      terminalHosts: positiveInts(values["clearing-hosts"], "clearing-hosts"),
+      phases: { warmupMs, measureMs: clearingMeasureMs },
       keepData: values["keep-data"],
     },
     out: resolve(values.out),
@@ -190,8 +220,11 @@ async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchase
 async function runBenchmark(s: Settings): Promise<Report> {
   const startedAt = new Date();
   const sourceAtStart = sourceVersion();
-  const { echo, purchases } = s.suite === "modes" ? { echo: [], purchases: [] } : await measureStack(s);
-  const modes: ModesReport | undefined = s.suite === "stack" ? undefined : await measureModes(s.modes);
+  const runs = (suite: Suite) => s.suite === "all" || s.suite === suite;
+  const { echo, purchases } = runs("stack") ? await measureStack(s) : { echo: [], purchases: [] };
+  const modes: ModesReport | undefined = runs("modes") ? await measureModes(s.modes) : undefined;
+  // Last: it compares with the stack suite's purchases/s when that ran.
+  const clearing: ClearingReport | undefined = runs("clearing") ? await measureClearing(s.clearing, purchases) : undefined;
   const costs = tlsCosts(purchases, echo);
   const summary = tlsSummary(costs);
   const cpu = cpus();
@@ -208,6 +241,7 @@ async function runBenchmark(s: Settings): Promise<Report> {
     ...(summary ? { tlsSummary: summary } : {}),
     echoTlsCosts: echoTlsCosts(echo),
     ...(modes ? { modes } : {}),
+    ...(clearing ? { clearing } : {}),
   };
 }
 
@@ -230,7 +264,10 @@ async function main(): Promise<void> {
   process.stdout.write(`# netpurse benchmark, ${report.startedAt}, ${source}\n\n${renderReport(report)}`);
   await writeJson(settings.out, report);
   process.stderr.write(`results written to ${settings.out}\n`);
-  const errors = [...report.echo, ...report.purchases].reduce((n, r) => n + r.errors, 0) + (report.modes ? modesErrors(report.modes) : 0);
+  const errors =
+    [...report.echo, ...report.purchases].reduce((n, r) => n + r.errors, 0) +
+    (report.modes ? modesErrors(report.modes) : 0) +
+    (report.clearing ? clearingErrors(report.clearing) : 0);
   if (errors > 0) process.exitCode = 1;
 }
 
