@@ -25,14 +25,13 @@ import {
   BatchStatus,
   batchStatusToJSON,
   ClearingServiceDefinition,
-  type BatchRecord as BatchRecordMessage,
   type SubmitBatchRequest,
   type SubmitBatchResponse,
 } from "../gen/netpurse/clearing/v1/clearing.js";
 import { deriveSessionKey } from "../lib/crypto/keys.js";
 import { readJson } from "../lib/files.js";
 import { clientFactory, openChannel } from "../lib/grpc/client.js";
-import { hexOf, merchantId, psamId as toPsamId, purseId as toPurseId, txnId } from "../lib/ids.js";
+import { hexOf, psamId as toPsamId } from "../lib/ids.js";
 import { money } from "../lib/money.js";
 import { pkiDirOf, Security } from "../lib/pki/security.js";
 import { batchMac, batchRecordMac, type PsamBatchRecord } from "../lib/protocol/psam.js";
@@ -48,6 +47,7 @@ import { ErrorTally, percentile, type Phases } from "./load.js";
 import { logFindings, personaliseCardholderCards, PROCESS, SERVICE_ENV, type LogFindings } from "./network.js";
 import { CpuSampler, machineCpu, peakMemoryMiB } from "./proc.js";
 import { measurePurchases, SONG, type PurchaseResult } from "./purchases.js";
+import { batchRecordMessage } from "../services/clearing/records.js";
 
 export interface ClearingSettings {
   /** Records per batch; each size gets a run per number of terminal hosts. */
@@ -173,8 +173,8 @@ class RecordMaker {
   batch(psam: PsamState, size: number): MadeBatch {
     const batchNumber = psam.batchNumber++;
     const first = this.record(psam, batchNumber);
-    const messages: SubmitBatchRequest[] = [{ item: { $case: "record", value: recordMessage(first) } }];
-    for (let i = 1; i < size; i++) messages.push({ item: { $case: "record", value: recordMessage(this.record(psam, batchNumber)) } });
+    const messages: SubmitBatchRequest[] = [{ item: { $case: "record", value: batchRecordMessage(first) } }];
+    for (let i = 1; i < size; i++) messages.push({ item: { $case: "record", value: batchRecordMessage(this.record(psam, batchNumber)) } });
     const { amount, currency } = this.price;
     const summary = { psamId: psam.psamId, batchNumber, count: size, total: amount * size, currency };
     messages.push({
@@ -227,25 +227,6 @@ class RecordMaker {
     };
     return { ...fields, recordMac: batchRecordMac(psam.batchKey, psam.psamId, batchNumber, fields) };
   }
-}
-
-/** A record as a terminal host sends it (the amount's exponent 0: the PSAM does not know it). */
-function recordMessage(r: PsamBatchRecord): BatchRecordMessage {
-  return {
-    psamCounter: r.psamCounter,
-    purseId: toPurseId(r.purseId.toString("hex")),
-    keyVersion: r.keyVersion,
-    sessionCounter: r.sessionCounter,
-    challenge: r.challenge,
-    cardCounter: r.cardCounter,
-    balanceAfter: BigInt(r.balanceAfter),
-    amount: money(r.amount, r.currency, 0),
-    dateTime: new Date(r.dateTime * 1000),
-    transactionId: txnId(r.transactionRef),
-    merchantId: merchantId(r.merchantId),
-    cardSignature: r.cardSignature,
-    recordMac: r.recordMac,
-  };
 }
 
 async function* streamOf(messages: SubmitBatchRequest[]): AsyncIterable<SubmitBatchRequest> {

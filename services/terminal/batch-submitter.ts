@@ -18,10 +18,11 @@ import {
 import { crashPoints } from "../../lib/crash-point.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { reasonName, reasonOf } from "../../lib/grpc/errors.js";
-import { hexOf, merchantId, psamId, purseId, txnId } from "../../lib/ids.js";
+import { hexOf, psamId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
 import type { Security } from "../../lib/pki/security.js";
+import { batchRecordMessage } from "../clearing/records.js";
 import type { StoredBatch, StoredTransaction, TerminalStore } from "./store.js";
 
 /**
@@ -274,19 +275,20 @@ const describe = (e: unknown) => (e instanceof ClientError ? `${Status[e.code]}:
 
 /** A stored record as clearing takes it. */
 function recordMessage(r: StoredTransaction) {
-  return {
+  return batchRecordMessage({
     psamCounter: r.psam_counter,
-    purseId: purseId(r.purse_id),
+    purseId: Buffer.from(r.purse_id, "hex"),
     keyVersion: r.key_version,
     sessionCounter: r.session_counter,
     challenge: Buffer.from(r.challenge, "hex"),
     cardCounter: r.card_counter,
-    balanceAfter: BigInt(r.balance_after),
-    amount: money(r.amount_minor, r.currency, 0),
-    dateTime: new Date(r.date_time * 1000),
-    transactionId: txnId(r.transaction_id),
-    merchantId: merchantId(r.merchant_id),
+    balanceAfter: r.balance_after,
+    amount: r.amount_minor,
+    currency: r.currency,
+    dateTime: r.date_time,
+    transactionRef: r.transaction_id,
+    merchantId: r.merchant_id,
     cardSignature: Buffer.from(r.card_signature, "hex"),
     recordMac: Buffer.from(r.record_mac, "hex"),
-  };
+  });
 }

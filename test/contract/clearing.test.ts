@@ -18,7 +18,6 @@ import {
   LoadStatus,
   PartyKind,
   QuarantineReason,
-  type BatchRecord,
   type BatchTrailer,
   type LoadRecord,
   type SubmitBatchRequest,
@@ -43,6 +42,7 @@ import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 import { testSecurity, type TestSecurity } from "../support/network.js";
+import { batchRecordMessage } from "../../services/clearing/records.js";
 
 const PSAM = "c1ea0001";
 const OTHER_PSAM = "c1ea0002";
@@ -68,21 +68,7 @@ async function* stream(items: SubmitBatchRequest[]) {
   for (const i of items) yield i;
 }
 
-const asMessage = (r: PsamBatchRecord): BatchRecord => ({
-  psamCounter: r.psamCounter,
-  purseId: { value: r.purseId },
-  keyVersion: r.keyVersion,
-  sessionCounter: r.sessionCounter,
-  challenge: r.challenge,
-  cardCounter: r.cardCounter,
-  balanceAfter: BigInt(r.balanceAfter),
-  amount: money(r.amount, r.currency, 0),
-  dateTime: new Date(r.dateTime * 1000),
-  transactionId: txnId(r.transactionRef),
-  merchantId: merchantId(r.merchantId),
-  cardSignature: r.cardSignature,
-  recordMac: r.recordMac,
-});
+const asMessage = batchRecordMessage;
 
 interface ClosedBatch {
   records: PsamBatchRecord[];

@@ -15,7 +15,6 @@ import {
   ClearingServiceDefinition,
   LoadOutcome,
   LoadProof,
-  type BatchRecord,
   type BatchTrailer,
   type CardBalance,
   type LoadRecord,
@@ -24,7 +23,7 @@ import {
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { fieldOf, reasonOf } from "../../lib/grpc/errors.js";
-import { merchantId, psamId as toPsamId, purseId as toPurseId, txnId } from "../../lib/ids.js";
+import { psamId as toPsamId, purseId as toPurseId, txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { CertificateAuthority } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
@@ -41,6 +40,7 @@ import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "./fixtures.js";
 import { testSecurity, type TestSecurity } from "./network.js";
+import { batchRecordMessage } from "../../services/clearing/records.js";
 
 /** terminal-1's PSAM. */
 export const PSAM = "c1ea0001";
@@ -86,21 +86,7 @@ export async function* stream<T>(items: Iterable<T>): AsyncIterable<T> {
 }
 
 /** A PSAM's batch record as SubmitBatch carries it. */
-export const asMessage = (r: PsamBatchRecord): BatchRecord => ({
-  psamCounter: r.psamCounter,
-  purseId: { value: r.purseId },
-  keyVersion: r.keyVersion,
-  sessionCounter: r.sessionCounter,
-  challenge: r.challenge,
-  cardCounter: r.cardCounter,
-  balanceAfter: BigInt(r.balanceAfter),
-  amount: money(r.amount, r.currency, 0),
-  dateTime: new Date(r.dateTime * 1000),
-  transactionId: txnId(r.transactionRef),
-  merchantId: merchantId(r.merchantId),
-  cardSignature: r.cardSignature,
-  recordMac: r.recordMac,
-});
+export const asMessage = batchRecordMessage;
 
 /** A closed batch as a terminal host holds it: the PSAM's records and the trailer. */
 export interface ClosedBatch {
