@@ -149,6 +149,8 @@ function accessMiddleware(rules: { all: Access } & Record<string, Access | undef
 export interface ServerLimits {
   /** Largest message accepted or sent, bytes. */
   maxMessageBytes: number;
+  /** Largest message sent, bytes, when answers may be larger than requests (a page of a list); maxMessageBytes when absent. */
+  maxSendBytes?: number;
   /** Concurrent streams per HTTP/2 connection. */
   maxConcurrentStreams: number;
   /** Connections open at once; more are closed as they arrive. */
@@ -262,7 +264,7 @@ export async function startGrpcServer(p: {
   const tls = "tls" in p.transport ? p.transport.tls : undefined;
   const server = new grpc.Server({
     "grpc.max_receive_message_length": limits.maxMessageBytes,
-    "grpc.max_send_message_length": limits.maxMessageBytes,
+    "grpc.max_send_message_length": limits.maxSendBytes ?? limits.maxMessageBytes,
     "grpc.max_concurrent_streams": limits.maxConcurrentStreams,
     "grpc-node.max_session_memory": 16, // MiB per HTTP/2 session
     "grpc.keepalive_time_ms": 60_000,

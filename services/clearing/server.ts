@@ -68,8 +68,9 @@ export async function startClearing(c: ClearingConfig) {
     ],
     transport: c.security.server("require"),
     log,
-    // A batch of 10,000 records streams as 10,000 small messages; none needs more than 64 KiB.
-    limits: { maxMessageBytes: 64 * 1024 },
+    // A batch of 10,000 records streams as 10,000 small messages; no request needs more than 64 KiB. Answers carry pages of up
+    // to 500 entries and audits of up to 1,000 cards (under 200 KiB): 1 MiB.
+    limits: { maxMessageBytes: 64 * 1024, maxSendBytes: 1024 * 1024 },
   });
   return {
     address: server.address,

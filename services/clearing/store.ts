@@ -45,7 +45,8 @@ export const CLEARING_MIGRATIONS = [
      reason TEXT NOT NULL,
      content BLOB NOT NULL,
      digest TEXT NOT NULL,
-     quarantined_at TEXT NOT NULL
+     quarantined_at TEXT NOT NULL,
+     resolved_at TEXT
    );
    CREATE INDEX quarantine_batch ON quarantine (psam_id, batch_number, psam_counter);
    CREATE UNIQUE INDEX quarantine_once ON quarantine (kind, digest);
@@ -138,6 +139,8 @@ export interface QuarantineRow {
   content: Buffer;
   digest: string;
   quarantined_at: string;
+  /** When the transaction was paid after all (a later record or load of it proved itself): no longer listed as unpaid. */
+  resolved_at: string | null;
 }
 
 export interface PurchaseRow {
@@ -173,7 +176,7 @@ export interface LoadRow {
   recorded_at: string;
 }
 
-export type NewQuarantine = Omit<QuarantineRow, "id">;
+export type NewQuarantine = Omit<QuarantineRow, "id" | "resolved_at">;
 
 /** The UTC day of a moment, YYYY-MM-DD. */
 export const dayOf = (d: Date) => d.toISOString().slice(0, 10);
@@ -198,8 +201,8 @@ export class ClearingStore {
     return day;
   }
 
-  async dayClosedAt(day: string): Promise<string | undefined> {
-    return (await this.db.get<{ closed_at: string }>("SELECT closed_at FROM settlement_days WHERE day = ?", [day]))?.closed_at;
+  async dayClosedAt(day: string, q: Queryable = this.db): Promise<string | undefined> {
+    return (await q.get<{ closed_at: string }>("SELECT closed_at FROM settlement_days WHERE day = ?", [day]))?.closed_at;
   }
 
   /** Closes a day; closing it again changes nothing. */
@@ -255,6 +258,11 @@ export class ClearingStore {
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, digest) DO NOTHING`,
       [e.kind, e.psam_id, e.batch_number, e.psam_counter, e.transaction_id, e.terminal_id, e.reason, e.content, e.digest, e.quarantined_at],
     );
+  }
+
+  /** A transaction paid after all: its earlier quarantine entries are no longer what was not paid. */
+  async resolveQuarantine(q: Queryable, kind: "record" | "load", transactionId: string, at: string): Promise<void> {
+    await q.run("UPDATE quarantine SET resolved_at = ? WHERE kind = ? AND transaction_id = ? AND resolved_at IS NULL", [at, kind, transactionId]);
   }
 
   async isPosted(q: Queryable, kind: "purchase" | "load", transactionId: string): Promise<boolean> {
@@ -355,10 +363,10 @@ export class ClearingStore {
     );
   }
 
-  quarantineOfBatch(psamId: string, batchNumber: number, afterCounter: number, limit: number): Promise<QuarantineRow[]> {
+  quarantineOfBatch(psamId: string, batchNumber: number, afterId: number, limit: number): Promise<QuarantineRow[]> {
     return this.db.all<QuarantineRow>(
-      "SELECT * FROM quarantine WHERE kind = 'record' AND psam_id = ? AND batch_number = ? AND psam_counter > ? ORDER BY psam_counter, id LIMIT ?",
-      [psamId, batchNumber, afterCounter, limit],
+      "SELECT * FROM quarantine WHERE kind = 'record' AND resolved_at IS NULL AND psam_id = ? AND batch_number = ? AND id > ? ORDER BY id LIMIT ?",
+      [psamId, batchNumber, afterId, limit],
     );
   }
 
@@ -371,15 +379,15 @@ export class ClearingStore {
   }
 
   quarantined(afterId: number, limit: number): Promise<QuarantineRow[]> {
-    return this.db.all<QuarantineRow>("SELECT * FROM quarantine WHERE id > ? ORDER BY id LIMIT ?", [afterId, limit]);
+    return this.db.all<QuarantineRow>("SELECT * FROM quarantine WHERE id > ? AND resolved_at IS NULL ORDER BY id LIMIT ?", [afterId, limit]);
   }
 
-  purchasesOfDay(day: string): Promise<PurchaseRow[]> {
-    return this.db.all<PurchaseRow>("SELECT * FROM purchases WHERE settlement_day = ?", [day]);
+  purchasesOfDay(day: string, q: Queryable = this.db): Promise<PurchaseRow[]> {
+    return q.all<PurchaseRow>("SELECT * FROM purchases WHERE settlement_day = ?", [day]);
   }
 
-  loadsPostedOnDay(day: string): Promise<LoadRow[]> {
-    return this.db.all<LoadRow>("SELECT * FROM loads WHERE status = 'POSTED' AND settlement_day = ?", [day]);
+  loadsPostedOnDay(day: string, q: Queryable = this.db): Promise<LoadRow[]> {
+    return q.all<LoadRow>("SELECT * FROM loads WHERE status = 'POSTED' AND settlement_day = ?", [day]);
   }
 
   /** A merchant's statement lines, newest first, after the line with posting sequence `beforeSeq`. */

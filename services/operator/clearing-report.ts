@@ -183,6 +183,14 @@ export function quarantineRow(e: QuarantineEntry): string[] {
         reasonName(x.value.rejectedBecause),
         `PSAM ${hexOf(x.value.psamId?.value)} batch ${x.value.batchNumber} from ${x.value.terminalId}: ${count(x.value.count, "record")}, ${amount(x.value.total)}, rejected`,
       ];
+    case "conflictingBatch":
+      return [
+        x.value.receivedAt?.toISOString() ?? "",
+        "batch",
+        reasonName(x.value.rejectedBecause),
+        `PSAM ${hexOf(x.value.psamId?.value)} batch ${x.value.batchNumber} from ${x.value.terminalId}: ${count(x.value.count, "record")}, ${amount(x.value.total)}, ` +
+          "a second batch under a number already taken: its records were counted once each; the PSAM's batch key is known outside it",
+      ];
     case "load": {
       const l = x.value.load;
       return [

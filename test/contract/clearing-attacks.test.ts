@@ -6,7 +6,8 @@
 // the day's figures, and the audit with the card at hand.
 //
 // An attack that still succeeds is written as clearing should behave, marked
-// it.skip with a "DEFECT:" comment saying what happens instead.
+// it.skip with a comment saying what happens instead (one, the merchant a
+// PSAM's key can change: docs/clearing.md, "Not done yet").
 
 import { expect } from "chai";
 import { randomBytes, randomUUID } from "node:crypto";
@@ -290,11 +291,8 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: clearing keys every posting by the bare transaction id (services/clearing/store.ts `postings.transaction_id UNIQUE`;
-    // services/clearing/clearing.ts recordLoad, the isPosted check before a load is recorded). A purchase's id is the merchant's
-    // (services/merchant/shop.ts randomUUID), a load's the cardholder's own client's (client/daemon/daemon.ts randomUUID): a
-    // cardholder who loads under the id of a purchase already posted gets the value on the card, and clearing refuses the genuine,
-    // card-proven load with ALREADY_EXISTS TRANSACTION_ID_REUSED forever; the bank is never told to pay the issuer for it.
+    // Purchases and loads take their ids from different hands (the merchant, the cardholder's client): a load under the
+    // id of a posted purchase is still posted (postings are keyed by kind and id).
     it("a genuine load under the id of a posted purchase is posted all the same", async () => {
       const { transactionRef } = await bench.purchase(300);
       expect((await terminal.submitBatch(stream(submission(await bench.closeBatch())))).posted).to.equal(1);
@@ -307,9 +305,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: the reverse of the above (services/clearing/clearing.ts submitted(): `isPosted(q, r.transactionRef)` sees the load):
-    // a load posted under a purchase's id makes the genuine, card-signed purchase QUARANTINE_REASON_ALREADY_POSTED, and the
-    // merchant is never paid for goods the card paid for. The cardholder needs only to load a cent under the offer's id.
+    // The reverse: a load posted under a purchase's id does not keep the card-signed purchase from being paid.
     it("a genuine purchase under the id of a posted load is paid all the same", async () => {
       const id = randomUUID();
       const loadServer = await bench.as("load", "load-1");
@@ -406,15 +402,8 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: a batch whose trailer verifies takes its batch number even when a record of it does not
-    // (services/clearing/clearing.ts submitted(): the duplicate check compares only batch MAC, count and total, then answers
-    // the first acknowledgement). A terminal host that sends its PSAM's batch once with one record changed (or a record
-    // replaced by a copy of another of the same amount) gets the batch ACCEPTED, the changed record quarantined
-    // BAD_RECORD_MAC, and the genuine batch sent again answered `duplicate` with nothing posted: the merchant is never paid
-    // for a debit the card made, and no one can get it paid. The same holds for a record quarantined UNKNOWN_MERCHANT or
-    // KEY_VERSION_UNKNOWN before the operator registered the merchant or exported the key. Fix: on a submission of a
-    // batch clearing holds, verify and post each record not posted yet (by PSAM counter) instead of answering the first
-    // acknowledgement; or reject (without taking the number) a batch any record of which fails its record MAC.
+    // A batch sent first with a record damaged does not keep that record from being paid when the genuine batch comes
+    // again: a resend checks every record not paid yet.
     it("a first submission with a damaged record does not keep the genuine record from being paid when the batch is sent again", async () => {
       await bench.purchase(100);
       await bench.purchase(200);
@@ -428,15 +417,8 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: with a PSAM's batch key, an attacker MACs a batch the PSAM never closed, empty (count 0, total 0) or of
-    // unpayable records, under the PSAM's next batch numbers; clearing ACCEPTS it (services/clearing/clearing.ts submitted():
-    // nothing refuses count 0, a number far ahead, or a batch none of whose records verifies), and the genuine batch of
-    // that number is refused ALREADY_EXISTS BATCH_NUMBER_REUSED; the terminal host sets it aside for good
-    // (services/terminal/batch-submitter.ts), and its card-signed debits are never paid. A stolen key cannot make a
-    // payable record, but it can keep every future batch of the PSAM out. Fix: refuse a count-0 batch (a PSAM never closes
-    // one: docs of CloseBatches) without taking its number, and when a batch number is held with other content, still
-    // post the new batch's records whose card signatures verify (each is paid once by transaction id and PSAM counter
-    // anyway), flagging the conflict to the operator.
+    // With a PSAM's batch key an attacker can MAC a batch under a number the PSAM will use: it does not keep the
+    // genuine batch out, which is counted record by record and the conflict listed.
     it("a forged batch under the PSAM's key does not keep the genuine batch of its number from being paid", async () => {
       const empty = forgeBatch(batchKey(), PSAM, 1, []);
       await terminal.submitBatch(stream(submission(empty))).catch(() => undefined);
@@ -448,11 +430,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: services/clearing/clearing.ts recordLoad records a NOT_LOADED load on the load server's word (no proof is
-    // checked, load_answer must even be empty), and then refuses the card's own S3 for that id as TRANSACTION_ID_REUSED.
-    // A QUARANTINED load is forgotten when the genuine one comes; a NOT_LOADED one is not, though an S3 that verifies
-    // proves the card took the value. Fix: let a load whose S3 verifies replace a NOT_LOADED record of its id (and list
-    // the contradiction for the operator), as it already replaces a QUARANTINED one.
+    // A load recorded NOT_LOADED on the load server's word gives way to the card's own S3 for that id.
     it("a load first reported NOT_LOADED is posted when its card-proven S3 arrives", async () => {
       const genuine = await bench.genuineLoad(1_000);
       const loadServer = await bench.as("load", "load-1");
@@ -468,11 +446,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: services/clearing/clearing.ts loadProven compares the authorised INITIALIZE FOR LOAD command's amount,
-    // currency and transaction with the record, but not its bank id, and never checks the card's S1 over it: the load
-    // server's bank_id is taken on its word. A genuine load authorised by bank-1 is posted as bank-2's debt, and
-    // settlement tells bank-2 to pay for bank-1's account holder. Fix: require authorised.bankId === bank_id, and verify S1
-    // (the card's signature over the authorised command and its INITIALIZE FOR LOAD response) under the issuer's load key.
+    // The bank that pays for a load is the one the card signed in S1, not whichever the load server names.
     it("a genuine load reported under another bank is not posted to that bank", async () => {
       const genuine = await bench.genuineLoad(2_500);
       const loadServer = await bench.as("load", "load-1");
@@ -576,11 +550,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: a trailer's closed_at is never checked (services/clearing/clearing.ts submitted()). A timestamp beyond what a
-    // Date holds decodes to an Invalid Date; `trailer.closedAt?.toISOString()` (accepted batch, inside the posting
-    // transaction) and `BatchTrailer.encode(trailer)` (rejected batch) then throw RangeError, and the caller gets INTERNAL
-    // for bad input. Fix: check closed_at like the records' date_time (present or absent, within range), INVALID_ARGUMENT
-    // naming trailer.closed_at.
+    // A timestamp beyond what a JavaScript date holds is INVALID_ARGUMENT naming the field, never INTERNAL.
     it("a trailer's closed_at out of range is INVALID_ARGUMENT naming it, for a genuine batch and a forged one", async () => {
       await bench.purchase(100);
       const b = await bench.closeBatch();
@@ -625,10 +595,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: a load's settled_at is never checked (services/clearing/clearing.ts checkLoad). Beyond a Date's range it
-    // decodes to an Invalid Date, and a load that is quarantined (bad S3) is stored with `LoadRecord.encode(c.l)`, which
-    // throws RangeError: INTERNAL for bad input, and the whole request is lost. Fix: check settled_at in checkLoad,
-    // INVALID_ARGUMENT naming loads[i].settled_at.
+    // A timestamp beyond what a JavaScript date holds is INVALID_ARGUMENT naming the field, never INTERNAL.
     it("a load's settled_at out of range is INVALID_ARGUMENT naming it", async () => {
       const genuine = await bench.genuineLoad(700);
       const loadServer = await bench.as("load", "load-1");
@@ -684,11 +651,7 @@ describe("ClearingService under attack (issue #11)", function () {
       expect((await figures()).paidTo(SHOP)).to.equal(300n);
       expect((await operator.getSettlement({ day: "2026-11-29" })).settlement?.closed).to.equal(false);
     });
-    // DEFECT: services/clearing/clearing.ts:122 requireDay builds `new Date(`${day}T00:00:00Z`)` and calls dayOf
-    // (toISOString) on it before comparing: a string of the form YYYY-MM-DD that is no date at all (month 13, day 32,
-    // 0000-00-00) makes an Invalid Date, toISOString throws RangeError, and the caller gets INTERNAL with a stack trace
-    // in clearing's log, from GetSettlement, CloseSettlementDay and GetMerchantStatement (which a merchant may call).
-    // ("2026-02-30" is refused properly: Date rolls it over to March.) Fix: refuse when the Date's getTime() is NaN.
+    // A day of the right form that is no date (2026-13-01) is INVALID_ARGUMENT naming day, never INTERNAL.
     it("a day of the form YYYY-MM-DD that is no date is INVALID_ARGUMENT naming day, not INTERNAL", async () => {
       const shop = await bench.as("merchant", SHOP);
       const badDay = { code: Status.INVALID_ARGUMENT, field: "day" };
@@ -773,14 +736,7 @@ describe("ClearingService under attack (issue #11)", function () {
       await expectAuditClean();
     });
 
-    // DEFECT: SubmitBatch keeps every record of a submission in memory until its trailer comes
-    // (services/clearing/clearing.ts submitBatch: `records.push` up to 10,000, before authorisePsam), with no bound on
-    // the submissions open at once and no deadline between messages: only the connection's age (1 h, then 5 min grace,
-    // lib/grpc/server.ts DEFAULT_LIMITS) ends one. Measured: about 10.5 MiB of clearing's memory per open submission of
-    // 10,000 records; one terminal certificate (any, even one holding no PSAM) with one connection held 256 of them, 2.85 GB
-    // RSS, in 5 minutes; a second connection passes Node's 4 GiB heap limit and clearing dies. Fix: at most a few
-    // submissions in flight per terminal host (RESOURCE_EXHAUSTED beyond), a deadline on a submission without its
-    // trailer, and the PSAM's authorisation before the records (e.g. the trailer's PSAM id first, or a header message).
+    // A submission holds its records in memory until its trailer: a terminal host may keep only a few open at once.
     it("one terminal host cannot keep more than a few submissions open at once", async () => {
       const aborts: AbortController[] = [];
       const calls = Array.from({ length: 17 }, () => {
@@ -911,11 +867,7 @@ describe("ClearingService under attack (issue #11)", function () {
       }
     });
 
-    // DEFECT: services/concentrator/concentrator.ts closeBatches passes a host's report on as it is, only overwriting
-    // terminal_id: a terminal host may report batches "closed" for PSAMs it does not hold (terminal-1's here) or was not
-    // asked about, and the operator's CloseBatches (and `netpurse-operator close-batch`) shows them as closed by terminal-2,
-    // hiding that terminal-1's batch was never closed. Fix: keep only entries for PSAMs in the host's slots (and, when
-    // psam_id was given, that PSAM), and log the others as a misbehaving host.
+    // A terminal host answers CloseBatches only for the PSAMs in its own slots, and the one asked for.
     it("a terminal host's report of a PSAM it does not hold, or was not asked about, is not passed on", async () => {
       const host = await lyingHost([
         { psam: OTHER_PSAM, batchNumber: 4 },

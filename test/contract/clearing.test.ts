@@ -30,7 +30,7 @@ import { money } from "../../lib/money.js";
 import { CertificateAuthority } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf } from "../../lib/pki/security.js";
-import { InitializeForLoadCommand, LoadResponse } from "../../lib/protocol/load.js";
+import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac, type PsamBatchRecord } from "../../lib/protocol/psam.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
@@ -354,16 +354,20 @@ describe("ClearingService (contract)", function () {
   it("counts a second batch under a taken number record by record and lists the conflict; refuses malformed submissions, naming the field", async () => {
     // Whoever holds the PSAM's batch key can MAC another batch under number 1: it must not keep the genuine one out, whichever comes first.
     await purchase(100);
+    await purchase(50);
     const b = await closeBatch();
+    // A batch the PSAM never closed: its first record alone, MACed under number 1.
     const key = issuer.psamBatchKey(PSAM);
-    const altered = { ...b.trailer, count: 0, total: money(0, EUR, 0) };
-    altered.batchMac = batchMac(key, { psamId: Buffer.from(PSAM, "hex"), batchNumber: 1, count: 0, total: 0, currency: EUR });
-    expect(await terminal.submitBatch(stream(submission({ records: [], trailer: altered })))).to.include({
+    const first = b.records[0]!;
+    const altered = { ...b.trailer, count: 1, total: money(first.amount, EUR, 0) };
+    altered.batchMac = batchMac(key, { psamId: Buffer.from(PSAM, "hex"), batchNumber: 1, count: 1, total: first.amount, currency: EUR });
+    expect(await terminal.submitBatch(stream(submission({ records: [first], trailer: altered })))).to.include({
       status: BatchStatus.BATCH_STATUS_ACCEPTED,
-      posted: 0,
+      posted: 1,
     });
     const genuine = await terminal.submitBatch(stream(submission(b)));
-    expect(genuine).to.include({ status: BatchStatus.BATCH_STATUS_ACCEPTED, posted: 1, duplicate: false });
+    expect(genuine).to.include({ status: BatchStatus.BATCH_STATUS_ACCEPTED, posted: 2, duplicate: false });
+    expect((await operator.getSettlement({ day: "" })).settlement).to.include({ purchases: 2 });
     const listed = await operator.listQuarantined({ pageSize: 0, pageToken: "" });
     expect(listed.entries.map((e) => (e.entry?.$case === "conflictingBatch" ? e.entry.value.rejectedBecause : e.entry?.$case))).to.deep.equal([
       QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT,
@@ -376,7 +380,7 @@ describe("ClearingService (contract)", function () {
     const bad = submission(b);
     bad[0] = { item: { $case: "record", value: { ...asMessage(b.records[0]!), challenge: Buffer.alloc(3) } } };
     expect(await refusal(terminal.submitBatch(stream(bad)))).to.include({ code: Status.INVALID_ARGUMENT, field: "records[0].challenge" });
-    expect((await operator.getSettlement({ day: "" })).settlement!.purchases).to.equal(1);
+    expect((await operator.getSettlement({ day: "" })).settlement!.purchases).to.equal(2);
   });
 
   /** A genuine load made by the card and the load server's security module. */
@@ -496,6 +500,64 @@ describe("ClearingService (contract)", function () {
     const failed = audit.checks.filter((c) => !c.ok);
     expect(failed).to.have.length(1);
     expect(failed[0]!.detail).to.contain("card says 9800").and.contain("= 9700");
+  });
+
+  it("ends a submission that stalls (DEADLINE_EXCEEDED) and frees its place; refuses an empty batch and a load answer that does not decode", async () => {
+    await server.close();
+    server = await startClearing({
+      security: await security.of("clearing", "clearing-1"),
+      listen: "127.0.0.1:0",
+      dir: join(dir, "clearing"),
+      psamRegistry: join(dir, "psams.json"),
+      clock: () => now,
+      submissionLimits: { perTerminal: 1, idleMs: 300 },
+    });
+    const host = await as("terminal", "terminal-1");
+    await purchase(100);
+    const b = await closeBatch();
+    // One record, then nothing: the host's one place is taken until clearing gives up on it.
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    async function* stalled(): AsyncIterable<SubmitBatchRequest> {
+      yield submission(b)[0]!;
+      await held;
+    }
+    const started = Date.now();
+    const stalledCall = refusal(host.submitBatch(stalled()));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(await refusal(host.submitBatch(stream(submission(b))))).to.include({ code: Status.RESOURCE_EXHAUSTED });
+    expect(await stalledCall).to.include({ code: Status.DEADLINE_EXCEEDED });
+    expect(Date.now() - started).to.be.below(5_000);
+    release();
+    expect(await host.submitBatch(stream(submission(b)))).to.include({ status: BatchStatus.BATCH_STATUS_ACCEPTED, posted: 1 });
+
+    const empty = { ...b.trailer, batchNumber: 2, count: 0, total: money(0, EUR, 0) };
+    empty.batchMac = batchMac(issuer.psamBatchKey(PSAM), { psamId: Buffer.from(PSAM, "hex"), batchNumber: 2, count: 0, total: 0, currency: EUR });
+    expect(await refusal(host.submitBatch(stream([{ item: { $case: "trailer", value: empty } }])))).to.include({
+      code: Status.INVALID_ARGUMENT,
+      field: "trailer.count",
+    });
+
+    const load = await genuineLoad(500);
+    const garbled = Buffer.from(load.initializeResponse);
+    garbled.fill(0xff, InitializeForLoadResponse.offset("expiry"), InitializeForLoadResponse.offset("expiry") + 4); // no longer a BCD date
+    expect(await refusal((await as("load", "load-1")).submitLoads({ loads: [{ ...load, initializeResponse: garbled }] }))).to.include({
+      code: Status.INVALID_ARGUMENT,
+      field: "loads[0].initialize_response",
+    });
+    expect((await (await as("operator", "operator")).getSettlement({ day: "" })).settlement).to.include({ purchases: 1, loads: 0 });
+  });
+
+  it("no longer lists a record as not paid once a resend has paid it", async () => {
+    await purchase(100);
+    const b = await closeBatch();
+    const damaged = { ...b, records: [{ ...b.records[0]!, recordMac: randomBytes(8) }] };
+    expect(await terminal.submitBatch(stream(submission(damaged)))).to.include({ posted: 0, quarantined: 1 });
+    expect((await operator.listQuarantined({ pageSize: 0, pageToken: "" })).entries).to.have.length(1);
+    expect(await terminal.submitBatch(stream(submission(b)))).to.include({ posted: 1, quarantined: 0, duplicate: true });
+    expect((await operator.listQuarantined({ pageSize: 0, pageToken: "" })).entries).to.deep.equal([]);
+    expect((await operator.getBatch({ psamId: toPsamId(PSAM), batchNumber: 1, pageSize: 0, pageToken: "" })).quarantinedRecords).to.deep.equal([]);
+    expect((await operator.runAudit({ cards: [] })).quarantined).to.equal(0);
   });
 
   it("serves health and reflection", async () => {

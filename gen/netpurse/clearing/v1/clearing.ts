@@ -460,7 +460,10 @@ export interface SubmitBatchRequest {
     /** One record of the batch. */
     { $case: "record"; value: BatchRecord }
     | //
-    /** The batch's trailer; the last message of the stream. */
+    /**
+     * The batch's trailer; the last message of the stream. A batch holds at
+     * least one record (count 0 is INVALID_ARGUMENT naming trailer.count).
+     */
     { $case: "trailer"; value: BatchTrailer }
     | undefined;
 }
@@ -481,7 +484,10 @@ export interface SubmitBatchResponse {
   posted: number;
   /** Records quarantined. */
   quarantined: number;
-  /** True when clearing already held this batch: nothing was counted again. */
+  /**
+   * True when clearing already held this batch: no record paid before was
+   * paid again (a record that failed before and verifies now was paid).
+   */
   duplicate: boolean;
   /**
    * Batch numbers of this PSAM below this one that clearing has not
@@ -575,7 +581,10 @@ export interface Position {
   receivable:
     | Money
     | undefined;
-  /** What the party owes for the day (issuer: purchases; bank: loads). */
+  /**
+   * What the party owes for the day (issuer: purchases; acquirer: its
+   * merchants' purchases; bank: loads).
+   */
   payable:
     | Money
     | undefined;
@@ -776,11 +785,18 @@ export interface Batch {
 
 /** A batch and a page of its quarantined records. */
 export interface GetBatchResponse {
-  /** The batch (for a batch number sent rejected and then accepted, the accepted one). */
+  /**
+   * The batch: the one of that number clearing accepted first (a rejected
+   * submission counts only while none is accepted; a conflicting batch under
+   * the number is listed by ListQuarantined).
+   */
   batch:
     | Batch
     | undefined;
-  /** This page of the batch's quarantined records, by PSAM counter. */
+  /**
+   * This page of the batch's records not paid (quarantined, and not paid
+   * since), in the order clearing quarantined them.
+   */
   quarantinedRecords: QuarantinedRecord[];
   /** The page_token for the next page; empty on the last page. */
   nextPageToken: string;
