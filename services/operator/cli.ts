@@ -153,7 +153,9 @@ await runCommands(
           mode,
           clearing: { dir: join(data, "clearing"), acquirerId, currency: int(v.currency, 978, "currency"), exponent: int(v.exponent, 2, "exponent") },
         });
-        console.log(`registered merchant ${v.id}, paid through acquirer ${acquirerId}; restart its validation service to load its key (clearing reads its registry within seconds)`);
+        console.log(
+          `registered merchant ${v.id}, paid through acquirer ${acquirerId}; restart its validation service to load its key (clearing reads its registry within seconds)`,
+        );
       },
     },
     {
