@@ -176,7 +176,7 @@ async function* withinLimits<T>(stream: AsyncIterable<T>, idleMs: number, totalM
   } finally {
     clearTimeout(timer);
     // Not awaited: the stream's return waits for the next message of a stalled peer, which is what this ends.
-    void it.return?.().catch(() => undefined);
+    it.return?.()?.catch(() => undefined);
   }
 }
 

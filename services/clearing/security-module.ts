@@ -65,7 +65,9 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
     } catch (e) {
       // A parse error would quote the file's text, key bytes included: say only what kind of failure it was.
       const why = e instanceof SyntaxError ? "not valid JSON" : ((e as NodeJS.ErrnoException).code ?? "unreadable");
-      throw new Error(`cannot read clearing's keys ${path} (${why}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`);
+      throw new Error(`cannot read clearing's keys ${path} (${why}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`, {
+        cause: new Error(why),
+      });
     }
     if (keys.format !== 1 || !hexKey(keys.batchMaster) || typeof keys.issuerId !== "string") throw new Error(`${path}: not a clearing keys file`);
     return new SoftwareClearingModule(keys);
