@@ -65,9 +65,8 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
     } catch (e) {
       // A parse error would quote the file's text, key bytes included: say only what kind of failure it was.
       const why = e instanceof SyntaxError ? "not valid JSON" : ((e as NodeJS.ErrnoException).code ?? "unreadable");
-      throw new Error(`cannot read clearing's keys ${path} (${why}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`, {
-        cause: new Error(why),
-      });
+      // eslint-disable-next-line preserve-caught-error -- the caught error quotes the file, key bytes included: it must not travel on
+      throw new Error(`cannot read clearing's keys ${path} (${why}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`);
     }
     if (keys.format !== 1 || !hexKey(keys.batchMaster) || typeof keys.issuerId !== "string") throw new Error(`${path}: not a clearing keys file`);
     return new SoftwareClearingModule(keys);
