@@ -447,6 +447,16 @@ export class TerminalHost {
     const psamHex = slot.psam.psamId;
     const st = await slot.driver.readStatus();
     if (st.batchCount === 0) return undefined;
+    // The PSAM gives back only its last closed batch's trailer: that one must be in the outbox before another close replaces it
+    // (its store write may have failed), or its MAC is gone and the batch can never be sent.
+    const previous = await slot.driver.lastClosedBatch();
+    if (previous && !(await this.store.batch(psamHex, previous.batchNumber))) {
+      await this.keepClosed(previous).catch((e: unknown) => {
+        throw new OutboxNotWritten(
+          `batch ${previous.batchNumber} is not in the outbox yet and cannot be written (${(e as Error).message}): not closing the next`,
+        );
+      });
+    }
     const held = await this.store.batchTally(psamHex, st.batchNumber);
     if (held.count !== st.batchCount || held.total !== st.batchTotal) {
       await this.store.recordTransactions(psamHex, st.batchNumber, await slot.driver.readBatch(), "close");
@@ -478,7 +488,7 @@ export class TerminalHost {
         const closed = await this.closeHeld(slot, why);
         return { closed, slot: await this.slotInfo(slot) };
       } catch (e) {
-        if (!(e instanceof ApduError)) this.failSlot(slot, e);
+        if (!(e instanceof ApduError) && !(e instanceof OutboxNotWritten)) this.failSlot(slot, e);
         throw e;
       }
     });
@@ -540,3 +550,6 @@ export class TerminalHost {
 }
 
 class JobInvalid extends Error {}
+
+/** The host's store cannot take a closed batch: the PSAM is fine, the next close waits. */
+class OutboxNotWritten extends Error {}
