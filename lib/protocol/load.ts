@@ -5,7 +5,9 @@
 // security module and the client build and read these messages from here;
 // docs/apdu.md describes the same bytes for people.
 
+import { macEqual } from "../crypto/aes.js";
 import { mac8 } from "../crypto/cmac.js";
+import { deriveSessionKey, diversifyCardKey } from "../crypto/keys.js";
 import { ascii, bcdDate, bytes, layout, u16, u32, u8, uuid, type Value } from "./layout.js";
 
 /** Data of INITIALIZE FOR LOAD: what the bank authorised, as the client hands it to the card. */
@@ -151,4 +153,21 @@ export function loadS3(sessionKey: Uint8Array, session: { purseId: Buffer; chall
       transactionRef: l.transactionRef,
     }),
   );
+}
+
+/**
+ * Whether an S3 is the card's own answer to this LOAD command: the session
+ * key derived from the card's load key (one AES block under the load master
+ * key of its key version) and the session both sides know, then S3 compared
+ * in constant time. The load server's security module and clearing's check
+ * it alike.
+ */
+export function s3Verifies(loadMasterKey: Uint8Array, init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean {
+  const sessionKey = deriveSessionKey(diversifyCardKey(loadMasterKey, init.purseId), {
+    cardCounter: init.counter,
+    securityModuleId: command.hsmId,
+    securityModuleCounter: command.hsmCounter,
+    challenge: init.challenge,
+  });
+  return macEqual(loadS3(sessionKey, init, command, answer), answer.s3);
 }

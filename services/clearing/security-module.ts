@@ -10,7 +10,7 @@
 import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson } from "../../lib/files.js";
-import { loadS1, loadS3, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import { loadS1, s3Verifies, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac, diversifyPsamKey, type PsamBatchRecord } from "../../lib/protocol/psam.js";
 import { cardSignature, DebitResult } from "../../lib/protocol/purse.js";
 
@@ -121,13 +121,6 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
 
   verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean {
     const master = this.master(this.keys.loadKeys, init.keyVersion);
-    if (!master) return false;
-    const sk = deriveSessionKey(diversifyCardKey(master, init.purseId), {
-      cardCounter: init.counter,
-      securityModuleId: command.hsmId,
-      securityModuleCounter: command.hsmCounter,
-      challenge: init.challenge,
-    });
-    return macEqual(loadS3(sk, init, command, answer), answer.s3);
+    return !!master && s3Verifies(master, init, command, answer);
   }
 }

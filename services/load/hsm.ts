@@ -10,7 +10,7 @@ import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { Mutex } from "../../lib/mutex.js";
-import { LoadCommand, loadS1, loadS2, loadS3, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import { LoadCommand, loadS1, loadS2, s3Verifies, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { isExpired, PurseStatusByte } from "../../lib/protocol/purse.js";
 
 /** Why the security module will not sign a LOAD command for a card whose S1 verified. */
@@ -136,8 +136,8 @@ export class SoftwareHsm implements HostSecurityModule {
   }
 
   verifyLoadAnswer(authorised: LoadInitCommand, init: LoadInit, issued: { hsmCounter: number }, answer: LoadAnswer): boolean {
-    const key = this.cardKey(init);
-    if (!key) return false;
+    const master = this.state.loadKeys[String(init.keyVersion)];
+    if (!master) return false;
     const fields = {
       amount: authorised.amount,
       currency: authorised.currency,
@@ -146,7 +146,7 @@ export class SoftwareHsm implements HostSecurityModule {
       dateTime: authorised.dateTime,
       transactionRef: authorised.transactionRef,
     };
-    return macEqual(loadS3(this.sessionKey(key, init, issued.hsmCounter), init, fields, answer), answer.s3);
+    return s3Verifies(Buffer.from(master, "hex"), init, fields, answer);
   }
 
   matchesS1(zeroCommand: LoadInitCommand, expected: LoadInit): boolean {

@@ -335,7 +335,8 @@ export class TerminalHost {
           if (!(e instanceof ApduError && e.sw === SW.BATCH_FULL)) throw e;
           // Full (the PSAM's capacity is below --batch-close-at): close it, this job holds the slot already, and draw again.
           const closed = await this.closeHeld(slot, "full");
-          if (closed) await this.keep(() => this.keepClosed(closed));
+          // Written beside the job, not inside the slot's hold: the next close makes sure it landed (closeHeld).
+          if (closed) this.keep(() => this.keepClosed(closed)).catch(() => undefined);
           return slot.driver.issueDebitCommand(request);
         });
         this.o.log.info("debit command issued", { psam: psamHex, psamCounter: issued.psamCounter, transaction: job.transactionId.value });

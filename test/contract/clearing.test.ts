@@ -349,6 +349,10 @@ describe("ClearingService (contract)", function () {
       code: Status.PERMISSION_DENIED,
     });
     expect((await operator.getSettlement({ day: "" })).settlement!.purchases).to.equal(0);
+    expect(await refusal(operator.getBatch({ psamId: toPsamId(PSAM), batchNumber: 99, pageSize: 0, pageToken: "" }))).to.include({
+      code: Status.NOT_FOUND,
+      reason: ErrorReason.ERROR_REASON_NOT_FOUND,
+    });
   });
 
   it("counts a second batch under a taken number record by record and lists the conflict; refuses malformed submissions, naming the field", async () => {
