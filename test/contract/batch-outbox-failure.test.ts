@@ -31,7 +31,7 @@ describe("terminal host: a closed batch its store failed to take is put in the o
     store.recordBatch = (async (...args: Parameters<typeof recordBatch>) => {
       if (failures++ === 0) throw new Error("disk full (test)");
       return recordBatch(...args);
-    }) as typeof store.recordBatch;
+    });
 
     await buy();
     const first = await net.clients.concentrator.closeBatches({ terminalId: "", psamId: undefined });
