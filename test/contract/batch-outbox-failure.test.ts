@@ -28,10 +28,10 @@ describe("terminal host: a closed batch its store failed to take is put in the o
     const psamHex = hexOf((await net.clients.concentrator.listTerminals({})).terminals[0]!.slots[0]!.psamId?.value);
     const recordBatch = store.recordBatch.bind(store);
     let failures = 0;
-    store.recordBatch = (async (...args: Parameters<typeof recordBatch>) => {
+    store.recordBatch = async (...args: Parameters<typeof recordBatch>) => {
       if (failures++ === 0) throw new Error("disk full (test)");
       return recordBatch(...args);
-    });
+    };
 
     await buy();
     const first = await net.clients.concentrator.closeBatches({ terminalId: "", psamId: undefined });
