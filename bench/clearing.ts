@@ -12,6 +12,7 @@
 // provisioned it), by the functions the card and the PSAM use. Clearing
 // checks every one of them as it would a terminal host's.
 
+import { streamOf } from "../lib/streams.js";
 import { randomBytes, randomUUID } from "node:crypto";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -227,10 +228,6 @@ class RecordMaker {
     };
     return { ...fields, recordMac: batchRecordMac(psam.batchKey, psam.psamId, batchNumber, fields) };
   }
-}
-
-async function* streamOf(messages: SubmitBatchRequest[]): AsyncIterable<SubmitBatchRequest> {
-  yield* messages;
 }
 
 type ClearingClient = Client<typeof ClearingServiceDefinition, DeadlineOptions>;

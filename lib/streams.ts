@@ -62,3 +62,8 @@ export async function keepConnected(p: {
     backoff = Math.min(backoff * 2, 5_000);
   }
 }
+
+/** The items as a client stream (a request stream built ahead, as tests and benchmarks send them). */
+export async function* streamOf<T>(items: Iterable<T>): AsyncIterable<T> {
+  yield* items;
+}

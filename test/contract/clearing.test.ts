@@ -12,26 +12,23 @@ import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import {
   BatchStatus,
-  ClearingServiceDefinition,
   LoadOutcome,
   LoadProof,
   LoadStatus,
   PartyKind,
   QuarantineReason,
-  type BatchTrailer,
   type LoadRecord,
   type SubmitBatchRequest,
 } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { reasonOf, fieldOf } from "../../lib/grpc/errors.js";
 import { psamId as toPsamId, purseId as toPurseId, txnId, merchantId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { CertificateAuthority } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf } from "../../lib/pki/security.js";
 import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse } from "../../lib/protocol/load.js";
-import { batchMac, batchRecordMac, type PsamBatchRecord } from "../../lib/protocol/psam.js";
+import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
 import { SoftwareHsm } from "../../services/load/hsm.js";
@@ -42,43 +39,18 @@ import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 import { testSecurity, type TestSecurity } from "../support/network.js";
-import { batchRecordMessage } from "../../services/clearing/records.js";
-
-const PSAM = "c1ea0001";
-const OTHER_PSAM = "c1ea0002";
-const SHOP = "clear-shop";
-
-type Clearing = ReturnType<typeof clientFor>;
-function clientFor(address: string, security: Awaited<ReturnType<TestSecurity["of"]>>) {
-  const channel = openChannel(address, security.channel({ kind: "clearing" }));
-  return Object.assign(clientFactory().create(ClearingServiceDefinition, channel), { close: () => channel.close() });
-}
-
-async function refusal(p: Promise<unknown>): Promise<{ code: Status; reason: ErrorReason | undefined; field: string | undefined; details: string }> {
-  try {
-    await p;
-  } catch (e) {
-    const err = e as { code: Status; details: string };
-    return { code: err.code, reason: reasonOf(e), field: fieldOf(e), details: err.details };
-  }
-  throw new Error("expected the call to be refused");
-}
-
-async function* stream(items: SubmitBatchRequest[]) {
-  for (const i of items) yield i;
-}
-
-const asMessage = batchRecordMessage;
-
-interface ClosedBatch {
-  records: PsamBatchRecord[];
-  trailer: BatchTrailer;
-}
-
-const submission = (b: ClosedBatch): SubmitBatchRequest[] => [
-  ...b.records.map((r): SubmitBatchRequest => ({ item: { $case: "record", value: asMessage(r) } })),
-  { item: { $case: "trailer", value: b.trailer } },
-];
+import {
+  asMessage,
+  clearingClient,
+  OTHER_PSAM,
+  PSAM,
+  refusal,
+  SHOP,
+  stream,
+  submission,
+  type ClearingClient,
+  type ClosedBatch,
+} from "../support/clearing-bench.js";
 
 describe("ClearingService (contract)", function () {
   this.timeout(30_000);
@@ -87,16 +59,16 @@ describe("ClearingService (contract)", function () {
   let issuer: Issuer;
   let security: TestSecurity;
   let server: Awaited<ReturnType<typeof startClearing>>;
-  let clients: Clearing[];
-  let terminal: Clearing;
-  let operator: Clearing;
+  let clients: ClearingClient[];
+  let terminal: ClearingClient;
+  let operator: ClearingClient;
   let cardPath: string;
   let reader: PurseReader;
   let psam: PsamDriver;
   let now: Date;
 
   const as = async (kind: Kind, id: string) => {
-    const c = clientFor(server.address, await security.of(kind, id));
+    const c = clearingClient(server.address, await security.of(kind, id));
     clients.push(c);
     return c;
   };

@@ -81,9 +81,7 @@ export async function refusal(p: Promise<unknown>): Promise<Refusal> {
   throw new Error("expected the call to be refused");
 }
 
-export async function* stream<T>(items: Iterable<T>): AsyncIterable<T> {
-  for (const i of items) yield i;
-}
+export { streamOf as stream } from "../../lib/streams.js";
 
 /** A PSAM's batch record as SubmitBatch carries it. */
 export const asMessage = batchRecordMessage;
