@@ -28,7 +28,6 @@ import {
   type CardBalance,
   type ClearingServiceImplementation,
   type LoadAcknowledgement,
-  type Position,
   type Payout,
   type QuarantineEntry,
   type QuarantinedRecord,
@@ -56,6 +55,8 @@ export const MAX_BATCH_RECORDS = 10_000;
 export const MAX_LOADS_PER_CALL = 100;
 const MAX_MISSING_REPORTED = 100;
 const PAGE = { fallback: 50, max: 500 };
+/** Merchants per page of a settlement day. */
+const SETTLEMENT_PAGE = { fallback: 100, max: 500 };
 const DAY_RE = /^\d{4}-\d{2}-\d{2}$/;
 
 export interface ClearingOptions {
@@ -271,7 +272,10 @@ export class Clearing {
 
     getSettlement: async (request) => {
       const day = request.day === "" ? await this.o.store.postingDay(this.o.store.db, this.o.clock()) : requireDay(request.day);
-      return { settlement: await this.settlement(day) };
+      const size = pageSize(request.pageSize, SETTLEMENT_PAGE);
+      const afterMerchant = pagePosition(request.pageToken, "settlement", day, (p): p is string => typeof p === "string" && p !== "");
+      const { settlement, nextMerchant } = await this.settlement(day, { size, ...(afterMerchant === undefined ? {} : { afterMerchant }) });
+      return { settlement, nextPageToken: nextMerchant === undefined ? "" : pageToken("settlement", day, nextMerchant) };
     },
 
     closeSettlementDay: async (request) => {
@@ -280,7 +284,7 @@ export class Clearing {
       if (day > dayOf(now)) throw invalidField("day", `${day} has not begun yet (today is ${dayOf(now)}, UTC)`);
       await this.o.store.closeDay(day, now);
       this.o.log.info("settlement day closed", { day });
-      return { settlement: await this.settlement(day) };
+      return { settlement: (await this.settlement(day, { size: SETTLEMENT_PAGE.fallback })).settlement };
     },
 
     getMerchantStatement: async (request, context) => {
@@ -799,79 +803,90 @@ export class Clearing {
     };
   }
 
-  /** A day's positions and payouts, from what was posted to it. */
-  async settlement(day: string): Promise<Settlement> {
-    // One consistent view: a batch posted meanwhile is in all of the figures or in none.
-    const { purchases, loads, closedAt } = await this.o.store.db.transaction(async (q) => ({
-      purchases: await this.o.store.purchasesOfDay(day, q),
-      loads: await this.o.store.loadsPostedOnDay(day, q),
+  /**
+   * A day's positions and payouts, summed by the database from what was
+   * posted to it, in one consistent view: the issuers', acquirers' and banks'
+   * on the first page with the first merchants, the next merchants after.
+   */
+  async settlement(day: string, page: { size: number; afterMerchant?: string } = { size: PAGE.fallback }) {
+    const first = page.afterMerchant === undefined;
+    const v = await this.o.store.db.transaction(async (q) => ({
+      counts: await this.o.store.dayCounts(q, day),
       closedAt: await this.o.store.dayClosedAt(day, q),
+      loads: first ? await this.o.store.loadsByBank(q, day) : [],
+      purchases: first ? await this.o.store.purchasesByAcquirer(q, day) : [],
+      merchants: await this.o.store.merchantsOfDay(q, day, page.afterMerchant ?? "", page.size + 1),
     }));
+    const more = new Set(v.merchants.map((m) => m.merchant_id)).size > page.size;
+    const pageMerchants = new Set([...new Set(v.merchants.map((m) => m.merchant_id))].slice(0, page.size));
+    const merchants = v.merchants.filter((m) => pageMerchants.has(m.merchant_id));
+
     type Acc = { kind: PartyKind; id: string; currency: number; exponent: number; receivable: number; payable: number; n: number };
     const positions = new Map<string, Acc>();
-    const pos = (kind: PartyKind, id: string, currency: number, exponent: number) => {
-      const key = `${kind}/${id}/${currency}`;
+    const pos = (kind: PartyKind, id: string, r: { currency: number; exponent: number }) => {
+      const key = `${kind}/${id}/${r.currency}`;
       let p = positions.get(key);
-      if (!p) positions.set(key, (p = { kind, id, currency, exponent, receivable: 0, payable: 0, n: 0 }));
+      if (!p) positions.set(key, (p = { kind, id, currency: r.currency, exponent: r.exponent, receivable: 0, payable: 0, n: 0 }));
       return p;
     };
-    const payouts = new Map<string, { payer: [PartyKind, string]; payee: [PartyKind, string]; currency: number; exponent: number; amount: number }>();
-    const pay = (payer: [PartyKind, string], payee: [PartyKind, string], currency: number, exponent: number, amount: number) => {
-      const key = `${payer.join("/")}>${payee.join("/")}/${currency}`;
-      const p = payouts.get(key) ?? { payer, payee, currency, exponent, amount: 0 };
-      p.amount += amount;
-      payouts.set(key, p);
-    };
-    for (const l of loads) {
-      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, l.issuer_id, l.currency, l.exponent);
-      issuer.receivable += l.amount_minor;
-      issuer.n++;
-      const bank = pos(PartyKind.PARTY_KIND_BANK, l.bank_id, l.currency, l.exponent);
-      bank.payable += l.amount_minor;
-      bank.n++;
-      pay([PartyKind.PARTY_KIND_BANK, l.bank_id], [PartyKind.PARTY_KIND_ISSUER, l.issuer_id], l.currency, l.exponent, l.amount_minor);
+    const payouts: Payout[] = [];
+    const pay = (payer: [PartyKind, string], payee: [PartyKind, string], r: { currency: number; exponent: number; total: number }) =>
+      payouts.push({ payerKind: payer[0], payerId: payer[1], payeeKind: payee[0], payeeId: payee[1], amount: money(r.total, r.currency, r.exponent) });
+    for (const l of v.loads) {
+      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, l.issuer_id, l);
+      issuer.receivable += l.total;
+      issuer.n += l.n;
+      const bank = pos(PartyKind.PARTY_KIND_BANK, l.bank_id, l);
+      bank.payable += l.total;
+      bank.n += l.n;
+      pay([PartyKind.PARTY_KIND_BANK, l.bank_id], [PartyKind.PARTY_KIND_ISSUER, l.issuer_id], l);
     }
-    for (const p of purchases) {
-      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, p.issuer_id, p.currency, p.exponent);
-      issuer.payable += p.amount_minor;
-      issuer.n++;
-      const acquirer = pos(PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id, p.currency, p.exponent);
-      acquirer.receivable += p.amount_minor;
-      acquirer.payable += p.amount_minor;
-      acquirer.n++;
-      const merchant = pos(PartyKind.PARTY_KIND_MERCHANT, p.merchant_id, p.currency, p.exponent);
-      merchant.receivable += p.amount_minor;
-      merchant.n++;
-      pay([PartyKind.PARTY_KIND_ISSUER, p.issuer_id], [PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id], p.currency, p.exponent, p.amount_minor);
-      pay([PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id], [PartyKind.PARTY_KIND_MERCHANT, p.merchant_id], p.currency, p.exponent, p.amount_minor);
+    for (const p of v.purchases) {
+      const issuer = pos(PartyKind.PARTY_KIND_ISSUER, p.issuer_id, p);
+      issuer.payable += p.total;
+      issuer.n += p.n;
+      const acquirer = pos(PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id, p);
+      acquirer.receivable += p.total;
+      acquirer.payable += p.total;
+      acquirer.n += p.n;
+      pay([PartyKind.PARTY_KIND_ISSUER, p.issuer_id], [PartyKind.PARTY_KIND_ACQUIRER, p.acquirer_id], p);
     }
-    const order = (a: { kind: PartyKind; id: string; currency: number }, b: { kind: PartyKind; id: string; currency: number }) =>
+    for (const m of merchants) {
+      const merchant = pos(PartyKind.PARTY_KIND_MERCHANT, m.merchant_id, m);
+      merchant.receivable += m.total;
+      merchant.n += m.n;
+      pay([PartyKind.PARTY_KIND_ACQUIRER, m.acquirer_id], [PartyKind.PARTY_KIND_MERCHANT, m.merchant_id], m);
+    }
+    const byParty = (a: { kind: PartyKind; id: string; currency: number }, b: { kind: PartyKind; id: string; currency: number }) =>
       a.kind - b.kind || a.id.localeCompare(b.id) || a.currency - b.currency;
     const m = (amount: number, a: { currency: number; exponent: number }): Money => money(amount, a.currency, a.exponent);
-    const positionList: Position[] = [...positions.values()].sort(order).map((p) => ({
-      kind: p.kind,
-      partyId: p.id,
-      receivable: m(p.receivable, p),
-      payable: m(p.payable, p),
-      net: m(p.receivable - p.payable, p),
-      transactions: p.n,
-    }));
-    const payoutList: Payout[] = [...payouts.values()]
-      .sort(
-        (a, b) =>
-          order({ kind: a.payer[0], id: a.payer[1], currency: a.currency }, { kind: b.payer[0], id: b.payer[1], currency: b.currency }) ||
-          a.payee[1].localeCompare(b.payee[1]),
-      )
-      .map((p) => ({ payerKind: p.payer[0], payerId: p.payer[1], payeeKind: p.payee[0], payeeId: p.payee[1], amount: m(p.amount, p) }));
-    return {
+    const settlement: Settlement = {
       day,
-      closed: closedAt !== undefined,
-      closedAt: closedAt === undefined ? undefined : new Date(closedAt),
-      positions: positionList,
-      payouts: payoutList,
-      purchases: purchases.length,
-      loads: loads.length,
+      closed: v.closedAt !== undefined,
+      closedAt: v.closedAt === undefined ? undefined : new Date(v.closedAt),
+      positions: [...positions.values()]
+        .sort(byParty)
+        .map((p) => ({
+          kind: p.kind,
+          partyId: p.id,
+          receivable: m(p.receivable, p),
+          payable: m(p.payable, p),
+          net: m(p.receivable - p.payable, p),
+          transactions: p.n,
+        })),
+      payouts: payouts.sort(
+        (a, b) =>
+          a.payerKind - b.payerKind ||
+          a.payerId.localeCompare(b.payerId) ||
+          a.payeeKind - b.payeeKind ||
+          a.payeeId.localeCompare(b.payeeId) ||
+          a.amount!.currency - b.amount!.currency,
+      ),
+      purchases: v.counts.purchases,
+      loads: v.counts.loads,
     };
+    const last = [...pageMerchants].pop();
+    return { settlement, nextMerchant: more && last !== undefined ? last : undefined };
   }
 
   private checkCardBalance(c: CardBalance, field: string) {

@@ -176,6 +176,9 @@ export interface LoadRow {
   recorded_at: string;
 }
 
+/** A sum of a day's postings for one group. */
+export type DayTotal<G> = G & { currency: number; exponent: number; total: number; n: number };
+
 export type NewQuarantine = Omit<QuarantineRow, "id" | "resolved_at">;
 
 /** The UTC day of a moment, YYYY-MM-DD. */
@@ -382,12 +385,43 @@ export class ClearingStore {
     return this.db.all<QuarantineRow>("SELECT * FROM quarantine WHERE id > ? AND resolved_at IS NULL ORDER BY id LIMIT ?", [afterId, limit]);
   }
 
-  purchasesOfDay(day: string, q: Queryable = this.db): Promise<PurchaseRow[]> {
-    return q.all<PurchaseRow>("SELECT * FROM purchases WHERE settlement_day = ?", [day]);
+  /** The day's purchases and posted loads, counted. */
+  async dayCounts(q: Queryable, day: string): Promise<{ purchases: number; loads: number }> {
+    const r = await q.get<{ purchases: number; loads: number }>(
+      `SELECT (SELECT COUNT(*) FROM purchases WHERE settlement_day = ?) AS purchases,
+              (SELECT COUNT(*) FROM loads WHERE status = 'POSTED' AND settlement_day = ?) AS loads`,
+      [day, day],
+    );
+    return { purchases: r?.purchases ?? 0, loads: r?.loads ?? 0 };
   }
 
-  loadsPostedOnDay(day: string, q: Queryable = this.db): Promise<LoadRow[]> {
-    return q.all<LoadRow>("SELECT * FROM loads WHERE status = 'POSTED' AND settlement_day = ?", [day]);
+  /** The day's posted loads, summed per bank, issuer and currency. */
+  loadsByBank(q: Queryable, day: string): Promise<DayTotal<{ bank_id: string; issuer_id: string }>[]> {
+    return q.all(
+      `SELECT bank_id, issuer_id, currency, MAX(exponent) AS exponent, SUM(amount_minor) AS total, COUNT(*) AS n FROM loads
+       WHERE status = 'POSTED' AND settlement_day = ? GROUP BY bank_id, issuer_id, currency`,
+      [day],
+    );
+  }
+
+  /** The day's purchases, summed per issuer, acquirer and currency. */
+  purchasesByAcquirer(q: Queryable, day: string): Promise<DayTotal<{ issuer_id: string; acquirer_id: string }>[]> {
+    return q.all(
+      `SELECT issuer_id, acquirer_id, currency, MAX(exponent) AS exponent, SUM(amount_minor) AS total, COUNT(*) AS n FROM purchases
+       WHERE settlement_day = ? GROUP BY issuer_id, acquirer_id, currency`,
+      [day],
+    );
+  }
+
+  /** The day's purchases summed per merchant (and its acquirer and currency), for the first `limit` merchants after `after` by id. */
+  merchantsOfDay(q: Queryable, day: string, after: string, limit: number): Promise<DayTotal<{ merchant_id: string; acquirer_id: string }>[]> {
+    return q.all(
+      `SELECT merchant_id, acquirer_id, currency, MAX(exponent) AS exponent, SUM(amount_minor) AS total, COUNT(*) AS n FROM purchases
+       WHERE settlement_day = ? AND merchant_id IN
+         (SELECT DISTINCT merchant_id FROM purchases WHERE settlement_day = ? AND merchant_id > ? ORDER BY merchant_id LIMIT ?)
+       GROUP BY merchant_id, acquirer_id, currency ORDER BY merchant_id, acquirer_id, currency`,
+      [day, day, after, limit],
+    );
   }
 
   /** A merchant's statement lines, newest first, after the line with posting sequence `beforeSeq`. */

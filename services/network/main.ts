@@ -20,7 +20,7 @@ import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.j
 import { launchNetwork, Launcher, type Death } from "./launcher.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
 import { ClearingServiceDefinition, type Settlement } from "../../gen/netpurse/clearing/v1/clearing.js";
-import { audit, cardFilesIn, count, readCardsAtHand, settlementReport, type ClearingClient } from "../operator/clearing-report.js";
+import { audit, cardFilesIn, count, readCardsAtHand, readSettlement, settlementReport, type ClearingClient } from "../operator/clearing-report.js";
 import { hexOf } from "../../lib/ids.js";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
@@ -267,7 +267,7 @@ async function clearDemo(
     const loads = now.loads + (earlier?.loads ?? 0) - before.loads;
     if (purchases >= made.purchases && loads >= made.loads) {
       say(`  clearing posted ${count(purchases, "purchase")} and ${count(loads, "load")} (${count(closed, "batch", "batches")} closed now)`);
-      return now;
+      return readSettlement(clearing, now.day, CLI_DEADLINE_MS);
     }
     if (Date.now() > deadline) {
       throw new Error(

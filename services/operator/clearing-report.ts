@@ -48,6 +48,30 @@ export async function everyPage<T>(page: (token: string) => Promise<{ items: T[]
   return all;
 }
 
+/**
+ * A settlement day whole: every page's merchants (the first page holds the
+ * issuers, acquirers and banks too), in the order clearing gives one page:
+ * positions by kind and party, payouts by payer and payee.
+ */
+export async function readSettlement(clearing: ClearingClient, day: string, deadlineMs: number): Promise<Settlement> {
+  let whole: Settlement | undefined;
+  let token = "";
+  do {
+    const r = await clearing.getSettlement({ day, pageSize: PAGE_SIZE, pageToken: token }, { deadline: deadlineMs });
+    const s = r.settlement!;
+    if (whole) {
+      whole.positions.push(...s.positions);
+      whole.payouts.push(...s.payouts);
+    } else whole = s;
+    token = r.nextPageToken;
+  } while (token);
+  whole.positions.sort((a, b) => a.kind - b.kind || a.partyId.localeCompare(b.partyId) || (a.net?.currency ?? 0) - (b.net?.currency ?? 0));
+  whole.payouts.sort(
+    (a, b) => a.payerKind - b.payerKind || a.payerId.localeCompare(b.payerId) || a.payeeKind - b.payeeKind || a.payeeId.localeCompare(b.payeeId),
+  );
+  return whole;
+}
+
 /** "1 purchase", "2 purchases". */
 export const count = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
 

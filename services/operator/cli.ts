@@ -27,6 +27,7 @@ import {
   quarantineReport,
   readCardsAtHand,
   settlementCsv,
+  readSettlement,
   settlementReport,
   statementReport,
 } from "./clearing-report.js";
@@ -275,9 +276,9 @@ await runCommands(
       async run(v) {
         const day = dayOption(v.day);
         const settlement = await withClearing(v, async (c) => {
-          if (v.close !== true) return (await c.getSettlement({ day }, { deadline: CLI_DEADLINE_MS })).settlement!;
-          const open = day || (await c.getSettlement({ day: "" }, { deadline: CLI_DEADLINE_MS })).settlement!.day;
-          return (await c.closeSettlementDay({ day: open }, { deadline: CLI_DEADLINE_MS })).settlement!;
+          const which = day || (await c.getSettlement({ day: "" }, { deadline: CLI_DEADLINE_MS })).settlement!.day;
+          if (v.close === true) await c.closeSettlementDay({ day: which }, { deadline: CLI_DEADLINE_MS });
+          return readSettlement(c, which, CLI_DEADLINE_MS);
         });
         console.log(settlementReport(settlement));
         if (typeof v.csv === "string") {

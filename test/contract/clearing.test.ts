@@ -85,7 +85,13 @@ describe("ClearingService (contract)", function () {
     await issuer.assignPsam(OTHER_PSAM, "terminal-2");
     await issuer.exportPsamRegistry(join(dir, "psams.json"));
     await issuer.exportClearingKeys(join(dir, "clearing", "keys.json"));
-    await addClearingMerchant(join(dir, "clearing", "merchants.json"), { merchantId: SHOP, name: "Shop", acquirerId: "acq-1", currency: EUR, exponent: 2 });
+    for (const [merchantId, acquirerId] of [
+      [SHOP, "acq-1"],
+      ["shop-b", "acq-1"],
+      ["shop-c", "acq-2"],
+    ] as const) {
+      await addClearingMerchant(join(dir, "clearing", "merchants.json"), { merchantId, name: merchantId, acquirerId, currency: EUR, exponent: 2 });
+    }
     now = new Date("2026-11-29T12:00:00Z");
     server = await startClearing({
       security: await security.of("clearing", "clearing-1"),
@@ -187,6 +193,38 @@ describe("ClearingService (contract)", function () {
     expect(audit.ok).to.equal(true);
     expect(audit.transactions).to.equal(3);
     expect(await balance()).to.equal(10_000 - 1339);
+  });
+
+  it("pages a settlement day by merchant: the issuers, acquirers and banks whole on the first page", async () => {
+    await purchase(100, "shop-c");
+    await purchase(200, SHOP);
+    await purchase(300, "shop-b");
+    await terminal.submitBatch(stream(submission(await closeBatch())));
+    const first = await operator.getSettlement({ day: "2026-11-29", pageSize: 2, pageToken: "" });
+    const parties = (s: typeof first.settlement) => s!.positions.map((p) => `${p.kind}/${p.partyId}`);
+    expect(parties(first.settlement)).to.deep.equal([
+      `${PartyKind.PARTY_KIND_ISSUER}/demo-issuer`,
+      `${PartyKind.PARTY_KIND_ACQUIRER}/acq-1`,
+      `${PartyKind.PARTY_KIND_ACQUIRER}/acq-2`,
+      `${PartyKind.PARTY_KIND_MERCHANT}/${SHOP}`,
+      `${PartyKind.PARTY_KIND_MERCHANT}/shop-b`,
+    ]);
+    expect(first.settlement!.purchases).to.equal(3);
+    expect(first.nextPageToken).to.not.equal("");
+    const second = await operator.getSettlement({ day: "2026-11-29", pageSize: 2, pageToken: first.nextPageToken });
+    expect(parties(second.settlement)).to.deep.equal([`${PartyKind.PARTY_KIND_MERCHANT}/shop-c`]);
+    expect(second.settlement!.payouts.map((p) => [p.payerId, p.payeeId, p.amount!.amountMinor])).to.deep.equal([["acq-2", "shop-c", 100n]]);
+    expect(second.nextPageToken).to.equal("");
+    expect(first.settlement!.payouts.map((p) => [p.payerId, p.payeeId, p.amount!.amountMinor])).to.deep.equal([
+      ["demo-issuer", "acq-1", 500n],
+      ["demo-issuer", "acq-2", 100n],
+      ["acq-1", SHOP, 200n],
+      ["acq-1", "shop-b", 300n],
+    ]);
+    expect(await refusal(operator.getSettlement({ day: "2026-11-28", pageSize: 2, pageToken: first.nextPageToken }))).to.include({
+      code: Status.INVALID_ARGUMENT,
+      field: "page_token",
+    });
   });
 
   it("counts a batch sent twice once, and batches out of order each once, reporting the gap", async () => {

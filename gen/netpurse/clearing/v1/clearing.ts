@@ -566,6 +566,17 @@ export interface SubmitLoadsResponse {
 export interface GetSettlementRequest {
   /** YYYY-MM-DD (UTC); empty for the day open now. */
   day: string;
+  /**
+   * Most merchants per page (their positions, and their acquirers' payouts
+   * to them): 0 for the default (100), at most 500. The issuers', acquirers'
+   * and banks' positions and payouts come whole with the first page.
+   */
+  pageSize: number;
+  /**
+   * Empty for the first page; else the previous page's next_page_token for
+   * the same day.
+   */
+  pageToken: string;
 }
 
 /** One party's position for a day in one currency. */
@@ -620,7 +631,10 @@ export interface Settlement {
   closedAt:
     | Date
     | undefined;
-  /** Every party's position, issuers first, then acquirers, merchants and banks. */
+  /**
+   * Positions, issuers first, then acquirers, merchants and banks (see
+   * GetSettlementResponse for what a page holds).
+   */
   positions: Position[];
   /**
    * The transfers to make: each bank to the issuer, each issuer to each
@@ -635,8 +649,16 @@ export interface Settlement {
 
 /** A settlement day's figures. */
 export interface GetSettlementResponse {
-  /** The day's figures. */
-  settlement: Settlement | undefined;
+  /**
+   * The day's figures: on the first page every issuer's, acquirer's and
+   * bank's position and payout, and the first merchants'; on the next pages,
+   * the next merchants'. The day's counts come with every page.
+   */
+  settlement:
+    | Settlement
+    | undefined;
+  /** The page_token for the next page of merchants; empty on the last page. */
+  nextPageToken: string;
 }
 
 /** Which day to close. */
@@ -647,7 +669,10 @@ export interface CloseSettlementDayRequest {
 
 /** The closed day's final figures. */
 export interface CloseSettlementDayResponse {
-  /** The day's figures, closed. */
+  /**
+   * The closed day's figures, as the first page of GetSettlement (the
+   * default page size): GetSettlement with the day gives every page.
+   */
   settlement: Settlement | undefined;
 }
 
@@ -2313,13 +2338,19 @@ export const SubmitLoadsResponse: MessageFns<SubmitLoadsResponse> = {
 };
 
 function createBaseGetSettlementRequest(): GetSettlementRequest {
-  return { day: "" };
+  return { day: "", pageSize: 0, pageToken: "" };
 }
 
 export const GetSettlementRequest: MessageFns<GetSettlementRequest> = {
   encode(message: GetSettlementRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.day !== "") {
       writer.uint32(10).string(message.day);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(16).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(26).string(message.pageToken);
     }
     return writer;
   },
@@ -2345,6 +2376,22 @@ export const GetSettlementRequest: MessageFns<GetSettlementRequest> = {
             message.day = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2358,13 +2405,31 @@ export const GetSettlementRequest: MessageFns<GetSettlementRequest> = {
   },
 
   fromJSON(object: any): GetSettlementRequest {
-    return { day: isSet(object.day) ? globalThis.String(object.day) : "" };
+    return {
+      day: isSet(object.day) ? globalThis.String(object.day) : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
   },
 
   toJSON(message: GetSettlementRequest): unknown {
     const obj: any = {};
     if (message.day !== "") {
       obj.day = message.day;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
     }
     return obj;
   },
@@ -2375,6 +2440,8 @@ export const GetSettlementRequest: MessageFns<GetSettlementRequest> = {
   fromPartial(object: DeepPartial<GetSettlementRequest>): GetSettlementRequest {
     const message = createBaseGetSettlementRequest();
     message.day = object.day ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
@@ -2859,13 +2926,16 @@ export const Settlement: MessageFns<Settlement> = {
 };
 
 function createBaseGetSettlementResponse(): GetSettlementResponse {
-  return { settlement: undefined };
+  return { settlement: undefined, nextPageToken: "" };
 }
 
 export const GetSettlementResponse: MessageFns<GetSettlementResponse> = {
   encode(message: GetSettlementResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.settlement !== undefined) {
       Settlement.encode(message.settlement, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
     }
     return writer;
   },
@@ -2891,6 +2961,14 @@ export const GetSettlementResponse: MessageFns<GetSettlementResponse> = {
             message.settlement = Settlement.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2904,13 +2982,23 @@ export const GetSettlementResponse: MessageFns<GetSettlementResponse> = {
   },
 
   fromJSON(object: any): GetSettlementResponse {
-    return { settlement: isSet(object.settlement) ? Settlement.fromJSON(object.settlement) : undefined };
+    return {
+      settlement: isSet(object.settlement) ? Settlement.fromJSON(object.settlement) : undefined,
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
   },
 
   toJSON(message: GetSettlementResponse): unknown {
     const obj: any = {};
     if (message.settlement !== undefined) {
       obj.settlement = Settlement.toJSON(message.settlement);
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -2923,6 +3011,7 @@ export const GetSettlementResponse: MessageFns<GetSettlementResponse> = {
     message.settlement = (object.settlement !== undefined && object.settlement !== null)
       ? Settlement.fromPartial(object.settlement)
       : undefined;
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
