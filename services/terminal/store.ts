@@ -7,6 +7,9 @@
 import type { Db, SqlValue } from "../../lib/store/db.js";
 import type { PsamBatchRecord } from "../../lib/protocol/psam.js";
 
+/** How many PSAM counters back the host keeps the transaction of a cleared debit: well beyond the PSAM's own 1,024 settled debits and 64 open ones. */
+export const CLEARED_DEBITS_KEPT = 4096;
+
 export const TERMINAL_MIGRATIONS = [
   `CREATE TABLE psam_transactions (
      psam_id TEXT NOT NULL,
@@ -239,6 +242,12 @@ export class TerminalStore {
         [psamId, batchNumber],
       );
       await tx.run("DELETE FROM psam_transactions WHERE psam_id = ? AND batch_number = ?", [psamId, batchNumber]);
+      // The PSAM answers again only for its last 1,024 settled debits: mappings far older than those are never asked for.
+      await tx.run(`DELETE FROM cleared_debits WHERE psam_id = ? AND psam_counter < (SELECT MAX(psam_counter) FROM cleared_debits WHERE psam_id = ?) - ?`, [
+        psamId,
+        psamId,
+        CLEARED_DEBITS_KEPT,
+      ]);
       await tx.run(
         `UPDATE psam_batches SET state = 'accepted', attempts = attempts + 1, last_error = '', acknowledged_at = ?, posted = ?, quarantined = ?, settlement_day = ?
          WHERE psam_id = ? AND batch_number = ?`,
