@@ -864,16 +864,14 @@ export class Clearing {
       day,
       closed: v.closedAt !== undefined,
       closedAt: v.closedAt === undefined ? undefined : new Date(v.closedAt),
-      positions: [...positions.values()]
-        .sort(byParty)
-        .map((p) => ({
-          kind: p.kind,
-          partyId: p.id,
-          receivable: m(p.receivable, p),
-          payable: m(p.payable, p),
-          net: m(p.receivable - p.payable, p),
-          transactions: p.n,
-        })),
+      positions: [...positions.values()].sort(byParty).map((p) => ({
+        kind: p.kind,
+        partyId: p.id,
+        receivable: m(p.receivable, p),
+        payable: m(p.payable, p),
+        net: m(p.receivable - p.payable, p),
+        transactions: p.n,
+      })),
       payouts: payouts.sort(
         (a, b) =>
           a.payerKind - b.payerKind ||
