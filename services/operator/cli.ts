@@ -2,7 +2,7 @@
 
 import { join } from "node:path";
 import { confirmationModeFromJSON, ConfirmationMode, type Money } from "../../gen/netpurse/card/v1/card.js";
-import { PsamSlotState, TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { batchNotClosedReasonToJSON, PsamSlotState, TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { PaymentServiceDefinition, PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { int, operatorChannel, runCommands, str, UsageError } from "../../lib/cli.js";
 import { CertificateAuthority, pkiPaths, REVOCATION_REASONS, type RevocationReason } from "../../lib/pki/authority.js";
@@ -213,7 +213,6 @@ await runCommands(
       async run(v) {
         const psam = typeof v.psam === "string" ? v.psam.toLowerCase() : undefined;
         if (psam !== undefined && !/^[0-9a-f]{8}$/.test(psam)) throw new UsageError(`--psam must be a PSAM id of 8 hex digits, got ${JSON.stringify(v.psam)}`);
-        const { batchNotClosedReasonToJSON } = await import("../../gen/netpurse/terminal/v1/terminal.js");
         const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), await operatorChannel(v, "concentrator"), {
           maxMessageBytes: 256 * 1024,
         });

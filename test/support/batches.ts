@@ -106,22 +106,16 @@ export async function stopHost(net: Network, id: string): Promise<void> {
 const psamFilesOf = async (net: Network, id: string) => (await readdir(join(net.paths.terminal(id), "psams"))).filter((n) => n.endsWith(".psam.json")).length;
 
 /**
- * A stand-in for the clearing service (a real gRPC server with a clearing
- * certificate) whose SubmitBatch reads the whole batch and answers what
- * `answer` makes of it (or throws). Its other RPCs are UNIMPLEMENTED.
+ * A stand-in for the clearing service: a real gRPC server with a clearing
+ * certificate, open to terminal hosts, serving SubmitBatch as given; its
+ * other RPCs are UNIMPLEMENTED.
  */
-export async function fakeClearing(security: Security, answer: (batch: SubmitBatchRequest[]) => Promise<SubmitBatchResponse>) {
-  const received: SubmitBatchRequest[][] = [];
+export async function standInClearing(security: Security, submitBatch: ClearingServiceImplementation["submitBatch"], name: string) {
   const unimplemented = async (): Promise<never> => {
-    throw new ServerError(Status.UNIMPLEMENTED, "not in this stand-in");
+    throw new ServerError(Status.UNIMPLEMENTED, `${name} serves SubmitBatch only`);
   };
   const impl: ClearingServiceImplementation = {
-    submitBatch: async (requests): Promise<SubmitBatchResponse> => {
-      const batch: SubmitBatchRequest[] = [];
-      received.push(batch);
-      for await (const m of requests) batch.push(m);
-      return answer(batch);
-    },
+    submitBatch,
     submitLoads: unimplemented,
     getSettlement: unimplemented,
     closeSettlementDay: unimplemented,
@@ -130,12 +124,27 @@ export async function fakeClearing(security: Security, answer: (batch: SubmitBat
     listQuarantined: unimplemented,
     runAudit: unimplemented,
   };
-  const server = await startGrpcServer({
+  return startGrpcServer({
     address: "127.0.0.1:0",
     services: [service(ClearingServiceDefinition, impl, { all: ["terminal"] })],
     transport: security.server("require"),
-    log: createLogger("fake clearing"),
+    log: createLogger(name),
   });
+}
+
+/** A stand-in clearing whose SubmitBatch reads the whole batch and answers what `answer` makes of it (or throws). */
+export async function fakeClearing(security: Security, answer: (batch: SubmitBatchRequest[]) => Promise<SubmitBatchResponse>) {
+  const received: SubmitBatchRequest[][] = [];
+  const server = await standInClearing(
+    security,
+    async (requests): Promise<SubmitBatchResponse> => {
+      const batch: SubmitBatchRequest[] = [];
+      received.push(batch);
+      for await (const m of requests) batch.push(m);
+      return answer(batch);
+    },
+    "fake clearing",
+  );
   return {
     address: server.address,
     /** Each submission's messages, as they arrived. */

@@ -7,32 +7,27 @@
 // clearing.
 
 import type { Channel } from "nice-grpc";
-import { ServerError, Status, type CallContext } from "nice-grpc";
-import {
-  ClearingServiceDefinition,
-  type ClearingServiceImplementation,
-  type SubmitBatchRequest,
-  type SubmitBatchResponse,
-} from "../../gen/netpurse/clearing/v1/clearing.js";
+import { Status, type CallContext } from "nice-grpc";
+import { ClearingServiceDefinition, type SubmitBatchRequest, type SubmitBatchResponse } from "../../gen/netpurse/clearing/v1/clearing.js";
 import type { Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { NetpurseError, passOn } from "../../lib/grpc/errors.js";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
-import { peerOf, service, startGrpcServer } from "../../lib/grpc/server.js";
-import { createLogger } from "../../lib/log.js";
+import { peerOf } from "../../lib/grpc/server.js";
+import { streamOf } from "../../lib/streams.js";
 import { SqliteJournal } from "../../client/daemon/journal.js";
 import type { DebitSent } from "../../client/purchase.js";
 import { startClearing } from "../../services/clearing/server.js";
-import { startLoadServer, type LoadConfig } from "../../services/load/server.js";
+import { startLoadServer } from "../../services/load/server.js";
 import { CLEARING_ID, psamRegistryPath } from "../../services/network/pki.js";
 import type { TerminalConfig } from "../../services/terminal/server.js";
-import { restartHost } from "./batches.js";
+import { restartHost, standInClearing } from "./batches.js";
+import { FAST_REPORTING } from "./load-clearing.js";
 import { Crash } from "./load.js";
 import { waitFor, type Network } from "./network.js";
 
 /** The load server's reporting, short enough that a load reaches clearing within a second after an outage. */
-export const FAST_REPORTING: LoadConfig["reporting"] = { everyMs: 500, firstBackoffMs: 100, maxBackoffMs: 400, deadlineMs: 5_000 };
 
 /** The terminal hosts' batch submitter, retrying within half a second after clearing was away. */
 export const FAST_SUBMITTER: TerminalConfig["submitter"] = { deadlineMs: 5_000, retryMinMs: 50, retryMaxMs: 500 };
@@ -90,11 +85,9 @@ export async function startBatchRelay(net: Network) {
     }
     return factory.create(ClearingServiceDefinition, channel);
   };
-  const unimplemented = async (): Promise<never> => {
-    throw new ServerError(Status.UNIMPLEMENTED, "the batch relay passes on SubmitBatch only");
-  };
-  const impl: ClearingServiceImplementation = {
-    submitBatch: async (requests: AsyncIterable<SubmitBatchRequest>, context: CallContext): Promise<SubmitBatchResponse> => {
+  const server = await standInClearing(
+    await net.security.of("clearing", CLEARING_ID),
+    async (requests: AsyncIterable<SubmitBatchRequest>, context: CallContext): Promise<SubmitBatchResponse> => {
       const peer = peerOf(context);
       // The access rule admits terminal hosts only; their id is what their certificate proves.
       if (!peer.proven) throw new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, "a terminal certificate is needed");
@@ -103,34 +96,22 @@ export async function startBatchRelay(net: Network) {
       const clearing = await asTerminal(peer.id);
       let ack: SubmitBatchResponse;
       try {
-        ack = await clearing.submitBatch(replay(messages), { signal: context.signal });
+        ack = await clearing.submitBatch(streamOf(messages), { signal: context.signal });
       } catch (e) {
         passOn(e, "clearing");
       }
       captured.push({ terminalId: peer.id, messages, ack });
       return ack;
     },
-    submitLoads: unimplemented,
-    getSettlement: unimplemented,
-    closeSettlementDay: unimplemented,
-    getMerchantStatement: unimplemented,
-    getBatch: unimplemented,
-    listQuarantined: unimplemented,
-    runAudit: unimplemented,
-  };
-  const server = await startGrpcServer({
-    address: "127.0.0.1:0",
-    services: [service(ClearingServiceDefinition, impl, { all: ["terminal"] })],
-    transport: (await net.security.of("clearing", CLEARING_ID)).server("require"),
-    log: createLogger("batch relay"),
-  });
+    "batch relay",
+  );
   return {
     address: server.address,
     /** Every submission clearing acknowledged, in the order of the acknowledgements. */
     captured,
     /** Sends a captured submission to clearing again, as its terminal host would after a crash before it stored the acknowledgement. */
     async resend(s: CapturedSubmission): Promise<SubmitBatchResponse> {
-      return (await asTerminal(s.terminalId)).submitBatch(replay(s.messages));
+      return (await asTerminal(s.terminalId)).submitBatch(streamOf(s.messages));
     },
     async close() {
       await server.shutdown();
@@ -140,10 +121,6 @@ export async function startBatchRelay(net: Network) {
 }
 
 export type BatchRelay = Awaited<ReturnType<typeof startBatchRelay>>;
-
-async function* replay<T>(messages: T[]): AsyncIterable<T> {
-  yield* messages;
-}
 
 /** Restarts terminal host `id` sending its batches through `relay`, with FAST_SUBMITTER, and waits until the payment server sees its PSAMs again. */
 export const restartTerminal = (net: Network, id: string, relay: BatchRelay) =>

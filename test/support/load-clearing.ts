@@ -21,7 +21,8 @@ import { tempDir } from "./fixtures.js";
 import { testSecurity, waitFor, type Network } from "./network.js";
 
 /** Short enough that a test sees a retry within a second or two. */
-const FAST_REPORTING: LoadConfig["reporting"] = { everyMs: 500, firstBackoffMs: 100, maxBackoffMs: 400, deadlineMs: 2_000 };
+/** Quick reporting to clearing, so that a test sees a load arrive as soon as clearing can take it. */
+export const FAST_REPORTING: LoadConfig["reporting"] = { everyMs: 500, firstBackoffMs: 100, maxBackoffMs: 400, deadlineMs: 5_000 };
 
 export async function startLoadClearing() {
   const { dir: data, cleanup } = await tempDir("netpurse-load-clearing-");
