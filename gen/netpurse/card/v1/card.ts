@@ -297,6 +297,19 @@ export enum ErrorReason {
    * first. Kept so that the enum's numbers stay as published.
    */
   ERROR_REASON_BATCH_NUMBER_REUSED = 38,
+  /**
+   * ERROR_REASON_NO_CARD - The card is not reachable: no netpurse card is in the configured reader,
+   * the card was taken out, the reader was unplugged or the PC/SC service is
+   * down (UNAVAILABLE). Nothing was left half-done: a purchase or load the
+   * card took part in is finished from the card's log when it is back.
+   */
+  ERROR_REASON_NO_CARD = 39,
+  /**
+   * ERROR_REASON_SECURITY_MODULE_UNAVAILABLE - The host security module (a PKCS#11 token) cannot be reached or refused
+   * the session; no command was signed and nothing changed (UNAVAILABLE).
+   * Retry when the token is back.
+   */
+  ERROR_REASON_SECURITY_MODULE_UNAVAILABLE = 40,
   UNRECOGNIZED = -1,
 }
 
@@ -404,6 +417,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 38:
     case "ERROR_REASON_BATCH_NUMBER_REUSED":
       return ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED;
+    case 39:
+    case "ERROR_REASON_NO_CARD":
+      return ErrorReason.ERROR_REASON_NO_CARD;
+    case 40:
+    case "ERROR_REASON_SECURITY_MODULE_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_SECURITY_MODULE_UNAVAILABLE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -481,6 +500,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_UNKNOWN_PSAM";
     case ErrorReason.ERROR_REASON_BATCH_NUMBER_REUSED:
       return "ERROR_REASON_BATCH_NUMBER_REUSED";
+    case ErrorReason.ERROR_REASON_NO_CARD:
+      return "ERROR_REASON_NO_CARD";
+    case ErrorReason.ERROR_REASON_SECURITY_MODULE_UNAVAILABLE:
+      return "ERROR_REASON_SECURITY_MODULE_UNAVAILABLE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
