@@ -40,7 +40,7 @@ export class PurseReader {
 
   /** Resets the card and selects the purse application; returns the ATR. */
   async connect(): Promise<Buffer> {
-    if (!(await this.transport.isPresent())) throw new Error("no card in the reader");
+    // No presence check first: reset() says why a card cannot be reached (which reader, what to do).
     this.atr = await this.transport.reset();
     expectOk(await exchange(this.transport, selectCommand(PURSE_AID)), "SELECT purse");
     return this.atr;

@@ -17,6 +17,7 @@ import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
 import { runDaemon } from "../daemon/main.js";
+import { readersTable, surveyReaders } from "./readers.js";
 import { checkDaemonSocket, daemonPaths, readDaemonToken } from "../daemon/access.js";
 import { ClientError, Status } from "nice-grpc";
 import { errorMetadataOf } from "../../lib/grpc/errors.js";
@@ -123,9 +124,11 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "daemon",
     summary:
       "Run the client daemon until Ctrl-C: it holds the card and serves the cardholder API to you alone, on its\nUnix socket DATA/client/run/daemon.sock (a folder of mode 0700), and with --listen-tcp also on loopback TCP,\nwhere every call must carry the token of DATA/client/daemon.token (made mode 0600 on first use).",
-    usage: "[--card FILE] [--socket PATH] [--listen-tcp HOST:PORT] [--token FILE] [--data DIR] [--dir DIR] [--ca FILE] [--insecure]",
+    usage: "[--card FILE | --pcsc | --reader NAME] [--socket PATH] [--listen-tcp HOST:PORT] [--token FILE] [--data DIR] [--dir DIR] [--ca FILE] [--insecure]",
     options: {
       card: { type: "string" },
+      pcsc: { type: "boolean" },
+      reader: { type: "string" },
       socket: { type: "string" },
       "listen-tcp": { type: "string" },
       token: { type: "string" },
@@ -138,6 +141,17 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     async run() {
       await runDaemon(process.argv.slice(3), "netpurse daemon");
       await new Promise(() => {}); // runs until a signal
+    },
+  },
+  {
+    name: "readers",
+    summary:
+      "List the PC/SC readers on this machine and what is in each: a netpurse card (purse id and balance),\na netpurse PSAM, another card, or nothing. Asks pcscd directly; a reader the daemon holds shows as in use.",
+    usage: "[--json]",
+    options: { json: { type: "boolean" } },
+    async run(v) {
+      const rows = await surveyReaders();
+      console.log(v.json === true ? JSON.stringify(rows, null, 2) : readersTable(rows));
     },
   },
   {

@@ -35,6 +35,7 @@ import { formatMoney, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, LogKind } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
+import { CardUnreachable } from "../../lib/pcsc/transport.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
 import { toRecord, type JournalRow, type LoadByRequest, type SqliteJournal, type SqliteLoadJournal } from "./journal.js";
 import { purseState } from "../card/purse-state.js";
@@ -130,9 +131,19 @@ const isCardLogPosition = (p: unknown): p is { c: number; n: number } =>
   typeof p === "object" && p !== null && isPositiveInt((p as { c?: unknown }).c) && isPositiveInt((p as { n?: unknown }).n);
 
 /** Errors of the card itself, as the cardholder's API reports them; errors from services pass unchanged. */
+/** The card out of reach behind PC/SC: what it was doing is finished from its log once it is back. */
+function noCard(e: Error): NetpurseError {
+  return new NetpurseError(
+    Status.UNAVAILABLE,
+    ErrorReason.ERROR_REASON_NO_CARD,
+    `${e.message}; anything the card took part in is finished from its log once it is back`,
+  );
+}
+
 function cardError(e: unknown): unknown {
   if (e instanceof NetpurseError || e instanceof ClientError) return e;
   if (e instanceof ApduError) return new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_CARD_REFUSED, `the card refused: ${e.message}`);
+  if (e instanceof CardUnreachable) return noCard(e);
   return new NetpurseError(
     Status.UNAVAILABLE,
     ErrorReason.ERROR_REASON_UNSPECIFIED,
@@ -241,9 +252,10 @@ export class CardholderDaemon {
     try {
       return await this.reader.connect();
     } catch (e) {
+      if (e instanceof CardUnreachable) throw noCard(e);
       throw new NetpurseError(
         Status.UNAVAILABLE,
-        ErrorReason.ERROR_REASON_UNSPECIFIED,
+        ErrorReason.ERROR_REASON_NO_CARD,
         `cannot reach the card: ${(e as Error).message}; insert the card and try again`,
       );
     }

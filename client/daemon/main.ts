@@ -5,6 +5,14 @@ import { opt, runService } from "../../lib/service-main.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
 import { startClientDaemon } from "./server.js";
 
+/** The card behind PC/SC that --pcsc or --reader asks for, if any. */
+function pcscCard(v: Record<string, unknown>): { reader: string } | undefined {
+  if (typeof v.reader === "string" && v.card !== undefined) throw new Error("--card names a software card and --reader a card in a reader: give one");
+  if (typeof v.reader === "string") return { reader: v.reader };
+  if (v.pcsc === true) return { reader: "" };
+  return undefined;
+}
+
 /** Runs the client daemon until SIGINT/SIGTERM (also `netpurse daemon`). */
 export function runDaemon(argv: string[], program = "netpurse-client-daemon"): Promise<void> {
   return runService({
@@ -20,6 +28,8 @@ export function runDaemon(argv: string[], program = "netpurse-client-daemon"): P
       data: { type: "string" },
       dir: { type: "string" },
       card: { type: "string" },
+      reader: { type: "string" },
+      pcsc: { type: "boolean" },
       ca: { type: "string" },
       insecure: { type: "boolean" },
     },
@@ -31,6 +41,8 @@ export function runDaemon(argv: string[], program = "netpurse-client-daemon"): P
       "  --token FILE             the token file for --listen-tcp (default DIR/daemon.token; made mode 0600 on first use)",
       "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
       "  --card FILE              the software card (default DATA/cards/demo.card.json)",
+      "  --pcsc                   use a card in a PC/SC reader instead (pcscd): the first reader holding a netpurse card",
+      "  --reader NAME            use the card in the PC/SC reader of this name (see `netpurse readers`); implies --pcsc",
       "  --dir DIR                the daemon's folder (default DATA/client): its journal client.db, its socket, its token",
       "  --ca FILE                the CA bundle servers must prove themselves with (default DATA/pki/ca.crt)",
       "  --insecure               reach servers over plaintext, unchecked: for a network run with --insecure, for debugging only",
@@ -47,7 +59,7 @@ export function runDaemon(argv: string[], program = "netpurse-client-daemon"): P
         socket: opt(v, "socket", daemonPaths(dir).socket),
         ...(typeof tcp === "string" ? { listenTcp: tcp } : {}),
         tokenFile: opt(v, "token", daemonPaths(dir).token),
-        card: opt(v, "card", join(data, "cards", "demo.card.json")),
+        card: pcscCard(v) ?? opt(v, "card", join(data, "cards", "demo.card.json")),
         dir,
       });
     },

@@ -1,5 +1,9 @@
 import { dirname, join } from "node:path";
-import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { InProcessTransport, type CardTransport } from "../../lib/apdu/transport.js";
+import { PcscReaders } from "../../lib/pcsc/readers.js";
+import { PcscTransport } from "../../lib/pcsc/transport.js";
+import { PURSE_AID } from "../../lib/protocol/purse.js";
+import type { Logger } from "../../lib/log.js";
 import type { ServerMiddleware } from "nice-grpc";
 import { service, startGrpcServer, type RunningServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
@@ -20,12 +24,26 @@ export interface DaemonConfig {
   listenTcp?: string;
   /** The token calls over TCP must carry (default DIR/daemon.token, made mode 0600 on first use). */
   tokenFile?: string;
-  /** The software card file. */
-  card: string;
+  /**
+   * The card: a software card's file, or a card behind PC/SC — in the reader
+   * of that name, or (reader "") the first reader holding a netpurse card.
+   */
+  card: string | { reader: string; waitForCardMs?: number };
   /** The daemon's folder: client.db (its journal). */
   dir: string;
   callDeadlineMs?: number;
   resumeEveryMs?: number;
+}
+
+/** The card's transport: in-process for a software card, pcscd for a card in a reader. */
+async function openCard(card: DaemonConfig["card"], log: Logger): Promise<{ transport: CardTransport; close(): void }> {
+  if (typeof card === "string") return { transport: new InProcessTransport(await SoftwareCard.open(card)), close: () => undefined };
+  const readers = await PcscReaders.open({ log: log.child("pcsc") });
+  const choice = card.reader ? { name: card.reader } : { holding: PURSE_AID };
+  const transport = new PcscTransport(readers, choice, { log: log.child("pcsc"), waitForCardMs: card.waitForCardMs ?? 3_000 });
+  const readerNames = readers.list().map((r) => `${r.name}${r.present ? " (card)" : ""}`);
+  log.info("card behind PC/SC", { reader: card.reader || "the first holding a netpurse card", readers: readerNames.join(", ") || "none yet" });
+  return { transport, close: () => readers.close() };
 }
 
 export async function startClientDaemon(c: DaemonConfig) {
@@ -36,7 +54,8 @@ export async function startClientDaemon(c: DaemonConfig) {
   ensureSocketFolder(dirname(socket));
   const tokenFile = c.tokenFile ?? paths.token;
   const token = c.listenTcp !== undefined ? ensureDaemonToken(tokenFile) : undefined;
-  const transport = new InProcessTransport(await SoftwareCard.open(c.card));
+  const card = await openCard(c.card, log);
+  const transport = card.transport;
   const db = openSqlite(join(c.dir, "client.db"), CLIENT_MIGRATIONS);
   const daemon = new CardholderDaemon({
     transport,
@@ -64,6 +83,7 @@ export async function startClientDaemon(c: DaemonConfig) {
   } catch (e) {
     for (const s of servers) await s.shutdown();
     await daemon.close();
+    card.close();
     await db.close();
     throw e;
   }
@@ -79,6 +99,7 @@ export async function startClientDaemon(c: DaemonConfig) {
     async close() {
       for (const s of servers) await s.shutdown();
       await daemon.close();
+      card.close();
       await db.close();
     },
   };

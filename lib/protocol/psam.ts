@@ -23,6 +23,7 @@ export const PsamIns = {
   READ_PENDING: 0x2c,
   READ_BATCH_RECORD: 0x2e,
   CLOSE_BATCH: 0x30,
+  READ_KEY_VERSIONS: 0x32,
 } as const;
 
 /** P1 bit of DRAW AMOUNT asking for the expected card signature too (modes of FIG. 6-8). */

@@ -145,6 +145,9 @@ class Keepalive {
 
 const slotKey = (terminalId: string, psamHex: string) => `${terminalId}/${psamHex}`;
 
+/** A PSAM that failed or was taken out of its reader takes no jobs. */
+const outOfPool = (s: PsamSlot) => s.state === PsamSlotState.PSAM_SLOT_STATE_FAILED || s.state === PsamSlotState.PSAM_SLOT_STATE_EMPTY;
+
 /** A slot with only the open debits `viewer` may see: its own, and those whose owner the host does not know. */
 const ownDebits = (s: PsamSlot, viewer: { id: string }): PsamSlot => ({
   ...s,
@@ -527,9 +530,11 @@ export class Concentrator {
     if (from.inFlight >= this.o.paymentServerWindow)
       return fail(PsamJobStatus.PSAM_JOB_STATUS_WINDOW_EXCEEDED, `more than ${this.o.paymentServerWindow} jobs in flight`);
     const t = this.terminals.get(job.terminalId);
-    const slot = t?.slots.find((s) => hexOf(s.psamId?.value) === psamHex);
+    // A PSAM moved to another reader leaves its old slot EMPTY: the slot it is in now counts.
+    const holding = t?.slots.filter((s) => hexOf(s.psamId?.value) === psamHex) ?? [];
+    const slot = holding.find((s) => !outOfPool(s)) ?? holding[0];
     if (!t || !slot) return fail(PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, `no attached terminal ${job.terminalId} with PSAM ${psamHex}`);
-    if (slot.state === PsamSlotState.PSAM_SLOT_STATE_FAILED) return fail(PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, `PSAM ${psamHex} is out of the pool`);
+    if (outOfPool(slot)) return fail(PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, `PSAM ${psamHex} is out of the pool`);
     // Another payment server's open debit is not this one's to verify or reverse: refused before it takes the PSAM from its owner.
     const task = job.task;
     if (task?.$case === "verifyDebit" || task?.$case === "reverseDebit") {
@@ -586,7 +591,7 @@ export class Concentrator {
   private leaseCap(): number {
     const servers = new Set([...this.paymentServers.values()].map((p) => p.id)).size;
     let slots = 0;
-    for (const t of this.terminals.values()) slots += t.slots.filter((s) => s.state !== PsamSlotState.PSAM_SLOT_STATE_FAILED).length;
+    for (const t of this.terminals.values()) slots += t.slots.filter((s) => !outOfPool(s)).length;
     const share = servers > 1 ? Math.max(1, Math.ceil(slots / servers)) : Infinity;
     return Math.min(this.o.maxLeasesPerPaymentServer, share);
   }

@@ -192,9 +192,10 @@ await runCommands(
               String(s.psamCounter),
               String(s.pendingDebits.length),
               String(s.batchCount),
+              s.reader || "(software)",
             ]),
           );
-          console.log(table(["terminal", "slot", "PSAM", "state", "counter", "open debits", "batch"], rows));
+          console.log(table(["terminal", "slot", "PSAM", "state", "counter", "open debits", "batch", "reader"], rows));
           for (const p of r.paymentServers) console.log(`payment server ${p.paymentServerId}: ${p.jobsInFlight} jobs in flight, ${p.psamsLeased} PSAMs leased`);
         } finally {
           channel.close();

@@ -32,8 +32,16 @@ const slotInfo = (s: PsamSlot): SlotInfo => ({
   ready: s.state === PsamSlotState.PSAM_SLOT_STATE_READY,
 });
 
-/** A terminal as the pool needs it. */
-const terminalSlots = (t: TerminalInfo): TerminalSlots => ({ terminalId: t.terminalId, slots: t.slots.map(slotInfo) });
+/**
+ * A terminal as the pool needs it: one entry per PSAM. A PSAM moved to
+ * another reader of the terminal leaves its old slot EMPTY; the slot where
+ * it answers wins.
+ */
+const terminalSlots = (t: TerminalInfo): TerminalSlots => {
+  const byPsam = new Map<string, SlotInfo>();
+  for (const s of t.slots.map(slotInfo)) if (!byPsam.get(s.psamId)?.ready) byPsam.set(s.psamId, s);
+  return { terminalId: t.terminalId, slots: [...byPsam.values()] };
+};
 
 /** The payment server's stream to the concentrator, reconnected with back-off. */
 export class ConcentratorLink {

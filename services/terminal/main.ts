@@ -17,6 +17,7 @@ await runService({
     "batch-close-after-ms": { type: "string" },
     clearing: { type: "string" },
     "answer-delay-ms": { type: "string" },
+    "psam-readers": { type: "string" },
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -25,7 +26,10 @@ await runService({
     `  --clearing HOST:PORT     clearing service, where closed batches are sent (default ${defaultAddress("clearing")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
     "  --dir DIR                this host's folder (default DATA/terminals/ID): terminal.db and psams/*.psam.json",
-    "  --window N               most jobs in flight (default: the number of PSAMs)",
+    "  --psam-readers PATTERN   PSAMs are the cards in the PC/SC readers whose names match PATTERN (a regular expression,",
+    "                           say 'netpurse PSAM'), instead of the PSAM files; a PSAM taken out leaves the pool at once,",
+    "                           one put in joins it (see `netpurse readers`)",
+    "  --window N               most jobs in flight (default: the number of PSAMs, at least 4 with --psam-readers)",
     `  --batch-close-at N       close a PSAM batch at N records (default ${BATCH_CLOSE_DEFAULTS.closeAt})`,
     `  --batch-close-after-ms N close a non-empty PSAM batch once its first record is N ms old (default ${BATCH_CLOSE_DEFAULTS.closeAfterMs})`,
     "  --answer-delay-ms N      fault injection: do each job, then wait N ms before answering (default 0)",
@@ -44,6 +48,7 @@ await runService({
       batchCloseAt: intOpt(v, "batch-close-at", BATCH_CLOSE_DEFAULTS.closeAt),
       batchCloseAfterMs: intOpt(v, "batch-close-after-ms", BATCH_CLOSE_DEFAULTS.closeAfterMs),
       answerDelayMs: intOpt(v, "answer-delay-ms", 0),
+      ...(typeof v["psam-readers"] === "string" ? { psamReaders: v["psam-readers"] } : {}),
     });
     return t;
   },

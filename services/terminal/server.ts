@@ -1,6 +1,7 @@
 import { join } from "node:path";
 import { readdir } from "node:fs/promises";
 import { createLogger } from "../../lib/log.js";
+import { PcscReaders } from "../../lib/pcsc/readers.js";
 import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { TerminalHost, type TerminalHostOptions } from "./terminal-host.js";
@@ -12,6 +13,8 @@ export interface TerminalConfig {
   concentrator: string;
   /** The host's folder: terminal.db and psams/*.psam.json. */
   dir: string;
+  /** PSAMs in PC/SC readers whose names match this pattern (a regular expression), besides any PSAM files. */
+  psamReaders?: string;
   window?: number;
   /** Close a PSAM's batch at this many records (default 200). */
   batchCloseAt?: number;
@@ -34,17 +37,31 @@ async function psamFilesIn(dir: string): Promise<string[]> {
     .map((n) => join(folder, n));
 }
 
+/** A reader-name pattern from the command line, refused with a clear message when it is not a regular expression. */
+function readerPattern(text: string): RegExp {
+  try {
+    return new RegExp(text);
+  } catch (e) {
+    throw new Error(`--psam-readers: not a regular expression: ${(e as Error).message}`, { cause: e });
+  }
+}
+
 /** Starts a terminal host in this process; it dials the concentrator and clearing (it serves no RPCs). */
 export async function startTerminalHost(c: TerminalConfig) {
   const log = createLogger(`terminal ${c.terminalId}`);
-  const psamFiles = await psamFilesIn(c.dir);
-  if (psamFiles.length === 0) throw new Error(`no PSAMs in ${join(c.dir, "psams")}: provision some with 'netpurse-issuer provision-psam'`);
+  const psamFiles = c.psamReaders === undefined ? await psamFilesIn(c.dir) : [];
+  if (psamFiles.length === 0 && c.psamReaders === undefined) {
+    throw new Error(`no PSAMs in ${join(c.dir, "psams")}: provision some with 'netpurse-issuer provision-psam', or give --psam-readers PATTERN`);
+  }
+  const pattern = c.psamReaders === undefined ? undefined : readerPattern(c.psamReaders);
+  const readers = pattern ? await PcscReaders.open({ log: log.child("pcsc") }) : undefined;
   const db = openSqlite(join(c.dir, "terminal.db"), TERMINAL_MIGRATIONS);
   const host = new TerminalHost({
     terminalId: c.terminalId,
     concentratorAddress: c.concentrator,
     security: c.security,
     psamFiles,
+    ...(readers && pattern ? { psamReaders: { readers, pattern } } : {}),
     db,
     log,
     ...(c.window !== undefined ? { window: c.window } : {}),
@@ -60,6 +77,7 @@ export async function startTerminalHost(c: TerminalConfig) {
     host,
     async close() {
       await host.close();
+      readers?.close();
       await db.close();
     },
   };

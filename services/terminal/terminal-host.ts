@@ -9,12 +9,16 @@
 // batch on a count, an age or an operator's command, keeps the closed batch
 // in its outbox and has the batch submitter (batch-submitter.ts) send it to
 // clearing; a close holds the PSAM's slot only for reading the batch and
-// CLOSE BATCH itself, never while the batch travels.
+// CLOSE BATCH itself, never while the batch travels. Its PSAMs are software
+// PSAMs (files) or cards in PC/SC readers whose names match a pattern: one
+// taken out leaves the pool at once, one put in joins it.
 
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { ApduError, SW, swHex } from "../../lib/apdu/apdu.js";
-import { InProcessTransport } from "../../lib/apdu/transport.js";
+import { InProcessTransport, type CardTransport } from "../../lib/apdu/transport.js";
+import type { PcscReaders } from "../../lib/pcsc/readers.js";
+import { PcscTransport } from "../../lib/pcsc/transport.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
@@ -53,7 +57,10 @@ export interface TerminalHostOptions {
   concentratorAddress: string;
   /** TLS to the concentrator, as this terminal's identity. */
   security: Security;
+  /** Software PSAMs: their files. */
   psamFiles: string[];
+  /** PSAMs in PC/SC readers: every reader whose name matches `pattern` is a slot. */
+  psamReaders?: { readers: PcscReaders; pattern: RegExp };
   db: Db;
   log: Logger;
   /** Most jobs in flight the host accepts (default: one per slot, at least 1). */
@@ -72,10 +79,16 @@ export interface TerminalHostOptions {
 
 interface Slot {
   index: number;
-  psam: SoftwarePsam;
+  /** What the PSAM in it said of itself when it was connected (for an EMPTY slot: the PSAM that left). */
+  psam: { psamId: string; keyVersions: number[]; currency: number };
   driver: PsamDriver;
+  transport: CardTransport;
   mutex: Mutex;
   failed: boolean;
+  /** The PC/SC reader of the slot, if it is one. */
+  reader?: string;
+  /** Its PSAM was taken out of the reader. */
+  empty?: boolean;
   /** When the current batch's first record was made (ms since the epoch); undefined while it is empty. */
   batchSince?: number | undefined;
   /** A close of this slot's batch is queued or running. */
@@ -108,14 +121,11 @@ export class TerminalHost {
   async start(): Promise<void> {
     this.slots = await Promise.all(
       this.o.psamFiles.map(async (file, index) => {
-        const psam = await SoftwarePsam.open(file);
-        const driver = new PsamDriver(new InProcessTransport(psam));
-        await driver.connect();
-        const slot: Slot = { index, psam, driver, mutex: new Mutex(), failed: false };
-        await this.syncStore(slot);
-        return slot;
+        const transport = new InProcessTransport(await SoftwarePsam.open(file));
+        return this.connectSlot(index, transport);
       }),
     );
+    if (this.o.psamReaders) await this.watchReaders(this.o.psamReaders);
     if (this.o.clearingAddress) {
       this.submitter = new BatchSubmitter({
         clearingAddress: this.o.clearingAddress,
@@ -137,6 +147,84 @@ export class TerminalHost {
       task: () => this.closeOldBatches(closeAfterMs),
     });
     this.loop = this.run();
+  }
+
+  /** Connects to a PSAM, learns who it is and brings the store up to date with it. */
+  private async connectSlot(index: number, transport: CardTransport, reader?: string): Promise<Slot> {
+    const driver = new PsamDriver(transport);
+    await driver.connect();
+    const st = await driver.readStatus();
+    const psam = { psamId: st.psamId.toString("hex"), keyVersions: await driver.readKeyVersions(), currency: st.currency };
+    const slot: Slot = { index, psam, driver, transport, mutex: new Mutex(), failed: false, ...(reader ? { reader } : {}) };
+    await this.syncStore(slot);
+    return slot;
+  }
+
+  /**
+   * PSAMs in PC/SC readers: the ones in matching readers now join the
+   * slots, and from then on a PSAM taken out leaves the pool at once (its
+   * job in flight, if any, fails as for a lost terminal: the payment server
+   * settles it when the PSAM is back), and a PSAM put in is announced.
+   */
+  private async watchReaders(w: { readers: PcscReaders; pattern: RegExp }): Promise<void> {
+    const matching = (name: string) => w.pattern.test(name);
+    w.readers.on("card-inserted", (name: string) => {
+      if (matching(name))
+        this.psamInserted(w.readers, name).catch((e: unknown) => this.o.log.error("could not take in a PSAM", { reader: name, error: (e as Error).message }));
+    });
+    const out = (name: string) => {
+      if (matching(name)) this.psamRemoved(name);
+    };
+    w.readers.on("card-removed", out);
+    w.readers.on("reader-removed", out);
+    for (const r of w.readers.list()) if (matching(r.name) && r.present) await this.psamInserted(w.readers, r.name);
+    if (!this.slots.length) this.o.log.warn("no PSAM in any reader yet", { pattern: String(w.pattern), readers: w.readers.list().map((r) => r.name) });
+  }
+
+  /** Slot numbers of readers, kept for the host's life so that a reader's slot keeps its number. */
+  private readonly readerSlots = new Map<string, number>();
+
+  private readonly connecting = new Set<string>();
+
+  private async psamInserted(readers: PcscReaders, name: string): Promise<void> {
+    if (this.connecting.has(name) || this.slots.some((s) => s.reader === name && !s.empty && !s.failed)) return;
+    this.connecting.add(name);
+    try {
+      await this.connectReader(readers, name);
+    } finally {
+      this.connecting.delete(name);
+    }
+  }
+
+  private async connectReader(readers: PcscReaders, name: string): Promise<void> {
+    const index = this.readerSlots.get(name) ?? this.o.psamFiles.length + this.readerSlots.size;
+    this.readerSlots.set(name, index);
+    const transport = new PcscTransport(readers, { name }, { log: this.o.log, hold: true });
+    try {
+      const slot = await this.connectSlot(index, transport, name);
+      const i = this.slots.findIndex((s) => s.index === index);
+      const old = i >= 0 ? this.slots[i] : undefined;
+      if (old) {
+        old.empty = true; // no more probes of the slot's former self
+        await old.transport.close();
+        this.slots[i] = slot;
+      } else this.slots.push(slot);
+      this.o.log.info("PSAM inserted; in the pool", { reader: name, psam: slot.psam.psamId, slot: index });
+      if (this.out) this.out.push({ message: { $case: "slotUpdate", value: { slot: await this.slotInfo(slot) } } });
+    } catch (e) {
+      await transport.close();
+      this.o.log.warn("a card in a PSAM reader does not answer as a PSAM; ignored", { reader: name, error: (e as Error).message });
+    }
+  }
+
+  private psamRemoved(name: string): void {
+    const slot = this.slots.find((s) => s.reader === name && !s.empty);
+    if (!slot) return;
+    slot.empty = true;
+    this.o.log.warn("PSAM taken out; slot out of the pool", { reader: name, psam: slot.psam.psamId, slot: slot.index });
+    this.slotInfo(slot)
+      .then((info) => this.out?.push({ message: { $case: "slotUpdate", value: { slot: info } } }))
+      .catch(() => undefined); // an EMPTY slot's info asks nothing of the PSAM
   }
 
   /**
@@ -189,6 +277,7 @@ export class TerminalHost {
     this.abort.abort();
     await this.loop?.catch(() => undefined);
     await this.submitter?.close();
+    for (const s of this.slots) await s.transport.close();
   }
 
   /** Connects, and reconnects with back-off whenever the stream ends. */
@@ -202,7 +291,8 @@ export class TerminalHost {
   private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
     const out = new AsyncQueue<AttachTerminalRequest>();
     this.out = out;
-    const window = this.o.window ?? Math.max(1, this.slots.length);
+    // PSAMs in readers may come later: room for a few more than are in now.
+    const window = this.o.window ?? Math.max(this.o.psamReaders ? 4 : 1, this.slots.length);
     out.push({
       message: { $case: "hello", value: { terminalId: this.o.terminalId, window, slots: await Promise.all(this.slots.map((s) => this.slotInfo(s))) } },
     });
@@ -244,7 +334,8 @@ export class TerminalHost {
   }
 
   private async slotInfo(s: Slot): Promise<PsamSlot> {
-    const base = { slot: s.index, psamId: toPsamId(s.psam.psamId), keyVersions: s.psam.keyVersions, currencies: [s.psam.currency] };
+    const base = { slot: s.index, psamId: toPsamId(s.psam.psamId), keyVersions: s.psam.keyVersions, currencies: [s.psam.currency], reader: s.reader ?? "" };
+    if (s.empty) return { ...base, state: PsamSlotState.PSAM_SLOT_STATE_EMPTY, psamCounter: 0, pendingDebits: [], batchCount: 0 };
     if (s.failed) return { ...base, state: PsamSlotState.PSAM_SLOT_STATE_FAILED, psamCounter: 0, pendingDebits: [], batchCount: 0 };
     const st = await s.driver.readStatus();
     const pending = await s.driver.readPending();
@@ -266,9 +357,12 @@ export class TerminalHost {
   private async handle(job: PsamJob): Promise<PsamJobResult> {
     const psamHex = hexOf(job.psamId?.value);
     const base = this.resultBase(job);
-    const slot = this.slots.find((s) => s.psam.psamId === psamHex);
+    // A PSAM moved to another reader: the slot it is in now.
+    const slot = this.slots.find((s) => s.psam.psamId === psamHex && !s.empty) ?? this.slots.find((s) => s.psam.psamId === psamHex);
     if (!slot) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM, message: `no PSAM ${psamHex} in terminal ${this.o.terminalId}` };
     const result = await slot.mutex.run(async (): Promise<PsamJobResult> => {
+      if (slot.empty)
+        return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: `PSAM ${psamHex} was taken out of reader "${slot.reader}"` };
       try {
         const refusal = await this.refusalOf(slot, job);
         if (refusal) {
@@ -402,7 +496,7 @@ export class TerminalHost {
   /** Tries a failed PSAM again every 5 s; once it answers, it is announced back into the pool. */
   private probeLater(slot: Slot): void {
     const timer = setTimeout(() => {
-      if (this.stopped || !slot.failed) return;
+      if (this.stopped || !slot.failed || slot.empty) return;
       slot.mutex
         .run(async () => {
           await slot.driver.connect();

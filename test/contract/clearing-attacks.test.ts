@@ -793,6 +793,7 @@ describe("ClearingService under attack (issue #11)", function () {
         psamCounter: 0,
         pendingDebits: [],
         batchCount: 0,
+        reader: "",
       };
       out.push({ message: { $case: "hello", value: { terminalId: "terminal-2", window: 8, slots: [slot] } } });
       let welcomed = false;

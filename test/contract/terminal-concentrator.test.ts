@@ -93,6 +93,7 @@ const slot = (n: number, id: string): PsamSlot => ({
   psamCounter: 0,
   pendingDebits: [],
   batchCount: 0,
+  reader: "",
 });
 
 const job = (id: string, terminalId: string, psam: string): PsamJob => ({

@@ -117,6 +117,7 @@ function slot(index: number, id: string, o: Partial<PsamSlot> = {}): PsamSlot {
     psamCounter: 0,
     pendingDebits: [],
     batchCount: 0,
+    reader: "",
     ...o,
   };
 }

@@ -92,6 +92,11 @@ export class PsamDriver {
     return PsamStatusResponse.decode(await this.send(cmd(PsamIns.READ_STATUS), "READ STATUS"));
   }
 
+  /** The purchase key versions the PSAM holds, ascending: the cards it can serve. */
+  async readKeyVersions(): Promise<number[]> {
+    return [...(await this.send(cmd(PsamIns.READ_KEY_VERSIONS), "READ KEY VERSIONS"))];
+  }
+
   async readPending() {
     const out = [];
     for (let i = 0; i < 256; i++) {

@@ -236,6 +236,8 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
         return this.readBatchRecord(c);
       case PsamIns.CLOSE_BATCH:
         return c.p1 === 0x01 ? this.lastClosedBatch() : this.closeBatch();
+      case PsamIns.READ_KEY_VERSIONS:
+        return { data: Buffer.from([...this.keyVersions].sort((a, b) => a - b)), sw: SW.OK };
       default:
         return status(SW.INS_NOT_SUPPORTED);
     }

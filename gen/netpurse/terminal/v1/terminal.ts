@@ -24,6 +24,11 @@ export enum PsamSlotState {
   PSAM_SLOT_STATE_BUSY = 2,
   /** PSAM_SLOT_STATE_FAILED - The PSAM failed (no answer, or a transport error); out of the pool. */
   PSAM_SLOT_STATE_FAILED = 3,
+  /**
+   * PSAM_SLOT_STATE_EMPTY - The PSAM was taken out of its reader (a PC/SC slot); out of the pool
+   * until a PSAM is inserted again. psam_id names the PSAM that left.
+   */
+  PSAM_SLOT_STATE_EMPTY = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -41,6 +46,9 @@ export function psamSlotStateFromJSON(object: any): PsamSlotState {
     case 3:
     case "PSAM_SLOT_STATE_FAILED":
       return PsamSlotState.PSAM_SLOT_STATE_FAILED;
+    case 4:
+    case "PSAM_SLOT_STATE_EMPTY":
+      return PsamSlotState.PSAM_SLOT_STATE_EMPTY;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -58,6 +66,8 @@ export function psamSlotStateToJSON(object: PsamSlotState): string {
       return "PSAM_SLOT_STATE_BUSY";
     case PsamSlotState.PSAM_SLOT_STATE_FAILED:
       return "PSAM_SLOT_STATE_FAILED";
+    case PsamSlotState.PSAM_SLOT_STATE_EMPTY:
+      return "PSAM_SLOT_STATE_EMPTY";
     case PsamSlotState.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -305,6 +315,11 @@ export interface PsamSlot {
   pendingDebits: PendingDebit[];
   /** Number of transactions in the PSAM's current batch. */
   batchCount: number;
+  /**
+   * The PC/SC reader the slot is (as pcscd names it); empty for a software
+   * PSAM. Shown to operators only: the pool routes by PSAM id.
+   */
+  reader: string;
 }
 
 /** A terminal host announcing itself on its stream. */
@@ -884,6 +899,7 @@ function createBasePsamSlot(): PsamSlot {
     psamCounter: 0,
     pendingDebits: [],
     batchCount: 0,
+    reader: "",
   };
 }
 
@@ -920,6 +936,9 @@ export const PsamSlot: MessageFns<PsamSlot> = {
     }
     if (message.batchCount !== 0) {
       writer.uint32(64).uint32(message.batchCount);
+    }
+    if (message.reader !== "") {
+      writer.uint32(74).string(message.reader);
     }
     return writer;
   },
@@ -1021,6 +1040,14 @@ export const PsamSlot: MessageFns<PsamSlot> = {
             message.batchCount = reader.uint32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.reader = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1065,6 +1092,7 @@ export const PsamSlot: MessageFns<PsamSlot> = {
         : isSet(object.batch_count)
         ? globalThis.Number(object.batch_count)
         : 0,
+      reader: isSet(object.reader) ? globalThis.String(object.reader) : "",
     };
   },
 
@@ -1094,6 +1122,9 @@ export const PsamSlot: MessageFns<PsamSlot> = {
     if (message.batchCount !== 0) {
       obj.batchCount = Math.round(message.batchCount);
     }
+    if (message.reader !== "") {
+      obj.reader = message.reader;
+    }
     return obj;
   },
 
@@ -1112,6 +1143,7 @@ export const PsamSlot: MessageFns<PsamSlot> = {
     message.psamCounter = object.psamCounter ?? 0;
     message.pendingDebits = object.pendingDebits?.map((e) => PendingDebit.fromPartial(e)) || [];
     message.batchCount = object.batchCount ?? 0;
+    message.reader = object.reader ?? "";
     return message;
   },
 };
