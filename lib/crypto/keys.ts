@@ -43,6 +43,11 @@ export interface SessionData {
  * in another.
  */
 export function deriveSessionKey(cardKey: Uint8Array, s: SessionData): Buffer {
+  return aesEncryptBlock(cardKey, sessionBlock(s));
+}
+
+/** The block the session key encrypts under the card key; a PKCS#11 token derives from it as from the diversification block. */
+export function sessionBlock(s: SessionData): Buffer {
   if (s.securityModuleId.length !== 4) throw new RangeError("security module id must be 4 bytes");
   if (s.challenge.length !== 8) throw new RangeError("card challenge must be 8 bytes");
   const block = Buffer.alloc(16);
@@ -50,5 +55,5 @@ export function deriveSessionKey(cardKey: Uint8Array, s: SessionData): Buffer {
   Buffer.from(s.securityModuleId).copy(block, 4);
   block.writeUInt32BE(s.securityModuleCounter >>> 0, 8);
   Buffer.from(s.challenge).copy(block, 12, 0, 4);
-  return aesEncryptBlock(cardKey, block);
+  return block;
 }

@@ -83,8 +83,13 @@ const S1Input = layout("S1 input", {
  * spoken yet, so there is no session key).
  */
 export function loadS1(cardLoadKey: Uint8Array, command: LoadInitCommand, response: Omit<LoadInit, "s1">): Buffer {
+  return mac8(cardLoadKey, s1Message(command, response));
+}
+
+/** The bytes S1 is the MAC of (a PKCS#11 token MACs them with CKM_AES_CMAC). */
+export function s1Message(command: LoadInitCommand, response: Omit<LoadInit, "s1">): Buffer {
   const r = InitializeForLoadResponse.encode({ ...response, s1: Buffer.alloc(8) });
-  return mac8(cardLoadKey, S1Input.encode({ tag: "1", command: InitializeForLoadCommand.encode(command), response: r.subarray(0, r.length - 8) }));
+  return S1Input.encode({ tag: "1", command: InitializeForLoadCommand.encode(command), response: r.subarray(0, r.length - 8) });
 }
 
 const S2Input = layout("S2 input", {
@@ -103,22 +108,24 @@ const S2Input = layout("S2 input", {
 
 /** S2: the security module's signature of the LOAD command, binding S1 and the authorised amount, under the load session key. */
 export function loadS2(sessionKey: Uint8Array, init: LoadInit, l: Omit<Load, "s2">): Buffer {
-  return mac8(
-    sessionKey,
-    S2Input.encode({
-      tag: "2",
-      purseId: init.purseId,
-      cardCounter: init.counter,
-      challenge: init.challenge,
-      s1: init.s1,
-      amount: l.amount,
-      currency: l.currency,
-      hsmId: l.hsmId,
-      hsmCounter: l.hsmCounter,
-      dateTime: l.dateTime,
-      transactionRef: l.transactionRef,
-    }),
-  );
+  return mac8(sessionKey, s2Message(init, l));
+}
+
+/** The bytes S2 is the MAC of. */
+export function s2Message(init: LoadInit, l: Omit<Load, "s2">): Buffer {
+  return S2Input.encode({
+    tag: "2",
+    purseId: init.purseId,
+    cardCounter: init.counter,
+    challenge: init.challenge,
+    s1: init.s1,
+    amount: l.amount,
+    currency: l.currency,
+    hsmId: l.hsmId,
+    hsmCounter: l.hsmCounter,
+    dateTime: l.dateTime,
+    transactionRef: l.transactionRef,
+  });
 }
 
 const S3Input = layout("S3 input", {
@@ -137,22 +144,24 @@ const S3Input = layout("S3 input", {
 
 /** S3: the card's signature of its LOAD result and new state, bound to the command and the session. */
 export function loadS3(sessionKey: Uint8Array, session: { purseId: Buffer; challenge: Buffer }, l: Omit<Load, "s2">, r: Omit<LoadAnswer, "s3">): Buffer {
-  return mac8(
-    sessionKey,
-    S3Input.encode({
-      tag: "3",
-      purseId: session.purseId,
-      challenge: session.challenge,
-      result: r.result,
-      counter: r.counter,
-      balance: r.balance,
-      amount: l.amount,
-      currency: l.currency,
-      hsmId: l.hsmId,
-      hsmCounter: l.hsmCounter,
-      transactionRef: l.transactionRef,
-    }),
-  );
+  return mac8(sessionKey, s3Message(session, l, r));
+}
+
+/** The bytes S3 is the MAC of. */
+export function s3Message(session: { purseId: Buffer; challenge: Buffer }, l: Omit<Load, "s2">, r: Omit<LoadAnswer, "s3">): Buffer {
+  return S3Input.encode({
+    tag: "3",
+    purseId: session.purseId,
+    challenge: session.challenge,
+    result: r.result,
+    counter: r.counter,
+    balance: r.balance,
+    amount: l.amount,
+    currency: l.currency,
+    hsmId: l.hsmId,
+    hsmCounter: l.hsmCounter,
+    transactionRef: l.transactionRef,
+  });
 }
 
 /**

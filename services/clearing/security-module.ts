@@ -5,12 +5,18 @@
 // PSAM key is one AES-ECB block under a master key (lib/crypto/keys.ts), so a
 // PKCS#11 token can sit behind the same interface. The software module keeps
 // its keys in a private file (mode 0600), written by
-// 'netpurse-issuer export-clearing-keys'.
+// 'netpurse-issuer export-clearing-keys'. A load master key version held in a
+// PKCS#11 token (docs/hsm.md) is in that file only as a reference: its S1s
+// and S3s are checked in the token, through the shared wrapper, whose
+// binding is loaded only when the file names a token.
 
 import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson } from "../../lib/files.js";
-import { loadS1, s3Verifies, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
+import { Pkcs11Token, type TokenConfig, type TokenSession } from "../../lib/hsm/pkcs11.js";
+import { SecurityModuleUnavailable, unavailableStatus } from "../../lib/hsm/unavailable.js";
+import type { Logger } from "../../lib/log.js";
+import { loadS1, s1Message, s3Message, s3Verifies, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac, diversifyPsamKey, type PsamBatchRecord } from "../../lib/protocol/psam.js";
 import { cardSignature, DebitResult } from "../../lib/protocol/purse.js";
 
@@ -25,6 +31,8 @@ export interface ClearingKeysFile {
   loadKeys: Record<string, string>;
   /** The acquirer's batch master key, from which each PSAM's batch key is diversified, hex. */
   batchMaster: string;
+  /** Load master key versions held in a PKCS#11 token: where the token is, and each key's label by key version (never a value). */
+  tokenLoadKeys?: { token: TokenConfig; labels: Record<string, string> };
 }
 
 /** What a closed batch's trailer says, as the PSAM MACed it. */
@@ -51,14 +59,20 @@ export interface ClearingSecurityModule {
   verifyLoadS1(authorised: LoadInitCommand, init: LoadInit): boolean;
   /** Whether a load's S3 is the card's own LOADED answer to this LOAD command. */
   verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean;
+  /** Lets go of what the module holds open (a token's session). */
+  close?(): void;
 }
 
 const hexKey = (k: string | undefined) => (k && /^[0-9a-f]{32}$/.test(k) ? Buffer.from(k, "hex") : undefined);
 
 export class SoftwareClearingModule implements ClearingSecurityModule {
-  private constructor(private readonly keys: ClearingKeysFile) {}
+  private constructor(
+    private readonly keys: ClearingKeysFile,
+    private readonly token?: Pkcs11Token,
+  ) {}
 
-  static async open(path: string): Promise<SoftwareClearingModule> {
+  /** Opens the keys file; when it names a token, the token too (a token out of reach is logged, and each check tries it again). */
+  static async open(path: string, log?: Logger): Promise<SoftwareClearingModule> {
     let keys: ClearingKeysFile;
     try {
       keys = await readJson<ClearingKeysFile>(path);
@@ -69,7 +83,31 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
       throw new Error(`cannot read clearing's keys ${path} (${why}): export them with 'netpurse-issuer export-clearing-keys --out ${path}'`);
     }
     if (keys.format !== 1 || !hexKey(keys.batchMaster) || typeof keys.issuerId !== "string") throw new Error(`${path}: not a clearing keys file`);
-    return new SoftwareClearingModule(keys);
+    if (!keys.tokenLoadKeys || Object.keys(keys.tokenLoadKeys.labels).length === 0) return new SoftwareClearingModule(keys);
+    const token = await Pkcs11Token.open(keys.tokenLoadKeys.token);
+    const unavailable = token.check();
+    if (unavailable) log?.warn("the token of the load master keys is unavailable; loads of its key versions wait until it is back", { why: unavailable });
+    return new SoftwareClearingModule(keys, token);
+  }
+
+  close(): void {
+    this.token?.close();
+  }
+
+  /** The label of a token-held load master key version. */
+  private tokenLabel(version: number): string | undefined {
+    const labels = this.keys.tokenLoadKeys?.labels;
+    return this.token && labels && Object.hasOwn(labels, String(version)) ? labels[String(version)] : undefined;
+  }
+
+  /** A MAC made in the token; a token out of reach answers the whole submission UNAVAILABLE, so nothing is quarantined for it. */
+  private onToken(mac: (t: TokenSession) => Buffer): Buffer {
+    try {
+      return this.token!.run(mac);
+    } catch (e) {
+      if (e instanceof SecurityModuleUnavailable) throw unavailableStatus(e, "nothing of this submission was recorded: send it again");
+      throw e;
+    }
   }
 
   static fromKeys(keys: ClearingKeysFile): SoftwareClearingModule {
@@ -114,13 +152,28 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
 
   verifyLoadS1(authorised: LoadInitCommand, init: LoadInit): boolean {
     const master = this.master(this.keys.loadKeys, init.keyVersion);
-    if (!master) return false;
     const { s1, ...response } = init;
-    return macEqual(loadS1(diversifyCardKey(master, init.purseId), authorised, response), s1);
+    if (master) return macEqual(loadS1(diversifyCardKey(master, init.purseId), authorised, response), s1);
+    const label = this.tokenLabel(init.keyVersion);
+    return (
+      !!label &&
+      macEqual(
+        this.onToken((t) => t.cardMac(label, init.purseId, s1Message(authorised, response))),
+        s1,
+      )
+    );
   }
 
   verifyLoadS3(init: LoadInit, command: Omit<Load, "s2">, answer: LoadAnswer): boolean {
     const master = this.master(this.keys.loadKeys, init.keyVersion);
-    return !!master && s3Verifies(master, init, command, answer);
+    if (master) return s3Verifies(master, init, command, answer);
+    const label = this.tokenLabel(init.keyVersion);
+    if (!label) return false;
+    const { s3, ...result } = answer;
+    const session = { cardCounter: init.counter, securityModuleId: command.hsmId, securityModuleCounter: command.hsmCounter, challenge: init.challenge };
+    return macEqual(
+      this.onToken((t) => t.sessionMac(label, init.purseId, session, s3Message(init, command, result))),
+      s3,
+    );
   }
 }

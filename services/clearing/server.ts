@@ -29,7 +29,7 @@ export async function startClearing(c: ClearingConfig) {
   const log = createLogger("clearing");
   if (!c.psamRegistry && !c.security.insecure)
     throw new Error("clearing needs the issuer's PSAM registry (--psam-registry FILE) to know which terminal may send which PSAM's batches");
-  const module = await SoftwareClearingModule.open(join(c.dir, "keys.json"));
+  const module = await SoftwareClearingModule.open(join(c.dir, "keys.json"), log.child("security-module"));
   const registry = c.psamRegistry ? await WatchedPsamRegistry.open(c.psamRegistry, log) : undefined;
   // The merchant registry follows its file: a merchant added by the operator is paid without a restart.
   const merchantsPath = join(c.dir, "merchants.json");
@@ -81,6 +81,7 @@ export async function startClearing(c: ClearingConfig) {
       unwatchFile(merchantsPath);
       await server.shutdown();
       await db.close();
+      module.close();
     },
   };
 }

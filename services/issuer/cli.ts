@@ -1,8 +1,9 @@
 // netpurse-issuer: the issuer's commands. Keys stay in the private keys
 // file; nothing here prints key material.
 
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { dataDir } from "../../lib/config.js";
+import { ensurePinFile, ensureSoftHsmConf, hsmDir, isSoftHsm, readPinFile } from "../../lib/hsm/softhsm.js";
 import { runCommands, UsageError, int, str } from "../../lib/cli.js";
 import { formatMinor, parseMinor } from "../../lib/money.js";
 import { DEMO_ISSUER_ID, Issuer } from "./issuer.js";
@@ -135,16 +136,88 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   },
   {
     name: "provision-hsm",
-    summary:
-      "Provision the load server's software host security module with every load master key version.\nIts file is DATA/load/hsm.json (mode 0600); the load server reads it at start.",
-    usage: "[--out FILE] [--hsm-id HEX8] [--data DIR]",
-    options: { ...dataOption, out: { type: "string" }, "hsm-id": { type: "string" } },
+    summary: [
+      "Provision the load server's host security module; its file is DATA/load/hsm.json (mode 0600),",
+      "read by the load server at start (docs/hsm.md).",
+      "Software (the default): every load master key version of the keys file, and the module's counter.",
+      "--pkcs11: on a PKCS#11 token. The token labelled --token is used, or initialised in a free slot when",
+      "there is none; the load master key of --key-version (default: the token's latest, or a new version)",
+      "is generated in it, sensitive and never extractable, unless it holds it already. The keys file then",
+      "names the token for that version and holds no value for it; its purchase and authentication keys",
+      "are in the keys file as usual. hsm.json names the module, the token and the PIN file, and keeps",
+      "the counter (its module id and counter are kept when it exists). For SoftHSM2 the configuration is",
+      "--softhsm2-conf, by default DATA/hsm/softhsm2.conf (written if missing) with the tokens in",
+      "DATA/hsm/tokens. The user PIN is read from --pin-file (mode 0600; default DATA/hsm/user.pin, a",
+      "random PIN written if missing) or, without --pin-file, from $NETPURSE_HSM_PIN when it is set; the",
+      "security officer's PIN (for initialising) from --so-pin-file (default DATA/hsm/so.pin, likewise).",
+      "No PIN is ever printed. Export clearing's keys again afterwards (export-clearing-keys).",
+    ].join("\n"),
+    usage:
+      "[--out FILE] [--hsm-id HEX8] [--data DIR]\n       netpurse-issuer provision-hsm --pkcs11 --module LIB --token LABEL [--pin-file F] [--key-version N]\n" +
+      "         [--so-pin-file F] [--softhsm2-conf F] [--out FILE] [--hsm-id HEX8] [--data DIR]",
+    options: {
+      ...dataOption,
+      out: { type: "string" },
+      "hsm-id": { type: "string" },
+      pkcs11: { type: "boolean" },
+      module: { type: "string" },
+      token: { type: "string" },
+      "pin-file": { type: "string" },
+      "so-pin-file": { type: "string" },
+      "softhsm2-conf": { type: "string" },
+      "key-version": { type: "string" },
+    },
     async run(v) {
-      const out = str(v.out, join(dataDir(v.data as string | undefined), "load", "hsm.json"));
+      const data = dataDir(v.data as string | undefined);
+      const out = str(v.out, join(data, "load", "hsm.json"));
+      const hsmId = typeof v["hsm-id"] === "string" ? { hsmId: v["hsm-id"] } : {};
+      if (!v.pkcs11) {
+        for (const o of ["module", "token", "pin-file", "so-pin-file", "softhsm2-conf", "key-version"])
+          if (v[o] !== undefined) throw new UsageError(`--${o} is for --pkcs11 only`);
+        const issuer = await Issuer.open(issuerDir(v));
+        try {
+          const h = await issuer.provisionHsm({ path: out, ...hsmId });
+          console.log(`provisioned security module ${h.hsmId} (load key versions ${Object.keys(h.loadKeys).join(", ")}): ${out}`);
+        } finally {
+          await issuer.close();
+        }
+        return;
+      }
+      if (typeof v.module !== "string" || typeof v.token !== "string") throw new UsageError("--pkcs11 needs --module LIB and --token LABEL");
+      const module = resolve(v.module);
+      const folder = hsmDir(data);
+      const softhsm2Conf = isSoftHsm(module)
+        ? await ensureSoftHsmConf(typeof v["softhsm2-conf"] === "string" ? v["softhsm2-conf"] : join(folder, "softhsm2.conf"), join(folder, "tokens"))
+        : undefined;
+      const pinFile =
+        typeof v["pin-file"] === "string"
+          ? await ensurePinFile(v["pin-file"])
+          : process.env.NETPURSE_HSM_PIN
+            ? undefined
+            : await ensurePinFile(join(folder, "user.pin"));
+      const soPin = await readPinFile(await ensurePinFile(typeof v["so-pin-file"] === "string" ? v["so-pin-file"] : join(folder, "so.pin")));
       const issuer = await Issuer.open(issuerDir(v));
       try {
-        const h = await issuer.provisionHsm({ path: out, ...(typeof v["hsm-id"] === "string" ? { hsmId: v["hsm-id"] } : {}) });
-        console.log(`provisioned security module ${h.hsmId} (load key versions ${Object.keys(h.loadKeys).join(", ")}): ${out}`);
+        const r = await issuer.provisionTokenHsm({
+          path: out,
+          token: { module, tokenLabel: v.token, ...(pinFile ? { pinFile } : {}), ...(softhsm2Conf ? { softhsm2Conf } : {}) },
+          soPin,
+          ...(v["key-version"] !== undefined ? { keyVersion: int(v["key-version"], 1, "key-version") } : {}),
+          ...hsmId,
+        });
+        if (r.initialised) console.log(`initialised token ${v.token}${softhsm2Conf ? ` (SoftHSM2 configuration ${softhsm2Conf})` : ""}`);
+        console.log(
+          r.generated
+            ? `generated the load master key of version ${r.keyVersion} in token ${v.token} (sensitive, never extractable)`
+            : `token ${v.token} holds the load master key of version ${r.keyVersion} already`,
+        );
+        console.log(
+          `provisioned PKCS#11 security module ${r.file.hsmId} (load key versions ${Object.keys(r.file.loadKeys).join(", ")} in the token, PIN from ${pinFile ?? "$NETPURSE_HSM_PIN"}): ${out}`,
+        );
+        console.log("export clearing's keys again so that it checks these loads in the token: netpurse-issuer export-clearing-keys");
+      } catch (e) {
+        if (e instanceof RangeError) throw new UsageError(e.message);
+        throw e;
       } finally {
         await issuer.close();
       }
@@ -192,7 +265,7 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   {
     name: "export-clearing-keys",
     summary:
-      "Write clearing's security module keys: every purchase and load master key version (to check card\nsignatures and S3s) and the batch master key (to check PSAM batches). Clearing reads\nDATA/clearing/keys.json (mode 0600). The keys are never printed.",
+      "Write clearing's security module keys: every purchase and load master key version (to check card\nsignatures and S3s) and the batch master key (to check PSAM batches). Clearing reads\nDATA/clearing/keys.json (mode 0600). The keys are never printed. A load key version held in a\nPKCS#11 token is written as a reference to the token: clearing checks those loads in the token.",
     usage: `--out FILE [--issuer-id ID (default ${DEMO_ISSUER_ID})] [--data DIR]`,
     options: { ...dataOption, out: { type: "string" }, "issuer-id": { type: "string" } },
     async run(v) {
@@ -201,7 +274,9 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
       try {
         const k = await issuer.exportClearingKeys(v.out, str(v["issuer-id"], DEMO_ISSUER_ID));
         console.log(
-          `wrote clearing's keys for issuer ${k.issuerId} (purchase key versions ${Object.keys(k.purchaseKeys).join(", ")}, load key versions ${Object.keys(k.loadKeys).join(", ")}, batch master): ${v.out}`,
+          `wrote clearing's keys for issuer ${k.issuerId} (purchase key versions ${Object.keys(k.purchaseKeys).join(", ")}, load key versions ${Object.keys(k.loadKeys).join(", ")}` +
+            (k.tokenLoadKeys ? ` and ${Object.keys(k.tokenLoadKeys.labels).join(", ")} in token ${k.tokenLoadKeys.token.tokenLabel} (by reference)` : "") +
+            `, batch master): ${v.out}`,
         );
       } catch (e) {
         if (e instanceof RangeError) throw new UsageError(e.message);

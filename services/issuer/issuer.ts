@@ -1,6 +1,8 @@
 // The issuer's tools: master keys per purpose and version, personalisation
 // of software cards, provisioning of software PSAMs. The keys file is private
-// (mode 0600) and its contents never reach a log.
+// (mode 0600) and its contents never reach a log. A load master key version
+// may instead live in a PKCS#11 token (docs/hsm.md): generated there, the
+// keys file names it and holds no value for it.
 
 import type { PsamRegistryFile } from "../concentrator/psam-registry.js";
 import { randomBytes } from "node:crypto";
@@ -8,12 +10,14 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypto/keys.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import { ensureToken, loadMasterKeyLabel, tokenConfigOf, withToken, type TokenConfig } from "../../lib/hsm/pkcs11.js";
 import { MAX_CARD_AMOUNT } from "../../lib/money.js";
 import { diversifyPsamKey } from "../../lib/protocol/psam.js";
 import { openSqlite, type Db } from "../../lib/store/db.js";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
 import { SoftwareHsm, type HsmFile } from "../load/hsm.js";
+import type { Pkcs11HsmFile } from "../load/pkcs11-hsm.js";
 import type { VerdictKeyFile } from "../payment/security-module.js";
 import type { ClearingKeysFile } from "../clearing/security-module.js";
 
@@ -33,7 +37,20 @@ export interface IssuerKeys {
    * to check the PSAMs' verdicts.
    */
   verdictMaster: string;
+  /**
+   * Master keys held in a PKCS#11 token rather than here: the token, and
+   * the label of each load master key in it by key version. Such a version
+   * has no value in `master.load`.
+   */
+  token?: { config: TokenConfig; load: Record<string, string> };
 }
+
+/** The label of a token-held load master key version, if that version is one. */
+const tokenLabelOf = (k: Pick<IssuerKeys, "token">, version: number): string | undefined =>
+  k.token && Object.hasOwn(k.token.load, String(version)) ? k.token.load[String(version)] : undefined;
+
+/** Whether the keys hold the master key of this purpose and version, in the file or in the token. */
+const holds = (k: IssuerKeys, p: KeyPurpose, version: number) => !!k.master[p][String(version)] || (p === "load" && !!tokenLabelOf(k, version));
 
 /** Keys files made before PSAM verdicts have no verdict master key. */
 type StoredKeys = Omit<IssuerKeys, "verdictMaster"> & { verdictMaster?: string };
@@ -93,11 +110,11 @@ export class Issuer {
         ? await readJson<StoredKeys>(path)
         : { format: 1, master: { purchase: {}, load: {}, authentication: {} }, batchMaster: randomBytes(16).toString("hex") },
     );
-    if (KEY_PURPOSES.every((p) => keys.master[p][String(keyVersion)])) {
+    if (KEY_PURPOSES.every((p) => holds(keys, p, keyVersion))) {
       if (added) await writeJsonAtomic(path, keys, { private: true });
       return { created: false };
     }
-    for (const p of KEY_PURPOSES) keys.master[p][String(keyVersion)] ??= randomBytes(16).toString("hex");
+    for (const p of KEY_PURPOSES) if (!holds(keys, p, keyVersion)) keys.master[p][String(keyVersion)] = randomBytes(16).toString("hex");
     await writeJsonAtomic(path, keys, { private: true });
     return { created: true };
   }
@@ -115,7 +132,14 @@ export class Issuer {
     await this.db.close();
   }
 
+  /** The key versions of a purpose, those held in the token included. */
   keyVersions(purpose: KeyPurpose): number[] {
+    const inToken = purpose === "load" && this.keys.token ? Object.keys(this.keys.token.load) : [];
+    return [...new Set([...Object.keys(this.keys.master[purpose]), ...inToken])].map(Number).sort((a, b) => a - b);
+  }
+
+  /** The key versions of a purpose whose master key is in the keys file. */
+  private fileKeyVersions(purpose: KeyPurpose): number[] {
     return Object.keys(this.keys.master[purpose])
       .map(Number)
       .sort((a, b) => a - b);
@@ -123,8 +147,19 @@ export class Issuer {
 
   private masterKey(purpose: KeyPurpose, version: number): Buffer {
     const hex = this.keys.master[purpose][String(version)];
-    if (!hex) throw new Error(`no ${purpose} master key of version ${version}`);
+    if (!hex) {
+      if (purpose === "load" && tokenLabelOf(this.keys, version))
+        throw new Error(`the load master key of version ${version} is in token ${this.keys.token!.config.tokenLabel}, never out of it`);
+      throw new Error(`no ${purpose} master key of version ${version}`);
+    }
     return Buffer.from(hex, "hex");
+  }
+
+  /** A card's load key: diversified from the file's master key, or inside the token (derived extractable, read once) for a token-held version. */
+  private async cardLoadKey(version: number, purseId: Buffer): Promise<Buffer> {
+    const label = tokenLabelOf(this.keys, version);
+    if (!label) return diversifyCardKey(this.masterKey("load", version), purseId);
+    return withToken(this.keys.token!.config, (t) => t.cardKey(label, purseId));
   }
 
   /**
@@ -163,7 +198,7 @@ export class Issuer {
       status: "active",
       keys: {
         purchase: diversifyCardKey(this.masterKey("purchase", keyVersion), id).toString("hex"),
-        load: diversifyCardKey(this.masterKey("load", keyVersion), id).toString("hex"),
+        load: (await this.cardLoadKey(keyVersion, id)).toString("hex"),
         authentication: diversifyCardKey(this.masterKey("authentication", keyVersion), id).toString("hex"),
       },
       log: [],
@@ -245,17 +280,71 @@ export class Issuer {
 
   /**
    * Provisions the load server's software security module with every load
-   * master key version. It is the one place outside the issuer that holds
-   * them, as a hardware security module would.
+   * master key version in the keys file (not those held in a token). It is
+   * the one place outside the issuer that holds them, as a hardware security
+   * module would.
    */
   async provisionHsm(p: { path: string; hsmId?: string }): Promise<HsmFile> {
     const hsmId = p.hsmId ?? randomBytes(4).toString("hex");
     if (!/^[0-9a-f]{8}$/.test(hsmId)) throw new RangeError("security module id must be 8 hex digits");
     const loadKeys: Record<string, string> = {};
-    for (const v of this.keyVersions("load")) loadKeys[String(v)] = this.masterKey("load", v).toString("hex");
+    for (const v of this.fileKeyVersions("load")) loadKeys[String(v)] = this.masterKey("load", v).toString("hex");
     const file: HsmFile = { format: 1, hsmId, loadKeys, counter: 0 };
     await SoftwareHsm.write(p.path, file);
     return file;
+  }
+
+  /**
+   * Provisions the load server's security module on a PKCS#11 token. The
+   * token labelled `token.tokenLabel` is used, or initialised (a free one,
+   * with `soPin` and the configuration's user PIN) when there is none; the
+   * load master key of `keyVersion` is generated in it (sensitive, never
+   * extractable, for derivation only) unless it holds it already. The keys
+   * file records that version as the token's, with purchase and
+   * authentication keys of the same version in the file as usual. The load
+   * server's `path` (DATA/load/hsm.json) then names the token and every
+   * token-held version; the module id and counter of a file already there
+   * are kept, so that no counter is used twice.
+   */
+  async provisionTokenHsm(p: { path: string; token: TokenConfig; soPin: string; keyVersion?: number; hsmId?: string }): Promise<{
+    file: Pkcs11HsmFile;
+    keyVersion: number;
+    generated: boolean;
+    initialised: boolean;
+  }> {
+    const current = this.keys.token?.config;
+    if (current && (current.module !== p.token.module || current.tokenLabel !== p.token.tokenLabel)) {
+      throw new Error(`this issuer's token-held keys are in token ${current.tokenLabel} of ${current.module}; provision that token`);
+    }
+    const held = this.keys.token ? Object.keys(this.keys.token.load).map(Number) : [];
+    const keyVersion = p.keyVersion ?? (held.length ? Math.max(...held) : Math.max(0, ...this.keyVersions("purchase")) + 1);
+    if (!Number.isInteger(keyVersion) || keyVersion < 1 || keyVersion > 255) throw new RangeError("key version must be 1..255");
+    if (this.keys.master.load[String(keyVersion)]) {
+      throw new RangeError(
+        `the load master key of version ${keyVersion} is in the keys file; a token-held key is generated in the token, for a version of its own (--key-version ${Math.max(...this.keyVersions("load")) + 1})`,
+      );
+    }
+    if (p.hsmId !== undefined && !/^[0-9a-f]{8}$/.test(p.hsmId)) throw new RangeError("security module id must be 8 hex digits");
+    const token = tokenConfigOf(p.token);
+    const initialised = await ensureToken(token, p.soPin);
+    const label = loadMasterKeyLabel(keyVersion);
+    const generated = await withToken(token, (t) => {
+      if (t.findSecretKey(label)) return false;
+      t.generateMasterKey(label);
+      return true;
+    });
+    for (const purpose of KEY_PURPOSES) if (purpose !== "load") this.keys.master[purpose][String(keyVersion)] ??= randomBytes(16).toString("hex");
+    this.keys.token = { config: token, load: { ...this.keys.token?.load, [String(keyVersion)]: label } };
+    await writeJsonAtomic(Issuer.keysPath(this.dir), this.keys, { private: true });
+
+    const before = existsSync(p.path) ? await readJson<{ hsmId?: unknown; counter?: unknown }>(p.path) : undefined;
+    const beforeId = typeof before?.hsmId === "string" && /^[0-9a-f]{8}$/.test(before.hsmId) ? before.hsmId : undefined;
+    const hsmId = p.hsmId ?? beforeId ?? randomBytes(4).toString("hex");
+    // The same module id goes on counting where it was: a counter used again would give a card the same session key twice.
+    const counter = hsmId === beforeId && Number.isInteger(before?.counter) ? (before!.counter as number) : 0;
+    const file: Pkcs11HsmFile = { format: 1, kind: "pkcs11", hsmId, ...token, loadKeys: { ...this.keys.token.load }, counter };
+    await writeJsonAtomic(p.path, file, { private: true });
+    return { file, keyVersion, generated, initialised };
   }
 
   /**
@@ -288,13 +377,24 @@ export class Issuer {
   /**
    * Writes clearing's security module keys (mode 0600): every purchase and
    * load master key version, to check card signatures and S3s, and the batch
-   * master key, to check the PSAMs' batch MACs. Clearing reads them from
-   * DATA/clearing/keys.json. Rewriting it after a new key version is safe.
+   * master key, to check the PSAMs' batch MACs; a load key version held in a
+   * token as a reference to the token and the key's label. Clearing reads
+   * them from DATA/clearing/keys.json. Rewriting it after a new key version
+   * is safe.
    */
   async exportClearingKeys(path: string, issuerId = DEMO_ISSUER_ID): Promise<ClearingKeysFile> {
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(issuerId)) throw new RangeError("issuer id must be 1..64 characters of [A-Za-z0-9._-]");
-    const versions = (purpose: KeyPurpose) => Object.fromEntries(this.keyVersions(purpose).map((v) => [String(v), this.masterKey(purpose, v).toString("hex")]));
-    const file: ClearingKeysFile = { format: 1, issuerId, purchaseKeys: versions("purchase"), loadKeys: versions("load"), batchMaster: this.keys.batchMaster };
+    const versions = (purpose: KeyPurpose) =>
+      Object.fromEntries(this.fileKeyVersions(purpose).map((v) => [String(v), this.masterKey(purpose, v).toString("hex")]));
+    const file: ClearingKeysFile = {
+      format: 1,
+      issuerId,
+      purchaseKeys: versions("purchase"),
+      loadKeys: versions("load"),
+      batchMaster: this.keys.batchMaster,
+      // Token-held load keys by reference only: clearing checks their S1s and S3s in the token.
+      ...(this.keys.token ? { tokenLoadKeys: { token: this.keys.token.config, labels: { ...this.keys.token.load } } } : {}),
+    };
     await writeJsonAtomic(path, file, { private: true });
     return file;
   }

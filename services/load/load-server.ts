@@ -43,6 +43,7 @@ import {
   type LoadInitCommand,
 } from "../../lib/protocol/load.js";
 import { LogKind, LogRecord, type CardLogRecord } from "../../lib/protocol/purse.js";
+import { SecurityModuleUnavailable, unavailableStatus } from "../../lib/hsm/unavailable.js";
 import { HsmRefused, type HostSecurityModule, type HsmRefusal } from "./hsm.js";
 import type { LoadRow, LoadStore, Settlement } from "./store.js";
 
@@ -169,6 +170,7 @@ export class LoadServer {
     try {
       issued = await this.o.hsm.issueLoad(authorised, amount.exponent, init);
     } catch (e) {
+      if (e instanceof SecurityModuleUnavailable) throw this.unavailable(e, "no LOAD command was made and nothing was recorded: send the same request again");
       if (!(e instanceof HsmRefused)) throw e;
       // No LOAD command was made, so the card cannot have been credited: the load is over, and the bank may release its hold.
       await this.o.store.insert(
@@ -308,8 +310,23 @@ export class LoadServer {
       answer.result === LoadResult.LOADED &&
       answer.counter === init.counter + 1 &&
       answer.balance === init.balance + authorised.amount &&
-      this.o.hsm.verifyLoadAnswer(authorised, init, { hsmCounter: row.hsm_counter! }, answer)
+      this.checked(() => this.o.hsm.verifyLoadAnswer(authorised, init, { hsmCounter: row.hsm_counter! }, answer))
     );
+  }
+
+  /** A check by the security module; a token out of reach decides nothing, and the caller is told to come back (UNAVAILABLE). */
+  private checked(check: () => boolean): boolean {
+    try {
+      return check();
+    } catch (e) {
+      if (e instanceof SecurityModuleUnavailable) throw this.unavailable(e, "the load was left as it was: send the same request again");
+      throw e;
+    }
+  }
+
+  private unavailable(e: SecurityModuleUnavailable, consequence: string) {
+    this.o.log.warn("security module unavailable", { why: e.message });
+    return unavailableStatus(e, consequence);
   }
 
   /**
@@ -328,7 +345,7 @@ export class LoadServer {
     const countersEqual = zero.counter === init.counter;
     const expected: LoadInit = { ...zero, counter: init.counter, balance: init.balance };
     const branch = countersEqual ? "counters equal" : `counter ${zero.counter} decreased to the original ${init.counter}`;
-    if (this.o.hsm.matchesS1(zeroCommand, expected)) {
+    if (this.checked(() => this.o.hsm.matchesS1(zeroCommand, expected))) {
       return {
         outcome: "NOT_LOADED",
         kind: "NEGATIVE_RESULT",

@@ -5,8 +5,17 @@ import { startLoadServer } from "./server.js";
 
 await runService({
   program: "netpurse-load",
-  summary:
+  summary: [
     "Load server: has its host security module sign LOAD commands for cards, verifies the cards' answers, confirms loads to the banks and reports each settled load to clearing.",
+    "",
+    "Its host security module is the one DATA/load/hsm.json describes (docs/hsm.md):",
+    "  software (the default; 'netpurse-issuer provision-hsm'): the load master keys and the counter in that file;",
+    "  PKCS#11, kind \"pkcs11\" ('netpurse-issuer provision-hsm --pkcs11 --module LIB --token LABEL'): the keys in a",
+    "  token (SoftHSM2 or an HSM), never out of it; the file names the module, the token and the PIN file, and keeps",
+    "  the counter. The PIN is read from the PIN file (mode 0600) or $NETPURSE_HSM_PIN, never from the command line.",
+    "  It needs the optional npm package pkcs11js. While the token is out of reach, loads answer UNAVAILABLE",
+    "  (reason SECURITY_MODULE_UNAVAILABLE), nothing is recorded, and each call tries the token again.",
+  ].join("\n"),
   options: {
     listen: { type: "string" },
     data: { type: "string" },

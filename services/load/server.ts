@@ -9,14 +9,14 @@ import type { Security } from "../../lib/pki/security.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { loadBankKeys } from "./banks.js";
 import { ClearingReporter, type ClearingReporterOptions } from "./clearing-reporter.js";
-import { SoftwareHsm } from "./hsm.js";
+import { openHsm } from "./open-hsm.js";
 import { LoadServer } from "./load-server.js";
 import { LOAD_MIGRATIONS, LoadStore } from "./store.js";
 
 export interface LoadConfig {
   security: Security;
   listen?: string;
-  /** The load server's folder: load.db, banks.json and the software security module's hsm.json. */
+  /** The load server's folder: load.db, banks.json and hsm.json (the software security module, or where the PKCS#11 token is: docs/hsm.md). */
   dir: string;
   /** The clearing service every settled load is reported to (default 127.0.0.1:7460). */
   clearing?: string;
@@ -27,7 +27,7 @@ export interface LoadConfig {
 /** Starts the load server in this process. */
 export async function startLoadServer(c: LoadConfig) {
   const log = createLogger("load");
-  const hsm = await SoftwareHsm.open(join(c.dir, "hsm.json"));
+  const hsm = await openHsm(join(c.dir, "hsm.json"), log.child("hsm"));
   const db = openSqlite(join(c.dir, "load.db"), LOAD_MIGRATIONS);
   const store = new LoadStore(db);
   // Clearing may be down: the channel reconnects on its own, the reporter retries, and loads go on meanwhile.
@@ -57,6 +57,7 @@ export async function startLoadServer(c: LoadConfig) {
       await reporter.close();
       clearingChannel.close();
       await db.close();
+      hsm.close?.();
     },
   };
 }
