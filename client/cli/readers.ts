@@ -44,7 +44,10 @@ async function survey(readers: PcscReaders, name: string): Promise<ReaderSurvey>
     }
     return { reader: name, holds: "other card", detail: "answers neither the purse nor the PSAM application", atr };
   } catch (e) {
-    return { reader: name, holds: "in use", detail: `cannot reach the card: ${(e as Error).message}`, atr: view.atr?.toString("hex") ?? "" };
+    const message = (e as Error).message;
+    // A terminal host keeps its PSAMs, and the daemon its card while it works: pcscd reports a sharing violation.
+    const detail = /sharing violation/i.test(message) ? "held by another program (a terminal host keeps its PSAMs)" : `cannot reach the card: ${message}`;
+    return { reader: name, holds: "in use", detail, atr: view.atr?.toString("hex") ?? "" };
   } finally {
     await transport.close();
   }

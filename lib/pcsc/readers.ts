@@ -24,7 +24,6 @@ export interface PcscReader extends EventEmitter {
   connect(options: { share_mode?: number; protocol?: number }, cb: (err: unknown, protocol: number) => void): void;
   disconnect(disposition: number, cb: (err: unknown) => void): void;
   transmit(data: Buffer, resLen: number, protocol: number, cb: (err: unknown, response: Buffer) => void): void;
-  get_status(cb: (err: unknown, state: number, atr?: Buffer) => void): void;
   close(): void;
 }
 
@@ -65,6 +64,8 @@ export function loadPcsclite(): Promise<() => PcscContext> {
 interface Entry {
   reader: PcscReader;
   view: ReaderView;
+  /** The binding stopped watching it; a rescan takes it up again. */
+  ended?: boolean;
 }
 
 /**
@@ -143,6 +144,7 @@ export class PcscReaders extends EventEmitter {
   close(): void {
     this.closed = true;
     clearTimeout(this.timer);
+    clearTimeout(this.rescanTimer);
     this.drop();
   }
 
@@ -170,12 +172,62 @@ export class PcscReaders extends EventEmitter {
     }, 150).unref();
   }
 
-  private addReader(reader: PcscReader): void {
-    const entry: Entry = { reader, view: { name: reader.name, present: false } };
+  private rescanTimer: NodeJS.Timeout | undefined;
+
+  private scheduleRescan(): void {
+    if (this.rescanTimer) return;
+    this.rescanTimer = setTimeout(() => {
+      this.rescanTimer = undefined;
+      this.rescan();
+    }, 200);
+    this.rescanTimer.unref();
+  }
+
+  /** Opens a fresh context: readers it lists that were no longer watched are watched again; the others stay as they are. */
+  private rescan(): void {
+    if (this.closed || this.lost) return;
+    const old = this.ctx;
+    let next: PcscContext;
+    try {
+      next = this.create();
+    } catch (e) {
+      this.serviceLost(e);
+      return;
+    }
+    this.ctx = next;
+    next.on("reader", (reader: PcscReader) => {
+      const known = this.entries.get(reader.name);
+      if (known && !known.ended) return reader.close(); // still watched through the old context's reader
+      this.addReader(reader, known?.view);
+    });
+    next.on("error", (e: unknown) => this.serviceLost(e));
+    if (old) {
+      old.removeAllListeners("reader");
+      old.removeAllListeners("error");
+      try {
+        old.close();
+      } catch {
+        // gone already
+      }
+    }
+    // Readers the fresh context does not list are unplugged.
+    setTimeout(() => {
+      for (const [name, e] of [...this.entries]) {
+        if (!e.ended) continue;
+        this.entries.delete(name);
+        if (e.view.present) this.emit("card-removed", name);
+        this.emit("reader-removed", name);
+      }
+    }, 1_000).unref();
+  }
+
+  private addReader(reader: PcscReader, seen?: ReaderView): void {
+    const entry: Entry = { reader, view: seen ?? { name: reader.name, present: false } };
     this.entries.set(reader.name, entry);
-    this.emit("reader", reader.name);
+    if (!seen) this.emit("reader", reader.name);
     reader.on("status", (status: { state: number; atr?: Buffer }) => {
       const present = (status.state & STATE_PRESENT) !== 0 && (status.state & STATE_MUTE) === 0;
+      this.log?.debug("reader status", { reader: reader.name, state: status.state.toString(16), present });
       const was = entry.view.present;
       entry.view = { name: reader.name, present, ...(present && status.atr?.length ? { atr: Buffer.from(status.atr) } : {}) };
       if (present && !was) this.emit("card-inserted", reader.name, entry.view.atr);
@@ -183,10 +235,11 @@ export class PcscReaders extends EventEmitter {
       this.markSeen();
     });
     reader.on("end", () => {
-      if (this.entries.get(reader.name) !== entry) return;
-      this.entries.delete(reader.name);
-      if (entry.view.present) this.emit("card-removed", reader.name);
-      this.emit("reader-removed", reader.name);
+      if (this.closed || this.entries.get(reader.name) !== entry) return;
+      // The binding stops watching a reader after any failed status poll (a card pulled mid-command can do
+      // it) and never lists it again while it stays plugged in: a fresh context takes it up.
+      entry.ended = true;
+      this.scheduleRescan();
     });
     // A reader's errors (a status poll that failed as pcscd went away) are the context's business.
     reader.on("error", (e: unknown) => this.log?.debug?.("PC/SC reader error", { reader: reader.name, error: String((e as Error)?.message ?? e) }));

@@ -61,6 +61,8 @@ export class PcscTransport implements CardTransport {
     await this.release(true);
     const reader = this.readers.reader(name);
     if (!reader) throw new CardUnreachable(`reader "${name}" is gone`);
+    // The binding still holds a connection the card's removal broke: end it, or connect() would reuse it.
+    if (reader.connected) await promise<void>((cb) => reader.disconnect(reader.SCARD_RESET_CARD, (err) => cb(err, undefined))).catch(() => undefined);
     const protocol = await promise<number>((cb) =>
       reader.connect({ share_mode: reader.SCARD_SHARE_EXCLUSIVE, protocol: reader.SCARD_PROTOCOL_T0 | reader.SCARD_PROTOCOL_T1 }, cb),
     ).catch((e: unknown) => {
@@ -68,9 +70,9 @@ export class PcscTransport implements CardTransport {
     });
     this.current = { name, reader, protocol };
     this.chosen = name;
-    const atr = await promise<Buffer | undefined>((cb) => reader.get_status((err, _state, a) => cb(err, a))).catch(() => undefined);
     this.touch();
-    return atr ?? this.readers.view(name)?.atr ?? Buffer.alloc(0);
+    // The ATR as the reader's watch reported it: the binding's get_status would take that watch's callback over.
+    return this.readers.view(name)?.atr ?? Buffer.alloc(0);
   }
 
   async transmit(command: Buffer): Promise<Buffer> {
@@ -79,7 +81,10 @@ export class PcscTransport implements CardTransport {
     if (!c) throw new CardUnreachable(this.absentMessage());
     clearTimeout(this.idle);
     try {
-      return await promise<Buffer>((cb) => c.reader.transmit(command, MAX_RESPONSE, c.protocol, cb));
+      const response = await promise<Buffer>((cb) => c.reader.transmit(command, MAX_RESPONSE, c.protocol, cb));
+      // A card that went away mid-command can leave the driver answering with nothing at all.
+      if (response.length < 2) throw new Error("no answer (the response holds no status word)");
+      return response;
     } catch (e) {
       this.current = undefined;
       const view = this.readers.view(c.name);
@@ -125,6 +130,7 @@ export class PcscTransport implements CardTransport {
       const reader = this.readers.reader(v.name);
       if (!reader) continue;
       try {
+        if (reader.connected) await promise<void>((cb) => reader.disconnect(reader.SCARD_LEAVE_CARD, (err) => cb(err, undefined))).catch(() => undefined);
         const protocol = await promise<number>((cb) =>
           reader.connect({ share_mode: reader.SCARD_SHARE_EXCLUSIVE, protocol: reader.SCARD_PROTOCOL_T0 | reader.SCARD_PROTOCOL_T1 }, cb),
         );

@@ -23,6 +23,7 @@ export const SCRIPTS = {
   load: "services/load/main.ts",
   bank: "services/bank/main.ts",
   clearing: "services/clearing/main.ts",
+  emulator: "services/emulator/main.ts",
 } as const;
 
 export interface Started {
@@ -188,6 +189,8 @@ export async function launchNetwork(
     offerPaymentServer?: string;
     /** Plaintext and no authentication on every link (--insecure), for debugging only. */
     insecure?: boolean;
+    /** The card and the PSAMs behind PC/SC: the daemon takes the first reader holding a netpurse card, each terminal host the readers matching this pattern. */
+    psamReaders?: string;
   },
 ): Promise<Record<string, string>> {
   const at = (k: keyof NonNullable<typeof p.listen>) => p.listen?.[k] ?? "127.0.0.1:0";
@@ -199,7 +202,17 @@ export async function launchNetwork(
   addresses.clearing = clearing;
   await Promise.all(
     p.terminals.map((t) =>
-      l.start(t.id, SCRIPTS.terminal, ["--id", t.id, "--concentrator", addresses.concentrator!, "--clearing", clearing, ...data, ...(t.args ?? [])]),
+      l.start(t.id, SCRIPTS.terminal, [
+        "--id",
+        t.id,
+        "--concentrator",
+        addresses.concentrator!,
+        "--clearing",
+        clearing,
+        ...data,
+        ...(p.psamReaders !== undefined ? ["--psam-readers", p.psamReaders] : []),
+        ...(t.args ?? []),
+      ]),
     ),
   );
   const payment = await l.start("payment", SCRIPTS.payment, [
@@ -239,6 +252,7 @@ export async function launchNetwork(
   addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
   const daemonTcp = p.listen?.clientDaemon ? ["--listen-tcp", p.listen.clientDaemon] : [];
   // The daemon's address is its socket, unix:PATH.
-  addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, ["--card", p.cardPath, ...data, ...daemonTcp])).address;
+  const card = p.psamReaders !== undefined ? ["--pcsc"] : ["--card", p.cardPath];
+  addresses.clientDaemon = (await l.start("client-daemon", SCRIPTS.clientDaemon, [...card, ...data, ...daemonTcp])).address;
   return addresses;
 }

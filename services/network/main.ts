@@ -17,7 +17,9 @@ import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/clie
 import { formatMoney, money } from "../../lib/money.js";
 import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR, paths } from "./layout.js";
 import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.js";
-import { launchNetwork, Launcher, type Death } from "./launcher.js";
+import { launchNetwork, Launcher, SCRIPTS, type Death } from "./launcher.js";
+import { readdir } from "node:fs/promises";
+import { pcscSupport } from "../emulator/pcscd.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
 import { ClearingServiceDefinition, type Settlement } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { audit, cardFilesIn, count, readCardsAtHand, readSettlement, settlementReport, type ClearingClient } from "../operator/clearing-report.js";
@@ -32,6 +34,7 @@ const { values } = parseArgs({
     verbose: { type: "boolean", short: "v" },
     product: { type: "string" },
     insecure: { type: "boolean" },
+    pcsc: { type: "boolean" },
     help: { type: "boolean", short: "h" },
   },
 });
@@ -50,6 +53,10 @@ Options:
   --data DIR        data folder (default $NETPURSE_DATA or ./.data)
   --product ID      demo product to buy (default ${DEMO_SHOPS[0]!.shop.products[0]!.productId})
   --once            stop after the demo purchases, the settlement and the audit
+  --pcsc            the card and every PSAM behind real PC/SC readers: pcscd with
+                    vsmartcard's vpcd driver and netpurse-emulator serving them
+                    (needs Debian's pcscd, vsmartcard-vpcd and libpcsclite-dev, root
+                    or write access to /run/pcscd, and no other pcscd running)
   --insecure        plaintext and no authentication on every link, for debugging only
                     (by default every link is TLS, mutual inside the operator's network)
   -v, --verbose     print every service's log lines
@@ -72,6 +79,30 @@ const CLEARING_WAIT_MS = 20_000;
 const DEMO_LOAD_MINOR = 2_000;
 const say = (s: string) => console.log(s);
 const launcher = new Launcher(join(data, "logs"), { echo: values.verbose ? (n, l) => console.log(`  [${n}] ${l}`) : undefined, onDeath: reportDeath });
+
+/** The readers netpurse-emulator names its PSAMs' readers with ("netpurse PSAM 1", ...): the terminal host's --psam-readers. */
+const PSAM_READERS = "^netpurse PSAM ";
+
+/**
+ * --pcsc: the demo card and the terminal host's PSAMs go into emulated PC/SC
+ * readers, served by netpurse-emulator to a pcscd of its own (DATA/pcscd);
+ * the daemon and the terminal host reach them through pcscd alone.
+ */
+async function startReaders(cardPath: string): Promise<void> {
+  const support = await pcscSupport({ binding: true });
+  if (!support.ok) throw new Error(`--pcsc: PC/SC cannot be set up here: ${support.reason}`);
+  const psams = (
+    await Promise.all(
+      DEFAULT_DEMO.terminals.map(async (t) => {
+        const dir = join(paths(data).terminal(t.id), "psams");
+        return (await readdir(dir)).filter((n) => n.endsWith(".psam.json")).map((n) => join(dir, n));
+      }),
+    )
+  ).flat();
+  const args = ["--card", cardPath, ...psams.flatMap((f) => ["--psam", f]), "--pcscd", join(data, "pcscd")];
+  await launcher.start("emulator", SCRIPTS.emulator, args);
+  say(`  PC/SC: the card and ${count(psams.length, "PSAM")} in emulated readers of a pcscd of the network's own (${join(data, "pcscd")})`);
+}
 
 /** A service ended unasked: say which, how, and its last lines; once none is left, stop with a failure. */
 function reportDeath(d: Death): void {
@@ -108,6 +139,7 @@ try {
   say(`netpurse: data folder ${data}`);
   if (values.insecure) say("  INSECURE: every link is plaintext and unauthenticated (--insecure); for debugging only");
   const { cardPath } = await ensureDemoData(data, DEFAULT_DEMO, (l) => say(`  ${l}`));
+  if (values.pcsc) await startReaders(cardPath);
 
   say("starting the network (each part is its own process; logs in " + join(data, "logs") + ")");
   const addresses = await launchNetwork(launcher, {
@@ -116,6 +148,7 @@ try {
     merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId, listen: `${DEFAULT_HOST}:${d.port}` })),
     cardPath,
     insecure: values.insecure === true,
+    ...(values.pcsc ? { psamReaders: PSAM_READERS } : {}),
     listen: {
       concentrator: defaultAddress("concentrator"),
       payment: defaultAddress("payment"),

@@ -22,6 +22,9 @@ import { LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
 import { ClearingServiceDefinition } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { startClearing } from "../../services/clearing/server.js";
 import { tempDir } from "./fixtures.js";
+import { pcscUnavailable, skipLoudly } from "./pcsc.js";
+import type { ReaderSlot } from "../../services/emulator/emulator.js";
+import { startEmulatorProcess, type EmulatorProcess } from "../../services/emulator/emulator-process.js";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
@@ -41,6 +44,13 @@ export interface NetworkOptions {
   abandonReceivedAfterMs?: number;
   /** The bank's cap on holds waiting for their confirmation, per account (default 3). */
   maxHoldsPerAccount?: number;
+  /**
+   * The card and every PSAM behind real PC/SC readers: emulated readers in a
+   * pcscd of the test's own (test/support/pcsc.ts), the daemon and the
+   * terminal hosts reaching them through pcsclite. The suite is skipped
+   * loudly (in its before hook) where PC/SC cannot be set up.
+   */
+  pcsc?: Mocha.Context;
 }
 
 export async function startNetwork(o: NetworkOptions = {}) {
@@ -52,6 +62,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
   });
   const p = paths(data);
+  const readers = o.pcsc ? await emulatorOrSkip(o.pcsc, cardPath, await psamFilesOf(p, terminals)) : undefined;
   const security = await testSecurity(data);
   const concentrator = await startConcentrator({
     security: await security.of("concentrator", "concentrator-1"),
@@ -78,6 +89,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
       clearingAddress: clearingServer.address,
       dir: p.terminal(t.id),
       ...(t.answerDelayMs ? { answerDelayMs: t.answerDelayMs } : {}),
+      ...(readers ? { psamReaders: psamReadersOf(readers.readers, p.terminal(t.id)) } : {}),
     });
     await h.host.whenConnected();
     hosts.set(t.id, h);
@@ -126,7 +138,12 @@ export async function startNetwork(o: NetworkOptions = {}) {
     ...(o.maxHoldsPerAccount ? { maxHoldsPerAccount: o.maxHoldsPerAccount } : {}),
   });
   // The daemon on its Unix socket, p.client/run/daemon.sock (the temporary folder keeps the path well under the 107 bytes a socket address holds).
-  const daemon = await startClientDaemon({ security: security.cardholder, card: cardPath, dir: p.client, resumeEveryMs: 3_600_000 });
+  const daemon = await startClientDaemon({
+    security: security.cardholder,
+    card: readers ? { reader: readers.readers.find((r) => r.kind === "card")!.name } : cardPath,
+    dir: p.client,
+    resumeEveryMs: 3_600_000,
+  });
 
   const factory = clientFactory();
   // The tests call as the parts that may call each RPC: the operator (records, the pool), a merchant (its validation), the public (the rest).
@@ -159,6 +176,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     paths: p,
     security,
     cardPath,
+    /** With pcsc: the emulator (a child process) and its pcscd; the card's reader first, then each terminal's PSAMs'. */
+    readers,
     concentrator,
     hosts,
     startHost,
@@ -212,10 +231,41 @@ export async function startNetwork(o: NetworkOptions = {}) {
       for (const h of hosts.values()) await h.close();
       await clearingServer.close();
       await concentrator.close();
+      await readers?.close();
       await cleanup();
     },
   };
   return net;
+}
+
+/** Every PSAM file of every terminal, in order. */
+async function psamFilesOf(p: ReturnType<typeof paths>, terminals: { id: string; psams: number }[]): Promise<string[]> {
+  return terminals.flatMap((t) => Array.from({ length: t.psams }, (_, i) => join(p.terminal(t.id), "psams", `psam-${i}.psam.json`)));
+}
+
+/** A terminal host's --psam-readers: exactly the readers serving the PSAM files of its folder. */
+function psamReadersOf(readers: ReaderSlot[], terminalDir: string): string {
+  const names = readers.filter((r) => r.kind === "PSAM" && r.file.startsWith(`${terminalDir}/`)).map((r) => r.name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+  return `^(${names.join("|")})$`;
+}
+
+/**
+ * The card and the PSAMs in emulated readers, served by netpurse-emulator in
+ * a child process (a process using pcsclite must not serve cards itself) to a
+ * pcscd this process runs; or the suite skipped loudly.
+ */
+async function emulatorOrSkip(ctx: Mocha.Context, cardPath: string, psams: string[]): Promise<EmulatorProcess> {
+  ctx.timeout(60_000);
+  const reason = await pcscUnavailable({ binding: true, opensc: false });
+  if (reason) skipLoudly(ctx, reason);
+  const { dir, cleanup } = await tempDir("netpurse-pcscd-");
+  try {
+    const e = await startEmulatorProcess({ dir, cards: [cardPath], psams, pcscd: true });
+    return { ...e, close: () => e.close().finally(cleanup) };
+  } catch (e) {
+    await cleanup();
+    throw e;
+  }
 }
 
 export type Network = Awaited<ReturnType<typeof startNetwork>>;

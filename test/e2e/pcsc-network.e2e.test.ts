@@ -1,0 +1,158 @@
+// The whole network with the card and every PSAM behind real PC/SC readers:
+// pcscd with vsmartcard's vpcd driver, the project's emulated cards on it,
+// and the client daemon and the terminal hosts reaching them through
+// pcsclite. A purchase in each confirmation mode and a load; a card taken
+// out mid-DEBIT finished from its log; a PSAM taken out leaving the pool at
+// once and joining it again; pcscd restarted under a running daemon.
+// Skipped loudly where PC/SC cannot be set up (test/support/pcsc.ts).
+
+import { expect } from "chai";
+import { Status } from "nice-grpc";
+import { PurseIns } from "../../lib/protocol/purse.js";
+import { PsamSlotState } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { money } from "../../lib/money.js";
+import { hexOf } from "../../lib/ids.js";
+import { reasonOf } from "../../lib/grpc/errors.js";
+import { DEMO_SHOPS } from "../../services/network/layout.js";
+import { surveyReaders } from "../../client/cli/readers.js";
+import { startNetwork, waitFor, type Network } from "../support/network.js";
+import { account, EUR, openAccount } from "../support/load.js";
+import type { ReaderSlot } from "../../services/emulator/emulator.js";
+import type { EmulatorControl } from "../../services/emulator/emulator-process.js";
+
+describe("PC/SC: the whole network with the card and every PSAM behind real readers (pcscd + vpcd)", function () {
+  this.timeout(120_000);
+  let net: Network;
+  /** The emulator's control, the card's reader and the PSAMs' readers. */
+  let emulator: EmulatorControl;
+  let cardReader: ReaderSlot;
+  let psamReaders: ReaderSlot[];
+
+  before(async function () {
+    net = await startNetwork({ pcsc: this, terminals: [{ id: "terminal-1", psams: 2 }] });
+    emulator = net.readers!.control;
+    cardReader = net.readers!.readers.find((r) => r.kind === "card")!;
+    psamReaders = net.readers!.readers.filter((r) => r.kind === "PSAM");
+  });
+  after(async () => net?.close());
+
+  /** PSAMs in the payment server's pool that can take work (free or leased; not out of the pool). */
+  const usable = () => net.payment.pool.counts().free + net.payment.pool.counts().leased;
+  const balance = async () => Number((await net.clients.cardholder.getCard({}, { deadline: 20_000 })).purse!.balance!.amountMinor);
+
+  it("lists the card and both PSAMs as pcscd sees them (netpurse readers): the PSAMs held by their terminal host", async () => {
+    const rows = await surveyReaders();
+    const byName = new Map(rows.map((r) => [r.reader, r]));
+    expect(byName.get(cardReader.name)?.holds).to.equal("netpurse card");
+    expect(byName.get(cardReader.name)?.detail).to.contain("balance EUR 100.00");
+    expect(psamReaders).to.have.length(2);
+    for (const r of psamReaders) {
+      expect(byName.get(r.name)?.holds, r.name).to.equal("in use");
+      expect(byName.get(r.name)?.detail, r.name).to.contain("held by another program");
+      expect(byName.get(r.name)?.atr, r.name).to.not.equal("");
+    }
+  });
+
+  for (const d of DEMO_SHOPS) {
+    it(`pays in ${d.shop.confirmationMode.replace("CONFIRMATION_MODE_", "")} with the card and the PSAMs behind PC/SC`, async () => {
+      const before = await balance();
+      const merchant = net.merchants[d.shop.merchantId]!;
+      const { offer } = await merchant.createOrder({ productId: d.shop.products[0]!.productId });
+      const paid = await net.clients.cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+      const price = Number(offer!.amount!.amountMinor);
+      expect(paid.receipt?.goods, "goods released").to.not.equal("");
+      expect(await balance()).to.equal(before - price);
+      // The PSAM that signed is one of the PSAMs in a reader, and the card's log holds the purchase.
+      const log = (await net.clients.cardholder.listCardTransactions({ limit: 1 })).transactions[0]!;
+      expect(log.transactionId?.value).to.equal(offer!.transactionId!.value);
+      expect(hexOf(log.psamId?.value)).to.equal(hexOf(paid.receipt!.psamId?.value));
+    });
+  }
+
+  it("loads the card from a bank account through PC/SC", async () => {
+    const before = await balance();
+    const a = await openAccount(net, { accountId: "acct-pcsc", deposit: 50_000 });
+    const r = await net.clients.cardholder.loadCard(
+      {
+        bankAddress: net.bank.address,
+        accountId: a.accountId,
+        amount: money(2_500, EUR, 2),
+        approvedAmount: money(2_500, EUR, 2),
+        requestId: "",
+        bankAccessToken: a.token,
+      },
+      { deadline: 60_000 },
+    );
+    expect(Number(r.purse!.balance!.amountMinor)).to.equal(before + 2_500);
+    expect(await balance()).to.equal(before + 2_500);
+    expect((await account(net, a.accountId)).balance).to.equal(50_000 - 2_500);
+  });
+
+  it("a card taken out right after it debited: the purchase is in doubt (NO_CARD), and finished from the card's log once it is back", async () => {
+    const before = await balance();
+    const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
+    const price = Number(offer!.amount!.amountMinor);
+    // The card debits and logs it; the cardholder pulls it before its answer leaves.
+    await emulator.takeOutAfter(cardReader.name, PurseIns.DEBIT);
+    const failed = await net.clients.cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 }).catch((e: unknown) => e);
+    expect(failed).to.be.instanceOf(Error);
+    expect((failed as { code: Status }).code).to.equal(Status.UNAVAILABLE);
+    expect(reasonOf(failed), String(failed)).to.equal(ErrorReason.ERROR_REASON_NO_CARD);
+    // While the card is out, nothing can be read from it: the same precise error.
+    const absent = await net.clients.cardholder.getCard({}, { deadline: 20_000 }).catch((e: unknown) => e);
+    expect(reasonOf(absent)).to.equal(ErrorReason.ERROR_REASON_NO_CARD);
+    // The reader shows it empty, as any PC/SC program sees it; the cardholder puts it back.
+    await waitFor(async () => (await surveyReaders()).find((r) => r.reader === cardReader.name)?.holds === "empty", 10_000, "the reader empty");
+    // Back in: the daemon's resume reads the card's log, completes the purchase once, and the goods come.
+    await emulator.insert(cardReader.name);
+    await emulator.whenReady(cardReader.name);
+    await waitFor(async () => (await net.daemon.daemon.resume()) === 1, 30_000, "the purchase finished from the card's log");
+    expect(await balance()).to.equal(before - price);
+    const log = (await net.clients.cardholder.listCardTransactions({ limit: 1 })).transactions[0]!;
+    expect(log.transactionId?.value).to.equal(offer!.transactionId!.value);
+    const rec = (await net.clients.payment.getPurchase({ transactionId: offer!.transactionId })).purchase!;
+    expect(rec.state).to.equal(PurchaseState.PURCHASE_STATE_COMPLETED);
+  });
+
+  it("a PSAM taken out leaves the pool at once (slot EMPTY), purchases go on with the other, and it joins again when put back", async () => {
+    const psamReader = psamReaders[0]!;
+    const slots = async () => (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots);
+    const stateOf = async (reader: string) => (await slots()).find((s) => s.reader === reader)?.state;
+    // In the pool: free, or leased to the payment server (the operator sees BUSY then).
+    const inPool = [PsamSlotState.PSAM_SLOT_STATE_READY, PsamSlotState.PSAM_SLOT_STATE_BUSY];
+    expect(inPool).to.include(await stateOf(psamReader.name));
+    await emulator.remove(psamReader.name);
+    await waitFor(async () => (await stateOf(psamReader.name)) === PsamSlotState.PSAM_SLOT_STATE_EMPTY, 10_000, "the slot shown EMPTY");
+    await waitFor(() => usable() === 1, 10_000, "one PSAM left in the payment server's pool");
+    const before = await balance();
+    const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
+    await net.clients.cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+    expect(await balance()).to.equal(before - Number(offer!.amount!.amountMinor));
+    await emulator.insert(psamReader.name);
+    await waitFor(async () => inPool.includes((await stateOf(psamReader.name))!), 15_000, "the slot in the pool again");
+    await waitFor(() => usable() === 2, 10_000, "both PSAMs in the pool again");
+  });
+
+  it("survives pcscd restarting under the running daemon and terminal host", async () => {
+    const before = await balance();
+    await net.readers!.pcscd!.restart();
+    await emulator.whenReady();
+    // The daemon and the hosts reopen their PC/SC contexts on their own; a purchase works again.
+    await waitFor(() => usable() === 2, 20_000, "both PSAMs back in the pool after the restart");
+    const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
+    let paid: unknown;
+    await waitFor(
+      async () => {
+        paid = await net.clients.cardholder
+          .payOffer({ offer, approvedAmount: offer!.amount, requestId: "after-restart" }, { deadline: 30_000 })
+          .catch(() => undefined);
+        return paid !== undefined;
+      },
+      30_000,
+      "a purchase after pcscd restarted",
+    );
+    expect(await balance()).to.equal(before - Number(offer!.amount!.amountMinor));
+  });
+});
