@@ -7,6 +7,9 @@
 // Skipped loudly where PC/SC cannot be set up (test/support/pcsc.ts).
 
 import { expect } from "chai";
+import { execFile } from "node:child_process";
+import { join } from "node:path";
+import { promisify } from "node:util";
 import { Status } from "nice-grpc";
 import { PurseIns } from "../../lib/protocol/purse.js";
 import { PsamSlotState } from "../../gen/netpurse/terminal/v1/terminal.js";
@@ -21,6 +24,8 @@ import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { account, EUR, openAccount } from "../support/load.js";
 import type { ReaderSlot } from "../../services/emulator/emulator.js";
 import type { EmulatorControl } from "../../services/emulator/emulator-process.js";
+
+const run = promisify(execFile);
 
 describe("PC/SC: the whole network with the card and every PSAM behind real readers (pcscd + vpcd)", function () {
   this.timeout(120_000);
@@ -38,8 +43,9 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
   });
   after(async () => net?.close());
 
-  /** PSAMs in the payment server's pool that can take work (free or leased; not out of the pool). */
-  const usable = () => net.payment.pool.counts().free + net.payment.pool.counts().leased;
+  const slots = async () => (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots);
+  // In the pool: free, or leased to the payment server (the operator sees BUSY then).
+  const inPool = [PsamSlotState.PSAM_SLOT_STATE_READY, PsamSlotState.PSAM_SLOT_STATE_BUSY];
   const balance = async () => Number((await net.clients.cardholder.getCard({}, { deadline: 20_000 })).purse!.balance!.amountMinor);
 
   it("lists the card and both PSAMs as pcscd sees them (netpurse readers): the PSAMs held by their terminal host", async () => {
@@ -53,6 +59,16 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
       expect(byName.get(r.name)?.detail, r.name).to.contain("held by another program");
       expect(byName.get(r.name)?.atr, r.name).to.not.equal("");
     }
+  });
+
+  it("bin/netpurse readers prints that table, and --json the same rows", async () => {
+    const bin = join(process.cwd(), "bin", "netpurse");
+    const table = (await run(bin, ["readers"])).stdout;
+    const cardLine = table.split("\n").find((l) => l.startsWith(cardReader.name));
+    expect(cardLine, table).to.match(/netpurse card\s+purse [0-9a-f]{16}, balance EUR \d+\.\d\d/);
+    const rows = JSON.parse((await run(bin, ["readers", "--json"])).stdout) as { reader: string; holds: string }[];
+    expect(rows.find((r) => r.reader === cardReader.name)?.holds).to.equal("netpurse card");
+    expect(rows.filter((r) => r.holds === "empty").map((r) => r.reader)).to.include(cardReader.name.replace(/ 00 00$/, " 00 01"));
   });
 
   for (const d of DEMO_SHOPS) {
@@ -118,21 +134,21 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
 
   it("a PSAM taken out leaves the pool at once (slot EMPTY), purchases go on with the other, and it joins again when put back", async () => {
     const psamReader = psamReaders[0]!;
-    const slots = async () => (await net.clients.concentrator.listTerminals({})).terminals.flatMap((t) => t.slots);
     const stateOf = async (reader: string) => (await slots()).find((s) => s.reader === reader)?.state;
-    // In the pool: free, or leased to the payment server (the operator sees BUSY then).
-    const inPool = [PsamSlotState.PSAM_SLOT_STATE_READY, PsamSlotState.PSAM_SLOT_STATE_BUSY];
     expect(inPool).to.include(await stateOf(psamReader.name));
     await emulator.remove(psamReader.name);
     await waitFor(async () => (await stateOf(psamReader.name)) === PsamSlotState.PSAM_SLOT_STATE_EMPTY, 10_000, "the slot shown EMPTY");
-    await waitFor(() => usable() === 1, 10_000, "one PSAM left in the payment server's pool");
-    const before = await balance();
-    const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
-    await net.clients.cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
-    expect(await balance()).to.equal(before - Number(offer!.amount!.amountMinor));
+    const removed = hexOf((await slots()).find((s) => s.reader === psamReader.name)!.psamId?.value);
+    // Purchases go on, each signed by the PSAM still in its reader.
+    for (let i = 0; i < 2; i++) {
+      const before = await balance();
+      const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
+      const paid = await net.clients.cardholder.payOffer({ offer, approvedAmount: offer!.amount }, { deadline: 60_000 });
+      expect(hexOf(paid.receipt!.psamId?.value)).to.not.equal(removed);
+      expect(await balance()).to.equal(before - Number(offer!.amount!.amountMinor));
+    }
     await emulator.insert(psamReader.name);
     await waitFor(async () => inPool.includes((await stateOf(psamReader.name))!), 15_000, "the slot in the pool again");
-    await waitFor(() => usable() === 2, 10_000, "both PSAMs in the pool again");
   });
 
   it("survives pcscd restarting under the running daemon and terminal host", async () => {
@@ -140,7 +156,7 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
     await net.readers!.pcscd!.restart();
     await emulator.whenReady();
     // The daemon and the hosts reopen their PC/SC contexts on their own; a purchase works again.
-    await waitFor(() => usable() === 2, 20_000, "both PSAMs back in the pool after the restart");
+    await waitFor(async () => (await slots()).every((s) => inPool.includes(s.state)), 20_000, "both PSAMs back in the pool after the restart");
     const { offer } = await net.clients.merchant.createOrder({ productId: DEMO_SHOPS[0]!.shop.products[0]!.productId });
     let paid: unknown;
     await waitFor(
