@@ -19,8 +19,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { macEqual } from "../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../lib/crypto/keys.js";
-import { ensureToken, loadMasterKeyLabel, loadPkcs11Binding, Pkcs11Token, withToken, type TokenConfig } from "../lib/hsm/pkcs11.js";
-import { ensurePinFile, ensureSoftHsmConf, findSoftHsmModule, readPinFile } from "../lib/hsm/softhsm.js";
+import { ensureToken, loadMasterKeyLabel, Pkcs11Token, withToken, type TokenConfig } from "../lib/hsm/pkcs11.js";
+import { ensurePinFile, ensureSoftHsmConf, findSoftHsmModule, readPinFile, softHsmMissing } from "../lib/hsm/softhsm.js";
 import { InitializeForLoadResponse, loadS1, loadS2, s1Message, s2Message, type LoadInit, type LoadInitCommand } from "../lib/protocol/load.js";
 import { PurseStatusByte } from "../lib/protocol/purse.js";
 import { loadFields, SoftwareHsm, type HostSecurityModule } from "../services/load/hsm.js";
@@ -96,15 +96,7 @@ async function timed(path: string, n: number, once: (i: number) => unknown): Pro
 }
 
 /** Why the benchmark cannot run here, or undefined. */
-async function missing(): Promise<string | undefined> {
-  if (!findSoftHsmModule()) return "SoftHSM2 is not installed (Debian: apt-get install softhsm2)";
-  try {
-    await loadPkcs11Binding();
-  } catch (e) {
-    return (e as Error).message;
-  }
-  return undefined;
-}
+const missing = softHsmMissing;
 
 /**
  * S2 signings per second through PKCS#11 (SoftHSM2) and the software module,

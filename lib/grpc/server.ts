@@ -20,8 +20,9 @@ import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-serv
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { randomUUID } from "node:crypto";
 import { chmodSync, lstatSync, unlinkSync } from "node:fs";
-import { connect, createServer as createTcpServer, type Server as TcpServer, type Socket } from "node:net";
+import { createServer as createTcpServer, type Server as TcpServer, type Socket } from "node:net";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { answers } from "../socket.js";
 import type { Logger } from "../log.js";
 import { identityFromSubjectAltName, parseSpiffeId, spiffeId, type Identity, type Kind } from "../pki/identity.js";
 import { isRevoked } from "../pki/revocation.js";
@@ -433,18 +434,6 @@ async function listenUnix(server: TcpServer, path: string, log: Logger): Promise
   });
   chmodSync(path, 0o600);
   return path;
-}
-
-/** Whether a server accepts connections on the Unix socket `path`. */
-function answers(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once("connect", () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once("error", () => resolve(false));
-  });
 }
 
 function listen(tcp: TcpServer, address: string): Promise<{ host: string; port: number }> {

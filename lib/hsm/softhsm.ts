@@ -7,6 +7,7 @@ import { existsSync } from "node:fs";
 import { mkdir, readFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { writeFileAtomic } from "../files.js";
+import { loadPkcs11Binding } from "./pkcs11.js";
 
 /** Where distributions install SoftHSM2's PKCS#11 module. */
 const SOFTHSM2_MODULES = [
@@ -25,6 +26,17 @@ export function findSoftHsmModule(): string | undefined {
 
 /** Whether a PKCS#11 module is SoftHSM2's (it is configured by SOFTHSM2_CONF). */
 export const isSoftHsm = (module: string) => /softhsm/i.test(basename(module));
+
+/** Why SoftHSM2 through pkcs11js cannot be used here (tests and benchmarks skip, saying so), or undefined when it can. */
+export async function softHsmMissing(): Promise<string | undefined> {
+  if (!findSoftHsmModule()) return "SoftHSM2 is not installed (Debian: apt-get install softhsm2)";
+  try {
+    await loadPkcs11Binding();
+  } catch (e) {
+    return (e as Error).message;
+  }
+  return undefined;
+}
 
 /** The folder netpurse keeps its token material in: DATA/hsm. */
 export const hsmDir = (data: string) => join(data, "hsm");

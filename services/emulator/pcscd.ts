@@ -17,7 +17,7 @@ import { createHash } from "node:crypto";
 import { constants, createWriteStream, type WriteStream } from "node:fs";
 import { access, chmod, copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { createRequire } from "node:module";
-import { connect } from "node:net";
+import { answers } from "../../lib/socket.js";
 import { delimiter, join } from "node:path";
 import { promisify } from "node:util";
 import type { Logger } from "../../lib/log.js";
@@ -189,16 +189,7 @@ async function pcscdProcesses(except?: number): Promise<{ pid: number; command: 
 }
 
 /** Whether something answers on pcscd's socket (a pcscd, or systemd's pcscd.socket waiting to start one). */
-function socketServed(path = PCSCD_SOCKET): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once("connect", () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once("error", () => resolve(false));
-  });
-}
+const socketServed = (path = PCSCD_SOCKET) => answers(path);
 
 /** Why a pcscd of our own cannot start now: another one holds the machine's one socket. */
 export async function otherPcscd(except?: number): Promise<string | undefined> {

@@ -4,19 +4,11 @@
 
 import { join } from "node:path";
 import { Issuer } from "../../services/issuer/issuer.js";
-import { ensureToken, loadPkcs11Binding, type TokenConfig } from "../../lib/hsm/pkcs11.js";
-import { ensurePinFile, ensureSoftHsmConf, findSoftHsmModule, hsmDir, readPinFile } from "../../lib/hsm/softhsm.js";
+import { ensureToken, type TokenConfig } from "../../lib/hsm/pkcs11.js";
+import { ensurePinFile, ensureSoftHsmConf, findSoftHsmModule, hsmDir, readPinFile, softHsmMissing } from "../../lib/hsm/softhsm.js";
 
 /** Why the PKCS#11 tests cannot run here, or undefined when they can. */
-export async function pkcs11Missing(): Promise<string | undefined> {
-  if (!findSoftHsmModule()) return "SoftHSM2 is not installed (Debian: apt-get install softhsm2)";
-  try {
-    await loadPkcs11Binding();
-  } catch (e) {
-    return (e as Error).message;
-  }
-  return undefined;
-}
+export const pkcs11Missing = softHsmMissing;
 
 /** For a suite's before(): skips it, loudly, when SoftHSM2 or pkcs11js is missing. */
 export async function requirePkcs11(ctx: Mocha.Context): Promise<void> {
