@@ -34,7 +34,7 @@ export class PcscTransport implements CardTransport {
       log?: Logger;
       /** How long to wait for a card before saying there is none (default 0). */
       waitForCardMs?: number;
-      /** Let go of the reader after this long without a command (default 1 s). */
+      /** Let go of the reader after this long without a command (default 5 s; the card stays powered, and its session with it). */
       releaseAfterMs?: number;
       /** Keep the reader for good (a terminal host's PSAM: no one else has business with it). */
       hold?: boolean;
@@ -58,7 +58,18 @@ export class PcscTransport implements CardTransport {
   async reset(): Promise<Buffer> {
     const name = await this.find();
     if (!name) throw new CardUnreachable(this.absentMessage());
-    await this.release(true);
+    await this.open(name, true);
+    // The ATR as the reader's watch reported it: the binding's get_status would take that watch's callback over.
+    return this.readers.view(name)?.atr ?? Buffer.alloc(0);
+  }
+
+  /**
+   * Takes the reader exclusively. With `reset`, the card starts afresh;
+   * without (taking the reader again after an idle release, mid-work), the
+   * card keeps its selected application and session, as it stayed powered.
+   */
+  private async open(name: string, reset: boolean): Promise<void> {
+    await this.release(reset);
     const reader = this.readers.reader(name);
     if (!reader) throw new CardUnreachable(`reader "${name}" is gone`);
     // The binding still holds a connection the card's removal broke: end it, or connect() would reuse it.
@@ -71,12 +82,14 @@ export class PcscTransport implements CardTransport {
     this.current = { name, reader, protocol };
     this.chosen = name;
     this.touch();
-    // The ATR as the reader's watch reported it: the binding's get_status would take that watch's callback over.
-    return this.readers.view(name)?.atr ?? Buffer.alloc(0);
   }
 
   async transmit(command: Buffer): Promise<Buffer> {
-    if (!this.current) await this.reset();
+    if (!this.current) {
+      const name = await this.find();
+      if (!name) throw new CardUnreachable(this.absentMessage());
+      await this.open(name, false);
+    }
     const c = this.current;
     if (!c) throw new CardUnreachable(this.absentMessage());
     clearTimeout(this.idle);
@@ -174,7 +187,7 @@ export class PcscTransport implements CardTransport {
     if (this.o.hold) return;
     this.idle = setTimeout(() => {
       this.release(false).catch(() => undefined);
-    }, this.o.releaseAfterMs ?? 1_000);
+    }, this.o.releaseAfterMs ?? 5_000);
     this.idle.unref();
   }
 
