@@ -5,6 +5,7 @@
 // Skipped loudly where PC/SC cannot be set up (test/support/pcsc.ts).
 
 import { expect } from "chai";
+import { readFile } from "node:fs/promises";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import { createLogger } from "../../lib/log.js";
 import { PcscReaders } from "../../lib/pcsc/readers.js";
@@ -42,7 +43,7 @@ describe("PC/SC transport: the reader it takes, no card, and an idle release tha
       const c1 = await makeCard(issuer, t.dir, { name: "one", value: 100 });
       const c2 = await makeCard(issuer, t.dir, { name: "two", value: 200 });
       emulator = await startEmulatorProcess({ dir: t.dir, cards: [c1, c2], psams: [psamFile], pcscd: true });
-      purse2 = JSON.parse(await import("node:fs/promises").then((f) => f.readFile(c2, "utf8"))).purseId as string;
+      purse2 = (JSON.parse(await readFile(c2, "utf8")) as { purseId: string }).purseId;
     } finally {
       await issuer.close();
     }
