@@ -127,9 +127,11 @@ export class BenchNetwork {
    * Starts every service on free loopback ports and waits until the payment
    * server can see all `psams` PSAMs. `offerPaymentServer` is the payment
    * server address the merchant names in its offers, when cardholders must
-   * reach it another way (through a delay proxy).
+   * reach it another way (through a delay proxy). `psamReaders`: the
+   * terminal host's PSAMs and the daemon's card are behind PC/SC instead,
+   * the PSAMs in the readers matching it (an emulator must serve them).
    */
-  async launch(psams: number, o: { offerPaymentServer?: string } = {}): Promise<void> {
+  async launch(psams: number, o: { offerPaymentServer?: string; psamReaders?: string } = {}): Promise<void> {
     // The terminal host closes a PSAM's batch at 200 records by default, below the PSAM's capacity of 256, so no run fills a PSAM.
     this.addresses = await launchNetwork(this.launcher, {
       data: this.dir,
@@ -138,6 +140,7 @@ export class BenchNetwork {
       cardPath: this.daemonCardPath,
       insecure: !this.tls,
       ...(o.offerPaymentServer ? { offerPaymentServer: o.offerPaymentServer } : {}),
+      ...(o.psamReaders !== undefined ? { psamReaders: o.psamReaders } : {}),
     });
     await this.poolReady(psams);
   }

@@ -10,6 +10,8 @@ import { markdown, mib, ms, pct, rate } from "./format.js";
 import type { Phases } from "./load.js";
 import type { ClearingReport } from "./clearing.js";
 import { clearingProblems, renderClearing } from "./clearing-report.js";
+import type { HardwareReport } from "./hardware.js";
+import { hardwareProblems, renderHardware } from "./hardware-report.js";
 import type { ModesReport } from "./modes.js";
 import { modesProblems, renderModes } from "./modes-report.js";
 import { SONG, type PurchaseResult } from "./purchases.js";
@@ -53,6 +55,8 @@ export interface Report {
   echoTlsCosts: EchoTlsCost[];
   /** The modes part, when it was run. */
   modes?: ModesReport;
+  /** The hardware part, when it was run. */
+  hardware?: HardwareReport;
   /** The clearing part, when it was run. */
   clearing?: ClearingReport;
 }
@@ -234,11 +238,17 @@ function stackSections(r: Report): string[] {
 }
 
 export function renderReport(r: Report): string {
-  const found = [...problems(r), ...(r.modes ? modesProblems(r.modes) : []), ...(r.clearing ? clearingProblems(r.clearing) : [])];
+  const found = [
+    ...problems(r),
+    ...(r.modes ? modesProblems(r.modes) : []),
+    ...(r.hardware ? hardwareProblems(r.hardware) : []),
+    ...(r.clearing ? clearingProblems(r.clearing) : []),
+  ];
   const m = r.machine;
   return [
     ...(r.purchases.length || r.echo.length ? stackSections(r) : []),
     ...(r.modes ? [renderModes(r.modes)] : []),
+    ...(r.hardware ? [renderHardware(r.hardware)] : []),
     ...(r.clearing ? [renderClearing(r.clearing)] : []),
     ...(found.length ? ["## Errors and findings", "", ...found, ""] : []),
     `Machine: ${m.cores} cores (${m.cpuModel}), Node ${m.node}, ${m.platform}; every process shares these cores. Total wall time: ${r.wallSeconds.toFixed(0)} s`,

@@ -4,8 +4,10 @@
 // cardholders some milliseconds away from the payment server, beside the
 // chatty remote-reader approach (the modes suite); and records cleared per
 // second by the clearing service per batch size, beside the stack's
-// purchases per second (the clearing suite). Markdown on stdout, JSON in
-// bench/results/latest.json, progress on stderr.
+// purchases per second (the clearing suite); and what real readers and a
+// real security module cost against the software path: APDUs and purchases
+// through PC/SC, S2 signings through PKCS#11 (the hardware suite). Markdown
+// on stdout, JSON in bench/results/latest.json, progress on stderr.
 
 import { execFileSync } from "node:child_process";
 import { cpus } from "node:os";
@@ -15,10 +17,13 @@ import { parseArgs } from "node:util";
 import { MAX_BATCH_RECORDS } from "../services/clearing/clearing.js";
 import { clearingErrors, measureClearing, type ClearingReport, type ClearingSettings } from "./clearing.js";
 import { measureEcho, type EchoResult } from "./echo.js";
+import { HARDWARE_DEFAULTS, measureHardware, MODES, type HardwareReport, type HardwareSettings } from "./hardware.js";
+import { hardwareErrors } from "./hardware-report.js";
 import { handleInterrupts } from "./interrupt.js";
 import type { Phases } from "./load.js";
 import { measureModes, type ModesReport, type ModesSettings } from "./modes.js";
 import { modesErrors } from "./modes-report.js";
+import { PCSC_DEFAULTS } from "./pcsc.js";
 import { measurePurchases, type PurchaseResult } from "./purchases.js";
 import { renderReport, writeJson, type Report } from "./report.js";
 import { echoTlsCosts, tlsCosts, tlsSummary } from "./tls-report.js";
@@ -27,7 +32,7 @@ const DEFAULT_OUT = fileURLToPath(new URL("./results/latest.json", import.meta.u
 
 const USAGE = `Usage: npm run bench -- [options]
 
-Three suites, all by default. The first two start the netpurse network as
+Four suites, all by default. The first two start the netpurse network as
 processes, fresh for every configuration, with cardholders buying a song in a
 closed loop.
 
@@ -47,8 +52,19 @@ its CPU per record and peak memory, beside the stack suite's best purchases/s
 (or, without the stack suite, a run of 4 PSAMs × 8 cardholders, TLS on, for
 --clearing-seconds).
 
+hardware: what PC/SC readers and a PKCS#11 token cost against the software
+path, in one run: one APDU's round trip through pcsclite → pcscd → vpcd →
+emulator (with the loopback/TCP_NODELAY shim and with the stock driver) and
+in-process; one cardholder's purchases in a row on the same network (one
+terminal host, TLS on) with the card and PSAMs in-process and with them in
+emulated PC/SC readers: payOffer latency, APDUs per purchase, the ratio; and
+S2 signings per second on SoftHSM2 against the software module. A part that
+cannot be set up here (PC/SC needs root, pcscd, vsmartcard-vpcd, cc, the
+pcsclite binding and no other pcscd; the token SoftHSM2 and pkcs11js) says
+why in the report, and the others still run.
+
 Options:
-  --suite NAME          all, stack, modes or clearing (default all)
+  --suite NAME          all, stack, modes, hardware or clearing (default all)
   --psams LIST          stack: PSAMs on the terminal host, comma-separated (default 1,4,16)
   --clients LIST        stack: concurrent cardholders, comma-separated (default 1,8,64)
   --seconds N           stack: measuring window per configuration, seconds (default 10)
@@ -62,16 +78,29 @@ Options:
   --clearing-sizes LIST clearing: records per batch, comma-separated (default 1,100,1000; at most ${MAX_BATCH_RECORDS})
   --clearing-hosts LIST clearing: terminal hosts submitting at once, comma-separated (default 1,4)
   --clearing-seconds N  clearing: measuring window per run, seconds (default 5)
+  --hardware-purchases N
+                        hardware: purchases timed per run, one after the other, after
+                        ${HARDWARE_DEFAULTS.warmupPurchases} not timed (default ${HARDWARE_DEFAULTS.purchases})
+  --hardware-modes LIST hardware: confirmation modes, comma-separated, or all; each gets a
+                        run in-process and one through PC/SC (default all:
+                        ${MODES.join(", ")})
+  --hardware-psams N    hardware: PSAMs on the terminal host (default ${HARDWARE_DEFAULTS.psams})
+  --hardware-apdus N    hardware: APDUs timed through the shimmed PC/SC path (in-process 10×;
+                        default ${PCSC_DEFAULTS.rounds})
+  --hardware-stock-apdus N
+                        hardware: APDUs timed through the stock driver, ~45 ms each (default ${PCSC_DEFAULTS.stockRounds})
+  --hardware-signings N hardware: S2 signings per path (default ${HARDWARE_DEFAULTS.signings})
   --warmup N            warm-up before each window, seconds (default 2)
   --out FILE            JSON results (default bench/results/latest.json)
   --keep-data           keep each run's data folder and service logs (paths in the JSON)
   -h, --help            this text
 
-Exit status: 0 when every purchase and echo succeeded and every batch was
-accepted with all its records posted, 1 otherwise, 2 for bad options.
+Exit status: 0 when every purchase and echo succeeded, every batch was
+accepted with all its records posted and no hardware part failed (one that
+cannot be set up here is no failure), 1 otherwise, 2 for bad options.
 `;
 
-const SUITES = ["all", "stack", "modes", "clearing"] as const;
+const SUITES = ["all", "stack", "modes", "hardware", "clearing"] as const;
 type Suite = (typeof SUITES)[number];
 
 const TLS_CHOICES = { on: [true], off: [false], both: [true, false] } as const;
@@ -85,6 +114,7 @@ interface Settings {
   phases: Phases;
   modes: ModesSettings;
   clearing: ClearingSettings;
+  hardware: HardwareSettings;
   out: string;
   keepData: boolean;
 }
@@ -111,6 +141,14 @@ function suite(text: string): Suite {
   const found = SUITES.find((s) => s === text);
   if (!found) throw new UsageError(`--suite takes ${SUITES.join(", ")}, got "${text}"`);
   return found;
+}
+
+function hardwareModes(text: string): string[] {
+  if (text === "all") return MODES;
+  const list = text.split(",").map((m) => m.trim().toUpperCase());
+  const unknown = list.filter((m) => !MODES.includes(m));
+  if (list.length === 0 || unknown.length > 0) throw new UsageError(`--hardware-modes takes all or some of ${MODES.join(", ")}, got "${text}"`);
+  return [...new Set(list)];
 }
 
 function tlsChoice(text: string): readonly boolean[] {
@@ -142,6 +180,12 @@ function parseSettings(argv: string[]): Settings | undefined {
       "clearing-sizes": { type: "string", default: "1,100,1000" },
       "clearing-hosts": { type: "string", default: "1,4" },
       "clearing-seconds": { type: "string", default: "5" },
+      "hardware-purchases": { type: "string", default: String(HARDWARE_DEFAULTS.purchases) },
+      "hardware-modes": { type: "string", default: "all" },
+      "hardware-psams": { type: "string", default: String(HARDWARE_DEFAULTS.psams) },
+      "hardware-apdus": { type: "string", default: String(PCSC_DEFAULTS.rounds) },
+      "hardware-stock-apdus": { type: "string", default: String(PCSC_DEFAULTS.stockRounds) },
+      "hardware-signings": { type: "string", default: String(HARDWARE_DEFAULTS.signings) },
       warmup: { type: "string", default: "2" },
       out: { type: "string", default: DEFAULT_OUT },
       "keep-data": { type: "boolean", default: false },
@@ -175,6 +219,18 @@ function parseSettings(argv: string[]): Settings | undefined {
       batchSizes,
       terminalHosts: positiveInts(values["clearing-hosts"], "clearing-hosts"),
       phases: { warmupMs, measureMs: clearingMeasureMs },
+      keepData: values["keep-data"],
+    },
+    hardware: {
+      purchases: positiveInt(values["hardware-purchases"], "hardware-purchases"),
+      warmupPurchases: HARDWARE_DEFAULTS.warmupPurchases,
+      psams: positiveInt(values["hardware-psams"], "hardware-psams"),
+      modes: hardwareModes(values["hardware-modes"]),
+      apdu: {
+        rounds: positiveInt(values["hardware-apdus"], "hardware-apdus"),
+        stockRounds: positiveInt(values["hardware-stock-apdus"], "hardware-stock-apdus"),
+      },
+      signings: positiveInt(values["hardware-signings"], "hardware-signings"),
       keepData: values["keep-data"],
     },
     out: resolve(values.out),
@@ -223,6 +279,7 @@ async function runBenchmark(s: Settings): Promise<Report> {
   const runs = (suite: Suite) => s.suite === "all" || s.suite === suite;
   const { echo, purchases } = runs("stack") ? await measureStack(s) : { echo: [], purchases: [] };
   const modes: ModesReport | undefined = runs("modes") ? await measureModes(s.modes) : undefined;
+  const hardware: HardwareReport | undefined = runs("hardware") ? await measureHardware(s.hardware) : undefined;
   // Last: it compares with the stack suite's purchases/s when that ran.
   const clearing: ClearingReport | undefined = runs("clearing") ? await measureClearing(s.clearing, purchases) : undefined;
   const costs = tlsCosts(purchases, echo);
@@ -241,6 +298,7 @@ async function runBenchmark(s: Settings): Promise<Report> {
     ...(summary ? { tlsSummary: summary } : {}),
     echoTlsCosts: echoTlsCosts(echo),
     ...(modes ? { modes } : {}),
+    ...(hardware ? { hardware } : {}),
     ...(clearing ? { clearing } : {}),
   };
 }
@@ -267,6 +325,7 @@ async function main(): Promise<void> {
   const errors =
     [...report.echo, ...report.purchases].reduce((n, r) => n + r.errors, 0) +
     (report.modes ? modesErrors(report.modes) : 0) +
+    (report.hardware ? hardwareErrors(report.hardware) : 0) +
     (report.clearing ? clearingErrors(report.clearing) : 0);
   if (errors > 0) process.exitCode = 1;
 }

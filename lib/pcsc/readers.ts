@@ -145,6 +145,8 @@ export class PcscReaders extends EventEmitter {
     this.closed = true;
     clearTimeout(this.timer);
     clearTimeout(this.rescanTimer);
+    // Closing is not the cards leaving: nobody is told they were taken out.
+    this.removeAllListeners();
     this.drop();
   }
 

@@ -60,7 +60,9 @@ export class PcscTransport implements CardTransport {
     if (!name) throw new CardUnreachable(this.absentMessage());
     await this.open(name, true);
     // The ATR as the reader's watch reported it: the binding's get_status would take that watch's callback over.
-    return this.readers.view(name)?.atr ?? Buffer.alloc(0);
+    const atr = this.readers.view(name)?.atr;
+    if (!atr?.length) throw new CardUnreachable(`the card in "${name}" went away as it was reset; insert it again`);
+    return atr;
   }
 
   /**
