@@ -393,7 +393,7 @@ async function purchaseRun(shop: ShopFile, layout: Layout, s: HardwareSettings):
   const closeCardholder = async () => {
     await transport?.close().catch(() => undefined);
     transport = undefined;
-    readers?.pcsc?.close();
+    await readers?.pcsc?.close();
     if (readers) delete readers.pcsc;
   };
   const tidy = async () => {

@@ -63,7 +63,7 @@ export async function surveyReaders(): Promise<ReaderSurvey[]> {
     for (const r of readers.list()) out.push(await survey(readers, r.name));
     return out;
   } finally {
-    readers.close();
+    await readers.close();
   }
 }
 

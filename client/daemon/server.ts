@@ -36,8 +36,8 @@ export interface DaemonConfig {
 }
 
 /** The card's transport: in-process for a software card, pcscd for a card in a reader. */
-async function openCard(card: DaemonConfig["card"], log: Logger): Promise<{ transport: CardTransport; close(): void }> {
-  if (typeof card === "string") return { transport: new InProcessTransport(await SoftwareCard.open(card)), close: () => undefined };
+async function openCard(card: DaemonConfig["card"], log: Logger): Promise<{ transport: CardTransport; close(): Promise<void> }> {
+  if (typeof card === "string") return { transport: new InProcessTransport(await SoftwareCard.open(card)), close: async () => undefined };
   const readers = await PcscReaders.open({ log: log.child("pcsc") });
   const choice = card.reader ? { name: card.reader } : { holding: PURSE_AID };
   const transport = new PcscTransport(readers, choice, { log: log.child("pcsc"), waitForCardMs: card.waitForCardMs ?? 3_000 });
@@ -83,7 +83,7 @@ export async function startClientDaemon(c: DaemonConfig) {
   } catch (e) {
     for (const s of servers) await s.shutdown();
     await daemon.close();
-    card.close();
+    await card.close();
     await db.close();
     throw e;
   }
@@ -99,7 +99,7 @@ export async function startClientDaemon(c: DaemonConfig) {
     async close() {
       for (const s of servers) await s.shutdown();
       await daemon.close();
-      card.close();
+      await card.close();
       await db.close();
     },
   };

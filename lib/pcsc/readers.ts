@@ -46,6 +46,26 @@ export interface ReaderView {
 
 let binding: Promise<() => PcscContext> | undefined;
 
+/**
+ * Resolves once the binding's watch thread of a reader has reported a first
+ * status, and a moment more. The binding's close() cancels the watch and
+ * then waits for its thread without a limit: a cancel sent before the
+ * thread has entered its first status call is lost, and close() hangs the
+ * process. So a reader is closed only after its watch is under way.
+ */
+function firstStatus(reader: PcscReader): Promise<void> {
+  return new Promise<void>((resolve) => {
+    reader.once("status", () => resolve());
+    reader.once("error", () => resolve());
+    reader.once("end", () => resolve());
+  }).then(() => new Promise((r) => setTimeout(r, 250)));
+}
+
+/** Waits for `p` at most 3 s: a reader that never reports is closed anyway. */
+function settled(p: Promise<void>): Promise<void> {
+  return Promise.race([p, new Promise<void>((r) => setTimeout(r, 3_000).unref())]);
+}
+
 /** The pcsclite binding, loaded on first use only. */
 export function loadPcsclite(): Promise<() => PcscContext> {
   binding ??= import("pcsclite").then(
@@ -64,6 +84,8 @@ export function loadPcsclite(): Promise<() => PcscContext> {
 interface Entry {
   reader: PcscReader;
   view: ReaderView;
+  /** Resolves once the binding's watch of the reader has reported (its thread is in its status loop). */
+  watching: Promise<void>;
   /** The binding stopped watching it; a rescan takes it up again. */
   ended?: boolean;
 }
@@ -141,12 +163,14 @@ export class PcscReaders extends EventEmitter {
     });
   }
 
-  close(): void {
+  /** Lets go of pcscd: every reader's watch and the context. */
+  async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.timer);
     clearTimeout(this.rescanTimer);
     // Closing is not the cards leaving: nobody is told they were taken out.
     this.removeAllListeners();
+    await Promise.all([...this.entries.values()].map((e) => settled(e.watching)));
     this.drop();
   }
 
@@ -199,7 +223,13 @@ export class PcscReaders extends EventEmitter {
     this.ctx = next;
     next.on("reader", (reader: PcscReader) => {
       const known = this.entries.get(reader.name);
-      if (known && !known.ended) return reader.close(); // still watched through the old context's reader
+      if (known && !known.ended) {
+        // Still watched through the old context's reader: this one goes, once its watch has started.
+        settled(firstStatus(reader))
+          .then(() => reader.close())
+          .catch(() => undefined);
+        return;
+      }
       this.addReader(reader, known?.view);
     });
     next.on("error", (e: unknown) => this.serviceLost(e));
@@ -224,7 +254,7 @@ export class PcscReaders extends EventEmitter {
   }
 
   private addReader(reader: PcscReader, seen?: ReaderView): void {
-    const entry: Entry = { reader, view: seen ?? { name: reader.name, present: false } };
+    const entry: Entry = { reader, view: seen ?? { name: reader.name, present: false }, watching: firstStatus(reader) };
     this.entries.set(reader.name, entry);
     if (!seen) this.emit("reader", reader.name);
     reader.on("status", (status: { state: number; atr?: Buffer }) => {

@@ -19,6 +19,17 @@ function promise<T>(run: (cb: (err: unknown, value: T) => void) => void): Promis
   return new Promise((resolve, reject) => run((err, value) => (err ? reject(err instanceof Error ? err : new Error(JSON.stringify(err))) : resolve(value))));
 }
 
+/**
+ * Ends a connection the card's removal broke. pcscd keeps an exclusive
+ * connection, and the reader with it, until it is ended, even across the card
+ * going and coming back; and the binding would reuse it. Not with a reset:
+ * the card it was made for is gone.
+ */
+async function endStale(reader: PcscReader): Promise<void> {
+  if (!reader.connected) return;
+  await promise<void>((cb) => reader.disconnect(reader.SCARD_LEAVE_CARD, (err) => cb(err, undefined))).catch(() => undefined);
+}
+
 /** Which reader a transport uses: a fixed name, or the first reader holding a card that answers SELECT of `aid`. */
 export type ReaderChoice = { name: string } | { holding: Buffer; pattern?: RegExp };
 
@@ -74,8 +85,7 @@ export class PcscTransport implements CardTransport {
     await this.release(reset);
     const reader = this.readers.reader(name);
     if (!reader) throw new CardUnreachable(`reader "${name}" is gone`);
-    // The binding still holds a connection the card's removal broke: end it, or connect() would reuse it.
-    if (reader.connected) await promise<void>((cb) => reader.disconnect(reader.SCARD_RESET_CARD, (err) => cb(err, undefined))).catch(() => undefined);
+    await endStale(reader);
     const protocol = await promise<number>((cb) =>
       reader.connect({ share_mode: reader.SCARD_SHARE_EXCLUSIVE, protocol: reader.SCARD_PROTOCOL_T0 | reader.SCARD_PROTOCOL_T1 }, cb),
     ).catch((e: unknown) => {
@@ -102,6 +112,7 @@ export class PcscTransport implements CardTransport {
       return response;
     } catch (e) {
       this.current = undefined;
+      await endStale(c.reader);
       const view = this.readers.view(c.name);
       const why = !this.readers.serviceUp
         ? "the PC/SC service is down"
@@ -203,8 +214,10 @@ export class PcscTransport implements CardTransport {
   }
 
   private readonly gone = (name: string): void => {
-    if (this.current?.name !== name) return;
+    const c = this.current;
+    if (c?.name !== name) return;
     this.o.log?.warn("card out of reach", { reader: name });
     this.current = undefined;
+    endStale(c.reader).catch(() => undefined);
   };
 }

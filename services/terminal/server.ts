@@ -77,7 +77,7 @@ export async function startTerminalHost(c: TerminalConfig) {
     host,
     async close() {
       await host.close();
-      readers?.close();
+      await readers?.close();
       await db.close();
     },
   };

@@ -10,6 +10,7 @@ import { expect } from "chai";
 import { execFile } from "node:child_process";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import { setTimeout as sleep } from "node:timers/promises";
 import { Status } from "nice-grpc";
 import { PurseIns } from "../../lib/protocol/purse.js";
 import { PsamSlotState } from "../../gen/netpurse/terminal/v1/terminal.js";
@@ -19,13 +20,24 @@ import { money } from "../../lib/money.js";
 import { hexOf } from "../../lib/ids.js";
 import { reasonOf } from "../../lib/grpc/errors.js";
 import { DEMO_SHOPS } from "../../services/network/layout.js";
-import { surveyReaders } from "../../client/cli/readers.js";
+import type { ReaderSurvey } from "../../client/cli/readers.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { account, EUR, openAccount } from "../support/load.js";
 import type { ReaderSlot } from "../../services/emulator/emulator.js";
 import type { EmulatorControl } from "../../services/emulator/emulator-process.js";
 
 const run = promisify(execFile);
+const NETPURSE = join(process.cwd(), "bin", "netpurse");
+
+/**
+ * `netpurse readers --json`, in a process of its own: this process does not
+ * open and close PC/SC contexts of its own between steps (the binding's
+ * close can wait for pcscd without a limit), and a PC/SC program is what a
+ * cardholder would look with.
+ */
+async function readersNow(): Promise<ReaderSurvey[]> {
+  return JSON.parse((await run(NETPURSE, ["readers", "--json"], { timeout: 30_000 })).stdout) as ReaderSurvey[];
+}
 
 describe("PC/SC: the whole network with the card and every PSAM behind real readers (pcscd + vpcd)", function () {
   this.timeout(120_000);
@@ -49,7 +61,7 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
   const balance = async () => Number((await net.clients.cardholder.getCard({}, { deadline: 20_000 })).purse!.balance!.amountMinor);
 
   it("lists the card and both PSAMs as pcscd sees them (netpurse readers): the PSAMs held by their terminal host", async () => {
-    const rows = await surveyReaders();
+    const rows = await readersNow();
     const byName = new Map(rows.map((r) => [r.reader, r]));
     expect(byName.get(cardReader.name)?.holds).to.equal("netpurse card");
     expect(byName.get(cardReader.name)?.detail).to.contain("balance EUR 100.00");
@@ -62,11 +74,10 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
   });
 
   it("bin/netpurse readers prints that table, and --json the same rows", async () => {
-    const bin = join(process.cwd(), "bin", "netpurse");
-    const table = (await run(bin, ["readers"])).stdout;
+    const table = (await run(NETPURSE, ["readers"], { timeout: 30_000 })).stdout;
     const cardLine = table.split("\n").find((l) => l.startsWith(cardReader.name));
     expect(cardLine, table).to.match(/netpurse card\s+purse [0-9a-f]{16}, balance EUR \d+\.\d\d/);
-    const rows = JSON.parse((await run(bin, ["readers", "--json"])).stdout) as { reader: string; holds: string }[];
+    const rows = await readersNow();
     expect(rows.find((r) => r.reader === cardReader.name)?.holds).to.equal("netpurse card");
     expect(rows.filter((r) => r.holds === "empty").map((r) => r.reader)).to.include(cardReader.name.replace(/ 00 00$/, " 00 01"));
   });
@@ -119,12 +130,22 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
     // While the card is out, nothing can be read from it: the same precise error.
     const absent = await net.clients.cardholder.getCard({}, { deadline: 20_000 }).catch((e: unknown) => e);
     expect(reasonOf(absent)).to.equal(ErrorReason.ERROR_REASON_NO_CARD);
-    // The reader shows it empty, as any PC/SC program sees it; the cardholder puts it back.
-    await waitFor(async () => (await surveyReaders()).find((r) => r.reader === cardReader.name)?.holds === "empty", 10_000, "the reader empty");
-    // Back in: the daemon's resume reads the card's log, completes the purchase once, and the goods come.
+    // The reader shows it empty, as any PC/SC program sees it; a moment later the cardholder puts it back.
+    const holds = async () => (await readersNow()).find((r) => r.reader === cardReader.name)?.holds;
+    await waitFor(async () => (await holds()) === "empty", 10_000, "the reader empty");
+    // A moment later the cardholder puts it back; any PC/SC program sees it again (the daemon let go of its
+    // broken connection when the card went, or pcscd would keep the reader locked to it).
+    await sleep(1_000);
     await emulator.insert(cardReader.name);
     await emulator.whenReady(cardReader.name);
-    await waitFor(async () => (await net.daemon.daemon.resume()) === 1, 30_000, "the purchase finished from the card's log");
+    await waitFor(async () => (await holds()) === "netpurse card", 15_000, "the card answering in its reader again");
+    // Back in: the daemon's resume (every 30 s; called here at once) reads the card's log, completes the purchase once, and the goods come.
+    let finished = 0;
+    for (let i = 0; i < 10 && finished === 0; i++) {
+      finished = await net.daemon.daemon.resume();
+      if (!finished) await sleep(1_000);
+    }
+    expect(finished, "purchases finished from the card's log").to.equal(1);
     expect(await balance()).to.equal(before - price);
     const log = (await net.clients.cardholder.listCardTransactions({ limit: 1 })).transactions[0]!;
     expect(log.transactionId?.value).to.equal(offer!.transactionId!.value);

@@ -53,7 +53,7 @@ describe("PC/SC transport: the reader it takes, no card, and an idle release tha
   });
   after(async () => {
     for (const t of open) await t.close();
-    readers?.close();
+    await readers?.close();
     await emulator?.close();
     await cleanup?.();
   });
