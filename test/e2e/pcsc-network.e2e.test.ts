@@ -21,6 +21,7 @@ import { hexOf } from "../../lib/ids.js";
 import { reasonOf } from "../../lib/grpc/errors.js";
 import { DEMO_SHOPS } from "../../services/network/layout.js";
 import type { ReaderSurvey } from "../../client/cli/readers.js";
+import { startTerminalHost } from "../../services/terminal/server.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
 import { account, EUR, openAccount } from "../support/load.js";
 import type { ReaderSlot } from "../../services/emulator/emulator.js";
@@ -170,6 +171,28 @@ describe("PC/SC: the whole network with the card and every PSAM behind real read
     }
     await emulator.insert(psamReader.name);
     await waitFor(async () => inPool.includes((await stateOf(psamReader.name))!), 15_000, "the slot in the pool again");
+  });
+
+  it("a card that is not a PSAM, in a reader a terminal host takes PSAMs from, is not taken into the pool, nor kept from its owner", async () => {
+    // A terminal host whose pattern also matches the cardholder's reader (an operator's mistake, or a card someone slipped in).
+    const host = await startTerminalHost({
+      security: await net.security.of("terminal", "terminal-x"),
+      terminalId: "terminal-x",
+      concentrator: net.concentrator.address,
+      clearingAddress: net.clearingServer.address,
+      dir: join(net.data, "terminals", "terminal-x"),
+      psamReaders: `^${cardReader.name}$`,
+    });
+    try {
+      await host.host.whenConnected();
+      const x = (await net.clients.concentrator.listTerminals({})).terminals.find((t) => t.terminalId === "terminal-x");
+      expect(x?.slots, "slots of terminal-x").to.deep.equal([]);
+      // The purse card answered SELECT of the PSAM application with 6A82 and was let go: the reader is free.
+      await waitFor(async () => (await readersNow()).find((r) => r.reader === cardReader.name)?.holds === "netpurse card", 15_000, "the card reader free");
+      expect(await balance()).to.be.greaterThan(0);
+    } finally {
+      await host.close();
+    }
   });
 
   it("survives pcscd restarting under the running daemon and terminal host", async () => {
