@@ -10,16 +10,7 @@ import { randomBytes, randomUUID } from "node:crypto";
 import { join } from "node:path";
 import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
-import {
-  BatchStatus,
-  LoadOutcome,
-  LoadProof,
-  LoadStatus,
-  PartyKind,
-  QuarantineReason,
-  type LoadRecord,
-  type SubmitBatchRequest,
-} from "../../gen/netpurse/clearing/v1/clearing.js";
+import { BatchStatus, LoadStatus, PartyKind, QuarantineReason, type LoadRecord, type SubmitBatchRequest } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { psamId as toPsamId, purseId as toPurseId, txnId, merchantId } from "../../lib/ids.js";
@@ -27,7 +18,7 @@ import { money } from "../../lib/money.js";
 import { CertificateAuthority } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf } from "../../lib/pki/security.js";
-import { InitializeForLoadCommand, InitializeForLoadResponse, LoadResponse } from "../../lib/protocol/load.js";
+import { InitializeForLoadResponse, LoadResponse } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
 import { PurseReader } from "../../client/card/purse-reader.js";
 import { SoftwareCard } from "../../client/card/software-card.js";
@@ -50,6 +41,7 @@ import {
   submission,
   type ClearingClient,
   type ClosedBatch,
+  genuineLoadRecord,
 } from "../support/clearing-bench.js";
 
 describe("ClearingService (contract)", function () {
@@ -402,24 +394,7 @@ describe("ClearingService (contract)", function () {
     const hsmPath = join(dir, "hsm.json");
     await issuer.provisionHsm({ path: hsmPath });
     const hsm = await SoftwareHsm.open(hsmPath);
-    const id = randomUUID();
-    const authorised = { amount, currency: EUR, bankId: "bank-1", dateTime: Math.floor(now.getTime() / 1000), transactionRef: id };
-    const init = await reader.initializeForLoad(authorised);
-    const issued = await hsm.issueLoad(authorised, 2, init.parsed);
-    const answer = await reader.load(issued.command);
-    return {
-      transactionId: txnId(id),
-      bankId: "bank-1",
-      purseId: { value: init.parsed.purseId },
-      amount: money(amount, EUR, 2),
-      outcome: LoadOutcome.LOAD_OUTCOME_LOADED,
-      proof: LoadProof.LOAD_PROOF_S3,
-      authorised: InitializeForLoadCommand.encode(authorised),
-      initializeResponse: init.raw,
-      loadCommand: issued.command,
-      loadAnswer: answer.raw,
-      settledAt: now,
-    };
+    return genuineLoadRecord(reader, hsm, { amount, bankId: "bank-1", at: now });
   }
 
   it("posts a load once its S3 verifies, once however often it is sent, and quarantines a forged S3", async () => {

@@ -62,6 +62,35 @@ export function clearingClient(address: string, security: Security, o: { maxMess
 }
 export type ClearingClient = ReturnType<typeof clearingClient>;
 
+/**
+ * A genuine load, as the load server reports it to clearing: the card's
+ * INITIALIZE FOR LOAD, the security module's LOAD command, the card's answer.
+ */
+export async function genuineLoadRecord(
+  reader: PurseReader,
+  hsm: SoftwareHsm,
+  o: { amount: number; bankId: string; at: Date; transactionId?: string },
+): Promise<LoadRecord> {
+  const id = o.transactionId ?? randomUUID();
+  const authorised = { amount: o.amount, currency: EUR, bankId: o.bankId, dateTime: Math.floor(o.at.getTime() / 1000), transactionRef: id };
+  const init = await reader.initializeForLoad(authorised);
+  const issued = await hsm.issueLoad(authorised, 2, init.parsed);
+  const answer = await reader.load(issued.command);
+  return {
+    transactionId: txnId(id),
+    bankId: o.bankId,
+    purseId: { value: init.parsed.purseId },
+    amount: money(o.amount, EUR, 2),
+    outcome: LoadOutcome.LOAD_OUTCOME_LOADED,
+    proof: LoadProof.LOAD_PROOF_S3,
+    authorised: InitializeForLoadCommand.encode(authorised),
+    initializeResponse: init.raw,
+    loadCommand: issued.command,
+    loadAnswer: answer.raw,
+    settledAt: o.at,
+  };
+}
+
 /** What a refused call ended with: its status, ErrorInfo reason and named field. */
 export interface Refusal {
   code: Status;
@@ -218,25 +247,8 @@ export async function startClearingBench() {
       };
     },
     /** One genuine load made by the card and the load server's security module, as the load server reports it. */
-    async genuineLoad(amount: number, o: { transactionId?: string } = {}): Promise<LoadRecord> {
-      const id = o.transactionId ?? randomUUID();
-      const authorised = { amount, currency: EUR, bankId: BANK, dateTime: Math.floor(clock.now.getTime() / 1000), transactionRef: id };
-      const init = await reader.initializeForLoad(authorised);
-      const issued = await hsm.issueLoad(authorised, 2, init.parsed);
-      const answer = await reader.load(issued.command);
-      return {
-        transactionId: txnId(id),
-        bankId: BANK,
-        purseId: { value: init.parsed.purseId },
-        amount: money(amount, EUR, 2),
-        outcome: LoadOutcome.LOAD_OUTCOME_LOADED,
-        proof: LoadProof.LOAD_PROOF_S3,
-        authorised: InitializeForLoadCommand.encode(authorised),
-        initializeResponse: init.raw,
-        loadCommand: issued.command,
-        loadAnswer: answer.raw,
-        settledAt: clock.now,
-      };
+    genuineLoad(amount: number, o: { transactionId?: string } = {}): Promise<LoadRecord> {
+      return genuineLoadRecord(reader, hsm, { amount, bankId: BANK, at: clock.now, ...o });
     },
     /** The card's balance now, in minor units. */
     balance: async () => (await reader.readPurse()).balance,
