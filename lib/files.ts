@@ -1,5 +1,6 @@
 import { mkdir, open, readFile, rename, chmod } from "node:fs/promises";
 import { dirname, basename, join } from "node:path";
+import { countFsync } from "./stats.js";
 
 /**
  * Writes a file so that a crash leaves either the old or the new content:
@@ -15,6 +16,7 @@ export async function writeFileAtomic(path: string, content: string | Uint8Array
   try {
     await fh.writeFile(content);
     await fh.sync();
+    countFsync();
   } finally {
     await fh.close();
   }
@@ -23,6 +25,7 @@ export async function writeFileAtomic(path: string, content: string | Uint8Array
   const d = await open(dir, "r");
   try {
     await d.sync();
+    countFsync();
   } finally {
     await d.close();
   }

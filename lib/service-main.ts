@@ -6,6 +6,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { dataDir } from "./config.js";
 import type { Kind } from "./pki/identity.js";
 import { pkiDirOf, Security } from "./pki/security.js";
+import { answerStatsRequests } from "./stats.js";
 
 export interface Stoppable {
   address: string;
@@ -80,6 +81,7 @@ export async function runService(p: {
   // when the launcher goes, however it went (SIGKILL included), and the service stops cleanly with it
   // rather than live on holding its port.
   if (process.send) {
+    answerStatsRequests();
     if (process.connected) process.once("disconnect", onSignal("the launcher is gone"));
     else onSignal("the launcher is gone")();
   }

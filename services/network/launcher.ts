@@ -8,6 +8,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync, readFileSync, type WriteStream } from "node:fs";
 import { join, resolve } from "node:path";
+import { STATS_REQUEST, type ProcessStats } from "../../lib/stats.js";
 
 const ROOT = resolve(new URL("../..", import.meta.url).pathname);
 const TSX = import.meta.resolve("tsx");
@@ -73,7 +74,7 @@ export class Launcher {
     const child = spawn(process.execPath, ["--import", TSX, join(ROOT, script), ...args], {
       cwd: ROOT,
       env: { ...process.env, ...this.o.env, ...env },
-      // The IPC channel carries nothing: its end tells the child that the launcher is gone (lib/service-main.ts).
+      // The IPC channel tells the child that the launcher is gone when it ends (lib/service-main.ts), and carries stats requests (lib/stats.ts).
       stdio: ["ignore", "pipe", "pipe", "ipc"],
     });
     this.starting.add(child);
@@ -155,6 +156,31 @@ export class Launcher {
   pid(name: string): number | undefined {
     return this.running.get(name)?.child.pid;
   }
+
+  /** Asks a running service for its figures (lib/stats.ts) over the IPC channel. */
+  stats(name: string, timeoutMs = 5_000): Promise<ProcessStats> {
+    const s = this.running.get(name);
+    if (!s) return Promise.reject(new Error(`${name} is not running`));
+    const id = ++this.statsRequests;
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: { type?: string; id?: number; stats?: ProcessStats }) => {
+        if (m.type !== STATS_REQUEST || m.id !== id || !m.stats) return;
+        done();
+        resolve(m.stats);
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new Error(`${name} did not report its figures within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const done = () => {
+        clearTimeout(timer);
+        s.child.off("message", onMessage);
+      };
+      s.child.on("message", onMessage);
+      s.child.send({ type: STATS_REQUEST, id });
+    });
+  }
+  private statsRequests = 0;
 
   /** The services running now (started and not ended), in the order they started. */
   names(): string[] {
