@@ -39,9 +39,24 @@ const DerivationInfo = layout("transaction key derivation info", {
  * info = label ‖ party id ‖ transaction id), the party being the merchant
  * (purchases) or the bank (loads).
  */
+/** The HKDF info of a transaction key: its label, the party and the transaction. */
+export const transactionKeyInfo = (partyId: string, transactionId: string, label: string = KeyLabel.PURCHASE) =>
+  DerivationInfo.encode({ label, partyId, transactionId });
+
+/** Transaction keys derived lately: a purchase asks for its key at each of its steps, in two services. */
+const derivedKeys = new Map<string, Buffer>();
+const DERIVED_KEYS_KEPT = 4_096;
+
 export function transactionKey(sharedKey: Uint8Array, partyId: string, transactionId: string, nonce: Uint8Array, label: string = KeyLabel.PURCHASE): Buffer {
   if (nonce.length !== 16) throw new RangeError("the key nonce must be 16 bytes");
-  return hkdf32(sharedKey, nonce, DerivationInfo.encode({ label, partyId, transactionId }));
+  // Everything the derivation reads is in the entry's name, so a hit is the same derivation; the oldest entry makes room.
+  const name = `${label}\0${partyId}\0${transactionId}\0${Buffer.from(nonce).toString("hex")}\0${Buffer.from(sharedKey).toString("hex")}`;
+  const kept = derivedKeys.get(name);
+  if (kept) return Buffer.from(kept);
+  const key = hkdf32(sharedKey, nonce, transactionKeyInfo(partyId, transactionId, label));
+  if (derivedKeys.size >= DERIVED_KEYS_KEPT) derivedKeys.delete(derivedKeys.keys().next().value!);
+  derivedKeys.set(name, Buffer.from(key));
+  return key;
 }
 
 function associatedData(type: MessageType, transactionId: string): Buffer {

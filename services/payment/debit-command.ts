@@ -14,7 +14,7 @@ import type { Logger } from "../../lib/log.js";
 import { NoPsamFits, NoPsamFree, type Lease, type PsamPool } from "./psam-pool.js";
 import { MIN_JOB_MS, type PsamWork } from "./psam-work.js";
 import { failureOf, psamRefusal } from "./refusals.js";
-import { failureColumns, type PaymentStore, type Purchase, type SignedPurchase } from "./store.js";
+import { failureColumns, type PaymentStore, type Purchase, type SignedPurchase, type Step } from "./store.js";
 
 /** Attempts on different PSAMs before the draw request is given up for now. */
 const MAX_ATTEMPTS = 3;
@@ -41,7 +41,9 @@ export class DebitCommands {
       // After a PSAM was lost, wait for another even in an empty pool: its terminal host usually comes back at once.
       const lease = await this.takePsam(p, tried, deadline, attempt > 1);
       tried.add(lease.key);
-      await this.o.store.log(p.transaction_id, { step: "psam_assigned", detail: `terminal ${lease.terminalId} PSAM ${lease.psamId} (attempt ${attempt})` });
+      // Recorded with the attempt's outcome, in the same commit: no commit of its own inside the PSAM's hold. Should this
+      // server stop before that, the PSAM reports the open debit it signed when its terminal attaches, and it is reversed.
+      const assigned: Step = { step: "psam_assigned", detail: `terminal ${lease.terminalId} PSAM ${lease.psamId} (attempt ${attempt})` };
       const result = await this.o.work.issueDebitCommand(lease, p, card, !psamVerifies, deadline);
       if (result.status === PsamJobStatus.PSAM_JOB_STATUS_OK && result.outcome?.$case === "debitCommandIssued") {
         const issued = result.outcome.value;
@@ -49,8 +51,12 @@ export class DebitCommands {
           // Not the PSAM's word: whoever answered for it is not trusted with another job until its terminal announces it again.
           this.o.pool.markFailed(lease);
           this.o.pool.release(lease);
+          await this.o.store.log(p.transaction_id, assigned);
           continue;
         }
+        // FIG. 6-8 need the PSAM no more: it goes back to the pool before the record is written (its own state, with the
+        // open debit, is durable in the PSAM already), and its hold is logged with the record. FIG. 5 holds it for the card's answer.
+        const released = psamVerifies ? undefined : this.o.work.release(lease, "the DEBIT command came with the expected card signature");
         const moved = await this.o.store.transition(
           p.transaction_id,
           ["RECEIVED"],
@@ -62,26 +68,27 @@ export class DebitCommands {
             debit_command: Buffer.from(issued.debitCommand),
             expected_card_signature: psamVerifies ? null : Buffer.from(issued.expectedCardSignature),
           },
-          {
-            step: "debit_command_issued",
-            detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}`,
-          },
+          [
+            assigned,
+            {
+              step: "debit_command_issued",
+              detail: `PSAM ${lease.psamId} counter ${issued.psamCounter} signed the DEBIT command${psamVerifies ? "" : " and gave the card signature it expects"}`,
+            },
+            ...(released ? [released] : []),
+          ],
         );
         if (!moved) {
-          this.o.pool.release(lease);
+          if (!released) this.o.pool.release(lease);
           throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_WRONG_STATE, "the transaction changed state meanwhile; retry");
         }
-        // FIG. 5 holds the PSAM for the card's answer; FIG. 6-8 release it now.
         if (psamVerifies) this.o.work.hold(p.transaction_id, lease);
-        else await this.o.work.giveBack(p.transaction_id, lease, "the DEBIT command came with the expected card signature");
-        const signed = await this.o.store.require(p.transaction_id);
-        if (!("psam_id" in signed)) throw new Error(`transaction ${p.transaction_id} lost its DEBIT command`);
-        return signed;
+        if (!("psam_id" in moved)) throw new Error(`transaction ${p.transaction_id} lost its DEBIT command`);
+        return moved;
       }
       const full = result.statusWord === SW.BATCH_FULL || result.statusWord === SW.TOO_MANY_OPEN_DEBITS;
       if (result.status === PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED && !full) {
         this.o.pool.release(lease);
-        return this.refuse(p, psamRefusal(result.statusWord));
+        return this.refuse(p, psamRefusal(result.statusWord), assigned);
       }
       // No debit command left this server, so the work goes to another PSAM.
       this.o.log.warn("PSAM could not take the job; trying another", {
@@ -92,7 +99,7 @@ export class DebitCommands {
       });
       if (GONE.includes(result.status)) this.o.pool.markFailed(lease);
       this.o.pool.release(lease);
-      await this.o.store.log(p.transaction_id, { step: "psam_unavailable", detail: `${PsamJobStatus[result.status]}: ${result.message}` });
+      await this.o.store.log(p.transaction_id, [assigned, { step: "psam_unavailable", detail: `${PsamJobStatus[result.status]}: ${result.message}` }]);
     }
     throw new NetpurseError(
       Status.UNAVAILABLE,
@@ -102,13 +109,11 @@ export class DebitCommands {
   }
 
   /** Ends a purchase that never got a DEBIT command, with the error its caller (and any retry) gets. */
-  async refuse(p: Purchase, e: NetpurseError): Promise<never> {
-    await this.o.store.transition(
-      p.transaction_id,
-      ["RECEIVED"],
-      { state: "REFUSED", ...failureColumns(failureOf(e)) },
+  async refuse(p: Purchase, e: NetpurseError, before?: Step): Promise<never> {
+    await this.o.store.transition(p.transaction_id, ["RECEIVED"], { state: "REFUSED", ...failureColumns(failureOf(e)) }, [
+      ...(before ? [before] : []),
       { step: "refused", detail: e.details },
-    );
+    ]);
     throw e;
   }
 

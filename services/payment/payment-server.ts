@@ -184,10 +184,7 @@ export class PaymentServer {
       // (A draw request already answered with a DEBIT command got its recorded answer above: a retry is not counted twice.)
       const done = await this.reserveDraw(purse, p, log.length > 0 ? settling : undefined, deadline);
       try {
-        if (!p) {
-          await this.insert(id, hash, v, req);
-          p = await this.o.store.require(id);
-        }
+        p ??= await this.insert(id, hash, v, req);
         if (p.state !== "RECEIVED") throw new Error(`transaction ${id} left RECEIVED under its lock`);
         if (v.card.currency !== v.currency) {
           return await this.o.debitCommands.refuse(
@@ -275,7 +272,7 @@ export class PaymentServer {
     });
   }
 
-  private async insert(id: string, hash: string, v: EditedDrawRequest, req: ProcessDrawRequestRequest): Promise<void> {
+  private async insert(id: string, hash: string, v: EditedDrawRequest, req: ProcessDrawRequestRequest): Promise<Purchase> {
     if (!req.encryptedSessionKey) throw invalidField("encrypted_session_key", "missing");
     const mode = confirmationModeToJSON(v.mode).replace("CONFIRMATION_MODE_", "");
     const inserted = await this.o.store.insert(
@@ -300,6 +297,7 @@ export class PaymentServer {
       },
     );
     if (!inserted) throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "concurrent draw request for the same transaction; retry");
+    return inserted;
   }
 
   // ---- steps 622-634: the card's answer -> debit results C and M ----------------
@@ -346,8 +344,7 @@ export class PaymentServer {
             `no DEBIT command is awaiting the card's answer for transaction ${id} (state ${p.state})`,
           );
         }
-        await this.record(p, answer);
-        p = await this.o.store.require(id);
+        p = await this.record(p, answer);
       }
       if (p.state === "REVERSED") throw errorOf(p.failure);
       if (!isPaid(p)) {
@@ -362,19 +359,20 @@ export class PaymentServer {
   }
 
   /** Records the card's answer before anything is done with it. */
-  private async record(p: SignedPurchase, a: RecordedAnswer): Promise<void> {
+  private async record(p: SignedPurchase, a: RecordedAnswer): Promise<Purchase> {
     const detail =
       a.kind === "not_debited"
         ? `the client reports that the card's log proves it never made this debit`
         : a.statusWord === SW.OK
           ? `card answered 9000, result ${a.debitResponse[0]}`
           : `card refused DEBIT with SW ${a.statusWord.toString(16).toUpperCase()}`;
-    await this.o.store.transition(
+    const moved = await this.o.store.transition(
       p.transaction_id,
       ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
       { state: "DEBIT_RESPONSE_RECEIVED", ...answerColumns(a) },
       { step: "debit_response_received", detail },
     );
+    return moved ?? this.o.store.require(p.transaction_id);
   }
 
   // ---- the card's proof after the fact --------------------------------------------

@@ -26,7 +26,7 @@ import { DebitCommand, type DebitAnswer } from "../../lib/protocol/purse.js";
 import type { ConcentratorLink } from "./concentrator-link.js";
 import { NoPsamFree, psamKey, type Lease, type PsamPool } from "./psam-pool.js";
 import type { PsamVerdictChecker } from "./security-module.js";
-import type { PaymentStore, Purchase, SignedPurchase } from "./store.js";
+import type { PaymentStore, Purchase, SignedPurchase, Step } from "./store.js";
 
 /** The least time worth giving a terminal for one job; with less left, no job is sent. */
 export const MIN_JOB_MS = 1_000;
@@ -234,12 +234,18 @@ export class PsamWork {
    * log line, which is only a measurement: a failed write is reported, not thrown.
    */
   async giveBack(transactionId: string, lease: Lease, why: string): Promise<void> {
-    this.o.pool.release(lease);
+    const released = this.release(lease, why);
     try {
-      await this.o.store.log(transactionId, { step: "psam_released", detail: `PSAM ${lease.psamId} held ${Date.now() - lease.takenAt} ms: ${why}` });
+      await this.o.store.log(transactionId, released);
     } catch (e) {
       this.o.log.warn("PSAM released, but its release was not logged", { transaction: transactionId, psam: lease.psamId, error: (e as Error).message });
     }
+  }
+
+  /** Gives a PSAM back to the pool now; the step to log with the purchase's next write says how long it was held. */
+  release(lease: Lease, why: string): Step {
+    this.o.pool.release(lease);
+    return { step: "psam_released", detail: `PSAM ${lease.psamId} held ${Date.now() - lease.takenAt} ms: ${why}` };
   }
 
   private takeHold(transactionId: string): Lease | undefined {

@@ -86,13 +86,13 @@ export class Ruling {
 
   /** The card proved the debit: paid. Its proof goes into the PSAM's batch next. */
   private async prove(p: SignedPurchase, a: DebitAnswer, step: string, detail: string, raw?: Buffer): Promise<Purchase> {
-    await this.o.store.transition(
-      p.transaction_id,
-      OPEN,
-      { state: "PROVEN", new_balance: a.balance, ...(raw ? answerColumns({ kind: "card", statusWord: SW.OK, debitResponse: raw }) : {}) },
-      { step, detail: `${detail}; card balance now ${a.balance}` },
-    );
-    const proven = await this.o.store.require(p.transaction_id);
+    const proven =
+      (await this.o.store.transition(
+        p.transaction_id,
+        OPEN,
+        { state: "PROVEN", new_balance: a.balance, ...(raw ? answerColumns({ kind: "card", statusWord: SW.OK, debitResponse: raw }) : {}) },
+        { step, detail: `${detail}; card balance now ${a.balance}` },
+      )) ?? (await this.o.store.require(p.transaction_id));
     this.afterProof(proven);
     this.o.locks
       .run(p.transaction_id, () => this.recordProof(p.transaction_id))
@@ -157,16 +157,16 @@ export class Ruling {
         return this.inDoubt(p, checked.why);
       }
       if (r.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) {
-        await this.o.store.transition(
-          p.transaction_id,
-          OPEN,
-          { state: "COMPLETED", new_balance: answer.balance, ...recorded },
-          {
-            step: "purchase_confirmed",
-            detail: `${prefix}PSAM ${p.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
-          },
-        );
-        const done = await this.o.store.require(p.transaction_id);
+        const done =
+          (await this.o.store.transition(
+            p.transaction_id,
+            OPEN,
+            { state: "COMPLETED", new_balance: answer.balance, ...recorded },
+            {
+              step: "purchase_confirmed",
+              detail: `${prefix}PSAM ${p.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
+            },
+          )) ?? (await this.o.store.require(p.transaction_id));
         this.afterProof(done);
         return done;
       }

@@ -269,8 +269,20 @@ export interface Step {
   detail: string;
 }
 
-async function logEvent(tx: Queryable, transactionId: string, e: Step, at: string): Promise<void> {
-  await tx.run("INSERT INTO purchase_events (transaction_id, at, step, detail) VALUES (?, ?, ?, ?)", [transactionId, at, e.step, e.detail]);
+/** One step, or several recorded in the same commit (in their order). */
+export type Steps = Step | readonly Step[];
+
+const stepsOf = (e: Steps): readonly Step[] => ("step" in e ? [e] : e);
+
+async function logEvents(tx: Queryable, transactionId: string, e: Steps, at: string): Promise<void> {
+  for (const s of stepsOf(e)) {
+    await tx.run("INSERT INTO purchase_events (transaction_id, at, step, detail) VALUES (?, ?, ?, ?)", [transactionId, at, s.step, s.detail]);
+  }
+}
+
+/** The test-only crash points around a commit of `e` (crash-points.ts). */
+function crashAround(when: "before" | "after", e: Steps): void {
+  for (const s of stepsOf(e)) crashPoint(when, s.step);
 }
 
 const inList = (states: readonly State[]) => states.map(() => "?").join(", ");
@@ -282,52 +294,53 @@ export class PaymentStore {
     private readonly onCorrupt: (e: CorruptPurchase) => void = () => undefined,
   ) {}
 
-  /** Inserts a new purchase (state RECEIVED) with its first event; false when the id exists already. */
-  async insert(p: NewPurchase, event: Step): Promise<boolean> {
+  /** Inserts a new purchase (state RECEIVED) with its first event: the purchase as stored, or undefined when the id exists already. */
+  async insert(p: NewPurchase, event: Step): Promise<Purchase | undefined> {
     const now = new Date().toISOString();
     const row: Record<string, SqlValue> = { ...p, state: "RECEIVED", created_at: now, updated_at: now };
-    crashPoint("before", event.step);
+    crashAround("before", event);
     const inserted = await this.db.transaction(async (tx) => {
       const exists = await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [p.transaction_id]);
-      if (exists) return false;
+      if (exists) return undefined;
       const cols = Object.keys(row);
-      await tx.run(
-        `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`,
+      const stored = await tx.get<PurchaseRow>(
+        `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) RETURNING *`,
         cols.map((c) => row[c] ?? null),
       );
-      await logEvent(tx, p.transaction_id, event, now);
-      return true;
+      await logEvents(tx, p.transaction_id, event, now);
+      return stored && toPurchase(stored);
     });
-    if (inserted) crashPoint("after", event.step);
+    if (inserted) crashAround("after", event);
     return inserted;
   }
 
   /**
-   * Moves a purchase to a new state (and other fields) with an event, only if
-   * it is in one of `from`; false when it was not (someone else moved it).
+   * Moves a purchase to a new state (and other fields) with its events, only
+   * if it is in one of `from`: the purchase as it now stands (no read after),
+   * or undefined when it was not (someone else moved it).
    */
-  async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, event: Step): Promise<boolean> {
+  async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, event: Steps): Promise<Purchase | undefined> {
     const now = new Date().toISOString();
     const cols = Object.keys(patch) as (keyof PurchasePatch)[];
-    crashPoint("before", event.step);
+    crashAround("before", event);
     const moved = await this.db.transaction(async (tx) => {
-      const r = await tx.run(
-        `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)})`,
+      const row = await tx.get<PurchaseRow>(
+        `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)}) RETURNING *`,
         [...cols.map((c) => patch[c] ?? null), now, transactionId, ...from],
       );
-      if (r.changes !== 1) return false;
-      await logEvent(tx, transactionId, event, now);
-      return true;
+      if (!row) return undefined;
+      await logEvents(tx, transactionId, event, now);
+      return toPurchase(row);
     });
-    if (moved) crashPoint("after", event.step);
+    if (moved) crashAround("after", event);
     return moved;
   }
 
-  /** Logs a step without changing the state. */
-  async log(transactionId: string, event: Step): Promise<void> {
-    crashPoint("before", event.step);
-    await this.db.transaction((tx) => logEvent(tx, transactionId, event, new Date().toISOString()));
-    crashPoint("after", event.step);
+  /** Logs steps without changing the state. */
+  async log(transactionId: string, event: Steps): Promise<void> {
+    crashAround("before", event);
+    await this.db.transaction((tx) => logEvents(tx, transactionId, event, new Date().toISOString()));
+    crashAround("after", event);
   }
 
   async get(transactionId: string): Promise<Purchase | undefined> {

@@ -2,6 +2,8 @@ import { expect } from "chai";
 import { aesCmac, mac8 } from "../../lib/crypto/cmac.js";
 import { deriveSessionKey, diversificationBlock, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { aesEncryptBlock } from "../../lib/crypto/aes.js";
+import { hkdf32 } from "../../lib/crypto/aead.js";
+import { transactionKey, transactionKeyInfo } from "../../lib/protocol/encryption-layer.js";
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex");
 
@@ -57,5 +59,35 @@ describe("key diversification", () => {
     expect(deriveSessionKey(k, { ...base, securityModuleId: hex("a1b2c3d5") }).equals(sk)).to.equal(false);
     expect(deriveSessionKey(k, { ...base, securityModuleCounter: 43 }).equals(sk)).to.equal(false);
     expect(deriveSessionKey(k, { ...base, challenge: hex("1122334555667788") }).equals(sk)).to.equal(false);
+  });
+});
+
+describe("transaction keys, kept for a purchase's later steps", () => {
+  const id = "0b7c8f2e-1d3a-4c5b-9e6f-7a8b9c0d1e2f";
+  const nonce = Buffer.alloc(16, 7);
+  const fresh = (key: Buffer, party: string, n: Buffer) => hkdf32(key, n, transactionKeyInfo(party, id));
+
+  it("gives the same key as a fresh derivation, and another for another shared key, party or nonce", () => {
+    const a = Buffer.alloc(32, 1);
+    const b = Buffer.alloc(32, 2);
+    const first = transactionKey(a, "shop", id, nonce);
+    expect(transactionKey(a, "shop", id, nonce)).to.deep.equal(first);
+    expect(first).to.deep.equal(fresh(a, "shop", nonce));
+    expect(transactionKey(b, "shop", id, nonce))
+      .to.deep.equal(fresh(b, "shop", nonce))
+      .and.not.deep.equal(first);
+    expect(transactionKey(a, "other-shop", id, nonce))
+      .to.deep.equal(fresh(a, "other-shop", nonce))
+      .and.not.deep.equal(first);
+    const n2 = Buffer.alloc(16, 8);
+    expect(transactionKey(a, "shop", id, n2))
+      .to.deep.equal(fresh(a, "shop", n2))
+      .and.not.deep.equal(first);
+  });
+
+  it("hands out copies: a caller that overwrites its key does not change the next caller's", () => {
+    const k = Buffer.alloc(32, 3);
+    transactionKey(k, "shop", id, nonce).fill(0);
+    expect(transactionKey(k, "shop", id, nonce)).to.deep.equal(fresh(k, "shop", nonce));
   });
 });
