@@ -12,7 +12,9 @@
 import Database from "better-sqlite3";
 import { chmodSync, closeSync, existsSync, fsyncSync, mkdirSync, openSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { dirname } from "node:path";
+import { Worker } from "node:worker_threads";
 import { Mutex } from "../mutex.js";
 import { countFsync } from "../stats.js";
 
@@ -65,6 +67,73 @@ class SqliteQueryable implements Queryable {
 /** Commits between two checkpoints of the write-ahead log into the database file. */
 const CHECKPOINT_EVERY_COMMITS = 1_000;
 
+/**
+ * The checkpointer: a connection of its own in a worker thread, with SQLite's
+ * own syncs (the log first, the database file after), so that copying the
+ * log into the file and syncing both never stalls the event loop. A passive
+ * checkpoint runs beside the writer; the log starts over only once the file
+ * holds every frame on disk. Plain JavaScript: a worker does not go through
+ * the TypeScript loader.
+ */
+const CHECKPOINTER = `
+const { parentPort, workerData } = require("node:worker_threads");
+const Database = require(workerData.driver);
+const db = new Database(workerData.path);
+db.pragma("busy_timeout = 5000");
+db.pragma("wal_autocheckpoint = 0");
+db.pragma("synchronous = FULL");
+parentPort.on("message", (m) => {
+  if (m === "close") { db.close(); parentPort.close(); return; }
+  try { db.pragma("wal_checkpoint(PASSIVE)"); parentPort.postMessage({ ok: true }); }
+  catch (e) { parentPort.postMessage({ ok: false, error: e.message }); }
+});
+`;
+
+class Checkpointer {
+  /** Started at the first checkpoint: a short-lived connection (a command-line tool's) never needs one. */
+  private worker: Worker | undefined;
+  private answer: ((m: { ok: boolean; error?: string }) => void) | undefined;
+
+  constructor(private readonly path: string) {}
+
+  /** One passive checkpoint: it copies the frames the log held when it began. */
+  pass(): Promise<void> {
+    if (this.answer) return Promise.reject(new Error("a checkpoint is under way"));
+    const w = this.started();
+    return new Promise((resolve, reject) => {
+      this.answer = (m) => {
+        this.answer = undefined;
+        if (!m.ok) return reject(new Error(`checkpoint failed: ${m.error ?? "the checkpointer stopped"}`));
+        countFsync(2);
+        resolve();
+      };
+      w.postMessage("checkpoint");
+    });
+  }
+
+  private started(): Worker {
+    if (this.worker) return this.worker;
+    const w = new Worker(CHECKPOINTER, { eval: true, workerData: { path: this.path, driver: createRequire(import.meta.url).resolve("better-sqlite3") } });
+    w.unref();
+    w.on("message", (m: { ok: boolean; error?: string }) => this.answer?.(m));
+    w.on("error", (e) => {
+      this.worker = undefined;
+      this.answer?.({ ok: false, error: e.message });
+    });
+    this.worker = w;
+    return w;
+  }
+
+  async close(): Promise<void> {
+    const w = this.worker;
+    if (!w) return;
+    this.worker = undefined;
+    const exited = new Promise<void>((r) => w.once("exit", () => r()));
+    w.postMessage("close");
+    await exited;
+  }
+}
+
 class SqliteDb implements Db {
   private readonly q: SqliteQueryable;
   // One connection: transactions and single statements take turns, so a
@@ -77,14 +146,20 @@ class SqliteDb implements Db {
   private syncing: Promise<void> | undefined;
   private wal: FileHandle | undefined;
   private sinceCheckpoint = 0;
+  private checkpointing = false;
+  private readonly checkpointer: Checkpointer | undefined;
 
-  /** `walPath` undefined: nothing to sync (an in-memory database). */
+  /** `path` undefined: nothing to sync (an in-memory database). */
   constructor(
     private readonly db: Database.Database,
-    private readonly walPath: string | undefined,
+    path: string | undefined,
   ) {
     this.q = new SqliteQueryable(db);
+    this.walPath = path && `${path}-wal`;
+    this.checkpointer = path ? new Checkpointer(path) : undefined;
   }
+
+  private readonly walPath: string | undefined;
 
   run(sql: string, params?: SqlValue[]) {
     return this.settled(async () => {
@@ -148,30 +223,32 @@ class SqliteDb implements Db {
     countFsync();
     this.sinceCheckpoint += target - this.synced;
     this.synced = target;
-    if (this.sinceCheckpoint >= CHECKPOINT_EVERY_COMMITS) {
+    if (this.sinceCheckpoint >= CHECKPOINT_EVERY_COMMITS && !this.checkpointing) {
       this.sinceCheckpoint = 0;
-      this.mutex.run(async () => this.checkpoint()).catch(() => undefined); // retried after the next thousand commits
+      this.checkpointing = true;
+      this.checkpoint()
+        .catch(() => undefined) // tried again after the next thousand commits
+        .finally(() => (this.checkpointing = false));
     }
   }
 
   /**
-   * Copies the log's frames into the database file with SQLite's own syncs
-   * (the log first, the database file after), so the log can start over
-   * without losing a frame the database file does not hold on disk yet.
+   * Copies the log into the database file beside the writers; then, if they
+   * added frames meanwhile, copies those few with the writers held back for
+   * that short pass, so the log can start over even under constant load.
+   * The event loop never waits on either.
    */
-  private checkpoint(): void {
-    this.db.pragma("synchronous = FULL");
-    try {
-      this.db.pragma("wal_checkpoint(PASSIVE)");
-      countFsync(2);
-    } finally {
-      this.db.pragma("synchronous = OFF");
-    }
+  private async checkpoint(): Promise<void> {
+    const c = this.checkpointer;
+    if (!c) return;
+    await c.pass();
+    await this.mutex.run(() => c.pass());
   }
 
   async close() {
     await this.mutex.run(async () => {
       await this.durable(this.committed);
+      await this.checkpointer?.close();
       // The last connection's close checkpoints and deletes the log: with SQLite's own syncs, not without.
       if (this.walPath) this.db.pragma("synchronous = FULL");
       this.db.close();
@@ -216,5 +293,5 @@ export function openSqlite(path: string, migrations: Migrations): Db {
   }
   db.pragma("wal_autocheckpoint = 0"); // checkpoints are SqliteDb's, with their syncs
   db.pragma("synchronous = OFF"); // SqliteDb syncs the log itself before anyone is answered
-  return new SqliteDb(db, `${path}-wal`);
+  return new SqliteDb(db, path);
 }

@@ -8,7 +8,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync, readFileSync, type WriteStream } from "node:fs";
 import { join, resolve } from "node:path";
-import { STATS_REQUEST, type ProcessStats } from "../../lib/stats.js";
+import { PROFILE_REQUEST, STATS_REQUEST, type ProcessStats } from "../../lib/stats.js";
 
 const ROOT = resolve(new URL("../..", import.meta.url).pathname);
 const TSX = import.meta.resolve("tsx");
@@ -158,29 +158,42 @@ export class Launcher {
   }
 
   /** Asks a running service for its figures (lib/stats.ts) over the IPC channel. */
-  stats(name: string, timeoutMs = 5_000): Promise<ProcessStats> {
+  async stats(name: string, timeoutMs = 5_000): Promise<ProcessStats> {
+    const m = await this.ask(name, { type: STATS_REQUEST }, timeoutMs);
+    if (!m.stats) throw new Error(`${name} answered without its figures`);
+    return m.stats;
+  }
+
+  /** Starts a running service's CPU profiler, or stops it and has the service write the profile to `file`. */
+  async profile(name: string, action: "start" | "stop", file?: string, timeoutMs = 30_000): Promise<void> {
+    const m = await this.ask(name, { type: PROFILE_REQUEST, action, file }, timeoutMs);
+    if (m.error) throw new Error(`${name} could not ${action} its profiler: ${m.error}`);
+  }
+
+  private requests = 0;
+
+  private ask(name: string, request: { type: string } & Record<string, unknown>, timeoutMs: number): Promise<{ stats?: ProcessStats; error?: string }> {
     const s = this.running.get(name);
     if (!s) return Promise.reject(new Error(`${name} is not running`));
-    const id = ++this.statsRequests;
+    const id = ++this.requests;
     return new Promise((resolve, reject) => {
-      const onMessage = (m: { type?: string; id?: number; stats?: ProcessStats }) => {
-        if (m.type !== STATS_REQUEST || m.id !== id || !m.stats) return;
+      const onMessage = (m: { type?: string; id?: number; stats?: ProcessStats; error?: string }) => {
+        if (m.type !== request.type || m.id !== id) return;
         done();
-        resolve(m.stats);
+        resolve(m);
       };
       const timer = setTimeout(() => {
         done();
-        reject(new Error(`${name} did not report its figures within ${timeoutMs} ms`));
+        reject(new Error(`${name} did not answer ${request.type} within ${timeoutMs} ms`));
       }, timeoutMs);
       const done = () => {
         clearTimeout(timer);
         s.child.off("message", onMessage);
       };
       s.child.on("message", onMessage);
-      s.child.send({ type: STATS_REQUEST, id });
+      s.child.send({ ...request, id });
     });
   }
-  private statsRequests = 0;
 
   /** The services running now (started and not ended), in the order they started. */
   names(): string[] {

@@ -38,7 +38,15 @@ import { MIN_JOB_MS } from "./psam-work.js";
 import type { Recovery } from "./recovery.js";
 import { errorOf, sealBroken } from "./refusals.js";
 import type { Ruling } from "./ruling.js";
-import { answerColumns, type CardAnswer as RecordedAnswer, type PaidPurchase, type PaymentStore, type Purchase, type SignedPurchase } from "./store.js";
+import {
+  answerColumns,
+  type CardAnswer as RecordedAnswer,
+  type PaidPurchase,
+  type PaymentStore,
+  type Purchase,
+  type SignedPurchase,
+  type Step,
+} from "./store.js";
 import { decodeSealed, encodeSealed, grantExpired, keysFor, requireGrantedTerms, ungrantedRefusal, type TransactionKeys } from "./transaction-keys.js";
 import { debitCommandResponse, purchaseView, results, stateEnum } from "./views.js";
 
@@ -344,7 +352,8 @@ export class PaymentServer {
             `no DEBIT command is awaiting the card's answer for transaction ${id} (state ${p.state})`,
           );
         }
-        p = await this.record(p, answer);
+        // FIG. 6-8: the debit the PSAM predicted is recorded and proven in one commit; any other answer is recorded first.
+        p = (await this.o.ruling.proveOnArrival(p, answer, answerStep(answer))) ?? (await this.record(p, answer));
       }
       if (p.state === "REVERSED") throw errorOf(p.failure);
       if (!isPaid(p)) {
@@ -360,17 +369,11 @@ export class PaymentServer {
 
   /** Records the card's answer before anything is done with it. */
   private async record(p: SignedPurchase, a: RecordedAnswer): Promise<Purchase> {
-    const detail =
-      a.kind === "not_debited"
-        ? `the client reports that the card's log proves it never made this debit`
-        : a.statusWord === SW.OK
-          ? `card answered 9000, result ${a.debitResponse[0]}`
-          : `card refused DEBIT with SW ${a.statusWord.toString(16).toUpperCase()}`;
     const moved = await this.o.store.transition(
       p.transaction_id,
       ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
       { state: "DEBIT_RESPONSE_RECEIVED", ...answerColumns(a) },
-      { step: "debit_response_received", detail },
+      answerStep(a),
     );
     return moved ?? this.o.store.require(p.transaction_id);
   }
@@ -391,6 +394,17 @@ export class PaymentServer {
       return { transactionId: txnId(id), state: stateEnum[after.state] };
     });
   }
+}
+
+/** The event that records a card's answer. */
+function answerStep(a: RecordedAnswer): Step {
+  const detail =
+    a.kind === "not_debited"
+      ? `the client reports that the card's log proves it never made this debit`
+      : a.statusWord === SW.OK
+        ? `card answered 9000, result ${a.debitResponse[0]}`
+        : `card refused DEBIT with SW ${a.statusWord.toString(16).toUpperCase()}`;
+  return { step: "debit_response_received", detail };
 }
 
 /** The card's answer as CompletePurchase carries it, each form checked. */

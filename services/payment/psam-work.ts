@@ -277,7 +277,8 @@ export class PsamWork {
     try {
       return await fn(lease);
     } finally {
-      if (held) await this.giveBack(p.transaction_id, lease, "the card's answer is ruled on");
+      // The hold is logged with the ruling's record, in its commit (or alone, should none follow).
+      if (held) this.o.store.later(p.transaction_id, this.release(lease, "the card's answer is ruled on"));
       else this.o.pool.release(lease);
     }
   }

@@ -18,7 +18,7 @@ import type { KeyedMutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, type DebitAnswer } from "../../lib/protocol/purse.js";
 import { backgroundDeadline, describe, PsamUnreachable, type PsamWork } from "./psam-work.js";
 import { badCardSignature, cardDeclined, cardRefused, failureOf } from "./refusals.js";
-import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type State } from "./store.js";
+import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type State, type Step } from "./store.js";
 
 /** Where a card answer can still be ruled on. */
 const OPEN: State[] = ["DEBIT_COMMAND_ISSUED", "DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"];
@@ -80,18 +80,30 @@ export class Ruling {
     return this.verifyInPsam(p, answer, raw, { reported: source, deadline });
   }
 
+  /**
+   * FIG. 6-8: a card answer, just come, that is the debit the PSAM
+   * predicted is recorded and proven in one commit (`recorded` is the
+   * answer's event); undefined for any other answer, to be recorded first.
+   */
+  async proveOnArrival(p: SignedPurchase, a: CardAnswer, recorded: Step): Promise<Purchase | undefined> {
+    if (a.kind !== "card" || a.statusWord !== SW.OK || !p.expected_card_signature) return undefined;
+    const answer = DebitResponse.decode(a.debitResponse);
+    if (!this.isExpectedDebit(p, answer)) return undefined;
+    return this.prove(p, answer, "card_signature_matched", "the card's signature is the one the PSAM expected", a.debitResponse, [recorded]);
+  }
+
   private isExpectedDebit(p: SignedPurchase, a: DebitAnswer): boolean {
     return !!p.expected_card_signature && a.result === DebitResult.DEBITED && macEqual(a.cardSignature, p.expected_card_signature);
   }
 
   /** The card proved the debit: paid. Its proof goes into the PSAM's batch next. */
-  private async prove(p: SignedPurchase, a: DebitAnswer, step: string, detail: string, raw?: Buffer): Promise<Purchase> {
+  private async prove(p: SignedPurchase, a: DebitAnswer, step: string, detail: string, raw?: Buffer, before: Step[] = []): Promise<Purchase> {
     const proven =
       (await this.o.store.transition(
         p.transaction_id,
         OPEN,
         { state: "PROVEN", new_balance: a.balance, ...(raw ? answerColumns({ kind: "card", statusWord: SW.OK, debitResponse: raw }) : {}) },
-        { step, detail: `${detail}; card balance now ${a.balance}` },
+        [...before, { step, detail: `${detail}; card balance now ${a.balance}` }],
       )) ?? (await this.o.store.require(p.transaction_id));
     this.afterProof(proven);
     this.o.locks

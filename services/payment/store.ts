@@ -287,12 +287,42 @@ function crashAround(when: "before" | "after", e: Steps): void {
 
 const inList = (states: readonly State[]) => states.map(() => "?").join(", ");
 
+/** How long a step kept for a purchase's next write waits for one before it is written alone. */
+const LATER_STEPS_MS = 1_000;
+
 export class PaymentStore {
   /** `onCorrupt` hears of rows a listing leaves out because they break their state's shape. */
   constructor(
     private readonly db: Db,
     private readonly onCorrupt: (e: CorruptPurchase) => void = () => undefined,
   ) {}
+
+  /** Steps no answer depends on, by transaction, waiting to go with its next write. */
+  private readonly pending = new Map<string, { steps: Step[]; timer: NodeJS.Timeout }>();
+
+  /**
+   * Records a step no answer depends on (a measurement) with the purchase's
+   * next write, in the same commit, or alone within a second: one commit
+   * less on the purchase's path. A crash before then loses only it.
+   */
+  later(transactionId: string, step: Step): void {
+    const kept = this.pending.get(transactionId);
+    if (kept) {
+      kept.steps.push(step);
+      return;
+    }
+    const timer = setTimeout(() => this.log(transactionId, []).catch(() => undefined), LATER_STEPS_MS);
+    timer.unref();
+    this.pending.set(transactionId, { steps: [step], timer });
+  }
+
+  private takeLater(transactionId: string): Step[] {
+    const kept = this.pending.get(transactionId);
+    if (!kept) return [];
+    clearTimeout(kept.timer);
+    this.pending.delete(transactionId);
+    return kept.steps;
+  }
 
   /** Inserts a new purchase (state RECEIVED) with its first event: the purchase as stored, or undefined when the id exists already. */
   async insert(p: NewPurchase, event: Step): Promise<Purchase | undefined> {
@@ -319,9 +349,11 @@ export class PaymentStore {
    * if it is in one of `from`: the purchase as it now stands (no read after),
    * or undefined when it was not (someone else moved it).
    */
-  async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, event: Steps): Promise<Purchase | undefined> {
+  async transition(transactionId: string, from: readonly State[], patch: PurchasePatch, step: Steps): Promise<Purchase | undefined> {
     const now = new Date().toISOString();
     const cols = Object.keys(patch) as (keyof PurchasePatch)[];
+    const kept = this.takeLater(transactionId);
+    const event = [...kept, ...stepsOf(step)];
     crashAround("before", event);
     const moved = await this.db.transaction(async (tx) => {
       const row = await tx.get<PurchaseRow>(
@@ -333,11 +365,14 @@ export class PaymentStore {
       return toPurchase(row);
     });
     if (moved) crashAround("after", event);
+    else for (const s of kept) this.later(transactionId, s);
     return moved;
   }
 
-  /** Logs steps without changing the state. */
-  async log(transactionId: string, event: Steps): Promise<void> {
+  /** Logs steps (and those kept for the purchase's next write) without changing the state. */
+  async log(transactionId: string, step: Steps): Promise<void> {
+    const event = [...this.takeLater(transactionId), ...stepsOf(step)];
+    if (event.length === 0) return;
     crashAround("before", event);
     await this.db.transaction((tx) => logEvents(tx, transactionId, event, new Date().toISOString()));
     crashAround("after", event);

@@ -75,7 +75,21 @@ describe("contract: confirmation modes and the encryption layer", function () {
       const t1 = await totals();
       expect(t1.batch - t0.batch).to.equal(1);
       expect(t1.pending).to.equal(t0.pending);
-      expect((await purchase(o)).events.map((e) => e.step)).to.include.members(["card_signature_matched", "recorded_in_batch"]);
+      const events = (await purchase(o)).events;
+      expect(events.map((e) => e.step)).to.deep.equal([
+        "draw_request_received",
+        "psam_assigned",
+        "debit_command_issued",
+        "psam_released",
+        "debit_response_received",
+        "card_signature_matched",
+        "recorded_in_batch",
+      ]);
+      // One commit each: the DEBIT command's record carries the PSAM's hold, the card's answer its proof.
+      const at = (step: string) => events.find((e) => e.step === step)!.time?.getTime();
+      expect(at("psam_assigned")).to.equal(at("debit_command_issued")).and.to.equal(at("psam_released"));
+      expect(at("debit_response_received")).to.equal(at("card_signature_matched"));
+      expect(events.find((e) => e.step === "psam_released")!.detail).to.match(/^PSAM [0-9a-f]{8} held \d+ ms/);
     });
 
     it("a card answer that is not the expected debit goes to the PSAM, which rules (here: a bad signature, reversed)", async () => {
