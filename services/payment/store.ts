@@ -311,7 +311,9 @@ export class PaymentStore {
       kept.steps.push(step);
       return;
     }
-    const timer = setTimeout(() => this.log(transactionId, []).catch(() => undefined), LATER_STEPS_MS);
+    const timer = setTimeout(() => {
+      this.log(transactionId, []).catch(() => undefined); // a measurement: lost, not retried
+    }, LATER_STEPS_MS);
     timer.unref();
     this.pending.set(transactionId, { steps: [step], timer });
   }
