@@ -23,7 +23,7 @@ import { needsCardUnchanged, resumeLoads, type Resumed } from "../load/recovery.
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import type { CardTransport } from "../../lib/apdu/transport.js";
-import { ChannelCache, clientFactory } from "../../lib/grpc/client.js";
+import { ChannelCache } from "../../lib/grpc/client.js";
 import type { Security } from "../../lib/pki/security.js";
 import { fieldOf, invalidField, NetpurseError, reasonOf, retryAfterMsOf } from "../../lib/grpc/errors.js";
 import { isPositiveInt, pagePosition, pageSize, pageToken, type PageSizeRule } from "../../lib/grpc/page-token.js";
@@ -155,7 +155,6 @@ export class CardholderDaemon {
   private readonly reader: PurseReader;
   private readonly card = new Mutex();
   private readonly channels: ChannelCache;
-  private readonly factory = clientFactory();
   private resumeTimer: Periodic | undefined;
   /**
    * The newest bank access token given with a load, by bank address and
@@ -180,8 +179,8 @@ export class CardholderDaemon {
     this.channels = new ChannelCache(o.security);
   }
 
-  private payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.channels.get(address, { kind: "payment" }));
-  private merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.channels.get(address, { kind: "merchant" }));
+  private payment = (address: string): PaymentClient => this.channels.client(PaymentServiceDefinition, address, { kind: "payment" });
+  private merchant = (address: string): MerchantClient => this.channels.client(MerchantServiceDefinition, address, { kind: "merchant" });
 
   readonly service: CardholderServiceImplementation = {
     getCard: async () =>
@@ -391,12 +390,12 @@ export class CardholderDaemon {
   private loadContext(): LoadContext & { journal: LoadJournal } {
     return {
       reader: this.reader,
-      bank: (address) => this.factory.create(BankServiceDefinition, this.channels.get(address, { kind: "bank" })),
+      bank: (address) => this.channels.client(BankServiceDefinition, address, { kind: "bank" }),
       bankToken: (address, accountId) => {
         const kept = this.bankTokens.get(`${address} ${accountId}`);
         return kept && Date.now() - kept.keptAt < BANK_TOKEN_KEEP_MS ? kept.token : undefined;
       },
-      load: (address) => this.factory.create(LoadServiceDefinition, this.channels.get(address, { kind: "load" })),
+      load: (address) => this.channels.client(LoadServiceDefinition, address, { kind: "load" }),
       journal: this.o.loads,
       ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
     };

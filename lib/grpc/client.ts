@@ -3,7 +3,16 @@
 // standard grpc-timeout, and the server's rich error details (reason, field,
 // retry delay) on the ClientError.
 
-import { ChannelCredentials, createChannel, createClientFactory, Metadata, type Channel, type ClientMiddleware } from "nice-grpc";
+import {
+  ChannelCredentials,
+  createChannel,
+  createClientFactory,
+  Metadata,
+  type Channel,
+  type Client,
+  type ClientMiddleware,
+  type CompatServiceDefinition,
+} from "nice-grpc";
 import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
 import type { Kind } from "../pki/identity.js";
@@ -90,8 +99,26 @@ export const CLI_DEADLINE_MS = 10_000;
 /** One channel per address and expected server, opened on first use: callers that reach many servers by address (from offers) share connections. */
 export class ChannelCache {
   private readonly channels = new Map<string, Channel>();
+  /** Clients by service and channel: making one wraps every method of the service anew, a cost no call should pay. */
+  private readonly clients = new Map<string, unknown>();
+  private readonly factory = clientFactory();
 
   constructor(private readonly security: Security) {}
+
+  /** A client of `definition` on the channel to `address` (see get), made once. */
+  client<D extends CompatServiceDefinition & { fullName: string }>(
+    definition: D,
+    address: string,
+    expect: { kind: Kind; id?: string },
+  ): Client<D, DeadlineOptions> {
+    const key = `${definition.fullName} ${address} ${expect.kind}/${expect.id ?? "*"}`;
+    let c = this.clients.get(key) as Client<D, DeadlineOptions> | undefined;
+    if (!c) {
+      c = this.factory.create(definition, this.get(address, expect));
+      this.clients.set(key, c);
+    }
+    return c;
+  }
 
   /** A channel to `address`, whose server must prove the identity `expect`. */
   get(address: string, expect: { kind: Kind; id?: string }): Channel {
@@ -107,5 +134,6 @@ export class ChannelCache {
   close(): void {
     for (const c of this.channels.values()) c.close();
     this.channels.clear();
+    this.clients.clear();
   }
 }
