@@ -454,7 +454,10 @@ export class TerminalHost {
         const v = await slot.driver.verifyDebit(t.psamCounter, Buffer.from(t.debitResponse));
         const answer = DebitResponse.decode(t.debitResponse);
         if (v.verdict === Verdict.RECORDED) {
-          await this.keep(() => this.storeRecord(slot, t.psamCounter, v.batchNumber, job.jobId));
+          // The record is read from the PSAM in the job's turn; the host's copy is written without the answer waiting
+          // for its sync (the PSAM holds the fact; the store's writes keep their order, so a later close sees it).
+          const record = await this.batchRecord(slot, t.psamCounter);
+          if (record) this.keep(() => this.store.recordTransaction(psamHex, v.batchNumber, record, job.jobId)).catch(() => undefined);
           this.o.log.info("debit recorded in batch", { psam: psamHex, psamCounter: t.psamCounter, batch: v.batchNumber });
           const st = await slot.driver.readStatus();
           if (st.batchCount > 0) slot.batchSince ??= Date.now();
@@ -510,13 +513,14 @@ export class TerminalHost {
     timer.unref();
   }
 
-  /** Stores the batch record of one PSAM counter (normally the newest; absent when a retry found it in a closed batch). */
-  private async storeRecord(slot: Slot, psamCounter: number, batchNumber: number, jobId: string): Promise<void> {
+  /** The batch record of one PSAM counter (normally the newest; absent when a retry found it in a closed batch). */
+  private async batchRecord(slot: Slot, psamCounter: number) {
     const st = await slot.driver.readStatus();
     for (let i = st.batchCount - 1; i >= 0; i--) {
       const r = await slot.driver.readBatchRecord(i);
-      if (r?.psamCounter === psamCounter) return this.store.recordTransaction(slot.psam.psamId, batchNumber, r, jobId);
+      if (r?.psamCounter === psamCounter) return r;
     }
+    return undefined;
   }
 
   /**
