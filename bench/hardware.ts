@@ -35,18 +35,15 @@ import { readerSlots, type ReaderSlot } from "../services/emulator/emulator.js";
 import { EmulatorControl } from "../services/emulator/emulator-process.js";
 import { DEFAULT_PORT_BASE, otherPcscd, Pcscd, virtualReaders } from "../services/emulator/pcscd.js";
 import type { ShopFile } from "../services/merchant/shop.js";
-import { DEMO_SHOPS, paths } from "../services/network/layout.js";
+import { paths } from "../services/network/layout.js";
 import type { ApduCount, ApduCountsReply, ApduCountsRequest } from "./apdu-counting-emulator.js";
 import { measureHsm, type HsmReport } from "./hsm.js";
 import { stopOnInterrupt } from "./interrupt.js";
 import { ErrorTally, percentile } from "./load.js";
-import { modeOf } from "./modes.js";
-import { BenchNetwork, TERMINAL_ID, type LogFindings } from "./network.js";
+import { BenchNetwork, modeOf, MODES, shopForMode, TERMINAL_ID, type LogFindings } from "./network.js";
 import { measurePcsc, pcscBenchUnavailable, type PcscReport, type PcscSettings } from "./pcsc.js";
 import { CpuSampler, machineCpu } from "./proc.js";
 import { orderSong } from "./purchases.js";
-
-export const MODES = DEMO_SHOPS.map(({ shop }) => modeOf(shop));
 
 export interface HardwareSettings {
   /** Purchases timed per run, after the warm-up. */
@@ -158,8 +155,7 @@ async function measureParts(s: HardwareSettings): Promise<HardwareReport> {
   const apdu = await pcscPart("[hardware] APDU round trip", () => measurePcsc(s.apdu));
   const purchases: HardwarePurchaseOutcome[] = [];
   for (const mode of s.modes) {
-    const shop = DEMO_SHOPS.find(({ shop }) => modeOf(shop) === mode)?.shop;
-    if (!shop) throw new Error(`no demo shop in mode ${mode}`);
+    const shop = shopForMode(mode);
     await unlessInterrupted();
     purchases.push(await purchaseRun(shop, "in-process", s));
     await unlessInterrupted();

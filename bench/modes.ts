@@ -14,15 +14,18 @@ import { measureChatty } from "./chatty.js";
 import { DelayProxy, type ProxyStats } from "./delay-proxy.js";
 import { stopOnInterrupt } from "./interrupt.js";
 import { closedLoop, type LoadResult, type Phases } from "./load.js";
-import { BenchNetwork, type LogFindings } from "./network.js";
+import { BenchNetwork, modeOf, type LogFindings } from "./network.js";
 import { peakMemoryMiB } from "./proc.js";
 import { orderSong } from "./purchases.js";
 import {
+  BACKGROUND_DRAIN_MS,
   holdStats,
   paymentRecords,
   proofOutbox,
-  purchaseStates,
+  unrecordedPurchases,
+  waitForBacklog,
   WallClockWindow,
+  type Backlog,
   type HoldStats,
   type PaymentRecords,
   type ProofOutbox,
@@ -88,11 +91,6 @@ export interface ModesReport {
   phases: Phases;
   results: ModeResult[];
 }
-
-/** Longest wait for each kind of work left after the load: the validation outbox retries every 10 s, the payment server's sweep every 15 s. */
-const BACKGROUND_DRAIN_MS = 15_000;
-
-export const modeOf = (shop: ShopFile) => shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
 
 /** The chatty baseline, then each demo shop's mode, at each delay. */
 export async function measureModes(s: ModesSettings): Promise<ModesReport> {
@@ -170,9 +168,6 @@ async function measureMode(shop: ShopFile, delayMs: number, s: ModesSettings): P
   }
 }
 
-/** Purchases whose card answer is in but not yet ruled on, or proven but not yet in the PSAM's batch. */
-const unrecorded = (states: Record<string, number>) => (states.DEBIT_RESPONSE_RECEIVED ?? 0) + (states.PROVEN ?? 0);
-
 /**
  * The one-round-trip modes leave work behind each purchase: lets it finish,
  * so that the counts are whole and the network's stop cuts nothing short. In
@@ -184,7 +179,7 @@ async function waitForLeftovers(
   counter: CallCounter,
 ): Promise<{ unfinishedCalls: number; merchantProofs: Backlog; unrecordedProofs: Backlog }> {
   const queuedProofs = () => proofOutbox(dataDir).states.QUEUED ?? 0;
-  const unrecordedProofs = () => unrecorded(purchaseStates(dataDir));
+  const unrecordedProofs = () => unrecordedPurchases(dataDir);
   const atEnd = { queued: queuedProofs(), unrecorded: unrecordedProofs() };
   const unfinishedCalls = await counter.drain(BACKGROUND_DRAIN_MS);
   return {
@@ -207,24 +202,4 @@ async function buyCounted(merchant: MerchantClient, cardholder: PurchaseContext,
   const ms = performance.now() - started;
   counter.add(calls);
   return ms;
-}
-
-/** Work a purchase left behind when the load ended, and how long the services took to finish it. */
-export interface Backlog {
-  /** Still pending when the load ended. */
-  atEnd: number;
-  /** Still pending when the benchmark stopped waiting. */
-  left: number;
-  /** How long the benchmark waited for it (after the work before it in the chain). */
-  waitedMs: number;
-}
-
-/** Polls `pending` until it is 0, at most `timeoutMs`; `atEnd` is what it was when the load ended. */
-async function waitForBacklog(pending: () => number, atEnd: number, timeoutMs: number): Promise<Backlog> {
-  const started = performance.now();
-  for (let left = pending(); ; left = pending()) {
-    const waitedMs = performance.now() - started;
-    if (left === 0 || waitedMs > timeoutMs) return { atEnd, left, waitedMs };
-    await new Promise((r) => setTimeout(r, 200));
-  }
 }

@@ -13,18 +13,31 @@ import type { MerchantClient, PaymentClient, PurchaseContext } from "../client/p
 import { PurseReader } from "../client/card/purse-reader.js";
 import { SoftwareCard } from "../client/card/software-card.js";
 import { InProcessTransport } from "../lib/apdu/transport.js";
-import { ChannelCache, clientFactory } from "../lib/grpc/client.js";
+import { ChannelCache } from "../lib/grpc/client.js";
 import { pkiPaths } from "../lib/pki/authority.js";
 import { pkiDirOf, Security } from "../lib/pki/security.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
-import { DEFAULT_DEMO, DEMO_SHOP, ensureDemoData, EUR, paths } from "../services/network/layout.js";
+import { DEFAULT_DEMO, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, EUR, paths } from "../services/network/layout.js";
 import type { ShopFile } from "../services/merchant/shop.js";
 
 export const TERMINAL_ID = "terminal-1";
 
 /** Service logs keep warnings and errors only: info lines per call would cost the services time and fill the disk. */
 export const SERVICE_ENV = { NETPURSE_LOG_LEVEL: "warn" };
+
+/** A shop's confirmation mode without the enum's prefix: PSAM_VERIFIES, SERVER_COMPARES, … */
+export const modeOf = (shop: ShopFile) => shop.confirmationMode.replace("CONFIRMATION_MODE_", "");
+
+/** Every confirmation mode, each with its demo shop. */
+export const MODES = DEMO_SHOPS.map(({ shop }) => modeOf(shop));
+
+/** The demo shop of a confirmation mode (as MODES names it). */
+export function shopForMode(mode: string): ShopFile {
+  const shop = DEMO_SHOPS.find(({ shop }) => modeOf(shop) === mode)?.shop;
+  if (!shop) throw new Error(`no demo shop in mode ${mode}`);
+  return shop;
+}
 
 /**
  * Each cardholder's purse: EUR 4000.00 pays for 4040 songs at EUR 0.99,
@@ -48,13 +61,12 @@ export const PROCESS = {
 
 /**
  * One channel per service address, shared by every cardholder, as on one
- * client host; a client per call, as the client daemon does. Cardholders
+ * client host; one client per service and channel, as the client daemon does. Cardholders
  * reach the payment server and the merchant as the client daemon does, with
  * server TLS (the CA bundle only, no certificate of their own); the pool
  * check reaches the concentrator as the operator, with mutual TLS.
  */
 export class ServiceClients {
-  private readonly factory = clientFactory();
   private readonly cardholderChannels: ChannelCache;
   private readonly operatorChannels: ChannelCache;
 
@@ -64,9 +76,9 @@ export class ServiceClients {
     this.operatorChannels = new ChannelCache(security.operator);
   }
 
-  payment = (address: string): PaymentClient => this.factory.create(PaymentServiceDefinition, this.cardholderChannels.get(address, { kind: "payment" }));
-  merchant = (address: string): MerchantClient => this.factory.create(MerchantServiceDefinition, this.cardholderChannels.get(address, { kind: "merchant" }));
-  concentrator = (address: string) => this.factory.create(TerminalConcentratorServiceDefinition, this.operatorChannels.get(address, { kind: "concentrator" }));
+  payment = (address: string): PaymentClient => this.cardholderChannels.client(PaymentServiceDefinition, address, { kind: "payment" });
+  merchant = (address: string): MerchantClient => this.cardholderChannels.client(MerchantServiceDefinition, address, { kind: "merchant" });
+  concentrator = (address: string) => this.operatorChannels.client(TerminalConcentratorServiceDefinition, address, { kind: "concentrator" });
 
   close(): void {
     this.cardholderChannels.close();
@@ -95,8 +107,9 @@ export class BenchNetwork {
     /** Every link TLS (mutual inside the operator's network, server TLS for the cardholders), or plaintext. */
     readonly tls: boolean,
     security: { cardholder: Security; operator: Security },
+    serviceEnv: NodeJS.ProcessEnv,
   ) {
-    this.launcher = new Launcher(this.logDir, { env: SERVICE_ENV });
+    this.launcher = new Launcher(this.logDir, { env: { ...SERVICE_ENV, ...serviceEnv } });
     this.clients = new ServiceClients(security);
   }
 
@@ -107,8 +120,9 @@ export class BenchNetwork {
   /**
    * Sets up a fresh data folder: issuer keys, `psams` PSAMs on one terminal
    * host, one shop (the demo shop unless told), and a card per cardholder.
+   * `serviceEnv` adds variables to every service's environment (a profiler).
    */
-  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile; tls?: boolean }): Promise<BenchNetwork> {
+  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile; tls?: boolean; serviceEnv?: NodeJS.ProcessEnv }): Promise<BenchNetwork> {
     const shop = p.shop ?? DEMO_SHOP;
     const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-${shop.merchantId}-p${p.psams}-c${p.cardholders}-`));
     // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
@@ -120,7 +134,7 @@ export class BenchNetwork {
           operator: await Security.forService(pkiDirOf(dir), { kind: "operator", id: "operator" }),
         }
       : { cardholder: Security.insecure(), operator: Security.insecure() };
-    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security);
+    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security, p.serviceEnv ?? {});
   }
 
   /**

@@ -40,6 +40,17 @@ export function cpuMsPerOperation(cpuPercent: Record<string, number>, perSecond:
   return perSecond > 0 && values.length > 0 ? (total * 10) / perSecond : NaN;
 }
 
+/** CPU time per operation, ms, of each process, from its CPU use (% of one core) and the operations per second; NaN when unknown. */
+export function cpuMsPerOperationByProcess(cpuPercent: Record<string, number>, perSecond: number): Record<string, number> {
+  return Object.fromEntries(Object.entries(cpuPercent).map(([name, percent]) => [name, perSecond > 0 ? (percent * 10) / perSecond : NaN]));
+}
+
+/** Resident memory now (VmRSS), MiB. */
+export function residentMemoryMiB(pid: number): number | undefined {
+  const m = /^VmRSS:\s+(\d+) kB$/m.exec(procFile(pid, "status") ?? "");
+  return m ? Number(m[1]) / 1024 : undefined;
+}
+
 /** CPU time the whole machine has spent busy so far (every core, every process, the kernel), seconds: the "cpu" line of /proc/stat. */
 export function machineBusySeconds(): number | undefined {
   let stat: string;

@@ -14,9 +14,12 @@ import type { HardwareReport } from "./hardware.js";
 import { hardwareProblems, renderHardware } from "./hardware-report.js";
 import type { ModesReport } from "./modes.js";
 import { modesProblems, renderModes } from "./modes-report.js";
-import { SONG, type PurchaseResult } from "./purchases.js";
+import { configurationLabel, SONG, type PurchaseResult } from "./purchases.js";
 import { PROCESS } from "./network.js";
 import { cpuMsPerOperation } from "./proc.js";
+import { renderProfileSummary } from "./profile-summary.js";
+import type { SoakResult } from "./soak.js";
+import { EARLY_RELEASE_MODES, LOADED_FROM_CARDHOLDERS, renderTargets, type TargetRow } from "./targets.js";
 import {
   describeLinks,
   renderConnections,
@@ -45,6 +48,8 @@ export interface Report {
   machine: Machine;
   /** The stack part's warm-up and window (the modes part has its own). */
   phases: Phases;
+  /** The echo baseline's: a shorter warm-up. */
+  echoPhases: Phases;
   /** The stack part, empty when it was not run; TLS on and off, as --tls asked. */
   echo: EchoResult[];
   purchases: PurchaseResult[];
@@ -53,6 +58,12 @@ export interface Report {
   /** Their median and range, when any configuration was measured both ways. */
   tlsSummary?: TlsSummary;
   echoTlsCosts: EchoTlsCost[];
+  /** The payment server's memory over a long run (--soak-minutes), when it was run. */
+  soak?: SoakResult;
+  /** Issue #13's targets from the stack part's rows; empty without the stack part. */
+  targets: TargetRow[];
+  /** Where the CPU profiles are (--profile). */
+  profileDir?: string;
   /** The modes part, when it was run. */
   modes?: ModesReport;
   /** The hardware part, when it was run. */
@@ -70,6 +81,7 @@ function purchaseTable(r: Report): string {
     return [
       String(p.psams),
       String(p.cardholders),
+      p.mode,
       onOff(p.tls),
       rate(p.perSecond),
       ms(p.p50Ms),
@@ -87,6 +99,7 @@ function purchaseTable(r: Report): string {
     [
       "PSAMs",
       "cardholders",
+      "mode",
       "TLS",
       "purchases/s",
       "p50 ms",
@@ -103,6 +116,13 @@ function purchaseTable(r: Report): string {
   );
 }
 
+/** A process's figure in a per-process record; the merchant's name holds its shop's id, which the mode decides. */
+function ofProcess(record: Record<string, number>, name: string): number | undefined {
+  if (name !== PROCESS.merchant) return record[name];
+  const merchant = Object.keys(record).find((n) => n.startsWith("merchant-") && n !== PROCESS.validation);
+  return merchant === undefined ? undefined : record[merchant];
+}
+
 const CPU_COLUMNS: [name: string, heading: string][] = [
   [PROCESS.payment, "payment"],
   [PROCESS.concentrator, "concentrator"],
@@ -116,15 +136,16 @@ const CPU_COLUMNS: [name: string, heading: string][] = [
   [PROCESS.bench, "cardholders (bench)"],
 ];
 
+const configurationCells = (p: PurchaseResult) => [String(p.psams), String(p.cardholders), p.mode, onOff(p.tls)];
+const CONFIGURATION_HEADINGS = ["PSAMs", "cardholders", "mode", "TLS"];
+
 function cpuTable(r: Report): string {
   const rows = r.purchases.map((p) => {
     const total = Object.values(p.cpuPercent).reduce((a, b) => a + b, 0);
     const perPurchase = cpuMsPerOperation(p.cpuPercent, p.perSecond);
     return [
-      String(p.psams),
-      String(p.cardholders),
-      onOff(p.tls),
-      ...CPU_COLUMNS.map(([name]) => pct(p.cpuPercent[name])),
+      ...configurationCells(p),
+      ...CPU_COLUMNS.map(([name]) => pct(ofProcess(p.cpuPercent, name))),
       pct(total),
       Number.isFinite(perPurchase) ? perPurchase.toFixed(1) : "n/a",
       pct(p.machineCpuPercent),
@@ -132,9 +153,89 @@ function cpuTable(r: Report): string {
     ];
   });
   return markdown(
-    ["PSAMs", "cardholders", "TLS", ...CPU_COLUMNS.map(([, h]) => h), "total", "CPU ms per purchase", "whole machine", "other work on the machine"],
+    [...CONFIGURATION_HEADINGS, ...CPU_COLUMNS.map(([, h]) => h), "total", "CPU ms per purchase", "whole machine", "other work on the machine"],
     rows,
   );
+}
+
+/** A figure per process and their sum, per configuration. */
+function perProcessTable(r: Report, figure: (p: PurchaseResult) => Record<string, number>, total: (p: PurchaseResult) => number, digits: number): string {
+  const cell = (v: number | undefined) => (v === undefined || !Number.isFinite(v) ? "n/a" : v.toFixed(digits));
+  const rows = r.purchases.map((p) => [...configurationCells(p), ...CPU_COLUMNS.map(([name]) => cell(ofProcess(figure(p), name))), cell(total(p))]);
+  return markdown([...CONFIGURATION_HEADINGS, ...CPU_COLUMNS.map(([, h]) => h), "all processes"], rows);
+}
+
+/** PSAM holds, the two busiest event loops, and the payment server's memory per purchase in flight. */
+function holdsLoopsMemoryTable(r: Report): string {
+  const loop = (p: PurchaseResult, name: string) => p.eventLoopDelayMs[name];
+  const rows = r.purchases.map((p) => [
+    ...configurationCells(p),
+    p.psamHold ? String(p.psamHold.samples) : "n/a",
+    ms(p.psamHold?.p50Ms ?? NaN),
+    ms(p.psamHold?.p99Ms ?? NaN),
+    ms(loop(p, PROCESS.payment)?.p99 ?? NaN),
+    ms(loop(p, PROCESS.payment)?.max ?? NaN),
+    ms(loop(p, PROCESS.terminal)?.p99 ?? NaN),
+    ms(loop(p, PROCESS.terminal)?.max ?? NaN),
+    mib(p.paymentMemory?.idleRssMiB),
+    mib(p.paymentMemory?.rssAtEndMiB),
+    p.paymentMemory ? p.paymentMemory.kibPerInFlightPurchase.toFixed(0) : "n/a",
+  ]);
+  return markdown(
+    [
+      ...CONFIGURATION_HEADINGS,
+      "PSAM holds in the window",
+      "PSAM hold p50 ms",
+      "PSAM hold p99 ms",
+      "payment server event-loop delay p99 ms",
+      "max ms",
+      "terminal host event-loop delay p99 ms",
+      "max ms",
+      "payment server RSS idle MiB",
+      "RSS at window end MiB",
+      "KiB per purchase in flight",
+    ],
+    rows,
+  );
+}
+
+function soakSection(soak: SoakResult): string[] {
+  const rows = soak.samples.map((s) => [(s.atSeconds / 60).toFixed(1), String(s.purchases), mib(s.rssMiB), mib(s.peakMiB)]);
+  const growth = soak.peakGrowth === undefined ? "" : ` Peak at the end ÷ peak at one minute: ${soak.peakGrowth.toFixed(3)}.`;
+  return [
+    `## Payment server memory over ${soak.minutes} minutes`,
+    "",
+    `${configurationLabel(soak)}, on a fresh network, load from the first second (no warm-up): ${rate(soak.perSecond)} purchases/s, p50 ${ms(soak.p50Ms)} ms, ${soak.errors} errors.${growth}`,
+    "",
+    markdown(["minutes since the load began", "purchases so far", "payment server RSS MiB", "payment server VmHWM MiB"], rows),
+    "",
+  ];
+}
+
+/** The processes busy for at least this share of the window get their top functions listed. */
+const PROFILED_MIN_BUSY = 0.02;
+
+function profileSection(r: Report): string[] {
+  const out = ["## Where the time goes (CPU profiles, self time over the measuring window)", ""];
+  out.push(
+    `Profiles in ${r.profileDir}/<configuration>/<process>.cpuprofile (Chrome DevTools, Performance, opens them); \`node --import tsx bench/profile-summary.ts FILE\` prints this summary for any of them. Self time: the samples (1 ms apart) with the function on top of the stack, summed by function and line; (program) is V8 and Node's native work outside JavaScript, (garbage collector) is collection. Profiling slows every process: the figures above come from the profiled run and read higher than without --profile.`,
+    "",
+  );
+  for (const p of r.purchases) {
+    if (!p.profiles) continue;
+    const windowMs = r.phases.measureMs;
+    const busy = p.profiles.processes.filter((q) => q.summary.busyMs >= PROFILED_MIN_BUSY * windowMs);
+    const quiet = p.profiles.processes.filter((q) => !busy.includes(q));
+    out.push(`### ${configurationLabel(p)}`, "");
+    for (const q of busy) out.push(renderProfileSummary(q.process, q.summary), "");
+    if (quiet.length)
+      out.push(
+        `Busy under ${100 * PROFILED_MIN_BUSY} % of a core in the window, not listed: ${quiet.map((q) => `${q.process} (${q.summary.busyMs.toFixed(0)} ms)`).join(", ")}.`,
+        "",
+      );
+    if (p.profiles.missing.length) out.push(`No profile (the process did not exit cleanly): ${p.profiles.missing.join(", ")}.`, "");
+  }
+  return out;
 }
 
 function echoTable(r: Report): string {
@@ -162,8 +263,10 @@ function echoTable(r: Report): string {
 function notes(r: Report): string {
   const payload = r.echo[0]?.payloadBytes;
   return [
-    `- Closed loop: each cardholder starts its next purchase as soon as the last one ends; ${r.phases.warmupMs / 1000} s warm-up, then a ${r.phases.measureMs / 1000} s window. Throughput counts the purchases that ended inside the window; latency is theirs.`,
-    `- One purchase = the merchant's CreateOrder (not timed), then payOffer (timed): the card's APDUs in this process, ProcessDrawRequest and CompletePurchase to the payment server, and CompleteOrder to the merchant. Song "${SONG.productId}" at ${formatMoney({ amountMinor: SONG.priceMinor, currency: EUR, exponent: 2 })}, mode PSAM_VERIFIES.`,
+    `- Closed loop: each cardholder starts its next purchase as soon as the last one ends; ${r.phases.warmupMs / 1000} s warm-up (by default long enough for CPU per purchase to settle: bench/README.md; the echo's ${r.echoPhases.warmupMs / 1000} s), then a ${r.phases.measureMs / 1000} s window. Throughput counts the purchases that ended inside the window; latency is theirs.`,
+    `- One purchase = the merchant's CreateOrder (not timed), then payOffer (timed): the card's APDUs in this process, the calls to the payment server (ProcessDrawRequest, and CompletePurchase in PSAM_VERIFIES and SERVER_COMPARES), and CompleteOrder to the merchant. Song "${SONG.productId}" at ${formatMoney({ amountMinor: SONG.priceMinor, currency: EUR, exponent: 2 })}, in the row's mode (its demo shop).`,
+    "- CPU ms per purchase, per process: its utime + stime (/proc/PID/stat) over the window ÷ the purchases that ended in it; \"cardholders (bench)\" is this process, where every cardholder's software card runs. Durable syncs: each process's own count of the fsyncs it asked for (lib/stats.ts: what countFsync is told), its difference over the window ÷ the same purchases.",
+    "- PSAM hold: from the payment server's own psam_released events in payment.db, the leases that ended inside the window. Event-loop delay: each process's monitorEventLoopDelay (1 ms resolution) over the window. Payment server memory per purchase in flight: (its RSS when the window closed − its RSS before the load, the network idle and the cardholders' channels open) ÷ cardholders: what a concurrent purchase costs the server, heap growth and buffers included.",
     "- Messages per purchase: 4 unary RPCs from the cardholder (CreateOrder, ProcessDrawRequest, CompletePurchase, CompleteOrder), 1 merchant→validation RPC (ValidateConfirmation), and about 9 stream messages (2 PSAM jobs, each payment→concentrator→terminal host and back, plus the lease release); 3 + 1 RPCs and the 9 stream messages fall inside the timed part.",
     `- Echo: unary raw bytes${payload ? ` (${payload} bytes, the size of an encoded draw request)` : ""} to a server process on the project's gRPC bootstrap, through openChannel and clientFactory. Ratios compare at equal concurrency and under the same transport (TLS on with TLS on, off with off).`,
     "- TLS on: every link TLS as installed, mutual inside the operator's network, server TLS (the CA bundle only) for the cardholders; TLS off: every service --insecure. The echo with TLS on serves a certificate from a throwaway CA, asks for client certificates as the services do, and its client checks the server's certificate as a cardholder does. Each configuration runs TLS on, then TLS off, each on a fresh network.",
@@ -181,9 +284,20 @@ function problems(r: Report): string[] {
     for (const [message, n] of Object.entries(e.errorMessages)) lines.push(`- echo, ${e.concurrency} concurrent, TLS ${onOff(e.tls)}: ${n} × ${message}`);
   }
   for (const p of r.purchases) {
-    const label = `${p.psams} PSAMs, ${p.cardholders} cardholders, TLS ${onOff(p.tls)}`;
+    const label = configurationLabel(p);
     for (const [message, n] of Object.entries(p.errorMessages)) lines.push(`- ${label}: ${n} × ${message}`);
     for (const finding of p.serviceLogs.samples) lines.push(`- ${label}, service log: ${finding}`);
+    const u = p.unrecordedAfterLoad;
+    if (u.left > 0)
+      lines.push(
+        `- ${label}: ${u.left} of ${u.atEnd} purchases answered but not yet in their PSAM's batch when the load ended were still not after ${(u.waitedMs / 1000).toFixed(0)} s`,
+      );
+    if (p.statsUnanswered) lines.push(`- ${label}: no figures (fsyncs, event loop, memory) from ${p.statsUnanswered.join(", ")}`);
+  }
+  if (r.soak) {
+    const label = `soak, ${configurationLabel(r.soak)}`;
+    for (const [message, n] of Object.entries(r.soak.errorMessages)) lines.push(`- ${label}: ${n} × ${message}`);
+    for (const finding of r.soak.serviceLogs.samples) lines.push(`- ${label}, service log: ${finding}`);
   }
   return lines;
 }
@@ -219,7 +333,31 @@ function stackSections(r: Report): string[] {
   return [
     "## Purchases",
     "",
+    `Warm-up ${r.phases.warmupMs / 1000} s (the echo's ${r.echoPhases.warmupMs / 1000} s), then a ${r.phases.measureMs / 1000} s window, per configuration.`,
+    "",
     purchaseTable(r),
+    "",
+    "## CPU per purchase, per process (ms)",
+    "",
+    perProcessTable(
+      r,
+      (p) => p.cpuMsPerPurchase,
+      (p) => p.cpuMsPerPurchaseTotal,
+      1,
+    ),
+    "",
+    "## Durable syncs per purchase, per process",
+    "",
+    perProcessTable(
+      r,
+      (p) => p.fsyncsPerPurchase,
+      (p) => p.fsyncsPerPurchaseTotal,
+      2,
+    ),
+    "",
+    "## PSAM holds, event loops, payment server memory",
+    "",
+    holdsLoopsMemoryTable(r),
     "",
     ...tlsSections(r),
     "## CPU during the measuring window (% of one core)",
@@ -230,6 +368,14 @@ function stackSections(r: Report): string[] {
     "",
     echoTable(r),
     "",
+    ...(r.soak ? soakSection(r.soak) : []),
+    "## Targets (issue #13)",
+    "",
+    `From this run's TLS-on rows. Under load: ${LOADED_FROM_CARDHOLDERS} or more cardholders. Early-release modes: ${EARLY_RELEASE_MODES.join(", ")}. Where several rows measure a target, the worst decides.`,
+    "",
+    renderTargets(r.targets),
+    "",
+    ...(r.purchases.some((p) => p.profiles) ? profileSection(r) : []),
     "## Notes",
     "",
     notes(r),

@@ -17,16 +17,33 @@ import { parseArgs } from "node:util";
 import { MAX_BATCH_RECORDS } from "../services/clearing/clearing.js";
 import { clearingErrors, measureClearing, type ClearingReport, type ClearingSettings } from "./clearing.js";
 import { measureEcho, type EchoResult } from "./echo.js";
-import { HARDWARE_DEFAULTS, measureHardware, MODES, type HardwareReport, type HardwareSettings } from "./hardware.js";
+import { HARDWARE_DEFAULTS, measureHardware, type HardwareReport, type HardwareSettings } from "./hardware.js";
 import { hardwareErrors } from "./hardware-report.js";
 import { handleInterrupts } from "./interrupt.js";
 import type { Phases } from "./load.js";
 import { measureModes, type ModesReport, type ModesSettings } from "./modes.js";
+import { MODES } from "./network.js";
 import { modesErrors } from "./modes-report.js";
 import { PCSC_DEFAULTS } from "./pcsc.js";
-import { measurePurchases, type PurchaseResult } from "./purchases.js";
+import { DEFAULT_MODE, measurePurchases, type PurchaseConfiguration, type PurchaseResult } from "./purchases.js";
+import { PROFILE_TOP } from "./profile.js";
+import { measureSoak, SOAK_CONFIGURATION, type SoakResult } from "./soak.js";
+import { issueTargets } from "./targets.js";
 import { renderReport, writeJson, type Report } from "./report.js";
 import { echoTlsCosts, tlsCosts, tlsSummary } from "./tls-report.js";
+
+/** The stack suite's configurations unless told: what the targets of issue #13 need. */
+const DEFAULT_CONFIGS = "4x1,4x8,16x64,64x256:SERVER_COMPARES";
+/**
+ * Warm-ups, s. The stack suite's purchases: until CPU per purchase stops
+ * falling (the JIT and the caches settled), measured at 16–34 s from a
+ * fresh network (bench/README.md). The echo settles within a second at
+ * thousands of calls a second: its warm-up is at most ECHO_WARMUP_S. The
+ * other suites' as their published figures were measured.
+ */
+const STACK_WARMUP_S = 30;
+const ECHO_WARMUP_S = 5;
+const OTHER_WARMUP_S = 2;
 
 const DEFAULT_OUT = fileURLToPath(new URL("./results/latest.json", import.meta.url));
 
@@ -36,10 +53,15 @@ Four suites, all by default. The first two start the netpurse network as
 processes, fresh for every configuration, with cardholders buying a song in a
 closed loop.
 
-stack: purchases per second and payOffer latency per number of PSAMs and of
-cardholders (mode PSAM_VERIFIES), beside a unary gRPC echo on the same
-transport at the same concurrencies; each with every link on TLS and with
-every link plaintext (--insecure), and the cost of TLS.
+stack: purchases per second and payOffer latency per configuration (PSAMs ×
+cardholders, a confirmation mode), beside a unary gRPC echo on the same
+transport at the same concurrencies; where each purchase's CPU and durable
+syncs go, process by process; PSAM hold times, event-loop delays and the
+payment server's memory per purchase in flight; the targets of issue #13.
+TLS on by default (--tls both adds every configuration with every link
+plaintext, --insecure, and the cost of TLS). --profile writes CPU profiles
+of every process and prints where each spends its time; --soak-minutes runs
+${SOAK_CONFIGURATION.psams} PSAMs × ${SOAK_CONFIGURATION.cardholders} cardholders for that long and reports the payment server's memory.
 
 modes: each confirmation mode (one demo shop per mode) with the cardholder ↔
 payment server path delayed by a TCP proxy, beside the chatty remote-reader
@@ -65,11 +87,26 @@ why in the report, and the others still run.
 
 Options:
   --suite NAME          all, stack, modes, hardware or clearing (default all)
-  --psams LIST          stack: PSAMs on the terminal host, comma-separated (default 1,4,16)
-  --clients LIST        stack: concurrent cardholders, comma-separated (default 1,8,64)
+  --configs LIST        stack: configurations, comma-separated, each PSAMSxCARDHOLDERS or
+                        PSAMSxCARDHOLDERS:MODE (default ${DEFAULT_CONFIGS}:
+                        one cardholder for latency, the issue's reference load, its ratio to
+                        echo, and an early-release mode at scale)
+  --psams LIST          stack: instead of --configs, every one of these PSAM counts (comma-separated;
+                        default 4 with --clients) with every one of --clients (default 8 with --psams)
+  --clients LIST        stack: concurrent cardholders for that grid, comma-separated
+  --mode MODE           stack: confirmation mode of the grid and of --configs entries without one
+                        (default ${DEFAULT_MODE}; one of ${MODES.slice(0, 2).join(", ")},
+                        ${MODES.slice(2).join(", ")})
   --seconds N           stack: measuring window per configuration, seconds (default 10)
   --tls WHICH           stack: on, off or both: each configuration and echo run with TLS on,
-                        then off, each on a fresh network (default both; the modes suite runs TLS on)
+                        then off, each on a fresh network (default on; the modes suite runs TLS on)
+  --profile DIR         stack: CPU profiles of every service process and of the benchmark's own, in
+                        DIR/<configuration>/<process>.cpuprofile (Chrome DevTools opens them), and the
+                        top ${PROFILE_TOP} functions by self time per process over the window in the report;
+                        profiling costs CPU, so read the other figures from a run without it
+  --soak-minutes N      stack: after the configurations, run ${SOAK_CONFIGURATION.psams} × ${SOAK_CONFIGURATION.cardholders} (${SOAK_CONFIGURATION.mode}) for N
+                        minutes and report the payment server's memory each minute (default 0:
+                        no soak; 5 for the issue's target)
   --delay-ms LIST       modes: one-way delays on the cardholder ↔ payment server path, ms,
                         comma-separated; each gets a run per mode (default 25,100)
   --modes-psams N       modes: PSAMs (default 4)
@@ -90,7 +127,9 @@ Options:
   --hardware-stock-apdus N
                         hardware: APDUs timed through the stock driver, ~45 ms each (default ${PCSC_DEFAULTS.stockRounds})
   --hardware-signings N hardware: S2 signings per path (default ${HARDWARE_DEFAULTS.signings})
-  --warmup N            warm-up before each window, seconds (default 2)
+  --warmup N            warm-up before each window, seconds (default ${STACK_WARMUP_S} for the stack suite's
+                        purchases, the time CPU per purchase takes to settle (bench/README.md), and at
+                        most ${ECHO_WARMUP_S} for its echo; ${OTHER_WARMUP_S} for the other suites)
   --out FILE            JSON results (default bench/results/latest.json)
   --keep-data           keep each run's data folder and service logs (paths in the JSON)
   -h, --help            this text
@@ -107,11 +146,14 @@ const TLS_CHOICES = { on: [true], off: [false], both: [true, false] } as const;
 
 interface Settings {
   suite: Suite;
-  psams: number[];
-  clients: number[];
+  /** The stack suite's configurations, in order, each with its mode. */
+  configurations: Required<PurchaseConfiguration>[];
   /** The stack suite's transports, in the order each configuration runs them: true for TLS on. */
   tls: readonly boolean[];
+  /** The stack suite's warm-up and window. */
   phases: Phases;
+  profileDir?: string;
+  soakMinutes: number;
   modes: ModesSettings;
   clearing: ClearingSettings;
   hardware: HardwareSettings;
@@ -151,6 +193,23 @@ function hardwareModes(text: string): string[] {
   return [...new Set(list)];
 }
 
+function mode(text: string, flag: string): string {
+  const m = text.trim().toUpperCase();
+  if (!MODES.includes(m)) throw new UsageError(`--${flag} takes one of ${MODES.join(", ")}, got "${text}"`);
+  return m;
+}
+
+/** "4x8,64x256:SERVER_COMPARES" into configurations; entries without a mode take `fallback`. */
+function configurations(text: string, fallback: string): Required<PurchaseConfiguration>[] {
+  return text.split(",").map((entry) => {
+    const m = /^\s*(\d+)\s*[x×]\s*(\d+)\s*(?::\s*(\S+)\s*)?$/i.exec(entry);
+    if (!m || Number(m[1]) < 1 || Number(m[2]) < 1) {
+      throw new UsageError(`--configs takes PSAMSxCARDHOLDERS or PSAMSxCARDHOLDERS:MODE separated by commas, got "${entry}"`);
+    }
+    return { psams: Number(m[1]), cardholders: Number(m[2]), mode: m[3] ? mode(m[3], "configs") : fallback };
+  });
+}
+
 function tlsChoice(text: string): readonly boolean[] {
   if (!Object.hasOwn(TLS_CHOICES, text)) throw new UsageError(`--tls takes ${Object.keys(TLS_CHOICES).join(", ")}, got "${text}"`);
   return TLS_CHOICES[text as keyof typeof TLS_CHOICES];
@@ -169,10 +228,14 @@ function parseSettings(argv: string[]): Settings | undefined {
     strict: true,
     options: {
       suite: { type: "string", default: "all" },
-      psams: { type: "string", default: "1,4,16" },
-      clients: { type: "string", default: "1,8,64" },
+      configs: { type: "string" },
+      psams: { type: "string" },
+      clients: { type: "string" },
+      mode: { type: "string", default: DEFAULT_MODE },
       seconds: { type: "string", default: "10" },
-      tls: { type: "string", default: "both" },
+      tls: { type: "string", default: "on" },
+      profile: { type: "string" },
+      "soak-minutes": { type: "string", default: "0" },
       "delay-ms": { type: "string", default: "25,100" },
       "modes-psams": { type: "string", default: "4" },
       "modes-clients": { type: "string", default: "64" },
@@ -186,7 +249,7 @@ function parseSettings(argv: string[]): Settings | undefined {
       "hardware-apdus": { type: "string", default: String(PCSC_DEFAULTS.rounds) },
       "hardware-stock-apdus": { type: "string", default: String(PCSC_DEFAULTS.stockRounds) },
       "hardware-signings": { type: "string", default: String(HARDWARE_DEFAULTS.signings) },
-      warmup: { type: "string", default: "2" },
+      warmup: { type: "string" },
       out: { type: "string", default: DEFAULT_OUT },
       "keep-data": { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -201,13 +264,27 @@ function parseSettings(argv: string[]): Settings | undefined {
   }
   const batchSizes = positiveInts(values["clearing-sizes"], "clearing-sizes");
   if (batchSizes.some((n) => n > MAX_BATCH_RECORDS)) throw new UsageError(`--clearing-sizes: clearing takes at most ${MAX_BATCH_RECORDS} records per batch`);
-  const warmupMs = seconds(values.warmup, "warmup");
+  const warmupMs = values.warmup === undefined ? OTHER_WARMUP_S * 1000 : seconds(values.warmup, "warmup");
+  const stackWarmupMs = values.warmup === undefined ? STACK_WARMUP_S * 1000 : warmupMs;
+  const stackMode = mode(values.mode, "mode");
+  if (values.configs !== undefined && (values.psams !== undefined || values.clients !== undefined)) {
+    throw new UsageError("--configs and --psams/--clients each choose the stack's configurations: give one or the other");
+  }
+  const grid =
+    values.psams !== undefined || values.clients !== undefined
+      ? positiveInts(values.psams ?? "4", "psams").flatMap((psams) =>
+          positiveInts(values.clients ?? "8", "clients").map((cardholders) => ({ psams, cardholders, mode: stackMode })),
+        )
+      : undefined;
+  const soakMinutes = Number(values["soak-minutes"]);
+  if (!Number.isFinite(soakMinutes) || soakMinutes < 0) throw new UsageError(`--soak-minutes takes a number of minutes, got "${values["soak-minutes"]}"`);
   return {
     suite: suite(values.suite),
-    psams: positiveInts(values.psams, "psams"),
-    clients: positiveInts(values.clients, "clients"),
+    configurations: grid ?? configurations(values.configs ?? DEFAULT_CONFIGS, stackMode),
     tls: tlsChoice(values.tls),
-    phases: { warmupMs, measureMs },
+    phases: { warmupMs: stackWarmupMs, measureMs },
+    ...(values.profile !== undefined ? { profileDir: resolve(values.profile) } : {}),
+    soakMinutes,
     modes: {
       psams: positiveInt(values["modes-psams"], "modes-psams"),
       cardholders: positiveInt(values["modes-clients"], "modes-clients"),
@@ -254,30 +331,35 @@ function sourceChange(atStart: string): { sourceAtEnd?: string } {
   return atEnd === atStart ? {} : { sourceAtEnd: atEnd };
 }
 
-/** The stack suite: the echo baseline with each transport, then every configuration with each transport in turn. */
-async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchases: PurchaseResult[] }> {
-  const concurrencies = [...new Set(s.clients)];
-  const configurations = s.psams.flatMap((psams) => s.clients.map((cardholders) => ({ psams, cardholders })));
+/** The echo's warm-up and window: its warm-up no longer than ECHO_WARMUP_S. */
+const echoPhases = (p: Phases): Phases => ({ warmupMs: Math.min(p.warmupMs, ECHO_WARMUP_S * 1000), measureMs: p.measureMs });
+
+/** The stack suite: the echo baseline with each transport, then every configuration with each transport in turn, then the soak. */
+async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchases: PurchaseResult[]; soak?: SoakResult }> {
+  const configurations = s.configurations;
+  const concurrencies = [...new Set(configurations.map((c) => c.cardholders))];
   const runs = configurations.flatMap((c) => s.tls.map((tls) => ({ ...c, tls })));
   const ways = s.tls.map((tls) => (tls ? "TLS on" : "TLS off")).join(" and ");
   process.stderr.write(
-    `netpurse bench, stack: ${configurations.length} configurations and ${concurrencies.length} echo concurrencies, each with ${ways} (${runs.length} runs and ${concurrencies.length * s.tls.length} echo runs), ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each, plus start-up\n`,
+    `netpurse bench, stack: ${configurations.length} configurations and ${concurrencies.length} echo concurrencies, each with ${ways} (${runs.length} runs and ${concurrencies.length * s.tls.length} echo runs), ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each (${s.phases.warmupMs / 1000} s warm-up, the echo's ${echoPhases(s.phases).warmupMs / 1000} s), plus start-up${s.soakMinutes > 0 ? `; then a ${s.soakMinutes}-minute soak` : ""}\n`,
   );
   const echo: EchoResult[] = [];
-  for (const tls of s.tls) echo.push(...(await measureEcho(concurrencies, s.phases, tls)));
+  for (const tls of s.tls) echo.push(...(await measureEcho(concurrencies, echoPhases(s.phases), tls)));
   const purchases: PurchaseResult[] = [];
   for (const [i, { tls, ...c }] of runs.entries()) {
     process.stderr.write(`run ${i + 1}/${runs.length}\n`);
-    purchases.push(await measurePurchases(c, s.phases, { keepData: s.keepData, tls }));
+    purchases.push(await measurePurchases(c, s.phases, { keepData: s.keepData, tls, ...(s.profileDir ? { profileDir: s.profileDir } : {}) }));
   }
-  return { echo, purchases };
+  // The issue measures memory with TLS as installed: the soak runs with the first transport asked.
+  const soak = s.soakMinutes > 0 ? await measureSoak(s.soakMinutes, { tls: s.tls[0]!, keepData: s.keepData }) : undefined;
+  return { echo, purchases, ...(soak ? { soak } : {}) };
 }
 
 async function runBenchmark(s: Settings): Promise<Report> {
   const startedAt = new Date();
   const sourceAtStart = sourceVersion();
   const runs = (suite: Suite) => s.suite === "all" || s.suite === suite;
-  const { echo, purchases } = runs("stack") ? await measureStack(s) : { echo: [], purchases: [] };
+  const { echo, purchases, soak } = runs("stack") ? await measureStack(s) : { echo: [], purchases: [], soak: undefined };
   const modes: ModesReport | undefined = runs("modes") ? await measureModes(s.modes) : undefined;
   const hardware: HardwareReport | undefined = runs("hardware") ? await measureHardware(s.hardware) : undefined;
   // Last: it compares with the stack suite's purchases/s when that ran.
@@ -292,11 +374,16 @@ async function runBenchmark(s: Settings): Promise<Report> {
     wallSeconds: (Date.now() - startedAt.getTime()) / 1000,
     machine: { cores: cpu.length, cpuModel: cpu[0]?.model.trim() ?? "unknown", node: process.version, platform: `${process.platform} ${process.arch}` },
     phases: s.phases,
+    echoPhases: echoPhases(s.phases),
     echo,
     purchases,
     tlsCosts: costs,
     ...(summary ? { tlsSummary: summary } : {}),
     echoTlsCosts: echoTlsCosts(echo),
+    ...(soak ? { soak } : {}),
+    // The protocol skeleton (bench/skeleton/) is not run yet: its ratio reads "not measured".
+    targets: runs("stack") ? issueTargets({ purchases, echo, ...(soak ? { soak } : {}) }) : [],
+    ...(s.profileDir && runs("stack") ? { profileDir: s.profileDir } : {}),
     ...(modes ? { modes } : {}),
     ...(hardware ? { hardware } : {}),
     ...(clearing ? { clearing } : {}),
@@ -323,7 +410,8 @@ async function main(): Promise<void> {
   await writeJson(settings.out, report);
   process.stderr.write(`results written to ${settings.out}\n`);
   const errors =
-    [...report.echo, ...report.purchases].reduce((n, r) => n + r.errors, 0) +
+    [...report.echo, ...report.purchases, ...(report.soak ? [report.soak] : [])].reduce((n, r) => n + r.errors, 0) +
+    report.purchases.reduce((n, p) => n + p.unrecordedAfterLoad.left, 0) +
     (report.modes ? modesErrors(report.modes) : 0) +
     (report.hardware ? hardwareErrors(report.hardware) : 0) +
     (report.clearing ? clearingErrors(report.clearing) : 0);

@@ -6,6 +6,7 @@
 import Database from "better-sqlite3";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { performance } from "node:perf_hooks";
 import { paths } from "../services/network/layout.js";
 import { percentile } from "./load.js";
 
@@ -86,6 +87,39 @@ export function purchaseStates(dataDir: string): Record<string, number> {
   return readDb(join(paths(dataDir).payment, "payment.db"), (db) =>
     tally(db.prepare("SELECT state AS key, COUNT(*) AS n FROM purchases GROUP BY state").all() as { key: string; n: number }[]),
   );
+}
+
+/** Longest wait for each kind of work left after the load: the validation outbox retries every 10 s, the payment server's sweep every 15 s. */
+export const BACKGROUND_DRAIN_MS = 15_000;
+
+/**
+ * Purchases whose card answer is in but not yet ruled on, or proven but not
+ * yet in the PSAM's batch: the work an early-release mode leaves after the
+ * purchase's answer. Read while the payment server runs.
+ */
+export function unrecordedPurchases(dataDir: string): number {
+  const states = purchaseStates(dataDir);
+  return (states.DEBIT_RESPONSE_RECEIVED ?? 0) + (states.PROVEN ?? 0);
+}
+
+/** Work a purchase left behind when the load ended, and how long the services took to finish it. */
+export interface Backlog {
+  /** Still pending when the load ended. */
+  atEnd: number;
+  /** Still pending when the benchmark stopped waiting. */
+  left: number;
+  /** How long the benchmark waited for it (after the work before it in the chain). */
+  waitedMs: number;
+}
+
+/** Polls `pending` until it is 0, at most `timeoutMs`; `atEnd` is what it was when the load ended. */
+export async function waitForBacklog(pending: () => number, atEnd: number, timeoutMs: number): Promise<Backlog> {
+  const started = performance.now();
+  for (let left = pending(); ; left = pending()) {
+    const waitedMs = performance.now() - started;
+    if (left === 0 || waitedMs > timeoutMs) return { atEnd, left, waitedMs };
+    await new Promise((r) => setTimeout(r, 200));
+  }
 }
 
 /** The merchant validation's outbox of card proofs (MERCHANT_COMPARES); readable while the service runs (WAL). */

@@ -19,6 +19,7 @@ export interface OnOff {
 export interface TlsCost {
   psams: number;
   cardholders: number;
+  mode: string;
   perSecond: OnOff;
   p50Ms: OnOff;
   p99Ms: OnOff;
@@ -50,7 +51,7 @@ export function tlsCosts(purchases: PurchaseResult[], echo: EchoResult[]): TlsCo
   const echoAt = (concurrency: number, tls: boolean) => echo.find((e) => e.concurrency === concurrency && e.tls === tls);
   const out: TlsCost[] = [];
   for (const on of purchases.filter((p) => p.tls)) {
-    const off = purchases.find((p) => !p.tls && p.psams === on.psams && p.cardholders === on.cardholders);
+    const off = purchases.find((p) => !p.tls && p.psams === on.psams && p.cardholders === on.cardholders && p.mode === on.mode);
     if (!off) continue;
     const cpuOn = cpuMsPerOperation(on.cpuPercent, on.perSecond);
     const cpuOff = cpuMsPerOperation(off.cpuPercent, off.perSecond);
@@ -59,6 +60,7 @@ export function tlsCosts(purchases: PurchaseResult[], echo: EchoResult[]): TlsCo
     out.push({
       psams: on.psams,
       cardholders: on.cardholders,
+      mode: on.mode,
       perSecond: onOff(on.perSecond, off.perSecond),
       p50Ms: onOff(on.p50Ms, off.p50Ms),
       p99Ms: onOff(on.p99Ms, off.p99Ms),
@@ -127,6 +129,7 @@ export function renderTlsCosts(costs: TlsCost[]): string {
   const rows = costs.map((c) => [
     String(c.psams),
     String(c.cardholders),
+    c.mode,
     rate(c.perSecond.on),
     rate(c.perSecond.off),
     x(c.perSecond.onOverOff),
@@ -150,6 +153,7 @@ export function renderTlsCosts(costs: TlsCost[]): string {
     [
       "PSAMs",
       "cardholders",
+      "mode",
       "purchases/s on",
       "purchases/s off",
       "on÷off",
@@ -198,6 +202,7 @@ export function renderConnections(purchases: PurchaseResult[]): string {
     return [
       String(p.psams),
       String(p.cardholders),
+      p.mode,
       p.tls ? "on" : "off",
       c ? String(c.open) : "n/a",
       c ? String(c.openedInWindow) : "n/a",
@@ -206,7 +211,16 @@ export function renderConnections(purchases: PurchaseResult[]): string {
     ];
   });
   return markdown(
-    ["PSAMs", "cardholders", "TLS", "connections between the processes", "opened in the window", "purchases in the window", "connections opened per purchase"],
+    [
+      "PSAMs",
+      "cardholders",
+      "mode",
+      "TLS",
+      "connections between the processes",
+      "opened in the window",
+      "purchases in the window",
+      "connections opened per purchase",
+    ],
     rows,
   );
 }
