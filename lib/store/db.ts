@@ -27,8 +27,15 @@ export interface Queryable {
 }
 
 export interface Db extends Queryable {
-  /** Runs fn in one transaction: all of its writes land, or none. */
+  /** Runs fn in one transaction: all of its writes land, or none. Resolves once they are on disk. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  /**
+   * Runs fn in one transaction and resolves as soon as it is committed,
+   * before it is on disk; `synced` resolves once it is. For a caller that
+   * has other work to do meanwhile (a PSAM's own write) and reveals nothing
+   * that rests on the transaction before `synced` resolves.
+   */
+  transactionBeforeSync<T>(fn: (tx: Queryable) => Promise<T>): Promise<{ value: T; synced: Promise<void> }>;
   close(): Promise<void>;
 }
 
@@ -180,19 +187,31 @@ class SqliteDb implements Db {
   }
 
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
-    return this.settled(async () => {
-      this.db.exec("BEGIN IMMEDIATE");
-      try {
-        const r = await fn(this.q);
-        this.db.exec("COMMIT");
-        return r;
-      } catch (e) {
-        this.db.exec("ROLLBACK");
-        throw e;
-      } finally {
-        this.committed++;
-      }
-    });
+    return this.settled(() => this.inTransaction(fn));
+  }
+
+  async transactionBeforeSync<T>(fn: (tx: Queryable) => Promise<T>): Promise<{ value: T; synced: Promise<void> }> {
+    try {
+      const value = await this.mutex.run(() => this.inTransaction(fn));
+      return { value, synced: this.durable(this.committed) };
+    } catch (e) {
+      await this.durable(this.committed); // a failure may rest on what it read, as in settled()
+      throw e;
+    }
+  }
+
+  private async inTransaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+    this.db.exec("BEGIN IMMEDIATE");
+    try {
+      const r = await fn(this.q);
+      this.db.exec("COMMIT");
+      return r;
+    } catch (e) {
+      this.db.exec("ROLLBACK");
+      throw e;
+    } finally {
+      this.committed++;
+    }
   }
 
   /**

@@ -265,13 +265,22 @@ export class TerminalStore {
    * Records that `paymentServerId` asks for a DEBIT command for this
    * transaction; false when another payment server already did.
    */
-  async claim(transactionId: string, paymentServerId: string): Promise<boolean> {
-    const r = await this.db.run("INSERT INTO debit_owners (transaction_id, payment_server_id, claimed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [
-      transactionId,
-      paymentServerId,
-      new Date().toISOString(),
-    ]);
-    return r.changes === 1 || (await this.ownerOf(transactionId)) === paymentServerId;
+  /**
+   * Records the payment server a transaction's DEBIT command is issued for,
+   * unless another was recorded first: whether this one may have it, as
+   * soon as that is decided, and when the claim is on disk (before the
+   * command may leave the host).
+   */
+  async claim(transactionId: string, paymentServerId: string): Promise<{ granted: boolean; synced: Promise<void> }> {
+    const { value, synced } = await this.db.transactionBeforeSync(async (tx) => {
+      await tx.run("INSERT INTO debit_owners (transaction_id, payment_server_id, claimed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [
+        transactionId,
+        paymentServerId,
+        new Date().toISOString(),
+      ]);
+      return tx.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]);
+    });
+    return { granted: value?.payment_server_id === paymentServerId, synced };
   }
 
   /** The payment server a transaction's DEBIT command was issued for; undefined when none was recorded. */

@@ -364,12 +364,15 @@ export class TerminalHost {
       if (slot.empty)
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: `PSAM ${psamHex} was taken out of reader "${slot.reader}"` };
       try {
-        const refusal = await this.refusalOf(slot, job);
+        const { refusal, claimSynced } = await this.refusalOf(slot, job);
         if (refusal) {
           this.o.log.warn("refused a job on another payment server's debit", { psam: psamHex, paymentServer: job.paymentServerId, why: refusal });
           return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED, message: refusal };
         }
+        claimSynced?.catch(() => undefined); // awaited below, once the PSAM has worked: a failure then fails the job
         const outcome = await this.work(slot, job);
+        // The claim's sync ran beside the PSAM's own write; the DEBIT command leaves only once both are on disk.
+        await claimSynced;
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_OK, statusWord: 0x9000, outcome, slot: await this.slotInfo(slot) };
       } catch (e) {
         if (e instanceof ApduError) {
@@ -392,20 +395,23 @@ export class TerminalHost {
    * the job. Debits issued before owners were recorded (or jobs without an
    * owner, on an --insecure network) are not checked.
    */
-  private async refusalOf(slot: Slot, job: PsamJob): Promise<string | undefined> {
+  private async refusalOf(slot: Slot, job: PsamJob): Promise<{ refusal?: string; claimSynced?: Promise<void> }> {
     const who = job.paymentServerId;
-    if (!who) return undefined;
+    if (!who) return {};
     const task = job.task;
     if (task?.$case === "issueDebitCommand") {
-      if (!job.transactionId) return undefined; // refused as INVALID by the job itself
-      return (await this.store.claim(job.transactionId.value, who)) ? undefined : `transaction ${job.transactionId.value} belongs to another payment server`;
+      if (!job.transactionId) return {}; // refused as INVALID by the job itself
+      const claim = await this.store.claim(job.transactionId.value, who);
+      if (claim.granted) return { claimSynced: claim.synced };
+      await claim.synced; // the refusal rests on a claim that must be on disk too
+      return { refusal: `transaction ${job.transactionId.value} belongs to another payment server` };
     }
-    if (task?.$case !== "verifyDebit" && task?.$case !== "reverseDebit") return undefined;
+    if (task?.$case !== "verifyDebit" && task?.$case !== "reverseDebit") return {};
     const counter = task.value.psamCounter;
     const open = (await slot.driver.readPending()).find((p) => p.psamCounter === counter);
     const transaction = open?.transactionRef ?? (await this.store.settledTransaction(slot.psam.psamId, counter));
     const owner = transaction ? await this.store.ownerOf(transaction) : undefined;
-    return owner && owner !== who ? `the debit at PSAM counter ${counter} was issued for payment server ${owner}` : undefined;
+    return owner && owner !== who ? { refusal: `the debit at PSAM counter ${counter} was issued for payment server ${owner}` } : {};
   }
 
   private async work(slot: Slot, job: PsamJob): Promise<PsamJobResult["outcome"]> {

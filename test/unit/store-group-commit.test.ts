@@ -57,6 +57,25 @@ describe("SQLite store: group commit", () => {
     }
   });
 
+  it("hands a transaction's outcome over before its sync when asked, and says when the sync is done", async () => {
+    const { dir, cleanup } = await tempDir();
+    const db = openSqlite(join(dir, "s.db"), MIGRATIONS);
+    try {
+      const before = fsyncs();
+      const { value, synced } = await db.transactionBeforeSync(async (tx) => {
+        await tx.run("INSERT INTO steps (id, what) VALUES (7, 'claimed')");
+        return tx.get<{ what: string }>("SELECT what FROM steps WHERE id = 7");
+      });
+      expect(value).to.deep.equal({ what: "claimed" });
+      expect(fsyncs(), "no sync yet when the outcome is handed over").to.equal(before);
+      await synced;
+      expect(fsyncs()).to.be.greaterThan(before);
+    } finally {
+      await db.close();
+      await cleanup();
+    }
+  });
+
   it("lets 200 concurrent writers share a handful of syncs, and every row is there after reopening", async () => {
     const { dir, cleanup } = await tempDir();
     const path = join(dir, "s.db");
