@@ -229,11 +229,33 @@ class SqliteDb implements Db {
   /** Resolves once commit number `n` (and every one before it) is on disk, sharing syncs with every other caller. */
   private async durable(n: number): Promise<void> {
     if (!this.walPath) return;
+    if (this.synced >= n) return;
     while (this.synced < n) {
       this.syncing ??= this.syncOnce().finally(() => (this.syncing = undefined));
       await this.syncing;
     }
+    await this.turn();
   }
+
+  /** Callers a sync made durable, each resumed in a turn of the event loop of its own. */
+  private readonly woken: (() => void)[] = [];
+
+  /**
+   * One sync can make hundreds of callers durable at once; resumed together,
+   * their work would run as one long stretch of microtasks, and every timer
+   * and every arriving message (a PSAM's answer that frees it) would wait
+   * for all of it. One per turn, the event loop polls between them.
+   */
+  private turn(): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.woken.push(resolve) === 1) setImmediate(this.wakeNext);
+    });
+  }
+
+  private readonly wakeNext = (): void => {
+    this.woken.shift()?.();
+    if (this.woken.length > 0) setImmediate(this.wakeNext);
+  };
 
   private async syncOnce(): Promise<void> {
     const target = this.committed;
