@@ -1,9 +1,10 @@
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from "node:crypto";
+import { createCipheriv, createDecipheriv, hkdfSync } from "node:crypto";
+import { freshBytes } from "./random.js";
 
 /** AES-256-GCM with a fresh 12-byte nonce; the 16-byte tag follows the ciphertext. */
 export function sealAesGcm(key: Uint8Array, plaintext: Uint8Array, aad: Uint8Array): { iv: Buffer; ciphertext: Buffer } {
   if (key.length !== 32) throw new RangeError("AES-256-GCM needs a 32-byte key");
-  const iv = randomBytes(12);
+  const iv = freshBytes(12);
   const c = createCipheriv("aes-256-gcm", key, iv);
   c.setAAD(aad);
   const body = Buffer.concat([c.update(plaintext), c.final()]);

@@ -8,7 +8,7 @@
 // Every seal is AES-256-GCM with the transaction id and the message type as
 // associated data.
 
-import { randomBytes } from "node:crypto";
+import { freshBytes } from "../crypto/random.js";
 import { SessionKeyGrant, type Money, type Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { hkdf32, openAesGcm, sealAesGcm } from "../crypto/aead.js";
 import { ascii, layout, uuid } from "./layout.js";
@@ -92,8 +92,8 @@ export interface OfferTerms {
  * payment server can refuse a draw request of other terms.
  */
 export function issueTransactionKeys(sharedKey: Uint8Array, merchantId: string, transactionId: string, terms: OfferTerms) {
-  const keyNonce = randomBytes(16);
-  const tsk = randomBytes(32);
+  const keyNonce = freshBytes(16);
+  const tsk = freshBytes(32);
   const derived = transactionKey(sharedKey, merchantId, transactionId, keyNonce);
   const grant: SessionKeyGrant = { transactionSessionKey: tsk, merchantId: { value: merchantId }, amount: terms.amount, expiresAt: terms.expiresAt };
   return { keyNonce, tsk, etsk: seal(derived, "SESSION_KEY", transactionId, SessionKeyGrant.encode(grant).finish()) };

@@ -7,7 +7,7 @@
 // idempotent by transaction id; the steps of one transaction run one at a
 // time under its lock.
 
-import { createHash, randomBytes } from "node:crypto";
+import { createHash } from "node:crypto";
 import { Status, type CallContext } from "nice-grpc";
 import { confirmationModeToJSON, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import {
@@ -23,6 +23,7 @@ import {
 } from "../../gen/netpurse/payment/v1/payment.js";
 import { SW } from "../../lib/apdu/apdu.js";
 import { macEqual } from "../../lib/crypto/aes.js";
+import { freshBytes } from "../../lib/crypto/random.js";
 import { invalidField, NetpurseError, notFound } from "../../lib/grpc/errors.js";
 import { callDeadline } from "../../lib/grpc/server.js";
 import { requireMerchantId, requireTransactionId, txnId } from "../../lib/ids.js";
@@ -295,7 +296,7 @@ export class PaymentServer {
         card_counter: v.card.counter,
         key_version: v.card.keyVersion,
         confirmation_mode: v.mode,
-        completion_token: randomBytes(16),
+        completion_token: freshBytes(16),
         key_nonce: Buffer.from(req.keyNonce),
         encrypted_session_key: encodeSealed(req.encryptedSessionKey),
       },

@@ -4,6 +4,7 @@ import { deriveSessionKey, diversificationBlock, diversifyCardKey } from "../../
 import { aesEncryptBlock } from "../../lib/crypto/aes.js";
 import { hkdf32 } from "../../lib/crypto/aead.js";
 import { transactionKey, transactionKeyInfo } from "../../lib/protocol/encryption-layer.js";
+import { freshBytes } from "../../lib/crypto/random.js";
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex");
 
@@ -89,5 +90,33 @@ describe("transaction keys, kept for a purchase's later steps", () => {
     const k = Buffer.alloc(32, 3);
     transactionKey(k, "shop", id, nonce).fill(0);
     expect(transactionKey(k, "shop", id, nonce)).to.deep.equal(fresh(k, "shop", nonce));
+  });
+});
+
+describe("fresh random bytes for nonces and tokens", () => {
+  it("hands out each byte once: 20,000 nonces all differ, and a caller's change does not reach the next", () => {
+    const seen = new Set<string>();
+    for (let i = 0; i < 20_000; i++) {
+      const b = freshBytes(12);
+      expect(b).to.have.length(12);
+      seen.add(b.toString("hex"));
+      b.fill(0);
+    }
+    expect(seen.size).to.equal(20_000);
+  });
+
+  it("spreads its bytes evenly (no byte value more than 1.5 times as frequent as expected over 256 KiB)", () => {
+    const counts = new Array<number>(256).fill(0);
+    for (let i = 0; i < 8_192; i++) for (const v of freshBytes(32)) counts[v]!++;
+    const expected = (8_192 * 32) / 256;
+    expect(Math.max(...counts)).to.be.below(1.5 * expected);
+    expect(Math.min(...counts)).to.be.above(0.5 * expected);
+  });
+
+  it("gives longer requests their own bytes from the CSPRNG", () => {
+    const a = freshBytes(100);
+    const b = freshBytes(100);
+    expect(a).to.have.length(100);
+    expect(a.equals(b)).to.equal(false);
   });
 });
