@@ -6,7 +6,7 @@ import { dirname } from "node:path";
 import { formatMoney } from "../lib/money.js";
 import { EUR } from "../services/network/layout.js";
 import { ECHO_PROCESS, type EchoResult } from "./echo.js";
-import { markdown, mib, ms, pct, rate } from "./format.js";
+import { markdown, mib, ms, pct, rate, ratio } from "./format.js";
 import type { Phases } from "./load.js";
 import type { ClearingReport } from "./clearing.js";
 import { clearingProblems, renderClearing } from "./clearing-report.js";
@@ -18,6 +18,8 @@ import { configurationLabel, SONG, type PurchaseResult } from "./purchases.js";
 import { PROCESS } from "./network.js";
 import { cpuMsPerOperation } from "./proc.js";
 import { renderProfileSummary } from "./profile-summary.js";
+import type { SkeletonResult } from "./skeleton/skeleton.js";
+import type { SkeletonMode } from "./skeleton/wire.js";
 import type { SoakResult } from "./soak.js";
 import { EARLY_RELEASE_MODES, LOADED_FROM_CARDHOLDERS, renderTargets, type TargetRow } from "./targets.js";
 import {
@@ -38,6 +40,15 @@ export interface Machine {
   platform: string;
 }
 
+/** A protocol-skeleton run that could not be made (its processes did not start, or it broke off). */
+export interface SkeletonFailure {
+  psams: number;
+  cardholders: number;
+  mode: SkeletonMode;
+  tls: boolean;
+  message: string;
+}
+
 export interface Report {
   startedAt: string;
   /** The commit measured (at the start of the run). */
@@ -53,6 +64,9 @@ export interface Report {
   /** The stack part, empty when it was not run; TLS on and off, as --tls asked. */
   echo: EchoResult[];
   purchases: PurchaseResult[];
+  /** The protocol skeleton (bench/skeleton/), one run after each configuration whose mode it has; empty with --skeleton off. */
+  skeleton: SkeletonResult[];
+  skeletonFailures: SkeletonFailure[];
   /** Each configuration and echo concurrency measured both ways: TLS on, off, on ÷ off. */
   tlsCosts: TlsCost[];
   /** Their median and range, when any configuration was measured both ways. */
@@ -138,6 +152,95 @@ const CPU_COLUMNS: [name: string, heading: string][] = [
 
 const configurationCells = (p: PurchaseResult) => [String(p.psams), String(p.cardholders), p.mode, onOff(p.tls)];
 const CONFIGURATION_HEADINGS = ["PSAMs", "cardholders", "mode", "TLS"];
+
+/** The skeleton's processes, named as the stack's: its per-process figures line up with the stack's columns. */
+const SKELETON_COLUMNS: [name: string, heading: string][] = [
+  [PROCESS.payment, "payment"],
+  [PROCESS.concentrator, "concentrator"],
+  [PROCESS.terminal, "terminal host"],
+  [PROCESS.merchant, "merchant"],
+  [PROCESS.validation, "validation"],
+  [PROCESS.bench, "cardholders (bench)"],
+];
+
+const sumOf = (record: Record<string, number>) => Object.values(record).reduce((a, b) => a + b, 0);
+
+/** The skeleton run of a configuration: the same PSAMs, cardholders, mode and transport. */
+const skeletonOf = (r: Report, p: PurchaseResult) =>
+  r.skeleton.find((s) => s.psams === p.psams && s.cardholders === p.cardholders && s.mode === p.mode && s.tls === p.tls);
+
+function skeletonTable(r: Report): string {
+  const cell = (v: number | undefined, digits: number) => (v === undefined || !Number.isFinite(v) ? "n/a" : v.toFixed(digits));
+  const rows = r.skeleton.map((s) => {
+    const cpuPercent = sumOf(s.cpuPercent);
+    return [
+      String(s.psams),
+      String(s.cardholders),
+      s.mode,
+      onOff(s.tls),
+      rate(s.perSecond),
+      ms(s.p50Ms),
+      ms(s.p99Ms),
+      String(s.errors),
+      cell(cpuMsPerOperation(s.cpuPercent, s.perSecond), 1),
+      ...SKELETON_COLUMNS.map(([name]) => cell(ofProcess(s.cpuMsPerPurchase, name), 2)),
+      cell(sumOf(s.fsyncsPerPurchase), 2),
+      s.machineCpuPercent === undefined ? "n/a" : pct(Math.max(0, s.machineCpuPercent - cpuPercent)),
+    ];
+  });
+  return markdown(
+    [
+      ...CONFIGURATION_HEADINGS,
+      "purchases/s",
+      "p50 ms",
+      "p99 ms",
+      "errors",
+      "CPU ms per purchase, all processes",
+      ...SKELETON_COLUMNS.map(([, h]) => `${h} CPU ms`),
+      "durable syncs per purchase",
+      "other work on the machine %",
+    ],
+    rows,
+  );
+}
+
+/** Each configuration against its skeleton: how close a purchase comes to what the architecture costs here. */
+function againstSkeletonTable(r: Report): string {
+  const rows = r.purchases.flatMap((p) => {
+    const s = skeletonOf(r, p);
+    if (!s) return [];
+    const skeletonCpu = cpuMsPerOperation(s.cpuPercent, s.perSecond);
+    return [
+      [
+        ...configurationCells(p),
+        rate(p.perSecond),
+        rate(s.perSecond),
+        ratio(p.perSecond, s.perSecond),
+        ms(p.p50Ms),
+        ms(s.p50Ms),
+        ratio(p.p50Ms, s.p50Ms),
+        ms(p.cpuMsPerPurchaseTotal),
+        ms(skeletonCpu),
+        ratio(p.cpuMsPerPurchaseTotal, skeletonCpu),
+      ],
+    ];
+  });
+  return markdown(
+    [
+      ...CONFIGURATION_HEADINGS,
+      "purchases/s",
+      "skeleton purchases/s",
+      "purchases/s ÷ skeleton purchases/s",
+      "p50 ms",
+      "skeleton p50 ms",
+      "p50 ÷ skeleton p50",
+      "CPU ms per purchase",
+      "skeleton CPU ms per purchase",
+      "CPU ÷ skeleton CPU",
+    ],
+    rows,
+  );
+}
 
 function cpuTable(r: Report): string {
   const rows = r.purchases.map((p) => {
@@ -266,7 +369,8 @@ function notes(r: Report): string {
     `- Closed loop: each cardholder starts its next purchase as soon as the last one ends; ${r.phases.warmupMs / 1000} s warm-up (by default long enough for CPU per purchase to settle: bench/README.md; the echo's ${r.echoPhases.warmupMs / 1000} s), then a ${r.phases.measureMs / 1000} s window. Throughput counts the purchases that ended inside the window; latency is theirs.`,
     `- One purchase = the merchant's CreateOrder (not timed), then payOffer (timed): the card's APDUs in this process, the calls to the payment server (ProcessDrawRequest, and CompletePurchase in PSAM_VERIFIES and SERVER_COMPARES), and CompleteOrder to the merchant. Song "${SONG.productId}" at ${formatMoney({ amountMinor: SONG.priceMinor, currency: EUR, exponent: 2 })}, in the row's mode (its demo shop).`,
     "- CPU ms per purchase, per process: its utime + stime (/proc/PID/stat) over the window ÷ the purchases that ended in it; \"cardholders (bench)\" is this process, where every cardholder's software card runs. Durable syncs: each process's own count of the fsyncs it asked for (lib/stats.ts: what countFsync is told), its difference over the window ÷ the same purchases.",
-    "- PSAM hold: from the payment server's own psam_released events in payment.db, the leases that ended inside the window. Event-loop delay: each process's monitorEventLoopDelay (1 ms resolution) over the window. Payment server memory per purchase in flight: (its RSS when the window closed − its RSS before the load, the network idle and the cardholders' channels open) ÷ cardholders: what a concurrent purchase costs the server, heap growth and buffers included.",
+    "- PSAM hold: from the payment server's own psam_released events in payment.db, the leases that ended inside the window. Event-loop delay: how late each process's monitorEventLoopDelay timer (10 ms resolution: about 1,000 samples in a 10 s window) ran, over the window. Payment server memory per purchase in flight: (its RSS when the window closed − its RSS before the load, the network idle and the cardholders' channels open) ÷ cardholders: what a concurrent purchase costs the server, heap growth and buffers included.",
+    "- Protocol skeleton (bench/skeleton/, bench/README.md): the same processes making a purchase's calls and stream messages, of the real sizes, and only the durable appends recovery depends on, with no cryptography, database or protocol logic; run right after each configuration in PSAM_VERIFIES or SERVER_COMPARES, on a fresh network of its own with the same PSAMs, cardholders, TLS, warm-up and window (--skeleton off skips it). Its durable syncs per purchase are counted over its whole run, warm-up included; its services are asked for them only after the load, so their event-loop monitors do not run during its window.",
     "- Messages per purchase: 4 unary RPCs from the cardholder (CreateOrder, ProcessDrawRequest, CompletePurchase, CompleteOrder), 1 merchant→validation RPC (ValidateConfirmation), and about 9 stream messages (2 PSAM jobs, each payment→concentrator→terminal host and back, plus the lease release); 3 + 1 RPCs and the 9 stream messages fall inside the timed part.",
     `- Echo: unary raw bytes${payload ? ` (${payload} bytes, the size of an encoded draw request)` : ""} to a server process on the project's gRPC bootstrap, through openChannel and clientFactory. Ratios compare at equal concurrency and under the same transport (TLS on with TLS on, off with off).`,
     "- TLS on: every link TLS as installed, mutual inside the operator's network, server TLS (the CA bundle only) for the cardholders; TLS off: every service --insecure. The echo with TLS on serves a certificate from a throwaway CA, asks for client certificates as the services do, and its client checks the server's certificate as a cardholder does. Each configuration runs TLS on, then TLS off, each on a fresh network.",
@@ -294,6 +398,12 @@ function problems(r: Report): string[] {
       );
     if (p.statsUnanswered) lines.push(`- ${label}: no figures (fsyncs, event loop, memory) from ${p.statsUnanswered.join(", ")}`);
   }
+  for (const s of r.skeleton) {
+    const label = `protocol skeleton, ${configurationLabel(s)}`;
+    for (const [message, n] of Object.entries(s.errorMessages)) lines.push(`- ${label}: ${n} × ${message}`);
+    for (const finding of s.serviceLogs.samples) lines.push(`- ${label}, service log: ${finding}`);
+  }
+  for (const f of r.skeletonFailures) lines.push(`- protocol skeleton, ${configurationLabel(f)}: not measured, ${f.message}`);
   if (r.soak) {
     const label = `soak, ${configurationLabel(r.soak)}`;
     for (const [message, n] of Object.entries(r.soak.errorMessages)) lines.push(`- ${label}: ${n} × ${message}`);
@@ -337,6 +447,20 @@ function stackSections(r: Report): string[] {
     "",
     purchaseTable(r),
     "",
+    ...(r.skeleton.length
+      ? [
+          "## Protocol skeleton",
+          "",
+          'The same processes making a purchase\'s calls, stream messages and durable appends, and nothing else, right after each configuration (bench/README.md, "The protocol skeleton"). CPU per purchase over the window; durable syncs per purchase over the whole run.',
+          "",
+          skeletonTable(r),
+          "",
+          "## Purchases ÷ protocol skeleton",
+          "",
+          againstSkeletonTable(r),
+          "",
+        ]
+      : []),
     "## CPU per purchase, per process (ms)",
     "",
     perProcessTable(

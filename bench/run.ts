@@ -27,9 +27,11 @@ import { modesErrors } from "./modes-report.js";
 import { PCSC_DEFAULTS } from "./pcsc.js";
 import { DEFAULT_MODE, measurePurchases, type PurchaseConfiguration, type PurchaseResult } from "./purchases.js";
 import { PROFILE_TOP } from "./profile.js";
+import { measureSkeleton, type SkeletonResult } from "./skeleton/skeleton.js";
+import { SKELETON_MODES, type SkeletonMode } from "./skeleton/wire.js";
 import { measureSoak, SOAK_CONFIGURATION, type SoakResult } from "./soak.js";
 import { issueTargets } from "./targets.js";
-import { renderReport, writeJson, type Report } from "./report.js";
+import { renderReport, writeJson, type Report, type SkeletonFailure } from "./report.js";
 import { echoTlsCosts, tlsCosts, tlsSummary } from "./tls-report.js";
 
 /** The stack suite's configurations unless told: what the targets of issue #13 need. */
@@ -57,8 +59,11 @@ stack: purchases per second and payOffer latency per configuration (PSAMs ×
 cardholders, a confirmation mode), beside a unary gRPC echo on the same
 transport at the same concurrencies; where each purchase's CPU and durable
 syncs go, process by process; PSAM hold times, event-loop delays and the
-payment server's memory per purchase in flight; the targets of issue #13.
-TLS on by default (--tls both adds every configuration with every link
+payment server's memory per purchase in flight; the protocol skeleton (the
+same processes making a purchase's calls, stream messages and durable
+appends, no protocol logic) right after each configuration in
+${SKELETON_MODES.join(" or ")}, and each configuration's ratio to it; the
+targets of issue #13. TLS on by default (--tls both adds every configuration with every link
 plaintext, --insecure, and the cost of TLS). --profile writes CPU profiles
 of every process and prints where each spends its time; --soak-minutes runs
 ${SOAK_CONFIGURATION.psams} PSAMs × ${SOAK_CONFIGURATION.cardholders} cardholders for that long and reports the payment server's memory.
@@ -104,6 +109,9 @@ Options:
                         DIR/<configuration>/<process>.cpuprofile (Chrome DevTools opens them), and the
                         top ${PROFILE_TOP} functions by self time per process over the window in the report;
                         profiling costs CPU, so read the other figures from a run without it
+  --skeleton WHICH      stack: on or off: measure the protocol skeleton right after each configuration
+                        whose mode it runs (${SKELETON_MODES.join(", ")}), with the same PSAMs,
+                        cardholders, TLS, warm-up and window (default on)
   --soak-minutes N      stack: after the configurations, run ${SOAK_CONFIGURATION.psams} × ${SOAK_CONFIGURATION.cardholders} (${SOAK_CONFIGURATION.mode}) for N
                         minutes and report the payment server's memory each minute (default 0:
                         no soak; 5 for the issue's target)
@@ -134,9 +142,10 @@ Options:
   --keep-data           keep each run's data folder and service logs (paths in the JSON)
   -h, --help            this text
 
-Exit status: 0 when every purchase and echo succeeded, every batch was
-accepted with all its records posted and no hardware part failed (one that
-cannot be set up here is no failure), 1 otherwise, 2 for bad options.
+Exit status: 0 when every purchase, echo and protocol-skeleton purchase
+succeeded (and every skeleton run could be made), every batch was accepted
+with all its records posted and no hardware part failed (one that cannot be
+set up here is no failure), 1 otherwise, 2 for bad options.
 `;
 
 const SUITES = ["all", "stack", "modes", "hardware", "clearing"] as const;
@@ -153,6 +162,8 @@ interface Settings {
   /** The stack suite's warm-up and window. */
   phases: Phases;
   profileDir?: string;
+  /** Measure the protocol skeleton beside each configuration it can mirror. */
+  skeleton: boolean;
   soakMinutes: number;
   modes: ModesSettings;
   clearing: ClearingSettings;
@@ -215,6 +226,11 @@ function tlsChoice(text: string): readonly boolean[] {
   return TLS_CHOICES[text as keyof typeof TLS_CHOICES];
 }
 
+function onOrOff(text: string, flag: string): boolean {
+  if (text !== "on" && text !== "off") throw new UsageError(`--${flag} takes on or off, got "${text}"`);
+  return text === "on";
+}
+
 function seconds(text: string, flag: string): number {
   const n = Number(text);
   if (!Number.isFinite(n) || n < 0) throw new UsageError(`--${flag} takes a number of seconds, got "${text}"`);
@@ -235,6 +251,7 @@ function parseSettings(argv: string[]): Settings | undefined {
       seconds: { type: "string", default: "10" },
       tls: { type: "string", default: "on" },
       profile: { type: "string" },
+      skeleton: { type: "string", default: "on" },
       "soak-minutes": { type: "string", default: "0" },
       "delay-ms": { type: "string", default: "25,100" },
       "modes-psams": { type: "string", default: "4" },
@@ -284,6 +301,7 @@ function parseSettings(argv: string[]): Settings | undefined {
     tls: tlsChoice(values.tls),
     phases: { warmupMs: stackWarmupMs, measureMs },
     ...(values.profile !== undefined ? { profileDir: resolve(values.profile) } : {}),
+    skeleton: onOrOff(values.skeleton, "skeleton"),
     soakMinutes,
     modes: {
       psams: positiveInt(values["modes-psams"], "modes-psams"),
@@ -334,32 +352,63 @@ function sourceChange(atStart: string): { sourceAtEnd?: string } {
 /** The echo's warm-up and window: its warm-up no longer than ECHO_WARMUP_S. */
 const echoPhases = (p: Phases): Phases => ({ warmupMs: Math.min(p.warmupMs, ECHO_WARMUP_S * 1000), measureMs: p.measureMs });
 
-/** The stack suite: the echo baseline with each transport, then every configuration with each transport in turn, then the soak. */
-async function measureStack(s: Settings): Promise<{ echo: EchoResult[]; purchases: PurchaseResult[]; soak?: SoakResult }> {
+const skeletonMode = (mode: string): SkeletonMode | undefined => SKELETON_MODES.find((m) => m === mode);
+
+interface StackResults {
+  echo: EchoResult[];
+  purchases: PurchaseResult[];
+  skeleton: SkeletonResult[];
+  skeletonFailures: SkeletonFailure[];
+  soak?: SoakResult;
+}
+
+/**
+ * The stack suite: the echo baseline with each transport, then every
+ * configuration with each transport in turn, each followed by the protocol
+ * skeleton of the same configuration (when its mode has one), then the
+ * soak. The skeleton runs right after its configuration so that both meet
+ * the same other work on the machine, which drifts over a run.
+ */
+async function measureStack(s: Settings): Promise<StackResults> {
   const configurations = s.configurations;
   const concurrencies = [...new Set(configurations.map((c) => c.cardholders))];
   const runs = configurations.flatMap((c) => s.tls.map((tls) => ({ ...c, tls })));
+  const skeletonRuns = s.skeleton ? runs.filter((r) => skeletonMode(r.mode)).length : 0;
   const ways = s.tls.map((tls) => (tls ? "TLS on" : "TLS off")).join(" and ");
   process.stderr.write(
-    `netpurse bench, stack: ${configurations.length} configurations and ${concurrencies.length} echo concurrencies, each with ${ways} (${runs.length} runs and ${concurrencies.length * s.tls.length} echo runs), ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each (${s.phases.warmupMs / 1000} s warm-up, the echo's ${echoPhases(s.phases).warmupMs / 1000} s), plus start-up${s.soakMinutes > 0 ? `; then a ${s.soakMinutes}-minute soak` : ""}\n`,
+    `netpurse bench, stack: ${configurations.length} configurations and ${concurrencies.length} echo concurrencies, each with ${ways} (${runs.length} runs, ${skeletonRuns} protocol-skeleton runs and ${concurrencies.length * s.tls.length} echo runs), ${(s.phases.warmupMs + s.phases.measureMs) / 1000} s of load each (${s.phases.warmupMs / 1000} s warm-up, the echo's ${echoPhases(s.phases).warmupMs / 1000} s), plus start-up${s.soakMinutes > 0 ? `; then a ${s.soakMinutes}-minute soak` : ""}\n`,
   );
   const echo: EchoResult[] = [];
   for (const tls of s.tls) echo.push(...(await measureEcho(concurrencies, echoPhases(s.phases), tls)));
   const purchases: PurchaseResult[] = [];
+  const skeleton: SkeletonResult[] = [];
+  const skeletonFailures: SkeletonFailure[] = [];
   for (const [i, { tls, ...c }] of runs.entries()) {
     process.stderr.write(`run ${i + 1}/${runs.length}\n`);
     purchases.push(await measurePurchases(c, s.phases, { keepData: s.keepData, tls, ...(s.profileDir ? { profileDir: s.profileDir } : {}) }));
+    const mode = skeletonMode(c.mode);
+    if (!s.skeleton || !mode) continue;
+    const configuration = { psams: c.psams, cardholders: c.cardholders, mode, tls };
+    try {
+      skeleton.push(await measureSkeleton({ ...configuration, warmupSeconds: s.phases.warmupMs / 1000, seconds: s.phases.measureMs / 1000 }));
+    } catch (e) {
+      // A baseline that could not run leaves its ratios unmeasured; the real figures of the run still stand.
+      process.stderr.write(`protocol skeleton failed: ${(e as Error)?.stack ?? String(e)}\n`);
+      skeletonFailures.push({ ...configuration, message: (e as Error)?.message ?? String(e) });
+    }
   }
   // The issue measures memory with TLS as installed: the soak runs with the first transport asked.
   const soak = s.soakMinutes > 0 ? await measureSoak(s.soakMinutes, { tls: s.tls[0]!, keepData: s.keepData }) : undefined;
-  return { echo, purchases, ...(soak ? { soak } : {}) };
+  return { echo, purchases, skeleton, skeletonFailures, ...(soak ? { soak } : {}) };
 }
 
 async function runBenchmark(s: Settings): Promise<Report> {
   const startedAt = new Date();
   const sourceAtStart = sourceVersion();
   const runs = (suite: Suite) => s.suite === "all" || s.suite === suite;
-  const { echo, purchases, soak } = runs("stack") ? await measureStack(s) : { echo: [], purchases: [], soak: undefined };
+  const { echo, purchases, skeleton, skeletonFailures, soak }: StackResults = runs("stack")
+    ? await measureStack(s)
+    : { echo: [], purchases: [], skeleton: [], skeletonFailures: [] };
   const modes: ModesReport | undefined = runs("modes") ? await measureModes(s.modes) : undefined;
   const hardware: HardwareReport | undefined = runs("hardware") ? await measureHardware(s.hardware) : undefined;
   // Last: it compares with the stack suite's purchases/s when that ran.
@@ -380,9 +429,10 @@ async function runBenchmark(s: Settings): Promise<Report> {
     tlsCosts: costs,
     ...(summary ? { tlsSummary: summary } : {}),
     echoTlsCosts: echoTlsCosts(echo),
+    skeleton,
+    skeletonFailures,
     ...(soak ? { soak } : {}),
-    // The protocol skeleton (bench/skeleton/) is not run yet: its ratio reads "not measured".
-    targets: runs("stack") ? issueTargets({ purchases, echo, ...(soak ? { soak } : {}) }) : [],
+    targets: runs("stack") ? issueTargets({ purchases, echo, ...(soak ? { soak } : {}) }, s.skeleton ? skeleton : undefined) : [],
     ...(s.profileDir && runs("stack") ? { profileDir: s.profileDir } : {}),
     ...(modes ? { modes } : {}),
     ...(hardware ? { hardware } : {}),
@@ -410,7 +460,8 @@ async function main(): Promise<void> {
   await writeJson(settings.out, report);
   process.stderr.write(`results written to ${settings.out}\n`);
   const errors =
-    [...report.echo, ...report.purchases, ...(report.soak ? [report.soak] : [])].reduce((n, r) => n + r.errors, 0) +
+    [...report.echo, ...report.purchases, ...report.skeleton, ...(report.soak ? [report.soak] : [])].reduce((n, r) => n + r.errors, 0) +
+    report.skeletonFailures.length +
     report.purchases.reduce((n, p) => n + p.unrecordedAfterLoad.left, 0) +
     (report.modes ? modesErrors(report.modes) : 0) +
     (report.hardware ? hardwareErrors(report.hardware) : 0) +

@@ -218,7 +218,7 @@ export async function measureSkeleton(c: SkeletonConfiguration): Promise<Skeleto
     };
 
     // The services have made no append before the first purchase, so their counts at the end are the run's: they are not asked before
-    // the load, which would start their event-loop monitors (lib/stats.ts; a 1 ms timer, about 1 % of a core each, idle).
+    // the load, which would start their event-loop monitors (lib/stats.ts; a 10 ms timer, about 0.3 % of a core each).
     const ownBefore = processStats().fsyncs;
     const cpu = new CpuSampler(() => net.pids());
     const load = await closedLoop({

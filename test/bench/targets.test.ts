@@ -3,7 +3,7 @@
 // not measured.
 
 import { expect } from "chai";
-import { issueTargets, renderTargets, type TargetInputs, type TargetPurchase, type TargetRow } from "../../bench/targets.js";
+import { issueTargets, renderTargets, type TargetInputs, type TargetPurchase, type TargetRow, type TargetSkeleton } from "../../bench/targets.js";
 
 function row(p: Partial<TargetPurchase> & Pick<TargetPurchase, "psams" | "cardholders">): TargetPurchase {
   return {
@@ -46,6 +46,16 @@ function goodRun(): TargetInputs {
   };
 }
 
+/** The protocol skeleton at every configuration of goodRun(), each in the row's mode and TLS on; every real row at ≥ 0.6 of it. */
+function skeletons(): TargetSkeleton[] {
+  return [
+    { psams: 4, cardholders: 1, mode: "PSAM_VERIFIES", tls: true, perSecond: 60, p50Ms: 8 },
+    { psams: 4, cardholders: 8, mode: "PSAM_VERIFIES", tls: true, perSecond: 120, p50Ms: 12 },
+    { psams: 16, cardholders: 64, mode: "PSAM_VERIFIES", tls: true, perSecond: 200, p50Ms: 150 },
+    { psams: 64, cardholders: 256, mode: "SERVER_COMPARES", tls: true, perSecond: 180, p50Ms: 900 },
+  ];
+}
+
 const byTarget = (rows: TargetRow[], start: string) => {
   const found = rows.find((r) => r.target.startsWith(start));
   if (!found) throw new Error(`no target "${start}"`);
@@ -54,14 +64,23 @@ const byTarget = (rows: TargetRow[], start: string) => {
 
 describe("bench: issue #13 targets", () => {
   it("computes each target from the rows that measure it", () => {
-    const t = issueTargets(goodRun(), [{ psams: 16, cardholders: 64, tls: true, perSecond: 200 }]);
-    expect(t).to.have.length(8);
+    const t = issueTargets(goodRun(), skeletons());
+    expect(t).to.have.length(10);
     // The 1-cardholder row's 30 ms is not under load: the worst loaded row, 11 ms at 4 × 8, decides.
     expect(byTarget(t, "CPU per purchase")).to.include({ value: 11, at: "4 × 8, PSAM_VERIFIES (worst of 3)", met: true });
     expect(byTarget(t, "purchases/s ÷ echo")).to.include({ value: 150 / 2000, at: "16 × 64, PSAM_VERIFIES", met: true });
     expect(byTarget(t, "purchases/s at 64 PSAMs")).to.include({ value: 130, met: true });
-    expect(byTarget(t, "purchases/s ÷ protocol-skeleton")).to.include({ value: 150 / 200, at: "16 × 64, PSAM_VERIFIES", met: true });
-    expect(byTarget(t, "p50 latency at 1 cardholder")).to.include({ value: 20 / 2.5, met: true });
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 16")).to.include({ value: 150 / 200, at: "16 × 64, PSAM_VERIFIES", met: true });
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 64")).to.include({ value: 130 / 180, at: "64 × 256, SERVER_COMPARES", met: true });
+    expect(byTarget(t, "p50 latency at 1 cardholder ÷ echo")).to.include({ value: 20 / 2.5, met: true });
+    // No goal: what the architecture's own hops cost at one cardholder, beside the echo target.
+    expect(byTarget(t, "p50 latency at 1 cardholder ÷ protocol-skeleton")).to.include({
+      goal: "—",
+      value: 20 / 8,
+      at: "4 × 1, PSAM_VERIFIES",
+      met: undefined,
+      information: true,
+    });
     // Only the early-release row's hold counts: PSAM_VERIFIES holds across the cardholder's round trip by design.
     expect(byTarget(t, "PSAM hold p50")).to.include({ value: 4, at: "64 × 256, SERVER_COMPARES", met: true });
     expect(byTarget(t, "payment server event-loop")).to.include({ value: 4, met: true });
@@ -84,6 +103,44 @@ describe("bench: issue #13 targets", () => {
     expect(byTarget(t, "payment server peak memory")).to.include({ value: 1.3, met: false });
   });
 
+  it("judges the skeleton ratio at 16 × 64 and at 64 × 256 each by its own configuration's skeleton", () => {
+    const run = goodRun();
+    const s = skeletons();
+    s[2]!.perSecond = 251; // 150 / 251 = 0.598: just short of 0.6
+    s[3]!.perSecond = 130 / 0.6; // exactly 0.6: met
+    const t = issueTargets(run, s);
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 16")).to.include({ value: 150 / 251, at: "16 × 64, PSAM_VERIFIES", met: false });
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 64").met).to.equal(true);
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 64").value).to.be.closeTo(0.6, 1e-9);
+    expect(renderTargets(t)).to.contain(
+      "| purchases/s ÷ protocol-skeleton purchases/s at 16 PSAMs × 64 cardholders | ≥ 0.6 | 0.598 | 16 × 64, PSAM_VERIFIES | not met |",
+    );
+  });
+
+  it("does not compare with a skeleton of another mode, transport or size, and says so", () => {
+    const run = goodRun();
+    const t = issueTargets(run, [
+      // 16 × 64 in another mode, 64 × 256 with TLS off, 1 cardholder at another PSAM count: none is the same configuration.
+      { psams: 16, cardholders: 64, mode: "SERVER_COMPARES", tls: true, perSecond: 200, p50Ms: 150 },
+      { psams: 64, cardholders: 256, mode: "SERVER_COMPARES", tls: false, perSecond: 180, p50Ms: 900 },
+      { psams: 16, cardholders: 1, mode: "PSAM_VERIFIES", tls: true, perSecond: 60, p50Ms: 8 },
+    ]);
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 16")).to.deep.include({
+      value: NaN,
+      at: "16 × 64 with TLS on and its skeleton not in this run",
+      met: undefined,
+    });
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 64")).to.deep.include({ value: NaN, met: undefined });
+    expect(byTarget(t, "p50 latency at 1 cardholder ÷ protocol-skeleton")).to.deep.include({
+      value: NaN,
+      at: "1 cardholder with TLS on and its skeleton not in this run",
+      met: undefined,
+    });
+    // A skeleton that made no purchase gives no ratio rather than an infinite one.
+    const stalled = issueTargets(run, [{ psams: 16, cardholders: 64, mode: "PSAM_VERIFIES", tls: true, perSecond: 0, p50Ms: NaN }]);
+    expect(byTarget(stalled, "purchases/s ÷ protocol-skeleton purchases/s at 16")).to.deep.include({ value: NaN, met: undefined });
+  });
+
   it("ignores TLS-off rows and says what was not measured", () => {
     const run: TargetInputs = {
       purchases: [row({ psams: 16, cardholders: 64, tls: false, perSecond: 10_000, cpuMsPerPurchaseTotal: 1 })],
@@ -91,7 +148,9 @@ describe("bench: issue #13 targets", () => {
     };
     const t = issueTargets(run);
     expect(t.every((r) => r.met === undefined && Number.isNaN(r.value))).to.equal(true);
-    expect(byTarget(t, "purchases/s ÷ protocol-skeleton").at).to.equal("the protocol skeleton was not run");
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 16").at).to.equal("the protocol skeleton was not run (--skeleton off)");
+    expect(byTarget(t, "purchases/s ÷ protocol-skeleton purchases/s at 64").at).to.equal("the protocol skeleton was not run (--skeleton off)");
+    expect(byTarget(t, "p50 latency at 1 cardholder ÷ protocol-skeleton").at).to.equal("the protocol skeleton was not run (--skeleton off)");
     expect(byTarget(t, "payment server peak memory").at).to.contain("--soak-minutes 5");
     expect(byTarget(t, "purchases/s at 64 PSAMs").at).to.contain("not in this run");
   });
@@ -113,6 +172,8 @@ describe("bench: issue #13 targets", () => {
     const text = renderTargets(issueTargets(run));
     expect(text).to.contain("| purchases/s ÷ echo calls/s at 16 PSAMs × 64 cardholders | ≥ 0.05 | 0.010 | 16 × 64, PSAM_VERIFIES | not met |");
     expect(text).to.contain("| PSAM hold p50 in an early-release mode (ms) | ≤ 5 | 4.00 | 64 × 256, SERVER_COMPARES | met |");
-    expect(text).to.contain("| the protocol skeleton was not run | not measured |");
+    expect(text).to.contain("| the protocol skeleton was not run (--skeleton off) | not measured |");
+    const withSkeleton = renderTargets(issueTargets(run, skeletons()));
+    expect(withSkeleton).to.contain("| p50 latency at 1 cardholder ÷ protocol-skeleton p50 at 1 cardholder | — | 2.50 | 4 × 1, PSAM_VERIFIES | information |");
   });
 });
