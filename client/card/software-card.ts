@@ -1,6 +1,7 @@
 // The software stored-value card: the purse application of docs/apdu.md,
-// with its state in a JSON file written atomically before every answer that
-// changes it (a real card writes its EEPROM before it answers, too).
+// with its state in a private file made durable before every answer that
+// changes it (a real card writes its EEPROM before it answers, too): a JSON
+// snapshot and a log of changes beside it (lib/apdu/state-log.ts).
 
 import { randomBytes } from "node:crypto";
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../lib/apdu/apdu.js";

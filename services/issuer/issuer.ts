@@ -9,6 +9,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypto/keys.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { ensureToken, loadMasterKeyLabel, tokenConfigOf, withToken, type TokenConfig } from "../../lib/hsm/pkcs11.js";
 import { MAX_CARD_AMOUNT } from "../../lib/money.js";
@@ -354,7 +355,7 @@ export class Issuer {
    * had its key already.
    */
   async addVerdictKey(path: string): Promise<{ psamId: string; added: boolean }> {
-    const file = await readJson<Omit<PsamFile, "verdictKey"> & { verdictKey?: string }>(path);
+    const file = await readState<Omit<PsamFile, "verdictKey"> & { verdictKey?: string }>(path);
     if (file.format !== 1) throw new Error(`${path}: unknown PSAM file format ${String(file.format)}`);
     if (!/^[0-9a-f]{8}$/.test(file.psamId)) throw new Error(`${path}: not a PSAM file (no 8-hex-digit PSAM id)`);
     const key = this.psamVerdictKey(file.psamId).toString("hex");

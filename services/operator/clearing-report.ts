@@ -24,7 +24,7 @@ import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import type { CardFile } from "../../client/card/software-card.js";
 import { csv } from "../../lib/csv.js";
-import { readJson } from "../../lib/files.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { hexOf, purseId } from "../../lib/ids.js";
 import { formatMinor, formatMoney, money } from "../../lib/money.js";
 import { table } from "../../lib/table.js";
@@ -288,9 +288,9 @@ export async function cardFilesIn(dir: string): Promise<string[]> {
 }
 
 /**
- * Reads each card's balance from its file, without opening the card (no
- * command runs, nothing is written), and its opening value from the
- * issuer's records (its credits at personalisation).
+ * Reads each card's balance from its file and the log of changes beside it,
+ * without opening the card (no command runs, nothing is written), and its
+ * opening value from the issuer's records (its credits at personalisation).
  */
 export async function readCardsAtHand(files: string[], issuerDir: string): Promise<CardAtHand[]> {
   if (files.length === 0) return [];
@@ -303,7 +303,7 @@ export async function readCardsAtHand(files: string[], issuerDir: string): Promi
     for (const file of files) {
       let card: CardFile;
       try {
-        card = await readJson<CardFile>(file);
+        card = await readState<CardFile>(file);
       } catch (e) {
         throw new Error(`cannot read card ${file}: ${(e as Error).message}`, { cause: e });
       }

@@ -10,6 +10,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ClientError, Status } from "nice-grpc";
 import { BatchStatus, ClearingServiceDefinition, type ClearingServiceClient } from "../../gen/netpurse/clearing/v1/clearing.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { psamId as toPsamId } from "../../lib/ids.js";
 import { openSqlite } from "../../lib/store/db.js";
@@ -129,7 +130,7 @@ describe("e2e: a terminal host killed around a batch's submission", function () 
     await startHost("after-close-batch");
     await killed(2);
     // The PSAM closed batch 2; the host's outbox never heard of it.
-    const psam = JSON.parse(await readFile(psamFile, "utf8")) as PsamFile;
+    const psam = await readState<PsamFile>(psamFile);
     expect(psam.lastClosed).to.include({ batchNumber: 2, count: 2, total: 900 });
     expect(psam.batch).to.have.length(0);
     expect((await storedBatches()).map((b) => b.batch_number)).to.deep.equal([1]);

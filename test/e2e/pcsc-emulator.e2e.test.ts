@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
 import { decodeResponse, encodeCommand, selectCommand, SW } from "../../lib/apdu/apdu.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { PSAM_AID } from "../../lib/protocol/psam.js";
 import { PURSE_AID, ReadPurseResponse } from "../../lib/protocol/purse.js";
 import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
@@ -34,7 +35,7 @@ const SELECT_PSAM = encodeCommand(selectCommand(PSAM_AID)).toString("hex");
 const READ_PURSE = "805C000000";
 
 async function cardFile(path: string): Promise<CardFile> {
-  return JSON.parse(await readFile(path, "utf8")) as CardFile;
+  return readState<CardFile>(path);
 }
 
 /** SELECT and READ PURSE through opensc-tool; the purse as the card reported it. */

@@ -7,12 +7,14 @@
 
 import { expect } from "chai";
 import { execFile, spawn } from "node:child_process";
-import { copyFile, readFile, writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { ClientError, Status } from "nice-grpc";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { ClearingServiceDefinition } from "../../gen/netpurse/clearing/v1/clearing.js";
+import type { CardFile } from "../../client/card/software-card.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { reasonName, reasonOf } from "../../lib/grpc/errors.js";
 import { hexOf, merchantId } from "../../lib/ids.js";
@@ -196,8 +198,7 @@ describe("end to end: the operator's settlement, audit and statements", function
 
   it("audit exits 1 and names the card whose balance disagrees with the ledger", async () => {
     const copy = join(files.dir, "changed.card.json");
-    await copyFile(net.cardPath, copy);
-    const card = JSON.parse(await readFile(copy, "utf8")) as { purseId: string; balance: number };
+    const card = await readState<CardFile>(net.cardPath);
     await writeFile(copy, JSON.stringify({ ...card, balance: card.balance + 100 }));
     const failed = await commandFailure(operator("audit", "--card", copy));
     expect(failed.code).to.equal(1);

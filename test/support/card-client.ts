@@ -5,7 +5,7 @@
 
 import { ClientError } from "nice-grpc";
 import { randomBytes } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { readState } from "../../lib/apdu/state-log.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { reasonName, reasonOf } from "../../lib/grpc/errors.js";
 import { open, seal } from "../../lib/protocol/encryption-layer.js";
@@ -54,7 +54,7 @@ export async function plainDrawRequest(reader: PurseReader, offer: PaymentOffer,
 
 /** The purchase key a software card holds (from its file): only the card knows it, and a PSAM derives it from the issuer's master key. */
 export async function cardPurchaseKey(cardPath: string): Promise<Buffer> {
-  const file = JSON.parse(await readFile(cardPath, "utf8")) as CardFile;
+  const file = await readState<CardFile>(cardPath);
   return Buffer.from(file.keys.purchase, "hex");
 }
 

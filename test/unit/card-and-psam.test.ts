@@ -1,8 +1,9 @@
 import { expect } from "chai";
 import { randomUUID } from "node:crypto";
-import { readFile, stat } from "node:fs/promises";
+import { stat } from "node:fs/promises";
 import { join } from "node:path";
 import { encodeCommand, decodeResponse, selectCommand, SW } from "../../lib/apdu/apdu.js";
+import { readState } from "../../lib/apdu/state-log.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { batchMac, batchRecordMac } from "../../lib/protocol/psam.js";
 import { DebitCommand, DebitResponse, DebitResult, InitializeForPurchaseResponse, PURSE_AID, PurseStatusByte } from "../../lib/protocol/purse.js";
@@ -118,7 +119,7 @@ describe("software card and software PSAM (APDU level)", () => {
     const reopened = new PurseReader(new InProcessTransport(await SoftwareCard.open(s.cardPath)));
     await reopened.connect();
     expect((await reopened.readPurse()).balance).to.equal(8_750);
-    expect((JSON.parse(await readFile(s.psamPath, "utf8")) as { batch: unknown[] }).batch).to.have.length(1);
+    expect((await readState<PsamFile>(s.psamPath)).batch).to.have.length(1);
   });
 
   it("refuses a DEBIT command whose amount was changed (6982) and leaves the purse untouched", async () => {
@@ -194,7 +195,7 @@ describe("software card and software PSAM (APDU level)", () => {
 
     // A card blocked in its own file (it says so in its answer, under its cryptogram), and a card on the PSAM's blocked list.
     const blockedPath = await makeCard(issuer, dir, { name: "blocked" });
-    await SoftwareCard.write(blockedPath, { ...(JSON.parse(await readFile(blockedPath, "utf8")) as CardFile), status: "blocked" });
+    await SoftwareCard.write(blockedPath, { ...(await readState<CardFile>(blockedPath)), status: "blocked" });
     const blockedCard = new PurseReader(new InProcessTransport(await SoftwareCard.open(blockedPath)));
     const blockedAtr = await blockedCard.connect();
     const draw = { amount: 100, currency: EUR, transactionRef: randomUUID(), merchantId: "m" };
@@ -205,7 +206,7 @@ describe("software card and software PSAM (APDU level)", () => {
     );
     const listed = await setup({ name: "listed" }, { name: "psam-with-list" });
     const listedInit = await listed.reader.initializeForPurchase();
-    const psamFile = JSON.parse(await readFile(listed.psamPath, "utf8")) as PsamFile;
+    const psamFile = await readState<PsamFile>(listed.psamPath);
     await SoftwarePsam.write(listed.psamPath, { ...psamFile, blockedPurses: [listedInit.parsed.purseId.toString("hex")] });
     const listingPsam = new PsamDriver(new InProcessTransport(await SoftwarePsam.open(listed.psamPath)));
     await listingPsam.connect();
@@ -269,7 +270,7 @@ describe("software card and software PSAM (APDU level)", () => {
     const s = await setup();
     const d = await drawDebit(s, 400);
     await s.driver.verifyDebit(d.psamCounter, (await s.reader.debit(d.debitCommand)).raw);
-    const file = JSON.parse(await readFile(s.psamPath, "utf8")) as PsamFile;
+    const file = await readState<PsamFile>(s.psamPath);
     const old = { ...file.batch[0]! };
     delete old.keyVersion;
     delete old.sessionCounter;

@@ -9,6 +9,7 @@ import { expect } from "chai";
 import { randomUUID } from "node:crypto";
 import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { readState } from "../../lib/apdu/state-log.js";
 import { InProcessTransport } from "../../lib/apdu/transport.js";
 import { diversifyPsamKey, Verdict, type IssuedMacFields, type ReversalMacFields, type VerdictMacFields } from "../../lib/protocol/psam.js";
 import { DebitCommand, DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
@@ -17,7 +18,7 @@ import { SoftwareCard } from "../../client/card/software-card.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { SoftwareSecurityModule, VERDICT_KEY_FILE } from "../../services/payment/security-module.js";
 import { PsamDriver } from "../../services/terminal/psam/psam-driver.js";
-import { SoftwarePsam } from "../../services/terminal/psam/software-psam.js";
+import { SoftwarePsam, type PsamFile } from "../../services/terminal/psam/software-psam.js";
 import { cardPurchaseKey, resignedInit } from "../support/card-client.js";
 import { EUR, makeCard, makeIssuer, makePsam, tempDir } from "../support/fixtures.js";
 
@@ -218,7 +219,7 @@ describe("PSAM verdicts: the PSAM's MACs and the payment operator's check", () =
       .and.match(/netpurse-issuer add-verdict-key --psam/);
     expect(await issuer.addVerdictKey(psamPath)).to.include({ added: true });
     expect(await issuer.addVerdictKey(psamPath)).to.include({ added: false });
-    const after = JSON.parse(await readFile(psamPath, "utf8")) as { verdictKey: string; counter: number };
+    const after = await readState<PsamFile>(psamPath);
     expect(after).to.include({ verdictKey: key, counter: 41 }); // nothing else changed
     expect((await stat(psamPath)).mode & 0o777).to.equal(0o600);
     await SoftwarePsam.open(psamPath);

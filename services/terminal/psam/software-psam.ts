@@ -4,11 +4,13 @@
 // Every answer the payment server acts on (DEBIT command issued, the verdict
 // on the card's answer, a reversal) carries its MAC under the PSAM's verdict
 // key, so that nobody between the PSAM and the payment server can make one up.
-// Its state is a private JSON file written atomically before every answer
-// that changes it.
+// Its state is a private file made durable before every answer that changes
+// it: a JSON snapshot and a log of changes beside it (lib/apdu/state-log.ts),
+// one small append per DRAW AMOUNT, VERIFY DEBIT, REVERSE DEBIT, CLOSE BATCH.
 
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../../lib/apdu/apdu.js";
 import { SoftwareApplication } from "../../../lib/apdu/software-application.js";
+import type { StateLog } from "../../../lib/apdu/state-log.js";
 import { macEqual } from "../../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../../lib/crypto/keys.js";
 import { LayoutError, type Fields, type Layout, type Value } from "../../../lib/protocol/layout.js";
@@ -170,21 +172,22 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
 
   private constructor(
     path: string,
-    state: PsamFile,
+    log: StateLog<PsamFile>,
     private readonly clock: () => Date,
   ) {
-    super(path, state);
+    super(path, log);
   }
 
   static async open(path: string, clock: () => Date = () => new Date()): Promise<SoftwarePsam> {
-    const state = await SoftwareApplication.load<PsamFile>(path, "PSAM");
-    if (!isKeyHex(state.verdictKey)) {
-      throw new Error(
-        `${path}: PSAM ${state.psamId} holds no verdict key (it was provisioned before PSAM verdicts): ` +
-          `with its terminal host stopped, run 'netpurse-issuer add-verdict-key --psam ${path}', or provision a new PSAM`,
-      );
-    }
-    return new SoftwarePsam(path, state, clock);
+    const log = await SoftwareApplication.load<PsamFile>(path, "PSAM", (state) => {
+      if (!isKeyHex(state.verdictKey)) {
+        throw new Error(
+          `${path}: PSAM ${state.psamId} holds no verdict key (it was provisioned before PSAM verdicts): ` +
+            `with its terminal host stopped, run 'netpurse-issuer add-verdict-key --psam ${path}', or provision a new PSAM`,
+        );
+      }
+    });
+    return new SoftwarePsam(path, log, clock);
   }
 
   static async write(path: string, file: PsamFile): Promise<void> {
