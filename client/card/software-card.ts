@@ -3,7 +3,7 @@
 // changes it (a real card writes its EEPROM before it answers, too): a JSON
 // snapshot and a log of changes beside it (lib/apdu/state-log.ts).
 
-import { randomBytes } from "node:crypto";
+import { freshBytes } from "../../lib/crypto/random.js";
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../lib/apdu/apdu.js";
 import { SoftwareApplication } from "../../lib/apdu/software-application.js";
 import { macEqual } from "../../lib/crypto/aes.js";
@@ -150,7 +150,7 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     if (c.p1 !== 0 || c.p2 !== 0) return status(SW.WRONG_P1P2);
     if (c.data.length !== 0) return status(SW.WRONG_LENGTH);
     const s = this.state;
-    const challenge = randomBytes(8);
+    const challenge = freshBytes(8);
     const purseId = Buffer.from(s.purseId, "hex");
     this.session = { kind: "purchase", purseId, cardCounter: s.counter, challenge };
     const answer = {
@@ -227,7 +227,7 @@ export class SoftwareCard extends SoftwareApplication<CardFile> {
     this.session = undefined;
     if (c.data.length !== InitializeForLoadCommand.size) throw new ApduError(SW.WRONG_LENGTH, "INITIALIZE FOR LOAD data length");
     const command = decodeOr6A80(() => InitializeForLoadCommand.decode(c.data));
-    const state = { ...this.purse(), algorithm: ALGORITHM_AES128_CMAC, challenge: randomBytes(8) };
+    const state = { ...this.purse(), algorithm: ALGORITHM_AES128_CMAC, challenge: freshBytes(8) };
     const init = { ...state, s1: loadS1(Buffer.from(this.state.keys.load, "hex"), command, state) };
     this.session = { kind: "load", command, init };
     return { data: InitializeForLoadResponse.encode(init), sw: SW.OK };
