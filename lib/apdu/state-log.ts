@@ -312,6 +312,16 @@ const descriptors = new FinalizationRegistry<number>((fd) => fs.close(fd, () => 
  */
 const openLogs = new Map<string, WeakRef<StateLog<object>>>();
 
+/** Opens under way, by absolute path: the next open of the file waits for this one. */
+const opening = new Map<string, Promise<void>>();
+
+/**
+ * Files whose save failed in this process, and why: the page cache may hold
+ * a record the disk does not, so opening them again here could append after
+ * it; only a new process reads what the disk truly holds.
+ */
+const brokenPaths = new Map<string, Error>();
+
 /** This process's open log of a file, if it is still the file's: one another process changed since is given up. */
 function liveLog<S extends object>(path: string): StateLog<S> | undefined {
   const key = resolve(path);
@@ -353,6 +363,29 @@ export class StateLog<S extends object> {
    */
   static async open<S extends object>(path: string, accept?: (state: S) => void): Promise<StateLog<S>> {
     const key = resolve(path);
+    const broken = brokenPaths.get(key);
+    if (broken) {
+      throw new StateLogError(
+        `${path}: a save to its state log failed in this process (${broken.message}); what reached the disk is known only after a restart: restart the process`,
+        { cause: broken },
+      );
+    }
+    // Opens of one file in this process take turns: a second would otherwise cut records the first has saved meanwhile.
+    const before = opening.get(key) ?? Promise.resolve();
+    let done!: () => void;
+    const mine = new Promise<void>((r) => (done = r));
+    const turn = before.then(() => mine);
+    opening.set(key, turn);
+    await before;
+    try {
+      return await StateLog.openNow<S>(path, key, accept);
+    } finally {
+      done();
+      if (opening.get(key) === turn) opening.delete(key);
+    }
+  }
+
+  private static async openNow<S extends object>(path: string, key: string, accept?: (state: S) => void): Promise<StateLog<S>> {
     const live = liveLog<S>(path);
     if (live) {
       accept?.(live.state);
@@ -381,12 +414,6 @@ export class StateLog<S extends object> {
       await closeFd(fd);
       throw e;
     }
-    // Opened meanwhile by another caller in this process: one log per file.
-    const raced = liveLog<S>(path);
-    if (raced) {
-      await log.close();
-      return StateLog.open(path, accept);
-    }
     openLogs.set(key, new WeakRef(log));
     return log;
   }
@@ -407,7 +434,10 @@ export class StateLog<S extends object> {
    */
   async save(next: S): Promise<void> {
     if (this.closed) throw new Error(`${this.path}: its state log is closed`);
-    if (this.failed) throw new Error(`${this.path}: a write to its state log failed (${this.failed.message}); open it again`, { cause: this.failed });
+    if (this.failed)
+      throw new Error(`${this.path}: a write to its state log failed (${this.failed.message}); restart the process, which reads what the disk holds`, {
+        cause: this.failed,
+      });
     const changes = diffState(this.current, next);
     if (changes.length === 0) {
       this.current = next;
@@ -424,8 +454,9 @@ export class StateLog<S extends object> {
       await fdatasync(this.fd);
       countFsync();
     } catch (e) {
-      // What reached the file is unknown: no record may follow it until the log is read again.
+      // What reached the disk is unknown: no record may follow it, in this process, until it starts again.
       this.failed = e as Error;
+      brokenPaths.set(resolve(this.path), this.failed);
       throw e;
     }
     this.seq++;

@@ -69,6 +69,11 @@ class SqliteQueryable implements Queryable {
   async all<T>(sql: string, params: SqlValue[] = []) {
     return this.statement(sql).all(...params) as T[];
   }
+
+  /** Whether a statement writes (an UPDATE … RETURNING read with get, say). */
+  writes(sql: string): boolean {
+    return !this.statement(sql).readonly;
+  }
 }
 
 /** Commits between two checkpoints of the write-ahead log into the database file. */
@@ -179,11 +184,23 @@ class SqliteDb implements Db {
   }
 
   get<T>(sql: string, params?: SqlValue[]) {
-    return this.settled(() => this.q.get<T>(sql, params));
+    return this.settled(async () => {
+      try {
+        return await this.q.get<T>(sql, params);
+      } finally {
+        if (this.q.writes(sql)) this.committed++;
+      }
+    });
   }
 
   all<T>(sql: string, params?: SqlValue[]) {
-    return this.settled(() => this.q.all<T>(sql, params));
+    return this.settled(async () => {
+      try {
+        return await this.q.all<T>(sql, params);
+      } finally {
+        if (this.q.writes(sql)) this.committed++;
+      }
+    });
   }
 
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
@@ -192,7 +209,10 @@ class SqliteDb implements Db {
 
   async transactionBeforeSync<T>(fn: (tx: Queryable) => Promise<T>): Promise<{ value: T; synced: Promise<void> }> {
     try {
-      const value = await this.mutex.run(() => this.inTransaction(fn));
+      const value = await this.mutex.run(() => {
+        this.usable();
+        return this.inTransaction(fn);
+      });
       return { value, synced: this.durable(this.committed) };
     } catch (e) {
       await this.durable(this.committed); // a failure may rest on what it read, as in settled()
@@ -220,9 +240,44 @@ class SqliteDb implements Db {
    */
   private async settled<T>(task: () => Promise<T>): Promise<T> {
     try {
-      return await this.mutex.run(task);
+      return await this.mutex.run(async () => {
+        this.usable();
+        try {
+          return await task();
+        } finally {
+          this.noteOthersCommits();
+        }
+      });
     } finally {
       await this.durable(this.committed);
+    }
+  }
+
+  /** SQLite's count of commits by other connections (another process's tool on this file), as last seen. */
+  private dataVersion: number | undefined;
+
+  /**
+   * A commit another connection made (an operator's tool writing while the
+   * service runs) is synced by its own connection in its own time: anything
+   * read since it came waits for a sync of ours, which covers the file's
+   * log whoever wrote it.
+   */
+  private noteOthersCommits(): void {
+    if (!this.walPath) return;
+    const v = this.db.pragma("data_version", { simple: true }) as number;
+    if (this.dataVersion !== undefined && v !== this.dataVersion) this.committed++;
+    this.dataVersion = v;
+  }
+
+  /** The first failed sync, after which nothing is answered: what reached the disk is unknown until the process starts again. */
+  private broken: Error | undefined;
+
+  private usable(): void {
+    if (this.broken) {
+      throw new Error(
+        `the database's write-ahead log could not be synced (${this.broken.message}); nothing more is answered from it: restart the service, which recovers from what is on disk`,
+        { cause: this.broken },
+      );
     }
   }
 
@@ -258,9 +313,16 @@ class SqliteDb implements Db {
   };
 
   private async syncOnce(): Promise<void> {
+    this.usable();
     const target = this.committed;
-    this.wal ??= await open(this.walPath!, "r");
-    await this.wal.datasync();
+    try {
+      this.wal ??= await open(this.walPath!, "r");
+      await this.wal.datasync();
+    } catch (e) {
+      // Linux reports a lost write-back once: a later sync could succeed without the lost pages. Nothing is trusted after.
+      this.broken = e as Error;
+      throw e;
+    }
     countFsync();
     this.sinceCheckpoint += target - this.synced;
     this.synced = target;
@@ -283,11 +345,16 @@ class SqliteDb implements Db {
     const c = this.checkpointer;
     if (!c) return;
     await c.pass();
-    await this.mutex.run(() => c.pass());
+    await this.mutex.run(async () => {
+      if (!this.closed) await c.pass();
+    });
   }
+
+  private closed = false;
 
   async close() {
     await this.mutex.run(async () => {
+      this.closed = true;
       await this.durable(this.committed);
       await this.checkpointer?.close();
       // The last connection's close checkpoints and deletes the log: with SQLite's own syncs, not without.
@@ -333,6 +400,9 @@ export function openSqlite(path: string, migrations: Migrations): Db {
     closeSync(dirFd);
   }
   db.pragma("wal_autocheckpoint = 0"); // checkpoints are SqliteDb's, with their syncs
-  db.pragma("synchronous = OFF"); // SqliteDb syncs the log itself before anyone is answered
+  // SqliteDb syncs the log itself before anyone is answered. NORMAL, not OFF: in WAL mode it adds no sync to a
+  // commit, but it syncs the log's new header when the log starts over, without which a power cut then could
+  // leave old frames that recovery would read as valid over newer pages of the database file.
+  db.pragma("synchronous = NORMAL");
   return new SqliteDb(db, path);
 }

@@ -294,6 +294,7 @@ export class PaymentServer {
         exponent: v.exponent,
         purse_id: v.card.purseId.toString("hex"),
         card_counter: v.card.counter,
+        card_balance: v.card.balance,
         key_version: v.card.keyVersion,
         confirmation_mode: v.mode,
         completion_token: freshBytes(16),

@@ -92,8 +92,22 @@ export class Ruling {
     return this.prove(p, answer, "card_signature_matched", "the card's signature is the one the PSAM expected", a.debitResponse, [recorded]);
   }
 
+  /**
+   * The answer the PSAM predicted: its signature, and the counter and
+   * balance that signature covers (a client keeping the signature and
+   * changing the balance it reports must not have that balance recorded).
+   * Anything else goes to the PSAM, which checks the signature over what
+   * the answer says.
+   */
   private isExpectedDebit(p: SignedPurchase, a: DebitAnswer): boolean {
-    return !!p.expected_card_signature && a.result === DebitResult.DEBITED && macEqual(a.cardSignature, p.expected_card_signature);
+    return (
+      !!p.expected_card_signature &&
+      a.result === DebitResult.DEBITED &&
+      a.counter === p.card_counter + 1 &&
+      p.card_balance !== null &&
+      a.balance === p.card_balance - p.amount_minor &&
+      macEqual(a.cardSignature, p.expected_card_signature)
+    );
   }
 
   /** The card proved the debit: paid. Its proof goes into the PSAM's batch next. */

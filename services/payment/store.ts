@@ -60,6 +60,8 @@ export const PAYMENT_MIGRATIONS = [
      WHERE card_status_word = 28417;`,
   // The per-purse bound on DEBIT commands awaiting the card's answer counts a purse's purchases by state.
   `CREATE INDEX purchases_purse_state ON purchases (purse_id, state);`,
+  // The card's balance at INITIALIZE FOR PURCHASE: the answer a PSAM predicted has that balance less the amount.
+  `ALTER TABLE purchases ADD COLUMN card_balance INTEGER;`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
@@ -75,6 +77,8 @@ interface PurchaseBase {
   exponent: number;
   purse_id: string;
   card_counter: number;
+  /** The card's balance before this purchase, as its INITIALIZE response gave it (null in rows from before it was kept). */
+  card_balance: number | null;
   key_version: number;
   confirmation_mode: ConfirmationMode;
   /** Only the client that sent the draw request knows it: it binds CompletePurchase to that client. */
@@ -134,6 +138,7 @@ interface PurchaseRow {
   exponent: number;
   purse_id: string;
   card_counter: number;
+  card_balance: number | null;
   key_version: number;
   confirmation_mode: number;
   state: State;
@@ -188,6 +193,7 @@ function toPurchase(row: PurchaseRow): Purchase {
     exponent: row.exponent,
     purse_id: row.purse_id,
     card_counter: row.card_counter,
+    card_balance: row.card_balance,
     key_version: row.key_version,
     confirmation_mode: row.confirmation_mode,
     completion_token: need(row, row.completion_token, "completion_token"),

@@ -104,6 +104,26 @@ describe("contract: confirmation modes and the encryption layer", function () {
       expect((await purchase(o)).state).to.equal(PurchaseState.PURCHASE_STATE_REVERSED);
       expect((await totals()).batch).to.equal(t0.batch);
     });
+
+    it("the expected signature with another balance or counter is not the expected debit: no balance the card never had is recorded", async () => {
+      for (const field of ["balance", "counter"] as const) {
+        const o = await offerAt("server-shop");
+        const t0 = await totals();
+        const { issued } = await issue(o);
+        const debit = await card.debit(Buffer.from(issued.debitCommand));
+        const real = DebitResponse.decode(debit.raw);
+        const lying = DebitResponse.encode({ ...real, [field]: real[field] + 1_000 });
+        const f = await failure(net.clients.payment.completePurchase(completeRequest(o, { sw: SW.OK, raw: lying, token: issued.completionToken })));
+        expect(f, field).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
+        const rec = await purchase(o);
+        expect(rec.state, field).to.equal(PurchaseState.PURCHASE_STATE_REVERSED);
+        expect(
+          rec.events.map((e) => e.step),
+          field,
+        ).to.not.include("card_signature_matched");
+        expect((await totals()).batch, field).to.equal(t0.batch);
+      }
+    });
   });
 
   describe("CLIENT_COMPARES (FIG. 7)", () => {

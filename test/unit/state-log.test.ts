@@ -240,6 +240,23 @@ describe("software card and PSAM state: snapshot and log (lib/apdu/state-log.ts)
     expect(await readState(path)).to.deep.equal(three);
   });
 
+  it("two opens at once after a crash take turns: the second shares the first's log and cuts nothing it saved", async () => {
+    const path = join(dir, "s.json");
+    await writeState(path, initial());
+    const first = await StateLog.open<Model>(path);
+    const one = { ...initial(), counter: 1 };
+    await first.save(one);
+    await first.close();
+    await appendFile(logPathOf(path), "0000 torn"); // a crash mid-write
+    const [a, b] = await Promise.all([StateLog.open<Model>(path), StateLog.open<Model>(path)]);
+    expect(a).to.equal(b);
+    const two = { ...one, counter: 2 };
+    await a.save(two);
+    await a.close();
+    await b.close();
+    expect(await readState(path)).to.deep.equal(two);
+  });
+
   it("refuses a log whose damaged record is not the last, naming the file, and a log with records missing", async () => {
     const { cardPath, psamPath } = await purchases(issuer, dir, 3);
     const logPath = logPathOf(cardPath);
