@@ -11,7 +11,7 @@
 //     log is a completed purchase, and each purchase the payment server has
 //     as paid (PROVEN or COMPLETED) is a debit in the card's log, for the same
 //     amount.
-// NETPURSE_INVARIANT_RUNS sets the number of sequences: 250 by default (npm
+// NETPURSE_INVARIANT_RUNS sets the number of sequences: 150 by default (npm
 // test), 1000 in the nightly form.
 
 import Database from "better-sqlite3";
@@ -37,7 +37,7 @@ import { CrashingLoadJournal, EUR, freshCardholder, LOAD_STEPS, loadRequest, off
 import { startNetwork, type Network } from "../support/network.js";
 import { DEMO_BANK } from "../../services/network/layout.js";
 
-const RUNS = Number(process.env.NETPURSE_INVARIANT_RUNS ?? 250);
+const RUNS = Number(process.env.NETPURSE_INVARIANT_RUNS ?? 150);
 
 type Action =
   | { kind: "load"; amount: number; drop: LoadStep | undefined }
