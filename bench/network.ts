@@ -19,6 +19,7 @@ import { pkiDirOf, Security } from "../lib/pki/security.js";
 import { Issuer } from "../services/issuer/issuer.js";
 import { launchNetwork, Launcher } from "../services/network/launcher.js";
 import { DEFAULT_DEMO, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, EUR, paths } from "../services/network/layout.js";
+import { stopOnInterrupt } from "./interrupt.js";
 import type { ShopFile } from "../services/merchant/shop.js";
 
 export const TERMINAL_ID = "terminal-1";
@@ -122,6 +123,32 @@ export class BenchNetwork {
    * host, one shop (the demo shop unless told), and a card per cardholder.
    * `serviceEnv` adds variables to every service's environment (a profiler).
    */
+  /**
+   * A fresh network for one measurement: prepared, started with its PSAMs,
+   * its cardholders' cards open and the merchant's client made; `fn` runs
+   * on it, and the network is stopped (and its folder removed unless kept)
+   * whatever happens, Ctrl-C included.
+   */
+  static async session<T>(
+    p: Parameters<typeof BenchNetwork.prepare>[0] & { keepData: boolean },
+    fn: (net: BenchNetwork, cardholders: PurchaseContext[], merchant: MerchantClient) => Promise<T>,
+  ): Promise<T> {
+    const net = await BenchNetwork.prepare(p);
+    const tidy = async () => {
+      await net.stop();
+      if (!p.keepData) await net.discard();
+    };
+    const forget = stopOnInterrupt(tidy);
+    try {
+      await net.launch(p.psams);
+      const cardholders = await Promise.all(Array.from({ length: p.cardholders }, (_, i) => net.cardholder(i)));
+      return await fn(net, cardholders, net.clients.merchant(net.merchantAddress));
+    } finally {
+      forget();
+      await tidy();
+    }
+  }
+
   static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile; tls?: boolean; serviceEnv?: NodeJS.ProcessEnv }): Promise<BenchNetwork> {
     const shop = p.shop ?? DEMO_SHOP;
     const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-${shop.merchantId}-p${p.psams}-c${p.cardholders}-`));

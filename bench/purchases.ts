@@ -7,7 +7,6 @@ import type { PaymentOffer } from "../gen/netpurse/merchant/v1/merchant.js";
 import { payOffer, type MerchantClient, type PurchaseContext } from "../client/purchase.js";
 import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
 import { DEMO_SHOP } from "../services/network/layout.js";
-import { stopOnInterrupt } from "./interrupt.js";
 import { closedLoop, type LoadResult, type Phases } from "./load.js";
 import { ConnectionSampler, type ConnectionCounts } from "./connections.js";
 import { BenchNetwork, modeOf, PROCESS, shopForMode, type LogFindings } from "./network.js";
@@ -109,22 +108,15 @@ export async function measurePurchases(c: PurchaseConfiguration, phases: Phases,
   const label = configurationLabel({ ...c, mode, tls: o.tls });
   const profileDir = o.profileDir ? join(o.profileDir, `${c.psams}x${c.cardholders}-${mode}-tls-${o.tls ? "on" : "off"}`) : undefined;
   process.stderr.write(`[${label}] setting up a data folder and starting the network\n`);
-  const net = await BenchNetwork.prepare({
+  const p = {
     psams: c.psams,
     cardholders: c.cardholders,
     shop: shopForMode(mode),
     tls: o.tls,
+    keepData: o.keepData,
     ...(profileDir ? { serviceEnv: profilingEnv(profileDir) } : {}),
-  });
-  const tidy = async () => {
-    await net.stop();
-    if (!o.keepData) await net.discard();
   };
-  const forget = stopOnInterrupt(tidy);
-  try {
-    await net.launch(c.psams);
-    const cardholders = await Promise.all(Array.from({ length: c.cardholders }, (_, i) => net.cardholder(i)));
-    const merchant = net.clients.merchant(net.merchantAddress);
+  return BenchNetwork.session(p, async (net, cardholders, merchant) => {
     const cpu = new CpuSampler(() => net.processes());
     const connections = new ConnectionSampler(() => net.processes());
     const stats = new StatsWindow(net.launcher, PROCESS.bench);
@@ -193,10 +185,7 @@ export async function measurePurchases(c: PurchaseConfiguration, phases: Phases,
       ...(profileDir && ownProfile ? { profiles: await collectProfiles(profileDir, pids, { name: PROCESS.bench, profile: ownProfile }, monotonic) } : {}),
       ...(o.keepData ? { dataDir: net.dir } : {}),
     };
-  } finally {
-    forget();
-    await tidy();
-  }
+  });
 }
 
 const sum = (values: number[]) => values.reduce((a, b) => a + b, 0);

@@ -5,7 +5,6 @@
 // minute: nothing grows with the number of purchases made.
 
 import { performance } from "node:perf_hooks";
-import { stopOnInterrupt } from "./interrupt.js";
 import { closedLoop, type LoadResult } from "./load.js";
 import { BenchNetwork, PROCESS, shopForMode, type LogFindings } from "./network.js";
 import { peakMemoryMiB, residentMemoryMiB } from "./proc.js";
@@ -44,16 +43,8 @@ export async function measureSoak(minutes: number, o: { tls: boolean; keepData: 
   const c = SOAK_CONFIGURATION;
   const label = `soak, ${configurationLabel({ ...c, tls: o.tls })}, ${minutes} min`;
   process.stderr.write(`[${label}] setting up a data folder and starting the network\n`);
-  const net = await BenchNetwork.prepare({ psams: c.psams, cardholders: c.cardholders, shop: shopForMode(c.mode), tls: o.tls });
-  const tidy = async () => {
-    await net.stop();
-    if (!o.keepData) await net.discard();
-  };
-  const forget = stopOnInterrupt(tidy);
-  try {
-    await net.launch(c.psams);
-    const cardholders = await Promise.all(Array.from({ length: c.cardholders }, (_, i) => net.cardholder(i)));
-    const merchant = net.clients.merchant(net.merchantAddress);
+  const p = { psams: c.psams, cardholders: c.cardholders, shop: shopForMode(c.mode), tls: o.tls, keepData: o.keepData };
+  return BenchNetwork.session(p, async (net, cardholders, merchant) => {
     const pid = net.launcher.pid(PROCESS.payment)!;
     let purchases = 0;
     let startedAt = performance.now();
@@ -106,8 +97,5 @@ export async function measureSoak(minutes: number, o: { tls: boolean; keepData: 
       serviceLogs: await net.logFindings(),
       ...(o.keepData ? { dataDir: net.dir } : {}),
     };
-  } finally {
-    forget();
-    await tidy();
-  }
+  });
 }

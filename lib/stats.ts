@@ -3,8 +3,6 @@
 // its memory. Asked over the launcher's IPC channel; it costs nothing until
 // asked, and the event-loop monitor starts at the first request.
 
-import { writeFile } from "node:fs/promises";
-import { Session } from "node:inspector/promises";
 import { monitorEventLoopDelay, type IntervalHistogram } from "node:perf_hooks";
 
 let fsyncs = 0;
@@ -57,41 +55,12 @@ export function processStats(): ProcessStats {
   return out;
 }
 
-/** A request to start or stop profiling this process's CPU (V8's sampling profiler, through the inspector). */
-export const PROFILE_REQUEST = "netpurse-profile";
-
-let profiler: Session | undefined;
-
-/** Starts the CPU profiler, or stops it and writes the profile (a .cpuprofile, as Chrome's DevTools read it) to `file`. */
-async function profile(action: "start" | "stop", file: string | undefined): Promise<void> {
-  if (action === "start") {
-    if (profiler) return;
-    profiler = new Session();
-    profiler.connect();
-    await profiler.post("Profiler.enable");
-    await profiler.post("Profiler.start");
-    return;
-  }
-  const s = profiler;
-  if (!s) throw new Error("the profiler is not running");
-  profiler = undefined;
-  const { profile } = await s.post("Profiler.stop");
-  s.disconnect();
-  if (file) await writeFile(file, JSON.stringify(profile));
-}
-
-/** Answers a launcher's stats and profile requests on the IPC channel, if there is one. */
+/** Answers a launcher's stats requests on the IPC channel, if there is one. */
 export function answerStatsRequests(): void {
   if (!process.send) return;
   process.on("message", (m: unknown) => {
     if (typeof m !== "object" || m === null) return;
-    const r = m as { type?: unknown; id?: unknown; action?: unknown; file?: unknown };
+    const r = m as { type?: unknown; id?: unknown };
     if (r.type === STATS_REQUEST) process.send?.({ type: STATS_REQUEST, id: r.id, stats: processStats() });
-    if (r.type === PROFILE_REQUEST && (r.action === "start" || r.action === "stop")) {
-      profile(r.action, typeof r.file === "string" ? r.file : undefined).then(
-        () => process.send?.({ type: PROFILE_REQUEST, id: r.id }),
-        (e: unknown) => process.send?.({ type: PROFILE_REQUEST, id: r.id, error: (e as Error).message }),
-      );
-    }
   });
 }

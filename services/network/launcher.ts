@@ -8,7 +8,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync, readFileSync, type WriteStream } from "node:fs";
 import { join, resolve } from "node:path";
-import { PROFILE_REQUEST, STATS_REQUEST, type ProcessStats } from "../../lib/stats.js";
+import { STATS_REQUEST, type ProcessStats } from "../../lib/stats.js";
 
 const ROOT = resolve(new URL("../..", import.meta.url).pathname);
 const TSX = import.meta.resolve("tsx");
@@ -172,12 +172,6 @@ export class Launcher {
     const m = await this.ask(name, { type: STATS_REQUEST }, timeoutMs);
     if (!m.stats) throw new Error(`${name} answered without its figures`);
     return m.stats;
-  }
-
-  /** Starts a running service's CPU profiler, or stops it and has the service write the profile to `file`. */
-  async profile(name: string, action: "start" | "stop", file?: string, timeoutMs = 30_000): Promise<void> {
-    const m = await this.ask(name, { type: PROFILE_REQUEST, action, file }, timeoutMs);
-    if (m.error) throw new Error(`${name} could not ${action} its profiler: ${m.error}`);
   }
 
   private requests = 0;
