@@ -19,7 +19,7 @@
 // Within one process, opening a file again shares the open log.
 
 import * as fs from "node:fs";
-import { open, readFile } from "node:fs/promises";
+import { open, readFile, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { promisify } from "node:util";
 import { crc32 } from "node:zlib";
@@ -243,7 +243,13 @@ async function loadState<S extends object>(path: string): Promise<Loaded<S>> {
 
 /** Reads a state file as its application would open it, writing nothing (audits, tools, tests). */
 export async function readState<S extends object>(path: string): Promise<S> {
-  return (await loadState<S>(path)).state;
+  // The application may compact while we read (a new snapshot, then an emptied log): read again until the snapshot
+  // read is still the file's, so the log read after it belongs to it.
+  for (let attempt = 1; ; attempt++) {
+    const l = await loadState<S>(path);
+    const now = await stat(path).catch(() => undefined);
+    if (now?.ino === l.snapshotIno || attempt === 5) return l.state;
+  }
 }
 
 /** The snapshot's text: the state, and the last record it holds. */
@@ -474,15 +480,26 @@ export class StateLog<S extends object> {
     const text = snapshotText(this.current, this.seq);
     try {
       await writeFileAtomic(this.path, text, { private: true });
+    } catch {
+      // Whether or not the new snapshot took the old one's place, the log still holds every record (those the
+      // snapshot holds are skipped on replay): tried again after as many bytes more.
       this.snapshotIno = fs.statSync(this.path).ino;
+      this.compactAt = this.logBytes + Math.max(stateLogLimits.compactMinBytes, Buffer.byteLength(text));
+      return;
+    }
+    this.snapshotIno = fs.statSync(this.path).ino;
+    try {
       await ftruncate(this.fd, 0);
       await fdatasync(this.fd);
       countFsync();
-      this.logBytes = 0;
-      this.compactAt = Math.max(stateLogLimits.compactMinBytes, Buffer.byteLength(text));
-    } catch {
-      this.compactAt = this.logBytes + Math.max(stateLogLimits.compactMinBytes, Buffer.byteLength(text));
+    } catch (e) {
+      // What the log holds on disk is unknown: as for a failed save, no record may follow until the process restarts.
+      this.failed = e as Error;
+      brokenPaths.set(resolve(this.path), this.failed);
+      return;
     }
+    this.logBytes = 0;
+    this.compactAt = Math.max(stateLogLimits.compactMinBytes, Buffer.byteLength(text));
   }
 
   /**
