@@ -153,8 +153,19 @@ function transactionRow(psamId: string, batchNumber: number, r: PsamBatchRecord,
   ];
 }
 
+/** Owners of the latest claims kept in memory: every job's answer lists its PSAM's open debits with their owners. */
+const OWNERS_KEPT = 4_096;
+
 export class TerminalStore {
   constructor(private readonly db: Db) {}
+
+  /** The latest claims, by transaction (a claim is never changed once made). */
+  private readonly owners = new Map<string, string>();
+
+  private keepOwner(transactionId: string, paymentServerId: string): void {
+    if (this.owners.size >= OWNERS_KEPT) this.owners.delete(this.owners.keys().next().value!);
+    this.owners.set(transactionId, paymentServerId);
+  }
 
   async recordTransaction(psamId: string, batchNumber: number, r: PsamBatchRecord, jobId: string): Promise<void> {
     // A retried job finds the row there already: record it once (what the PSAM says of it is rewritten, the same bytes again, or the
@@ -280,13 +291,18 @@ export class TerminalStore {
       ]);
       return tx.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]);
     });
+    if (value) this.keepOwner(transactionId, value.payment_server_id);
     return { granted: value?.payment_server_id === paymentServerId, synced };
   }
 
   /** The payment server a transaction's DEBIT command was issued for; undefined when none was recorded. */
   async ownerOf(transactionId: string): Promise<string | undefined> {
-    return (await this.db.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]))
+    const kept = this.owners.get(transactionId);
+    if (kept !== undefined) return kept;
+    const owner = (await this.db.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]))
       ?.payment_server_id;
+    if (owner !== undefined) this.keepOwner(transactionId, owner);
+    return owner;
   }
 
   /** The transaction a PSAM counter's debit was recorded or reversed for, once it is no longer open in the PSAM. */

@@ -59,3 +59,27 @@ describe("terminal store: cleared debits", () => {
     }
   });
 });
+
+describe("terminal store: owners of DEBIT commands", () => {
+  it("a claim stays its first payment server's, in memory and on disk: another is refused, and a new store reads the same owner", async () => {
+    const { dir, cleanup } = await tempDir();
+    const path = join(dir, "terminal.db");
+    const db = openSqlite(path, TERMINAL_MIGRATIONS);
+    try {
+      const store = new TerminalStore(db);
+      const id = randomUUID();
+      const first = await store.claim(id, "payment-1");
+      await first.synced;
+      expect(first.granted).to.equal(true);
+      const second = await store.claim(id, "payment-2");
+      await second.synced;
+      expect(second.granted).to.equal(false);
+      expect(await store.ownerOf(id)).to.equal("payment-1");
+      expect(await new TerminalStore(db).ownerOf(id)).to.equal("payment-1");
+      expect(await store.ownerOf(randomUUID())).to.equal(undefined);
+    } finally {
+      await db.close();
+      await cleanup();
+    }
+  });
+});
