@@ -8,6 +8,7 @@
 // Every seal is AES-256-GCM with the transaction id and the message type as
 // associated data.
 
+import { BoundedMap } from "../bounded-map.js";
 import { freshBytes } from "../crypto/random.js";
 import { SessionKeyGrant, type Money, type Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { hkdf32, openAesGcm, sealAesGcm } from "../crypto/aead.js";
@@ -44,8 +45,7 @@ export const transactionKeyInfo = (partyId: string, transactionId: string, label
   DerivationInfo.encode({ label, partyId, transactionId });
 
 /** Transaction keys derived lately: a purchase asks for its key at each of its steps, in two services. */
-const derivedKeys = new Map<string, Buffer>();
-const DERIVED_KEYS_KEPT = 4_096;
+const derivedKeys = new BoundedMap<string, Buffer>(4_096);
 
 export function transactionKey(sharedKey: Uint8Array, partyId: string, transactionId: string, nonce: Uint8Array, label: string = KeyLabel.PURCHASE): Buffer {
   if (nonce.length !== 16) throw new RangeError("the key nonce must be 16 bytes");
@@ -54,7 +54,6 @@ export function transactionKey(sharedKey: Uint8Array, partyId: string, transacti
   const kept = derivedKeys.get(name);
   if (kept) return Buffer.from(kept);
   const key = hkdf32(sharedKey, nonce, transactionKeyInfo(partyId, transactionId, label));
-  if (derivedKeys.size >= DERIVED_KEYS_KEPT) derivedKeys.delete(derivedKeys.keys().next().value!);
   derivedKeys.set(name, Buffer.from(key));
   return key;
 }

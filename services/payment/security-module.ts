@@ -10,6 +10,7 @@
 
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { BoundedMap } from "../../lib/bounded-map.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { readJson } from "../../lib/files.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
@@ -47,7 +48,7 @@ const MAX_CACHED_KEYS = 4096;
 
 /** The software security module: the verdict master key from DIR/psam-verdict-key.json, each PSAM's key derived once and kept. */
 export class SoftwareSecurityModule implements PsamVerdictChecker {
-  private readonly keys = new Map<string, Buffer>();
+  private readonly keys = new BoundedMap<string, Buffer>(MAX_CACHED_KEYS);
 
   private constructor(private readonly master: Buffer) {}
 
@@ -72,7 +73,6 @@ export class SoftwareSecurityModule implements PsamVerdictChecker {
     if (!/^[0-9a-f]{8}$/.test(psamId)) return undefined;
     let k = this.keys.get(psamId);
     if (!k) {
-      if (this.keys.size >= MAX_CACHED_KEYS) this.keys.clear();
       k = diversifyPsamKey(this.master, Buffer.from(psamId, "hex"));
       this.keys.set(psamId, k);
     }

@@ -4,6 +4,7 @@
 // then the records go, and only the PSAM counter -> transaction id of each
 // stays (what the ownership checks need) with the batch's acknowledgement.
 
+import { BoundedMap } from "../../lib/bounded-map.js";
 import type { Db, SqlValue } from "../../lib/store/db.js";
 import type { PsamBatchRecord } from "../../lib/protocol/psam.js";
 
@@ -160,12 +161,7 @@ export class TerminalStore {
   constructor(private readonly db: Db) {}
 
   /** The latest claims, by transaction (a claim is never changed once made). */
-  private readonly owners = new Map<string, string>();
-
-  private keepOwner(transactionId: string, paymentServerId: string): void {
-    if (this.owners.size >= OWNERS_KEPT) this.owners.delete(this.owners.keys().next().value!);
-    this.owners.set(transactionId, paymentServerId);
-  }
+  private readonly owners = new BoundedMap<string, string>(OWNERS_KEPT);
 
   async recordTransaction(psamId: string, batchNumber: number, r: PsamBatchRecord, jobId: string): Promise<void> {
     // A retried job finds the row there already: record it once (what the PSAM says of it is rewritten, the same bytes again, or the
@@ -291,7 +287,7 @@ export class TerminalStore {
       ]);
       return tx.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]);
     });
-    if (value) this.keepOwner(transactionId, value.payment_server_id);
+    if (value) this.owners.set(transactionId, value.payment_server_id);
     return { granted: value?.payment_server_id === paymentServerId, synced };
   }
 
@@ -301,7 +297,7 @@ export class TerminalStore {
     if (kept !== undefined) return kept;
     const owner = (await this.db.get<{ payment_server_id: string }>("SELECT payment_server_id FROM debit_owners WHERE transaction_id = ?", [transactionId]))
       ?.payment_server_id;
-    if (owner !== undefined) this.keepOwner(transactionId, owner);
+    if (owner !== undefined) this.owners.set(transactionId, owner);
     return owner;
   }
 
