@@ -31,6 +31,7 @@ import { unixSocketPath } from "./client.js";
 import { NetpurseError, reasonName } from "./errors.js";
 import { addService } from "./grpc-js-server.js";
 import { serverCredentials, type ServerTls } from "./tls.js";
+import { StoreUnavailable } from "../store/db.js";
 
 /** Metadata key under which the server interceptor hands the call's deadline (ms since epoch) to handlers. */
 const DEADLINE_METADATA = "netpurse-deadline-ms";
@@ -196,6 +197,10 @@ function errorMiddleware(log: Logger) {
         throw e;
       }
       if (e instanceof Error && e.name === "AbortError") throw e;
+      if (e instanceof StoreUnavailable) {
+        log.error("rpc failed: the store is unavailable", { method: call.method.path, error: e.message });
+        throw new ServerError(Status.UNAVAILABLE, e.message);
+      }
       const ref = randomUUID().slice(0, 8);
       log.error("rpc failed", { method: call.method.path, ref, error: (e as Error)?.stack ?? String(e) });
       throw new ServerError(Status.INTERNAL, `internal error (ref ${ref}); the operation may be retried`);

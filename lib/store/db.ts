@@ -20,6 +20,13 @@ import { countFsync } from "../stats.js";
 
 export type SqlValue = string | number | bigint | Buffer | null;
 
+/**
+ * The store can answer nothing more (its log could not be synced): a call
+ * may succeed elsewhere or after the service restarts, so callers see
+ * UNAVAILABLE, not an internal error.
+ */
+export class StoreUnavailable extends Error {}
+
 export interface Queryable {
   run(sql: string, params?: SqlValue[]): Promise<{ changes: number }>;
   get<T>(sql: string, params?: SqlValue[]): Promise<T | undefined>;
@@ -274,7 +281,7 @@ class SqliteDb implements Db {
 
   private usable(): void {
     if (this.broken) {
-      throw new Error(
+      throw new StoreUnavailable(
         `the database's write-ahead log could not be synced (${this.broken.message}); nothing more is answered from it: restart the service, which recovers from what is on disk`,
         { cause: this.broken },
       );
@@ -321,7 +328,7 @@ class SqliteDb implements Db {
     } catch (e) {
       // Linux reports a lost write-back once: a later sync could succeed without the lost pages. Nothing is trusted after.
       this.broken = e as Error;
-      throw e;
+      this.usable();
     }
     countFsync();
     this.sinceCheckpoint += target - this.synced;
@@ -355,12 +362,13 @@ class SqliteDb implements Db {
   async close() {
     await this.mutex.run(async () => {
       this.closed = true;
-      await this.durable(this.committed);
+      // A broken store closes all the same (the service is stopping to recover); its failure was reported when it came.
+      if (!this.broken) await this.durable(this.committed);
       await this.checkpointer?.close();
       // The last connection's close checkpoints and deletes the log: with SQLite's own syncs, not without.
       if (this.walPath) this.db.pragma("synchronous = FULL");
       this.db.close();
-      await this.wal?.close();
+      await this.wal?.close().catch(() => undefined);
     });
   }
 }

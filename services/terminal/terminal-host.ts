@@ -31,7 +31,7 @@ import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DrawAmountCommand, Verdict } from "../../lib/protocol/psam.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { DebitResponse } from "../../lib/protocol/purse.js";
-import type { Db } from "../../lib/store/db.js";
+import { StoreUnavailable, type Db } from "../../lib/store/db.js";
 import {
   BatchNotClosedReason,
   DebitVerdict,
@@ -379,6 +379,9 @@ export class TerminalHost {
           return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_REFUSED, statusWord: e.sw, message: e.message, slot: await this.slotInfo(slot) };
         }
         if (e instanceof JobInvalid || e instanceof LayoutError) return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_INVALID, message: e.message };
+        // The host's store failed, not the PSAM: the slot stays in the pool (its state, an open debit included, goes with the answer).
+        if (e instanceof StoreUnavailable)
+          return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: e.message, slot: await this.slotInfo(slot) };
         this.failSlot(slot, e);
         return { ...base, status: PsamJobStatus.PSAM_JOB_STATUS_PSAM_FAILED, message: (e as Error).message, slot: await this.slotInfo(slot) };
       }

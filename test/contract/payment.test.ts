@@ -538,3 +538,25 @@ describe("contract: PaymentService when a terminal answers too late", function (
     expect((await card.readPurse()).balance).to.equal(10_000 - 99);
   });
 });
+
+describe("contract: PaymentService when its store can no longer sync", function () {
+  this.timeout(60_000);
+  let net: Network;
+  after(async () => net?.close());
+
+  it("answers UNAVAILABLE, never an internal error, and records nothing more", async () => {
+    net = await startNetwork({ terminals: [{ id: "terminal-1", psams: 1 }] });
+    const card = await openCard(net.cardPath);
+    const o = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
+    await net.clients.payment.processDrawRequest(await drawRequestFor(card, o)); // the store's log is open and synced
+    // Fault injection: the store's own descriptor of its log is closed under it, so its next fdatasync fails.
+    const db = (net.payment.store as unknown as { db: { wal: { close(): Promise<void> } } }).db;
+    await db.wal.close();
+    const o2 = (await net.clients.merchant.createOrder({ productId: "song-1" })).offer!;
+    const first = await failure(net.clients.payment.processDrawRequest(await drawRequestFor(card, o2)));
+    expect(first.code).to.equal("UNAVAILABLE");
+    const then = await failure(net.clients.payment.getPurchase({ transactionId: o.transactionId }));
+    expect(then.code).to.equal("UNAVAILABLE");
+    expect(then.details).to.match(/restart the service/);
+  });
+});

@@ -9,7 +9,7 @@ import { spawn } from "node:child_process";
 import { statSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { openSqlite } from "../../lib/store/db.js";
+import { openSqlite, StoreUnavailable } from "../../lib/store/db.js";
 import { processStats } from "../../lib/stats.js";
 import { tempDir } from "../support/fixtures.js";
 
@@ -113,6 +113,8 @@ describe("SQLite store: group commit", () => {
         );
       expect(await failure(db.run("INSERT INTO steps (id, what) VALUES (2, 'not synced')"))).to.not.equal("answered");
       expect(await failure(db.get("SELECT COUNT(*) AS n FROM steps"))).to.match(/could not be synced.*restart the service/);
+      const error = await db.get("SELECT 1").catch((e: unknown) => e);
+      expect(error).to.be.instanceOf(StoreUnavailable);
       expect(await failure(db.transaction((tx) => tx.run("INSERT INTO steps (id, what) VALUES (3, 'x')")))).to.match(/restart the service/);
     } finally {
       await cleanup();
