@@ -191,6 +191,9 @@ export class CardholderDaemon {
     listCardTransactions: async (req) => this.listCardTransactions(req),
     payOffer: async (req) => this.pay(req),
     loadCard: async (req) => this.load(req),
+    earnPoints: async () => {
+      throw new NetpurseError(Status.UNIMPLEMENTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "collecting points is not built yet");
+    },
     syncCard: async () =>
       this.card.run(async () => {
         const loads = await this.resumeOpenLoads();
@@ -432,7 +435,7 @@ export class CardholderDaemon {
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined, request: requestId });
       try {
         const out = await payOffer(offer, this.context(), requestId ? { requestId } : {});
-        return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps };
+        return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps, points: undefined };
       } catch (e) {
         throw await this.payError(offer?.transactionId?.value, cardError(e));
       }
@@ -469,6 +472,7 @@ export class CardholderDaemon {
         receipt: toRecord(now).receipt,
         purse: purseState(await this.reader.readPurse()),
         steps: [{ name: "request id", detail: `request ${requestId} already paid purchase ${id}; the card was not debited again` }],
+        points: undefined,
       };
     }
     throw earlierUnfinished(

@@ -260,6 +260,7 @@ export class Shop {
       releasedAt: new Date(),
       psamId: validated.psamId,
       psamCounter: validated.psamCounter,
+      pointsGrant: undefined,
     };
     const accessSecret = randomBytes(ACCESS_SECRET_BYTES);
     const r = await this.o.db.run(

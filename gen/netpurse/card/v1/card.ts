@@ -123,6 +123,21 @@ export enum CardTransactionKind {
   CARD_TRANSACTION_KIND_PURCHASE = 1,
   /** CARD_TRANSACTION_KIND_LOAD - A load: the purse was credited. */
   CARD_TRANSACTION_KIND_LOAD = 2,
+  /**
+   * CARD_TRANSACTION_KIND_AUTHENTICATION - An authentication: a zero-value draw in currency 999 proved the card
+   * present to a site; nothing was debited, the card's counter moved.
+   */
+  CARD_TRANSACTION_KIND_AUTHENTICATION = 3,
+  /**
+   * CARD_TRANSACTION_KIND_POINTS_REDEMPTION - A redemption: points of a loyalty programme were debited from the card's
+   * points purse (amount and balance in the programme's points).
+   */
+  CARD_TRANSACTION_KIND_POINTS_REDEMPTION = 4,
+  /**
+   * CARD_TRANSACTION_KIND_POINTS_CREDIT - Points of a loyalty programme were credited to the card, by a command the
+   * programme's security module signed (amount and balance in points).
+   */
+  CARD_TRANSACTION_KIND_POINTS_CREDIT = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -137,6 +152,15 @@ export function cardTransactionKindFromJSON(object: any): CardTransactionKind {
     case 2:
     case "CARD_TRANSACTION_KIND_LOAD":
       return CardTransactionKind.CARD_TRANSACTION_KIND_LOAD;
+    case 3:
+    case "CARD_TRANSACTION_KIND_AUTHENTICATION":
+      return CardTransactionKind.CARD_TRANSACTION_KIND_AUTHENTICATION;
+    case 4:
+    case "CARD_TRANSACTION_KIND_POINTS_REDEMPTION":
+      return CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_REDEMPTION;
+    case 5:
+    case "CARD_TRANSACTION_KIND_POINTS_CREDIT":
+      return CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_CREDIT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -152,6 +176,12 @@ export function cardTransactionKindToJSON(object: CardTransactionKind): string {
       return "CARD_TRANSACTION_KIND_PURCHASE";
     case CardTransactionKind.CARD_TRANSACTION_KIND_LOAD:
       return "CARD_TRANSACTION_KIND_LOAD";
+    case CardTransactionKind.CARD_TRANSACTION_KIND_AUTHENTICATION:
+      return "CARD_TRANSACTION_KIND_AUTHENTICATION";
+    case CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_REDEMPTION:
+      return "CARD_TRANSACTION_KIND_POINTS_REDEMPTION";
+    case CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_CREDIT:
+      return "CARD_TRANSACTION_KIND_POINTS_CREDIT";
     case CardTransactionKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -310,6 +340,19 @@ export enum ErrorReason {
    * Retry when the token is back.
    */
   ERROR_REASON_SECURITY_MODULE_UNAVAILABLE = 40,
+  /**
+   * ERROR_REASON_NOT_A_MEMBER - A benefits site: the card that authenticated or redeemed is linked to no
+   * member account of the site (PERMISSION_DENIED). Points a redemption took
+   * are listed for the operator; nothing is released.
+   */
+  ERROR_REASON_NOT_A_MEMBER = 41,
+  /**
+   * ERROR_REASON_GRANT_ALREADY_CREDITED - A benefits site: the points of this grant are already on the card (the
+   * card's counter moved since the credit was signed and its answer proves
+   * the credit), or the grant was collected by a credit already confirmed
+   * (FAILED_PRECONDITION). Nothing more is signed.
+   */
+  ERROR_REASON_GRANT_ALREADY_CREDITED = 42,
   UNRECOGNIZED = -1,
 }
 
@@ -423,6 +466,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 40:
     case "ERROR_REASON_SECURITY_MODULE_UNAVAILABLE":
       return ErrorReason.ERROR_REASON_SECURITY_MODULE_UNAVAILABLE;
+    case 41:
+    case "ERROR_REASON_NOT_A_MEMBER":
+      return ErrorReason.ERROR_REASON_NOT_A_MEMBER;
+    case 42:
+    case "ERROR_REASON_GRANT_ALREADY_CREDITED":
+      return ErrorReason.ERROR_REASON_GRANT_ALREADY_CREDITED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -504,6 +553,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_NO_CARD";
     case ErrorReason.ERROR_REASON_SECURITY_MODULE_UNAVAILABLE:
       return "ERROR_REASON_SECURITY_MODULE_UNAVAILABLE";
+    case ErrorReason.ERROR_REASON_NOT_A_MEMBER:
+      return "ERROR_REASON_NOT_A_MEMBER";
+    case ErrorReason.ERROR_REASON_GRANT_ALREADY_CREDITED:
+      return "ERROR_REASON_GRANT_ALREADY_CREDITED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -520,7 +573,13 @@ export interface Money {
    * the range a card counts in.
    */
   amountMinor: bigint;
-  /** ISO 4217 numeric currency code, for example 978 (EUR) or 840 (USD). 1..999. */
+  /**
+   * ISO 4217 numeric currency code, for example 978 (EUR) or 840 (USD),
+   * 1..998, for money. Two other kinds of value share the field and are never
+   * money (docs/loyalty.md): 999 (ISO 4217 "XXX", no currency involved) marks
+   * an authentication, always of amount 0; 1000..65535 is a loyalty
+   * programme's code, and the amount a number of its points (exponent 0).
+   */
   currency: number;
   /** ISO 4217 exponent of the currency: the number of minor-unit digits (2 for EUR). 0..4. */
   exponent: number;
@@ -639,6 +698,58 @@ export interface PurseState {
   keyVersion: number;
   /** Life-cycle status. */
   status: PurseStatus;
+}
+
+/**
+ * A loyalty programme's points purse on the card (a second purse beside the
+ * money purse, with keys of its own): READ PURSE of the programme.
+ */
+export interface PointsPurse {
+  /** The programme's code, 1000..65535: the currency field of its points. */
+  programme: number;
+  /** Points held (currency = programme, exponent 0). */
+  balance:
+    | Money
+    | undefined;
+  /** The most points the purse may hold. */
+  maxBalance: Money | undefined;
+}
+
+/**
+ * Points an enrolled merchant granted a card for a purchase, for the
+ * cardholder's client to collect: the programme's security module signs a
+ * LOAD command for exactly these points to exactly this card, once.
+ */
+export interface PointsGrant {
+  /** The grant's identifier, a UUID: the transaction reference of the credit. */
+  grantId:
+    | TransactionId
+    | undefined;
+  /** The programme, 1000..65535. */
+  programme: number;
+  /** How many points (currency = programme, exponent 0). */
+  points:
+    | Money
+    | undefined;
+  /** The card the points are for. */
+  purseId:
+    | PurseId
+    | undefined;
+  /**
+   * Where the programme's benefits server listens (host:port): where the
+   * credit is collected.
+   */
+  siteAddress: string;
+  /**
+   * The benefits site's id (1..16 characters of [A-Za-z0-9._-]): the bank
+   * id field of the card's INITIALIZE FOR LOAD.
+   */
+  siteId: string;
+  /**
+   * When the grant was made (whole seconds): the time stamp of the card's
+   * INITIALIZE FOR LOAD.
+   */
+  grantedAt: Date | undefined;
 }
 
 /** One entry of the card's own log of its last transactions, as the card holds it. */
@@ -1485,6 +1596,314 @@ export const PurseState: MessageFns<PurseState> = {
     message.transactionCounter = object.transactionCounter ?? 0;
     message.keyVersion = object.keyVersion ?? 0;
     message.status = object.status ?? 0;
+    return message;
+  },
+};
+
+function createBasePointsPurse(): PointsPurse {
+  return { programme: 0, balance: undefined, maxBalance: undefined };
+}
+
+export const PointsPurse: MessageFns<PointsPurse> = {
+  encode(message: PointsPurse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.programme !== 0) {
+      writer.uint32(8).uint32(message.programme);
+    }
+    if (message.balance !== undefined) {
+      Money.encode(message.balance, writer.uint32(18).fork()).join();
+    }
+    if (message.maxBalance !== undefined) {
+      Money.encode(message.maxBalance, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PointsPurse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePointsPurse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.programme = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.balance = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.maxBalance = Money.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PointsPurse {
+    return {
+      programme: isSet(object.programme) ? globalThis.Number(object.programme) : 0,
+      balance: isSet(object.balance) ? Money.fromJSON(object.balance) : undefined,
+      maxBalance: isSet(object.maxBalance)
+        ? Money.fromJSON(object.maxBalance)
+        : isSet(object.max_balance)
+        ? Money.fromJSON(object.max_balance)
+        : undefined,
+    };
+  },
+
+  toJSON(message: PointsPurse): unknown {
+    const obj: any = {};
+    if (message.programme !== 0) {
+      obj.programme = Math.round(message.programme);
+    }
+    if (message.balance !== undefined) {
+      obj.balance = Money.toJSON(message.balance);
+    }
+    if (message.maxBalance !== undefined) {
+      obj.maxBalance = Money.toJSON(message.maxBalance);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PointsPurse>): PointsPurse {
+    return PointsPurse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PointsPurse>): PointsPurse {
+    const message = createBasePointsPurse();
+    message.programme = object.programme ?? 0;
+    message.balance = (object.balance !== undefined && object.balance !== null)
+      ? Money.fromPartial(object.balance)
+      : undefined;
+    message.maxBalance = (object.maxBalance !== undefined && object.maxBalance !== null)
+      ? Money.fromPartial(object.maxBalance)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePointsGrant(): PointsGrant {
+  return {
+    grantId: undefined,
+    programme: 0,
+    points: undefined,
+    purseId: undefined,
+    siteAddress: "",
+    siteId: "",
+    grantedAt: undefined,
+  };
+}
+
+export const PointsGrant: MessageFns<PointsGrant> = {
+  encode(message: PointsGrant, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.grantId !== undefined) {
+      TransactionId.encode(message.grantId, writer.uint32(10).fork()).join();
+    }
+    if (message.programme !== 0) {
+      writer.uint32(16).uint32(message.programme);
+    }
+    if (message.points !== undefined) {
+      Money.encode(message.points, writer.uint32(26).fork()).join();
+    }
+    if (message.purseId !== undefined) {
+      PurseId.encode(message.purseId, writer.uint32(34).fork()).join();
+    }
+    if (message.siteAddress !== "") {
+      writer.uint32(42).string(message.siteAddress);
+    }
+    if (message.siteId !== "") {
+      writer.uint32(50).string(message.siteId);
+    }
+    if (message.grantedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.grantedAt), writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PointsGrant {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePointsGrant();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.grantId = TransactionId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.programme = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.points = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.purseId = PurseId.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.siteAddress = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.siteId = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.grantedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PointsGrant {
+    return {
+      grantId: isSet(object.grantId)
+        ? TransactionId.fromJSON(object.grantId)
+        : isSet(object.grant_id)
+        ? TransactionId.fromJSON(object.grant_id)
+        : undefined,
+      programme: isSet(object.programme) ? globalThis.Number(object.programme) : 0,
+      points: isSet(object.points) ? Money.fromJSON(object.points) : undefined,
+      purseId: isSet(object.purseId)
+        ? PurseId.fromJSON(object.purseId)
+        : isSet(object.purse_id)
+        ? PurseId.fromJSON(object.purse_id)
+        : undefined,
+      siteAddress: isSet(object.siteAddress)
+        ? globalThis.String(object.siteAddress)
+        : isSet(object.site_address)
+        ? globalThis.String(object.site_address)
+        : "",
+      siteId: isSet(object.siteId)
+        ? globalThis.String(object.siteId)
+        : isSet(object.site_id)
+        ? globalThis.String(object.site_id)
+        : "",
+      grantedAt: isSet(object.grantedAt)
+        ? fromJsonTimestamp(object.grantedAt)
+        : isSet(object.granted_at)
+        ? fromJsonTimestamp(object.granted_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: PointsGrant): unknown {
+    const obj: any = {};
+    if (message.grantId !== undefined) {
+      obj.grantId = TransactionId.toJSON(message.grantId);
+    }
+    if (message.programme !== 0) {
+      obj.programme = Math.round(message.programme);
+    }
+    if (message.points !== undefined) {
+      obj.points = Money.toJSON(message.points);
+    }
+    if (message.purseId !== undefined) {
+      obj.purseId = PurseId.toJSON(message.purseId);
+    }
+    if (message.siteAddress !== "") {
+      obj.siteAddress = message.siteAddress;
+    }
+    if (message.siteId !== "") {
+      obj.siteId = message.siteId;
+    }
+    if (message.grantedAt !== undefined) {
+      obj.grantedAt = message.grantedAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PointsGrant>): PointsGrant {
+    return PointsGrant.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PointsGrant>): PointsGrant {
+    const message = createBasePointsGrant();
+    message.grantId = (object.grantId !== undefined && object.grantId !== null)
+      ? TransactionId.fromPartial(object.grantId)
+      : undefined;
+    message.programme = object.programme ?? 0;
+    message.points = (object.points !== undefined && object.points !== null)
+      ? Money.fromPartial(object.points)
+      : undefined;
+    message.purseId = (object.purseId !== undefined && object.purseId !== null)
+      ? PurseId.fromPartial(object.purseId)
+      : undefined;
+    message.siteAddress = object.siteAddress ?? "";
+    message.siteId = object.siteId ?? "";
+    message.grantedAt = object.grantedAt ?? undefined;
     return message;
   },
 };

@@ -8,7 +8,7 @@
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { CallContext, CallOptions } from "nice-grpc-common";
 import { HoldState, holdStateFromJSON, holdStateToJSON } from "../../bank/v1/bank.js";
-import { CardTransaction, Money, PurseState, TransactionId } from "../../card/v1/card.js";
+import { CardTransaction, Money, PointsGrant, PointsPurse, PurseState, TransactionId } from "../../card/v1/card.js";
 import { LoadOutcome, loadOutcomeFromJSON, loadOutcomeToJSON } from "../../load/v1/load.js";
 import { PaymentOffer, Receipt } from "../../merchant/v1/merchant.js";
 
@@ -28,6 +28,11 @@ export interface GetCardResponse {
     | undefined;
   /** The card's answer to reset, hex. */
   atrHex: string;
+  /**
+   * The card's loyalty points purses, one per programme (none on a card
+   * personalised without points).
+   */
+  points: PointsPurse[];
 }
 
 /** Request of ListCardTransactions. */
@@ -112,6 +117,11 @@ export interface PayOfferResponse {
     | undefined;
   /** The steps of the purchase, in order. */
   steps: PurchaseStep[];
+  /**
+   * Redemptions only (an offer in a programme's points): the points purse
+   * after the debit.
+   */
+  points: PointsPurse | undefined;
 }
 
 /** Request of LoadCard. */
@@ -190,6 +200,22 @@ export interface SyncedLoad {
   detail: string;
 }
 
+/** Request of EarnPoints. */
+export interface EarnPointsRequest {
+  /** The grant, as the merchant's receipt carried it. */
+  grant: PointsGrant | undefined;
+}
+
+/** Response of EarnPoints. */
+export interface EarnPointsResponse {
+  /** The points purse after the credit. */
+  points:
+    | PointsPurse
+    | undefined;
+  /** The steps, in order. */
+  steps: PurchaseStep[];
+}
+
 /** Response of SyncCard. */
 export interface SyncCardResponse {
   /** The loads this daemon had open, and what became of each. */
@@ -251,7 +277,7 @@ export const GetCardRequest: MessageFns<GetCardRequest> = {
 };
 
 function createBaseGetCardResponse(): GetCardResponse {
-  return { purse: undefined, atrHex: "" };
+  return { purse: undefined, atrHex: "", points: [] };
 }
 
 export const GetCardResponse: MessageFns<GetCardResponse> = {
@@ -261,6 +287,9 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
     }
     if (message.atrHex !== "") {
       writer.uint32(18).string(message.atrHex);
+    }
+    for (const v of message.points) {
+      PointsPurse.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -294,6 +323,14 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
             message.atrHex = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.points.push(PointsPurse.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -314,6 +351,7 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
         : isSet(object.atr_hex)
         ? globalThis.String(object.atr_hex)
         : "",
+      points: globalThis.Array.isArray(object?.points) ? object.points.map((e: any) => PointsPurse.fromJSON(e)) : [],
     };
   },
 
@@ -324,6 +362,9 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
     }
     if (message.atrHex !== "") {
       obj.atrHex = message.atrHex;
+    }
+    if (message.points?.length) {
+      obj.points = message.points.map((e) => PointsPurse.toJSON(e));
     }
     return obj;
   },
@@ -337,6 +378,7 @@ export const GetCardResponse: MessageFns<GetCardResponse> = {
       ? PurseState.fromPartial(object.purse)
       : undefined;
     message.atrHex = object.atrHex ?? "";
+    message.points = object.points?.map((e) => PointsPurse.fromPartial(e)) || [];
     return message;
   },
 };
@@ -740,7 +782,7 @@ export const PurchaseStep: MessageFns<PurchaseStep> = {
 };
 
 function createBasePayOfferResponse(): PayOfferResponse {
-  return { receipt: undefined, purse: undefined, steps: [] };
+  return { receipt: undefined, purse: undefined, steps: [], points: undefined };
 }
 
 export const PayOfferResponse: MessageFns<PayOfferResponse> = {
@@ -753,6 +795,9 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
     }
     for (const v of message.steps) {
       PurchaseStep.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.points !== undefined) {
+      PointsPurse.encode(message.points, writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -794,6 +839,14 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
             message.steps.push(PurchaseStep.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.points = PointsPurse.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -811,6 +864,7 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
       receipt: isSet(object.receipt) ? Receipt.fromJSON(object.receipt) : undefined,
       purse: isSet(object.purse) ? PurseState.fromJSON(object.purse) : undefined,
       steps: globalThis.Array.isArray(object?.steps) ? object.steps.map((e: any) => PurchaseStep.fromJSON(e)) : [],
+      points: isSet(object.points) ? PointsPurse.fromJSON(object.points) : undefined,
     };
   },
 
@@ -824,6 +878,9 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
     }
     if (message.steps?.length) {
       obj.steps = message.steps.map((e) => PurchaseStep.toJSON(e));
+    }
+    if (message.points !== undefined) {
+      obj.points = PointsPurse.toJSON(message.points);
     }
     return obj;
   },
@@ -840,6 +897,9 @@ export const PayOfferResponse: MessageFns<PayOfferResponse> = {
       ? PurseState.fromPartial(object.purse)
       : undefined;
     message.steps = object.steps?.map((e) => PurchaseStep.fromPartial(e)) || [];
+    message.points = (object.points !== undefined && object.points !== null)
+      ? PointsPurse.fromPartial(object.points)
+      : undefined;
     return message;
   },
 };
@@ -1348,6 +1408,162 @@ export const SyncedLoad: MessageFns<SyncedLoad> = {
   },
 };
 
+function createBaseEarnPointsRequest(): EarnPointsRequest {
+  return { grant: undefined };
+}
+
+export const EarnPointsRequest: MessageFns<EarnPointsRequest> = {
+  encode(message: EarnPointsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.grant !== undefined) {
+      PointsGrant.encode(message.grant, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EarnPointsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEarnPointsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.grant = PointsGrant.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EarnPointsRequest {
+    return { grant: isSet(object.grant) ? PointsGrant.fromJSON(object.grant) : undefined };
+  },
+
+  toJSON(message: EarnPointsRequest): unknown {
+    const obj: any = {};
+    if (message.grant !== undefined) {
+      obj.grant = PointsGrant.toJSON(message.grant);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EarnPointsRequest>): EarnPointsRequest {
+    return EarnPointsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EarnPointsRequest>): EarnPointsRequest {
+    const message = createBaseEarnPointsRequest();
+    message.grant = (object.grant !== undefined && object.grant !== null)
+      ? PointsGrant.fromPartial(object.grant)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseEarnPointsResponse(): EarnPointsResponse {
+  return { points: undefined, steps: [] };
+}
+
+export const EarnPointsResponse: MessageFns<EarnPointsResponse> = {
+  encode(message: EarnPointsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.points !== undefined) {
+      PointsPurse.encode(message.points, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.steps) {
+      PurchaseStep.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EarnPointsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEarnPointsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.points = PointsPurse.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.steps.push(PurchaseStep.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EarnPointsResponse {
+    return {
+      points: isSet(object.points) ? PointsPurse.fromJSON(object.points) : undefined,
+      steps: globalThis.Array.isArray(object?.steps) ? object.steps.map((e: any) => PurchaseStep.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: EarnPointsResponse): unknown {
+    const obj: any = {};
+    if (message.points !== undefined) {
+      obj.points = PointsPurse.toJSON(message.points);
+    }
+    if (message.steps?.length) {
+      obj.steps = message.steps.map((e) => PurchaseStep.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EarnPointsResponse>): EarnPointsResponse {
+    return EarnPointsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EarnPointsResponse>): EarnPointsResponse {
+    const message = createBaseEarnPointsResponse();
+    message.points = (object.points !== undefined && object.points !== null)
+      ? PointsPurse.fromPartial(object.points)
+      : undefined;
+    message.steps = object.steps?.map((e) => PurchaseStep.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 function createBaseSyncCardResponse(): SyncCardResponse {
   return { loads: [], purse: undefined };
 }
@@ -1556,6 +1772,27 @@ export const CardholderServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * Collects points an enrolled merchant granted the card (a receipt's
+     * points_grant): the card's INITIALIZE FOR LOAD for exactly the grant goes
+     * to the programme's benefits server at grant.site_address, whose security
+     * module signs the LOAD command; the card credits its points purse and its
+     * answer (S3) goes back to be confirmed. FAILED_PRECONDITION, reason
+     * INVALID_FIELD, when the card holds no points purse of the grant's
+     * programme, or the grant is for another card; the benefits server's
+     * errors are passed on with their codes. A collection interrupted after
+     * the card credited itself is finished by calling again: the server sees
+     * from the card's counter that the credit was made and the daemon brings
+     * the card's own answer from its log.
+     */
+    earnPoints: {
+      name: "EarnPoints",
+      requestType: EarnPointsRequest as typeof EarnPointsRequest,
+      requestStream: false,
+      responseType: EarnPointsResponse as typeof EarnPointsResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -1635,6 +1872,23 @@ export interface CardholderServiceImplementation<CallContextExt = {}> {
    * the banks: finishes pending deposits without a new transaction.
    */
   syncCard(request: SyncCardRequest, context: CallContext & CallContextExt): Promise<DeepPartial<SyncCardResponse>>;
+  /**
+   * Collects points an enrolled merchant granted the card (a receipt's
+   * points_grant): the card's INITIALIZE FOR LOAD for exactly the grant goes
+   * to the programme's benefits server at grant.site_address, whose security
+   * module signs the LOAD command; the card credits its points purse and its
+   * answer (S3) goes back to be confirmed. FAILED_PRECONDITION, reason
+   * INVALID_FIELD, when the card holds no points purse of the grant's
+   * programme, or the grant is for another card; the benefits server's
+   * errors are passed on with their codes. A collection interrupted after
+   * the card credited itself is finished by calling again: the server sees
+   * from the card's counter that the credit was made and the daemon brings
+   * the card's own answer from its log.
+   */
+  earnPoints(
+    request: EarnPointsRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<EarnPointsResponse>>;
 }
 
 export interface CardholderServiceClient<CallOptionsExt = {}> {
@@ -1713,6 +1967,23 @@ export interface CardholderServiceClient<CallOptionsExt = {}> {
    * the banks: finishes pending deposits without a new transaction.
    */
   syncCard(request: DeepPartial<SyncCardRequest>, options?: CallOptions & CallOptionsExt): Promise<SyncCardResponse>;
+  /**
+   * Collects points an enrolled merchant granted the card (a receipt's
+   * points_grant): the card's INITIALIZE FOR LOAD for exactly the grant goes
+   * to the programme's benefits server at grant.site_address, whose security
+   * module signs the LOAD command; the card credits its points purse and its
+   * answer (S3) goes back to be confirmed. FAILED_PRECONDITION, reason
+   * INVALID_FIELD, when the card holds no points purse of the grant's
+   * programme, or the grant is for another card; the benefits server's
+   * errors are passed on with their codes. A collection interrupted after
+   * the card credited itself is finished by calling again: the server sees
+   * from the card's counter that the credit was made and the daemon brings
+   * the card's own answer from its log.
+   */
+  earnPoints(
+    request: DeepPartial<EarnPointsRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<EarnPointsResponse>;
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

@@ -14,6 +14,7 @@ import {
   confirmationModeToJSON,
   MerchantId,
   Money,
+  PointsGrant,
   PsamId,
   Sealed,
   TransactionId,
@@ -174,6 +175,12 @@ export interface Receipt {
     | undefined;
   /** The PSAM's counter for the payment. */
   psamCounter: number;
+  /**
+   * Set when the merchant is enrolled in a loyalty programme: the points it
+   * granted the card for this purchase, for the cardholder's client to
+   * collect from the programme's benefits server (EarnPoints).
+   */
+  pointsGrant: PointsGrant | undefined;
 }
 
 /**
@@ -721,6 +728,7 @@ function createBaseReceipt(): Receipt {
     releasedAt: undefined,
     psamId: undefined,
     psamCounter: 0,
+    pointsGrant: undefined,
   };
 }
 
@@ -755,6 +763,9 @@ export const Receipt: MessageFns<Receipt> = {
     }
     if (message.psamCounter !== 0) {
       writer.uint32(80).uint32(message.psamCounter);
+    }
+    if (message.pointsGrant !== undefined) {
+      PointsGrant.encode(message.pointsGrant, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -852,6 +863,14 @@ export const Receipt: MessageFns<Receipt> = {
             message.psamCounter = reader.uint32();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.pointsGrant = PointsGrant.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -908,6 +927,11 @@ export const Receipt: MessageFns<Receipt> = {
         : isSet(object.psam_counter)
         ? globalThis.Number(object.psam_counter)
         : 0,
+      pointsGrant: isSet(object.pointsGrant)
+        ? PointsGrant.fromJSON(object.pointsGrant)
+        : isSet(object.points_grant)
+        ? PointsGrant.fromJSON(object.points_grant)
+        : undefined,
     };
   },
 
@@ -943,6 +967,9 @@ export const Receipt: MessageFns<Receipt> = {
     if (message.psamCounter !== 0) {
       obj.psamCounter = Math.round(message.psamCounter);
     }
+    if (message.pointsGrant !== undefined) {
+      obj.pointsGrant = PointsGrant.toJSON(message.pointsGrant);
+    }
     return obj;
   },
 
@@ -969,6 +996,9 @@ export const Receipt: MessageFns<Receipt> = {
       ? PsamId.fromPartial(object.psamId)
       : undefined;
     message.psamCounter = object.psamCounter ?? 0;
+    message.pointsGrant = (object.pointsGrant !== undefined && object.pointsGrant !== null)
+      ? PointsGrant.fromPartial(object.pointsGrant)
+      : undefined;
     return message;
   },
 };

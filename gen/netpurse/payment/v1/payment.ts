@@ -35,6 +35,12 @@ export enum DebitResultStatus {
    * by the client's trusted agent or the merchant.
    */
   DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED = 2,
+  /**
+   * DEBIT_RESULT_STATUS_AUTHENTICATED - An authentication (currency 999, amount 0): the card's signature was
+   * verified by the PSAM or the payment server, so the card (purse_id) was
+   * present; nothing was paid and nothing reaches clearing.
+   */
+  DEBIT_RESULT_STATUS_AUTHENTICATED = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -49,6 +55,9 @@ export function debitResultStatusFromJSON(object: any): DebitResultStatus {
     case 2:
     case "DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED":
       return DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED;
+    case 3:
+    case "DEBIT_RESULT_STATUS_AUTHENTICATED":
+      return DebitResultStatus.DEBIT_RESULT_STATUS_AUTHENTICATED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -64,6 +73,8 @@ export function debitResultStatusToJSON(object: DebitResultStatus): string {
       return "DEBIT_RESULT_STATUS_CONFIRMED";
     case DebitResultStatus.DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED:
       return "DEBIT_RESULT_STATUS_DEBIT_COMMAND_ISSUED";
+    case DebitResultStatus.DEBIT_RESULT_STATUS_AUTHENTICATED:
+      return "DEBIT_RESULT_STATUS_AUTHENTICATED";
     case DebitResultStatus.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -183,6 +183,12 @@ export enum DebitVerdict {
    * PSAM cancelled the debit.
    */
   DEBIT_VERDICT_DECLINED_BY_CARD = 2,
+  /**
+   * DEBIT_VERDICT_AUTHENTICATED - An authentication (currency 999, amount 0): the card signature verified,
+   * so the card was present; nothing goes into the PSAM's batch ("authentication
+   * OK" instead of a confirmation).
+   */
+  DEBIT_VERDICT_AUTHENTICATED = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -197,6 +203,9 @@ export function debitVerdictFromJSON(object: any): DebitVerdict {
     case 2:
     case "DEBIT_VERDICT_DECLINED_BY_CARD":
       return DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD;
+    case 3:
+    case "DEBIT_VERDICT_AUTHENTICATED":
+      return DebitVerdict.DEBIT_VERDICT_AUTHENTICATED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -212,6 +221,8 @@ export function debitVerdictToJSON(object: DebitVerdict): string {
       return "DEBIT_VERDICT_RECORDED";
     case DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD:
       return "DEBIT_VERDICT_DECLINED_BY_CARD";
+    case DebitVerdict.DEBIT_VERDICT_AUTHENTICATED:
+      return "DEBIT_VERDICT_AUTHENTICATED";
     case DebitVerdict.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
