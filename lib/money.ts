@@ -6,6 +6,14 @@ import type { Money } from "../gen/netpurse/card/v1/card.js";
 /** Largest amount a card counts in (4 unsigned bytes). */
 export const MAX_CARD_AMOUNT = 0xffffffff;
 
+// Where a currency code stands, three kinds of unit share the field (docs/loyalty.md, "Currency codes").
+/** ISO 4217 "XXX", no currency involved: an authentication, always amount 0. */
+export const AUTHENTICATION_CURRENCY = 999;
+/** A loyalty programme's code: its points, exponent 0. */
+export const isProgrammeCode = (c: number) => Number.isInteger(c) && c >= 1000 && c <= 65535;
+/** An ISO 4217 numeric money currency. */
+export const isMoneyCurrency = (c: number) => Number.isInteger(c) && c >= 1 && c <= 998;
+
 const ALPHA: Record<number, string> = { 978: "EUR", 840: "USD", 826: "GBP", 756: "CHF", 752: "SEK", 208: "DKK", 392: "JPY" };
 
 function currencyCode(numeric: number): string {
@@ -22,7 +30,10 @@ export function formatMinor(minor: bigint | number, exponent: number): string {
   return `${neg ? "-" : ""}${whole}${frac}`;
 }
 
+/** For people: "EUR 12.50"; a programme's points as "2000 points of programme 1001"; an authentication as "no value (authentication)". */
 export function formatMoney(m: { amountMinor: bigint | number; currency: number; exponent: number }): string {
+  if (m.currency === AUTHENTICATION_CURRENCY) return "no value (authentication)";
+  if (isProgrammeCode(m.currency)) return `${formatMinor(m.amountMinor, m.exponent)} points of programme ${m.currency}`;
   return `${currencyCode(m.currency)} ${formatMinor(m.amountMinor, m.exponent)}`;
 }
 

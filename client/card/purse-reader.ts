@@ -11,6 +11,7 @@ import {
   LogRecord,
   PURSE_AID,
   PURSE_CLA,
+  PurchaseSelector,
   PurseIns,
   ReadPurseResponse,
   type CardLogRecord,
@@ -51,6 +52,7 @@ export class PurseReader {
     return this.atr;
   }
 
+  /** READ PURSE of the money purse. */
   async readPurse(): Promise<PurseData> {
     const data = expectOk(
       await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.READ_PURSE, p1: 0, p2: 0, data: Buffer.alloc(0), le: 256 }),
@@ -59,10 +61,28 @@ export class PurseReader {
     return ReadPurseResponse.decode(data);
   }
 
-  /** INITIALIZE FOR PURCHASE: the raw response data (for the draw request) and its parsed view. */
-  async initializeForPurchase(): Promise<{ raw: Buffer; parsed: InitializeForPurchase }> {
+  /** The card's points purses (READ PURSE P1 = 1, 2, ... until 6A83), in the card's order; each one's currency is its programme code. */
+  async readPointsPurses(): Promise<PurseData[]> {
+    const out: PurseData[] = [];
+    for (let n = 1; n <= 255; n++) {
+      const r = await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.READ_PURSE, p1: n, p2: 0, data: Buffer.alloc(0), le: 256 });
+      if (r.sw === SW.RECORD_NOT_FOUND) break;
+      out.push(ReadPurseResponse.decode(expectOk(r, `READ PURSE ${n}`)));
+    }
+    return out;
+  }
+
+  /**
+   * INITIALIZE FOR PURCHASE: the raw response data (for the draw request) and
+   * its parsed view. Without a currency the money purse; with one, the purse
+   * of that currency: the money currency, AUTHENTICATION_CURRENCY (999) for
+   * an authentication, or a programme code for its points purse (6A88 when
+   * the card holds none).
+   */
+  async initializeForPurchase(currency?: number): Promise<{ raw: Buffer; parsed: InitializeForPurchase }> {
+    const data = currency === undefined ? Buffer.alloc(0) : PurchaseSelector.encode({ currency });
     const raw = expectOk(
-      await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.INITIALIZE_FOR_PURCHASE, p1: 0, p2: 0, data: Buffer.alloc(0), le: 256 }),
+      await exchange(this.transport, { cla: PURSE_CLA, ins: PurseIns.INITIALIZE_FOR_PURCHASE, p1: 0, p2: 0, data, le: 256 }),
       "INITIALIZE FOR PURCHASE",
     );
     return { raw, parsed: InitializeForPurchaseResponse.decode(raw) };

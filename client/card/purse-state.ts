@@ -1,6 +1,6 @@
-// The purse as the contract shows it, from the card's READ PURSE answer.
+// The purses as the contract shows them, from the card's READ PURSE answers.
 
-import { PurseStatus, type PurseState } from "../../gen/netpurse/card/v1/card.js";
+import { PurseStatus, type PointsPurse, type PurseState } from "../../gen/netpurse/card/v1/card.js";
 import { purseId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { PurseStatusByte, type PurseData } from "../../lib/protocol/purse.js";
@@ -15,5 +15,14 @@ export function purseState(p: PurseData): PurseState {
     transactionCounter: p.counter,
     keyVersion: p.keyVersion,
     status: p.status === PurseStatusByte.ACTIVE ? PurseStatus.PURSE_STATUS_ACTIVE : PurseStatus.PURSE_STATUS_BLOCKED,
+  };
+}
+
+/** A points purse as the contract shows it, from the card's READ PURSE answer for it (its currency is the programme code). */
+export function pointsPurse(p: PurseData): PointsPurse {
+  return {
+    programme: p.currency,
+    balance: money(p.balance, p.currency, 0),
+    maxBalance: money(p.maxBalance, p.currency, 0),
   };
 }

@@ -57,7 +57,8 @@ export const VerifyDebitCommand = layout("VERIFY DEBIT command", {
   debitResponse: bytes(17),
 });
 
-export const Verdict = { RECORDED: 0x00, DECLINED_BY_CARD: 0x01 } as const;
+/** The PSAM's verdict on the card's DEBIT answer: recorded in the batch, declined by the card, or an authentication (currency 999) proven, which no batch records. */
+export const Verdict = { RECORDED: 0x00, DECLINED_BY_CARD: 0x01, AUTHENTICATED: 0x02 } as const;
 
 /** Response of VERIFY DEBIT: the verdict, and the PSAM's MAC over it (see VerdictMacInput). */
 export const VerifyDebitResponse = layout("VERIFY DEBIT response", {

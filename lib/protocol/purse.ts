@@ -1,5 +1,8 @@
 // The stored-value card's purse application: command codes, byte layouts of
-// its commands and responses, and the two purchase signatures. The software
+// its commands and responses, and the two purchase signatures. The same
+// commands reach the card's points purses and its authentication application
+// by currency code (INITIALIZE FOR PURCHASE's optional selector, READ PURSE's
+// P1, INITIALIZE FOR LOAD's currency; docs/loyalty.md). The software
 // card, the PSAM and the client all build and read these messages from here.
 // docs/apdu.md describes the same bytes for people.
 
@@ -38,7 +41,15 @@ export const DebitResult = {
   BLOCKED: 0x04,
 } as const;
 
-export const LogKind = { PURCHASE: 0x01, LOAD: 0x02 } as const;
+/** Kind of a card log record: a money purchase or load, an authentication (currency 999, amount 0), a points redemption or credit (currency = programme code). */
+export const LogKind = { PURCHASE: 0x01, LOAD: 0x02, AUTHENTICATION: 0x03, POINTS_REDEMPTION: 0x04, POINTS_CREDIT: 0x05 } as const;
+
+/**
+ * Data of INITIALIZE FOR PURCHASE: empty (Lc 0, the money purse) or a 2-byte
+ * currency selector (Lc 2): the money currency, 999 for the authentication
+ * application, or a programme code for that points purse.
+ */
+export const PurchaseSelector = layout("INITIALIZE FOR PURCHASE selector", { currency: u16 });
 
 /** The card's identity and state, and a fresh challenge: what its INITIALIZE FOR PURCHASE answers, and what the cryptogram covers. */
 const cardStateFields = {

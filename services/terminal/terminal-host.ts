@@ -98,6 +98,13 @@ interface Slot {
 /** Defaults of the batch closing options. */
 export const BATCH_CLOSE_DEFAULTS = { closeAt: 200, closeAfterMs: 3_600_000 } as const;
 
+/** The PSAM's verdict byte as the contract names it. */
+const DEBIT_VERDICTS = new Map<number, DebitVerdict>([
+  [Verdict.RECORDED, DebitVerdict.DEBIT_VERDICT_RECORDED],
+  [Verdict.DECLINED_BY_CARD, DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD],
+  [Verdict.AUTHENTICATED, DebitVerdict.DEBIT_VERDICT_AUTHENTICATED],
+]);
+
 export class TerminalHost {
   private slots: Slot[] = [];
   private readonly store: TerminalStore;
@@ -462,6 +469,8 @@ export class TerminalHost {
         }
         const v = await slot.driver.verifyDebit(t.psamCounter, Buffer.from(t.debitResponse));
         const answer = DebitResponse.decode(t.debitResponse);
+        const verdict = DEBIT_VERDICTS.get(v.verdict);
+        if (verdict === undefined) throw new Error(`the PSAM's answer to VERIFY DEBIT has an unknown verdict ${v.verdict}`);
         if (v.verdict === Verdict.RECORDED) {
           // The record is read from the PSAM in the job's turn; the host's copy is written without the answer waiting
           // for its sync (the PSAM holds the fact; the store's writes keep their order, so a later close sees it).
@@ -472,13 +481,16 @@ export class TerminalHost {
           if (st.batchCount > 0) slot.batchSince ??= Date.now();
           // Closed after this job has answered: the close waits its turn on the slot, the payment server does not wait for it.
           if (st.batchCount >= (this.o.batchCloseAt ?? BATCH_CLOSE_DEFAULTS.closeAt)) this.closeSoon(slot, "count");
+        } else if (v.verdict === Verdict.AUTHENTICATED) {
+          // An authentication moved no value: no batch record, nothing for the store to keep.
+          this.o.log.info("authentication verified", { psam: psamHex, psamCounter: t.psamCounter });
         } else {
           await this.keep(() => this.store.recordReversal(psamHex, t.psamCounter, job.transactionId?.value ?? "", "declined by card"));
         }
         return {
           $case: "debitVerified",
           value: {
-            verdict: v.verdict === Verdict.RECORDED ? DebitVerdict.DEBIT_VERDICT_RECORDED : DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD,
+            verdict,
             recordMac: v.recordMac,
             batchNumber: v.batchNumber,
             newBalance: money(answer.balance, slot.psam.currency, 0),

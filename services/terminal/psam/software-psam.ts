@@ -7,12 +7,17 @@
 // Its state is a private file made durable before every answer that changes
 // it: a JSON snapshot and a log of changes beside it (lib/apdu/state-log.ts),
 // one small append per DRAW AMOUNT, VERIFY DEBIT, REVERSE DEBIT, CLOSE BATCH.
+// The same PSAM serves authentications when its currency is 999 (its purchase
+// keys then being the issuer's authentication master keys) and points when its
+// currency is a programme code (the programme's redeem master keys): an
+// authentication proven is answered AUTHENTICATED and never enters a batch.
 
 import { ApduError, buildAtr, status, SW, type CommandApdu, type ResponseApdu } from "../../../lib/apdu/apdu.js";
 import { SoftwareApplication } from "../../../lib/apdu/software-application.js";
 import type { StateLog } from "../../../lib/apdu/state-log.js";
 import { macEqual } from "../../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../../lib/crypto/keys.js";
+import { AUTHENTICATION_CURRENCY } from "../../../lib/money.js";
 import { LayoutError, type Fields, type Layout, type Value } from "../../../lib/protocol/layout.js";
 import {
   batchMac,
@@ -95,7 +100,11 @@ export interface BatchRecordState {
 export interface PsamFile {
   format: 1;
   psamId: string;
-  /** The one currency this PSAM accepts (ISO 4217 numeric); its batches are totalled in it. */
+  /**
+   * The one currency this PSAM accepts, its batches totalled in it: ISO 4217
+   * numeric (money), 999 (authentications, which no batch records) or a
+   * loyalty programme's code (points).
+   */
   currency: number;
   /** Purchase master keys by key version, hex. */
   purchaseKeys: Record<string, string>;
@@ -128,9 +137,10 @@ export interface PsamFile {
 
 export interface SettledDebit {
   psamCounter: number;
-  outcome: "recorded" | "declined" | "reversed";
+  /** "authenticated": an authentication (currency 999) the card proved; no batch record. */
+  outcome: "recorded" | "declined" | "reversed" | "authenticated";
   batchNumber: number;
-  /** The card's signature (recorded and declined debits), hex. */
+  /** The card's signature (recorded, declined and authenticated debits), hex. */
   cardSignature?: string;
   /** The record MAC (recorded debits), hex. */
   recordMac?: string;
@@ -147,6 +157,10 @@ export interface SettledDebit {
 }
 
 const SETTLED_KEPT = 1024;
+
+/** The verdict a settled debit is answered with again (a reversed one gets none). */
+const SETTLED_VERDICT = { recorded: Verdict.RECORDED, declined: Verdict.DECLINED_BY_CARD, authenticated: Verdict.AUTHENTICATED } as const;
+
 /** Most debits open at once: abandoned ones must not take the batch's room. */
 export const MAX_OPEN_DEBITS = 64;
 
@@ -312,11 +326,15 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     const card = this.session?.card;
     if (!card) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "no initialized card: CARD RESET and INITIALIZE first");
     const draw = decode(DrawAmountCommand, c.data);
-    if (draw.amount === 0) throw new ApduError(SW.AMOUNT_OUT_OF_RANGE, "amount must be positive");
+    // Zero is an authentication's amount, and an authentication's only one.
+    const authentication = draw.currency === AUTHENTICATION_CURRENCY;
+    if (authentication && draw.amount !== 0) throw new ApduError(SW.AMOUNT_OUT_OF_RANGE, "an authentication (currency 999) draws 0");
+    if (!authentication && draw.amount === 0) throw new ApduError(SW.AMOUNT_OUT_OF_RANGE, "amount must be positive");
     if (draw.currency !== card.currency) throw new ApduError(SW.CURRENCY_NOT_ACCEPTED, "amount currency is not the card's");
     if (draw.amount > card.balance) throw new ApduError(SW.INSUFFICIENT_BALANCE, "card balance lower than amount");
     const s = this.state;
-    if (s.batch.length >= s.batchCapacity) throw new ApduError(SW.BATCH_FULL, "batch full: close it first");
+    // An authentication takes no room in the batch.
+    if (!authentication && s.batch.length >= s.batchCapacity) throw new ApduError(SW.BATCH_FULL, "batch full: close it first");
     if (s.pending.length >= MAX_OPEN_DEBITS) throw new ApduError(SW.TOO_MANY_OPEN_DEBITS, `${MAX_OPEN_DEBITS} debits are open: verify or reverse some first`);
     if (s.counter >= 0xffffffff) throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, "PSAM counter exhausted");
     this.session = undefined; // one debit per card session
@@ -420,7 +438,7 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
     return this.verdictAnswer({
       psamCounter: done.psamCounter,
       ...debit,
-      verdict: done.outcome === "recorded" ? Verdict.RECORDED : Verdict.DECLINED_BY_CARD,
+      verdict: SETTLED_VERDICT[done.outcome],
       cardResult: done.cardResult,
       batchNumber: done.batchNumber,
       cardSignature: answer.cardSignature,
@@ -473,6 +491,19 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
       });
       return this.verdictAnswer({ ...verdict, verdict: Verdict.DECLINED_BY_CARD, recordMac: Buffer.alloc(8) });
     }
+    if (p.currency === AUTHENTICATION_CURRENCY) {
+      // The card proved it is present and moved no value: nothing to record, nothing to clear.
+      const settled = this.settle({
+        psamCounter: p.psamCounter,
+        outcome: "authenticated",
+        batchNumber: s.batchNumber,
+        cardSignature: signature,
+        ...debit,
+        cardResult: answer.result,
+      });
+      await this.save({ ...s, pending: rest, settled });
+      return this.verdictAnswer({ ...verdict, verdict: Verdict.AUTHENTICATED, recordMac: Buffer.alloc(8) });
+    }
     const record = {
       psamCounter: p.psamCounter,
       purseId,
@@ -517,7 +548,9 @@ export class SoftwarePsam extends SoftwareApplication<PsamFile> {
   private async reverseDebit(c: CommandApdu): Promise<ResponseApdu> {
     const { psamCounter } = decode(ReverseDebitCommand, c.data);
     const done = this.state.settled.find((x) => x.psamCounter === psamCounter);
-    if (done?.outcome === "recorded") throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is recorded; it cannot be reversed`);
+    if (done?.outcome === "recorded" || done?.outcome === "authenticated") {
+      throw new ApduError(SW.CONDITIONS_NOT_SATISFIED, `debit ${psamCounter} is ${done.outcome}; it cannot be reversed`);
+    }
     if (done) return this.reversalAnswer(psamCounter, this.settledDebit(done));
     const p = this.pendingByCounter(psamCounter);
     const debit = { transactionRef: p.transactionRef, amount: p.amount, currency: p.currency };
