@@ -5,12 +5,34 @@ import { join, resolve } from "node:path";
 import { dataDir } from "../../lib/config.js";
 import { ensurePinFile, ensureSoftHsmConf, hsmDir, isSoftHsm, readPinFile } from "../../lib/hsm/softhsm.js";
 import { runCommands, UsageError, int, str } from "../../lib/cli.js";
-import { formatMinor, parseMinor } from "../../lib/money.js";
-import { DEMO_ISSUER_ID, Issuer } from "./issuer.js";
+import { AUTHENTICATION_CURRENCY, formatMinor, isProgrammeCode, MAX_CARD_AMOUNT, parseMinor } from "../../lib/money.js";
+import { DEFAULT_POINTS_MAX_BALANCE, DEMO_ISSUER_ID, Issuer } from "./issuer.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 
 const dataOption = { data: { type: "string" } } as const;
 const issuerDir = (v: Record<string, unknown>) => join(dataDir(v.data as string | undefined), "issuer");
+
+/** The values of a repeatable option. */
+const many = (v: unknown): string[] => (Array.isArray(v) ? v.filter((x): x is string => typeof x === "string") : typeof v === "string" ? [v] : []);
+
+/** Whole points: digits only, at most what a card counts. */
+function points(text: string, what: string): number {
+  const n = /^\d{1,10}$/.test(text) ? Number(text) : NaN;
+  if (!(n <= MAX_CARD_AMOUNT)) throw new UsageError(`${what}: "${text}" is not a whole number of points (0..${MAX_CARD_AMOUNT})`);
+  return n;
+}
+
+/** --points PROGRAMME:N[:MAX], the points purse a card is personalised with. */
+function pointsPurse(text: string): { programme: number; value: number; maxBalance: number } {
+  const parts = text.split(":");
+  if (parts.length < 2 || parts.length > 3 || !/^\d{1,5}$/.test(parts[0]!))
+    throw new UsageError(`--points "${text}": write PROGRAMME:POINTS or PROGRAMME:POINTS:MAX, like 1001:500`);
+  const programme = Number(parts[0]);
+  const maxBalance = parts[2] === undefined ? DEFAULT_POINTS_MAX_BALANCE : points(parts[2], `--points ${text} maximum`);
+  const value = points(parts[1]!, `--points ${text}`);
+  if (value > maxBalance) throw new UsageError(`--points ${text}: ${value} points are more than the maximum ${maxBalance}`);
+  return { programme, value, maxBalance };
+}
 
 await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalisation, PSAM and security module provisioning.", [
   {
@@ -30,13 +52,41 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
     },
   },
   {
+    name: "create-programme",
+    summary: [
+      "Create a loyalty programme: its redeem and earn master keys (16 random bytes each) for every key",
+      "version, in the keys file (mode 0600). CODE (1000..65535) stands where a currency stands; its",
+      "points are whole. Cards get its points purse (personalise-card --points), PSAMs redeem them",
+      "(provision-psam --currency CODE), its security module credits them (provision-programme-hsm).",
+    ].join("\n"),
+    usage: "--code N --name TEXT [--data DIR]",
+    options: { ...dataOption, code: { type: "string" }, name: { type: "string" } },
+    async run(v) {
+      if (typeof v.code !== "string" || typeof v.name !== "string") throw new UsageError("--code N and --name TEXT are required");
+      const code = int(v.code, 0, "code");
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const p = await issuer.createProgramme(code, v.name);
+        console.log(`created loyalty programme ${p.code} "${p.name}" (redeem and earn master keys of versions ${p.keyVersions.join(", ")})`);
+      } catch (e) {
+        if (e instanceof RangeError) throw new UsageError(e.message);
+        throw e;
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
     name: "personalise-card",
     summary:
       "Personalise a software stored-value card: diversified keys, purse data and an initial value\nrecorded as an issuer credit. The card file is private (mode 0600).",
-    usage: "--out FILE [--value 100.00] [--max-balance 500.00] [--currency 978] [--exponent 2] [--expiry YYYY-MM-DD] [--key-version N] [--data DIR]",
+    usage:
+      "--out FILE [--value 100.00] [--max-balance 500.00] [--currency 978] [--exponent 2] [--expiry YYYY-MM-DD] [--key-version N]\n" +
+      `         [--points PROGRAMME:N[:MAX] ...] [--data DIR]\n\n--points: a points purse of a loyalty programme (create-programme) holding N whole points, at most MAX\n(default ${DEFAULT_POINTS_MAX_BALANCE}); repeat it for more programmes.`,
     options: {
       ...dataOption,
       out: { type: "string" },
+      points: { type: "string", multiple: true },
       value: { type: "string" },
       "max-balance": { type: "string" },
       currency: { type: "string" },
@@ -47,6 +97,7 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
     async run(v) {
       if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
       const exponent = int(v.exponent, 2, "exponent");
+      const pointsPurses = many(v.points).map(pointsPurse);
       const issuer = await Issuer.open(issuerDir(v));
       try {
         const card = await issuer.personaliseCard({
@@ -57,9 +108,11 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
           maxBalance: Number(parseMinor(str(v["max-balance"], "500.00"), exponent)),
           expiry: str(v.expiry, `${new Date().getUTCFullYear() + 4}-12-31`),
           ...(v["key-version"] !== undefined ? { keyVersion: int(v["key-version"], 1, "key-version") } : {}),
+          ...(pointsPurses.length ? { points: pointsPurses } : {}),
         });
+        const held = (card.points ?? []).map((q) => `, ${q.balance} points of programme ${q.programme}`).join("");
         console.log(
-          `personalised card ${card.purseId} (key version ${card.keyVersion}) with ${formatMinor(card.balance, exponent)}, expires ${card.expiry}: ${v.out}`,
+          `personalised card ${card.purseId} (key version ${card.keyVersion}) with ${formatMinor(card.balance, exponent)}${held}, expires ${card.expiry}: ${v.out}`,
         );
       } finally {
         await issuer.close();
@@ -68,34 +121,47 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   },
   {
     name: "provision-psam",
-    summary:
-      "Provision a software PSAM with every purchase key version, its batch key and its verdict key.\nPut it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
-    usage: "--out FILE --terminal ID [--currency 978] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
+    summary: [
+      "Provision a software PSAM with every purchase key version, its batch key and its verdict key.",
+      "Put it in a terminal host's folder: DATA/terminals/ID/psams/NAME.psam.json (mode 0600).",
+      "--currency 999: an authentication PSAM (the authentication keys); --currency CODE or --programme CODE",
+      "with a loyalty programme's code (1000..65535): that programme's points PSAM (its redeem keys).",
+    ].join("\n"),
+    usage: "--out FILE --terminal ID [--currency 978 | --programme CODE] [--psam-id HEX8] [--batch-capacity N] [--data DIR]",
     options: {
       ...dataOption,
       out: { type: "string" },
       terminal: { type: "string" },
       currency: { type: "string" },
+      programme: { type: "string" },
       "psam-id": { type: "string" },
       "batch-capacity": { type: "string" },
     },
     async run(v) {
       if (typeof v.out !== "string") throw new UsageError("--out FILE is required");
+      if (v.programme !== undefined && v.currency !== undefined) throw new UsageError("--programme CODE stands for --currency CODE: give one of them");
+      const currency = v.programme !== undefined ? int(v.programme, 0, "programme") : int(v.currency, 978, "currency");
+      if (v.programme !== undefined && !isProgrammeCode(currency)) throw new UsageError(`--programme: a programme code is 1000..65535, not ${currency}`);
       const issuer = await Issuer.open(issuerDir(v));
       try {
         const p = await issuer.provisionPsam({
           path: v.out,
           ...(typeof v.terminal === "string" ? { terminalId: v.terminal } : {}),
-          currency: int(v.currency, 978, "currency"),
+          currency,
           ...(typeof v["psam-id"] === "string" ? { psamId: v["psam-id"] } : {}),
           batchCapacity: int(v["batch-capacity"], 256, "batch-capacity"),
         });
-        console.log(`provisioned PSAM ${p.psamId} (key versions ${Object.keys(p.purchaseKeys).join(", ")}, currency ${p.currency}): ${v.out}`);
+        const kind =
+          p.currency === AUTHENTICATION_CURRENCY ? "authentication PSAM" : isProgrammeCode(p.currency) ? `points PSAM of programme ${p.currency}` : "PSAM";
+        console.log(`provisioned ${kind} ${p.psamId} (key versions ${Object.keys(p.purchaseKeys).join(", ")}, currency ${p.currency}): ${v.out}`);
         console.log(
           typeof v.terminal === "string"
             ? `assigned to terminal ${v.terminal}; export the PSAM registry for the concentrator: netpurse-issuer export-psam-registry`
             : "assigned to no terminal: the concentrator accepts it once 'netpurse-issuer assign-psam' and 'export-psam-registry' say where it is",
         );
+      } catch (e) {
+        if (e instanceof RangeError) throw new UsageError(e.message);
+        throw e;
       } finally {
         await issuer.close();
       }
@@ -224,6 +290,34 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
     },
   },
   {
+    name: "provision-programme-hsm",
+    summary: [
+      "Provision a loyalty programme's security module: the load server's software module holding the",
+      "programme's earn master keys of every key version, so that it signs points credits (its benefits",
+      "server reads it). The file is private (mode 0600); provisioning the same module id again keeps",
+      "its counter. The keys are never printed.",
+    ].join("\n"),
+    usage: "--programme CODE --out FILE [--hsm-id HEX8] [--data DIR]",
+    options: { ...dataOption, programme: { type: "string" }, out: { type: "string" }, "hsm-id": { type: "string" } },
+    async run(v) {
+      if (typeof v.programme !== "string" || typeof v.out !== "string") throw new UsageError("--programme CODE and --out FILE are required");
+      const programme = int(v.programme, 0, "programme");
+      if (!isProgrammeCode(programme)) throw new UsageError(`--programme: a programme code is 1000..65535, not ${programme}`);
+      const issuer = await Issuer.open(issuerDir(v));
+      try {
+        const h = await issuer.provisionProgrammeHsm({ path: v.out, programme, ...(typeof v["hsm-id"] === "string" ? { hsmId: v["hsm-id"] } : {}) });
+        console.log(
+          `provisioned security module ${h.hsmId} of programme ${programme} (earn key versions ${Object.keys(h.loadKeys).join(", ")}, counter ${h.counter}): ${v.out}`,
+        );
+      } catch (e) {
+        if (e instanceof RangeError) throw new UsageError(e.message);
+        throw e;
+      } finally {
+        await issuer.close();
+      }
+    },
+  },
+  {
     name: "add-verdict-key",
     summary:
       "Give software PSAMs provisioned before PSAM verdicts their verdict key, keeping their counter,\nopen debits and batch. Run it with their terminal host stopped. A PSAM that has its key is left alone.",
@@ -265,7 +359,7 @@ await runCommands("netpurse-issuer", "Issuer tools: master keys, card personalis
   {
     name: "export-clearing-keys",
     summary:
-      "Write clearing's security module keys: every purchase and load master key version (to check card\nsignatures and S3s) and the batch master key (to check PSAM batches). Clearing reads\nDATA/clearing/keys.json (mode 0600). The keys are never printed. A load key version held in a\nPKCS#11 token is written as a reference to the token: clearing checks those loads in the token.",
+      "Write clearing's security module keys: every purchase and load master key version (to check card\nsignatures and S3s), each loyalty programme's redeem master keys (to check points redemptions)\nand the batch master key (to check PSAM batches). Clearing reads\nDATA/clearing/keys.json (mode 0600). The keys are never printed. A load key version held in a\nPKCS#11 token is written as a reference to the token: clearing checks those loads in the token.",
     usage: `--out FILE [--issuer-id ID (default ${DEMO_ISSUER_ID})] [--data DIR]`,
     options: { ...dataOption, out: { type: "string" }, "issuer-id": { type: "string" } },
     async run(v) {

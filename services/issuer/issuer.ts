@@ -12,10 +12,10 @@ import { diversifyCardKey, KEY_PURPOSES, type KeyPurpose } from "../../lib/crypt
 import { readState } from "../../lib/apdu/state-log.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
 import { ensureToken, loadMasterKeyLabel, tokenConfigOf, withToken, type TokenConfig } from "../../lib/hsm/pkcs11.js";
-import { MAX_CARD_AMOUNT } from "../../lib/money.js";
+import { AUTHENTICATION_CURRENCY, isMoneyCurrency, isProgrammeCode, MAX_CARD_AMOUNT } from "../../lib/money.js";
 import { diversifyPsamKey } from "../../lib/protocol/psam.js";
 import { openSqlite, type Db } from "../../lib/store/db.js";
-import { SoftwareCard, type CardFile } from "../../client/card/software-card.js";
+import { SoftwareCard, type CardFile, type PointsPurseFile } from "../../client/card/software-card.js";
 import { SoftwarePsam, type PsamFile } from "../terminal/psam/software-psam.js";
 import { SoftwareHsm, type HsmFile } from "../load/hsm.js";
 import type { Pkcs11HsmFile } from "../load/pkcs11-hsm.js";
@@ -44,6 +44,37 @@ export interface IssuerKeys {
    * has no value in `master.load`.
    */
   token?: { config: TokenConfig; load: Record<string, string> };
+  /**
+   * Loyalty programmes by code (1000..65535, docs/loyalty.md): the name, and
+   * the redeem and earn master keys by key version, hex. Every key version of
+   * the issuer has both, so a card of any version can hold the programme's purse.
+   */
+  programmes?: Record<string, Programme>;
+}
+
+/** A loyalty programme's master keys by key version, hex. */
+export interface Programme {
+  name: string;
+  /** MK_points,P,redeem: the programme's PSAMs and clearing verify redemptions with it. */
+  redeem: Record<string, string>;
+  /** MK_points,P,earn: the programme's security module signs points credits with it. */
+  earn: Record<string, string>;
+}
+
+/** The default and largest points a card's points purse holds unless told otherwise. */
+export const DEFAULT_POINTS_MAX_BALANCE = 1_000_000;
+
+/** Gives every programme both master keys of each of `versions` it lacks; says whether any was added. */
+function fillProgrammeKeys(k: Pick<IssuerKeys, "programmes">, versions: number[]): boolean {
+  let added = false;
+  for (const programme of Object.values(k.programmes ?? {}))
+    for (const v of versions)
+      for (const role of ["redeem", "earn"] as const)
+        if (!programme[role][String(v)]) {
+          programme[role][String(v)] = randomBytes(16).toString("hex");
+          added = true;
+        }
+  return added;
 }
 
 /** The label of a token-held load master key version, if that version is one. */
@@ -111,8 +142,10 @@ export class Issuer {
         ? await readJson<StoredKeys>(path)
         : { format: 1, master: { purchase: {}, load: {}, authentication: {} }, batchMaster: randomBytes(16).toString("hex") },
     );
+    // A programme made before a version (or by an older issuer) gets that version's keys here.
+    const programmeKeysAdded = fillProgrammeKeys(keys, [keyVersion]);
     if (KEY_PURPOSES.every((p) => holds(keys, p, keyVersion))) {
-      if (added) await writeJsonAtomic(path, keys, { private: true });
+      if (added || programmeKeysAdded) await writeJsonAtomic(path, keys, { private: true });
       return { created: false };
     }
     for (const p of KEY_PURPOSES) if (!holds(keys, p, keyVersion)) keys.master[p][String(keyVersion)] = randomBytes(16).toString("hex");
@@ -156,6 +189,57 @@ export class Issuer {
     return Buffer.from(hex, "hex");
   }
 
+  /**
+   * Creates loyalty programme `code` (1000..65535) named `name`: 16 random
+   * bytes of redeem and of earn master key for every key version the issuer
+   * holds, in the keys file (mode 0600). Refuses a code in use.
+   */
+  async createProgramme(code: number, name: string): Promise<{ code: number; name: string; keyVersions: number[] }> {
+    if (!isProgrammeCode(code)) throw new RangeError(`a programme code is 1000..65535 (1..998 are money currencies, 999 is authentication), not ${code}`);
+    const trimmed = name.trim();
+    if (!/^[^\p{Cc}]{1,64}$/u.test(trimmed)) throw new RangeError("a programme name is 1..64 characters, no control characters");
+    const programmes = (this.keys.programmes ??= {});
+    const existing = programmes[String(code)];
+    if (existing) throw new RangeError(`programme ${code} exists already ("${existing.name}")`);
+    programmes[String(code)] = { name: trimmed, redeem: {}, earn: {} };
+    const keyVersions = this.keyVersions("purchase");
+    fillProgrammeKeys(this.keys, keyVersions);
+    await writeJsonAtomic(Issuer.keysPath(this.dir), this.keys, { private: true });
+    return { code, name: trimmed, keyVersions };
+  }
+
+  /** The loyalty programmes, by code. */
+  programmes(): { code: number; name: string; keyVersions: number[] }[] {
+    return Object.entries(this.keys.programmes ?? {})
+      .map(([code, p]) => ({
+        code: Number(code),
+        name: p.name,
+        keyVersions: Object.keys(p.redeem)
+          .map(Number)
+          .sort((a, b) => a - b),
+      }))
+      .sort((a, b) => a.code - b.code);
+  }
+
+  /** A programme's keys; an unknown code is a mistake the issuer explains. */
+  private programme(code: number): Programme {
+    const p = isProgrammeCode(code) ? this.keys.programmes?.[String(code)] : undefined;
+    if (!p) throw new Error(`no loyalty programme ${code} at this issuer: create it first with 'netpurse-issuer create-programme --code ${code} --name NAME'`);
+    return p;
+  }
+
+  /** A programme's redeem or earn master key of a key version. */
+  private programmeKey(code: number, role: "redeem" | "earn", version: number): Buffer {
+    const hex = this.programme(code)[role][String(version)];
+    if (!hex) throw new Error(`loyalty programme ${code} has no ${role} master key of version ${version}`);
+    return Buffer.from(hex, "hex");
+  }
+
+  /** A programme's master keys of one role, by key version (hex), as a PSAM or security module holds them. */
+  private programmeKeys(code: number, role: "redeem" | "earn"): Record<string, string> {
+    return { ...this.programme(code)[role] };
+  }
+
   /** A card's load key: diversified from the file's master key, or inside the token (derived extractable, read once) for a token-held version. */
   private async cardLoadKey(version: number, purseId: Buffer): Promise<Buffer> {
     const label = tokenLabelOf(this.keys, version);
@@ -177,6 +261,8 @@ export class Issuer {
     keyVersion?: number;
     providerId?: string;
     purseId?: string;
+    /** Points purses: one per programme, with its initial points and maximum (default DEFAULT_POINTS_MAX_BALANCE). */
+    points?: { programme: number; value: number; maxBalance?: number }[];
   }): Promise<CardFile> {
     const keyVersion = p.keyVersion ?? Math.max(...this.keyVersions("purchase"));
     if (!(p.maxBalance >= 0 && p.maxBalance <= MAX_CARD_AMOUNT)) throw new RangeError("maximum balance out of range");
@@ -185,6 +271,27 @@ export class Issuer {
     const purseId = p.purseId ?? randomBytes(8).toString("hex");
     if (!/^[0-9a-f]{16}$/.test(purseId)) throw new RangeError("purse id must be 16 hex digits");
     const id = Buffer.from(purseId, "hex");
+    // READ PURSE names a points purse by one byte (P1 = 1..255).
+    if ((p.points?.length ?? 0) > 255) throw new RangeError("a card holds at most 255 points purses");
+    const points: PointsPurseFile[] = [];
+    for (const q of p.points ?? []) {
+      this.programme(q.programme);
+      if (points.some((x) => x.programme === q.programme)) throw new RangeError(`programme ${q.programme} twice: a card holds one points purse per programme`);
+      const maxBalance = q.maxBalance ?? DEFAULT_POINTS_MAX_BALANCE;
+      if (!(Number.isInteger(maxBalance) && maxBalance >= 0 && maxBalance <= MAX_CARD_AMOUNT))
+        throw new RangeError(`programme ${q.programme}: maximum points out of range`);
+      if (!(Number.isInteger(q.value) && q.value >= 0 && q.value <= maxBalance))
+        throw new RangeError(`programme ${q.programme}: initial points must be whole and between 0 and the maximum (${maxBalance})`);
+      points.push({
+        programme: q.programme,
+        balance: q.value,
+        maxBalance,
+        keys: {
+          redeem: diversifyCardKey(this.programmeKey(q.programme, "redeem", keyVersion), id).toString("hex"),
+          earn: diversifyCardKey(this.programmeKey(q.programme, "earn", keyVersion), id).toString("hex"),
+        },
+      });
+    }
     const card: CardFile = {
       format: 1,
       providerId: p.providerId ?? "4e500001",
@@ -203,6 +310,7 @@ export class Issuer {
         authentication: diversifyCardKey(this.masterKey("authentication", keyVersion), id).toString("hex"),
       },
       log: [],
+      ...(points.length ? { points } : {}),
     };
     const now = new Date().toISOString();
     await this.db.transaction(async (tx) => {
@@ -219,18 +327,37 @@ export class Issuer {
           now,
         ]);
       }
+      // Points are credited in the programme's unit (its code as the currency), apart from the money.
+      for (const q of points) {
+        if (q.balance === 0) continue;
+        await tx.run("INSERT INTO issuer_credits (purse_id, amount_minor, currency, reason, credited_at) VALUES (?, ?, ?, ?, ?)", [
+          purseId,
+          q.balance,
+          q.programme,
+          "initial points at personalisation",
+          now,
+        ]);
+      }
       await SoftwareCard.write(p.path, card); // inside the transaction: no card without its record
     });
     return card;
   }
 
-  /** Provisions a software PSAM with every purchase key version, its batch key and its verdict key. */
-  /** Provisions a software PSAM into `path`, for the terminal host `terminalId` (without one, no concentrator accepts it until it is assigned). */
+  /**
+   * Provisions a software PSAM into `path`, for the terminal host `terminalId` (without one, no concentrator
+   * accepts it until it is assigned), with its batch key, its verdict key and, as its "purchase" keys, the
+   * master keys of every version that verify the cards' signatures in its currency: the purchase keys for
+   * a money currency, the authentication keys for currency 999, a programme's redeem keys for its code.
+   */
   async provisionPsam(p: { path: string; currency: number; terminalId?: string; psamId?: string; batchCapacity?: number }): Promise<PsamFile> {
     const psamId = p.psamId ?? randomBytes(4).toString("hex");
     if (!/^[0-9a-f]{8}$/.test(psamId)) throw new RangeError("PSAM id must be 8 hex digits");
-    const purchaseKeys: Record<string, string> = {};
-    for (const v of this.keyVersions("purchase")) purchaseKeys[String(v)] = this.masterKey("purchase", v).toString("hex");
+    let purchaseKeys: Record<string, string> = {};
+    if (isProgrammeCode(p.currency)) purchaseKeys = this.programmeKeys(p.currency, "redeem");
+    else if (p.currency === AUTHENTICATION_CURRENCY)
+      for (const v of this.keyVersions("authentication")) purchaseKeys[String(v)] = this.masterKey("authentication", v).toString("hex");
+    else if (isMoneyCurrency(p.currency)) for (const v of this.keyVersions("purchase")) purchaseKeys[String(v)] = this.masterKey("purchase", v).toString("hex");
+    else throw new RangeError(`currency must be 1..998 (money), 999 (authentication) or a programme code 1000..65535, not ${p.currency}`);
     const file: PsamFile = {
       format: 1,
       psamId,
@@ -296,6 +423,26 @@ export class Issuer {
   }
 
   /**
+   * Provisions a loyalty programme's security module (docs/loyalty.md): the
+   * load server's software module, holding the programme's EARN master keys
+   * of every key version as its load keys, so that it signs points credits
+   * and nothing else. Written to `path` (mode 0600). Provisioning the same
+   * module id again over its file keeps its counter: a counter used twice
+   * would give a card the same session key twice.
+   */
+  async provisionProgrammeHsm(p: { path: string; programme: number; hsmId?: string }): Promise<HsmFile> {
+    const loadKeys = this.programmeKeys(p.programme, "earn");
+    if (p.hsmId !== undefined && !/^[0-9a-f]{8}$/.test(p.hsmId)) throw new RangeError("security module id must be 8 hex digits");
+    const before = existsSync(p.path) ? await readJson<{ hsmId?: unknown; counter?: unknown }>(p.path) : undefined;
+    const beforeId = typeof before?.hsmId === "string" && /^[0-9a-f]{8}$/.test(before.hsmId) ? before.hsmId : undefined;
+    const hsmId = p.hsmId ?? beforeId ?? randomBytes(4).toString("hex");
+    const counter = hsmId === beforeId && Number.isInteger(before?.counter) ? (before!.counter as number) : 0;
+    const file: HsmFile = { format: 1, kind: "software", hsmId, loadKeys, counter };
+    await SoftwareHsm.write(p.path, file);
+    return file;
+  }
+
+  /**
    * Provisions the load server's security module on a PKCS#11 token. The
    * token labelled `token.tokenLabel` is used, or initialised (a free one,
    * with `soPin` and the configuration's user PIN) when there is none; the
@@ -335,6 +482,7 @@ export class Issuer {
       return true;
     });
     for (const purpose of KEY_PURPOSES) if (purpose !== "load") this.keys.master[purpose][String(keyVersion)] ??= randomBytes(16).toString("hex");
+    fillProgrammeKeys(this.keys, [keyVersion]);
     this.keys.token = { config: token, load: { ...this.keys.token?.load, [String(keyVersion)]: label } };
     await writeJsonAtomic(Issuer.keysPath(this.dir), this.keys, { private: true });
 
@@ -379,7 +527,8 @@ export class Issuer {
    * Writes clearing's security module keys (mode 0600): every purchase and
    * load master key version, to check card signatures and S3s, and the batch
    * master key, to check the PSAMs' batch MACs; a load key version held in a
-   * token as a reference to the token and the key's label. Clearing reads
+   * token as a reference to the token and the key's label; each loyalty
+   * programme's redeem master keys, to check points redemptions. Clearing reads
    * them from DATA/clearing/keys.json. Rewriting it after a new key version
    * is safe.
    */
@@ -387,12 +536,15 @@ export class Issuer {
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(issuerId)) throw new RangeError("issuer id must be 1..64 characters of [A-Za-z0-9._-]");
     const versions = (purpose: KeyPurpose) =>
       Object.fromEntries(this.fileKeyVersions(purpose).map((v) => [String(v), this.masterKey(purpose, v).toString("hex")]));
+    const programmes = Object.entries(this.keys.programmes ?? {});
     const file: ClearingKeysFile = {
       format: 1,
       issuerId,
       purchaseKeys: versions("purchase"),
       loadKeys: versions("load"),
       batchMaster: this.keys.batchMaster,
+      // Only the redeem keys: clearing verifies redemptions; points credits are the programme module's.
+      ...(programmes.length ? { programmeKeys: Object.fromEntries(programmes.map(([code, p]) => [code, { ...p.redeem }])) } : {}),
       // Token-held load keys by reference only: clearing checks their S1s and S3s in the token.
       ...(this.keys.token ? { tokenLoadKeys: { token: this.keys.token.config, labels: { ...this.keys.token.load } } } : {}),
     };
@@ -418,7 +570,7 @@ export class Issuer {
   async openingValue(purseId: string): Promise<{ amountMinor: number; currency: number; exponent: number } | undefined> {
     const row = await this.db.get<{ currency: number; exponent: number; credited: number }>(
       `SELECT c.currency, c.exponent, COALESCE(SUM(k.amount_minor), 0) AS credited
-         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id
+         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id AND k.currency = c.currency
         WHERE c.purse_id = ? GROUP BY c.purse_id`,
       [purseId],
     );
@@ -428,7 +580,7 @@ export class Issuer {
   async listCards(): Promise<{ purse_id: string; currency: number; expiry: string; key_version: number; credited: number }[]> {
     return this.db.all(
       `SELECT c.purse_id, c.currency, c.expiry, c.key_version, COALESCE(SUM(k.amount_minor), 0) AS credited
-         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id
+         FROM cards c LEFT JOIN issuer_credits k ON k.purse_id = c.purse_id AND k.currency = c.currency
         GROUP BY c.purse_id ORDER BY c.personalised_at`,
     );
   }

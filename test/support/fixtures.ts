@@ -14,16 +14,35 @@ export async function tempDir(prefix = "netpurse-test-"): Promise<{ dir: string;
 
 export const EUR = 978;
 
+/** The demo loyalty programme (docs/loyalty.md). */
+export const SKYWAYS = 1001;
+
 /** An issuer with keys of version 1 in a fresh folder. */
 export async function makeIssuer(dir: string): Promise<Issuer> {
   await Issuer.createKeys(join(dir, "issuer"), 1);
   return Issuer.open(join(dir, "issuer"));
 }
 
+/** Creates a loyalty programme at the issuer (redeem and earn master keys of every key version); returns its code. */
+export async function makeProgramme(issuer: Issuer, code = SKYWAYS, name = "Skyways Miles"): Promise<number> {
+  await issuer.createProgramme(code, name);
+  return code;
+}
+
 export async function makeCard(
   issuer: Issuer,
   dir: string,
-  o: { value?: number; expiry?: string; currency?: number; name?: string; maxBalance?: number; keyVersion?: number; purseId?: string } = {},
+  o: {
+    value?: number;
+    expiry?: string;
+    currency?: number;
+    name?: string;
+    maxBalance?: number;
+    keyVersion?: number;
+    purseId?: string;
+    /** Points purses, one per programme (made with makeProgramme first); maxBalance defaults to 1,000,000 points. */
+    points?: { programme: number; value: number; maxBalance?: number }[];
+  } = {},
 ): Promise<string> {
   const path = join(dir, "cards", `${o.name ?? "card"}.card.json`);
   await issuer.personaliseCard({
@@ -35,10 +54,15 @@ export async function makeCard(
     expiry: o.expiry ?? "2099-12-31",
     ...(o.keyVersion !== undefined ? { keyVersion: o.keyVersion } : {}),
     ...(o.purseId !== undefined ? { purseId: o.purseId } : {}),
+    ...(o.points !== undefined ? { points: o.points } : {}),
   });
   return path;
 }
 
+/**
+ * A software PSAM; `currency` is a money currency (default EUR), 999 for an
+ * authentication PSAM, or a programme code for that programme's points PSAM.
+ */
 export async function makePsam(
   issuer: Issuer,
   dir: string,
@@ -51,6 +75,13 @@ export async function makePsam(
     ...(o.psamId ? { psamId: o.psamId } : {}),
     ...(o.batchCapacity ? { batchCapacity: o.batchCapacity } : {}),
   });
+  return path;
+}
+
+/** A programme's security module file (the load server's software module with the programme's earn keys); returns its path. */
+export async function makeProgrammeHsm(issuer: Issuer, dir: string, code = SKYWAYS, o: { hsmId?: string } = {}): Promise<string> {
+  const path = join(dir, "programmes", String(code), "hsm.json");
+  await issuer.provisionProgrammeHsm({ path, programme: code, ...(o.hsmId ? { hsmId: o.hsmId } : {}) });
   return path;
 }
 
