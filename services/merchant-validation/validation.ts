@@ -20,9 +20,10 @@ import { macEqual } from "../../lib/crypto/aes.js";
 import { invalidField, NetpurseError } from "../../lib/grpc/errors.js";
 import { peerOf, type Peer } from "../../lib/grpc/server.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
-import { requireCardAmount, requireMerchantId, requireMoney, requireTransactionId } from "../../lib/ids.js";
+import { requireMerchantId, requireTransactionId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import { formatMoney } from "../../lib/money.js";
+import { AUTHENTICATION_CURRENCY, formatMoney } from "../../lib/money.js";
+import { requireOfferAmount } from "../../lib/offer-amount.js";
 import { issueTransactionKeys, open, transactionKey, type OfferTerms } from "../../lib/protocol/encryption-layer.js";
 import { cardProofDigest, DebitResponse, DebitResult } from "../../lib/protocol/purse.js";
 import type { ProofReporter } from "./proof-reporter.js";
@@ -58,9 +59,13 @@ export const MAX_OFFER_TTL_MS = 60 * 60_000;
 /** Clock skew between merchant server and this service tolerated above MAX_OFFER_TTL_MS. */
 const CLOCK_SKEW_MS = 60_000;
 
-/** The offer's terms of an IssueTransactionKeys request, checked: a card amount, and an expiry in the future and at most MAX_OFFER_TTL_MS ahead. */
+/**
+ * The offer's terms of an IssueTransactionKeys request, checked: an amount a
+ * card can pay (money or a programme's points) or an authentication (0 in
+ * 999), and an expiry in the future and at most MAX_OFFER_TTL_MS ahead.
+ */
 export function offerTerms(req: IssueTransactionKeysRequest, now: Date = new Date()): OfferTerms {
-  const amount = requireCardAmount(req.amount, "amount");
+  const amount = requireOfferAmount(req.amount, "amount");
   const e = req.expiresAt;
   if (!e) throw invalidField("expires_at", "missing");
   if (Number.isNaN(e.getTime())) throw invalidField("expires_at", "is not a valid time");
@@ -113,7 +118,7 @@ export class MerchantValidation {
     if (!o) throw invalidField("order", "missing");
     const transactionId = requireTransactionId(o.transactionId, "order.transaction_id");
     const merchantId = requireMerchantId(o.merchantId, "order.merchant_id");
-    const amount = requireMoney(o.amount, "order.amount");
+    const amount = requireOfferAmount(o.amount, "order.amount");
     if (o.keyNonce.length !== 16) throw invalidField("order.key_nonce", `must be 16 bytes, got ${o.keyNonce.length}`);
     if (!req.debitResultM) throw invalidField("debit_result_m", "missing");
     if (req.debitResponse.length !== 0 && req.debitResponse.length !== DebitResponse.size) {
@@ -139,7 +144,18 @@ export class MerchantValidation {
       throw mismatch("amount", formatMoney(a), formatMoney(amount));
     if (m.confirmationMode !== k.mode) throw mismatch("confirmation mode", confirmationModeToJSON(m.confirmationMode), confirmationModeToJSON(k.mode));
 
-    if (m.status !== DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED) await this.ruleOnUnconfirmed(m, req.debitResponse, transactionId);
+    // An authentication is confirmed as one and only as one: a payment's confirmation never stands for a card's presence, nor the reverse.
+    const authentication = amount.currency === AUTHENTICATION_CURRENCY;
+    if (m.status === DebitResultStatus.DEBIT_RESULT_STATUS_AUTHENTICATED || m.status === DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED) {
+      const authenticated = m.status === DebitResultStatus.DEBIT_RESULT_STATUS_AUTHENTICATED;
+      if (authenticated !== authentication) {
+        throw mismatch(
+          "status",
+          authenticated ? "AUTHENTICATED" : "CONFIRMED",
+          authentication ? "an authentication (0 in 999)" : `${formatMoney(amount)}, not an authentication`,
+        );
+      }
+    } else await this.ruleOnUnconfirmed(m, req.debitResponse, transactionId);
     return {
       transactionId: m.transactionId,
       purseId: m.purseId,

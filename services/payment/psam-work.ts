@@ -53,6 +53,16 @@ export class VerdictRefused {
   constructor(readonly why: string) {}
 }
 
+/** The verdict byte the PSAM's MAC binds, by the verdict the terminal host reports. */
+const VERDICT_BYTE: Partial<Record<DebitVerdict, number>> = {
+  [DebitVerdict.DEBIT_VERDICT_RECORDED]: Verdict.RECORDED,
+  [DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD]: Verdict.DECLINED_BY_CARD,
+  [DebitVerdict.DEBIT_VERDICT_AUTHENTICATED]: Verdict.AUTHENTICATED,
+};
+
+/** Whether a verdict says the card's proof was accepted: recorded in the batch (money, points) or authenticated (currency 999). */
+export const isAcceptedVerdict = (v: DebitVerdict) => v === DebitVerdict.DEBIT_VERDICT_RECORDED || v === DebitVerdict.DEBIT_VERDICT_AUTHENTICATED;
+
 /** The card's result code and signature, the part of its answer a verdict MAC binds. */
 type RuledAnswer = Pick<DebitAnswer, "result" | "cardSignature">;
 
@@ -181,12 +191,8 @@ export class PsamWork {
    * purchase's event).
    */
   async checkVerdict(p: SignedPurchase, answer: RuledAnswer, v: DebitVerified): Promise<true | VerdictRefused> {
-    const verdict =
-      v.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED
-        ? Verdict.RECORDED
-        : v.verdict === DebitVerdict.DEBIT_VERDICT_DECLINED_BY_CARD
-          ? Verdict.DECLINED_BY_CARD
-          : undefined;
+    // The security module refuses a verdict of the wrong kind for the debit's currency (AUTHENTICATED is for 999 only).
+    const verdict = VERDICT_BYTE[v.verdict];
     const what = `verdict ${DebitVerdict[v.verdict] ?? v.verdict} of PSAM ${p.psam_id} counter ${p.psam_counter}`;
     if (verdict === undefined) return this.refused(p.transaction_id, p.psam_id, `${what}: no such verdict`);
     const ok = this.o.verdicts.verdict(

@@ -1,7 +1,8 @@
 // Ruling on the card's answer to DEBIT. By mode, the PSAM verifies the card's
 // signature (PSAM_VERIFIES), or the payment server compares it with the one
 // the PSAM expected (the other modes, when the answer reaches it). A proven
-// debit is recorded in the PSAM's batch; a refused or declined one, or one
+// debit is recorded in the PSAM's batch (an authentication, currency 999, is
+// verified by the PSAM the same way and recorded nowhere); a refused or declined one, or one
 // the card's log or later transactions prove it never made, is reversed in
 // the PSAM; one whose PSAM cannot be reached is in doubt. Nothing is guessed,
 // and nothing is taken on a PSAM's word unless its MAC verifies: a verdict
@@ -16,7 +17,7 @@ import { NetpurseError } from "../../lib/grpc/errors.js";
 import type { Logger } from "../../lib/log.js";
 import type { KeyedMutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, type DebitAnswer } from "../../lib/protocol/purse.js";
-import { backgroundDeadline, describe, PsamUnreachable, type PsamWork } from "./psam-work.js";
+import { backgroundDeadline, describe, isAcceptedVerdict, PsamUnreachable, type PsamWork } from "./psam-work.js";
 import { badCardSignature, cardDeclined, cardRefused, failureOf } from "./refusals.js";
 import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type State, type Step } from "./store.js";
 
@@ -134,18 +135,17 @@ export class Ruling {
       this.o.work.verifyDebit(lease, p, p.answer.debitResponse, backgroundDeadline()),
     );
     if (done instanceof PsamUnreachable) return p;
-    if (
-      done.status === PsamJobStatus.PSAM_JOB_STATUS_OK &&
-      done.outcome?.$case === "debitVerified" &&
-      done.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED
-    ) {
+    if (done.status === PsamJobStatus.PSAM_JOB_STATUS_OK && done.outcome?.$case === "debitVerified" && isAcceptedVerdict(done.outcome.value.verdict)) {
       // Not recorded on a verdict that is not the PSAM's: the proof stays PROVEN, and the sweep asks again.
       if ((await this.o.work.checkVerdict(p, DebitResponse.decode(p.answer.debitResponse), done.outcome.value)) !== true) return p;
+      const authenticated = done.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_AUTHENTICATED;
       await this.o.store.transition(
         transactionId,
         ["PROVEN"],
         { state: "COMPLETED" },
-        { step: "recorded_in_batch", detail: `PSAM ${p.psam_id} recorded the card's proof in batch ${done.outcome.value.batchNumber}` },
+        authenticated
+          ? { step: "authenticated", detail: `PSAM ${p.psam_id} verified the card's proof of presence: authenticated, nothing in a batch` }
+          : { step: "recorded_in_batch", detail: `PSAM ${p.psam_id} recorded the card's proof in batch ${done.outcome.value.batchNumber}` },
       );
     } else {
       // The PSAM disagrees with a signature it predicted itself: an operator must look.
@@ -182,17 +182,18 @@ export class Ruling {
         if (o.reported !== undefined) throw this.notNow(checked.why);
         return this.inDoubt(p, checked.why);
       }
-      if (r.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_RECORDED) {
+      if (isAcceptedVerdict(r.outcome.value.verdict)) {
+        // An authentication ends COMPLETED like a recorded debit: the card proved its presence, and no batch holds it.
+        const step =
+          r.outcome.value.verdict === DebitVerdict.DEBIT_VERDICT_AUTHENTICATED
+            ? { step: "authenticated", detail: `${prefix}PSAM ${p.psam_id} verified the card signature: the card was present; nothing in a batch` }
+            : {
+                step: "purchase_confirmed",
+                detail: `${prefix}PSAM ${p.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
+              };
         const done =
-          (await this.o.store.transition(
-            p.transaction_id,
-            OPEN,
-            { state: "COMPLETED", new_balance: answer.balance, ...recorded },
-            {
-              step: "purchase_confirmed",
-              detail: `${prefix}PSAM ${p.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
-            },
-          )) ?? (await this.o.store.require(p.transaction_id));
+          (await this.o.store.transition(p.transaction_id, OPEN, { state: "COMPLETED", new_balance: answer.balance, ...recorded }, step)) ??
+          (await this.o.store.require(p.transaction_id));
         this.afterProof(done);
         return done;
       }

@@ -13,11 +13,13 @@ import { join } from "node:path";
 import { BoundedMap } from "../../lib/bounded-map.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { readJson } from "../../lib/files.js";
+import { AUTHENTICATION_CURRENCY } from "../../lib/money.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import {
   diversifyPsamKey,
   issuedMac,
   reversalMac,
+  Verdict,
   verdictMac,
   type IssuedMacFields,
   type ReversalMacFields,
@@ -37,10 +39,25 @@ export interface VerdictKeyFile {
 export interface PsamVerdictChecker {
   /** The MAC over DRAW AMOUNT's answer: this DEBIT command, for this card session (and expected card signature). */
   issued(psamId: string, f: Omit<IssuedMacFields, "psamId">, mac: Uint8Array): boolean;
-  /** The MAC over VERIFY DEBIT's answer: this verdict on this card answer, for this debit. */
+  /** The MAC over VERIFY DEBIT's answer: this verdict on this card answer, for this debit; and a verdict that fits the debit's currency (verdictFitsDebit). */
   verdict(psamId: string, f: Omit<VerdictMacFields, "psamId">, mac: Uint8Array): boolean;
   /** The MAC over REVERSE DEBIT's answer: this debit is cancelled. */
   reversed(psamId: string, f: Omit<ReversalMacFields, "psamId">, mac: Uint8Array): boolean;
+}
+
+/**
+ * Whether a verdict can be the PSAM's word on a debit in `currency`: a PSAM
+ * answers AUTHENTICATED for an authentication (currency 999) and only for
+ * one, and never records one in its batch. A verdict of the other kind is a
+ * forgery, refused like a MAC that does not verify, even with a good MAC:
+ * "authenticated" must never stand for a payment nor "recorded" for an
+ * authentication. A card may decline either.
+ */
+export function verdictFitsDebit(verdict: number, currency: number): boolean {
+  const authentication = currency === AUTHENTICATION_CURRENCY;
+  if (verdict === Verdict.AUTHENTICATED) return authentication;
+  if (verdict === Verdict.RECORDED) return !authentication;
+  return verdict === Verdict.DECLINED_BY_CARD;
 }
 
 /** PSAM keys kept derived at once; past that the cache starts again (a pool is far smaller). */
@@ -96,6 +113,7 @@ export class SoftwareSecurityModule implements PsamVerdictChecker {
   }
 
   verdict(psamId: string, f: Omit<VerdictMacFields, "psamId">, mac: Uint8Array): boolean {
+    if (!verdictFitsDebit(f.verdict, f.currency)) return false;
     return this.check(psamId, mac, (key, id) => verdictMac(key, { ...f, psamId: id }));
   }
 

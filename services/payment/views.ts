@@ -14,7 +14,7 @@ import {
   type Purchase as PurchaseMessage,
 } from "../../gen/netpurse/payment/v1/payment.js";
 import { merchantId, psamId, purseId, txnId } from "../../lib/ids.js";
-import { money } from "../../lib/money.js";
+import { AUTHENTICATION_CURRENCY, money } from "../../lib/money.js";
 import { seal } from "../../lib/protocol/encryption-layer.js";
 import { cardProofDigest } from "../../lib/protocol/purse.js";
 import type { EventRow, PaidPurchase, Purchase, SignedPurchase, State } from "./store.js";
@@ -74,13 +74,18 @@ function sealResultM(p: SignedPurchase, keys: TransactionKeys, status: DebitResu
   return seal(keys.derived, "DEBIT_RESULT_M", p.transaction_id, DebitResultM.encode(m).finish());
 }
 
-/** Debit result C for the client and the confirmation (debit result M) for the merchant of a paid purchase. */
+/** Debit result C for the client and the confirmation (debit result M) for the merchant of a paid purchase or a proven authentication. */
 export function results(p: PaidPurchase, keys: TransactionKeys): CompletePurchaseResponse {
   const c: DebitResultC = { transactionId: txnId(p.transaction_id), state: stateEnum[p.state], newBalance: money(p.new_balance, p.currency, p.exponent) };
   return {
     transactionId: txnId(p.transaction_id),
     debitResultC: seal(keys.tsk, "DEBIT_RESULT_C", p.transaction_id, DebitResultC.encode(c).finish()),
-    debitResultM: sealResultM(p, keys, DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED),
+    // An authentication's M says so: the card was present, nothing was paid (the merchant refuses it as a payment).
+    debitResultM: sealResultM(
+      p,
+      keys,
+      p.currency === AUTHENTICATION_CURRENCY ? DebitResultStatus.DEBIT_RESULT_STATUS_AUTHENTICATED : DebitResultStatus.DEBIT_RESULT_STATUS_CONFIRMED,
+    ),
   };
 }
 

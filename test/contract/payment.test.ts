@@ -128,7 +128,7 @@ describe("contract: netpurse.payment.v1.PaymentService (PSAM_VERIFIES)", functio
       ["missing amount", (d) => (d.amount = undefined), "draw_request.amount"],
       ["a zero amount", (d) => (d.amount = { ...d.amount!, amountMinor: 0n }), "draw_request.amount.amount_minor"],
       ["an amount beyond 4 bytes", (d) => (d.amount = { ...d.amount!, amountMinor: 1n << 32n }), "draw_request.amount.amount_minor"],
-      ["a currency out of range", (d) => (d.amount = { ...d.amount!, currency: 1000 }), "draw_request.amount.currency"],
+      ["a currency out of range", (d) => (d.amount = { ...d.amount!, currency: 65_536 }), "draw_request.amount.currency"],
       ["an exponent that is not the card's", (d) => (d.amount = { ...d.amount!, exponent: 3 }), "draw_request.amount.exponent"],
       ["no confirmation mode", (d) => (d.confirmationMode = 0), "draw_request.confirmation_mode"],
       ["another confirmation mode than the merchant's", (d) => (d.confirmationMode = 4), "draw_request.confirmation_mode"],

@@ -35,9 +35,12 @@ export interface IssueTransactionKeysRequest {
     | MerchantId
     | undefined;
   /**
-   * The offer's amount, currency and exponent included: 1..4294967295 minor
-   * units (what a card can pay). Sealed into the ETSK; the payment server
-   * refuses a draw request of another amount. Required.
+   * The offer's amount, currency and exponent included, in one of three
+   * forms (docs/loyalty.md): money, 1..4294967295 minor units in a currency
+   * 1..998 (exponent 0..4); points, 1..4294967295 of a loyalty programme
+   * whose code 1000..65535 stands as the currency (exponent 0); or an
+   * authentication, 0 in currency 999 (exponent 0). Sealed into the ETSK;
+   * the payment server refuses a draw request of another amount. Required.
    */
   amount:
     | Money
@@ -75,7 +78,10 @@ export interface OrderTerms {
   merchantId:
     | MerchantId
     | undefined;
-  /** The amount due, currency and exponent included. */
+  /**
+   * The amount due, currency and exponent included: one of the three forms
+   * of IssueTransactionKeysRequest.amount (0 in 999 for an authentication).
+   */
   amount:
     | Money
     | undefined;
@@ -106,7 +112,10 @@ export interface ValidateConfirmationResponse {
   transactionId:
     | TransactionId
     | undefined;
-  /** The purse that paid. */
+  /**
+   * The purse that paid; for an authentication, the card that was present
+   * (a benefits site matches it to a member).
+   */
   purseId:
     | PurseId
     | undefined;
@@ -831,9 +840,9 @@ export const MerchantValidationServiceDefinition = {
      * server refuses a draw request of other terms than the grant's, or after
      * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
      * whose key this service does not hold; INVALID_ARGUMENT (reason
-     * INVALID_FIELD) for a missing or malformed field, an amount outside
-     * 1..4294967295 minor units, or an expiry that is not in the future or is
-     * more than 1 hour ahead.
+     * INVALID_FIELD) for a missing or malformed field, an amount that is not
+     * one of the three forms of `amount`, or an expiry that is not in the
+     * future or is more than 1 hour ahead.
      */
     issueTransactionKeys: {
       name: "IssueTransactionKeys",
@@ -846,12 +855,18 @@ export const MerchantValidationServiceDefinition = {
     /**
      * Opens a debit result M with the transaction's derived key and checks it
      * against the order's terms; in MERCHANT_COMPARES also compares the card's
-     * raw answer with the expected signature it carries. PERMISSION_DENIED
-     * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
-     * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
-     * for a genuine result of other terms, or of a mode this merchant does not
-     * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
-     * not match; INVALID_ARGUMENT for a malformed request.
+     * raw answer with the expected signature it carries. An order of 0 in
+     * currency 999 is an authentication (docs/loyalty.md): its result must
+     * have status AUTHENTICATED (or DEBIT_COMMAND_ISSUED, in CLIENT_COMPARES
+     * and MERCHANT_COMPARES, as for a payment), and a payment's never has it.
+     * The response's purse_id names the card that paid or was present.
+     * PERMISSION_DENIED (reason SEAL_BROKEN) for a result that does not open
+     * (forged, altered, another transaction's); PERMISSION_DENIED (reason
+     * CONFIRMATION_MISMATCH) for a genuine result of other terms, of a mode
+     * this merchant does not use, or of the wrong kind (AUTHENTICATED for a
+     * payment, CONFIRMED for an authentication); PERMISSION_DENIED (reason
+     * BAD_SIGNATURE) for a card answer that does not match; INVALID_ARGUMENT
+     * for a malformed request, an order amount included.
      */
     validateConfirmation: {
       name: "ValidateConfirmation",
@@ -874,9 +889,9 @@ export interface MerchantValidationServiceImplementation<CallContextExt = {}> {
    * server refuses a draw request of other terms than the grant's, or after
    * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
    * whose key this service does not hold; INVALID_ARGUMENT (reason
-   * INVALID_FIELD) for a missing or malformed field, an amount outside
-   * 1..4294967295 minor units, or an expiry that is not in the future or is
-   * more than 1 hour ahead.
+   * INVALID_FIELD) for a missing or malformed field, an amount that is not
+   * one of the three forms of `amount`, or an expiry that is not in the
+   * future or is more than 1 hour ahead.
    */
   issueTransactionKeys(
     request: IssueTransactionKeysRequest,
@@ -885,12 +900,18 @@ export interface MerchantValidationServiceImplementation<CallContextExt = {}> {
   /**
    * Opens a debit result M with the transaction's derived key and checks it
    * against the order's terms; in MERCHANT_COMPARES also compares the card's
-   * raw answer with the expected signature it carries. PERMISSION_DENIED
-   * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
-   * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
-   * for a genuine result of other terms, or of a mode this merchant does not
-   * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
-   * not match; INVALID_ARGUMENT for a malformed request.
+   * raw answer with the expected signature it carries. An order of 0 in
+   * currency 999 is an authentication (docs/loyalty.md): its result must
+   * have status AUTHENTICATED (or DEBIT_COMMAND_ISSUED, in CLIENT_COMPARES
+   * and MERCHANT_COMPARES, as for a payment), and a payment's never has it.
+   * The response's purse_id names the card that paid or was present.
+   * PERMISSION_DENIED (reason SEAL_BROKEN) for a result that does not open
+   * (forged, altered, another transaction's); PERMISSION_DENIED (reason
+   * CONFIRMATION_MISMATCH) for a genuine result of other terms, of a mode
+   * this merchant does not use, or of the wrong kind (AUTHENTICATED for a
+   * payment, CONFIRMED for an authentication); PERMISSION_DENIED (reason
+   * BAD_SIGNATURE) for a card answer that does not match; INVALID_ARGUMENT
+   * for a malformed request, an order amount included.
    */
   validateConfirmation(
     request: ValidateConfirmationRequest,
@@ -908,9 +929,9 @@ export interface MerchantValidationServiceClient<CallOptionsExt = {}> {
    * server refuses a draw request of other terms than the grant's, or after
    * its expiry. PERMISSION_DENIED (reason UNKNOWN_MERCHANT) for a merchant
    * whose key this service does not hold; INVALID_ARGUMENT (reason
-   * INVALID_FIELD) for a missing or malformed field, an amount outside
-   * 1..4294967295 minor units, or an expiry that is not in the future or is
-   * more than 1 hour ahead.
+   * INVALID_FIELD) for a missing or malformed field, an amount that is not
+   * one of the three forms of `amount`, or an expiry that is not in the
+   * future or is more than 1 hour ahead.
    */
   issueTransactionKeys(
     request: DeepPartial<IssueTransactionKeysRequest>,
@@ -919,12 +940,18 @@ export interface MerchantValidationServiceClient<CallOptionsExt = {}> {
   /**
    * Opens a debit result M with the transaction's derived key and checks it
    * against the order's terms; in MERCHANT_COMPARES also compares the card's
-   * raw answer with the expected signature it carries. PERMISSION_DENIED
-   * (reason SEAL_BROKEN) for a result that does not open (forged, altered,
-   * another transaction's); PERMISSION_DENIED (reason CONFIRMATION_MISMATCH)
-   * for a genuine result of other terms, or of a mode this merchant does not
-   * use; PERMISSION_DENIED (reason BAD_SIGNATURE) for a card answer that does
-   * not match; INVALID_ARGUMENT for a malformed request.
+   * raw answer with the expected signature it carries. An order of 0 in
+   * currency 999 is an authentication (docs/loyalty.md): its result must
+   * have status AUTHENTICATED (or DEBIT_COMMAND_ISSUED, in CLIENT_COMPARES
+   * and MERCHANT_COMPARES, as for a payment), and a payment's never has it.
+   * The response's purse_id names the card that paid or was present.
+   * PERMISSION_DENIED (reason SEAL_BROKEN) for a result that does not open
+   * (forged, altered, another transaction's); PERMISSION_DENIED (reason
+   * CONFIRMATION_MISMATCH) for a genuine result of other terms, of a mode
+   * this merchant does not use, or of the wrong kind (AUTHENTICATED for a
+   * payment, CONFIRMED for an authentication); PERMISSION_DENIED (reason
+   * BAD_SIGNATURE) for a card answer that does not match; INVALID_ARGUMENT
+   * for a malformed request, an order amount included.
    */
   validateConfirmation(
     request: DeepPartial<ValidateConfirmationRequest>,

@@ -196,7 +196,11 @@ export interface DrawRequest {
   merchantId:
     | MerchantId
     | undefined;
-  /** The amount of the payment offer; its currency and exponent must be the card's. */
+  /**
+   * The amount of the payment offer; its currency and exponent must be the
+   * card's (the purse INITIALIZE FOR PURCHASE was asked for: money, a
+   * programme's points, or 999 for an authentication of amount 0).
+   */
   amount:
     | Money
     | undefined;
@@ -376,7 +380,8 @@ export interface DebitResultM {
   /**
    * Whether the card's debit is already verified (modes PSAM_VERIFIES and
    * SERVER_COMPARES) or still to be compared by the client's agent or the
-   * merchant (CLIENT_COMPARES, MERCHANT_COMPARES).
+   * merchant (CLIENT_COMPARES, MERCHANT_COMPARES); AUTHENTICATED instead of
+   * CONFIRMED for an authentication (0 in currency 999).
    */
   status: DebitResultStatus;
   /**
@@ -408,8 +413,9 @@ export interface CompletePurchaseResponse {
     | Sealed
     | undefined;
   /**
-   * The DebitResultM (status CONFIRMED), sealed under the derived key (type
-   * DEBIT_RESULT_M), for the client to pass on to the merchant.
+   * The DebitResultM (status CONFIRMED; AUTHENTICATED for an authentication,
+   * currency 999), sealed under the derived key (type DEBIT_RESULT_M), for
+   * the client to pass on to the merchant.
    */
   debitResultM: Sealed | undefined;
 }
@@ -2745,8 +2751,10 @@ export const PaymentServiceDefinition = {
      * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
      *   field of the request or of the opened draw request (key_nonce not 16
      *   bytes, a missing part, the ATR, the INITIALIZE response's length,
-     *   format or algorithm, an amount outside 1..4294967295 or in another
-     *   exponent than the card's, a confirmation mode that is not the
+     *   format or algorithm, an amount that is not money or points of
+     *   1..4294967295 or 0 in currency 999 (an authentication; 999 with
+     *   another amount, or 0 in another currency, names amount_minor), or in
+     *   another exponent than the card's, a confirmation mode that is not the
      *   merchant's, more than 8 or malformed card_log records, a transaction or
      *   merchant id that differs from the one in clear); also the PSAM refusing
      *   the amount (draw_request.amount.amount_minor) or the card's response as
@@ -2794,7 +2802,10 @@ export const PaymentServiceDefinition = {
      * signature and records the transaction (steps 624-632); in
      * SERVER_COMPARES the payment server compares it with the signature the
      * PSAM expected (FIG. 6). Returns debit result C for the client and debit
-     * result M for the merchant (step 634). In the one-round-trip modes the
+     * result M for the merchant (step 634); for an authentication (0 in
+     * currency 999) the PSAM answers AUTHENTICATED instead of recording, the
+     * purchase ends COMPLETED with nothing in a batch, and M has status
+     * AUTHENTICATED with the purse id. In the one-round-trip modes the
      * client calls it only when the card refused or declined the debit. The
      * sealed answer must carry the transaction's completion token. The same
      * answer again gets the same results (or the same error). Errors:
@@ -2889,8 +2900,10 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
    *   field of the request or of the opened draw request (key_nonce not 16
    *   bytes, a missing part, the ATR, the INITIALIZE response's length,
-   *   format or algorithm, an amount outside 1..4294967295 or in another
-   *   exponent than the card's, a confirmation mode that is not the
+   *   format or algorithm, an amount that is not money or points of
+   *   1..4294967295 or 0 in currency 999 (an authentication; 999 with
+   *   another amount, or 0 in another currency, names amount_minor), or in
+   *   another exponent than the card's, a confirmation mode that is not the
    *   merchant's, more than 8 or malformed card_log records, a transaction or
    *   merchant id that differs from the one in clear); also the PSAM refusing
    *   the amount (draw_request.amount.amount_minor) or the card's response as
@@ -2934,7 +2947,10 @@ export interface PaymentServiceImplementation<CallContextExt = {}> {
    * signature and records the transaction (steps 624-632); in
    * SERVER_COMPARES the payment server compares it with the signature the
    * PSAM expected (FIG. 6). Returns debit result C for the client and debit
-   * result M for the merchant (step 634). In the one-round-trip modes the
+   * result M for the merchant (step 634); for an authentication (0 in
+   * currency 999) the PSAM answers AUTHENTICATED instead of recording, the
+   * purchase ends COMPLETED with nothing in a batch, and M has status
+   * AUTHENTICATED with the purse id. In the one-round-trip modes the
    * client calls it only when the card refused or declined the debit. The
    * sealed answer must carry the transaction's completion token. The same
    * answer again gets the same results (or the same error). Errors:
@@ -3016,8 +3032,10 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * - INVALID_ARGUMENT, reason INVALID_FIELD, naming the field: a malformed
    *   field of the request or of the opened draw request (key_nonce not 16
    *   bytes, a missing part, the ATR, the INITIALIZE response's length,
-   *   format or algorithm, an amount outside 1..4294967295 or in another
-   *   exponent than the card's, a confirmation mode that is not the
+   *   format or algorithm, an amount that is not money or points of
+   *   1..4294967295 or 0 in currency 999 (an authentication; 999 with
+   *   another amount, or 0 in another currency, names amount_minor), or in
+   *   another exponent than the card's, a confirmation mode that is not the
    *   merchant's, more than 8 or malformed card_log records, a transaction or
    *   merchant id that differs from the one in clear); also the PSAM refusing
    *   the amount (draw_request.amount.amount_minor) or the card's response as
@@ -3061,7 +3079,10 @@ export interface PaymentServiceClient<CallOptionsExt = {}> {
    * signature and records the transaction (steps 624-632); in
    * SERVER_COMPARES the payment server compares it with the signature the
    * PSAM expected (FIG. 6). Returns debit result C for the client and debit
-   * result M for the merchant (step 634). In the one-round-trip modes the
+   * result M for the merchant (step 634); for an authentication (0 in
+   * currency 999) the PSAM answers AUTHENTICATED instead of recording, the
+   * purchase ends COMPLETED with nothing in a batch, and M has status
+   * AUTHENTICATED with the purse id. In the one-round-trip modes the
    * client calls it only when the card refused or declined the debit. The
    * sealed answer must carry the transaction's completion token. The same
    * answer again gets the same results (or the same error). Errors:
