@@ -5,7 +5,10 @@
 // record MAC and the card's own signature verify, a load only when the
 // card's S1 and S3 do. Everything is posted once, keyed by its kind
 // (purchase or load) and transaction id, in one database transaction with the
-// batch or load that brought it.
+// batch or load that brought it. A points batch (its currency a loyalty
+// programme's code, docs/loyalty.md) is checked the same way and posted to
+// the programme's points ledger, never to money; an authentication PSAM's
+// batch (currency 999) holds no record.
 
 import { createHash } from "node:crypto";
 import type { CallContext } from "nice-grpc";
@@ -40,7 +43,7 @@ import { isPositiveInt, pagePosition, pageSize, pageToken } from "../../lib/grpc
 import { peerOf } from "../../lib/grpc/server.js";
 import { hexOf, psamId as toPsamId, purseId as toPurseId, requireMerchantId, requireName, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import { money } from "../../lib/money.js";
+import { AUTHENTICATION_CURRENCY, isMoneyCurrency, isProgrammeCode, money } from "../../lib/money.js";
 import { InitializeForLoadCommand, InitializeForLoadResponse, LoadCommand, LoadResponse, LoadResult } from "../../lib/protocol/load.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import type { PsamBatchRecord } from "../../lib/protocol/psam.js";
@@ -74,6 +77,10 @@ export interface ClearingOptions {
 
 const u32 = (n: number) => Number.isInteger(n) && n >= 0 && n <= 0xffffffff;
 
+/** A currency a batch or record may carry: money, an authentication (999) or a programme's points; its meaning is checked after the MACs. */
+const isBatchCurrency = (c: number) => isMoneyCurrency(c) || c === AUTHENTICATION_CURRENCY || isProgrammeCode(c);
+const BATCH_CURRENCY = "must be a money currency 1..998, 999 (authentication) or a loyalty programme code 1000..65535";
+
 function bytesOf(b: Uint8Array, size: number, field: string): Buffer {
   if (b.length !== size) throw invalidField(field, `must be ${size} bytes, got ${b.length}`);
   return Buffer.from(b);
@@ -83,7 +90,7 @@ function bytesOf(b: Uint8Array, size: number, field: string): Buffer {
 function recordOf(r: BatchRecordMessage, field: string): PsamBatchRecord {
   const amount = r.amount;
   if (!amount || amount.amountMinor < 0n || amount.amountMinor > 0xffffffffn) throw invalidField(`${field}.amount`, "missing or out of 0..4294967295");
-  if (amount.currency < 1 || amount.currency > 999) throw invalidField(`${field}.amount.currency`, "must be an ISO 4217 numeric code 1..999");
+  if (!isBatchCurrency(amount.currency)) throw invalidField(`${field}.amount.currency`, BATCH_CURRENCY);
   for (const [name, v] of [
     ["psam_counter", r.psamCounter],
     ["session_counter", r.sessionCounter],
@@ -378,10 +385,12 @@ export class Clearing {
     if (!isPositiveInt(trailer.batchNumber) || !u32(trailer.batchNumber)) throw invalidField("trailer.batch_number", "must be 1..4294967295");
     const total = trailer.total;
     if (!total || total.amountMinor < 0n || total.amountMinor > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidField("trailer.total", "missing or out of range");
-    if (total.currency < 1 || total.currency > 999) throw invalidField("trailer.total.currency", "must be an ISO 4217 numeric code 1..999");
+    if (!isBatchCurrency(total.currency)) throw invalidField("trailer.total.currency", BATCH_CURRENCY);
     if (trailer.closedAt && !isDate(trailer.closedAt)) throw invalidField("trailer.closed_at", "not a date");
-    // A terminal host never closes an empty batch: one would only take a batch number for nothing.
-    if (trailer.count === 0) throw invalidField("trailer.count", "a batch holds at least one record");
+    // A terminal host never closes an empty batch: one would only take a batch number for nothing. An authentication PSAM's batch is
+    // always empty (an authentication writes no record): acknowledged, and it posts nothing.
+    const authentication = total.currency === AUTHENTICATION_CURRENCY;
+    if (trailer.count === 0 && !authentication) throw invalidField("trailer.count", "a batch holds at least one record");
     const batchMac = bytesOf(trailer.batchMac, 8, "trailer.batch_mac");
     const macHex = batchMac.toString("hex");
     const records = recordMessages.map((r, i) => recordOf(r, `records[${i}]`));
@@ -392,9 +401,14 @@ export class Clearing {
 
     const rejectedBecause = !this.o.module.verifyBatchMac(summary, batchMac)
       ? QuarantineReason.QUARANTINE_REASON_BAD_BATCH_MAC
-      : records.length !== summary.count || records.reduce((s, r) => s + r.amount, 0) !== summary.total || records.some((r) => r.currency !== summary.currency)
-        ? QuarantineReason.QUARANTINE_REASON_BATCH_INCOMPLETE
-        : undefined;
+      : authentication && (summary.count > 0 || records.length > 0)
+        ? // Authentications never reach a batch: records under an authentication PSAM's batch key were made by whoever holds it.
+          QuarantineReason.QUARANTINE_REASON_AUTHENTICATION_RECORDS
+        : records.length !== summary.count ||
+            records.reduce((s, r) => s + r.amount, 0) !== summary.total ||
+            records.some((r) => r.currency !== summary.currency)
+          ? QuarantineReason.QUARANTINE_REASON_BATCH_INCOMPLETE
+          : undefined;
     if (rejectedBecause !== undefined) {
       await this.quarantineBatch(this.o.store.db, psamHex, trailer, terminalId, rejectedBecause, records.length, now);
       this.o.log.error("batch rejected: not counted", { psam: psamHex, batch: trailer.batchNumber, terminal: terminalId, reason: reasonName(rejectedBecause) });
@@ -430,14 +444,15 @@ export class Clearing {
           seen.add(r.transactionRef);
           continue;
         }
-        if (reason === undefined && (paidFor !== undefined || (await this.o.store.isPosted(q, "purchase", r.transactionRef)))) {
+        if (reason === undefined && (paidFor !== undefined || (await this.o.store.isDebitPaid(q, r.transactionRef)))) {
           reason = QuarantineReason.QUARANTINE_REASON_ALREADY_POSTED;
         }
         if (reason !== undefined) {
           await this.quarantineRecord(q, psamHex, trailer.batchNumber, terminalId, r, message, reason, now);
           continue;
         }
-        await this.postPurchase(q, psamHex, trailer.batchNumber, r, merchants.get(r.merchantId)!, day, now);
+        if (isProgrammeCode(r.currency)) await this.postRedemption(q, psamHex, trailer.batchNumber, r, r.merchantId, day, now);
+        else await this.postPurchase(q, psamHex, trailer.batchNumber, r, merchants.get(r.merchantId)!, day, now);
         seen.add(r.transactionRef);
         posted++;
         postedNow++;
@@ -503,11 +518,14 @@ export class Clearing {
   private recordProblem(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): QuarantineReason | undefined {
     if (!this.o.module.verifyRecordMac(psamId, batchNumber, r)) return QuarantineReason.QUARANTINE_REASON_BAD_RECORD_MAC;
     const proof = this.o.module.verifyCardSignature(psamId, r);
+    if (proof === "PROGRAMME_UNKNOWN") return QuarantineReason.QUARANTINE_REASON_PROGRAMME_UNKNOWN;
     if (proof === "KEY_VERSION_UNKNOWN") return QuarantineReason.QUARANTINE_REASON_KEY_VERSION_UNKNOWN;
     if (proof !== "OK") return QuarantineReason.QUARANTINE_REASON_BAD_CARD_SIGNATURE;
     const m = this.o.merchants().get(r.merchantId);
     if (!m) return QuarantineReason.QUARANTINE_REASON_UNKNOWN_MERCHANT;
-    if (m.currency !== r.currency) return QuarantineReason.QUARANTINE_REASON_CURRENCY_MISMATCH;
+    // A merchant is registered in the money it sells in; a benefits site registered in EUR takes the points of any programme too:
+    // points go to the points ledger, never to its money payable, so its currency has nothing to match.
+    if (!isProgrammeCode(r.currency) && m.currency !== r.currency) return QuarantineReason.QUARANTINE_REASON_CURRENCY_MISMATCH;
     return undefined;
   }
 
@@ -565,6 +583,31 @@ export class Clearing {
       settlement_day: day,
       posted_at: at,
     });
+  }
+
+  /** Posts a proven points redemption to its programme's points ledger: the cards gave the points up, the merchant took them. */
+  private async postRedemption(q: Queryable, psamHex: string, batchNumber: number, r: PsamBatchRecord, merchantId: string, day: string, now: Date) {
+    const at = now.toISOString();
+    await this.o.store.resolveQuarantine(q, "record", r.transactionRef, at);
+    await this.o.store.postRedemption(
+      q,
+      {
+        transaction_id: r.transactionRef,
+        psam_id: psamHex,
+        psam_counter: r.psamCounter,
+        batch_number: batchNumber,
+        purse_id: r.purseId.toString("hex"),
+        merchant_id: merchantId,
+        programme: r.currency,
+        points: r.amount,
+        settlement_day: day,
+        posted_at: at,
+      },
+      [
+        { account: account.pointsCards(r.currency), points: r.amount },
+        { account: account.pointsRedeemed(r.currency, merchantId), points: -r.amount },
+      ],
+    );
   }
 
   private ackOf(row: BatchRow) {
@@ -639,8 +682,9 @@ export class Clearing {
     };
   }
 
-  /** The exponent merchants of a currency sell in (2 when none is registered). */
+  /** The exponent merchants of a currency sell in (2 when none is registered); points and authentications have none. */
   private exponentOf(currency: number): number {
+    if (!isMoneyCurrency(currency)) return 0;
     for (const m of this.o.merchants().values()) if (m.currency === currency) return m.exponent;
     return 2;
   }
@@ -651,7 +695,8 @@ export class Clearing {
     const purse = bytesOf(l.purseId?.value ?? new Uint8Array(), 8, `${field}.purse_id`);
     const amount = l.amount;
     if (!amount || amount.amountMinor <= 0n || amount.amountMinor > 0xffffffffn) throw invalidField(`${field}.amount`, "missing or out of 1..4294967295");
-    if (amount.currency < 1 || amount.currency > 999 || amount.exponent > 4) throw invalidField(`${field}.amount`, "currency 1..999 and exponent 0..4");
+    // Points are credited by a programme's own security module at its benefits site, never through the load server: a load is money.
+    if (!isMoneyCurrency(amount.currency) || amount.exponent > 4) throw invalidField(`${field}.amount`, "a money currency 1..998 and exponent 0..4");
     if (l.outcome !== LoadOutcome.LOAD_OUTCOME_LOADED && l.outcome !== LoadOutcome.LOAD_OUTCOME_NOT_LOADED) {
       throw invalidField(`${field}.outcome`, "must be LOADED or NOT_LOADED");
     }
@@ -816,6 +861,7 @@ export class Clearing {
       loads: first ? await this.o.store.loadsByBank(q, day) : [],
       purchases: first ? await this.o.store.purchasesByAcquirer(q, day) : [],
       merchants: await this.o.store.merchantsOfDay(q, day, page.afterMerchant ?? "", page.size + 1),
+      points: first ? await this.o.store.pointsRedeemedOfDay(q, day) : [],
     }));
     const more = new Set(v.merchants.map((m) => m.merchant_id)).size > page.size;
     const pageMerchants = new Set([...new Set(v.merchants.map((m) => m.merchant_id))].slice(0, page.size));
@@ -882,9 +928,50 @@ export class Clearing {
       ),
       purchases: v.counts.purchases,
       loads: v.counts.loads,
+      // From the points ledger, apart: never a position, a payout or a money total.
+      pointsRedeemed: v.points.map((p) => ({ programme: p.programme, merchantId: p.merchant_id, points: BigInt(p.points), redemptions: p.n })),
+      redemptions: v.counts.redemptions,
     };
     const last = [...pageMerchants].pop();
     return { settlement, nextMerchant: more && last !== undefined ? last : undefined };
+  }
+
+  /**
+   * The points ledger, apart from money: each redemption has exactly its two
+   * entries, in its own programme, summing to zero (so each programme's
+   * ledger does); no transaction is paid both in money and in points; no
+   * points sit in a money account and no money in a points account.
+   */
+  private async auditPoints(db: Queryable, check: (name: string, ok: boolean, detail: string) => void): Promise<void> {
+    const broken = await db.all<{ transaction_id: string }>(
+      `SELECT r.transaction_id FROM redemptions r LEFT JOIN points_entries e ON e.redemption_seq = r.seq
+         GROUP BY r.seq HAVING COUNT(e.id) <> 2 OR COALESCE(SUM(e.points), 0) <> 0 OR SUM(e.programme <> r.programme) > 0
+           OR SUM(e.account NOT LIKE 'points:' || r.programme || ':%') > 0
+       UNION ALL SELECT transaction_id FROM redemptions r WHERE EXISTS (SELECT 1 FROM postings p WHERE p.kind = 'purchase' AND p.transaction_id = r.transaction_id)
+       LIMIT 10`,
+    );
+    const programmes = await db.all<{ programme: number; n: number; points: number }>(
+      "SELECT programme, COUNT(*) AS n, SUM(points) AS points FROM redemptions GROUP BY programme ORDER BY programme",
+    );
+    check(
+      "every points redemption balances in its programme's own points ledger, once",
+      broken.length === 0,
+      broken.length > 0
+        ? `not posted exactly once with two balancing entries of its programme: ${broken.map((b) => b.transaction_id).join(", ")}`
+        : programmes.length === 0
+          ? "no points redeemed"
+          : programmes.map((p) => `programme ${p.programme}: ${p.n} redemptions, ${p.points} points`).join("; "),
+    );
+    const mixed = await db.all<{ account: string }>(
+      `SELECT DISTINCT account FROM ledger_entries WHERE account LIKE 'points:%' OR currency NOT BETWEEN 1 AND 998
+       UNION SELECT DISTINCT account FROM points_entries WHERE account NOT LIKE 'points:%' OR programme NOT BETWEEN 1000 AND 65535
+       ORDER BY account LIMIT 10`,
+    );
+    check(
+      "no points in a money account, no money in a points account",
+      mixed.length === 0,
+      mixed.length === 0 ? "money and points ledgers apart" : `mixed: ${mixed.map((m) => m.account).join(", ")}`,
+    );
   }
 
   private checkCardBalance(c: CardBalance, field: string) {
@@ -947,6 +1034,8 @@ export class Clearing {
         ? "each purchase and each load is posted once, with exactly its two entries"
         : `not posted exactly once: ${twice.map((t) => t.transaction_id).join(", ")}`,
     );
+
+    await this.auditPoints(db, check);
 
     const unproven = await db.all<{ transaction_id: string }>("SELECT transaction_id FROM loads WHERE status = 'POSTED' AND proof = ? LIMIT 10", [
       loadProofToJSON(LoadProof.LOAD_PROOF_NEGATIVE_RESULT_UNPROVEN),

@@ -1,5 +1,6 @@
-// Clearing's security module: it holds the acquirer's batch master key and
-// the issuer's purchase and load master keys, and answers only whether a
+// Clearing's security module: it holds the acquirer's batch master key, the
+// issuer's purchase and load master keys and each loyalty programme's
+// redemption master keys, and answers only whether a
 // PSAM's MAC, a card's signature or a load's S3 verifies. Like the load
 // server's host security module it never hands out a key; every card or
 // PSAM key is one AES-ECB block under a master key (lib/crypto/keys.ts), so a
@@ -16,6 +17,7 @@ import { readJson } from "../../lib/files.js";
 import { Pkcs11Token, type TokenConfig, type TokenSession } from "../../lib/hsm/pkcs11.js";
 import { SecurityModuleUnavailable, unavailableStatus } from "../../lib/hsm/unavailable.js";
 import type { Logger } from "../../lib/log.js";
+import { isProgrammeCode } from "../../lib/money.js";
 import { loadS1, s1Message, s3Message, s3Verifies, type Load, type LoadAnswer, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import { batchMac, batchRecordMac, diversifyPsamKey, type PsamBatchRecord } from "../../lib/protocol/psam.js";
 import { cardSignature, DebitResult } from "../../lib/protocol/purse.js";
@@ -33,6 +35,8 @@ export interface ClearingKeysFile {
   batchMaster: string;
   /** Load master key versions held in a PKCS#11 token: where the token is, and each key's label by key version (never a value). */
   tokenLoadKeys?: { token: TokenConfig; labels: Record<string, string> };
+  /** Each loyalty programme's redeem master keys, by programme code and key version, hex: they verify points redemptions (docs/loyalty.md). */
+  programmeKeys?: Record<string, Record<string, string>>;
 }
 
 /** What a closed batch's trailer says, as the PSAM MACed it. */
@@ -44,7 +48,7 @@ export interface BatchSummary {
   currency: number;
 }
 
-export type CardProof = "OK" | "KEY_VERSION_UNKNOWN" | "BAD_CARD_SIGNATURE";
+export type CardProof = "OK" | "KEY_VERSION_UNKNOWN" | "PROGRAMME_UNKNOWN" | "BAD_CARD_SIGNATURE";
 
 export interface ClearingSecurityModule {
   /** The issuer these keys belong to. */
@@ -53,7 +57,12 @@ export interface ClearingSecurityModule {
   verifyBatchMac(b: BatchSummary, mac: Buffer): boolean;
   /** Whether a batch record's MAC verifies under the PSAM's batch key. */
   verifyRecordMac(psamId: Buffer, batchNumber: number, r: PsamBatchRecord): boolean;
-  /** Whether the record's card signature is the card's own DEBITED answer for this debit. */
+  /**
+   * Whether the record's card signature is the card's own DEBITED answer for
+   * this debit: under the issuer's purchase keys for money, under the
+   * programme's redemption keys for points (the record's currency a
+   * programme code).
+   */
   verifyCardSignature(psamId: Buffer, r: PsamBatchRecord): CardProof;
   /** Whether a load's S1 is the card's own signature over the load it was asked for (bank, amount, transaction) and its state. */
   verifyLoadS1(authorised: LoadInitCommand, init: LoadInit): boolean;
@@ -136,7 +145,14 @@ export class SoftwareClearingModule implements ClearingSecurityModule {
   }
 
   verifyCardSignature(psamId: Buffer, r: PsamBatchRecord): CardProof {
-    const master = this.master(this.keys.purchaseKeys, r.keyVersion);
+    // A points purse signs its redemptions exactly like a purchase, with its own key: K_card,P,redeem = AES-ECB(MK_points,P,redeem[v], D(purse)).
+    let masters = this.keys.purchaseKeys;
+    if (isProgrammeCode(r.currency)) {
+      const programmes = this.keys.programmeKeys ?? {};
+      if (!Object.hasOwn(programmes, String(r.currency))) return "PROGRAMME_UNKNOWN";
+      masters = programmes[String(r.currency)]!;
+    }
+    const master = this.master(masters, r.keyVersion);
     if (!master) return "KEY_VERSION_UNKNOWN";
     const session = { purseId: r.purseId, cardCounter: r.sessionCounter, challenge: r.challenge };
     const sk = deriveSessionKey(diversifyCardKey(master, r.purseId), {

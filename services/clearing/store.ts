@@ -10,6 +10,15 @@
 //   bank:<id>:settlement      what the bank owes for its account holders' loads (debit balance)
 // A load: debit the bank, credit the issuer's float. A proven purchase:
 // debit the issuer's float, credit the merchant.
+//
+// Loyalty points are not money: a proven points redemption (a record of a
+// programme's points batch) goes to a ledger of its own, the tables
+// redemptions and points_entries, in points of its programme, never to an
+// account above. Accounts, per programme P (its code):
+//   points:<P>:cards                   the points taken off the programme's cards (debit balance)
+//   points:<P>:redeemed:<merchant>     the points a merchant (a benefits site) took, which the programme honours (credit balance)
+// A redemption of N points: debit points:<P>:cards, credit points:<P>:redeemed:<merchant>.
+// Each redemption's two entries sum to zero, so each programme's ledger does.
 
 import type { Db, Queryable } from "../../lib/store/db.js";
 
@@ -103,12 +112,41 @@ export const CLEARING_MIGRATIONS = [
      recorded_at TEXT NOT NULL
    );
    CREATE INDEX loads_purse ON loads (purse_id);`,
+  // Issue #14: loyalty points, a ledger apart from money.
+  `CREATE TABLE redemptions (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     transaction_id TEXT NOT NULL UNIQUE,
+     psam_id TEXT NOT NULL,
+     psam_counter INTEGER NOT NULL,
+     batch_number INTEGER NOT NULL,
+     purse_id TEXT NOT NULL,
+     merchant_id TEXT NOT NULL,
+     programme INTEGER NOT NULL CHECK (programme BETWEEN 1000 AND 65535),
+     points INTEGER NOT NULL,
+     settlement_day TEXT NOT NULL,
+     posted_at TEXT NOT NULL,
+     UNIQUE (psam_id, psam_counter)
+   );
+   CREATE INDEX redemptions_day ON redemptions (settlement_day, programme, merchant_id);
+   CREATE TABLE points_entries (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     redemption_seq INTEGER NOT NULL REFERENCES redemptions (seq),
+     account TEXT NOT NULL CHECK (account LIKE 'points:%'),
+     programme INTEGER NOT NULL,
+     points INTEGER NOT NULL,
+     settlement_day TEXT NOT NULL
+   );
+   CREATE INDEX points_entries_redemption ON points_entries (redemption_seq);`,
 ];
 
 export const account = {
   float: (issuerId: string) => `issuer:${issuerId}:float`,
   payable: (merchantId: string) => `merchant:${merchantId}:payable`,
   bank: (bankId: string) => `bank:${bankId}:settlement`,
+  /** The points a programme's cards gave up (points ledger). */
+  pointsCards: (programme: number) => `points:${programme}:cards`,
+  /** The points a merchant took in a programme (points ledger). */
+  pointsRedeemed: (programme: number, merchantId: string) => `points:${programme}:redeemed:${merchantId}`,
 };
 
 export interface BatchRow {
@@ -155,6 +193,20 @@ export interface PurchaseRow {
   amount_minor: number;
   currency: number;
   exponent: number;
+  settlement_day: string;
+  posted_at: string;
+}
+
+/** A points redemption posted to its programme's points ledger. */
+export interface RedemptionRow {
+  transaction_id: string;
+  psam_id: string;
+  psam_counter: number;
+  batch_number: number;
+  purse_id: string;
+  merchant_id: string;
+  programme: number;
+  points: number;
   settlement_day: string;
   posted_at: string;
 }
@@ -234,9 +286,21 @@ export class ClearingStore {
     ]);
   }
 
-  /** The transaction a PSAM counter's debit was paid for, and the batch it came in, if it was paid. */
+  /** The transaction a PSAM counter's debit was paid for (in money or points), and the batch it came in, if it was paid. */
   postedFrom(q: Queryable, psamId: string, psamCounter: number): Promise<{ transaction_id: string; batch_number: number } | undefined> {
-    return q.get("SELECT transaction_id, batch_number FROM purchases WHERE psam_id = ? AND psam_counter = ?", [psamId, psamCounter]);
+    return q.get(
+      `SELECT transaction_id, batch_number FROM purchases WHERE psam_id = ? AND psam_counter = ?
+       UNION ALL SELECT transaction_id, batch_number FROM redemptions WHERE psam_id = ? AND psam_counter = ? LIMIT 1`,
+      [psamId, psamCounter, psamId, psamCounter],
+    );
+  }
+
+  /** Whether a debit of this transaction was paid already, as a purchase or as a points redemption: a transaction is paid once, in one unit. */
+  async isDebitPaid(q: Queryable, transactionId: string): Promise<boolean> {
+    return !!(await q.get(
+      "SELECT 1 AS x FROM postings WHERE kind = 'purchase' AND transaction_id = ? UNION ALL SELECT 1 FROM redemptions WHERE transaction_id = ? LIMIT 1",
+      [transactionId, transactionId],
+    ));
   }
 
   /** Batch numbers of a PSAM below `below` not accepted yet, lowest first, at most `limit`. */
@@ -266,10 +330,6 @@ export class ClearingStore {
   /** A transaction paid after all: its earlier quarantine entries are no longer what was not paid. */
   async resolveQuarantine(q: Queryable, kind: "record" | "load", transactionId: string, at: string): Promise<void> {
     await q.run("UPDATE quarantine SET resolved_at = ? WHERE kind = ? AND transaction_id = ? AND resolved_at IS NULL", [at, kind, transactionId]);
-  }
-
-  async isPosted(q: Queryable, kind: "purchase" | "load", transactionId: string): Promise<boolean> {
-    return !!(await q.get("SELECT 1 AS x FROM postings WHERE kind = ? AND transaction_id = ?", [kind, transactionId]));
   }
 
   /** Posts one transaction's entries, which must sum to zero. */
@@ -334,6 +394,26 @@ export class ClearingStore {
     );
   }
 
+  /** Posts a points redemption to its programme's points ledger: the redemption and its entries, which must sum to zero. */
+  async postRedemption(q: Queryable, r: RedemptionRow, entries: { account: string; points: number }[]): Promise<void> {
+    if (entries.reduce((s, e) => s + e.points, 0) !== 0) throw new Error(`redemption ${r.transaction_id} does not balance`);
+    await q.run(
+      `INSERT INTO redemptions (transaction_id, psam_id, psam_counter, batch_number, purse_id, merchant_id, programme, points, settlement_day, posted_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      [r.transaction_id, r.psam_id, r.psam_counter, r.batch_number, r.purse_id, r.merchant_id, r.programme, r.points, r.settlement_day, r.posted_at],
+    );
+    const seq = (await q.get<{ seq: number }>("SELECT seq FROM redemptions WHERE transaction_id = ?", [r.transaction_id]))!.seq;
+    for (const e of entries) {
+      await q.run("INSERT INTO points_entries (redemption_seq, account, programme, points, settlement_day) VALUES (?, ?, ?, ?, ?)", [
+        seq,
+        e.account,
+        r.programme,
+        e.points,
+        r.settlement_day,
+      ]);
+    }
+  }
+
   load(q: Queryable, transactionId: string): Promise<LoadRow | undefined> {
     return q.get<LoadRow>("SELECT * FROM loads WHERE transaction_id = ?", [transactionId]);
   }
@@ -385,14 +465,24 @@ export class ClearingStore {
     return this.db.all<QuarantineRow>("SELECT * FROM quarantine WHERE id > ? AND resolved_at IS NULL ORDER BY id LIMIT ?", [afterId, limit]);
   }
 
-  /** The day's purchases and posted loads, counted. */
-  async dayCounts(q: Queryable, day: string): Promise<{ purchases: number; loads: number }> {
-    const r = await q.get<{ purchases: number; loads: number }>(
+  /** The day's purchases, posted loads and points redemptions, counted. */
+  async dayCounts(q: Queryable, day: string): Promise<{ purchases: number; loads: number; redemptions: number }> {
+    const r = await q.get<{ purchases: number; loads: number; redemptions: number }>(
       `SELECT (SELECT COUNT(*) FROM purchases WHERE settlement_day = ?) AS purchases,
-              (SELECT COUNT(*) FROM loads WHERE status = 'POSTED' AND settlement_day = ?) AS loads`,
-      [day, day],
+              (SELECT COUNT(*) FROM loads WHERE status = 'POSTED' AND settlement_day = ?) AS loads,
+              (SELECT COUNT(*) FROM redemptions WHERE settlement_day = ?) AS redemptions`,
+      [day, day, day],
     );
-    return { purchases: r?.purchases ?? 0, loads: r?.loads ?? 0 };
+    return { purchases: r?.purchases ?? 0, loads: r?.loads ?? 0, redemptions: r?.redemptions ?? 0 };
+  }
+
+  /** The day's points redemptions, summed per programme and merchant. */
+  pointsRedeemedOfDay(q: Queryable, day: string): Promise<{ programme: number; merchant_id: string; points: number; n: number }[]> {
+    return q.all(
+      `SELECT programme, merchant_id, SUM(points) AS points, COUNT(*) AS n FROM redemptions WHERE settlement_day = ?
+       GROUP BY programme, merchant_id ORDER BY programme, merchant_id`,
+      [day],
+    );
   }
 
   /** The day's posted loads, summed per bank, issuer and currency. */

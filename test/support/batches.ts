@@ -46,22 +46,24 @@ export async function issueCard(data: string, name: string, value = 50_000): Pro
 /**
  * Pays `amounts` to `merchantId` with the card at `cardPath` through the PSAM
  * in `psamFile`: each debit signed by the PSAM, made and signed by the card,
- * verified and recorded in the PSAM's batch. The PSAM's file must not be in
- * use by a running terminal host.
+ * verified and recorded in the PSAM's batch. `currency` (default EUR) is the
+ * PSAM's: a programme code redeems points from the card's purse of that
+ * programme through the programme's PSAM. The PSAM's file must not be in use
+ * by a running terminal host.
  */
-export async function recordDebits(p: { psamFile: string; cardPath: string; merchantId: string; amounts: number[] }) {
+export async function recordDebits(p: { psamFile: string; cardPath: string; merchantId: string; amounts: number[]; currency?: number }) {
   const reader = new PurseReader(new InProcessTransport(await SoftwareCard.open(p.cardPath)));
   const atr = await reader.connect();
   const driver = new PsamDriver(new InProcessTransport(await SoftwarePsam.open(p.psamFile)));
   await driver.connect();
   const debits: { transactionRef: string; amount: number; psamCounter: number }[] = [];
   for (const amount of p.amounts) {
-    const init = await reader.initializeForPurchase();
+    const init = await reader.initializeForPurchase(p.currency);
     const transactionRef = randomUUID();
     const issued = await driver.issueDebitCommand({
       cardAtr: atr,
       initializeResponse: init.raw,
-      draw: { amount, currency: EUR, transactionRef, merchantId: p.merchantId },
+      draw: { amount, currency: p.currency ?? EUR, transactionRef, merchantId: p.merchantId },
       returnExpectedSignature: false,
     });
     const answer = await reader.debit(issued.debitCommand);

@@ -215,6 +215,8 @@ describe("clearing's keys, merchants and reports", function () {
       closedAt: new Date("2031-01-03T00:00:00Z"),
       purchases: 2,
       loads: 1,
+      pointsRedeemed: [],
+      redemptions: 0,
       positions: [
         { kind: PartyKind.PARTY_KIND_ISSUER, partyId: "demo-issuer", receivable: eur(2_000), payable: eur(1_089), net: eur(911), transactions: 3 },
         { kind: PartyKind.PARTY_KIND_MERCHANT, partyId: "demo-shop", receivable: eur(1_089), payable: eur(0), net: eur(1_089), transactions: 2 },

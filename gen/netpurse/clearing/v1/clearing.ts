@@ -70,11 +70,17 @@ export enum QuarantineReason {
   QUARANTINE_REASON_UNSPECIFIED = 0,
   /** QUARANTINE_REASON_BAD_RECORD_MAC - The record's MAC does not verify under the PSAM's batch key. */
   QUARANTINE_REASON_BAD_RECORD_MAC = 1,
-  /** QUARANTINE_REASON_BAD_CARD_SIGNATURE - The card's signature does not verify under the issuer's purchase keys. */
+  /**
+   * QUARANTINE_REASON_BAD_CARD_SIGNATURE - The card's signature does not verify under the issuer's purchase keys
+   * (a points record: the programme's redemption keys).
+   */
   QUARANTINE_REASON_BAD_CARD_SIGNATURE = 2,
   /** QUARANTINE_REASON_UNKNOWN_MERCHANT - The record names a merchant clearing does not know. */
   QUARANTINE_REASON_UNKNOWN_MERCHANT = 3,
-  /** QUARANTINE_REASON_KEY_VERSION_UNKNOWN - The card's key version is not among the issuer's purchase keys. */
+  /**
+   * QUARANTINE_REASON_KEY_VERSION_UNKNOWN - The card's key version is not among the issuer's purchase keys (a
+   * points record: among its programme's redemption keys).
+   */
   QUARANTINE_REASON_KEY_VERSION_UNKNOWN = 4,
   /**
    * QUARANTINE_REASON_ALREADY_POSTED - The transaction was already posted from another record (a debit
@@ -87,7 +93,7 @@ export enum QuarantineReason {
   QUARANTINE_REASON_BAD_BATCH_MAC = 7,
   /** QUARANTINE_REASON_BATCH_INCOMPLETE - The batch's records do not add up to its trailer's count and total. */
   QUARANTINE_REASON_BATCH_INCOMPLETE = 8,
-  /** QUARANTINE_REASON_CURRENCY_MISMATCH - The record's currency is not the batch's, or not the merchant's. */
+  /** QUARANTINE_REASON_CURRENCY_MISMATCH - The record's currency is not the batch's, or (money) not the merchant's. */
   QUARANTINE_REASON_CURRENCY_MISMATCH = 9,
   /**
    * QUARANTINE_REASON_BATCH_NUMBER_CONFLICT - A batch that verifies under a number already accepted with other
@@ -95,6 +101,18 @@ export enum QuarantineReason {
    * were checked and counted once each, like any batch's.
    */
   QUARANTINE_REASON_BATCH_NUMBER_CONFLICT = 10,
+  /**
+   * QUARANTINE_REASON_AUTHENTICATION_RECORDS - A batch in currency 999 (an authentication PSAM's) that holds records:
+   * an authentication writes no batch record, so the batch is a forgery
+   * made with the PSAM's batch key. Nothing of it is posted.
+   */
+  QUARANTINE_REASON_AUTHENTICATION_RECORDS = 11,
+  /**
+   * QUARANTINE_REASON_PROGRAMME_UNKNOWN - A points record of a programme whose redemption keys clearing does not
+   * hold (keys.json has no entry for the programme code): it cannot be
+   * proven, so it is not posted.
+   */
+  QUARANTINE_REASON_PROGRAMME_UNKNOWN = 12,
   UNRECOGNIZED = -1,
 }
 
@@ -133,6 +151,12 @@ export function quarantineReasonFromJSON(object: any): QuarantineReason {
     case 10:
     case "QUARANTINE_REASON_BATCH_NUMBER_CONFLICT":
       return QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT;
+    case 11:
+    case "QUARANTINE_REASON_AUTHENTICATION_RECORDS":
+      return QuarantineReason.QUARANTINE_REASON_AUTHENTICATION_RECORDS;
+    case 12:
+    case "QUARANTINE_REASON_PROGRAMME_UNKNOWN":
+      return QuarantineReason.QUARANTINE_REASON_PROGRAMME_UNKNOWN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -164,6 +188,10 @@ export function quarantineReasonToJSON(object: QuarantineReason): string {
       return "QUARANTINE_REASON_CURRENCY_MISMATCH";
     case QuarantineReason.QUARANTINE_REASON_BATCH_NUMBER_CONFLICT:
       return "QUARANTINE_REASON_BATCH_NUMBER_CONFLICT";
+    case QuarantineReason.QUARANTINE_REASON_AUTHENTICATION_RECORDS:
+      return "QUARANTINE_REASON_AUTHENTICATION_RECORDS";
+    case QuarantineReason.QUARANTINE_REASON_PROGRAMME_UNKNOWN:
+      return "QUARANTINE_REASON_PROGRAMME_UNKNOWN";
     case QuarantineReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -402,11 +430,16 @@ export interface BatchRecord {
   challenge: Buffer;
   /** The card's transaction counter after the debit. */
   cardCounter: number;
-  /** The card's balance after the debit, in minor units of the amount's currency. */
+  /**
+   * The card's balance after the debit, in minor units of the amount's
+   * currency (in points for a points record).
+   */
   balanceAfter: bigint;
   /**
-   * The amount debited. Its exponent is 0 when the PSAM does not know it;
-   * clearing takes the exponent from the merchant's registration.
+   * The amount debited: money (currency 1..998), or points of the
+   * programme whose code is the currency (1000..65535, exponent 0). Its
+   * exponent is 0 when the PSAM does not know it; clearing takes a money
+   * exponent from the merchant's registration.
    */
   amount:
     | Money
@@ -439,7 +472,11 @@ export interface BatchTrailer {
   batchNumber: number;
   /** Number of records in the batch. */
   count: number;
-  /** Sum of the records' amounts, in minor units, in the batch's currency. */
+  /**
+   * Sum of the records' amounts, in minor units, in the batch's currency:
+   * 1..998 money, 999 an authentication PSAM's (always empty, total 0),
+   * 1000..65535 a programme's points.
+   */
   total:
     | Money
     | undefined;
@@ -462,7 +499,8 @@ export interface SubmitBatchRequest {
     | //
     /**
      * The batch's trailer; the last message of the stream. A batch holds at
-     * least one record (count 0 is INVALID_ARGUMENT naming trailer.count).
+     * least one record (count 0 is INVALID_ARGUMENT naming trailer.count),
+     * except an authentication PSAM's (currency 999), which holds none.
      */
     { $case: "trailer"; value: BatchTrailer }
     | undefined;
@@ -511,7 +549,7 @@ export interface LoadRecord {
   purseId:
     | PurseId
     | undefined;
-  /** The amount the bank authorised. */
+  /** The amount the bank authorised: money, currency 1..998. */
   amount:
     | Money
     | undefined;
@@ -641,10 +679,37 @@ export interface Settlement {
    * acquirer, each acquirer to each of its merchants.
    */
   payouts: Payout[];
-  /** Purchases posted to the day. */
+  /**
+   * Purchases posted to the day (money only; points redemptions are counted
+   * in redemptions).
+   */
   purchases: number;
   /** Loads posted to the day. */
   loads: number;
+  /**
+   * Points redeemed on the day, per programme and merchant, programme
+   * first, then merchant id: a ledger of their own, never in positions or
+   * payouts, and never money. Whole on the first page, empty on the next
+   * pages.
+   */
+  pointsRedeemed: PointsRedeemed[];
+  /** Points redemptions posted to the day. */
+  redemptions: number;
+}
+
+/**
+ * Points of one loyalty programme redeemed at one merchant (a benefits
+ * site) on a settlement day, from the programme's points ledger.
+ */
+export interface PointsRedeemed {
+  /** The programme's code (1000..65535), where a currency would stand. */
+  programme: number;
+  /** The merchant that took the points. */
+  merchantId: string;
+  /** The points redeemed: a count of points, not money. */
+  points: bigint;
+  /** Number of redemptions behind it. */
+  redemptions: number;
 }
 
 /** A settlement day's figures. */
@@ -2755,7 +2820,17 @@ export const Payout: MessageFns<Payout> = {
 };
 
 function createBaseSettlement(): Settlement {
-  return { day: "", closed: false, closedAt: undefined, positions: [], payouts: [], purchases: 0, loads: 0 };
+  return {
+    day: "",
+    closed: false,
+    closedAt: undefined,
+    positions: [],
+    payouts: [],
+    purchases: 0,
+    loads: 0,
+    pointsRedeemed: [],
+    redemptions: 0,
+  };
 }
 
 export const Settlement: MessageFns<Settlement> = {
@@ -2780,6 +2855,12 @@ export const Settlement: MessageFns<Settlement> = {
     }
     if (message.loads !== 0) {
       writer.uint32(56).uint32(message.loads);
+    }
+    for (const v of message.pointsRedeemed) {
+      PointsRedeemed.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.redemptions !== 0) {
+      writer.uint32(72).uint32(message.redemptions);
     }
     return writer;
   },
@@ -2853,6 +2934,22 @@ export const Settlement: MessageFns<Settlement> = {
             message.loads = reader.uint32();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.pointsRedeemed.push(PointsRedeemed.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.redemptions = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2880,6 +2977,12 @@ export const Settlement: MessageFns<Settlement> = {
       payouts: globalThis.Array.isArray(object?.payouts) ? object.payouts.map((e: any) => Payout.fromJSON(e)) : [],
       purchases: isSet(object.purchases) ? globalThis.Number(object.purchases) : 0,
       loads: isSet(object.loads) ? globalThis.Number(object.loads) : 0,
+      pointsRedeemed: globalThis.Array.isArray(object?.pointsRedeemed)
+        ? object.pointsRedeemed.map((e: any) => PointsRedeemed.fromJSON(e))
+        : globalThis.Array.isArray(object?.points_redeemed)
+        ? object.points_redeemed.map((e: any) => PointsRedeemed.fromJSON(e))
+        : [],
+      redemptions: isSet(object.redemptions) ? globalThis.Number(object.redemptions) : 0,
     };
   },
 
@@ -2906,6 +3009,12 @@ export const Settlement: MessageFns<Settlement> = {
     if (message.loads !== 0) {
       obj.loads = Math.round(message.loads);
     }
+    if (message.pointsRedeemed?.length) {
+      obj.pointsRedeemed = message.pointsRedeemed.map((e) => PointsRedeemed.toJSON(e));
+    }
+    if (message.redemptions !== 0) {
+      obj.redemptions = Math.round(message.redemptions);
+    }
     return obj;
   },
 
@@ -2921,6 +3030,132 @@ export const Settlement: MessageFns<Settlement> = {
     message.payouts = object.payouts?.map((e) => Payout.fromPartial(e)) || [];
     message.purchases = object.purchases ?? 0;
     message.loads = object.loads ?? 0;
+    message.pointsRedeemed = object.pointsRedeemed?.map((e) => PointsRedeemed.fromPartial(e)) || [];
+    message.redemptions = object.redemptions ?? 0;
+    return message;
+  },
+};
+
+function createBasePointsRedeemed(): PointsRedeemed {
+  return { programme: 0, merchantId: "", points: 0n, redemptions: 0 };
+}
+
+export const PointsRedeemed: MessageFns<PointsRedeemed> = {
+  encode(message: PointsRedeemed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.programme !== 0) {
+      writer.uint32(8).uint32(message.programme);
+    }
+    if (message.merchantId !== "") {
+      writer.uint32(18).string(message.merchantId);
+    }
+    if (message.points !== 0n) {
+      if (BigInt.asUintN(64, message.points) !== message.points) {
+        throw new globalThis.Error("value provided for field message.points of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.points);
+    }
+    if (message.redemptions !== 0) {
+      writer.uint32(32).uint32(message.redemptions);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PointsRedeemed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePointsRedeemed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.programme = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.merchantId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.points = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.redemptions = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PointsRedeemed {
+    return {
+      programme: isSet(object.programme) ? globalThis.Number(object.programme) : 0,
+      merchantId: isSet(object.merchantId)
+        ? globalThis.String(object.merchantId)
+        : isSet(object.merchant_id)
+        ? globalThis.String(object.merchant_id)
+        : "",
+      points: isSet(object.points) ? BigInt(object.points) : 0n,
+      redemptions: isSet(object.redemptions) ? globalThis.Number(object.redemptions) : 0,
+    };
+  },
+
+  toJSON(message: PointsRedeemed): unknown {
+    const obj: any = {};
+    if (message.programme !== 0) {
+      obj.programme = Math.round(message.programme);
+    }
+    if (message.merchantId !== "") {
+      obj.merchantId = message.merchantId;
+    }
+    if (message.points !== 0n) {
+      obj.points = message.points.toString();
+    }
+    if (message.redemptions !== 0) {
+      obj.redemptions = Math.round(message.redemptions);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PointsRedeemed>): PointsRedeemed {
+    return PointsRedeemed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PointsRedeemed>): PointsRedeemed {
+    const message = createBasePointsRedeemed();
+    message.programme = object.programme ?? 0;
+    message.merchantId = object.merchantId ?? "";
+    message.points = (object.points !== undefined && object.points !== null) ? BigInt(object.points) : 0n;
+    message.redemptions = object.redemptions ?? 0;
     return message;
   },
 };
@@ -5223,6 +5458,14 @@ export const ClearingServiceDefinition = {
      * the card's signature) is quarantined with its reason and never paid; the
      * others are posted.
      *
+     * A batch in a programme's points (currency 1000..65535) is a points batch:
+     * its card signatures verify under the programme's redemption keys, and
+     * its records are posted to the programme's points ledger, never to money.
+     * A batch of an authentication PSAM (currency 999) holds no record: an
+     * empty one (count 0) is acknowledged and posts nothing; one that holds
+     * records is rejected (AUTHENTICATION_RECORDS): authentications never
+     * reach clearing.
+     *
      * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
      * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
      * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
@@ -5255,7 +5498,8 @@ export const ClearingServiceDefinition = {
      *
      * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
      * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
-     * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
+     * named; a currency that is not money, 1..998: points are credited by a
+     * programme's own security module and never reach clearing), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
      * already posted, or recorded with other content that this one does not
      * prove wrong; nothing of this request was recorded).
      */
@@ -5351,8 +5595,10 @@ export const ClearingServiceDefinition = {
      * credits, the issuer's float equals the confirmed loads less the proven
      * purchases, no transaction is posted twice, and, for every card balance
      * the caller read from a card, that balance equals the card's opening
-     * value plus its loads less its purchases as the ledger sees them.
-     * Operators only.
+     * value plus its loads less its purchases as the ledger sees them; and
+     * the points ledger apart: each redemption balances in its programme's
+     * points, is posted once, and no points sit in a money account nor money
+     * in a points account. Operators only.
      *
      * Errors: PERMISSION_DENIED NOT_ALLOWED, INVALID_ARGUMENT (a malformed
      * card balance, named).
@@ -5391,6 +5637,14 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
    * the card's signature) is quarantined with its reason and never paid; the
    * others are posted.
    *
+   * A batch in a programme's points (currency 1000..65535) is a points batch:
+   * its card signatures verify under the programme's redemption keys, and
+   * its records are posted to the programme's points ledger, never to money.
+   * A batch of an authentication PSAM (currency 999) holds no record: an
+   * empty one (count 0) is acknowledged and posts nothing; one that holds
+   * records is rejected (AUTHENTICATION_RECORDS): authentications never
+   * reach clearing.
+   *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
    * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
    * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
@@ -5419,7 +5673,8 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
    * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
-   * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
+   * named; a currency that is not money, 1..998: points are credited by a
+   * programme's own security module and never reach clearing), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
    * already posted, or recorded with other content that this one does not
    * prove wrong; nothing of this request was recorded).
    */
@@ -5488,8 +5743,10 @@ export interface ClearingServiceImplementation<CallContextExt = {}> {
    * credits, the issuer's float equals the confirmed loads less the proven
    * purchases, no transaction is posted twice, and, for every card balance
    * the caller read from a card, that balance equals the card's opening
-   * value plus its loads less its purchases as the ledger sees them.
-   * Operators only.
+   * value plus its loads less its purchases as the ledger sees them; and
+   * the points ledger apart: each redemption balances in its programme's
+   * points, is posted once, and no points sit in a money account nor money
+   * in a points account. Operators only.
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED, INVALID_ARGUMENT (a malformed
    * card balance, named).
@@ -5520,6 +5777,14 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
    * the card's signature) is quarantined with its reason and never paid; the
    * others are posted.
    *
+   * A batch in a programme's points (currency 1000..65535) is a points batch:
+   * its card signatures verify under the programme's redemption keys, and
+   * its records are posted to the programme's points ledger, never to money.
+   * A batch of an authentication PSAM (currency 999) holds no record: an
+   * empty one (count 0) is acknowledged and posts nothing; one that holds
+   * records is rejected (AUTHENTICATION_RECORDS): authentications never
+   * reach clearing.
+   *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not a terminal host,
    * or the PSAM was provisioned for another terminal), PERMISSION_DENIED
    * UNKNOWN_PSAM, INVALID_ARGUMENT (no trailer, a record after the trailer,
@@ -5548,7 +5813,8 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not the load
    * server), INVALID_ARGUMENT (more than 100 loads, a malformed field,
-   * named), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
+   * named; a currency that is not money, 1..998: points are credited by a
+   * programme's own security module and never reach clearing), ALREADY_EXISTS TRANSACTION_ID_REUSED (a load of that id was
    * already posted, or recorded with other content that this one does not
    * prove wrong; nothing of this request was recorded).
    */
@@ -5617,8 +5883,10 @@ export interface ClearingServiceClient<CallOptionsExt = {}> {
    * credits, the issuer's float equals the confirmed loads less the proven
    * purchases, no transaction is posted twice, and, for every card balance
    * the caller read from a card, that balance equals the card's opening
-   * value plus its loads less its purchases as the ledger sees them.
-   * Operators only.
+   * value plus its loads less its purchases as the ledger sees them; and
+   * the points ledger apart: each redemption balances in its programme's
+   * points, is posted once, and no points sit in a money account nor money
+   * in a points account. Operators only.
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED, INVALID_ARGUMENT (a malformed
    * card balance, named).
