@@ -27,7 +27,7 @@ await runService({
     `  --listen HOST:PORT         address to serve on (default ${defaultAddress("merchant")})`,
     "  --data DIR                 netpurse data folder (default $NETPURSE_DATA or ./.data)",
     "  --id MERCHANT              merchant id; its folder is DATA/merchants/MERCHANT (default demo-shop)",
-    "  --dir DIR                  the merchant's folder instead: shop.json (catalogue) and merchant.db",
+    "  --dir DIR                  the merchant's folder instead: shop.json (catalogue; with `loyalty`, the programme's benefits\n                             site that grants its buyers points, docs/loyalty.md) and merchant.db",
     `  --validation HOST:PORT     merchant validation service (default ${defaultAddress("merchantValidation")})`,
     `  --payment-server HOST:PORT payment server named in offers (default ${defaultAddress("payment")})`,
     "  --advertise HOST:PORT      this server's address named in offers (default: the bound address)",

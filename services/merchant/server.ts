@@ -3,13 +3,16 @@ import { defaultAddress } from "../../lib/config.js";
 import { readJson } from "../../lib/files.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
-import { createLogger } from "../../lib/log.js";
+import { isName } from "../../lib/ids.js";
+import { createLogger, type Logger } from "../../lib/log.js";
+import { isProgrammeCode } from "../../lib/money.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openSqlite, type Db } from "../../lib/store/db.js";
+import { BenefitsServiceDefinition } from "../../gen/netpurse/benefits/v1/benefits.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
 import { MAX_OFFER_TTL_MS } from "../merchant-validation/validation.js";
-import { MERCHANT_MIGRATIONS, Shop, type ShopFile } from "./shop.js";
+import { MERCHANT_MIGRATIONS, Shop, type ReleaseGoods, type ShopFile } from "./shop.js";
 
 export interface MerchantConfig {
   /** As this merchant: its certificate for the validation service, and its server's. */
@@ -43,7 +46,16 @@ export const MERCHANT_DEFAULTS = {
   sweepEveryMs: 60_000,
 } as const;
 
-export async function startMerchant(c: MerchantConfig) {
+/**
+ * The Shop of a merchant server, with its channels: to the validation
+ * service, and to the loyalty programme's benefits site when the shop is
+ * enrolled (both as this merchant, with its client certificate). Shared by
+ * the merchant server and a benefits site, which sells its rewards so.
+ */
+export function openShop(
+  c: MerchantConfig,
+  p: { shopFile: ShopFile; db: Db; log: Logger; release?: ReleaseGoods; boundAddress: () => string },
+): { shop: Shop; close(): void } {
   const offerTtlMs = c.offerTtlMs ?? MERCHANT_DEFAULTS.offerTtlMs;
   if (offerTtlMs < 1 || offerTtlMs > MAX_OFFER_TTL_MS) {
     throw new Error(`the offer time to live must be 1..${MAX_OFFER_TTL_MS} ms: the validation service grants a session key for at most 1 hour`);
@@ -54,24 +66,56 @@ export async function startMerchant(c: MerchantConfig) {
   ] as const) {
     if (value !== undefined && value < 1) throw new Error(`${name} must be at least 1, got ${value}`);
   }
-  const shopFile = await readJson<ShopFile>(join(c.dir, "shop.json"));
-  const log = createLogger(`merchant ${shopFile.merchantId}`);
-  const db = openSqlite(join(c.dir, "merchant.db"), MERCHANT_MIGRATIONS);
+  const loyalty = p.shopFile.loyalty;
+  if (loyalty) {
+    if (!isProgrammeCode(loyalty.programme)) throw new Error(`shop.json loyalty.programme must be a programme code 1000..65535, got ${loyalty.programme}`);
+    if (!/^[^\s/]+:\d{1,5}$/.test(loyalty.siteAddress ?? "")) throw new Error(`shop.json loyalty.siteAddress must be host:port, got "${loyalty.siteAddress}"`);
+    if (loyalty.siteId !== undefined && !isName(loyalty.siteId, 16)) throw new Error("shop.json loyalty.siteId must be 1..16 characters of [A-Za-z0-9._-]");
+  }
+  const factory = clientFactory();
   const channel = openChannel(c.validation ?? defaultAddress("merchantValidation"), c.security.channel({ kind: "validation" }));
-  let bound = "";
+  // The site is a merchant at the payment operator: its certificate proves merchant/SITE.
+  const siteChannel = loyalty
+    ? openChannel(loyalty.siteAddress, c.security.channel({ kind: "merchant", ...(loyalty.siteId ? { id: loyalty.siteId } : {}) }))
+    : undefined;
   const shop = new Shop({
-    shop: shopFile,
-    db,
-    validation: clientFactory().create(MerchantValidationServiceDefinition, channel),
+    shop: p.shopFile,
+    db: p.db,
+    validation: factory.create(MerchantValidationServiceDefinition, channel),
+    ...(siteChannel ? { benefits: factory.create(BenefitsServiceDefinition, siteChannel) } : {}),
+    ...(p.release ? { release: p.release } : {}),
     paymentServerAddress: c.paymentServer ?? defaultAddress("payment"),
-    merchantAddress: () => c.advertise ?? bound,
+    merchantAddress: () => c.advertise ?? p.boundAddress(),
     offerTtlMs,
     expiryGraceMs: c.expiryGraceMs ?? MERCHANT_DEFAULTS.expiryGraceMs,
     retentionMs: c.retentionMs ?? MERCHANT_DEFAULTS.retentionMs,
     maxUnpaidOrders: c.maxUnpaidOrders ?? MERCHANT_DEFAULTS.maxUnpaidOrders,
     sweepEveryMs: c.sweepEveryMs ?? MERCHANT_DEFAULTS.sweepEveryMs,
-    log,
+    log: p.log,
   });
+  return {
+    shop,
+    close() {
+      shop.stopSweeping();
+      channel.close();
+      siteChannel?.close();
+    },
+  };
+}
+
+export async function startMerchant(c: MerchantConfig) {
+  const shopFile = await readJson<ShopFile>(join(c.dir, "shop.json"));
+  const log = createLogger(`merchant ${shopFile.merchantId}`);
+  const db = openSqlite(join(c.dir, "merchant.db"), MERCHANT_MIGRATIONS);
+  let bound = "";
+  let opened;
+  try {
+    opened = openShop(c, { shopFile, db, log, boundAddress: () => bound });
+  } catch (e) {
+    await db.close();
+    throw e;
+  }
+  const { shop } = opened;
   const grpc = await startGrpcServer({
     address: c.listen ?? defaultAddress("merchant"),
     services: [service(MerchantServiceDefinition, shop.service, { all: "public" })],
@@ -86,7 +130,7 @@ export async function startMerchant(c: MerchantConfig) {
     async close() {
       shop.stopSweeping();
       await grpc.shutdown();
-      channel.close();
+      opened.close();
       await db.close();
     },
   };

@@ -5,13 +5,16 @@
 // EXPIRED order is deleted after a retention period (a periodic sweep). A
 // PAID order is kept. GetOrder shows the goods only to the buyer, who proves
 // it with the access secret given with the receipt; anyone else who has the
-// transaction id sees the order's state alone.
+// transaction id sees the order's state alone. What a paid order releases is
+// the shop's release hook's (a licence key by default; a benefits site's
+// rewards), and a shop enrolled in a loyalty programme has the programme's
+// site grant the card points for each money order it releases.
 
 import { DEFAULT_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from "node:crypto";
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
-import { ConfirmationMode, confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
+import { ConfirmationMode, confirmationModeFromJSON, type Money, type PointsGrant } from "../../gen/netpurse/card/v1/card.js";
 import {
   OrderState,
   Receipt,
@@ -23,13 +26,14 @@ import {
   type MerchantServiceImplementation,
   type Product,
 } from "../../gen/netpurse/merchant/v1/merchant.js";
-import type { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import type { MerchantValidationServiceDefinition, ValidateConfirmationResponse } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
+import type { BenefitsServiceDefinition } from "../../gen/netpurse/benefits/v1/benefits.js";
 import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { invalidField, NetpurseError, notFound, passOn } from "../../lib/grpc/errors.js";
 import { merchantId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import { money } from "../../lib/money.js";
+import { isMoneyCurrency, money } from "../../lib/money.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
 import type { Db } from "../../lib/store/db.js";
 
@@ -39,11 +43,60 @@ export interface ShopFile {
   name: string;
   /** A ConfirmationMode name; the payment operator must have registered the merchant with the same. */
   confirmationMode: string;
+  /** The currency and exponent of every price, unless a product names its own. */
   currency: number;
   exponent: number;
-  products: { productId: string; name: string; description: string; priceMinor: number }[];
+  products: ShopProduct[];
+  /** Enrolment in a loyalty programme: the programme's benefits site grants the card points for every money order released. */
+  loyalty?: LoyaltyEnrolment;
 }
 
+/** One product of the catalogue. */
+export interface ShopProduct {
+  productId: string;
+  name: string;
+  description: string;
+  priceMinor: number;
+  /** The price's currency, when not the shop's: a benefits site prices rewards in points (a programme code) or in 999 (an authentication). */
+  currency?: number;
+  /** The price's exponent, when not the shop's. */
+  exponent?: number;
+}
+
+/** shop.json `loyalty`: where the programme's benefits site is, and which programme its grants must be of. */
+export interface LoyaltyEnrolment {
+  /** The site's address, host:port (its BenefitsService, GrantPoints). */
+  siteAddress: string;
+  /** The programme code, 1000..65535. */
+  programme: number;
+  /** The site's merchant id: its server certificate must prove it (merchant/SITE). Without it, any merchant's certificate is taken. */
+  siteId?: string;
+}
+
+/** An order whose confirmation the validation service accepted, as the release hook sees it. */
+export interface OrderToRelease {
+  transactionId: string;
+  productId: string;
+  amount: Money;
+}
+
+/**
+ * What a paid order releases: the goods for the receipt. It may refuse with
+ * a NetpurseError; then nothing is released and the order stays as it was.
+ */
+export type ReleaseGoods = (order: OrderToRelease, product: ShopProduct, validated: ValidateConfirmationResponse) => Promise<{ goods: string }>;
+
+/** The demo shop's goods: a fresh licence key. */
+export const licenceKey: ReleaseGoods = async () => ({ goods: `licence key ${randomBytes(10).toString("hex").toUpperCase().match(/.{5}/g)!.join("-")}` });
+
+/** How long CompleteOrder waits for the benefits site's grant: a slow site costs the buyer little, and its grant is asked again at the next CompleteOrder. */
+const GRANT_DEADLINE_MS = 5_000;
+
+/** The price of a product: its own currency and exponent, or the shop's. */
+export const priceOf = (s: Pick<ShopFile, "currency" | "exponent">, p: ShopProduct): Money =>
+  money(p.priceMinor, p.currency ?? s.currency, p.exponent ?? s.exponent);
+
+/** Append only: a benefits site's benefits.db applies these first, then its own (services/benefits/grants.ts). */
 export const MERCHANT_MIGRATIONS = [
   `CREATE TABLE orders (
      transaction_id TEXT PRIMARY KEY,
@@ -87,6 +140,10 @@ export interface ShopOptions {
   shop: ShopFile;
   db: Db;
   validation: Client<typeof MerchantValidationServiceDefinition, DeadlineOptions>;
+  /** What a paid order releases (default: a licence key). */
+  release?: ReleaseGoods;
+  /** The loyalty programme's benefits site, when the shop is enrolled (shop.loyalty). */
+  benefits?: Client<typeof BenefitsServiceDefinition, DeadlineOptions>;
   /** Advertised in offers: where clients send draw requests. */
   paymentServerAddress: string;
   /** Advertised in offers: where clients bring the confirmation. */
@@ -119,7 +176,7 @@ export class Shop {
 
   private products(): Product[] {
     const s = this.o.shop;
-    return s.products.map((p) => ({ productId: p.productId, name: p.name, description: p.description, price: money(p.priceMinor, s.currency, s.exponent) }));
+    return s.products.map((p) => ({ productId: p.productId, name: p.name, description: p.description, price: priceOf(s, p) }));
   }
 
   readonly service: MerchantServiceImplementation = {
@@ -188,7 +245,7 @@ export class Shop {
     const now = new Date();
     const expires = new Date(now.getTime() + this.o.offerTtlMs);
     const s = this.o.shop;
-    const price = money(p.priceMinor, s.currency, s.exponent);
+    const price = priceOf(s, p);
     // The transaction's keys come from the validation service, the only part of the shop that holds the shared key.
     // It seals the offer's amount and expiry with the session key: the payment server refuses a draw request of other terms.
     const keys = await this.o.validation
@@ -200,7 +257,17 @@ export class Shop {
     const inserted = await this.o.db.run(
       `INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce)
        SELECT ?, ?, ?, ?, ?, 'OFFERED', ?, ?, ? WHERE (SELECT COUNT(*) FROM orders WHERE state = 'OFFERED') < ?`,
-      [id, p.productId, p.priceMinor, s.currency, s.exponent, now.toISOString(), expires.toISOString(), Buffer.from(keys.keyNonce), this.o.maxUnpaidOrders],
+      [
+        id,
+        p.productId,
+        p.priceMinor,
+        price.currency,
+        price.exponent,
+        now.toISOString(),
+        expires.toISOString(),
+        Buffer.from(keys.keyNonce),
+        this.o.maxUnpaidOrders,
+      ],
     );
     if (inserted.changes === 0) throw await this.tooManyOrders();
     this.o.log.info("order created", { transaction: id, product: p.productId, amount: p.priceMinor });
@@ -243,24 +310,28 @@ export class Shop {
         { deadline: DEFAULT_DEADLINE_MS },
       )
       .catch((e) => passOn(e, "payment not accepted"));
-    if (order.state === "PAID") return { receipt: Receipt.decode(order.receipt!), accessSecret: await this.newAccessSecret(id) };
+    if (order.state === "PAID")
+      return { receipt: await this.withGrant(id, order, Receipt.decode(order.receipt!), validated), accessSecret: await this.newAccessSecret(id) };
     // An EXPIRED order still releases the goods: payment wins over expiry. The debit result M is genuine and
     // of this order's terms, so the card paid, and the payment server signs no DEBIT command after the offer's
     // expiry (it refuses such a draw request), so the money was drawn within the offer's time. Only an order
     // already deleted after the retention period is unknown (NOT_FOUND above).
     const product = this.o.shop.products.find((p) => p.productId === order.product_id)!;
+    const amount = money(order.amount_minor, order.currency, order.exponent);
+    // The hook may refuse (a benefits site's card that is no member's): then nothing changes.
+    const { goods } = await (this.o.release ?? licenceKey)({ transactionId: id, productId: product.productId, amount }, product, validated);
     const receipt: Receipt = {
       transactionId: txnId(id),
       merchantId: merchantId(this.o.shop.merchantId),
       merchantName: this.o.shop.name,
       productId: product.productId,
       productName: product.name,
-      amount: money(order.amount_minor, order.currency, order.exponent),
-      goods: `licence key ${randomBytes(10).toString("hex").toUpperCase().match(/.{5}/g)!.join("-")}`,
+      amount,
+      goods,
       releasedAt: new Date(),
       psamId: validated.psamId,
       psamCounter: validated.psamCounter,
-      pointsGrant: undefined,
+      pointsGrant: await this.grantPoints(id, order, validated),
     };
     const accessSecret = randomBytes(ACCESS_SECRET_BYTES);
     const r = await this.o.db.run(
@@ -278,6 +349,45 @@ export class Shop {
       product: product.productId,
     });
     return { receipt, accessSecret };
+  }
+
+  /**
+   * The points the programme's site grants the card for a money order, when
+   * the shop is enrolled. A site that fails or refuses never withholds the
+   * goods: the receipt goes without a grant, and the next CompleteOrder of
+   * the order asks again (the site grants once per transaction).
+   */
+  private async grantPoints(id: string, order: OrderRow, validated: ValidateConfirmationResponse): Promise<PointsGrant | undefined> {
+    const loyalty = this.o.shop.loyalty;
+    if (!loyalty || !this.o.benefits || !isMoneyCurrency(order.currency)) return undefined;
+    try {
+      const { grant } = await this.o.benefits.grantPoints(
+        { transactionId: txnId(id), purseId: validated.purseId, amount: money(order.amount_minor, order.currency, order.exponent) },
+        { deadline: GRANT_DEADLINE_MS },
+      );
+      if (!grant || grant.programme !== loyalty.programme) {
+        this.o.log.warn("the benefits site answered a grant of another programme: none given", { transaction: id, programme: grant?.programme });
+        return undefined;
+      }
+      this.o.log.info("points granted", { transaction: id, grant: grant.grantId?.value, points: Number(grant.points?.amountMinor ?? 0) });
+      return grant;
+    } catch (e) {
+      this.o.log.warn("points not granted: the goods go without them, and the next CompleteOrder asks again", {
+        transaction: id,
+        error: (e as Error).message,
+      });
+      return undefined;
+    }
+  }
+
+  /** A paid order's stored receipt, with the grant asked again when it went without one (and stored then). */
+  private async withGrant(id: string, order: OrderRow, receipt: Receipt, validated: ValidateConfirmationResponse): Promise<Receipt> {
+    if (receipt.pointsGrant) return receipt;
+    const pointsGrant = await this.grantPoints(id, order, validated);
+    if (!pointsGrant) return receipt;
+    const granted = { ...receipt, pointsGrant };
+    await this.o.db.run("UPDATE orders SET receipt = ? WHERE transaction_id = ? AND state = 'PAID'", [Buffer.from(Receipt.encode(granted).finish()), id]);
+    return granted;
   }
 
   /**

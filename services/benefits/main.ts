@@ -1,0 +1,61 @@
+import { join } from "node:path";
+import { dataDir, defaultAddress } from "../../lib/config.js";
+import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { MERCHANT_DEFAULTS } from "../merchant/server.js";
+import { startBenefits } from "./server.js";
+import { readSite } from "./site.js";
+
+await runService({
+  program: "netpurse-benefits",
+  summary:
+    "Benefits site of a loyalty programme: sells its rewards for points or a card's authentication (MerchantService), grants points to enrolled merchants' buyers and signs their credit to the card (BenefitsService).",
+  options: {
+    listen: { type: "string" },
+    data: { type: "string" },
+    dir: { type: "string" },
+    id: { type: "string" },
+    validation: { type: "string" },
+    "payment-server": { type: "string" },
+    advertise: { type: "string" },
+    "offer-ttl-ms": { type: "string" },
+    "expiry-grace-ms": { type: "string" },
+    "retention-ms": { type: "string" },
+    "max-unpaid-orders": { type: "string" },
+    "sweep-every-ms": { type: "string" },
+    ...SECURITY_OPTIONS,
+  },
+  help: [
+    `  --listen HOST:PORT         address to serve on (default ${defaultAddress("benefits")})`,
+    "  --data DIR                 netpurse data folder (default $NETPURSE_DATA or ./.data)",
+    "  --id SITE                  the site's merchant id; its folder is DATA/benefits/SITE (default skyways)",
+    "  --dir DIR                  the site's folder instead: site.json (programme, rewards, enrolled merchants, members),",
+    "                             programme-hsm.json (the programme's security module) and benefits.db",
+    `  --validation HOST:PORT     merchant validation service (default ${defaultAddress("merchantValidation")})`,
+    `  --payment-server HOST:PORT payment server named in offers (default ${defaultAddress("payment")})`,
+    "  --advertise HOST:PORT      this server's address named in offers and grants (default: the bound address)",
+    `  --offer-ttl-ms N           how long an offer stays payable, at most 3600000 (default ${MERCHANT_DEFAULTS.offerTtlMs})`,
+    `  --expiry-grace-ms N        how long after its offer's expiry an unpaid order becomes EXPIRED (default ${MERCHANT_DEFAULTS.expiryGraceMs})`,
+    `  --retention-ms N           how long an EXPIRED order is kept before it is deleted (default ${MERCHANT_DEFAULTS.retentionMs})`,
+    `  --max-unpaid-orders N      the most unpaid (OFFERED) orders at once (default ${MERCHANT_DEFAULTS.maxUnpaidOrders})`,
+    `  --sweep-every-ms N         how often unpaid orders are expired and expired ones deleted (default ${MERCHANT_DEFAULTS.sweepEveryMs})`,
+    SECURITY_HELP,
+  ].join("\n"),
+  start: async (v) => {
+    const dir = opt(v, "dir", join(dataDir(v.data as string | undefined), "benefits", opt(v, "id", "skyways")));
+    const { merchantId } = await readSite(dir);
+    return startBenefits({
+      // The site is a merchant at the payment operator: one identity for its offers, its validation calls and its server.
+      security: await serviceSecurity(v, { kind: "merchant", id: merchantId }),
+      listen: opt(v, "listen", defaultAddress("benefits")),
+      dir,
+      validation: opt(v, "validation", defaultAddress("merchantValidation")),
+      paymentServer: opt(v, "payment-server", defaultAddress("payment")),
+      ...(typeof v.advertise === "string" ? { advertise: v.advertise } : {}),
+      offerTtlMs: intOpt(v, "offer-ttl-ms", MERCHANT_DEFAULTS.offerTtlMs),
+      expiryGraceMs: intOpt(v, "expiry-grace-ms", MERCHANT_DEFAULTS.expiryGraceMs),
+      retentionMs: intOpt(v, "retention-ms", MERCHANT_DEFAULTS.retentionMs),
+      maxUnpaidOrders: intOpt(v, "max-unpaid-orders", MERCHANT_DEFAULTS.maxUnpaidOrders),
+      sweepEveryMs: intOpt(v, "sweep-every-ms", MERCHANT_DEFAULTS.sweepEveryMs),
+    });
+  },
+});
