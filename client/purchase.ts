@@ -17,11 +17,12 @@ import { ConfirmationMode, ErrorReason, type Sealed } from "../gen/netpurse/card
 import type { MerchantServiceDefinition, PaymentOffer, Receipt } from "../gen/netpurse/merchant/v1/merchant.js";
 import { CardAnswer, DebitResultC, DrawRequest, IssuedDebitCommand, type PaymentServiceDefinition } from "../gen/netpurse/payment/v1/payment.js";
 import type { PurchaseStep } from "../gen/netpurse/cardholder/v1/cardholder.js";
-import { swHex, SW } from "../lib/apdu/apdu.js";
+import { ApduError, swHex, SW } from "../lib/apdu/apdu.js";
 import { macEqual } from "../lib/crypto/aes.js";
 import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
-import { hexOf, requireCardAmount, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
-import { formatMoney } from "../lib/money.js";
+import { requireOfferAmount } from "../lib/offer-amount.js";
+import { hexOf, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
+import { AUTHENTICATION_CURRENCY, formatMoney, isMoneyCurrency } from "../lib/money.js";
 import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
 import { cardProofDigest, DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
@@ -105,7 +106,7 @@ function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer i
   if (!offer) throw invalidField("offer", "missing");
   requireTransactionId(offer.transactionId, "offer.transaction_id");
   requireMerchantId(offer.merchantId, "offer.merchant_id");
-  requireCardAmount(offer.amount, "offer.amount");
+  requireOfferAmount(offer.amount, "offer.amount");
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
   requireConfirmationMode(offer.confirmationMode, "offer.confirmation_mode");
@@ -136,14 +137,25 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext, o: { r
   // Step 608: the card against the offer, before anything leaves this machine.
   await ctx.reader.connect();
   const cardLog = await ctx.reader.readLogRaw(CARD_LOG_SENT);
-  const init = await ctx.reader.initializeForPurchase();
+  // An authentication or a redemption opens the card's session on the purse of the offer's currency (docs/loyalty.md).
+  const selector = isMoneyCurrency(offer.amount.currency) ? undefined : offer.amount.currency;
+  const init = await ctx.reader.initializeForPurchase(selector).catch((e: unknown) => {
+    if (selector !== undefined && e instanceof ApduError && e.sw === SW.REFERENCED_DATA_NOT_FOUND) {
+      throw failedPrecondition(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds no purse for ${shown}; nothing was sent`);
+    }
+    throw e;
+  });
   const card = init.parsed;
   const cardMoney = (v: number) => formatMoney({ amountMinor: v, currency: card.currency, exponent: card.exponent });
-  step("card", `purse ${card.purseId.toString("hex")}: balance ${cardMoney(card.balance)}, counter ${card.counter}, expires ${card.expiry}`);
+  const authentication = offer.amount.currency === AUTHENTICATION_CURRENCY;
+  step(
+    "card",
+    `purse ${card.purseId.toString("hex")}: ${authentication ? "authentication application" : `balance ${cardMoney(card.balance)}`}, counter ${card.counter}, expires ${card.expiry}`,
+  );
   if (card.currency !== offer.amount.currency || card.exponent !== offer.amount.exponent) {
     throw failedPrecondition(
       ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
-      `the card holds ${cardMoney(0).split(" ")[0]}, the offer is in ${shown.split(" ")[0]}; nothing was sent`,
+      `the card's purse is in currency ${card.currency} (exponent ${card.exponent}), the offer is ${shown}; nothing was sent`,
     );
   }
   if (card.status !== PurseStatusByte.ACTIVE) throw failedPrecondition(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked; nothing was sent");
@@ -205,7 +217,10 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext, o: { r
 
   // Step 618: the merchant's amount, whatever came back.
   const debitCommand = withOriginalAmount(Buffer.from(issued.debitCommand), amount);
-  step("debit command", `amount set back to the merchant's ${shown} (step 618) and sent to the card`);
+  step(
+    "debit command",
+    authentication ? "amount kept at zero (step 618) and sent to the card" : `amount set back to the merchant's ${shown} (step 618) and sent to the card`,
+  );
   const sent: DebitSent = {
     purseId: card.purseId.toString("hex"),
     cardCounter: card.counter,
@@ -221,7 +236,9 @@ export async function payOffer(offer: PaymentOffer, ctx: PurchaseContext, o: { r
   if (answer.sw === SW.OK && answer.parsed!.result === DebitResult.DEBITED) {
     step(
       "card debit",
-      `card debited ${shown}: balance ${cardMoney(answer.parsed!.balance)}, counter ${answer.parsed!.counter}, card signature ${answer.parsed!.cardSignature.toString("hex")}`,
+      authentication
+        ? `card signed the zero-value authentication without moving value: counter ${answer.parsed!.counter}, card signature ${answer.parsed!.cardSignature.toString("hex")}`
+        : `card debited ${shown}: balance ${cardMoney(answer.parsed!.balance)}, counter ${answer.parsed!.counter}, card signature ${answer.parsed!.cardSignature.toString("hex")}`,
     );
   } else {
     step(
@@ -336,7 +353,9 @@ async function completeAtPaymentServer(
     const resultC = DebitResultC.decode(c);
     step(
       "confirmation",
-      `the payment server confirmed the purchase (debit result C: card balance ${formatMoney(resultC.newBalance!)}); debit result M, sealed for the merchant, goes on unopened`,
+      resultC.newBalance?.currency === AUTHENTICATION_CURRENCY
+        ? "the PSAM verified the card's signature and answered authentication OK; debit result M, sealed for the site, goes on unopened"
+        : `the payment server confirmed the purchase (debit result C: card balance ${formatMoney(resultC.newBalance!)}); debit result M, sealed for the merchant, goes on unopened`,
     );
     return r.debitResultM;
   } catch (e) {

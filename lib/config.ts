@@ -15,6 +15,8 @@ export const DEFAULT_PORTS = {
   load: 7450,
   clearing: 7460,
   cardholder: 7470,
+  /** The demo loyalty programme's benefits site (netpurse-benefits). */
+  benefits: 7480,
 } as const;
 
 export function defaultAddress(part: keyof typeof DEFAULT_PORTS): string {

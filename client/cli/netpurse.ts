@@ -5,7 +5,8 @@ import { randomUUID } from "node:crypto";
 import { createInterface } from "node:readline/promises";
 import { CardTransactionKind, PurseStatus, type CardTransaction, type Money } from "../../gen/netpurse/card/v1/card.js";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
-import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { MerchantServiceDefinition, type PaymentOffer, type Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
+import { BenefitsServiceDefinition, RewardKind, type Reward } from "../../gen/netpurse/benefits/v1/benefits.js";
 import { CONNECT_OPTIONS, CONNECT_USAGE, int, publicChannel, runCommands, str, UsageError } from "../../lib/cli.js";
 import { dataDir, defaultAddress } from "../../lib/config.js";
 import { join } from "node:path";
@@ -32,7 +33,7 @@ const DAEMON: ChannelSecurity = { insecure: true };
 /** The token file of each daemon address reached over TCP (daemonAddress fills it). */
 const daemonTokenFiles = new Map<string, string>();
 
-async function withClient<D extends typeof CardholderServiceDefinition | typeof MerchantServiceDefinition, T>(
+async function withClient<D extends typeof CardholderServiceDefinition | typeof MerchantServiceDefinition | typeof BenefitsServiceDefinition, T>(
   def: D,
   address: string,
   security: ChannelSecurity,
@@ -79,6 +80,20 @@ function daemonAddress(v: Record<string, unknown>): string {
   return address;
 }
 const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultAddress("merchant"));
+/** Where the benefits site is, and how to check it (a site is a merchant at the payment operator). */
+const siteOptions = { site: { type: "string" }, ...CONNECT_OPTIONS } as const;
+const siteAddress = (v: Record<string, unknown>) => str(v.site, defaultAddress("benefits"));
+
+/** How a card log entry's kind reads in the table. */
+const KIND_NAMES: Record<number, string> = {
+  [CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE]: "purchase",
+  [CardTransactionKind.CARD_TRANSACTION_KIND_LOAD]: "load",
+  [CardTransactionKind.CARD_TRANSACTION_KIND_AUTHENTICATION]: "authentication",
+  [CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_REDEMPTION]: "points redeemed",
+  [CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_CREDIT]: "points earned",
+};
+const isMoneyKind = (k: CardTransactionKind) =>
+  k === CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE || k === CardTransactionKind.CARD_TRANSACTION_KIND_LOAD;
 
 /** How often a load or payment is asked again under its request id when the daemon did not answer, and the waits between. */
 const RETRY_WAITS_MS = [1_000, 2_000, 4_000];
@@ -164,9 +179,10 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       if (positionals[0] === "sync") return syncCard(daemonAddress(v));
       if (positionals.length) throw new UsageError(`unknown 'card ${positionals[0]}'; did you mean 'card sync'?`);
       await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
-        const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
+        const { purse, points } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
         const p = purse!;
         console.log(`card ${hexOf(p.purseId?.value)}   balance ${m(p.balance)}   (most ${m(p.maxBalance)})`);
+        for (const pp of points) console.log(`points ${m(pp.balance)}   (most ${m(pp.maxBalance)})`);
         console.log(
           `expires ${p.expiryDate}   counter ${p.transactionCounter}   key version ${p.keyVersion}   ${p.status === PurseStatus.PURSE_STATUS_ACTIVE ? "active" : "BLOCKED"}`,
         );
@@ -181,21 +197,22 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
           pageToken = r.nextPageToken;
         } while (pageToken);
         if (!transactions.length) return console.log("\nno transactions yet");
-        console.log("");
-        console.log(
-          table(
-            ["#", "when (UTC)", "kind", "amount", "balance after", "security module", "transaction"],
-            transactions.map((t) => [
-              String(t.transactionCounter),
-              t.time!.toISOString().replace("T", " ").slice(0, 19),
-              t.kind === CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE ? "purchase" : "load",
-              m(t.amount),
-              m(t.balanceAfter),
-              `${hexOf(t.psamId?.value)}/${t.psamCounter}`,
-              t.transactionId?.value ?? "",
-            ]),
-          ),
-        );
+        // Money apart from authentications and points: only the first moves the balance above.
+        const rows = (ts: CardTransaction[]) =>
+          ts.map((t) => [
+            String(t.transactionCounter),
+            t.time!.toISOString().replace("T", " ").slice(0, 19),
+            KIND_NAMES[t.kind] ?? `kind ${t.kind}`,
+            m(t.amount),
+            m(t.balanceAfter),
+            `${hexOf(t.psamId?.value)}/${t.psamCounter}`,
+            t.transactionId?.value ?? "",
+          ]);
+        const head = ["#", "when (UTC)", "kind", "amount", "balance after", "security module", "transaction"];
+        const moneyRows = transactions.filter((t) => isMoneyKind(t.kind));
+        const loyaltyRows = transactions.filter((t) => !isMoneyKind(t.kind));
+        if (moneyRows.length) console.log(`\nmoney\n${table(head, rows(moneyRows))}`);
+        if (loyaltyRows.length) console.log(`\nauthentications and points (no money moved)\n${table(head, rows(loyaltyRows))}`);
       });
     },
   },
@@ -299,24 +316,119 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
       const { offer } = await withClient(MerchantServiceDefinition, merchantAddress(v), await publicChannel(v, "merchant"), (c) =>
         c.createOrder({ productId: product }, { deadline: CLI_DEADLINE_MS }),
       );
-      await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
-        const { purse } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
-        console.log(`${offer!.merchantName} asks ${m(offer!.amount)} for "${offer!.description}"`);
-        console.log(`your card holds ${m(purse!.balance)}`);
-        if (!v.yes && !(await approve(`Pay ${m(offer!.amount)}?`))) {
-          console.log("not paid; the card was not touched");
-          return;
-        }
-        console.log("paying…");
-        const r = await underRequestId("payment", (requestId) => c.payOffer({ offer, approvedAmount: offer!.amount, requestId }, { deadline: 60_000 }));
-        for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
-        console.log(`\npaid ${m(r.receipt!.amount)} to ${r.receipt!.merchantName}; card balance now ${m(r.purse!.balance)}`);
-        console.log(`receipt: transaction ${r.receipt!.transactionId?.value}, PSAM ${hexOf(r.receipt!.psamId?.value)}/${r.receipt!.psamCounter}`);
-        console.log(`goods:   ${r.receipt!.goods}`);
-      });
+      await payWithCard(v, offer!, "pay");
+    },
+  },
+  {
+    name: "rewards",
+    summary: "List a benefits site's rewards (a loyalty programme's shop) and the points your card holds for its programme.",
+    usage: `[--site HOST:PORT] (default ${defaultAddress("benefits")}) ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    options: { ...daemonOption, ...siteOptions },
+    async run(v) {
+      const r = await withClient(BenefitsServiceDefinition, siteAddress(v), await publicChannel(v, "merchant"), (c) =>
+        c.listRewards({}, { deadline: CLI_DEADLINE_MS }),
+      );
+      console.log(`${r.siteName} (${r.siteId?.value}), programme ${r.programme?.name} (${r.programme?.code})\n`);
+      console.log(
+        table(
+          ["reward", "asks", "name"],
+          r.rewards.map((x) => [x.rewardId, x.kind === RewardKind.REWARD_KIND_AUTHENTICATION ? "your card, no points" : m(x.price), x.name]),
+        ),
+      );
+      const { points } = await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, (c) => c.getCard({}, { deadline: CLI_DEADLINE_MS }));
+      const held = points.find((p) => p.programme === r.programme?.code);
+      console.log(`\nyour card holds ${held ? m(held.balance) : `no points of programme ${r.programme?.code}`}`);
+      console.log("redeem one with: netpurse redeem REWARD; prove your card with: netpurse authenticate");
+    },
+  },
+  {
+    name: "redeem",
+    summary:
+      "Redeem a reward of a benefits site with the points on your card: the site makes an offer in its programme's\npoints, you approve, the card pays the points through the purchase protocol, the site releases the reward.",
+    usage: `REWARD [--yes] [--site HOST:PORT] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    options: { ...daemonOption, ...siteOptions, yes: { type: "boolean", short: "y" } },
+    async run(v, positionals) {
+      const reward = positionals[0];
+      if (!reward) throw new UsageError("name the reward to redeem (see 'netpurse rewards')");
+      if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
+      await payWithCard(v, await siteOffer(v, reward), "redeem");
+    },
+  },
+  {
+    name: "authenticate",
+    summary:
+      "Prove to a benefits site that your card is present, with no password: a draw of zero in the authentication\ncurrency (999) that the card signs without moving value; the site matches the card to your member account\nand shows what needs only that (by default its first authentication reward, or --reward ID).",
+    usage: `[--site HOST:PORT] [--reward ID] [--yes] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    options: { ...daemonOption, ...siteOptions, reward: { type: "string" }, yes: { type: "boolean", short: "y" } },
+    async run(v) {
+      if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
+      let reward = typeof v.reward === "string" ? v.reward : undefined;
+      if (!reward) {
+        const r = await withClient(BenefitsServiceDefinition, siteAddress(v), await publicChannel(v, "merchant"), (c) =>
+          c.listRewards({}, { deadline: CLI_DEADLINE_MS }),
+        );
+        reward = r.rewards.find((x: Reward) => x.kind === RewardKind.REWARD_KIND_AUTHENTICATION)?.rewardId;
+        if (!reward) throw new UsageError(`${r.siteName} offers nothing that needs only an authentication; see 'netpurse rewards'`);
+      }
+      await payWithCard(v, await siteOffer(v, reward), "authenticate");
     },
   },
 ]);
+
+/** A benefits site's offer for one of its rewards, from its merchant service. */
+async function siteOffer(v: Record<string, unknown>, reward: string): Promise<PaymentOffer> {
+  const { offer } = await withClient(MerchantServiceDefinition, siteAddress(v), await publicChannel(v, "merchant"), (c) =>
+    c.createOrder({ productId: reward }, { deadline: CLI_DEADLINE_MS }),
+  );
+  return offer!;
+}
+
+/**
+ * The card answers an offer once the cardholder approved it: a payment in
+ * money, a redemption in points, or an authentication (nothing paid). Points
+ * a merchant grants with its receipt are collected onto the card at once.
+ */
+async function payWithCard(v: Record<string, unknown>, offer: PaymentOffer, verb: "pay" | "redeem" | "authenticate"): Promise<void> {
+  await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
+    const { purse, points } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
+    const amount = offer.amount!;
+    const held = verb === "redeem" ? points.find((p) => p.programme === amount.currency)?.balance : purse!.balance;
+    if (verb === "authenticate") {
+      console.log(`${offer.merchantName} asks your card to prove it is present, for "${offer.description}"; nothing is paid`);
+    } else {
+      console.log(`${offer.merchantName} asks ${m(amount)} for "${offer.description}"`);
+      console.log(`your card holds ${held ? m(held) : `no points of programme ${amount.currency}`}`);
+    }
+    const question = { pay: `Pay ${m(amount)}?`, redeem: `Redeem ${m(amount)}?`, authenticate: "Let the card sign a zero-value authentication?" }[verb];
+    if (!v.yes && !(await approve(question))) {
+      console.log("nothing done; the card was not touched");
+      return;
+    }
+    console.log(verb === "authenticate" ? "authenticating…" : verb === "redeem" ? "redeeming…" : "paying…");
+    const r = await underRequestId("payment", (requestId) => c.payOffer({ offer, approvedAmount: amount, requestId }, { deadline: 60_000 }));
+    for (const s of r.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
+    const receipt: Receipt = r.receipt!;
+    if (verb === "authenticate") console.log(`\nyour card was authenticated by ${receipt.merchantName}; nothing was paid`);
+    else if (verb === "redeem") console.log(`\nredeemed ${m(receipt.amount)} at ${receipt.merchantName}; points now ${m(r.points?.balance)}`);
+    else console.log(`\npaid ${m(receipt.amount)} to ${receipt.merchantName}; card balance now ${m(r.purse!.balance)}`);
+    console.log(`receipt: transaction ${receipt.transactionId?.value}, PSAM ${hexOf(receipt.psamId?.value)}/${receipt.psamCounter}`);
+    console.log(`${verb === "pay" ? "goods" : "reward"}:   ${receipt.goods}`);
+    if (receipt.pointsGrant) {
+      const g = receipt.pointsGrant;
+      console.log(`\n${receipt.merchantName} granted ${m(g.points)}; collecting them onto the card…`);
+      const earned = await c.earnPoints({ grant: g }, { deadline: 60_000 }).catch((e: unknown) => {
+        process.stderr.write(
+          `the points were not collected now: ${(e as Error).message}\n  collect them later with 'netpurse earn' (the grant is kept in the receipt: 'netpurse card')\n`,
+        );
+        return undefined;
+      });
+      if (earned) {
+        for (const s of earned.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
+        console.log(`points now ${m(earned.points?.balance)}`);
+      }
+    }
+  });
+}
 
 async function syncCard(address: string): Promise<void> {
   await withClient(CardholderServiceDefinition, address, DAEMON, async (c) => {

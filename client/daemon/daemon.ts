@@ -4,9 +4,11 @@
 
 import { randomUUID } from "node:crypto";
 import { ClientError, Status } from "nice-grpc";
-import { CardTransactionKind, ErrorReason } from "../../gen/netpurse/card/v1/card.js";
+import { CardTransactionKind, ErrorReason, type PointsGrant, type PointsPurse } from "../../gen/netpurse/card/v1/card.js";
+import { BenefitsServiceDefinition } from "../../gen/netpurse/benefits/v1/benefits.js";
 import type {
   CardholderServiceImplementation,
+  EarnPointsResponse,
   ListCardTransactionsRequest,
   ListCardTransactionsResponse,
   LoadCardRequest,
@@ -31,14 +33,15 @@ import { psamId, requireHostPort, requireName, txnId } from "../../lib/ids.js";
 import { ApduError, SW } from "../../lib/apdu/apdu.js";
 import type { Logger } from "../../lib/log.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
-import { formatMoney, money } from "../../lib/money.js";
+import { formatMoney, isProgrammeCode, money } from "../../lib/money.js";
 import { Mutex } from "../../lib/mutex.js";
 import { DebitResponse, DebitResult, LogKind } from "../../lib/protocol/purse.js";
 import { PurseReader } from "../card/purse-reader.js";
 import { CardUnreachable } from "../../lib/pcsc/transport.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
 import { toRecord, type JournalRow, type LoadByRequest, type SqliteJournal, type SqliteLoadJournal } from "./journal.js";
-import { purseState } from "../card/purse-state.js";
+import { pointsPurse, purseState } from "../card/purse-state.js";
+import { earnPoints, type BenefitsClient } from "../points.js";
 
 /** page_size of ListCardTransactions, as cardholder.proto documents it: all a card keeps by default, and the most READ LOG can address. */
 const CARD_LOG_PAGE: PageSizeRule = { fallback: 32, max: 255 };
@@ -179,6 +182,8 @@ export class CardholderDaemon {
     this.channels = new ChannelCache(o.security);
   }
 
+  private benefits = (address: string, siteId: string): BenefitsClient =>
+    this.channels.client(BenefitsServiceDefinition, address, { kind: "merchant", id: siteId });
   private payment = (address: string): PaymentClient => this.channels.client(PaymentServiceDefinition, address, { kind: "payment" });
   private merchant = (address: string): MerchantClient => this.channels.client(MerchantServiceDefinition, address, { kind: "merchant" });
 
@@ -186,14 +191,21 @@ export class CardholderDaemon {
     getCard: async () =>
       this.card.run(async () => {
         const atr = await this.connect();
-        return { purse: purseState(await this.reader.readPurse()), atrHex: atr.toString("hex") };
+        const points = (await this.reader.readPointsPurses()).map(pointsPurse);
+        return { purse: purseState(await this.reader.readPurse()), atrHex: atr.toString("hex"), points };
       }),
     listCardTransactions: async (req) => this.listCardTransactions(req),
     payOffer: async (req) => this.pay(req),
     loadCard: async (req) => this.load(req),
-    earnPoints: async () => {
-      throw new NetpurseError(Status.UNIMPLEMENTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "collecting points is not built yet");
-    },
+    earnPoints: async (req) =>
+      this.card.run(async () => {
+        if (!req.grant?.grantId) throw invalidField("grant.grant_id", "missing");
+        await this.settleLoadsBeforeUsingCard();
+        await this.o.loads.grantKept(req.grant);
+        return this.collect(req.grant).catch((e: unknown) => {
+          throw cardError(e);
+        });
+      }),
     syncCard: async () =>
       this.card.run(async () => {
         const loads = await this.resumeOpenLoads();
@@ -371,6 +383,8 @@ export class CardholderDaemon {
   /** Before the card's next purchase or load: open loads are finished, and none may still need the card as it is. */
   private async settleLoadsBeforeUsingCard(): Promise<void> {
     await this.resumeOpenLoads();
+    // A points credit cut short is finished while the card's counter still shows whether it was made.
+    await this.collectOpenGrants();
     const waiting = (await this.o.loads.openLoads()).find(needsCardUnchanged);
     if (waiting) {
       throw new NetpurseError(
@@ -435,7 +449,17 @@ export class CardholderDaemon {
       this.o.log.info("paying offer", { transaction: offer?.transactionId?.value, amount: a ? formatMoney(a) : undefined, request: requestId });
       try {
         const out = await payOffer(offer, this.context(), requestId ? { requestId } : {});
-        return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps, points: undefined };
+        const grant = out.receipt.pointsGrant;
+        if (grant) {
+          // The merchant's points go onto the card now if they can; else the grant is kept and collected later.
+          await this.o.loads.grantKept(grant);
+          const earned = await this.collect(grant).catch((e: unknown) => {
+            out.steps.push({ name: "points", detail: `not collected yet (${(e as Error).message}); the daemon tries again` });
+          });
+          if (earned) out.steps.push(...earned.steps);
+        }
+        const redeemed = offer && isProgrammeCode(offer.amount!.currency) ? await this.pointsOf(offer.amount!.currency) : undefined;
+        return { receipt: out.receipt, purse: purseState(await this.reader.readPurse()), steps: out.steps, points: redeemed };
       } catch (e) {
         throw await this.payError(offer?.transactionId?.value, cardError(e));
       }
@@ -514,8 +538,43 @@ export class CardholderDaemon {
         if (await this.finish(row)) finished++;
       }
       await this.resumeOpenLoads();
+      await this.collectOpenGrants();
       return finished;
     });
+  }
+
+  /** The card's points purse of a programme, as the contract shows it. */
+  private async pointsOf(programme: number): Promise<PointsPurse | undefined> {
+    const p = (await this.reader.readPointsPurses()).find((x) => x.currency === programme);
+    return p ? pointsPurse(p) : undefined;
+  }
+
+  /** Collects one kept grant onto the card; the journal keeps it open if that fails, to be tried again. */
+  private async collect(grant: PointsGrant): Promise<EarnPointsResponse> {
+    const id = grant.grantId!.value;
+    try {
+      const r = await earnPoints(grant, {
+        reader: this.reader,
+        benefits: this.benefits,
+        ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
+      });
+      await this.o.loads.grantCredited(id);
+      this.o.log.info("points collected", { grant: id, points: formatMoney(grant.points!) });
+      return r;
+    } catch (e) {
+      // A final refusal (another card's grant, one the programme credited already) is not tried forever.
+      await this.o.loads.grantFailed(id, (e as Error).message, isFinal(e));
+      throw e;
+    }
+  }
+
+  /** Grants whose collection was cut short (or never started, after a purchase's recovery), tried again. */
+  private async collectOpenGrants(): Promise<void> {
+    for (const g of await this.o.loads.openGrants()) {
+      await this.collect(g).catch((e: unknown) =>
+        this.o.log.warn("points not collected yet; the grant stays kept", { grant: g.grantId?.value, detail: (e as Error).message }),
+      );
+    }
   }
 
   private async finish(row: JournalRow): Promise<boolean> {
@@ -538,6 +597,7 @@ export class CardholderDaemon {
         }
       }
       const receipt = await finishPurchase(toRecord(row), this.context(), undefined, { awaitProof: true });
+      if (receipt.pointsGrant) await this.o.loads.grantKept(receipt.pointsGrant);
       this.o.log.info(alreadyHadGoods ? "card proof reported" : "unfinished purchase completed", { transaction: id, goods: receipt.goods });
       return !alreadyHadGoods;
     } catch (e) {

@@ -4,7 +4,7 @@
 // credited with is lost.
 
 import { LoadOffer } from "../../gen/netpurse/bank/v1/bank.js";
-import { Money, Sealed } from "../../gen/netpurse/card/v1/card.js";
+import { Money, PointsGrant, Sealed } from "../../gen/netpurse/card/v1/card.js";
 import { SettledLoad } from "../../gen/netpurse/load/v1/load.js";
 import { checkedOffer } from "../load/offer.js";
 import type { ClientLoadState, LoadJournal, LoadRecord } from "../load/record.js";
@@ -62,6 +62,16 @@ export const CLIENT_MIGRATIONS = [
    ALTER TABLE client_loads ADD COLUMN request_id TEXT;
    CREATE UNIQUE INDEX client_purchases_request_id ON client_purchases (request_id) WHERE request_id IS NOT NULL;
    CREATE UNIQUE INDEX client_loads_request_id ON client_loads (request_id) WHERE request_id IS NOT NULL;`,
+  // Points a merchant granted the card (a receipt's points grant), kept until the card holds them: a collection
+  // cut short is tried again, never lost.
+  `CREATE TABLE client_grants (
+     grant_id TEXT PRIMARY KEY,
+     grant BLOB NOT NULL,
+     state TEXT NOT NULL,
+     error TEXT,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );`,
 ];
 
 export interface JournalRow {
@@ -347,5 +357,37 @@ export class SqliteLoadJournal implements LoadJournal {
   async openLoads(): Promise<LoadRecord[]> {
     const rows = await this.db.all<LoadRow>("SELECT * FROM client_loads WHERE state NOT IN ('DONE', 'FAILED') ORDER BY created_at");
     return rows.map(toLoadRecord);
+  }
+
+  /** Keeps a points grant until the card holds its points (a grant kept before stays as it is). */
+  async grantKept(grant: PointsGrant): Promise<void> {
+    const now = new Date().toISOString();
+    await this.db.run("INSERT INTO client_grants (grant_id, grant, state, created_at, updated_at) VALUES (?, ?, 'OPEN', ?, ?) ON CONFLICT DO NOTHING", [
+      grant.grantId!.value,
+      Buffer.from(PointsGrant.encode(grant).finish()),
+      now,
+      now,
+    ]);
+  }
+
+  /** The grant's points are on the card and the programme confirmed them. */
+  async grantCredited(grantId: string): Promise<void> {
+    await this.db.run("UPDATE client_grants SET state = 'CREDITED', error = NULL, updated_at = ? WHERE grant_id = ?", [new Date().toISOString(), grantId]);
+  }
+
+  /** A collection failed: the grant stays open to be tried again, unless the refusal was final. */
+  async grantFailed(grantId: string, why: string, final: boolean): Promise<void> {
+    await this.db.run("UPDATE client_grants SET state = ?, error = ?, updated_at = ? WHERE grant_id = ?", [
+      final ? "FAILED" : "OPEN",
+      why,
+      new Date().toISOString(),
+      grantId,
+    ]);
+  }
+
+  /** Grants whose points are not confirmed on the card yet, oldest first. */
+  async openGrants(): Promise<PointsGrant[]> {
+    const rows = await this.db.all<{ grant: Buffer }>("SELECT grant FROM client_grants WHERE state = 'OPEN' ORDER BY created_at");
+    return rows.map((r) => PointsGrant.decode(r.grant));
   }
 }

@@ -20,6 +20,7 @@ export const SCRIPTS = {
   payment: "services/payment/main.ts",
   merchantValidation: "services/merchant-validation/main.ts",
   merchant: "services/merchant/main.ts",
+  benefits: "services/benefits/main.ts",
   clientDaemon: "client/daemon/main.ts",
   load: "services/load/main.ts",
   bank: "services/bank/main.ts",
@@ -224,6 +225,8 @@ export async function launchNetwork(
     terminals: { id: string; args?: string[] }[];
     /** Merchant ids, each with its address (default: a free port). */
     merchants: { id: string; listen?: string }[];
+    /** Benefits sites (DATA/benefits/ID), each with its address; started before the merchants, which grant points at them. */
+    sites?: { id: string; listen?: string }[];
     /** Where each listens (default: a free loopback port). The client daemon serves its Unix socket (DATA/client/run/daemon.sock) and, only if given here, loopback TCP with its token. */
     listen?: Partial<Record<"concentrator" | "payment" | "merchantValidation" | "clientDaemon" | "bank" | "load" | "clearing", string>>;
     cardPath: string;
@@ -275,6 +278,20 @@ export async function launchNetwork(
     ...data,
   ]);
   addresses.merchantValidation = validation.address;
+  for (const s of p.sites ?? []) {
+    const site = await l.start(`benefits-${s.id}`, SCRIPTS.benefits, [
+      "--listen",
+      s.listen ?? "127.0.0.1:0",
+      "--id",
+      s.id,
+      "--validation",
+      validation.address,
+      "--payment-server",
+      p.offerPaymentServer ?? payment.address,
+      ...data,
+    ]);
+    addresses[`benefits:${s.id}`] = site.address;
+  }
   const merchants = await Promise.all(
     p.merchants.map((m) =>
       l.start(`merchant-${m.id}`, SCRIPTS.merchant, [

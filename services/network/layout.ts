@@ -9,8 +9,11 @@ import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
-import { writeFileAtomic, writeJsonAtomic } from "../../lib/files.js";
+import { ConfirmationMode, confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
+import { readJson, writeFileAtomic, writeJsonAtomic } from "../../lib/files.js";
+import { defaultAddress } from "../../lib/config.js";
+import { AUTHENTICATION_CURRENCY } from "../../lib/money.js";
+import { DEMO_SITE, PROGRAMME_HSM_FILE, writeDemoSite } from "../benefits/site.js";
 import { Issuer } from "../issuer/issuer.js";
 import type { ShopFile } from "../merchant/shop.js";
 import { addMerchantToClearing, clearingMerchantsPath, registerBank, registerMerchant } from "../operator/operator.js";
@@ -20,6 +23,37 @@ import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
 import { hashPassword } from "../bank/credentials.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { demoIdentities, ensurePki, psamRegistryPath } from "./pki.js";
+
+/**
+ * The demo benefits site: registered with the payment operator as a merchant
+ * (it is paid in points and authentications), its programme's security
+ * module, and its site.json with the demo card's holder as a member.
+ */
+async function ensureDemoSite(p: ReturnType<typeof paths>, issuer: Issuer, loyalty: DemoLoyalty, cardPath: string, say: (line: string) => void): Promise<void> {
+  const dir = p.site(DEMO_SITE.merchantId);
+  const hsm = join(dir, PROGRAMME_HSM_FILE);
+  if (!existsSync(hsm)) {
+    const made = await issuer.provisionProgrammeHsm({ path: hsm, programme: DEMO_SITE.programme.code });
+    say(`issuer: provisioned programme ${DEMO_SITE.programme.code}'s security module ${made.hsmId} with its earn master keys`);
+  }
+  if (!(await readClearingMerchants(clearingMerchantsPath(p.clearing))).has(DEMO_SITE.merchantId)) {
+    await registerMerchant({
+      paymentDir: p.payment,
+      validationDir: p.validation,
+      merchantId: DEMO_SITE.merchantId,
+      name: DEMO_SITE.name,
+      mode: ConfirmationMode.CONFIRMATION_MODE_PSAM_VERIFIES,
+      clearing: { dir: p.clearing, currency: EUR, exponent: 2 },
+    });
+    say(`operator: registered benefits site ${DEMO_SITE.merchantId} with a fresh shared key`);
+  }
+  const { purseId } = await readJson<{ purseId: string }>(cardPath);
+  const site = await writeDemoSite(dir, {
+    memberPurseIds: [purseId],
+    enrolled: loyalty.enrolled.map((merchantId) => ({ merchantId, pointsPerUnit: loyalty.pointsPerUnit })),
+  });
+  if (site.written) say(`benefits: wrote ${DEMO_SITE.name}'s rewards and its member Ana Silva, holder of card ${purseId}`);
+}
 
 export function paths(data: string) {
   return {
@@ -33,6 +67,7 @@ export function paths(data: string) {
     bank: join(data, "bank"),
     load: join(data, "load"),
     clearing: join(data, "clearing"),
+    site: (id: string) => join(data, "benefits", id),
   };
 }
 
@@ -70,9 +105,32 @@ export async function demoBankPassword(data: string): Promise<string> {
   return (await readFile(demoPasswordPath(data), "utf8")).trim();
 }
 
+/**
+ * The demo loyalty programme (docs/loyalty.md): its benefits site, where it
+ * listens (the enrolled shops call it to grant points), the points each
+ * enrolled shop grants per euro, and the points the card starts with.
+ */
+export interface DemoLoyalty {
+  siteAddress: string;
+  /** Merchant ids of the shops enrolled in the programme. */
+  enrolled: string[];
+  pointsPerUnit: number;
+  cardPoints: number;
+}
+
+/** The demo programme: the four demo shops grant 250 Skyways Miles per euro; the card starts with none and earns them. */
+export const DEMO_LOYALTY: DemoLoyalty = {
+  siteAddress: defaultAddress("benefits"),
+  enrolled: DEMO_SHOPS.map((d) => d.shop.merchantId),
+  pointsPerUnit: 250,
+  cardPoints: 0,
+};
+
 export interface DemoSetup {
   terminals: { id: string; psams: number }[];
   shops: ShopFile[];
+  /** A loyalty programme with its benefits site, authentication and points PSAMs on the first terminal host; absent: none. */
+  loyalty?: DemoLoyalty;
   /** `value` is an issuer credit at personalisation; the main job's card starts empty and is loaded from the bank. */
   card: { name: string; value: number; maxBalance: number; expiry: string };
 }
@@ -81,6 +139,7 @@ export const DEFAULT_DEMO: DemoSetup = {
   terminals: [{ id: "terminal-1", psams: 4 }],
   shops: DEMO_SHOPS.map((d) => d.shop),
   card: { name: "demo", value: 0, maxBalance: 50_000, expiry: "2031-12-31" },
+  loyalty: DEMO_LOYALTY,
 };
 
 /**
@@ -92,6 +151,12 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
   if ((await Issuer.createKeys(p.issuer, 1)).created) say("issuer: created master keys (purchase, load, authentication), key version 1");
   const issuer = await Issuer.open(p.issuer);
   try {
+    const programme = DEMO_SITE.programme;
+    const newProgramme = demo.loyalty !== undefined && !issuer.programmes().some((x) => x.code === programme.code);
+    if (newProgramme) {
+      await issuer.createProgramme(programme.code, programme.name);
+      say(`issuer: created loyalty programme ${programme.code} "${programme.name}" (redeem and earn master keys)`);
+    }
     for (const t of demo.terminals) {
       for (let i = 0; i < t.psams; i++) {
         const file = join(p.terminal(t.id), "psams", `psam-${i}.psam.json`);
@@ -106,13 +171,28 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
         say(`issuer: provisioned PSAM ${psam.psamId} for ${t.id}`);
       }
     }
+    // The authentication PSAM (currency 999) and the programme's points PSAM sit beside the money PSAMs of the first host.
+    const host = demo.terminals[0];
+    if (demo.loyalty && host) {
+      for (const [name, currency] of [
+        ["authentication-0", AUTHENTICATION_CURRENCY],
+        [`points-${programme.code}-0`, programme.code],
+      ] as const) {
+        const file = join(p.terminal(host.id), "psams", `${name}.psam.json`);
+        if (existsSync(file)) continue;
+        const psam = await issuer.provisionPsam({ path: file, currency, terminalId: host.id });
+        say(
+          `issuer: provisioned ${currency === AUTHENTICATION_CURRENCY ? "authentication" : `points (programme ${currency})`} PSAM ${psam.psamId} for ${host.id}`,
+        );
+      }
+    }
     const verdictKey = join(p.payment, VERDICT_KEY_FILE);
     if (!existsSync(verdictKey)) {
       await issuer.exportVerdictKey(verdictKey);
       say("issuer: gave the payment server's security module the verdict master key, to check the PSAMs' verdicts");
     }
     const clearingKeys = join(p.clearing, "keys.json");
-    if (!existsSync(clearingKeys)) {
+    if (!existsSync(clearingKeys) || newProgramme) {
       await issuer.exportClearingKeys(clearingKeys);
       say("issuer: gave clearing's security module the purchase, load and batch master keys, to check what it pays");
     }
@@ -136,7 +216,10 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
         mode: confirmationModeFromJSON(shop.confirmationMode),
         clearing,
       });
-      await writeJsonAtomic(shopFile, shop);
+      const enrolled = demo.loyalty?.enrolled.includes(shop.merchantId)
+        ? { loyalty: { siteAddress: demo.loyalty.siteAddress, programme: programme.code, siteId: DEMO_SITE.merchantId } }
+        : {};
+      await writeJsonAtomic(shopFile, { ...shop, ...enrolled });
       say(`operator: registered merchant ${shop.merchantId} (${shop.confirmationMode.replace("CONFIRMATION_MODE_", "")}) with a fresh shared key`);
     }
     if (!existsSync(join(p.load, "hsm.json"))) {
@@ -175,7 +258,8 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
       await bank.close();
     }
     await issuer.exportPsamRegistry(psamRegistryPath(data));
-    await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants: demo.shops.map((s) => s.merchantId), bankId: DEMO_BANK.bankId }), say);
+    const merchants = [...demo.shops.map((s) => s.merchantId), ...(demo.loyalty ? [DEMO_SITE.merchantId] : [])];
+    await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants, bankId: DEMO_BANK.bankId }), say);
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath)) {
       const card = await issuer.personaliseCard({
@@ -185,11 +269,14 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
         initialValue: demo.card.value,
         maxBalance: demo.card.maxBalance,
         expiry: demo.card.expiry,
+        ...(demo.loyalty ? { points: [{ programme: programme.code, value: demo.loyalty.cardPoints }] } : {}),
       });
       say(
-        `issuer: personalised card ${card.purseId}${demo.card.value ? ` with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)` : ", empty"}`,
+        `issuer: personalised card ${card.purseId}${demo.card.value ? ` with EUR ${(demo.card.value / 100).toFixed(2)} (recorded as an issuer credit)` : ", empty"}` +
+          (demo.loyalty ? `, with a points purse of programme ${programme.code}` : ""),
       );
     }
+    if (demo.loyalty) await ensureDemoSite(p, issuer, demo.loyalty, cardPath, say);
     return { cardPath };
   } finally {
     await issuer.close();

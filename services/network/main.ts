@@ -15,7 +15,8 @@ import { describeError } from "../../lib/cli.js";
 import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
-import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_SHOPS, ensureDemoData, EUR, paths } from "./layout.js";
+import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_LOYALTY, DEMO_SHOPS, ensureDemoData, EUR, paths } from "./layout.js";
+import { DEMO_SITE } from "../benefits/site.js";
 import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.js";
 import { launchNetwork, Launcher, SCRIPTS, type Death } from "./launcher.js";
 import { readdir } from "node:fs/promises";
@@ -44,7 +45,9 @@ if (values.help) {
 Starts the whole netpurse network on this machine (loopback only), loads the
 demo card from the demo bank account (logging in with the account's password,
 made and printed on the first run and kept in DATA/bank/demo-password, mode
-0600), makes a demo purchase with it in each confirmation mode, closes the
+0600), makes a demo purchase with it in each confirmation mode (each earns
+points of the demo loyalty programme), authenticates the card to the
+programme's benefits site and redeems a reward with the points, closes the
 PSAMs' batches, waits until clearing has posted them, prints the day's
 settlement and runs the audit (with --once, exit status 1 if it fails), and keeps running
 until Ctrl-C.
@@ -146,6 +149,7 @@ try {
     data,
     terminals: DEFAULT_DEMO.terminals.map((t) => ({ id: t.id })),
     merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId, listen: `${DEFAULT_HOST}:${d.port}` })),
+    sites: [{ id: DEMO_SITE.merchantId, listen: DEMO_LOYALTY.siteAddress }],
     cardPath,
     insecure: values.insecure === true,
     ...(values.pcsc ? { psamReaders: PSAM_READERS } : {}),
@@ -227,9 +231,15 @@ try {
     purchasesMade++;
   }
 
+  // FIG. 16: the card proves itself to the benefits site (a zero-value draw), then pays a reward with the points it earned.
+  const redeemed = await demoLoyalty(
+    cardholder,
+    factory.create(MerchantServiceDefinition, openChannel(addresses[`benefits:${DEMO_SITE.merchantId}`]!, operator.channel({ kind: "merchant" }))),
+  );
+
   // Clearing (FIG. 2 and 3): the PSAMs' batches go to clearing, which checks and posts each record; then the day's figures and the audit.
   say("\nclearing: closing every PSAM's batch");
-  const settlement = await clearDemo(concentrator, clearing, clearedBefore, { purchases: purchasesMade, loads: loadsMade });
+  const settlement = await clearDemo(concentrator, clearing, clearedBefore, { purchases: purchasesMade, loads: loadsMade, redemptions: redeemed });
   say(indent(settlementReport(settlement)));
   say("\naudit of clearing's ledger, with the cards in " + paths(data).cards);
   const cards = await readCardsAtHand(await cardFilesIn(paths(data).cards), paths(data).issuer);
@@ -254,6 +264,9 @@ The network is running. Try, in another terminal:
   bin/netpurse pay song-1 --merchant 127.0.0.1:7414
                                      the same in another confirmation mode (7410 PSAM verifies,
                                      7412 server compares, 7413 client compares, 7414 merchant compares)
+  bin/netpurse rewards               the benefits site's rewards and your card's points
+  bin/netpurse authenticate          prove your card to the benefits site (no password, nothing paid)
+  bin/netpurse redeem lounge         pay a reward with the points on the card (asks you first)
   bin/netpurse-operator terminals    the terminal pool
   bin/netpurse-operator settlement   the day's positions and payouts (--csv FILE, --close)
   bin/netpurse-operator audit        check clearing's ledger and the card's balance
@@ -262,6 +275,44 @@ Press Ctrl-C to stop.`);
 } catch (e) {
   console.error(`\nnetpurse: ${describeError(e)}`);
   await shutdown(1);
+}
+
+/**
+ * The demo of FIG. 16 at the benefits site: an authentication (the card
+ * proves it is present; the site shows its member's booking) and, when the
+ * card holds enough points, the redemption of a reward. Returns how many
+ * redemptions clearing is to post.
+ */
+async function demoLoyalty(
+  cardholder: Client<typeof CardholderServiceDefinition, DeadlineOptions>,
+  site: Client<typeof MerchantServiceDefinition, DeadlineOptions>,
+): Promise<number> {
+  const { points } = await cardholder.getCard({}, { deadline: CLI_DEADLINE_MS });
+  const held = points.find((p) => p.programme === DEMO_SITE.programme.code);
+  if (!held) {
+    say(
+      `\ndemo authentication and redemption skipped: the card has no points purse of programme ${DEMO_SITE.programme.code} (it was personalised before loyalty points; a new data folder has one)`,
+    );
+    return 0;
+  }
+  say(`\ndemo authentication at ${DEMO_SITE.name} (FIG. 16: a zero-value draw in the authentication currency 999)`);
+  const auth = (await site.createOrder({ productId: "booking" }, { deadline: CLI_DEADLINE_MS })).offer!;
+  say(`  the cardholder lets the card prove itself for "${auth.description}" (nothing is paid)`);
+  const authenticated = await cardholder.payOffer({ offer: auth, approvedAmount: auth.amount }, { deadline: 60_000 });
+  for (const s of authenticated.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
+  say(`  card balance still ${formatMoney(authenticated.purse!.balance!)}`);
+
+  const reward = (await site.createOrder({ productId: "lounge" }, { deadline: CLI_DEADLINE_MS })).offer!;
+  say(`\ndemo redemption at ${DEMO_SITE.name}: "${reward.description}" for ${formatMoney(reward.amount!)}`);
+  if (held.balance!.amountMinor < reward.amount!.amountMinor) {
+    say(`  skipped: the card holds ${formatMoney(held.balance!)}`);
+    return 0;
+  }
+  say(`  the cardholder approves ${formatMoney(reward.amount!)} (the card holds ${formatMoney(held.balance!)})`);
+  const paid = await cardholder.payOffer({ offer: reward, approvedAmount: reward.amount }, { deadline: 60_000 });
+  for (const s of paid.steps) say(`  ${s.name.padEnd(15)} ${s.detail}`);
+  say(`  points now ${formatMoney(paid.points!.balance!)}; card balance still ${formatMoney(paid.purse!.balance!)}`);
+  return 1;
 }
 
 function indent(text: string): string {
@@ -282,7 +333,7 @@ async function clearDemo(
   concentrator: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>,
   clearing: ClearingClient,
   before: Settlement,
-  made: { purchases: number; loads: number },
+  made: { purchases: number; loads: number; redemptions: number },
 ): Promise<Settlement> {
   const deadline = Date.now() + CLEARING_WAIT_MS;
   let closed = 0;
@@ -298,13 +349,16 @@ async function clearDemo(
     const earlier = now.day === before.day ? undefined : (await clearing.getSettlement({ day: before.day }, { deadline: CLI_DEADLINE_MS })).settlement!;
     const purchases = now.purchases + (earlier?.purchases ?? 0) - before.purchases;
     const loads = now.loads + (earlier?.loads ?? 0) - before.loads;
-    if (purchases >= made.purchases && loads >= made.loads) {
-      say(`  clearing posted ${count(purchases, "purchase")} and ${count(loads, "load")} (${count(closed, "batch", "batches")} closed now)`);
+    const redemptions = now.redemptions + (earlier?.redemptions ?? 0) - before.redemptions;
+    if (purchases >= made.purchases && loads >= made.loads && redemptions >= made.redemptions) {
+      say(
+        `  clearing posted ${count(purchases, "purchase")}, ${count(loads, "load")} and ${count(redemptions, "points redemption")} (${count(closed, "batch", "batches")} closed now)`,
+      );
       return readSettlement(clearing, now.day, CLI_DEADLINE_MS);
     }
     if (Date.now() > deadline) {
       throw new Error(
-        `clearing posted ${purchases} of the ${made.purchases} demo purchases and ${loads} of the ${made.loads} loads within ${CLEARING_WAIT_MS / 1000} s; ` +
+        `clearing posted ${purchases} of the ${made.purchases} demo purchases, ${loads} of the ${made.loads} loads and ${redemptions} of the ${made.redemptions} redemptions within ${CLEARING_WAIT_MS / 1000} s; ` +
           `see 'bin/netpurse-operator quarantined' and the logs of clearing, the terminal host and the load server in ${join(data, "logs")}`,
       );
     }

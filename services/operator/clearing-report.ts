@@ -28,6 +28,7 @@ import { readState } from "../../lib/apdu/state-log.js";
 import { hexOf, purseId } from "../../lib/ids.js";
 import { formatMinor, formatMoney, money } from "../../lib/money.js";
 import { table } from "../../lib/table.js";
+import { pointsRedeemedCsvRows, pointsRedeemedReport } from "../clearing/points-report.js";
 import { Issuer } from "../issuer/issuer.js";
 
 /** Clearing as the operator's tools call it, with deadlines. */
@@ -106,6 +107,8 @@ export function settlementReport(s: Settlement): string {
           s.payouts.map((p) => [`${partyKindName(p.payerKind)} ${p.payerId}`, `${partyKindName(p.payeeKind)} ${p.payeeId}`, amount(p.amount)]),
         ),
   );
+  // Points apart from money: never in a position, a payout or a money total.
+  lines.push("", pointsRedeemedReport(s));
   return lines.join("\n");
 }
 
@@ -161,7 +164,7 @@ export function settlementCsv(s: Settlement): string {
     "",
     decimal(p.amount),
   ]);
-  return csv(header, [...positions, ...payouts]);
+  return csv(header, [...positions, ...payouts, ...pointsRedeemedCsvRows(s)]);
 }
 
 /** A merchant's statement for people: its lines, newest first, and its totals. */
