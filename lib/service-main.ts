@@ -13,7 +13,7 @@ export interface Stoppable {
   close(): Promise<void>;
 }
 
-type Values = Record<string, string | boolean | (string | boolean)[] | undefined>;
+export type Values = Record<string, string | boolean | (string | boolean)[] | undefined>;
 
 export async function runService(p: {
   program: string;

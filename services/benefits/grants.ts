@@ -30,7 +30,7 @@ import { Mutex } from "../../lib/mutex.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { InitializeForLoadResponse, LoadResponse, LoadResult, type LoadInit, type LoadInitCommand } from "../../lib/protocol/load.js";
 import type { Db } from "../../lib/store/db.js";
-import { HsmRefused, type HostSecurityModule, type HsmRefusal } from "../load/hsm.js";
+import { HsmRefused, REFUSAL_REASON, type HostSecurityModule } from "../load/hsm.js";
 import { MERCHANT_MIGRATIONS } from "../merchant/shop.js";
 import { rewardsOf, type SiteFile } from "./site.js";
 
@@ -91,15 +91,6 @@ const STATE_OF_ROW: Record<GrantRow["state"], GrantState> = {
   GRANTED: GrantState.GRANT_STATE_GRANTED,
   CREDIT_ISSUED: GrantState.GRANT_STATE_CREDIT_ISSUED,
   CREDITED: GrantState.GRANT_STATE_CREDITED,
-};
-
-/** The security module's refusals of a card whose S1 verified, as the contract reports them. */
-const REFUSAL: Record<Exclude<HsmRefusal, "BAD_S1">, ErrorReason> = {
-  KEY_VERSION_UNKNOWN: ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN,
-  EXPIRED: ErrorReason.ERROR_REASON_CARD_EXPIRED,
-  BLOCKED: ErrorReason.ERROR_REASON_CARD_BLOCKED,
-  CURRENCY_MISMATCH: ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
-  MAX_BALANCE_EXCEEDED: ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
 };
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
@@ -255,7 +246,7 @@ export class Benefits {
         if (!(e instanceof HsmRefused)) throw e;
         this.o.log.warn("points credit refused by the programme's security module", { grant: grantId, why: e.refusal });
         if (e.refusal === "BAD_S1") throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `the card's signature S1 does not verify for grant ${grantId}`);
-        throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL[e.refusal], e.message);
+        throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL_REASON[e.refusal], e.message);
       }
       await this.o.db.run(
         `UPDATE grants SET state = 'CREDIT_ISSUED', card_counter = ?, hsm_counter = ?, initialize_response = ?, load_command = ?

@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
-import { MERCHANT_DEFAULTS } from "../merchant/server.js";
+import { opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { ORDER_HELP, ORDER_OPTIONS, orderSettings } from "../merchant/server.js";
 import { startBenefits } from "./server.js";
 import { readSite } from "./site.js";
 
@@ -17,11 +17,7 @@ await runService({
     validation: { type: "string" },
     "payment-server": { type: "string" },
     advertise: { type: "string" },
-    "offer-ttl-ms": { type: "string" },
-    "expiry-grace-ms": { type: "string" },
-    "retention-ms": { type: "string" },
-    "max-unpaid-orders": { type: "string" },
-    "sweep-every-ms": { type: "string" },
+    ...ORDER_OPTIONS,
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -33,11 +29,7 @@ await runService({
     `  --validation HOST:PORT     merchant validation service (default ${defaultAddress("merchantValidation")})`,
     `  --payment-server HOST:PORT payment server named in offers (default ${defaultAddress("payment")})`,
     "  --advertise HOST:PORT      this server's address named in offers and grants (default: the bound address)",
-    `  --offer-ttl-ms N           how long an offer stays payable, at most 3600000 (default ${MERCHANT_DEFAULTS.offerTtlMs})`,
-    `  --expiry-grace-ms N        how long after its offer's expiry an unpaid order becomes EXPIRED (default ${MERCHANT_DEFAULTS.expiryGraceMs})`,
-    `  --retention-ms N           how long an EXPIRED order is kept before it is deleted (default ${MERCHANT_DEFAULTS.retentionMs})`,
-    `  --max-unpaid-orders N      the most unpaid (OFFERED) orders at once (default ${MERCHANT_DEFAULTS.maxUnpaidOrders})`,
-    `  --sweep-every-ms N         how often unpaid orders are expired and expired ones deleted (default ${MERCHANT_DEFAULTS.sweepEveryMs})`,
+    ORDER_HELP,
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
@@ -51,11 +43,7 @@ await runService({
       validation: opt(v, "validation", defaultAddress("merchantValidation")),
       paymentServer: opt(v, "payment-server", defaultAddress("payment")),
       ...(typeof v.advertise === "string" ? { advertise: v.advertise } : {}),
-      offerTtlMs: intOpt(v, "offer-ttl-ms", MERCHANT_DEFAULTS.offerTtlMs),
-      expiryGraceMs: intOpt(v, "expiry-grace-ms", MERCHANT_DEFAULTS.expiryGraceMs),
-      retentionMs: intOpt(v, "retention-ms", MERCHANT_DEFAULTS.retentionMs),
-      maxUnpaidOrders: intOpt(v, "max-unpaid-orders", MERCHANT_DEFAULTS.maxUnpaidOrders),
-      sweepEveryMs: intOpt(v, "sweep-every-ms", MERCHANT_DEFAULTS.sweepEveryMs),
+      ...orderSettings(v),
     });
   },
 });

@@ -7,6 +7,7 @@
 // every card key is one AES-ECB block under a master key (lib/crypto/keys.ts).
 // DATA/load/hsm.json says which (open-hsm.ts, docs/hsm.md).
 
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { deriveSessionKey, diversifyCardKey } from "../../lib/crypto/keys.js";
 import { readJson, writeJsonAtomic } from "../../lib/files.js";
@@ -16,6 +17,15 @@ import { isExpired, PurseStatusByte } from "../../lib/protocol/purse.js";
 
 /** Why the security module will not sign a LOAD command for a card whose S1 verified. */
 export type HsmRefusal = "KEY_VERSION_UNKNOWN" | "BAD_S1" | "EXPIRED" | "BLOCKED" | "CURRENCY_MISMATCH" | "MAX_BALANCE_EXCEEDED";
+
+/** A refusal of a card whose S1 verified, as the contract reports it (the load server's and a programme's module alike). */
+export const REFUSAL_REASON: Record<Exclude<HsmRefusal, "BAD_S1">, ErrorReason> = {
+  KEY_VERSION_UNKNOWN: ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN,
+  EXPIRED: ErrorReason.ERROR_REASON_CARD_EXPIRED,
+  BLOCKED: ErrorReason.ERROR_REASON_CARD_BLOCKED,
+  CURRENCY_MISMATCH: ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
+  MAX_BALANCE_EXCEEDED: ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
+};
 
 export class HsmRefused extends Error {
   constructor(

@@ -44,7 +44,7 @@ import {
 } from "../../lib/protocol/load.js";
 import { LogKind, LogRecord, type CardLogRecord } from "../../lib/protocol/purse.js";
 import { SecurityModuleUnavailable, unavailableStatus } from "../../lib/hsm/unavailable.js";
-import { HsmRefused, type HostSecurityModule, type HsmRefusal } from "./hsm.js";
+import { HsmRefused, REFUSAL_REASON, type HostSecurityModule } from "./hsm.js";
 import type { LoadRow, LoadStore, Settlement } from "./store.js";
 
 /** Card log records a load request may carry, and a history report. */
@@ -52,15 +52,6 @@ const MAX_LOG_IN_REQUEST = 8;
 const MAX_LOG_IN_HISTORY = 32;
 
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
-
-/** The security module's refusals of a card whose S1 verified, as the contract reports them. */
-const REFUSAL: Record<Exclude<HsmRefusal, "BAD_S1">, ErrorReason> = {
-  KEY_VERSION_UNKNOWN: ErrorReason.ERROR_REASON_KEY_VERSION_UNKNOWN,
-  EXPIRED: ErrorReason.ERROR_REASON_CARD_EXPIRED,
-  BLOCKED: ErrorReason.ERROR_REASON_CARD_BLOCKED,
-  CURRENCY_MISMATCH: ErrorReason.ERROR_REASON_CURRENCY_MISMATCH,
-  MAX_BALANCE_EXCEEDED: ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
-};
 
 function decodeField<T>(field: string, decode: () => T): T {
   try {
@@ -190,7 +181,7 @@ export class LoadServer {
       const after = "; nothing was loaded, and CompleteLoad returns the confirmation that releases the bank's hold";
       if (e.refusal === "BAD_S1")
         throw denied(ErrorReason.ERROR_REASON_BAD_SIGNATURE, `the card's signature S1 does not verify for the load the bank authorised${after}`);
-      throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL[e.refusal], `${e.message}${after}`);
+      throw new NetpurseError(Status.FAILED_PRECONDITION, REFUSAL_REASON[e.refusal], `${e.message}${after}`);
     }
     const proofReference = randomUUID();
     await this.o.store.insert(

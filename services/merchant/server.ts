@@ -4,6 +4,7 @@ import { readJson } from "../../lib/files.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { isName } from "../../lib/ids.js";
+import { intOpt, type Values } from "../../lib/service-main.js";
 import { createLogger, type Logger } from "../../lib/log.js";
 import { isProgrammeCode } from "../../lib/money.js";
 import type { Security } from "../../lib/pki/security.js";
@@ -45,6 +46,37 @@ export const MERCHANT_DEFAULTS = {
   maxUnpaidOrders: 10_000,
   sweepEveryMs: 60_000,
 } as const;
+
+/** The command-line options of a shop's orders, shared by netpurse-merchant and netpurse-benefits. */
+export const ORDER_OPTIONS = {
+  "offer-ttl-ms": { type: "string" },
+  "expiry-grace-ms": { type: "string" },
+  "retention-ms": { type: "string" },
+  "max-unpaid-orders": { type: "string" },
+  "sweep-every-ms": { type: "string" },
+} as const;
+
+export const ORDER_HELP = [
+  `  --offer-ttl-ms N           how long an offer stays payable, at most 3600000: the validation service grants a session key
+                             for at most 1 hour, and the payment server refuses a new draw request after it (default ${MERCHANT_DEFAULTS.offerTtlMs})`,
+  `  --expiry-grace-ms N        how long after its offer's expiry an unpaid order stays OFFERED before it becomes EXPIRED
+                             (default ${MERCHANT_DEFAULTS.expiryGraceMs}); a valid debit result M still pays an EXPIRED order`,
+  `  --retention-ms N           how long an EXPIRED order is kept before it is deleted (default ${MERCHANT_DEFAULTS.retentionMs}, 7 days)`,
+  `  --max-unpaid-orders N      the most unpaid (OFFERED) orders at once; CreateOrder beyond it is RESOURCE_EXHAUSTED
+                             (default ${MERCHANT_DEFAULTS.maxUnpaidOrders})`,
+  `  --sweep-every-ms N         how often unpaid orders are expired and expired ones deleted (default ${MERCHANT_DEFAULTS.sweepEveryMs})`,
+].join("\n");
+
+/** The order settings the options give, defaults for those not given. */
+export function orderSettings(v: Values) {
+  return {
+    offerTtlMs: intOpt(v, "offer-ttl-ms", MERCHANT_DEFAULTS.offerTtlMs),
+    expiryGraceMs: intOpt(v, "expiry-grace-ms", MERCHANT_DEFAULTS.expiryGraceMs),
+    retentionMs: intOpt(v, "retention-ms", MERCHANT_DEFAULTS.retentionMs),
+    maxUnpaidOrders: intOpt(v, "max-unpaid-orders", MERCHANT_DEFAULTS.maxUnpaidOrders),
+    sweepEveryMs: intOpt(v, "sweep-every-ms", MERCHANT_DEFAULTS.sweepEveryMs),
+  };
+}
 
 /**
  * The Shop of a merchant server, with its channels: to the validation
