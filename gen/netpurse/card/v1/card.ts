@@ -341,9 +341,10 @@ export enum ErrorReason {
    */
   ERROR_REASON_SECURITY_MODULE_UNAVAILABLE = 40,
   /**
-   * ERROR_REASON_NOT_A_MEMBER - A benefits site: the card that authenticated or redeemed is linked to no
-   * member account of the site (PERMISSION_DENIED). Points a redemption took
-   * are listed for the operator; nothing is released.
+   * ERROR_REASON_NOT_A_MEMBER - A benefits site: the card that authenticated is linked to no member
+   * account of the site, so a reward that needs only the card's
+   * authentication is not released (PERMISSION_DENIED). A reward paid with
+   * points on the card needs no membership: the points are the entitlement.
    */
   ERROR_REASON_NOT_A_MEMBER = 41,
   /**
