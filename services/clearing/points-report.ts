@@ -22,8 +22,9 @@ export function pointsRedeemedReport(s: Pick<Settlement, "pointsRedeemed" | "red
 /**
  * The day's points redeemed as CSV rows of the settlement table's columns
  * (services/operator/clearing-report.ts settlementCsv): record
- * "points_redeemed", party the merchant, currency the programme code, amount
- * the points (a whole number), transactions the redemptions.
+ * "points_redeemed", party the merchant, currency the programme code, points
+ * the points (a whole number; the money column amount stays empty),
+ * transactions the redemptions.
  */
 export function pointsRedeemedCsvRows(s: Pick<Settlement, "day" | "pointsRedeemed">): string[][] {
   return s.pointsRedeemed.map((p) => [
@@ -38,6 +39,7 @@ export function pointsRedeemedCsvRows(s: Pick<Settlement, "day" | "pointsRedeeme
     "",
     "",
     String(p.redemptions),
+    "",
     String(p.points),
   ]);
 }

@@ -265,6 +265,8 @@ export class Issuer {
     points?: { programme: number; value: number; maxBalance?: number }[];
   }): Promise<CardFile> {
     const keyVersion = p.keyVersion ?? Math.max(...this.keyVersions("purchase"));
+    // The money purse's currency must be money: 999 would hide the authentication application, a programme code a points purse.
+    if (!isMoneyCurrency(p.currency)) throw new RangeError(`the purse's currency must be an ISO 4217 money code 1..998, not ${p.currency}`);
     if (!(p.maxBalance >= 0 && p.maxBalance <= MAX_CARD_AMOUNT)) throw new RangeError("maximum balance out of range");
     if (!(p.initialValue >= 0 && p.initialValue <= p.maxBalance)) throw new RangeError("initial value must be between 0 and the maximum balance");
     if (!/^\d{4}-\d{2}-\d{2}$/.test(p.expiry)) throw new RangeError("expiry must be YYYY-MM-DD");

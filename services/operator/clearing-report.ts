@@ -135,6 +135,8 @@ export function settlementCsv(s: Settlement): string {
     "net",
     "transactions",
     "amount",
+    // Points have a column of their own: summing "amount" never mixes them with money.
+    "points",
   ];
   const positions = s.positions.map((p) => [
     s.day,
@@ -148,6 +150,7 @@ export function settlementCsv(s: Settlement): string {
     decimal(p.payable),
     decimal(p.net),
     String(p.transactions),
+    "",
     "",
   ]);
   const payouts = s.payouts.map((p) => [
@@ -163,6 +166,7 @@ export function settlementCsv(s: Settlement): string {
     "",
     "",
     decimal(p.amount),
+    "",
   ]);
   return csv(header, [...positions, ...payouts, ...pointsRedeemedCsvRows(s)]);
 }

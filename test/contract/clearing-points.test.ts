@@ -232,7 +232,7 @@ describe("ClearingService: loyalty points and authentications (contract)", funct
       "---------  --------  ----------  -----------",
       "1001       skyways   500 points  2",
     ]);
-    expect(pointsRedeemedCsvRows(after)).to.deep.equal([[DAY, "points_redeemed", "merchant", SITE, "", "", "1001", "", "", "", "2", "500"]]);
+    expect(pointsRedeemedCsvRows(after)).to.deep.equal([[DAY, "points_redeemed", "merchant", SITE, "", "", "1001", "", "", "", "2", "", "500"]]);
 
     // Each ledger sums to zero on its own; no account is in both.
     const l = await ledgers();

@@ -153,6 +153,7 @@ describe("end to end: the operator's settlement, audit and statements", function
       "net",
       "transactions",
       "amount",
+      "points",
     ]);
     const records = rows.slice(1).map((r) => Object.fromEntries(header.map((h, i) => [h, r[i]!])));
     const minor = (s: string | undefined) => Math.round(Number(s) * 100);

@@ -124,6 +124,11 @@ describe("issuer: loyalty programmes and authentication", () => {
     expect(over).to.contain("between 0 and the maximum (10)");
     const fraction = await makeCard(issuer, dir, { points: [{ programme: SKYWAYS, value: 1.5 }] }).catch((x: unknown) => (x as Error).message);
     expect(fraction).to.contain("whole");
+    // A money purse in 999 would hide the authentication application; in a programme's code, its points purse.
+    for (const currency of [999, SKYWAYS, 0]) {
+      const notMoney = await makeCard(issuer, dir, { currency }).catch((x: unknown) => (x as Error).message);
+      expect(notMoney, `money purse in ${currency}`).to.contain(`an ISO 4217 money code 1..998, not ${currency}`);
+    }
     expect(await issuer.listCards(), "no refused card was recorded").to.deep.equal([]);
   });
 

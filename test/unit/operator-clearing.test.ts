@@ -233,10 +233,10 @@ describe("clearing's keys, merchants and reports", function () {
     };
     const lines = settlementCsv(s).split("\r\n");
     expect(lines).to.have.length(5); // header, two positions, one payout, and the empty string after the last CRLF
-    expect(lines[0]).to.equal("day,record,party_kind,party_id,counterparty_kind,counterparty_id,currency,receivable,payable,net,transactions,amount");
-    expect(lines[1]).to.equal("2031-01-02,position,issuer,demo-issuer,,,978,20.00,10.89,9.11,3,");
-    expect(lines[2]).to.equal("2031-01-02,position,merchant,demo-shop,,,978,10.89,0.00,10.89,2,");
-    expect(lines[3]).to.equal("2031-01-02,payout,issuer,demo-issuer,acquirer,demo-acquirer,978,,,,,10.89");
+    expect(lines[0]).to.equal("day,record,party_kind,party_id,counterparty_kind,counterparty_id,currency,receivable,payable,net,transactions,amount,points");
+    expect(lines[1]).to.equal("2031-01-02,position,issuer,demo-issuer,,,978,20.00,10.89,9.11,3,,");
+    expect(lines[2]).to.equal("2031-01-02,position,merchant,demo-shop,,,978,10.89,0.00,10.89,2,,");
+    expect(lines[3]).to.equal("2031-01-02,payout,issuer,demo-issuer,acquirer,demo-acquirer,978,,,,,10.89,");
     expect(lines[4]).to.equal("");
   });
 });
