@@ -375,9 +375,14 @@ export class SqliteLoadJournal implements LoadJournal {
     await this.db.run("UPDATE client_grants SET state = 'CREDITED', error = NULL, updated_at = ? WHERE grant_id = ?", [new Date().toISOString(), grantId]);
   }
 
-  /** A collection failed: the grant stays open to be tried again, unless the refusal was final. */
+  /**
+   * A collection failed: the grant stays open to be tried again, unless the
+   * refusal was final. A grant credited before stays CREDITED: asked again
+   * once the card's log no longer shows the credit, the programme refuses it
+   * (GRANT_ALREADY_CREDITED), and its points are on the card all the same.
+   */
   async grantFailed(grantId: string, why: string, final: boolean): Promise<void> {
-    await this.db.run("UPDATE client_grants SET state = ?, error = ?, updated_at = ? WHERE grant_id = ?", [
+    await this.db.run("UPDATE client_grants SET state = ?, error = ?, updated_at = ? WHERE grant_id = ? AND state <> 'CREDITED'", [
       final ? "FAILED" : "OPEN",
       why,
       new Date().toISOString(),

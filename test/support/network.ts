@@ -11,7 +11,7 @@ import { startClientDaemon } from "../../client/daemon/server.js";
 import { startConcentrator } from "../../services/concentrator/server.js";
 import { startMerchantValidation } from "../../services/merchant-validation/server.js";
 import { startMerchant } from "../../services/merchant/server.js";
-import { DEMO_BANK, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
+import { DEMO_BANK, DEMO_SHOP, DEMO_SHOPS, EUR, ensureDemoData, paths } from "../../services/network/layout.js";
 import { CLEARING_ID, psamRegistryPath } from "../../services/network/pki.js";
 import { startPaymentServer } from "../../services/payment/server.js";
 import { startTerminalHost } from "../../services/terminal/server.js";
@@ -26,7 +26,16 @@ import { pcscUnavailable, skipLoudly } from "./pcsc.js";
 import type { ReaderSlot } from "../../services/emulator/emulator.js";
 import { startEmulatorProcess, type EmulatorProcess } from "../../services/emulator/emulator-process.js";
 import { existsSync } from "node:fs";
+import { connect, createServer, type Socket } from "node:net";
 import { join } from "node:path";
+import { BenefitsServiceDefinition } from "../../gen/netpurse/benefits/v1/benefits.js";
+import { confirmationModeFromJSON } from "../../gen/netpurse/card/v1/card.js";
+import { readJson, writeJsonAtomic } from "../../lib/files.js";
+import { startBenefits } from "../../services/benefits/server.js";
+import { DEMO_SITE, PROGRAMME_HSM_FILE, SITE_FILE, type SiteFile } from "../../services/benefits/site.js";
+import { Issuer } from "../../services/issuer/issuer.js";
+import type { ShopFile } from "../../services/merchant/shop.js";
+import { registerMerchant } from "../../services/operator/operator.js";
 import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
@@ -51,17 +60,49 @@ export interface NetworkOptions {
    * loudly (in its before hook) where PC/SC cannot be set up.
    */
   pcsc?: Mocha.Context;
+  /**
+   * Loyalty (docs/loyalty.md): programme 1001 "Skyways Miles", an
+   * authentication PSAM and a points PSAM beside the first terminal host's
+   * money PSAMs, a points purse on the card holding `cardPoints`, the four
+   * demo shops enrolled at the Skyways site (`pointsPerUnit` points per
+   * euro, default 10), and one benefits site per confirmation mode
+   * (LOYALTY_SITES) started in-process with startBenefits, each registered
+   * with the operator in its mode, the demo card its member's.
+   */
+  loyalty?: { cardPoints?: number; pointsPerUnit?: number };
 }
 
+/** The benefits sites of a network with loyalty: one per confirmation mode, the Skyways site (DEMO_SITE) the one the demo shops are enrolled at. */
+export const LOYALTY_SITES = [
+  { mode: "PSAM_VERIFIES", siteId: DEMO_SITE.merchantId },
+  { mode: "SERVER_COMPARES", siteId: "skyways-server" },
+  { mode: "CLIENT_COMPARES", siteId: "skyways-client" },
+  { mode: "MERCHANT_COMPARES", siteId: "skyways-merchant" },
+] as const;
+
 export async function startNetwork(o: NetworkOptions = {}) {
+  // The emulator serves the psam-N files only: the authentication and points PSAMs have no reader.
+  if (o.loyalty && o.pcsc) throw new Error("startNetwork: loyalty with pcsc is not supported");
   const { dir: data, cleanup } = await tempDir("netpurse-net-");
   const terminals = o.terminals ?? [{ id: "terminal-1", psams: 2 }];
   const { cardPath } = await ensureDemoData(data, {
     terminals,
     shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
+    ...(o.loyalty
+      ? {
+          loyalty: {
+            // Replaced in each shop.json by the site's own address once it listens (startLoyaltySites).
+            siteAddress: "127.0.0.1:1",
+            enrolled: DEMO_SHOPS.map((d) => d.shop.merchantId),
+            pointsPerUnit: o.loyalty.pointsPerUnit ?? 10,
+            cardPoints: o.loyalty.cardPoints ?? 0,
+          },
+        }
+      : {}),
   });
   const p = paths(data);
+  if (o.loyalty) await provisionLoyaltySites(p);
   const readers = o.pcsc ? await emulatorOrSkip(o.pcsc, cardPath, await psamFilesOf(p, terminals)) : undefined;
   const security = await testSecurity(data);
   const concentrator = await startConcentrator({
@@ -109,7 +150,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     ...(o.abandonReceivedAfterMs ? { abandonReceivedAfterMs: o.abandonReceivedAfterMs } : {}),
   });
   await payment.whenConnected();
-  await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0));
+  // With loyalty, the first host holds an authentication PSAM and a points PSAM besides.
+  await waitFor(() => payment.pool.counts().total === terminals.reduce((n, t) => n + t.psams, 0) + (o.loyalty ? 2 : 0));
   const validation = await startMerchantValidation({
     security: await security.of("validation", "validation-1"),
     listen: "127.0.0.1:0",
@@ -117,6 +159,8 @@ export async function startNetwork(o: NetworkOptions = {}) {
     paymentServer: payment.address,
     reportEveryMs: 500,
   });
+  // The sites before the shops: an enrolled shop.json must name where its site listens.
+  const sites = o.loyalty ? await startLoyaltySites(p, security, validation.address, payment.address) : [];
   const shops = await Promise.all(
     DEMO_SHOPS.map(async (d) =>
       startMerchant({
@@ -167,6 +211,20 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const loadAsOperator = openChannel(load.address, operator.channel({ kind: "load" }));
   /** The demo shop of each confirmation mode, by merchant id. */
   const merchants = Object.fromEntries(DEMO_SHOPS.map((d, i) => [d.shop.merchantId, factory.create(MerchantServiceDefinition, shopChannels[i]!)]));
+  /**
+   * With loyalty, each benefits site by its id: the server, the gate
+   * cardholders reach it through (its offers and grants name the gate; the
+   * enrolled shops call the server directly), and its MerchantService and
+   * BenefitsService as a cardholder calls them, directly.
+   */
+  const siteChannels: ReturnType<typeof openChannel>[] = [];
+  const loyaltySites = Object.fromEntries(
+    sites.map((s) => {
+      const channel = openChannel(s.server.address, security.cardholder.channel({ kind: "merchant", id: s.siteId }));
+      siteChannels.push(channel);
+      return [s.siteId, { ...s, shop: factory.create(MerchantServiceDefinition, channel), benefits: factory.create(BenefitsServiceDefinition, channel) }];
+    }),
+  );
   /** The access token of each account a test logged in to, by account id; and the channel of the account holders' bank clients. */
   const bankTokens = new Map<string, string>();
   const holderChannel = openChannel(bank.address, security.cardholder.channel({ kind: "bank" }));
@@ -186,6 +244,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     merchant,
     shops,
     merchants,
+    sites: loyaltySites,
     daemon,
     bank,
     load,
@@ -220,12 +279,16 @@ export async function startNetwork(o: NetworkOptions = {}) {
       return token;
     },
     async close() {
-      for (const c of [...channels, ...shopChannels, loadAsOperator]) c.close();
+      for (const c of [...channels, ...shopChannels, ...siteChannels, loadAsOperator]) c.close();
       await daemon.close();
       // Tests may restart these two: close whichever runs now.
       await net.bank.close();
       await net.load.close();
       for (const s of shops) await s.close();
+      for (const s of sites) {
+        await s.gate.close();
+        await s.server.close();
+      }
       await validation.close();
       await payment.close();
       for (const h of hosts.values()) await h.close();
@@ -236,6 +299,117 @@ export async function startNetwork(o: NetworkOptions = {}) {
     },
   };
   return net;
+}
+
+/**
+ * The benefits sites other than the Skyways site ensureDemoData made: each
+ * registered with the operator (payment server, validation service,
+ * clearing) in its confirmation mode, with its programme security module and
+ * the Skyways site's rewards and members, enrolling no shop.
+ */
+async function provisionLoyaltySites(p: ReturnType<typeof paths>): Promise<void> {
+  const skyways = await readJson<SiteFile>(join(p.site(DEMO_SITE.merchantId), SITE_FILE));
+  if (skyways.confirmationMode !== "CONFIRMATION_MODE_PSAM_VERIFIES")
+    throw new Error(`the Skyways site is in ${skyways.confirmationMode}, not LOYALTY_SITES' PSAM_VERIFIES`);
+  const issuer = await Issuer.open(p.issuer);
+  try {
+    for (const { mode, siteId } of LOYALTY_SITES) {
+      if (siteId === DEMO_SITE.merchantId) continue;
+      const confirmationMode = `CONFIRMATION_MODE_${mode}`;
+      await registerMerchant({
+        paymentDir: p.payment,
+        validationDir: p.validation,
+        merchantId: siteId,
+        name: `Skyways benefits (${mode})`,
+        mode: confirmationModeFromJSON(confirmationMode),
+        clearing: { dir: p.clearing, currency: EUR, exponent: 2 },
+      });
+      await issuer.provisionProgrammeHsm({ path: join(p.site(siteId), PROGRAMME_HSM_FILE), programme: DEMO_SITE.programme.code });
+      const site: SiteFile = { ...skyways, merchantId: siteId, name: `Skyways benefits (${mode})`, confirmationMode, enrolled: [] };
+      await writeJsonAtomic(join(p.site(siteId), SITE_FILE), site);
+    }
+  } finally {
+    await issuer.close();
+  }
+}
+
+/** Starts every benefits site behind its gate, then points the enrolled shops' shop.json at the Skyways site's server. */
+async function startLoyaltySites(p: ReturnType<typeof paths>, security: TestSecurity, validation: string, paymentServer: string) {
+  const sites: { siteId: string; mode: (typeof LOYALTY_SITES)[number]["mode"]; server: Awaited<ReturnType<typeof startBenefits>>; gate: Gate }[] = [];
+  for (const { mode, siteId } of LOYALTY_SITES) {
+    const gate = await startGate();
+    const server = await startBenefits({
+      security: await security.of("merchant", siteId),
+      listen: "127.0.0.1:0",
+      dir: p.site(siteId),
+      validation,
+      paymentServer,
+      advertise: gate.address,
+    });
+    gate.relayTo(server.address);
+    sites.push({ siteId, mode, server, gate });
+  }
+  const skyways = sites.find((s) => s.siteId === DEMO_SITE.merchantId);
+  if (!skyways) throw new Error("no Skyways site in LOYALTY_SITES");
+  for (const d of DEMO_SHOPS) {
+    const file = join(p.merchant(d.shop.merchantId), "shop.json");
+    const shop = await readJson<ShopFile>(file);
+    if (shop.loyalty) await writeJsonAtomic(file, { ...shop, loyalty: { ...shop.loyalty, siteAddress: skyways.server.address } });
+  }
+  return sites;
+}
+
+/**
+ * A TCP relay on loopback to a server, the way one party reaches it: down()
+ * cuts that party off (connections refused, open ones dropped) while the
+ * server runs for everyone else; up() lets it through again on the same
+ * port.
+ */
+export interface Gate {
+  address: string;
+  relayTo(target: string): void;
+  down(): Promise<void>;
+  up(): Promise<void>;
+  close(): Promise<void>;
+}
+
+async function startGate(): Promise<Gate> {
+  let target: { host: string; port: number } | undefined;
+  const open = new Set<Socket>();
+  const server = createServer((inbound) => {
+    if (!target) return inbound.destroy();
+    const outbound = connect(target.port, target.host);
+    for (const s of [inbound, outbound]) {
+      open.add(s);
+      s.on("error", () => s.destroy()).on("close", () => {
+        open.delete(s);
+        inbound.destroy();
+        outbound.destroy();
+      });
+    }
+    inbound.pipe(outbound).pipe(inbound);
+  });
+  const listen = (port: number) => new Promise<void>((resolve, reject) => server.once("error", reject).listen(port, "127.0.0.1", () => resolve()));
+  await listen(0);
+  const port = (server.address() as { port: number }).port;
+  const down = async () => {
+    if (!server.listening) return;
+    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+    for (const s of open) s.destroy();
+    await closed;
+  };
+  return {
+    address: `127.0.0.1:${port}`,
+    relayTo(address: string) {
+      const i = address.lastIndexOf(":");
+      target = { host: address.slice(0, i), port: Number(address.slice(i + 1)) };
+    },
+    down,
+    up: async () => {
+      if (!server.listening) await listen(port);
+    },
+    close: down,
+  };
 }
 
 /** Every PSAM file of every terminal, in order. */
