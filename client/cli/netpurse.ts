@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { bearer, clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import type { ChannelSecurity } from "../../lib/pki/security.js";
 import { hexOf } from "../../lib/ids.js";
-import { formatMoney, money, parseMinor } from "../../lib/money.js";
+import { AUTHENTICATION_CURRENCY, formatMoney, isMoneyCurrency, isProgrammeCode, money, parseMinor } from "../../lib/money.js";
 import { HoldState } from "../../gen/netpurse/bank/v1/bank.js";
 import { LoadOutcome } from "../../gen/netpurse/load/v1/load.js";
 import { table } from "../../lib/table.js";
@@ -84,6 +84,21 @@ const merchantAddress = (v: Record<string, unknown>) => str(v.merchant, defaultA
 const siteOptions = { site: { type: "string" }, ...CONNECT_OPTIONS } as const;
 const siteAddress = (v: Record<string, unknown>) => str(v.site, defaultAddress("benefits"));
 
+/** A benefits site's rewards; an address that serves no BenefitsService (a plain shop, say) is named as no site. */
+async function listRewards(v: Record<string, unknown>) {
+  const address = siteAddress(v);
+  return withClient(BenefitsServiceDefinition, address, await publicChannel(v, "merchant"), (c) => c.listRewards({}, { deadline: CLI_DEADLINE_MS })).catch(
+    (e: unknown) => {
+      if (e instanceof ClientError && e.code === Status.UNIMPLEMENTED) {
+        throw new Error(
+          `${address} is no benefits site: it serves no netpurse.benefits.v1.BenefitsService (UNIMPLEMENTED); give the site's address with --site (default ${defaultAddress("benefits")})`,
+        );
+      }
+      throw e;
+    },
+  );
+}
+
 /** How a card log entry's kind reads in the table. */
 const KIND_NAMES: Record<number, string> = {
   [CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE]: "purchase",
@@ -94,6 +109,16 @@ const KIND_NAMES: Record<number, string> = {
 };
 const isMoneyKind = (k: CardTransactionKind) =>
   k === CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE || k === CardTransactionKind.CARD_TRANSACTION_KIND_LOAD;
+
+/** What each command may answer: the cardholder approves what the command says, never another kind of value. */
+const OFFER_KINDS = {
+  pay: { accepts: isMoneyCurrency, what: "money" },
+  redeem: { accepts: isProgrammeCode, what: "points" },
+  authenticate: { accepts: (c: number) => c === AUTHENTICATION_CURRENCY, what: "an authentication" },
+} as const;
+
+/** The command for an offer of this currency. */
+const verbFor = (currency: number) => (isProgrammeCode(currency) ? "redeem" : currency === AUTHENTICATION_CURRENCY ? "authenticate" : "pay");
 
 /** How often a load or payment is asked again under its request id when the daemon did not answer, and the waits between. */
 const RETRY_WAITS_MS = [1_000, 2_000, 4_000];
@@ -322,12 +347,10 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
   {
     name: "rewards",
     summary: "List a benefits site's rewards (a loyalty programme's shop) and the points your card holds for its programme.",
-    usage: `[--site HOST:PORT] (default ${defaultAddress("benefits")}) ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    usage: `[--site HOST:PORT] (default ${defaultAddress("benefits")}) ${DAEMON_USAGE} [--data DIR] ${CONNECT_USAGE}`,
     options: { ...daemonOption, ...siteOptions },
     async run(v) {
-      const r = await withClient(BenefitsServiceDefinition, siteAddress(v), await publicChannel(v, "merchant"), (c) =>
-        c.listRewards({}, { deadline: CLI_DEADLINE_MS }),
-      );
+      const r = await listRewards(v);
       console.log(`${r.siteName} (${r.siteId?.value}), programme ${r.programme?.name} (${r.programme?.code})\n`);
       console.log(
         table(
@@ -345,7 +368,7 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "redeem",
     summary:
       "Redeem a reward of a benefits site with the points on your card: the site makes an offer in its programme's\npoints, you approve, the card pays the points through the purchase protocol, the site releases the reward.",
-    usage: `REWARD [--yes] [--site HOST:PORT] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    usage: `REWARD [--yes] [--site HOST:PORT] (default ${defaultAddress("benefits")}) ${DAEMON_USAGE} [--data DIR] ${CONNECT_USAGE}`,
     options: { ...daemonOption, ...siteOptions, yes: { type: "boolean", short: "y" } },
     async run(v, positionals) {
       const reward = positionals[0];
@@ -358,15 +381,13 @@ await runCommands("netpurse", "netpurse: pay on-line merchants with the stored-v
     name: "authenticate",
     summary:
       "Prove to a benefits site that your card is present, with no password: a draw of zero in the authentication\ncurrency (999) that the card signs without moving value; the site matches the card to your member account\nand shows what needs only that (by default its first authentication reward, or --reward ID).",
-    usage: `[--site HOST:PORT] [--reward ID] [--yes] ${DAEMON_USAGE} ${CONNECT_USAGE}`,
+    usage: `[--site HOST:PORT] (default ${defaultAddress("benefits")}) [--reward ID] [--yes] ${DAEMON_USAGE} [--data DIR] ${CONNECT_USAGE}`,
     options: { ...daemonOption, ...siteOptions, reward: { type: "string" }, yes: { type: "boolean", short: "y" } },
     async run(v) {
       if (!v.yes && !process.stdin.isTTY) throw new UsageError("cannot ask for approval without a terminal; pass --yes to approve in scripts");
       let reward = typeof v.reward === "string" ? v.reward : undefined;
       if (!reward) {
-        const r = await withClient(BenefitsServiceDefinition, siteAddress(v), await publicChannel(v, "merchant"), (c) =>
-          c.listRewards({}, { deadline: CLI_DEADLINE_MS }),
-        );
+        const r = await listRewards(v);
         reward = r.rewards.find((x: Reward) => x.kind === RewardKind.REWARD_KIND_AUTHENTICATION)?.rewardId;
         if (!reward) throw new UsageError(`${r.siteName} offers nothing that needs only an authentication; see 'netpurse rewards'`);
       }
@@ -386,18 +407,29 @@ async function siteOffer(v: Record<string, unknown>, reward: string): Promise<Pa
 /**
  * The card answers an offer once the cardholder approved it: a payment in
  * money, a redemption in points, or an authentication (nothing paid). Points
- * a merchant grants with its receipt are collected onto the card at once.
+ * a merchant grants with its receipt are collected onto the card by the
+ * daemon as part of the payment.
  */
 async function payWithCard(v: Record<string, unknown>, offer: PaymentOffer, verb: "pay" | "redeem" | "authenticate"): Promise<void> {
+  const amount = offer.amount!;
+  // An offer of another kind than the command says (points behind 'authenticate', money behind 'redeem') is never answered.
+  if (!OFFER_KINDS[verb].accepts(amount.currency)) {
+    throw new Error(
+      `${offer.merchantName} asks ${m(amount)} for "${offer.description}", not ${OFFER_KINDS[verb].what}; nothing done, the card was not touched (that is for 'netpurse ${verbFor(amount.currency)}')`,
+    );
+  }
   await withClient(CardholderServiceDefinition, daemonAddress(v), DAEMON, async (c) => {
     const { purse, points } = await c.getCard({}, { deadline: CLI_DEADLINE_MS });
-    const amount = offer.amount!;
     const held = verb === "redeem" ? points.find((p) => p.programme === amount.currency)?.balance : purse!.balance;
     if (verb === "authenticate") {
       console.log(`${offer.merchantName} asks your card to prove it is present, for "${offer.description}"; nothing is paid`);
     } else {
       console.log(`${offer.merchantName} asks ${m(amount)} for "${offer.description}"`);
       console.log(`your card holds ${held ? m(held) : `no points of programme ${amount.currency}`}`);
+      // Not asked to approve what the card cannot pay: the daemon would refuse it anyway.
+      if (verb === "redeem" && (held?.amountMinor ?? 0n) < amount.amountMinor) {
+        throw new Error(`not enough points for "${offer.description}": the card holds ${held ? m(held) : "none"}, it asks ${m(amount)}; nothing done`);
+      }
     }
     const question = { pay: `Pay ${m(amount)}?`, redeem: `Redeem ${m(amount)}?`, authenticate: "Let the card sign a zero-value authentication?" }[verb];
     if (!v.yes && !(await approve(question))) {
@@ -414,18 +446,14 @@ async function payWithCard(v: Record<string, unknown>, offer: PaymentOffer, verb
     console.log(`receipt: transaction ${receipt.transactionId?.value}, PSAM ${hexOf(receipt.psamId?.value)}/${receipt.psamCounter}`);
     console.log(`${verb === "pay" ? "goods" : "reward"}:   ${receipt.goods}`);
     if (receipt.pointsGrant) {
+      // The daemon collected the grant with the payment (its steps above); a step "points" says it kept it, to try again before the card's next use.
       const g = receipt.pointsGrant;
-      console.log(`\n${receipt.merchantName} granted ${m(g.points)}; collecting them onto the card…`);
-      const earned = await c.earnPoints({ grant: g }, { deadline: 60_000 }).catch((e: unknown) => {
-        process.stderr.write(
-          `the points were not collected now: ${(e as Error).message}\n  collect them later with 'netpurse earn' (the grant is kept in the receipt: 'netpurse card')\n`,
-        );
-        return undefined;
-      });
-      if (earned) {
-        for (const s of earned.steps) console.log(`  ${s.name.padEnd(15)} ${s.detail}`);
-        console.log(`points now ${m(earned.points?.balance)}`);
-      }
+      const now = (await c.getCard({}, { deadline: CLI_DEADLINE_MS })).points.find((p) => p.programme === g.programme);
+      const kept = r.steps.some((s) => s.name === "points");
+      console.log(
+        `\n${receipt.merchantName} granted ${m(g.points)} (grant ${g.grantId?.value}); ` +
+          (kept ? `not on the card yet: the daemon collects them before the card's next use; points now ${m(now?.balance)}` : `points now ${m(now?.balance)}`),
+      );
     }
   });
 }

@@ -8,6 +8,7 @@ import { expect } from "chai";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { pkiPaths } from "../../lib/pki/authority.js";
+import { DEMO_SITE } from "../../services/benefits/site.js";
 import { startNetwork, type Network } from "../support/network.js";
 
 const run = promisify(execFile);
@@ -27,7 +28,8 @@ describe("contract: health and reflection on every server (buf curl)", function 
   this.timeout(120_000);
   let net: Network;
   before(async () => {
-    net = await startNetwork();
+    // With the demo loyalty programme: its benefits site is a server like the others.
+    net = await startNetwork({ loyalty: {} });
     await net.security.of("operator", "operator");
     const p = pkiPaths(net.security.dir);
     tls = ["--cacert", p.caCert, "--cert", p.cert({ kind: "operator", id: "operator" }), "--key", p.key({ kind: "operator", id: "operator" })];
@@ -42,13 +44,24 @@ describe("contract: health and reflection on every server (buf curl)", function 
     ["client daemon", net.daemon.address, ["GetCard", "ListCardTransactions", "PayOffer", "LoadCard", "SyncCard"]],
     ["bank", net.bank.address, ["CreateLoadOffer", "ConfirmLoad", "GetAccount"]],
     ["load", net.load.address, ["ProcessLoadRequest", "CompleteLoad", "ReportCardHistory", "GetLoad"]],
+    [
+      "benefits site",
+      site(),
+      [
+        ...["ListRewards", "GrantPoints", "IssuePointsCredit", "ConfirmPointsCredit"].map((rpc) => `netpurse.benefits.v1.BenefitsService/${rpc}`),
+        ...["ListProducts", "CreateOrder", "CompleteOrder", "GetOrder"].map((rpc) => `netpurse.merchant.v1.MerchantService/${rpc}`),
+      ],
+    ],
   ];
+  /** The demo programme's benefits site: one port for its MerchantService (its rewards) and its BenefitsService. */
+  const site = () => net.sites[DEMO_SITE.merchantId]?.server.address ?? "no benefits site";
 
   it("lists every RPC of every server through reflection", async () => {
     for (const [name, address, rpcs] of servers()) {
       const { flags, url } = reach(address);
       const { stdout } = await curl(...flags, "--list-methods", url);
-      for (const rpc of rpcs) expect(stdout, name).to.contain(`/${rpc}`);
+      // An RPC by its name, or by its service's full name where one port serves two services.
+      for (const rpc of rpcs) expect(stdout, name).to.contain(rpc.includes("/") ? rpc : `/${rpc}`);
       expect(stdout, name).to.contain("grpc.health.v1.Health/Check");
     }
   });
@@ -66,6 +79,10 @@ describe("contract: health and reflection on every server (buf curl)", function 
       `https://${net.payment.address}/grpc.health.v1.Health/Check`,
     );
     expect(JSON.parse(stdout)).to.deep.equal({ status: "SERVING" });
+    for (const name of ["netpurse.benefits.v1.BenefitsService", "netpurse.merchant.v1.MerchantService"]) {
+      const { stdout: one } = await curl(...tls, "-d", JSON.stringify({ service: name }), `https://${site()}/grpc.health.v1.Health/Check`);
+      expect(JSON.parse(one), name).to.deep.equal({ status: "SERVING" });
+    }
   });
 
   it("calls an RPC from JSON, and shows a precise error for bad input", async () => {

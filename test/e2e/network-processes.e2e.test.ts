@@ -137,10 +137,10 @@ describe("end to end: npm start and its processes", function () {
   it("takes every service with it when killed with SIGKILL: their processes end and their ports are free within seconds", async () => {
     const net = await npmStart();
     const ports = [...net.output().matchAll(/^ {2}\S+ +127\.0\.0\.1:(\d+)$/gm)].map((m) => Number(m[1]));
-    expect(ports).to.include.members([7410, 7411, 7412, 7413, 7414, 7420, 7430, 7440, 7450, 7460]);
+    expect(ports).to.include.members([7410, 7411, 7412, 7413, 7414, 7420, 7430, 7440, 7450, 7460, 7480]);
     const socket = join(data, "client", "run", "daemon.sock");
     expect(existsSync(socket)).to.equal(true);
-    expect(net.services).to.have.length(12);
+    expect(net.services).to.have.length(13);
 
     net.main.kill("SIGKILL");
     await net.exited;

@@ -322,7 +322,7 @@ describe("end to end: npm start -- --once ends with the settlement and a clean a
       const first = await once();
       expect(first.code, first.out).to.equal(0);
       expect(first.out).to.match(/closed batch \d+ of PSAM [0-9a-f]{8} on terminal-1: \d+ records?/);
-      expect(first.out).to.contain("clearing posted 4 purchases and 1 load (");
+      expect(first.out).to.contain("clearing posted 4 purchases, 1 load and 1 points redemption (");
       expect(first.out).to.match(/settlement day \d{4}-\d{2}-\d{2} \(open\): 4 purchases, 1 load\n/);
       for (const shop of ["demo-shop", "server-shop", "client-shop", "merchant-shop"])
         expect(first.out).to.match(new RegExp(`merchant\\s+${shop}\\s+EUR 2\\.50`));

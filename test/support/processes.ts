@@ -1,13 +1,15 @@
 // The whole network as separate processes (the end-to-end tests): each
 // service started from its own entry point, over a fresh data folder.
 
+import { createServer } from "node:net";
 import { join } from "node:path";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
-import { DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths } from "../../services/network/layout.js";
+import { DEMO_LOYALTY, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths, type DemoLoyalty } from "../../services/network/layout.js";
+import { DEMO_SITE } from "../../services/benefits/site.js";
 import { launchNetwork, Launcher, SCRIPTS } from "../../services/network/launcher.js";
 import { tempDir } from "./fixtures.js";
 import { testSecurity, waitFor } from "./network.js";
@@ -16,20 +18,41 @@ import type { ChannelSecurity } from "../../lib/pki/security.js";
 export interface E2EOptions {
   terminals: { id: string; psams: number; start?: boolean; args?: string[] }[];
   paymentArgs?: string[];
+  /**
+   * The demo loyalty programme (DEMO_LOYALTY, with these changes): its benefits site on a free port, the
+   * authentication and points PSAMs on the first terminal host, and the card's points purse.
+   */
+  loyalty?: Partial<Omit<DemoLoyalty, "siteAddress">>;
+}
+
+/** A loopback port nothing listens on now (the OS's pick), for a service whose address others must know before it starts. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
 }
 
 export async function launchE2E(o: E2EOptions) {
   const { dir, cleanup } = await tempDir("netpurse-e2e-");
+  // The enrolled shops' shop.json names the site's address, so it is chosen before anything starts.
+  const loyalty: DemoLoyalty | undefined = o.loyalty ? { ...DEMO_LOYALTY, ...o.loyalty, siteAddress: `127.0.0.1:${await freePort()}` } : undefined;
   const { cardPath } = await ensureDemoData(dir, {
     terminals: o.terminals.map(({ id, psams }) => ({ id, psams })),
     shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
+    ...(loyalty ? { loyalty } : {}),
   });
   const launcher = new Launcher(join(dir, "logs"));
   const addresses = await launchNetwork(launcher, {
     data: dir,
     terminals: o.terminals.filter((t) => t.start !== false).map((t) => ({ id: t.id, ...(t.args ? { args: t.args } : {}) })),
     merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId })),
+    ...(loyalty ? { sites: [{ id: DEMO_SITE.merchantId, listen: loyalty.siteAddress }] } : {}),
     cardPath,
     ...(o.paymentArgs ? { paymentArgs: o.paymentArgs } : {}),
   });
@@ -62,6 +85,8 @@ export async function launchE2E(o: E2EOptions) {
     cardPath,
     launcher,
     addresses,
+    /** With `loyalty`: the demo programme as set up (its siteAddress is where the site listens), else undefined. */
+    loyalty,
     clients: c,
     attached,
     startTerminal: (id: string, args: string[] = []) =>
