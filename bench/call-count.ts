@@ -27,7 +27,7 @@ export class PurchaseCalls {
     return {
       ...ctx,
       payment: (address) => this.counted(ctx.payment(address), "payment"),
-      merchant: (address) => this.counted(ctx.merchant(address), "merchant"),
+      merchant: (address, merchantId) => this.counted(ctx.merchant(address, merchantId), "merchant"),
     };
   }
 

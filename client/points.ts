@@ -25,9 +25,19 @@ import { retrying } from "./calls.js";
 
 export type BenefitsClient = Client<typeof BenefitsServiceDefinition, DeadlineOptions>;
 
+/** What the daemon's journal keeps of a grant's collection (client/daemon/journal.ts). */
+export interface GrantJournal {
+  grantRow(grantId: string): Promise<{ state: string; card_counter: number | null; load_response: Buffer | null } | undefined>;
+  /** Before the card sees the LOAD. */
+  grantLoadSent(grantId: string, cardCounter: number): Promise<void>;
+  /** The card's answer to the LOAD. */
+  grantAnswered(grantId: string, loadResponse: Buffer): Promise<void>;
+}
+
 export interface PointsContext {
   reader: PurseReader;
   benefits(address: string, siteId: string): BenefitsClient;
+  journal?: GrantJournal;
   /** Per-call deadline towards the benefits server, ms. */
   callDeadlineMs?: number;
 }
@@ -60,6 +70,25 @@ function checkGrant(g: PointsGrant | undefined): LoadInitCommand & { purseId: st
   };
 }
 
+/** Whether a grant's fields are well formed (a receipt's grant is kept only then). */
+export function isGrantWellFormed(g: PointsGrant): boolean {
+  try {
+    checkGrant(g);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Refuses a grant for another card than the one in the reader, before anything is kept or asked. */
+export async function requireGrantForCard(grant: PointsGrant | undefined, reader: PurseReader): Promise<void> {
+  const g = checkGrant(grant);
+  await reader.connect();
+  const purse = await reader.readPurse();
+  if (purse.purseId.toString("hex") !== g.purseId)
+    throw refused(`the grant is for card ${g.purseId}, the card in the reader is ${purse.purseId.toString("hex")}`);
+}
+
 export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsContext): Promise<{ points: PointsPurse; steps: PurchaseStep[] }> {
   const g = checkGrant(grant);
   const steps: PurchaseStep[] = [];
@@ -76,13 +105,26 @@ export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsCont
   const held = (await ctx.reader.readPointsPurses()).find((x) => x.currency === g.currency);
   if (!held) throw refused(`the card holds no points purse of programme ${g.currency}; the issuer personalises one (--points)`);
 
-  // Already on the card (an earlier call was cut short after the LOAD): the card's own log holds its S3.
+  const row = await ctx.journal?.grantRow(g.transactionRef);
+  // Already on the card (an earlier call was cut short after the LOAD): the journal, or the card's own log, holds its S3.
   const logged = (await ctx.reader.readLog()).find((r) => r.kind === LogKind.POINTS_CREDIT && r.transactionRef === g.transactionRef);
   let loadResponse: Buffer;
-  if (logged) {
+  if (row?.state === "CARD_ANSWERED" && row.load_response) {
+    loadResponse = row.load_response;
+    step("journal", "the card's answer to this grant's LOAD is journaled; it goes to be confirmed");
+  } else if (logged) {
     loadResponse = LoadResponse.encode({ result: LoadResult.LOADED, counter: logged.counter, balance: logged.balance, s3: logged.cardSignature });
+    await ctx.journal?.grantAnswered(g.transactionRef, loadResponse);
     step("card log", `the card credited this grant already (counter ${logged.counter}); its signature S3 goes to be confirmed`);
   } else {
+    // A LOAD sent before whose credit is not in the log: only an unmoved counter proves the card never took it.
+    if (row?.state === "LOAD_SENT" && row.card_counter !== purse.counter) {
+      throw new NetpurseError(
+        Status.FAILED_PRECONDITION,
+        ErrorReason.ERROR_REASON_IN_DOUBT,
+        `the card's counter moved from ${row.card_counter} to ${purse.counter} since this grant's LOAD, and its log no longer shows whether it took it`,
+      );
+    }
     const init = await ctx.reader.initializeForLoad(g);
     step(
       "card",
@@ -92,6 +134,7 @@ export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsCont
       (e) => passOn(e, "the programme's security module did not sign the credit"),
     );
     step("LOAD command", `the programme's security module verified S1 and signed the LOAD command (S2)`);
+    await ctx.journal?.grantLoadSent(g.transactionRef, init.parsed.counter);
     const answer = await ctx.reader.load(Buffer.from(issued.loadCommand));
     if (answer.sw !== SW.OK) {
       throw new NetpurseError(
@@ -103,6 +146,7 @@ export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsCont
     if (answer.parsed!.result !== LoadResult.LOADED) step("card", `the card did not credit the points (result ${answer.parsed!.result})`);
     else step("card", `card credited ${shown}: points ${answer.parsed!.balance}, counter ${answer.parsed!.counter}, S3 made`);
     loadResponse = answer.raw;
+    await ctx.journal?.grantAnswered(g.transactionRef, loadResponse);
   }
   await retrying(() => site.confirmPointsCredit({ grantId: { value: g.transactionRef }, loadResponse }, { deadline })).catch((e) =>
     passOn(e, "the programme did not confirm the credit"),

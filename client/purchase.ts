@@ -84,7 +84,8 @@ export interface PurchaseJournal {
 export interface PurchaseContext {
   reader: PurseReader;
   payment(address: string): PaymentClient;
-  merchant(address: string): MerchantClient;
+  /** A client of the merchant at `address`, whose server must prove `merchantId`. */
+  merchant(address: string, merchantId: string): MerchantClient;
   journal?: PurchaseJournal;
   /** Per-call deadline towards the payment server and merchant, ms. */
   callDeadlineMs?: number;
@@ -296,7 +297,7 @@ export async function finishPurchase(
   let receipt = rec.receipt;
   if (rec.state === "CONFIRMED") {
     const sendRaw = mode === ConfirmationMode.CONFIRMATION_MODE_MERCHANT_COMPARES && rec.debitResponse ? rec.debitResponse : Buffer.alloc(0);
-    const delivered = await deliverToMerchant(ctx.merchant(offer.merchantAddress), id, rec.resultM!, sendRaw, deadline);
+    const delivered = await deliverToMerchant(ctx.merchant(offer.merchantAddress, offer.merchantId!.value), id, rec.resultM!, sendRaw, deadline);
     receipt = delivered.receipt;
     await ctx.journal?.receipt(id, receipt, delivered.accessSecret);
     step("goods released", `${receipt.merchantName} released "${receipt.productName}": ${receipt.goods}`);

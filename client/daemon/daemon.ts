@@ -41,7 +41,16 @@ import { CardUnreachable } from "../../lib/pcsc/transport.js";
 import { finishPurchase, isFinal, payOffer, type MerchantClient, type PaymentClient, type PurchaseContext } from "../purchase.js";
 import { toRecord, type JournalRow, type LoadByRequest, type SqliteJournal, type SqliteLoadJournal } from "./journal.js";
 import { pointsPurse, purseState } from "../card/purse-state.js";
-import { earnPoints, type BenefitsClient } from "../points.js";
+import { earnPoints, isGrantWellFormed, requireGrantForCard, type BenefitsClient } from "../points.js";
+
+/** The card log's record kinds (docs/loyalty.md) as the contract names them. */
+const LOG_KINDS: Record<number, CardTransactionKind> = {
+  [LogKind.PURCHASE]: CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE,
+  [LogKind.LOAD]: CardTransactionKind.CARD_TRANSACTION_KIND_LOAD,
+  [LogKind.AUTHENTICATION]: CardTransactionKind.CARD_TRANSACTION_KIND_AUTHENTICATION,
+  [LogKind.POINTS_REDEMPTION]: CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_REDEMPTION,
+  [LogKind.POINTS_CREDIT]: CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_CREDIT,
+};
 
 /** page_size of ListCardTransactions, as cardholder.proto documents it: all a card keeps by default, and the most READ LOG can address. */
 const CARD_LOG_PAGE: PageSizeRule = { fallback: 32, max: 255 };
@@ -185,7 +194,9 @@ export class CardholderDaemon {
   private benefits = (address: string, siteId: string): BenefitsClient =>
     this.channels.client(BenefitsServiceDefinition, address, { kind: "merchant", id: siteId });
   private payment = (address: string): PaymentClient => this.channels.client(PaymentServiceDefinition, address, { kind: "payment" });
-  private merchant = (address: string): MerchantClient => this.channels.client(MerchantServiceDefinition, address, { kind: "merchant" });
+  // The merchant's server must prove the offer's merchant id: an offer naming another address cannot take its confirmation.
+  private merchant = (address: string, merchantId: string): MerchantClient =>
+    this.channels.client(MerchantServiceDefinition, address, { kind: "merchant", id: merchantId });
 
   readonly service: CardholderServiceImplementation = {
     getCard: async () =>
@@ -199,10 +210,14 @@ export class CardholderDaemon {
     loadCard: async (req) => this.load(req),
     earnPoints: async (req) =>
       this.card.run(async () => {
-        if (!req.grant?.grantId) throw invalidField("grant.grant_id", "missing");
+        // Only a well-formed grant for the card in the reader is kept: a kept grant waits for its own card.
+        await requireGrantForCard(req.grant, this.reader).catch((e: unknown) => {
+          throw cardError(e);
+        });
+        const grant = req.grant!;
         await this.settleLoadsBeforeUsingCard();
-        await this.o.loads.grantKept(req.grant);
-        return this.collect(req.grant).catch((e: unknown) => {
+        await this.o.loads.grantKept(grant);
+        return this.collect(grant).catch((e: unknown) => {
           throw cardError(e);
         });
       }),
@@ -244,10 +259,11 @@ export class CardholderDaemon {
         const more = last !== undefined && records.length > page.length && page.length < room;
         return {
           transactions: page.map((r) => ({
-            kind: r.kind === LogKind.PURCHASE ? CardTransactionKind.CARD_TRANSACTION_KIND_PURCHASE : CardTransactionKind.CARD_TRANSACTION_KIND_LOAD,
+            kind: LOG_KINDS[r.kind] ?? CardTransactionKind.CARD_TRANSACTION_KIND_UNSPECIFIED,
             transactionCounter: r.counter,
-            amount: money(r.amount, r.currency, purse.exponent),
-            balanceAfter: money(r.balance, r.currency, purse.exponent),
+            // Points and authentications have exponent 0; only the money purse's records carry its exponent.
+            amount: money(r.amount, r.currency, r.currency === purse.currency ? purse.exponent : 0),
+            balanceAfter: money(r.balance, r.currency, r.currency === purse.currency ? purse.exponent : 0),
             psamId: psamId(r.moduleId.toString("hex")),
             psamCounter: r.moduleCounter,
             transactionId: txnId(r.transactionRef),
@@ -385,6 +401,14 @@ export class CardholderDaemon {
     await this.resumeOpenLoads();
     // A points credit cut short is finished while the card's counter still shows whether it was made.
     await this.collectOpenGrants();
+    const doubt = await this.o.loads.grantInDoubt();
+    if (doubt) {
+      throw new NetpurseError(
+        Status.UNAVAILABLE,
+        ErrorReason.ERROR_REASON_IN_DOUBT,
+        `the points credit of grant ${doubt} went to the card and its answer is not known; the card must show whether it took it before it is used again (the programme's benefits site must be reachable if it did not); nothing was done. Try again later`,
+      );
+    }
     const waiting = (await this.o.loads.openLoads()).find(needsCardUnchanged);
     if (waiting) {
       throw new NetpurseError(
@@ -450,9 +474,8 @@ export class CardholderDaemon {
       try {
         const out = await payOffer(offer, this.context(), requestId ? { requestId } : {});
         const grant = out.receipt.pointsGrant;
-        if (grant) {
-          // The merchant's points go onto the card now if they can; else the grant is kept and collected later.
-          await this.o.loads.grantKept(grant);
+        // The journal kept the grant with the receipt; its points go onto the card now if they can, else later.
+        if (grant && isGrantWellFormed(grant)) {
           const earned = await this.collect(grant).catch((e: unknown) => {
             out.steps.push({ name: "points", detail: `not collected yet (${(e as Error).message}); the daemon tries again` });
           });
@@ -556,20 +579,28 @@ export class CardholderDaemon {
       const r = await earnPoints(grant, {
         reader: this.reader,
         benefits: this.benefits,
+        journal: this.o.loads,
         ...(this.o.callDeadlineMs ? { callDeadlineMs: this.o.callDeadlineMs } : {}),
       });
       await this.o.loads.grantCredited(id);
       this.o.log.info("points collected", { grant: id, points: formatMoney(grant.points!) });
       return r;
     } catch (e) {
-      // A final refusal (another card's grant, one the programme credited already) is not tried forever.
-      await this.o.loads.grantFailed(id, (e as Error).message, isFinal(e));
+      // A final refusal (points altered, one the programme credited already) is not tried forever; a grant that waits
+      // for its card, or for room on it, is.
+      const waits =
+        (e instanceof NetpurseError || e instanceof ClientError) &&
+        e.code === Status.FAILED_PRECONDITION &&
+        [ErrorReason.ERROR_REASON_INVALID_FIELD, ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED].includes(reasonOf(e) ?? ErrorReason.ERROR_REASON_UNSPECIFIED);
+      await this.o.loads.grantFailed(id, (e as Error).message, isFinal(e) && !waits);
       throw e;
     }
   }
 
   /** Grants whose collection was cut short (or never started, after a purchase's recovery), tried again. */
   private async collectOpenGrants(): Promise<void> {
+    // A points credit moves the card's counter, which a money load in doubt needs unchanged to be proven not made.
+    if ((await this.o.loads.openLoads()).some(needsCardUnchanged)) return;
     for (const g of await this.o.loads.openGrants()) {
       await this.collect(g).catch((e: unknown) =>
         this.o.log.warn("points not collected yet; the grant stays kept", { grant: g.grantId?.value, detail: (e as Error).message }),
@@ -597,7 +628,6 @@ export class CardholderDaemon {
         }
       }
       const receipt = await finishPurchase(toRecord(row), this.context(), undefined, { awaitProof: true });
-      if (receipt.pointsGrant) await this.o.loads.grantKept(receipt.pointsGrant);
       this.o.log.info(alreadyHadGoods ? "card proof reported" : "unfinished purchase completed", { transaction: id, goods: receipt.goods });
       return !alreadyHadGoods;
     } catch (e) {

@@ -9,7 +9,8 @@ import { SettledLoad } from "../../gen/netpurse/load/v1/load.js";
 import { checkedOffer } from "../load/offer.js";
 import type { ClientLoadState, LoadJournal, LoadRecord } from "../load/record.js";
 import { PaymentOffer, Receipt } from "../../gen/netpurse/merchant/v1/merchant.js";
-import type { Db } from "../../lib/store/db.js";
+import type { Db, Queryable } from "../../lib/store/db.js";
+import { isGrantWellFormed } from "../points.js";
 import type { ClientPurchaseState, DebitSent, PurchaseJournal, PurchaseRecord } from "../purchase.js";
 import { dieAt } from "./test-crash.js";
 
@@ -72,7 +73,29 @@ export const CLIENT_MIGRATIONS = [
      created_at TEXT NOT NULL,
      updated_at TEXT NOT NULL
    );`,
+  // A points credit's LOAD sent to the card (at this card counter), and the card's answer to it: until the answer is
+  // known, the card is used for nothing else, as for a money load.
+  `ALTER TABLE client_grants ADD COLUMN card_counter INTEGER;
+   ALTER TABLE client_grants ADD COLUMN load_response BLOB;`,
 ];
+
+/** A kept grant's row: OPEN (to collect), LOAD_SENT (the card may have credited it), CARD_ANSWERED, CREDITED or FAILED. */
+export interface GrantRow {
+  state: "OPEN" | "LOAD_SENT" | "CARD_ANSWERED" | "CREDITED" | "FAILED";
+  card_counter: number | null;
+  load_response: Buffer | null;
+}
+
+/** Keeps a grant (a grant kept before stays as it is). */
+async function keepGrant(q: Queryable, grant: PointsGrant): Promise<void> {
+  const now = new Date().toISOString();
+  await q.run("INSERT INTO client_grants (grant_id, grant, state, created_at, updated_at) VALUES (?, ?, 'OPEN', ?, ?) ON CONFLICT DO NOTHING", [
+    grant.grantId!.value,
+    Buffer.from(PointsGrant.encode(grant).finish()),
+    now,
+    now,
+  ]);
+}
 
 export interface JournalRow {
   transaction_id: string;
@@ -173,8 +196,17 @@ export class SqliteJournal implements PurchaseJournal {
     dieAt("purchase:CONFIRMED");
   }
 
+  /** The receipt, and in the same commit the points it grants: a crash after it loses neither. */
   async receipt(id: string, r: Receipt, orderAccessSecret: Uint8Array) {
-    await this.set(id, { state: "RECEIPT", receipt: Buffer.from(Receipt.encode(r).finish()), order_access_secret: Buffer.from(orderAccessSecret) });
+    await this.db.transaction(async (tx) => {
+      await tx.run("UPDATE client_purchases SET state = 'RECEIPT', receipt = ?, order_access_secret = ?, updated_at = ? WHERE transaction_id = ?", [
+        Buffer.from(Receipt.encode(r).finish()),
+        Buffer.from(orderAccessSecret),
+        new Date().toISOString(),
+        id,
+      ]);
+      if (r.pointsGrant && isGrantWellFormed(r.pointsGrant)) await keepGrant(tx, r.pointsGrant);
+    });
     dieAt("purchase:RECEIPT");
   }
 
@@ -360,14 +392,35 @@ export class SqliteLoadJournal implements LoadJournal {
   }
 
   /** Keeps a points grant until the card holds its points (a grant kept before stays as it is). */
-  async grantKept(grant: PointsGrant): Promise<void> {
-    const now = new Date().toISOString();
-    await this.db.run("INSERT INTO client_grants (grant_id, grant, state, created_at, updated_at) VALUES (?, ?, 'OPEN', ?, ?) ON CONFLICT DO NOTHING", [
-      grant.grantId!.value,
-      Buffer.from(PointsGrant.encode(grant).finish()),
-      now,
-      now,
+  grantKept(grant: PointsGrant): Promise<void> {
+    return keepGrant(this.db, grant);
+  }
+
+  async grantRow(grantId: string): Promise<GrantRow | undefined> {
+    return this.db.get<GrantRow>("SELECT state, card_counter, load_response FROM client_grants WHERE grant_id = ?", [grantId]);
+  }
+
+  /** Written before the card sees the LOAD: from here on the card may have credited the grant. */
+  async grantLoadSent(grantId: string, cardCounter: number): Promise<void> {
+    await this.db.run("UPDATE client_grants SET state = 'LOAD_SENT', card_counter = ?, updated_at = ? WHERE grant_id = ?", [
+      cardCounter,
+      new Date().toISOString(),
+      grantId,
     ]);
+  }
+
+  /** The card's answer to the LOAD (from the card or its log): the card may move on, the programme confirms later. */
+  async grantAnswered(grantId: string, loadResponse: Buffer): Promise<void> {
+    await this.db.run("UPDATE client_grants SET state = 'CARD_ANSWERED', load_response = ?, updated_at = ? WHERE grant_id = ?", [
+      loadResponse,
+      new Date().toISOString(),
+      grantId,
+    ]);
+  }
+
+  /** A grant whose LOAD went to the card with no answer known: the card must show whether it credited it before anything else. */
+  async grantInDoubt(): Promise<string | undefined> {
+    return (await this.db.get<{ grant_id: string }>("SELECT grant_id FROM client_grants WHERE state = 'LOAD_SENT' LIMIT 1"))?.grant_id;
   }
 
   /** The grant's points are on the card and the programme confirmed them. */
@@ -382,17 +435,18 @@ export class SqliteLoadJournal implements LoadJournal {
    * (GRANT_ALREADY_CREDITED), and its points are on the card all the same.
    */
   async grantFailed(grantId: string, why: string, final: boolean): Promise<void> {
-    await this.db.run("UPDATE client_grants SET state = ?, error = ?, updated_at = ? WHERE grant_id = ? AND state <> 'CREDITED'", [
-      final ? "FAILED" : "OPEN",
-      why,
-      new Date().toISOString(),
-      grantId,
-    ]);
+    // A LOAD sent, or the card's answer known, is kept as it is: only the card, or the programme's ruling, settles it.
+    await this.db.run(
+      "UPDATE client_grants SET state = CASE WHEN ? THEN 'FAILED' WHEN state IN ('LOAD_SENT', 'CARD_ANSWERED') THEN state ELSE 'OPEN' END, error = ?, updated_at = ? WHERE grant_id = ? AND state <> 'CREDITED'",
+      [final ? 1 : 0, why, new Date().toISOString(), grantId],
+    );
   }
 
   /** Grants whose points are not confirmed on the card yet, oldest first. */
   async openGrants(): Promise<PointsGrant[]> {
-    const rows = await this.db.all<{ grant: Buffer }>("SELECT grant FROM client_grants WHERE state = 'OPEN' ORDER BY created_at");
+    const rows = await this.db.all<{ grant: Buffer }>(
+      "SELECT grant FROM client_grants WHERE state IN ('OPEN', 'LOAD_SENT', 'CARD_ANSWERED') ORDER BY created_at",
+    );
     return rows.map((r) => PointsGrant.decode(r.grant));
   }
 }
