@@ -11,7 +11,7 @@ import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { hexOf } from "../../lib/ids.js";
 import { launchE2E, type E2E } from "../support/processes.js";
 import { SCRIPTS } from "../../services/network/launcher.js";
-import { commandFailure, tempDir } from "../support/fixtures.js";
+import { commandFailure, slowIt, tempDir } from "../support/fixtures.js";
 import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { demoBankPassword } from "../../services/network/layout.js";
 import { money } from "../../lib/money.js";
@@ -150,24 +150,30 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect(poor.stderr).to.match(/FAILED_PRECONDITION \[ERROR_REASON_(INSUFFICIENT_FUNDS|MAX_BALANCE_EXCEEDED)\]/);
   });
 
-  it("with the load server down, the funds stay held and nothing touches the card; 'netpurse card sync' finishes the load once it is back", async () => {
-    const before = (await net.clients.cardholder.getCard({})).purse!;
-    await net.launcher.stop("load");
-    const down = await commandFailure(netpurse("load", "3.00", "--yes", "--bank", net.addresses.bank!));
-    expect(down.code).to.equal(1);
-    expect(down.stderr).to.contain("UNAVAILABLE");
-    expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor);
-    expect((await statement()).stdout).to.contain("on hold for loads not yet confirmed");
-    await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir, "--clearing", net.addresses.clearing!]);
-    const sync = await netpurse("card", "sync");
-    // The daemon's own periodic recovery may have finished it first; either way the money below must agree.
-    expect(sync.stdout).to.match(/loaded +posted|no pending loads/);
-    expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 300n);
-    const s = await statement();
-    expect(s.stdout).to.match(/balance EUR 992\.00 +available EUR 992\.00/);
-    expect(s.stdout).to.not.contain("on hold");
-    expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
-  });
+  slowIt(
+    "[slow] with the load server down, the funds stay held and nothing touches the card; 'netpurse card sync' finishes the load once it is back",
+    async () => {
+      const before = (await net.clients.cardholder.getCard({})).purse!;
+      // The account as it stands (other tests of this network may have loaded before): 3.00 less after the load.
+      const account = /balance EUR (\d+\.\d\d) +available EUR \1/.exec((await statement()).stdout)?.[1] ?? "?";
+      const after = (Number(account) - 3).toFixed(2);
+      await net.launcher.stop("load");
+      const down = await commandFailure(netpurse("load", "3.00", "--yes", "--bank", net.addresses.bank!));
+      expect(down.code).to.equal(1);
+      expect(down.stderr).to.contain("UNAVAILABLE");
+      expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor);
+      expect((await statement()).stdout).to.contain("on hold for loads not yet confirmed");
+      await net.launcher.start("load", SCRIPTS.load, ["--listen", net.addresses.load!, "--data", net.dir, "--clearing", net.addresses.clearing!]);
+      const sync = await netpurse("card", "sync");
+      // The daemon's own periodic recovery may have finished it first; either way the money below must agree.
+      expect(sync.stdout).to.match(/loaded +posted|no pending loads/);
+      expect((await net.clients.cardholder.getCard({})).purse!.balance!.amountMinor).to.equal(before.balance!.amountMinor + 300n);
+      const s = await statement();
+      expect(s.stdout).to.match(new RegExp(`balance EUR ${after.replace(".", "\\.")} +available EUR ${after.replace(".", "\\.")}`));
+      expect(s.stdout).to.not.contain("on hold");
+      expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
+    },
+  );
 
   it("logs in with $NETPURSE_BANK_PASSWORD and keeps only the access token (mode 0600), with which the next load needs no password; no log holds either", async () => {
     const tokens = join(net.dir, "client", "bank-tokens.json");
@@ -218,97 +224,100 @@ describe("end to end: a load across separate processes, through the CLI", functi
     expect((await bankCli("bob's second password", "statement", "bob", "--bank", bank())).stdout).to.contain("account bob (Bob)");
   });
 
-  it("with the bank killed, 'netpurse load' retries under one request id, fails naming the load that may still complete; the bank back, 'card sync' makes it once", async () => {
-    // A load that works keeps the access token: the next load needs neither the bank's Login nor a password.
-    await netpurse("load", "2.00", "--yes", "--bank", bank());
-    const tokens = JSON.parse(readFileSync(join(net.dir, "client", "bank-tokens.json"), "utf8")) as { tokens: Record<string, { accessToken: string }> };
-    const accessToken = tokens.tokens[`${bank()} demo-account`]?.accessToken ?? "";
-    // The bank's own record of the account and of one load, in its store.
-    const bankRecord = (id: string) => {
-      const db = new Database(join(net.paths.bank, "bank.db"), { readonly: true });
-      try {
-        return {
-          balance: (db.prepare("SELECT balance_minor FROM accounts WHERE account_id = 'demo-account'").get() as { balance_minor: number }).balance_minor,
-          lines: db.prepare("SELECT amount_minor FROM statement WHERE transaction_id = ?").all(id),
-          holds: db.prepare("SELECT amount_minor, state FROM holds WHERE transaction_id = ?").all(id),
-        };
-      } finally {
-        db.close();
-      }
-    };
-    const bankBefore = bankRecord("").balance;
-    const before = await cardBalance();
-    const loadRows = () => {
-      const db = new Database(join(net.paths.client, "client.db"), { readonly: true });
-      try {
-        return db.prepare("SELECT transaction_id, request_id, state FROM client_loads").all() as {
-          transaction_id: string;
-          request_id: string | null;
-          state: string;
-        }[];
-      } finally {
-        db.close();
-      }
-    };
-    const rowsBefore = loadRows().length;
+  slowIt(
+    "[slow] with the bank killed, 'netpurse load' retries under one request id, fails naming the load that may still complete; the bank back, 'card sync' makes it once",
+    async () => {
+      // A load that works keeps the access token: the next load needs neither the bank's Login nor a password.
+      await netpurse("load", "2.00", "--yes", "--bank", bank());
+      const tokens = JSON.parse(readFileSync(join(net.dir, "client", "bank-tokens.json"), "utf8")) as { tokens: Record<string, { accessToken: string }> };
+      const accessToken = tokens.tokens[`${bank()} demo-account`]?.accessToken ?? "";
+      // The bank's own record of the account and of one load, in its store.
+      const bankRecord = (id: string) => {
+        const db = new Database(join(net.paths.bank, "bank.db"), { readonly: true });
+        try {
+          return {
+            balance: (db.prepare("SELECT balance_minor FROM accounts WHERE account_id = 'demo-account'").get() as { balance_minor: number }).balance_minor,
+            lines: db.prepare("SELECT amount_minor FROM statement WHERE transaction_id = ?").all(id),
+            holds: db.prepare("SELECT amount_minor, state FROM holds WHERE transaction_id = ?").all(id),
+          };
+        } finally {
+          db.close();
+        }
+      };
+      const bankBefore = bankRecord("").balance;
+      const before = await cardBalance();
+      const loadRows = () => {
+        const db = new Database(join(net.paths.client, "client.db"), { readonly: true });
+        try {
+          return db.prepare("SELECT transaction_id, request_id, state FROM client_loads").all() as {
+            transaction_id: string;
+            request_id: string | null;
+            state: string;
+          }[];
+        } finally {
+          db.close();
+        }
+      };
+      const rowsBefore = loadRows().length;
 
-    // The bank is gone. Without a password in the environment the CLI can only use the kept token, so it goes straight to the daemon.
-    await net.launcher.kill("bank");
-    const down = await commandFailure(netpurseWith(null, "load", "1.20", "--yes", "--bank", bank()));
-    expect(down.code).to.equal(1);
-    const retries = [...down.stderr.matchAll(/asking again in (\d) s under the same request id ([\w-]+) \(it never makes a second load\)/g)];
-    expect(retries.map((r) => r[1])).to.deep.equal(["1", "2", "4"]);
-    const requestId = retries[0]?.[2] ?? "";
-    expect(retries.map((r) => r[2])).to.deep.equal([requestId, requestId, requestId]);
-    const named = /load ([0-9a-f-]{36}) is journaled \(STARTED\) and may still complete: do not load again\. Run 'netpurse card sync'/.exec(down.stderr);
-    expect(named, down.stderr).to.not.equal(null);
-    const id = named?.[1] ?? "";
-    expect(down.stderr).to.contain(`[load ${id}: journal state STARTED; it may still complete`);
-    // One journaled load for the command and its three retries, the one named; nothing reached the card.
-    const rows = loadRows();
-    expect(rows).to.have.length(rowsBefore + 1);
-    expect(rows.filter((r) => r.request_id === requestId)).to.deep.equal([{ transaction_id: id, request_id: requestId, state: "STARTED" }]);
-    expect(await cardBalance()).to.equal(before);
+      // The bank is gone. Without a password in the environment the CLI can only use the kept token, so it goes straight to the daemon.
+      await net.launcher.kill("bank");
+      const down = await commandFailure(netpurseWith(null, "load", "1.20", "--yes", "--bank", bank()));
+      expect(down.code).to.equal(1);
+      const retries = [...down.stderr.matchAll(/asking again in (\d) s under the same request id ([\w-]+) \(it never makes a second load\)/g)];
+      expect(retries.map((r) => r[1])).to.deep.equal(["1", "2", "4"]);
+      const requestId = retries[0]?.[2] ?? "";
+      expect(retries.map((r) => r[2])).to.deep.equal([requestId, requestId, requestId]);
+      const named = /load ([0-9a-f-]{36}) is journaled \(STARTED\) and may still complete: do not load again\. Run 'netpurse card sync'/.exec(down.stderr);
+      expect(named, down.stderr).to.not.equal(null);
+      const id = named?.[1] ?? "";
+      expect(down.stderr).to.contain(`[load ${id}: journal state STARTED; it may still complete`);
+      // One journaled load for the command and its three retries, the one named; nothing reached the card.
+      const rows = loadRows();
+      expect(rows).to.have.length(rowsBefore + 1);
+      expect(rows.filter((r) => r.request_id === requestId)).to.deep.equal([{ transaction_id: id, request_id: requestId, state: "STARTED" }]);
+      expect(await cardBalance()).to.equal(before);
 
-    // The bank back on its address and data: the load is finished by 'netpurse card sync' (or by the daemon's own periodic recovery, if that came first).
-    await net.launcher.start("bank", SCRIPTS.bank, ["--listen", bank(), "--load-server", net.addresses.load ?? "", "--data", net.dir]);
-    const sync = await netpurse("card", "sync");
-    expect(sync.stdout).to.match(new RegExp(`${id} +loaded +posted|no pending loads`));
-    expect(loadRows().find((r) => r.transaction_id === id)?.state).to.equal("DONE");
+      // The bank back on its address and data: the load is finished by 'netpurse card sync' (or by the daemon's own periodic recovery, if that came first).
+      await net.launcher.start("bank", SCRIPTS.bank, ["--listen", bank(), "--load-server", net.addresses.load ?? "", "--data", net.dir]);
+      const sync = await netpurse("card", "sync");
+      expect(sync.stdout).to.match(new RegExp(`${id} +loaded +posted|no pending loads`));
+      expect(loadRows().find((r) => r.transaction_id === id)?.state).to.equal("DONE");
 
-    const loadedOnce = async () => {
-      // The card: credited EUR 1.20 once, by that transaction.
-      expect(await cardBalance()).to.equal(before + 120n);
-      const log = (await net.clients.cardholder.listCardTransactions({ limit: 0 })).transactions.filter((t) => t.transactionId?.value === id);
-      expect(log.map((t) => t.amount?.amountMinor)).to.deep.equal([120n]);
-      // The bank: one debit of EUR 1.20 for it, its hold posted, the account EUR 1.20 lower.
-      expect(bankRecord(id)).to.deep.equal({ balance: bankBefore - 120, lines: [{ amount_minor: -120 }], holds: [{ amount_minor: 120, state: "POSTED" }] });
-    };
-    await loadedOnce();
-    // The statement the account holder reads shows it once, and nothing on hold.
-    const s = await statement();
-    expect(s.stdout.match(/EUR -1\.20/g)).to.have.length(1);
-    expect(s.stdout).to.not.contain("on hold");
+      const loadedOnce = async () => {
+        // The card: credited EUR 1.20 once, by that transaction.
+        expect(await cardBalance()).to.equal(before + 120n);
+        const log = (await net.clients.cardholder.listCardTransactions({ limit: 0 })).transactions.filter((t) => t.transactionId?.value === id);
+        expect(log.map((t) => t.amount?.amountMinor)).to.deep.equal([120n]);
+        // The bank: one debit of EUR 1.20 for it, its hold posted, the account EUR 1.20 lower.
+        expect(bankRecord(id)).to.deep.equal({ balance: bankBefore - 120, lines: [{ amount_minor: -120 }], holds: [{ amount_minor: 120, state: "POSTED" }] });
+      };
+      await loadedOnce();
+      // The statement the account holder reads shows it once, and nothing on hold.
+      const s = await statement();
+      expect(s.stdout.match(/EUR -1\.20/g)).to.have.length(1);
+      expect(s.stdout).to.not.contain("on hold");
 
-    // Nothing makes it twice: another sync, and the CLI's request id asked again.
-    expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
-    const again = await net.clients.cardholder.loadCard({
-      bankAddress: bank(),
-      accountId: "demo-account",
-      amount: money(120n, 978, 2),
-      approvedAmount: money(120n, 978, 2),
-      bankAccessToken: accessToken,
-      requestId,
-    });
-    expect(again.transactionId?.value).to.equal(id);
-    expect(again.steps.map((s) => s.detail).join()).to.contain("nothing was loaded again");
-    await loadedOnce();
-  });
+      // Nothing makes it twice: another sync, and the CLI's request id asked again.
+      expect((await netpurse("card", "sync")).stdout).to.contain("no pending loads");
+      const again = await net.clients.cardholder.loadCard({
+        bankAddress: bank(),
+        accountId: "demo-account",
+        amount: money(120n, 978, 2),
+        approvedAmount: money(120n, 978, 2),
+        bankAccessToken: accessToken,
+        requestId,
+      });
+      expect(again.transactionId?.value).to.equal(id);
+      expect(again.steps.map((s) => s.detail).join()).to.contain("nothing was loaded again");
+      await loadedOnce();
+    },
+  );
 });
 
 describe("end to end: the README's first command (npm start -- --once)", function () {
   this.timeout(180_000);
-  it("sets up the demo data, runs the network, makes a purchase and stops cleanly — twice", async () => {
+  slowIt("[slow] sets up the demo data, runs the network, makes a purchase and stops cleanly — twice", async () => {
     const { dir, cleanup } = await tempDir("netpurse-start-");
     try {
       for (const round of [1, 2]) {

@@ -14,6 +14,16 @@ export async function tempDir(prefix = "netpurse-test-"): Promise<{ dir: string;
 
 export const EUR = 978;
 
+/**
+ * A scenario of half a minute or more (a service stopped and waited out, the
+ * README's first command run twice): run when NETPURSE_SLOW_TESTS=1, which
+ * .ci/run sets for a second mocha pass (`--grep '\[slow\]'`), so that `npm
+ * test` stays under ten minutes. Its title starts with "[slow]".
+ */
+export function slowIt(title: string, fn: Mocha.AsyncFunc): Mocha.Test {
+  return process.env.NETPURSE_SLOW_TESTS === "1" ? it(title, fn) : it.skip(title, fn);
+}
+
 /** The demo loyalty programme (docs/loyalty.md). */
 export const SKYWAYS = 1001;
 
