@@ -181,8 +181,8 @@ describe("netpurse-issuer", function () {
         commandFailure(issuer("personalise-card", "--out", card, "--points", "2002:10")),
         ...forms.map(([form]) => commandFailure(issuer("personalise-card", "--out", card, "--points", form))),
       ]);
-      expect(unknown!.code).to.equal(1);
-      expect(unknown!.stderr).to.contain(
+      expect(unknown.code).to.equal(1);
+      expect(unknown.stderr).to.contain(
         "no loyalty programme 2002 at this issuer: create it first with 'netpurse-issuer create-programme --code 2002 --name NAME'",
       );
       forms.forEach(([form, why], i) => {
