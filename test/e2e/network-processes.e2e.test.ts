@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import { tempDir } from "../support/fixtures.js";
+import { slowIt, tempDir } from "../support/fixtures.js";
 import { waitFor } from "../support/network.js";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
@@ -98,43 +98,49 @@ describe("end to end: npm start and its processes", function () {
     return s.pid;
   };
 
-  it("says which service died, how, and its last log lines; exits 1 once every service is gone. The CLI piped into `head` ends quietly", async () => {
-    const net = await npmStart();
-    expect(net.services.map((s) => s.script)).to.include.members(["services/payment/main.ts", "client/daemon/main.ts"].map((s) => join(ROOT, s)));
+  slowIt(
+    "[slow] says which service died, how, and its last log lines; exits 1 once every service is gone. The CLI piped into `head` ends quietly",
+    async () => {
+      const net = await npmStart();
+      expect(net.services.map((s) => s.script)).to.include.members(["services/payment/main.ts", "client/daemon/main.ts"].map((s) => join(ROOT, s)));
 
-    // `netpurse card --log 0 | head -1`: the reader closes after the first chunk; the CLI ends quietly with 141 (128 + SIGPIPE).
-    const cli = spawn(join(ROOT, "bin/netpurse"), ["card", "--log", "0"], { env: { ...process.env, NETPURSE_DATA: data }, stdio: ["ignore", "pipe", "pipe"] });
-    let stderr = "";
-    let first = "";
-    cli.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    cli.stdout.once("data", (d: Buffer) => {
-      first = d.toString();
-      cli.stdout.destroy();
-    });
-    const code = await new Promise<number | null>((r) => cli.once("exit", (c) => r(c)));
-    expect(first).to.match(/^card [0-9a-f]{16} {3}balance EUR/);
-    expect(stderr, "no stack trace").to.equal("");
-    expect(code).to.equal(141);
+      // `netpurse card --log 0 | head -1`: the reader closes after the first chunk; the CLI ends quietly with 141 (128 + SIGPIPE).
+      const cli = spawn(join(ROOT, "bin/netpurse"), ["card", "--log", "0"], {
+        env: { ...process.env, NETPURSE_DATA: data },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      let stderr = "";
+      let first = "";
+      cli.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+      cli.stdout.once("data", (d: Buffer) => {
+        first = d.toString();
+        cli.stdout.destroy();
+      });
+      const code = await new Promise<number | null>((r) => cli.once("exit", (c) => r(c)));
+      expect(first).to.match(/^card [0-9a-f]{16} {3}balance EUR/);
+      expect(stderr, "no stack trace").to.equal("");
+      expect(code).to.equal(141);
 
-    // One service killed: npm start says so and keeps the others.
-    process.kill(pidOf(net, "services/payment/main.ts"), "SIGKILL");
-    await waitFor(() => net.output().includes("still running:"), 10_000, "npm start to report the death");
-    expect(net.output()).to.contain(`netpurse: payment died (killed by SIGKILL); the last lines of its log (${join(data, "logs", "payment.log")}):`);
-    expect(net.output()).to.match(/\n {2}\| .*netpurse-payment listening on 127\.0\.0\.1:7420/);
-    expect(net.output()).to.match(/still running: concentrator, clearing, terminal-1, merchant-validation, .*client-daemon/);
-    expect(net.main.exitCode).to.equal(null);
+      // One service killed: npm start says so and keeps the others.
+      process.kill(pidOf(net, "services/payment/main.ts"), "SIGKILL");
+      await waitFor(() => net.output().includes("still running:"), 10_000, "npm start to report the death");
+      expect(net.output()).to.contain(`netpurse: payment died (killed by SIGKILL); the last lines of its log (${join(data, "logs", "payment.log")}):`);
+      expect(net.output()).to.match(/\n {2}\| .*netpurse-payment listening on 127\.0\.0\.1:7420/);
+      expect(net.output()).to.match(/still running: concentrator, clearing, terminal-1, merchant-validation, .*client-daemon/);
+      expect(net.main.exitCode).to.equal(null);
 
-    // The rest, one way and another: once none is left, npm start stops with a failure.
-    process.kill(pidOf(net, "services/concentrator/main.ts"), "SIGTERM");
-    for (const s of net.services) if (!s.script.endsWith("services/concentrator/main.ts") && !gone(s.pid)) process.kill(s.pid, "SIGKILL");
-    const end = await net.exited;
-    expect(end.code).to.equal(1);
-    expect(net.output()).to.contain("netpurse: every service has died; stopping");
-    expect(net.output()).to.contain("netpurse: concentrator died (exit code 0)");
-    expect(net.output()).to.contain("netpurse: client-daemon died (killed by SIGKILL)");
-  });
+      // The rest, one way and another: once none is left, npm start stops with a failure.
+      process.kill(pidOf(net, "services/concentrator/main.ts"), "SIGTERM");
+      for (const s of net.services) if (!s.script.endsWith("services/concentrator/main.ts") && !gone(s.pid)) process.kill(s.pid, "SIGKILL");
+      const end = await net.exited;
+      expect(end.code).to.equal(1);
+      expect(net.output()).to.contain("netpurse: every service has died; stopping");
+      expect(net.output()).to.contain("netpurse: concentrator died (exit code 0)");
+      expect(net.output()).to.contain("netpurse: client-daemon died (killed by SIGKILL)");
+    },
+  );
 
-  it("takes every service with it when killed with SIGKILL: their processes end and their ports are free within seconds", async () => {
+  slowIt("[slow] takes every service with it when killed with SIGKILL: their processes end and their ports are free within seconds", async () => {
     const net = await npmStart();
     const ports = [...net.output().matchAll(/^ {2}\S+ +127\.0\.0\.1:(\d+)$/gm)].map((m) => Number(m[1]));
     expect(ports).to.include.members([7410, 7411, 7412, 7413, 7414, 7420, 7430, 7440, 7450, 7460, 7480]);
