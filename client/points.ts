@@ -80,13 +80,18 @@ export function isGrantWellFormed(g: PointsGrant): boolean {
   }
 }
 
-/** Refuses a grant for another card than the one in the reader, before anything is kept or asked. */
-export async function requireGrantForCard(grant: PointsGrant | undefined, reader: PurseReader): Promise<void> {
-  const g = checkGrant(grant);
+/** The money purse of the card in the reader, which must be the grant's card. */
+async function purseOfGrant(g: { purseId: string }, reader: PurseReader) {
   await reader.connect();
   const purse = await reader.readPurse();
   if (purse.purseId.toString("hex") !== g.purseId)
     throw refused(`the grant is for card ${g.purseId}, the card in the reader is ${purse.purseId.toString("hex")}`);
+  return purse;
+}
+
+/** Refuses a grant for another card than the one in the reader, before anything is kept or asked. */
+export async function requireGrantForCard(grant: PointsGrant | undefined, reader: PurseReader): Promise<void> {
+  await purseOfGrant(checkGrant(grant), reader);
 }
 
 export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsContext): Promise<{ points: PointsPurse; steps: PurchaseStep[] }> {
@@ -98,10 +103,7 @@ export async function earnPoints(grant: PointsGrant | undefined, ctx: PointsCont
   const site = ctx.benefits(g.siteAddress, g.bankId);
   step("grant", `${g.bankId} granted ${shown} to card ${g.purseId} (grant ${g.transactionRef})`);
 
-  await ctx.reader.connect();
-  const purse = await ctx.reader.readPurse();
-  if (purse.purseId.toString("hex") !== g.purseId)
-    throw refused(`the grant is for card ${g.purseId}, the card in the reader is ${purse.purseId.toString("hex")}`);
+  const purse = await purseOfGrant(g, ctx.reader);
   const held = (await ctx.reader.readPointsPurses()).find((x) => x.currency === g.currency);
   if (!held) throw refused(`the card holds no points purse of programme ${g.currency}; the issuer personalises one (--points)`);
 
