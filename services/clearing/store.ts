@@ -518,7 +518,7 @@ export class ClearingStore {
   statement(merchantId: string, day: string | undefined, beforeSeq: number, limit: number): Promise<(PurchaseRow & { seq: number })[]> {
     return this.db.all(
       `SELECT p.*, s.seq FROM purchases p JOIN postings s ON s.kind = 'purchase' AND s.transaction_id = p.transaction_id
-       WHERE p.merchant_id = ? AND (? IS NULL OR p.settlement_day = ?) AND s.seq < ? ORDER BY s.seq DESC LIMIT ?`,
+       WHERE p.merchant_id = ? AND (CAST(? AS TEXT) IS NULL OR p.settlement_day = ?) AND s.seq < ? ORDER BY s.seq DESC LIMIT ?`,
       [merchantId, day ?? null, day ?? null, beforeSeq, limit],
     );
   }
@@ -526,7 +526,7 @@ export class ClearingStore {
   statementTotals(merchantId: string, day: string | undefined): Promise<{ currency: number; exponent: number; total: number; n: number }[]> {
     return this.db.all(
       `SELECT currency, MAX(exponent) AS exponent, SUM(amount_minor) AS total, COUNT(*) AS n FROM purchases
-       WHERE merchant_id = ? AND (? IS NULL OR settlement_day = ?) GROUP BY currency ORDER BY currency`,
+       WHERE merchant_id = ? AND (CAST(? AS TEXT) IS NULL OR settlement_day = ?) GROUP BY currency ORDER BY currency`,
       [merchantId, day ?? null, day ?? null],
     );
   }

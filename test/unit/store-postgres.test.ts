@@ -14,7 +14,7 @@ import { StoreUnavailable, type Db, type Migrations } from "../../lib/store/db.j
 import { isPostgresUrl, migrationForPostgres, numberPlaceholders, openPostgres, openStore, redactUrl } from "../../lib/store/postgres.js";
 import { BANK_MIGRATIONS } from "../../services/bank/store.js";
 import { BENEFITS_MIGRATIONS } from "../../services/benefits/grants.js";
-import { CLEARING_MIGRATIONS } from "../../services/clearing/store.js";
+import { CLEARING_MIGRATIONS, ClearingStore } from "../../services/clearing/store.js";
 import { LOAD_MIGRATIONS } from "../../services/load/store.js";
 import { MERCHANT_MIGRATIONS } from "../../services/merchant/shop.js";
 import { PAYMENT_MIGRATIONS } from "../../services/payment/store.js";
@@ -353,6 +353,16 @@ describe("PostgreSQL store", function () {
         } finally {
           await again.close();
         }
+      }
+      // A merchant's statement, for every day or one (a typed "? IS NULL": PostgreSQL must know the parameter's type).
+      const clearing = new ClearingStore(await openPostgres(await pgServer.schema(), CLEARING_MIGRATIONS));
+      try {
+        expect(await clearing.statement("demo-shop", undefined, Number.MAX_SAFE_INTEGER, 10)).to.deep.equal([]);
+        expect(await clearing.statement("demo-shop", "2026-11-30", Number.MAX_SAFE_INTEGER, 10)).to.deep.equal([]);
+        expect(await clearing.statementTotals("demo-shop", undefined)).to.deep.equal([]);
+        expect(await clearing.statementTotals("demo-shop", "2026-11-30")).to.deep.equal([]);
+      } finally {
+        await clearing.db.close();
       }
       const url = await pgServer.schema();
       const payment = await openPostgres(url, PAYMENT_MIGRATIONS);
