@@ -32,7 +32,7 @@ import { SoftwareSecurityModule, VERDICT_KEY_FILE, type VerdictKeyFile } from ".
 import { completeRequest, drawRequestWith, failure, openCard, openIssued, openResultC, sealDrawRequest } from "../support/card-client.js";
 import { makeCard, makeProgramme, SKYWAYS } from "../support/fixtures.js";
 import { startNetwork, waitFor, type Network } from "../support/network.js";
-import { defined } from "../support/offers.js";
+import { defined, grantedOffer } from "../support/offers.js";
 import { openResultM } from "../support/payment.js";
 
 type Validation = Client<typeof MerchantValidationServiceDefinition, DeadlineOptions>;
@@ -108,18 +108,7 @@ describe("contract: authentication and points redemption through the payment ser
   /** An offer of `shopId` for `amount`, with keys its validation service grants for exactly these terms. */
   async function offerAt(shopId: string, amount: Money): Promise<PaymentOffer> {
     const template = defined((await defined(net.merchants[shopId], shopId).createOrder({ productId: "song-1" })).offer, "an offer");
-    const transactionId = { value: randomUUID() };
-    const expiresAt = new Date(Date.now() + 10 * 60_000);
-    const keys = await (await validationAs(shopId)).issueTransactionKeys({ transactionId, merchantId: template.merchantId, amount, expiresAt });
-    return {
-      ...template,
-      transactionId,
-      amount,
-      expiresAt,
-      keyNonce: keys.keyNonce,
-      transactionSessionKey: keys.transactionSessionKey,
-      encryptedSessionKey: keys.encryptedSessionKey,
-    };
+    return grantedOffer(net, template, { amount, expiresInMs: 10 * 60_000 }, await validationAs(shopId));
   }
 
   /** ValidateConfirmation as the offer's merchant, for the offer's terms (or `terms` instead). */

@@ -9,11 +9,17 @@ import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import type { Network } from "./network.js";
 
 /** A copy of `template` (an offer of a demo shop) for a fresh transaction, with its own granted amount and expiry. */
-export async function grantedOffer(net: Network, template: PaymentOffer, terms: { amount?: Money; expiresInMs?: number } = {}): Promise<PaymentOffer> {
+export async function grantedOffer(
+  net: Network,
+  template: PaymentOffer,
+  terms: { amount?: Money; expiresInMs?: number } = {},
+  /** The validation service as the offer's merchant (default: as the demo shop). */
+  validation: Pick<Network["clients"]["validation"], "issueTransactionKeys"> = net.clients.validation,
+): Promise<PaymentOffer> {
   const transactionId = { value: randomUUID() };
   const amount = terms.amount ?? template.amount;
   const expiresAt = new Date(Date.now() + (terms.expiresInMs ?? 15 * 60_000));
-  const keys = await net.clients.validation.issueTransactionKeys({ transactionId, merchantId: template.merchantId, amount, expiresAt });
+  const keys = await validation.issueTransactionKeys({ transactionId, merchantId: template.merchantId, amount, expiresAt });
   return {
     ...template,
     transactionId,
