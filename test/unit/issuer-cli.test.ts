@@ -151,13 +151,11 @@ describe("netpurse-issuer", function () {
       const issuer = (...args: string[]) => run(CLI, [...args, "--data", dir]);
       await issuer("create-keys");
       const keysBefore = await readFile(join(dir, "issuer", "keys.json"), "utf8");
-      // Refusals change nothing, so they run side by side (each is a process of its own).
-      const codes = ["999", "500", "65536"];
-      const refusedCodes = await Promise.all(codes.map((code) => commandFailure(issuer("create-programme", "--code", code, "--name", "X"))));
-      codes.forEach((code, i) => {
-        expect(refusedCodes[i]!.code, code).to.equal(2);
-        expect(refusedCodes[i]!.stderr, code).to.contain(`a programme code is 1000..65535 (1..998 are money currencies, 999 is authentication), not ${code}`);
-      });
+      for (const code of ["999", "500", "65536"]) {
+        const f = await commandFailure(issuer("create-programme", "--code", code, "--name", "X"));
+        expect(f.code, code).to.equal(2);
+        expect(f.stderr, code).to.contain(`a programme code is 1000..65535 (1..998 are money currencies, 999 is authentication), not ${code}`);
+      }
       const noName = await commandFailure(issuer("create-programme", "--code", "1001"));
       expect(noName.code).to.equal(2);
       expect(noName.stderr).to.contain("--code N and --name TEXT are required");
@@ -169,58 +167,53 @@ describe("netpurse-issuer", function () {
       expect(dup.stderr).to.contain('programme 1001 exists already ("Skyways Miles")');
 
       const card = join(dir, "c.card.json");
-      const forms = [
+      const unknown = await commandFailure(issuer("personalise-card", "--out", card, "--points", "2002:10"));
+      expect(unknown.code).to.equal(1);
+      expect(unknown.stderr).to.contain(
+        "no loyalty programme 2002 at this issuer: create it first with 'netpurse-issuer create-programme --code 2002 --name NAME'",
+      );
+      for (const [form, why] of [
         ["1001", "write PROGRAMME:POINTS or PROGRAMME:POINTS:MAX"],
         ["1001:1.5", "is not a whole number of points"],
         ["1001:-3", "is not a whole number of points"],
         ["skyways:10", "write PROGRAMME:POINTS"],
         ["1001:10:5", "10 points are more than the maximum 5"],
         ["1001:1:2:3", "write PROGRAMME:POINTS"],
-      ] as const;
-      const [unknown, ...badForms] = await Promise.all([
-        commandFailure(issuer("personalise-card", "--out", card, "--points", "2002:10")),
-        ...forms.map(([form]) => commandFailure(issuer("personalise-card", "--out", card, "--points", form))),
-      ]);
-      expect(unknown.code).to.equal(1);
-      expect(unknown.stderr).to.contain(
-        "no loyalty programme 2002 at this issuer: create it first with 'netpurse-issuer create-programme --code 2002 --name NAME'",
-      );
-      forms.forEach(([form, why], i) => {
-        expect(badForms[i]!.code, form).to.equal(2);
-        expect(badForms[i]!.stderr, form).to.contain(why);
-      });
+      ] as const) {
+        const f = await commandFailure(issuer("personalise-card", "--out", card, "--points", form));
+        expect(f.code, form).to.equal(2);
+        expect(f.stderr, form).to.contain(why);
+      }
       const twice = await commandFailure(issuer("personalise-card", "--out", card, "--points", "1001:1", "--points", "1001:2"));
       expect(twice.code).to.equal(1);
       expect(twice.stderr).to.contain("one points purse per programme");
       expect((await issuer("list-cards")).stdout.trim().split("\n"), "no refused card was made").to.have.length(1);
 
       const psam = join(dir, "p.psam.json");
-      const hsm = join(dir, "hsm.json");
-      const [unknownPsam, notProgramme, both, badCurrency, unknownHsm, moneyHsm, badId, missing] = await Promise.all([
-        commandFailure(issuer("provision-psam", "--out", psam, "--currency", "2002")),
-        commandFailure(issuer("provision-psam", "--out", psam, "--programme", "999")),
-        commandFailure(issuer("provision-psam", "--out", psam, "--programme", "1001", "--currency", "1001")),
-        commandFailure(issuer("provision-psam", "--out", psam, "--currency", "70000")),
-        commandFailure(issuer("provision-programme-hsm", "--programme", "2002", "--out", hsm)),
-        commandFailure(issuer("provision-programme-hsm", "--programme", "978", "--out", hsm)),
-        commandFailure(issuer("provision-programme-hsm", "--programme", "1001", "--out", hsm, "--hsm-id", "nothex")),
-        commandFailure(issuer("provision-programme-hsm", "--out", hsm)),
-      ]);
+      const unknownPsam = await commandFailure(issuer("provision-psam", "--out", psam, "--currency", "2002"));
       expect(unknownPsam.code).to.equal(1);
       expect(unknownPsam.stderr).to.contain("no loyalty programme 2002").and.contain("create-programme --code 2002");
+      const notProgramme = await commandFailure(issuer("provision-psam", "--out", psam, "--programme", "999"));
       expect(notProgramme.code).to.equal(2);
       expect(notProgramme.stderr).to.contain("--programme: a programme code is 1000..65535, not 999");
+      const both = await commandFailure(issuer("provision-psam", "--out", psam, "--programme", "1001", "--currency", "1001"));
       expect(both.code).to.equal(2);
       expect(both.stderr).to.contain("give one of them");
+      const badCurrency = await commandFailure(issuer("provision-psam", "--out", psam, "--currency", "70000"));
       expect(badCurrency.code).to.equal(2);
       expect(badCurrency.stderr).to.contain("currency must be 1..998 (money), 999 (authentication) or a programme code 1000..65535, not 70000");
 
+      const hsm = join(dir, "hsm.json");
+      const unknownHsm = await commandFailure(issuer("provision-programme-hsm", "--programme", "2002", "--out", hsm));
       expect(unknownHsm.code).to.equal(1);
       expect(unknownHsm.stderr).to.contain("create-programme --code 2002");
+      const moneyHsm = await commandFailure(issuer("provision-programme-hsm", "--programme", "978", "--out", hsm));
       expect(moneyHsm.code).to.equal(2);
       expect(moneyHsm.stderr).to.contain("a programme code is 1000..65535, not 978");
+      const badId = await commandFailure(issuer("provision-programme-hsm", "--programme", "1001", "--out", hsm, "--hsm-id", "nothex"));
       expect(badId.code).to.equal(2);
       expect(badId.stderr).to.contain("8 hex digits");
+      const missing = await commandFailure(issuer("provision-programme-hsm", "--out", hsm));
       expect(missing.code).to.equal(2);
       expect(missing.stderr).to.contain("--programme CODE and --out FILE are required");
       for (const f of [psam, hsm])
