@@ -6,6 +6,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { dataDir } from "./config.js";
 import type { Kind } from "./pki/identity.js";
 import { pkiDirOf, Security } from "./pki/security.js";
+import type { StoreConfig } from "./store/postgres.js";
 import { answerStatsRequests } from "./stats.js";
 
 export interface Stoppable {
@@ -116,4 +117,30 @@ export async function serviceSecurity(values: Values, identity: { kind: Kind; id
   if (values.insecure === true) return Security.insecure();
   const pki = typeof values.pki === "string" ? values.pki : pkiDirOf(dataDir(values.data as string | undefined));
   return Security.forService(pki, identity);
+}
+
+/** The options of a service whose store may be PostgreSQL. */
+export const DATABASE_OPTIONS = {
+  database: { type: "string" },
+  "db-pool-size": { type: "string" },
+  "db-statement-timeout-ms": { type: "string" },
+} as const;
+
+export const DATABASE_HELP = [
+  "  --database URL|FILE      where this service keeps its state: a postgres://user:password@host:port/db URL (tables in a",
+  "                           schema named after the service, so one database serves them all), or a SQLite file",
+  "                           (default $NETPURSE_DATABASE_URL, else the SQLite file in its folder)",
+  "  --db-pool-size N         PostgreSQL connections this process keeps at most (default 10)",
+  "  --db-statement-timeout-ms N  a PostgreSQL statement running longer is cancelled and the call fails (default none)",
+].join("\n");
+
+/** This service's store from its options: --database, else $NETPURSE_DATABASE_URL, else `sqliteFile`. */
+export function storeConfig(values: Values, sqliteFile: string): StoreConfig {
+  const env = process.env.NETPURSE_DATABASE_URL;
+  const location = typeof values.database === "string" ? values.database : env !== undefined && env !== "" ? env : sqliteFile;
+  return {
+    location,
+    ...(values["db-pool-size"] !== undefined ? { poolSize: Math.max(1, intOpt(values, "db-pool-size", 10)) } : {}),
+    ...(values["db-statement-timeout-ms"] !== undefined ? { statementTimeoutMs: intOpt(values, "db-statement-timeout-ms", 0) } : {}),
+  };
 }

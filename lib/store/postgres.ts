@@ -24,7 +24,16 @@ export interface PostgresOptions {
   connectTimeoutMs?: number;
   /** Hears of the store opening (its URL without the password) and of connections lost. */
   log?: Logger;
+  /**
+   * The schema the store's tables live in (made if missing): every service
+   * given one database URL keeps its tables apart in a schema named after it.
+   * Without it, the URL's own search_path (by default `public`).
+   */
+  schema?: string;
 }
+
+/** Schema names a store may be given: plain lower-case identifiers, never quoted or spliced from input. */
+const SCHEMA_NAME = /^[a-z_][a-z0-9_]{0,62}$/;
 
 /** A stretch of SQL text: code, or a string literal, quoted identifier or comment (where `?` and type names are text). */
 interface Segment {
@@ -326,12 +335,14 @@ const MIGRATION_LOCK = 0x6e70_6d67; // "npmg"
  * advisory lock: a replica starting beside another waits, then finds them
  * applied. Returns how many it applied.
  */
-async function migrate(pool: pg.Pool, migrations: Migrations, onLost: (e: Error) => void): Promise<number> {
+async function migrate(pool: pg.Pool, migrations: Migrations, onLost: (e: Error) => void, schema: string | undefined): Promise<number> {
   const { client, release } = await checkout(pool, onLost);
   let broken = false;
   try {
     await reaching(() => client.query("SELECT pg_advisory_lock($1)", [MIGRATION_LOCK]));
     try {
+      // Under the lock: two services made at once would race on CREATE SCHEMA IF NOT EXISTS.
+      if (schema) await reaching(() => client.query(`CREATE SCHEMA IF NOT EXISTS ${schema}`));
       await reaching(() =>
         client.query("CREATE TABLE IF NOT EXISTS netpurse_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"),
       );
@@ -371,6 +382,7 @@ async function migrate(pool: pg.Pool, migrations: Migrations, onLost: (e: Error)
  * `options=-c search_path=…`, does as well).
  */
 export async function openPostgres(url: string, migrations: Migrations, o: PostgresOptions = {}): Promise<Db> {
+  if (o.schema !== undefined && !SCHEMA_NAME.test(o.schema)) throw new Error(`schema "${o.schema}" is not a plain lower-case identifier`);
   const pool = new pg.Pool({
     connectionString: url,
     max: o.poolSize ?? 10,
@@ -378,6 +390,7 @@ export async function openPostgres(url: string, migrations: Migrations, o: Postg
     keepAlive: true,
     application_name: "netpurse",
     types: TYPES,
+    ...(o.schema ? { options: `-c search_path=${o.schema}` } : {}),
     ...(o.statementTimeoutMs !== undefined ? { statement_timeout: o.statementTimeoutMs } : {}),
   });
   const where = redactUrl(url);
@@ -385,13 +398,27 @@ export async function openPostgres(url: string, migrations: Migrations, o: Postg
   const onLost = (e: Error) => o.log?.warn("a PostgreSQL connection was lost", { database: where, error: unavailable(e).message });
   pool.on("error", onLost);
   try {
-    const applied = await migrate(pool, migrations, onLost);
-    o.log?.info("PostgreSQL store open", { database: where, pool: o.poolSize ?? 10, migrations: migrations.length, applied });
+    const applied = await migrate(pool, migrations, onLost, o.schema);
+    o.log?.info("PostgreSQL store open", {
+      database: where,
+      schema: o.schema ?? "(the URL's)",
+      pool: o.poolSize ?? 10,
+      migrations: migrations.length,
+      applied,
+    });
   } catch (e) {
     await pool.end().catch(() => undefined);
     throw e;
   }
   return new PostgresDb(pool, onLost);
+}
+
+/** Where a service keeps its store: a SQLite file, or a PostgreSQL URL with its pool's settings (from --database and its companions). */
+export interface StoreConfig {
+  /** A SQLite file's path, or a postgres:// URL. */
+  location: string;
+  poolSize?: number;
+  statementTimeoutMs?: number;
 }
 
 /** Whether a store location is a PostgreSQL URL rather than a SQLite file. */

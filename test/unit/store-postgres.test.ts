@@ -244,6 +244,21 @@ describe("PostgreSQL store", function () {
       pgServer = await postgres(this);
     });
 
+    it("keeps two services' tables apart in schemas of their own in one database, each with its own migrations", async () => {
+      const url = pgServer.url;
+      const [a, b] = await Promise.all([openStore(url, ITEMS, { schema: "svc_a" }), openStore(url, ITEMS, { schema: "svc_b" })]);
+      try {
+        await a.run("INSERT INTO items (name, amount) VALUES (?, ?)", ["only-in-a", 1]);
+        expect(await b.all("SELECT name FROM items")).to.deep.equal([]);
+        expect(await a.all("SELECT name FROM items")).to.deep.equal([{ name: "only-in-a" }]);
+        expect(await b.get("SELECT count(*) AS n FROM netpurse_migrations")).to.deep.equal({ n: ITEMS.length });
+      } finally {
+        await a.close();
+        await b.close();
+      }
+      expect((await rejection(openStore(url, ITEMS, { schema: "x; DROP TABLE items" }))).message).to.match(/not a plain lower-case identifier/);
+    });
+
     it("opens a SQLite file for a path and PostgreSQL for a postgres:// or postgresql:// URL (openStore)", async () => {
       const { dir, cleanup } = await tempDir();
       const sqlite = await openStore(join(dir, "s.db"), ITEMS);
