@@ -282,6 +282,18 @@ class PostgresQueryable implements Queryable {
   }
 }
 
+/** How many times a transaction PostgreSQL aborted as not serializable is run in all. */
+const SERIALIZATION_ATTEMPTS = 10;
+
+/** Whether PostgreSQL aborted a transaction for another's sake (serialization failure, deadlock): running it again may succeed. */
+function isSerializationFailure(e: unknown): boolean {
+  for (let x = e; x instanceof Error; x = (x as { cause?: unknown }).cause) {
+    const code = (x as { code?: unknown }).code;
+    if (code === "40001" || code === "40P01") return true;
+  }
+  return false;
+}
+
 class PostgresDb extends PostgresQueryable implements Db {
   constructor(
     private readonly pool: pg.Pool,
@@ -290,12 +302,32 @@ class PostgresDb extends PostgresQueryable implements Db {
     super(pool);
   }
 
-  /** On one pooled connection, BEGIN … COMMIT (PostgreSQL's default isolation, READ COMMITTED). */
+  /**
+   * Runs fn SERIALIZABLE, as if alone, the guarantee SQLite's single writer
+   * gives: a transaction that reads a row and writes on what it read (a
+   * balance, a count against a cap, a state) cannot interleave with another
+   * doing the same, in this process or in a replica's. PostgreSQL instead
+   * aborts one of them (40001, or 40P01 for a deadlock), and fn is run
+   * again from the start on a fresh snapshot, a few times at most. So fn
+   * must do nothing but its statements and plain computation.
+   */
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.once(fn);
+      } catch (e) {
+        if (!isSerializationFailure(e) || attempt >= SERIALIZATION_ATTEMPTS) throw e;
+        // A little random back-off, so that the same two transactions do not collide again at once.
+        await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
+      }
+    }
+  }
+
+  private async once<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     const { client, release } = await checkout(this.pool, this.onLost);
     let broken = false;
     try {
-      await reaching(() => client.query("BEGIN"));
+      await reaching(() => client.query("BEGIN ISOLATION LEVEL SERIALIZABLE"));
       let failure: unknown;
       let value: T;
       try {
@@ -306,6 +338,7 @@ class PostgresDb extends PostgresQueryable implements Db {
       }
       const commit = await reaching(() => client.query("COMMIT"));
       // After a failed statement PostgreSQL answers COMMIT with ROLLBACK: fn went on past an error, which SQLite would have let it do.
+      if (commit.command === "ROLLBACK" && isSerializationFailure(failure)) throw failure;
       if (commit.command === "ROLLBACK")
         throw new Error("the transaction was rolled back: one of its statements failed, after which PostgreSQL commits nothing", { cause: failure });
       return value;

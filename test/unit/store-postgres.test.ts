@@ -235,6 +235,25 @@ describe("PostgreSQL store", function () {
         expect(await db.get("SELECT state, amount FROM items WHERE name = 'contested'")).to.deep.equal({ state: "Y", amount: winner });
         expect(await db.all("SELECT what FROM events")).to.deep.equal([{ what: `moved by ${winner}` }]);
       });
+
+      it("loses no update when transactions read a value and write on what they read, side by side (a cap, a balance)", async () => {
+        await db.run("INSERT INTO items (name, amount) VALUES (?, ?)", ["balance", 0]);
+        const CAP = 5;
+        const took = await Promise.all(
+          Array.from({ length: 12 }, () =>
+            db.transaction(async (tx) => {
+              const row = await tx.get<{ amount: number }>("SELECT amount FROM items WHERE name = ?", ["balance"]);
+              await sleep(5); // the others read the same value meanwhile, on PostgreSQL's other connections
+              if (row!.amount >= CAP) return false;
+              await tx.run("UPDATE items SET amount = ? WHERE name = ?", [row!.amount + 1, "balance"]);
+              return true;
+            }),
+          ),
+        );
+        // Every transaction ran as if alone: exactly CAP of them took one, and none was counted twice.
+        expect(took.filter(Boolean)).to.have.length(CAP);
+        expect(await db.get("SELECT amount FROM items WHERE name = ?", ["balance"])).to.deep.equal({ amount: CAP });
+      });
     });
   }
 
