@@ -1,6 +1,16 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import {
+  DATABASE_HELP,
+  DATABASE_OPTIONS,
+  intOpt,
+  opt,
+  runService,
+  SECURITY_HELP,
+  SECURITY_OPTIONS,
+  serviceSecurity,
+  storeConfig,
+} from "../../lib/service-main.js";
 import { PAYMENT_DEFAULTS as D, startPaymentServer } from "./server.js";
 
 await runService({
@@ -19,6 +29,7 @@ await runService({
     "sweep-every-ms": { type: "string" },
     "max-unanswered-per-purse": { type: "string" },
     ...SECURITY_OPTIONS,
+    ...DATABASE_OPTIONS,
   },
   help: [
     `  --listen HOST:PORT       address to serve on (default ${defaultAddress("payment")})`,
@@ -35,10 +46,12 @@ await runService({
     `  --sweep-every-ms N       how often recovery looks at waiting purchases: rulings, proofs, doubt, abandoned draw requests
                            (default ${D.sweepEveryMs})`,
     `  --max-unanswered-per-purse N  most DEBIT commands of one card awaiting its answer; one more draw request is refused (default ${D.maxUnansweredPerPurse})`,
+    DATABASE_HELP,
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) =>
     startPaymentServer({
+      store: storeConfig(v, join(opt(v, "dir", join(dataDir(v.data as string | undefined), "payment")), "payment.db")),
       security: await serviceSecurity(v, { kind: "payment", id: opt(v, "id", "payment-1") }),
       listen: opt(v, "listen", defaultAddress("payment")),
       dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "payment")),

@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer, type ServerLimits } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { MerchantRegistry } from "./merchants.js";
 import { PaymentServer } from "./payment-server.js";
@@ -22,6 +22,8 @@ export interface PaymentConfig {
   listen?: string;
   /** The payment server's folder: payment.db, merchants.json and psam-verdict-key.json. */
   dir: string;
+  /** Where the transaction database is: default the SQLite file DIR/payment.db; replicas share one PostgreSQL database (schema "payment"). */
+  store?: StoreConfig;
   concentrator?: string;
   paymentServerId?: string;
   holdTimeoutMs?: number;
@@ -62,7 +64,8 @@ export async function startPaymentServer(c: PaymentConfig) {
   }
   // Before anything else opens: without it no PSAM answer could be checked.
   const verdicts = await SoftwareSecurityModule.open(c.dir);
-  const db = openSqlite(join(c.dir, "payment.db"), PAYMENT_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "payment.db") };
+  const db = await openStore(location, PAYMENT_MIGRATIONS, { ...connections, schema: "payment", log });
   const store = new PaymentStore(db, (e) => log.error("purchase left out of recovery", { error: e.message }));
   const locks = new KeyedMutex();
   const pool = new PsamPool((l) => link.release(l));
