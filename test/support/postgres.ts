@@ -8,17 +8,15 @@
 // passed; with NETPURSE_REQUIRE_POSTGRES=1 (a CI that installs PostgreSQL)
 // it fails instead.
 
-import { execFile, execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, readdirSync, rmSync } from "node:fs";
-import { chown, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { rmSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
-import { promisify } from "node:util";
-import pg from "pg";
+import { join } from "node:path";
+import { PostgresMissing, startCluster, withConnection, withDatabase, type Cluster } from "../../lib/store/postgres-cluster.js";
 
-const run = promisify(execFile);
+export { PostgresMissing };
 
 export interface TestPostgres {
   /** postgres://user:password@host:port/db: a database of this caller's own. */
@@ -35,22 +33,6 @@ export interface TestPostgres {
   stop(): Promise<void>;
 }
 
-/** Why PostgreSQL cannot be had here. */
-export class PostgresMissing extends Error {}
-
-/** initdb and pg_ctl's folder: on PATH, else Debian's /usr/lib/postgresql/VERSION/bin, the newest. */
-function postgresBin(): string | undefined {
-  const has = (dir: string) => existsSync(join(dir, "initdb")) && existsSync(join(dir, "pg_ctl"));
-  const onPath = (process.env.PATH ?? "").split(delimiter).find((d) => d && has(d));
-  if (onPath) return onPath;
-  const debian = "/usr/lib/postgresql";
-  if (!existsSync(debian)) return undefined;
-  const versions = readdirSync(debian)
-    .filter((v) => has(join(debian, v, "bin")))
-    .sort((a, b) => Number(b) - Number(a));
-  return versions[0] && join(debian, versions[0], "bin");
-}
-
 /** A port nothing listens on now. */
 async function freePort(): Promise<number> {
   const server = createServer();
@@ -58,24 +40,6 @@ async function freePort(): Promise<number> {
   const { port } = server.address() as { port: number };
   await new Promise((resolve) => server.close(resolve));
   return port;
-}
-
-/** Who runs initdb and the server: this process's user, or postgres (with runuser) when this is root. */
-async function runner(): Promise<{ uid: number; gid: number; argv: (cmd: string, args: string[]) => [string, string[]] } | string> {
-  if (process.getuid?.() !== 0) return { uid: process.getuid?.() ?? -1, gid: process.getgid?.() ?? -1, argv: (c, a) => [c, a] };
-  let uid: number, gid: number;
-  try {
-    uid = Number((await run("id", ["-u", "postgres"])).stdout.trim());
-    gid = Number((await run("id", ["-g", "postgres"])).stdout.trim());
-  } catch {
-    return "the tests run as root, which initdb refuses, and there is no postgres user to run it as (Debian: apt-get install postgresql)";
-  }
-  try {
-    await run("runuser", ["--help"]);
-  } catch {
-    return "the tests run as root, which initdb refuses, and runuser (util-linux) is missing to run it as postgres";
-  }
-  return { uid, gid, argv: (c, a) => ["runuser", ["-u", "postgres", "--", c, ...a]] };
 }
 
 interface Server {
@@ -87,83 +51,39 @@ interface Server {
   stop(): Promise<void>;
 }
 
-/** A new cluster in a temporary folder, started; the reason it cannot be when it cannot. */
+/** A new cluster in a temporary folder, started; PostgresMissing says why when it cannot be. */
 async function throwawayCluster(): Promise<Server> {
-  const bin = postgresBin();
-  if (!bin) throw new PostgresMissing("no initdb and pg_ctl on PATH nor in /usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)");
-  const as = await runner();
-  if (typeof as === "string") throw new PostgresMissing(as);
   const dir = await mkdtemp(join(tmpdir(), "netpurse-pg-"));
-  const data = join(dir, "data");
-  const password = randomBytes(12).toString("hex");
-  const pwfile = join(dir, "pw");
-  await writeFile(pwfile, `${password}\n`, { mode: 0o600 });
-  if (process.getuid?.() === 0) {
-    await chown(dir, as.uid, as.gid);
-    await chown(pwfile, as.uid, as.gid);
-  }
-  const port = await freePort();
-  const pgCtl = async (...args: string[]) => {
-    const [cmd, argv] = as.argv(join(bin, "pg_ctl"), ["-D", data, ...args]);
-    await run(cmd, argv, { timeout: 60_000 });
-  };
-  // Durability is not under test here: no syncs, so the cluster starts and restarts in a second or two.
-  const serverOptions = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=100`;
-  const start = () => pgCtl("-l", join(dir, "server.log"), "-w", "-t", "60", "-o", serverOptions, "start");
+  let cluster: Cluster;
   try {
-    const [cmd, argv] = as.argv(join(bin, "initdb"), [
-      "-D",
-      data,
-      "-U",
-      "netpurse",
-      `--pwfile=${pwfile}`,
-      "-A",
-      "scram-sha-256",
-      "-E",
-      "UTF8",
-      "--locale=C",
-      "--no-sync",
-    ]);
-    await run(cmd, argv, { timeout: 120_000 });
-    await start();
+    // Durability is not under test here: no syncs, so the cluster starts and restarts in a second or two.
+    cluster = await startCluster({ dir, port: await freePort(), durable: false });
   } catch (e) {
     await rm(dir, { recursive: true, force: true });
-    const err = e as { stderr?: string; message: string };
-    throw new PostgresMissing(`a throwaway cluster did not start: ${(err.stderr || err.message).trim().split("\n").slice(-3).join(" / ")}`);
+    if (e instanceof PostgresMissing) throw e;
+    throw new PostgresMissing(`a throwaway cluster did not start: ${(e as Error).message}`);
   }
   // mocha --exit ends the process without after() hooks when a test hangs: the server and its folder must not outlive it.
   const onExit = () => {
-    try {
-      const [cmd, argv] = as.argv(join(bin, "pg_ctl"), ["-D", data, "-m", "immediate", "stop"]);
-      execFileSync(cmd, argv, { stdio: "ignore", timeout: 10_000 });
-    } catch {
-      // the server is gone already
-    }
+    cluster.stopNow();
     rmSync(dir, { recursive: true, force: true });
   };
   /** A restart under way: stop() waits for it, lest the server come back after it. */
   let restarting: Promise<void> | undefined;
   process.on("exit", onExit);
   return {
-    adminUrl: `postgres://netpurse:${password}@127.0.0.1:${port}/postgres`,
-    password,
+    adminUrl: cluster.adminUrl,
+    password: cluster.password,
     canRestart: true,
     async restart(whileDown) {
-      const r = (async () => {
-        await pgCtl("-m", "fast", "-w", "stop");
-        try {
-          await whileDown?.();
-        } finally {
-          await start();
-        }
-      })();
+      const r = cluster.restart(whileDown);
       restarting = r.catch(() => undefined);
       await r;
     },
     async stop() {
       await restarting;
       process.off("exit", onExit);
-      await pgCtl("-m", "immediate", "stop").catch(() => undefined);
+      await cluster.stop("immediate");
       await rm(dir, { recursive: true, force: true });
     },
   };
@@ -182,23 +102,6 @@ function givenServer(url: string): Server {
 
 /** The server callers share in this process, and how many use it. */
 let shared: { server: Promise<Server>; users: number } | undefined;
-
-function withDatabase(u: string, database: string, params: Record<string, string> = {}): string {
-  const url = new URL(u);
-  url.pathname = `/${database}`;
-  for (const [k, v] of Object.entries(params)) url.searchParams.set(k, v);
-  return url.toString();
-}
-
-async function admin<T>(url: string, task: (c: pg.Client) => Promise<T>): Promise<T> {
-  const c = new pg.Client({ connectionString: url, connectionTimeoutMillis: 10_000 });
-  await c.connect();
-  try {
-    return await task(c);
-  } finally {
-    await c.end();
-  }
-}
 
 /** Starts (or joins) the server and makes a database of the caller's own; PostgresMissing says why when it cannot. */
 export async function startPostgres(): Promise<TestPostgres> {
@@ -220,7 +123,7 @@ export async function startPostgres(): Promise<TestPostgres> {
   }
   const database = `netpurse_test_${randomBytes(6).toString("hex")}`;
   try {
-    await admin(server.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
+    await withConnection(server.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
   } catch (e) {
     await leave();
     if (given) throw new PostgresMissing(`NETPURSE_TEST_DATABASE_URL is set, but no database can be made there: ${(e as Error).message}`);
@@ -234,12 +137,12 @@ export async function startPostgres(): Promise<TestPostgres> {
     restart: (whileDown) => server.restart(whileDown),
     async schema() {
       const name = `s_${randomBytes(6).toString("hex")}`;
-      await admin(url, (c) => c.query(`CREATE SCHEMA ${name}`));
+      await withConnection(url, (c) => c.query(`CREATE SCHEMA ${name}`));
       return withDatabase(url, database, { options: `-c search_path=${name}` });
     },
     async stop() {
       try {
-        await admin(server.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`));
+        await withConnection(server.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`));
       } finally {
         await leave();
       }
