@@ -23,7 +23,7 @@ import { invalidField, NetpurseError, passOn } from "../lib/grpc/errors.js";
 import { requireOfferAmount } from "../lib/offer-amount.js";
 import { hexOf, requireConfirmationMode, requireMerchantId, requireTransactionId, txnId } from "../lib/ids.js";
 import { AUTHENTICATION_CURRENCY, formatMoney, isMoneyCurrency } from "../lib/money.js";
-import { DEFAULT_DEADLINE_MS } from "../lib/grpc/client.js";
+import { DEFAULT_DEADLINE_MS, InvalidTarget, parseTarget } from "../lib/grpc/client.js";
 import { open, seal } from "../lib/protocol/encryption-layer.js";
 import { cardProofDigest, DebitResponse, DebitResult, isExpired, PurseStatusByte } from "../lib/protocol/purse.js";
 import { withOriginalAmount, type PurseReader } from "./card/purse-reader.js";
@@ -109,6 +109,12 @@ function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer i
   requireMerchantId(offer.merchantId, "offer.merchant_id");
   requireOfferAmount(offer.amount, "offer.amount");
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
+  try {
+    parseTarget(offer.paymentServerAddress);
+  } catch (e) {
+    if (e instanceof InvalidTarget) throw invalidField("offer.payment_server_address", e.message);
+    throw e;
+  }
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
   requireConfirmationMode(offer.confirmationMode, "offer.confirmation_mode");
   if (offer.keyNonce.length !== 16) throw invalidField("offer.key_nonce", "must be 16 bytes");

@@ -17,8 +17,10 @@ import { deadlineMiddleware, type DeadlineOptions } from "nice-grpc-client-middl
 import { errorDetailsClientMiddleware } from "nice-grpc-error-details";
 import type { Kind } from "../pki/identity.js";
 import type { ChannelSecurity, Security } from "../pki/security.js";
-import { resolve as resolvePath } from "node:path";
+import { grpcTarget, isLoopback, isReplicated, parseTarget, replicasServiceConfig } from "./balancing.js";
 import { channelCredentials } from "./tls.js";
+
+export { InvalidTarget, parseTarget, unixSocketPath } from "./balancing.js";
 
 /** The standard grpc-timeout value for `ms` (at most 8 digits, then a coarser unit). */
 function grpcTimeout(ms: number): string {
@@ -40,40 +42,46 @@ const grpcTimeoutMiddleware: ClientMiddleware<DeadlineOptions> = async function*
   return yield* call.next(call.request, { ...options, metadata });
 };
 
-/** The path of a `unix:PATH` or `unix:///ABSOLUTE_PATH` address (gRPC's names for a Unix domain socket), made absolute; undefined for host:port. */
-export function unixSocketPath(address: string): string | undefined {
-  if (address.startsWith("unix://")) return resolvePath(address.slice("unix://".length));
-  if (address.startsWith("unix:")) return resolvePath(address.slice("unix:".length));
-  return undefined;
-}
-
 /**
  * A channel to `address`: TLS checking the server's certificate (and
  * presenting ours, inside the operator's network), or plaintext when the
  * process runs --insecure.
+ *
+ * `address` is one server (`HOST:PORT`, `unix:PATH`), as always; or replicas
+ * of one server: `dns:///NAME:PORT` (every address NAME resolves to) or a
+ * list `IP:PORT,IP:PORT,…` (also `ipv4:…`/`ipv6:…`). Replicas get calls in
+ * turn (round_robin), each call one replica; one whose health
+ * (grpc.health.v1, of the server as a whole: RunningServer.setServing) is
+ * not SERVING, or that cannot be reached, gets none until it is back.
+ * Each replica proves the name it is reached by: NAME for dns:, its own
+ * address for a list (localhost on loopback). Throws InvalidTarget for an
+ * address that names no server.
  */
 export function openChannel(address: string, security: ChannelSecurity, opts: { maxMessageBytes?: number } = {}): Channel {
   const max = opts.maxMessageBytes ?? 64 * 1024;
-  // TLS names no server by an IP address (RFC 6066): on loopback the certificate's "localhost" is the name checked.
-  const loopback = /^(127\.0\.0\.1|\[::1\]):/.test(address);
-  // A Unix socket (unix:PATH) goes to grpc-js as unix:///ABSOLUTE_PATH, the form nice-grpc passes on unchanged.
-  const socket = unixSocketPath(address);
-  return createChannel(
-    socket !== undefined ? `unix://${socket}` : address,
-    "tls" in security ? channelCredentials(security.tls) : ChannelCredentials.createInsecure(),
-    {
-      ...("tls" in security && loopback ? { "grpc.ssl_target_name_override": "localhost" } : {}),
-      "grpc.max_receive_message_length": max,
-      "grpc.max_send_message_length": max,
-      "grpc.keepalive_time_ms": 30_000,
-      "grpc.keepalive_timeout_ms": 10_000,
-      "grpc.enable_retries": 0, // retries are the caller's, by transaction id
-      // A server back after an outage is reached within a second or two: a caller's own retries
-      // (a few seconds at most) must not all fall inside the channel's reconnect back-off.
-      "grpc.initial_reconnect_backoff_ms": 250,
-      "grpc.max_reconnect_backoff_ms": 1_000,
-    },
-  );
+  const target = parseTarget(address);
+  const tls = "tls" in security;
+  // The one name a channel's TLS checks (a list's backends are named one by one by the balancing policy).
+  const host = target.kind === "address" ? /^(127\.0\.0\.1|\[::1\]):/.exec(address)?.[1] : target.kind === "dns" ? target.host : undefined;
+  return createChannel(grpcTarget(target), tls ? channelCredentials(security.tls) : ChannelCredentials.createInsecure(), {
+    ...(tls && host !== undefined && isLoopback(host) ? { "grpc.ssl_target_name_override": "localhost" } : {}),
+    ...(isReplicated(target)
+      ? {
+          "grpc.service_config": replicasServiceConfig(target, ""),
+          // The balancing is ours to say, not a DNS TXT record's.
+          "grpc.service_config_disable_resolution": 1,
+        }
+      : {}),
+    "grpc.max_receive_message_length": max,
+    "grpc.max_send_message_length": max,
+    "grpc.keepalive_time_ms": 30_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+    "grpc.enable_retries": 0, // retries are the caller's, by transaction id
+    // A server back after an outage is reached within a second or two: a caller's own retries
+    // (a few seconds at most) must not all fall inside the channel's reconnect back-off.
+    "grpc.initial_reconnect_backoff_ms": 250,
+    "grpc.max_reconnect_backoff_ms": 1_000,
+  });
 }
 
 /**

@@ -214,6 +214,14 @@ export interface RunningServer {
   /** The TCP port bound (0 on a Unix socket). */
   port: number;
   health: HealthState;
+  /**
+   * Says whether this server can serve now, in its health (the server as a
+   * whole, "", and each of its services): a service that lost what it needs
+   * (its database, say) says false, and clients that reach it among replicas
+   * (lib/grpc/client.ts openChannel) send their calls to the others until it
+   * says true again. Logged when it changes, with `why`.
+   */
+  setServing(serving: boolean, why?: string): void;
   /** Connections open now (for operators and tests). */
   connections(): Promise<number>;
   shutdown(): Promise<void>;
@@ -291,6 +299,10 @@ export async function startGrpcServer(p: {
     names.push(s.fullName);
     health.setStatus("healthy", s.fullName);
   }
+  const setServing = (serving: boolean, why?: string) => {
+    if ((health.getStatus("") === "healthy") !== serving) p.log[serving ? "info" : "warn"](serving ? "serving again" : "not serving", { why });
+    for (const n of ["", ...names]) health.setStatus(serving ? "healthy" : "unhealthy", n);
+  };
   const open = { all: "public" } as const;
   addService(server, HealthDefinition, HealthServiceImpl(health), middleware(open));
   addService(server, ServerReflectionService, ServerReflection(reflectionDescriptorSet(), [...names, "grpc.health.v1.Health"]), middleware(open));
@@ -361,9 +373,10 @@ export async function startGrpcServer(p: {
     address,
     port,
     health,
+    setServing,
     connections: () => new Promise((resolve, reject) => tcp.getConnections((e, n) => (e ? reject(e) : resolve(n)))),
     async shutdown() {
-      for (const n of names) health.setStatus("unhealthy", n);
+      for (const n of ["", ...names]) health.setStatus("unhealthy", n);
       clearInterval(dropLog);
       tcp.close();
       // Give in-flight calls a moment, then cut long-lived streams.
