@@ -38,7 +38,7 @@ export interface ConcentratorOptions {
   psamRegistry?: ReadonlyMap<string, string>;
   /** A lease held longer than this is taken back from its payment server. */
   maxLeaseMs: number;
-  /** Most PSAMs one payment server may hold at once (beside its fair share of the pool when several are connected). */
+  /** Most PSAMs one payment server (one identity, all its replicas' streams together) may hold at once (beside its fair share of the pool when several are connected). */
   maxLeasesPerPaymentServer: number;
   /** A job that waited this long at the concentrator without reaching its terminal is answered, not sent. */
   queuedJobTtlMs: number;
@@ -74,7 +74,10 @@ interface TerminalConn {
 interface PaymentServerConn {
   peer: Peer;
   streamId: string;
+  /** Its identity, as its certificate proves it: what owns debits and what the pool is shared by. */
   id: string;
+  /** The replica the stream says it is ("" for a payment server that runs alone): a label, it grants nothing. */
+  replica: string;
   connectedAt: Date;
   inFlight: number;
   out: AsyncQueue<ConnectPaymentServerResponse>;
@@ -144,6 +147,9 @@ class Keepalive {
 }
 
 const slotKey = (terminalId: string, psamHex: string) => `${terminalId}/${psamHex}`;
+
+/** A payment server stream as logs and messages name it. */
+const nameOf = (p: { id: string; replica: string }) => (p.replica ? `${p.id} (replica ${p.replica})` : p.id);
 
 /** A PSAM that failed or was taken out of its reader takes no jobs. */
 const outOfPool = (s: PsamSlot) => s.state === PsamSlotState.PSAM_SLOT_STATE_FAILED || s.state === PsamSlotState.PSAM_SLOT_STATE_EMPTY;
@@ -276,8 +282,10 @@ export class Concentrator {
    * A second stream under the identity of an attached terminal or connected
    * payment server replaces the first only when the first cannot prove it is
    * alive: it is pinged, and an answer within the proof time keeps it (the
-   * newcomer is refused). One stream per identity: a copy of a certificate
-   * cannot double a peer's share of the pool, nor evict it.
+   * newcomer is refused). One stream per terminal identity, and per payment
+   * server identity and replica id: a copy of a certificate cannot evict a
+   * live peer, and the pool's share is per identity however many replicas
+   * it names (leaseCap).
    */
   private async admitSecond<C extends { keepalive: Keepalive }>(
     what: string,
@@ -315,8 +323,8 @@ export class Concentrator {
     }
   }
 
-  private paymentServerNamed(id: string): PaymentServerConn | undefined {
-    for (const p of this.paymentServers.values()) if (p.id === id) return p;
+  private paymentServerNamed(id: string, replica: string): PaymentServerConn | undefined {
+    for (const p of this.paymentServers.values()) if (p.id === id && p.replica === replica) return p;
     return undefined;
   }
 
@@ -428,6 +436,8 @@ export class Concentrator {
         if (m.$case !== "hello") throw new ServerError(Status.INVALID_ARGUMENT, "the first message on ConnectPaymentServer must be a PaymentServerHello");
         if (!isName(m.value.paymentServerId, 64))
           throw new ServerError(Status.INVALID_ARGUMENT, "payment_server_id must be 1..64 characters of [A-Za-z0-9._-]");
+        const replica = m.value.replicaId;
+        if (replica !== "" && !isName(replica, 64)) throw invalidField("replica_id", "must be empty or 1..64 characters of [A-Za-z0-9._-]");
         if (peer.proven && peer.id !== m.value.paymentServerId) {
           this.o.log.warn("refused a payment server claiming another's identity", { claimed: m.value.paymentServerId, certificate: peer.id });
           throw new NetpurseError(
@@ -440,8 +450,8 @@ export class Concentrator {
         hello = true;
         this.admitSecond(
           "payment server",
-          id,
-          () => this.paymentServerNamed(id),
+          nameOf({ id, replica }),
+          () => this.paymentServerNamed(id, replica),
           (stale) => {
             this.disconnectPaymentServer(stale);
             stale.out.close();
@@ -449,7 +459,7 @@ export class Concentrator {
           out,
         ).then(
           (admitted) => {
-            if (admitted && !out.closed) conn = this.registerPaymentServer(id, peer, out);
+            if (admitted && !out.closed) conn = this.registerPaymentServer(id, replica, peer, out);
           },
           (e: unknown) => out.close(e instanceof Error ? e : new Error(String(e))),
         );
@@ -474,11 +484,12 @@ export class Concentrator {
     });
   }
 
-  private registerPaymentServer(id: string, peer: Peer, out: AsyncQueue<ConnectPaymentServerResponse>): PaymentServerConn {
+  private registerPaymentServer(id: string, replica: string, peer: Peer, out: AsyncQueue<ConnectPaymentServerResponse>): PaymentServerConn {
     const conn: PaymentServerConn = {
       peer,
       streamId: randomUUID(),
       id,
+      replica,
       connectedAt: new Date(),
       inFlight: 0,
       out,
@@ -496,7 +507,7 @@ export class Concentrator {
       },
     });
     for (const t of this.terminals.values()) out.push({ message: { $case: "poolUpdate", value: { terminal: this.info(t, conn), detachedTerminalId: "" } } });
-    this.o.log.info("payment server connected", { paymentServer: id });
+    this.o.log.info("payment server connected", { paymentServer: id, ...(replica ? { replica } : {}) });
     return conn;
   }
 
@@ -513,7 +524,7 @@ export class Concentrator {
       if (t) freed.add(t);
     }
     for (const t of freed) this.broadcast(t);
-    this.o.log.info("payment server disconnected", { paymentServer: conn.id });
+    this.o.log.info("payment server disconnected", { paymentServer: conn.id, ...(conn.replica ? { replica: conn.replica } : {}) });
   }
 
   private route(from: PaymentServerConn, job: PsamJob): void {
@@ -546,12 +557,15 @@ export class Concentrator {
     }
     const key = slotKey(t.id, psamHex);
     const lease = this.leases.get(key);
-    if (lease && lease.holder !== from) return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `PSAM ${psamHex} is leased to payment server ${lease.holder.id}`);
+    // One stream at a time, even among replicas of one identity: each replica leases PSAMs for its own transactions.
+    if (lease && lease.holder !== from)
+      return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `PSAM ${psamHex} is leased to payment server ${nameOf(lease.holder)}`);
     if (!lease) {
-      const held = this.leasesOf(from);
+      // Per identity, over all its replicas' streams: replica ids are not proven, so more of them must not mean more PSAMs.
+      const held = this.leasesOfIdentity(from.id);
       const cap = this.leaseCap();
       if (held >= cap) {
-        this.o.log.warn("refused a lease beyond the payment server's share of the pool", { paymentServer: from.id, held, cap });
+        this.o.log.warn("refused a lease beyond the payment server's share of the pool", { paymentServer: nameOf(from), held, cap });
         return fail(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY, `payment server ${from.id} holds ${held} PSAMs, its share of the pool; release one first`);
       }
       this.leases.set(key, { holder: from, since: Date.now() });
@@ -583,10 +597,18 @@ export class Concentrator {
     return n;
   }
 
+  /** Leases held by every stream of one payment server identity. */
+  private leasesOfIdentity(id: string): number {
+    let n = 0;
+    for (const l of this.leases.values()) if (l.holder.id === id) n++;
+    return n;
+  }
+
   /**
-   * The most PSAMs one payment server may hold: the configured maximum, and
-   * with several payment servers connected their fair share of the pool,
-   * so that one of them (a hostile one, say) cannot starve the others.
+   * The most PSAMs one payment server identity may hold, all its replicas
+   * together: the configured maximum, and with several identities
+   * connected their fair share of the pool, so that one of them (a hostile
+   * one, say) cannot starve the others.
    */
   private leaseCap(): number {
     const servers = new Set([...this.paymentServers.values()].map((p) => p.id)).size;
@@ -607,7 +629,12 @@ export class Concentrator {
       const busy = t && [...t.inFlight.values()].some((r) => r.from === lease.holder && hexOf(r.job.psamId?.value) === psam);
       if (busy) continue;
       this.leases.delete(key);
-      this.o.log.warn("took back a lease held too long", { paymentServer: lease.holder.id, psam: key, heldMs: now - lease.since, maxMs: this.o.maxLeaseMs });
+      this.o.log.warn("took back a lease held too long", {
+        paymentServer: nameOf(lease.holder),
+        psam: key,
+        heldMs: now - lease.since,
+        maxMs: this.o.maxLeaseMs,
+      });
       if (t) changed.add(t);
     }
     for (const t of changed) this.broadcast(t);
@@ -622,7 +649,7 @@ export class Concentrator {
     };
     const end = new NetpurseError(Status.UNAUTHENTICATED, ErrorReason.ERROR_REASON_UNAUTHENTICATED, "your certificate has been revoked");
     for (const t of this.terminals.values()) if (revoked(t.peer, `terminal ${t.id}`)) t.out.close(end);
-    for (const p of this.paymentServers.values()) if (revoked(p.peer, `payment server ${p.id}`)) p.out.close(end);
+    for (const p of this.paymentServers.values()) if (revoked(p.peer, `payment server ${nameOf(p)}`)) p.out.close(end);
   }
 
   /** Answers jobs that waited in a terminal's queue too long: they were never sent, so another PSAM may take them. */
@@ -770,6 +797,7 @@ export class Concentrator {
       terminals: [...this.terminals.values()].map((t) => this.info(t)),
       paymentServers: [...this.paymentServers.values()].map((p) => ({
         paymentServerId: p.id,
+        replicaId: p.replica,
         connectedAt: p.connectedAt,
         jobsInFlight: p.inFlight,
         psamsLeased: this.leasesOf(p),

@@ -24,7 +24,8 @@ await runService({
     `  --keepalive-ms N         ping interval on every stream (default ${D.keepaliveIntervalMs})`,
     `  --ps-window N            most jobs in flight per payment server (default ${D.paymentServerWindow})`,
     `  --max-lease-ms N         a PSAM lease held longer is taken back (default ${D.maxLeaseMs})`,
-    `  --max-leases N           most PSAMs one payment server holds at once, besides its fair share (default ${D.maxLeasesPerPaymentServer})`,
+    `  --max-leases N           most PSAMs one payment server (its replicas together) holds at once, besides its fair share
+                           (default ${D.maxLeasesPerPaymentServer})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
     SECURITY_HELP,
   ].join("\n"),

@@ -11,6 +11,8 @@ import { dataDir, defaultAddress } from "../../lib/config.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { hexOf, merchantId as merchantIdOf, psamId as psamIdOf, txnId } from "../../lib/ids.js";
 import { formatMoney } from "../../lib/money.js";
+import { addressList } from "../../lib/address-list.js";
+import { closeBatchesAtEvery, listAtEvery } from "../concentrator/at-every.js";
 import { table } from "../../lib/table.js";
 import { registerBank, registerMerchant } from "./operator.js";
 import { ClearingServiceDefinition, type Batch } from "../../gen/netpurse/clearing/v1/clearing.js";
@@ -35,6 +37,15 @@ import {
 /** An operator's own certificate (DATA/pki/operator/ID.crt, default ID "operator"), or --insecure. */
 const OPERATOR_OPTIONS = { data: { type: "string" }, pki: { type: "string" }, as: { type: "string" }, insecure: { type: "boolean" } } as const;
 const OPERATOR_USAGE = "[--as OPERATOR-ID] [--pki DIR (default DATA/pki)] [--insecure]";
+
+/** The concentrators of --concentrator (one address, or several separated by commas), each a client with its channel to close. */
+async function concentratorsOf(v: Record<string, unknown>) {
+  const security = await operatorChannel(v, "concentrator");
+  return addressList(str(v.concentrator, defaultAddress("concentrator")), "concentrator address").map((address) => {
+    const channel = openChannel(address, security, { maxMessageBytes: 256 * 1024 });
+    return { address, client: clientFactory().create(TerminalConcentratorServiceDefinition, channel), close: () => channel.close() };
+  });
+}
 
 /** The clearing service's options: where it is, and the operator's identity. */
 const CLEARING_OPTIONS = { clearing: { type: "string" }, ...OPERATOR_OPTIONS } as const;
@@ -174,31 +185,38 @@ await runCommands(
     },
     {
       name: "terminals",
-      summary: "Show the terminal hosts attached to the concentrator, their PSAMs and their state.",
-      usage: `[--concentrator HOST:PORT] (default ${defaultAddress("concentrator")}) ${OPERATOR_USAGE}`,
+      summary: "Show the terminal hosts attached to the concentrators, their PSAMs and their state, and the payment servers' streams.",
+      usage: `[--concentrator HOST:PORT[,HOST:PORT...]] (default ${defaultAddress("concentrator")}) ${OPERATOR_USAGE}`,
       options: { concentrator: { type: "string" }, ...OPERATOR_OPTIONS },
       async run(v) {
-        const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), await operatorChannel(v, "concentrator"), {
-          maxMessageBytes: 256 * 1024,
-        });
+        const at = await concentratorsOf(v);
         try {
-          const r = await clientFactory().create(TerminalConcentratorServiceDefinition, channel).listTerminals({}, { deadline: CLI_DEADLINE_MS });
-          const rows = r.terminals.flatMap((t) =>
-            t.slots.map((s) => [
-              t.terminalId,
-              String(s.slot),
-              hexOf(s.psamId?.value),
-              PsamSlotState[s.state].replace("PSAM_SLOT_STATE_", ""),
-              String(s.psamCounter),
-              String(s.pendingDebits.length),
-              String(s.batchCount),
-              s.reader || "(software)",
-            ]),
+          const { lists, unanswered } = await listAtEvery(at, { deadline: CLI_DEADLINE_MS });
+          const several = at.length > 1;
+          const rows = lists.flatMap(({ address, list }) =>
+            list.terminals.flatMap((t) =>
+              t.slots.map((s) => [
+                ...(several ? [address] : []),
+                t.terminalId,
+                String(s.slot),
+                hexOf(s.psamId?.value),
+                PsamSlotState[s.state].replace("PSAM_SLOT_STATE_", ""),
+                String(s.psamCounter),
+                String(s.pendingDebits.length),
+                String(s.batchCount),
+                s.reader || "(software)",
+              ]),
+            ),
           );
-          console.log(table(["terminal", "slot", "PSAM", "state", "counter", "open debits", "batch", "reader"], rows));
-          for (const p of r.paymentServers) console.log(`payment server ${p.paymentServerId}: ${p.jobsInFlight} jobs in flight, ${p.psamsLeased} PSAMs leased`);
+          console.log(table([...(several ? ["concentrator"] : []), "terminal", "slot", "PSAM", "state", "counter", "open debits", "batch", "reader"], rows));
+          for (const { address, list } of lists)
+            for (const p of list.paymentServers)
+              console.log(
+                `payment server ${p.paymentServerId}${p.replicaId ? ` replica ${p.replicaId}` : ""}${several ? ` at ${address}` : ""}: ${p.jobsInFlight} jobs in flight, ${p.psamsLeased} PSAMs leased`,
+              );
+          for (const u of unanswered) console.log(`concentrator ${u.address} did not answer: ${u.error}`);
         } finally {
-          channel.close();
+          for (const c of at) c.close();
         }
       },
     },
@@ -209,21 +227,20 @@ await runCommands(
         "Each host closes the batches (an empty one is left open: it uses no batch number), keeps them in its",
         "outbox and sends them to clearing at once. Prints each batch closed.",
       ].join("\n"),
-      usage: `[--terminal ID] [--psam HEX] [--concentrator HOST:PORT] (default ${defaultAddress("concentrator")}) ${OPERATOR_USAGE}`,
+      usage: `[--terminal ID] [--psam HEX] [--concentrator HOST:PORT[,HOST:PORT...]] (default ${defaultAddress("concentrator")}) ${OPERATOR_USAGE}`,
       options: { terminal: { type: "string" }, psam: { type: "string" }, concentrator: { type: "string" }, ...OPERATOR_OPTIONS },
       async run(v) {
         const psam = typeof v.psam === "string" ? v.psam.toLowerCase() : undefined;
         if (psam !== undefined && !/^[0-9a-f]{8}$/.test(psam)) throw new UsageError(`--psam must be a PSAM id of 8 hex digits, got ${JSON.stringify(v.psam)}`);
-        const channel = openChannel(str(v.concentrator, defaultAddress("concentrator")), await operatorChannel(v, "concentrator"), {
-          maxMessageBytes: 256 * 1024,
-        });
+        const at = await concentratorsOf(v);
         try {
-          const r = await clientFactory()
-            .create(TerminalConcentratorServiceDefinition, channel)
-            .closeBatches(
-              { terminalId: str(v.terminal, ""), psamId: psam === undefined ? undefined : { value: Buffer.from(psam, "hex") } },
-              { deadline: CLI_DEADLINE_MS },
-            );
+          // Each terminal host is attached to one concentrator of the list: every one is asked.
+          const { response: r, unanswered } = await closeBatchesAtEvery(
+            at,
+            { terminalId: str(v.terminal, ""), psamId: psam === undefined ? undefined : { value: Buffer.from(psam, "hex") } },
+            { deadline: CLI_DEADLINE_MS },
+          );
+          for (const u of unanswered) console.log(`concentrator ${u.address} did not answer (its terminal hosts' batches were not closed): ${u.error}`);
           const rows = r.closed.map((b) => [b.terminalId, hexOf(b.psamId?.value), String(b.batchNumber), String(b.count), b.total ? formatMoney(b.total) : ""]);
           console.log(rows.length ? table(["terminal", "PSAM", "batch", "records", "total (minor units)"], rows) : "no batch closed");
           for (const n of r.notClosed) {
@@ -232,7 +249,7 @@ await runCommands(
           }
           if (rows.length) console.log("the terminal hosts send the closed batches to clearing now");
         } finally {
-          channel.close();
+          for (const c of at) c.close();
         }
       },
     },

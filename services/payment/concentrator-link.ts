@@ -1,16 +1,27 @@
-// The payment server's stream to the concentrator (ConnectPaymentServer):
-// it feeds the PSAM pool (psam-pool.ts) with the terminals the concentrator
-// announces, carries PSAM jobs to leased PSAMs and brings their results back,
-// and gives leases back at the concentrator.
+// The payment server's streams to the concentrators (ConnectPaymentServer),
+// one to each of a list: they feed the one PSAM pool (psam-pool.ts) with
+// the terminals the concentrators announce, carry PSAM jobs to leased PSAMs
+// through the concentrator each terminal host is attached to now and bring
+// their results back, and give leases back at the concentrators.
+//
+// A terminal host is attached to one concentrator at a time, but while it
+// moves two may announce it: the old one until it notices the stream ended
+// (or the payment server's stream to it ends), the new one from the host's
+// new attach; and the two announcements reach us in either order. So each
+// stream keeps its own view of its terminals, and the pool sees a terminal
+// as the concentrator it attached to last shows it (the later attached_at):
+// a late "detached" from the old one neither takes it out of the pool nor
+// counts it twice.
 
 import type { Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { randomUUID } from "node:crypto";
+import { addressList } from "../../lib/address-list.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import type { ChannelSecurity } from "../../lib/pki/security.js";
-import { hexOf, psamId as toPsamId } from "../../lib/ids.js";
+import { hexOf, isName, psamId as toPsamId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import {
   PsamJobStatus,
@@ -43,93 +54,122 @@ const terminalSlots = (t: TerminalInfo): TerminalSlots => {
   return { terminalId: t.terminalId, slots: [...byPsam.values()] };
 };
 
-/** The payment server's stream to the concentrator, reconnected with back-off. */
+/** A terminal as one concentrator announced it last. */
+interface Announced {
+  info: TerminalInfo;
+  /** Its attach at that concentrator (ms since the epoch, the concentrator's clock). */
+  attachedAt: number;
+  /** When we learnt of that attach, in our order of announcements: breaks a tie of attachedAt. */
+  seq: number;
+}
+
+/** Our stream to one concentrator. */
+interface Upstream {
+  address: string;
+  /** The outgoing side while welcomed; undefined between streams. */
+  out: AsyncQueue<ConnectPaymentServerRequest> | undefined;
+  /** Jobs sent on this stream and not answered yet. */
+  pending: Map<string, { resolve(r: PsamJobResult): void; timer: NodeJS.Timeout; job: PsamJob }>;
+  /** The terminals attached there, as it announced them. */
+  terminals: Map<string, Announced>;
+}
+
+/** The payment server's streams to its concentrators, each reconnected with back-off. */
 export class ConcentratorLink {
-  private out: AsyncQueue<ConnectPaymentServerRequest> | undefined;
-  private readonly pending = new Map<string, { resolve(r: PsamJobResult): void; timer: NodeJS.Timeout; job: PsamJob }>();
+  private readonly upstreams: Upstream[];
   private stopped = false;
   private readonly abort = new AbortController();
-  private loop: Promise<void> | undefined;
+  private loops: Promise<void>[] = [];
   private readyResolve!: () => void;
   private ready = new Promise<void>((r) => (this.readyResolve = r));
+  private announcements = 0;
 
   constructor(
     private readonly o: {
+      /** The concentrators: one address, or several separated by commas. */
       address: string;
-      /** TLS to the concentrator, as this payment server's identity. */
+      /** TLS to the concentrators, as this payment server's identity. */
       channel: ChannelSecurity;
       paymentServerId: string;
+      /** Which replica of the payment server this is (empty when it runs alone): named in each hello. */
+      replicaId?: string;
       pool: PsamPool;
       log: Logger;
-      /** Called for every terminal the concentrator announces (attach or change). */
+      /** Called for every terminal the concentrators announce (attach or change), as the one it is attached to shows it. */
       onTerminal(t: TerminalInfo): void;
       /** Called with the PSAM state of a result that came after we gave up on its job. */
       onLateResult(terminalId: string, slot: PsamSlot): void;
     },
-  ) {}
-
-  start(): void {
-    this.loop = this.run();
+  ) {
+    if (o.replicaId && !isName(o.replicaId, 64)) throw new Error(`replica id ${JSON.stringify(o.replicaId)}: 1..64 characters of [A-Za-z0-9._-]`);
+    this.upstreams = addressList(o.address, "concentrator address").map((address) => ({ address, out: undefined, pending: new Map(), terminals: new Map() }));
   }
 
+  start(): void {
+    this.loops = this.upstreams.map((u) => this.run(u));
+  }
+
+  /** Resolves once at least one concentrator has welcomed us. */
   whenReady(): Promise<void> {
     return this.ready;
+  }
+
+  /** How many concentrators we hold a welcomed stream to now. */
+  connectedCount(): number {
+    return this.upstreams.filter((u) => u.out).length;
   }
 
   async close(): Promise<void> {
     this.stopped = true;
     this.abort.abort();
-    await this.loop?.catch(() => undefined);
+    await Promise.all(this.loops.map((l) => l.catch(() => undefined)));
   }
 
-  private async run(): Promise<void> {
-    const channel = openChannel(this.o.address, this.o.channel, { maxMessageBytes: 256 * 1024 });
+  private async run(u: Upstream): Promise<void> {
+    const channel = openChannel(u.address, this.o.channel, { maxMessageBytes: 256 * 1024 });
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
     await keepConnected({
-      what: "concentrator",
-      session: () => this.session(client),
+      what: `concentrator ${u.address}`,
+      session: () => this.session(u, client),
       stopped: () => this.stopped,
       log: this.o.log,
       afterSession: () => {
-        this.failAll("the stream to the concentrator ended before the terminal answered");
-        this.o.pool.clear(); // the concentrator announces the pool afresh on the next stream
+        this.failAll(u, `the stream to concentrator ${u.address} ended before the terminal answered`);
+        // It announces its pool afresh on the next stream; until then its terminals count only where another announces them.
+        for (const id of [...u.terminals.keys()]) this.forget(u, id);
       },
     });
     channel.close();
   }
 
-  private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
+  private async session(u: Upstream, client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
     const out = new AsyncQueue<ConnectPaymentServerRequest>();
-    out.push({ message: { $case: "hello", value: { paymentServerId: this.o.paymentServerId, window: 4096 } } });
+    out.push({ message: { $case: "hello", value: { paymentServerId: this.o.paymentServerId, window: 4096, replicaId: this.o.replicaId ?? "" } } });
     try {
       for await (const m of client.connectPaymentServer(out, { signal: this.abort.signal })) {
         const msg = m.message;
         if (!msg) continue;
         switch (msg.$case) {
           case "welcome":
-            this.out = out;
-            this.o.log.info("connected to the concentrator", { concentrator: msg.value.concentratorId });
+            u.out = out;
+            this.o.log.info("connected to the concentrator", { concentrator: msg.value.concentratorId, address: u.address });
             this.readyResolve();
             break;
           case "poolUpdate":
-            if (msg.value.terminal) {
-              this.o.pool.updateTerminal(terminalSlots(msg.value.terminal));
-              this.o.onTerminal(msg.value.terminal);
-            } else if (msg.value.detachedTerminalId) {
-              this.o.pool.removeTerminal(msg.value.detachedTerminalId);
-            }
+            if (msg.value.terminal) this.announce(u, msg.value.terminal);
+            else if (msg.value.detachedTerminalId) this.forget(u, msg.value.detachedTerminalId);
             break;
           case "result": {
-            const p = this.pending.get(msg.value.jobId);
+            const p = u.pending.get(msg.value.jobId);
             if (!p) {
               // Answered after we gave up on it: what the PSAM did shows in its state.
               if (msg.value.slot) {
-                this.o.pool.updateSlot(msg.value.terminalId, slotInfo(msg.value.slot));
+                if (this.routeOf(msg.value.terminalId) === u) this.o.pool.updateSlot(msg.value.terminalId, slotInfo(msg.value.slot));
                 this.o.onLateResult(msg.value.terminalId, msg.value.slot);
               }
               break;
             }
-            this.pending.delete(msg.value.jobId);
+            u.pending.delete(msg.value.jobId);
             clearTimeout(p.timer);
             p.resolve(msg.value);
             break;
@@ -140,16 +180,54 @@ export class ConcentratorLink {
         }
       }
     } finally {
-      if (this.out === out) this.out = undefined;
+      if (u.out === out) u.out = undefined;
       out.close();
     }
   }
 
-  private failAll(message: string): void {
-    for (const [id, p] of this.pending) {
+  /** A concentrator announced a terminal (attached or changed). */
+  private announce(u: Upstream, info: TerminalInfo): void {
+    const attachedAt = info.attachedAt?.getTime() ?? 0;
+    const known = u.terminals.get(info.terminalId);
+    // A change at the same attach keeps its place; a new attach there is news.
+    const seq = known && known.attachedAt === attachedAt ? known.seq : ++this.announcements;
+    u.terminals.set(info.terminalId, { info, attachedAt, seq });
+    if (this.routeOf(info.terminalId) !== u) return; // an older attach elsewhere: the host has left it
+    this.o.pool.updateTerminal(terminalSlots(info));
+    this.o.onTerminal(info);
+  }
+
+  /** A concentrator no longer has a terminal (it detached, or our stream there ended). */
+  private forget(u: Upstream, terminalId: string): void {
+    const wasRoute = this.routeOf(terminalId) === u;
+    if (!u.terminals.delete(terminalId) || !wasRoute) return;
+    const now = this.routeOf(terminalId);
+    if (!now) {
+      this.o.pool.removeTerminal(terminalId);
+      return;
+    }
+    // Attached elsewhere already: the pool takes that view, its leases kept.
+    const info = now.terminals.get(terminalId)!.info;
+    this.o.pool.updateTerminal(terminalSlots(info));
+    this.o.onTerminal(info);
+  }
+
+  /** The concentrator a terminal host is attached to now: of those announcing it, the one it attached to last. */
+  private routeOf(terminalId: string): Upstream | undefined {
+    let best: { u: Upstream; a: Announced } | undefined;
+    for (const u of this.upstreams) {
+      const a = u.terminals.get(terminalId);
+      if (!a) continue;
+      if (!best || a.attachedAt > best.a.attachedAt || (a.attachedAt === best.a.attachedAt && a.seq > best.a.seq)) best = { u, a };
+    }
+    return best?.u;
+  }
+
+  private failAll(u: Upstream, message: string): void {
+    for (const [id, p] of u.pending) {
       clearTimeout(p.timer);
       p.resolve(this.lost(p.job, message));
-      this.pending.delete(id);
+      u.pending.delete(id);
     }
   }
 
@@ -167,27 +245,38 @@ export class ConcentratorLink {
   }
 
   /**
-   * Sends one job to a leased PSAM and waits for its result. A job that gets
-   * no answer within `timeoutMs`, or whose stream breaks, ends as
+   * Sends one job to a leased PSAM, through the concentrator its terminal
+   * host is attached to now, and waits for its result. A job that gets no
+   * answer within `timeoutMs`, or whose stream breaks, ends as
    * TERMINAL_LOST: the PSAM may or may not have done it.
    */
   runJob(lease: Lease, job: Omit<PsamJob, "jobId" | "terminalId" | "psamId" | "paymentServerId">, timeoutMs: number): Promise<PsamJobResult> {
     // payment_server_id is the concentrator's to set, from this server's certificate.
     const full: PsamJob = { ...job, jobId: randomUUID(), terminalId: lease.terminalId, psamId: toPsamId(lease.psamId), paymentServerId: "" };
-    const out = this.out;
-    if (!out) return Promise.resolve({ ...this.lost(full, "not connected to the concentrator"), status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM });
+    const u = this.routeOf(lease.terminalId);
+    const out = u?.out;
+    if (!u || !out) {
+      const why = u ? `not connected to concentrator ${u.address}` : `terminal ${lease.terminalId} is attached to no concentrator we are connected to`;
+      return Promise.resolve({ ...this.lost(full, why), status: PsamJobStatus.PSAM_JOB_STATUS_NO_SUCH_PSAM });
+    }
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
-        this.pending.delete(full.jobId);
+        u.pending.delete(full.jobId);
         resolve(this.lost(full, `no answer from terminal ${lease.terminalId} within ${timeoutMs} ms`));
       }, timeoutMs);
-      this.pending.set(full.jobId, { resolve, timer, job: full });
+      u.pending.set(full.jobId, { resolve, timer, job: full });
       out.push({ message: { $case: "job", value: full } });
     });
   }
 
-  /** Gives a PSAM's lease back at the concentrator. */
+  /**
+   * Gives a PSAM's lease back: at every concentrator that shows its terminal
+   * (the one it is attached to now, and one it may have left without that
+   * concentrator knowing yet); each gives back only a lease of ours.
+   */
   release(l: Lease): void {
-    this.out?.push({ message: { $case: "release", value: { terminalId: l.terminalId, psamId: toPsamId(l.psamId) } } });
+    for (const u of this.upstreams) {
+      if (u.terminals.has(l.terminalId)) u.out?.push({ message: { $case: "release", value: { terminalId: l.terminalId, psamId: toPsamId(l.psamId) } } });
+    }
   }
 }

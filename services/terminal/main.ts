@@ -22,7 +22,8 @@ await runService({
   },
   help: [
     "  --id NAME                terminal id (default terminal-1)",
-    `  --concentrator HOST:PORT concentrator to dial (default ${defaultAddress("concentrator")})`,
+    `  --concentrator HOST:PORT[,HOST:PORT...]  concentrators to attach to, one at a time: when the stream ends or the
+                           attach fails, the next in the list, after a back-off (default ${defaultAddress("concentrator")})`,
     `  --clearing HOST:PORT     clearing service, where closed batches are sent (default ${defaultAddress("clearing")})`,
     "  --data DIR               netpurse data folder (default $NETPURSE_DATA or ./.data)",
     "  --dir DIR                this host's folder (default DATA/terminals/ID): terminal.db and psams/*.psam.json",

@@ -10,6 +10,7 @@ import { TERMINAL_MIGRATIONS } from "./store.js";
 export interface TerminalConfig {
   security: Security;
   terminalId: string;
+  /** The concentrators: one address, or several separated by commas (attached to one at a time, the next when its stream ends). */
   concentrator: string;
   /** The host's folder: terminal.db and psams/*.psam.json. */
   dir: string;

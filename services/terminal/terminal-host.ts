@@ -1,5 +1,6 @@
-// A terminal host: it holds PSAM slots, dials the concentrator, keeps one
-// long-lived stream, announces its slots and works off PSAM jobs one per
+// A terminal host: it holds PSAM slots, dials the concentrator (one of a
+// list at a time: when its stream ends or it cannot attach, the next), keeps
+// one long-lived stream, announces its slots and works off PSAM jobs one per
 // slot at a time. For a draw request it replays the card's responses to the
 // PSAM one by one, as if the card were in the slot (step 688), and it keeps
 // its own data store of recorded transactions, reversals and closed batches
@@ -19,6 +20,7 @@ import { ApduError, SW, swHex } from "../../lib/apdu/apdu.js";
 import { InProcessTransport, type CardTransport } from "../../lib/apdu/transport.js";
 import type { PcscReaders } from "../../lib/pcsc/readers.js";
 import { PcscTransport } from "../../lib/pcsc/transport.js";
+import { addressList } from "../../lib/address-list.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { keepConnected } from "../../lib/streams.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
@@ -54,6 +56,7 @@ import { TerminalStore, type ClosedBatchSummary } from "./store.js";
 
 export interface TerminalHostOptions {
   terminalId: string;
+  /** The concentrators: one address, or several separated by commas, attached to one at a time in turn. */
   concentratorAddress: string;
   /** TLS to the concentrator, as this terminal's identity. */
   security: Security;
@@ -113,6 +116,8 @@ export class TerminalHost {
   private connected: Promise<void>;
   private markConnected!: () => void;
   private loop: Promise<void> | undefined;
+  /** The concentrator of the current stream, once welcomed. */
+  private attachedTo: string | undefined;
   /** The current stream's outgoing side, for slot updates outside a job. */
   private out: AsyncQueue<AttachTerminalRequest> | undefined;
   private submitter: BatchSubmitter | undefined;
@@ -278,6 +283,11 @@ export class TerminalHost {
     return this.connected;
   }
 
+  /** The address of the concentrator the host is attached to now (welcomed); undefined between streams. */
+  concentrator(): string | undefined {
+    return this.attachedTo;
+  }
+
   async close(): Promise<void> {
     this.stopped = true;
     this.ageCheck?.stop();
@@ -287,15 +297,33 @@ export class TerminalHost {
     for (const s of this.slots) await s.transport.close();
   }
 
-  /** Connects, and reconnects with back-off whenever the stream ends. */
+  /**
+   * Attaches to one concentrator of the list at a time, and whenever the
+   * stream ends (or cannot be had) to the next, after the back-off: a
+   * concentrator that died leaves its hosts to the others, where their PSAMs
+   * appear to every payment server again. With one concentrator, the same
+   * one again.
+   */
   private async run(): Promise<void> {
-    const channel = openChannel(this.o.concentratorAddress, this.o.security.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 });
-    const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
-    await keepConnected({ what: "concentrator", session: () => this.session(client), stopped: () => this.stopped, log: this.o.log });
-    channel.close();
+    const concentrators = addressList(this.o.concentratorAddress, "concentrator address").map((address) => {
+      const channel = openChannel(address, this.o.security.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 });
+      return { address, channel, client: clientFactory().create(TerminalConcentratorServiceDefinition, channel) };
+    });
+    let next = 0;
+    await keepConnected({
+      what: "concentrator",
+      session: () => {
+        const c = concentrators[next]!;
+        next = (next + 1) % concentrators.length;
+        return this.session(c.client, c.address);
+      },
+      stopped: () => this.stopped,
+      log: this.o.log,
+    });
+    for (const c of concentrators) c.channel.close();
   }
 
-  private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>): Promise<void> {
+  private async session(client: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>, address: string): Promise<void> {
     const out = new AsyncQueue<AttachTerminalRequest>();
     this.out = out;
     // PSAMs in readers may come later: room for a few more than are in now.
@@ -310,7 +338,8 @@ export class TerminalHost {
         if (!msg) continue;
         switch (msg.$case) {
           case "welcome":
-            this.o.log.info("attached to the concentrator", { concentrator: msg.value.concentratorId, slots: this.slots.length });
+            this.attachedTo = address;
+            this.o.log.info("attached to the concentrator", { concentrator: msg.value.concentratorId, address, slots: this.slots.length });
             this.markConnected();
             break;
           case "ping":
@@ -336,6 +365,7 @@ export class TerminalHost {
         }
       }
     } finally {
+      if (this.attachedTo === address) this.attachedTo = undefined;
       out.close();
     }
   }

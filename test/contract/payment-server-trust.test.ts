@@ -35,7 +35,7 @@ class RoguePaymentServer {
 
   constructor(channel: Channel, id: string) {
     const client = clientFactory().create(TerminalConcentratorServiceDefinition, channel);
-    this.out.push({ message: { $case: "hello", value: { paymentServerId: id, window: 16 } } });
+    this.out.push({ message: { $case: "hello", value: { paymentServerId: id, window: 16, replicaId: "" } } });
     this.finished = (async () => {
       try {
         for await (const m of client.connectPaymentServer(this.out, { signal: this.abort.signal })) this.take(m);

@@ -10,6 +10,8 @@ import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { psamId } from "../../lib/ids.js";
+import { reasonOf } from "../../lib/grpc/errors.js";
+import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import {
   PsamJobStatus,
   PsamSlotState,
@@ -185,11 +187,13 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     return p;
   }
 
-  async function paymentServer(id: string, cert = id) {
+  /** A payment server stream `id` with its own certificate (or `cert`'s), as replica `replica` ("" for one that runs alone). */
+  async function paymentServer(id: string, cert = id, replica = "", answerPings = true) {
     const ps = await as("payment", cert);
     const p = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => ps.connectPaymentServer(out, { signal }));
     peers.push(p as Peer<unknown, unknown>);
-    p.send({ message: { $case: "hello", value: { paymentServerId: id, window: 16 } } });
+    p.send({ message: { $case: "hello", value: { paymentServerId: id, window: 16, replicaId: replica } } });
+    if (!answerPings) return p;
     const t = setInterval(() => {
       const k = p.received.findIndex((m) => m.message?.$case === "ping");
       const ping = k >= 0 ? p.received.splice(k, 1)[0] : undefined;
@@ -407,7 +411,7 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     const asTerminal = await as("terminal", "t1");
     const p = new Peer<ConnectPaymentServerRequest, PIn>((out, signal) => asTerminal.connectPaymentServer(out, { signal }));
     peers.push(p as Peer<unknown, unknown>);
-    p.send({ message: { $case: "hello", value: { paymentServerId: "payment-1", window: 16 } } });
+    p.send({ message: { $case: "hello", value: { paymentServerId: "payment-1", window: 16, replicaId: "" } } });
     expect(await endOf(p)).to.deep.include({ code: "PERMISSION_DENIED" });
     const impostor = await paymentServer("psB", "psA");
     expect((await endOf(impostor)).details).to.contain("you may connect only as psA");
@@ -521,5 +525,142 @@ describe("contract: netpurse.terminal.v1.TerminalConcentratorService", function 
     expect(await endOf(copy)).to.deep.include({ code: "ALREADY_EXISTS" });
     expect(first.ended).to.equal(null);
     expect((await client.listTerminals({})).paymentServers.map((p) => p.paymentServerId)).to.deep.equal(["psA"]);
+  });
+
+  // ---- replicas: one identity, one certificate, a stream each -----------------
+
+  const welcomed = (p: Peer<ConnectPaymentServerRequest, PIn>) => p.next((m): m is PIn => m.message?.$case === "welcome");
+  const streamsOf = async () =>
+    (await client.listTerminals({})).paymentServers
+      .map((p) => ({ id: p.paymentServerId, replica: p.replicaId, leased: p.psamsLeased }))
+      .sort((a, b) => a.replica.localeCompare(b.replica));
+
+  it("replicas of one payment server keep a stream each and lease a PSAM each, one stream at a time per PSAM, listed apart", async () => {
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const r1 = await paymentServer("psA", "psA", "r1");
+    const r2 = await paymentServer("psA", "psA", "r2");
+    await r1.next(isPool);
+    await r2.next(isPool);
+    r1.send({ message: { $case: "job", value: job("j1", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await r1.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    r2.send({ message: { $case: "job", value: job("j2", "t1", "00000001") } });
+    const busy = (await r2.next(isResult)).message.value;
+    expect(busy.status, "a PSAM is leased to one stream, even among replicas").to.equal(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY);
+    expect(busy.message).to.contain("psA (replica r1)");
+    r2.send({ message: { $case: "job", value: job("j3", "t1", "00000002") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await r2.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    expect(await streamsOf()).to.deep.equal([
+      { id: "psA", replica: "r1", leased: 1 },
+      { id: "psA", replica: "r2", leased: 1 },
+    ]);
+    // One replica's stream ends: its lease is back in the pool, the other replica's stays.
+    r1.close();
+    await waitFor(async () => (await streamsOf()).length === 1, 5_000, "r1's stream to go");
+    expect(await streamsOf()).to.deep.equal([{ id: "psA", replica: "r2", leased: 1 }]);
+    r2.send({ message: { $case: "job", value: job("j4", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await r2.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+  });
+
+  it("a payment server's share of the pool is per identity: a stream under a made-up replica id leases nothing more", async () => {
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const a = await paymentServer("psA", "psA", "r1");
+    const b = await paymentServer("psB");
+    await a.next(isPool);
+    await b.next(isPool);
+    a.send({ message: { $case: "job", value: job("a1", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await a.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    // psA's certificate, copied, with a replica id of its own making: two identities, two PSAMs, one each.
+    const copy = await paymentServer("psA", "psA", "made-up");
+    await copy.next(isPool);
+    copy.send({ message: { $case: "job", value: job("c1", "t1", "00000002") } });
+    const refused = (await copy.next(isResult)).message.value;
+    expect(refused.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY);
+    expect(refused.message).to.contain("holds 1 PSAMs, its share of the pool");
+    b.send({ message: { $case: "job", value: job("b1", "t1", "00000002") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await b.next(isResult)).message.value.status, "the other identity still gets its share").to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    const leased = (await streamsOf()).reduce((n, p) => n + (p.id === "psA" ? p.leased : 0), 0);
+    expect(leased).to.equal(1);
+  });
+
+  it("the most leases per payment server count every replica's stream of the identity", async () => {
+    await c.close();
+    c = await startConcentrator({
+      security: await security.of("concentrator", "concentrator-1"),
+      psamRegistry: join(dir, "psams.json"),
+      listen: "127.0.0.1:0",
+      keepaliveIntervalMs: 300,
+      maxLeasesPerPaymentServer: 1,
+    });
+    clients.clear();
+    client = await as("operator", "operator");
+    const t = await terminal("t1", [slot(0, "00000001"), slot(1, "00000002")]);
+    const r1 = await paymentServer("psA", "psA", "r1");
+    const r2 = await paymentServer("psA", "psA", "r2");
+    await r1.next(isPool);
+    await r2.next(isPool);
+    r1.send({ message: { $case: "job", value: job("j1", "t1", "00000001") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await r1.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+    r2.send({ message: { $case: "job", value: job("j2", "t1", "00000002") } });
+    expect((await r2.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY);
+    r1.send({ message: { $case: "release", value: { terminalId: "t1", psamId: psamId("00000001") } } });
+    await waitFor(async () => (await streamsOf()).every((p) => p.leased === 0), 5_000, "r1's release");
+    r2.send({ message: { $case: "job", value: job("j3", "t1", "00000002") } });
+    answer(t, (await t.next(isJob)).message.value);
+    expect((await r2.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
+  });
+
+  it("a second stream with the same replica id is refused while the first answers its pings, and replaces one that does not", async () => {
+    const first = await paymentServer("psA", "psA", "r1");
+    await welcomed(first);
+    const same = await paymentServer("psA", "psA", "r1");
+    const end = await endOf(same);
+    expect(end.code).to.equal("ALREADY_EXISTS");
+    expect(end.details).to.contain("psA (replica r1) is connected and answers its pings");
+    expect(first.ended).to.equal(null);
+    const other = await paymentServer("psA", "psA", "r2");
+    await welcomed(other);
+    const alone = await paymentServer("psA"); // no replica id: a stream of its own too
+    await welcomed(alone);
+    expect((await streamsOf()).map((p) => p.replica)).to.deep.equal(["", "r1", "r2"]);
+    const silent = await paymentServer("psA", "psA", "r3", false);
+    await welcomed(silent);
+    const restarted = await paymentServer("psA", "psA", "r3");
+    await welcomed(restarted); // after the liveness proof time (2 s)
+    await waitFor(() => silent.ended !== null, 5_000, "the silent stream to be replaced");
+    expect((await streamsOf()).map((p) => p.replica)).to.deep.equal(["", "r1", "r2", "r3"]);
+  });
+
+  it("refuses a malformed replica_id with INVALID_ARGUMENT (INVALID_FIELD)", async () => {
+    for (const bad of ["r 1", "x".repeat(65), "r/1"]) {
+      const p = await paymentServer("psA", "psA", bad);
+      await waitFor(() => p.ended !== null, 5_000, "the stream to end");
+      expect((p.ended as ClientError).code).to.equal(Status.INVALID_ARGUMENT);
+      expect(reasonOf(p.ended)).to.equal(ErrorReason.ERROR_REASON_INVALID_FIELD);
+      expect((p.ended as ClientError).details).to.contain("replica_id");
+    }
+    expect(await streamsOf()).to.deep.equal([]);
+  });
+
+  it("any replica may reverse a debit its identity issued; another payment server may not (NOT_ALLOWED), and sees none of it", async () => {
+    const pending = { psamCounter: 7, transactionId: undefined, amount: undefined, paymentServerId: "psA" };
+    const t = await terminal("t1", [{ ...slot(0, "00000001"), pendingDebits: [pending] }]);
+    const r2 = await paymentServer("psA", "psA", "r2");
+    const b = await paymentServer("psB");
+    expect((await r2.next(isPool)).message.value.terminal?.slots[0]?.pendingDebits.map((p) => p.psamCounter)).to.deep.equal([7]);
+    expect((await b.next(isPool)).message.value.terminal?.slots[0]?.pendingDebits).to.deep.equal([]);
+    const reverse7 = (id: string): PsamJob => ({ ...job(id, "t1", "00000001"), task: { $case: "reverseDebit", value: { psamCounter: 7 } } });
+    b.send({ message: { $case: "job", value: reverse7("b1") } });
+    expect((await b.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_NOT_ALLOWED);
+    r2.send({ message: { $case: "job", value: reverse7("r2-1") } });
+    const routed = (await t.next(isJob)).message.value;
+    expect(routed.paymentServerId, "the terminal host learns the identity, never the replica").to.equal("psA");
+    answer(t, routed);
+    expect((await r2.next(isResult)).message.value.status).to.equal(PsamJobStatus.PSAM_JOB_STATUS_OK);
   });
 });

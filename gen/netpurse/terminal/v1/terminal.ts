@@ -82,7 +82,11 @@ export enum PsamJobStatus {
   PSAM_JOB_STATUS_OK = 1,
   /** PSAM_JOB_STATUS_PSAM_REFUSED - The PSAM refused with the status word in status_word. */
   PSAM_JOB_STATUS_PSAM_REFUSED = 2,
-  /** PSAM_JOB_STATUS_SLOT_BUSY - The PSAM is leased to another payment server. */
+  /**
+   * PSAM_JOB_STATUS_SLOT_BUSY - The PSAM is leased to another payment server's stream (another payment
+   * server, or another replica of this one), or this payment server holds
+   * its share of the pool already.
+   */
   PSAM_JOB_STATUS_SLOT_BUSY = 3,
   /** PSAM_JOB_STATUS_NO_SUCH_PSAM - No attached terminal has that PSAM. */
   PSAM_JOB_STATUS_NO_SUCH_PSAM = 4,
@@ -98,7 +102,8 @@ export enum PsamJobStatus {
   /** PSAM_JOB_STATUS_INVALID - The job was malformed. */
   PSAM_JOB_STATUS_INVALID = 8,
   /**
-   * PSAM_JOB_STATUS_NOT_ALLOWED - The job acts on a debit (or a transaction) of another payment server:
+   * PSAM_JOB_STATUS_NOT_ALLOWED - The job acts on a debit (or a transaction) of another payment server
+   * (another identity; any replica of the debit's own may act on it):
    * nothing was done.
    */
   PSAM_JOB_STATUS_NOT_ALLOWED = 9,
@@ -300,8 +305,9 @@ export interface PendingDebit {
     | undefined;
   /**
    * The payment server whose job had the command issued (empty when the
-   * host does not know: a debit issued before it recorded owners). The
-   * concentrator shows each payment server only its own pending debits.
+   * host does not know: a debit issued before it recorded owners): its
+   * identity, so that every replica of it may verify or reverse the debit.
+   * The concentrator shows each payment server only its own pending debits.
    */
   paymentServerId: string;
 }
@@ -351,10 +357,21 @@ export interface PsamSlotUpdate {
 
 /** A payment server announcing itself on its stream. */
 export interface PaymentServerHello {
-  /** The payment server's identifier, 1..64 characters of [A-Za-z0-9._-]. */
+  /**
+   * The payment server's identifier, 1..64 characters of [A-Za-z0-9._-]:
+   * the identity its certificate proves, shared by all its replicas.
+   */
   paymentServerId: string;
   /** The most job results the server accepts in flight, 1..4096. */
   window: number;
+  /**
+   * Which replica of the payment server this stream is, 1..64 characters of
+   * [A-Za-z0-9._-]; empty for a payment server that runs alone. A label for
+   * the stream, not an identity: the certificate does not prove it and it
+   * grants nothing (no share of the pool, no debit of its own); it lets
+   * several replicas of one identity keep a stream each.
+   */
+  replicaId: string;
 }
 
 /** The concentrator's first message on every stream. */
@@ -745,18 +762,23 @@ export interface ConnectPaymentServerResponse {
 export interface ListTerminalsRequest {
 }
 
-/** A connected payment server. */
+/** A connected payment server stream: one per replica. */
 export interface PaymentServerInfo {
-  /** The payment server. */
+  /** The payment server (its identity). */
   paymentServerId: string;
   /** When its stream connected. */
   connectedAt:
     | Date
     | undefined;
-  /** Its jobs not yet answered. */
+  /** Its jobs not yet answered, on this stream. */
   jobsInFlight: number;
-  /** PSAMs leased to it. */
+  /** PSAMs leased to this stream. */
   psamsLeased: number;
+  /**
+   * The replica the stream says it is (PaymentServerHello.replica_id);
+   * empty for a payment server that runs alone.
+   */
+  replicaId: string;
 }
 
 /** Response of ListTerminals. */
@@ -1332,7 +1354,7 @@ export const PsamSlotUpdate: MessageFns<PsamSlotUpdate> = {
 };
 
 function createBasePaymentServerHello(): PaymentServerHello {
-  return { paymentServerId: "", window: 0 };
+  return { paymentServerId: "", window: 0, replicaId: "" };
 }
 
 export const PaymentServerHello: MessageFns<PaymentServerHello> = {
@@ -1342,6 +1364,9 @@ export const PaymentServerHello: MessageFns<PaymentServerHello> = {
     }
     if (message.window !== 0) {
       writer.uint32(16).uint32(message.window);
+    }
+    if (message.replicaId !== "") {
+      writer.uint32(26).string(message.replicaId);
     }
     return writer;
   },
@@ -1375,6 +1400,14 @@ export const PaymentServerHello: MessageFns<PaymentServerHello> = {
             message.window = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.replicaId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1395,6 +1428,11 @@ export const PaymentServerHello: MessageFns<PaymentServerHello> = {
         ? globalThis.String(object.payment_server_id)
         : "",
       window: isSet(object.window) ? globalThis.Number(object.window) : 0,
+      replicaId: isSet(object.replicaId)
+        ? globalThis.String(object.replicaId)
+        : isSet(object.replica_id)
+        ? globalThis.String(object.replica_id)
+        : "",
     };
   },
 
@@ -1406,6 +1444,9 @@ export const PaymentServerHello: MessageFns<PaymentServerHello> = {
     if (message.window !== 0) {
       obj.window = Math.round(message.window);
     }
+    if (message.replicaId !== "") {
+      obj.replicaId = message.replicaId;
+    }
     return obj;
   },
 
@@ -1416,6 +1457,7 @@ export const PaymentServerHello: MessageFns<PaymentServerHello> = {
     const message = createBasePaymentServerHello();
     message.paymentServerId = object.paymentServerId ?? "";
     message.window = object.window ?? 0;
+    message.replicaId = object.replicaId ?? "";
     return message;
   },
 };
@@ -4570,7 +4612,7 @@ export const ListTerminalsRequest: MessageFns<ListTerminalsRequest> = {
 };
 
 function createBasePaymentServerInfo(): PaymentServerInfo {
-  return { paymentServerId: "", connectedAt: undefined, jobsInFlight: 0, psamsLeased: 0 };
+  return { paymentServerId: "", connectedAt: undefined, jobsInFlight: 0, psamsLeased: 0, replicaId: "" };
 }
 
 export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
@@ -4586,6 +4628,9 @@ export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
     }
     if (message.psamsLeased !== 0) {
       writer.uint32(32).uint32(message.psamsLeased);
+    }
+    if (message.replicaId !== "") {
+      writer.uint32(42).string(message.replicaId);
     }
     return writer;
   },
@@ -4635,6 +4680,14 @@ export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
             message.psamsLeased = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.replicaId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4669,6 +4722,11 @@ export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
         : isSet(object.psams_leased)
         ? globalThis.Number(object.psams_leased)
         : 0,
+      replicaId: isSet(object.replicaId)
+        ? globalThis.String(object.replicaId)
+        : isSet(object.replica_id)
+        ? globalThis.String(object.replica_id)
+        : "",
     };
   },
 
@@ -4686,6 +4744,9 @@ export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
     if (message.psamsLeased !== 0) {
       obj.psamsLeased = Math.round(message.psamsLeased);
     }
+    if (message.replicaId !== "") {
+      obj.replicaId = message.replicaId;
+    }
     return obj;
   },
 
@@ -4698,6 +4759,7 @@ export const PaymentServerInfo: MessageFns<PaymentServerInfo> = {
     message.connectedAt = object.connectedAt ?? undefined;
     message.jobsInFlight = object.jobsInFlight ?? 0;
     message.psamsLeased = object.psamsLeased ?? 0;
+    message.replicaId = object.replicaId ?? "";
     return message;
   },
 };
@@ -4812,7 +4874,10 @@ export const TerminalConcentratorServiceDefinition = {
      * announcing its PSAM slots, then answers every PsamJob with one
      * PsamJobResult and every Ping with a Pong, and sends a PsamSlotUpdate when
      * a slot changes. The concentrator first sends a Welcome. A second attach
-     * with a terminal id already attached replaces the older stream.
+     * with a terminal id already attached replaces the older stream only when
+     * that one does not answer a ping in time (else ALREADY_EXISTS). A host
+     * given several concentrators is attached to one of them at a time, and
+     * moves to the next when its stream ends.
      */
     attachTerminal: {
       name: "AttachTerminal",
@@ -4828,8 +4893,22 @@ export const TerminalConcentratorServiceDefinition = {
      * PoolUpdate for every attached terminal, then a PoolUpdate whenever a
      * terminal attaches, changes or detaches. The server sends PsamJobs routed
      * by their terminal_id and receives one PsamJobResult per job; a PSAM is
-     * leased to the server from its first job until the server sends a
+     * leased to the stream from its first job until the server sends a
      * ReleasePsam (or its stream ends).
+     *
+     * Replicas of one payment service share one identity (one certificate) and
+     * keep one stream each, told apart by their replica_id. One stream per
+     * (identity, replica id): a second stream with the same pair replaces the
+     * first only when the first does not answer a ping within the liveness
+     * proof time; otherwise it ends with ALREADY_EXISTS NOT_ALLOWED. The share
+     * of the pool (and the configured most leases) is per identity, summed
+     * over its streams: more streams under one certificate lease no more PSAMs.
+     *
+     * Errors (the stream ends with): INVALID_ARGUMENT (the first message is not
+     * a hello, payment_server_id malformed, or INVALID_FIELD replica_id
+     * malformed), PERMISSION_DENIED NOT_ALLOWED (the certificate is not this
+     * payment server's), ALREADY_EXISTS NOT_ALLOWED (a stream of that identity
+     * and replica id is connected and answers its pings).
      */
     connectPaymentServer: {
       name: "ConnectPaymentServer",
@@ -4841,7 +4920,9 @@ export const TerminalConcentratorServiceDefinition = {
     },
     /**
      * Lists the attached terminals, their PSAMs and their state, and the
-     * connected payment servers, for operators.
+     * connected payment servers (one entry per replica's stream), for
+     * operators. It shows this concentrator only: with several, each has
+     * the terminal hosts attached to it now.
      */
     listTerminals: {
       name: "ListTerminals",
@@ -4861,7 +4942,9 @@ export const TerminalConcentratorServiceDefinition = {
      * sends it to clearing at once. An empty batch is not closed: the PSAM
      * uses no batch number for it, so the numbers clearing sees stay without
      * gaps. Closing twice closes nothing more the second time unless records
-     * came in between.
+     * came in between. With several concentrators, each closes the batches of
+     * the hosts attached to it now: ask every one (`close-batch --concentrator
+     * a,b` does; NOT_FOUND from those a host is not attached to is expected).
      *
      * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
      * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
@@ -4884,7 +4967,10 @@ export interface TerminalConcentratorServiceImplementation<CallContextExt = {}> 
    * announcing its PSAM slots, then answers every PsamJob with one
    * PsamJobResult and every Ping with a Pong, and sends a PsamSlotUpdate when
    * a slot changes. The concentrator first sends a Welcome. A second attach
-   * with a terminal id already attached replaces the older stream.
+   * with a terminal id already attached replaces the older stream only when
+   * that one does not answer a ping in time (else ALREADY_EXISTS). A host
+   * given several concentrators is attached to one of them at a time, and
+   * moves to the next when its stream ends.
    */
   attachTerminal(
     request: AsyncIterable<AttachTerminalRequest>,
@@ -4896,8 +4982,22 @@ export interface TerminalConcentratorServiceImplementation<CallContextExt = {}> 
    * PoolUpdate for every attached terminal, then a PoolUpdate whenever a
    * terminal attaches, changes or detaches. The server sends PsamJobs routed
    * by their terminal_id and receives one PsamJobResult per job; a PSAM is
-   * leased to the server from its first job until the server sends a
+   * leased to the stream from its first job until the server sends a
    * ReleasePsam (or its stream ends).
+   *
+   * Replicas of one payment service share one identity (one certificate) and
+   * keep one stream each, told apart by their replica_id. One stream per
+   * (identity, replica id): a second stream with the same pair replaces the
+   * first only when the first does not answer a ping within the liveness
+   * proof time; otherwise it ends with ALREADY_EXISTS NOT_ALLOWED. The share
+   * of the pool (and the configured most leases) is per identity, summed
+   * over its streams: more streams under one certificate lease no more PSAMs.
+   *
+   * Errors (the stream ends with): INVALID_ARGUMENT (the first message is not
+   * a hello, payment_server_id malformed, or INVALID_FIELD replica_id
+   * malformed), PERMISSION_DENIED NOT_ALLOWED (the certificate is not this
+   * payment server's), ALREADY_EXISTS NOT_ALLOWED (a stream of that identity
+   * and replica id is connected and answers its pings).
    */
   connectPaymentServer(
     request: AsyncIterable<ConnectPaymentServerRequest>,
@@ -4905,7 +5005,9 @@ export interface TerminalConcentratorServiceImplementation<CallContextExt = {}> 
   ): ServerStreamingMethodResult<DeepPartial<ConnectPaymentServerResponse>>;
   /**
    * Lists the attached terminals, their PSAMs and their state, and the
-   * connected payment servers, for operators.
+   * connected payment servers (one entry per replica's stream), for
+   * operators. It shows this concentrator only: with several, each has
+   * the terminal hosts attached to it now.
    */
   listTerminals(
     request: ListTerminalsRequest,
@@ -4921,7 +5023,9 @@ export interface TerminalConcentratorServiceImplementation<CallContextExt = {}> 
    * sends it to clearing at once. An empty batch is not closed: the PSAM
    * uses no batch number for it, so the numbers clearing sees stay without
    * gaps. Closing twice closes nothing more the second time unless records
-   * came in between.
+   * came in between. With several concentrators, each closes the batches of
+   * the hosts attached to it now: ask every one (`close-batch --concentrator
+   * a,b` does; NOT_FOUND from those a host is not attached to is expected).
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
    * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
@@ -4939,7 +5043,10 @@ export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
    * announcing its PSAM slots, then answers every PsamJob with one
    * PsamJobResult and every Ping with a Pong, and sends a PsamSlotUpdate when
    * a slot changes. The concentrator first sends a Welcome. A second attach
-   * with a terminal id already attached replaces the older stream.
+   * with a terminal id already attached replaces the older stream only when
+   * that one does not answer a ping in time (else ALREADY_EXISTS). A host
+   * given several concentrators is attached to one of them at a time, and
+   * moves to the next when its stream ends.
    */
   attachTerminal(
     request: AsyncIterable<DeepPartial<AttachTerminalRequest>>,
@@ -4951,8 +5058,22 @@ export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
    * PoolUpdate for every attached terminal, then a PoolUpdate whenever a
    * terminal attaches, changes or detaches. The server sends PsamJobs routed
    * by their terminal_id and receives one PsamJobResult per job; a PSAM is
-   * leased to the server from its first job until the server sends a
+   * leased to the stream from its first job until the server sends a
    * ReleasePsam (or its stream ends).
+   *
+   * Replicas of one payment service share one identity (one certificate) and
+   * keep one stream each, told apart by their replica_id. One stream per
+   * (identity, replica id): a second stream with the same pair replaces the
+   * first only when the first does not answer a ping within the liveness
+   * proof time; otherwise it ends with ALREADY_EXISTS NOT_ALLOWED. The share
+   * of the pool (and the configured most leases) is per identity, summed
+   * over its streams: more streams under one certificate lease no more PSAMs.
+   *
+   * Errors (the stream ends with): INVALID_ARGUMENT (the first message is not
+   * a hello, payment_server_id malformed, or INVALID_FIELD replica_id
+   * malformed), PERMISSION_DENIED NOT_ALLOWED (the certificate is not this
+   * payment server's), ALREADY_EXISTS NOT_ALLOWED (a stream of that identity
+   * and replica id is connected and answers its pings).
    */
   connectPaymentServer(
     request: AsyncIterable<DeepPartial<ConnectPaymentServerRequest>>,
@@ -4960,7 +5081,9 @@ export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
   ): AsyncIterable<ConnectPaymentServerResponse>;
   /**
    * Lists the attached terminals, their PSAMs and their state, and the
-   * connected payment servers, for operators.
+   * connected payment servers (one entry per replica's stream), for
+   * operators. It shows this concentrator only: with several, each has
+   * the terminal hosts attached to it now.
    */
   listTerminals(
     request: DeepPartial<ListTerminalsRequest>,
@@ -4976,7 +5099,9 @@ export interface TerminalConcentratorServiceClient<CallOptionsExt = {}> {
    * sends it to clearing at once. An empty batch is not closed: the PSAM
    * uses no batch number for it, so the numbers clearing sees stay without
    * gaps. Closing twice closes nothing more the second time unless records
-   * came in between.
+   * came in between. With several concentrators, each closes the batches of
+   * the hosts attached to it now: ask every one (`close-batch --concentrator
+   * a,b` does; NOT_FOUND from those a host is not attached to is expected).
    *
    * Errors: PERMISSION_DENIED NOT_ALLOWED (the caller is not an operator),
    * INVALID_ARGUMENT (terminal_id or psam_id malformed, named), NOT_FOUND
