@@ -27,6 +27,21 @@ export class KeyedMutex {
     return result;
   }
 
+  /**
+   * Runs `task` at once if no task of `key` is running or queued, else runs
+   * nothing: `{ ran: false }`. For work that someone else busy with the key
+   * makes needless (a sweep skips what a request is handling).
+   */
+  tryRun<T>(key: string, task: () => Promise<T>): Promise<{ ran: true; value: T } | { ran: false }> {
+    if (this.busy(key)) return Promise.resolve({ ran: false });
+    return this.run(key, async () => ({ ran: true, value: await task() }));
+  }
+
+  /** Whether a task of `key` is running or queued. */
+  busy(key: string): boolean {
+    return this.tails.has(key);
+  }
+
   /** Keys with a task running or queued (for tests and operators). */
   get size(): number {
     return this.tails.size;

@@ -33,6 +33,18 @@ export interface Queryable {
   all<T>(sql: string, params?: SqlValue[]): Promise<T[]>;
 }
 
+/**
+ * One connection held for one caller until it gives it back (PostgreSQL):
+ * what the session holds, advisory locks above all, ends with the
+ * connection, whoever ends it (the caller, the process's death, the network).
+ */
+export interface HeldSession extends Queryable {
+  /** Whether the connection broke since it was taken: whatever the session held is gone, and may be someone else's now. */
+  readonly lost: boolean;
+  /** Gives the connection back; a broken one (or one given back `broken`) is dropped, which ends its session. */
+  release(broken?: boolean): void;
+}
+
 export interface Db extends Queryable {
   /** Runs fn in one transaction: all of its writes land, or none. Resolves once they are on disk. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
@@ -44,6 +56,17 @@ export interface Db extends Queryable {
    */
   transactionBeforeSync<T>(fn: (tx: Queryable) => Promise<T>): Promise<{ value: T; synced: Promise<void> }>;
   close(): Promise<void>;
+  /**
+   * PostgreSQL only: a connection of a small pool of its own (never one the
+   * transactions need), held for session-level advisory locks (lib/store/locks.ts).
+   */
+  lockSession?(): Promise<HeldSession>;
+  /**
+   * Test only, PostgreSQL only: drops every connection at once, with no last
+   * statement, and answers nothing more (StoreUnavailable), as the process's
+   * death would; its advisory locks are released by the server.
+   */
+  abandon?(): Promise<void>;
 }
 
 /** Schema changes, applied in order once each. */

@@ -13,11 +13,16 @@
 import pg from "pg";
 import { BoundedMap } from "../bounded-map.js";
 import type { Logger } from "../log.js";
-import { openSqlite, StoreUnavailable, type Db, type Migrations, type Queryable, type SqlValue } from "./db.js";
+import { openSqlite, StoreUnavailable, type Db, type HeldSession, type Migrations, type Queryable, type SqlValue } from "./db.js";
 
 export interface PostgresOptions {
   /** Connections the pool keeps at most (default 10). */
   poolSize?: number;
+  /**
+   * Connections held for advisory locks at most (Db.lockSession; default 20), opened
+   * when first needed: each lock held takes one for as long as it is held.
+   */
+  lockPoolSize?: number;
   /** A statement running longer is cancelled by the server (SQLSTATE 57014); none by default. */
   statementTimeoutMs?: number;
   /** How long a new connection may take before the call fails as unavailable (default 5000 ms). */
@@ -294,12 +299,104 @@ function isSerializationFailure(e: unknown): boolean {
   return false;
 }
 
+/** Every connection a pool has open now, kept up to date (so that abandon() can cut them all). */
+function tracked(pool: pg.Pool, open: Set<pg.Client>): pg.Pool {
+  pool.on("connect", (c) => open.add(c));
+  pool.on("remove", (c) => open.delete(c));
+  return pool;
+}
+
 class PostgresDb extends PostgresQueryable implements Db {
+  /** The pool of lockSession(), opened at its first call. */
+  private lockPool: pg.Pool | undefined;
+  private abandoned = false;
+  private ended: Promise<void> | undefined;
+
   constructor(
     private readonly pool: pg.Pool,
     private readonly onLost: (e: Error) => void,
+    private readonly newLockPool: () => pg.Pool,
+    /** Every connection open now, in both pools. */
+    private readonly open: Set<pg.Client>,
   ) {
     super(pool);
+  }
+
+  private usable(): void {
+    if (this.abandoned) throw new StoreUnavailable("this store's connections were dropped (abandon): it answers nothing more");
+  }
+
+  override async run(sql: string, params: SqlValue[] = []) {
+    this.usable();
+    return super.run(sql, params);
+  }
+
+  override async get<T>(sql: string, params: SqlValue[] = []) {
+    this.usable();
+    return super.get<T>(sql, params);
+  }
+
+  override async all<T>(sql: string, params: SqlValue[] = []) {
+    this.usable();
+    return super.all<T>(sql, params);
+  }
+
+  /**
+   * A connection of the lock pool, held until released: session-level
+   * advisory locks taken on it last until it is released or dies. A
+   * connection that breaks while held is marked `lost` (its locks are gone)
+   * and dropped when released.
+   */
+  async lockSession(): Promise<HeldSession> {
+    this.usable();
+    this.lockPool ??= this.newLockPool();
+    const { client, release } = await checkout(this.lockPool, this.onLost);
+    let lost = false;
+    const heard = () => (lost = true);
+    client.on("error", heard);
+    const q = new PostgresQueryable(client, (e) => {
+      if (isConnectionFailure(e) || e instanceof StoreUnavailable) lost = true;
+    });
+    const usable = () => this.usable();
+    let released = false;
+    return {
+      async run(sql, params) {
+        usable();
+        return q.run(sql, params);
+      },
+      async get(sql, params) {
+        usable();
+        return q.get(sql, params);
+      },
+      async all(sql, params) {
+        usable();
+        return q.all(sql, params);
+      },
+      get lost() {
+        return lost;
+      },
+      release(broken = false) {
+        if (released) return;
+        released = true;
+        if (!lost) client.off("error", heard);
+        release(broken || lost);
+      },
+    };
+  }
+
+  /**
+   * Cuts every connection of both pools at once (their sockets destroyed:
+   * no last statement, no COMMIT in flight finished by us), so PostgreSQL
+   * rolls back what was open and releases their advisory locks, as when a
+   * process dies; every later call fails with StoreUnavailable.
+   */
+  async abandon(): Promise<void> {
+    this.abandoned = true;
+    for (const c of this.open) c.connection.stream.destroy();
+    const pools = this.lockPool ? [this.pool, this.lockPool] : [this.pool];
+    this.ended ??= Promise.all(pools.map((p) => p.end().catch(() => undefined))).then(() => undefined);
+    // Not awaited: a pool ends once its holders give their (broken) connections back, whenever that is.
+    this.ended.catch(() => undefined);
   }
 
   /**
@@ -313,6 +410,7 @@ class PostgresDb extends PostgresQueryable implements Db {
    */
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
+      this.usable();
       try {
         return await this.once(fn);
       } catch (e) {
@@ -355,7 +453,9 @@ class PostgresDb extends PostgresQueryable implements Db {
   }
 
   async close(): Promise<void> {
-    await this.pool.end();
+    const pools = this.lockPool ? [this.pool, this.lockPool] : [this.pool];
+    this.ended ??= Promise.all(pools.map((p) => p.end())).then(() => undefined);
+    await this.ended;
   }
 }
 
@@ -416,20 +516,33 @@ async function migrate(pool: pg.Pool, migrations: Migrations, onLost: (e: Error)
  */
 export async function openPostgres(url: string, migrations: Migrations, o: PostgresOptions = {}): Promise<Db> {
   if (o.schema !== undefined && !SCHEMA_NAME.test(o.schema)) throw new Error(`schema "${o.schema}" is not a plain lower-case identifier`);
-  const pool = new pg.Pool({
+  const connection: pg.PoolConfig = {
     connectionString: url,
-    max: o.poolSize ?? 10,
     connectionTimeoutMillis: o.connectTimeoutMs ?? 5_000,
     keepAlive: true,
     application_name: "netpurse",
     types: TYPES,
     ...(o.schema ? { options: `-c search_path=${o.schema}` } : {}),
-    ...(o.statementTimeoutMs !== undefined ? { statement_timeout: o.statementTimeoutMs } : {}),
-  });
+  };
+  const open = new Set<pg.Client>();
+  const pool = tracked(
+    new pg.Pool({
+      ...connection,
+      max: o.poolSize ?? 10,
+      ...(o.statementTimeoutMs !== undefined ? { statement_timeout: o.statementTimeoutMs } : {}),
+    }),
+    open,
+  );
   const where = redactUrl(url);
   // An idle connection the server drops (a restart) is reported here; unheard, it would end the process. The next call takes a new one.
   const onLost = (e: Error) => o.log?.warn("a PostgreSQL connection was lost", { database: where, error: unavailable(e).message });
   pool.on("error", onLost);
+  // No statement timeout on the lock pool: waiting for a lock another holds is one statement, as long as that holder's step.
+  const newLockPool = () => {
+    const locks = tracked(new pg.Pool({ ...connection, max: o.lockPoolSize ?? 20 }), open);
+    locks.on("error", onLost);
+    return locks;
+  };
   try {
     const applied = await migrate(pool, migrations, onLost, o.schema);
     o.log?.info("PostgreSQL store open", {
@@ -443,7 +556,7 @@ export async function openPostgres(url: string, migrations: Migrations, o: Postg
     await pool.end().catch(() => undefined);
     throw e;
   }
-  return new PostgresDb(pool, onLost);
+  return new PostgresDb(pool, onLost, newLockPool, open);
 }
 
 /** Where a service keeps its store: a SQLite file, or a PostgreSQL URL with its pool's settings (from --database and its companions). */

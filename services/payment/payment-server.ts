@@ -5,7 +5,8 @@
 // to the merchant with a debit result M only the merchant can read. Every
 // step is in the database before the server answers; every RPC is
 // idempotent by transaction id; the steps of one transaction run one at a
-// time under its lock.
+// time under its lock, which replicas sharing one PostgreSQL database share
+// (lib/store/locks.ts): any replica can take any step of any purchase.
 
 import { createHash } from "node:crypto";
 import { Status, type CallContext } from "nice-grpc";
@@ -30,6 +31,7 @@ import { requireMerchantId, requireTransactionId, txnId } from "../../lib/ids.js
 import type { Logger } from "../../lib/log.js";
 import { formatMoney } from "../../lib/money.js";
 import { KeyedMutex } from "../../lib/mutex.js";
+import type { TransactionLocks } from "../../lib/store/locks.js";
 import { open } from "../../lib/protocol/encryption-layer.js";
 import { DebitResponse, LogRecord } from "../../lib/protocol/purse.js";
 import type { DebitCommands } from "./debit-command.js";
@@ -42,6 +44,7 @@ import type { Ruling } from "./ruling.js";
 import {
   answerColumns,
   type CardAnswer as RecordedAnswer,
+  type NewPurchase,
   type PaidPurchase,
   type PaymentStore,
   type Purchase,
@@ -59,6 +62,14 @@ const DEADLINE_MARGIN_MS = 100;
 
 /** Longest wait, for a draw request at its purse's bound, for the card's log it brought to settle purchases. */
 const CARD_LOG_WAIT_MS = 2_000;
+
+/**
+ * How long after its deadline a draw request's place under its purse's
+ * bound still counts: its handler is done by then (a PSAM job never outlasts
+ * the deadline by more than a commit), and a replica that died holding one
+ * keeps the purse's place that long at most.
+ */
+const DRAW_PLACE_SLACK_MS = 30_000;
 
 /** Waits for `p`, or `ms` at most. */
 async function within(p: Promise<void>, ms: number): Promise<void> {
@@ -83,7 +94,7 @@ export class PaymentServer {
       debitCommands: DebitCommands;
       ruling: Ruling;
       recovery: Recovery;
-      locks: KeyedMutex;
+      locks: TransactionLocks;
       log: Logger;
       /** Longest wait for a free PSAM when the caller set no deadline. */
       maxPsamWaitMs: number;
@@ -96,9 +107,11 @@ export class PaymentServer {
     },
   ) {}
 
-  /** Draw requests between the per-purse check and their outcome, by purse: counted with the stored ones. */
-  private readonly drawing = new Map<string, number>();
-  /** The per-purse check and its reservation run one at a time per purse. */
+  /**
+   * The per-purse check and its reservation run one at a time per purse in
+   * this process (across replicas, the database's serializable transaction
+   * keeps them apart), so that its own draw requests do not make each other retry.
+   */
   private readonly purseLocks = new KeyedMutex();
 
   readonly service: PaymentServiceImplementation = {
@@ -191,9 +204,9 @@ export class PaymentServer {
       );
       // Before anything is recorded or any PSAM asked: a purse with too many DEBIT commands awaiting its answer gets no other.
       // (A draw request already answered with a DEBIT command got its recorded answer above: a retry is not counted twice.)
-      const done = await this.reserveDraw(purse, p, log.length > 0 ? settling : undefined, deadline);
+      // A new purchase is recorded in the same commit as its place under the bound.
+      p = await this.reserveDraw(purse, p ? { retry: p } : { insert: this.newPurchase(id, hash, v, req) }, log.length > 0 ? settling : undefined, deadline);
       try {
-        p ??= await this.insert(id, hash, v, req);
         if (p.state !== "RECEIVED") throw new Error(`transaction ${id} left RECEIVED under its lock`);
         if (v.card.currency !== v.currency) {
           return await this.o.debitCommands.refuse(
@@ -207,55 +220,63 @@ export class PaymentServer {
         }
         const signed = await this.o.debitCommands.issue(p, { atr: v.cardAtr, initializeResponse: v.initializeResponse }, deadline);
         return debitCommandResponse(signed, keys);
-      } finally {
-        done();
+      } catch (e) {
+        // Ended without its DEBIT command (a move out of RECEIVED gave its place back already): the place is given back now.
+        await this.o.store.releaseDraw(id).catch((err: unknown) =>
+          this.o.log.warn("a draw request's place under its purse's bound was not given back; it expires", {
+            transaction: id,
+            error: (err as Error).message,
+          }),
+        );
+        throw e;
       }
     });
   }
 
   /**
-   * The per-purse bound: counts the purse's purchases whose DEBIT command is
-   * issued and whose card answer is not recorded, with the draw requests of
-   * the purse being worked on now, and refuses one more beyond the bound
-   * (FAILED_PRECONDITION, WRONG_STATE; not recorded, so the same draw request
+   * The per-purse bound: counts, in the database (so that it holds across
+   * replicas), the purse's purchases whose DEBIT command is issued and whose
+   * card answer is not recorded, with the purse's draw requests being worked
+   * on now, and refuses one more beyond the bound (FAILED_PRECONDITION,
+   * WRONG_STATE; a new purchase is not recorded, so the same draw request
    * may go through once the card has answered). At the bound, a draw request
    * that brought the card's log first waits a little for that log to settle
-   * what it proves (`settling`), and counts again. Otherwise it reserves a
-   * place until the draw request has its outcome: the returned function
-   * gives it back. A made-up card cannot pass the PSAM at all; this bounds
-   * what one genuine card's INITIALIZE response, replayed, can hold open in
-   * the PSAMs.
+   * what it proves (`settling`), and counts again. Otherwise it takes a place
+   * until the draw request has its outcome (the purchase leaving RECEIVED
+   * gives it back, or releaseDraw), and records a new purchase in the same
+   * commit: the purchase, RECEIVED. A made-up card cannot pass the PSAM at
+   * all; this bounds what one genuine card's INITIALIZE response, replayed,
+   * can hold open in the PSAMs.
    */
-  private async reserveDraw(purse: string, recorded: Purchase | undefined, settling: Promise<void> | undefined, deadline: number): Promise<() => void> {
-    let waiting = await this.tryReserve(purse);
-    if (typeof waiting !== "number") return waiting;
+  private async reserveDraw(
+    purse: string,
+    draw: { insert: { row: NewPurchase; event: Step } } | { retry: Purchase },
+    settling: Promise<void> | undefined,
+    deadline: number,
+  ): Promise<Purchase> {
+    const until = new Date(deadline + DRAW_PLACE_SLACK_MS).toISOString();
+    const tryReserve = () =>
+      this.purseLocks.run(purse, () =>
+        this.o.store.reserveDraw(
+          purse,
+          "insert" in draw ? { insert: draw.insert.row, event: draw.insert.event } : { retry: draw.retry.transaction_id },
+          this.o.maxUnansweredPerPurse,
+          until,
+        ),
+      );
+    let r = await tryReserve();
     const wait = Math.min(CARD_LOG_WAIT_MS, deadline - Date.now() - MIN_JOB_MS);
-    if (settling && wait > 0) {
+    if (typeof r === "number" && settling && wait > 0) {
       await within(settling, wait);
-      waiting = await this.tryReserve(purse);
-      if (typeof waiting !== "number") return waiting;
+      r = await tryReserve();
     }
-    const why = `the card has ${waiting} purchase${waiting === 1 ? "" : "s"} waiting for its answer: finish them (the client daemon does, from the card's log) or wait for them to be settled; nothing was debited`;
-    this.o.log.warn("draw request refused: too many DEBIT commands await the card's answer", { purse, waiting });
-    if (recorded) await this.o.store.log(recorded.transaction_id, { step: "purse_bound_reached", detail: why });
+    if (r === undefined)
+      throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "concurrent draw request for the same transaction; retry");
+    if (typeof r !== "number") return r;
+    const why = `the card has ${r} purchase${r === 1 ? "" : "s"} waiting for its answer: finish them (the client daemon does, from the card's log) or wait for them to be settled; nothing was debited`;
+    this.o.log.warn("draw request refused: too many DEBIT commands await the card's answer", { purse, waiting: r });
+    if ("retry" in draw) await this.o.store.log(draw.retry.transaction_id, { step: "purse_bound_reached", detail: why });
     throw new NetpurseError(Status.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_WRONG_STATE, why);
-  }
-
-  /** A place for one more draw request of the purse (the function gives it back), or, at the bound, how many await the card's answer. */
-  private tryReserve(purse: string): Promise<(() => void) | number> {
-    return this.purseLocks.run(purse, async () => {
-      const waiting = (await this.o.store.awaitingCardAnswer(purse)) + (this.drawing.get(purse) ?? 0);
-      if (waiting >= this.o.maxUnansweredPerPurse) return waiting;
-      this.drawing.set(purse, (this.drawing.get(purse) ?? 0) + 1);
-      let given = false;
-      return () => {
-        if (given) return;
-        given = true;
-        const left = (this.drawing.get(purse) ?? 1) - 1;
-        if (left > 0) this.drawing.set(purse, left);
-        else this.drawing.delete(purse);
-      };
-    });
   }
 
   private openDrawRequest(keys: TransactionKeys, id: string, req: ProcessDrawRequestRequest): DrawRequest {
@@ -281,11 +302,12 @@ export class PaymentServer {
     });
   }
 
-  private async insert(id: string, hash: string, v: EditedDrawRequest, req: ProcessDrawRequestRequest): Promise<Purchase> {
+  /** The purchase a new draw request records, with its first event. */
+  private newPurchase(id: string, hash: string, v: EditedDrawRequest, req: ProcessDrawRequestRequest): { row: NewPurchase; event: Step } {
     if (!req.encryptedSessionKey) throw invalidField("encrypted_session_key", "missing");
     const mode = confirmationModeToJSON(v.mode).replace("CONFIRMATION_MODE_", "");
-    const inserted = await this.o.store.insert(
-      {
+    return {
+      row: {
         transaction_id: id,
         request_hash: hash,
         merchant_id: v.merchantId,
@@ -301,13 +323,11 @@ export class PaymentServer {
         key_nonce: Buffer.from(req.keyNonce),
         encrypted_session_key: encodeSealed(req.encryptedSessionKey),
       },
-      {
+      event: {
         step: "draw_request_received",
         detail: `${mode}: purse ${v.card.purseId.toString("hex")} counter ${v.card.counter} pays ${formatMoney({ amountMinor: v.amount, currency: v.currency, exponent: v.exponent })} to ${v.merchantId}`,
       },
-    );
-    if (!inserted) throw new NetpurseError(Status.ABORTED, ErrorReason.ERROR_REASON_UNSPECIFIED, "concurrent draw request for the same transaction; retry");
-    return inserted;
+    };
   }
 
   // ---- steps 622-634: the card's answer -> debit results C and M ----------------
@@ -369,14 +389,9 @@ export class PaymentServer {
     });
   }
 
-  /** Records the card's answer before anything is done with it. */
+  /** Records the card's answer before anything is done with it (from the state read: another holder's write makes this one change nothing). */
   private async record(p: SignedPurchase, a: RecordedAnswer): Promise<Purchase> {
-    const moved = await this.o.store.transition(
-      p.transaction_id,
-      ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
-      { state: "DEBIT_RESPONSE_RECEIVED", ...answerColumns(a) },
-      answerStep(a),
-    );
+    const moved = await this.o.store.transition(p.transaction_id, [p.state], { state: "DEBIT_RESPONSE_RECEIVED", ...answerColumns(a) }, answerStep(a));
     return moved ?? this.o.store.require(p.transaction_id);
   }
 

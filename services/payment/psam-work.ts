@@ -5,7 +5,9 @@
 // concentrator made up is acted on. It also takes the PSAM that signed a
 // purchase's DEBIT command (held since the draw request, or leased again),
 // runs a job on it within the caller's time, and holds or releases it as
-// the mode allows.
+// the mode allows. Among replicas, the card's answer may reach another
+// replica than the one holding the PSAM: the holder watches its holds and
+// hands over any that another replica needs (watchHolds).
 
 import type { Money } from "../../gen/netpurse/card/v1/card.js";
 import {
@@ -20,6 +22,7 @@ import { SW, swHex } from "../../lib/apdu/apdu.js";
 import { merchantId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { money } from "../../lib/money.js";
+import type { TransactionLocks } from "../../lib/store/locks.js";
 import { LayoutError } from "../../lib/protocol/layout.js";
 import { Verdict } from "../../lib/protocol/psam.js";
 import { DebitCommand, type DebitAnswer } from "../../lib/protocol/purse.js";
@@ -69,6 +72,9 @@ type RuledAnswer = Pick<DebitAnswer, "result" | "cardSignature">;
 export class PsamWork {
   /** PSAMs held across the cardholder's round trip (PSAM_VERIFIES). */
   private readonly holds = new Map<string, { lease: Lease; timer: NodeJS.Timeout }>();
+  /** The watch of the holds, running while there is any (watchHolds). */
+  private watching: NodeJS.Timeout | undefined;
+  private looking = false;
 
   constructor(
     readonly o: {
@@ -80,6 +86,13 @@ export class PsamWork {
       verdicts: PsamVerdictChecker;
       holdTimeoutMs: number;
       jobTimeoutMs: number;
+      /**
+       * Replicas on one database: every `everyMs` while this server holds
+       * any PSAM, it looks whether another replica moved a held purchase on
+       * or holds its lock (it took the card's answer, and waits for the
+       * PSAM), and gives that PSAM back at once (watchHolds).
+       */
+      watchHolds?: { locks: TransactionLocks; everyMs: number };
     },
   ) {}
 
@@ -223,15 +236,61 @@ export class PsamWork {
 
   /** Keeps the PSAM for the cardholder's answer, but not forever. */
   hold(transactionId: string, lease: Lease): void {
-    const timer = setTimeout(() => {
-      if (this.holds.get(transactionId)?.lease !== lease) return;
-      this.holds.delete(transactionId);
-      this.giveBack(transactionId, lease, "no card answer in time; its debit stays open").catch((e: unknown) =>
-        this.o.log.error("could not give a held PSAM back", { transaction: transactionId, psam: lease.psamId, error: (e as Error).message }),
-      );
-    }, this.o.holdTimeoutMs);
+    const timer = setTimeout(() => this.handOver(transactionId, lease, "no card answer in time; its debit stays open"), this.o.holdTimeoutMs);
     timer.unref();
     this.holds.set(transactionId, { lease, timer });
+    this.watch();
+  }
+
+  /** Gives a held PSAM back, if that hold is still the transaction's; its debit stays open in the PSAM, ruled on by whoever leases it next. */
+  private handOver(transactionId: string, lease: Lease, why: string): void {
+    if (this.holds.get(transactionId)?.lease !== lease) return;
+    this.takeHold(transactionId);
+    this.giveBack(transactionId, lease, why).catch((e: unknown) =>
+      this.o.log.error("could not give a held PSAM back", { transaction: transactionId, psam: lease.psamId, error: (e as Error).message }),
+    );
+  }
+
+  /** Starts the watch of the holds, if replicas share the database and it is not running. */
+  private watch(): void {
+    const w = this.o.watchHolds;
+    if (!w || this.watching) return;
+    this.watching = setInterval(() => {
+      if (this.holds.size === 0) {
+        clearInterval(this.watching);
+        this.watching = undefined;
+        return;
+      }
+      if (this.looking) return;
+      this.looking = true;
+      this.lookAtHolds(w.locks)
+        .catch((e: unknown) => this.o.log.warn("could not look at the held PSAMs' purchases", { error: (e as Error).message }))
+        .finally(() => (this.looking = false));
+    }, w.everyMs);
+    this.watching.unref();
+  }
+
+  /**
+   * The card's answer reached another replica: it moved the purchase on
+   * (recorded the answer), or holds its lock (it works on it, and may wait
+   * for this PSAM). Either way this server's hold only keeps the PSAM from
+   * it: the PSAM goes back to the pool, and to the concentrator, which
+   * leases it to the replica asking for it. Holds whose transaction this
+   * server works on itself (holding its lock) are left alone: it uses them.
+   * One it merely waits for, another replica holds: that one may be
+   * waiting for the PSAM, and gets it.
+   */
+  private async lookAtHolds(locks: TransactionLocks): Promise<void> {
+    const held = new Map([...this.holds].filter(([id]) => !locks.heldHere(id)).map(([id, h]) => [id, h.lease]));
+    if (held.size === 0) return;
+    const ids = [...held.keys()];
+    const [states, elsewhere] = await Promise.all([this.o.store.states(ids), locks.heldElsewhere(ids)]);
+    for (const [id, lease] of held) {
+      if (locks.heldHere(id)) continue; // taken up here meanwhile: this server uses its hold
+      const state = states.get(id);
+      if (state !== "DEBIT_COMMAND_ISSUED") this.handOver(id, lease, `another payment server took the purchase on (now ${state ?? "gone"})`);
+      else if (elsewhere.has(id)) this.handOver(id, lease, "another payment server is working on the purchase");
+    }
   }
 
   /**
@@ -295,10 +354,22 @@ export class PsamWork {
   }
 
   releaseAll(): void {
+    this.stopWatching();
     for (const id of [...this.holds.keys()]) {
       const l = this.takeHold(id);
       if (l) this.o.pool.release(l);
     }
+  }
+
+  /** Drops every hold and its timer without a word to anyone, as the process's death would (a test's crash). */
+  forgetAll(): void {
+    this.stopWatching();
+    for (const id of [...this.holds.keys()]) this.takeHold(id);
+  }
+
+  private stopWatching(): void {
+    clearInterval(this.watching);
+    this.watching = undefined;
   }
 }
 

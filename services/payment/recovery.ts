@@ -7,6 +7,12 @@
 // this server, and ends draw requests that never got their DEBIT command
 // (left by a previous run, or unfinished for too long). Nothing is guessed:
 // each purchase the card may have paid is settled by a proof.
+//
+// Replicas sharing one PostgreSQL database all run it. Each acts on a
+// purchase only holding its transaction's lock, taken with a try (one held
+// elsewhere is being worked on: it is skipped, and looked at again at the
+// next sweep), and decides from the row read under that lock: what a dead
+// replica left is finished by one survivor, once.
 
 import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
@@ -14,7 +20,7 @@ import type { PsamSlot, TerminalInfo } from "../../gen/netpurse/terminal/v1/term
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import { hexOf } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import type { KeyedMutex } from "../../lib/mutex.js";
+import type { TransactionLocks } from "../../lib/store/locks.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DebitResponse, DebitResult, type CardLogRecord } from "../../lib/protocol/purse.js";
 import type { PsamPool } from "./psam-pool.js";
@@ -32,7 +38,7 @@ export class Recovery {
       pool: PsamPool;
       work: PsamWork;
       ruling: Ruling;
-      locks: KeyedMutex;
+      locks: TransactionLocks;
       log: Logger;
       /** How long a DEBIT command may wait for the card's proof before the purchase is in doubt. */
       proofTimeoutMs: number;
@@ -59,18 +65,21 @@ export class Recovery {
       new Date(Date.now() - this.o.abandonReceivedAfterMs),
       `it was left unfinished for more than ${this.o.abandonReceivedAfterMs} ms`,
     );
+    await this.o.store.dropExpiredDraws();
     const waiting = await this.o.store.inStates(["DEBIT_RESPONSE_RECEIVED", "IN_DOUBT", "PROVEN"]);
     await this.settleWaiting(waiting.filter((p) => "psam_id" in p && this.o.pool.has(psamKeyOf(p))));
     const before = new Date(Date.now() - this.o.proofTimeoutMs).toISOString();
-    for (const p of await this.o.store.staleInStates(["DEBIT_COMMAND_ISSUED"], before)) {
-      await this.o.locks.run(p.transaction_id, () =>
-        this.o.store.transition(
-          p.transaction_id,
+    for (const { transaction_id: id } of await this.o.store.staleInStates(["DEBIT_COMMAND_ISSUED"], before)) {
+      await this.o.locks.tryRun(id, async () => {
+        const p = await this.o.store.get(id);
+        if (p?.state !== "DEBIT_COMMAND_ISSUED" || p.updated_at >= before) return;
+        await this.o.store.transition(
+          id,
           ["DEBIT_COMMAND_ISSUED"],
           { state: "IN_DOUBT" },
           { step: "no_proof_in_time", detail: `no card answer within ${this.o.proofTimeoutMs} ms; settled from the card's proof at its next contact` },
-        ),
-      );
+        );
+      });
     }
   }
 
@@ -78,7 +87,8 @@ export class Recovery {
    * Ends the draw requests a previous run of this server left RECEIVED (all
    * rows received before `startedAt`): no request of this process handles
    * them, and the process that did is gone. Run at start-up, before calls
-   * are served.
+   * are served. On a database replicas share, a row whose lock another
+   * replica holds is being worked on, and is left to it.
    */
   async abandonLeftByPreviousRun(startedAt: Date): Promise<void> {
     await this.abandonReceived(startedAt, "the payment server stopped before its DEBIT command left");
@@ -91,12 +101,13 @@ export class Recovery {
    * before it is sent), so no card was debited for it; an open debit its
    * PSAM may hold is an orphan, reversed when the terminal attaches
    * (reconcile: a REFUSED row is not the PSAM's live transaction). Under the
-   * transaction's lock, so a draw request being handled is never ended under
-   * its feet: it is looked at again after that request is done.
+   * transaction's lock, taken only if free, so a draw request being handled
+   * (here or in another replica) is never ended under its feet: it is looked
+   * at again at the next sweep.
    */
   private async abandonReceived(before: Date, why: string): Promise<void> {
     for (const { transaction_id: id } of await this.o.store.staleInStates(["RECEIVED"], before.toISOString())) {
-      await this.o.locks.run(id, async () => {
+      await this.o.locks.tryRun(id, async () => {
         const p = await this.o.store.get(id);
         if (p?.state !== "RECEIVED" || p.updated_at >= before.toISOString()) return;
         const e = new NetpurseError(
@@ -118,10 +129,14 @@ export class Recovery {
     }
   }
 
-  /** Has each purchase's card answer ruled on, or its proof recorded; the outcome lands in the record. */
+  /**
+   * Has each purchase's card answer ruled on, or its proof recorded; the
+   * outcome lands in the record. One whose lock is held is being worked on
+   * (here or in another replica) and is skipped.
+   */
   private async settleWaiting(purchases: Purchase[]): Promise<void> {
     for (const { transaction_id: id } of purchases) {
-      await this.o.locks.run(id, async () => {
+      await this.o.locks.tryRun(id, async () => {
         const p = await this.o.store.require(id);
         if (p.state === "PROVEN") {
           await this.o.ruling.recordProof(id);
@@ -185,11 +200,13 @@ export class Recovery {
     for (const open of slot.pendingDebits) {
       const id = open.transactionId?.value ?? "";
       if (!id) continue;
+      const live = (p: Purchase) => "psam_id" in p && p.psam_id === psam && p.psam_counter === open.psamCounter;
+      // Most open debits are live (their DEBIT command awaits the card): told apart without the lock, since a record never stops pointing to its debit.
+      const seen = await this.o.store.get(id);
+      if (!seen || live(seen)) continue; // not ours (another payment server's, or an operator's test), or live
       await this.o.locks.run(id, async () => {
         const p = await this.o.store.get(id);
-        if (!p) return; // not ours (another payment server's, or an operator's test)
-        const live = "psam_id" in p && p.psam_id === psam && p.psam_counter === open.psamCounter;
-        if (live) return;
+        if (!p || live(p)) return;
         const lease = await this.o.work.leaseSigningPsam(terminalId, psam);
         if (!lease) return;
         try {

@@ -6,7 +6,10 @@
 // the card's log or later transactions prove it never made, is reversed in
 // the PSAM; one whose PSAM cannot be reached is in doubt. Nothing is guessed,
 // and nothing is taken on a PSAM's word unless its MAC verifies: a verdict
-// or reversal whose MAC does not leaves the purchase in doubt.
+// or reversal whose MAC does not leaves the purchase in doubt. Every move is
+// made from the state the ruling read under the transaction's lock: should
+// the lock have been lost meanwhile (its connection broke) and another
+// replica have moved the purchase on, this ruling's write changes nothing.
 
 import { Status } from "nice-grpc";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
@@ -15,14 +18,11 @@ import { SW } from "../../lib/apdu/apdu.js";
 import { macEqual } from "../../lib/crypto/aes.js";
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import type { Logger } from "../../lib/log.js";
-import type { KeyedMutex } from "../../lib/mutex.js";
+import type { TransactionLocks } from "../../lib/store/locks.js";
 import { DebitResponse, DebitResult, type DebitAnswer } from "../../lib/protocol/purse.js";
 import { backgroundDeadline, describe, isAcceptedVerdict, PsamUnreachable, type PsamWork } from "./psam-work.js";
 import { badCardSignature, cardDeclined, cardRefused, failureOf } from "./refusals.js";
-import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type State, type Step } from "./store.js";
-
-/** Where a card answer can still be ruled on. */
-const OPEN: State[] = ["DEBIT_COMMAND_ISSUED", "DEBIT_RESPONSE_RECEIVED", "IN_DOUBT"];
+import { answerColumns, failureColumns, type CardAnswer, type PaymentStore, type Purchase, type SignedPurchase, type Step } from "./store.js";
 
 /** A purchase with a card answer recorded and not yet ruled on. */
 export type Answered = Extract<Purchase, { state: "DEBIT_RESPONSE_RECEIVED" | "IN_DOUBT" }> & { answer: CardAnswer };
@@ -33,8 +33,8 @@ export class Ruling {
       store: PaymentStore;
       work: PsamWork;
       log: Logger;
-      /** The transactions' locks, shared with the RPC handlers and recovery. */
-      locks: KeyedMutex;
+      /** The transactions' locks, shared with the RPC handlers and recovery (and, on PostgreSQL, with the other replicas). */
+      locks: TransactionLocks;
     },
   ) {}
 
@@ -116,7 +116,7 @@ export class Ruling {
     const proven =
       (await this.o.store.transition(
         p.transaction_id,
-        OPEN,
+        [p.state],
         { state: "PROVEN", new_balance: a.balance, ...(raw ? answerColumns({ kind: "card", statusWord: SW.OK, debitResponse: raw }) : {}) },
         [...before, { step, detail: `${detail}; card balance now ${a.balance}` }],
       )) ?? (await this.o.store.require(p.transaction_id));
@@ -192,7 +192,7 @@ export class Ruling {
                 detail: `${prefix}PSAM ${p.psam_id} verified the card signature and recorded the debit; card balance now ${answer.balance}`,
               };
         const done =
-          (await this.o.store.transition(p.transaction_id, OPEN, { state: "COMPLETED", new_balance: answer.balance, ...recorded }, step)) ??
+          (await this.o.store.transition(p.transaction_id, [p.state], { state: "COMPLETED", new_balance: answer.balance, ...recorded }, step)) ??
           (await this.o.store.require(p.transaction_id));
         this.afterProof(done);
         return done;
@@ -235,11 +235,11 @@ export class Ruling {
   }
 
   private async finish(p: SignedPurchase, e: NetpurseError, step: string, extra: ReturnType<typeof answerColumns> | object = {}): Promise<void> {
-    await this.o.store.transition(p.transaction_id, OPEN, { state: "REVERSED", ...failureColumns(failureOf(e)), ...extra }, { step, detail: e.details });
+    await this.o.store.transition(p.transaction_id, [p.state], { state: "REVERSED", ...failureColumns(failureOf(e)), ...extra }, { step, detail: e.details });
   }
 
   private async inDoubt(p: SignedPurchase, why: string): Promise<never> {
-    await this.o.store.transition(p.transaction_id, OPEN, { state: "IN_DOUBT" }, { step: "in_doubt", detail: why });
+    await this.o.store.transition(p.transaction_id, [p.state], { state: "IN_DOUBT" }, { step: "in_doubt", detail: why });
     throw new NetpurseError(
       Status.UNAVAILABLE,
       ErrorReason.ERROR_REASON_IN_DOUBT,
@@ -261,12 +261,15 @@ export class Ruling {
   }
 
   private async settleSameCounter(proven: Purchase): Promise<void> {
-    for (const other of await this.o.store.sameCardCounter(proven.purse_id, proven.card_counter, proven.transaction_id)) {
-      if ("answer" in other && other.answer) continue;
-      await this.o.locks.run(other.transaction_id, async () => {
+    for (const listed of await this.o.store.sameCardCounter(proven.purse_id, proven.card_counter, proven.transaction_id)) {
+      if ("answer" in listed && listed.answer) continue;
+      await this.o.locks.run(listed.transaction_id, async () => {
+        // Decided from the row read under the lock: another holder may have settled it since the listing.
+        const other = await this.o.store.require(listed.transaction_id);
+        if (other.state !== "DEBIT_COMMAND_ISSUED" && (other.state !== "IN_DOUBT" || other.answer)) return;
         const moved = await this.o.store.transition(
           other.transaction_id,
-          ["DEBIT_COMMAND_ISSUED", "IN_DOUBT"],
+          [other.state],
           {
             state: "DEBIT_RESPONSE_RECEIVED",
             ...answerColumns({

@@ -14,7 +14,7 @@ import { PsamWork } from "./psam-work.js";
 import { Recovery } from "./recovery.js";
 import { Ruling } from "./ruling.js";
 import { SoftwareSecurityModule } from "./security-module.js";
-import { KeyedMutex } from "../../lib/mutex.js";
+import { transactionLocks } from "../../lib/store/locks.js";
 import type { Security } from "../../lib/pki/security.js";
 
 export interface PaymentConfig {
@@ -24,8 +24,11 @@ export interface PaymentConfig {
   dir: string;
   /** Where the transaction database is: default the SQLite file DIR/payment.db; replicas share one PostgreSQL database (schema "payment"). */
   store?: StoreConfig;
+  /** The concentrators: one address, or several separated by commas (a stream to each). */
   concentrator?: string;
   paymentServerId?: string;
+  /** Which replica of the payment server this process is, named in its streams to the concentrators (a label, not an identity); default none: it runs alone. */
+  replicaId?: string;
   holdTimeoutMs?: number;
   maxPsamWaitMs?: number;
   jobTimeoutMs?: number;
@@ -52,6 +55,14 @@ export const PAYMENT_DEFAULTS = {
   maxUnansweredPerPurse: 4,
 } as const;
 
+/**
+ * How often a payment server whose database replicas share looks whether
+ * another replica needs a PSAM it holds for a card's answer (PSAM_VERIFIES):
+ * the most a CompletePurchase sent to another replica than the one holding
+ * the PSAM waits for it, give or take the concentrator's pool update.
+ */
+const WATCH_HOLDS_EVERY_MS = 250;
+
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
   const startedAt = new Date();
@@ -67,12 +78,14 @@ export async function startPaymentServer(c: PaymentConfig) {
   const { location, ...connections } = c.store ?? { location: join(c.dir, "payment.db") };
   const db = await openStore(location, PAYMENT_MIGRATIONS, { ...connections, schema: "payment", log });
   const store = new PaymentStore(db, (e) => log.error("purchase left out of recovery", { error: e.message }));
-  const locks = new KeyedMutex();
+  // Shared with every replica on a PostgreSQL database: advisory locks named payment:TRANSACTION (and the in-process mutex on SQLite).
+  const locks = transactionLocks(db, { namespace: "payment", log });
   const pool = new PsamPool((l) => link.release(l));
   const link: ConcentratorLink = new ConcentratorLink({
     address: c.concentrator ?? defaultAddress("concentrator"),
     channel: c.security.channel({ kind: "concentrator" }),
     paymentServerId: c.paymentServerId ?? "payment-1",
+    ...(c.replicaId ? { replicaId: c.replicaId } : {}),
     pool,
     log,
     onTerminal: (t) => recovery.onTerminal(t),
@@ -86,6 +99,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     verdicts,
     holdTimeoutMs: c.holdTimeoutMs ?? PAYMENT_DEFAULTS.holdTimeoutMs,
     jobTimeoutMs: c.jobTimeoutMs ?? PAYMENT_DEFAULTS.jobTimeoutMs,
+    ...(locks.shared ? { watchHolds: { locks, everyMs: WATCH_HOLDS_EVERY_MS } } : {}),
   });
   const ruling = new Ruling({ store, work, log, locks });
   const recovery: Recovery = new Recovery({
@@ -98,7 +112,8 @@ export async function startPaymentServer(c: PaymentConfig) {
     proofTimeoutMs: c.proofTimeoutMs ?? PAYMENT_DEFAULTS.proofTimeoutMs,
     abandonReceivedAfterMs,
   });
-  // Before any call is served: every RECEIVED row now was left by a previous run.
+  // Before any call is served: every RECEIVED row now was left by a previous run (or, among replicas, by one that is gone or
+  // left it for the client's retry; one another replica works on now is left to it).
   await recovery.abandonLeftByPreviousRun(startedAt);
   const server = new PaymentServer({
     store,
@@ -125,6 +140,8 @@ export async function startPaymentServer(c: PaymentConfig) {
     address: grpc.address,
     pool,
     store,
+    /** Its recovery (tests sweep on demand). */
+    recovery,
     /** Connections its gRPC server holds now. */
     connections: () => grpc.connections(),
     whenConnected: () => link.whenReady(),
@@ -134,6 +151,21 @@ export async function startPaymentServer(c: PaymentConfig) {
       work.releaseAll();
       await link.close();
       await db.close();
+    },
+    /**
+     * Test only: dies as the process would, with no last word: its stream to
+     * the concentrator is cut (which releases its leases there), every
+     * database connection is dropped (PostgreSQL releases its locks and rolls
+     * back what was open; nothing more is written), its held PSAMs and timers
+     * are forgotten, and its gRPC server stops. Not to be closed after.
+     */
+    async crash() {
+      const streamCut = link.close(); // aborts the stream at once, before any release could be sent on it
+      await (db.abandon ? db.abandon() : db.close());
+      recovery.stop();
+      work.forgetAll();
+      await streamCut;
+      await grpc.shutdown();
     },
   };
 }

@@ -62,6 +62,14 @@ export const PAYMENT_MIGRATIONS = [
   `CREATE INDEX purchases_purse_state ON purchases (purse_id, state);`,
   // The card's balance at INITIALIZE FOR PURCHASE: the answer a PSAM predicted has that balance less the amount.
   `ALTER TABLE purchases ADD COLUMN card_balance INTEGER;`,
+  // The per-purse bound counts the draw requests being worked on in the database, so that it holds across replicas:
+  // one row per draw request between the count and its outcome, ignored once expired (a replica that died).
+  `CREATE TABLE purse_draws (
+     transaction_id TEXT PRIMARY KEY,
+     purse_id TEXT NOT NULL,
+     expires_at TEXT NOT NULL
+   );
+   CREATE INDEX purse_draws_purse ON purse_draws (purse_id);`,
 ];
 
 /** States of a purchase, as stored (the PurchaseState names without their prefix). */
@@ -293,6 +301,11 @@ function crashAround(when: "before" | "after", e: Steps): void {
 
 const inList = (states: readonly State[]) => states.map(() => "?").join(", ");
 
+/** The purse's purchases with a DEBIT command issued and no card answer recorded (awaitingCardAnswer). */
+const AWAITING_CARD_ANSWER = `SELECT COUNT(*) AS n FROM purchases
+  WHERE purse_id = ? AND state IN ('DEBIT_COMMAND_ISSUED', 'IN_DOUBT')
+    AND card_status_word IS NULL AND not_debited_proof IS NULL`;
+
 /** How long a step kept for a purchase's next write waits for one before it is written alone. */
 const LATER_STEPS_MS = 1_000;
 
@@ -332,24 +345,72 @@ export class PaymentStore {
     return kept.steps;
   }
 
-  /** Inserts a new purchase (state RECEIVED) with its first event: the purchase as stored, or undefined when the id exists already. */
-  async insert(p: NewPurchase, event: Step): Promise<Purchase | undefined> {
+  /**
+   * The per-purse bound and what it lets in, in one transaction (so that it
+   * holds across replicas sharing the database): counts the purse's
+   * purchases awaiting the card's answer (awaitingCardAnswer) and its other
+   * draw requests being worked on (their places in purse_draws, unexpired);
+   * at `bound` or beyond, returns that count and writes nothing. Otherwise
+   * it takes a place for this draw request until `until` (ISO time; given
+   * back by the purchase's move out of RECEIVED, or by releaseDraw) and,
+   * for a new purchase, inserts it (state RECEIVED) with its first event:
+   * the purchase as stored; undefined when a new purchase's id exists already.
+   */
+  async reserveDraw(
+    purseId: string,
+    draw: { insert: NewPurchase; event: Step } | { retry: string },
+    bound: number,
+    until: string,
+  ): Promise<Purchase | number | undefined> {
     const now = new Date().toISOString();
-    const row: Record<string, SqlValue> = { ...p, state: "RECEIVED", created_at: now, updated_at: now };
-    crashAround("before", event);
-    const inserted = await this.db.transaction(async (tx) => {
-      const exists = await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [p.transaction_id]);
-      if (exists) return undefined;
-      const cols = Object.keys(row);
-      const stored = await tx.get<PurchaseRow>(
-        `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) RETURNING *`,
-        cols.map((c) => row[c] ?? null),
-      );
-      await logEvents(tx, p.transaction_id, event, now);
-      return stored && toPurchase(stored);
+    const id = "insert" in draw ? draw.insert.transaction_id : draw.retry;
+    if ("insert" in draw) crashAround("before", draw.event);
+    const r = await this.db.transaction(async (tx): Promise<Purchase | number | undefined> => {
+      await tx.run("DELETE FROM purse_draws WHERE purse_id = ? AND expires_at < ?", [purseId, now]);
+      const waiting = (await tx.get<{ n: number }>(AWAITING_CARD_ANSWER, [purseId]))?.n ?? 0;
+      const drawing = (await tx.get<{ n: number }>("SELECT COUNT(*) AS n FROM purse_draws WHERE purse_id = ? AND transaction_id <> ?", [purseId, id]))?.n ?? 0;
+      if (waiting + drawing >= bound) return waiting + drawing;
+      let p: Purchase | undefined;
+      if ("insert" in draw) {
+        if (await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [id])) return undefined;
+        const row: Record<string, SqlValue> = { ...draw.insert, state: "RECEIVED", created_at: now, updated_at: now };
+        const cols = Object.keys(row);
+        const stored = await tx.get<PurchaseRow>(
+          `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) RETURNING *`,
+          cols.map((c) => row[c] ?? null),
+        );
+        await logEvents(tx, id, draw.event, now);
+        p = stored && toPurchase(stored);
+      } else {
+        const row = await tx.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [id]);
+        p = row && toPurchase(row);
+      }
+      await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [id]);
+      await tx.run("INSERT INTO purse_draws (transaction_id, purse_id, expires_at) VALUES (?, ?, ?)", [id, purseId, until]);
+      return p;
     });
-    if (inserted) crashAround("after", event);
-    return inserted;
+    if ("insert" in draw && typeof r === "object") crashAround("after", draw.event);
+    return r;
+  }
+
+  /** Gives back a draw request's place under its purse's bound (a draw request that ended without leaving RECEIVED). */
+  async releaseDraw(transactionId: string): Promise<void> {
+    await this.db.run("DELETE FROM purse_draws WHERE transaction_id = ?", [transactionId]);
+  }
+
+  /** Drops the places of draw requests whose time ran out (their replica died before giving them back). */
+  async dropExpiredDraws(): Promise<void> {
+    await this.db.run("DELETE FROM purse_draws WHERE expires_at < ?", [new Date().toISOString()]);
+  }
+
+  /** The states of the given purchases, by transaction id (those that exist). */
+  async states(transactionIds: readonly string[]): Promise<Map<string, State>> {
+    if (transactionIds.length === 0) return new Map();
+    const rows = await this.db.all<{ transaction_id: string; state: State }>(
+      `SELECT transaction_id, state FROM purchases WHERE transaction_id IN (${transactionIds.map(() => "?").join(", ")})`,
+      [...transactionIds],
+    );
+    return new Map(rows.map((r) => [r.transaction_id, r.state]));
   }
 
   /**
@@ -370,6 +431,8 @@ export class PaymentStore {
       );
       if (!row) return undefined;
       await logEvents(tx, transactionId, event, now);
+      // Out of RECEIVED, the draw request has its outcome: its place under the purse's bound goes with the same commit.
+      if (from.includes("RECEIVED")) await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [transactionId]);
       return toPurchase(row);
     });
     if (moved) crashAround("after", event);
@@ -423,12 +486,7 @@ export class PaymentStore {
    * debit in its PSAM until the card's answer or log settles it.
    */
   async awaitingCardAnswer(purseId: string): Promise<number> {
-    const row = await this.db.get<{ n: number }>(
-      `SELECT COUNT(*) AS n FROM purchases
-        WHERE purse_id = ? AND state IN ('DEBIT_COMMAND_ISSUED', 'IN_DOUBT')
-          AND card_status_word IS NULL AND not_debited_proof IS NULL`,
-      [purseId],
-    );
+    const row = await this.db.get<{ n: number }>(AWAITING_CARD_ANSWER, [purseId]);
     return row?.n ?? 0;
   }
 
