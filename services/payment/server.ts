@@ -3,6 +3,8 @@ import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer, type ServerLimits } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
+import { StoreUnavailable } from "../../lib/store/db.js";
+import { repeat } from "../../lib/periodic.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { MerchantRegistry } from "./merchants.js";
 import { PaymentServer } from "./payment-server.js";
@@ -62,6 +64,9 @@ export const PAYMENT_DEFAULTS = {
  * the PSAM waits for it, give or take the concentrator's pool update.
  */
 const WATCH_HOLDS_EVERY_MS = 250;
+
+/** How often the server checks that it can serve (its health, which balancing callers watch). */
+const READINESS_EVERY_MS = 1_000;
 
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
@@ -136,6 +141,22 @@ export async function startPaymentServer(c: PaymentConfig) {
     log,
     limits: c.limits,
   });
+  // A caller balancing over replicas skips one that can do nothing now: linked to no concentrator (no PSAM), or its database out of reach.
+  const readiness = repeat({
+    what: "readiness check",
+    everyMs: READINESS_EVERY_MS,
+    log,
+    task: async () => {
+      let why: string | undefined;
+      if (link.connectedCount() === 0) why = "linked to no concentrator: no PSAM can be reached";
+      else
+        await db.get("SELECT 1").catch((e: unknown) => {
+          if (!(e instanceof StoreUnavailable)) throw e;
+          why = "its database cannot be reached";
+        });
+      grpc.setServing(why === undefined, why);
+    },
+  });
   return {
     address: grpc.address,
     pool,
@@ -146,6 +167,7 @@ export async function startPaymentServer(c: PaymentConfig) {
     connections: () => grpc.connections(),
     whenConnected: () => link.whenReady(),
     async close() {
+      readiness.stop();
       await grpc.shutdown();
       recovery.stop();
       work.releaseAll();
@@ -160,6 +182,7 @@ export async function startPaymentServer(c: PaymentConfig) {
      * are forgotten, and its gRPC server stops. Not to be closed after.
      */
     async crash() {
+      readiness.stop();
       const streamCut = link.close(); // aborts the stream at once, before any release could be sent on it
       await (db.abandon ? db.abandon() : db.close());
       recovery.stop();

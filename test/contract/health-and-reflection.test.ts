@@ -9,7 +9,12 @@ import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { pkiPaths } from "../../lib/pki/authority.js";
 import { DEMO_SITE } from "../../services/benefits/site.js";
-import { startNetwork, type Network } from "../support/network.js";
+import { startNetwork, waitFor, type Network } from "../support/network.js";
+import { copyFile } from "node:fs/promises";
+import { join } from "node:path";
+import { startPaymentServer } from "../../services/payment/server.js";
+import { VERDICT_KEY_FILE } from "../../services/payment/security-module.js";
+import { tempDir } from "../support/fixtures.js";
 
 const run = promisify(execFile);
 const BUF = new URL("../../node_modules/.bin/buf", import.meta.url).pathname;
@@ -82,6 +87,33 @@ describe("contract: health and reflection on every server (buf curl)", function 
     for (const name of ["netpurse.benefits.v1.BenefitsService", "netpurse.merchant.v1.MerchantService"]) {
       const { stdout: one } = await curl(...tls, "-d", JSON.stringify({ service: name }), `https://${site()}/grpc.health.v1.Health/Check`);
       expect(JSON.parse(one), name).to.deep.equal({ status: "SERVING" });
+    }
+  });
+
+  it("a payment server linked to no concentrator answers NOT_SERVING, so that callers balancing over replicas skip it", async () => {
+    const { dir, cleanup } = await tempDir();
+    await copyFile(join(net.paths.payment, VERDICT_KEY_FILE), join(dir, VERDICT_KEY_FILE));
+    const lonely = await startPaymentServer({
+      security: await net.security.of("payment", "payment-1"),
+      listen: "127.0.0.1:0",
+      dir,
+      concentrator: "127.0.0.1:1", // nothing listens there
+    });
+    try {
+      const check = async (service = "") =>
+        (
+          JSON.parse((await curl(...tls, "-d", JSON.stringify({ service }), `https://${lonely.address}/grpc.health.v1.Health/Check`)).stdout) as {
+            status: string;
+          }
+        ).status;
+      await waitFor(async () => (await check()) === "NOT_SERVING", 5_000, "NOT_SERVING");
+      expect(await check("netpurse.payment.v1.PaymentService")).to.equal("NOT_SERVING");
+      // The network's own payment server, linked to its concentrator, serves.
+      const { stdout } = await curl(...tls, `https://${net.payment.address}/grpc.health.v1.Health/Check`);
+      expect(JSON.parse(stdout)).to.deep.equal({ status: "SERVING" });
+    } finally {
+      await lonely.close();
+      await cleanup();
     }
   });
 
