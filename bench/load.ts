@@ -159,6 +159,8 @@ export function percentile(sorted: number[], q: number): number {
 }
 
 const TRANSACTION_ID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/gi;
+/** An INTERNAL answer's reference to its log line (lib/grpc/server.ts): one per failure, so blanked like transaction ids. */
+const INTERNAL_REF = /\(ref [0-9a-f]{8}\)/g;
 
 /** Counts failures and prints each new kind at once, so a long run shows trouble while it happens. */
 export class ErrorTally {
@@ -169,7 +171,7 @@ export class ErrorTally {
 
   add(e: unknown): void {
     this.count++;
-    const message = (e instanceof Error ? `${e.name}: ${e.message}` : String(e)).replace(TRANSACTION_ID, "<transaction>");
+    const message = (e instanceof Error ? `${e.name}: ${e.message}` : String(e)).replace(TRANSACTION_ID, "<transaction>").replace(INTERNAL_REF, "(ref <ref>)");
     if (!(message in this.byMessage)) process.stderr.write(`\n[${this.label}] error: ${message}\n`);
     this.byMessage[message] = (this.byMessage[message] ?? 0) + 1;
   }

@@ -46,6 +46,25 @@ export function shopForMode(mode: string): ShopFile {
  */
 const CARDHOLDER_PURSE = { value: 400_000, maxBalance: 500_000, expiry: "2099-12-31" };
 
+/**
+ * How many of each process a network runs (the replicas suite's grid; one
+ * of each otherwise): terminal hosts terminal-1…N with the same number of
+ * PSAMs each, concentrators, payment server replicas, and the PostgreSQL
+ * database every service with a store keeps its state in (SQLite files
+ * without one).
+ */
+export interface NetworkLayout {
+  terminals: number;
+  concentrators: number;
+  paymentServers: number;
+  database?: string;
+}
+
+const ONE_OF_EACH: NetworkLayout = { terminals: 1, concentrators: 1, paymentServers: 1 };
+
+/** The terminal hosts' ids: terminal-1 (TERMINAL_ID), terminal-2, … */
+export const terminalIds = (n: number) => Array.from({ length: n }, (_, i) => `terminal-${i + 1}`);
+
 /** The names launchNetwork gives the processes it starts (with the demo shop), and this one, where the cardholders run. */
 export const PROCESS = {
   concentrator: "concentrator",
@@ -109,6 +128,7 @@ export class BenchNetwork {
     readonly tls: boolean,
     security: { cardholder: Security; operator: Security },
     serviceEnv: NodeJS.ProcessEnv,
+    readonly layout: NetworkLayout,
   ) {
     this.launcher = new Launcher(this.logDir, { env: { ...SERVICE_ENV, ...serviceEnv } });
     this.clients = new ServiceClients(security);
@@ -149,11 +169,26 @@ export class BenchNetwork {
     }
   }
 
-  static async prepare(p: { psams: number; cardholders: number; shop?: ShopFile; tls?: boolean; serviceEnv?: NodeJS.ProcessEnv }): Promise<BenchNetwork> {
+  /** `layout`: one of each process unless told; `psams` is then each terminal host's. */
+  static async prepare(p: {
+    psams: number;
+    cardholders: number;
+    shop?: ShopFile;
+    tls?: boolean;
+    serviceEnv?: NodeJS.ProcessEnv;
+    layout?: NetworkLayout;
+  }): Promise<BenchNetwork> {
     const shop = p.shop ?? DEMO_SHOP;
+    const layout = p.layout ?? ONE_OF_EACH;
     const dir = await mkdtemp(join(tmpdir(), `netpurse-bench-${shop.merchantId}-p${p.psams}-c${p.cardholders}-`));
     // The demo card is the client daemon's, which launchNetwork starts; cardholders here pay with cards of their own.
-    const { cardPath } = await ensureDemoData(dir, { terminals: [{ id: TERMINAL_ID, psams: p.psams }], shops: [shop], card: DEFAULT_DEMO.card });
+    const { cardPath } = await ensureDemoData(dir, {
+      terminals: terminalIds(layout.terminals).map((id) => ({ id, psams: p.psams })),
+      shops: [shop],
+      card: DEFAULT_DEMO.card,
+      concentrators: layout.concentrators,
+      ...(layout.database !== undefined ? { database: layout.database } : {}),
+    });
     const tls = p.tls ?? true;
     const security = tls
       ? {
@@ -161,14 +196,15 @@ export class BenchNetwork {
           operator: await Security.forService(pkiDirOf(dir), { kind: "operator", id: "operator" }),
         }
       : { cardholder: Security.insecure(), operator: Security.insecure() };
-    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security, p.serviceEnv ?? {});
+    return new BenchNetwork(dir, shop, cardPath, await personaliseCardholderCards(dir, p.cardholders), tls, security, p.serviceEnv ?? {}, layout);
   }
 
   /**
-   * Starts every service on free loopback ports and waits until the payment
-   * server can see all `psams` PSAMs. `offerPaymentServer` is the payment
-   * server address the merchant names in its offers, when cardholders must
-   * reach it another way (through a delay proxy). `psamReaders`: the
+   * Starts every service on free loopback ports and waits until every
+   * payment server can see all `psams` PSAMs of every terminal host.
+   * `offerPaymentServer` is the payment server address the merchant names in
+   * its offers, when cardholders must reach it another way (through a delay
+   * proxy). `psamReaders`: the
    * terminal host's PSAMs and the daemon's card are behind PC/SC instead,
    * the PSAMs in the readers matching it (an emulator must serve them).
    */
@@ -176,10 +212,13 @@ export class BenchNetwork {
     // The terminal host closes a PSAM's batch at 200 records by default, below the PSAM's capacity of 256, so no run fills a PSAM.
     this.addresses = await launchNetwork(this.launcher, {
       data: this.dir,
-      terminals: [{ id: TERMINAL_ID }],
+      terminals: terminalIds(this.layout.terminals).map((id) => ({ id })),
       merchants: [{ id: this.shop.merchantId }],
       cardPath: this.daemonCardPath,
       insecure: !this.tls,
+      concentrators: this.layout.concentrators,
+      paymentServers: this.layout.paymentServers,
+      ...(this.layout.database !== undefined ? { database: this.layout.database } : {}),
       ...(o.offerPaymentServer ? { offerPaymentServer: o.offerPaymentServer } : {}),
       ...(o.psamReaders !== undefined ? { psamReaders: o.psamReaders } : {}),
     });
@@ -211,6 +250,17 @@ export class BenchNetwork {
     return out;
   }
 
+  /** Process ids by name of every service running (whatever the layout), and this one's as PROCESS.bench. */
+  allProcesses(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const name of this.launcher.names()) {
+      const pid = this.launcher.pid(name);
+      if (pid !== undefined) out.set(name, pid);
+    }
+    out.set(PROCESS.bench, process.pid);
+    return out;
+  }
+
   /** Stops every service; safe to call twice (the run's end and a Ctrl-C may race). */
   stop = async (): Promise<void> => {
     if (this.stopped) return;
@@ -232,15 +282,31 @@ export class BenchNetwork {
     return logFindings(this.logDir, maxSamples, { insecureExpected: !this.tls });
   }
 
-  /** The concentrator lists the terminal with all its PSAMs and a payment server attached: purchases can be routed. */
+  /**
+   * Every terminal host attached to a concentrator with all its PSAMs, and
+   * every payment server (each replica) at every concentrator: purchases
+   * can be routed to any PSAM.
+   */
   private async poolReady(psams: number, timeoutMs = 30_000): Promise<void> {
-    const concentrator = this.clients.concentrator(this.addresses.concentrator!);
+    const concentrators = Object.entries(this.addresses)
+      .filter(([name]) => name === "concentrator" || name.startsWith("concentrator:"))
+      .map(([, address]) => this.clients.concentrator(address));
+    const terminals = terminalIds(this.layout.terminals);
     const until = Date.now() + timeoutMs;
     for (;;) {
-      const r = await concentrator.listTerminals({});
-      const terminal = r.terminals.find((t) => t.terminalId === TERMINAL_ID);
-      if (terminal?.slots.length === psams && r.paymentServers.length > 0) return;
-      if (Date.now() > until) throw new Error(`the payment server did not see ${psams} PSAMs of ${TERMINAL_ID} within ${timeoutMs} ms`);
+      const lists = await Promise.all(concentrators.map((c) => c.listTerminals({})));
+      const attached = lists.flatMap((r) => r.terminals);
+      const ready =
+        terminals.every((id) => attached.find((t) => t.terminalId === id)?.slots.length === psams) &&
+        lists.every((r) => r.paymentServers.length >= this.layout.paymentServers);
+      if (ready) return;
+      if (Date.now() > until) {
+        const seen = attached.map((t) => `${t.terminalId} with ${t.slots.length}`).join(", ") || "no terminal host";
+        const servers = lists.map((r) => r.paymentServers.length).join(", ");
+        throw new Error(
+          `the pool did not come up within ${timeoutMs} ms: wanted ${terminals.length} terminal host(s) with ${psams} PSAMs each and ${this.layout.paymentServers} payment server(s) at each of ${concentrators.length} concentrator(s); saw ${seen}, and ${servers} payment server(s)`,
+        );
+      }
       await sleep(100);
     }
   }
@@ -254,7 +320,11 @@ export async function logFindings(logDir: string, maxSamples = 5, o: { insecureE
     for (const line of (await readFile(join(logDir, file), "utf8")).split("\n")) {
       if (!isTrouble(line) || (o.insecureExpected && INSECURE_WARNING.test(line))) continue;
       findings.count++;
-      const gist = line.replace(/^\S+Z /, "").replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>");
+      // Transaction ids and the refs of INTERNAL answers differ from line to line of one cause.
+      const gist = line
+        .replace(/^\S+Z /, "")
+        .replace(/[0-9a-f]{8}-[0-9a-f-]{27}/gi, "<transaction>")
+        .replace(/ ref=[0-9a-f]{8} /g, " ref=<ref> ");
       if (!seen.has(gist) && seen.size < maxSamples) {
         seen.add(gist);
         findings.samples.push(`${file}: ${gist}`);

@@ -14,6 +14,8 @@ import type { HardwareReport } from "./hardware.js";
 import { hardwareProblems, renderHardware } from "./hardware-report.js";
 import type { ModesReport } from "./modes.js";
 import { modesProblems, renderModes } from "./modes-report.js";
+import type { ReplicasReport } from "./replicas.js";
+import { renderReplicas, replicasProblems } from "./replicas-report.js";
 import { configurationLabel, SONG, type PurchaseResult } from "./purchases.js";
 import { PROCESS } from "./network.js";
 import { cpuMsPerOperation } from "./proc.js";
@@ -84,6 +86,8 @@ export interface Report {
   hardware?: HardwareReport;
   /** The clearing part, when it was run. */
   clearing?: ClearingReport;
+  /** The replicas part (--suite replicas), when it was run. */
+  replicas?: ReplicasReport;
 }
 
 const onOff = (tls: boolean) => (tls ? "on" : "off");
@@ -513,6 +517,7 @@ export function renderReport(r: Report): string {
     ...(r.modes ? modesProblems(r.modes) : []),
     ...(r.hardware ? hardwareProblems(r.hardware) : []),
     ...(r.clearing ? clearingProblems(r.clearing) : []),
+    ...(r.replicas ? replicasProblems(r.replicas) : []),
   ];
   const m = r.machine;
   return [
@@ -520,6 +525,7 @@ export function renderReport(r: Report): string {
     ...(r.modes ? [renderModes(r.modes)] : []),
     ...(r.hardware ? [renderHardware(r.hardware)] : []),
     ...(r.clearing ? [renderClearing(r.clearing)] : []),
+    ...(r.replicas ? [renderReplicas(r.replicas, m.cores)] : []),
     ...(found.length ? ["## Errors and findings", "", ...found, ""] : []),
     `Machine: ${m.cores} cores (${m.cpuModel}), Node ${m.node}, ${m.platform}; every process shares these cores. Total wall time: ${r.wallSeconds.toFixed(0)} s`,
     "",

@@ -6,7 +6,10 @@
 // second by the clearing service per batch size, beside the stack's
 // purchases per second (the clearing suite); and what real readers and a
 // real security module cost against the software path: APDUs and purchases
-// through PC/SC, S2 signings through PKCS#11 (the hardware suite). Markdown
+// through PC/SC, S2 signings through PKCS#11 (the hardware suite); and, when
+// asked, purchases per second and CPU per purchase per process with 1 and 2
+// payment servers and terminal hosts on SQLite and PostgreSQL (the replicas
+// suite). Markdown
 // on stdout, JSON in bench/results/latest.json, progress on stderr.
 
 import { execFileSync } from "node:child_process";
@@ -27,6 +30,7 @@ import { modesErrors } from "./modes-report.js";
 import { PCSC_DEFAULTS } from "./pcsc.js";
 import { DEFAULT_MODE, measurePurchases, type PurchaseConfiguration, type PurchaseResult } from "./purchases.js";
 import { PROFILE_TOP } from "./profile.js";
+import { DATABASES, measureReplicas, REPLICAS_DEFAULTS, replicasErrors, type ReplicasReport, type ReplicasSettings } from "./replicas.js";
 import { measureSkeleton, type SkeletonResult } from "./skeleton/skeleton.js";
 import { SKELETON_MODES, type SkeletonMode } from "./skeleton/wire.js";
 import { measureSoak, SOAK_CONFIGURATION, type SoakResult } from "./soak.js";
@@ -51,9 +55,9 @@ const DEFAULT_OUT = fileURLToPath(new URL("./results/latest.json", import.meta.u
 
 const USAGE = `Usage: npm run bench -- [options]
 
-Four suites, all by default. The first two start the netpurse network as
-processes, fresh for every configuration, with cardholders buying a song in a
-closed loop.
+Four suites by default (all), a fifth when asked (replicas). The stack, modes
+and replicas suites start the netpurse network as processes, fresh for every
+configuration, with cardholders buying a song in a closed loop.
 
 stack: purchases per second and payOffer latency per configuration (PSAMs ×
 cardholders, a confirmation mode), beside a unary gRPC echo on the same
@@ -90,8 +94,21 @@ cannot be set up here (PC/SC needs root, pcscd, vsmartcard-vpcd, cc, the
 pcsclite binding and no other pcscd; the token SoftHSM2 and pkcs11js) says
 why in the report, and the others still run.
 
+replicas (not part of all: some six minutes more, and a PostgreSQL server
+of its own): purchases/s, p50 and p99 payOffer latency, and CPU ms per
+purchase per process (payment servers, concentrators, terminal hosts,
+merchant, validation, the cardholders, the PostgreSQL server's processes)
+for {1, 2} payment servers × {1, 2} terminal hosts × {SQLite, PostgreSQL},
+in one run, each configuration on a fresh data folder, network and
+database. ${REPLICAS_DEFAULTS.cardholders} cardholders in every configuration and ${REPLICAS_DEFAULTS.psamsPerHost} PSAMs per terminal host
+(a second host doubles the PSAMs); TLS on; the demo shop's mode. Replicas
+need the shared database: 2 payment servers on SQLite read "n/a". PostgreSQL
+is a durable throwaway cluster made with this machine's initdb and pg_ctl
+(Debian's postgresql package); without them its configurations read "n/a".
+
 Options:
-  --suite NAME          all, stack, modes, hardware or clearing (default all)
+  --suite NAME          all, stack, modes, hardware, clearing or replicas (default all: every one
+                        but replicas)
   --configs LIST        stack: configurations, comma-separated, each PSAMSxCARDHOLDERS or
                         PSAMSxCARDHOLDERS:MODE (default ${DEFAULT_CONFIGS}:
                         one cardholder for latency, the issue's reference load, its ratio to
@@ -135,20 +152,32 @@ Options:
   --hardware-stock-apdus N
                         hardware: APDUs timed through the stock driver, ~45 ms each (default ${PCSC_DEFAULTS.stockRounds})
   --hardware-signings N hardware: S2 signings per path (default ${HARDWARE_DEFAULTS.signings})
+  --replicas-payment-servers LIST
+                        replicas: payment servers, comma-separated (default ${REPLICAS_DEFAULTS.paymentServers.join(",")})
+  --replicas-hosts LIST replicas: terminal hosts, comma-separated (default ${REPLICAS_DEFAULTS.terminalHosts.join(",")})
+  --replicas-databases LIST
+                        replicas: ${DATABASES.join(", ")}, comma-separated (default both)
+  --replicas-clients N  replicas: concurrent cardholders (default ${REPLICAS_DEFAULTS.cardholders})
+  --replicas-psams N    replicas: PSAMs per terminal host (default ${REPLICAS_DEFAULTS.psamsPerHost})
+  --replicas-concentrators N
+                        replicas: concentrators (default ${REPLICAS_DEFAULTS.concentrators})
+  --replicas-seconds N  replicas: measuring window per configuration, seconds (default ${REPLICAS_DEFAULTS.seconds})
   --warmup N            warm-up before each window, seconds (default ${STACK_WARMUP_S} for the stack suite's
                         purchases, the time CPU per purchase takes to settle (bench/README.md), and at
-                        most ${ECHO_WARMUP_S} for its echo; ${OTHER_WARMUP_S} for the other suites)
+                        most ${ECHO_WARMUP_S} for its echo; ${REPLICAS_DEFAULTS.warmupSeconds} for the replicas suite, for the same
+                        reason; ${OTHER_WARMUP_S} for the other suites)
   --out FILE            JSON results (default bench/results/latest.json)
   --keep-data           keep each run's data folder and service logs (paths in the JSON)
   -h, --help            this text
 
 Exit status: 0 when every purchase, echo and protocol-skeleton purchase
 succeeded (and every skeleton run could be made), every batch was accepted
-with all its records posted and no hardware part failed (one that cannot be
-set up here is no failure), 1 otherwise, 2 for bad options.
+with all its records posted, no hardware part failed (one that cannot be
+set up here is no failure) and every replicas configuration that can run
+here ran (n/a is no failure), 1 otherwise, 2 for bad options.
 `;
 
-const SUITES = ["all", "stack", "modes", "hardware", "clearing"] as const;
+const SUITES = ["all", "stack", "modes", "hardware", "clearing", "replicas"] as const;
 type Suite = (typeof SUITES)[number];
 
 const TLS_CHOICES = { on: [true], off: [false], both: [true, false] } as const;
@@ -168,6 +197,7 @@ interface Settings {
   modes: ModesSettings;
   clearing: ClearingSettings;
   hardware: HardwareSettings;
+  replicas: ReplicasSettings;
   out: string;
   keepData: boolean;
 }
@@ -202,6 +232,14 @@ function hardwareModes(text: string): string[] {
   const unknown = list.filter((m) => !MODES.includes(m));
   if (list.length === 0 || unknown.length > 0) throw new UsageError(`--hardware-modes takes all or some of ${MODES.join(", ")}, got "${text}"`);
   return [...new Set(list)];
+}
+
+function databases(text: string): ReplicasSettings["databases"] {
+  const list = text.split(",").map((d) => d.trim().toLowerCase());
+  const found = DATABASES.filter((d) => list.includes(d));
+  if (list.length === 0 || found.length !== new Set(list).size)
+    throw new UsageError(`--replicas-databases takes some of ${DATABASES.join(", ")}, got "${text}"`);
+  return found;
 }
 
 function mode(text: string, flag: string): string {
@@ -266,6 +304,13 @@ function parseSettings(argv: string[]): Settings | undefined {
       "hardware-apdus": { type: "string", default: String(PCSC_DEFAULTS.rounds) },
       "hardware-stock-apdus": { type: "string", default: String(PCSC_DEFAULTS.stockRounds) },
       "hardware-signings": { type: "string", default: String(HARDWARE_DEFAULTS.signings) },
+      "replicas-payment-servers": { type: "string", default: REPLICAS_DEFAULTS.paymentServers.join(",") },
+      "replicas-hosts": { type: "string", default: REPLICAS_DEFAULTS.terminalHosts.join(",") },
+      "replicas-databases": { type: "string", default: DATABASES.join(",") },
+      "replicas-clients": { type: "string", default: String(REPLICAS_DEFAULTS.cardholders) },
+      "replicas-psams": { type: "string", default: String(REPLICAS_DEFAULTS.psamsPerHost) },
+      "replicas-concentrators": { type: "string", default: String(REPLICAS_DEFAULTS.concentrators) },
+      "replicas-seconds": { type: "string", default: String(REPLICAS_DEFAULTS.seconds) },
       warmup: { type: "string" },
       out: { type: "string", default: DEFAULT_OUT },
       "keep-data": { type: "boolean", default: false },
@@ -276,13 +321,15 @@ function parseSettings(argv: string[]): Settings | undefined {
   const measureMs = seconds(values.seconds, "seconds");
   const modesMeasureMs = seconds(values["modes-seconds"], "modes-seconds");
   const clearingMeasureMs = seconds(values["clearing-seconds"], "clearing-seconds");
-  if (measureMs === 0 || modesMeasureMs === 0 || clearingMeasureMs === 0) {
-    throw new UsageError("--seconds, --modes-seconds and --clearing-seconds must be more than 0");
+  const replicasMeasureMs = seconds(values["replicas-seconds"], "replicas-seconds");
+  if (measureMs === 0 || modesMeasureMs === 0 || clearingMeasureMs === 0 || replicasMeasureMs === 0) {
+    throw new UsageError("--seconds, --modes-seconds, --clearing-seconds and --replicas-seconds must be more than 0");
   }
   const batchSizes = positiveInts(values["clearing-sizes"], "clearing-sizes");
   if (batchSizes.some((n) => n > MAX_BATCH_RECORDS)) throw new UsageError(`--clearing-sizes: clearing takes at most ${MAX_BATCH_RECORDS} records per batch`);
   const warmupMs = values.warmup === undefined ? OTHER_WARMUP_S * 1000 : seconds(values.warmup, "warmup");
   const stackWarmupMs = values.warmup === undefined ? STACK_WARMUP_S * 1000 : warmupMs;
+  const replicasWarmupMs = values.warmup === undefined ? REPLICAS_DEFAULTS.warmupSeconds * 1000 : warmupMs;
   const stackMode = mode(values.mode, "mode");
   if (values.configs !== undefined && (values.psams !== undefined || values.clients !== undefined)) {
     throw new UsageError("--configs and --psams/--clients each choose the stack's configurations: give one or the other");
@@ -326,6 +373,18 @@ function parseSettings(argv: string[]): Settings | undefined {
         stockRounds: positiveInt(values["hardware-stock-apdus"], "hardware-stock-apdus"),
       },
       signings: positiveInt(values["hardware-signings"], "hardware-signings"),
+      keepData: values["keep-data"],
+    },
+    replicas: {
+      paymentServers: [...new Set(positiveInts(values["replicas-payment-servers"], "replicas-payment-servers"))],
+      terminalHosts: [...new Set(positiveInts(values["replicas-hosts"], "replicas-hosts"))],
+      databases: databases(values["replicas-databases"]),
+      cardholders: positiveInt(values["replicas-clients"], "replicas-clients"),
+      psamsPerHost: positiveInt(values["replicas-psams"], "replicas-psams"),
+      concentrators: positiveInt(values["replicas-concentrators"], "replicas-concentrators"),
+      mode: DEFAULT_MODE,
+      tls: true,
+      phases: { warmupMs: replicasWarmupMs, measureMs: replicasMeasureMs },
       keepData: values["keep-data"],
     },
     out: resolve(values.out),
@@ -405,7 +464,8 @@ async function measureStack(s: Settings): Promise<StackResults> {
 async function runBenchmark(s: Settings): Promise<Report> {
   const startedAt = new Date();
   const sourceAtStart = sourceVersion();
-  const runs = (suite: Suite) => s.suite === "all" || s.suite === suite;
+  // The replicas suite runs only when asked for by name.
+  const runs = (suite: Suite) => s.suite === suite || (s.suite === "all" && suite !== "replicas");
   const { echo, purchases, skeleton, skeletonFailures, soak }: StackResults = runs("stack")
     ? await measureStack(s)
     : { echo: [], purchases: [], skeleton: [], skeletonFailures: [] };
@@ -413,6 +473,7 @@ async function runBenchmark(s: Settings): Promise<Report> {
   const hardware: HardwareReport | undefined = runs("hardware") ? await measureHardware(s.hardware) : undefined;
   // Last: it compares with the stack suite's purchases/s when that ran.
   const clearing: ClearingReport | undefined = runs("clearing") ? await measureClearing(s.clearing, purchases) : undefined;
+  const replicas: ReplicasReport | undefined = runs("replicas") ? await measureReplicas(s.replicas) : undefined;
   const costs = tlsCosts(purchases, echo);
   const summary = tlsSummary(costs);
   const cpu = cpus();
@@ -437,6 +498,7 @@ async function runBenchmark(s: Settings): Promise<Report> {
     ...(modes ? { modes } : {}),
     ...(hardware ? { hardware } : {}),
     ...(clearing ? { clearing } : {}),
+    ...(replicas ? { replicas } : {}),
   };
 }
 
@@ -465,7 +527,8 @@ async function main(): Promise<void> {
     report.purchases.reduce((n, p) => n + p.unrecordedAfterLoad.left, 0) +
     (report.modes ? modesErrors(report.modes) : 0) +
     (report.hardware ? hardwareErrors(report.hardware) : 0) +
-    (report.clearing ? clearingErrors(report.clearing) : 0);
+    (report.clearing ? clearingErrors(report.clearing) : 0) +
+    (report.replicas ? replicasErrors(report.replicas) : 0);
   if (errors > 0) process.exitCode = 1;
 }
 

@@ -98,9 +98,11 @@ export const BACKGROUND_DRAIN_MS = 15_000;
  * purchase's answer. Read while the payment server runs.
  */
 export function unrecordedPurchases(dataDir: string): number {
-  const states = purchaseStates(dataDir);
-  return (states.DEBIT_RESPONSE_RECEIVED ?? 0) + (states.PROVEN ?? 0);
+  return unrecordedIn(purchaseStates(dataDir));
 }
+
+/** Of purchases by state (the payment server's SQLite file or its PostgreSQL schema), those answered but not yet in their PSAM's batch. */
+export const unrecordedIn = (states: Record<string, number>): number => (states.DEBIT_RESPONSE_RECEIVED ?? 0) + (states.PROVEN ?? 0);
 
 /** Work a purchase left behind when the load ended, and how long the services took to finish it. */
 export interface Backlog {
@@ -112,10 +114,10 @@ export interface Backlog {
   waitedMs: number;
 }
 
-/** Polls `pending` until it is 0, at most `timeoutMs`; `atEnd` is what it was when the load ended. */
-export async function waitForBacklog(pending: () => number, atEnd: number, timeoutMs: number): Promise<Backlog> {
+/** Polls `pending` (a SQLite read, or a query to PostgreSQL) until it is 0, at most `timeoutMs`; `atEnd` is what it was when the load ended. */
+export async function waitForBacklog(pending: () => number | Promise<number>, atEnd: number, timeoutMs: number): Promise<Backlog> {
   const started = performance.now();
-  for (let left = pending(); ; left = pending()) {
+  for (let left = await pending(); ; left = await pending()) {
     const waitedMs = performance.now() - started;
     if (left === 0 || waitedMs > timeoutMs) return { atEnd, left, waitedMs };
     await new Promise((r) => setTimeout(r, 200));

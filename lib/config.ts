@@ -17,6 +17,8 @@ export const DEFAULT_PORTS = {
   cardholder: 7470,
   /** The demo loyalty programme's benefits site (netpurse-benefits). */
   benefits: 7480,
+  /** The PostgreSQL server npm start runs for several payment servers when given no --database. */
+  postgres: 7490,
 } as const;
 
 export function defaultAddress(part: keyof typeof DEFAULT_PORTS): string {

@@ -414,7 +414,12 @@ class PostgresDb extends PostgresQueryable implements Db {
       try {
         return await this.once(fn);
       } catch (e) {
-        if (!isSerializationFailure(e) || attempt >= SERIALIZATION_ATTEMPTS) throw e;
+        if (!isSerializationFailure(e)) throw e;
+        // Still colliding after every attempt: the database is too busy for it now, which a caller may retry (UNAVAILABLE), not a fault.
+        if (attempt >= SERIALIZATION_ATTEMPTS)
+          throw new StoreUnavailable(`the transaction collided with others ${attempt} times (PostgreSQL serialization failures); the call may be retried`, {
+            cause: e,
+          });
         // A random back-off growing to 100 ms, so that the same transactions do not collide again at once.
         await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(100, 2 ** attempt)));
       }

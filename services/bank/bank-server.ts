@@ -41,6 +41,7 @@ import { isExpired } from "../../lib/protocol/purse.js";
 import type { AccountRow, BankStore, HoldPosition, HoldRow, HoldRowState, StatementRow } from "./store.js";
 import { accessTokenHash, ACCESS_TOKEN_SHAPE, MAX_PASSWORD_BYTES, newAccessToken, verifyPassword } from "./credentials.js";
 import { LoginLimiter, type LoginLimits } from "./login-limiter.js";
+import { KeyedMutex } from "../../lib/mutex.js";
 
 const failed = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 const denied = (reason: ErrorReason, text: string) => new NetpurseError(Status.PERMISSION_DENIED, reason, text);
@@ -77,13 +78,17 @@ const HOLDS = "holds";
 const LINES = "statement lines";
 const scopeOf = (accountId: string) => `account ${accountId}`;
 
-/** A ListHolds token's position: the created_at and rowid of the previous page's last hold. */
-const isHoldPosition = (p: unknown): p is { t: string; r: number } =>
+/**
+ * A ListHolds token's position: the created_at and seq of the previous page's
+ * last hold (`s`; a token of a bank from before seq, with SQLite's rowid as
+ * `r`, is refused rather than read as a seq).
+ */
+const isHoldPosition = (p: unknown): p is { t: string; s: number } =>
   typeof p === "object" &&
   p !== null &&
   typeof (p as { t?: unknown }).t === "string" &&
   /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/.test((p as { t: string }).t) &&
-  isPositiveInt((p as { r?: unknown }).r);
+  isPositiveInt((p as { s?: unknown }).s);
 
 /** A ListStatementLines token's position: the id of the previous page's last line. */
 const isLinePosition = (p: unknown): p is { id: number } => typeof p === "object" && p !== null && isPositiveInt((p as { id?: unknown }).id);
@@ -120,6 +125,8 @@ export class BankServer {
 
   readonly limiter: LoginLimiter;
   private loginsInFlight = 0;
+  /** Load offers being made, one account's at a time (createLoadOffer). */
+  private readonly offering = new KeyedMutex();
 
   /**
    * Holds older than `olderThanMs` whose confirmation never came: the bank
@@ -264,80 +271,94 @@ export class BankServer {
       .digest("hex");
 
     const { identity } = this.o;
-    return this.o.store.db.transaction(async (tx) => {
-      // Again where the money is held: a new password set since the check above has ended the token.
-      if (!(await this.o.store.accessToken(tokenHash, tx))) throw unauthenticated("a new password ended the access token: log in again");
-      const prior = await this.o.store.hold(id, tx);
-      if (prior) {
-        if (prior.request_hash !== requestHash)
+    // One transaction from the checks to the hold: the cap on holds and the funds available are checked where the hold is
+    // written, so concurrent offers (on this server or a replica sharing its database) cannot together pass either. It may
+    // run more than once (PostgreSQL retries it when another offer interferes): nothing in it acts outside the database.
+    // An account's offers take turns in this process, so that many at once (an attack) wait rather than abort each other.
+    const { offer, made } = await this.offering.run(accountId, () =>
+      this.o.store.db.transaction(async (tx) => {
+        // Again where the money is held: a new password set since the check above has ended the token.
+        if (!(await this.o.store.accessToken(tokenHash, tx))) throw unauthenticated("a new password ended the access token: log in again");
+        const prior = await this.o.store.hold(id, tx);
+        if (prior) {
+          if (prior.request_hash !== requestHash)
+            throw new NetpurseError(
+              Status.ALREADY_EXISTS,
+              ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
+              `transaction ${id} is already a load offer for other content`,
+            );
+          return { offer: LoadOffer.decode(prior.offer), made: false };
+        }
+        const account = await this.o.store.account(accountId, tx);
+        if (!account) throw notFound(`no account ${accountId} at this bank`);
+        const maxHolds = this.o.maxHoldsPerAccount ?? DEFAULT_MAX_HOLDS_PER_ACCOUNT;
+        const held = await this.o.store.heldCount(accountId, tx);
+        if (held >= maxHolds) {
+          // Logged where it is thrown: a refusal ends the transaction, which is never run again after it.
+          this.o.log.warn("load offer refused: the account has as many holds as allowed", { account: accountId, held });
           throw new NetpurseError(
-            Status.ALREADY_EXISTS,
-            ErrorReason.ERROR_REASON_TRANSACTION_ID_REUSED,
-            `transaction ${id} is already a load offer for other content`,
+            Status.RESOURCE_EXHAUSTED,
+            ErrorReason.ERROR_REASON_TOO_MANY_HOLDS,
+            `account ${accountId} already has ${held} load(s) waiting for their confirmation, as many as this bank holds funds for at once: finish them ('netpurse card sync'), or wait for the bank to release the ones nobody came back for`,
+            { retryAfterMs: 60_000 },
           );
-        return { offer: LoadOffer.decode(prior.offer) };
-      }
-      const account = await this.o.store.account(accountId, tx);
-      if (!account) throw notFound(`no account ${accountId} at this bank`);
-      const maxHolds = this.o.maxHoldsPerAccount ?? DEFAULT_MAX_HOLDS_PER_ACCOUNT;
-      const held = await this.o.store.heldCount(accountId, tx);
-      if (held >= maxHolds) {
-        this.o.log.warn("load offer refused: the account has as many holds as allowed", { account: accountId, held });
-        throw new NetpurseError(
-          Status.RESOURCE_EXHAUSTED,
-          ErrorReason.ERROR_REASON_TOO_MANY_HOLDS,
-          `account ${accountId} already has ${held} load(s) waiting for their confirmation, as many as this bank holds funds for at once: finish them ('netpurse card sync'), or wait for the bank to release the ones nobody came back for`,
-          { retryAfterMs: 60_000 },
-        );
-      }
-      const asked = formatMoney(amount);
-      if (amount.currency !== account.currency || amount.exponent !== account.exponent)
-        throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the account is in currency ${account.currency}, the load asks ${asked}`);
-      if (balance.currency !== amount.currency || balance.exponent !== amount.exponent)
-        throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${balance.currency}, the load asks ${asked}`);
-      if (p.status === PurseStatus.PURSE_STATUS_BLOCKED) throw failed(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked; ask its issuer");
-      if (isExpired(p.expiryDate, new Date())) throw failed(ErrorReason.ERROR_REASON_CARD_EXPIRED, `the card expired on ${p.expiryDate}`);
-      const room = maxBalance.amountMinor - balance.amountMinor;
-      if (amount.amountMinor > room) {
-        throw failed(
-          ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
-          `the card holds ${formatMoney(balance)} of at most ${formatMoney(maxBalance)}: at most ${formatMoney(money(room < 0n ? 0n : room, amount.currency, amount.exponent))} more fits`,
-        );
-      }
-      const available = await this.o.store.available(account, tx);
-      if (available < minor)
-        throw failed(
-          ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS,
-          `account ${accountId} has ${formatMoney(money(available, account.currency, account.exponent))} available, the load asks ${asked}`,
-        );
+        }
+        const asked = formatMoney(amount);
+        if (amount.currency !== account.currency || amount.exponent !== account.exponent)
+          throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the account is in currency ${account.currency}, the load asks ${asked}`);
+        if (balance.currency !== amount.currency || balance.exponent !== amount.exponent)
+          throw failed(ErrorReason.ERROR_REASON_CURRENCY_MISMATCH, `the card holds currency ${balance.currency}, the load asks ${asked}`);
+        if (p.status === PurseStatus.PURSE_STATUS_BLOCKED) throw failed(ErrorReason.ERROR_REASON_CARD_BLOCKED, "the card is blocked; ask its issuer");
+        if (isExpired(p.expiryDate, new Date())) throw failed(ErrorReason.ERROR_REASON_CARD_EXPIRED, `the card expired on ${p.expiryDate}`);
+        const room = maxBalance.amountMinor - balance.amountMinor;
+        if (amount.amountMinor > room) {
+          throw failed(
+            ErrorReason.ERROR_REASON_MAX_BALANCE_EXCEEDED,
+            `the card holds ${formatMoney(balance)} of at most ${formatMoney(maxBalance)}: at most ${formatMoney(money(room < 0n ? 0n : room, amount.currency, amount.exponent))} more fits`,
+          );
+        }
+        const available = await this.o.store.available(account, tx);
+        if (available < minor)
+          throw failed(
+            ErrorReason.ERROR_REASON_INSUFFICIENT_FUNDS,
+            `account ${accountId} has ${formatMoney(money(available, account.currency, account.exponent))} available, the load asks ${asked}`,
+          );
 
-      const keyNonce = randomBytes(16);
-      const offeredAt = new Date(Math.floor(Date.now() / 1000) * 1000); // whole seconds: the card signs it as such
-      const authorization = LoadAuthorization.encode({
-        transactionId: txnId(id),
-        bankId: identity.bankId,
-        purseId: purseId(purse),
-        amount,
-        offeredAt,
-      }).finish();
-      const offer: LoadOffer = {
-        transactionId: txnId(id),
-        bankId: identity.bankId,
-        purseId: purseId(purse),
-        amount,
-        loadServerAddress: identity.loadServerAddress,
-        offeredAt,
-        keyNonce,
-        authorization: seal(loadTransactionKey(identity.loadServerKey, identity.bankId, id, keyNonce), "LOAD_AUTHORIZATION", id, authorization),
-        bankAddress: identity.bankAddress,
-      };
-      await tx.run(
-        "INSERT INTO holds (transaction_id, account_id, purse_id, amount_minor, request_hash, offer, key_nonce, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'HELD', ?)",
-        [id, accountId, purse, minor, requestHash, Buffer.from(LoadOffer.encode(offer).finish()), keyNonce, new Date().toISOString()],
-      );
-      this.o.log.info("load offer made, funds held", { transaction: id, account: accountId, amount: asked });
-      return { offer };
-    });
+        const keyNonce = randomBytes(16);
+        const offeredAt = new Date(Math.floor(Date.now() / 1000) * 1000); // whole seconds: the card signs it as such
+        const authorization = LoadAuthorization.encode({
+          transactionId: txnId(id),
+          bankId: identity.bankId,
+          purseId: purseId(purse),
+          amount,
+          offeredAt,
+        }).finish();
+        const offer: LoadOffer = {
+          transactionId: txnId(id),
+          bankId: identity.bankId,
+          purseId: purseId(purse),
+          amount,
+          loadServerAddress: identity.loadServerAddress,
+          offeredAt,
+          keyNonce,
+          authorization: seal(loadTransactionKey(identity.loadServerKey, identity.bankId, id, keyNonce), "LOAD_AUTHORIZATION", id, authorization),
+          bankAddress: identity.bankAddress,
+        };
+        await this.o.store.insertHold(tx, {
+          transaction_id: id,
+          account_id: accountId,
+          purse_id: purse,
+          amount_minor: minor,
+          request_hash: requestHash,
+          offer: Buffer.from(LoadOffer.encode(offer).finish()),
+          key_nonce: keyNonce,
+          created_at: new Date().toISOString(),
+        });
+        return { offer, made: true };
+      }),
+    );
+    if (made) this.o.log.info("load offer made, funds held", { transaction: id, account: accountId, amount: formatMoney(amount) });
+    return { offer };
   }
 
   private async confirmLoad(req: ConfirmLoadRequest): Promise<ConfirmLoadResponse> {
@@ -399,12 +420,12 @@ export class BankServer {
     const size = pageSize(req.pageSize, PAGE);
     const after = pagePosition(req.pageToken, HOLDS, scopeOf(accountId), isHoldPosition);
     const a = await this.listed(accountId);
-    const rows = await this.o.store.holdsPage(accountId, after && { created_at: after.t, row_id: after.r }, size + 1);
+    const rows = await this.o.store.holdsPage(accountId, after && { created_at: after.t, seq: after.s }, size + 1);
     const page = rows.slice(0, size);
     const last: HoldPosition | undefined = rows.length > size ? page[page.length - 1] : undefined;
     return {
       holds: page.map((h) => holdView(a, h)),
-      nextPageToken: last ? pageToken(HOLDS, scopeOf(accountId), { t: last.created_at, r: last.row_id }) : "",
+      nextPageToken: last ? pageToken(HOLDS, scopeOf(accountId), { t: last.created_at, s: last.seq }) : "",
     };
   }
 

@@ -10,13 +10,16 @@ import { dataDir, defaultAddress } from "../../lib/config.js";
 import { bearer, clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { isName } from "../../lib/ids.js";
 import { formatMinor, formatMoney, parseMinor } from "../../lib/money.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { storeConfig } from "../../lib/service-main.js";
+import { openStore } from "../../lib/store/postgres.js";
 import { table } from "../../lib/table.js";
 import { bankPassword, BANK_PASSWORD_ENV } from "../../lib/secret-input.js";
 import { hashPassword, passwordProblem } from "./credentials.js";
-import { BANK_MIGRATIONS, BankStore } from "./store.js";
+import { BANK_MIGRATIONS, BANK_SCHEMA, BankStore } from "./store.js";
 
-const dataOption = { data: { type: "string" } } as const;
+/** Where the bank's books are: its folder's bank.db, or the database the bank server was given (--database, $NETPURSE_DATABASE_URL). */
+const dataOption = { data: { type: "string" }, database: { type: "string" } } as const;
+const DATA_USAGE = "[--data DIR | --database URL]";
 const passwordOption = { "password-file": { type: "string" } } as const;
 const PASSWORD_HELP = `The password is asked on the terminal (not shown), or, for scripts, read from --password-file FILE (its first line)\nor $${BANK_PASSWORD_ENV}; never from the command line, where other users of the machine could read it.`;
 
@@ -45,7 +48,9 @@ async function allPages<T>(page: (token: string) => Promise<{ items: T[]; next: 
 }
 
 async function withStore<T>(v: Record<string, unknown>, fn: (s: BankStore) => Promise<T>): Promise<T> {
-  const db = openSqlite(join(dataDir(v.data as string | undefined), "bank", "bank.db"), BANK_MIGRATIONS);
+  const { location } = storeConfig({ database: v.database as string | undefined }, join(dataDir(v.data as string | undefined), "bank", "bank.db"));
+  // One connection is all a command needs; the schema is the bank server's.
+  const db = await openStore(location, BANK_MIGRATIONS, { poolSize: 1, schema: BANK_SCHEMA });
   try {
     return await fn(new BankStore(db));
   } finally {
@@ -57,7 +62,7 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   {
     name: "open-account",
     summary: `Open a demo account with an opening deposit and its holder's password.\nThe holder logs in with the password (at least 8 characters) to load a card or read the account.\n${PASSWORD_HELP}`,
-    usage: "--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--password-file FILE] [--data DIR]",
+    usage: `--id ACCOUNT --holder NAME [--deposit 500.00] [--currency 978] [--exponent 2] [--password-file FILE] ${DATA_USAGE}`,
     options: {
       ...dataOption,
       ...passwordOption,
@@ -88,7 +93,7 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   {
     name: "set-password",
     summary: `Set or reset an account's password; every access token of the account stops working.\nAccounts opened before passwords existed have none, and cannot log in until given one.\n${PASSWORD_HELP}`,
-    usage: "ACCOUNT [--password-file FILE] [--data DIR]",
+    usage: `ACCOUNT [--password-file FILE] ${DATA_USAGE}`,
     options: { ...dataOption, ...passwordOption },
     async run(v, positionals) {
       const id = positionals[0];
@@ -102,7 +107,7 @@ await runCommands("netpurse-bank", "Demo bank tools: accounts (standing in for a
   {
     name: "accounts",
     summary: "List the bank's accounts with their balances.",
-    usage: "[--data DIR]",
+    usage: DATA_USAGE,
     options: { ...dataOption },
     async run(v) {
       const rows = await withStore(v, async (s) => Promise.all((await s.accounts()).map(async (a) => ({ a, available: await s.available(a) }))));

@@ -1,6 +1,16 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { intOpt, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import {
+  DATABASE_HELP,
+  DATABASE_OPTIONS,
+  intOpt,
+  opt,
+  runService,
+  SECURITY_HELP,
+  SECURITY_OPTIONS,
+  serviceSecurity,
+  storeConfig,
+} from "../../lib/service-main.js";
 import { DEFAULT_ACCESS_TOKEN_TTL_MS, DEFAULT_MAX_HOLDS_PER_ACCOUNT } from "./bank-server.js";
 import { readBankFile } from "./identity.js";
 import { startBankServer } from "./server.js";
@@ -17,6 +27,7 @@ await runService({
     "stale-hold-ms": { type: "string" },
     "max-holds-per-account": { type: "string" },
     "access-token-ttl-ms": { type: "string" },
+    ...DATABASE_OPTIONS,
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -27,6 +38,7 @@ await runService({
     "  --stale-hold-ms N        after how long without a confirmation the bank asks the load server to end a load (default 900000)",
     `  --max-holds-per-account N  loads one account may have waiting for their confirmation at once (default ${DEFAULT_MAX_HOLDS_PER_ACCOUNT})`,
     `  --access-token-ttl-ms N  how long an access token from Login acts for its account (default ${DEFAULT_ACCESS_TOKEN_TTL_MS})`,
+    DATABASE_HELP,
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
@@ -36,6 +48,7 @@ await runService({
       security: await serviceSecurity(v, { kind: "bank", id: bankId }),
       listen: opt(v, "listen", defaultAddress("bank")),
       dir,
+      store: storeConfig(v, join(dir, "bank.db")),
       loadServer: opt(v, "load-server", defaultAddress("load")),
       staleHoldMs: intOpt(v, "stale-hold-ms", 15 * 60_000),
       maxHoldsPerAccount: intOpt(v, "max-holds-per-account", DEFAULT_MAX_HOLDS_PER_ACCOUNT),

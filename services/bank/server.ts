@@ -6,10 +6,10 @@ import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { BankServer } from "./bank-server.js";
 import { readBankFile } from "./identity.js";
-import { BANK_MIGRATIONS, BankStore } from "./store.js";
+import { BANK_MIGRATIONS, BANK_SCHEMA, BankStore } from "./store.js";
 import type { LoginLimits } from "./login-limiter.js";
 
 export interface BankConfig {
@@ -18,6 +18,8 @@ export interface BankConfig {
   listen?: string;
   /** The bank's folder: bank.db and bank.json. */
   dir: string;
+  /** Where its books are kept: default the SQLite file DIR/bank.db; on PostgreSQL in schema "bank", which replicas share. */
+  store?: StoreConfig;
   /** The load server address put into offers. */
   loadServer?: string;
   /** This bank's address as cardholders reach it, put into offers (default: the address it binds). */
@@ -38,7 +40,8 @@ export interface BankConfig {
 export async function startBankServer(c: BankConfig) {
   const log = createLogger("bank");
   const file = await readBankFile(join(c.dir, "bank.json"));
-  const db = openSqlite(join(c.dir, "bank.db"), BANK_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "bank.db") };
+  const db = await openStore(location, BANK_MIGRATIONS, { ...connections, schema: BANK_SCHEMA, log });
   const store = new BankStore(db);
   const identity = {
     bankId: file.bankId,

@@ -5,6 +5,9 @@
 
 import type { Db, Queryable } from "../../lib/store/db.js";
 
+/** The bank's tables on PostgreSQL: one schema, which the bank server's replicas and netpurse-bank share. */
+export const BANK_SCHEMA = "bank";
+
 export const BANK_MIGRATIONS = [
   `CREATE TABLE accounts (
      account_id TEXT PRIMARY KEY,
@@ -52,6 +55,19 @@ export const BANK_MIGRATIONS = [
    );
    CREATE INDEX access_tokens_account ON access_tokens (account_id, issued_at);
    CREATE INDEX access_tokens_expiry ON access_tokens (expires_at);`,
+  // Issue #15: an account's holds and access tokens in the order they were made, without SQLite's rowid (PostgreSQL has
+  // none). Numbered per account, by the insert itself (its account's highest plus one, in the insert's transaction), so
+  // two accounts' offers never contend for one counter. Rows made before are numbered in the order they were made.
+  `ALTER TABLE holds ADD COLUMN seq INTEGER;
+   UPDATE holds SET seq = (SELECT n FROM (SELECT transaction_id, ROW_NUMBER() OVER (PARTITION BY account_id ORDER BY created_at, transaction_id) AS n
+                                            FROM holds) AS ranked
+                            WHERE ranked.transaction_id = holds.transaction_id);
+   CREATE UNIQUE INDEX holds_account_seq ON holds (account_id, seq);
+   ALTER TABLE access_tokens ADD COLUMN seq INTEGER;
+   UPDATE access_tokens SET seq = (SELECT n FROM (SELECT token_hash, ROW_NUMBER() OVER (PARTITION BY account_id ORDER BY issued_at, token_hash) AS n
+                                                   FROM access_tokens) AS ranked
+                                   WHERE ranked.token_hash = access_tokens.token_hash);
+   CREATE UNIQUE INDEX access_tokens_account_seq ON access_tokens (account_id, seq);`,
 ];
 
 export type HoldRowState = "HELD" | "POSTED" | "RELEASED";
@@ -80,7 +96,8 @@ export interface HoldRow {
 /** Where a hold stands in an account's list of holds (newest first). */
 export interface HoldPosition {
   created_at: string;
-  row_id: number;
+  /** The hold's number in its account, in the order the holds were made. */
+  seq: number;
 }
 
 /** An access token as the bank keeps it: its hash, whose it is, until when. */
@@ -137,15 +154,24 @@ export class BankStore {
   }
 
   /**
-   * Up to `limit` holds of the account, newest first (created_at, then
-   * rowid, both descending: a total order that new holds only extend at the
+   * Up to `limit` holds of the account, newest first (created_at, then seq,
+   * both descending: a total order that new holds only extend at the
    * front), starting after `after`, the last hold of the previous page.
    */
   holdsPage(accountId: string, after: HoldPosition | undefined, limit: number): Promise<(HoldRow & HoldPosition)[]> {
-    const start = after ? "AND (created_at < ? OR (created_at = ? AND rowid < ?))" : "";
+    const start = after ? "AND (created_at < ? OR (created_at = ? AND seq < ?))" : "";
     return this.db.all<HoldRow & HoldPosition>(
-      `SELECT rowid AS row_id, * FROM holds WHERE account_id = ? ${start} ORDER BY created_at DESC, rowid DESC LIMIT ?`,
-      after ? [accountId, after.created_at, after.created_at, after.row_id, limit] : [accountId, limit],
+      `SELECT * FROM holds WHERE account_id = ? ${start} ORDER BY created_at DESC, seq DESC LIMIT ?`,
+      after ? [accountId, after.created_at, after.created_at, after.seq, limit] : [accountId, limit],
+    );
+  }
+
+  /** Records a new hold, HELD, numbered after the account's others (in `q`'s transaction: no other can take its number). */
+  async insertHold(q: Queryable, h: Omit<HoldRow, "state">): Promise<void> {
+    await q.run(
+      `INSERT INTO holds (transaction_id, account_id, purse_id, amount_minor, request_hash, offer, key_nonce, state, created_at, seq)
+       VALUES (?, ?, ?, ?, ?, ?, ?, 'HELD', ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM holds WHERE account_id = ?))`,
+      [h.transaction_id, h.account_id, h.purse_id, h.amount_minor, h.request_hash, h.offer, h.key_nonce, h.created_at, h.account_id],
     );
   }
 
@@ -213,14 +239,13 @@ export class BankStore {
     return this.db.transaction(async (tx) => {
       const current = await tx.get<{ password_hash: string }>("SELECT password_hash FROM credentials WHERE account_id = ?", [t.accountId]);
       if (current?.password_hash !== passwordHash) return false;
-      await tx.run("INSERT INTO access_tokens (token_hash, account_id, issued_at, expires_at) VALUES (?, ?, ?, ?)", [
-        t.tokenHash,
-        t.accountId,
-        t.issuedAt.toISOString(),
-        t.expiresAt.toISOString(),
-      ]);
       await tx.run(
-        "DELETE FROM access_tokens WHERE account_id = ? AND token_hash NOT IN (SELECT token_hash FROM access_tokens WHERE account_id = ? ORDER BY issued_at DESC, rowid DESC LIMIT ?)",
+        `INSERT INTO access_tokens (token_hash, account_id, issued_at, expires_at, seq)
+         VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM access_tokens WHERE account_id = ?))`,
+        [t.tokenHash, t.accountId, t.issuedAt.toISOString(), t.expiresAt.toISOString(), t.accountId],
+      );
+      await tx.run(
+        "DELETE FROM access_tokens WHERE account_id = ? AND token_hash NOT IN (SELECT token_hash FROM access_tokens WHERE account_id = ? ORDER BY issued_at DESC, seq DESC LIMIT ?)",
         [t.accountId, t.accountId, keep],
       );
       return true;

@@ -1,9 +1,9 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { DATABASE_HELP, DATABASE_OPTIONS, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity, storeConfig } from "../../lib/service-main.js";
 import { ORDER_HELP, ORDER_OPTIONS, orderSettings } from "../merchant/server.js";
 import { startBenefits } from "./server.js";
-import { readSite } from "./site.js";
+import { BENEFITS_DB, readSite } from "./site.js";
 
 await runService({
   program: "netpurse-benefits",
@@ -18,6 +18,7 @@ await runService({
     "payment-server": { type: "string" },
     advertise: { type: "string" },
     ...ORDER_OPTIONS,
+    ...DATABASE_OPTIONS,
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -30,6 +31,8 @@ await runService({
     `  --payment-server HOST:PORT payment server named in offers (default ${defaultAddress("payment")})`,
     "  --advertise HOST:PORT      this server's address named in offers and grants (default: the bound address)",
     ORDER_HELP,
+    DATABASE_HELP,
+    "                             (on PostgreSQL the site's tables are in schema benefits_SITE: its merchant id, lower-cased)",
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
@@ -40,6 +43,7 @@ await runService({
       security: await serviceSecurity(v, { kind: "merchant", id: merchantId }),
       listen: opt(v, "listen", defaultAddress("benefits")),
       dir,
+      store: storeConfig(v, join(dir, BENEFITS_DB)),
       validation: opt(v, "validation", defaultAddress("merchantValidation")),
       paymentServer: opt(v, "payment-server", defaultAddress("payment")),
       ...(typeof v.advertise === "string" ? { advertise: v.advertise } : {}),

@@ -10,13 +10,17 @@ import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/mercha
 import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore } from "../../lib/store/postgres.js";
 import { SoftwareHsm } from "../load/hsm.js";
-import { openShop, type MerchantConfig } from "../merchant/server.js";
+import { openShop, storeSchema, type MerchantConfig } from "../merchant/server.js";
 import { Benefits, BENEFITS_MIGRATIONS } from "./grants.js";
 import { BENEFITS_DB, PROGRAMME_HSM_FILE, readSite, releaseReward, shopOfSite } from "./site.js";
 
-/** As the merchant server's, with `dir` the site's folder: site.json, programme-hsm.json, benefits.db. */
+/**
+ * As the merchant server's, with `dir` the site's folder: site.json,
+ * programme-hsm.json, benefits.db (or `store`: on PostgreSQL the site's
+ * orders and grants are in schema benefits_SITE, storeSchema).
+ */
 export type BenefitsConfig = MerchantConfig;
 
 export async function startBenefits(c: BenefitsConfig) {
@@ -28,7 +32,8 @@ export async function startBenefits(c: BenefitsConfig) {
       `no programme security module at ${hsmPath}: the issuer provisions it (netpurse-issuer provision-programme-hsm --programme ${site.programme.code} --out ${hsmPath})`,
     );
   const hsm = await SoftwareHsm.open(hsmPath);
-  const db = openSqlite(join(c.dir, BENEFITS_DB), BENEFITS_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, BENEFITS_DB) };
+  const db = await openStore(location, BENEFITS_MIGRATIONS, { ...connections, schema: storeSchema("benefits", site.merchantId), log });
   let bound = "";
   let opened;
   try {
@@ -56,6 +61,8 @@ export async function startBenefits(c: BenefitsConfig) {
     shop,
     benefits,
     site,
+    /** The site's store (its orders and grants), for tests and operators. */
+    db,
     async close() {
       await grpc.shutdown();
       opened.close();

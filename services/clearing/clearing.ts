@@ -289,9 +289,11 @@ export class Clearing {
       const day = requireDay(request.day);
       const now = this.o.clock();
       if (day > dayOf(now)) throw invalidField("day", `${day} has not begun yet (today is ${dayOf(now)}, UTC)`);
-      await this.o.store.closeDay(day, now);
+      // Closed and summed in one transaction: a posting that read the day open either lands in this settlement, or is run
+      // again and goes to the next day (on PostgreSQL, SERIALIZABLE runs one of the two again; SQLite runs them one by one).
+      const { settlement } = await this.settlement(day, { size: SETTLEMENT_PAGE.fallback, closeAt: now });
       this.o.log.info("settlement day closed", { day });
-      return { settlement: (await this.settlement(day, { size: SETTLEMENT_PAGE.fallback })).settlement };
+      return { settlement };
     },
 
     getMerchantStatement: async (request, context) => {
@@ -853,16 +855,20 @@ export class Clearing {
    * posted to it, in one consistent view: the issuers', acquirers' and banks'
    * on the first page with the first merchants, the next merchants after.
    */
-  async settlement(day: string, page: { size: number; afterMerchant?: string } = { size: PAGE.fallback }) {
+  async settlement(day: string, page: { size: number; afterMerchant?: string; closeAt?: Date } = { size: PAGE.fallback }) {
     const first = page.afterMerchant === undefined;
-    const v = await this.o.store.db.transaction(async (q) => ({
-      counts: await this.o.store.dayCounts(q, day),
-      closedAt: await this.o.store.dayClosedAt(day, q),
-      loads: first ? await this.o.store.loadsByBank(q, day) : [],
-      purchases: first ? await this.o.store.purchasesByAcquirer(q, day) : [],
-      merchants: await this.o.store.merchantsOfDay(q, day, page.afterMerchant ?? "", page.size + 1),
-      points: first ? await this.o.store.pointsRedeemedOfDay(q, day) : [],
-    }));
+    const v = await this.o.store.db.transaction(async (q) => {
+      // With closeAt: the day is closed first, in the same transaction, so what follows is its final settlement.
+      if (page.closeAt) await this.o.store.closeDay(q, day, page.closeAt);
+      return {
+        counts: await this.o.store.dayCounts(q, day),
+        closedAt: await this.o.store.dayClosedAt(day, q),
+        loads: first ? await this.o.store.loadsByBank(q, day) : [],
+        purchases: first ? await this.o.store.purchasesByAcquirer(q, day) : [],
+        merchants: await this.o.store.merchantsOfDay(q, day, page.afterMerchant ?? "", page.size + 1),
+        points: first ? await this.o.store.pointsRedeemedOfDay(q, day) : [],
+      };
+    });
     const more = new Set(v.merchants.map((m) => m.merchant_id)).size > page.size;
     const pageMerchants = new Set([...new Set(v.merchants.map((m) => m.merchant_id))].slice(0, page.size));
     const merchants = v.merchants.filter((m) => pageMerchants.has(m.merchant_id));
@@ -945,8 +951,8 @@ export class Clearing {
   private async auditPoints(db: Queryable, check: (name: string, ok: boolean, detail: string) => void): Promise<void> {
     const broken = await db.all<{ transaction_id: string }>(
       `SELECT r.transaction_id FROM redemptions r LEFT JOIN points_entries e ON e.redemption_seq = r.seq
-         GROUP BY r.seq HAVING COUNT(e.id) <> 2 OR COALESCE(SUM(e.points), 0) <> 0 OR SUM(e.programme <> r.programme) > 0
-           OR SUM(e.account NOT LIKE 'points:' || r.programme || ':%') > 0
+         GROUP BY r.seq HAVING COUNT(e.id) <> 2 OR COALESCE(SUM(e.points), 0) <> 0 OR SUM(CASE WHEN e.programme <> r.programme THEN 1 ELSE 0 END) > 0
+           OR SUM(CASE WHEN e.account NOT LIKE 'points:' || r.programme || ':%' THEN 1 ELSE 0 END) > 0
        UNION ALL SELECT transaction_id FROM redemptions r WHERE EXISTS (SELECT 1 FROM postings p WHERE p.kind = 'purchase' AND p.transaction_id = r.transaction_id)
        LIMIT 10`,
     );
@@ -994,7 +1000,7 @@ export class Clearing {
 
     const unbalanced = await db.all<{ transaction_id: string; s: number }>(
       `SELECT p.kind || ' ' || p.transaction_id AS transaction_id, SUM(e.amount_minor) AS s FROM ledger_entries e JOIN postings p ON p.seq = e.posting_seq
-       GROUP BY e.posting_seq, e.currency HAVING SUM(e.amount_minor) <> 0 LIMIT 10`,
+       GROUP BY p.seq, e.currency HAVING SUM(e.amount_minor) <> 0 LIMIT 10`,
     );
     const totals = await db.get<{ postings: number; entries: number; debits: number }>(
       "SELECT (SELECT COUNT(*) FROM postings) AS postings, COUNT(*) AS entries, COALESCE(SUM(CASE WHEN amount_minor > 0 THEN amount_minor END), 0) AS debits FROM ledger_entries",

@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { DATABASE_HELP, DATABASE_OPTIONS, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity, storeConfig } from "../../lib/service-main.js";
 import { psamRegistryPath } from "../network/pki.js";
 import { startClearing } from "./server.js";
 
@@ -14,6 +14,7 @@ await runService({
     dir: { type: "string" },
     id: { type: "string" },
     "psam-registry": { type: "string" },
+    ...DATABASE_OPTIONS,
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -22,15 +23,18 @@ await runService({
     "  --dir DIR                clearing's folder (default DATA/clearing): clearing.db, keys.json, merchants.json",
     "  --psam-registry FILE     the issuer's PSAM registry (default DATA/concentrator/psams.json)",
     "  --id NAME                this service's identity (default clearing-1)",
+    DATABASE_HELP,
     SECURITY_HELP,
   ].join("\n"),
   start: async (v) => {
     const data = dataDir(v.data as string | undefined);
     const security = await serviceSecurity(v, { kind: "clearing", id: opt(v, "id", "clearing-1") });
+    const dir = opt(v, "dir", join(data, "clearing"));
     return startClearing({
       security,
       listen: opt(v, "listen", defaultAddress("clearing")),
-      dir: opt(v, "dir", join(data, "clearing")),
+      dir,
+      store: storeConfig(v, join(dir, "clearing.db")),
       ...(security.insecure && v["psam-registry"] === undefined ? {} : { psamRegistry: opt(v, "psam-registry", psamRegistryPath(data)) }),
     });
   },

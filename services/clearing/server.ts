@@ -4,7 +4,7 @@ import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { WatchedPsamRegistry } from "../concentrator/psam-registry.js";
 import { Clearing, type SubmissionLimits } from "./clearing.js";
 import { readClearingMerchants, type ClearingMerchant } from "./merchants.js";
@@ -17,6 +17,8 @@ export interface ClearingConfig {
   listen?: string;
   /** Clearing's folder: clearing.db, keys.json (its security module's keys), merchants.json. */
   dir: string;
+  /** Where its ledger is kept: default the SQLite file DIR/clearing.db; on PostgreSQL in schema "clearing". */
+  store?: StoreConfig;
   /** The issuer's PSAM registry (which terminal holds which PSAM); required unless the network runs --insecure. */
   psamRegistry?: string;
   clock?: () => Date;
@@ -43,7 +45,16 @@ export async function startClearing(c: ClearingConfig) {
       (e: unknown) => log.warn("merchant registry changed but does not read; keeping the previous one", { error: (e as Error).message }),
     );
   });
-  const db = openSqlite(join(c.dir, "clearing.db"), CLEARING_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "clearing.db") };
+  let db;
+  try {
+    db = await openStore(location, CLEARING_MIGRATIONS, { ...connections, schema: "clearing", log });
+  } catch (e) {
+    registry?.stop();
+    unwatchFile(merchantsPath);
+    module.close();
+    throw e;
+  }
   const store = new ClearingStore(db);
   const clearing = new Clearing({
     store,

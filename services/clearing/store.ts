@@ -137,6 +137,15 @@ export const CLEARING_MIGRATIONS = [
      settlement_day TEXT NOT NULL
    );
    CREATE INDEX points_entries_redemption ON points_entries (redemption_seq);`,
+  // Issue #15: the batches under one PSAM's batch number in the order clearing accepted them, without SQLite's rowid
+  // (PostgreSQL has none): numbered by the insert (the number's highest plus one, in the submission's transaction).
+  // Batches accepted before are numbered by when they were received.
+  `ALTER TABLE batches ADD COLUMN seq INTEGER;
+   UPDATE batches SET seq = (SELECT n FROM (SELECT psam_id, batch_number, batch_mac,
+                                                   ROW_NUMBER() OVER (PARTITION BY psam_id, batch_number ORDER BY received_at, batch_mac) AS n
+                                              FROM batches) AS ranked
+                              WHERE ranked.psam_id = batches.psam_id AND ranked.batch_number = batches.batch_number AND ranked.batch_mac = batches.batch_mac);
+   CREATE UNIQUE INDEX batches_seq ON batches (psam_id, batch_number, seq);`,
 ];
 
 export const account = {
@@ -261,13 +270,13 @@ export class ClearingStore {
   }
 
   /** Closes a day; closing it again changes nothing. */
-  async closeDay(day: string, now: Date): Promise<void> {
-    await this.db.run("INSERT INTO settlement_days (day, closed_at) VALUES (?, ?) ON CONFLICT (day) DO NOTHING", [day, now.toISOString()]);
+  async closeDay(q: Queryable, day: string, now: Date): Promise<void> {
+    await q.run("INSERT INTO settlement_days (day, closed_at) VALUES (?, ?) ON CONFLICT (day) DO NOTHING", [day, now.toISOString()]);
   }
 
   /** The batch of that number clearing accepted first (another, under the same number, means the PSAM's batch key is not the PSAM's alone). */
   batch(psamId: string, batchNumber: number, q: Queryable = this.db): Promise<BatchRow | undefined> {
-    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ? ORDER BY received_at, rowid LIMIT 1", [psamId, batchNumber]);
+    return q.get<BatchRow>("SELECT * FROM batches WHERE psam_id = ? AND batch_number = ? ORDER BY seq LIMIT 1", [psamId, batchNumber]);
   }
 
   /** The accepted batch of that number with exactly this MAC (its count, total and currency). */
@@ -354,7 +363,8 @@ export class ClearingStore {
   async insertBatch(q: Queryable, b: BatchRow): Promise<void> {
     await q.run(
       `INSERT INTO batches (psam_id, batch_number, terminal_id, record_count, total_minor, currency, batch_mac, closed_at, posted, quarantined,
-         settlement_day, received_at, resubmissions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)`,
+         settlement_day, received_at, resubmissions, seq)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, (SELECT COALESCE(MAX(seq), 0) + 1 FROM batches WHERE psam_id = ? AND batch_number = ?))`,
       [
         b.psam_id,
         b.batch_number,
@@ -368,6 +378,8 @@ export class ClearingStore {
         b.quarantined,
         b.settlement_day,
         b.received_at,
+        b.psam_id,
+        b.batch_number,
       ],
     );
   }

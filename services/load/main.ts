@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { dataDir, defaultAddress } from "../../lib/config.js";
-import { opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity } from "../../lib/service-main.js";
+import { DATABASE_HELP, DATABASE_OPTIONS, opt, runService, SECURITY_HELP, SECURITY_OPTIONS, serviceSecurity, storeConfig } from "../../lib/service-main.js";
 import { startLoadServer } from "./server.js";
 
 await runService({
@@ -22,6 +22,7 @@ await runService({
     dir: { type: "string" },
     id: { type: "string" },
     clearing: { type: "string" },
+    ...DATABASE_OPTIONS,
     ...SECURITY_OPTIONS,
   },
   help: [
@@ -31,13 +32,17 @@ await runService({
     "  --id NAME                this load server's identity (default load-1)",
     `  --clearing HOST:PORT     the clearing service every settled load is reported to (default ${defaultAddress("clearing")});`,
     "                           loads go on while it is down, and wait in load.db until it acknowledges them",
+    DATABASE_HELP,
     SECURITY_HELP,
   ].join("\n"),
-  start: async (v) =>
-    startLoadServer({
+  start: async (v) => {
+    const dir = opt(v, "dir", join(dataDir(v.data as string | undefined), "load"));
+    return startLoadServer({
       security: await serviceSecurity(v, { kind: "load", id: opt(v, "id", "load-1") }),
       listen: opt(v, "listen", defaultAddress("load")),
-      dir: opt(v, "dir", join(dataDir(v.data as string | undefined), "load")),
+      dir,
+      store: storeConfig(v, join(dir, "load.db")),
       clearing: opt(v, "clearing", defaultAddress("clearing")),
-    }),
+    });
+  },
 });

@@ -6,7 +6,7 @@ import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { loadBankKeys } from "./banks.js";
 import { ClearingReporter, type ClearingReporterOptions } from "./clearing-reporter.js";
 import { openHsm } from "./open-hsm.js";
@@ -18,6 +18,8 @@ export interface LoadConfig {
   listen?: string;
   /** The load server's folder: load.db, banks.json and hsm.json (the software security module, or where the PKCS#11 token is: docs/hsm.md). */
   dir: string;
+  /** Where its loads are kept: default the SQLite file DIR/load.db; on PostgreSQL in schema "load". */
+  store?: StoreConfig;
   /** The clearing service every settled load is reported to (default 127.0.0.1:7460). */
   clearing?: string;
   /** The reporter's timer, back-off and deadline (tests shorten them). */
@@ -28,7 +30,14 @@ export interface LoadConfig {
 export async function startLoadServer(c: LoadConfig) {
   const log = createLogger("load");
   const hsm = await openHsm(join(c.dir, "hsm.json"), log.child("hsm"));
-  const db = openSqlite(join(c.dir, "load.db"), LOAD_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "load.db") };
+  let db;
+  try {
+    db = await openStore(location, LOAD_MIGRATIONS, { ...connections, schema: "load", log });
+  } catch (e) {
+    hsm.close?.();
+    throw e;
+  }
   const store = new LoadStore(db);
   // Clearing may be down: the channel reconnects on its own, the reporter retries, and loads go on meanwhile.
   const clearingChannel = openChannel(c.clearing ?? defaultAddress("clearing"), c.security.channel({ kind: "clearing" }));

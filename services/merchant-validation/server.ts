@@ -4,7 +4,7 @@ import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { service, startGrpcServer } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { ProofReporter, VALIDATION_MIGRATIONS } from "./proof-reporter.js";
@@ -15,6 +15,8 @@ export interface ValidationConfig {
   listen?: string;
   /** The service's folder: keys.json and validation.db (its outbox of card proofs). */
   dir: string;
+  /** Where its outbox is kept: default the SQLite file DIR/validation.db; on PostgreSQL in schema "validation". */
+  store?: StoreConfig;
   /** The payment server to report card proofs to (MERCHANT_COMPARES). */
   paymentServer?: string;
   reportEveryMs?: number;
@@ -23,7 +25,8 @@ export interface ValidationConfig {
 export async function startMerchantValidation(c: ValidationConfig) {
   const log = createLogger("merchant-validation");
   const keys = await MerchantValidation.loadKeys(join(c.dir, "keys.json"));
-  const db = openSqlite(join(c.dir, "validation.db"), VALIDATION_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "validation.db") };
+  const db = await openStore(location, VALIDATION_MIGRATIONS, { ...connections, schema: "validation", log });
   const channel = openChannel(c.paymentServer ?? defaultAddress("payment"), c.security.channel({ kind: "payment" }));
   const reporter = new ProofReporter({
     db,

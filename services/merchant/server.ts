@@ -8,7 +8,8 @@ import { intOpt, type Values } from "../../lib/service-main.js";
 import { createLogger, type Logger } from "../../lib/log.js";
 import { isProgrammeCode } from "../../lib/money.js";
 import type { Security } from "../../lib/pki/security.js";
-import { openSqlite, type Db } from "../../lib/store/db.js";
+import type { Db } from "../../lib/store/db.js";
+import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { BenefitsServiceDefinition } from "../../gen/netpurse/benefits/v1/benefits.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { MerchantValidationServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant_validation.js";
@@ -21,6 +22,12 @@ export interface MerchantConfig {
   listen?: string;
   /** The merchant's folder: shop.json (catalogue) and merchant.db. */
   dir: string;
+  /**
+   * Where its orders are kept: default the SQLite file in its folder; on
+   * PostgreSQL in a schema of its own (storeSchema), so that several shops,
+   * and several servers of one shop, share a database.
+   */
+  store?: StoreConfig;
   validation?: string;
   /** The payment server address put into offers. */
   paymentServer?: string;
@@ -36,6 +43,15 @@ export interface MerchantConfig {
   maxUnpaidOrders?: number;
   /** How often unpaid orders are expired and expired ones deleted. */
   sweepEveryMs?: number;
+}
+
+/**
+ * The PostgreSQL schema of a shop's (or a benefits site's) tables: `prefix`
+ * and its merchant id, lower-cased, every character outside [a-z0-9_] made
+ * `_` (merchant_demo_shop), so that shops sharing one database stay apart.
+ */
+export function storeSchema(prefix: "merchant" | "benefits", merchantId: string): string {
+  return `${prefix}_${merchantId.toLowerCase().replace(/[^a-z0-9_]/g, "_")}`;
 }
 
 /** The merchant server's defaults, in one place for the code and its --help. */
@@ -138,7 +154,8 @@ export function openShop(
 export async function startMerchant(c: MerchantConfig) {
   const shopFile = await readJson<ShopFile>(join(c.dir, "shop.json"));
   const log = createLogger(`merchant ${shopFile.merchantId}`);
-  const db = openSqlite(join(c.dir, "merchant.db"), MERCHANT_MIGRATIONS);
+  const { location, ...connections } = c.store ?? { location: join(c.dir, "merchant.db") };
+  const db = await openStore(location, MERCHANT_MIGRATIONS, { ...connections, schema: storeSchema("merchant", shopFile.merchantId), log });
   let bound = "";
   let opened;
   try {
@@ -159,6 +176,8 @@ export async function startMerchant(c: MerchantConfig) {
   return {
     address: grpc.address,
     shop,
+    /** The shop's store (its orders), for tests and operators. */
+    db,
     async close() {
       shop.stopSweeping();
       await grpc.shutdown();

@@ -34,6 +34,7 @@ import { invalidField, NetpurseError, notFound, passOn } from "../../lib/grpc/er
 import { merchantId, requireTransactionId, txnId } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
 import { isMoneyCurrency, money } from "../../lib/money.js";
+import { Mutex } from "../../lib/mutex.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
 import type { Db } from "../../lib/store/db.js";
 
@@ -169,6 +170,8 @@ const STATE_OF_ROW: Record<OrderRow["state"], OrderState> = {
 export class Shop {
   readonly mode: ConfirmationMode;
   private sweeping: Periodic | undefined;
+  /** Orders being written, one at a time (createOrder). */
+  private readonly inserting = new Mutex();
 
   constructor(private readonly o: ShopOptions) {
     this.mode = confirmationModeFromJSON(o.shop.confirmationMode);
@@ -254,22 +257,23 @@ export class Shop {
         { deadline: DEFAULT_DEADLINE_MS },
       )
       .catch((e) => passOn(e, "cannot make the transaction's keys"));
-    const inserted = await this.o.db.run(
-      `INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce)
-       SELECT ?, ?, ?, ?, ?, 'OFFERED', ?, ?, ? WHERE (SELECT COUNT(*) FROM orders WHERE state = 'OFFERED') < ?`,
-      [
-        id,
-        p.productId,
-        p.priceMinor,
-        price.currency,
-        price.exponent,
-        now.toISOString(),
-        expires.toISOString(),
-        Buffer.from(keys.keyNonce),
-        this.o.maxUnpaidOrders,
-      ],
+    // The count and the insert in one transaction: on PostgreSQL (SERIALIZABLE) concurrent CreateOrders, on this server or
+    // another of the shop's, cannot each count below the cap and together pass it, as one statement at READ COMMITTED could.
+    // One at a time in this process: every insert conflicts with every concurrent count, and a hundred at once would have
+    // PostgreSQL abort all but one again and again; only other servers' still conflict, and are run again.
+    const inserted = await this.inserting.run(() =>
+      this.o.db.transaction(async (tx) => {
+        const unpaid = (await tx.get<{ n: number }>("SELECT COUNT(*) AS n FROM orders WHERE state = 'OFFERED'"))?.n ?? 0;
+        if (unpaid >= this.o.maxUnpaidOrders) return false;
+        await tx.run(
+          `INSERT INTO orders (transaction_id, product_id, amount_minor, currency, exponent, state, created_at, expires_at, key_nonce)
+         VALUES (?, ?, ?, ?, ?, 'OFFERED', ?, ?, ?)`,
+          [id, p.productId, p.priceMinor, price.currency, price.exponent, now.toISOString(), expires.toISOString(), Buffer.from(keys.keyNonce)],
+        );
+        return true;
+      }),
     );
-    if (inserted.changes === 0) throw await this.tooManyOrders();
+    if (!inserted) throw await this.tooManyOrders();
     this.o.log.info("order created", { transaction: id, product: p.productId, amount: p.priceMinor });
     return {
       offer: {

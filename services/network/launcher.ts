@@ -237,14 +237,33 @@ export async function launchNetwork(
     insecure?: boolean;
     /** The card and the PSAMs behind PC/SC: the daemon takes the first reader holding a netpurse card, each terminal host the readers matching this pattern. */
     psamReaders?: string;
+    /** Concentrators (default 1): concentrator-1 on `listen.concentrator`, the others on the ports after it (or free ones). */
+    concentrators?: number;
+    /** Payment servers (default 1): replicas of payment-1 sharing `database`, on `listen.payment` and the ports after it (or free ones). */
+    paymentServers?: number;
+    /** The PostgreSQL database every service with a store keeps its state in (a schema each); default: their SQLite files. */
+    database?: string;
   },
 ): Promise<Record<string, string>> {
-  const at = (k: keyof NonNullable<typeof p.listen>) => p.listen?.[k] ?? "127.0.0.1:0";
+  const at = (k: keyof NonNullable<typeof p.listen>, i = 0) => {
+    const base = p.listen?.[k] ?? "127.0.0.1:0";
+    const m = /^(.*):(\d+)$/.exec(base);
+    // The n-th of several: the port n after the first's, unless the first's is chosen freely (0).
+    return i === 0 || !m || m[2] === "0" ? base : `${m[1]}:${Number(m[2]) + i}`;
+  };
   const data = ["--data", p.data, ...(p.insecure ? ["--insecure"] : [])];
+  const store = p.database !== undefined ? ["--database", p.database] : [];
   const addresses: Record<string, string> = {};
-  addresses.concentrator = (await l.start("concentrator", SCRIPTS.concentrator, ["--listen", at("concentrator"), ...data])).address;
+  const concentrators: string[] = [];
+  for (let i = 0; i < (p.concentrators ?? 1); i++) {
+    const id = `concentrator-${i + 1}`;
+    const started = await l.start(i === 0 ? "concentrator" : id, SCRIPTS.concentrator, ["--listen", at("concentrator", i), "--id", id, ...data]);
+    concentrators.push(started.address);
+    addresses[i === 0 ? "concentrator" : `concentrator:${i + 1}`] = started.address;
+  }
+  const concentratorList = concentrators.join(",");
   // Clearing before those who send to it: terminal hosts submit their closed batches, the load server its settled loads.
-  const clearing = (await l.start("clearing", SCRIPTS.clearing, ["--listen", at("clearing"), ...data])).address;
+  const clearing = (await l.start("clearing", SCRIPTS.clearing, ["--listen", at("clearing"), ...data, ...store])).address;
   addresses.clearing = clearing;
   await Promise.all(
     p.terminals.map((t) =>
@@ -252,7 +271,7 @@ export async function launchNetwork(
         "--id",
         t.id,
         "--concentrator",
-        addresses.concentrator!,
+        concentratorList,
         "--clearing",
         clearing,
         ...data,
@@ -261,14 +280,25 @@ export async function launchNetwork(
       ]),
     ),
   );
-  const payment = await l.start("payment", SCRIPTS.payment, [
-    "--listen",
-    at("payment"),
-    "--concentrator",
-    addresses.concentrator,
-    ...data,
-    ...(p.paymentArgs ?? []),
-  ]);
+  const replicas = p.paymentServers ?? 1;
+  const payments: string[] = [];
+  for (let i = 0; i < replicas; i++) {
+    // Replicas are one payment server, payment-1 (one identity, one database), each stream at the concentrators named by its replica id.
+    const started = await l.start(i === 0 ? "payment" : `payment-r${i + 1}`, SCRIPTS.payment, [
+      "--listen",
+      at("payment", i),
+      "--concentrator",
+      concentratorList,
+      ...(replicas > 1 ? ["--replica", `r${i + 1}`] : []),
+      ...data,
+      ...store,
+      ...(p.paymentArgs ?? []),
+    ]);
+    payments.push(started.address);
+    if (replicas > 1) addresses[`payment:r${i + 1}`] = started.address;
+  }
+  // Callers reach the replicas as one target, balanced round robin on their side.
+  const payment = { address: payments.join(",") };
   addresses.payment = payment.address;
   const validation = await l.start("merchant-validation", SCRIPTS.merchantValidation, [
     "--listen",
@@ -276,6 +306,7 @@ export async function launchNetwork(
     "--payment-server",
     payment.address,
     ...data,
+    ...store,
   ]);
   addresses.merchantValidation = validation.address;
   for (const s of p.sites ?? []) {
@@ -289,6 +320,7 @@ export async function launchNetwork(
       "--payment-server",
       p.offerPaymentServer ?? payment.address,
       ...data,
+      ...store,
     ]);
     addresses[`benefits:${s.id}`] = site.address;
   }
@@ -304,12 +336,13 @@ export async function launchNetwork(
         "--payment-server",
         p.offerPaymentServer ?? payment.address,
         ...data,
+        ...store,
       ]),
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
-  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), "--clearing", clearing, ...data])).address;
-  addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
+  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), "--clearing", clearing, ...data, ...store])).address;
+  addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data, ...store])).address;
   const daemonTcp = p.listen?.clientDaemon ? ["--listen-tcp", p.listen.clientDaemon] : [];
   // The daemon's address is its socket, unix:PATH.
   const card = p.psamReaders !== undefined ? ["--pcsc"] : ["--card", p.cardPath];

@@ -21,7 +21,7 @@ import { readClearingMerchants } from "../clearing/merchants.js";
 import { VERDICT_KEY_FILE } from "../payment/security-module.js";
 import { BANK_MIGRATIONS, BankStore } from "../bank/store.js";
 import { hashPassword } from "../bank/credentials.js";
-import { openSqlite } from "../../lib/store/db.js";
+import { openStore } from "../../lib/store/postgres.js";
 import { demoIdentities, ensurePki, psamRegistryPath } from "./pki.js";
 
 /**
@@ -133,6 +133,10 @@ export interface DemoSetup {
   loyalty?: DemoLoyalty;
   /** `value` is an issuer credit at personalisation; the main job's card starts empty and is loaded from the bank. */
   card: { name: string; value: number; maxBalance: number; expiry: string };
+  /** Concentrators the network runs (default 1): each needs its certificate. */
+  concentrators?: number;
+  /** The PostgreSQL database the services keep their state in (the bank's demo account is opened there); default: SQLite files. */
+  database?: string;
 }
 
 export const DEFAULT_DEMO: DemoSetup = {
@@ -230,7 +234,7 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
       await registerBank({ loadDir: p.load, bankDir: p.bank, bankId: DEMO_BANK.bankId });
       say(`operator: registered bank ${DEMO_BANK.bankId} at the load server with a fresh shared key`);
     }
-    const bank = openSqlite(join(p.bank, "bank.db"), BANK_MIGRATIONS);
+    const bank = await openStore(demo.database ?? join(p.bank, "bank.db"), BANK_MIGRATIONS, { schema: "bank" });
     try {
       const books = new BankStore(bank);
       // The demo account's password: made once, kept for the next runs (the password only, never in bank.db, which keeps its hash).
@@ -259,7 +263,7 @@ export async function ensureDemoData(data: string, demo: DemoSetup = DEFAULT_DEM
     }
     await issuer.exportPsamRegistry(psamRegistryPath(data));
     const merchants = [...demo.shops.map((s) => s.merchantId), ...(demo.loyalty ? [DEMO_SITE.merchantId] : [])];
-    await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants, bankId: DEMO_BANK.bankId }), say);
+    await ensurePki(data, demoIdentities({ terminals: demo.terminals, merchants, bankId: DEMO_BANK.bankId, concentrators: demo.concentrators }), say);
     const cardPath = join(p.cards, `${demo.card.name}.card.json`);
     if (!existsSync(cardPath)) {
       const card = await issuer.personaliseCard({

@@ -12,7 +12,8 @@ import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/ca
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { describeError } from "../../lib/cli.js";
-import { DEFAULT_HOST, dataDir, defaultAddress } from "../../lib/config.js";
+import { DEFAULT_HOST, DEFAULT_PORTS, dataDir, defaultAddress } from "../../lib/config.js";
+import { startLocalPostgres } from "./postgres.js";
 import { clientFactory, openChannel, CLI_DEADLINE_MS } from "../../lib/grpc/client.js";
 import { formatMoney, money } from "../../lib/money.js";
 import { DEFAULT_DEMO, demoBankPassword, demoPasswordPath, DEMO_BANK, DEMO_LOYALTY, DEMO_SHOPS, ensureDemoData, EUR, paths } from "./layout.js";
@@ -36,6 +37,10 @@ const { values } = parseArgs({
     product: { type: "string" },
     insecure: { type: "boolean" },
     pcsc: { type: "boolean" },
+    "payment-servers": { type: "string" },
+    concentrators: { type: "string" },
+    terminals: { type: "string" },
+    database: { type: "string" },
     help: { type: "boolean", short: "h" },
   },
 });
@@ -62,6 +67,18 @@ Options:
                     or write access to /run/pcscd, and no other pcscd running)
   --insecure        plaintext and no authentication on every link, for debugging only
                     (by default every link is TLS, mutual inside the operator's network)
+  --payment-servers N  payment servers, 1..8 (default 1): replicas of one payment server
+                    sharing one PostgreSQL database, reached by every caller as one
+                    target balanced round robin on the caller's side
+  --concentrators N terminal concentrators, 1..8 (default 1); every payment server
+                    connects to each, each terminal host attaches to one of them
+  --terminals N     terminal hosts, 1..8 (default 1): terminal-1 holds 4 money PSAMs,
+                    each other one 2
+  --database URL    the PostgreSQL database every service keeps its state in (a schema
+                    each), e.g. postgres://netpurse:PASSWORD@127.0.0.1:5432/netpurse
+                    (default $NETPURSE_DATABASE_URL; else SQLite files, or, with several
+                    payment servers, a PostgreSQL server of the network's own in
+                    DATA/postgres on port ${DEFAULT_PORTS.postgres}, made with Debian's postgresql package)
   -v, --verbose     print every service's log lines
   -h, --help        this text
 
@@ -73,9 +90,29 @@ killed.`);
   process.exit(0);
 }
 
+/** A count option: 1..8, default 1. */
+function countOption(name: "payment-servers" | "concentrators" | "terminals"): number {
+  const v = values[name];
+  if (v === undefined) return 1;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 8) {
+    console.error(`--${name} must be a whole number from 1 to 8, got "${v}"`);
+    process.exit(2);
+  }
+  return n;
+}
+const layout = { paymentServers: countOption("payment-servers"), concentrators: countOption("concentrators"), terminals: countOption("terminals") };
+const demo = {
+  ...DEFAULT_DEMO,
+  terminals: Array.from({ length: layout.terminals }, (_, i) => ({ id: `terminal-${i + 1}`, psams: i === 0 ? 4 : 2 })),
+  concentrators: layout.concentrators,
+};
+
 // The data folder holds keys, cards, journals and logs: nothing in it is made readable by other users.
 process.umask(0o077);
 const data = dataDir(values.data);
+/** The network's own PostgreSQL server, when it runs one: stopped after the services. */
+let localPostgres: { stop(): Promise<void> } | undefined;
 /** How long the main job waits for clearing to post the demo's purchases and load. */
 const CLEARING_WAIT_MS = 20_000;
 /** What the main job loads onto the demo card before its purchases: EUR 20.00. */
@@ -96,7 +133,7 @@ async function startReaders(cardPath: string): Promise<void> {
   if (!support.ok) throw new Error(`--pcsc: PC/SC cannot be set up here: ${support.reason}`);
   const psams = (
     await Promise.all(
-      DEFAULT_DEMO.terminals.map(async (t) => {
+      demo.terminals.map(async (t) => {
         const dir = join(paths(data).terminal(t.id), "psams");
         return (await readdir(dir)).filter((n) => n.endsWith(".psam.json")).map((n) => join(dir, n));
       }),
@@ -125,6 +162,7 @@ async function shutdown(code: number): Promise<never> {
     stopping = true;
     say("\nstopping the network…");
     await launcher.stopAll();
+    await localPostgres?.stop();
     say("stopped.");
   }
   process.exit(code);
@@ -141,13 +179,27 @@ process.on("SIGTERM", onSignal);
 try {
   say(`netpurse: data folder ${data}`);
   if (values.insecure) say("  INSECURE: every link is plaintext and unauthenticated (--insecure); for debugging only");
-  const { cardPath } = await ensureDemoData(data, DEFAULT_DEMO, (l) => say(`  ${l}`));
+  let database = values.database ?? (process.env.NETPURSE_DATABASE_URL || undefined);
+  if (database === undefined && layout.paymentServers > 1) {
+    say(`${layout.paymentServers} payment servers share one PostgreSQL database: starting the network's own`);
+    const local = await startLocalPostgres(data, say);
+    localPostgres = local;
+    database = local.url;
+  }
+  const { cardPath } = await ensureDemoData(data, { ...demo, ...(database ? { database } : {}) }, (l) => say(`  ${l}`));
   if (values.pcsc) await startReaders(cardPath);
+  if (layout.paymentServers > 1 || layout.concentrators > 1 || layout.terminals > 1)
+    say(
+      `layout: ${count(layout.paymentServers, "payment server")}, ${count(layout.concentrators, "concentrator")}, ${count(layout.terminals, "terminal host")}`,
+    );
 
   say("starting the network (each part is its own process; logs in " + join(data, "logs") + ")");
   const addresses = await launchNetwork(launcher, {
     data,
-    terminals: DEFAULT_DEMO.terminals.map((t) => ({ id: t.id })),
+    terminals: demo.terminals.map((t) => ({ id: t.id })),
+    concentrators: layout.concentrators,
+    paymentServers: layout.paymentServers,
+    ...(database ? { database } : {}),
     merchants: DEMO_SHOPS.map((d) => ({ id: d.shop.merchantId, listen: `${DEFAULT_HOST}:${d.port}` })),
     sites: [{ id: DEMO_SITE.merchantId, listen: DEMO_LOYALTY.siteAddress }],
     cardPath,
@@ -168,15 +220,18 @@ try {
   const factory = clientFactory();
   // The main job looks at the pool as the operator, and shops as a cardholder does.
   const operator = values.insecure ? Security.insecure() : await Security.forService(pkiDirOf(data), { kind: "operator", id: "operator" });
-  const concentrator = factory.create(
-    TerminalConcentratorServiceDefinition,
-    openChannel(addresses.concentrator!, operator.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 }),
-  );
+  const concentrators = Object.entries(addresses)
+    .filter(([name]) => name === "concentrator" || name.startsWith("concentrator:"))
+    .map(([, address]) =>
+      factory.create(TerminalConcentratorServiceDefinition, openChannel(address, operator.channel({ kind: "concentrator" }), { maxMessageBytes: 256 * 1024 })),
+    );
   for (let i = 0; ; i++) {
-    const r = await concentrator.listTerminals({}, { deadline: 2_000 });
-    const psams = r.terminals.reduce((n, t) => n + t.slots.length, 0);
-    if (r.paymentServers.length > 0 && r.terminals.length === DEFAULT_DEMO.terminals.length) {
-      say(`  terminal pool ready: ${r.terminals.length} terminal host(s), ${psams} PSAMs`);
+    // Every payment server (each replica) at every concentrator, and every terminal host attached to one of them.
+    const lists = await Promise.all(concentrators.map((c) => c.listTerminals({}, { deadline: 2_000 })));
+    const terminals = lists.flatMap((r) => r.terminals);
+    const psams = terminals.reduce((n, t) => n + t.slots.length, 0);
+    if (lists.every((r) => r.paymentServers.length >= layout.paymentServers) && terminals.length === demo.terminals.length) {
+      say(`  terminal pool ready: ${count(terminals.length, "terminal host")}, ${psams} PSAMs`);
       break;
     }
     if (i > 200) throw new Error("the terminal pool did not come up; see the logs");
@@ -239,7 +294,7 @@ try {
 
   // Clearing (FIG. 2 and 3): the PSAMs' batches go to clearing, which checks and posts each record; then the day's figures and the audit.
   say("\nclearing: closing every PSAM's batch");
-  const settlement = await clearDemo(concentrator, clearing, clearedBefore, { purchases: purchasesMade, loads: loadsMade, redemptions: redeemed });
+  const settlement = await clearDemo(concentrators, clearing, clearedBefore, { purchases: purchasesMade, loads: loadsMade, redemptions: redeemed });
   say(indent(settlementReport(settlement)));
   say("\naudit of clearing's ledger, with the cards in " + paths(data).cards);
   const cards = await readCardsAtHand(await cardFilesIn(paths(data).cards), paths(data).issuer);
@@ -330,7 +385,7 @@ function indent(text: string): string {
  * batch: closing again while waiting sends that one too.
  */
 async function clearDemo(
-  concentrator: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>,
+  concentrators: Client<typeof TerminalConcentratorServiceDefinition, DeadlineOptions>[],
   clearing: ClearingClient,
   before: Settlement,
   made: { purchases: number; loads: number; redemptions: number },
@@ -340,7 +395,7 @@ async function clearDemo(
   for (let attempt = 0; ; attempt++) {
     // A proof reported after the goods (FIG. 7 and 8) may reach its PSAM just after a close: close again soon.
     if (attempt % 3 === 0) {
-      const r = await concentrator.closeBatches({}, { deadline: CLI_DEADLINE_MS });
+      const r = { closed: (await Promise.all(concentrators.map((c) => c.closeBatches({}, { deadline: CLI_DEADLINE_MS })))).flatMap((x) => x.closed) };
       for (const b of r.closed) say(`  closed batch ${b.batchNumber} of PSAM ${hexOf(b.psamId?.value)} on ${b.terminalId}: ${count(b.count, "record")}`);
       closed += r.closed.length;
     }

@@ -13,9 +13,9 @@ import { pkiDirOf } from "../../lib/pki/security.js";
 export const CLEARING_ID = "clearing-1";
 
 /** Who the demo network's parts are. */
-export function demoIdentities(p: { terminals: { id: string }[]; merchants: string[]; bankId: string }): { kind: Kind; id: string }[] {
+export function demoIdentities(p: { terminals: { id: string }[]; merchants: string[]; bankId: string; concentrators?: number }): { kind: Kind; id: string }[] {
   return [
-    { kind: "concentrator", id: "concentrator-1" },
+    ...Array.from({ length: p.concentrators ?? 1 }, (_, i) => ({ kind: "concentrator" as const, id: `concentrator-${i + 1}` })),
     ...p.terminals.map((t) => ({ kind: "terminal" as const, id: t.id })),
     { kind: "payment", id: "payment-1" },
     { kind: "validation", id: "validation-1" },

@@ -98,6 +98,7 @@ describe("terminal host: closed batches reach clearing on their own", function (
       security: await net.security.of("clearing", CLEARING_ID),
       listen: address,
       dir: net.paths.clearing,
+      ...net.storeOption,
       psamRegistry: psamRegistryPath(net.data),
     });
     await waitFor(outboxEmpty, 15_000, "batch 2 acknowledged once clearing is back");

@@ -22,7 +22,7 @@ import { hexOf, txnId } from "../../lib/ids.js";
 import { AUTHENTICATION_CURRENCY, money } from "../../lib/money.js";
 import { startClientDaemon } from "../../client/daemon/server.js";
 import { Issuer } from "../../services/issuer/issuer.js";
-import { BENEFITS_DB, DEMO_SITE } from "../../services/benefits/site.js";
+import { DEMO_SITE } from "../../services/benefits/site.js";
 import { failure } from "../support/card-client.js";
 import { defined } from "../support/offers.js";
 import { LOYALTY_SITES, startNetwork, waitFor, type Network } from "../support/network.js";
@@ -94,11 +94,11 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
   const idOfGrant = (g: PointsGrant) => defined(g.grantId, "the grant id").value;
   const journaledGrant = (grantId: string) =>
     row<{ state: string; error: string | null }>(join(net.paths.client, "client.db"), "SELECT state, error FROM client_grants WHERE grant_id = ?", grantId);
+  /** A grant as the Skyways site keeps it, read through the site's own store (SQLite or PostgreSQL). */
   const siteGrant = (grantId: string) =>
-    row<{ state: string; points: number }>(
-      join(net.paths.site(DEMO_SITE.merchantId), BENEFITS_DB),
+    defined(net.sites[DEMO_SITE.merchantId], "the Skyways site").server.db.get<{ state: string; points: number }>(
       "SELECT state, points FROM grants WHERE grant_id = ?",
-      grantId,
+      [grantId],
     );
 
   /** Redeems a lounge pass at a site through the daemon, checking what the cardholder sees. */
@@ -201,13 +201,13 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
       expect(purchase?.transactionId).to.deep.equal(o.transactionId);
       const grantId = defined(g.grantId, "the grant id").value;
       expect(journaledGrant(grantId)?.state).to.equal("CREDITED");
-      expect(siteGrant(grantId)).to.deep.equal({ state: "CREDITED", points: 99 });
+      expect(await siteGrant(grantId)).to.deep.equal({ state: "CREDITED", points: 99 });
       // Again: the card's log shows the credit, the site confirms the same answer; nothing moves.
       const again = await cardholder().earnPoints({ grant: g });
       expect(again.steps.map((s) => s.name)).to.include("card log");
       expect(again.points?.balance).to.deep.equal(points(before.points + 99n));
       expect(await cardState()).to.deep.equal({ money: before.money - 990n, points: before.points + 99n, counter: before.counter + 2 });
-      expect(siteGrant(grantId)?.state).to.equal("CREDITED");
+      expect((await siteGrant(grantId))?.state).to.equal("CREDITED");
     });
 
     it("EarnPoints of a credited grant the card's log no longer holds: FAILED_PRECONDITION (GRANT_ALREADY_CREDITED), nothing credited, the journal still says CREDITED", async () => {
@@ -237,7 +237,7 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
         expect(g.points).to.deep.equal(points(25));
         expect(r.steps.find((s) => s.name === "points")?.detail).to.match(/^not collected yet/);
         expect(journaledGrant(defined(g.grantId, "grant id").value)?.state).to.equal("OPEN");
-        expect(siteGrant(idOfGrant(g))?.state).to.equal("GRANTED");
+        expect((await siteGrant(idOfGrant(g)))?.state).to.equal("GRANTED");
         expect(await cardState()).to.deep.equal({ money: before.money - 250n, points: before.points, counter: before.counter + 1 });
       } finally {
         await gate.up();
@@ -253,7 +253,7 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
         "the kept grant collected",
       );
       expect(await cardState()).to.deep.equal({ money: before.money - 250n, points: before.points + 25n, counter: before.counter + 2 });
-      expect(siteGrant(grantId)?.state).to.equal("CREDITED");
+      expect((await siteGrant(grantId))?.state).to.equal("CREDITED");
       const log = await newestLog();
       expect(log.kind).to.equal(CardTransactionKind.CARD_TRANSACTION_KIND_POINTS_CREDIT);
       expect(log.transactionId?.value).to.equal(grantId);
@@ -371,7 +371,7 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
         const before = await cardState();
         expect(await failure(cardholder().earnPoints({ grant: g }))).to.include({ code: "FAILED_PRECONDITION", reason: "INVALID_FIELD" });
         expect(await cardState()).to.deep.equal(before);
-        expect(siteGrant(idOfGrant(g))?.state, "no credit signed").to.equal("GRANTED");
+        expect((await siteGrant(idOfGrant(g)))?.state, "no credit signed").to.equal("GRANTED");
         expect(journaledGrant(idOfGrant(g)), "refused before it is kept: never tried again").to.equal(undefined);
       });
     });
@@ -382,11 +382,11 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
       const raised = { ...g, points: points(5_000) };
       expect(await failure(cardholder().earnPoints({ grant: raised }))).to.include({ code: "PERMISSION_DENIED", reason: "BAD_SIGNATURE" });
       expect(await cardState()).to.deep.equal(before);
-      expect(siteGrant(idOfGrant(g))?.state, "no credit signed").to.equal("GRANTED");
+      expect((await siteGrant(idOfGrant(g)))?.state, "no credit signed").to.equal("GRANTED");
       const r = await cardholder().earnPoints({ grant: g });
       expect(r.points?.balance).to.deep.equal(points(before.points + 50n));
       expect(await cardState()).to.deep.equal({ ...before, points: before.points + 50n, counter: before.counter + 1 });
-      expect(siteGrant(idOfGrant(g))).to.deep.equal({ state: "CREDITED", points: 50 });
+      expect(await siteGrant(idOfGrant(g))).to.deep.equal({ state: "CREDITED", points: 50 });
     });
 
     /** Writes into the daemon's journal as a power cut would have left it (the daemon reads another connection's commits). */
@@ -421,7 +421,7 @@ describe("contract: CardholderService authenticates, redeems and earns points (F
       const { r } = await buy("demo-shop", "song-1"); // EUR 0.99: 9 points, collected too
       expect(r.receipt?.goods).to.match(/^licence key /);
       expect(journaledGrant(grantId)?.state).to.equal("CREDITED");
-      expect(siteGrant(grantId)).to.deep.equal({ state: "CREDITED", points: 30 });
+      expect(await siteGrant(grantId)).to.deep.equal({ state: "CREDITED", points: 30 });
       expect(await cardState(), "30 points of the grant in doubt once, then the purchase and its 9 points").to.deep.equal({
         money: before.money - 99n,
         points: before.points + 30n + 9n,

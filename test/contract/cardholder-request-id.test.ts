@@ -19,7 +19,7 @@ import { txnId } from "../../lib/ids.js";
 import { money } from "../../lib/money.js";
 import { openSqlite } from "../../lib/store/db.js";
 import { startBankServer } from "../../services/bank/server.js";
-import { DEMO_BANK, DEMO_SHOPS } from "../../services/network/layout.js";
+import { DEMO_BANK } from "../../services/network/layout.js";
 import { account, EUR, freshCardholder } from "../support/load.js";
 import { startNetwork, type Network } from "../support/network.js";
 import { defined } from "../support/offers.js";
@@ -92,6 +92,7 @@ describe("client daemon: request ids, and errors that name the journaled transac
       security: await net.security.of("bank", DEMO_BANK.bankId),
       listen: address,
       dir: net.paths.bank,
+      ...net.storeOption,
       loadServer: net.load.address,
     });
   }
@@ -210,9 +211,7 @@ describe("client daemon: request ids, and errors that name the journaled transac
       await h.c.loadCard(h.loadReq(2_000, "fund-the-card-2"));
       const offer = defined((await net.clients.merchant.createOrder({ productId: "song-1" })).offer, "the offer");
       // The merchant forgets the order before its goods are asked for, as its retention sweep does with an expired one.
-      const shop = openSqlite(join(net.paths.merchant(DEMO_SHOPS[0]!.shop.merchantId), "merchant.db"), []);
-      await shop.run("DELETE FROM orders WHERE transaction_id = ?", [defined(offer.transactionId, "the offer's id").value]);
-      await shop.close();
+      await net.merchant.db.run("DELETE FROM orders WHERE transaction_id = ?", [defined(offer.transactionId, "the offer's id").value]);
       const first = await failed(h.c.payOffer({ offer, approvedAmount: offer.amount, requestId: "paid-no-goods" }));
       expect(first.metadata).to.include({ transaction_id: offer.transactionId?.value, debit_sent: "true" });
       // The card paid: every later answer must say so, never "nothing was paid".

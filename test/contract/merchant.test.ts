@@ -143,9 +143,7 @@ describe("contract: netpurse.merchant.v1.MerchantService", function () {
       };
       journal.close();
       expect(secret).to.have.length(32);
-      const shop = new Database(join(net.paths.merchant("demo-shop"), "merchant.db"), { readonly: true });
-      const row = shop.prepare("SELECT * FROM orders WHERE transaction_id = ?").get(id) as Record<string, unknown>;
-      shop.close();
+      const row = defined(await net.merchant.db.get<Record<string, unknown>>("SELECT * FROM orders WHERE transaction_id = ?", [id]), "the order's row");
       expect(row.access_secret_digest).to.deep.equal(createHash("sha256").update(secret).digest());
       expect(Object.values(row).some((v) => Buffer.isBuffer(v) && v.includes(secret))).to.equal(false);
       // With the journaled secret the cardholder gets the goods again.

@@ -39,6 +39,8 @@ import { registerMerchant } from "../../services/operator/operator.js";
 import { CertificateAuthority, pkiPaths } from "../../lib/pki/authority.js";
 import type { Kind } from "../../lib/pki/identity.js";
 import { pkiDirOf, Security } from "../../lib/pki/security.js";
+import type { StoreConfig } from "../../lib/store/postgres.js";
+import { startPostgres, type TestPostgres } from "./postgres.js";
 
 export interface NetworkOptions {
   terminals?: { id: string; psams: number; answerDelayMs?: number }[];
@@ -70,7 +72,35 @@ export interface NetworkOptions {
    * with the operator in its mode, the demo card its member's.
    */
   loyalty?: { cardPoints?: number; pointsPerUnit?: number };
+  /**
+   * A PostgreSQL database (postgres:// URL) for every service that has a
+   * store of its own to keep: payment server, clearing, validation, shops,
+   * benefits sites, load server and bank, each in its schema. Without it,
+   * NETPURSE_TEST_STORE=postgres gives each network a fresh database of its
+   * own (test/support/postgres.ts), dropped when the network closes; else
+   * each service keeps its SQLite file in the data folder, as it does with
+   * `false` whatever NETPURSE_TEST_STORE says (a test of SQLite itself).
+   * Terminal hosts and the client daemon keep their local SQLite store
+   * either way.
+   */
+  database?: string | false;
 }
+
+/** Whether NETPURSE_TEST_STORE asks every network for a PostgreSQL database of its own. */
+export const testStoreIsPostgres = () => process.env.NETPURSE_TEST_STORE === "postgres";
+
+/**
+ * A database of a network's own. The throwaway server is kept for the
+ * process's later networks (one caller more that never leaves; the server
+ * and its folder go with the process): made again for each, it would cost
+ * a second and a half a network.
+ */
+async function networkDatabase(): Promise<TestPostgres> {
+  if (!process.env.NETPURSE_TEST_DATABASE_URL) keepServer ??= startPostgres();
+  await keepServer;
+  return startPostgres();
+}
+let keepServer: Promise<TestPostgres> | undefined;
 
 /** The benefits sites of a network with loyalty: one per confirmation mode, the Skyways site (DEMO_SITE) the one the demo shops are enrolled at. */
 export const LOYALTY_SITES = [
@@ -85,7 +115,17 @@ export async function startNetwork(o: NetworkOptions = {}) {
   if (o.loyalty && o.pcsc) throw new Error("startNetwork: loyalty with pcsc is not supported");
   const { dir: data, cleanup } = await tempDir("netpurse-net-");
   const terminals = o.terminals ?? [{ id: "terminal-1", psams: 2 }];
+  // Asked for by NETPURSE_TEST_STORE, PostgreSQL must be had: a network quietly on SQLite would pass for a PostgreSQL run.
+  const postgres: TestPostgres | undefined = o.database === undefined && testStoreIsPostgres() ? await networkDatabase() : undefined;
+  const database = o.database === false ? undefined : (o.database ?? postgres?.url);
+  /**
+   * The `store` of every service with one (spread into its config): the network's database, or the default SQLite file.
+   * Five connections each: the thirteen stores of a network with loyalty (four shops, four sites) stay within the test server's hundred.
+   */
+  const storeOption: { store?: StoreConfig } = database ? { store: { location: database, poolSize: 5 } } : {};
   const { cardPath } = await ensureDemoData(data, {
+    // The demo account is opened where the bank keeps its books.
+    ...(database ? { database } : {}),
     terminals,
     shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: o.cardValue ?? 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
@@ -117,6 +157,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     listen: "127.0.0.1:0",
     dir: p.clearing,
     psamRegistry: psamRegistryPath(data),
+    ...storeOption,
   });
   // Tests may stop clearing themselves (an outage): closing it again at the end does nothing.
   let clearingClosed: Promise<void> | undefined;
@@ -141,6 +182,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
     security: await security.of("payment", "payment-1"),
     listen: "127.0.0.1:0",
     dir: p.payment,
+    ...storeOption,
     concentrator: concentrator.address,
     ...(o.holdTimeoutMs ? { holdTimeoutMs: o.holdTimeoutMs } : {}),
     ...(o.maxPsamWaitMs ? { maxPsamWaitMs: o.maxPsamWaitMs } : {}),
@@ -156,28 +198,37 @@ export async function startNetwork(o: NetworkOptions = {}) {
     security: await security.of("validation", "validation-1"),
     listen: "127.0.0.1:0",
     dir: p.validation,
+    ...storeOption,
     paymentServer: payment.address,
     reportEveryMs: 500,
   });
   // The sites before the shops: an enrolled shop.json must name where its site listens.
-  const sites = o.loyalty ? await startLoyaltySites(p, security, validation.address, payment.address) : [];
+  const sites = o.loyalty ? await startLoyaltySites(p, security, validation.address, payment.address, storeOption) : [];
   const shops = await Promise.all(
     DEMO_SHOPS.map(async (d) =>
       startMerchant({
         security: await security.of("merchant", d.shop.merchantId),
         listen: "127.0.0.1:0",
         dir: p.merchant(d.shop.merchantId),
+        ...storeOption,
         validation: validation.address,
         paymentServer: payment.address,
       }),
     ),
   );
   const merchant = shops[0]!;
-  const load = await startLoadServer({ security: await security.of("load", "load-1"), listen: "127.0.0.1:0", dir: p.load, clearing: clearingServer.address });
+  const load = await startLoadServer({
+    security: await security.of("load", "load-1"),
+    listen: "127.0.0.1:0",
+    dir: p.load,
+    ...storeOption,
+    clearing: clearingServer.address,
+  });
   const bank = await startBankServer({
     security: await security.of("bank", DEMO_BANK.bankId),
     listen: "127.0.0.1:0",
     dir: p.bank,
+    ...storeOption,
     loadServer: load.address,
     ...(o.maxHoldsPerAccount ? { maxHoldsPerAccount: o.maxHoldsPerAccount } : {}),
   });
@@ -232,6 +283,10 @@ export async function startNetwork(o: NetworkOptions = {}) {
   const net = {
     data,
     paths: p,
+    /** The PostgreSQL database the services keep their state in, or undefined: each its SQLite file in the data folder. */
+    database,
+    /** Spread into the config of a service a test starts again (or starts beside the network's) to keep it where the network keeps it. */
+    storeOption,
     security,
     cardPath,
     /** With pcsc: the emulator (a child process) and its pcscd; the card's reader first, then each terminal's PSAMs'. */
@@ -295,6 +350,7 @@ export async function startNetwork(o: NetworkOptions = {}) {
       await clearingServer.close();
       await concentrator.close();
       await readers?.close();
+      await postgres?.stop();
       await cleanup();
     },
   };
@@ -334,7 +390,13 @@ async function provisionLoyaltySites(p: ReturnType<typeof paths>): Promise<void>
 }
 
 /** Starts every benefits site behind its gate, then points the enrolled shops' shop.json at the Skyways site's server. */
-async function startLoyaltySites(p: ReturnType<typeof paths>, security: TestSecurity, validation: string, paymentServer: string) {
+async function startLoyaltySites(
+  p: ReturnType<typeof paths>,
+  security: TestSecurity,
+  validation: string,
+  paymentServer: string,
+  storeOption: { store?: StoreConfig },
+) {
   const sites: { siteId: string; mode: (typeof LOYALTY_SITES)[number]["mode"]; server: Awaited<ReturnType<typeof startBenefits>>; gate: Gate }[] = [];
   for (const { mode, siteId } of LOYALTY_SITES) {
     const gate = await startGate();
@@ -342,6 +404,7 @@ async function startLoyaltySites(p: ReturnType<typeof paths>, security: TestSecu
       security: await security.of("merchant", siteId),
       listen: "127.0.0.1:0",
       dir: p.site(siteId),
+      ...storeOption,
       validation,
       paymentServer,
       advertise: gate.address,

@@ -23,6 +23,12 @@ export interface E2EOptions {
    * authentication and points PSAMs on the first terminal host, and the card's points purse.
    */
   loyalty?: Partial<Omit<DemoLoyalty, "siteAddress">>;
+  /** Concentrators (default 1); every terminal host and payment server is given them all. */
+  concentrators?: number;
+  /** Payment servers (default 1): replicas of payment-1 sharing `database`. */
+  paymentServers?: number;
+  /** The PostgreSQL database (a URL) every service with a store keeps its state in; default their SQLite files. */
+  database?: string;
 }
 
 /** A loopback port nothing listens on now (the OS's pick), for a service whose address others must know before it starts. */
@@ -46,6 +52,8 @@ export async function launchE2E(o: E2EOptions) {
     shops: DEMO_SHOPS.map((d) => d.shop),
     card: { name: "demo", value: 10_000, maxBalance: 50_000, expiry: "2031-12-31" },
     ...(loyalty ? { loyalty } : {}),
+    ...(o.concentrators ? { concentrators: o.concentrators } : {}),
+    ...(o.database ? { database: o.database } : {}),
   });
   const launcher = new Launcher(join(dir, "logs"));
   const addresses = await launchNetwork(launcher, {
@@ -55,6 +63,9 @@ export async function launchE2E(o: E2EOptions) {
     ...(loyalty ? { sites: [{ id: DEMO_SITE.merchantId, listen: loyalty.siteAddress }] } : {}),
     cardPath,
     ...(o.paymentArgs ? { paymentArgs: o.paymentArgs } : {}),
+    ...(o.concentrators ? { concentrators: o.concentrators } : {}),
+    ...(o.paymentServers ? { paymentServers: o.paymentServers } : {}),
+    ...(o.database ? { database: o.database } : {}),
   });
   const factory = clientFactory();
   // The tests look at records and the pool as the operator, shop as a cardholder, and reach the daemon on loopback.
@@ -69,11 +80,22 @@ export async function launchE2E(o: E2EOptions) {
     concentrator: factory.create(TerminalConcentratorServiceDefinition, ch(addresses.concentrator!, operator.channel({ kind: "concentrator" }))),
   });
   const c = clients();
+  /** Every concentrator, the first one first. */
+  const concentrators = Object.entries(addresses)
+    .filter(([name]) => name === "concentrator" || name.startsWith("concentrator:"))
+    .map(([, a]) => factory.create(TerminalConcentratorServiceDefinition, ch(a, operator.channel({ kind: "concentrator" }))));
+  const concentratorList = Object.entries(addresses)
+    .filter(([name]) => name === "concentrator" || name.startsWith("concentrator:"))
+    .map(([, a]) => a)
+    .join(",");
+  /** The terminal hosts attached now, at whichever concentrator. */
+  const terminalsAttached = async () => (await Promise.all(concentrators.map(async (x) => (await x.listTerminals({})).terminals))).flat();
   const attached = async (ids: string[]) =>
     waitFor(
       async () => {
-        const r = await c.concentrator.listTerminals({});
-        return ids.every((id) => r.terminals.some((t) => t.terminalId === id)) && r.paymentServers.length > 0;
+        const lists = await Promise.all(concentrators.map((x) => x.listTerminals({})));
+        const terminals = lists.flatMap((r) => r.terminals);
+        return ids.every((id) => terminals.some((t) => t.terminalId === id)) && lists.every((r) => r.paymentServers.length >= (o.paymentServers ?? 1));
       },
       20_000,
       `terminals ${ids.join(", ")} attached`,
@@ -88,15 +110,44 @@ export async function launchE2E(o: E2EOptions) {
     /** With `loyalty`: the demo programme as set up (its siteAddress is where the site listens), else undefined. */
     loyalty,
     clients: c,
+    concentrators,
+    terminalsAttached,
     attached,
+    /** Every concentrator's address, as terminal hosts and payment servers are given them. */
+    concentratorList,
+    /** Starts concentrator `n` (1 = "concentrator") again on its address. */
+    restartConcentrator: (n: number) =>
+      launcher.start(n === 1 ? "concentrator" : `concentrator-${n}`, SCRIPTS.concentrator, [
+        "--listen",
+        addresses[n === 1 ? "concentrator" : `concentrator:${n}`]!,
+        "--id",
+        `concentrator-${n}`,
+        "--data",
+        dir,
+      ]),
     startTerminal: (id: string, args: string[] = []) =>
-      launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", addresses.concentrator!, "--clearing", addresses.clearing!, "--data", dir, ...args]),
-    /** Starts the payment server again, with `env` for it alone (a test-only kill point, say). */
-    async restartPayment(args: string[] = [], env: NodeJS.ProcessEnv = {}) {
+      launcher.start(id, SCRIPTS.terminal, ["--id", id, "--concentrator", concentratorList, "--clearing", addresses.clearing!, "--data", dir, ...args]),
+    /**
+     * Starts the payment server again (replica `replica`, 1 = "payment", when there are several),
+     * on its address, with `env` for it alone (a test-only kill point, say).
+     */
+    async restartPayment(args: string[] = [], env: NodeJS.ProcessEnv = {}, replica = 1) {
+      const several = (o.paymentServers ?? 1) > 1;
       const started = await launcher.start(
-        "payment",
+        replica === 1 ? "payment" : `payment-r${replica}`,
         SCRIPTS.payment,
-        ["--listen", addresses.payment!, "--concentrator", addresses.concentrator!, "--data", dir, ...args],
+        [
+          "--listen",
+          several ? addresses[`payment:r${replica}`]! : addresses.payment!,
+          "--concentrator",
+          concentratorList,
+          "--data",
+          dir,
+          ...(several ? ["--replica", `r${replica}`] : []),
+          ...(o.database ? ["--database", o.database] : []),
+          ...(o.paymentArgs ?? []),
+          ...args,
+        ],
         60_000,
         env,
       );
