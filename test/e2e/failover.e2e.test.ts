@@ -8,7 +8,8 @@
 // UNAVAILABLE, retries succeed). After each: no purchase left unfinished,
 // no PSAM holding an open debit, and the money agrees — the card's balance
 // is its start less the paid purchases, each paid purchase is one record in
-// one PSAM's batch. A seeded random mix of these with purchases closes it;
+// one PSAM's batch, and the bank account paid exactly the loads. A seeded
+// random mix of these with purchases and loads closes it;
 // NETPURSE_FAILOVER_STEPS sets its length (default 8; CI's slow pass runs more).
 
 import { expect } from "chai";
@@ -25,6 +26,12 @@ import { launchE2E, type E2E } from "../support/processes.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
 import { testSecurity } from "../support/network.js";
+import { BankServiceDefinition } from "../../gen/netpurse/bank/v1/bank.js";
+import { LoadOutcome, LoadServiceDefinition } from "../../gen/netpurse/load/v1/load.js";
+import { bankAccessToken, bankTokensFile } from "../../client/cli/bank-session.js";
+import { loadCard } from "../../client/load/load.js";
+import { money } from "../../lib/money.js";
+import { DEMO_BANK, demoBankPassword, EUR } from "../../services/network/layout.js";
 
 /** Recovery's timings: short, so that the test need not wait minutes. */
 const RECOVERY_ARGS = ["--proof-timeout-ms", "2000", "--sweep-every-ms", "300", "--psam-wait-ms", "3000", "--abandon-received-after-ms", "5000"];
@@ -51,6 +58,8 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
   let card: PurseReader;
   /** Every purchase the test began, by transaction id. */
   const tried = new Set<string>();
+  /** What loads put on the card, in minor units. */
+  let loaded = 0;
   const sql = async <T extends pg.QueryResultRow>(text: string, params: unknown[] = []): Promise<T[]> => {
     const c = new pg.Client({ connectionString: db.url, connectionTimeoutMillis: 5_000 });
     await c.connect();
@@ -62,6 +71,12 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
   };
   const rows = () => sql<{ id: string; state: string; amount: string }>("SELECT transaction_id AS id, state, amount_minor AS amount FROM payment.purchases");
   const slots = async () => (await net.terminalsAttached()).flatMap((t) => t.slots);
+  /** Whether concentrator i (0 = the first) answers. */
+  const alive = async (i: number) =>
+    net.concentrators[i]!.listTerminals({}, { deadline: 2_000 }).then(
+      () => true,
+      () => false,
+    );
   /** A payment client for one replica's own address (not the balanced target): to pick which one gets a call. */
   const replica = async (n: number) => {
     const security = await testSecurity(net.dir);
@@ -145,9 +160,11 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     const paid = all.filter((p) => p.state === "COMPLETED" || p.state === "PROVEN");
     const log = await card.readLog();
     expect(log.filter((l) => paid.some((p) => p.id === l.transactionRef)).length, "each paid purchase is one debit in the card's log").to.equal(paid.length);
-    expect((await card.readPurse()).balance, "the card's balance is its start less the paid purchases").to.equal(
-      START_BALANCE - paid.reduce((n, p) => n + Number(p.amount), 0),
+    expect((await card.readPurse()).balance, "the card's balance is its start plus its loads less the paid purchases").to.equal(
+      START_BALANCE + loaded - paid.reduce((n, p) => n + Number(p.amount), 0),
     );
+    const [account] = await sql<{ balance_minor: string }>("SELECT balance_minor FROM bank.accounts WHERE account_id = $1", [DEMO_BANK.accountId]);
+    expect(Number(account?.balance_minor), "the bank account paid exactly the loads").to.equal(DEMO_BANK.depositMinor - loaded);
     const batched = (await slots()).reduce((n, s) => n + s.batchCount, 0);
     expect(batched, "each paid purchase is one record in one PSAM's batch").to.equal(paid.length);
   }
@@ -183,6 +200,8 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
       await waitFor(async () => (await other.listTerminals({})).terminals.some((t) => t.terminalId === terminal), 30_000, `${terminal} re-attached elsewhere`);
     });
     expect(moved).to.not.equal("");
+    await net.restartConcentrator(net.concentrators.length === 2 && !(await alive(0)) ? 1 : 2);
+    await net.attached(["terminal-1", "terminal-2"]);
     expect(defined((await r2.getPurchase({ transactionId: { value: id } })).purchase, "the purchase").state).to.be.oneOf([
       PurchaseState.PURCHASE_STATE_COMPLETED,
       PurchaseState.PURCHASE_STATE_REVERSED,
@@ -205,7 +224,31 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     await moneyAgrees();
   });
 
-  slowIt("[slow] a seeded mix of purchases, replicas and concentrators killed and restarted, and cut database connections", async () => {
+  /** Loads EUR 1.00 from the demo bank account through the bank and the load server, as the client module does (on PostgreSQL too). */
+  async function load(): Promise<void> {
+    const security = await testSecurity(net.dir);
+    const bankAddress = defined(net.addresses.bank, "the bank's address");
+    const token = await bankAccessToken({
+      bank: bankAddress,
+      account: DEMO_BANK.accountId,
+      security: security.cardholder.channel({ kind: "bank" }),
+      file: bankTokensFile(net.dir),
+      password: () => demoBankPassword(net.dir),
+    });
+    const factory = clientFactory();
+    const r = await loadCard(
+      { bankAddress, accountId: DEMO_BANK.accountId, amount: money(100, EUR, 2), accessToken: token },
+      {
+        reader: card,
+        bank: (a) => factory.create(BankServiceDefinition, openChannel(a, security.cardholder.channel({ kind: "bank" }))),
+        load: (a) => factory.create(LoadServiceDefinition, openChannel(a, security.cardholder.channel({ kind: "load" }))),
+      },
+    );
+    expect(r.outcome).to.equal(LoadOutcome.LOAD_OUTCOME_LOADED);
+    loaded += 100;
+  }
+
+  slowIt("[slow] a seeded mix of purchases, loads, replicas and concentrators killed and restarted, and cut database connections", async () => {
     const steps = Number(process.env.NETPURSE_FAILOVER_STEPS ?? 8);
     const seed = Number(process.env.NETPURSE_FAILOVER_SEED ?? Date.now() % 100_000);
     const next = random(seed);
@@ -214,9 +257,12 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     for (let i = 0; i < steps; i++) {
       const pick = next();
       const [a, b] = next() < 0.5 ? [clients[0]!, clients[1]!] : [clients[1]!, clients[0]!];
-      if (pick < 0.55) {
+      if (pick < 0.4) {
         await purchase(a, b);
         done.push("purchase");
+      } else if (pick < 0.55) {
+        await load();
+        done.push("load");
       } else if (pick < 0.7) {
         const n = next() < 0.5 ? 1 : 2;
         await net.launcher.kill(n === 1 ? "payment" : "payment-r2");
