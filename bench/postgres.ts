@@ -6,25 +6,13 @@
 
 import { readdirSync, readFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
-import { createServer } from "node:net";
+import { freePort } from "../lib/socket.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { letServerReach, PostgresMissing, startCluster, withConnection, withDatabase, type Cluster } from "../lib/store/postgres-cluster.js";
 import { cpuSeconds } from "./proc.js";
 
 export { PostgresMissing };
-
-/** A loopback port nothing listens on now. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** Linux reports CPU times in clock ticks of USER_HZ, 100 on every mainstream architecture (as bench/proc.ts). */
 const TICKS_PER_SECOND = 100;

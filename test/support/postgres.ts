@@ -11,7 +11,7 @@
 import { randomBytes } from "node:crypto";
 import { rmSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
-import { createServer } from "node:net";
+import { freePort } from "../../lib/socket.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PostgresMissing, startCluster, withConnection, withDatabase, type Cluster } from "../../lib/store/postgres-cluster.js";
@@ -31,15 +31,6 @@ export interface TestPostgres {
   schema(): Promise<string>;
   /** Drops the database (and stops the throwaway cluster once no caller uses it). */
   stop(): Promise<void>;
-}
-
-/** A port nothing listens on now. */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve, reject) => server.once("error", reject).listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 interface Server {

@@ -1,7 +1,7 @@
 // The whole network as separate processes (the end-to-end tests): each
 // service started from its own entry point, over a fresh data folder.
 
-import { createServer } from "node:net";
+import { freePort } from "../../lib/socket.js";
 import { join } from "node:path";
 import { CardholderServiceDefinition } from "../../gen/netpurse/cardholder/v1/cardholder.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -29,18 +29,6 @@ export interface E2EOptions {
   paymentServers?: number;
   /** The PostgreSQL database (a URL) every service with a store keeps its state in; default their SQLite files. */
   database?: string;
-}
-
-/** A loopback port nothing listens on now (the OS's pick), for a service whose address others must know before it starts. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
 }
 
 export async function launchE2E(o: E2EOptions) {
