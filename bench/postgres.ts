@@ -9,7 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { freePort } from "../lib/socket.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { letServerReach, PostgresMissing, startCluster, withConnection, withDatabase, type Cluster } from "../lib/store/postgres-cluster.js";
+import { PostgresMissing, startCluster, withConnection, withDatabase, type Cluster } from "../lib/store/postgres-cluster.js";
 import { cpuSeconds } from "./proc.js";
 
 export { PostgresMissing };
@@ -90,8 +90,6 @@ export async function startBenchPostgres(): Promise<BenchPostgres> {
   const dir = await mkdtemp(join(tmpdir(), "netpurse-bench-pg-"));
   let cluster: Cluster;
   try {
-    // As root the server runs as the postgres user, which must reach the folder through its parents.
-    await letServerReach(dir);
     cluster = await startCluster({ dir, port: await freePort(), durable: true });
   } catch (e) {
     await rm(dir, { recursive: true, force: true });

@@ -102,6 +102,9 @@ const CARD_LOG_SENT = 4;
 
 const failedPrecondition = (reason: ErrorReason, text: string) => new NetpurseError(Status.FAILED_PRECONDITION, reason, text);
 
+/** The most payment server replicas an offer may list. */
+const MAX_OFFER_REPLICAS = 8;
+
 /** Checks an offer's fields before anything touches the card. */
 function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer is PaymentOffer & { amount: NonNullable<PaymentOffer["amount"]> } {
   if (!offer) throw invalidField("offer", "missing");
@@ -109,12 +112,18 @@ function checkOffer(offer: PaymentOffer | undefined, now: Date): asserts offer i
   requireMerchantId(offer.merchantId, "offer.merchant_id");
   requireOfferAmount(offer.amount, "offer.amount");
   if (!offer.paymentServerAddress) throw invalidField("offer.payment_server_address", "missing");
+  let target;
   try {
-    parseTarget(offer.paymentServerAddress);
+    target = parseTarget(offer.paymentServerAddress);
   } catch (e) {
     if (e instanceof InvalidTarget) throw invalidField("offer.payment_server_address", e.message);
     throw e;
   }
+  // The merchant names where the daemon connects: a socket on the cardholder's machine, or a list of thousands of
+  // addresses to connect to again and again, is no payment server's address.
+  if (target.kind === "unix") throw invalidField("offer.payment_server_address", "a Unix socket is no payment server's address on the Internet");
+  if (target.kind === "list" && target.backends.length > MAX_OFFER_REPLICAS)
+    throw invalidField("offer.payment_server_address", `lists ${target.backends.length} addresses; at most ${MAX_OFFER_REPLICAS} payment server replicas`);
   if (!offer.merchantAddress) throw invalidField("offer.merchant_address", "missing");
   requireConfirmationMode(offer.confirmationMode, "offer.confirmation_mode");
   if (offer.keyNonce.length !== 16) throw invalidField("offer.key_nonce", "must be 16 bytes");

@@ -7,8 +7,8 @@
 import { execFile, execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, readdirSync } from "node:fs";
-import { chmod, chown, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { delimiter, dirname, join } from "node:path";
+import { chown, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { delimiter, join } from "node:path";
 import { promisify } from "node:util";
 import pg from "pg";
 
@@ -68,17 +68,18 @@ export interface Cluster {
 }
 
 /**
- * Starts the cluster in `dir` on 127.0.0.1:`port`, made first (user
- * netpurse, a random password kept in DIR/password, mode 0600) if `dir`
- * holds none. `durable: false` turns syncing off (tests: starts and
- * restarts in a second or two; a power cut loses the cluster).
+ * Starts the cluster in `dir` on 127.0.0.1:`port`, made first (superuser
+ * netpurse, a random password kept in `passwordFile`, default DIR/password,
+ * mode 0600, this process's user's) if `dir` holds none. `durable: false`
+ * turns syncing off (tests: starts and restarts in a second or two; a power
+ * cut loses the cluster).
  */
-export async function startCluster(o: { dir: string; port: number; durable: boolean; maxConnections?: number }): Promise<Cluster> {
+export async function startCluster(o: { dir: string; port: number; durable: boolean; maxConnections?: number; passwordFile?: string }): Promise<Cluster> {
   const bin = postgresBin();
   if (!bin) throw new PostgresMissing("no initdb and pg_ctl on PATH nor in /usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)");
   const as = await runner();
   const data = join(o.dir, "data");
-  const passwordFile = join(o.dir, "password");
+  const passwordFile = o.passwordFile ?? join(o.dir, "password");
   const asOwner = async (path: string) => {
     if (process.getuid?.() === 0) await chown(path, as.uid, as.gid);
   };
@@ -89,16 +90,21 @@ export async function startCluster(o: { dir: string; port: number; durable: bool
     await run(cmd, argv, { timeout: 120_000 });
   };
   if (!existsSync(join(data, "PG_VERSION"))) {
-    await rm(data, { recursive: true, force: true });
+    // Made aside and renamed when whole: an initdb cut short (a kill, a power cut) leaves no half-made cluster that later runs would take.
+    const making = `${data}.new`;
+    await rm(making, { recursive: true, force: true });
     const password = randomBytes(12).toString("hex");
     await writeFile(passwordFile, `${password}\n`, { mode: 0o600 });
-    await asOwner(passwordFile);
+    // initdb reads the password as the server's user, from a file of its own, removed once read.
+    const forInitdb = join(o.dir, "initdb-password");
+    await writeFile(forInitdb, `${password}\n`, { mode: 0o600 });
+    await asOwner(forInitdb);
     const [cmd, argv] = as.argv(join(bin, "initdb"), [
       "-D",
-      data,
+      making,
       "-U",
       "netpurse",
-      `--pwfile=${passwordFile}`,
+      `--pwfile=${forInitdb}`,
       "-A",
       "scram-sha-256",
       "-E",
@@ -111,7 +117,11 @@ export async function startCluster(o: { dir: string; port: number; durable: bool
     } catch (e) {
       const err = e as { stderr?: string; message: string };
       throw new PostgresMissing(`initdb failed: ${(err.stderr || err.message).trim().split("\n").slice(-3).join(" / ")}`);
+    } finally {
+      await rm(forInitdb, { force: true });
     }
+    await rm(data, { recursive: true, force: true });
+    await rename(making, data);
   }
   const password = (await readFile(passwordFile, "utf8")).trim();
   const serverOptions = [
@@ -175,21 +185,4 @@ export function withDatabase(u: string, database: string, params: Record<string,
   url.pathname = `/${database}`;
   for (const [k, v] of Object.entries(params)) url.searchParams.set(k, v);
   return url.toString();
-}
-
-/**
- * Lets the postgres user (the server's, when this runs as root) reach `dir`
- * through its parents: each parent others cannot traverse gets the traverse
- * bit only (never read: nobody may list them). Returns the folders changed.
- */
-export async function letServerReach(dir: string): Promise<string[]> {
-  if (process.getuid?.() !== 0) return [];
-  const changed: string[] = [];
-  for (let d = dirname(dir); d !== dirname(d); d = dirname(d)) {
-    const mode = (await stat(d)).mode & 0o7777;
-    if ((mode & 0o001) !== 0) continue;
-    await chmod(d, mode | 0o011);
-    changed.push(d);
-  }
-  return changed;
 }

@@ -150,7 +150,10 @@ export function redactUrl(url: string): string {
 /** Failures of the network rather than of a statement; their messages name the server's address, so only the code is passed on. */
 const NETWORK_ERRORS = new Set(["ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN", "ECONNABORTED"]);
 
-/** Server shutting down (admin or crash) or still starting: the connection is gone, the next may work. */
+/**
+ * Server shutting down (admin or crash) or still starting: the connection is gone, the next may work. Class 53,
+ * insufficient resources (too many connections, out of memory, disk full), is the server unable to serve now, too.
+ */
 const SERVER_GONE = new Set(["57P01", "57P02", "57P03"]);
 
 /** node-postgres's own words for a connection that broke or never came. */
@@ -162,7 +165,7 @@ export function isConnectionFailure(e: unknown): boolean {
   if (e instanceof AggregateError && e.errors.some(isConnectionFailure)) return true;
   if (!(e instanceof Error)) return false;
   const code = (e as { code?: unknown }).code;
-  if (typeof code === "string" && (code.startsWith("08") || SERVER_GONE.has(code) || NETWORK_ERRORS.has(code))) return true;
+  if (typeof code === "string" && (code.startsWith("08") || code.startsWith("53") || SERVER_GONE.has(code) || NETWORK_ERRORS.has(code))) return true;
   return CLIENT_GONE.test(e.message);
 }
 
@@ -514,6 +517,14 @@ async function migrate(pool: pg.Pool, migrations: Migrations, onLost: (e: Error)
 }
 
 /**
+ * The server probes each of our connections after 10 s of silence and drops one
+ * that three probes 5 s apart do not answer: a replica that lost power or was cut
+ * off releases its advisory locks (the leases of its purchases) within about 25 s,
+ * not the two hours of the operating system's default.
+ */
+const SERVER_KEEPALIVE = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
+
+/**
  * The server settings of every connection: the URL's own `options`, the
  * store's schema, and index scans over sequential ones. A sequential scan
  * takes a predicate lock on the whole table under SERIALIZABLE, so two
@@ -528,7 +539,7 @@ function connectionOptions(url: string, schema: string | undefined): string {
   } catch {
     // not a URL the WHATWG parser takes: pg reads it alone
   }
-  return [given, ...(schema ? [`-c search_path=${schema}`] : []), "-c enable_seqscan=off"].filter(Boolean).join(" ");
+  return [given, ...(schema ? [`-c search_path=${schema}`] : []), "-c enable_seqscan=off", SERVER_KEEPALIVE].filter(Boolean).join(" ");
 }
 
 /**

@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { readJson } from "../../lib/files.js";
@@ -47,11 +48,20 @@ export interface MerchantConfig {
 
 /**
  * The PostgreSQL schema of a shop's (or a benefits site's) tables: `prefix`
- * and its merchant id, lower-cased, every character outside [a-z0-9_] made
- * `_` (merchant_demo_shop), so that shops sharing one database stay apart.
+ * and its merchant id (merchant_skyways), so that shops sharing one database
+ * stay apart; an id that is not already lower-case [a-z0-9_] is lower-cased,
+ * its other characters made `_`, cut to 40, and given 8 hex digits of its
+ * SHA-256 (merchant_demo_shop_1c0e…), so no two ids share one.
  */
 export function storeSchema(prefix: "merchant" | "benefits", merchantId: string): string {
-  return `${prefix}_${merchantId.toLowerCase().replace(/[^a-z0-9_]/g, "_")}`;
+  const plain = merchantId
+    .toLowerCase()
+    .replace(/[^a-z0-9_]/g, "_")
+    .slice(0, 40);
+  // Ids that differ only in case or punctuation (shop-1, Shop.1) would share a schema, and a long one would pass
+  // PostgreSQL's 63 characters: those get 8 hex digits of the id's SHA-256 too.
+  if (plain === merchantId) return `${prefix}_${plain}`;
+  return `${prefix}_${plain}_${createHash("sha256").update(merchantId).digest("hex").slice(0, 8)}`;
 }
 
 /** The merchant server's defaults, in one place for the code and its --help. */

@@ -252,7 +252,9 @@ export async function launchNetwork(
     return i === 0 || !m || m[2] === "0" ? base : `${m[1]}:${Number(m[2]) + i}`;
   };
   const data = ["--data", p.data, ...(p.insecure ? ["--insecure"] : [])];
-  const store = p.database !== undefined ? ["--database", p.database] : [];
+  // The database's URL holds its password: it goes to the services in their environment, never on a command line others may read (ps).
+  const store = p.database !== undefined ? { NETPURSE_DATABASE_URL: p.database } : {};
+  const startWithStore = (name: string, script: string, args: string[]) => l.start(name, script, args, undefined, store);
   const addresses: Record<string, string> = {};
   const concentrators: string[] = [];
   for (let i = 0; i < (p.concentrators ?? 1); i++) {
@@ -263,7 +265,7 @@ export async function launchNetwork(
   }
   const concentratorList = concentrators.join(",");
   // Clearing before those who send to it: terminal hosts submit their closed batches, the load server its settled loads.
-  const clearing = (await l.start("clearing", SCRIPTS.clearing, ["--listen", at("clearing"), ...data, ...store])).address;
+  const clearing = (await startWithStore("clearing", SCRIPTS.clearing, ["--listen", at("clearing"), ...data])).address;
   addresses.clearing = clearing;
   await Promise.all(
     p.terminals.map((t) =>
@@ -284,14 +286,13 @@ export async function launchNetwork(
   const payments: string[] = [];
   for (let i = 0; i < replicas; i++) {
     // Replicas are one payment server, payment-1 (one identity, one database), each stream at the concentrators named by its replica id.
-    const started = await l.start(i === 0 ? "payment" : `payment-r${i + 1}`, SCRIPTS.payment, [
+    const started = await startWithStore(i === 0 ? "payment" : `payment-r${i + 1}`, SCRIPTS.payment, [
       "--listen",
       at("payment", i),
       "--concentrator",
       concentratorList,
       ...(replicas > 1 ? ["--replica", `r${i + 1}`] : []),
       ...data,
-      ...store,
       ...(p.paymentArgs ?? []),
     ]);
     payments.push(started.address);
@@ -300,17 +301,16 @@ export async function launchNetwork(
   // Callers reach the replicas as one target, balanced round robin on their side.
   const payment = { address: payments.join(",") };
   addresses.payment = payment.address;
-  const validation = await l.start("merchant-validation", SCRIPTS.merchantValidation, [
+  const validation = await startWithStore("merchant-validation", SCRIPTS.merchantValidation, [
     "--listen",
     at("merchantValidation"),
     "--payment-server",
     payment.address,
     ...data,
-    ...store,
   ]);
   addresses.merchantValidation = validation.address;
   for (const s of p.sites ?? []) {
-    const site = await l.start(`benefits-${s.id}`, SCRIPTS.benefits, [
+    const site = await startWithStore(`benefits-${s.id}`, SCRIPTS.benefits, [
       "--listen",
       s.listen ?? "127.0.0.1:0",
       "--id",
@@ -320,13 +320,12 @@ export async function launchNetwork(
       "--payment-server",
       p.offerPaymentServer ?? payment.address,
       ...data,
-      ...store,
     ]);
     addresses[`benefits:${s.id}`] = site.address;
   }
   const merchants = await Promise.all(
     p.merchants.map((m) =>
-      l.start(`merchant-${m.id}`, SCRIPTS.merchant, [
+      startWithStore(`merchant-${m.id}`, SCRIPTS.merchant, [
         "--listen",
         m.listen ?? "127.0.0.1:0",
         "--id",
@@ -336,13 +335,12 @@ export async function launchNetwork(
         "--payment-server",
         p.offerPaymentServer ?? payment.address,
         ...data,
-        ...store,
       ]),
     ),
   );
   p.merchants.forEach((m, i) => (addresses[`merchant:${m.id}`] = merchants[i]!.address));
-  addresses.load = (await l.start("load", SCRIPTS.load, ["--listen", at("load"), "--clearing", clearing, ...data, ...store])).address;
-  addresses.bank = (await l.start("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data, ...store])).address;
+  addresses.load = (await startWithStore("load", SCRIPTS.load, ["--listen", at("load"), "--clearing", clearing, ...data])).address;
+  addresses.bank = (await startWithStore("bank", SCRIPTS.bank, ["--listen", at("bank"), "--load-server", addresses.load, ...data])).address;
   const daemonTcp = p.listen?.clientDaemon ? ["--listen-tcp", p.listen.clientDaemon] : [];
   // The daemon's address is its socket, unix:PATH.
   const card = p.psamReaders !== undefined ? ["--pcsc"] : ["--card", p.cardPath];

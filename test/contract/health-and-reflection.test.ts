@@ -106,7 +106,8 @@ describe("contract: health and reflection on every server (buf curl)", function 
             status: string;
           }
         ).status;
-      await waitFor(async () => (await check()) === "NOT_SERVING", 5_000, "NOT_SERVING");
+      // After the grace a stream being re-made gets (3 s), checked every second.
+      await waitFor(async () => (await check()) === "NOT_SERVING", 8_000, "NOT_SERVING");
       expect(await check("netpurse.payment.v1.PaymentService")).to.equal("NOT_SERVING");
       // The network's own payment server, linked to its concentrator, serves.
       const { stdout } = await curl(...tls, `https://${net.payment.address}/grpc.health.v1.Health/Check`);

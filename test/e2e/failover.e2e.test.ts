@@ -169,7 +169,7 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     expect(batched, "each paid purchase is one record in one PSAM's batch").to.equal(paid.length);
   }
 
-  it("a payment server killed right after it issued a DEBIT command: the other replica finishes the purchase, once", async () => {
+  slowIt("[slow] a payment server killed right after it issued a DEBIT command: the other replica finishes the purchase, once", async () => {
     const [r1, r2] = [await replica(1), await replica(2)];
     await net.launcher.kill("payment");
     await net.restartPayment([], { NETPURSE_TEST_PAYMENT_CRASH_AT: "after:debit_command_issued" }, 1);
@@ -183,7 +183,7 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     await net.attached(["terminal-1", "terminal-2"]);
   });
 
-  it("the concentrator holding the signing PSAM killed mid-purchase: its terminal host moves to the other, the purchase finishes", async () => {
+  slowIt("[slow] the concentrator holding the signing PSAM killed mid-purchase: its terminal host moves to the other, the purchase finishes", async () => {
     const [r1, r2] = [await replica(1), await replica(2)];
     let moved = "";
     const id = await purchase(r1, r2, async (current) => {
@@ -209,20 +209,23 @@ describe("end to end: replicas, concentrators and PostgreSQL failing under purch
     await moneyAgrees();
   });
 
-  it("the database's connections cut and its server restarted between purchases: calls fail UNAVAILABLE, retries succeed, nothing is lost", async function () {
-    if (!db.canRestart) this.skip();
-    const [r1, r2] = [await replica(1), await replica(2)];
-    await purchase(r1, r2, async () => {
-      // Mid-purchase: every netpurse connection to the database is ended by the server.
-      await sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()");
-    });
-    await db.restart(async () => {
-      const f = await failure(r2.getPurchase({ transactionId: { value: [...tried].at(-1)! } }, { deadline: 5_000 }));
-      expect(f.code).to.equal("UNAVAILABLE");
-    });
-    await purchase(r2, r1);
-    await moneyAgrees();
-  });
+  slowIt(
+    "[slow] the database's connections cut and its server restarted between purchases: calls fail UNAVAILABLE, retries succeed, nothing is lost",
+    async function () {
+      if (!db.canRestart) this.skip();
+      const [r1, r2] = [await replica(1), await replica(2)];
+      await purchase(r1, r2, async () => {
+        // Mid-purchase: every netpurse connection to the database is ended by the server.
+        await sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()");
+      });
+      await db.restart(async () => {
+        const f = await failure(r2.getPurchase({ transactionId: { value: [...tried].at(-1)! } }, { deadline: 5_000 }));
+        expect(f.code).to.equal("UNAVAILABLE");
+      });
+      await purchase(r2, r1);
+      await moneyAgrees();
+    },
+  );
 
   /** Loads EUR 1.00 from the demo bank account through the bank and the load server, as the client module does (on PostgreSQL too). */
   async function load(): Promise<void> {

@@ -1,6 +1,7 @@
 // End to end, with failures: terminal hosts and the payment server killed
 // mid-transaction as separate processes. Nothing may be lost or guessed.
 
+import { slowIt } from "../support/fixtures.js";
 import { expect } from "chai";
 import { PurchaseState } from "../../gen/netpurse/payment/v1/payment.js";
 import { OrderState } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -22,7 +23,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     );
   };
 
-  it("work without a debit command goes to another PSAM; the lost PSAM's open debit is reversed when it returns", async () => {
+  slowIt("[slow] work without a debit command goes to another PSAM; the lost PSAM's open debit is reversed when it returns", async () => {
     net = await launchE2E({
       terminals: [
         { id: "t-dying", psams: 1, args: ["--answer-delay-ms", "60000"] },
@@ -53,7 +54,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     expect((await card.readPurse()).balance).to.equal(10_000 - 99);
   });
 
-  it("work with a debit command is in doubt while its PSAM is away, and settled — not guessed — when it returns", async () => {
+  slowIt("[slow] work with a debit command is in doubt while its PSAM is away, and settled — not guessed — when it returns", async () => {
     net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] });
     const card = await openCard(net.cardPath);
     const { offer } = await net.clients.merchant.createOrder({ productId: "ebook-smart-cards" });
@@ -84,7 +85,7 @@ describe("end to end: a terminal host drops mid-transaction", function () {
     expect(s.pending).to.equal(0);
   });
 
-  it("a payment server killed after the DEBIT command resumes from its log", async () => {
+  slowIt("[slow] a payment server killed after the DEBIT command resumes from its log", async () => {
     net = await launchE2E({ terminals: [{ id: "terminal-1", psams: 1 }] });
     const card = await openCard(net.cardPath);
     const { offer } = await net.clients.merchant.createOrder({ productId: "song-1" });

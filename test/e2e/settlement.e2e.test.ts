@@ -5,6 +5,7 @@
 // ledger and of the card, a merchant's statement, a batch. And `npm start
 // -- --once` ends its demo with the settlement and a clean audit.
 
+import { slowIt } from "../support/fixtures.js";
 import { expect } from "chai";
 import { execFile, spawn } from "node:child_process";
 import { readFile, writeFile } from "node:fs/promises";
@@ -304,7 +305,7 @@ describe("end to end: the operator's settlement, audit and statements", function
 describe("end to end: npm start -- --once ends with the settlement and a clean audit", function () {
   this.timeout(180_000);
 
-  it("closes the batches, prints the settlement with the demo's purchases and load, runs a clean audit, and exits 0", async () => {
+  slowIt("[slow] closes the batches, prints the settlement with the demo's purchases and load, runs a clean audit, and exits 0", async () => {
     const { dir, cleanup } = await tempDir("netpurse-once-");
     try {
       const once = async () => {

@@ -95,7 +95,7 @@ export const testStoreIsPostgres = () => process.env.NETPURSE_TEST_STORE === "po
  * and its folder go with the process): made again for each, it would cost
  * a second and a half a network.
  */
-async function networkDatabase(): Promise<TestPostgres> {
+export async function networkDatabase(): Promise<TestPostgres> {
   if (!process.env.NETPURSE_TEST_DATABASE_URL) keepServer ??= startPostgres();
   await keepServer;
   return startPostgres();

@@ -48,7 +48,7 @@ async function throwawayCluster(): Promise<Server> {
   let cluster: Cluster;
   try {
     // Durability is not under test here: no syncs, so the cluster starts and restarts in a second or two.
-    cluster = await startCluster({ dir, port: await freePort(), durable: false });
+    cluster = await startCluster({ dir, port: await freePort(), durable: false, maxConnections: 300 });
   } catch (e) {
     await rm(dir, { recursive: true, force: true });
     if (e instanceof PostgresMissing) throw e;

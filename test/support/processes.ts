@@ -12,7 +12,7 @@ import { DEMO_LOYALTY, DEMO_SHOP, DEMO_SHOPS, ensureDemoData, paths, type DemoLo
 import { DEMO_SITE } from "../../services/benefits/site.js";
 import { launchNetwork, Launcher, SCRIPTS } from "../../services/network/launcher.js";
 import { tempDir } from "./fixtures.js";
-import { testSecurity, waitFor } from "./network.js";
+import { networkDatabase, testSecurity, testStoreIsPostgres, waitFor } from "./network.js";
 import type { ChannelSecurity } from "../../lib/pki/security.js";
 
 export interface E2EOptions {
@@ -27,12 +27,18 @@ export interface E2EOptions {
   concentrators?: number;
   /** Payment servers (default 1): replicas of payment-1 sharing `database`. */
   paymentServers?: number;
-  /** The PostgreSQL database (a URL) every service with a store keeps its state in; default their SQLite files. */
-  database?: string;
+  /**
+   * The PostgreSQL database (a URL) every service with a store keeps its state in; without it, a fresh database of
+   * the network's own under NETPURSE_TEST_STORE=postgres, else their SQLite files (always with `false`).
+   */
+  database?: string | false;
 }
 
-export async function launchE2E(o: E2EOptions) {
+export async function launchE2E(given: E2EOptions) {
   const { dir, cleanup } = await tempDir("netpurse-e2e-");
+  // Asked for by NETPURSE_TEST_STORE, PostgreSQL must be had: a network quietly on SQLite would pass for a PostgreSQL run.
+  const postgres = given.database === undefined && testStoreIsPostgres() ? await networkDatabase() : undefined;
+  const o = { ...given, database: given.database === false ? undefined : (given.database ?? postgres?.url) };
   // The enrolled shops' shop.json names the site's address, so it is chosen before anything starts.
   const loyalty: DemoLoyalty | undefined = o.loyalty ? { ...DEMO_LOYALTY, ...o.loyalty, siteAddress: `127.0.0.1:${await freePort()}` } : undefined;
   const { cardPath } = await ensureDemoData(dir, {
@@ -135,18 +141,18 @@ export async function launchE2E(o: E2EOptions) {
           "--data",
           dir,
           ...(several ? ["--replica", `r${replica}`] : []),
-          ...(o.database ? ["--database", o.database] : []),
           ...(o.paymentArgs ?? []),
           ...args,
         ],
         60_000,
-        env,
+        { ...(o.database ? { NETPURSE_DATABASE_URL: o.database } : {}), ...env },
       );
       return started;
     },
     async close() {
       for (const x of channels.values()) x.close();
       await launcher.stopAll();
+      await postgres?.stop();
       await cleanup();
     },
   };

@@ -128,4 +128,21 @@ describe("unit: an offer whose payment server address names no server", () => {
     expect(n.reason).to.equal(ErrorReason.ERROR_REASON_INVALID_FIELD);
     expect(n.details).to.match(/^offer\.payment_server_address: 10\.0\.0\.7:7420,payments\.example:7420: payments\.example is not an IP address/);
   });
+
+  it("refuses an offer that would have the daemon connect to a local socket or to more than 8 addresses", async () => {
+    const refusal = async (address: string) => {
+      const e = await payOffer(offer(address), untouched).then(
+        () => undefined,
+        (x: unknown) => x,
+      );
+      expect(e, address).to.be.instanceOf(NetpurseError);
+      return (e as NetpurseError).details;
+    };
+    expect(await refusal("unix:/run/something.sock")).to.match(/^offer\.payment_server_address: a Unix socket is no payment server's address/);
+    const many = Array.from({ length: 1000 }, (_, i) => `10.0.${i >> 8}.${i & 255}:7420`).join(",");
+    expect(await refusal(many)).to.match(/^offer\.payment_server_address: lists 1000 addresses; at most 8 payment server replicas/);
+    // Eight is fine as far as the address goes: the offer is refused later, for its missing session key, not its address.
+    const eight = Array.from({ length: 8 }, (_, i) => `10.0.0.${i + 1}:7420`).join(",");
+    expect(await refusal(eight)).to.match(/^offer\.encrypted_session_key: missing/);
+  });
 });

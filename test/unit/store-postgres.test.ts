@@ -263,6 +263,35 @@ describe("PostgreSQL store", function () {
       pgServer = await postgres(this);
     });
 
+    it("has the server probe its connections (a dead replica's locks go within seconds) and prefer index scans", async () => {
+      const db = await openStore(pgServer.url, ITEMS, { schema: "probed" });
+      try {
+        expect(await db.get("SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_count') AS n")).to.deep.equal({
+          idle: "10",
+          n: "3",
+        });
+        expect(await db.get("SELECT current_setting('enable_seqscan') AS seq")).to.deep.equal({ seq: "off" });
+      } finally {
+        await db.close();
+      }
+    });
+
+    it("answers a server out of connections (SQLSTATE 53300) as unavailable, which callers retry, not as a fault", async () => {
+      const role = `limited_${Date.now()}`;
+      const admin = await openStore(pgServer.url, ITEMS, { schema: "admin_side" });
+      try {
+        await admin.run(`CREATE ROLE ${role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0`);
+        const url = new URL(pgServer.url);
+        url.username = role;
+        url.password = "pw";
+        const e = await rejection(openStore(url.toString(), ITEMS, { schema: "never" }));
+        expect(e).to.be.instanceOf(StoreUnavailable);
+        expect(e.message).to.match(/53300/);
+      } finally {
+        await admin.close();
+      }
+    });
+
     it("keeps two services' tables apart in schemas of their own in one database, each with its own migrations", async () => {
       const url = pgServer.url;
       const [a, b] = await Promise.all([openStore(url, ITEMS, { schema: "svc_a" }), openStore(url, ITEMS, { schema: "svc_b" })]);
