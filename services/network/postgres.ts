@@ -10,7 +10,7 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { DEFAULT_PORTS } from "../../lib/config.js";
 import { redactUrl } from "../../lib/store/postgres.js";
@@ -34,7 +34,13 @@ export async function startLocalPostgres(data: string, say: (line: string) => vo
   const kept = join(data, "postgres");
   await mkdir(kept, { recursive: true, mode: 0o700 });
   const dir = clusterDir(data);
-  if (process.getuid?.() === 0) await mkdir(join(dir, ".."), { recursive: true, mode: 0o755 });
+  if (process.getuid?.() === 0) {
+    // Traversable by the server's user (the umask of npm start, 077, would leave it root's alone); the cluster folder in it is that user's, 0700.
+    await mkdir(join(dir, ".."), { recursive: true });
+    await chmod(join(dir, ".."), 0o755);
+  }
+  if (existsSync(join(dir, "data", "PG_VERSION")) && !existsSync(join(kept, "password")))
+    throw new Error(`${dir} holds a PostgreSQL cluster made for an earlier data folder at ${data}, whose passwords are gone: remove ${dir} to start afresh`);
   const cluster = await startCluster({
     dir,
     port: DEFAULT_PORTS.postgres,
