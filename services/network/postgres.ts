@@ -24,7 +24,7 @@ const DATABASE = "netpurse";
 const SERVICES_ROLE = "netpurse_services";
 
 /** Where the cluster lives: in the data folder, or, as root, in the postgres user's home (one folder per data folder). */
-function clusterDir(data: string): string {
+export function clusterDir(data: string): string {
   if (process.getuid?.() !== 0) return join(data, "postgres", "cluster");
   const home = existsSync("/var/lib/postgresql") ? "/var/lib/postgresql" : "/var/lib";
   return join(home, "netpurse", createHash("sha256").update(data).digest("hex").slice(0, 16));

@@ -14,6 +14,9 @@ import { SCRIPTS } from "../../services/network/launcher.js";
 import { commandFailure, slowIt, tempDir } from "../support/fixtures.js";
 import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { demoBankPassword } from "../../services/network/layout.js";
+import { rm } from "node:fs/promises";
+import { postgresBin } from "../../lib/store/postgres-cluster.js";
+import { clusterDir } from "../../services/network/postgres.js";
 import { money } from "../../lib/money.js";
 
 const run = promisify(execFile);
@@ -352,4 +355,54 @@ describe("end to end: the README's first command (npm start -- --once)", functio
       await cleanup();
     }
   });
+});
+
+describe("end to end: the bigger layout (npm start -- --once --payment-servers 2 --concentrators 2 --terminals 2)", function () {
+  this.timeout(240_000);
+  slowIt(
+    "[slow] runs two payment servers, two concentrators and two terminal hosts on a PostgreSQL server of its own, twice, with a clean audit",
+    async function () {
+      if (!postgresBin()) {
+        if (process.env.NETPURSE_REQUIRE_POSTGRES === "1") throw new Error("NETPURSE_REQUIRE_POSTGRES=1 but there is no initdb here");
+        this.skip();
+      }
+      const { dir, cleanup } = await tempDir("netpurse-start-big-");
+      const args = [
+        "--import",
+        "tsx",
+        "services/network/main.ts",
+        "--once",
+        "--data",
+        dir,
+        "--payment-servers",
+        "2",
+        "--concentrators",
+        "2",
+        "--terminals",
+        "2",
+      ];
+      try {
+        for (const round of [1, 2]) {
+          const { stdout } = await run(process.execPath, args, { cwd: ROOT, timeout: 180_000, env: { ...process.env, NETPURSE_DATABASE_URL: "" } });
+          expect(stdout, `round ${round}`).to.contain("layout: 2 payment servers, 2 concentrators, 2 terminal hosts");
+          expect(stdout, `round ${round}`).to.match(/terminal pool ready: 2 terminal hosts, \d+ PSAMs/);
+          expect(stdout, `round ${round}`).to.contain("payment                127.0.0.1:7420,127.0.0.1:7421");
+          expect(stdout, `round ${round}`).to.contain("audit clean: 8 of 8 checks hold");
+          expect(stdout).to.contain("stopped.");
+          // The services' role and both passwords: never on a command line, in a log or in the output.
+          const passwords = ["password", "services-password"].map((f) => readFileSync(join(dir, "postgres", f), "utf8").trim());
+          for (const p of passwords) {
+            expect(stdout).to.not.contain(p);
+            for (const f of readdirSync(join(dir, "logs"))) expect(readFileSync(join(dir, "logs", f), "utf8"), f).to.not.contain(p);
+          }
+          expect(stdout).to.contain("postgres://netpurse_services:***@127.0.0.1:7490/netpurse");
+        }
+        // Both replicas opened the one shared database.
+        for (const log of ["payment.log", "payment-r2.log"]) expect(readFileSync(join(dir, "logs", log), "utf8"), log).to.match(/PostgreSQL store open/);
+      } finally {
+        await rm(clusterDir(dir), { recursive: true, force: true });
+        await cleanup();
+      }
+    },
+  );
 });
