@@ -13,7 +13,7 @@
 // a late "detached" from the old one neither takes it out of the pool nor
 // counts it twice.
 
-import type { Client } from "nice-grpc";
+import { ClientError, Status, type Client } from "nice-grpc";
 import type { DeadlineOptions } from "nice-grpc-client-middleware-deadline";
 import { randomUUID } from "node:crypto";
 import { addressList } from "../../lib/address-list.js";
@@ -72,6 +72,8 @@ interface Upstream {
   pending: Map<string, { resolve(r: PsamJobResult): void; timer: NodeJS.Timeout; job: PsamJob }>;
   /** The terminals attached there, as it announced them. */
   terminals: Map<string, Announced>;
+  /** Why the concentrator refused our last stream, when it refused it as a duplicate (until it welcomes one). */
+  refused?: string | undefined;
 }
 
 /** The payment server's streams to its concentrators, each reconnected with back-off. */
@@ -114,6 +116,11 @@ export class ConcentratorLink {
     return this.ready;
   }
 
+  /** Why concentrators refused our streams as duplicates of another replica's, if any did (for the health's reason). */
+  refusals(): string[] {
+    return this.upstreams.flatMap((u) => (u.refused ? [u.refused] : []));
+  }
+
   /** How many concentrators we hold a welcomed stream to now. */
   connectedCount(): number {
     return this.upstreams.filter((u) => u.out).length;
@@ -152,6 +159,7 @@ export class ConcentratorLink {
         switch (msg.$case) {
           case "welcome":
             u.out = out;
+            u.refused = undefined;
             this.o.log.info("connected to the concentrator", { concentrator: msg.value.concentratorId, address: u.address });
             this.readyResolve();
             break;
@@ -179,6 +187,21 @@ export class ConcentratorLink {
             break;
         }
       }
+    } catch (e) {
+      if (e instanceof ClientError && e.code === Status.ALREADY_EXISTS) {
+        // Another live stream has this identity and replica id: retrying changes nothing until one of the two is renamed.
+        this.o.log.error(
+          "the concentrator refused this replica's stream: another one with the same payment server id and replica id is connected; give each replica its own --replica",
+          {
+            concentrator: u.address,
+            paymentServer: this.o.paymentServerId,
+            replica: this.o.replicaId ?? "(none)",
+            details: e.details,
+          },
+        );
+        u.refused = `concentrator ${u.address} refused the stream: payment server ${this.o.paymentServerId} replica "${this.o.replicaId ?? ""}" is connected there already (give each replica its own --replica)`;
+      }
+      throw e;
     } finally {
       if (u.out === out) u.out = undefined;
       out.close();

@@ -172,7 +172,7 @@ export class PaymentServer {
     // The content decides idempotency, not its sealing (a re-sealed retry has a new nonce).
     const hash = sha256(Buffer.from(DrawRequest.encode({ ...dr, cardLog: [] }).finish()), req.keyNonce);
     const deadline = this.deadline(ctx);
-    return this.o.locks.run(id, async () => {
+    return this.o.locks.run(id, { deadline }, async (held) => {
       if (merchant.mode !== v.mode) {
         throw invalidField("draw_request.confirmation_mode", `merchant "${mid}" confirms with ${confirmationModeToJSON(merchant.mode)}`);
       }
@@ -218,7 +218,7 @@ export class PaymentServer {
             ),
           );
         }
-        const signed = await this.o.debitCommands.issue(p, { atr: v.cardAtr, initializeResponse: v.initializeResponse }, deadline);
+        const signed = await this.o.debitCommands.issue(p, { atr: v.cardAtr, initializeResponse: v.initializeResponse }, deadline, held);
         return debitCommandResponse(signed, keys);
       } catch (e) {
         // Ended without its DEBIT command (a move out of RECEIVED gave its place back already): the place is given back now.
@@ -336,7 +336,8 @@ export class PaymentServer {
     const id = requireTransactionId(req.transactionId);
     if (!req.cardAnswer) throw invalidField("card_answer", "missing");
     const deadline = this.deadline(ctx);
-    return this.o.locks.run(id, async () => {
+    await this.known(id);
+    return this.o.locks.run(id, { deadline }, async () => {
       let p = await this.o.store.get(id);
       if (!p) throw notFound(`transaction ${id} is unknown to this payment server`);
       const keys = await this.keysOf(p);
@@ -404,12 +405,18 @@ export class PaymentServer {
     }
     const raw = Buffer.from(req.debitResponse);
     const deadline = this.deadline(ctx);
-    return this.o.locks.run(id, async () => {
+    await this.known(id);
+    return this.o.locks.run(id, { deadline }, async () => {
       const p = await this.o.store.get(id);
       if (!p) throw notFound(`transaction ${id} is unknown to this payment server`);
       const after = await this.o.ruling.ruleReported(p, DebitResponse.decode(raw), raw, "reported", deadline);
       return { transactionId: txnId(id), state: stateEnum[after.state] };
     });
+  }
+
+  /** NOT_FOUND for a transaction with no record, before its lock is asked for: made-up ids take no lock connection. */
+  private async known(id: string): Promise<void> {
+    if (!(await this.o.store.get(id))) throw notFound(`transaction ${id} is unknown to this payment server`);
   }
 }
 

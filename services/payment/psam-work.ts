@@ -43,6 +43,16 @@ const SIGNING_PSAM_WAIT_MS = 5_000;
 /** The deadline of a step no caller waits for. */
 export const backgroundDeadline = () => Date.now() + BACKGROUND_JOB_MS;
 
+/**
+ * The event of an open debit reversed in its PSAM whose DEBIT command never
+ * left (never recorded, or recorded for another PSAM): the same words
+ * whoever reverses it, so that it is logged once (PaymentStore.logOnce).
+ */
+export const orphanReversed = (psamId: string, psamCounter: number): Step => ({
+  step: "orphan_debit_reversed",
+  detail: `PSAM ${psamId} counter ${psamCounter}: its DEBIT command never left this server`,
+});
+
 /** The pool's key of the PSAM that signed a purchase's DEBIT command. */
 export const psamKeyOf = (p: SignedPurchase) => psamKey(p.terminal_id, p.psam_id);
 

@@ -20,14 +20,17 @@ import type { PsamSlot, TerminalInfo } from "../../gen/netpurse/terminal/v1/term
 import { NetpurseError } from "../../lib/grpc/errors.js";
 import { hexOf } from "../../lib/ids.js";
 import type { Logger } from "../../lib/log.js";
-import type { TransactionLocks } from "../../lib/store/locks.js";
+import { LockBusy, type TransactionLocks } from "../../lib/store/locks.js";
 import { repeat, type Periodic } from "../../lib/periodic.js";
 import { DebitResponse, DebitResult, type CardLogRecord } from "../../lib/protocol/purse.js";
 import type { PsamPool } from "./psam-pool.js";
-import { backgroundDeadline, psamKeyOf, type PsamWork } from "./psam-work.js";
+import { backgroundDeadline, orphanReversed, psamKeyOf, type PsamWork } from "./psam-work.js";
 import { failureOf } from "./refusals.js";
 import type { Ruling } from "./ruling.js";
 import { failureColumns, type PaymentStore, type Purchase } from "./store.js";
+
+/** How long the reversal of an open debit waits for its purchase's lock (another step of it under way) before it is left to the next announcement. */
+const ORPHAN_LOCK_WAIT_MS = 30_000;
 
 export class Recovery {
   private sweeping: Periodic | undefined;
@@ -87,11 +90,15 @@ export class Recovery {
    * Ends the draw requests a previous run of this server left RECEIVED (all
    * rows received before `startedAt`): no request of this process handles
    * them, and the process that did is gone. Run at start-up, before calls
-   * are served. On a database replicas share, a row whose lock another
-   * replica holds is being worked on, and is left to it.
+   * are served. On a database replicas share, the others' rows are theirs:
+   * a RECEIVED row may be a draw request another replica works on (waiting
+   * for a PSAM, without its lock) or one it left for the client's retry, so
+   * only rows older than `--abandon-received-after-ms` are ended, as the
+   * sweep would; one whose lock another replica holds is left to it.
    */
   async abandonLeftByPreviousRun(startedAt: Date): Promise<void> {
-    await this.abandonReceived(startedAt, "the payment server stopped before its DEBIT command left");
+    const before = this.o.locks.shared ? new Date(Math.min(startedAt.getTime(), Date.now() - this.o.abandonReceivedAfterMs)) : startedAt;
+    await this.abandonReceived(before, "the payment server stopped before its DEBIT command left");
   }
 
   /**
@@ -110,23 +117,29 @@ export class Recovery {
       await this.o.locks.tryRun(id, async () => {
         const p = await this.o.store.get(id);
         if (p?.state !== "RECEIVED" || p.updated_at >= before.toISOString()) return;
-        const e = new NetpurseError(
-          Status.FAILED_PRECONDITION,
-          ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED,
-          `transaction ${id} was ended by the payment server: ${why}; nothing was debited: pay with a new offer`,
-        );
-        const ended = await this.o.store.transition(
-          id,
-          ["RECEIVED"],
-          { state: "REFUSED", ...failureColumns(failureOf(e)) },
-          {
-            step: "draw_request_abandoned",
-            detail: `${why}; no DEBIT command left this server, so no card was debited; an open debit its PSAM holds is reversed when its terminal attaches`,
-          },
+        const ended = await this.end(
+          p,
+          why,
+          `${why}; no DEBIT command left this server, so no card was debited; an open debit its PSAM holds is reversed when its terminal attaches`,
         );
         if (ended) this.o.log.info("draw request without a DEBIT command ended", { transaction: id, why });
       });
     }
+  }
+
+  /** Ends a RECEIVED purchase (REFUSED, DRAW_REQUEST_ABANDONED), if it still is: the purchase as it now stands, or undefined. */
+  private end(p: Purchase, why: string, detail: string): Promise<Purchase | undefined> {
+    const e = new NetpurseError(
+      Status.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_DRAW_REQUEST_ABANDONED,
+      `transaction ${p.transaction_id} was ended by the payment server: ${why}; nothing was debited: pay with a new offer`,
+    );
+    return this.o.store.transition(
+      p.transaction_id,
+      ["RECEIVED"],
+      { state: "REFUSED", ...failureColumns(failureOf(e)) },
+      { step: "draw_request_abandoned", detail },
+    );
   }
 
   /**
@@ -161,7 +174,7 @@ export class Recovery {
   settleFromCardLog(purse: string, log: CardLogRecord[]): Promise<void> {
     const each = log.map((entry) =>
       this.o.locks
-        .run(entry.transactionRef, async () => {
+        .run(entry.transactionRef, { deadline: backgroundDeadline() }, async () => {
           const p = await this.o.store.get(entry.transactionRef);
           if (!p || p.purse_id !== purse || (p.state !== "DEBIT_COMMAND_ISSUED" && p.state !== "IN_DOUBT")) return;
           if (p.state === "IN_DOUBT" && p.answer) return;
@@ -204,23 +217,52 @@ export class Recovery {
       // Most open debits are live (their DEBIT command awaits the card): told apart without the lock, since a record never stops pointing to its debit.
       const seen = await this.o.store.get(id);
       if (!seen || live(seen)) continue; // not ours (another payment server's, or an operator's test), or live
-      await this.o.locks.run(id, async () => {
-        const p = await this.o.store.get(id);
-        if (!p || live(p)) return;
-        const lease = await this.o.work.leaseSigningPsam(terminalId, psam);
-        if (!lease) return;
-        try {
-          // Logged only when the PSAM's MAC over the reversal verifies (a refused one is logged as such).
-          if ((await this.o.work.reverse(lease, p, open.psamCounter, backgroundDeadline())) === true) {
-            await this.o.store.log(id, {
-              step: "orphan_debit_reversed",
-              detail: `PSAM ${psam} counter ${open.psamCounter}: its DEBIT command never left this server`,
-            });
-          }
-        } finally {
-          this.o.pool.release(lease);
-        }
-      });
+      await this.o.locks
+        .run(id, { deadline: Date.now() + ORPHAN_LOCK_WAIT_MS }, () => this.reverseOrphan(id, terminalId, psam, open.psamCounter, live))
+        .catch((e: unknown) => {
+          if (!(e instanceof LockBusy)) throw e;
+          this.o.log.info("an open debit waits for its purchase's lock: looked at again when its terminal is announced next", { transaction: id, psam });
+        });
+    }
+  }
+
+  /**
+   * Reverses an open debit no record points to, under its purchase's lock.
+   * On a database replicas share, a purchase still RECEIVED is ended first
+   * (REFUSED, DRAW_REQUEST_ABANDONED), and the debit reversed only once it
+   * is: a lock can be lost while its holder goes on (its connection cut, the
+   * database restarted), and that holder may be the replica whose PSAM
+   * signed this very debit, about to record its DEBIT command and send it.
+   * Ended first, its record (conditional on RECEIVED) changes nothing and it
+   * answers with the ending, so no card is ever sent a command whose debit
+   * was reversed. Read again once the PSAM is leased, for the same reason.
+   */
+  private async reverseOrphan(id: string, terminalId: string, psam: string, psamCounter: number, live: (p: Purchase) => boolean): Promise<void> {
+    const p = await this.o.store.get(id);
+    if (!p || live(p)) return;
+    if (p.state === "RECEIVED" && this.o.locks.shared) {
+      const why = `PSAM ${psam} signed a DEBIT command for it (counter ${psamCounter}) that was never recorded`;
+      const ended = await this.end(
+        p,
+        `${why}, and that debit is reversed`,
+        `${why}: ended before that debit is reversed, so that no DEBIT command for it can leave any replica now`,
+      );
+      if (ended) this.o.log.info("draw request ended: its PSAM holds a debit no record carries", { transaction: id, psam, psamCounter });
+      const now = ended ?? (await this.o.store.get(id));
+      if (!now || now.state === "RECEIVED" || live(now)) return;
+    }
+    // Reversed already (the PSAM confirmed it; its report of the debit came before that): nothing more to ask of the PSAM.
+    const reversed = orphanReversed(psam, psamCounter);
+    if (await this.o.store.hasStep(id, reversed)) return;
+    const lease = await this.o.work.leaseSigningPsam(terminalId, psam);
+    if (!lease) return;
+    try {
+      const now = await this.o.store.get(id);
+      if (!now || live(now) || (now.state === "RECEIVED" && this.o.locks.shared)) return;
+      // Logged only when the PSAM's MAC over the reversal verifies (a refused one is logged as such), and once.
+      if ((await this.o.work.reverse(lease, now, psamCounter, backgroundDeadline())) === true) await this.o.store.logOnce(id, reversed);
+    } finally {
+      this.o.pool.release(lease);
     }
   }
 }

@@ -122,7 +122,7 @@ export class Ruling {
       )) ?? (await this.o.store.require(p.transaction_id));
     this.afterProof(proven);
     this.o.locks
-      .run(p.transaction_id, () => this.recordProof(p.transaction_id))
+      .run(p.transaction_id, { deadline: backgroundDeadline() }, () => this.recordProof(p.transaction_id))
       .catch((e: unknown) => this.o.log.warn("proof not recorded yet", { transaction: p.transaction_id, error: (e as Error).message }));
     return proven;
   }
@@ -263,7 +263,7 @@ export class Ruling {
   private async settleSameCounter(proven: Purchase): Promise<void> {
     for (const listed of await this.o.store.sameCardCounter(proven.purse_id, proven.card_counter, proven.transaction_id)) {
       if ("answer" in listed && listed.answer) continue;
-      await this.o.locks.run(listed.transaction_id, async () => {
+      await this.o.locks.run(listed.transaction_id, { deadline: backgroundDeadline() }, async () => {
         // Decided from the row read under the lock: another holder may have settled it since the listing.
         const other = await this.o.store.require(listed.transaction_id);
         if (other.state !== "DEBIT_COMMAND_ISSUED" && (other.state !== "IN_DOUBT" || other.answer)) return;

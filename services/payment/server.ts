@@ -1,8 +1,9 @@
+import { hostname } from "node:os";
 import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer, type ServerLimits } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
-import { openStore, type StoreConfig } from "../../lib/store/postgres.js";
+import { isPostgresUrl, openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { StoreUnavailable } from "../../lib/store/db.js";
 import { repeat } from "../../lib/periodic.js";
 import { PaymentServiceDefinition } from "../../gen/netpurse/payment/v1/payment.js";
@@ -29,7 +30,11 @@ export interface PaymentConfig {
   /** The concentrators: one address, or several separated by commas (a stream to each). */
   concentrator?: string;
   paymentServerId?: string;
-  /** Which replica of the payment server this process is, named in its streams to the concentrators (a label, not an identity); default none: it runs alone. */
+  /**
+   * Which replica of the payment server this process is, named in its streams to the concentrators (a label, not an
+   * identity). Default: none on SQLite (it runs alone); on PostgreSQL, where replicas share the database, HOSTNAME-PID
+   * (defaultReplicaId), so that replicas started without one are told apart.
+   */
   replicaId?: string;
   holdTimeoutMs?: number;
   maxPsamWaitMs?: number;
@@ -42,6 +47,8 @@ export interface PaymentConfig {
   abandonReceivedAfterMs?: number;
   /** Most purchases of one purse with a DEBIT command issued and no card answer recorded; a new draw request of that purse beyond it is refused. */
   maxUnansweredPerPurse?: number;
+  /** PostgreSQL: connections kept at most for the transactions' locks, one per step under way (PAYMENT_DEFAULTS.lockPoolSize). */
+  lockPoolSize?: number;
   /** The gRPC server's limits, where they differ from DEFAULT_LIMITS. */
   limits?: Partial<ServerLimits>;
 }
@@ -55,7 +62,27 @@ export const PAYMENT_DEFAULTS = {
   proofTimeoutMs: 10 * 60_000,
   abandonReceivedAfterMs: 5 * 60_000,
   maxUnansweredPerPurse: 4,
+  /**
+   * A step holds its transaction's lock connection while it runs a PSAM job
+   * or writes, never while it waits for a free PSAM or for the card: about
+   * one per PSAM this server works with at once, plus recovery's steps. 64
+   * fits a server using 48 PSAMs with room to spare; a step finding none
+   * free waits for one until its deadline, then fails UNAVAILABLE.
+   */
+  lockPoolSize: 64,
 } as const;
+
+/** This process's replica id when none is given on a shared database: HOSTNAME-PID, and -2, -3 … for more servers in one process. */
+let replicasStarted = 0;
+export function defaultReplicaId(): string {
+  const n = ++replicasStarted;
+  const suffix = `-${process.pid}${n > 1 ? `-${n}` : ""}`;
+  const host =
+    hostname()
+      .replace(/[^A-Za-z0-9._-]/g, "-")
+      .slice(0, 64 - suffix.length) || "replica";
+  return `${host}${suffix}`;
+}
 
 /**
  * How often a payment server whose database replicas share looks whether
@@ -67,6 +94,8 @@ const WATCH_HOLDS_EVERY_MS = 250;
 
 /** How often the server checks that it can serve (its health, which balancing callers watch). */
 const READINESS_EVERY_MS = 1_000;
+/** How long a payment server may be without any concentrator before it says it cannot serve. */
+const UNLINKED_GRACE_MS = 3_000;
 
 /** Starts the payment server in this process. */
 export async function startPaymentServer(c: PaymentConfig) {
@@ -81,16 +110,24 @@ export async function startPaymentServer(c: PaymentConfig) {
   // Before anything else opens: without it no PSAM answer could be checked.
   const verdicts = await SoftwareSecurityModule.open(c.dir);
   const { location, ...connections } = c.store ?? { location: join(c.dir, "payment.db") };
-  const db = await openStore(location, PAYMENT_MIGRATIONS, { ...connections, schema: "payment", log });
+  const db = await openStore(location, PAYMENT_MIGRATIONS, {
+    ...connections,
+    lockPoolSize: c.lockPoolSize ?? PAYMENT_DEFAULTS.lockPoolSize,
+    schema: "payment",
+    log,
+  });
   const store = new PaymentStore(db, (e) => log.error("purchase left out of recovery", { error: e.message }));
   // Shared with every replica on a PostgreSQL database: advisory locks named payment:TRANSACTION (and the in-process mutex on SQLite).
   const locks = transactionLocks(db, { namespace: "payment", log });
+  // Replicas on one database: each stream at the concentrators must be told apart (one per identity and replica id).
+  const replicaId = c.replicaId ?? (isPostgresUrl(location) ? defaultReplicaId() : undefined);
+  if (replicaId && !c.replicaId) log.info("replica id not given: named after this host and process", { replica: replicaId });
   const pool = new PsamPool((l) => link.release(l));
   const link: ConcentratorLink = new ConcentratorLink({
     address: c.concentrator ?? defaultAddress("concentrator"),
     channel: c.security.channel({ kind: "concentrator" }),
     paymentServerId: c.paymentServerId ?? "payment-1",
-    ...(c.replicaId ? { replicaId: c.replicaId } : {}),
+    ...(replicaId ? { replicaId } : {}),
     pool,
     log,
     onTerminal: (t) => recovery.onTerminal(t),
@@ -117,8 +154,8 @@ export async function startPaymentServer(c: PaymentConfig) {
     proofTimeoutMs: c.proofTimeoutMs ?? PAYMENT_DEFAULTS.proofTimeoutMs,
     abandonReceivedAfterMs,
   });
-  // Before any call is served: every RECEIVED row now was left by a previous run (or, among replicas, by one that is gone or
-  // left it for the client's retry; one another replica works on now is left to it).
+  // Before any call is served: alone, every RECEIVED row now was left by a previous run. Among replicas, only the rows older
+  // than --abandon-received-after-ms are ended (the others may be another replica's, being worked on or left for a retry).
   await recovery.abandonLeftByPreviousRun(startedAt);
   const server = new PaymentServer({
     store,
@@ -142,13 +179,18 @@ export async function startPaymentServer(c: PaymentConfig) {
     limits: c.limits,
   });
   // A caller balancing over replicas skips one that can do nothing now: linked to no concentrator (no PSAM), or its database out of reach.
+  let unlinkedSince: number | undefined;
   const readiness = repeat({
     what: "readiness check",
     everyMs: READINESS_EVERY_MS,
     log,
     task: async () => {
       let why: string | undefined;
-      if (link.connectedCount() === 0) why = "linked to no concentrator: no PSAM can be reached";
+      // A stream being re-made (a concentrator restarting, a keepalive missed under load) is no reason to be skipped: only a lasting one.
+      if (link.connectedCount() > 0) unlinkedSince = undefined;
+      else unlinkedSince ??= Date.now();
+      if (unlinkedSince !== undefined && Date.now() - unlinkedSince >= UNLINKED_GRACE_MS)
+        why = ["linked to no concentrator: no PSAM can be reached", ...link.refusals()].join("; ");
       else
         await db.get("SELECT 1").catch((e: unknown) => {
           if (!(e instanceof StoreUnavailable)) throw e;
@@ -173,6 +215,14 @@ export async function startPaymentServer(c: PaymentConfig) {
       work.releaseAll();
       await link.close();
       await db.close();
+    },
+    /**
+     * Test only: cuts every database connection at once, as a database
+     * restart would for this process alone (its locks go with them); its
+     * store answers nothing more after (StoreUnavailable): crash it then.
+     */
+    async cutDatabase() {
+      await db.abandon?.();
     },
     /**
      * Test only: dies as the process would, with no last word: its stream to

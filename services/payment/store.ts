@@ -316,6 +316,13 @@ export class PaymentStore {
     private readonly onCorrupt: (e: CorruptPurchase) => void = () => undefined,
   ) {}
 
+  /**
+   * Test only: awaited before each write of a purchase's steps (transition
+   * and log), with the steps about to be written: a test stops a step there
+   * (its connections cut, another replica acting meanwhile).
+   */
+  beforeWrite: ((transactionId: string, steps: readonly Step[]) => Promise<void>) | undefined;
+
   /** Steps no answer depends on, by transaction, waiting to go with its next write. */
   private readonly pending = new Map<string, { steps: Step[]; timer: NodeJS.Timeout }>();
 
@@ -382,7 +389,10 @@ export class PaymentStore {
         await logEvents(tx, id, draw.event, now);
         p = stored && toPurchase(stored);
       } else {
-        const row = await tx.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [id]);
+        // A new attempt: a RECEIVED row's age (the abandon bound) counts from it, so that no sweep ends a draw request being retried.
+        const row =
+          (await tx.get<PurchaseRow>("UPDATE purchases SET updated_at = ? WHERE transaction_id = ? AND state = 'RECEIVED' RETURNING *", [now, id])) ??
+          (await tx.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [id]));
         p = row && toPurchase(row);
       }
       await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [id]);
@@ -424,6 +434,7 @@ export class PaymentStore {
     const kept = this.takeLater(transactionId);
     const event = [...kept, ...stepsOf(step)];
     crashAround("before", event);
+    if (this.beforeWrite) await this.beforeWrite(transactionId, event);
     const moved = await this.db.transaction(async (tx) => {
       const row = await tx.get<PurchaseRow>(
         `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)}) RETURNING *`,
@@ -445,8 +456,32 @@ export class PaymentStore {
     const event = [...this.takeLater(transactionId), ...stepsOf(step)];
     if (event.length === 0) return;
     crashAround("before", event);
+    if (this.beforeWrite) await this.beforeWrite(transactionId, event);
     await this.db.transaction((tx) => logEvents(tx, transactionId, event, new Date().toISOString()));
     crashAround("after", event);
+  }
+
+  /** Whether the purchase's events hold this step, its detail the same. */
+  async hasStep(transactionId: string, s: Step): Promise<boolean> {
+    return (
+      (await this.db.get("SELECT 1 AS x FROM purchase_events WHERE transaction_id = ? AND step = ? AND detail = ?", [transactionId, s.step, s.detail])) !==
+      undefined
+    );
+  }
+
+  /**
+   * Logs a step unless the purchase's events hold it already, in one
+   * transaction (serializable: two replicas reporting one fact at once log
+   * it once): whether it was logged.
+   */
+  async logOnce(transactionId: string, s: Step): Promise<boolean> {
+    if (this.beforeWrite) await this.beforeWrite(transactionId, [s]);
+    return this.db.transaction(async (tx) => {
+      if (await tx.get("SELECT 1 AS x FROM purchase_events WHERE transaction_id = ? AND step = ? AND detail = ?", [transactionId, s.step, s.detail]))
+        return false;
+      await logEvents(tx, transactionId, s, new Date().toISOString());
+      return true;
+    });
   }
 
   async get(transactionId: string): Promise<Purchase | undefined> {

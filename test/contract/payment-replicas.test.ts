@@ -8,6 +8,8 @@
 // open debits and batches, the purchases' states and events.
 
 import { expect } from "chai";
+import { randomUUID } from "node:crypto";
+import { hostname } from "node:os";
 import { join } from "node:path";
 import type { Sealed } from "../../gen/netpurse/card/v1/card.js";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
@@ -16,7 +18,7 @@ import { SW } from "../../lib/apdu/apdu.js";
 import { withOriginalAmount, type PurseReader } from "../../client/card/purse-reader.js";
 import { Issuer } from "../../services/issuer/issuer.js";
 import { paths } from "../../services/network/layout.js";
-import { PAYMENT_DEFAULTS } from "../../services/payment/server.js";
+import { PAYMENT_DEFAULTS, startPaymentServer } from "../../services/payment/server.js";
 import {
   completeRequest,
   drawRequestFor,
@@ -68,6 +70,30 @@ describe("contract: payment servers as replicas on one PostgreSQL database", fun
   async function goods(shopId: string, o: PaymentOffer, m: Sealed | undefined, debitResponse?: Buffer) {
     const r = await net.shop(shopId).completeOrder({ transactionId: o.transactionId, debitResultM: m, ...(debitResponse ? { debitResponse } : {}) });
     expect(r.receipt?.goods, "the goods released").to.match(/^licence key/);
+  }
+
+  /**
+   * Ends the session holding the transaction's lock (payment:ID), as a
+   * database restart or pg_terminate_backend would: its holder goes on, not
+   * knowing yet. How many sessions were ended.
+   */
+  async function cutLockSession(transactionId: string): Promise<number> {
+    const r = await net.sql.query<{ n: string }>(
+      `SELECT COUNT(pg_terminate_backend(l.pid)) AS n FROM pg_locks l, (SELECT hashtextextended($1, 0) AS k) AS n
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.classid::bigint = ((n.k >> 32) & 4294967295) AND l.objid::bigint = (n.k & 4294967295)`,
+      [`payment:${transactionId}`],
+    );
+    return Number(r.rows[0]?.n ?? 0);
+  }
+
+  /** Runs `act` inside replica `at`'s step, just before it writes its DEBIT command of `o` (the PSAM has signed). */
+  function beforeRecording(at: ReplicaName, o: PaymentOffer, act: () => Promise<void>): void {
+    net.replica(at).store.beforeWrite = async (id, steps) => {
+      if (id !== o.transactionId?.value || !steps.some((s) => s.step === "debit_command_issued")) return;
+      net.replica(at).store.beforeWrite = undefined;
+      await act();
+    };
   }
 
   describe("a purchase whose draw request went to A is finished through B", () => {
@@ -212,10 +238,10 @@ describe("contract: payment servers as replicas on one PostgreSQL database", fun
       expect(await net.stepCount(o, "purchase_confirmed")).to.equal(1);
     });
 
-    it("a draw request A works on is left alone by B's recovery; once A dies holding its lock, B ends it, once", async () => {
+    it("a draw request A works on is left alone by B's recovery and start-up rule; once A dies, B's sweep ends it past the bound, once", async () => {
       const t0 = await net.psams();
       const before = await net.balance();
-      // Both PSAMs held by B for card answers (PSAM_VERIFIES), so that A's draw request waits for one, holding its lock.
+      // Both PSAMs held by B for card answers (PSAM_VERIFIES), so that A's draw request waits for one (its lock let go meanwhile).
       const held = [];
       for (let i = 0; i < 2; i++) {
         const o = await net.offerAt("demo-shop");
@@ -234,14 +260,18 @@ describe("contract: payment servers as replicas on one PostgreSQL database", fun
           );
       await waitFor(recorded, 5_000, "A's record of the draw request");
       expect(await stateOf(o)).to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
-      // B's start-up rule would end every RECEIVED row older than its start: not one whose lock A holds.
+      // B's start-up rule (a replica starting now) and its sweep leave it: younger than --abandon-received-after-ms, it is A's.
       await net.replica("b").recovery.abandonLeftByPreviousRun(new Date());
+      await net.replica("b").recovery.sweep();
       expect(await stateOf(o), "left to A, which works on it").to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
       await net.crash("a");
       expect((await waiting).code).to.be.oneOf(["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"]);
-      // A's lock went with its connections: B (twice at once) ends the row, once.
-      await Promise.all([net.replica("b").recovery.abandonLeftByPreviousRun(new Date()), net.replica("b").recovery.abandonLeftByPreviousRun(new Date())]);
-      expect(await stateOf(o)).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
+      // Still younger than the bound: a retry may come (to B), so B's start-up rule leaves it still.
+      await net.replica("b").recovery.abandonLeftByPreviousRun(new Date());
+      expect(await stateOf(o), "left for the client's retry").to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
+      // Past the bound, B's sweep ends it (and two more sweeps at once change nothing): once.
+      await waitFor(async () => (await stateOf(o)) === PurchaseState.PURCHASE_STATE_REFUSED, 15_000, "the row ended by B's sweep");
+      await Promise.all([net.replica("b").recovery.sweep(), net.replica("b").recovery.sweep()]);
       expect(await net.stepCount(o, "draw_request_abandoned")).to.equal(1);
       expect(await failure(net.payment("b").processDrawRequest(req))).to.include({ code: "FAILED_PRECONDITION", reason: "DRAW_REQUEST_ABANDONED" });
       // The two held ones: the card answered neither (its log shows it), so both are reversed.
@@ -270,6 +300,101 @@ describe("contract: payment servers as replicas on one PostgreSQL database", fun
       expect(await net.balance()).to.equal(before);
       expect(await net.psams()).to.deep.equal({ counter: t0.counter + 1, pending: t0.pending, batch: t0.batch });
       expect(await net.stepCount(o, "reversed_never_debited")).to.equal(1);
+    });
+  });
+
+  describe("a replica whose lock is lost in the middle of a draw request", () => {
+    afterEach(async () => {
+      if (!net) return;
+      try {
+        net.replica("a").store.beforeWrite = undefined;
+      } catch {
+        await net.startReplica("a");
+      }
+    });
+
+    for (const [shopId, mode] of [
+      ["server-shop", "SERVER_COMPARES (its PSAM given back before the record)"],
+      ["demo-shop", "PSAM_VERIFIES (its PSAM held)"],
+    ] as const) {
+      it(`${mode}: B ends the purchase before it reverses the debit; A's DEBIT command never leaves, its debit is reversed once, nothing paid`, async () => {
+        const o = await net.offerAt(shopId);
+        const id = defined(o.transactionId?.value, "the transaction id");
+        const t0 = await net.psams();
+        const before = await net.balance();
+        let cut = 0;
+        // A's PSAM signed; before A records its command, A's lock session dies (A goes on, not knowing), and B, which takes
+        // the lock at once, is shown the PSAM's open debit (as the concentrator's update shows it to every replica).
+        beforeRecording("a", o, async () => {
+          cut = await cutLockSession(id);
+          const open = defined(await net.slotHolding(id), "the PSAM's open debit");
+          net.replica("b").recovery.onSlot(open.terminalId, open.slot);
+          await waitFor(
+            async () => (await stateOf(o)) !== PurchaseState.PURCHASE_STATE_RECEIVED || (await net.slotHolding(id)) === undefined,
+            10_000,
+            "B to act on the open debit",
+          );
+        });
+        const req = await drawRequestFor(net.card, o);
+        const f = await failure(net.payment("a").processDrawRequest(req));
+        expect(cut, "A's lock session ended").to.equal(1);
+        // A answers with the ending B recorded; the command its PSAM signed never left it.
+        expect(f).to.include({ code: "FAILED_PRECONDITION", reason: "DRAW_REQUEST_ABANDONED" });
+        expect(await stateOf(o)).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
+        expect(await net.stepCount(o, "debit_command_issued")).to.equal(0);
+        await waitFor(async () => (await net.psams()).pending === t0.pending, 15_000, "the unsent command's debit reversed");
+        await waitFor(async () => (await net.stepCount(o, "orphan_debit_reversed")) === 1, 5_000, "its reversal logged");
+        expect(await net.psams()).to.deep.equal({ counter: t0.counter + 1, pending: t0.pending, batch: t0.batch });
+        expect(await net.stepCount(o, "draw_request_abandoned")).to.equal(1);
+        expect(await net.balance()).to.equal(before);
+        // Asked again, at either replica: the same ending, and no PSAM signs again.
+        for (const at of ["a", "b"] as const) {
+          expect(await failure(net.payment(at).processDrawRequest(req))).to.include({ code: "FAILED_PRECONDITION", reason: "DRAW_REQUEST_ABANDONED" });
+        }
+        expect((await net.psams()).counter).to.equal(t0.counter + 1);
+        expect(await net.stepCount(o, "orphan_debit_reversed")).to.equal(1);
+      });
+    }
+
+    it("PSAM_VERIFIES: a DEBIT command whose record cannot be written (A's database connections cut) gives its PSAM back", async () => {
+      const o = await net.offerAt("demo-shop");
+      const t0 = await net.psams();
+      const before = await net.balance();
+      const a = net.replica("a");
+      beforeRecording("a", o, () => a.cutDatabase());
+      const f = await failure(net.payment("a").processDrawRequest(await drawRequestFor(net.card, o)));
+      expect(f.code).to.equal("UNAVAILABLE");
+      // Back in A's pool and at the concentrator: B sees both PSAMs free.
+      expect(a.pool.counts()).to.deep.equal({ free: 2, leased: 0, total: 2 });
+      await waitFor(() => net.replica("b").pool.counts().free === 2, 5_000, "both PSAMs free for B");
+      // The command was never recorded: B ends the purchase and reverses the debit its PSAM holds.
+      await waitFor(async () => (await net.psams()).pending === t0.pending, 15_000, "the unrecorded command's debit reversed");
+      expect(await stateOf(o)).to.equal(PurchaseState.PURCHASE_STATE_REFUSED);
+      expect(await net.psams()).to.deep.equal({ counter: t0.counter + 1, pending: t0.pending, batch: t0.batch });
+      expect(await net.balance()).to.equal(before);
+      await net.crash("a"); // its store answers nothing more; started again after the test
+    });
+  });
+
+  describe("a replica that starts", () => {
+    it("leaves the other replicas' RECEIVED rows younger than --abandon-received-after-ms: the client's retry gets its DEBIT command", async () => {
+      const o = await net.offerAt("server-shop");
+      const before = await net.balance();
+      await net.stopHost();
+      const req = await drawRequestFor(net.card, o);
+      expect(await failure(net.payment("b").processDrawRequest(req))).to.include({ code: "FAILED_PRECONDITION", reason: "NO_PSAM_ATTACHED" });
+      expect(await stateOf(o)).to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
+      await net.startHost();
+      // A starts again: B's row, left for the client's retry, is not A's previous run's.
+      await net.crash("a");
+      await net.startReplica("a");
+      expect(await stateOf(o), "left for the retry").to.equal(PurchaseState.PURCHASE_STATE_RECEIVED);
+      expect(await net.stepCount(o, "draw_request_abandoned")).to.equal(0);
+      const issued = openIssued(o, await net.payment("b").processDrawRequest(req));
+      const done = await net.payment("a").completePurchase(answer(o, issued, await debit(o, issued)));
+      expect(openResultC(o, done).state).to.be.oneOf(PAID);
+      await completed(o);
+      expect(await net.balance()).to.equal(before - amountOf(o));
     });
   });
 
@@ -384,7 +509,154 @@ describe("contract: payment servers as replicas on one PostgreSQL database", fun
       const psams = await net.psams();
       expect(psams.pending, "open debits").to.equal(0);
       expect(psams.batch, "batch records").to.equal(completedRows.length);
-      expect(psams.counter, "DEBIT commands signed").to.equal(rows.filter((r) => r.state === "COMPLETED" || r.state === "REVERSED").length);
+      // Each signed command is a completed or reversed purchase's, or one never recorded, whose purchase was ended and its debit reversed.
+      const unrecorded = await net.sql.query<{ transaction_id: string }>(
+        "SELECT DISTINCT e.transaction_id FROM purchase_events e JOIN purchases p USING (transaction_id) WHERE p.state = 'REFUSED' AND e.step = 'orphan_debit_reversed'",
+      );
+      expect(psams.counter, "DEBIT commands signed").to.equal(
+        rows.filter((r) => r.state === "COMPLETED" || r.state === "REVERSED").length + unrecorded.rows.length,
+      );
     });
+  });
+});
+
+describe("contract: replicas started without --replica, with fewer lock connections than draw requests", function () {
+  this.timeout(120_000);
+  let net: Replicas;
+  const LOCK_POOL = 2;
+  const DRAWS = 8;
+
+  before(async function () {
+    this.timeout(120_000);
+    // No --replica: each names itself HOSTNAME-PID (-2 for the second in this process). Two lock connections each.
+    net = await startReplicas(this, { unnamed: true, lockPoolSize: LOCK_POOL, maxUnansweredPerPurse: 20, maxPsamWaitMs: 5_000 });
+  });
+  after(async () => net?.close());
+
+  /** Its stderr lines while `during` runs. */
+  async function stderrOf(during: (lines: string[]) => Promise<void>): Promise<string[]> {
+    const lines: string[] = [];
+    const write = process.stderr.write.bind(process.stderr);
+    process.stderr.write = (chunk: string | Uint8Array, ...rest: never[]) => {
+      lines.push(String(chunk));
+      return write(chunk, ...rest);
+    };
+    try {
+      await during(lines);
+    } finally {
+      process.stderr.write = write;
+    }
+    return lines;
+  }
+
+  it("each takes HOSTNAME-PID as its replica id on PostgreSQL: both are welcomed by the concentrator", async () => {
+    const streams = (await net.paymentStreams()).filter((p) => p.paymentServerId === "payment-1");
+    expect(streams).to.have.length(2);
+    const own = `${hostname().replace(/[^A-Za-z0-9._-]/g, "-")}-${process.pid}`.replace(/[.]/g, "\\.");
+    for (const s of streams) expect(s.replicaId).to.match(new RegExp(`^${own}(-\\d+)?$`));
+    expect(new Set(streams.map((s) => s.replicaId)).size, "distinct replica ids").to.equal(2);
+  });
+
+  it("one more started with a replica id already connected is refused by the concentrator, and says why: give each replica its own --replica", async () => {
+    const taken = defined((await net.paymentStreams())[0], "a stream").replicaId;
+    const lines = await stderrOf(async (lines) => {
+      const third = await startPaymentServer({ ...net.config("a"), replicaId: taken });
+      try {
+        await waitFor(
+          () => lines.some((l) => / payment error .*give each replica its own --replica/.test(l) && l.includes(taken)),
+          15_000,
+          "the refusal logged",
+        );
+        // Its health says why it cannot serve, so that an operator looking at a balancer's view of it knows.
+        await waitFor(() => lines.some((l) => / payment warn not serving .*give each replica its own --replica/.test(l)), 15_000, "its health's reason");
+      } finally {
+        await third.close();
+      }
+    });
+    expect(lines.filter((l) => l.includes("give each replica its own --replica")).length).to.be.above(0);
+    // The two it would have replaced are still there.
+    expect((await net.paymentStreams()).filter((p) => p.paymentServerId === "payment-1")).to.have.length(2);
+  });
+
+  it(`${DRAWS} draw requests waiting for a PSAM at a replica with ${LOCK_POOL} lock connections hold none: the card answers that free the PSAMs go through at once, and every draw request gets its DEBIT command within its deadline`, async () => {
+    const card = net.card;
+    const before = await net.balance();
+    const amountOf = (o: PaymentOffer) => termsOf(o).amountMinor;
+    // Both PSAMs held by A for the card's answers (PSAM_VERIFIES); the card has answered both.
+    const held: { o: PaymentOffer; req: ReturnType<typeof completeRequest> }[] = [];
+    for (let i = 0; i < 2; i++) {
+      const o = await net.offerAt("demo-shop");
+      const issued = openIssued(o, await net.payment("a").processDrawRequest(await drawRequestFor(card, o)));
+      const d = await card.debit(withOriginalAmount(Buffer.from(issued.debitCommand), amountOf(o)));
+      expect(d.sw).to.equal(SW.OK);
+      held.push({ o, req: completeRequest(o, { sw: d.sw, raw: d.raw, token: issued.completionToken }) });
+    }
+    expect(net.replica("a").pool.counts()).to.include({ free: 0, leased: 2 });
+    // More draw requests than A's lock connections, all at once (SERVER_COMPARES): each waits for a PSAM.
+    const offers = await Promise.all(Array.from({ length: DRAWS }, () => net.offerAt("server-shop")));
+    const requests = [];
+    for (const o of offers) requests.push(await drawRequestFor(card, o));
+    const DEADLINE_MS = 6_000;
+    const sent = Date.now();
+    const draws = requests.map(async (r, i) => {
+      const call = net.payment("a").processDrawRequest(r, { deadline: new Date(sent + DEADLINE_MS) });
+      try {
+        const res = await call;
+        return { ms: Date.now() - sent, issued: openIssued(defined(offers[i], "its offer"), res) };
+      } catch {
+        return { ms: Date.now() - sent, refused: await failure(call) };
+      }
+    });
+    await waitFor(() => net.replica("a").pool.waiting() === DRAWS, 5_000, "every draw request waiting for a PSAM");
+    // The card's answers reach A: no lock connection is taken by the waiting draw requests, so they go through at once.
+    const asked = Date.now();
+    const done = await Promise.all(held.map((h) => net.payment("a").completePurchase(h.req)));
+    const completeMs = Date.now() - asked;
+    held.forEach((h, i) => expect(openResultC(h.o, defined(done[i], "its answer")).state).to.be.oneOf(PAID));
+    expect(completeMs, "ms for both CompletePurchase calls").to.be.below(1_500);
+    const outcomes = await Promise.all(draws);
+    for (const x of outcomes) expect(x.ms, "ms to an answer").to.be.below(DEADLINE_MS);
+    expect(
+      outcomes.filter((x) => "refused" in x).map((x) => ("refused" in x ? x.refused : undefined)),
+      "refusals",
+    ).to.deep.equal([]);
+    expect(outcomes.filter((x) => "issued" in x)).to.have.length(DRAWS);
+    expect(await net.balance()).to.equal(before - held.reduce((n, h) => n + amountOf(h.o), 0));
+  });
+
+  it(`with both of A's ${LOCK_POOL} lock connections held by steps under way, CompletePurchase and ReportCardSignature of made-up transactions are answered NOT_FOUND at once`, async () => {
+    const a = net.replica("a");
+    // Two draw requests stopped in their step, each holding its lock (and so one of A's two lock connections).
+    let resume!: () => void;
+    const stopped = new Promise<void>((r) => (resume = r));
+    let inStep = 0;
+    a.store.beforeWrite = async (_id, steps) => {
+      if (!steps.some((s) => s.step === "debit_command_issued")) return;
+      inStep++;
+      await stopped;
+    };
+    try {
+      const offers = await Promise.all([net.offerAt("server-shop"), net.offerAt("server-shop")]);
+      const requests = [];
+      for (const o of offers) requests.push(await drawRequestFor(net.card, o));
+      const draws = requests.map((r) => net.payment("a").processDrawRequest(r));
+      await waitFor(() => inStep === 2, 5_000, "both draw requests in their step");
+      const madeUp = { value: randomUUID() };
+      const started = Date.now();
+      const complete = await failure(
+        net.payment("a").completePurchase({ transactionId: madeUp, cardAnswer: { iv: Buffer.alloc(12), ciphertext: Buffer.alloc(32) } }, { deadline: 3_000 }),
+      );
+      const report = await failure(net.payment("a").reportCardSignature({ transactionId: madeUp, debitResponse: Buffer.alloc(17) }, { deadline: 3_000 }));
+      expect(Date.now() - started, "ms for both answers").to.be.below(1_000);
+      for (const f of [complete, report]) {
+        expect(f).to.include({ code: "NOT_FOUND", reason: "NOT_FOUND" });
+        expect(f.details).to.contain(`transaction ${madeUp.value} is unknown to this payment server`);
+      }
+      resume();
+      for (const [i, d] of draws.entries()) expect(openIssued(defined(offers[i], "its offer"), await d).debitCommand).to.have.length.above(0);
+    } finally {
+      a.store.beforeWrite = undefined;
+      resume();
+    }
   });
 });

@@ -10,7 +10,7 @@ import pg from "pg";
 import type { PaymentOffer } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { MerchantServiceDefinition } from "../../gen/netpurse/merchant/v1/merchant.js";
 import { PaymentServiceDefinition, type Purchase as PurchaseView } from "../../gen/netpurse/payment/v1/payment.js";
-import { TerminalConcentratorServiceDefinition } from "../../gen/netpurse/terminal/v1/terminal.js";
+import { TerminalConcentratorServiceDefinition, type PsamSlot } from "../../gen/netpurse/terminal/v1/terminal.js";
 import { clientFactory, openChannel } from "../../lib/grpc/client.js";
 import { hexOf } from "../../lib/ids.js";
 import { startClearing } from "../../services/clearing/server.js";
@@ -39,6 +39,11 @@ export interface ReplicaOptions {
   sweepEveryMs?: number;
   maxPsamWaitMs?: number;
   abandonReceivedAfterMs?: number;
+  maxUnansweredPerPurse?: number;
+  /** Each replica's lock pool (PostgreSQL connections for the transactions' locks). */
+  lockPoolSize?: number;
+  /** Started without --replica: each takes the default id (HOSTNAME-PID, -2 … for more in this process). */
+  unnamed?: boolean;
 }
 
 /** The replicas' network, or the suite skipped loudly (in its before hook) when PostgreSQL cannot be had. */
@@ -86,12 +91,14 @@ export async function startReplicas(ctx: Mocha.Context, o: ReplicaOptions = {}) 
     store: { location: database.url },
     concentrator: concentrator.address,
     paymentServerId: "payment-1",
-    replicaId: replica,
+    ...(o.unnamed ? {} : { replicaId: replica }),
     holdTimeoutMs: o.holdTimeoutMs ?? 20_000,
     proofTimeoutMs: o.proofTimeoutMs ?? 60_000,
     sweepEveryMs: o.sweepEveryMs ?? 500,
     maxPsamWaitMs: o.maxPsamWaitMs ?? 3_000,
     abandonReceivedAfterMs: o.abandonReceivedAfterMs ?? 60_000,
+    ...(o.maxUnansweredPerPurse !== undefined ? { maxUnansweredPerPurse: o.maxUnansweredPerPurse } : {}),
+    ...(o.lockPoolSize !== undefined ? { lockPoolSize: o.lockPoolSize } : {}),
   });
   type Replica = Awaited<ReturnType<typeof startPaymentServer>>;
   const replicas = new Map<ReplicaName, Replica>();
@@ -183,6 +190,12 @@ export async function startReplicas(ctx: Mocha.Context, o: ReplicaOptions = {}) 
         }
       return { counter, pending, batch };
     },
+    /** The PSAM slot (and its terminal) holding an open debit of the transaction, as the concentrator lists it; undefined when none does. */
+    async slotHolding(transactionId: string): Promise<{ terminalId: string; slot: PsamSlot } | undefined> {
+      for (const t of (await concentratorClient.listTerminals({})).terminals)
+        for (const slot of t.slots) if (slot.pendingDebits.some((d) => d.transactionId?.value === transactionId)) return { terminalId: t.terminalId, slot };
+      return undefined;
+    },
     /** The PSAM ids of the terminal, as the concentrator lists them. */
     async psamIds(): Promise<string[]> {
       return (await concentratorClient.listTerminals({})).terminals.flatMap((t) => t.slots.map((s) => hexOf(s.psamId?.value)));
@@ -210,6 +223,14 @@ export async function startReplicas(ctx: Mocha.Context, o: ReplicaOptions = {}) 
     },
     /** Starts a replica again on the same database (after a crash). */
     startReplica,
+    /** The configuration a replica starts with, for a test that starts one more of its own (which it closes). */
+    config,
+    /** The payment servers the concentrator has a stream of, with their replica ids. */
+    async paymentStreams(): Promise<{ paymentServerId: string; replicaId: string }[]> {
+      return (await concentratorClient.listTerminals({})).paymentServers.map((p) => ({ paymentServerId: p.paymentServerId, replicaId: p.replicaId }));
+    },
+    /** The payment schema, as an operator would query it. */
+    sql,
     /** Stops the terminal host (its PSAMs leave both pools), or starts it again. */
     async stopHost(): Promise<void> {
       await host?.close();
