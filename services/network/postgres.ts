@@ -16,8 +16,8 @@ import { DEFAULT_PORTS } from "../../lib/config.js";
 import { redactUrl } from "../../lib/store/postgres.js";
 import { startCluster, withConnection, withDatabase } from "../../lib/store/postgres-cluster.js";
 
-/** Room for every service's pool (10 each) and the payment servers' lock pools, with several replicas. */
-const MAX_CONNECTIONS = 300;
+/** Room for every service's pool (10 each) and the payment servers' lock pools (64 each), with up to 8 replicas: pools open connections only as needed. */
+const MAX_CONNECTIONS = 800;
 
 /** The database the network's services share, a schema each, and the role they connect as. */
 const DATABASE = "netpurse";
