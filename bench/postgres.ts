@@ -90,7 +90,7 @@ export async function startBenchPostgres(): Promise<BenchPostgres> {
   const dir = await mkdtemp(join(tmpdir(), "netpurse-bench-pg-"));
   let cluster: Cluster;
   try {
-    cluster = await startCluster({ dir, port: await freePort(), durable: true });
+    cluster = await startCluster({ dir, port: await freePort(), durable: true, maxConnections: 800 });
   } catch (e) {
     await rm(dir, { recursive: true, force: true });
     throw e instanceof PostgresMissing ? e : new PostgresMissing(`a throwaway cluster did not start: ${(e as Error).message}`);

@@ -45,9 +45,25 @@ export interface HeldSession extends Queryable {
   release(broken?: boolean): void;
 }
 
+/**
+ * How a transaction is kept apart from others. By default it runs as if
+ * alone (SQLite's one writer; SERIALIZABLE on PostgreSQL, run again when
+ * PostgreSQL aborts it). With `locks`, the caller says that what it reads
+ * and writes is kept apart by these advisory locks, taken for the
+ * transaction in a fixed order, and by its own conditional writes
+ * (UPDATE … WHERE state = ?): PostgreSQL then runs it READ COMMITTED, once,
+ * with none of SERIALIZABLE's aborts for rows it never touched (its
+ * predicate locks cover whole index pages, so transactions on different
+ * purses of a small table abort each other). An empty list: the caller
+ * holds whatever lock it needs already.
+ */
+export interface TransactionOptions {
+  locks?: readonly string[];
+}
+
 export interface Db extends Queryable {
   /** Runs fn in one transaction: all of its writes land, or none. Resolves once they are on disk. */
-  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  transaction<T>(fn: (tx: Queryable) => Promise<T>, o?: TransactionOptions): Promise<T>;
   /**
    * Runs fn in one transaction and resolves as soon as it is committed,
    * before it is on disk; `synced` resolves once it is. For a caller that
@@ -233,7 +249,8 @@ class SqliteDb implements Db {
     });
   }
 
-  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+  // One writer at a time already: the options change nothing here.
+  transaction<T>(fn: (tx: Queryable) => Promise<T>, _o?: TransactionOptions): Promise<T> {
     return this.settled(() => this.inTransaction(fn));
   }
 

@@ -13,7 +13,7 @@
 import pg from "pg";
 import { BoundedMap } from "../bounded-map.js";
 import type { Logger } from "../log.js";
-import { openSqlite, StoreUnavailable, type Db, type HeldSession, type Migrations, type Queryable, type SqlValue } from "./db.js";
+import { openSqlite, StoreUnavailable, type Db, type HeldSession, type Migrations, type Queryable, type SqlValue, type TransactionOptions } from "./db.js";
 
 export interface PostgresOptions {
   /** Connections the pool keeps at most (default 10). */
@@ -409,9 +409,15 @@ class PostgresDb extends PostgresQueryable implements Db {
    * doing the same, in this process or in a replica's. PostgreSQL instead
    * aborts one of them (40001, or 40P01 for a deadlock), and fn is run
    * again from the start on a fresh snapshot, up to 30 times. So fn
-   * must do nothing but its statements and plain computation.
+   * must do nothing but its statements and plain computation. With
+   * `o.locks`, READ COMMITTED behind those locks instead, once
+   * (TransactionOptions).
    */
-  async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+  async transaction<T>(fn: (tx: Queryable) => Promise<T>, o: TransactionOptions = {}): Promise<T> {
+    if (o.locks) {
+      this.usable();
+      return this.once(fn, o.locks);
+    }
     for (let attempt = 1; ; attempt++) {
       this.usable();
       try {
@@ -429,11 +435,15 @@ class PostgresDb extends PostgresQueryable implements Db {
     }
   }
 
-  private async once<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+  /** One attempt: SERIALIZABLE, or, with `locks`, READ COMMITTED behind those advisory locks (sorted, so two transactions never wait on each other's). */
+  private async once<T>(fn: (tx: Queryable) => Promise<T>, locks?: readonly string[]): Promise<T> {
     const { client, release } = await checkout(this.pool, this.onLost);
     let broken = false;
     try {
-      await reaching(() => client.query("BEGIN ISOLATION LEVEL SERIALIZABLE"));
+      await reaching(() => client.query(locks ? "BEGIN ISOLATION LEVEL READ COMMITTED" : "BEGIN ISOLATION LEVEL SERIALIZABLE"));
+      // Their own key space ("tx:"), apart from the session locks of lib/store/locks.ts, which the caller may hold on another connection.
+      for (const key of [...new Set(locks ?? [])].sort())
+        await reaching(() => client.query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", [`tx:${key}`]));
       let failure: unknown;
       let value: T;
       try {

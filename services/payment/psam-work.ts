@@ -37,6 +37,9 @@ export const MIN_JOB_MS = 1_000;
 /** The time a step no caller waits for (recovery, the sweep, recording a proof) gives its PSAM job. */
 const BACKGROUND_JOB_MS = 10_000;
 
+/** How soon a job the concentrator refused because another stream leases the PSAM is sent again. */
+const SLOT_BUSY_AGAIN_MS = 50;
+
 /** The longest a step waits for the particular PSAM that signed a purchase to come free. */
 const SIGNING_PSAM_WAIT_MS = 5_000;
 
@@ -110,8 +113,14 @@ export class PsamWork {
     return Math.max(MIN_JOB_MS, Math.min(this.o.jobTimeoutMs, deadline - Date.now()));
   }
 
-  private run(lease: Lease, transactionId: string, task: PsamJob["task"], deadline: number): Promise<PsamJobResult> {
-    return this.o.link.runJob(lease, { transactionId: txnId(transactionId), task }, this.jobTimeout(deadline));
+  private async run(lease: Lease, transactionId: string, task: PsamJob["task"], deadline: number): Promise<PsamJobResult> {
+    for (;;) {
+      const r = await this.o.link.runJob(lease, { transactionId: txnId(transactionId), task }, this.jobTimeout(deadline));
+      // The concentrator did nothing: the PSAM is leased to another stream (a replica of ours took it the moment it came
+      // free, for another purchase). Asked again while there is time, it is ours once that job is done.
+      if (r.status !== PsamJobStatus.PSAM_JOB_STATUS_SLOT_BUSY || deadline - Date.now() < MIN_JOB_MS + SLOT_BUSY_AGAIN_MS) return r;
+      await new Promise((resolve) => setTimeout(resolve, SLOT_BUSY_AGAIN_MS));
+    }
   }
 
   /** Steps 684-690: the PSAM replays the card's answers and signs the DEBIT command (and predicts the card's signature when asked). */

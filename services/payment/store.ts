@@ -372,33 +372,38 @@ export class PaymentStore {
     const now = new Date().toISOString();
     const id = "insert" in draw ? draw.insert.transaction_id : draw.retry;
     if ("insert" in draw) crashAround("before", draw.event);
-    const r = await this.db.transaction(async (tx): Promise<Purchase | number | undefined> => {
-      await tx.run("DELETE FROM purse_draws WHERE purse_id = ? AND expires_at < ?", [purseId, now]);
-      const waiting = (await tx.get<{ n: number }>(AWAITING_CARD_ANSWER, [purseId]))?.n ?? 0;
-      const drawing = (await tx.get<{ n: number }>("SELECT COUNT(*) AS n FROM purse_draws WHERE purse_id = ? AND transaction_id <> ?", [purseId, id]))?.n ?? 0;
-      if (waiting + drawing >= bound) return waiting + drawing;
-      let p: Purchase | undefined;
-      if ("insert" in draw) {
-        if (await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [id])) return undefined;
-        const row: Record<string, SqlValue> = { ...draw.insert, state: "RECEIVED", created_at: now, updated_at: now };
-        const cols = Object.keys(row);
-        const stored = await tx.get<PurchaseRow>(
-          `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) RETURNING *`,
-          cols.map((c) => row[c] ?? null),
-        );
-        await logEvents(tx, id, draw.event, now);
-        p = stored && toPurchase(stored);
-      } else {
-        // A new attempt: a RECEIVED row's age (the abandon bound) counts from it, so that no sweep ends a draw request being retried.
-        const row =
-          (await tx.get<PurchaseRow>("UPDATE purchases SET updated_at = ? WHERE transaction_id = ? AND state = 'RECEIVED' RETURNING *", [now, id])) ??
-          (await tx.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [id]));
-        p = row && toPurchase(row);
-      }
-      await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [id]);
-      await tx.run("INSERT INTO purse_draws (transaction_id, purse_id, expires_at) VALUES (?, ?, ?)", [id, purseId, until]);
-      return p;
-    });
+    const r = await this.db.transaction(
+      async (tx): Promise<Purchase | number | undefined> => {
+        await tx.run("DELETE FROM purse_draws WHERE purse_id = ? AND expires_at < ?", [purseId, now]);
+        const waiting = (await tx.get<{ n: number }>(AWAITING_CARD_ANSWER, [purseId]))?.n ?? 0;
+        const drawing =
+          (await tx.get<{ n: number }>("SELECT COUNT(*) AS n FROM purse_draws WHERE purse_id = ? AND transaction_id <> ?", [purseId, id]))?.n ?? 0;
+        if (waiting + drawing >= bound) return waiting + drawing;
+        let p: Purchase | undefined;
+        if ("insert" in draw) {
+          if (await tx.get("SELECT 1 FROM purchases WHERE transaction_id = ?", [id])) return undefined;
+          const row: Record<string, SqlValue> = { ...draw.insert, state: "RECEIVED", created_at: now, updated_at: now };
+          const cols = Object.keys(row);
+          const stored = await tx.get<PurchaseRow>(
+            `INSERT INTO purchases (${cols.join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) RETURNING *`,
+            cols.map((c) => row[c] ?? null),
+          );
+          await logEvents(tx, id, draw.event, now);
+          p = stored && toPurchase(stored);
+        } else {
+          // A new attempt: a RECEIVED row's age (the abandon bound) counts from it, so that no sweep ends a draw request being retried.
+          const row =
+            (await tx.get<PurchaseRow>("UPDATE purchases SET updated_at = ? WHERE transaction_id = ? AND state = 'RECEIVED' RETURNING *", [now, id])) ??
+            (await tx.get<PurchaseRow>("SELECT * FROM purchases WHERE transaction_id = ?", [id]));
+          p = row && toPurchase(row);
+        }
+        await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [id]);
+        await tx.run("INSERT INTO purse_draws (transaction_id, purse_id, expires_at) VALUES (?, ?, ?)", [id, purseId, until]);
+        return p;
+        // The purse's lock keeps its count and its new place together across replicas; the purchase's own id is its caller's lock.
+      },
+      { locks: [`purse:${purseId}`] },
+    );
     if ("insert" in draw && typeof r === "object") crashAround("after", draw.event);
     return r;
   }
@@ -435,17 +440,21 @@ export class PaymentStore {
     const event = [...kept, ...stepsOf(step)];
     crashAround("before", event);
     if (this.beforeWrite) await this.beforeWrite(transactionId, event);
-    const moved = await this.db.transaction(async (tx) => {
-      const row = await tx.get<PurchaseRow>(
-        `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)}) RETURNING *`,
-        [...cols.map((c) => patch[c] ?? null), now, transactionId, ...from],
-      );
-      if (!row) return undefined;
-      await logEvents(tx, transactionId, event, now);
-      // Out of RECEIVED, the draw request has its outcome: its place under the purse's bound goes with the same commit.
-      if (from.includes("RECEIVED")) await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [transactionId]);
-      return toPurchase(row);
-    });
+    const moved = await this.db.transaction(
+      async (tx) => {
+        const row = await tx.get<PurchaseRow>(
+          `UPDATE purchases SET ${[...cols.map((k) => `${k} = ?`), "updated_at = ?"].join(", ")} WHERE transaction_id = ? AND state IN (${inList(from)}) RETURNING *`,
+          [...cols.map((c) => patch[c] ?? null), now, transactionId, ...from],
+        );
+        if (!row) return undefined;
+        await logEvents(tx, transactionId, event, now);
+        // Out of RECEIVED, the draw request has its outcome: its place under the purse's bound goes with the same commit.
+        if (from.includes("RECEIVED")) await tx.run("DELETE FROM purse_draws WHERE transaction_id = ?", [transactionId]);
+        return toPurchase(row);
+        // Kept apart by its conditional UPDATE (only from the states read), under the purchase's lock its caller holds.
+      },
+      { locks: [] },
+    );
     if (moved) crashAround("after", event);
     else for (const s of kept) this.later(transactionId, s);
     return moved;
@@ -457,7 +466,7 @@ export class PaymentStore {
     if (event.length === 0) return;
     crashAround("before", event);
     if (this.beforeWrite) await this.beforeWrite(transactionId, event);
-    await this.db.transaction((tx) => logEvents(tx, transactionId, event, new Date().toISOString()));
+    await this.db.transaction((tx) => logEvents(tx, transactionId, event, new Date().toISOString()), { locks: [] });
     crashAround("after", event);
   }
 
@@ -471,17 +480,20 @@ export class PaymentStore {
 
   /**
    * Logs a step unless the purchase's events hold it already, in one
-   * transaction (serializable: two replicas reporting one fact at once log
-   * it once): whether it was logged.
+   * transaction under a lock of the purchase's events (two replicas
+   * reporting one fact at once log it once): whether it was logged.
    */
   async logOnce(transactionId: string, s: Step): Promise<boolean> {
     if (this.beforeWrite) await this.beforeWrite(transactionId, [s]);
-    return this.db.transaction(async (tx) => {
-      if (await tx.get("SELECT 1 AS x FROM purchase_events WHERE transaction_id = ? AND step = ? AND detail = ?", [transactionId, s.step, s.detail]))
-        return false;
-      await logEvents(tx, transactionId, s, new Date().toISOString());
-      return true;
-    });
+    return this.db.transaction(
+      async (tx) => {
+        if (await tx.get("SELECT 1 AS x FROM purchase_events WHERE transaction_id = ? AND step = ? AND detail = ?", [transactionId, s.step, s.detail]))
+          return false;
+        await logEvents(tx, transactionId, s, new Date().toISOString());
+        return true;
+      },
+      { locks: [`purchase-events:${transactionId}`] },
+    );
   }
 
   async get(transactionId: string): Promise<Purchase | undefined> {

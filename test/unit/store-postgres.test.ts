@@ -254,6 +254,35 @@ describe("PostgreSQL store", function () {
         expect(took.filter(Boolean)).to.have.length(CAP);
         expect(await db.get("SELECT amount FROM items WHERE name = ?", ["balance"])).to.deep.equal({ amount: CAP });
       });
+
+      it("keeps read-then-write transactions apart by the locks they name instead (READ COMMITTED, run once each)", async () => {
+        await db.run("INSERT INTO items (name, amount) VALUES (?, ?), (?, ?)", ["purse-a", 0, "purse-b", 0]);
+        const CAP = 5;
+        let runs = 0;
+        const took = await Promise.all(
+          Array.from({ length: 24 }, (_, i) => {
+            const purse = i % 2 ? "purse-a" : "purse-b";
+            return db.transaction(
+              async (tx) => {
+                runs++;
+                const row = await tx.get<{ amount: number }>("SELECT amount FROM items WHERE name = ?", [purse]);
+                await sleep(2);
+                if (row!.amount >= CAP) return false;
+                await tx.run("UPDATE items SET amount = ? WHERE name = ?", [row!.amount + 1, purse]);
+                return true;
+              },
+              { locks: [purse] },
+            );
+          }),
+        );
+        expect(took.filter(Boolean)).to.have.length(2 * CAP);
+        expect(await db.all("SELECT name, amount FROM items WHERE name LIKE 'purse-%' ORDER BY name")).to.deep.equal([
+          { name: "purse-a", amount: CAP },
+          { name: "purse-b", amount: CAP },
+        ]);
+        // Each ran once: nothing was aborted and run again.
+        expect(runs).to.equal(24);
+      });
     });
   }
 
