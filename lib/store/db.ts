@@ -249,8 +249,8 @@ class SqliteDb implements Db {
     });
   }
 
-  // One writer at a time already: the options change nothing here.
-  transaction<T>(fn: (tx: Queryable) => Promise<T>, _o?: TransactionOptions): Promise<T> {
+  // One writer at a time already: TransactionOptions change nothing here.
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     return this.settled(() => this.inTransaction(fn));
   }
 
