@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { defaultAddress } from "../../lib/config.js";
 import { service, startGrpcServer, type ServerLimits } from "../../lib/grpc/server.js";
 import { createLogger } from "../../lib/log.js";
+import { isName } from "../../lib/ids.js";
 import { isPostgresUrl, openStore, type StoreConfig } from "../../lib/store/postgres.js";
 import { StoreUnavailable } from "../../lib/store/db.js";
 import { repeat } from "../../lib/periodic.js";
@@ -107,6 +108,8 @@ export async function startPaymentServer(c: PaymentConfig) {
   if (abandonReceivedAfterMs <= maxPsamWaitMs) {
     throw new Error(`abandon-received-after-ms (${abandonReceivedAfterMs}) must be longer than psam-wait-ms (${maxPsamWaitMs})`);
   }
+  // Refused here, not by every concentrator for ever after (it would stay linked to none, saying only NOT_SERVING).
+  if (c.replicaId !== undefined && !isName(c.replicaId, 64)) throw new Error(`replica "${c.replicaId}" must be 1..64 characters of [A-Za-z0-9._-]`);
   // Before anything else opens: without it no PSAM answer could be checked.
   const verdicts = await SoftwareSecurityModule.open(c.dir);
   const { location, ...connections } = c.store ?? { location: join(c.dir, "payment.db") };

@@ -18,6 +18,7 @@ import { PartyKind } from "../../gen/netpurse/clearing/v1/clearing.js";
 import { ErrorReason } from "../../gen/netpurse/card/v1/card.js";
 import { reasonOf } from "../../lib/grpc/errors.js";
 import { hexOf } from "../../lib/ids.js";
+import { startPaymentServer } from "../../services/payment/server.js";
 import type { PurseReader } from "../../client/card/purse-reader.js";
 import { issueCard } from "../support/batches.js";
 import { openCard } from "../support/card-client.js";
@@ -293,6 +294,22 @@ describe("replicas of one payment server: one identity, one certificate, a strea
       { id: "payment-1", replica: "r1", leased: 0 },
       { id: "payment-1", replica: "r2", leased: 0 },
     ]);
+  });
+
+  it("a payment server given a replica name the concentrators would refuse does not start, and says why", async () => {
+    for (const replicaId of ["", "has space", "x".repeat(65)]) {
+      const e = await startPaymentServer({
+        security: await site.security.of("payment", "payment-1"),
+        listen: "127.0.0.1:0",
+        dir: join(site.data, "payment"),
+        concentrator: site.addresses[0]!,
+        replicaId,
+      }).then(
+        (s) => s.close().then(() => undefined),
+        (x: unknown) => x as Error,
+      );
+      expect(e?.message, replicaId).to.match(/^replica ".*" must be 1\.\.64 characters of \[A-Za-z0-9\._-\]/);
+    }
   });
 
   it("a second stream with a connected replica's id is refused (ALREADY_EXISTS) while the first answers its pings", async () => {
