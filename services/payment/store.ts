@@ -375,9 +375,14 @@ export class PaymentStore {
     const r = await this.db.transaction(
       async (tx): Promise<Purchase | number | undefined> => {
         await tx.run("DELETE FROM purse_draws WHERE purse_id = ? AND expires_at < ?", [purseId, now]);
-        const waiting = (await tx.get<{ n: number }>(AWAITING_CARD_ANSWER, [purseId]))?.n ?? 0;
-        const drawing =
-          (await tx.get<{ n: number }>("SELECT COUNT(*) AS n FROM purse_draws WHERE purse_id = ? AND transaction_id <> ?", [purseId, id]))?.n ?? 0;
+        // One statement, so one snapshot: under READ COMMITTED, a purchase leaving RECEIVED between two statements (its place
+        // given back and it now awaiting the card's answer, in one commit) would be counted in neither.
+        const counted = await tx.get<{ waiting: number; drawing: number }>(
+          `SELECT (${AWAITING_CARD_ANSWER}) AS waiting, (SELECT COUNT(*) FROM purse_draws WHERE purse_id = ? AND transaction_id <> ?) AS drawing`,
+          [purseId, purseId, id],
+        );
+        const waiting = counted?.waiting ?? 0;
+        const drawing = counted?.drawing ?? 0;
         if (waiting + drawing >= bound) return waiting + drawing;
         let p: Purchase | undefined;
         if ("insert" in draw) {
