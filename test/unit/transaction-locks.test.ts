@@ -32,6 +32,19 @@ function isLockBusy(e: unknown): void {
   expect((e as LockBusy).details).to.match(/before the call's deadline; nothing was done: retry$/);
 }
 
+/** Two stores of one database (lock pools of 4), as two replicas have; the suite skipped loudly without PostgreSQL. */
+async function twoStores(ctx: Mocha.Context): Promise<{ pg: TestPostgres; a: Db; b: Db }> {
+  const pg = await postgresOrSkip(ctx);
+  return { pg, a: await openPostgres(pg.url, [], { lockPoolSize: 4 }), b: await openPostgres(pg.url, [], { lockPoolSize: 4 }) };
+}
+
+/** Closes what twoStores opened (a store a test abandoned is closed already). */
+async function closeStores(pg: TestPostgres | undefined, a: Db | undefined, b: Db | undefined): Promise<void> {
+  await a?.close().catch(() => undefined);
+  await b?.close().catch(() => undefined);
+  await pg?.stop();
+}
+
 describe("transaction locks", function () {
   this.timeout(30_000);
 
@@ -40,15 +53,9 @@ describe("transaction locks", function () {
     let a: Db;
     let b: Db;
     before(async function () {
-      pg = await postgresOrSkip(this);
-      a = await openPostgres(pg.url, [], { lockPoolSize: 4 });
-      b = await openPostgres(pg.url, [], { lockPoolSize: 4 });
+      ({ pg, a, b } = await twoStores(this));
     });
-    after(async () => {
-      await a?.close().catch(() => undefined);
-      await b?.close();
-      await pg?.stop();
-    });
+    after(() => closeStores(pg, a, b));
 
     it("keeps the second holder of a key waiting until the first is done, and runs other keys side by side", async () => {
       const la = transactionLocks(a, { namespace: "t1" });
@@ -136,15 +143,9 @@ describe("transaction locks", function () {
     let a: Db;
     let b: Db;
     before(async function () {
-      pg = await postgresOrSkip(this);
-      a = await openPostgres(pg.url, [], { lockPoolSize: 4 });
-      b = await openPostgres(pg.url, [], { lockPoolSize: 4 });
+      ({ pg, a, b } = await twoStores(this));
     });
-    after(async () => {
-      await a?.close();
-      await b?.close();
-      await pg?.stop();
-    });
+    after(() => closeStores(pg, a, b));
 
     it("waits for a key another store holds until the deadline, then UNAVAILABLE without running the task; the key is had once free", async () => {
       const la = transactionLocks(a, { namespace: "d1" });
